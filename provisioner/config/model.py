@@ -1,0 +1,187 @@
+"""The validated profile as frozen dataclasses: what every later stage reads.
+
+Field meanings and defaults are documented once, in `schemas/profile.schema.json`; this module
+only turns an already validated mapping into typed values (defaults repeated here must match the
+schema's; `tests/test_config.py` checks that they do).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CpuOffload = Literal["auto", "enable", "disable"]
+Precision = Literal["auto", "int4", "fp4"]
+
+
+@dataclass(frozen=True)
+class RestartSpec:
+    """How ComfyUI is restarted when something it loads changed; exactly one of the three."""
+
+    systemd: str | None = None       # unit name: `systemctl restart UNIT`
+    docker: str | None = None        # container name: `docker restart NAME`
+    command: tuple[str, ...] = ()    # any argv
+
+
+@dataclass(frozen=True)
+class ComfySpec:
+    root: str                         # ComfyUI checkout on the host (holds main.py, custom_nodes/, models/)
+    venv: str                         # absolute path of the venv ComfyUI runs in
+    port: int = 8188
+    listen: str = "127.0.0.1"
+    restart: RestartSpec | None = None
+
+    @property
+    def python(self) -> str:
+        return posixpath.join(self.venv, "bin", "python")
+
+    @property
+    def custom_nodes(self) -> str:
+        return posixpath.join(self.root, "custom_nodes")
+
+    @property
+    def models(self) -> str:
+        return posixpath.join(self.root, "models")
+
+    @property
+    def state_dir(self) -> str:
+        """Where provision keeps its own bookkeeping on the host (checksum cache, lock)."""
+        return posixpath.join(self.root, ".provision")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    name: str = "ComfyUI-nunchaku"
+    repo: str = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
+    tag: str = "v1.1.0"
+    force: bool = False               # may local modifications be discarded (they are backed up)
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """One place the backend wheel may come from; tried in profile order."""
+
+    kind: Literal["github", "mirror", "huggingface", "wheelhouse"]
+    value: str = ""                   # github: base URL; mirror: URL template; huggingface: repo id; wheelhouse: local dir
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    version: str = "1.0.1"
+    sources: tuple[WheelSource, ...] = (
+        WheelSource("github", "https://github.com/nunchaku-tech/nunchaku/releases/download"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = "qwen-image-edit-2509"
+    variant: str = "lightning-4step-r128"
+    precision: Precision = "auto"     # auto: fp4 on Blackwell (compute capability >= 10), else int4
+    sha256: str | None = None         # overrides the Hub's LFS checksum for the main model file
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    endpoint: str = "https://huggingface.co"
+    token_env: str = "HF_TOKEN"       # name of the control machine's env var holding the token
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    templates: tuple[str, ...] = ("qwen-image-edit-lightning.json.j2",)
+    cpu_offload: CpuOffload = "auto"
+    offload_below_gb: float = 15.0    # `auto` enables offload below this much VRAM (the plugin's rule)
+    num_blocks_on_gpu: int = 1
+    use_pin_memory: bool = False
+    steps: int | None = None          # None: the variant's own step count
+    shift: float = 1.0
+    cfg: float = 1.0
+    sampler: str = "euler"
+    scheduler: str = "beta"
+    width: int = 1024
+    height: int = 1024
+    seed: int = 42
+    prompt: str = "a red fox in the snow, photograph"
+    dest: str = "workflows"           # API-format JSON goes here, relative to the ComfyUI root
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    warm_seconds: float | None = None
+    cold_seconds: float | None = None
+    vram_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    prompts: tuple[str, ...] = ("a red fox in the snow, photograph",)
+    warm_runs: int = 2
+    seed: int = 42
+    timeout_s: float = 600.0
+    thresholds: Thresholds = Thresholds()
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    file: str
+    inventory: str | None
+    hosts: str                        # Ansible-style pattern: group, host, glob, `a:b`, `!c`
+    comfyui: ComfySpec
+    plugin: PluginSpec = PluginSpec()
+    backend: BackendSpec = BackendSpec()
+    packages: tuple[str, ...] = ("diffusers>=0.35", "peft>=0.17")
+    model: ModelSpec = ModelSpec()
+    huggingface: HubSpec = HubSpec()
+    workflow: WorkflowSpec = WorkflowSpec()
+    verify: VerifySpec = VerifySpec()
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _pick(cls: type, data: Mapping[str, Any] | None, **nested: Any) -> Any:
+    """Build dataclass `cls` from the keys of `data` it knows; `nested` overrides built values."""
+    data = dict(data or {})
+    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    kwargs.update({k: v for k, v in nested.items() if v is not None})
+    return cls(**kwargs)
+
+
+def _wheel_source(item: str | Mapping[str, str]) -> WheelSource:
+    if isinstance(item, str):                 # bare "github"
+        return WheelSource(item, BackendSpec.sources[0].value if item == "github" else "")
+    ((kind, value),) = item.items()
+    return WheelSource(kind, value)  # type: ignore[arg-type]
+
+
+def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
+    """Turn a validated, merged profile mapping into a `Profile`. Paths stay POSIX: they are the host's."""
+    comfy = dict(data["comfyui"])
+    venv = comfy.get("venv", "venv")
+    comfy["venv"] = posixpath.normpath(posixpath.join(comfy["root"], venv))
+    restart = comfy.pop("restart", None)
+    backend = data.get("backend") or {}
+    sources = tuple(_wheel_source(s) for s in backend.get("sources", ())) or None
+    verify = data.get("verify") or {}
+    return Profile(
+        name=name,
+        file=file,
+        inventory=data.get("inventory"),
+        hosts=data.get("hosts", "all"),
+        comfyui=_pick(ComfySpec, comfy, restart=_pick(RestartSpec, restart) if restart else None),
+        plugin=_pick(PluginSpec, data.get("plugin")),
+        backend=_pick(BackendSpec, backend, sources=sources),
+        packages=tuple(data.get("packages", Profile.packages)),
+        model=_pick(ModelSpec, data.get("model")),
+        huggingface=_pick(HubSpec, data.get("huggingface")),
+        workflow=_pick(WorkflowSpec, data.get("workflow")),
+        verify=_pick(VerifySpec, verify, thresholds=_pick(Thresholds, verify.get("thresholds"))),
+        raw=data,
+    )

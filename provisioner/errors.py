@@ -1,0 +1,97 @@
+"""The whole exception tree. Only `cli.py` turns these into messages and exit codes.
+
+Every error a user can cause or meet (bad profile, unreachable host, missing wheel) is a
+`ProvisionError` whose `str()` is one line that names the place and the fix; anything else that
+escapes is a bug and is shown as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ProvisionError(Exception):
+    """Base of every expected error. `str(err)` is the one-line message shown to the user."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a config file, located as `file:line:col: key.path: message (hint)`."""
+
+    file: str
+    line: int
+    col: int
+    key: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
+        key = f" {self.key}:" if self.key else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}:{key} {self.message}{hint}"
+
+
+class ConfigError(ProvisionError, ValueError):
+    """A profile or inventory is malformed; carries every problem found, not only the first."""
+
+    exit_code = 3
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class UsageError(ProvisionError, ValueError):
+    """The command line itself is wrong (unknown host pattern, missing file argument)."""
+
+    exit_code = 3
+
+
+class ConnectError(ProvisionError, ConnectionError):
+    """A host could not be reached or authenticated (down, refused, unknown or changed host key)."""
+
+
+class CommandError(ProvisionError):
+    """A command on a host exited non-zero; carries its `Result` like Invoke's `Failure`."""
+
+    def __init__(self, host: str, result: object, what: str = "") -> None:
+        self.host = host
+        self.result = result
+        rc = getattr(result, "exit_code", "?")
+        stderr = (getattr(result, "stderr", "") or "").strip().splitlines()
+        tail = stderr[-1] if stderr else "(no stderr)"
+        label = what or " ".join(getattr(result, "argv", ()) or ())[:120]
+        super().__init__(f"{host}: `{label}` exited {rc}: {tail}")
+
+
+class FactsError(ProvisionError):
+    """The facts script ran but its answer could not be read."""
+
+
+class PlanError(ProvisionError):
+    """The desired state cannot be reached on this host (no wheel for its torch, incompatible pair).
+
+    Raised while planning, so it shows in `provision plan`, never halfway through an apply.
+    """
+
+    def __init__(self, message: str, alternatives: Sequence[str] = ()) -> None:
+        self.alternatives = tuple(alternatives)
+        if self.alternatives:
+            message = f"{message}; available: {', '.join(self.alternatives)}"
+        super().__init__(message)
+
+
+class ApplyError(ProvisionError):
+    """A change ran but the host did not end up as planned (checksum mismatch, lock held)."""
+
+
+class LockedError(ApplyError):
+    """Another apply holds this host's lock."""
+
+
+class VerifyError(ProvisionError):
+    """ComfyUI could not be reached or answered in a way the checks cannot read."""

@@ -1,0 +1,129 @@
+"""Facts: what a host is and has, as typed values parsed from the one facts round trip.
+
+A missing piece (no GPU, no torch, no venv, no checkout) is a value (`None`, `exists=False`),
+never an exception: planning decides what it means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the resources need to see beyond the base facts. Merged into one script run."""
+
+    stat: tuple[str, ...] = ()                  # files: size, mtime, cached sha256
+    read: tuple[str, ...] = ()                  # small text files: whole content
+    grep: tuple[tuple[str, str], ...] = ()      # (path, needle): does the file contain it
+    git: tuple[str, ...] = ()                   # checkouts: HEAD, tags at HEAD, dirty files, remote
+    http: tuple[str, ...] = ()                  # URLs: HTTP status, or None when nothing answers
+
+    def __or__(self, other: Probe) -> Probe:
+        def merged(a: tuple, b: tuple) -> tuple:
+            return tuple(dict.fromkeys(a + b))
+        return Probe(*(merged(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    vram_total_mib: int
+    vram_free_mib: int
+    vram_used_mib: int
+    compute_capability: tuple[int, int]
+    driver: str
+    uuid: str = ""
+    pci_bus_id: str = ""
+
+    @property
+    def vram_total_gb(self) -> float:
+        return self.vram_total_mib / 1024
+
+    @property
+    def is_blackwell(self) -> bool:
+        return self.compute_capability[0] >= 10
+
+
+@dataclass(frozen=True)
+class Distribution:
+    name: str
+    version: str
+    summary: str = ""
+    home: str = ""                               # Home-page / first Project-URL
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """The target venv (ComfyUI's), as its own interpreter reports it."""
+
+    python: str
+    exists: bool
+    version: str | None = None                   # "3.12.3"
+    tag: str | None = None                       # "cp312"
+    platform: str | None = None                  # "linux_x86_64" (wheel platform tag)
+    torch: str | None = None                     # "2.6.0+cu124"
+    torch_cuda: str | None = None                # "12.4"
+    distributions: Mapping[str, Distribution] = field(default_factory=dict)  # by canonical name
+    error: str | None = None                     # why it could not be read, when exists but broken
+
+    def version_of(self, name: str) -> str | None:
+        dist = self.distributions.get(canonical(name))
+        return dist.version if dist else None
+
+
+@dataclass(frozen=True)
+class GitCheckout:
+    path: str
+    exists: bool
+    is_repo: bool = False
+    head: str | None = None
+    tags: tuple[str, ...] = ()                   # tags pointing at HEAD
+    branch: str | None = None                    # None when detached
+    dirty: tuple[str, ...] = ()                  # `git status --porcelain` paths
+    remote: str | None = None                    # origin URL
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    exists: bool
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str | None = None                    # from the host's checksum cache, only if size+mtime match
+
+
+@dataclass(frozen=True)
+class Facts:
+    host: str
+    os: str                                      # PRETTY_NAME from os-release, or platform.system()
+    arch: str                                    # uname -m
+    kernel: str
+    system_python: str                           # the interpreter that ran the facts script
+    env: PythonEnv
+    gpus: tuple[Gpu, ...]
+    gpu_error: str | None                        # why there are no GPUs (no nvidia-smi, driver error)
+    nvcc: str | None                             # CUDA compiler version, when present
+    disk_path: str                               # nearest existing dir at or above the ComfyUI root
+    disk_free: int                               # bytes
+    comfyui_version: str | None
+    git: Mapping[str, GitCheckout] = field(default_factory=dict)
+    files: Mapping[str, FileState] = field(default_factory=dict)
+    contents: Mapping[str, str | None] = field(default_factory=dict)
+    greps: Mapping[tuple[str, str], bool] = field(default_factory=dict)
+    http: Mapping[str, int | None] = field(default_factory=dict)
+    elapsed_s: float = 0.0                       # time the script took on the host
+
+    @property
+    def gpu(self) -> Gpu | None:
+        """The GPU ComfyUI uses (the first one)."""
+        return self.gpus[0] if self.gpus else None
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised distribution name."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()

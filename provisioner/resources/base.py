@@ -1,0 +1,111 @@
+"""Shapes shared by every resource: steps (what to do), changes (why, and before/after).
+
+A resource is pure: `probe(profile)` says what the facts script must look at, and
+`plan(profile, facts)` returns the Changes that would converge the host, or nothing when it is
+already there. Neither touches the host; `plan/apply.py` executes the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from provisioner.config.model import Profile
+from provisioner.facts.model import Facts, Probe
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run an argv on the host. `stdin` carries secrets and payloads (never argv: `ps` shows it)."""
+
+    argv: tuple[str, ...]
+    stdin: bytes | None = None
+    what: str = ""                   # one-line description for the console and the log
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Put:
+    """Write small content (a rendered workflow) to a host path atomically."""
+
+    dest: str
+    content: bytes
+    mode: int = 0o644
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Push:
+    """Copy a file of the control machine to the host atomically (a wheel from a local wheelhouse)."""
+
+    src: str
+    dest: str
+    sha256: str | None = None
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """The host downloads a URL itself: resumable (`dest.part` + Range), checksum-verified, renamed
+    into place only when complete, and recorded in the host's checksum cache."""
+
+    url: str
+    dest: str
+    sha256: str | None = None
+    size: int | None = None
+    token_env: str | None = None     # control-machine env var holding a bearer token, sent on stdin
+    what: str = ""
+
+
+Step = Run | Put | Push | Fetch
+
+Action = Literal["create", "update", "replace", "remove"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between the profile and a host, and the steps that remove it."""
+
+    resource: str                    # "plugin", "backend", "packages", "model", "workflow"
+    key: str                         # what inside the resource: a path, a distribution name
+    action: Action
+    summary: str                     # one line: "checkout ComfyUI-nunchaku v1.0.0 -> v1.1.0"
+    before: Mapping[str, object] | str | None
+    after: Mapping[str, object] | str | None   # str: text shown as a unified diff (workflow JSON)
+    steps: tuple[Step, ...]
+    notify: frozenset[str] = frozenset()        # handlers to run once at the end ("restart-comfyui")
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the plan should say that is not a change (VRAM needs offload, data would be lost)."""
+
+    resource: str
+    message: str
+    level: Literal["info", "warning"] = "warning"
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    changes: tuple[Change, ...] = ()
+    notes: tuple[Note, ...] = ()
+
+
+class Resource(Protocol):
+    name: str
+
+    def probe(self, profile: Profile) -> Probe: ...
+
+    def plan(self, profile: Profile, facts: Facts) -> ResourcePlan:
+        """Pure: compare desired with facts. Raises `PlanError` when the host cannot be converged."""
+        ...
+
+
+def changes(*items: Change | None, notes: Sequence[Note] = ()) -> ResourcePlan:
+    """Build a ResourcePlan from optional changes (None = already converged)."""
+    return ResourcePlan(tuple(c for c in items if c is not None), tuple(notes))
+
+
+RESTART = frozenset({"restart-comfyui"})
