@@ -68,15 +68,37 @@ class WheelSource:
     """One place the backend wheel may come from; tried in profile order."""
 
     kind: Literal["github", "mirror", "huggingface", "wheelhouse"]
-    value: str = ""                   # github: base URL; mirror: URL template; huggingface: repo id; wheelhouse: local dir
+    # github: repository URL (https://github.com/OWNER/REPO; another host is treated as GitHub
+    # Enterprise, API under /api/v3); mirror: URL template with {version} {tag} {filename};
+    # huggingface: repo id holding wheels; wheelhouse: directory on the control machine
+    value: str = ""
 
 
 @dataclass(frozen=True)
 class BackendSpec:
     version: str = "1.0.1"
     sources: tuple[WheelSource, ...] = (
-        WheelSource("github", "https://github.com/nunchaku-tech/nunchaku/releases/download"),
+        WheelSource("github", "https://github.com/nunchaku-tech/nunchaku"),
     )
+
+
+@dataclass(frozen=True)
+class PipSpec:
+    """Where the host's pip finds packages (a private index or wheelhouse for air-gapped fleets)."""
+
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+
+    def args(self) -> tuple[str, ...]:
+        out: list[str] = []
+        if self.index_url:
+            out += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            out += ["--extra-index-url", url]
+        for link in self.find_links:
+            out += ["--find-links", link]
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,7 @@ class Profile:
     plugin: PluginSpec = PluginSpec()
     backend: BackendSpec = BackendSpec()
     packages: tuple[str, ...] = ("diffusers>=0.35", "peft>=0.17")
+    pip: PipSpec = PipSpec()
     model: ModelSpec = ModelSpec()
     huggingface: HubSpec = HubSpec()
     workflow: WorkflowSpec = WorkflowSpec()
@@ -179,6 +202,7 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
         plugin=_pick(PluginSpec, data.get("plugin")),
         backend=_pick(BackendSpec, backend, sources=sources),
         packages=tuple(data.get("packages", Profile.packages)),
+        pip=_pick(PipSpec, data.get("pip")),
         model=_pick(ModelSpec, data.get("model")),
         huggingface=_pick(HubSpec, data.get("huggingface")),
         workflow=_pick(WorkflowSpec, data.get("workflow")),
