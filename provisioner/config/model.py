@@ -118,6 +118,7 @@ class HubSpec:
 @dataclass(frozen=True)
 class WorkflowSpec:
     templates: tuple[str, ...] = ("qwen-image-edit-lightning.json.j2",)
+    template_dir: str = "../templates"  # on the control machine; relative to the profile file
     cpu_offload: CpuOffload = "auto"
     offload_below_gb: float = 15.0    # `auto` enables offload below this much VRAM (the plugin's rule)
     num_blocks_on_gpu: int = 1
