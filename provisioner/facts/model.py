@@ -84,6 +84,7 @@ class GitCheckout:
     branch: str | None = None                    # None when detached
     dirty: tuple[str, ...] = ()                  # `git status --porcelain` paths
     remote: str | None = None                    # origin URL
+    error: str | None = None                     # why it could not be read (git missing), not "not a repo"
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Facts:
     greps: Mapping[tuple[str, str], bool] = field(default_factory=dict)
     http: Mapping[str, int | None] = field(default_factory=dict)
     elapsed_s: float = 0.0                       # time the script took on the host
+    errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
 
     @property
     def gpu(self) -> Gpu | None:

@@ -1,0 +1,83 @@
+"""Facts in ONE round trip: send the script and the merged probe, read one JSON answer."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from importlib import resources
+
+from provisioner.config.model import Profile
+from provisioner.connection.base import Connection, Result
+from provisioner.errors import FactsError
+from provisioner.facts.model import Facts, Probe
+from provisioner.facts.parse import parse_facts
+
+FACTS_TIMEOUT_S = 120.0     # the script bounds each part (venv 60 s, nvidia-smi 20 s, HTTP 2 s)
+NO_PYTHON = "provision-facts: python3 not found on PATH"
+# `$0` is the script source: an argv element, so only connection/ ever quotes it.
+_LAUNCH = ('command -v python3 >/dev/null 2>&1 || { echo "' + NO_PYTHON + '" >&2; exit 127; }; '
+           'exec python3 -I -c "$0"')
+
+
+def script_source() -> str:
+    """The text of `script.py`, exactly as sent to the host."""
+    return resources.files("provisioner.facts").joinpath("script.py").read_text(encoding="utf-8")
+
+
+def facts_argv() -> list[str]:
+    """The one command the host runs: its system python3 runs the script, or says it has none."""
+    return ["sh", "-c", _LAUNCH, script_source()]
+
+
+def base_probe(profile: Profile) -> Probe:
+    """What every run looks at: ComfyUI's checkout and version, its venv, and whether it answers."""
+    comfy = profile.comfyui
+    return Probe(
+        stat=(comfy.root, comfy.venv),
+        read=(posixpath.join(comfy.root, "comfyui_version.py"),
+              posixpath.join(comfy.root, "pyproject.toml")),
+        git=(comfy.root,),
+        http=(comfy.url + "/system_stats",),
+    )
+
+
+def build_request(profile: Profile, probe: Probe) -> dict:
+    """The JSON the script reads on stdin."""
+    return {
+        "root": profile.comfyui.root,
+        "python": profile.comfyui.python,
+        "checksums": posixpath.join(profile.comfyui.state_dir, "checksums.json"),
+        "stat": list(probe.stat),
+        "read": list(probe.read),
+        "grep": [list(pair) for pair in probe.grep],
+        "git": list(probe.git),
+        "http": list(probe.http),
+    }
+
+
+def read_answer(host_name: str, result: Result) -> Facts:
+    """The script's stdout as `Facts`; anything else is a one-line FactsError."""
+    err_lines = [x.strip() for x in result.stderr.splitlines() if x.strip()]
+    if NO_PYTHON in result.stderr:
+        raise FactsError(f"{host_name}: no python3 on the host; the facts script needs python3 >= 3.8 "
+                         "on PATH (install it, e.g. `apt-get install python3`)")
+    try:
+        answer = json.loads(result.stdout)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        # The first stderr line, unless it opens a traceback: then its last line says what broke.
+        why = err_lines[0] if err_lines else "no stderr"
+        if why.startswith(("Traceback", "File ")):
+            why = err_lines[-1]
+        raise FactsError(f"{host_name}: the facts script answered no JSON "
+                         f"(exit {result.exit_code}): {why}") from None
+    return parse_facts(host_name, answer)
+
+
+def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
+    """Everything about the host in exactly one `conn.run`: base facts plus what `probe` asks."""
+    request = build_request(profile, base_probe(profile) | probe)
+    result = conn.run(facts_argv(), stdin=json.dumps(request).encode(), timeout=FACTS_TIMEOUT_S,
+                      check=False)
+    return read_answer(conn.name, result)

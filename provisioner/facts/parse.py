@@ -1,0 +1,205 @@
+"""The facts script's raw JSON answer into typed `Facts`, and `Facts` back into stable JSON."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from provisioner.errors import FactsError
+from provisioner.facts.model import (
+    Distribution,
+    Facts,
+    FileState,
+    GitCheckout,
+    Gpu,
+    PythonEnv,
+    canonical,
+)
+
+ANSWER_VERSION = 1
+# GitHub organisations the real backend has lived under (old URLs redirect to the newest).
+_NUNCHAKU_ORGS = ("nunchaku-tech", "mit-han-lab", "nunchaku-ai")
+
+
+def is_real_nunchaku(dist: Distribution) -> bool:
+    """The SVDQuant backend, not PyPI's unrelated `nunchaku` 0.16.1 (data segmentation).
+
+    Real wheels carry a `+torchX.Y` local version label, or name their GitHub organisation in
+    Home-page / Project-URL / Summary; the impostor does neither.
+    """
+    if canonical(dist.name) != "nunchaku":
+        return False
+    if dist.version.partition("+")[2].startswith("torch"):
+        return True
+    text = f"{dist.home} {dist.summary}".lower()
+    return any(org in text for org in _NUNCHAKU_ORGS)
+
+
+def describe_nunchaku(env: PythonEnv) -> str:
+    """One line for tables and reports: the backend version, the impostor, or its absence."""
+    dist = env.distributions.get("nunchaku")
+    if dist is None:
+        return "not installed"
+    return dist.version if is_real_nunchaku(dist) else f"PyPI impostor {dist.version}"
+
+
+def _mib(value: str) -> int:
+    # `[N/A]` / `[Not Supported]` (MIG slices, some drivers) mean unknown: 0, never a crash.
+    digits = re.match(r"\s*(\d+)", value)
+    return int(digits.group(1)) if digits else 0
+
+
+def _capability(value: str) -> tuple[int, int]:
+    m = re.match(r"\s*(\d+)\.(\d+)", value)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def parse_nvidia_smi_csv(text: str) -> tuple[Gpu, ...]:
+    """Rows of `--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,driver_version,
+    compute_cap,pci.bus_id --format=csv,noheader,nounits`; lines that are not such rows are skipped."""
+    gpus = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 9 or not fields[0].isdigit():
+            continue
+        # The name is the only free-text column: whatever lies between index and the last 7.
+        name = ", ".join(fields[1:-7])
+        uuid, total, used, free, driver, cap, bus = fields[-7:]
+        gpus.append(Gpu(
+            index=int(fields[0]), name=name, vram_total_mib=_mib(total), vram_free_mib=_mib(free),
+            vram_used_mib=_mib(used), compute_capability=_capability(cap), driver=driver,
+            uuid=uuid, pci_bus_id=bus,
+        ))
+    return tuple(gpus)
+
+
+def parse_gpus(raw: Mapping[str, Any] | None) -> tuple[tuple[Gpu, ...], str | None]:
+    """The script's `nvidia_smi` section: the GPUs, or none and why."""
+    if not raw or not raw.get("found"):
+        return (), "nvidia-smi not found"
+    stdout, stderr = raw.get("stdout") or "", raw.get("stderr") or ""
+    gpus = parse_nvidia_smi_csv(stdout) if raw.get("exit_code") == 0 else ()
+    if gpus:
+        return gpus, None
+    # "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver..." (stdout)
+    lines = [x.strip() for x in (stdout + "\n" + stderr).splitlines() if x.strip()]
+    why = lines[0] if lines else f"nvidia-smi exited {raw.get('exit_code')} and listed no GPU"
+    return (), why
+
+
+def parse_nvcc(text: str | None) -> str | None:
+    """`nvcc --version` -> "13.0.88" (the V number), or the release when no V number is printed."""
+    if not text:
+        return None
+    m = re.search(r"release\s+([\d.]+),\s*V([\d.]+)", text) or re.search(r"release\s+([\d.]+)", text)
+    return (m.group(m.lastindex or 1)) if m else None
+
+
+def parse_comfyui_version(version_py: str | None, pyproject: str | None = None) -> str | None:
+    """`__version__ = "0.3.64"` from comfyui_version.py; older checkouts: pyproject's `version`."""
+    for text, pattern in ((version_py, r"^__version__\s*=\s*['\"]([^'\"]+)"),
+                          (pyproject, r"^version\s*=\s*['\"]([^'\"]+)")):
+        m = re.search(pattern, text or "", re.M)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _env(raw: Mapping[str, Any]) -> PythonEnv:
+    info = raw.get("info")
+    if not info:
+        return PythonEnv(python=raw["python"], exists=bool(raw.get("exists")), error=raw.get("error"))
+    dists = {}
+    for d in info.get("distributions", ()):
+        dist = Distribution(d["name"], d.get("version", ""), d.get("summary", ""), d.get("home", ""))
+        dists.setdefault(canonical(dist.name), dist)
+    return PythonEnv(
+        python=raw["python"], exists=True, version=info.get("version"), tag=info.get("tag"),
+        platform=info.get("platform"), torch=info.get("torch"), torch_cuda=info.get("torch_cuda"),
+        distributions=dict(sorted(dists.items())),
+    )
+
+
+def _git(path: str, raw: Mapping[str, Any]) -> GitCheckout:
+    return GitCheckout(
+        path=path, exists=bool(raw.get("exists")), is_repo=bool(raw.get("is_repo")),
+        head=raw.get("head"), tags=tuple(raw.get("tags") or ()), branch=raw.get("branch"),
+        dirty=tuple(raw.get("dirty") or ()), remote=raw.get("remote"), error=raw.get("error"),
+    )
+
+
+def _file(path: str, raw: Mapping[str, Any]) -> FileState:
+    if not raw.get("exists"):
+        return FileState(path, False)
+    return FileState(path, True, int(raw["size"]), int(raw["mtime_ns"]), raw.get("sha256"))
+
+
+def parse_facts(host_name: str, answer: Mapping[str, Any]) -> Facts:
+    """Typed `Facts` from the script's answer; an answer the script could not have sent -> FactsError."""
+    if "fatal" in answer:
+        raise FactsError(f"{host_name}: the facts script failed on the host: {answer['fatal']}")
+    if answer.get("version") != ANSWER_VERSION:
+        raise FactsError(f"{host_name}: facts answer version {answer.get('version')!r}, expected "
+                         f"{ANSWER_VERSION} (control and host script out of step: reinstall provision)")
+    try:
+        root = answer["root"]
+        gpus, gpu_error = parse_gpus(answer.get("nvidia_smi"))
+        contents = dict(answer.get("read") or {})
+        disk = answer.get("disk") or {"path": root, "free": 0}
+        return Facts(
+            host=host_name, os=answer["os"], arch=answer["arch"], kernel=answer["kernel"],
+            system_python=answer["system_python"],
+            env=_env(answer.get("env") or {"python": "", "exists": False, "error": "not gathered"}),
+            gpus=gpus, gpu_error=gpu_error, nvcc=parse_nvcc(answer.get("nvcc")),
+            disk_path=disk["path"], disk_free=int(disk["free"]),
+            comfyui_version=parse_comfyui_version(
+                contents.get(posixpath.join(root, "comfyui_version.py")),
+                contents.get(posixpath.join(root, "pyproject.toml"))),
+            git={p: _git(p, g) for p, g in (answer.get("git") or {}).items()},
+            files={p: _file(p, f) for p, f in (answer.get("stat") or {}).items()},
+            contents=contents,
+            greps={(p, n): bool(found) for p, n, found in answer.get("grep") or ()},
+            http=dict(answer.get("http") or {}),
+            elapsed_s=float(answer.get("elapsed_s", 0.0)),
+            errors=tuple(answer.get("errors") or ()),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
+
+
+def facts_to_json(facts: Facts) -> dict[str, Any]:
+    """JSON-able, stable keys (mappings sorted): `provision facts --json` and reports."""
+    env = facts.env
+    nunchaku = env.distributions.get("nunchaku")
+    return {
+        "host": facts.host, "os": facts.os, "arch": facts.arch, "kernel": facts.kernel,
+        "system_python": facts.system_python,
+        "env": {
+            "python": env.python, "exists": env.exists, "version": env.version, "tag": env.tag,
+            "platform": env.platform, "torch": env.torch, "torch_cuda": env.torch_cuda,
+            "error": env.error,
+            "nunchaku": None if nunchaku is None else {
+                "version": nunchaku.version, "real": is_real_nunchaku(nunchaku)},
+            "distributions": {k: {"name": d.name, "version": d.version, "summary": d.summary,
+                                  "home": d.home} for k, d in sorted(env.distributions.items())},
+        },
+        "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "pci_bus_id": g.pci_bus_id,
+                  "vram_total_mib": g.vram_total_mib, "vram_used_mib": g.vram_used_mib,
+                  "vram_free_mib": g.vram_free_mib, "compute_capability": list(g.compute_capability),
+                  "driver": g.driver} for g in facts.gpus],
+        "gpu_error": facts.gpu_error, "nvcc": facts.nvcc,
+        "disk": {"path": facts.disk_path, "free": facts.disk_free},
+        "comfyui_version": facts.comfyui_version,
+        "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
+                    "branch": g.branch, "dirty": list(g.dirty), "remote": g.remote, "error": g.error}
+                for p, g in sorted(facts.git.items())},
+        "files": {p: {"exists": f.exists, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256}
+                  for p, f in sorted(facts.files.items())},
+        "contents": dict(sorted(facts.contents.items())),
+        "greps": [{"path": p, "needle": n, "found": v} for (p, n), v in sorted(facts.greps.items())],
+        "http": dict(sorted(facts.http.items())),
+        "elapsed_s": facts.elapsed_s,
+        "errors": list(facts.errors),
+    }

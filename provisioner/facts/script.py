@@ -1,0 +1,265 @@
+"""The facts script: run on the host by its system `python3 -c`, request on stdin, one JSON answer out.
+
+Standard library only and Python 3.8 syntax: a host's system python may be old. It never hashes
+big files, never imports torch, and reports every missing piece as a value; the control side
+(`parse.py`) turns the raw answer into `Facts`. Checksum cache format (`<root>/.provision/
+checksums.json`): `{"<absolute path>": {"size": int, "mtime_ns": int, "sha256": "<hex>"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+READ_CAP = 1 << 20          # bytes of a `read` probe sent back
+NVIDIA_SMI_QUERY = (
+    "--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,"
+    "driver_version,compute_cap,pci.bus_id"
+)
+
+# Runs inside the TARGET venv's interpreter (one subprocess): what pip would see there.
+VENV_SNIPPET = r"""
+import json, re, sys, sysconfig
+out = {"version": "%d.%d.%d" % sys.version_info[:3],
+       "tag": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, "py")
+              + "%d%d" % sys.version_info[:2],
+       "platform": re.sub(r"[-.]", "_", sysconfig.get_platform()),
+       "prefix": sys.prefix, "distributions": [], "torch": None, "torch_cuda": None}
+from importlib import metadata
+seen = set()
+for dist in metadata.distributions():
+    md = dist.metadata
+    name = md.get("Name")
+    key = re.sub(r"[-_.]+", "-", name or "").lower()
+    if not name or key in seen:
+        continue            # first on sys.path wins, as for import
+    seen.add(key)
+    home = md.get("Home-page") or ""
+    if not home or home == "UNKNOWN":
+        urls = md.get_all("Project-URL") or []
+        home = urls[0].split(",", 1)[-1].strip() if urls else ""
+    summary = md.get("Summary") or ""
+    out["distributions"].append({"name": name, "version": md.get("Version") or "",
+                                 "summary": "" if summary == "UNKNOWN" else summary, "home": home})
+    if key == "torch":
+        out["torch"] = md.get("Version")
+        try:        # torch/version.py says `cuda: Optional[str] = '12.4'`; never import torch
+            text = dist.locate_file("torch/version.py").read_text()
+            m = re.search(r"^cuda\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            out["torch_cuda"] = m.group(1) if m else None
+        except OSError:
+            pass
+print(json.dumps(out))
+"""
+
+
+def _run(argv, timeout=30.0, **kw):
+    """(exit code, stdout, stderr) of argv; a missing binary or a hang is a value, not a crash."""
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout, **kw)
+    except FileNotFoundError as err:
+        return 127, "", str(err)
+    except subprocess.TimeoutExpired:
+        return 124, "", "timed out after %ss: %s" % (timeout, " ".join(argv[:2]))
+    return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
+            proc.stderr.decode("utf-8", "replace"))
+
+
+def os_name():
+    try:
+        with open("/etc/os-release") as fh:
+            for line in fh:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip("\"'")
+    except OSError:
+        pass
+    return platform.system()
+
+
+def venv(python):
+    if not os.path.exists(python):
+        return {"python": python, "exists": False}
+    rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=60.0)
+    try:
+        return {"python": python, "exists": True, "info": json.loads(out)}
+    except ValueError:
+        lines = [x for x in (err or out).strip().splitlines() if x.strip()]
+        why = lines[-1] if lines else "exited %d with no output" % rc
+        return {"python": python, "exists": True, "error": why}
+
+
+def nvidia_smi():
+    binary = shutil.which("nvidia-smi")
+    if not binary:
+        return {"found": False}
+    rc, out, err = _run([binary, NVIDIA_SMI_QUERY, "--format=csv,noheader,nounits"], timeout=20.0)
+    return {"found": True, "exit_code": rc, "stdout": out, "stderr": err}
+
+
+def nvcc():
+    # Non-interactive ssh rarely has CUDA on PATH: also look where the CUDA toolkit installs.
+    binary = shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.access(p, os.X_OK)), None)
+    if not binary:
+        return None
+    rc, out, err = _run([binary, "--version"], timeout=20.0)
+    return out if rc == 0 else None
+
+
+def disk(root):
+    path = os.path.abspath(root)
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return {"path": path, "free": st.f_bavail * st.f_frsize}
+
+
+def stat_files(paths, cache_path):
+    try:
+        with open(cache_path) as fh:
+            cache = json.load(fh)
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    out = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[path] = {"exists": False}
+            continue
+        entry = cache.get(path)
+        sha = None
+        if (isinstance(entry, dict) and entry.get("size") == st.st_size
+                and entry.get("mtime_ns") == st.st_mtime_ns):
+            sha = entry.get("sha256")
+        out[path] = {"exists": True, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    return out
+
+
+def read_files(paths):
+    out = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                out[path] = fh.read(READ_CAP).decode("utf-8", "replace")
+        except OSError:
+            out[path] = None
+    return out
+
+
+def grep_files(pairs):
+    out = []
+    for path, needle in pairs:
+        want, found, tail = needle.encode("utf-8"), False, b""
+        try:
+            with open(path, "rb") as fh:
+                # Streamed with an overlap so a needle across two chunks is still found.
+                for chunk in iter(lambda: fh.read(1 << 16), b""):
+                    if want in tail + chunk:
+                        found = True
+                        break
+                    tail = chunk[-len(want):] if want else b""
+        except OSError:
+            found = False
+        out.append([path, needle, found])
+    return out
+
+
+def git_checkout(path):
+    if not os.path.isdir(path):
+        return {"exists": False}
+    # safe.directory: a checkout owned by another user (root in a container) is still read.
+    base = ["git", "-c", "safe.directory=*", "-C", path]
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+
+    def git(*args):
+        return _run(base + list(args), timeout=30.0, env=env)
+
+    rc, top, err = git("rev-parse", "--show-toplevel")
+    if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
+        # Not a checkout itself (a plain folder inside ComfyUI's own checkout is not the plugin's).
+        return {"exists": True, "is_repo": False, "error": err.strip() if rc not in (0, 128) else None}
+    rc, head, _ = git("rev-parse", "--verify", "-q", "HEAD")
+    rc_b, branch, _ = git("symbolic-ref", "-q", "--short", "HEAD")
+    _, tags, _ = git("tag", "--points-at", "HEAD")
+    _, status, _ = git("status", "--porcelain=v1", "-z")
+    rc_r, remote, _ = git("config", "--get", "remote.origin.url")
+    dirty, items = [], status.split("\0")
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if len(item) > 3:
+            dirty.append(item[3:])
+            if item[0] in "RC":
+                i += 1                  # a rename's second field is its origin path
+        i += 1
+    return {"exists": True, "is_repo": True, "head": head.strip() if rc == 0 else None,
+            "tags": sorted(t for t in tags.split() if t),
+            "branch": branch.strip() if rc_b == 0 else None, "dirty": dirty,
+            "remote": remote.strip() if rc_r == 0 else None}
+
+
+def http_status(url):
+    # No proxies: the URL is the host's own ComfyUI, never something behind a corporate proxy.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, method="GET"), timeout=2.0) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except Exception:           # refused, timeout, bad URL: nothing answers there
+        return None
+
+
+def gather(req):
+    started = time.monotonic()
+    jobs = {
+        "env": lambda: venv(req["python"]),
+        "nvidia_smi": nvidia_smi,
+        "nvcc": nvcc,
+        "git": lambda: {p: git_checkout(p) for p in req.get("git", [])},
+        "http": lambda: {u: http_status(u) for u in req.get("http", [])},
+        "disk": lambda: disk(req["root"]),
+        "stat": lambda: stat_files(req.get("stat", []), req.get("checksums", "")),
+        "read": lambda: read_files(req.get("read", [])),
+        "grep": lambda: grep_files(req.get("grep", [])),
+    }
+    answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
+              "kernel": platform.release(),
+              "system_python": "%s %s" % (platform.python_version(), sys.executable),
+              "errors": []}
+    # Independent and mostly waiting (subprocesses, HTTP): run side by side, total = slowest.
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {key: pool.submit(fn) for key, fn in jobs.items()}
+        for key, future in futures.items():
+            try:
+                answer[key] = future.result()
+            except Exception as err:    # one broken section must not hide the others
+                answer[key] = None
+                answer["errors"].append("%s: %s: %s" % (key, type(err).__name__, err))
+    answer["elapsed_s"] = round(time.monotonic() - started, 4)
+    return answer
+
+
+def main():
+    try:
+        answer = gather(json.loads(sys.stdin.read()))
+    except Exception as err:
+        answer = {"fatal": "%s: %s" % (type(err).__name__, err)}
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
