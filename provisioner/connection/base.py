@@ -8,7 +8,7 @@ became a redirection to a file named `=0.35`).
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,8 +60,12 @@ class Connection(Protocol):
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         check: bool = True,
+        stdout_callback: Callable[[str], None] | None = None,
     ) -> Result:
         """Run argv on the host. Secrets go through `stdin`, never argv or env (both show in `ps`).
+
+        `stdout_callback` receives each stdout line as it arrives (download progress); the
+        whole stdout is still returned in the Result.
 
         Raises `CommandError` when `check` and the exit code is not 0, `ConnectError` when the
         transport breaks.

@@ -1,0 +1,27 @@
+# The two set-up commands of the README. Both work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## make demo: create the venv, install, provision a local sandbox host end to end, offline
+demo: $(STAMP)
+	$(BIN)/python -m provisioner.sandbox.demo
+
+## make test: install what the tests need (openssh-server, git, chromium) and run the whole suite
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+system-deps:
+	@.ci/system-deps
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

@@ -1,0 +1,106 @@
+"""Command line: parse arguments, call `commands`, map errors to messages and exit codes.
+
+Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
+  0  ok, nothing changed or pending      2  changes pending (plan) or made (apply)
+  1  a host failed or a check failed     3  bad input (profile, inventory, arguments)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from provisioner import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_CHANGED, EXIT_BAD_INPUT = 0, 1, 2, 3
+
+
+def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> None:
+    if profile == "required":
+        parser.add_argument("profile", help="profile YAML (desired state), e.g. profiles/rtx3090.yaml")
+    elif profile == "optional":
+        parser.add_argument("profile", nargs="?", help="profile YAML (optional: ComfyUI paths)")
+    parser.add_argument("-i", "--inventory", help="inventory YAML (default: the profile's `inventory`)")
+    parser.add_argument("-l", "--limit", help="restrict to hosts matching an Ansible pattern (gpu-*:!gpu-03)")
+    parser.add_argument("-f", "--forks", type=int, default=10, help="hosts handled in parallel (default 10)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="show steps; -vv: tracebacks")
+    ssh = parser.add_argument_group("ssh")
+    ssh.add_argument("--ssh-config", help="ssh_config file (default ~/.ssh/config)")
+    ssh.add_argument("--known-hosts", action="append", help="known_hosts file (repeatable; default ~/.ssh/known_hosts)")
+    ssh.add_argument("--accept-new-host-keys", action="store_true",
+                     help="trust and record unknown host keys (like StrictHostKeyChecking=accept-new); "
+                          "a changed key is always refused")
+    ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="provision",
+        description="Converge GPU hosts to ComfyUI + Nunchaku INT4/FP4 Qwen-Image, then prove it.")
+    parser.add_argument("--version", action="version", version=f"provision {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("plan", help="show what would change on each host; touches nothing")
+    _common(p)
+
+    p = verbs.add_parser("apply", help="change only what differs, then verify")
+    _common(p)
+    p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
+    p.add_argument("--serial", help="rolling batches: a host count or a percentage (30%%)")
+    p.add_argument("--max-fail-percentage", type=float, help="stop starting batches past this share of failed hosts")
+    p.add_argument("--lock-timeout", type=float, default=300.0, help="seconds to wait for another apply's lock")
+    p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
+    p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+
+    p = verbs.add_parser("verify", help="run verification generations and write the fleet report")
+    _common(p)
+    p.add_argument("--report", metavar="DIR", help="write report.json, report.html, junit.xml to DIR")
+
+    p = verbs.add_parser("facts", help="what each host is: GPU, VRAM, torch, python, disk, installed state")
+    _common(p, profile="optional")
+
+    p = verbs.add_parser("validate", help="check profiles and inventories; no host contacted")
+    p.add_argument("files", nargs="+", help="profile or inventory YAML files")
+    p.add_argument("--no-color", action="store_true")
+
+    p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
+    p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+
+    from provisioner import commands
+    from provisioner.errors import ProvisionError
+
+    no_color = bool(getattr(args, "no_color", False) or os.environ.get("NO_COLOR"))
+    # Human output goes to stderr when --json owns stdout.
+    console = Console(no_color=no_color, highlight=False,
+                      stderr=bool(getattr(args, "json", False)), soft_wrap=True)
+    try:
+        return getattr(commands, args.verb)(args, console)
+    except ProvisionError as err:
+        for line in str(err).splitlines():
+            console.print(f"[red]error:[/] {line}", markup=True, highlight=False)
+        return err.exit_code
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: hosts keep what finished; run the same command again to converge")
+        return 130
+    except Exception as err:  # noqa: BLE001 - a bug: say so plainly, keep the traceback for -vv
+        if getattr(args, "verbose", 0) >= 2:
+            traceback.print_exc()
+        console.print(f"[red]internal error:[/] {type(err).__name__}: {err} (a bug in provision; "
+                      "run with -vv for the traceback)", highlight=False)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""One function per verb: load the profile and inventory, select hosts, run per host, render.
+
+Each per-host pipeline opens ONE connection and reuses it for facts, apply and verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.markup import escape
+
+from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
+from provisioner.config.load import LoadedProfile
+from provisioner.config.model import Profile, build_profile
+from provisioner.connection import ConnectOptions, open_connection
+from provisioner.connection.base import Connection
+from provisioner.errors import ConnectError, UsageError
+from provisioner.inventory import Host, load_inventory
+from provisioner.plan import render
+from provisioner.plan.build import HostPlan, build_plan, probe_for
+from provisioner.plan.fleet import run_fleet
+
+T = TypeVar("T")
+EXIT_OK, EXIT_FAILED, EXIT_CHANGED, EXIT_BAD_INPUT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Target:
+    """A host and the profile as it applies to that host (after its `provision:` overlay)."""
+
+    host: Host
+    profile: Profile
+
+
+def connect_options(args: argparse.Namespace) -> ConnectOptions:
+    kwargs: dict[str, Any] = {
+        "host_key_policy": "accept-new" if args.accept_new_host_keys else "strict",
+        "ssh_config": args.ssh_config,
+        "connect_timeout": args.connect_timeout,
+    }
+    if args.known_hosts:
+        kwargs["known_hosts"] = tuple(args.known_hosts)
+    return ConnectOptions(**kwargs)
+
+
+def targets(args: argparse.Namespace) -> list[Target]:
+    """Profile + inventory + patterns → the hosts to work on, each with its own profile."""
+    loaded: LoadedProfile | None = load_profile(Path(args.profile)) if args.profile else None
+    inventory_path = args.inventory or (loaded.inventory if loaded else None)
+    if not inventory_path:
+        where = f"{args.profile}: key `inventory`" if args.profile else "the command line"
+        raise UsageError(f"no inventory: give -i INVENTORY or set `inventory` in {where}")
+    inventory = load_inventory(Path(inventory_path))
+    hosts = inventory.select(loaded.hosts if loaded else "all")
+    if args.limit:
+        wanted = {h.name for h in inventory.select(args.limit)}
+        hosts = [h for h in hosts if h.name in wanted]
+    if not hosts:
+        raise UsageError(f"no host matches the profile's hosts and --limit {args.limit!r}")
+    out = []
+    for host in hosts:
+        if loaded:
+            profile = profile_for_host(loaded, host)
+        else:  # `provision facts -i INV` without a profile: ComfyUI paths from host vars or defaults
+            data = {"comfyui": {"root": "/opt/ComfyUI"}}
+            overlay = dict(host.overlay)
+            data["comfyui"].update(overlay.get("comfyui", {}))
+            profile = build_profile(data, name="facts", file="(defaults)")
+        out.append(Target(host, profile))
+    return out
+
+
+@contextmanager
+def connected(target: Target, options: ConnectOptions) -> Iterator[Connection]:
+    conn = open_connection(target.host, options)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def fleet(args: argparse.Namespace, work: Callable[[Target], T], *,
+          failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
+    by_name = {t.host.name: t for t in targets(args)}
+    hosts = [t.host for t in by_name.values()]
+    return run_fleet(hosts, lambda h: work(by_name[h.name]), forks=args.forks,
+                     serial=getattr(args, "serial", None),
+                     max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed)
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+def plan(args: argparse.Namespace, console: Console) -> int:
+    from provisioner.facts.gather import gather
+
+    options = connect_options(args)
+
+    def work(target: Target) -> HostPlan:
+        with connected(target, options) as conn:
+            return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
+
+    results = fleet(args, work)
+    show_plans(results, console, args)
+    return plan_exit_code(results)
+
+
+def show_plans(results: dict[str, HostPlan | BaseException], console: Console,
+               args: argparse.Namespace) -> None:
+    if args.json:
+        print(render.results_to_json(results))
+    for name, result in results.items():
+        if isinstance(result, HostPlan):
+            render.render_host(console, result, verbose=bool(args.verbose))
+        else:
+            render.render_failure(console, name, result)
+    console.print(render.summary_line(results))
+
+
+def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
+    if any(not isinstance(r, HostPlan) or r.errors for r in results.values()):
+        return EXIT_FAILED
+    return EXIT_CHANGED if any(r.changes for r in results.values() if isinstance(r, HostPlan)) else EXIT_OK
+
+
+def apply(args: argparse.Namespace, console: Console) -> int:
+    if args.check:
+        return plan(args, console)
+    from provisioner.plan.apply import HostOutcome, apply_host
+    from provisioner.plan.progress import Reporter
+
+    options = connect_options(args)
+    reporter = Reporter(console, log_dir=Path(args.log_dir) if args.log_dir else None,
+                        verbose=bool(args.verbose))
+    shown = threading.Lock()
+
+    def show(plan: HostPlan) -> None:
+        with shown:
+            render.render_host(console, plan, verbose=bool(args.verbose))
+
+    def work(target: Target) -> HostOutcome:
+        with connected(target, options) as conn:
+            outcome = apply_host(conn, target.profile, reporter, lock_timeout=args.lock_timeout,
+                                 show_plan=show)
+            if not args.no_verify and not outcome.failed and _verify_available():
+                outcome.verification = _verify(conn, target.profile, outcome.plan.facts)  # type: ignore[attr-defined]
+            return outcome
+
+    results = fleet(args, work, failed=lambda o: o.failed)
+    return finish_apply(results, console, args)
+
+
+def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace) -> int:
+    from provisioner.plan.apply import HostOutcome
+
+    changed = failed = unchanged = 0
+    rows = []
+    for name, result in results.items():
+        if isinstance(result, HostOutcome):
+            status = "failed" if result.failed else "changed" if result.changed else "ok"
+            detail = result.error or (f"{len(result.applied)} changes" if result.changed else "up to date")
+            changed += status == "changed"
+            failed += status == "failed"
+            unchanged += status == "ok"
+            if result.error:
+                render.render_failure(console, name, Exception(result.error))
+        else:
+            status, detail = ("unreachable" if isinstance(result, ConnectError) else "failed"), str(result)
+            failed += 1
+            render.render_failure(console, name, result)
+        rows.append({"host": name, "status": status, "detail": detail})
+    total = len(results)
+    summary = (f"{total} host{'s' * (total != 1)}: {changed} changed, {unchanged} unchanged, "
+               f"{failed} failed")
+    console.print(summary)
+    if args.json:
+        print(json.dumps({"summary": summary, "hosts": rows}, indent=2))
+    return EXIT_FAILED if failed else EXIT_CHANGED if changed else EXIT_OK
+
+
+def facts(args: argparse.Namespace, console: Console) -> int:
+    from provisioner.facts.gather import base_probe, gather
+    from provisioner.facts.parse import facts_to_json
+    from provisioner.facts.render import render_facts
+
+    options = connect_options(args)
+
+    def work(target: Target) -> Any:
+        probe = probe_for(target.profile) if args.profile else base_probe(target.profile)
+        with connected(target, options) as conn:
+            return gather(conn, target.profile, probe)
+
+    results = fleet(args, work)
+    if args.json:
+        print(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
+                                 else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
+                          for name, r in results.items()}, indent=2))
+    else:
+        render_facts(results, console)
+    return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
+
+
+def verify(args: argparse.Namespace, console: Console) -> int:
+    if not _verify_available():
+        raise UsageError("`provision verify` is not built yet in this version")
+    raise UsageError("`provision verify` is not built yet in this version")
+
+
+def validate(args: argparse.Namespace, console: Console) -> int:
+    problems = validate_files([Path(f) for f in args.files])
+    for problem in problems:
+        console.print(escape(str(problem)), highlight=False)
+    n = len(args.files)
+    if problems:
+        console.print(f"[red]{len(problems)} problem{'s' * (len(problems) != 1)}[/] in {n} file{'s' * (n != 1)}")
+        return EXIT_BAD_INPUT
+    console.print(f"[green]ok[/]: {n} file{'s' * (n != 1)} valid")
+    return EXIT_OK
+
+
+def schema(args: argparse.Namespace, console: Console) -> int:
+    print(schema_text(args.kind))
+    return EXIT_OK
+
+
+def _verify_available() -> bool:
+    return False
+
+
+def _verify(conn: Connection, profile: Profile, facts: Any) -> Any:
+    raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Planning and applying: pure plan building, rendering, execution over a connection, fleets."""

@@ -1,0 +1,59 @@
+"""Turn (profile, facts) into a HostPlan. Pure: nothing here touches a host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from provisioner.config.model import Profile
+from provisioner.errors import PlanError
+from provisioner.facts.gather import base_probe
+from provisioner.facts.model import Facts, Probe
+from provisioner.resources import ORDER
+from provisioner.resources.base import Change, Note
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What one host needs. `errors` are reasons it cannot be converged (shown, host fails)."""
+
+    host: str
+    facts: Facts
+    changes: tuple[Change, ...] = ()
+    notes: tuple[Note, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def converged(self) -> bool:
+        return not self.changes and not self.errors
+
+    @property
+    def notify(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for change in self.changes:
+            out |= change.notify
+        return out
+
+
+def probe_for(profile: Profile) -> Probe:
+    """Everything the facts script must look at for this profile: one merged probe."""
+    probe = base_probe(profile)
+    for resource in ORDER:
+        probe = probe | resource.probe(profile)
+    return probe
+
+
+def build_plan(profile: Profile, facts: Facts) -> HostPlan:
+    """Ask every resource what differs. Every resource is asked even after one fails, so a
+    single `provision plan` shows all the reasons a host cannot be converged, not just the first."""
+    changes: list[Change] = []
+    notes: list[Note] = []
+    errors: list[str] = []
+    for resource in ORDER:
+        try:
+            result = resource.plan(profile, facts)
+        except PlanError as err:
+            errors.append(f"{resource.name}: {err}")
+            continue
+        changes.extend(result.changes)
+        notes.extend(result.notes)
+    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), tuple(errors))

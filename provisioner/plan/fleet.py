@@ -1,0 +1,73 @@
+"""Run one function per host over a fleet: bounded forks, rolling batches, max-fail.
+
+Like Fabric's GroupResult, the answer maps every host to its outcome *or* its exception, so one
+unreachable host never hides or stops the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from provisioner.errors import ProvisionError
+from provisioner.inventory import Host
+
+T = TypeVar("T")
+
+
+class SkippedError(ProvisionError):
+    """A host was not attempted because an earlier batch failed past --max-fail-percentage."""
+
+
+def batches(hosts: Sequence[Host], serial: str | int | None) -> list[list[Host]]:
+    """Split hosts into rolling batches: `serial` is a count (`2`) or a share of hosts (`"30%"`)."""
+    if not serial:
+        return [list(hosts)] if hosts else []
+    text = str(serial).strip()
+    if text.endswith("%"):
+        size = max(1, math.floor(len(hosts) * float(text[:-1]) / 100))
+    else:
+        size = max(1, int(text))
+    return [list(hosts[i:i + size]) for i in range(0, len(hosts), size)]
+
+
+def run_fleet(
+    hosts: Sequence[Host],
+    work: Callable[[Host], T],
+    *,
+    forks: int = 10,
+    serial: str | int | None = None,
+    max_fail_percentage: float | None = None,
+    failed: Callable[[T], bool] = lambda _: False,
+) -> dict[str, T | BaseException]:
+    """Call `work(host)` for every host, `forks` at a time, batch after batch.
+
+    `failed(outcome)` tells whether a returned outcome counts as a failure for max-fail (an
+    exception always does). When a batch's failures exceed `max_fail_percentage`, the remaining
+    batches are not started and their hosts get a `SkippedError`.
+    """
+    results: dict[str, T | BaseException] = {}
+    groups = batches(hosts, serial)
+    with ThreadPoolExecutor(max_workers=max(1, forks), thread_name_prefix="host") as pool:
+        for index, batch in enumerate(groups):
+            futures = {host.name: pool.submit(work, host) for host in batch}
+            failures = 0
+            for name, future in futures.items():
+                try:
+                    outcome = future.result()
+                    results[name] = outcome
+                    failures += failed(outcome)
+                except BaseException as err:  # noqa: BLE001 - reported per host, never raised
+                    results[name] = err
+                    failures += 1
+            if max_fail_percentage is not None and batch:
+                if 100 * failures / len(batch) > max_fail_percentage:
+                    for later in groups[index + 1:]:
+                        for host in later:
+                            results[host.name] = SkippedError(
+                                f"{host.name}: not attempted: {failures}/{len(batch)} hosts failed in an "
+                                f"earlier batch (over --max-fail-percentage {max_fail_percentage:g})")
+                    break
+    return {host.name: results[host.name] for host in hosts if host.name in results}

@@ -1,0 +1,100 @@
+"""What a person sees while an apply runs, and the per-host JSON-lines log of what ran.
+
+Thread-safe: hosts report from their own threads. Every string that leaves this module goes
+through `redact`, so a secret (an HF token) can reach neither the console nor a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+REDACTED = "***"
+
+
+class Redactor:
+    """Replaces known secret values in any text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets = {s for s in secrets if s and len(s) >= 4}
+
+    def add(self, secret: str | None) -> None:
+        if secret and len(secret) >= 4:
+            self._secrets.add(secret)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+class Reporter:
+    """Console lines (one per change as it happens), progress bars, and JSON-lines logs."""
+
+    def __init__(self, console: Console, *, log_dir: Path | None = None, verbose: bool = False,
+                 redact: Redactor | None = None) -> None:
+        self.console = console
+        self.verbose = verbose
+        self.redact = redact or Redactor()
+        self.log_dir = log_dir
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._progress_users = 0
+
+    def line(self, host: str, message: str, style: str = "") -> None:
+        text = escape(self.redact(message))
+        with self._lock:
+            self.console.print(f"[bold]{escape(host)}[/] [{style}]{text}[/]" if style
+                               else f"[bold]{escape(host)}[/] {text}", highlight=False)
+
+    def log(self, host: str, event: str, **fields: Any) -> None:
+        """Append one JSON record to `<log_dir>/<host>.jsonl`."""
+        if self.log_dir is None:
+            return
+        record = {"t": round(time.time(), 3), "host": host, "event": event, **fields}
+        text = self.redact(json.dumps(record, default=str))
+        with self._lock:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"{_safe(host)}.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+
+    @contextmanager
+    def transfer(self, host: str, label: str, total: int | None) -> Iterator[Any]:
+        """A progress bar for a download or push; yields `update(done, total)`."""
+        with self._lock:
+            if self._progress is None:
+                self._progress = Progress(
+                    TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
+                    transient=True)
+                self._progress.start()
+            self._progress_users += 1
+            task = self._progress.add_task(escape(f"{host} {label}"), total=total)
+        progress = self._progress
+
+        def update(done: int, total_now: int | None = None) -> None:
+            progress.update(task, completed=done, total=total_now or total)
+
+        try:
+            yield update
+        finally:
+            with self._lock:
+                progress.remove_task(task)
+                self._progress_users -= 1
+                if self._progress_users == 0:
+                    progress.stop()
+                    self._progress = None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "host"
