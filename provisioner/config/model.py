@@ -89,9 +89,10 @@ class PipSpec:
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
+    no_index: bool = False            # only find_links: a fully offline host
 
     def args(self) -> tuple[str, ...]:
-        out: list[str] = []
+        out: list[str] = ["--no-index"] if self.no_index else []
         if self.index_url:
             out += ["--index-url", self.index_url]
         for url in self.extra_index_urls:
