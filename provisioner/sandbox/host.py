@@ -1,0 +1,216 @@
+"""A sandbox GPU host on this machine: a ComfyUI checkout, its real venv, and an nvidia-smi shim."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import Version
+
+from provisioner.errors import ProvisionError
+from provisioner.sandbox import nvidia_smi
+from provisioner.sandbox.wheels import build_torch_wheel, cuda_of
+
+H100_CAPTURE = Path("fixtures/gpu-hosts/h100-80gb/nvidia-smi-query.csv")
+STATE_FILE = "gpu-state.json"
+# Approximate cut-off: the sandbox gives cores >= 0.3.66 the `use_additional_t_cond` parameter.
+# Upstream added it later (with Qwen-Image-Layered support); 0.3.64 certainly lacks it.
+T_COND_SINCE = Version("0.3.66")
+MODEL_DIRS = {  # the placeholder files a real checkout ships in each models/ folder
+    "diffusion_models": "put_diffusion_model_files_here",
+    "text_encoders": "put_text_encoder_files_here",
+    "vae": "put_vae_here",
+    "loras": "put_loras_here",
+}
+
+
+@dataclass(frozen=True)
+class SandboxHost:
+    root: Path
+    comfyui_root: Path
+    venv: Path
+    python: Path                 # venv/bin/python: always run pip as `python -m pip`
+    bin_dir: Path                # holds nvidia-smi; first on this host's PATH
+    gpu_state: Path              # JSON {"memory_used_mib": N} read by the shim
+    gpu: str | None
+    torch: str | None
+    comfyui_version: str
+
+    @property
+    def path(self) -> str:
+        """The PATH for this host: bin_dir first; with gpu=None, no other nvidia-smi either."""
+        rest = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d]
+        if self.gpu is None:
+            rest = [d for d in rest if not os.access(Path(d) / "nvidia-smi", os.X_OK)]
+        return os.pathsep.join([str(self.bin_dir), *rest])
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A full environment (os.environ or `base`) with this host's PATH."""
+        return {**(os.environ if base is None else base), "PATH": self.path}
+
+
+def shared_dir() -> Path:
+    """../shared beside the repository, or $PROVISION_SHARED."""
+    env = os.environ.get("PROVISION_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
+
+
+def _h100_capture() -> dict:
+    source = shared_dir() / H100_CAPTURE
+    try:
+        row = next(csv.reader(source.read_text().splitlines(), skipinitialspace=True))
+    except (OSError, StopIteration) as err:
+        raise ProvisionError(f"sandbox gpu 'h100': cannot read {source} ({err}); set PROVISION_SHARED") from err
+    index, name, gpu_uuid, total, used, free, driver, cc, bus = row
+    reserved = int(total) - int(used) - int(free)
+    return dict(index=int(index), name=name, uuid=gpu_uuid, total=int(total), used=int(used),
+                reserved=reserved, driver=driver, cc=cc, bus=bus)
+
+
+def gpu_config(gpu: str, state_file: Path) -> dict:
+    """The CONFIG baked into a host's nvidia-smi for a preset name."""
+    if gpu not in nvidia_smi.PRESETS:
+        names = ", ".join(sorted(nvidia_smi.PRESETS))
+        raise ProvisionError(f"sandbox gpu {gpu!r} is not a preset; use one of: {names}, or None")
+    if gpu == "broken-driver":
+        return {"broken": True}
+    card = {**nvidia_smi.PRESETS[gpu], "index": 0, "uuid": f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, gpu)}"}
+    if gpu == "h100":
+        card.update(_h100_capture())
+    return {"gpus": [card], "state": str(state_file)}
+
+
+def install_nvidia_smi(bin_dir: Path, config: dict) -> Path:
+    """Write bin_dir/nvidia-smi: the shim's own source with CONFIG filled in (values, not paths)."""
+    source = Path(nvidia_smi.__file__).read_text()
+    marker = "CONFIG: dict = {}  # replaced by host.py in the installed copy"
+    script = bin_dir / "nvidia-smi"
+    script.write_text(f"#!{sys.executable}\n" + source.replace(marker, f"CONFIG: dict = {config!r}", 1))
+    script.chmod(0o755)
+    return script
+
+
+def set_vram_used(host_root_or_state_file: Path, mib: int) -> None:
+    """Make the host's nvidia-smi report `mib` MiB used on GPU 0 (free shrinks to match)."""
+    path = Path(host_root_or_state_file)
+    nvidia_smi.write_state(path / STATE_FILE if path.is_dir() else path, mib)
+
+
+def _pip(python: Path, *args: str) -> None:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
+           "PIP_CONFIG_FILE": os.devnull, "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([str(python), "-m", "pip", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise ProvisionError(f"sandbox: `pip {' '.join(args[:2])}` in {python} failed: {tail}")
+
+
+def installed_torch(venv: Path) -> str | None:
+    """The torch version a venv holds, read from its dist-info (no interpreter start)."""
+    for meta in venv.glob("lib/python3*/site-packages/torch-*.dist-info/METADATA"):
+        for line in meta.read_text().splitlines():
+            if line.startswith("Version: "):
+                return line.removeprefix("Version: ").strip()
+    return None
+
+
+def _set_torch(venv: Path, torch: str | None) -> None:
+    if installed_torch(venv) == torch:
+        return
+    python = venv / "bin" / "python"
+    if torch is None:
+        _pip(python, "uninstall", "--yes", "torch")
+        return
+    with tempfile.TemporaryDirectory(prefix="sandbox-torch-") as tmp:
+        wheel = build_torch_wheel(Path(tmp), torch, cuda_of(torch))
+        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", str(wheel))
+
+
+def make_venv_template(path: Path, torch: str | None = "2.6.0+cu124", *, base_python: str | None = None) -> Path:
+    """A real venv with pip (and the tiny torch) to copy into many hosts: built once per session."""
+    path = Path(path)
+    proc = subprocess.run([base_python or sys.executable, "-m", "venv", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ProvisionError(f"sandbox: cannot create venv {path}: {proc.stderr.strip()[-200:]}")
+    _set_torch(path, torch)
+    return path
+
+
+def _comfyui_files(version: str) -> dict[str, str]:
+    t_cond = Version(version) >= T_COND_SINCE
+    extra = "use_additional_t_cond=False, " if t_cond else ""
+    model = (
+        '"""Sandbox stand-in for ComfyUI core\'s Qwen-Image model (the real class is a torch nn.Module)."""\n\n\n'
+        "class QwenTimestepProjEmbeddings:\n"
+        f"    def __init__(self, embedding_dim, pooled_projection_dim, {extra}"
+        "dtype=None, device=None, operations=None):\n"
+        "        self.embedding_dim = embedding_dim\n"
+        "        self.pooled_projection_dim = pooled_projection_dim\n"
+        + ("        self.use_additional_t_cond = use_additional_t_cond\n" if t_cond else "")
+    )
+    main = (
+        '"""Sandbox stand-in for ComfyUI\'s main.py: runs the sandbox ComfyUI server with the same arguments."""\n'
+        "import runpy\nimport sys\n\n"
+        f"sys.path.append({str(Path(__file__).resolve().parents[2])!r})  # where provisioner.sandbox lives\n"
+        'runpy.run_module("provisioner.sandbox.comfyui_server", run_name="__main__", alter_sys=True)\n'
+    )
+    return {
+        "main.py": main,
+        "comfyui_version.py": (
+            "# This file is automatically generated by the build process when version is\n"
+            f'# updated in pyproject.toml.\n__version__ = "{version}"\n'
+        ),
+        "pyproject.toml": f'[project]\nname = "ComfyUI"\nversion = "{version}"\nrequires-python = ">=3.9"\n',
+        "requirements.txt": "torch\ntorchvision\nsafetensors\naiohttp\npyyaml\nPillow\n",
+        "comfy/ldm/qwen_image/model.py": model,
+        **{f"models/{d}/{marker}": "" for d, marker in MODEL_DIRS.items()},
+        "output/_output_images_will_be_put_here": "",
+    }
+
+
+def make_sandbox_host(
+    root: Path,
+    *,
+    gpu: str | None = "rtx3090",
+    torch: str | None = "2.6.0+cu124",
+    comfyui_version: str = "0.3.64",
+    venv_template: Path | None = None,
+) -> SandboxHost:
+    """Lay out a GPU host under root: ComfyUI/ (checkout + venv), bin/nvidia-smi, gpu-state.json."""
+    root = Path(root).resolve()
+    comfy = root / "ComfyUI"
+    config = gpu_config(gpu, root / STATE_FILE) if gpu is not None else None  # bad preset: fail first
+    for rel, text in _comfyui_files(comfyui_version).items():
+        (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (comfy / rel).write_text(text)
+    for empty in ("custom_nodes", "user", "input"):
+        (comfy / empty).mkdir(parents=True, exist_ok=True)
+    venv = comfy / "venv"
+    if venv_template is not None:
+        shutil.copytree(venv_template, venv, symlinks=True)
+        _set_torch(venv, torch)
+    else:
+        make_venv_template(venv, torch)
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    state = root / STATE_FILE
+    if config is not None:
+        install_nvidia_smi(bin_dir, config)
+        if not config.get("broken"):
+            set_vram_used(state, config["gpus"][0]["used"])
+    return SandboxHost(root=root, comfyui_root=comfy, venv=venv, python=venv / "bin" / "python",
+                       bin_dir=bin_dir, gpu_state=state, gpu=gpu, torch=torch, comfyui_version=comfyui_version)
+
+
+def read_gpu_state(state_file: Path) -> dict:
+    """The shim's state (for tests and the ComfyUI stand-in)."""
+    return json.loads(Path(state_file).read_text())

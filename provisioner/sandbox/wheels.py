@@ -1,0 +1,167 @@
+"""Real, pip-installable wheels built in-process: tiny torch, nunchaku, its PyPI impostor, a wheelhouse."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import sys
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+NUNCHAKU_HOME = "https://github.com/nunchaku-tech/nunchaku"
+NUNCHAKU_SUMMARY = "Nunchaku: high-performance inference engine for 4-bit diffusion models (SVDQuant)"
+IMPOSTOR_SUMMARY = "Optimally partition data into piece-wise linear segments (data segmentation)"
+TORCH_SUMMARY = "Tensors and Dynamic neural networks in Python with strong GPU acceleration"
+
+# Fixed zip timestamps: the same inputs give byte-identical wheels (stable sha256 for tests).
+_ZIP_DATE = (2025, 1, 1, 0, 0, 0)
+_GENERATOR = "provisioner-sandbox (1.0)"
+
+
+def current_python_tag() -> str:
+    """The CPython tag of the running interpreter, e.g. `cp311`."""
+    impl = {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, "py")
+    return f"{impl}{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest}"
+
+
+def _escape(name: str) -> str:
+    # Wheel file names and dist-info folders use the normalised name with `_` (PEP 427 / 491).
+    return re.sub(r"[-_.]+", "_", str(canonicalize_name(name)))
+
+
+def _metadata(name: str, version: str, summary: str, home: str, requires: Iterable[str]) -> str:
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    if summary:
+        lines.append(f"Summary: {summary}")
+    if home:
+        lines.append(f"Home-page: {home}")
+    lines += [f"Requires-Dist: {req}" for req in requires]
+    return "\n".join(lines) + "\n\n"
+
+
+def build_wheel(
+    out_dir: Path,
+    name: str,
+    version: str,
+    files: Mapping[str, str],
+    *,
+    tag: str = "py3-none-any",
+    requires: Iterable[str] = (),
+    summary: str = "",
+    home: str = "",
+) -> Path:
+    """Write `NAME-VERSION-TAG.whl` into out_dir with `files` (archive path -> text) and valid RECORD."""
+    Version(version)  # reject what pip would reject, here rather than at install time
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{_escape(name)}-{version}"
+    dist_info = f"{stem}.dist-info"
+    purelib = tag.endswith("-none-any")
+    meta = {
+        f"{dist_info}/METADATA": _metadata(name, version, summary, home, requires),
+        f"{dist_info}/WHEEL": (
+            f"Wheel-Version: 1.0\nGenerator: {_GENERATOR}\n"
+            f"Root-Is-Purelib: {'true' if purelib else 'false'}\nTag: {tag}\n\n"
+        ),
+    }
+    entries = [(path, text.encode()) for path, text in {**files, **meta}.items()]
+    record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in entries)
+    entries.append((f"{dist_info}/RECORD", (record + f"{dist_info}/RECORD,,\n").encode()))
+    wheel = out_dir / f"{stem}-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, data in entries:
+            info = zipfile.ZipInfo(path, date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    return wheel
+
+
+def cuda_of(torch_version: str) -> str | None:
+    """CUDA version implied by a torch local version: `2.6.0+cu124` -> `12.4`, `+cpu` -> None."""
+    local = Version(torch_version).local or ""
+    match = re.fullmatch(r"cu(\d+)(\d)", local)
+    return f"{match[1]}.{match[2]}" if match else None
+
+
+def build_torch_wheel(out_dir: Path, version: str = "2.6.0+cu124", cuda: str | None = "12.4") -> Path:
+    """A few-KB `torch` whose metadata and torch/version.py read like the real one's."""
+    version_py = (
+        "from typing import Optional\n\n"
+        "__all__ = ['__version__', 'debug', 'cuda', 'git_version', 'hip']\n"
+        f"__version__ = {version!r}\n"
+        "debug = False\n"
+        f"cuda: Optional[str] = {cuda!r}\n"
+        "git_version = '0000000000000000000000000000000000000000'\n"
+        "hip: Optional[str] = None\n"
+        "xpu: Optional[str] = None\n"
+    )
+    init_py = (
+        '"""Sandbox stand-in for torch: metadata and version only, no tensors."""\n'
+        "from torch.version import __version__, cuda as _cuda  # noqa: F401\n"
+    )
+    return build_wheel(
+        out_dir, "torch", version,
+        {"torch/__init__.py": init_py, "torch/version.py": version_py},
+        summary=TORCH_SUMMARY, home="https://pytorch.org/",
+    )
+
+
+def nunchaku_wheel_name(version: str, torch: str, python_tag: str, platform: str) -> str:
+    """The release asset name: `nunchaku-1.0.1+torch2.6-cp312-cp312-linux_x86_64.whl`."""
+    return f"nunchaku-{version}+torch{torch}-{python_tag}-{python_tag}-{platform}.whl"
+
+
+def build_nunchaku_wheel(
+    out_dir: Path,
+    version: str = "1.0.1",
+    torch: str = "2.6",
+    python_tag: str = "cp312",
+    platform: str = "linux_x86_64",
+) -> Path:
+    """The real backend's wheel, in name and metadata (`1.0.1+torch2.6`), with no compiled code."""
+    full = f"{version}+torch{torch}"
+    init_py = (
+        '"""Sandbox stand-in for the nunchaku backend (SVDQuant INT4/FP4 kernels live upstream)."""\n'
+        f"__version__ = {full!r}\n"
+    )
+    return build_wheel(
+        out_dir, "nunchaku", full, {"nunchaku/__init__.py": init_py},
+        tag=f"{python_tag}-{python_tag}-{platform}", summary=NUNCHAKU_SUMMARY, home=NUNCHAKU_HOME,
+    )
+
+
+def build_impostor_nunchaku(out_dir: Path) -> Path:
+    """PyPI's unrelated `nunchaku` 0.16.1, what a bare `pip install nunchaku` brings."""
+    init_py = (
+        '"""Sandbox stand-in for PyPI\'s unrelated nunchaku (data segmentation, not diffusion)."""\n'
+        "__version__ = '0.16.1'\n"
+    )
+    return build_wheel(out_dir, "nunchaku", "0.16.1", {"nunchaku/__init__.py": init_py}, summary=IMPOSTOR_SUMMARY)
+
+
+STAND_INS: tuple[tuple[str, str], ...] = (
+    ("diffusers", "0.34.0"), ("diffusers", "0.35.2"), ("peft", "0.16.0"), ("peft", "0.17.1"),
+)
+
+
+def build_package_wheelhouse(out_dir: Path) -> Path:
+    """A --find-links folder with stand-ins for diffusers and peft (two versions each, no deps)."""
+    out_dir = Path(out_dir)
+    for name, version in STAND_INS:
+        init_py = f'"""Sandbox stand-in for {name} {version}."""\n__version__ = {version!r}\n'
+        build_wheel(
+            out_dir, name, version, {f"{name}/__init__.py": init_py},
+            summary=f"Sandbox stand-in for {name} {version} (no code; lets pip resolve offline)",
+        )
+    return out_dir

@@ -1,0 +1,247 @@
+"""The sandbox plays GPU hosts faithfully: real wheels, real pip, real venvs, real git, real captures."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ProvisionError
+from provisioner.sandbox import (
+    add_plugin_tag,
+    build_impostor_nunchaku,
+    build_nunchaku_wheel,
+    build_package_wheelhouse,
+    build_torch_wheel,
+    build_wheel,
+    current_python_tag,
+    make_plugin_repo,
+    make_sandbox_host,
+    make_venv_template,
+    set_vram_used,
+)
+from provisioner.sandbox.host import gpu_config, install_nvidia_smi, installed_torch, shared_dir
+
+QUERY = "index,name,uuid,memory.total,memory.used,memory.free,driver_version,compute_cap,pci.bus_id"
+H100 = shared_dir() / "fixtures" / "gpu-hosts" / "h100-80gb"
+METADATA_PY = (
+    "import importlib.metadata as m, json, sys\n"
+    "print(json.dumps({n: [m.version(n), m.metadata(n)['Summary'], m.metadata(n)['Home-page']]"
+    " for n in sys.argv[1:]}))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_venv_template(tmp_path_factory.mktemp("tpl") / "venv", torch="2.6.0+cu124")
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheels")
+    build_nunchaku_wheel(out / "release", python_tag=current_python_tag())
+    build_impostor_nunchaku(out / "pypi")
+    build_package_wheelhouse(out / "house")
+    return out
+
+
+def pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *args], check=True,
+                   capture_output=True)
+
+
+def dists(python: Path, *names: str) -> dict[str, list[str]]:
+    out = subprocess.run([str(python), "-c", METADATA_PY, *names], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def smi(host_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nvidia-smi", *args], env=host_env, capture_output=True, text=True)
+
+
+def test_wheel_record_matches_every_file(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path, "Some.Pkg", "1.2+local", {"some_pkg/__init__.py": "x = 1\n"},
+                        requires=["peft>=0.17"], summary="s")
+    assert wheel.name == "some_pkg-1.2+local-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        rows = list(csv.reader(zf.read("some_pkg-1.2+local.dist-info/RECORD").decode().splitlines()))
+        assert {r[0] for r in rows} == set(zf.namelist())
+        for path, digest, size in rows:
+            if path.endswith("RECORD"):
+                assert digest == size == ""
+                continue
+            data = zf.read(path)
+            expect = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert (digest, int(size)) == (f"sha256={expect}", len(data))
+        assert "Requires-Dist: peft>=0.17" in zf.read("some_pkg-1.2+local.dist-info/METADATA").decode()
+    assert build_wheel(tmp_path / "again", "Some.Pkg", "1.2+local", {"some_pkg/__init__.py": "x = 1\n"},
+                       requires=["peft>=0.17"], summary="s").read_bytes() == wheel.read_bytes()
+
+
+def test_nunchaku_wheel_is_named_like_the_release_asset(tmp_path: Path) -> None:
+    wheel = build_nunchaku_wheel(tmp_path)
+    assert wheel.name == "nunchaku-1.0.1+torch2.6-cp312-cp312-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read("nunchaku-1.0.1+torch2.6.dist-info/METADATA").decode()
+        assert "Root-Is-Purelib: false" in zf.read("nunchaku-1.0.1+torch2.6.dist-info/WHEEL").decode()
+    assert "Version: 1.0.1+torch2.6" in meta
+    assert "Home-page: https://github.com/nunchaku-tech/nunchaku" in meta
+    assert build_nunchaku_wheel(tmp_path, "1.0.1", "2.8", "cp311").name.endswith("+torch2.8-cp311-cp311-linux_x86_64.whl")
+
+
+def test_torch_version_py_reads_like_real_torch(tmp_path: Path) -> None:
+    for version, cuda in (("2.6.0+cu124", "12.4"), ("2.6.0+cpu", None)):
+        with zipfile.ZipFile(build_torch_wheel(tmp_path / version, version, cuda)) as zf:
+            tree = ast.parse(zf.read("torch/version.py"))
+        values = {n.targets[0].id if isinstance(n, ast.Assign) else n.target.id: ast.literal_eval(n.value)
+                  for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))}
+        assert values["__version__"] == version and values["cuda"] == cuda
+
+
+def test_wheels_install_offline_with_real_pip(tmp_path: Path, template: Path, wheels: Path) -> None:
+    host = make_sandbox_host(tmp_path, gpu="rtx3090", venv_template=template)
+    py = host.python
+    pip(py, "install", "--no-index", "--find-links", str(wheels / "pypi"), "nunchaku")
+    impostor = dists(py, "nunchaku")["nunchaku"]
+    assert impostor[0] == "0.16.1" and "segment" in impostor[1]
+    pip(py, "install", "--no-index", "--no-deps", "--find-links", str(wheels / "release"),
+        "--find-links", str(wheels / "house"), "nunchaku==1.0.1+torch2.6", "diffusers>=0.35", "peft>=0.17")
+    found = dists(py, "nunchaku", "diffusers", "peft", "torch")
+    assert found["nunchaku"] == ["1.0.1+torch2.6", found["nunchaku"][1], "https://github.com/nunchaku-tech/nunchaku"]
+    assert (found["diffusers"][0], found["peft"][0], found["torch"][0]) == ("0.35.2", "0.17.1", "2.6.0+cu124")
+    assert "stand-in" in found["diffusers"][1]
+    # The compatibility break is reproduced for real: plugin v1.2.0 on core 0.3.64 fails at load time.
+    repo = make_plugin_repo(tmp_path / "plugin.git")
+    cores = {"0.3.64": host.comfyui_root,
+             "0.3.66": make_sandbox_host(tmp_path / "new", comfyui_version="0.3.66", venv_template=template).comfyui_root}
+    load = ("import importlib, sys; sys.path[:0] = sys.argv[1:]\n"
+            "p = importlib.import_module('ComfyUI-nunchaku')\n"
+            "p.NODE_CLASS_MAPPINGS['NunchakuQwenImageDiTLoader']().load_model('m.safetensors')\n")
+    for tag, core, ok in (("v1.1.0", "0.3.64", True), ("v1.2.0", "0.3.64", False), ("v1.2.0", "0.3.66", True)):
+        plugins = tmp_path / f"plugins-{tag}"
+        if not plugins.exists():
+            subprocess.run(["git", "clone", "-q", "--branch", tag, str(repo), str(plugins / "ComfyUI-nunchaku")],
+                           check=True, capture_output=True)
+        run = subprocess.run([str(py), "-c", load, str(cores[core]), str(plugins)], capture_output=True, text=True)
+        assert (run.returncode == 0) == ok, run.stderr
+        if not ok:
+            assert "unexpected keyword argument 'use_additional_t_cond'" in run.stderr
+
+
+def test_copied_venv_uses_its_own_site_packages(tmp_path: Path, template: Path) -> None:
+    host = make_sandbox_host(tmp_path, venv_template=template)
+    code = "import sys, torch, torch.version as v; print(sys.prefix); print(torch.__file__); print(v.cuda)"
+    prefix, torch_file, cuda = subprocess.run([str(host.python), "-c", code], check=True, capture_output=True,
+                                              text=True).stdout.split()
+    assert Path(prefix) == host.venv and Path(torch_file).is_relative_to(host.venv) and cuda == "12.4"
+    assert not Path(torch_file).is_relative_to(template)
+
+
+def test_host_torch_differs_from_template(tmp_path: Path, template: Path) -> None:
+    none = make_sandbox_host(tmp_path / "cpu-less", torch=None, venv_template=template)
+    newer = make_sandbox_host(tmp_path / "newer", torch="2.8.0+cu128", venv_template=template)
+    assert installed_torch(none.venv) is None and installed_torch(template) == "2.6.0+cu124"
+    version_py = next(newer.venv.glob("lib/python3*/site-packages/torch/version.py")).read_text()
+    assert "__version__ = '2.8.0+cu128'" in version_py and "cuda: Optional[str] = '12.8'" in version_py
+
+
+def test_comfyui_checkout_layout(tmp_path: Path, template: Path) -> None:
+    old = make_sandbox_host(tmp_path / "old", venv_template=template)
+    new = make_sandbox_host(tmp_path / "new", comfyui_version="0.3.66", venv_template=template)
+    comfy = old.comfyui_root
+    assert (comfy / "comfyui_version.py").read_text().endswith('__version__ = "0.3.64"\n')
+    for rel in ("main.py", "custom_nodes", "user", "input", "output", "models/diffusion_models",
+                "models/text_encoders", "models/vae", "models/loras"):
+        assert (comfy / rel).exists(), rel
+    model = "comfy/ldm/qwen_image/model.py"
+    assert "use_additional_t_cond" not in (comfy / model).read_text()
+    assert "use_additional_t_cond=False" in (new.comfyui_root / model).read_text()
+
+
+def test_nvidia_smi_h100_equals_real_capture(tmp_path: Path, template: Path) -> None:
+    host = make_sandbox_host(tmp_path, gpu="h100", venv_template=template)
+    assert smi(host.env(), f"--query-gpu={QUERY}", "--format=csv,noheader,nounits").stdout == \
+        (H100 / "nvidia-smi-query.csv").read_text()
+    header = smi(host.env(), "--query-gpu=index,name,memory.total,compute_cap", "--format=csv").stdout
+    assert header == (H100 / "nvidia-smi-query-header.csv").read_text()
+    plain = smi(host.env()).stdout.splitlines()
+    assert plain[1:] == (H100 / "nvidia-smi.txt").read_text().splitlines()[1:]
+    assert str(H100) not in (host.bin_dir / "nvidia-smi").read_text()  # the values travel, not the path
+
+
+@pytest.mark.parametrize("gpu,name,total,cc", [
+    ("rtx3090", "NVIDIA GeForce RTX 3090", 24576, "8.6"),
+    ("rtx4090", "NVIDIA GeForce RTX 4090", 24564, "8.9"),
+    ("a100-80gb", "NVIDIA A100-SXM4-80GB", 81920, "8.0"),
+    ("rtx5090", "NVIDIA GeForce RTX 5090", 32607, "12.0"),
+])
+def test_nvidia_smi_presets_parse_and_follow_vram_state(tmp_path: Path, gpu: str, name: str, total: int,
+                                                        cc: str) -> None:
+    (tmp_path / "bin").mkdir()
+    install_nvidia_smi(tmp_path / "bin", gpu_config(gpu, tmp_path / "gpu-state.json"))
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    index, got_name, uuid, mem_total, used, free, driver, got_cc, bus = \
+        smi(env, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits").stdout.strip().split(", ")
+    assert (index, got_name, int(mem_total), got_cc) == ("0", name, total, cc)
+    assert uuid.startswith("GPU-") and int(used) == 0 and 0 < int(free) < total and driver[:3].isdigit()
+    set_vram_used(tmp_path, 7910)
+    assert smi(env, "--query-gpu=memory.used", "--format=csv,noheader,nounits").stdout == "7910\n"
+    assert int(smi(env, "--query-gpu=memory.free", "--format=csv,noheader,nounits").stdout) == int(free) - 7910
+    assert f"7910MiB / {total:>6}MiB" in smi(env).stdout
+
+
+def test_nvidia_smi_failures(tmp_path: Path, template: Path) -> None:
+    broken = make_sandbox_host(tmp_path / "broken", gpu="broken-driver", venv_template=template)
+    run = smi(broken.env(), f"--query-gpu={QUERY}", "--format=csv,noheader,nounits")
+    assert run.returncode == 9 and run.stdout.startswith("NVIDIA-SMI has failed because it couldn't communicate")
+    bad = smi(broken.env() | {"PATH": broken.path}, "-L")
+    assert bad.returncode == 9
+    ok = make_sandbox_host(tmp_path / "ok", gpu="rtx3090", venv_template=template)
+    field = smi(ok.env(), "--query-gpu=name,bogus", "--format=csv")
+    assert (field.returncode, field.stdout.strip()) == (2, 'Field "bogus" is not a valid field to query.')
+    none = make_sandbox_host(tmp_path / "none", gpu=None, venv_template=template)
+    assert shutil.which("nvidia-smi", path=none.path) is None
+    with pytest.raises(ProvisionError, match="rtx3090"):
+        make_sandbox_host(tmp_path / "typo", gpu="rtx3080", venv_template=template)
+
+
+def test_plugin_repo_tags_and_trees(tmp_path: Path) -> None:
+    repo = make_plugin_repo(tmp_path / "a.git")
+    refs = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname:short) %(objecttype)",
+                           "refs/tags"], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert refs[:4] == ["v1.0.0 commit", "v1.0.2 commit", "v1.1.0 commit", "v1.2.0 commit"]
+
+    def show(rev: str, path: str, where: Path = repo) -> str:
+        return subprocess.run(["git", "-C", str(where), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                              text=True).stdout
+
+    assert "use_additional_t_cond=" in show("v1.2.0", "nodes/models/qwenimage.py")
+    assert "use_additional_t_cond" not in show("v1.1.0", "nodes/models/qwenimage.py")
+    assert 'min_nunchaku_version = "1.0.0"' in show("v1.1.0", "__init__.py")
+    assert 'version = "1.0.2"' in show("v1.0.2", "pyproject.toml")
+    assert show("v1.0.0", "requirements.txt").split() == [
+        "diffusers>=0.35", "transformers>=4.54", "huggingface_hub>=0.34", "peft>=0.17", "accelerate>=1.10"]
+    again = make_plugin_repo(tmp_path / "b.git")
+
+    def sha(where: Path, rev: str) -> str:
+        return subprocess.run(["git", "-C", str(where), "rev-parse", rev], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    assert sha(repo, "v1.2.0") == sha(again, "v1.2.0")  # deterministic commits
+    new = add_plugin_tag(repo, "v1.2.1")
+    assert sha(repo, "v1.2.1") == new == sha(repo, "main") and 'version = "1.2.1"' in show("v1.2.1", "pyproject.toml")
+    with pytest.raises(ProvisionError):
+        add_plugin_tag(repo, "1.3.0")
+
+
+def test_current_python_tag() -> None:
+    assert current_python_tag() == f"cp{sys.version_info[0]}{sys.version_info[1]}"
