@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 
 from rich.console import Console
@@ -78,7 +79,9 @@ def host_table(facts: Facts) -> Table:
         ("diffusers", env.version_of("diffusers") or "not installed"),
         ("peft", env.version_of("peft") or "not installed"),
     ]
-    rows += [(f"checkout {path}", _checkout(c)) for path, c in sorted(facts.git.items())]
+    # Checkouts by folder name (ComfyUI, ComfyUI-nunchaku): full paths would swamp the table.
+    rows += [(f"checkout {posixpath.basename(path.rstrip('/')) or path}", _checkout(c))
+             for path, c in sorted(facts.git.items())]
     rows += [("script error", e) for e in facts.errors]
     rows.append(("facts took", f"{facts.elapsed_s:.2f} s on the host"))
     table = Table(title=facts.host, show_header=False, title_justify="left")

@@ -88,6 +88,9 @@ def os_name():
 
 def venv(python):
     if not os.path.exists(python):
+        if os.path.islink(python):     # the venv is there but its base interpreter was removed
+            return {"python": python, "exists": True,
+                    "error": "links to %s, which does not exist" % os.readlink(python)}
         return {"python": python, "exists": False}
     rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=60.0)
     try:
