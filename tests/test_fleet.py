@@ -1,0 +1,73 @@
+"""Fleet runner: forks, rolling batches, max-fail, one failure never stops the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from provisioner.errors import ConnectError
+from provisioner.inventory import Host
+from provisioner.plan.fleet import SkippedError, batches, run_fleet
+
+HOSTS = [Host(f"h{i}") for i in range(10)]
+
+
+def test_batches_by_count_and_percentage():
+    assert [len(b) for b in batches(HOSTS, 4)] == [4, 4, 2]
+    assert [len(b) for b in batches(HOSTS, "30%")] == [3, 3, 3, 1]
+    assert [len(b) for b in batches(HOSTS, None)] == [10]
+    assert batches([], None) == []
+
+
+def test_results_keep_inventory_order_and_capture_exceptions():
+    def work(host):
+        if host.name == "h3":
+            raise ConnectError("h3: connection refused")
+        time.sleep(0.01 * (10 - int(host.name[1:])))  # finish in reverse order
+        return host.name.upper()
+
+    results = run_fleet(HOSTS, work, forks=5)
+    assert list(results) == [h.name for h in HOSTS]
+    assert isinstance(results["h3"], ConnectError)
+    assert results["h9"] == "H9"
+
+
+def test_forks_bound_parallelism():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(host):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return True
+
+    run_fleet(HOSTS, work, forks=3)
+    assert peak[0] == 3
+
+
+def test_max_fail_percentage_stops_later_batches():
+    seen = []
+
+    def work(host):
+        seen.append(host.name)
+        if host.name in {"h0", "h1"}:
+            raise RuntimeError("boom")
+        return "ok"
+
+    results = run_fleet(HOSTS, work, forks=2, serial=2, max_fail_percentage=50)
+    assert sorted(seen) == ["h0", "h1"]
+    assert all(isinstance(results[f"h{i}"], SkippedError) for i in range(2, 10))
+    assert "not attempted" in str(results["h5"])
+
+
+@pytest.mark.parametrize("failing, expect_all_run", [({"h0"}, True), ({"h0", "h1"}, False)])
+def test_failed_outcomes_count_toward_max_fail(failing, expect_all_run):
+    results = run_fleet(HOSTS, lambda h: h.name in failing, forks=2, serial=2,
+                        max_fail_percentage=50, failed=lambda outcome: outcome)
+    ran = [r for r in results.values() if not isinstance(r, SkippedError)]
+    assert (len(ran) == 10) is expect_all_run
