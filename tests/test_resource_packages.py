@@ -1,0 +1,136 @@
+"""packages resource: YAML cases (profile + facts in, change out) and one real pip run."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from provisioner.config.model import build_profile
+from provisioner.connection.base import shell_line
+from provisioner.errors import PlanError
+from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv, canonical
+from provisioner.resources import packages
+from provisioner.resources.base import Run
+
+CASES = sorted((Path(__file__).parent / "resources" / "packages").glob("*.yaml"))
+
+
+def make_profile(fragment: dict[str, Any], root: str = "/srv/ComfyUI"):
+    return build_profile({"comfyui": {"root": root}, **fragment}, name="t", file="/p/profiles/t.yaml")
+
+
+def make_facts(python: str, distributions: dict[str, str], *, exists: bool = True,
+               error: str | None = None, version: str = "3.12.3") -> Facts:
+    dists = {canonical(n): Distribution(n, v) for n, v in distributions.items()}
+    env = PythonEnv(python=python, exists=exists, version=version if exists else None,
+                    distributions=dists, error=error)
+    return Facts(host="h", os="Ubuntu 24.04", arch="x86_64", kernel="6.8", system_python="3.12",
+                 env=env, gpus=(), gpu_error="no nvidia-smi", nvcc=None, disk_path="/srv",
+                 disk_free=10**12, comfyui_version="0.3.64")
+
+
+def step_view(step: object) -> object:
+    assert isinstance(step, Run)
+    return list(step.argv)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_case(case: Path) -> None:
+    data = yaml.safe_load(case.read_text())
+    profile = make_profile(data["profile"])
+    f = data["facts"]
+    facts = make_facts(profile.comfyui.python, f.get("distributions", {}),
+                       exists=f.get("venv_exists", True), error=f.get("venv_error"),
+                       version=f.get("python", "3.12.3"))
+    if "error" in data:
+        with pytest.raises(PlanError) as err:
+            packages.plan(profile, facts)
+        assert data["error"] in str(err.value)
+        assert "\n" not in str(err.value)
+        return
+    got = packages.plan(profile, facts).changes
+    assert len(got) == len(data["expect"])
+    for change, want in zip(got, data["expect"]):
+        assert change.resource == "packages"
+        view = {"key": change.key, "action": change.action, "summary": change.summary,
+                "before": dict(change.before or {}), "after": dict(change.after or {}),
+                "steps": [step_view(s) for s in change.steps], "notify": sorted(change.notify)}
+        for field, value in want.items():
+            assert view[field] == value, field
+        assert len(change.steps) == 1                  # one pip run, however many are unmet
+
+
+def test_probe_asks_nothing_beyond_base_facts() -> None:
+    assert packages.probe(make_profile({})) == Probe()
+
+
+def test_default_profile_packages_are_the_seed_floors() -> None:
+    reqs = packages.requirements(make_profile({}))
+    assert [str(r) for r in reqs] == ["diffusers>=0.35", "peft>=0.17"]
+
+
+# --- one real pip run: a real venv, a local index, the argv through the one quoting edge -------
+
+def _wheel(folder: Path, version: str) -> Path:
+    """A minimal valid pure-Python wheel of `demo-pkg` (what setuptools would produce)."""
+    dist_info = f"demo_pkg-{version}.dist-info"
+    files = {
+        "demo_pkg/__init__.py": f"VERSION = {version!r}\n".encode(),
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: demo-pkg\nVersion: {version}\n".encode(),
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    path = folder / f"demo_pkg-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{dist_info}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def _installed(python: str) -> dict[str, str]:
+    code = ("import json, importlib.metadata as m; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path) -> None:
+    root = tmp_path / "ComfyUI"
+    venv.create(root / "venv", with_pip=True)
+    wheels, index = tmp_path / "wheels", tmp_path / "empty-index"
+    wheels.mkdir(), index.mkdir()
+    _wheel(wheels, "1.0"), _wheel(wheels, "2.0")
+    profile = make_profile({"packages": ["demo-pkg>=2.0"],
+                            "pip": {"index_url": index.as_uri(), "find_links": [str(wheels)]}},
+                           root=str(root))
+    python = profile.comfyui.python
+    # An old version first, as a host that ran the seed's script would have.
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                    "demo-pkg==1.0"], check=True, capture_output=True)
+
+    facts = make_facts(python, _installed(python))
+    (change,) = packages.plan(profile, facts).changes
+    assert change.before == {"demo-pkg": "1.0"}
+    (step,) = change.steps
+    # Through the shell, as a host runs it: `>=2.0` must stay a specifier, not become `> =2.0`.
+    subprocess.run(["sh", "-c", shell_line(step.argv)], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / "=2.0").exists()
+
+    after = _installed(python)
+    assert after["demo-pkg"] == "2.0"
+    assert packages.plan(profile, make_facts(python, after)).changes == ()
