@@ -4,15 +4,33 @@ An existing Ansible YAML inventory loads as-is: `ansible_host`, `ansible_port`, 
 `ansible_ssh_private_key_file`, `ansible_connection` (ssh | local | docker) are understood.
 provision's own variables are prefixed `provision_`; a `provision:` mapping in host or group vars
 is deep-merged over the profile for that host (a different ComfyUI root on one box, say).
+Variable precedence is Ansible's: all < parent group < child group < host.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import os
+import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from provisioner.config.marks import KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml, sub_marks
+from provisioner.config.validate import schema_problems
+from provisioner.errors import ConfigError, Problem, UsageError
+
+if TYPE_CHECKING:
+    from provisioner.config.model import Profile
 
 Transport = Literal["ssh", "local", "docker"]
+CONNECTIONS: Mapping[str, Transport] = {
+    "ssh": "ssh", "smart": "ssh", "paramiko": "ssh", "local": "local",
+    "docker": "docker", "community.docker.docker": "docker"}
+_RANGE = re.compile(r"\[([0-9]+|[a-z]):([0-9]+|[a-z])(?::([0-9]+))?\]")
+_PLAIN_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -28,8 +46,280 @@ class Host:
     jump: str | None = None                      # ProxyJump spec, when not from ssh config
     groups: tuple[str, ...] = ()
     vars: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = ""                             # inventory file the host came from ("" inline)
+    overlay_marks: Mapping[KeyPath, Mark] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def overlay(self) -> Mapping[str, Any]:
         """Profile keys this host overrides (`provision:` in its vars)."""
         return self.vars.get("provision") or {}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    file: str                                    # "" for an inline host list
+    hosts: tuple[Host, ...]                      # in inventory order
+    groups: Mapping[str, tuple[str, ...]]        # group -> member host names (descendants included)
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise UsageError(f"no host {name!r} in {self.file or 'the inline host list'}")
+
+    def select(self, pattern: str) -> list[Host]:
+        """Hosts matching an Ansible pattern: unions first, then `&` intersections, then `!` exclusions."""
+        terms = [t.strip() for t in re.split(r"[,:]", pattern) if t.strip()]
+        if not terms:
+            raise UsageError("empty host pattern; use all, a group or a host name")
+        plain = [t for t in terms if t[0] not in "&!"]
+        chosen = set().union(*(self._match(t, pattern) for t in plain)) if plain else self._match("all", pattern)
+        for term in terms:
+            if term[0] == "&":
+                chosen &= self._match(term[1:], pattern)
+        for term in terms:
+            if term[0] == "!":
+                chosen -= self._match(term[1:], pattern)
+        return [h for h in self.hosts if h.name in chosen]
+
+    def _match(self, term: str, pattern: str) -> set[str]:
+        names = [h.name for h in self.hosts]
+        if term in ("all", "*"):
+            return set(names)
+        if term in self.groups:
+            return set(self.groups[term])
+        if term in names:
+            return {term}
+        found: set[str] = set()
+        if term.startswith("~"):
+            try:
+                rx = re.compile(term[1:])
+            except re.error as err:
+                raise UsageError(f"host pattern {pattern!r}: bad regex {term!r}: {err}") from None
+            hit = rx.search
+        elif any(c in term for c in "*?["):
+            hit = lambda name: fnmatch.fnmatchcase(name, term)  # noqa: E731
+        else:
+            hit = None
+        if hit is not None:
+            found = {n for n in names if hit(n)}
+            found.update(*(self.groups[g] for g in self.groups if hit(g)))
+            if found or any(hit(g) for g in self.groups):
+                return found
+        groups = [g for g in self.groups if g not in ("all", "ungrouped")]
+        close = difflib.get_close_matches(term, groups + names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"host pattern {pattern!r}: {term!r} matches no host or group in "
+                         f"{self.file or 'the inline host list'}; groups: {', '.join(groups) or '(none)'}{hint}")
+
+
+def expand_range(name: str) -> list[str]:
+    """Ansible host ranges: `gpu-[01:04]` -> gpu-01 … gpu-04; `node-[a:c]` -> node-a … node-c."""
+    found = _RANGE.search(name)
+    if not found:
+        return [name]
+    start, end, step = found.group(1), found.group(2), int(found.group(3) or 1)
+    if start.isdigit() != end.isdigit():
+        return [name]
+    if start.isdigit():
+        width = len(start) if start.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(start), int(end) + 1, max(step, 1))]
+    else:
+        items = [chr(c) for c in range(ord(start), ord(end) + 1, max(step, 1))]
+    head, tail = name[: found.start()], name[found.end():]
+    return [x for item in items for x in expand_range(head + item + tail)]
+
+
+@dataclass
+class _Group:
+    parents: set[str] = field(default_factory=set)
+    levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    mark: KeyPath = ()
+
+
+class _Parser:
+    """Walks the `all:` tree once, collecting groups, their vars and each host's own vars."""
+
+    def __init__(self, marks: Mapping[KeyPath, Mark]) -> None:
+        self.marks = marks
+        self.groups: dict[str, _Group] = {}
+        self.host_levels: dict[str, list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]] = {}
+        self.host_path: dict[str, KeyPath] = {}
+
+    def group(self, name: str, body: Any, path: KeyPath, parent: str | None) -> None:
+        group = self.groups.setdefault(name, _Group(mark=path))
+        if parent is not None:
+            group.parents.add(parent)
+        body = body or {}
+        if body.get("vars"):
+            group.levels.append((body["vars"], sub_marks(self.marks, (*path, "vars"))))
+        for raw, host_vars in (body.get("hosts") or {}).items():
+            for name_ in expand_range(raw):
+                self.host_path.setdefault(name_, (*path, "hosts", raw))
+                levels = self.host_levels.setdefault(name_, [])
+                levels.append((host_vars or {}, sub_marks(self.marks, (*path, "hosts", raw))))
+                if name_ not in group.hosts:
+                    group.hosts.append(name_)
+        for child, child_body in (body.get("children") or {}).items():
+            self.group(child, child_body, (*path, "children", child), name)
+
+    def depths(self, file: str) -> tuple[dict[str, int], list[Problem]]:
+        depth: dict[str, int] = {"all": 0}
+        problems: list[Problem] = []
+
+        def visit(name: str, stack: tuple[str, ...]) -> int:
+            if name in depth:
+                return depth[name]
+            if name in stack:
+                chain = " -> ".join((*stack[stack.index(name):], name))
+                problems.append(problem(self.marks, file, self.groups[name].mark, f"group cycle: {chain}"))
+                return 1
+            parents = self.groups[name].parents or {"all"}
+            depth[name] = 1 + max(visit(p, (*stack, name)) for p in parents)
+            return depth[name]
+
+        for name in self.groups:
+            visit(name, ())
+        return depth, problems
+
+
+def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> tuple[dict[str, Any], dict[KeyPath, Mark]]:
+    """Later levels win; `provision:` mappings deep-merge instead of replacing."""
+    out: dict[str, Any] = {}
+    overlay_marks: dict[KeyPath, Mark] = {}
+    for values, marks in levels:
+        for key, value in values.items():
+            if key == "provision" and isinstance(value, Mapping):
+                merged = deep_merge(out.get("provision") or {}, value)
+                overlay_marks = merge_marks(merged, overlay_marks, sub_marks(marks, ("provision",)))
+                out[key] = merged
+            else:
+                out[key] = value
+    return out, overlay_marks
+
+
+def _jump(vars_: Mapping[str, Any]) -> str | None:
+    if vars_.get("provision_jump"):
+        return str(vars_["provision_jump"])
+    words: list[str] = []
+    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        words += shlex.split(str(vars_.get(key) or ""))
+    for i, word in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if word == "-J" or word == "-o" and nxt.lower().startswith("proxyjump="):
+            return nxt.split("=", 1)[-1] if word == "-o" else nxt
+        if word.startswith("-J") and len(word) > 2:
+            return word[2:]
+        if word.lower().startswith("-oproxyjump="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str,
+          overlay_marks: dict[KeyPath, Mark]) -> Host:
+    connection = CONNECTIONS[vars_.get("ansible_connection", "ssh")]
+    address = vars_.get("ansible_host", vars_.get("ansible_ssh_host"))
+    container = vars_.get("provision_container")
+    if connection == "docker" and not container:  # Ansible's docker plugin: ansible_host is the container
+        container, address = address or name, None
+    port = vars_.get("ansible_port", vars_.get("ansible_ssh_port"))
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"ansible_port {port} is out of range 1-65535")
+    return Host(
+        name=name, address=address, port=int(port) if port is not None else None,
+        user=vars_.get("ansible_user", vars_.get("ansible_ssh_user")),
+        key_file=vars_.get("ansible_ssh_private_key_file", vars_.get("ansible_private_key_file")),
+        transport="docker" if container else connection, container=container,
+        via=vars_.get("provision_via", "ssh" if connection == "ssh" else "local"),
+        jump=_jump(vars_), groups=groups, vars=vars_, origin=origin, overlay_marks=overlay_marks)
+
+
+def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+    """Read an Ansible YAML inventory. Raises ConfigError listing every problem, located."""
+    file = os.fspath(path)
+    doc = read_yaml(file)
+    if not isinstance(doc.data, Mapping) or not doc.data:
+        raise ConfigError([Problem(file, 1 if doc.data is not None else 0, 1 if doc.data is not None else 0,
+                                   "", "expected a mapping of groups like all: {hosts: …, children: …}",
+                                   "see `provision schema inventory`")])
+    problems = schema_problems(doc.data, doc.marks, file, "inventory")
+    if problems:
+        raise ConfigError(problems)
+    parser = _Parser(doc.marks)
+    parser.groups.setdefault("all", _Group())
+    for name, body in doc.data.items():
+        parser.group(name, body, (name,), None if name == "all" else "all")
+    depth, problems = parser.depths(file)
+    if problems:
+        raise ConfigError(problems)
+    members = _members(parser.groups)
+    members["all"] = set(parser.host_levels)
+    ungrouped = [h for h in parser.host_levels if not any(h in m for g, m in members.items() if g != "all")]
+    if ungrouped:
+        members["ungrouped"] = set(ungrouped)
+        parser.groups.setdefault("ungrouped", _Group(parents={"all"}))
+        depth["ungrouped"] = 1
+    hosts, problems = [], []
+    for name, own in parser.host_levels.items():
+        mine = sorted((g for g in members if name in members[g]),
+                      key=lambda g: (depth[g], _priority(parser.groups[g]), g))
+        levels = [lv for g in mine for lv in parser.groups[g].levels] + own
+        vars_, overlay_marks = _merge_vars(levels)
+        try:
+            hosts.append(_host(name, vars_, tuple(g for g in mine if g != "all"), file, overlay_marks))
+        except ValueError as err:
+            problems.append(problem(doc.marks, file, parser.host_path[name], f"host {name}: {err}"))
+    if problems:
+        raise ConfigError(problems)
+    order = [h.name for h in hosts]
+    return Inventory(file, tuple(hosts), {g: tuple(h for h in order if h in m) for g, m in members.items()})
+
+
+def _members(groups: Mapping[str, _Group]) -> dict[str, set[str]]:
+    """Each group's hosts, its descendants' included (cycles were rejected before)."""
+    children: dict[str, list[str]] = {g: [] for g in groups}
+    for name, group in groups.items():
+        for parent in group.parents:
+            children[parent].append(name)
+    out: dict[str, set[str]] = {}
+
+    def collect(name: str) -> set[str]:
+        if name not in out:
+            out[name] = set(groups[name].hosts).union(*(collect(c) for c in children[name]))
+        return out[name]
+
+    for name in groups:
+        collect(name)
+    return out
+
+
+def _priority(group: _Group) -> int:
+    values = [lv[0].get("ansible_group_priority") for lv in group.levels]
+    return next((int(v) for v in reversed(values) if isinstance(v, int)), 1)
+
+
+def inline_inventory(spec: str) -> Inventory:
+    """A profile's `hosts: a,b` without an inventory file, like `ansible -i a,b,`."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if not _PLAIN_HOST.match(n) or n == "all"]
+    if not names or bad:
+        raise UsageError(f"hosts {spec!r} needs an inventory: set `inventory:` in the profile or pass "
+                         "-i, or list plain host names like gpu-01,gpu-02")
+    hosts = tuple(Host(n, transport="local" if n == "localhost" else "ssh",
+                       via="local" if n == "localhost" else "ssh", groups=("ungrouped",))
+                  for n in dict.fromkeys(names))
+    every = tuple(h.name for h in hosts)
+    return Inventory("", hosts, {"all": every, "ungrouped": every})
+
+
+def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None) -> list[Host]:
+    """The hosts a profile targets: its `hosts` pattern over `inventory` (else the profile's own),
+    narrowed by `--limit` like Ansible's."""
+    source = inventory or profile.inventory
+    inv = load_inventory(source) if source else inline_inventory(profile.hosts)
+    chosen = inv.select(profile.hosts)
+    if limit:
+        keep = {h.name for h in inv.select(limit)}
+        chosen = [h for h in chosen if h.name in keep]
+    return chosen

@@ -1,0 +1,203 @@
+"""YAML files read into plain dicts/lists plus a `file:line:col` mark for every key path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from provisioner.errors import ConfigError, Problem
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a key (or list item) was written: 1-based line and column."""
+
+    file: str
+    line: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML file: its data, and the mark of every key path in it (`()` is the top)."""
+
+    file: str
+    data: Any
+    marks: Mapping[KeyPath, Mark] = field(default_factory=dict)
+
+
+def key_text(path: KeyPath) -> str:
+    """`("backend", "sources", 1, "wheelhouse")` -> `backend.sources[1].wheelhouse`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def problem(marks: Mapping[KeyPath, Mark], file: str, path: KeyPath, message: str,
+            hint: str = "") -> Problem:
+    """A Problem placed at `path`, or at its nearest marked parent (a missing key has no mark)."""
+    for cut in range(len(path), -1, -1):
+        mark = marks.get(path[:cut])
+        if mark is not None:
+            return Problem(mark.file, mark.line, mark.col, key_text(path), message, hint)
+    return Problem(file, 0, 0, key_text(path), message, hint)
+
+
+def walk(data: Any, path: KeyPath = ()) -> Iterator[KeyPath]:
+    """Every key path inside `data`, parents before children."""
+    yield path
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            yield from walk(value, (*path, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from walk(value, (*path, index))
+
+
+def _mark(file: str, node: yaml.Node) -> Mark:
+    return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _fail(file: str, message: str, hint: str = "", line: int = 0, col: int = 0) -> ConfigError:
+    return ConfigError([Problem(file, line, col, "", message, hint)])
+
+
+def _read_text(file: str) -> str:
+    """The file as UTF-8 text; every way it can fail becomes a one-line ConfigError."""
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise _fail(file, "no such file") from None
+    except IsADirectoryError:
+        raise _fail(file, "is a directory, not a YAML file") from None
+    except PermissionError:
+        raise _fail(file, "cannot be read: permission denied") from None
+    except OSError as err:
+        raise _fail(file, f"cannot be read: {err.strerror or err}") from None
+    if b"\0" in raw:
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise _fail(file, "binary data (NUL byte), not YAML text", line=line, col=1)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = raw[: err.start]
+        line, col = before.count(b"\n") + 1, err.start - (before.rfind(b"\n") + 1) + 1
+        raise _fail(file, f"not UTF-8 text: byte 0x{raw[err.start]:02x}", "save the file as UTF-8",
+                    line, col) from None
+
+
+class _AliasError(yaml.MarkedYAMLError):
+    """An alias that refers to itself, or expands past any sane size."""
+
+
+class _Reader:
+    """Composes the node tree, records marks per key path, then builds plain Python data."""
+
+    MAX_NODES = 200_000  # alias bombs ("billion laughs") expand past this; real profiles are tiny
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.marks: dict[KeyPath, Mark] = {}
+        self.problems: list[Problem] = []
+        self.scalars = yaml.SafeLoader("")
+        self.active: set[int] = set()
+        self.count = 0
+
+    def build(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.count += 1
+        if self.count > self.MAX_NODES or id(node) in self.active:
+            what = "recursive alias" if id(node) in self.active else "too many nodes (alias bomb?)"
+            raise _AliasError(problem=what, problem_mark=node.start_mark)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalars.construct_object(node, deep=True)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            out = []
+            for index, item in enumerate(node.value):
+                self.marks[(*path, index)] = _mark(self.file, item)
+                out.append(self.build(item, (*path, index)))
+            return out
+        finally:
+            self.active.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        seen: dict[str, Mark] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys set below win
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in merged:
+                    if isinstance(source, yaml.MappingNode):
+                        out.update({k: v for k, v in self.build(source, path).items() if k not in seen})
+                continue
+            key = self.build(key_node, path)
+            mark = _mark(self.file, key_node)
+            if not isinstance(key, str):
+                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(path),
+                                             f"key {key!r} is not a string", "quote the key"))
+                key = str(key)
+            sub = (*path, key)
+            if key in seen:
+                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(sub),
+                                             f"duplicate key (first set at line {seen[key].line})",
+                                             "keep only one"))
+            seen[key] = self.marks[sub] = mark
+            out[key] = self.build(value_node, sub)
+        return out
+
+
+def read_yaml(file: str) -> Document:
+    """Read one YAML file. Raises ConfigError (every problem, located) for anything unreadable."""
+    text = _read_text(file)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        reader = _Reader(file)
+        data = None if node is None else reader.build(node, ())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        what = " ".join(str(x) for x in (err.context, err.problem) if x)
+        hint = "" if isinstance(err, _AliasError) else "check indentation and quoting"
+        raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
+    except yaml.YAMLError as err:
+        raise _fail(file, f"invalid YAML: {err}") from None
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    reader.marks[()] = Mark(file, 1, 1)
+    return Document(file, data, reader.marks)
+
+
+def deep_merge(parent: Any, child: Any) -> Any:
+    """Child over parent: mappings merge key by key; lists and scalars replace."""
+    if isinstance(parent, Mapping) and isinstance(child, Mapping):
+        out = dict(parent)
+        for key, value in child.items():
+            out[key] = deep_merge(parent[key], value) if key in parent else value
+        return out
+    return child
+
+
+def merge_marks(merged: Any, parent: Mapping[KeyPath, Mark],
+                child: Mapping[KeyPath, Mark]) -> dict[KeyPath, Mark]:
+    """Marks of `merged`: each path placed where the child wrote it, else where the parent did."""
+    out: dict[KeyPath, Mark] = {}
+    for path in walk(merged):
+        mark = child.get(path) or parent.get(path)
+        if mark is not None:
+            out[path] = mark
+    return out
+
+
+def sub_marks(marks: Mapping[KeyPath, Mark], prefix: KeyPath) -> dict[KeyPath, Mark]:
+    """The marks under `prefix`, re-rooted so `prefix` itself becomes `()`."""
+    n = len(prefix)
+    return {path[n:]: mark for path, mark in marks.items() if path[:n] == prefix}
