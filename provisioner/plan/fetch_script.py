@@ -1,0 +1,313 @@
+"""Host-side resumable, checksum-verified downloader (stdlib only, Python >= 3.8), run as `python3 -c SOURCE`.
+
+Protocol: one JSON request on stdin {url, dest, sha256, size, cache, mode: "fetch"|"verify", token?,
+retries?, timeout_s?}. The token travels only on stdin (never argv: `ps` shows argv) and becomes
+`Authorization: Bearer`, which is dropped when a redirect leaves the first origin (the Hub answers
+302 to a CDN). Bytes go to `DEST.part`, resumed with `Range: bytes=N-`, hashed while streaming,
+checked for size and sha256, fsynced and renamed into place; the checksum cache (`{path: {size,
+mtime_ns, sha256}}`, the facts script trusts an entry while size and mtime_ns still match) is
+updated under a file lock. stdout: `{"done": N, "total": M}` lines (<= 5/s), then one final JSON
+line with "ok". A failure also prints one line on stderr and exits 1 (2 for a bad request).
+The same file holds the control-side helpers (at the end) that build the argv and the request.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+CACHE_NAME = "checksums.json"
+_CHUNK = 1 << 20
+_PROGRESS_EVERY_S = 0.2
+_PORTS = {"http": 80, "https": 443}
+
+
+class FetchError(Exception):
+    """A one-line reason the file could not be fetched or verified."""
+
+
+class _Retry(FetchError):
+    """A failure the next attempt may get past (a resume the server would not honour)."""
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or _PORTS.get(parts.scheme, 0)
+
+
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, keeping Range, but never carry the token to another origin (a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+class _Progress:
+    def __init__(self, total):
+        self.total, self.last = total, 0.0
+
+    def __call__(self, done, force=False):
+        now = time.monotonic()
+        if force or now - self.last >= _PROGRESS_EVERY_S:
+            self.last = now
+            _emit({"done": done, "total": self.total})
+
+
+def _emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class _Part:
+    """The `.part` file and the running sha256 of exactly the bytes it holds."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.hasher, self.length, self.written = hashlib.sha256(), 0, 0
+        while True:  # bytes from an earlier, interrupted run: hash them once
+            block = os.read(self.fd, _CHUNK)
+            if not block:
+                break
+            self.hasher.update(block)
+            self.length += len(block)
+
+    def reset(self):
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.hasher, self.length = hashlib.sha256(), 0
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.hasher.update(data)
+        self.length += len(data)
+        self.written += len(data)  # bytes this run transferred, restarts included
+
+    def close(self):
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def _open(req, offset):
+    headers = {"User-Agent": "provision-fetch/1", "Accept-Encoding": "identity"}
+    if req.get("token"):
+        headers["Authorization"] = "Bearer " + req["token"]
+    if offset:
+        headers["Range"] = "bytes=%d-" % offset
+    opener = urllib.request.build_opener(_Redirect)
+    return opener.open(urllib.request.Request(req["url"], headers=headers), timeout=req.get("timeout_s", 60))
+
+
+def _attempt(req, part, progress):
+    """One GET from `part.length` on. Returns when the server has sent all it will send."""
+    offset = part.length
+    try:
+        resp = _open(req, offset)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and part.length == req.get("size"):
+            return  # nothing left to send: the part is already complete
+        if err.code == 416:
+            part.reset()  # the part no longer fits what the server has: start over
+            raise _Retry("server refused the resume range; restarting from zero") from None
+        raise
+    with resp:
+        if offset and resp.status == 200:
+            part.reset()  # the server ignored Range and sends everything: take it from zero
+        elif resp.status == 206:
+            start = (resp.headers.get("Content-Range") or "").replace("bytes ", "").split("-")[0]
+            if start != str(offset):
+                part.reset()
+                raise _Retry("server answered range %r for a resume at %d; restarting" % (start, offset))
+        while True:
+            block = resp.read(_CHUNK)
+            if not block:
+                return
+            part.write(block)
+            progress(part.length)
+
+
+def _fetch(req):
+    dest, size, want = req["dest"], req.get("size"), req.get("sha256")
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    part = _Part(dest + ".part")
+    if size is not None and part.length > size:
+        part.reset()
+    resumed_from, progress, last_error = part.length, _Progress(size), None
+    try:
+        for attempt in range(int(req.get("retries", 3)) + 1):
+            if size is not None and part.length == size:
+                break
+            mark = part.length
+            try:
+                _attempt(req, part, progress)
+                if size is None or part.length == size:
+                    break
+                last_error = "connection closed at %d of %d bytes" % (part.length, size)
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403):
+                    raise FetchError("HTTP %d for %s: gated or private repo; set the token env var "
+                                     "(huggingface.token_env)" % (err.code, req["url"])) from None
+                if 400 <= err.code < 500 and err.code not in (408, 429):
+                    raise FetchError("HTTP %d for %s" % (err.code, req["url"])) from None
+                last_error = "HTTP %d" % err.code
+            except (OSError, http.client.HTTPException, _Retry) as err:
+                last_error = "%s: %s" % (type(err).__name__, err)
+            if part.length <= mark:  # no progress this time: back off before the next try
+                time.sleep(min(float(req.get("backoff_s", 1.0)) * (attempt + 1), 10.0))
+        else:
+            raise FetchError("download of %s stopped at %d of %s bytes (%s); run again to resume"
+                             % (req["url"], part.length, size, last_error))
+        progress(part.length, force=True)
+    finally:
+        part.close()
+    digest = part.hasher.hexdigest()
+    if (size is not None and part.length != size) or (want and digest != want):
+        os.unlink(part.path)
+        raise FetchError("checksum mismatch for %s: expected %s bytes sha256 %s, got %d bytes sha256 %s; "
+                         "removed the download" % (dest, size, want, part.length, digest))
+    os.replace(part.path, dest)
+    _fsync_dir(os.path.dirname(dest) or ".")
+    return _record(req, dest, digest, fetched=part.written, resumed_from=resumed_from)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _verify(req):
+    dest, size, want = req["dest"], req.get("size"), req.get("sha256")
+    try:
+        before = os.stat(dest)
+    except OSError as err:
+        raise FetchError("cannot verify %s: %s" % (dest, err.strerror)) from None
+    if size is not None and before.st_size != size:
+        raise FetchError("%s has %d bytes, expected %d; plan again to replace it" % (dest, before.st_size, size))
+    hasher, done, progress = hashlib.sha256(), 0, _Progress(before.st_size)
+    with open(dest, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            hasher.update(block)
+            done += len(block)
+            progress(done)
+    after = os.stat(dest)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise FetchError("%s changed while it was hashed; run again" % dest)
+    digest = hasher.hexdigest()
+    result = _record(req, dest, digest, fetched=0, resumed_from=0)  # recorded even when wrong: the next plan replaces it
+    if want and digest != want:
+        raise FetchError("checksum mismatch for %s: expected sha256 %s, got %s; recorded, so the next "
+                         "plan replaces it" % (dest, want, digest))
+    return result
+
+
+def _record(req, dest, digest, fetched, resumed_from):
+    st = os.stat(dest)
+    cache = req.get("cache")
+    if cache:
+        _update_cache(cache, os.path.normpath(dest), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
+    return {"ok": True, "mode": req.get("mode", "fetch"), "dest": dest, "size": st.st_size, "sha256": digest,
+            "fetched": fetched, "resumed_from": resumed_from}
+
+
+def _update_cache(cache, key, entry):
+    """Read-modify-write under an exclusive lock, replaced atomically: concurrent writers lose nothing."""
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    with open(cache + ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open(cache) as fh:
+                entries = json.load(fh)
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = entry
+        tmp = "%s.tmp.%d" % (cache, os.getpid())
+        with open(tmp, "w") as fh:
+            json.dump(entries, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, cache)
+
+
+def main():
+    try:
+        req = json.loads(sys.stdin.read())
+        mode = req.get("mode", "fetch")
+        if mode not in ("fetch", "verify") or not req.get("dest") or (mode == "fetch" and not req.get("url")):
+            raise ValueError("need dest, mode fetch|verify, and url for fetch")
+    except ValueError as err:
+        sys.stderr.write("fetch: bad request on stdin: %s\n" % err)
+        return 2
+    try:
+        _emit(_verify(req) if mode == "verify" else _fetch(req))
+        return 0
+    except (FetchError, OSError, http.client.HTTPException) as err:
+        message = str(err) if isinstance(err, FetchError) else "%s: %s" % (type(err).__name__, err)
+        _emit({"ok": False, "error": message})
+        sys.stderr.write("fetch: %s\n" % message)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:  # control side: everything below runs on the control machine only
+    with open(__file__, encoding="utf-8") as _fh:
+        SOURCE = _fh.read()
+
+    def argv(python="python3"):
+        """The host argv: the script travels in argv, the request (and any token) on stdin."""
+        return (python, "-c", SOURCE)
+
+    def request(*, dest, cache, url=None, sha256=None, size=None, mode="fetch", token=None, retries=3):
+        """The stdin payload. Holds the token when given: never log or store it."""
+        payload = {"url": url, "dest": dest, "sha256": sha256, "size": size, "cache": cache,
+                   "mode": mode, "retries": retries}
+        if token:
+            payload["token"] = token
+        return json.dumps(payload).encode()
+
+    def cache_path(state_dir):
+        """Where the host's checksum cache lives: `<comfyui root>/.provision/checksums.json`."""
+        return state_dir.rstrip("/") + "/" + CACHE_NAME
+
+    def verify_run(dest, *, sha256, size, cache, python="python3", what=""):
+        """A Run step that hashes an existing file once and records it (no download, no token)."""
+        from provisioner.resources.base import Run
+
+        stdin = request(dest=dest, cache=cache, sha256=sha256, size=size, mode="verify")
+        return Run(argv(python), stdin=stdin, what=what or "verify sha256 of " + dest)
+
+    def fetch_run(step, *, cache, python="python3", environ=None):
+        """Turn a `Fetch` step into the Run the apply engine executes; reads the token now, from
+        the control machine's env var `step.token_env`. The Run's stdin holds it: never log it."""
+        from provisioner.resources.base import Run
+
+        env = os.environ if environ is None else environ
+        token = (env.get(step.token_env) or "").strip() if step.token_env else ""
+        stdin = request(url=step.url, dest=step.dest, cache=cache, sha256=step.sha256, size=step.size,
+                        token=token or None)
+        return Run(argv(python), stdin=stdin, what=step.what or "download " + step.dest, timeout=None)
+
+    def parse_line(line):
+        """A stdout line of the script as a dict (progress or final), or None for anything else."""
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None

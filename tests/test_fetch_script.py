@@ -1,0 +1,197 @@
+"""The host-side downloader, run as `python3 -c SOURCE` against the Hub stand-in over real HTTP."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner.plan import fetch_script
+from provisioner.resources.base import Fetch
+from provisioner.sandbox.hf_server import HfServer, start_hf_server
+
+REPO, PATH = "nunchaku-ai/nunchaku-qwen-image-edit-2509", "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+GATED = "org/gated-model"
+TOKEN = "hf_secret_token_value_123"
+DATA = hashlib.sha256(b"seed").digest() * 40_000        # 1.28 MB of deterministic bytes
+SHA = hashlib.sha256(DATA).hexdigest()
+PYTHON = shutil.which("python3") or sys.executable      # the host's python, not the venv's
+
+
+@pytest.fixture
+def hub() -> Iterator[HfServer]:
+    with start_hf_server({(REPO, PATH): DATA, (GATED, "w.safetensors"): DATA},
+                         gated={GATED}, token=TOKEN) as server:
+        yield server
+
+
+def run(req: dict[str, object], python: str = PYTHON) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    argv = fetch_script.argv(python)
+    proc = subprocess.run(argv, input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    lines = [fetch_script.parse_line(line) for line in proc.stdout.splitlines()]
+    assert None not in lines, proc.stdout
+    return proc, lines  # type: ignore[return-value]
+
+
+def request(server: HfServer, tmp_path: Path, **kw: object) -> dict[str, object]:
+    req = {"url": f"{server.url}/{REPO}/resolve/main/{PATH}", "dest": str(tmp_path / "models" / "dm" / "m.safetensors"),
+           "sha256": SHA, "size": len(DATA), "cache": str(tmp_path / ".provision" / "checksums.json"),
+           "mode": "fetch", "backoff_s": 0.01}
+    req.update(kw)
+    return req
+
+
+def cdn_gets(server: HfServer) -> list:
+    return [r for r in server.requests if r.origin == "cdn" and r.method == "GET"]
+
+
+def test_full_download_verifies_renames_and_records_the_cache(hub: HfServer, tmp_path: Path) -> None:
+    req = request(hub, tmp_path)
+    proc, lines = run(req)
+    assert proc.returncode == 0, proc.stderr
+    dest = Path(str(req["dest"]))
+    assert dest.read_bytes() == DATA and not Path(f"{dest}.part").exists()
+    final = lines[-1]
+    assert final == {"ok": True, "mode": "fetch", "dest": str(dest), "size": len(DATA), "sha256": SHA,
+                     "fetched": len(DATA), "resumed_from": 0}
+    assert lines[-2] == {"done": len(DATA), "total": len(DATA)}    # progress ends at the total
+    cache = json.loads(Path(str(req["cache"])).read_text())
+    st = dest.stat()
+    assert cache == {str(dest): {"size": len(DATA), "mtime_ns": st.st_mtime_ns, "sha256": SHA}}
+    # The Hub answered 302 to the CDN origin, which served the bytes.
+    assert [r.status for r in hub.requests if r.origin == "hub"] == [302]
+    assert [r.status for r in cdn_gets(hub)] == [200]
+
+
+def test_token_goes_on_stdin_reaches_the_hub_and_never_the_cdn(hub: HfServer, tmp_path: Path) -> None:
+    step = Fetch(f"{hub.url}/{GATED}/resolve/main/w.safetensors", str(tmp_path / "w.safetensors"), SHA,
+                 len(DATA), token_env="MY_HF_TOKEN")
+    run_step = fetch_script.fetch_run(step, cache=str(tmp_path / "c.json"), python=PYTHON,
+                                      environ={"MY_HF_TOKEN": TOKEN})
+    assert not any(TOKEN in arg for arg in run_step.argv)          # `ps` on the host never shows it
+    assert TOKEN in (run_step.stdin or b"").decode()
+    proc = subprocess.run(run_step.argv, input=run_step.stdin, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert TOKEN.encode() not in proc.stdout + proc.stderr
+    (hub_req,) = [r for r in hub.requests if r.origin == "hub"]
+    assert hub_req.headers.get("Authorization") == f"Bearer {TOKEN}" and hub_req.status == 302
+    assert [r.headers.get("Authorization") for r in cdn_gets(hub)] == [None]
+
+
+def test_gated_repo_without_token_fails_with_a_hint(hub: HfServer, tmp_path: Path) -> None:
+    proc, lines = run(request(hub, tmp_path, url=f"{hub.url}/{GATED}/resolve/main/w.safetensors"))
+    assert proc.returncode == 1
+    assert "HTTP 401" in proc.stderr and "token" in proc.stderr and lines[-1]["ok"] is False
+    assert len(hub.requests) == 1                                   # a 401 is not retried
+
+
+def test_dropped_connection_resumes_with_range_in_the_same_run(hub: HfServer, tmp_path: Path) -> None:
+    hub.drop_after(300_000)
+    proc, lines = run(request(hub, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    first, second = cdn_gets(hub)
+    assert first.body_bytes == 300_000 and "Range" not in first.headers
+    assert second.headers["Range"] == "bytes=300000-" and second.status == 206
+    assert second.body_bytes == len(DATA) - 300_000
+    assert lines[-1]["sha256"] == SHA and lines[-1]["fetched"] == len(DATA)
+
+
+def test_interrupted_run_leaves_a_part_the_next_run_resumes(hub: HfServer, tmp_path: Path) -> None:
+    req = request(hub, tmp_path, retries=0)
+    hub.drop_after(500_000)
+    proc, lines = run(req)
+    assert proc.returncode == 1 and "run again to resume" in proc.stderr
+    part = Path(f"{req['dest']}.part")
+    assert part.stat().st_size == 500_000 and not Path(str(req["dest"])).exists()
+
+    proc, lines = run(req)
+    assert proc.returncode == 0, proc.stderr
+    assert lines[-1]["resumed_from"] == 500_000 and lines[-1]["fetched"] == len(DATA) - 500_000
+    assert cdn_gets(hub)[-1].body_bytes == len(DATA) - 500_000 < len(DATA)
+    assert Path(str(req["dest"])).read_bytes() == DATA and not part.exists()
+
+
+def test_server_ignoring_range_restarts_from_zero(hub: HfServer, tmp_path: Path) -> None:
+    req = request(hub, tmp_path)
+    Path(str(req["dest"])).parent.mkdir(parents=True)
+    Path(f"{req['dest']}.part").write_bytes(b"\0" * 1000)         # would corrupt the file if appended to
+    hub.honor_range = False
+    proc, lines = run(req)
+    assert proc.returncode == 0, proc.stderr
+    assert cdn_gets(hub)[0].headers["Range"] == "bytes=1000-" and cdn_gets(hub)[0].status == 200
+    assert Path(str(req["dest"])).read_bytes() == DATA and lines[-1]["resumed_from"] == 1000
+
+
+def test_checksum_mismatch_leaves_nothing_at_dest(hub: HfServer, tmp_path: Path) -> None:
+    req = request(hub, tmp_path, sha256="0" * 64)
+    proc, lines = run(req)
+    assert proc.returncode == 1
+    assert "checksum mismatch" in proc.stderr and SHA in proc.stderr
+    assert not Path(str(req["dest"])).exists() and not Path(f"{req['dest']}.part").exists()
+    assert not Path(str(req["cache"])).exists()
+
+
+def test_missing_file_fails_fast_without_retries(hub: HfServer, tmp_path: Path) -> None:
+    proc, _ = run(request(hub, tmp_path, url=f"{hub.url}/{REPO}/resolve/main/nope.safetensors"))
+    assert proc.returncode == 1 and "HTTP 404" in proc.stderr
+    assert len(hub.requests) == 1
+
+
+def test_verify_mode_hashes_once_and_records(tmp_path: Path) -> None:
+    dest = tmp_path / "vae.safetensors"
+    dest.write_bytes(DATA)
+    cache = tmp_path / "checksums.json"
+    step = fetch_script.verify_run(str(dest), sha256=SHA, size=len(DATA), cache=str(cache), python=PYTHON)
+    proc = subprocess.run(step.argv, input=step.stdin, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(cache.read_text())[str(dest)]["sha256"] == SHA
+    assert json.loads(proc.stdout.splitlines()[-1])["fetched"] == 0
+
+
+def test_verify_mismatch_fails_but_records_the_real_checksum(tmp_path: Path) -> None:
+    dest = tmp_path / "vae.safetensors"
+    dest.write_bytes(DATA)
+    cache = tmp_path / "checksums.json"
+    proc, lines = run({"dest": str(dest), "sha256": "f" * 64, "size": len(DATA), "cache": str(cache), "mode": "verify"})
+    assert proc.returncode == 1 and "next plan replaces it" in proc.stderr
+    assert json.loads(cache.read_text())[str(dest)]["sha256"] == SHA   # so the next plan says "replace"
+    assert dest.read_bytes() == DATA                                    # verify never deletes
+
+
+def test_concurrent_writers_keep_every_cache_entry(tmp_path: Path) -> None:
+    cache = tmp_path / "checksums.json"
+    procs = []
+    for i in range(8):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(DATA[: 1000 + i])
+        req = {"dest": str(f), "cache": str(cache), "mode": "verify"}
+        procs.append(subprocess.Popen(fetch_script.argv(PYTHON), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
+        procs[-1].stdin.write(json.dumps(req).encode())          # type: ignore[union-attr]
+        procs[-1].stdin.close()                                  # type: ignore[union-attr]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 8
+    entries = json.loads(cache.read_text())
+    assert {Path(k).name for k in entries} == {f"f{i}" for i in range(8)}
+    assert entries[str(tmp_path / "f3")]["sha256"] == hashlib.sha256(DATA[:1003]).hexdigest()
+
+
+def test_bad_request_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(fetch_script.argv(PYTHON), input="{not json", capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "bad request" in proc.stderr
+
+
+def test_script_is_python38_syntax_and_stdlib_only() -> None:
+    tree = ast.parse(fetch_script.SOURCE, feature_version=(3, 8))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 and n.col_offset == 0}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    assert fetch_script.cache_path("/srv/ComfyUI/.provision/") == "/srv/ComfyUI/.provision/checksums.json"
+    assert os.path.basename(fetch_script.cache_path("/x")) == fetch_script.CACHE_NAME
