@@ -1,0 +1,128 @@
+"""The ComfyUI-nunchaku node pack: a git checkout in custom_nodes/ detached at the pinned tag."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from datetime import datetime, timezone
+
+from provisioner.config.model import Profile
+from provisioner.errors import FactsError, PlanError
+from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.resources.base import RESTART, Change, ResourcePlan, Run, Step, changes
+
+name = "plugin"
+
+# ComfyUI imports every folder of custom_nodes/ except those ending in ".disabled": a backup or a
+# half-done clone named this way can never be loaded as a second copy of the plugin.
+_SKIP = ".disabled"
+
+
+def path(profile: Profile) -> str:
+    return posixpath.join(profile.comfyui.custom_nodes, profile.plugin.name)
+
+
+def probe(profile: Profile) -> Probe:
+    return Probe(git=(path(profile),))
+
+
+def git(where: str, *args: str) -> tuple[str, ...]:
+    # safe.directory: the facts script reads checkouts owned by another user (root in a container).
+    return ("git", "-c", f"safe.directory={where}", "-C", where, *args)
+
+
+def same_repo(a: str | None, b: str) -> bool:
+    """One repository written two ways (`.git`, trailing slash, https vs scp-like ssh)."""
+    def ident(url: str) -> str:
+        url = url.strip().rstrip("/").removesuffix(".git")
+        m = (re.match(r"^[\w.+-]+://(?:[^@/]+@)?([^/:]+)(?::\d+)?/(.*)$", url)
+             or re.match(r"^(?:[^@/]+@)?([^/:]{2,}):(?!/)(.*)$", url))
+        return f"{m[1].lower()}/{m[2]}" if m else url
+    return a is not None and ident(a) == ident(b)
+
+
+def state(co: GitCheckout) -> dict[str, object] | None:
+    if not co.exists:
+        return None
+    return {"tag": ", ".join(co.tags) or None, "commit": co.head, "remote": co.remote,
+            "dirty": list(co.dirty)}
+
+
+def _listing(files: tuple[str, ...], limit: int = 8) -> str:
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
+def _clone(profile: Profile, dest: str) -> tuple[Step, ...]:
+    """Clone beside `dest`, check out the tag, then rename: an interrupted run never leaves a half
+    checkout at `dest` (and a full clone, not `--depth 1 --branch`, can be re-tagged later)."""
+    spec, tmp = profile.plugin, f"{dest}.provision-tmp{_SKIP}"
+    return (
+        Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
+        Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
+        Run(("git", "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}", timeout=900.0),
+        Run(git(tmp, "checkout", "--quiet", "--detach", spec.tag), what=f"checkout {spec.tag}"),
+        Run(("mv", tmp, dest), what=f"move the checkout into {dest}"),
+    )
+
+
+def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> ResourcePlan:
+    """`now` names the backup folder; tests pin it, the engine leaves it to the clock."""
+    spec, dest = profile.plugin, path(profile)
+    co = facts.git.get(dest)
+    if co is None:
+        raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
+    after = {"tag": spec.tag, "commit": None, "remote": spec.repo, "dirty": []}
+    label = f"{spec.name} {spec.tag}"
+
+    if not co.exists:
+        return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
+                              _clone(profile, dest), notify=RESTART))
+    if not co.is_repo:
+        if not spec.force:
+            raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
+                            "plugin.force: true to move it aside and clone")
+        warn = f"{dest} is not a git checkout: it is moved to {backup}, nothing is deleted"
+        steps = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
+        return changes(Change("plugin", dest, "replace", f"move {dest} aside and clone {label}",
+                              state(co), after, steps, notify=RESTART, warnings=(warn,)))
+
+    remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
+    if remote_ok and tag_ok and not co.dirty:
+        return changes()
+    if not spec.force and co.dirty:
+        raise PlanError(f"{dest} has local modifications ({_listing(co.dirty)}); commit or "
+                        "discard them, or set plugin.force: true to back them up and reset")
+    if not spec.force and not remote_ok:
+        raise PlanError(f"{dest} comes from {co.remote or 'no origin'}, not {spec.repo}; "
+                        "set plugin.repo to it, or plugin.force: true to switch origin")
+
+    steps: list[Step] = []
+    summary: list[str] = []
+    warnings: list[str] = []
+    if co.dirty:
+        steps += [Run(("cp", "-a", dest, backup), what=f"back up {dest} to {backup}"),
+                  Run(git(dest, "reset", "--quiet", "--hard"), what="discard local modifications"),
+                  Run(git(dest, "clean", "-fd", "--quiet"), what="remove untracked files")]
+        summary.append(f"discard {len(co.dirty)} local modification(s)")
+        warnings.append(f"{dest}: {_listing(co.dirty)} would be lost; backed up first to {backup}")
+    if not remote_ok:
+        verb = "set-url" if co.remote else "add"
+        steps.append(Run(git(dest, "remote", verb, "origin", spec.repo),
+                         what="point origin at the profile's repo"))
+        summary.append(f"switch origin {co.remote or '(none)'} -> {spec.repo}")
+        warnings.append(f"{dest}: origin {co.remote or '(none)'} is replaced by {spec.repo}")
+    if not (remote_ok and tag_ok):
+        # --force: the pinned tag is origin's; a stale local tag of that name must not win.
+        steps += [Run(git(dest, "fetch", "--quiet", "--force", "--tags", "origin"),
+                      what="fetch tags", timeout=900.0),
+                  Run(git(dest, "checkout", "--quiet", "--detach", spec.tag),
+                      what=f"checkout {spec.tag}")]
+        was = ", ".join(co.tags) or (co.head or "no commit")[:12]
+        summary.append(f"checkout {spec.name} {was} -> {spec.tag}")
+    else:
+        after["commit"] = co.head
+    return changes(Change("plugin", dest, "update", "; ".join(summary), state(co), after,
+                          tuple(steps), notify=RESTART, warnings=tuple(warnings)))

@@ -1,0 +1,226 @@
+"""plugin resource: YAML cases (profile + checkout facts in, change out), then real git: a local
+upstream repo, the plan's steps run for real, and the real facts script reading the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from provisioner.config.model import Profile, build_profile
+from provisioner.connection.base import Result
+from provisioner.errors import FactsError, PlanError
+from provisioner.facts.gather import base_probe, build_request, facts_argv, read_answer
+from provisioner.facts.model import Facts, GitCheckout, Probe, PythonEnv
+from provisioner.resources import plugin
+from provisioner.resources.base import Run
+
+CASES = sorted((Path(__file__).parent / "resources" / "plugin").glob("*.yaml"))
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+DEST = "/srv/ComfyUI/custom_nodes/ComfyUI-nunchaku"
+
+
+def make_profile(fragment: dict[str, Any], root: str = "/srv/ComfyUI") -> Profile:
+    return build_profile({"comfyui": {"root": root}, **fragment}, name="t", file="/p/profiles/t.yaml")
+
+
+def make_facts(git: dict[str, GitCheckout]) -> Facts:
+    return Facts(host="h", os="Ubuntu 24.04", arch="x86_64", kernel="6.8", system_python="3.12",
+                 env=PythonEnv("/srv/ComfyUI/venv/bin/python", True), gpus=(), gpu_error="none",
+                 nvcc=None, disk_path="/srv", disk_free=10**12, comfyui_version="0.3.64", git=git)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_case(case: Path) -> None:
+    data = yaml.safe_load(case.read_text())
+    profile = make_profile(data["profile"])
+    dest = data.get("path", DEST)
+    co = data["checkout"]
+    checkout = GitCheckout(dest, co["exists"], co.get("is_repo", False), co.get("head"),
+                           tuple(co.get("tags", ())), co.get("branch"), tuple(co.get("dirty", ())),
+                           co.get("remote"))
+    facts = make_facts({dest: checkout})
+    if "error" in data:
+        with pytest.raises(PlanError) as err:
+            plugin.plan(profile, facts, now=NOW)
+        assert data["error"] in str(err.value) and "\n" not in str(err.value)
+        return
+    got = plugin.plan(profile, facts, now=NOW).changes
+    assert len(got) == len(data["expect"])
+    for change, want in zip(got, data["expect"]):
+        assert (change.resource, change.key) == ("plugin", dest)
+        view = {"action": change.action, "summary": change.summary, "before": change.before,
+                "after": change.after, "warnings": list(change.warnings),
+                "steps": [list(s.argv) for s in change.steps if isinstance(s, Run)],
+                "notify": sorted(change.notify)}
+        assert len(view["steps"]) == len(change.steps)       # only Run steps: git, cp, mv
+        for field, value in want.items():
+            assert view[field] == value, field
+        assert change.notify == frozenset({"restart-comfyui"})
+
+
+def test_probe_asks_for_the_checkout() -> None:
+    assert plugin.probe(make_profile({})) == Probe(git=(DEST,))
+
+
+def test_facts_without_the_probe_answer_are_a_facts_error() -> None:
+    with pytest.raises(FactsError, match="plugin probe did not run"):
+        plugin.plan(make_profile({}), make_facts({}))
+
+
+def test_same_repo_spellings() -> None:
+    url = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
+    assert plugin.same_repo("ssh://git@GitHub.com/nunchaku-ai/ComfyUI-nunchaku", url)
+    assert not plugin.same_repo("https://github.com/nunchaku-tech/ComfyUI-nunchaku.git", url)
+    assert not plugin.same_repo(None, url)
+    assert plugin.same_repo("/srv/mirror/repo.git/", "/srv/mirror/repo")
+
+
+# --- real git ---------------------------------------------------------------------------------
+
+GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+
+def sh(*argv: str, cwd: Path | None = None) -> str:
+    return subprocess.run(argv, cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def commit(repo: Path, text: str, tag: str | None = None, annotated: bool = False) -> None:
+    (repo / "__init__.py").write_text(f"VERSION = {text!r}\n")
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-q", "-m", text, cwd=repo)
+    if tag:
+        sh("git", "tag", *(("-a", "-m", tag) if annotated else ()), tag, cwd=repo)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Path:
+    """ComfyUI-nunchaku's shape in miniature: v1.0.0, an annotated v1.1.0, then untagged work."""
+    repo = tmp_path / "upstream" / "ComfyUI-nunchaku"
+    repo.mkdir(parents=True)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    commit(repo, "1.0.0", "v1.0.0")
+    commit(repo, "1.1.0", "v1.1.0", annotated=True)
+    commit(repo, "1.2.0.dev")
+    return repo
+
+
+def real_profile(tmp_path: Path, upstream: Path, **plugin_spec: Any) -> Profile:
+    root = tmp_path / "ComfyUI"
+    root.mkdir(exist_ok=True)
+    return make_profile({"plugin": {"repo": str(upstream), **plugin_spec},
+                         "comfyui": {"root": str(root), "port": 1}}, root=str(root))
+
+
+def real_facts(profile: Profile) -> Facts:
+    """The real facts script, run here as a host runs it (one process, request on stdin)."""
+    request = build_request(profile, base_probe(profile) | plugin.probe(profile))
+    proc = subprocess.run(facts_argv(), input=json.dumps(request), capture_output=True, text=True,
+                          env=GIT_ENV, timeout=120)
+    return read_answer("local", Result(tuple(facts_argv()), proc.returncode, proc.stdout, proc.stderr))
+
+
+def apply(profile: Profile) -> None:
+    for change in plugin.plan(profile, real_facts(profile), now=datetime.now(timezone.utc)).changes:
+        for step in change.steps:
+            assert isinstance(step, Run)
+            sh(*step.argv)
+
+
+def converged_at(profile: Profile, tag: str) -> GitCheckout:
+    facts = real_facts(profile)
+    assert plugin.plan(profile, facts).changes == ()
+    co = facts.git[plugin.path(profile)]
+    assert tag in co.tags and not co.dirty
+    return co
+
+
+def test_real_clone_into_place_then_nothing(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream)
+    (change,) = plugin.plan(profile, real_facts(profile)).changes
+    assert change.action == "create"
+    apply(profile)
+    converged_at(profile, "v1.1.0")
+    assert Path(plugin.path(profile), "__init__.py").read_text() == "VERSION = '1.1.0'\n"
+    assert sorted(p.name for p in Path(profile.comfyui.custom_nodes).iterdir()) == ["ComfyUI-nunchaku"]
+
+
+def test_real_clone_survives_an_interrupted_earlier_clone(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream)
+    leftover = Path(plugin.path(profile) + ".provision-tmp.disabled")
+    leftover.mkdir(parents=True)
+    (leftover / "partial").write_text("half a clone")
+    apply(profile)
+    converged_at(profile, "v1.1.0")
+    assert not leftover.exists()
+
+
+def test_real_retag_including_a_tag_published_after_the_clone(tmp_path: Path, upstream: Path) -> None:
+    apply(real_profile(tmp_path, upstream, tag="v1.0.0"))
+    converged_at(real_profile(tmp_path, upstream, tag="v1.0.0"), "v1.0.0")
+    profile = real_profile(tmp_path, upstream, tag="v1.1.0")
+    (change,) = plugin.plan(profile, real_facts(profile)).changes
+    assert change.summary == "checkout ComfyUI-nunchaku v1.0.0 -> v1.1.0"
+    apply(profile)
+    converged_at(profile, "v1.1.0")
+    # A shallow single-branch clone could not reach this one; a full clone fetches it.
+    commit(upstream, "1.2.0", "v1.2.0")
+    apply(real_profile(tmp_path, upstream, tag="v1.2.0"))
+    converged_at(real_profile(tmp_path, upstream, tag="v1.2.0"), "v1.2.0")
+
+
+def test_real_dirty_tree_refused_then_backed_up_with_force(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream)
+    apply(profile)
+    dest = Path(plugin.path(profile))
+    (dest / "__init__.py").write_text("VERSION = 'patched by hand'\n")
+    (dest / "notes.txt").write_text("mine\n")
+    with pytest.raises(PlanError, match=r"local modifications \(__init__.py, notes.txt\)"):
+        plugin.plan(profile, real_facts(profile))
+
+    forced = real_profile(tmp_path, upstream, force=True)
+    (change,) = plugin.plan(forced, real_facts(forced)).changes
+    assert "__init__.py, notes.txt would be lost" in change.warnings[0]
+    apply(forced)
+    converged_at(forced, "v1.1.0")
+    (backup,) = dest.parent.glob("ComfyUI-nunchaku.provision-backup-*.disabled")
+    assert (backup / "__init__.py").read_text() == "VERSION = 'patched by hand'\n"
+    assert (backup / "notes.txt").read_text() == "mine\n"
+    assert not (dest / "notes.txt").exists()
+
+
+def test_real_plain_folder_moved_aside_with_force(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream, force=True)
+    dest = Path(plugin.path(profile))
+    dest.mkdir(parents=True)
+    (dest / "from-a-zip.py").write_text("x = 1\n")
+    with pytest.raises(PlanError, match="not a git checkout"):
+        plugin.plan(real_profile(tmp_path, upstream), real_facts(profile))
+    apply(profile)
+    converged_at(profile, "v1.1.0")
+    (backup,) = dest.parent.glob("ComfyUI-nunchaku.provision-backup-*.disabled")
+    assert (backup / "from-a-zip.py").read_text() == "x = 1\n"
+
+
+def test_real_other_remote_switched_with_force(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream)
+    apply(profile)
+    fork = tmp_path / "fork" / "ComfyUI-nunchaku"
+    sh("git", "clone", "-q", "--mirror", str(upstream), str(fork))
+    moved = real_profile(tmp_path, fork)
+    with pytest.raises(PlanError, match="comes from"):
+        plugin.plan(moved, real_facts(moved))
+    forced = real_profile(tmp_path, fork, force=True)
+    apply(forced)
+    co = converged_at(forced, "v1.1.0")
+    assert co.remote == str(fork)
