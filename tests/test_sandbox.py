@@ -245,3 +245,19 @@ def test_plugin_repo_tags_and_trees(tmp_path: Path) -> None:
 
 def test_current_python_tag() -> None:
     assert current_python_tag() == f"cp{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def _cpython312() -> str | None:
+    found = [shutil.which("python3.12"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))]
+    return next((p for p in found if p and subprocess.run([p, "-c", ""], capture_output=True).returncode == 0), None)
+
+
+def test_default_cp312_nunchaku_wheel_installs_into_a_cp312_venv(tmp_path: Path) -> None:
+    py312 = _cpython312()
+    if py312 is None:
+        pytest.skip("needs a CPython 3.12 interpreter")
+    venv = tmp_path / "venv312"
+    subprocess.run([py312, "-m", "venv", "--without-pip", str(venv)], check=True)  # pip runs from outside
+    pip(Path(sys.executable), "--python", str(venv / "bin/python"), "install", "--no-index",
+        str(build_nunchaku_wheel(tmp_path)))
+    assert dists(venv / "bin/python", "nunchaku")["nunchaku"][0] == "1.0.1+torch2.6"
