@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from provisioner.config.load import ATOMIC
 from provisioner.config.marks import KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml, sub_marks
 from provisioner.config.validate import schema_problems
 from provisioner.errors import ConfigError, Problem, UsageError
@@ -191,7 +192,7 @@ def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> 
     for values, marks in levels:
         for key, value in values.items():
             if key == "provision" and isinstance(value, Mapping):
-                merged = deep_merge(out.get("provision") or {}, value)
+                merged = deep_merge(out.get("provision") or {}, value, ATOMIC)
                 overlay_marks = merge_marks(merged, overlay_marks, sub_marks(marks, ("provision",)))
                 out[key] = merged
             else:

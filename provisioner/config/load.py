@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from provisioner.inventory import Host
 
 DEFAULT_TEMPLATE_DIR = "../templates"
+# Mappings that replace instead of merging: `restart` is one mode, a parent's docker plus a child's
+# systemd would be two.
+ATOMIC: frozenset[KeyPath] = frozenset({("comfyui", "restart")})
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _merge(docs: list[Document]) -> tuple[dict[str, Any], dict[KeyPath, Mark]]:
     marks: dict[KeyPath, Mark] = {}
     for doc in reversed(docs):
         mine = resolve_paths(doc.data, os.path.dirname(os.path.abspath(doc.file)))
-        merged = deep_merge(data, mine)
+        merged = deep_merge(data, mine, ATOMIC)
         marks = merge_marks(merged, marks, doc.marks)
         data = merged
     data.pop("extends", None)
@@ -121,11 +124,12 @@ def _merge(docs: list[Document]) -> tuple[dict[str, Any], dict[KeyPath, Mark]]:
 
 
 def check(data: Mapping[str, Any], marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:
-    """Schema problems, and semantic ones where the schema found none at the same key."""
+    """Schema problems, and semantic ones where the schema found none at or above the same key."""
     found = schema_problems(data, marks, file, "profile")
-    flagged = {p.key for p in found}
-    found += [p for p in semantic_problems(data, marks, file) if p.key not in flagged]
-    return found
+    flagged = tuple(p.key for p in found)
+    found += [p for p in semantic_problems(data, marks, file)
+              if not any(p.key == k or p.key.startswith((k + ".", k + "[")) for k in flagged)]
+    return sorted(found, key=lambda p: (p.file, p.line, p.col, p.key))
 
 
 def load_profile(path: str | os.PathLike[str]) -> LoadedProfile:
@@ -160,7 +164,7 @@ def profile_for_host(loaded: LoadedProfile, host: Host) -> Profile:
                                    f"host {host.name}: extends is not allowed in a host overlay",
                                    "put the keys themselves under provision:")])
     mine = resolve_paths(overlay, os.path.dirname(os.path.abspath(origin)))
-    data = deep_merge(loaded.data, mine)
+    data = deep_merge(loaded.data, mine, ATOMIC)
     marks = merge_marks(data, loaded.marks, host.overlay_marks)
     problems = [_for_host(p, host, origin) for p in check(data, marks, loaded.file)]
     if problems:

@@ -176,12 +176,13 @@ def read_yaml(file: str) -> Document:
     return Document(file, data, reader.marks)
 
 
-def deep_merge(parent: Any, child: Any) -> Any:
-    """Child over parent: mappings merge key by key; lists and scalars replace."""
-    if isinstance(parent, Mapping) and isinstance(child, Mapping):
+def deep_merge(parent: Any, child: Any, atomic: frozenset[KeyPath] = frozenset(),
+               path: KeyPath = ()) -> Any:
+    """Child over parent: mappings merge key by key; lists, scalars and `atomic` paths replace."""
+    if isinstance(parent, Mapping) and isinstance(child, Mapping) and path not in atomic:
         out = dict(parent)
         for key, value in child.items():
-            out[key] = deep_merge(parent[key], value) if key in parent else value
+            out[key] = deep_merge(parent[key], value, atomic, (*path, key)) if key in parent else value
         return out
     return child
 

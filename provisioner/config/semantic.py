@@ -70,16 +70,16 @@ def _versions(data: Any) -> Iterator[Found]:
         try:
             Version(version)
         except InvalidVersion:
-            yield ("backend", "version"), f"{version!r} is not a valid version", "like 1.0.1 (PEP 440)"
+            yield ("backend", "version"), f"{version!r} is not a valid version", "a PEP 440 version like 1.0.1"
     seen: dict[str, int] = {}
     for i, spec in enumerate(_get(data, ("packages",), list) or []):
         if not isinstance(spec, str):
             continue
         try:
             req = Requirement(spec)
-        except InvalidRequirement as err:
+        except InvalidRequirement:
             yield ("packages", i), f"{spec!r} is not a valid requirement", \
-                str(err).splitlines()[0][:120] + "; e.g. diffusers>=0.35"
+                "NAME then a specifier like >=, ==, ~= or <, e.g. diffusers>=0.35"
             continue
         name = canonicalize_name(req.name)
         if name == "nunchaku":
@@ -143,7 +143,7 @@ def _local_files(data: Any) -> Iterator[Found]:
         house = _get(source, ("wheelhouse",), str)
         if house is not None and not os.path.isdir(house):
             yield ("backend", "sources", i, "wheelhouse"), f"directory {house} not found", \
-                "create it or fix the path (relative to the profile file)"
+                "create it, or fix the path: it is relative to the profile file"
     inventory = _get(data, ("inventory",), str)
     if inventory is not None and not os.path.isfile(inventory):
         yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"

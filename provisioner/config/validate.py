@@ -39,6 +39,12 @@ def _validator(kind: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema(kind))
 
 
+_BOUNDS = {"minimum": "is below the minimum", "maximum": "is above the maximum",
+           "exclusiveMinimum": "must be greater than", "exclusiveMaximum": "must be less than",
+           "multipleOf": "must be a multiple of", "minItems": "needs at least this many items:",
+           "minLength": "is shorter than"}
+
+
 def _yaml_type(value: Any) -> str:
     for name, types in (("empty", type(None)), ("true/false", bool), ("a mapping", Mapping),
                         ("a list", list), ("a string", str), ("a number", (int, float))):
@@ -90,6 +96,8 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
         return path, f"{value!r} is not valid", f"expected {custom}"
     if kind in ("minProperties", "maxProperties") and custom:
         return path, f"expected {custom}", ""
+    if kind in _BOUNDS:
+        return path, f"{value!r} {_BOUNDS[kind]} {err.validator_value}", ""
     return path, err.message, ""
 
 
