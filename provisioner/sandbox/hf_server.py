@@ -48,7 +48,7 @@ class Logged:
     origin: str                       # "hub" | "cdn"
     method: str
     path: str
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]        # names in Title-Case ("Authorization", "Range"), whatever the client sent
     status: int
     body_bytes: int                   # bytes of body actually written
 
@@ -167,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, None, "Not Found")
         finally:
             self.hf.log(Logged(self.server.origin, self.command, self.path,  # type: ignore[attr-defined]
-                               dict(self.headers.items()), self._status, self._sent))
+                               {k.title(): v for k, v in self.headers.items()}, self._status, self._sent))
 
     # -- Hub routes -------------------------------------------------------------------------
     def _check_repo(self, repo: str, rev: str) -> bool:

@@ -1,0 +1,114 @@
+"""The model catalog: real upstream file names, variants, precision by GPU, errors listing choices."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import PlanError
+from provisioner.facts.model import Gpu
+from provisioner.resources import catalog
+
+AMPERE = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
+BLACKWELL = Gpu(0, "NVIDIA GeForce RTX 5090", 32607, 32000, 607, (12, 0), "575.51")
+SHARED = Path(os.environ.get("PROVISION_SHARED") or Path(__file__).resolve().parents[1] / ".." / "shared")
+NAME = re.compile(r"^svdq-(int4|fp4)_r(32|128)-(qwen-image(?:-edit(?:-2509)?)?)"
+                  r"(?:-lightningv\d\.\d-(4|8)steps)?\.safetensors$")
+
+
+def test_families_and_variants() -> None:
+    assert catalog.families() == ("qwen-image", "qwen-image-edit", "qwen-image-edit-2509")
+    for family in catalog.families():
+        assert catalog.variants(family)[0] == catalog.RECOMMENDED == "lightning-4step-r128"
+        assert {"lightning-4step-r128", "lightning-4step-r32", "lightning-8step-r128", "standard-r128",
+                "standard-r32"} <= set(catalog.variants(family))
+
+
+@pytest.mark.parametrize("family", catalog.families())
+@pytest.mark.parametrize("gpu", [AMPERE, BLACKWELL, None], ids=["ampere", "blackwell", "no-gpu"])
+def test_every_variant_resolves_to_a_consistent_file(family: str, gpu: Gpu | None) -> None:
+    for variant in catalog.variants(family):
+        sel = catalog.resolve(family, variant, "auto", gpu)
+        precision, rank, stem, steps = NAME.match(sel.dit.filename).groups()  # type: ignore[union-attr]
+        assert precision == sel.precision == ("fp4" if gpu is BLACKWELL else "int4")
+        assert (int(rank), stem) == (sel.rank, family)
+        assert sel.dit.repo == f"nunchaku-ai/nunchaku-{family}" and sel.dit.path_in_repo == sel.dit.filename
+        assert sel.dit.folder == "diffusion_models" and sel.dit.approx_bytes > 11e9
+        if variant.startswith("lightning"):
+            assert int(steps) == sel.steps == int(variant.split("-")[1][0]) and sel.cfg == 1.0
+        else:
+            assert steps is None and sel.steps >= 20 and sel.cfg > 1.0
+        assert sel.text_encoder.folder == "text_encoders" and sel.vae.folder == "vae"
+        assert sel.files == (sel.dit, sel.text_encoder, sel.vae)
+        assert 13 < sel.vram_gb < 16 and bool(sel.notes) == (gpu is None)
+
+
+def test_exact_upstream_names() -> None:
+    def name(family: str, variant: str, gpu: Gpu | None = AMPERE) -> str:
+        return catalog.resolve(family, variant, "auto", gpu).dit.filename
+
+    assert name("qwen-image-edit-2509", "lightning-4step-r128") == \
+        "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+    assert name("qwen-image-edit-2509", "lightning-8step-r128", BLACKWELL) == \
+        "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-8steps.safetensors"
+    assert name("qwen-image-edit", "lightning-4step-r32") == "svdq-int4_r32-qwen-image-edit-lightningv1.0-4steps.safetensors"
+    assert name("qwen-image", "lightning-8step-r128") == "svdq-int4_r128-qwen-image-lightningv1.1-8steps.safetensors"
+    assert name("qwen-image", "standard-r32") == "svdq-int4_r32-qwen-image.safetensors"
+    te = catalog.resolve("qwen-image", "standard-r32", "int4", None).text_encoder
+    assert (te.repo, te.path_in_repo, te.filename) == (
+        "Comfy-Org/Qwen-Image_ComfyUI", "split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+        "qwen_2.5_vl_7b_fp8_scaled.safetensors")
+    assert te.dest("/srv/ComfyUI/models") == "/srv/ComfyUI/models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"
+
+
+def test_upstream_example_workflows_name_catalog_files() -> None:
+    folder = SHARED / "fixtures" / "upstream" / "ComfyUI-nunchaku" / "example_workflows"
+    if not folder.is_dir():
+        pytest.skip("shared fixtures not found (set PROVISION_SHARED)")
+    known = {catalog.resolve(fam, var, p, gpu).dit.filename
+             for fam in catalog.families() for var in catalog.variants(fam)
+             for p, gpu in (("int4", AMPERE), ("fp4", BLACKWELL))}
+    known |= {catalog.TEXT_ENCODER.filename, catalog.VAE.filename}
+    seen = set()
+    for path in folder.glob("nunchaku-qwen-image*.json"):
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in ("NunchakuQwenImageDiTLoader", "CLIPLoader", "VAELoader"):
+                seen.add(node["widgets_values"][0])
+    assert "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors" in seen
+    assert seen <= known, seen - known
+
+
+def test_blackwell_refuses_int4_and_older_gpus_refuse_fp4() -> None:
+    with pytest.raises(PlanError, match=r"RTX 5090 \(compute capability 12\.0\).*fp4 or auto"):
+        catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "int4", BLACKWELL)
+    with pytest.raises(PlanError, match=r"RTX 3090.*Blackwell only.*int4 or auto"):
+        catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "fp4", AMPERE)
+    assert catalog.resolve("qwen-image", "standard-r128", "fp4", None).precision == "fp4"  # no GPU: trust it
+
+
+def test_no_gpu_picks_int4_and_says_so() -> None:
+    sel = catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "auto", None)
+    assert sel.precision == "int4" and "no GPU" in sel.notes[0]
+
+
+def test_unknown_names_list_the_choices() -> None:
+    with pytest.raises(PlanError) as err:
+        catalog.resolve("qwen-image-edit-2509", "lightning-2step", "auto", AMPERE)
+    assert "lightning-2step" in str(err.value) and "lightning-4step-r128, lightning-4step-r32" in str(err.value)
+    assert "standard-r32" in err.value.alternatives and "\n" not in str(err.value)
+    with pytest.raises(PlanError, match="unknown model family 'flux'.*qwen-image-edit-2509"):
+        catalog.variants("flux")
+    with pytest.raises(PlanError, match="unknown precision 'fp8'.*auto, int4, fp4"):
+        catalog.resolve("qwen-image", "standard-r32", "fp8", AMPERE)
+
+
+def test_candidate_files_cover_both_precisions_under_auto() -> None:
+    auto = catalog.candidate_files("qwen-image-edit", "lightning-8step-r32", "auto")
+    assert [f.filename for f in auto[:2]] == ["svdq-int4_r32-qwen-image-edit-lightningv1.0-8steps.safetensors",
+                                              "svdq-fp4_r32-qwen-image-edit-lightningv1.0-8steps.safetensors"]
+    assert auto[2:] == (catalog.TEXT_ENCODER, catalog.VAE)
+    assert len(catalog.candidate_files("qwen-image-edit", "lightning-8step-r32", "int4")) == 3
