@@ -1,0 +1,113 @@
+"""The docker transport: a container on a host reached by an inner (ssh or local) connection.
+
+Everything goes through `docker exec -i` on the inner connection, files included (through the
+exec's stdin), so no `docker cp`, no shared volume and no second connection are needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+
+from provisioner.connection.base import Connection, ProgressCallback, Result, Stats
+from provisioner.errors import CommandError
+
+CHUNK = 64 * 1024 * 1024  # put_file sends big files in appends of this size: bounded memory
+# WRITE: $1 = dest, $2 = "new" (first part) or "append"; COMMIT: $1 = dest, $2 = octal mode.
+# The content lands in "$1.provision-tmp" and is renamed over dest at the end (atomic).
+WRITE = ('set -e; mkdir -p "$(dirname "$1")"; '
+         'if [ "$2" = new ]; then cat > "$1.provision-tmp"; else cat >> "$1.provision-tmp"; fi')
+COMMIT = 'set -e; chmod "$2" "$1.provision-tmp"; mv -f "$1.provision-tmp" "$1"'
+# One separator per network: the format of the brief glues several IPs together.
+INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+
+
+class DockerConnection:
+    """Runs argv inside `container` with `docker exec`, on the host `inner` reaches."""
+
+    def __init__(self, name: str, container: str, inner: Connection) -> None:
+        self.name = name
+        self.container = container
+        self.inner = inner
+        self.stats = Stats(connects=inner.stats.connects)
+        self._ip: str | None = None
+
+    def _exec_argv(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+        flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+        return ["docker", "exec", "-i", *flags, self.container, *argv]
+
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
+            env: Mapping[str, str] | None = None, timeout: float | None = None,
+            check: bool = True) -> Result:
+        argv = tuple(argv)
+        self._count(argv)
+        outer = self.inner.run(self._exec_argv(argv, env), stdin=stdin, timeout=timeout, check=False)
+        result = Result(argv, outer.exit_code, outer.stdout, outer.stderr)
+        if check and not result.ok:
+            raise CommandError(self.name, result)
+        return result
+
+    def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
+        self._send(content, dest, "new")
+        self._commit(dest, mode)
+
+    def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
+                 progress: ProgressCallback | None = None) -> None:
+        total = os.path.getsize(local_path)
+        done, how = 0, "new"
+        with open(local_path, "rb") as src:
+            chunk = src.read(CHUNK)
+            while True:  # at least once: an empty file is still created
+                self._send(chunk, dest, how)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+                chunk, how = src.read(CHUNK), "append"
+                if not chunk:
+                    break
+        self._commit(dest, mode)
+
+    def _send(self, content: bytes, dest: str, how: str) -> None:
+        self.run(["sh", "-c", WRITE, "sh", dest, how], stdin=content)
+        self.stats.bytes_put += len(content)
+
+    def _commit(self, dest: str, mode: int) -> None:
+        self.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
+
+    def get(self, path: str) -> bytes:
+        # `run` decodes stdout as text, which would mangle binary files, so plain `cat` will not
+        # do: base64 (coreutils, in every image with a shell) keeps the bytes exact.
+        out = self.run(["base64", path]).stdout
+        return base64.b64decode(out)
+
+    def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
+        """`remote_host` is as the container sees it: its loopback is the container's own IP."""
+        if remote_host in ("127.0.0.1", "localhost"):
+            remote_host = self.ip()
+        return self.inner.tunnel(remote_port, remote_host)
+
+    def ip(self) -> str:
+        """The container's address on its host; 127.0.0.1 with host networking (no IP of its own)."""
+        if self._ip is None:
+            out = self.inner.run(["docker", "inspect", "-f", INSPECT_IP, self.container]).stdout
+            self._ip = (out.split() or ["127.0.0.1"])[0]
+        return self._ip
+
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+        self._count(tuple(argv))
+        return self.inner.hold(self._exec_argv(argv))
+
+    def _count(self, argv: tuple[str, ...]) -> None:
+        self.stats.execs += 1
+        self.stats.history.append(argv)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> DockerConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""Shared fixtures: real OpenSSH servers on loopback (see tests/sshd.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sshd import SSHD, SshdFleet, SshdHost
+
+@pytest.fixture(scope="session")
+def sshd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFleet]:
+    """Servers shared by the whole session; tests must not change their keys or stop them."""
+    if not os.path.exists(SSHD):
+        pytest.skip("needs OpenSSH server (apt-get install openssh-server)")
+    fleet = SshdFleet(tmp_path_factory.mktemp("sshd-shared"))
+    yield fleet
+    fleet.stop_all()
+
+
+@pytest.fixture(scope="session")
+def sshd_host(sshd_fleet: SshdFleet) -> SshdHost:
+    """One shared server, started once per session (read-only use: run, put into tmp dirs)."""
+    if not sshd_fleet.hosts:
+        sshd_fleet.add(1, names=["shared-01"])
+    return sshd_fleet.hosts[0]
+
+
+@pytest.fixture
+def sshd_hosts(tmp_path: Path) -> Iterator[Callable[..., list[SshdHost]]]:
+    """Factory: `sshd_hosts(n, bin_dirs=[...], names=[...], trusted=True)` → fresh servers, own
+    client key / ssh_config / known_hosts, stopped when the test ends. Free to break (keys, stop)."""
+    if not os.path.exists(SSHD):
+        pytest.skip("needs OpenSSH server (apt-get install openssh-server)")
+    fleet = SshdFleet(tmp_path / "sshd")
+
+    def make(n: int = 1, **kw: object) -> list[SshdHost]:
+        return fleet.add(n, **kw)  # type: ignore[arg-type]
+
+    make.fleet = fleet  # type: ignore[attr-defined]
+    yield make
+    fleet.stop_all()

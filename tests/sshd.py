@@ -1,0 +1,307 @@
+"""Real OpenSSH servers on 127.0.0.1 for tests: own host keys, one client key, ssh_config, known_hosts.
+
+Each call of `SshdFleet.add(...)` starts N `sshd -D` processes on free loopback ports. Every server
+has its own ed25519 host key and its own PATH (a per-host bin dir first, so each host can carry its
+own `nvidia-smi` or `docker` stand-in); the fleet shares one client key, one `known_hosts` and one
+`ssh_config` with a `Host` alias per server, exactly what a user's ~/.ssh would hold.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioner.connection import ConnectOptions
+from provisioner.inventory import Host
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path, comment: str = "provision-test") -> None:
+    """A fresh passphrase-less ed25519 key at `path` (and `path`.pub)."""
+    for p in (path, path.with_name(path.name + ".pub")):
+        p.unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True)
+
+
+def fingerprint(pub_path: Path) -> str:
+    """OpenSSH's `SHA256:...` fingerprint of a public key file."""
+    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub_path)],
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()[1]
+
+
+@dataclass
+class SshdHost:
+    """One running sshd; `name` is its alias in the fleet's ssh_config."""
+
+    name: str
+    port: int
+    dir: Path
+    bin_dir: Path
+    ssh_config: Path
+    known_hosts: Path
+    client_key: Path
+    user: str = field(default_factory=getpass.getuser)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "host_ed25519"
+
+    @property
+    def host_key_pub(self) -> Path:
+        return self.dir / "host_ed25519.pub"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "sshd.log"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "sshd_config"
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.host_key_pub)
+
+    @property
+    def known_hosts_line(self) -> str:
+        kind, blob = self.host_key_pub.read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
+
+    def start(self) -> None:
+        """Start sshd and wait until it accepts connections."""
+        if self.process and self.process.poll() is None:
+            return
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
+        self.process = subprocess.Popen([SSHD, "-D", "-E", str(self.log), "-f", str(self.config)],
+                                        stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sshd {self.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"sshd {self.name} did not listen on port {self.port}")
+
+    def stop(self) -> None:
+        """Stop the listening sshd by its PID (open sessions end when their clients close)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def replace_host_key(self) -> str:
+        """Give the server a new host key (known_hosts keeps the old one); returns the new fingerprint."""
+        was_running = self.process is not None
+        self.stop()
+        keygen(self.host_key, f"host-{self.name}")
+        if was_running:
+            self.start()
+        return self.fingerprint
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_size(self) -> int:
+        """A mark to pass as `since=` so counts cover only what happened after it."""
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def count_connections(self, since: int = 0) -> int:
+        return self.log_text()[since:].count("Accepted publickey for ")
+
+    def count_sessions(self, since: int = 0) -> int:
+        """Session channels started (exec, subsystem sftp), from sshd's VERBOSE log."""
+        return self.log_text()[since:].count("Starting session: ")
+
+    def wait_counts(self, connections: int, sessions: int, since: int = 0,
+                    timeout: float = 5) -> tuple[int, int]:
+        """Counts once sshd has logged at least the expected lines (its children log asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = (self.count_connections(since), self.count_sessions(since))
+            if (got[0] >= connections and got[1] >= sessions) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def host(self, *, via_config: bool = True, **fields: Any) -> Host:
+        """An inventory Host for this server: by alias (ssh_config decides) or with explicit fields."""
+        if via_config:
+            return Host(name=self.name, **fields)
+        base: dict[str, Any] = dict(address="127.0.0.1", port=self.port, user=self.user,
+                                    key_file=str(self.client_key))
+        return Host(name=self.name, **{**base, **fields})
+
+    def options(self, **overrides: Any) -> ConnectOptions:
+        base: dict[str, Any] = dict(known_hosts=(str(self.known_hosts),),
+                                    ssh_config=str(self.ssh_config), connect_timeout=5)
+        return ConnectOptions(**{**base, **overrides})
+
+
+class SshdFleet:
+    """All servers of one test (or session); one client key, ssh_config and known_hosts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.client_key = root / "id_ed25519"
+        self.ssh_config = root / "ssh_config"
+        self.known_hosts = root / "known_hosts"
+        self.authorized_keys = root / "authorized_keys"
+        self.hosts: list[SshdHost] = []
+        keygen(self.client_key, "provision-test-client")
+        self.authorized_keys.write_text((root / "id_ed25519.pub").read_text())
+        self.known_hosts.touch()
+
+    def add(self, n: int = 1, *, names: Sequence[str] | None = None,
+            bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
+            trusted: bool = True, extra_config: str = "") -> list[SshdHost]:
+        """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys."""
+        made = []
+        for i in range(n):
+            name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
+            hdir = self.root / name
+            hdir.mkdir()
+            given = bin_dirs[i] if bin_dirs else None
+            bin_dir = Path(given) if given else hdir / "bin"
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
+                            self.client_key)
+            keygen(host.host_key, f"host-{name}")
+            host.config.write_text(self._sshd_config(host, extra_config))
+            self.hosts.append(host)
+            made.append(host)
+            if trusted:
+                with self.known_hosts.open("a") as f:
+                    f.write(host.known_hosts_line)
+        self.write_ssh_config()
+        if start:
+            for host in made:
+                host.start()
+        return made
+
+    def write_ssh_config(self, extra: Mapping[str, str] | None = None) -> None:
+        """One `Host` alias per server; `extra` maps a name to more lines (e.g. `ProxyJump gpu-01`)."""
+        blocks = []
+        for h in self.hosts:
+            more = (extra or {}).get(h.name, "")
+            blocks.append(f"Host {h.name}\n  HostName 127.0.0.1\n  Port {h.port}\n  User {h.user}\n"
+                          f"  IdentityFile {self.client_key}\n{more}")
+        self.ssh_config.write_text("\n".join(blocks))
+
+    def _sshd_config(self, host: SshdHost, extra: str) -> str:
+        return "\n".join([
+            f"Port {host.port}", "ListenAddress 127.0.0.1", f"HostKey {host.host_key}",
+            f"PidFile {host.dir / 'sshd.pid'}", "LogLevel VERBOSE", "UsePAM no", "StrictModes no",
+            "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
+            "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            f"AuthorizedKeysFile {self.authorized_keys}", "AllowTcpForwarding yes",
+            # SHLVL=1: bash skips ~/.bashrc under sshd (Debian SSH_SOURCE_BASHRC), so every exec
+            # sees exactly this PATH and pays no rc-file start-up.
+            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", "Subsystem sftp internal-sftp",
+            extra, "",
+        ])
+
+    def stop_all(self) -> None:
+        for h in self.hosts:
+            h.stop()
+
+
+def inventory_for(hosts: Iterable[SshdHost], *, via_config: bool = False,
+                  **vars: Any) -> dict[str, Any]:
+    """An Ansible-style YAML inventory (as a dict) for these servers; `vars` go under `all.vars`."""
+    entries: dict[str, Any] = {}
+    for h in hosts:
+        entries[h.name] = {} if via_config else {
+            "ansible_host": "127.0.0.1", "ansible_port": h.port, "ansible_user": h.user,
+            "ansible_ssh_private_key_file": str(h.client_key)}
+    inventory: dict[str, Any] = {"all": {"hosts": entries}}
+    if vars:
+        inventory["all"]["vars"] = dict(vars)
+    return inventory
+
+
+def write_script(path: Path, body: str) -> Path:
+    """An executable script (e.g. a per-host `nvidia-smi`)."""
+    path.write_text(body)
+    path.chmod(0o755)
+    return path
+
+
+DOCKER_STANDIN = '''#!{python}
+# Stand-in for the Docker CLI + daemon (there is no Docker daemon on the test machine).
+# Implements exactly what provision uses:
+#   docker exec -i [-e K=V]... NAME cmd...   runs cmd in {root}/NAME with the container's env
+#   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking)
+import os, sys
+root = {root!r}
+args = sys.argv[1:]
+if args[:1] == ["inspect"] and len(args) == 4 and args[1] == "-f":
+    cdir = os.path.join(root, args[3])
+    if not os.path.isdir(cdir):
+        sys.exit(f"Error: No such object: {{args[3]}}")
+    ip = os.path.join(cdir, "ip")
+    print(open(ip).read().strip() if os.path.exists(ip) else "")
+    sys.exit(0)
+if args[:1] != ["exec"]:
+    sys.exit(f"docker stand-in: unsupported command {{args!r}}")
+args, interactive, env = args[1:], False, {{}}
+while args and args[0].startswith("-"):
+    if args[0] == "-i":
+        interactive, args = True, args[1:]
+    elif args[0] == "-e":
+        key, _, value = args[1].partition("=")
+        env[key], args = value, args[2:]
+    else:
+        sys.exit(f"docker stand-in: unsupported option {{args[0]}}")
+name, cmd = args[0], args[1:]
+cdir = os.path.join(root, name)
+if not os.path.isdir(cdir):
+    sys.exit(f"Error response from daemon: No such container: {{name}}")
+if not interactive:
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+os.chdir(cdir)
+base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name, "HOME": cdir}}
+try:
+    os.execvpe(cmd[0], cmd, {{**base, **env}})
+except FileNotFoundError:
+    print(f"OCI runtime exec failed: exec: {{cmd[0]!r}}: executable file not found in $PATH",
+          file=sys.stderr)
+    sys.exit(127)
+'''
+
+
+def install_docker_standin(bin_dir: Path, root: Path, containers: Mapping[str, str | None]) -> Path:
+    """Write the `docker` stand-in into `bin_dir`; `containers` maps a name to its IP (None: host net)."""
+    for name, ip in containers.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        if ip is not None:
+            (root / name / "ip").write_text(ip + "\n")
+    return write_script(bin_dir / "docker", DOCKER_STANDIN.format(python=sys.executable,
+                                                                 root=str(root)))
+
+
+__all__ = ["SshdFleet", "SshdHost", "inventory_for", "install_docker_standin", "write_script",
+           "keygen", "fingerprint", "free_port"]

@@ -1,0 +1,377 @@
+"""The SSH transport against real OpenSSH servers on loopback (tests/sshd.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner.connection import ConnectOptions, open_connection
+from provisioner.connection.ssh import SshConnection
+from provisioner.errors import CommandError, ConnectError
+from provisioner.inventory import Host
+from sshd import SshdHost, fingerprint, keygen, write_script
+
+PRINT_ARGV = "import sys, json; print(json.dumps(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def conn(sshd_host: SshdHost) -> Iterator[SshConnection]:
+    c = open_connection(sshd_host.host(), sshd_host.options())
+    assert isinstance(c, SshConnection)
+    yield c
+    c.close()
+
+
+# -- running commands ---------------------------------------------------------------------------
+
+def test_run_returns_exit_code_stdout_and_stderr(conn: SshConnection) -> None:
+    r = conn.run(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)
+    assert (r.exit_code, r.stdout, r.stderr, r.ok) == (3, "out\n", "err\n", False)
+    assert conn.run(["true"]).ok
+
+
+def test_failed_command_raises_one_line_command_error(conn: SshConnection) -> None:
+    with pytest.raises(CommandError) as err:
+        conn.run(["sh", "-c", "echo first >&2; echo 'no such thing' >&2; exit 7"])
+    assert str(err.value).startswith("shared-01: `sh -c")
+    assert str(err.value).endswith("exited 7: no such thing")
+    assert err.value.result.exit_code == 7
+
+
+def test_stdin_and_large_output_do_not_deadlock(conn: SshConnection) -> None:
+    text = ("0123456789abcdef" * 64 + "\n") * 3000  # ~3 MB each way, beyond any pipe buffer
+    # stderr is flooded before stdin is read: needs stdin fed and both streams drained at once
+    r = conn.run(["sh", "-c", "head -c 4000000 /dev/zero >&2; cat"], stdin=text.encode())
+    assert r.stdout == text and len(r.stderr) == 4_000_000
+
+
+def test_binary_stdin_arrives_exactly(conn: SshConnection) -> None:
+    data = os.urandom(1024 * 1024)
+    assert conn.run(["sha256sum"], stdin=data).stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_env_reaches_the_command_quoted(conn: SshConnection, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned-env"
+    value = f"a'b \"c\" $(touch {marker}) ; d"
+    r = conn.run(["sh", "-c", 'printf %s "$PROVISION_X"'], env={"PROVISION_X": value})
+    assert r.stdout == value
+    assert not marker.exists()
+
+
+def test_hostile_argv_survives_quoting_exactly(conn: SshConnection, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = ["path with spaces/x", "it's", 'say "hi"', f"$(touch {marker})", f"`touch {marker}`",
+               f"; touch {marker}", "line1\nline2", "diffusers>=0.35", "peft>=0.17", "*", "~",
+               "$HOME", "back\\slash", "-n", "", "a|b&c", "tab\there", "ünï©ode"]
+    r = conn.run(["python3", "-c", PRINT_ARGV, *hostile])
+    assert json.loads(r.stdout) == hostile
+    assert not marker.exists()
+    home = conn.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+    assert not Path(home, "=0.35").exists()  # the seed's unquoted `>=0.35` made this file
+
+
+def test_timeout_reports_124_and_raises_when_checked(conn: SshConnection) -> None:
+    start = time.monotonic()
+    r = conn.run(["sh", "-c", "echo started; sleep 30"], timeout=0.5, check=False)
+    assert time.monotonic() - start < 5
+    assert r.exit_code == 124 and r.stdout == "started\n" and "timed out after 0.5s" in r.stderr
+    with pytest.raises(CommandError, match="exited 124: timed out"):
+        conn.run(["sleep", "30"], timeout=0.3)
+    assert conn.run(["echo", "still usable"]).stdout == "still usable\n"
+
+
+def test_each_host_gets_its_own_bin_dir_first_on_path(sshd_hosts: Callable[..., list[SshdHost]],
+                                                     tmp_path: Path) -> None:
+    bins = [tmp_path / "bin-a", tmp_path / "bin-b"]
+    for b, gpu in zip(bins, ["RTX 3090", "RTX 4090"]):
+        b.mkdir()
+        write_script(b / "nvidia-smi", f"#!/bin/sh\necho '{gpu}, 24576'\n")
+    hosts = sshd_hosts(2, bin_dirs=bins)
+    out = []
+    for h in hosts:
+        with open_connection(h.host(), h.options()) as c:
+            out.append(c.run(["nvidia-smi"]).stdout.strip())
+    assert out == ["RTX 3090, 24576", "RTX 4090, 24576"]
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def test_put_creates_parents_sets_mode_and_get_reads_back(conn: SshConnection, tmp_path: Path) -> None:
+    dest = tmp_path / "a b" / "c'd" / "file.bin"
+    content = bytes(range(256)) * 10
+    before = conn.stats.bytes_put
+    conn.put(content, str(dest), mode=0o600)
+    assert dest.read_bytes() == content
+    assert dest.stat().st_mode & 0o777 == 0o600
+    assert conn.get(str(dest)) == content
+    assert conn.stats.bytes_put - before == len(content)
+    conn.put(b"second", str(dest))  # replaces
+    assert conn.get(str(dest)) == b"second"
+    assert [p.name for p in dest.parent.iterdir()] == ["file.bin"]  # no temporary left behind
+
+
+def test_get_of_a_missing_file_raises_command_error(conn: SshConnection, tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="get .*missing"):
+        conn.get(str(tmp_path / "missing"))
+
+
+def test_put_into_an_unwritable_place_is_a_command_error(conn: SshConnection, tmp_path: Path) -> None:
+    blocker = tmp_path / "plainfile"
+    blocker.write_text("x")
+    with pytest.raises(CommandError, match="put"):
+        conn.put(b"x", str(blocker / "under" / "file"))
+
+
+def test_put_file_is_atomic_and_reports_progress(conn: SshConnection, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(24 * 1024 * 1024))
+    dest = tmp_path / "remote" / "big.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old")
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def poll() -> None:  # a reader must only ever see the old file or the complete new one
+        while not stop.is_set():
+            try:
+                seen.add(dest.stat().st_size)
+            except FileNotFoundError:
+                seen.add(-1)
+
+    progress: list[tuple[int, int]] = []
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        conn.put_file(str(src), str(dest), progress=lambda done, total: progress.append((done, total)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen <= {3, src.stat().st_size}
+    assert dest.read_bytes() == src.read_bytes()
+    assert progress[-1] == (src.stat().st_size, src.stat().st_size)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert os.listdir(dest.parent) == ["big.bin"]
+
+
+# -- tunnel and hold ----------------------------------------------------------------------------
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"hello from {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_tunnel_forwards_http_and_closes_on_exit(conn: SshConnection, http_port: int) -> None:
+    with conn.tunnel(http_port) as port:
+        assert port != http_port
+        bodies = [urllib.request.urlopen(f"http://127.0.0.1:{port}/p{i}", timeout=5).read()
+                  for i in range(3)]
+    assert bodies == [b"hello from /p0", b"hello from /p1", b"hello from /p2"]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_hold_keeps_a_lock_until_the_block_exits(conn: SshConnection, tmp_path: Path) -> None:
+    lock = str(tmp_path / "apply.lock")
+    holder = ["flock", "-n", lock, "sh", "-c", "echo locked; cat >/dev/null"]
+    with conn.hold(holder) as lines:
+        assert next(lines) == "locked"
+        assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 1
+    assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 0
+
+
+# -- connects, execs and the sshd log -----------------------------------------------------------
+
+def test_one_connect_and_one_session_per_exec_in_stats_and_sshd_log(
+        sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1)
+    mark = host.log_size()
+    with open_connection(host.host(), host.options()) as c:
+        for i in range(5):
+            c.run(["echo", str(i)])
+        assert (c.stats.connects, c.stats.execs) == (1, 5)
+        assert c.stats.history == [("echo", str(i)) for i in range(5)]
+    assert host.wait_counts(1, 5, since=mark) == (1, 5)
+    time.sleep(0.2)  # nothing more arrives late
+    assert (host.count_connections(mark), host.count_sessions(mark)) == (1, 5)
+
+
+def test_inventory_fields_override_ssh_config(sshd_hosts: Callable[..., list[SshdHost]],
+                                             tmp_path: Path) -> None:
+    a, b = sshd_hosts(2)
+    write_script(b.bin_dir / "whoami-host", "#!/bin/sh\necho b\n")
+    # alias gpu-01 in ssh_config, but the inventory says port = b's: b is reached
+    with open_connection(Host(name=a.name, port=b.port), a.options()) as c:
+        assert c.run(["whoami-host"]).stdout == "b\n"
+    # no ssh_config at all: address/port/user/key_file from the inventory alone
+    empty = tmp_path / "empty_config"
+    empty.write_text("")
+    opts = b.options(ssh_config=str(empty), allow_agent=False, look_for_keys=False)
+    with open_connection(b.host(via_config=False), opts) as c:
+        assert c.run(["whoami-host"]).stdout == "b\n"
+
+
+# -- failures to connect ------------------------------------------------------------------------
+
+def test_host_down_is_a_fast_connect_error(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1)
+    host.stop()
+    start = time.monotonic()
+    with pytest.raises(ConnectError) as err:
+        open_connection(host.host(), host.options())
+    assert time.monotonic() - start < 2
+    assert str(err.value) == (f"gpu-01: connection to 127.0.0.1:{host.port} refused "
+                              f"(is sshd running there, on that port?)")
+
+
+def test_silent_server_times_out_at_connect_timeout(sshd_host: SshdHost) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts TCP, never says a word
+        port = mute.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(ConnectError, match=f"handshake with 127.0.0.1:{port} failed"):
+            open_connection(Host(name="mute", address="127.0.0.1", port=port),
+                            sshd_host.options(connect_timeout=0.5))
+        assert time.monotonic() - start < 5
+
+
+def test_wrong_key_is_an_authentication_error(sshd_hosts: Callable[..., list[SshdHost]],
+                                             tmp_path: Path) -> None:
+    host, = sshd_hosts(1)
+    stranger = tmp_path / "stranger"
+    keygen(stranger)
+    empty = tmp_path / "empty_config"
+    empty.write_text("")
+    opts = host.options(ssh_config=str(empty), allow_agent=False, look_for_keys=False)
+    with pytest.raises(ConnectError) as err:
+        open_connection(host.host(via_config=False, key_file=str(stranger)), opts)
+    message = str(err.value)
+    assert message.startswith(f"gpu-01: authentication as {host.user}@127.0.0.1:{host.port} failed")
+    assert str(stranger) in message and "\n" not in message
+
+
+def test_missing_ssh_config_file_is_named(sshd_host: SshdHost, tmp_path: Path) -> None:
+    with pytest.raises(ConnectError, match="ssh config .*nope does not exist"):
+        open_connection(sshd_host.host(), sshd_host.options(ssh_config=str(tmp_path / "nope")))
+
+
+# -- host keys ----------------------------------------------------------------------------------
+
+def test_unknown_host_key_is_refused_with_its_fingerprint(
+        sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1, trusted=False)
+    with pytest.raises(ConnectError) as err:
+        open_connection(host.host(), host.options())
+    message = str(err.value)
+    assert message.startswith(f"gpu-01 ([127.0.0.1]:{host.port}): unknown host key ssh-ed25519 "
+                              f"{host.fingerprint};")
+    assert f"ssh-keyscan -p {host.port} 127.0.0.1 >> {host.known_hosts}" in message
+    assert "--accept-new-host-keys" in message and "\n" not in message
+    assert host.count_connections() == 0  # refused before any authentication
+
+
+def test_accept_new_records_the_key_then_strict_accepts_it(
+        sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1, trusted=False)
+    with open_connection(host.host(), host.options(host_key_policy="accept-new")) as c:
+        assert c.run(["true"]).ok
+    assert host.known_hosts.read_text() == host.known_hosts_line
+    with open_connection(host.host(), host.options()) as c:  # strict now knows it
+        assert c.run(["true"]).ok
+
+
+def test_changed_host_key_is_refused_with_both_fingerprints(
+        sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1)
+    old = host.fingerprint
+    new = host.replace_host_key()
+    for policy in ("strict", "accept-new"):
+        with pytest.raises(ConnectError) as err:
+            open_connection(host.host(), host.options(host_key_policy=policy))
+        message = str(err.value)
+        assert message.startswith(f"gpu-01 ([127.0.0.1]:{host.port}): HOST KEY CHANGED: "
+                                  f"known ssh-ed25519 {old}, server now offers {new};")
+        assert f"ssh-keygen -R '[127.0.0.1]:{host.port}'" in message and "\n" not in message
+    assert new not in host.known_hosts.read_text()
+
+
+def test_hashed_known_hosts_entries_are_understood(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1)
+    subprocess.run(["ssh-keygen", "-H", "-f", str(host.known_hosts)], check=True,
+                   capture_output=True)
+    assert host.known_hosts.read_text().startswith("|1|")
+    with open_connection(host.host(), host.options()) as c:
+        assert c.run(["true"]).ok
+
+
+def test_fingerprint_matches_ssh_keygen(sshd_host: SshdHost) -> None:
+    import paramiko
+
+    from provisioner.connection.hostkeys import fingerprint as ours
+
+    key = paramiko.PKey.from_path(str(sshd_host.host_key))
+    assert ours(key) == fingerprint(sshd_host.host_key_pub)
+
+
+# -- ProxyJump ----------------------------------------------------------------------------------
+
+def test_proxyjump_from_ssh_config(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    make = sshd_hosts
+    bastion, target = make(2, names=["bastion", "gpu-behind"])
+    make.fleet.write_ssh_config({"gpu-behind": "  ProxyJump bastion\n"})  # type: ignore[attr-defined]
+    mark = bastion.log_size()
+    with open_connection(target.host(), target.options()) as c:
+        assert c.run(["echo", "through"]).stdout == "through\n"
+        assert c.stats.connects == 2  # bastion + target
+    assert bastion.wait_counts(1, 0, since=mark) == (1, 0)  # reached through; it ran nothing
+
+
+def test_proxyjump_from_the_inventory_with_the_targets_key(
+        sshd_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+    bastion, target = sshd_hosts(2)
+    empty = tmp_path / "empty_config"
+    empty.write_text("")
+    opts = target.options(ssh_config=str(empty), allow_agent=False, look_for_keys=False)
+    jump = f"{bastion.user}@127.0.0.1:{bastion.port}"
+    with open_connection(target.host(via_config=False, jump=jump), opts) as c:
+        assert c.run(["true"]).ok and c.stats.connects == 2
+    assert bastion.wait_counts(1, 0)[0] == 1
+
+
+def test_unknown_bastion_key_is_refused_too(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    make = sshd_hosts
+    bastion, = make(1, names=["bastion"], trusted=False)
+    target, = make(1, names=["gpu-behind"])
+    make.fleet.write_ssh_config({"gpu-behind": "  ProxyJump bastion\n"})  # type: ignore[attr-defined]
+    with pytest.raises(ConnectError, match=rf"^bastion \(\[127.0.0.1\]:{bastion.port}\): unknown host key"):
+        open_connection(target.host(), target.options())
+    assert target.count_connections() == 0
+
+
+def test_connect_options_reject_an_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="host_key_policy"):
+        ConnectOptions(host_key_policy="yolo")  # type: ignore[arg-type]
