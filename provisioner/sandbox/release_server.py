@@ -183,6 +183,7 @@ def _handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
                     return self._unsatisfiable(len(data), header, body)
                 status = 206
             chunk = data[start:end + 1]
+            self._log(status, header)
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(chunk)))
@@ -193,35 +194,35 @@ def _handler(server: ReleaseServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if body:
                 self.wfile.write(chunk)
-            self._log(status, header)
 
         def _unsatisfiable(self, size: int, header: str, body: bool) -> None:
+            self._log(416, header)
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{size}")
             self.send_header("Content-Length", "0")
             self.end_headers()
-            self._log(416, header)
 
         def _redirect(self, status: int, location: str) -> None:
+            self._log(status)
             self.send_response(status)
             self.send_header("Location", location)
             self.send_header("Content-Length", "0")
             self.end_headers()
-            self._log(status)
 
         def _json(self, status: int, payload: object, body: bool) -> None:
             self._send(status, json.dumps(payload, indent=2).encode(), "application/json; charset=utf-8", body)
 
         def _send(self, status: int, data: bytes, ctype: str, body: bool) -> None:
+            self._log(status)
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if body:
                 self.wfile.write(data)
-            self._log(status)
 
         def _log(self, status: int, rng: str | None = None) -> None:
+            # Logged before answering: a client that got its answer always finds it in the log.
             with server._lock:
                 server.requests.append(Logged(self.command, self.path, status, rng))
 
