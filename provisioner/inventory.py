@@ -270,7 +270,7 @@ def load_inventory(path: str | os.PathLike[str]) -> Inventory:
         try:
             hosts.append(_host(name, vars_, tuple(g for g in mine if g != "all"), file, overlay_marks))
         except ValueError as err:
-            problems.append(problem(doc.marks, file, parser.host_path[name], f"host {name}: {err}"))
+            problems.append(problem(doc.marks, file, parser.host_path[name], str(err)))
     if problems:
         raise ConfigError(problems)
     order = [h.name for h in hosts]
@@ -290,9 +290,7 @@ def _members(groups: Mapping[str, _Group]) -> dict[str, set[str]]:
             out[name] = set(groups[name].hosts).union(*(collect(c) for c in children[name]))
         return out[name]
 
-    for name in groups:
-        collect(name)
-    return out
+    return {name: collect(name) for name in groups}
 
 
 def _priority(group: _Group) -> int:

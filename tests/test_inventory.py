@@ -1,0 +1,219 @@
+"""Ansible YAML inventories: groups, nested children, vars precedence, transports, host patterns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner.config.marks import Mark
+from provisioner.config.model import build_profile
+from provisioner.errors import ConfigError, UsageError
+from provisioner.inventory import expand_range, hosts_for, inline_inventory, load_inventory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLEET = """\
+all:
+  vars:
+    ansible_user: deploy
+    role: all
+    provision:
+      comfyui: {port: 8188, listen: 127.0.0.1}
+  hosts:
+    bastion-box:
+      ansible_connection: local
+  children:
+    datacenter:
+      vars:
+        role: dc
+        ansible_ssh_common_args: -o StrictHostKeyChecking=yes -J ops@jump.example.internal:2222
+        provision:
+          comfyui: {port: 8189}
+      children:
+        ampere:
+          vars: {role: ampere}
+          children:
+            rtx3090:
+              vars:
+                role: rtx3090
+                provision:
+                  workflow: {cpu_offload: disable}
+              hosts:
+                gpu-[01:03].example.internal:
+                gpu-04.example.internal:
+                  ansible_host: 192.0.2.4
+                  ansible_port: "2201"
+                  role: host
+                  provision:
+                    comfyui: {root: /srv/ComfyUI}
+            a100:
+              vars: {role: a100}
+              hosts:
+                gpu-05.example.internal:
+                  ansible_connection: paramiko
+                  ansible_ssh_private_key_file: ~/.ssh/a100
+        blackwell:
+          vars: {role: blackwell, ansible_user: svc}
+          hosts:
+            gpu-06.example.internal:
+              provision_container: comfyui-qwen
+              provision_jump: admin@other-jump.example.internal
+    canary:
+      hosts:
+        gpu-01.example.internal:
+          canary: true
+        dock-01:
+          ansible_connection: docker
+          ansible_host: comfy-container
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET, encoding="utf-8")
+    return load_inventory(path)
+
+
+def names(hosts) -> list[str]:
+    return [h.name.split(".")[0] for h in hosts]
+
+
+def test_hosts_groups_and_ranges(fleet) -> None:
+    assert names(fleet.hosts) == ["bastion-box", "gpu-01", "gpu-02", "gpu-03", "gpu-04", "gpu-05", "gpu-06", "dock-01"]
+    assert names(fleet.host(n) for n in fleet.groups["ampere"]) == ["gpu-01", "gpu-02", "gpu-03", "gpu-04", "gpu-05"]
+    assert fleet.groups["ungrouped"] == ("bastion-box",)
+    gpu01 = fleet.host("gpu-01.example.internal")
+    assert gpu01.groups == ("canary", "datacenter", "ampere", "rtx3090")   # precedence: depth, then name
+    assert gpu01.vars["canary"] is True                                      # from its second group
+
+
+def test_vars_precedence_all_parent_child_host(fleet) -> None:
+    assert fleet.host("bastion-box").vars["role"] == "all"
+    assert fleet.host("gpu-01.example.internal").vars["role"] == "rtx3090"   # deepest group wins
+    assert fleet.host("gpu-04.example.internal").vars["role"] == "host"      # host wins
+    assert fleet.host("gpu-05.example.internal").vars["role"] == "a100"
+    assert fleet.host("gpu-06.example.internal").user == "svc"
+    assert fleet.host("gpu-01.example.internal").user == "deploy"
+
+
+def test_provision_overlay_deep_merges_with_marks(fleet, tmp_path: Path) -> None:
+    gpu04 = fleet.host("gpu-04.example.internal")
+    assert gpu04.overlay == {"comfyui": {"port": 8189, "listen": "127.0.0.1", "root": "/srv/ComfyUI"},
+                             "workflow": {"cpu_offload": "disable"}}
+    f = str(tmp_path / "fleet.yaml")
+    assert gpu04.overlay_marks[("comfyui", "port")] == Mark(f, 16, 21)      # datacenter vars
+    assert gpu04.overlay_marks[("comfyui", "root")] == Mark(f, 33, 31)      # the host's own
+    assert gpu04.origin == f
+    assert fleet.host("dock-01").overlay == {"comfyui": {"port": 8188, "listen": "127.0.0.1"}}
+
+
+def test_connection_variables(fleet) -> None:
+    gpu04 = fleet.host("gpu-04.example.internal")
+    assert (gpu04.address, gpu04.port, gpu04.transport) == ("192.0.2.4", 2201, "ssh")
+    assert gpu04.jump == "ops@jump.example.internal:2222"                    # from ssh_common_args -J
+    gpu05 = fleet.host("gpu-05.example.internal")
+    assert (gpu05.transport, gpu05.key_file, gpu05.address) == ("ssh", "~/.ssh/a100", None)
+    gpu06 = fleet.host("gpu-06.example.internal")
+    assert (gpu06.transport, gpu06.container, gpu06.via) == ("docker", "comfyui-qwen", "ssh")
+    assert gpu06.jump == "admin@other-jump.example.internal"
+    box = fleet.host("bastion-box")
+    assert (box.transport, box.via, box.jump) == ("local", "local", None)
+    dock = fleet.host("dock-01")   # Ansible's docker connection: ansible_host names the container
+    assert (dock.transport, dock.container, dock.address, dock.via) == ("docker", "comfy-container", None, "local")
+
+
+@pytest.mark.parametrize("pattern,expected", [
+    ("all", ["bastion-box", "gpu-01", "gpu-02", "gpu-03", "gpu-04", "gpu-05", "gpu-06", "dock-01"]),
+    ("*", ["bastion-box", "gpu-01", "gpu-02", "gpu-03", "gpu-04", "gpu-05", "gpu-06", "dock-01"]),
+    ("rtx3090", ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]),
+    ("gpu-05.example.internal", ["gpu-05"]),
+    ("gpu-0[56]*", ["gpu-05", "gpu-06"]),
+    ("a100:blackwell", ["gpu-05", "gpu-06"]),
+    ("a100,blackwell", ["gpu-05", "gpu-06"]),
+    ("datacenter:&canary", ["gpu-01"]),
+    ("datacenter:!rtx3090", ["gpu-05", "gpu-06"]),
+    ("!datacenter", ["bastion-box", "dock-01"]),
+    ("rtx*:!gpu-04.example.internal", ["gpu-01", "gpu-02", "gpu-03"]),
+    ("~gpu-0[12]\\.", ["gpu-01", "gpu-02"]),
+    ("canary:rtx3090:&ampere:!gpu-02*", ["gpu-01", "gpu-03", "gpu-04"]),
+])
+def test_select_patterns(fleet, pattern: str, expected: list[str]) -> None:
+    assert names(fleet.select(pattern)) == expected
+
+
+def test_unknown_pattern_names_groups_and_guesses(fleet) -> None:
+    with pytest.raises(UsageError) as err:
+        fleet.select("datacenter:!rtx3080")
+    msg = str(err.value)
+    assert "'rtx3080' matches no host or group" in msg and "datacenter:!rtx3080" in msg
+    assert "groups: datacenter, ampere, rtx3090, a100, blackwell, canary" in msg
+    assert "did you mean 'rtx3090'?" in msg
+    with pytest.raises(UsageError, match="matches no host"):
+        fleet.select("tpu-*")
+    with pytest.raises(UsageError, match="empty host pattern"):
+        fleet.select(" , ")
+
+
+def test_group_priority_and_alphabetical_order(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text("all:\n  children:\n    b: {hosts: {h: }, vars: {x: b}}\n    a: {hosts: {h: }, vars: {x: a}}\n")
+    assert load_inventory(path).host("h").vars["x"] == "b"                  # same depth: later name wins
+    path.write_text("all:\n  children:\n    b: {hosts: {h: }, vars: {x: b}}\n"
+                    "    a: {hosts: {h: }, vars: {x: a, ansible_group_priority: 5}}\n")
+    assert load_inventory(path).host("h").vars["x"] == "a"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("all:\n  hosts: [a, b]\n", ":2:3: all.hosts: expected a mapping, got a list"),
+    ("all:\n  hots: {a: }\n", ":2:3: all.hots: unknown key (did you mean 'hosts'?)"),
+    ("all:\n  hosts:\n    a: {ansible_connection: winrm}\n",
+     ":3:9: all.hosts.a.ansible_connection: 'winrm' is not one of: ssh, smart, paramiko, local, docker, "
+     "community.docker.docker"),
+    ("all:\n  hosts:\n    a: {ansible_port: 70000}\n", ":3:9: all.hosts.a.ansible_port: 70000 is above the maximum 65535"),
+    ("all:\n  hosts:\n    a:\n      ansible_port: '99999'\n", ":3:5: all.hosts.a: ansible_port 99999 is out of range 1-65535"),
+    ("all:\n  children:\n    x:\n      children:\n        y:\n          children:\n            x: {hosts: {a: }}\n",
+     ":3:5: all.children.x: group cycle: x -> y -> x"),
+    ("all:\n  children:\n    bad group: {hosts: {a: }}\n", ":3:5: all.children.bad group: not a valid name "
+     "(expected a group name (letters, digits, _ and -))"),
+    ("all:\n  hosts:\n    a: {provision: [1]}\n", ":3:9: all.hosts.a.provision: expected a mapping, got a list"),
+    ("- a\n", ":1:1: expected a mapping of groups like all: {hosts: …, children: …} (see `provision schema inventory`)"),
+])
+def test_broken_inventories(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_inventory(path)
+    assert str(err.value) == f"{path}{expected}"
+
+
+def test_expand_range() -> None:
+    assert expand_range("gpu-[08:10]") == ["gpu-08", "gpu-09", "gpu-10"]
+    assert expand_range("n[1:5:2]-[a:b]") == ["n1-a", "n1-b", "n3-a", "n3-b", "n5-a", "n5-b"]
+    assert expand_range("plain") == ["plain"]
+
+
+def test_inline_hosts_and_hosts_for(tmp_path: Path) -> None:
+    inv = inline_inventory("localhost,gpu-01.example.internal,")
+    assert [(h.name, h.transport) for h in inv.hosts] == [("localhost", "local"), ("gpu-01.example.internal", "ssh")]
+    with pytest.raises(UsageError, match="needs an inventory"):
+        inline_inventory("all")
+    inline = build_profile({"comfyui": {"root": "/opt/ComfyUI"}, "hosts": "localhost,gpu-02"}, name="p", file="p.yaml")
+    assert [h.name for h in hosts_for(inline)] == ["localhost", "gpu-02"]
+    assert [h.name for h in hosts_for(inline, limit="gpu-*")] == ["gpu-02"]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET)
+    p = build_profile({"comfyui": {"root": "/opt/ComfyUI"}, "hosts": "rtx3090", "inventory": str(path)},
+                      name="p", file="p.yaml")
+    assert names(hosts_for(p, limit="canary")) == ["gpu-01"]
+    assert names(hosts_for(p, inventory=str(path), limit="!gpu-0[123]*")) == ["gpu-04"]
+
+
+def test_shipped_inventories() -> None:
+    fleet = load_inventory(ROOT / "inventories" / "fleet.yaml")
+    assert {"rtx3090", "rtx4090", "a100", "rtx5090"} <= set(fleet.groups)
+    assert all(h.name.endswith(".example.internal") for h in fleet.hosts)
+    assert fleet.host("gpu-05.example.internal").overlay == {"comfyui": {"root": "/srv/ComfyUI"}}
+    local = load_inventory(ROOT / "inventories" / "local.yaml")
+    assert [(h.name, h.transport) for h in local.hosts] == [("localhost", "local")]
