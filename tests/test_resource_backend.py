@@ -273,47 +273,25 @@ def test_listing_keeps_only_nunchaku_wheels_of_the_version(server: ReleaseServer
 
 
 def test_huggingface_listing_speaks_the_hub_tree_api(tmp_path: Path) -> None:
-    """A repo holding wheels, listed with HfApi against a loopback server answering the Hub's tree
-    endpoint; the chosen wheel's URL is `{endpoint}/{repo}/resolve/main/{path}` with the LFS sha256."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """A Hub repo holding wheels (like nunchaku-tech/nunchaku), listed with HfApi against the Hub
+    stand-in; the host fetches `{endpoint}/{repo}/resolve/main/{path}`, checked by the LFS sha256."""
+    from provisioner.sandbox.hf_server import start_hf_server
 
     wheel = _wheel(tmp_path, "1.0.1", "torch2.8-cp312-linux_x86_64")
-    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    tree = [{"type": "directory", "oid": "0" * 40, "path": "v1.0.1"},
-            {"type": "file", "oid": "1" * 40, "size": wheel.stat().st_size, "path": f"v1.0.1/{wheel.name}",
-             "lfs": {"oid": sha, "size": wheel.stat().st_size, "pointerSize": 134}},
-            {"type": "file", "oid": "2" * 40, "size": 10, "path": "README.md"}]
-    seen: list[str] = []
-
-    class Hub(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.path)
-            ok = self.path.startswith("/api/models/nunchaku-tech/nunchaku/tree/main")
-            body = json.dumps(tree if ok else {"error": "Repository not found"}).encode()
-            self.send_response(200 if ok else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
-    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    other = _wheel(tmp_path / "o", "1.0.1", "torch2.6-cp312-linux_x86_64")
+    files = {("nunchaku-tech/nunchaku", f"v1.0.1/{wheel.name}"): wheel,
+             ("nunchaku-tech/nunchaku", f"v1.0.1/{other.name}"): other,
+             ("nunchaku-tech/nunchaku", "README.md"): b"# wheels\n"}
+    with start_hf_server(files) as hub:
         profile = make_profile("1.0.1", [WheelSource("huggingface", "nobody/missing"),
                                          WheelSource("huggingface", "nunchaku-tech/nunchaku")])
-        profile = Profile(**{**profile.__dict__, "huggingface": HubSpec(endpoint=endpoint, token_env="NO_SUCH_ENV")})
+        profile = Profile(**{**profile.__dict__, "huggingface": HubSpec(endpoint=hub.url, token_env="NO_SUCH_ENV")})
         (change,) = backend.plan(profile, make_facts({"torch": "2.8.0", "tag": "cp312",
                                                       "platform": "linux_x86_64"})).changes
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    fetch = change.steps[0]
-    assert fetch.url == f"{endpoint}/nunchaku-tech/nunchaku/resolve/main/v1.0.1/{wheel.name.replace('+', '%2B')}"
-    assert (fetch.sha256, fetch.size, fetch.token_env) == (sha, wheel.stat().st_size, "NO_SUCH_ENV")
-    assert seen[0].startswith("/api/models/nobody/missing/tree/main")
+        fetch = change.steps[0]
+        with urllib.request.urlopen(fetch.url) as resp:       # Hub -> 302 -> CDN bytes
+            data = resp.read()
+    assert fetch.url == f"{hub.url}/nunchaku-tech/nunchaku/resolve/main/v1.0.1/{wheel.name.replace('+', '%2B')}"
+    assert data == wheel.read_bytes()
+    assert (fetch.sha256, fetch.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert fetch.token_env == "NO_SUCH_ENV"
