@@ -1,0 +1,162 @@
+"""ComfyUI API-format workflows: Jinja2 templates rendered, checked, written as canonical JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from provisioner.config.model import Profile
+from provisioner.errors import PlanError
+from provisioner.facts.model import Facts, Probe
+from provisioner.resources.base import Change, Note, Put, ResourcePlan, Run, changes
+
+name = "workflow"
+
+DEFAULT_IMAGE = "example.png"   # the input image every ComfyUI checkout ships in input/
+
+
+def dest_path(profile: Profile, template_name: str) -> str:
+    """Where a template's JSON goes on the host: <root>/<dest>/<name without .j2>."""
+    base = template_name[:-3] if template_name.endswith(".j2") else template_name
+    return posixpath.join(profile.comfyui.root, profile.workflow.dest, base)
+
+
+def template_dir(profile: Profile) -> Path:
+    """The template folder on the control machine; a relative one is relative to the profile file."""
+    # normpath: `profiles/../templates` must work even where profiles/ is not a real folder.
+    return Path(os.path.normpath(Path(profile.file).parent / profile.workflow.template_dir))
+
+
+def probe(profile: Profile) -> Probe:
+    return Probe(read=tuple(dest_path(profile, t) for t in profile.workflow.templates))
+
+
+def resolve_offload(profile: Profile, facts: Facts) -> tuple[str, str]:
+    """The `cpu_offload` the loader gets, and why: the plugin's own `auto` rule, made explicit."""
+    wanted = profile.workflow.cpu_offload
+    if wanted != "auto":
+        return wanted, f"cpu_offload {wanted} (set in the profile)"
+    gpu = facts.gpu
+    if gpu is None:
+        why = facts.gpu_error or "none listed"
+        return "enable", f"cpu_offload auto -> enable: no GPU found ({why})"
+    limit = profile.workflow.offload_below_gb
+    vram = gpu.vram_total_gb
+    if vram < limit:
+        return "enable", f"cpu_offload auto -> enable: {gpu.name} has {vram:.1f} GiB < {limit:g} GiB"
+    return "disable", f"cpu_offload auto -> disable: {gpu.name} has {vram:.1f} GiB >= {limit:g} GiB"
+
+
+def variables(profile: Profile, facts: Facts, *, prompt: str | None = None,
+              seed: int | None = None, image: str | None = None) -> dict[str, Any]:
+    """Every value a template may use; model files come from the catalog for this host's GPU."""
+    from provisioner.resources import catalog   # the catalog owns file names and step counts
+
+    model = profile.model
+    sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu)
+    wf = profile.workflow
+    return {
+        "model_name": sel.dit.filename,
+        "text_encoder": sel.text_encoder.filename,
+        "vae": sel.vae.filename,
+        "precision": sel.precision,
+        "cpu_offload": resolve_offload(profile, facts)[0],
+        "num_blocks_on_gpu": wf.num_blocks_on_gpu,
+        "use_pin_memory": "enable" if wf.use_pin_memory else "disable",
+        "steps": wf.steps if wf.steps is not None else sel.steps,
+        "shift": wf.shift, "cfg": wf.cfg, "sampler": wf.sampler, "scheduler": wf.scheduler,
+        "width": wf.width, "height": wf.height,
+        "seed": wf.seed if seed is None else seed,
+        "prompt": wf.prompt if prompt is None else prompt,
+        "image": image or DEFAULT_IMAGE,
+    }
+
+
+def _tojson(value: object) -> str:
+    # Plain JSON (no HTML escaping: autoescape is off); NaN/inf are not JSON, so they fail here.
+    import jinja2
+
+    if isinstance(value, jinja2.Undefined):
+        str(value)                  # StrictUndefined raises UndefinedError naming the variable
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def render_text(folder: Path, template_name: str, values: dict[str, Any]) -> str:
+    """Render one template to text. Raises PlanError naming the template on any template fault."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["tojson"] = _tojson
+    where = f"template {template_name}"
+    try:
+        return env.get_template(template_name).render(**values)
+    except jinja2.TemplateNotFound:
+        raise PlanError(f"{where} not found in {folder} (check workflow.templates and "
+                        "workflow.template_dir)") from None
+    except jinja2.TemplateSyntaxError as err:
+        raise PlanError(f"{where}:{err.lineno}: {err.message}") from None
+    except jinja2.UndefinedError as err:
+        raise PlanError(f"{where}: {err.message}; it may use {', '.join(sorted(values))}") from None
+    except (TypeError, ValueError) as err:
+        raise PlanError(f"{where}: a value is not JSON ({err}); check the workflow settings") from None
+
+
+def check_graph(graph: object, template_name: str) -> dict[str, Any]:
+    """An API-format graph: node id -> {class_type, inputs}; every [id, slot] link hits a node."""
+    where = f"template {template_name}"
+    if not isinstance(graph, dict) or not graph:
+        raise PlanError(f"{where}: must render a JSON object of nodes (node id -> node)")
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs"), dict):
+            raise PlanError(f"{where}: node {node_id} needs a class_type string and an inputs object")
+        for key, value in node["inputs"].items():
+            is_link = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            if is_link and (value[0] not in graph or not isinstance(value[1], int) or value[1] < 0):
+                raise PlanError(f"{where}: node {node_id} input {key} links to {value!r}, "
+                                "which is not an output of a node in the graph")
+    return graph
+
+
+def render(profile: Profile, facts: Facts, template_name: str, *, prompt: str | None = None,
+           seed: int | None = None, image: str | None = None) -> dict[str, Any]:
+    """The checked API graph of one template for this host (verification passes its own prompt/seed)."""
+    values = variables(profile, facts, prompt=prompt, seed=seed, image=image)
+    text = render_text(template_dir(profile), template_name, values)
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PlanError(f"template {template_name}:{err.lineno}:{err.colno}: "
+                        f"does not render valid JSON ({err.msg})") from None
+    return check_graph(graph, template_name)
+
+
+def canonical_text(graph: dict[str, Any]) -> str:
+    """Node order kept (readable in a diff), indent 2, trailing newline: byte-stable across runs."""
+    return json.dumps(graph, indent=2, ensure_ascii=False) + "\n"
+
+
+def plan(profile: Profile, facts: Facts) -> ResourcePlan:
+    found: list[Change | None] = []
+    for template in dict.fromkeys(profile.workflow.templates):
+        dest = dest_path(profile, template)
+        text = canonical_text(render(profile, facts, template))
+        current = facts.contents.get(dest)
+        if current == text:
+            found.append(None)
+            continue
+        put = Put(dest, text.encode(), 0o644, what=f"write {dest}")
+        steps = (put,) if current is not None else (
+            Run(("mkdir", "-p", posixpath.dirname(dest)), what="create the workflow folder"), put)
+        verb = "update" if current is not None else "create"
+        found.append(Change("workflow", dest, verb, f"{verb} {dest} from {template}",
+                            current, text, steps))   # no restart: ComfyUI reads workflows per request
+    notes: list[Note] = []
+    value, why = resolve_offload(profile, facts)
+    if value == "enable" and profile.workflow.cpu_offload == "auto":   # slower: say why
+        notes.append(Note("workflow", why, "warning" if facts.gpu is None else "info"))
+    return changes(*found, notes=notes)
