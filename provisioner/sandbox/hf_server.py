@@ -75,6 +75,7 @@ class HfServer:
         self.honor_range = True                # False: answer 200 with everything, like a naive server
         self._drops: list[int] = []            # for the next GETs with a body: bytes sent before hanging up
         self._lock = threading.Lock()
+        self.open_sockets: set[socket.socket] = set()   # kept-alive connections, closed by stop()
         self._hub = self._listen("hub")
         self._cdn = self._listen("cdn")
         self.url = f"http://127.0.0.1:{self._hub.server_address[1]}"
@@ -110,6 +111,13 @@ class HfServer:
         for server in (self._hub, self._cdn):
             server.shutdown()
             server.server_close()
+        with self._lock:  # a stopped Hub answers nothing, not even on a client's pooled connection
+            sockets, self.open_sockets = list(self.open_sockets), set()
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> HfServer:
         return self
@@ -131,6 +139,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet: we keep our own log
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hf._lock:
+            self.hf.open_sockets.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hf._lock:
+            self.hf.open_sockets.discard(self.connection)
+        super().finish()
 
     @property
     def hf(self) -> HfServer:

@@ -1,0 +1,133 @@
+"""Plan-time Hugging Face Hub metadata (size, LFS sha256, commit) of one file, via huggingface_hub.
+
+Runs on the control machine only; the host downloads the bytes itself (plan/fetch_script.py).
+Tested against huggingface_hub >=1.0,<3 (2.4 in the dev venv): its transport moved from requests to
+httpx (then httpx2) across majors, so transport errors are recognised by module, not by import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import (
+    FileMetadataError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from provisioner.errors import PlanError
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str                          # {endpoint}/{repo}/resolve/{commit or revision}/{path}
+    size: int
+    sha256: str | None                # LFS oid; None for a small non-LFS file
+    commit: str | None
+
+
+Lookup = Callable[..., RemoteFile]
+"""`(endpoint, repo, path, revision, token, *, token_env=...) -> RemoteFile`, injectable in tests."""
+
+
+def token_from_env(var: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The control machine's token, from the env var the profile names (never logged)."""
+    value = (os.environ if environ is None else environ).get(var, "").strip()
+    return value or None
+
+
+def file_metadata(endpoint: str, repo: str, path: str, revision: str = "main",
+                  token: str | None = None, *, token_env: str = "HF_TOKEN") -> RemoteFile:
+    """Size, sha256 and commit of `repo/path` at `revision`; memoised per process.
+
+    Raises a one-line `PlanError` for a missing repo, revision or file, a gated repo, an HTTP
+    error, or a Hub that cannot be reached.
+    """
+    return _cached(endpoint.rstrip("/"), repo, path, revision, token, token_env)
+
+
+def clear_cache() -> None:
+    _cached.cache_clear()
+
+
+@lru_cache(maxsize=256)
+def _cached(endpoint: str, repo: str, path: str, revision: str, token: str | None,
+            token_env: str) -> RemoteFile:
+    try:
+        return _lookup(endpoint, repo, path, revision, token)
+    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one PlanError line below
+        raise _plan_error(err, endpoint, repo, path, revision, token, token_env) from err
+
+
+def _lookup(endpoint: str, repo: str, path: str, revision: str, token: str | None) -> RemoteFile:
+    # One HEAD answers everything for an LFS file: commit, sha256 (X-Linked-Etag) and size.
+    # token=False (not None) so a token stored on the control machine is never sent to an
+    # endpoint the profile did not give one for.
+    head = get_hf_file_metadata(hf_hub_url(repo, path, revision=revision, endpoint=endpoint),
+                                token=token or False, timeout=TIMEOUT_S, endpoint=endpoint)
+    commit = head.commit_hash
+    sha256 = head.etag if head.etag and _SHA256.match(head.etag) else None
+    size = head.size
+    if sha256 is None or size is None:
+        # Not LFS, or a Hub that did not link the LFS etag: ask paths-info, the authoritative source.
+        api = HfApi(endpoint=endpoint, token=token or False)
+        infos = api.get_paths_info(repo, [path], revision=commit or revision)
+        if not infos or not hasattr(infos[0], "size"):
+            raise PlanError(f"{path} in {repo} is a folder, not a model file")
+        info = infos[0]
+        size = info.lfs.size if info.lfs else info.size
+        sha256 = info.lfs.sha256 if info.lfs else None
+    url = hf_hub_url(repo, path, revision=commit or revision, endpoint=endpoint)
+    return RemoteFile(url=url, size=int(size), sha256=sha256, commit=commit)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _is_transport(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"} \
+        or isinstance(err, (ConnectionError, TimeoutError))
+
+
+def _plan_error(err: Exception, endpoint: str, repo: str, path: str, revision: str,
+                token: str | None, token_env: str) -> PlanError:
+    if isinstance(err, PlanError):
+        return err
+    if isinstance(err, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+        fix = ("the token in " + token_env + " has no access: accept the repo's terms on the Hub"
+               if token else "set " + token_env + " to a token that accepted its terms")
+        return PlanError(f"gated repo {repo} at {endpoint}: {fix}")
+    if isinstance(err, RevisionNotFoundError):
+        return PlanError(f"revision {revision!r} not found in repo {repo} at {endpoint}")
+    if isinstance(err, RemoteEntryNotFoundError):
+        return PlanError(f"model file {path} not found in repo {repo} at rev {revision}")
+    if isinstance(err, RepositoryNotFoundError):
+        hint = "" if token else f" (if it is private, set {token_env})"
+        return PlanError(f"model repo {repo} not found at {endpoint}{hint}")
+    if isinstance(err, OfflineModeIsEnabled):
+        return PlanError(f"Hub lookups are off (HF_HUB_OFFLINE is set): cannot read {repo}/{path}")
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(err.response, "status_code", "?") if err.response is not None else "?"
+        if status == 401 and token:
+            return PlanError(f"Hub at {endpoint} refused the token in {token_env} (HTTP 401); renew it")
+        return PlanError(f"Hub at {endpoint} answered HTTP {status} for {repo}/{path}: {_first_line(err)}")
+    if isinstance(err, FileMetadataError):
+        return PlanError(f"{endpoint} does not answer like a Hugging Face Hub for {repo}/{path}: "
+                         f"{_first_line(err)}")
+    if _is_transport(err) or isinstance(err, OSError):
+        return PlanError(f"Hub unreachable at {endpoint}: {type(err).__name__}: {_first_line(err)}")
+    raise err

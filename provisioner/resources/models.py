@@ -1,0 +1,125 @@
+"""The model resource: the DiT, text encoder and VAE files in ComfyUI's models/ folders, sha256-verified.
+
+A file is converged when it has the Hub's size AND the host's checksum cache (keyed by size+mtime)
+holds the expected sha256. Right size but nothing cached yet (copied by hand, cache lost) plans a
+verify-only Run of the fetch script: it hashes the file once and records it, with no download; a
+mismatch fails that step and records the real checksum, so the next plan replaces the file.
+Anything else plans a resumable Fetch (an existing `.part` is resumed and counted in the disk check).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+
+from provisioner.config.model import Profile
+from provisioner.errors import PlanError
+from provisioner.facts.model import Facts, FileState, Probe
+from provisioner.plan import fetch_script
+from provisioner.resources import catalog, hub
+from provisioner.resources.base import RESTART, Change, Fetch, Note, ResourcePlan, changes
+
+name = "model"
+
+DISK_MARGIN_BYTES = 2**30  # room left for ComfyUI's outputs, logs and temp files after the downloads
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def _dest(profile: Profile, f: catalog.ModelFile) -> str:
+    return posixpath.normpath(f.dest(profile.comfyui.models))
+
+
+def probe(profile: Profile) -> Probe:
+    """Stat every file this profile could need (both precisions under `auto`) and its `.part`."""
+    m = profile.model
+    try:
+        files = catalog.candidate_files(m.family, m.variant, m.precision)
+    except PlanError:
+        return Probe()  # plan() raises the same error per host, with the valid choices
+    dests = [_dest(profile, f) for f in files]
+    return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")))
+
+
+def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
+         environ: Mapping[str, str] | None = None) -> ResourcePlan:
+    """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""
+    m, hf = profile.model, profile.huggingface
+    sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu)
+    lookup = lookup or hub.file_metadata
+    token = hub.token_from_env(hf.token_env, environ)
+    cache = fetch_script.cache_path(profile.comfyui.state_dir)
+    python = "python3"  # the same interpreter apply runs the fetch script with
+    planned: list[Change | None] = []
+    need = 0
+    for f in sel.files:
+        remote = lookup(hf.endpoint, f.repo, f.path_in_repo, f.revision, token, token_env=hf.token_env)
+        pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
+        change, nbytes = _file_change(profile, f, remote, pinned, facts, cache, python)
+        planned.append(change)
+        need += nbytes
+    if need and need + DISK_MARGIN_BYTES > facts.disk_free:
+        raise PlanError(f"not enough disk at {facts.disk_path}: the model files need {_gb(need)} "
+                        f"(+{_gb(DISK_MARGIN_BYTES)} margin), {_gb(facts.disk_free)} free; free space "
+                        "or choose a smaller model.variant")
+    notes = [Note(name, text, "info") for text in sel.notes] + _vram_notes(profile, facts, sel)
+    return changes(*planned, notes=notes)
+
+
+def _file_change(profile: Profile, f: catalog.ModelFile, remote: hub.RemoteFile, pinned: str | None,
+                 facts: Facts, cache: str, python: str) -> tuple[Change | None, int]:
+    """The change for one file (None when converged) and the bytes it would download."""
+    dest = _dest(profile, f)
+    want = pinned or remote.sha256
+    have = facts.files.get(dest) or FileState(dest, exists=False)
+    after = {"size": remote.size, "sha256": want}
+    if have.exists and have.size == remote.size:
+        if have.sha256 is not None and (want is None or have.sha256 == want):
+            return None, 0
+        if have.sha256 is None:
+            run = fetch_script.verify_run(dest, sha256=want, size=remote.size, cache=cache, python=python,
+                                          what=f"verify sha256 of {f.filename} ({_gb(remote.size)})")
+            return Change(name, dest, "update", f"verify {f.folder}/{f.filename}: size matches, checksum not "
+                          "cached yet (hashed once, no download)", {"size": have.size, "sha256": None}, after,
+                          (run,)), 0
+    part = facts.files.get(dest + ".part")
+    resume = part.size if part and part.exists and part.size <= remote.size else 0
+    where = f"{f.repo}@{(remote.commit or f.revision)[:12]}"
+    if have.exists:
+        action, before = "replace", {"size": have.size, "sha256": have.sha256}
+        why = "size differs" if have.size != remote.size else "sha256 differs"
+        summary = f"replace {f.folder}/{f.filename} ({why}) from {where}"
+    else:
+        action, before = "create", None
+        summary = f"download {f.folder}/{f.filename} ({_gb(remote.size)}) from {where}"
+    if resume:
+        summary += f", resuming at {_gb(resume)}"
+    warnings = ()
+    if pinned and remote.sha256 and pinned != remote.sha256:
+        warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote.sha256[:12]}… for {f.filename}: "
+                    "the download will fail verification unless the Hub serves the pinned file",)
+    step = Fetch(remote.url, dest, want, remote.size, profile.huggingface.token_env,
+                 what=f"download {f.filename} ({_gb(remote.size)})")
+    # ComfyUI keeps loaded weights in memory: a new DiT, or any file replaced in place, needs a restart.
+    notify = RESTART if (f.folder == "diffusion_models" or action == "replace") else frozenset()
+    return Change(name, dest, action, summary, before, after, (step,), notify, warnings), remote.size - resume
+
+
+def _vram_notes(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> list[Note]:
+    gpu, wf = facts.gpu, profile.workflow
+    if gpu is None:
+        return []
+    vram = gpu.vram_total_gb
+    label = f"{gpu.name} has {vram:.1f} GiB VRAM; {sel.variant} ({sel.precision}) needs ~{sel.vram_gb} GiB " \
+            "without CPU offload"
+    if wf.cpu_offload == "disable" and vram < sel.vram_gb:
+        return [Note(name, f"{label}: cpu_offload=disable will likely run out of memory (use auto or enable)")]
+    if wf.cpu_offload == "auto" and vram < wf.offload_below_gb:
+        return [Note(name, f"{label}: the DiT loader will enable CPU offload (cpu_offload=auto, "
+                     f"below {wf.offload_below_gb:g} GiB)", "info")]
+    if wf.cpu_offload == "auto" and vram < sel.vram_gb:
+        return [Note(name, f"{label}: auto keeps it all on the GPU (>= {wf.offload_below_gb:g} GiB) and may "
+                     "run out of memory; set cpu_offload to enable")]
+    return []

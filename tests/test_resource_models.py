@@ -1,0 +1,251 @@
+"""model resource: plans against the Hub stand-in (real HTTP through huggingface_hub), then a real
+apply of its steps with the host fetch script, read back by the real facts stat code."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.config.model import build_profile
+from provisioner.errors import PlanError
+from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv
+from provisioner.facts.script import stat_files
+from provisioner.plan import fetch_script
+from provisioner.resources import catalog, hub, models
+from provisioner.resources.base import RESTART, Fetch, Run
+from provisioner.sandbox.hf_server import HfServer, start_hf_server
+
+FAMILY, VARIANT = "qwen-image-edit-2509", "lightning-4step-r128"
+RTX3090 = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
+RTX3060 = Gpu(0, "NVIDIA GeForce RTX 3060", 12288, 12000, 288, (8, 6), "550.54")
+RTX5090 = Gpu(0, "NVIDIA GeForce RTX 5090", 32607, 32000, 607, (12, 0), "575.51")
+TOKEN = "hf_model_token"
+
+
+def content(f: catalog.ModelFile) -> bytes:
+    """Small stand-in bytes per real file (the real ones are 0.25 to 13 GB)."""
+    return hashlib.sha256(f.path_in_repo.encode()).digest() * (2000 + len(f.filename))
+
+
+FILES = catalog.candidate_files(FAMILY, VARIANT, "auto")
+SHA = {f.filename: hashlib.sha256(content(f)).hexdigest() for f in FILES}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hub_cache() -> Iterator[None]:
+    hub.clear_cache()  # a later server may get a port an earlier one had
+    yield
+    hub.clear_cache()
+
+
+@pytest.fixture
+def server() -> Iterator[HfServer]:
+    with start_hf_server({(f.repo, f.path_in_repo): content(f) for f in FILES}, token=TOKEN) as s:
+        yield s
+
+
+def make_profile(endpoint: str, root: str = "/srv/ComfyUI", **sections: Any):
+    data = {"comfyui": {"root": root}, "huggingface": {"endpoint": endpoint, "token_env": "T_HF"}, **sections}
+    return build_profile(data, name="t", file="/p/profiles/t.yaml")
+
+
+def make_facts(gpu: Gpu | None = RTX3090, files: dict[str, FileState] | None = None,
+               disk_free: int = 10**12) -> Facts:
+    return Facts(host="h", os="Ubuntu 24.04", arch="x86_64", kernel="6.8",
+                 system_python="3.12.3 /usr/bin/python3", env=PythonEnv("/srv/ComfyUI/venv/bin/python", True),
+                 gpus=(gpu,) if gpu else (), gpu_error=None if gpu else "nvidia-smi not found", nvcc=None,
+                 disk_path="/srv", disk_free=disk_free, comfyui_version="0.3.64", files=files or {})
+
+
+def present(profile: Any, sel: catalog.ModelSelection, *, sha: dict[str, str | None] | None = None,
+            size_delta: int = 0) -> dict[str, FileState]:
+    """Facts for the three files as present, with cached checksums (overridable per file name)."""
+    out = {}
+    for f in sel.files:
+        dest = f.dest(profile.comfyui.models)
+        cached = (sha or {}).get(f.filename, SHA[f.filename])
+        out[dest] = FileState(dest, True, len(content(f)) + size_delta, 1, cached)
+    return out
+
+
+def plan(profile: Any, facts: Facts, **kw: Any):
+    return models.plan(profile, facts, environ=kw.pop("environ", {}), **kw)
+
+
+def test_probe_stats_every_candidate_and_its_part(server: HfServer) -> None:
+    probe = models.probe(make_profile(server.url))
+    assert len(probe.stat) == 8 and all(p.startswith("/srv/ComfyUI/models/") for p in probe.stat)
+    assert "/srv/ComfyUI/models/diffusion_models/" \
+        "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors.part" in probe.stat
+    assert models.probe(make_profile(server.url, model={"family": "flux"})).stat == ()
+
+
+def test_fresh_host_downloads_three_files_and_restarts_for_the_dit(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    rp = plan(profile, make_facts())
+    dit, te, vae = rp.changes
+    assert [c.action for c in rp.changes] == ["create"] * 3 and rp.notes == ()
+    assert (dit.key, dit.notify, te.notify, vae.notify) == (
+        "/srv/ComfyUI/models/diffusion_models/svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors",
+        RESTART, frozenset(), frozenset())
+    (step,) = dit.steps
+    assert isinstance(step, Fetch) and step.dest == dit.key and step.token_env == "T_HF"
+    assert step.url == f"{server.url}/nunchaku-ai/nunchaku-qwen-image-edit-2509/resolve/{server.commit}/" \
+        "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+    assert (step.sha256, step.size) == (SHA[catalog.dit_file(FAMILY, VARIANT, "int4").filename], dit.after["size"])
+    assert dit.summary.startswith("download diffusion_models/svdq-int4_r128") and dit.before is None
+    assert te.steps[0].url.endswith("/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors")
+
+
+def test_converged_with_cached_checksums_plans_nothing(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    assert plan(profile, make_facts(files=present(profile, sel))).changes == ()
+
+
+def test_right_size_without_cached_checksum_plans_a_verify_only_step(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    (change,) = plan(profile, make_facts(files=present(profile, sel, sha={sel.vae.filename: None}))).changes
+    assert (change.action, change.key, change.notify) == ("update", sel.vae.dest(profile.comfyui.models), frozenset())
+    assert "checksum not cached" in change.summary and change.before == {"size": len(content(sel.vae)), "sha256": None}
+    (run,) = change.steps
+    assert isinstance(run, Run) and run.argv == fetch_script.argv("python3")
+    assert b'"mode": "verify"' in (run.stdin or b"") and b"token" not in (run.stdin or b"")
+
+
+def test_wrong_checksum_or_size_replaces_and_restarts(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    (change,) = plan(profile, make_facts(files=present(profile, sel, sha={sel.text_encoder.filename: "a" * 64}))).changes
+    assert change.action == "replace" and "sha256 differs" in change.summary and change.notify == RESTART
+    assert change.before == {"size": len(content(sel.text_encoder)), "sha256": "a" * 64}
+    assert change.after == {"size": len(content(sel.text_encoder)), "sha256": SHA[sel.text_encoder.filename]}
+    changes = plan(profile, make_facts(files=present(profile, sel, size_delta=-7))).changes
+    assert [c.action for c in changes] == ["replace"] * 3 and all("size differs" in c.summary for c in changes)
+
+
+def test_part_file_is_resumed_and_counted_in_the_disk_check(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    dest = sel.dit.dest(profile.comfyui.models)
+    total = sum(len(content(f)) for f in sel.files)
+    facts = make_facts(files={dest + ".part": FileState(dest + ".part", True, 1000, 1)},
+                       disk_free=models.DISK_MARGIN_BYTES + total - 1000)   # just enough with the resume
+    dit = plan(profile, facts).changes[0]
+    assert "resuming at" in dit.summary
+    with pytest.raises(PlanError) as err:
+        plan(profile, make_facts(disk_free=models.DISK_MARGIN_BYTES + total - 1))
+    assert "not enough disk at /srv" in str(err.value) and "GB free" in str(err.value)
+
+
+def test_disk_too_small_names_need_and_free(server: HfServer) -> None:
+    with pytest.raises(PlanError, match=r"need 0\.\d GB \(\+1\.1 GB margin\), 0\.5 GB free.*model.variant"):
+        plan(make_profile(server.url), make_facts(disk_free=500_000_000))
+
+
+def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:
+    changes = plan(make_profile(server.url), make_facts(RTX5090)).changes
+    assert "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-4steps" in changes[0].key
+    with pytest.raises(PlanError, match="Blackwell.*INT4.*fp4 or auto"):
+        plan(make_profile(server.url, model={"precision": "int4"}), make_facts(RTX5090))
+
+
+@pytest.mark.parametrize(("gpu", "offload", "level", "text"), [
+    (RTX3060, "disable", "warning", "cpu_offload=disable will likely run out of memory"),
+    (RTX3060, "auto", "info", "will enable CPU offload"),
+    (RTX3060, "enable", None, None),
+    (RTX3090, "disable", None, None),
+    (None, "auto", "info", "no GPU seen"),
+])
+def test_vram_notes(server: HfServer, gpu: Gpu | None, offload: str, level: str | None, text: str | None) -> None:
+    notes = plan(make_profile(server.url, workflow={"cpu_offload": offload}), make_facts(gpu)).notes
+    if level is None:
+        assert notes == ()
+    else:
+        (note,) = notes
+        assert (note.resource, note.level) == ("model", level) and text in note.message
+
+
+def test_pinned_sha256_overrides_the_hub_for_the_dit(server: HfServer) -> None:
+    pinned = "b" * 64
+    profile = make_profile(server.url, model={"sha256": pinned})
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    (change,) = plan(profile, make_facts(files=present(profile, sel))).changes   # Hub's sha cached, pin differs
+    assert change.action == "replace" and change.steps[0].sha256 == pinned
+    assert "differs from the Hub's" in change.warnings[0]
+    assert plan(profile, make_facts(files=present(profile, sel, sha={sel.dit.filename: pinned}))).changes == ()
+
+
+def test_hub_lookups_are_memoised(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    plan(profile, make_facts())
+    seen = len(server.requests)
+    plan(profile, make_facts())
+    assert len(server.requests) == seen == 3
+
+
+def test_injected_lookup_gets_the_profile_endpoint_and_token() -> None:
+    calls = []
+
+    def lookup(endpoint: str, repo: str, path: str, revision: str, token: str | None, **kw: Any) -> hub.RemoteFile:
+        calls.append((endpoint, repo, revision, token, kw))
+        return hub.RemoteFile(f"{endpoint}/{repo}/resolve/{revision}/{path}", 10, "c" * 64, None)
+
+    rp = models.plan(make_profile("https://hub.example"), make_facts(), lookup=lookup, environ={"T_HF": TOKEN})
+    assert len(rp.changes) == 3 and rp.changes[0].summary.endswith("@main")
+    assert {c[0] for c in calls} == {"https://hub.example"} and {c[3] for c in calls} == {TOKEN}
+    assert calls[0][4] == {"token_env": "T_HF"}
+
+
+def test_hub_errors_are_one_line_plan_errors(tmp_path: Path) -> None:
+    te = catalog.TEXT_ENCODER
+    only_dit = {(f.repo, f.path_in_repo): content(f) for f in FILES if f.folder == "diffusion_models"}
+    with start_hf_server(only_dit) as s:
+        with pytest.raises(PlanError) as err:
+            plan(make_profile(s.url), make_facts())
+    assert str(err.value) == f"model repo {te.repo} not found at {s.url} (if it is private, set T_HF)"
+
+    everything = {(f.repo, f.path_in_repo): content(f) for f in FILES} | {(te.repo, "other"): b"x"}
+    del everything[(te.repo, te.path_in_repo)]
+    with start_hf_server(everything, gated={catalog.VAE.repo}, token=TOKEN) as s:
+        with pytest.raises(PlanError, match=f"^gated repo {te.repo} at .*: set T_HF to a token"):
+            plan(make_profile(s.url), make_facts())
+        with pytest.raises(PlanError, match=f"^model file {te.path_in_repo} not found in repo {te.repo} at rev main$"):
+            plan(make_profile(s.url), make_facts(), environ={"T_HF": TOKEN})
+        url = s.url
+    hub.clear_cache()
+    with pytest.raises(PlanError, match=f"^Hub unreachable at {url}: ConnectError"):
+        plan(make_profile(url), make_facts())
+
+
+def test_apply_then_plan_again_is_converged(server: HfServer, tmp_path: Path) -> None:
+    """Run the planned steps for real (fetch script over HTTP, token on stdin), read the files back
+    with the facts script's own stat code, plan again: nothing left to do."""
+    profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
+    cache = fetch_script.cache_path(profile.comfyui.state_dir)
+    probe = models.probe(profile)
+    gather = lambda: {p: FileState(p, **raw) for p, raw in stat_files(probe.stat, cache).items()}  # noqa: E731
+    first = plan(profile, make_facts(files=gather()))
+    assert [c.action for c in first.changes] == ["create"] * 3
+    for change in first.changes:
+        run = fetch_script.fetch_run(change.steps[0], cache=cache, environ={"T_HF": TOKEN})
+        proc = subprocess.run(run.argv, input=run.stdin, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert plan(profile, make_facts(files=gather())).changes == ()
+
+    # Lose the checksum cache: the files are still right, so only a verify (no download) is planned.
+    Path(cache).unlink()
+    changes = plan(profile, make_facts(files=gather())).changes
+    assert [c.action for c in changes] == ["update"] * 3 and all(isinstance(c.steps[0], Run) for c in changes)
+    cdn_before = sum(r.origin == "cdn" for r in server.requests)
+    for change in changes:
+        step = change.steps[0]
+        assert subprocess.run(step.argv, input=step.stdin, capture_output=True, timeout=60).returncode == 0
+    assert sum(r.origin == "cdn" for r in server.requests) == cdn_before
+    assert plan(profile, make_facts(files=gather())).changes == ()
