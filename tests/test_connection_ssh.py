@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -103,6 +104,16 @@ def test_each_host_gets_its_own_bin_dir_first_on_path(sshd_hosts: Callable[..., 
         with open_connection(h.host(), h.options()) as c:
             out.append(c.run(["nvidia-smi"]).stdout.strip())
     assert out == ["RTX 3090, 24576", "RTX 4090, 24576"]
+
+
+def test_stdout_callback_gets_lines_as_they_arrive(conn: SshConnection) -> None:
+    got: list[tuple[str, float]] = []
+    start = time.monotonic()
+    r = conn.run(["sh", "-c", "echo one; sleep 0.4; printf 'two\\nthree'"],
+                 stdout_callback=lambda line: got.append((line, time.monotonic() - start)))
+    assert [line for line, _ in got] == ["one", "two", "three"]  # unfinished last line too
+    assert got[0][1] < got[1][1] - 0.3  # "one" came before the sleep ended, not at exit
+    assert r.stdout == "one\ntwo\nthree"
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -203,6 +214,31 @@ def test_hold_keeps_a_lock_until_the_block_exits(conn: SshConnection, tmp_path: 
         assert next(lines) == "locked"
         assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 1
     assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 0
+
+
+def test_held_lock_goes_when_the_holding_process_dies(sshd_host: SshdHost, conn: SshConnection,
+                                                     tmp_path: Path) -> None:
+    lock = str(tmp_path / "apply.lock")
+    code = (f"from provisioner.connection import open_connection, ConnectOptions\n"
+            f"from provisioner.inventory import Host\n"
+            f"c = open_connection(Host(name={sshd_host.name!r}), ConnectOptions("
+            f"known_hosts=({str(sshd_host.known_hosts)!r},), ssh_config={str(sshd_host.ssh_config)!r}))\n"
+            f"with c.hold(['flock', '-n', {lock!r}, 'sh', '-c', 'echo locked; cat']) as lines:\n"
+            f"    print(next(lines), flush=True)\n"
+            f"    import time; time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 1
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs; sshd sees the connection drop
+        holder.wait()
+    deadline = time.monotonic() + 5
+    while conn.run(["flock", "-n", lock, "true"], check=False).exit_code != 0:
+        assert time.monotonic() < deadline, "lock still held after its holder died"
+        time.sleep(0.1)
 
 
 # -- connects, execs and the sshd log -----------------------------------------------------------

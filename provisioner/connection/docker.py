@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 
 from provisioner.connection.base import Connection, ProgressCallback, Result, Stats
@@ -40,10 +40,11 @@ class DockerConnection:
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True) -> Result:
+            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
         self._count(argv)
-        outer = self.inner.run(self._exec_argv(argv, env), stdin=stdin, timeout=timeout, check=False)
+        outer = self.inner.run(self._exec_argv(argv, env), stdin=stdin, timeout=timeout, check=False,
+                               stdout_callback=stdout_callback)
         result = Result(argv, outer.exit_code, outer.stdout, outer.stderr)
         if check and not result.ok:
             raise CommandError(self.name, result)

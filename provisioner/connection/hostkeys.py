@@ -10,7 +10,7 @@ import base64
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import paramiko
 
@@ -50,7 +50,7 @@ def check(target: SshTarget, offered: paramiko.PKey, files: Sequence[str],
     """Accept the server key `offered`, record it (accept-new), or raise a one-line ConnectError."""
     keys = load(files)
     name = target.known_hosts_name
-    known = keys.lookup(name) or {}
+    known: Mapping[str, paramiko.PKey] = keys.lookup(name) or {}
     kind = offered.get_name()
     if kind in known:
         if known[kind] == offered:

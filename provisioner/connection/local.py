@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import BinaryIO
@@ -28,20 +30,18 @@ class LocalConnection:
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True) -> Result:
+            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
         self._count(argv)
         try:
-            done = subprocess.run(argv, input=stdin or b"", capture_output=True, timeout=timeout,
-                                  env={**os.environ, **env} if env else None)
-            result = Result(argv, done.returncode, _text(done.stdout), _text(done.stderr))
-        except subprocess.TimeoutExpired as err:  # run() has killed it; 124 as timeout(1) says
-            result = Result(argv, 124, _text(err.stdout), _text(err.stderr) + f"\ntimed out after {timeout:g}s\n")
-        except (FileNotFoundError, PermissionError) as err:  # what a shell would say: 127 / 126
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**os.environ, **env} if env else None,
+                                    start_new_session=timeout is not None)  # killpg on timeout
+        except OSError as err:  # what a shell would say: 127 not found, 126 not executable
             code = 127 if isinstance(err, FileNotFoundError) else 126
             result = Result(argv, code, "", f"{argv[0]}: {err.strerror}\n")
-        if result.exit_code < 0:  # killed by a signal: report it as a shell does, 128 + N
-            result = Result(argv, 128 - result.exit_code, result.stdout, result.stderr)
+        else:
+            result = _stream(proc, argv, stdin, timeout, stdout_callback)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
@@ -141,7 +141,43 @@ class LocalConnection:
         self.close()
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode(errors="replace")
+def _stream(proc: subprocess.Popen[bytes], argv: tuple[str, ...], stdin: bytes | None,
+            timeout: float | None, on_line: Callable[[str], None] | None) -> Result:
+    """Read stdout line by line (for on_line) while threads feed stdin and drain stderr."""
+    pin, pout, perr = proc.stdin, proc.stdout, proc.stderr
+    assert pin is not None and pout is not None and perr is not None
+    err: list[bytes] = []
+    timed_out = threading.Event()
+
+    def feed() -> None:
+        try:
+            pin.write(stdin or b"")
+            pin.close()
+        except BrokenPipeError:
+            pass  # it exited without reading all of its stdin
+
+    def expire() -> None:  # the whole process group: `sh -c` children too, or stdout stays open
+        timed_out.set()
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    helpers = [threading.Thread(target=feed, daemon=True),
+               threading.Thread(target=lambda: err.append(perr.read()), daemon=True)]
+    timer = threading.Timer(timeout, expire) if timeout is not None else None
+    for t in [*helpers, *([timer] if timer else [])]:
+        t.start()
+    out = []
+    for line in pout:
+        out.append(line)
+        if on_line:
+            on_line(line.decode(errors="replace").rstrip("\n"))
+    code = proc.wait()
+    if timer:
+        timer.cancel()
+    for t in helpers:
+        t.join()
+    pout.close()
+    perr.close()
+    stdout, stderr = b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+    if timed_out.is_set():  # 124, as timeout(1) says
+        return Result(argv, 124, stdout, stderr + f"\ntimed out after {timeout:g}s\n")
+    return Result(argv, 128 - code if code < 0 else code, stdout, stderr)  # < 0: signal, as sh says

@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
 
@@ -168,12 +168,12 @@ class SshConnection:
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True) -> Result:
+            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
         chan = self._session(argv)
         try:
             chan.exec_command(shell_line(argv, env))
-            out, err, code = _collect(chan, stdin, timeout)
+            out, err, code = _collect(chan, stdin, timeout, stdout_callback)
         except TRANSPORT_ERRORS as error:
             raise ConnectError(f"{self.name}: connection lost running {argv[0]}: {_reason(error)}") from None
         finally:
@@ -308,12 +308,19 @@ def _tcp(target: SshTarget, timeout: float) -> socket.socket:
     return sock
 
 
-def _collect(chan: paramiko.Channel, stdin: bytes | None,
-             timeout: float | None) -> tuple[bytes, bytes, int]:
+def _collect(chan: paramiko.Channel, stdin: bytes | None, timeout: float | None,
+             on_line: Callable[[str], None] | None) -> tuple[bytes, bytes, int]:
     """Feed stdin and drain stdout/stderr at once (threads: neither side may block the other)."""
     chan.settimeout(timeout)
     out: list[bytes] = []
     err: list[bytes] = []
+    pending = b""  # the unfinished last line, for on_line
+
+    def lines(data: bytes, sink: Callable[[str], None]) -> None:
+        nonlocal pending
+        *complete, pending = (pending + data).split(b"\n")
+        for line in complete:
+            sink(line.decode(errors="replace"))
 
     def feed() -> None:
         try:
@@ -348,6 +355,10 @@ def _collect(chan: paramiko.Channel, stdin: bytes | None,
             if not data:
                 break
             out.append(data)
+            if on_line:
+                lines(data, on_line)
+        if on_line and pending:
+            on_line(pending.decode(errors="replace"))
         left_now = left()
         if not chan.status_event.wait(left_now):
             raise socket.timeout()
