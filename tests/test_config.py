@@ -276,3 +276,11 @@ def test_read_yaml_marks_merge_keys_and_aliases(tmp_path: Path) -> None:
     write(f, "a: &a [*a]\n")
     with pytest.raises(ConfigError, match="recursive alias"):
         read_yaml(str(f))
+
+
+def test_bom_and_crlf_are_fine_and_no_inventory_means_no_host_checks(tmp_path: Path) -> None:
+    f = tmp_path / "win.yaml"
+    f.write_bytes(b"\xef\xbb\xbfcomfyui:\r\n  root: /opt/ComfyUI\r\nhosts: rtx3090:!gpu-07\r\nworkflow:\r\n"
+                  b"  template_dir: " + str(ROOT / "templates").encode() + b"\r\n")
+    assert validate_files([f]) == []
+    assert load_profile(f).marks[("hosts",)] == Mark(str(f), 3, 1)

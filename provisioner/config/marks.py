@@ -93,14 +93,18 @@ def _read_text(file: str) -> str:
                     line, col) from None
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 class _AliasError(yaml.MarkedYAMLError):
-    """An alias that refers to itself, or expands past any sane size."""
+    """A node the reader refuses: a self-referring alias, an alias bomb, a foreign tag."""
 
 
 class _Reader:
     """Composes the node tree, records marks per key path, then builds plain Python data."""
 
-    MAX_NODES = 200_000  # alias bombs ("billion laughs") expand past this; real profiles are tiny
+    MAX_ALIASED = 10_000  # nodes reached again through aliases: a "billion laughs" bomb passes this
+    MAX_DEPTH = 64        # real profiles and inventories nest under 10 levels
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -108,15 +112,24 @@ class _Reader:
         self.problems: list[Problem] = []
         self.scalars = yaml.SafeLoader("")
         self.active: set[int] = set()
-        self.count = 0
+        self.built: set[int] = set()
+        self.aliased = 0
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
-        self.count += 1
-        if self.count > self.MAX_NODES or id(node) in self.active:
-            what = "recursive alias" if id(node) in self.active else "too many nodes (alias bomb?)"
-            raise _AliasError(problem=what, problem_mark=node.start_mark)
+        if id(node) in self.active:
+            raise _AliasError(problem="recursive alias", problem_mark=node.start_mark)
+        if id(node) in self.built:
+            self.aliased += 1
+            if self.aliased > self.MAX_ALIASED:
+                raise _AliasError(problem="aliases expand too far (alias bomb?)", problem_mark=node.start_mark)
+        self.built.add(id(node))
+        if len(path) > self.MAX_DEPTH:
+            raise _AliasError(problem=f"nested deeper than {self.MAX_DEPTH} levels",
+                              problem_mark=node.start_mark)
         if isinstance(node, yaml.ScalarNode):
             return self.scalars.construct_object(node, deep=True)
+        if node.tag not in _PLAIN_TAGS:  # `!!python/object` and friends: never built, never ignored
+            raise _AliasError(problem=f"unsupported tag {node.tag}", problem_mark=node.start_mark)
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.MappingNode):
@@ -170,6 +183,8 @@ def read_yaml(file: str) -> Document:
         raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
     except yaml.YAMLError as err:
         raise _fail(file, f"invalid YAML: {err}") from None
+    except RecursionError:
+        raise _fail(file, "invalid YAML: nested too deeply", "flatten the structure") from None
     if reader.problems:
         raise ConfigError(reader.problems)
     reader.marks[()] = Mark(file, 1, 1)

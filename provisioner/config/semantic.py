@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import re
@@ -14,7 +15,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from provisioner.config.marks import KeyPath, Mark, problem
+from provisioner.config.marks import KeyPath, Mark, problem, walk
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
@@ -42,6 +43,14 @@ def _get(data: Any, path: KeyPath, kind: type | tuple[type, ...]) -> Any:
         else:
             return None
     return data if isinstance(data, kind) and not isinstance(data, bool) else None
+
+
+def _numbers(data: Any) -> Iterator[Found]:
+    """YAML's .nan and .inf slip through every numeric bound of a schema."""
+    for path in walk(data):
+        value = _get(data, path, float)
+        if value is not None and not math.isfinite(value):
+            yield path, f"{value} is not a finite number", ""
 
 
 def _paths(data: Any) -> Iterator[Found]:
@@ -149,7 +158,7 @@ def _local_files(data: Any) -> Iterator[Found]:
         yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"
 
 
-CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_paths, _versions, _peers, _local_files)
+CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _peers, _local_files)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

@@ -132,16 +132,18 @@ def _looks_like_inventory(file: str) -> bool:
 def _profile_problems(file: str) -> list[Problem]:
     """The profile, then its inventory, its hosts pattern and each selected host's overlay."""
     from provisioner.config.load import load_profile, profile_for_host
-    from provisioner.inventory import inline_inventory, load_inventory
+    from provisioner.inventory import load_inventory
     loaded = load_profile(file)
     profile = loaded.profile
+    if not profile.inventory:  # the hosts come from `-i` at run time
+        return []
     try:
-        inventory = load_inventory(profile.inventory) if profile.inventory else None
+        inventory = load_inventory(profile.inventory)
     except ConfigError as err:
         return list(err.problems)
     out: list[Problem] = []
     try:
-        hosts = (inventory or inline_inventory(profile.hosts)).select(profile.hosts)
+        hosts = inventory.select(profile.hosts)
     except UsageError as err:
         return [problem(loaded.marks, file, ("hosts",), str(err))]
     for host in hosts:
