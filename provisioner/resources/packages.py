@@ -11,7 +11,7 @@ from packaging.version import InvalidVersion, Version
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
-from provisioner.resources.base import RESTART, Change, ResourcePlan, Run, changes
+from provisioner.resources.base import RESTART, Action, Change, ResourcePlan, Run, changes
 
 name = "packages"
 
@@ -41,7 +41,7 @@ def requirements(profile: Profile) -> tuple[Requirement, ...]:
 
 def _marker_env(env: PythonEnv, facts: Facts) -> dict[str, str]:
     """The host's marker values where facts know them (python version, machine)."""
-    values: dict[str, str] = dict(default_environment())
+    values = {k: str(v) for k, v in default_environment().items()}
     if env.version:
         values["python_full_version"] = env.version
         values["python_version"] = ".".join(env.version.split(".")[:2])
@@ -104,7 +104,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     summary = "pip install " + ", ".join(
         f"{spec} ({'have ' + have if have else 'missing'})"
         for spec, (_, have) in zip(specs, missing.values()))
-    action = "update" if any(have for _, have in missing.values()) else "create"
+    action: Action = "update" if any(have for _, have in missing.values()) else "create"
     step = Run(argv, what=f"pip install {' '.join(specs)}", timeout=1800.0)
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
                           (step,), notify=RESTART))

@@ -74,7 +74,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
-    after = {"tag": spec.tag, "commit": None, "remote": spec.repo, "dirty": []}
+    after: dict[str, object] = {"tag": spec.tag, "commit": None, "remote": spec.repo, "dirty": []}
     label = f"{spec.name} {spec.tag}"
 
     if not co.exists:
@@ -85,9 +85,9 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
             raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
                             "plugin.force: true to move it aside and clone")
         warn = f"{dest} is not a git checkout: it is moved to {backup}, nothing is deleted"
-        steps = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
+        moved = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
         return changes(Change("plugin", dest, "replace", f"move {dest} aside and clone {label}",
-                              state(co), after, steps, notify=RESTART, warnings=(warn,)))
+                              state(co), after, moved, notify=RESTART, warnings=(warn,)))
 
     remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:

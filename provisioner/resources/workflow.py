@@ -11,7 +11,7 @@ from typing import Any
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
-from provisioner.resources.base import Change, Note, Put, ResourcePlan, Run, changes
+from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, changes
 
 name = "workflow"
 
@@ -152,7 +152,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         put = Put(dest, text.encode(), 0o644, what=f"write {dest}")
         steps = (put,) if current is not None else (
             Run(("mkdir", "-p", posixpath.dirname(dest)), what="create the workflow folder"), put)
-        verb = "update" if current is not None else "create"
+        verb: Action = "update" if current is not None else "create"
         found.append(Change("workflow", dest, verb, f"{verb} {dest} from {template}",
                             current, text, steps))   # no restart: ComfyUI reads workflows per request
     notes: list[Note] = []
