@@ -122,11 +122,11 @@ def test_wheels_install_offline_with_real_pip(tmp_path: Path, template: Path, wh
     # The compatibility break is reproduced for real: plugin v1.2.0 on core 0.3.64 fails at load time.
     repo = make_plugin_repo(tmp_path / "plugin.git")
     cores = {"0.3.64": host.comfyui_root,
-             "0.3.66": make_sandbox_host(tmp_path / "new", comfyui_version="0.3.66", venv_template=template).comfyui_root}
+             "0.6.0": make_sandbox_host(tmp_path / "new", comfyui_version="0.6.0", venv_template=template).comfyui_root}
     load = ("import importlib, sys; sys.path[:0] = sys.argv[1:]\n"
             "p = importlib.import_module('ComfyUI-nunchaku')\n"
             "p.NODE_CLASS_MAPPINGS['NunchakuQwenImageDiTLoader']().load_model('m.safetensors')\n")
-    for tag, core, ok in (("v1.1.0", "0.3.64", True), ("v1.2.0", "0.3.64", False), ("v1.2.0", "0.3.66", True)):
+    for tag, core, ok in (("v1.1.0", "0.3.64", True), ("v1.2.0", "0.3.64", False), ("v1.2.0", "0.6.0", True)):
         plugins = tmp_path / f"plugins-{tag}"
         if not plugins.exists():
             subprocess.run(["git", "clone", "-q", "--branch", tag, str(repo), str(plugins / "ComfyUI-nunchaku")],
@@ -156,7 +156,7 @@ def test_host_torch_differs_from_template(tmp_path: Path, template: Path) -> Non
 
 def test_comfyui_checkout_layout(tmp_path: Path, template: Path) -> None:
     old = make_sandbox_host(tmp_path / "old", venv_template=template)
-    new = make_sandbox_host(tmp_path / "new", comfyui_version="0.3.66", venv_template=template)
+    new = make_sandbox_host(tmp_path / "new", comfyui_version="0.6.0", venv_template=template)
     comfy = old.comfyui_root
     assert (comfy / "comfyui_version.py").read_text().endswith('__version__ = "0.3.64"\n')
     for rel in ("main.py", "custom_nodes", "user", "input", "output", "models/diffusion_models",

@@ -22,9 +22,9 @@ from provisioner.sandbox.wheels import build_torch_wheel, cuda_of
 
 H100_CAPTURE = Path("fixtures/gpu-hosts/h100-80gb/nvidia-smi-query.csv")
 STATE_FILE = "gpu-state.json"
-# Approximate cut-off: the sandbox gives cores >= 0.3.66 the `use_additional_t_cond` parameter.
-# Upstream added it later (with Qwen-Image-Layered support); 0.3.64 certainly lacks it.
-T_COND_SINCE = Version("0.3.66")
+# Cut-off as in resources/compat.py: upstream added `use_additional_t_cond` (Qwen-Image-Layered,
+# Comfy-Org/ComfyUI #11408, Dec 2025) after 0.5.1; the sandbox gives it to cores >= 0.6.0.
+T_COND_SINCE = Version("0.6.0")
 MODEL_DIRS = {  # the placeholder files a real checkout ships in each models/ folder
     "diffusion_models": "put_diffusion_model_files_here",
     "text_encoders": "put_text_encoder_files_here",
