@@ -14,8 +14,9 @@ import fnmatch
 import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from provisioner.config.load import ATOMIC
@@ -91,17 +92,14 @@ class Inventory:
             return set(self.groups[term])
         if term in names:
             return {term}
-        found: set[str] = set()
+        hit: Callable[[str], object] | None = None
         if term.startswith("~"):
             try:
-                rx = re.compile(term[1:])
+                hit = re.compile(term[1:]).search
             except re.error as err:
                 raise UsageError(f"host pattern {pattern!r}: bad regex {term!r}: {err}") from None
-            hit = rx.search
         elif any(c in term for c in "*?["):
-            hit = lambda name: fnmatch.fnmatchcase(name, term)  # noqa: E731
-        else:
-            hit = None
+            hit = partial(fnmatch.fnmatchcase, pat=term)
         if hit is not None:
             found = {n for n in names if hit(n)}
             found.update(*(self.groups[g] for g in self.groups if hit(g)))
@@ -201,20 +199,22 @@ def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> 
 
 
 def _jump(vars_: Mapping[str, Any]) -> str | None:
+    """provision_jump, else a ProxyJump (`-J x`, `-o ProxyJump=x`) in Ansible's ssh args."""
     if vars_.get("provision_jump"):
         return str(vars_["provision_jump"])
     words: list[str] = []
     for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
         words += shlex.split(str(vars_.get(key) or ""))
+    jump = None
     for i, word in enumerate(words):
         nxt = words[i + 1] if i + 1 < len(words) else ""
-        if word == "-J" or word == "-o" and nxt.lower().startswith("proxyjump="):
-            return nxt.split("=", 1)[-1] if word == "-o" else nxt
-        if word.startswith("-J") and len(word) > 2:
-            return word[2:]
-        if word.lower().startswith("-oproxyjump="):
-            return word.split("=", 1)[1]
-    return None
+        if word == "-J" or (word == "-o" and nxt.lower().startswith("proxyjump=")):
+            jump = nxt.split("=", 1)[-1] if word == "-o" else nxt
+        elif word.startswith("-J") or word.lower().startswith("-oproxyjump="):
+            jump = word.split("=", 1)[1] if word.startswith("-o") else word[2:]
+    if jump is not None and (not jump or jump.startswith("-")):
+        raise ValueError(f"ProxyJump {jump!r} in ansible_ssh_common_args is not a host")
+    return jump
 
 
 def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str,

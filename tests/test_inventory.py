@@ -113,6 +113,7 @@ def test_connection_variables(fleet) -> None:
     gpu04 = fleet.host("gpu-04.example.internal")
     assert (gpu04.address, gpu04.port, gpu04.transport) == ("192.0.2.4", 2201, "ssh")
     assert gpu04.jump == "ops@jump.example.internal:2222"                    # from ssh_common_args -J
+    assert fleet.host("gpu-01.example.internal").jump == "ops@jump.example.internal:2222"
     gpu05 = fleet.host("gpu-05.example.internal")
     assert (gpu05.transport, gpu05.key_file, gpu05.address) == ("ssh", "~/.ssh/a100", None)
     gpu06 = fleet.host("gpu-06.example.internal")
@@ -178,6 +179,8 @@ def test_group_priority_and_alphabetical_order(tmp_path: Path) -> None:
     ("all:\n  children:\n    bad group: {hosts: {a: }}\n", ":3:5: all.children.bad group: not a valid name "
      "(expected a group name (letters, digits, _ and -))"),
     ("all:\n  hosts:\n    a: {provision: [1]}\n", ":3:9: all.hosts.a.provision: expected a mapping, got a list"),
+    ("all:\n  hosts:\n    a:\n      ansible_ssh_common_args: -J -oProxyCommand=x\n",
+     ":3:5: all.hosts.a: ProxyJump '-oProxyCommand=x' in ansible_ssh_common_args is not a host"),
     ("- a\n", ":1:1: expected a mapping of groups like all: {hosts: …, children: …} (see `provision schema inventory`)"),
 ])
 def test_broken_inventories(tmp_path: Path, text: str, expected: str) -> None:
@@ -217,3 +220,11 @@ def test_shipped_inventories() -> None:
     assert fleet.host("gpu-05.example.internal").overlay == {"comfyui": {"root": "/srv/ComfyUI"}}
     local = load_inventory(ROOT / "inventories" / "local.yaml")
     assert [(h.name, h.transport) for h in local.hosts] == [("localhost", "local")]
+
+
+def test_proxyjump_forms_in_ssh_args(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text("all:\n  hosts:\n    a: {ansible_ssh_common_args: '-o ProxyJump=j1 -v'}\n"
+                    "    b: {ansible_ssh_extra_args: '-oProxyJump=j2'}\n    c: {ansible_ssh_common_args: '-Jj3'}\n"
+                    "    d: {ansible_ssh_common_args: '-o StrictHostKeyChecking=yes'}\n")
+    assert [h.jump for h in load_inventory(path).hosts] == ["j1", "j2", "j3", None]
