@@ -9,7 +9,6 @@ own `nvidia-smi` or `docker` stand-in); the fleet shares one client key, one `kn
 from __future__ import annotations
 
 import getpass
-import os
 import shutil
 import signal
 import socket

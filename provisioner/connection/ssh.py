@@ -7,7 +7,6 @@ paramiko's SSHConfig (Host aliases, HostName, User, Port, IdentityFile, ProxyJum
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import posixpath
@@ -21,23 +20,17 @@ from typing import BinaryIO
 
 import paramiko
 
-from provisioner.connection import hostkeys
 from provisioner.connection.base import ProgressCallback, Result, Stats, shell_line
 from provisioner.connection.forward import forward
-from provisioner.connection.options import ConnectOptions, SshTarget, load_ssh_config, resolve
+from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
+from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
 from provisioner.errors import CommandError, ConnectError
 from provisioner.inventory import Host
 
-WINDOW = 64 * 1024 * 1024       # big channel window: a 12 GB download never waits on adjusts
-PACKET = 32 * 1024              # OpenSSH's channel packet size; larger is split anyway
 CHUNK = 1024 * 1024             # read size of put_file; SFTP requests are cut from it
 # paramiko's 32768-byte SFTP writes plus their header overflow one 32 KB SSH packet, so every
 # request went out as two packets; a request that fits one packet is ~20% faster on loopback.
 SFTP_WRITE = PACKET - 128
-# AES-GCM first: the cipher paramiko runs fastest (no separate MAC pass over every packet).
-CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
-DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
-TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
 class SshConnection:
@@ -49,112 +42,15 @@ class SshConnection:
         self._options = options
         self._config = load_ssh_config(options)
         self._target = resolve(host.name, self._config, host)
-        self._gateways: list[paramiko.Transport] = []
+        self._reacher = Reacher(self._config, options)
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         try:
-            self._transport = self._reach(self._target, depth=0)
+            self._transport = self._reacher.reach(self._target)
         except BaseException:
-            self.close()
+            self._reacher.close()  # jump hosts already reached
             raise
-
-    # -- connecting -------------------------------------------------------------------------
-
-    def _reach(self, target: SshTarget, depth: int) -> paramiko.Transport:
-        return self._handshake(target, self._socket_to(target, depth))
-
-    def _socket_to(self, target: SshTarget, depth: int) -> socket.socket | paramiko.Channel:
-        if target.jump is None:
-            return _tcp(target, self._options.connect_timeout)
-        if depth > 8:
-            raise ConnectError(f"{self.name}: ProxyJump chain deeper than 8 hops (a loop in ssh config?)")
-        hops = target.jump.split(",")
-        gateway_target = resolve(hops[-1].strip(), self._config)
-        if len(hops) > 1:  # `a,b`: b is reached through a, as `ssh -J a,b` does
-            gateway_target = dataclasses.replace(gateway_target, jump=",".join(hops[:-1]))
-        # A bastion usually takes the fleet's key: after its own keys, try the target's.
-        extra = tuple(k for k in target.key_files if k not in gateway_target.key_files)
-        gateway_target = dataclasses.replace(gateway_target,
-                                             key_files=gateway_target.key_files + extra)
-        gateway = self._reach(gateway_target, depth + 1)
-        self._gateways.append(gateway)
-        try:
-            return gateway.open_channel("direct-tcpip", (target.hostname, target.port),
-                                        ("127.0.0.1", 0), timeout=self._options.connect_timeout)
-        except TRANSPORT_ERRORS as err:
-            raise ConnectError(f"{target.name}: jump host {gateway_target.name} cannot reach "
-                               f"{target.hostname}:{target.port}: {_reason(err)}") from None
-
-    def _handshake(self, target: SshTarget, sock: socket.socket | paramiko.Channel) -> paramiko.Transport:
-        files = self._options.known_hosts + target.known_hosts
-        transport = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=PACKET)
-        transport.banner_timeout = self._options.connect_timeout
-        security = transport.get_security_options()
-        security.ciphers = CIPHERS + tuple(c for c in security.ciphers if c not in CIPHERS)
-        known = hostkeys.preferred_types(hostkeys.load(files), target)
-        if "ssh-rsa" in known:
-            known = ["rsa-sha2-512", "rsa-sha2-256", *known]
-        security.key_types = tuple(k for k in known if k in security.key_types) + tuple(
-            k for k in security.key_types if k not in known)
-        try:
-            try:
-                transport.start_client(timeout=self._options.connect_timeout)
-            except TRANSPORT_ERRORS as err:
-                raise ConnectError(f"{target.name}: SSH handshake with {target.hostname}:"
-                                   f"{target.port} failed: {_reason(err)}") from None
-            if not transport.initial_kex_done:  # start_client returns quietly at its timeout
-                raise ConnectError(f"{target.name}: SSH handshake with {target.hostname}:"
-                                   f"{target.port} failed: no answer within "
-                                   f"{self._options.connect_timeout:g}s")
-            hostkeys.check(target, transport.get_remote_server_key(), files,
-                           self._options.host_key_policy)
-            self._authenticate(transport, target)
-        except BaseException:
-            transport.close()
-            raise
-        if self._options.keepalive:
-            transport.set_keepalive(self._options.keepalive)
-        self.stats.connects += 1
-        return transport
-
-    def _authenticate(self, transport: paramiko.Transport, target: SshTarget) -> None:
-        """Keys from the inventory and ssh_config, then the agent, default keys, a password."""
-        tried: list[str] = []
-        paths = list(target.key_files)
-        if self._options.look_for_keys and not target.identities_only:
-            paths += [os.path.expanduser(p) for p in DEFAULT_KEYS if os.path.expanduser(p) not in paths]
-        keys: list[tuple[str, paramiko.PKey]] = []
-        for path in paths:
-            if not os.path.exists(path):
-                if path in target.key_files:
-                    tried.append(f"{path} (missing)")
-                continue
-            try:
-                keys.append((path, paramiko.PKey.from_path(path)))
-            except paramiko.PasswordRequiredException:
-                tried.append(f"{path} (encrypted; load it into ssh-agent)")
-            except (paramiko.SSHException, OSError, ValueError) as err:
-                tried.append(f"{path} ({_reason(err)})")
-        if self._options.allow_agent and not target.identities_only:
-            try:
-                keys += [(f"agent {hostkeys.fingerprint(k)}", k) for k in paramiko.Agent().get_keys()]
-            except paramiko.SSHException:
-                pass  # no usable agent: the other keys still count
-        for label, key in keys:
-            try:
-                transport.auth_publickey(target.user, key)
-                return
-            except paramiko.AuthenticationException:
-                tried.append(label)
-        if self._options.password is not None:
-            try:
-                transport.auth_password(target.user, self._options.password)
-                return
-            except paramiko.AuthenticationException:
-                tried.append("password")
-        raise ConnectError(f"{target.name}: authentication as {target.user}@{target.hostname}:"
-                           f"{target.port} failed (tried: {', '.join(tried) or 'no key found'}); "
-                           f"set IdentityFile or ansible_ssh_private_key_file, or load a key into ssh-agent")
+        self.stats.connects = len(self._reacher.opened)  # the target and each jump host
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -164,7 +60,7 @@ class SshConnection:
         try:
             return self._transport.open_session(timeout=self._options.connect_timeout)
         except TRANSPORT_ERRORS as err:
-            raise ConnectError(f"{self.name}: connection lost: {_reason(err)}") from None
+            raise ConnectError(f"{self.name}: connection lost: {reason(err)}") from None
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -175,7 +71,7 @@ class SshConnection:
             chan.exec_command(shell_line(argv, env))
             out, err, code = _collect(chan, stdin, timeout, stdout_callback)
         except TRANSPORT_ERRORS as error:
-            raise ConnectError(f"{self.name}: connection lost running {argv[0]}: {_reason(error)}") from None
+            raise ConnectError(f"{self.name}: connection lost running {argv[0]}: {reason(error)}") from None
         finally:
             chan.close()
         result = Result(argv, code, out.decode(errors="replace"), err.decode(errors="replace"))
@@ -211,7 +107,7 @@ class SshConnection:
                     self._sftp = paramiko.SFTPClient.from_transport(
                         self._transport, window_size=WINDOW, max_packet_size=PACKET)
                 except TRANSPORT_ERRORS as err:
-                    raise ConnectError(f"{self.name}: cannot open SFTP: {_reason(err)}") from None
+                    raise ConnectError(f"{self.name}: cannot open SFTP: {reason(err)}") from None
             assert self._sftp is not None
             return self._sftp
 
@@ -245,10 +141,10 @@ class SshConnection:
             sftp.posix_rename(tmp, dest)
         except OSError as err:  # paramiko maps SFTP status codes to IOError
             _quiet_remove(sftp, tmp)
-            raise CommandError(self.name, Result(("put", dest), 1, "", f"{dest}: {_reason(err)}"),
+            raise CommandError(self.name, Result(("put", dest), 1, "", f"{dest}: {reason(err)}"),
                                f"put {dest}") from None
         except (paramiko.SSHException, EOFError) as err:
-            raise ConnectError(f"{self.name}: connection lost writing {dest}: {_reason(err)}") from None
+            raise ConnectError(f"{self.name}: connection lost writing {dest}: {reason(err)}") from None
         if progress and size == 0:
             progress(0, 0)
 
@@ -259,10 +155,10 @@ class SshConnection:
                 f.prefetch()
                 return f.read()
         except OSError as err:
-            raise CommandError(self.name, Result(("get", path), 1, "", f"{path}: {_reason(err)}"),
+            raise CommandError(self.name, Result(("get", path), 1, "", f"{path}: {reason(err)}"),
                                f"get {path}") from None
         except (paramiko.SSHException, EOFError) as err:
-            raise ConnectError(f"{self.name}: connection lost reading {path}: {_reason(err)}") from None
+            raise ConnectError(f"{self.name}: connection lost reading {path}: {reason(err)}") from None
 
     # -- tunnels and teardown ---------------------------------------------------------------
 
@@ -276,36 +172,13 @@ class SshConnection:
         if self._sftp is not None:
             self._sftp.close()
             self._sftp = None
-        transport = getattr(self, "_transport", None)
-        for t in [transport, *reversed(self._gateways)]:
-            if t is not None:
-                t.close()
-        self._gateways.clear()
+        self._reacher.close()
 
     def __enter__(self) -> SshConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _tcp(target: SshTarget, timeout: float) -> socket.socket:
-    where = f"{target.hostname}:{target.port}"
-    try:
-        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
-    except socket.timeout:
-        raise ConnectError(f"{target.name}: connecting to {where} timed out after {timeout:g}s "
-                           f"(host down or port filtered?)") from None
-    except ConnectionRefusedError:
-        raise ConnectError(f"{target.name}: connection to {where} refused (is sshd running there, "
-                           f"on that port?)") from None
-    except socket.gaierror as err:
-        raise ConnectError(f"{target.name}: cannot resolve {target.hostname}: {err.strerror} "
-                           f"(check HostName / ansible_host)") from None
-    except OSError as err:
-        raise ConnectError(f"{target.name}: cannot connect to {where}: {_reason(err)}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def _collect(chan: paramiko.Channel, stdin: bytes | None, timeout: float | None,
@@ -393,9 +266,3 @@ def _quiet_remove(sftp: paramiko.SFTPClient, path: str) -> None:
         sftp.remove(path)
     except (OSError, paramiko.SSHException, EOFError):
         pass
-
-
-def _reason(err: BaseException) -> str:
-    """One line for any socket/paramiko error (some have no message at all)."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
