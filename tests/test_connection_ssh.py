@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.ssh import SshConnection
 from provisioner.errors import CommandError, ConnectError
-from provisioner.inventory import Host
-from sshd import SshdHost, fingerprint, keygen, write_script
+from provisioner.inventory import Host, load_inventory
+from sshd import SshdHost, fingerprint, inventory_for, keygen, write_script
 
 PRINT_ARGV = "import sys, json; print(json.dumps(sys.argv[1:]))"
 
@@ -272,6 +273,20 @@ def test_inventory_fields_override_ssh_config(sshd_hosts: Callable[..., list[Ssh
         assert c.run(["whoami-host"]).stdout == "b\n"
 
 
+@pytest.mark.parametrize("via_config", [False, True])
+def test_inventory_for_loads_and_connects(sshd_hosts: Callable[..., list[SshdHost]],
+                                          tmp_path: Path, via_config: bool) -> None:
+    hosts = sshd_hosts(2)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory_for(hosts, via_config=via_config,
+                                                 provision_note="x")))
+    loaded = load_inventory(path).select("all")
+    assert [h.name for h in loaded] == ["gpu-01", "gpu-02"]
+    for host, server in zip(loaded, hosts):
+        with open_connection(host, server.options()) as c:
+            assert c.run(["printenv", "PATH"]).stdout.startswith(str(server.bin_dir) + ":")
+
+
 # -- failures to connect ------------------------------------------------------------------------
 
 def test_host_down_is_a_fast_connect_error(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
@@ -293,6 +308,24 @@ def test_silent_server_times_out_at_connect_timeout(sshd_host: SshdHost) -> None
             open_connection(Host(name="mute", address="127.0.0.1", port=port),
                             sshd_host.options(connect_timeout=0.5))
         assert time.monotonic() - start < 5
+
+
+def test_a_failed_handshake_prints_nothing_but_the_error() -> None:
+    code = ("import socket\n"
+            "from provisioner.connection import open_connection, ConnectOptions\n"
+            "from provisioner.inventory import Host\n"
+            "from provisioner.errors import ConnectError\n"
+            "mute = socket.create_server(('127.0.0.1', 0))\n"
+            "try:\n"
+            "    open_connection(Host(name='mute', address='127.0.0.1', port=mute.getsockname()[1]),"
+            " ConnectOptions(connect_timeout=0.3, known_hosts=()))\n"
+            "except ConnectError as err:\n"
+            "    print(err)\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.stderr == ""  # no paramiko traceback under the one-line error
+    assert done.stdout.startswith("mute: SSH handshake with 127.0.0.1:")
 
 
 def test_wrong_key_is_an_authentication_error(sshd_hosts: Callable[..., list[SshdHost]],

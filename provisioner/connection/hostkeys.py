@@ -49,6 +49,7 @@ def check(target: SshTarget, offered: paramiko.PKey, files: Sequence[str],
           policy: HostKeyPolicy) -> None:
     """Accept the server key `offered`, record it (accept-new), or raise a one-line ConnectError."""
     keys = load(files)
+    first = files[0] if files else "~/.ssh/known_hosts"  # where new keys go
     name = target.known_hosts_name
     known: Mapping[str, paramiko.PKey] = keys.lookup(name) or {}
     kind = offered.get_name()
@@ -60,13 +61,13 @@ def check(target: SshTarget, offered: paramiko.PKey, files: Sequence[str],
             f"server now offers {fingerprint(offered)}; possible man-in-the-middle, refused. If the "
             f"host was reinstalled, verify the new key and run `ssh-keygen -R '{name}'`")
     if policy == "accept-new":
-        _append(files[0], name, offered)
+        _append(first, name, offered)
         return
     scan = f"ssh-keyscan -p {target.port} {target.hostname}" if target.port != 22 \
         else f"ssh-keyscan {target.hostname}"
     raise ConnectError(
         f"{target.name} ({name}): unknown host key {kind} {fingerprint(offered)}; verify it, then "
-        f"`{scan} >> {files[0]}` or pass --accept-new-host-keys to trust it on first use")
+        f"`{scan} >> {first}` or pass --accept-new-host-keys to trust it on first use")
 
 
 def _append(file: str, name: str, key: paramiko.PKey) -> None:

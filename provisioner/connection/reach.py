@@ -7,6 +7,7 @@ against known_hosts before any credential is offered, a one-line ConnectError on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 
@@ -22,6 +23,10 @@ PACKET = 32 * 1024              # OpenSSH's channel packet size; larger is split
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 DEFAULT_KEYS = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+# paramiko logs a traceback for every failed handshake; with no handler configured Python would
+# print it to stderr under our one-line ConnectError. `-v` logging still receives it.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class Reacher:
