@@ -1,8 +1,8 @@
 """The SSH transport: one paramiko Transport per host, shared by execs, SFTP and tunnels.
 
 paramiko directly rather than Fabric's Connection: Fabric forces AutoAddPolicy and never reads
-known_hosts, and neither exposes the window size that big uploads need. ssh_config is read with
-paramiko's SSHConfig (Host aliases, HostName, User, Port, IdentityFile, ProxyJump, HostKeyAlias).
+known_hosts, and paramiko's SSHClient hides the window size big uploads need, so reach.py drives
+a Transport itself (ssh_config via options.py, host keys via hostkeys.py).
 """
 
 from __future__ import annotations
