@@ -1,0 +1,261 @@
+"""The stand-in ComfyUI answers as the real ComfyUI 0.3.64 did in the captures (same payloads, same shapes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
+from provisioner.verify.comfyui import ComfyClient
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PROVISION_SHARED") or REPO / ".." / "shared")
+CAPTURES = SHARED / "fixtures" / "comfyui-real"
+EXTRA = CAPTURES / "extra"
+
+
+def capture(path: Path) -> object:
+    return json.loads(path.read_text())
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def sampler_graph(seed: int = 1) -> dict:
+    """A Qwen-Image text-to-image graph: loaders, encoder, KSampler (4 steps), decode, save."""
+    return {
+        "3": {"class_type": "NunchakuQwenImageDiTLoader",
+              "inputs": {"model_name": "m.safetensors", "cpu_offload": "auto"}},
+        "9": {"class_type": "KSampler", "inputs": {
+            "model": ["3", 0], "seed": seed, "steps": 4, "cfg": 1.0, "sampler_name": "euler",
+            "scheduler": "beta", "positive": ["7", 0], "negative": ["7", 0], "latent_image": ["10", 0],
+            "denoise": 1.0}},
+        "5": {"class_type": "CLIPLoader", "inputs": {"clip_name": "te.safetensors", "type": "qwen_image"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["5", 0]}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 128, "batch_size": 1}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["6", 0]}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "sub/run"}},
+    }
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ComfyServer]:
+    srv = start_comfyui(root=tmp_path / "comfy", models_dir=tmp_path / "models", cold_s=0.2, warm_s=0.1,
+                        gpu_state_file=tmp_path / "gpu-state.json")
+    for folder, name in (("diffusion_models", "m.safetensors"), ("text_encoders", "te.safetensors")):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        (tmp_path / "models" / folder / name).write_bytes(b"x")
+    yield srv
+    srv.stop()
+
+
+def test_object_info_is_the_capture_plus_the_plugin_nodes(tmp_path: Path) -> None:
+    full = json.loads(__import__("gzip").open(CAPTURES / "object_info.full.json.gz").read())
+    without = capture(CAPTURES / "object_info.nunchaku-plugin-without-backend.json")
+    for kwargs, extra in (({"plugin": False}, set()),
+                          ({"nunchaku_nodes": False}, set(without)),
+                          ({}, set(without) | {"NunchakuQwenImageDiTLoader"})):
+        srv = start_comfyui(root=tmp_path / str(len(extra)), **kwargs)
+        try:
+            client = ComfyClient(srv.url)
+            info = client.object_info()
+            assert set(info) == set(full) | extra
+            assert info["KSampler"] == full["KSampler"]
+            for name in without:
+                if name in info:
+                    assert info[name] == without[name]
+            assert client.object_info("NunchakuQwenImageDiTLoader") == (
+                {} if "NunchakuQwenImageDiTLoader" not in extra
+                else {"NunchakuQwenImageDiTLoader": info["NunchakuQwenImageDiTLoader"]})
+        finally:
+            srv.stop()
+    loader = info["NunchakuQwenImageDiTLoader"]
+    assert set(loader) == set(full["UNETLoader"])                  # the same keys as a real entry
+    assert loader["input"]["required"]["cpu_offload"][0] == ["auto", "enable", "disable"]
+    assert loader["input"]["optional"]["num_blocks_on_gpu"][1]["max"] == 60
+
+
+def test_system_stats_has_the_captured_shape_with_a_cuda_device(server: ComfyServer) -> None:
+    real = capture(CAPTURES / "system_stats.json")
+    stats = ComfyClient(server.url).system_stats()
+    assert set(stats["system"]) == set(real["system"])
+    assert set(stats["devices"][0]) == set(real["devices"][0])
+    dev = stats["devices"][0]
+    assert dev["type"] == "cuda" and dev["name"].startswith("cuda:0 NVIDIA GeForce RTX 3090")
+    assert dev["vram_total"] == 24576 * 2**20 and dev["vram_free"] < dev["vram_total"]
+
+
+@pytest.mark.parametrize("case", ["unknown_node", "missing_input", "bad_value", "no_output",
+                                  "no_prompt_key", "model_not_in_list", "loadimage_missing"])
+def test_prompt_rejections_match_the_captured_answers(server: ComfyServer, case: str,
+                                                     tmp_path: Path) -> None:
+    body = (EXTRA / f"prompt.error.{case}.request.json").read_bytes()
+    if case == "unknown_node":                  # captured with the plugin but not its backend
+        server = start_comfyui(root=tmp_path / "no-backend", nunchaku_nodes=False)
+    try:
+        status, headers, data = request(server.url + "/prompt", "POST", body)
+    finally:
+        if case == "unknown_node":
+            server.stop()
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(data) == capture(EXTRA / f"prompt.error.{case}.response.400.json")
+
+
+def test_models_missing_lists_every_loader_and_malformed_json_is_a_500(server: ComfyServer,
+                                                                       tmp_path: Path) -> None:
+    empty = start_comfyui(root=tmp_path / "empty", models_dir=tmp_path / "no-models")   # as captured
+    try:
+        ComfyClient(empty.url).upload_image("fixture_input.png",
+                                            (EXTRA / "view.fixture_empty_00001_.png").read_bytes())
+        status, _, data = request(empty.url + "/prompt", "POST",
+                                  (EXTRA / "prompt.error.models_missing.request.json").read_bytes())
+    finally:
+        empty.stop()
+    assert status == 400
+    assert json.loads(data) == capture(EXTRA / "prompt.error.models_missing.response.400.json")
+    status, headers, data = request(server.url + "/prompt", "POST", b'{"prompt": {')
+    assert (status, data) == (500, (EXTRA / "prompt.error.malformed_json.response.500.txt").read_bytes())
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+def test_a_prompt_runs_history_goes_pending_then_done_and_view_serves_a_png(server: ComfyServer) -> None:
+    client = ComfyClient(server.url)
+    slow = client.queue_prompt(sampler_graph())                       # cold: 0.3 s at least
+    assert client._json("GET", f"/history/{slow}") == capture(EXTRA / "history.pending.json")
+    body = (EXTRA / "prompt.ok.request.json").read_bytes()
+    status, _, data = request(server.url + "/prompt", "POST", body)
+    answer = json.loads(data)
+    assert status == 200 and set(answer) == set(capture(EXTRA / "prompt.ok.response.json"))
+    assert answer["number"] == 1 and answer["node_errors"] == {}
+    pid = answer["prompt_id"]
+    done = client.wait(pid, 20)
+    entry = client._json("GET", f"/history/{pid}")[pid]
+    real_entry = next(iter(capture(EXTRA / "history.ok.json").values()))
+    assert set(entry) == set(real_entry) and set(entry["status"]) == set(real_entry["status"])
+    assert [m[0] for m in entry["status"]["messages"]] == [m[0] for m in real_entry["status"]["messages"]]
+    assert entry["prompt"][3] == {"client_id": "fixture-client-0001"} and entry["prompt"][4] == ["2"]
+    assert entry["meta"] == {"2": real_entry["meta"]["2"]}
+    assert done.images[0].filename == "fixture_empty_00001_.png"
+    status, headers, png = request(server.url + "/view?filename=fixture_empty_00001_.png&subfolder=&type=output")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    img = Image.open(io.BytesIO(png))
+    assert img.size == (64, 64) and json.loads(img.text["prompt"]) == json.loads(body)["prompt"]
+    assert request(server.url + "/view?filename=nope.png&type=output")[:3:2] == (404, b"")
+    assert request(server.url + "/view?filename=../../etc/passwd&type=output")[0] == 404
+
+
+def test_queue_numbers_every_parsed_post_and_shows_busy_items(server: ComfyServer) -> None:
+    client = ComfyClient(server.url)
+    request(server.url + "/prompt", "POST", (EXTRA / "prompt.error.no_output.request.json").read_bytes())
+    first = client.queue_prompt(sampler_graph(1))
+    second = client.queue_prompt(sampler_graph(2))
+    queue = client.queue()
+    busy = capture(EXTRA / "queue.busy.json")
+    assert set(queue) == set(busy)
+    items = queue["queue_running"] + queue["queue_pending"]
+    assert all(len(i) == len(busy["queue_running"][0]) for i in items)
+    assert [i[1] for i in items] == [first, second]
+    assert [i[0] for i in items] == [1, 2]                           # the rejected post took number 0
+    assert client._json("GET", "/prompt") == {"exec_info": {"queue_remaining": 2}}
+    client.wait(second, 20)
+    assert client.queue() == capture(EXTRA / "queue.idle.json")
+    assert client._json("GET", "/prompt") == capture(EXTRA / "prompt.get.idle.json")
+
+
+def test_websocket_messages_follow_comfyui_order_and_shapes(server: ComfyServer) -> None:
+    events: list[tuple[str, dict]] = []
+    graph = sampler_graph()
+    with ComfyClient(server.url) as client:
+        assert client.listen()
+        pid = client.queue_prompt(graph)
+        done = client.wait(pid, 20, on_message=lambda k, d: events.append((k, d)))
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "status" and kinds[-1] in ("executing", "status")
+        mine = [k for k, d in events if d.get("prompt_id") == pid]
+        assert mine[:2] == ["execution_start", "execution_cached"] and mine[-2:] == ["execution_success", "executing"]
+        progress = [d for k, d in events if k == "progress"]
+        assert [p["value"] for p in progress] == [1, 2, 3, 4] and progress[0] == {
+            "value": 1, "max": 4, "prompt_id": pid, "node": "9"}
+        executed = next(d for k, d in events if k == "executed")
+        assert executed["node"] == "12" and executed["output"]["images"][0]["subfolder"] == "sub"
+        assert done.seconds is not None and done.seconds >= 0.3             # cold load + 4 steps
+        png = client.view(done.images[0].filename, "sub")
+        assert Image.open(io.BytesIO(png)).size == (256, 128)
+        assert json.loads((server.root.parent / "gpu-state.json").read_text())["memory_used_mib"] > 6000
+        # The same prompt again: every node from cache, at once, same image (ComfyUI's behaviour).
+        again = client.wait(client.queue_prompt(graph), 20)
+        assert set(again.cached_nodes) == set(graph) and again.images == done.images
+        assert again.seconds is not None and again.seconds < 0.1
+        client.free(unload_models=True, free_memory=True)
+        time.sleep(0.2)
+        assert json.loads((server.root.parent / "gpu-state.json").read_text())["memory_used_mib"] == 256
+        third = client.wait(client.queue_prompt(graph), 20)
+        assert third.cached_nodes == () and third.images[0].filename == "run_00002_.png"
+
+
+def test_placeholder_model_fails_at_execution_like_the_capture(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "vae").mkdir(parents=True)
+    (models / "vae" / "qwen_image_vae.safetensors").write_text("placeholder, not a real model\n")
+    srv = start_comfyui(root=tmp_path / "comfy", models_dir=models, check_models=True)
+    try:
+        client = ComfyClient(srv.url)
+        graph = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
+                 "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                 "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+                 "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+                 "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}}}
+        done = client.wait(client.queue_prompt(graph), 10)
+        real = next(iter(capture(EXTRA / "history.exec_error.json").values()))
+        entry = client._json("GET", f"/history/{done.prompt_id}")[done.prompt_id]
+        error = entry["status"]["messages"][-1][1]
+        assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+        assert set(error) == set(real["status"]["messages"][-1][1])
+        assert str(done.error) == ("node 1 (VAELoader) failed: safetensors._safetensors_rust."
+                                   "SafetensorError: Error while deserializing header: header too large")
+    finally:
+        srv.stop()
+
+
+def test_upload_answers_like_the_capture(server: ComfyServer) -> None:
+    client = ComfyClient(server.url)
+    png = (EXTRA / "view.fixture_empty_00001_.png").read_bytes()
+    assert client.upload_image("fixture_input.png", png) == capture(EXTRA / "upload_image.response.json")
+    assert client.upload_image("fixture_input.png", png, overwrite=False)["name"] == "fixture_input (1).png"
+    assert client.view("fixture_input.png", type="input") == png
+    assert "fixture_input.png" in client.object_info("LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+
+
+def test_cli_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "provisioner.sandbox.comfyui_server", "--port", "0",
+                             "--root", str(tmp_path), "--no-nunchaku"], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("To see the GUI go to: http://127.0.0.1:")
+        client = ComfyClient(line.split(": ", 1)[1].strip())
+        assert client.object_info("NunchakuQwenImageDiTLoader") == {}
+        assert (tmp_path / "input" / "example.png").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
