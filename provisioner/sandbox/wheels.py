@@ -152,11 +152,12 @@ def build_impostor_nunchaku(out_dir: Path) -> Path:
 
 STAND_INS: tuple[tuple[str, str], ...] = (
     ("diffusers", "0.34.0"), ("diffusers", "0.35.2"), ("peft", "0.16.0"), ("peft", "0.17.1"),
+    ("transformers", "4.57.1"), ("accelerate", "1.11.0"),
 )
 
 
 def build_package_wheelhouse(out_dir: Path) -> Path:
-    """A --find-links folder with stand-ins for diffusers and peft (two versions each, no deps)."""
+    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend."""
     out_dir = Path(out_dir)
     for name, version in STAND_INS:
         init_py = f'"""Sandbox stand-in for {name} {version}."""\n__version__ = {version!r}\n'
