@@ -1,0 +1,91 @@
+"""The fleet verification report: report.json, report.html and junit.xml in one directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner.errors import ProvisionError
+from provisioner.report.adapt import from_exception, from_verification, versions_from
+from provisioner.report.compare import compare, read_previous, with_comparison
+from provisioner.report.html import render_html
+from provisioner.report.json_report import dumps, report_to_json
+from provisioner.report.junit import render_junit
+from provisioner.report.model import (
+    REPORT_VERSION,
+    Flag,
+    FleetReport,
+    HostEntry,
+    HostReport,
+    Summary,
+    build_report,
+)
+
+JSON_NAME, PREVIOUS_NAME, HTML_NAME, JUNIT_NAME = "report.json", "report.previous.json", "report.html", "junit.xml"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    directory: Path
+    json: Path
+    html: Path
+    junit: Path
+    previous: Path | None              # report.previous.json, when there was a report before
+    report: FleetReport                # as written: with its comparison flags
+
+    @property
+    def regressions(self) -> tuple[Flag, ...]:
+        return self.report.regressions
+
+    @property
+    def improvements(self) -> tuple[Flag, ...]:
+        return self.report.improvements
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Temp sibling, fsync, rename: a reader (a CI job, a browser) never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(directory: str | os.PathLike[str], report: FleetReport) -> ReportPaths:
+    """Write report.json, report.html, junit.xml into `directory` (created), compared with the
+    report.json already there, which is kept as report.previous.json."""
+    where = Path(directory)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        current = where / JSON_NAME
+        before = current.read_bytes() if current.is_file() else None
+        previous, note = read_previous(before) if before is not None else (None, None)
+        report = with_comparison(report, previous, note)
+        documents = [(where / JSON_NAME, dumps(report).encode()),
+                     (where / HTML_NAME, render_html(report).encode()),
+                     (where / JUNIT_NAME, render_junit(report))]
+        if before is not None:
+            _write(where / PREVIOUS_NAME, before)
+        for path, data in documents:
+            _write(path, data)
+    except OSError as err:
+        raise ProvisionError(f"cannot write the report to {where}: {err.strerror or err} "
+                             "(choose a writable --report directory)") from None
+    return ReportPaths(where, where / JSON_NAME, where / HTML_NAME, where / JUNIT_NAME,
+                       where / PREVIOUS_NAME if before is not None else None, report)
+
+
+__all__ = [
+    "REPORT_VERSION", "Flag", "FleetReport", "HostEntry", "HostReport", "ReportPaths", "Summary",
+    "build_report", "compare", "dumps", "from_exception", "from_verification", "read_previous",
+    "render_html", "render_junit", "report_to_json", "versions_from", "with_comparison",
+    "write_report",
+]

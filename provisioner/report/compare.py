@@ -1,0 +1,111 @@
+"""Regressions and improvements against the previous report.json of the same directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from provisioner.report.model import REPORT_VERSION, Flag, FleetReport, HostReport
+
+# A warm median is "slower" only past both bars: 20 % catches a real loss (offload turned on,
+# a slower kernel) while +0.5 s keeps a 1.0 s -> 1.3 s jitter on a fast GPU from crying wolf.
+SLOWER_FACTOR = 1.2
+SLOWER_MIN_S = 0.5
+VRAM_FACTOR = 1.05          # +5 % VRAM peak: a second model copy, offload off, a leak
+
+
+def read_previous(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The previous report, or None and why it cannot be compared with (never raises)."""
+    try:
+        previous = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as err:
+        return None, f"previous report.json is not JSON ({err}): not compared"
+    if not isinstance(previous, dict) or not isinstance(previous.get("hosts"), list):
+        return None, "previous report.json has no hosts list: not compared"
+    if previous.get("version") != REPORT_VERSION:
+        return None, (f"previous report.json is version {previous.get('version')!r}, this is "
+                      f"{REPORT_VERSION}: not compared")
+    return previous, None
+
+
+def _number(mapping: Any, key: str) -> float | None:
+    value = mapping.get(key) if isinstance(mapping, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _timing(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
+    was, now = _number(before.get("figures"), "warm_median_s"), host.figures.warm_median_s
+    if was is None or now is None or was <= 0:
+        return []
+    change = f"warm median {now:.2f} s, was {was:.2f} s ({now / was - 1:+.0%})"
+    if now > was * SLOWER_FACTOR and now - was > SLOWER_MIN_S:
+        return [Flag(host.host, "slower", True, change, was, now)]
+    if now * SLOWER_FACTOR < was and was - now > SLOWER_MIN_S:
+        return [Flag(host.host, "faster", False, change, was, now)]
+    return []
+
+
+def _vram(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
+    was, now = _number(before.get("figures"), "vram_peak_gb"), host.figures.vram_peak_gb
+    if was is None or now is None or was <= 0:
+        return []
+    change = f"VRAM peak {now:.2f} GiB, was {was:.2f} GiB ({now / was - 1:+.0%})"
+    if now > was * VRAM_FACTOR:
+        return [Flag(host.host, "more_vram", True, change, was, now)]
+    if now * VRAM_FACTOR < was:
+        return [Flag(host.host, "less_vram", False, change, was, now)]
+    return []
+
+
+def _checks(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
+    passed_before = {c.get("name"): c.get("passed") for c in before.get("checks") or ()
+                     if isinstance(c, Mapping)}
+    flags = []
+    for check in host.checks:
+        was = passed_before.get(check.name)
+        if was is True and not check.passed:
+            flags.append(Flag(host.host, "new_failure", True, f"{check.name} now fails: {check.detail}",
+                              "passed", "failed"))
+        elif was is False and check.passed:
+            flags.append(Flag(host.host, "fixed", False, f"{check.name} passes again", "failed", "passed"))
+    return flags
+
+
+def _host(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
+    was = before.get("status")
+    if host.status == "unreachable":
+        if was == "unreachable":
+            return []
+        return [Flag(host.host, "unreachable", True, f"now unreachable (was {was}): {host.failures[0]}",
+                     was, "unreachable")]
+    flags = []
+    if was == "unreachable":
+        flags.append(Flag(host.host, "reachable", False, f"reachable again ({host.status})",
+                          "unreachable", host.status))
+    checks = _checks(host, before)
+    if was == "passed" and host.status == "failed" and not any(f.regression for f in checks):
+        flags.append(Flag(host.host, "failed", True, f"now fails: {host.failures[0]}", "passed", "failed"))
+    if was == "failed" and host.status == "passed" and not checks:
+        flags.append(Flag(host.host, "passing", False, "passes again", "failed", "passed"))
+    return flags + checks + _timing(host, before) + _vram(host, before)
+
+
+def compare(previous: Mapping[str, Any], current: FleetReport) -> tuple[Flag, ...]:
+    """Every flag of `current` against the `previous` report.json; hosts new or gone are not flagged."""
+    before = {h["host"]: h for h in previous.get("hosts") or () if isinstance(h, Mapping) and "host" in h}
+    flags: list[Flag] = []
+    for host in current.hosts:
+        if host.host in before:
+            flags.extend(_host(host, before[host.host]))
+    return tuple(flags)
+
+
+def with_comparison(report: FleetReport, previous: Mapping[str, Any] | None,
+                    note: str | None = None) -> FleetReport:
+    """`report` carrying its flags against `previous` (None: no previous, `note` says why)."""
+    if previous is None:
+        return replace(report, flags=(), baseline=None, comparison_note=note or "no previous report")
+    return replace(report, flags=compare(previous, report), baseline=previous.get("generated_at"),
+                   comparison_note=None)

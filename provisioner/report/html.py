@@ -1,0 +1,57 @@
+"""report.html: one self-contained page (inline CSS, data-URI thumbnails, no script, no fetch)."""
+
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+
+from provisioner.report.model import FleetReport, HostReport
+
+TEMPLATES = Path(__file__).with_name("templates")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} s"
+
+
+def _gib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} GiB"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1024:.2f} GiB"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+@lru_cache(maxsize=1)
+def _template() -> Template:
+    # Autoescape everywhere: host names, prompts, error strings and details come from hosts and
+    # profiles, and the page must stay inert whatever they contain.
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(seconds=_seconds, gib=_gib, mib=_mib, number=_number)
+    return env.get_template("report.html.j2")
+
+
+def _thumbnails(host: HostReport) -> list[dict[str, str]]:
+    # Only real PNGs become data URIs: anything else would render as a broken image icon.
+    return [{"label": label, "src": _data_uri(png)} for label, png in host.thumbnails
+            if png.startswith(_PNG_MAGIC)]
+
+
+def render_html(report: FleetReport) -> str:
+    """The report.html page: fleet summary, flags, then each host, failures first."""
+    hosts = [{"id": f"host-{i}", "report": h, "flags": report.flags_for(h.host),
+              "thumbnails": _thumbnails(h)} for i, h in enumerate(report.hosts, 1)]
+    return _template().render(report=report, summary=report.summary, hosts=hosts)

@@ -1,0 +1,65 @@
+"""report.json: the fleet report as documented JSON (docs/report-schema.md, report.schema.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from provisioner.report.model import REPORT_VERSION, Extreme, Flag, FleetReport, HostReport
+
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+
+
+def _extreme(value: Extreme | None) -> dict[str, Any] | None:
+    return None if value is None else {"host": value.host, "value": value.value}
+
+
+def _flag(flag: Flag) -> dict[str, Any]:
+    return {"host": flag.host, "kind": flag.kind, "message": flag.message,
+            "previous": flag.previous, "current": flag.current}
+
+
+def host_to_json(host: HostReport) -> dict[str, Any]:
+    return {
+        "host": host.host,
+        "status": host.status,
+        "error": host.error,
+        "failures": list(host.failures),
+        "facts": None if host.facts is None else asdict(host.facts),
+        "versions": dict(host.versions),
+        "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail, "value": c.value,
+                    "lines": list(c.lines)} for c in host.checks],
+        "runs": [{"prompt": r.prompt, "kind": r.kind, "seconds_comfy": r.seconds_comfy,
+                  "seconds_wall": r.seconds_wall, "vram_peak_mib": r.vram_peak_mib,
+                  "image": None if r.image is None else asdict(r.image)} for r in host.runs],
+        "figures": asdict(host.figures),
+    }
+
+
+def report_to_json(report: FleetReport) -> dict[str, Any]:
+    """The report.json document (thumbnails are left to report.html to keep this file small)."""
+    summary = report.summary
+    return {
+        "version": REPORT_VERSION,
+        "generated_at": report.generated_at,
+        "profile": report.profile,
+        "summary": {
+            "hosts": summary.hosts, "passed": summary.passed, "failed": summary.failed,
+            "unreachable": summary.unreachable,
+            "fastest_warm_s": _extreme(summary.fastest_warm),
+            "slowest_warm_s": _extreme(summary.slowest_warm),
+            "max_vram_gb": _extreme(summary.max_vram),
+            "regressions": len(report.regressions), "improvements": len(report.improvements),
+        },
+        "comparison": {"baseline": report.baseline, "note": report.comparison_note},
+        "regressions": [_flag(f) for f in report.regressions],
+        "improvements": [_flag(f) for f in report.improvements],
+        "hosts": [host_to_json(h) for h in report.hosts],
+    }
+
+
+def dumps(report: FleetReport) -> str:
+    # allow_nan=False: a NaN figure must fail here, not produce a file strict parsers reject.
+    return json.dumps(report_to_json(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
