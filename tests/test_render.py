@@ -69,3 +69,11 @@ def test_summary_line_counts_hosts_and_changes():
     doc = json.loads(results_to_json(results))
     assert [h["status"] for h in doc["hosts"]] == ["changes", "ok", "unreachable", "failed"]
     assert doc["hosts"][0]["changes"][0]["steps"] == ["/v/bin/python -m pip install diffusers>=0.35"]
+
+
+def test_created_text_is_one_line_unless_verbose():
+    created = Change("workflow", "/w.json", "create", "create /w.json", None, '{\n  "a": 1\n}\n', ())
+    assert diff_lines(created, full=False) == ["new file, 3 lines (-v shows it)"]
+    assert '+  "a": 1' in diff_lines(created)
+    plan = HostPlan("h", facts("h"), (created,))
+    assert "new file, 3 lines" in text_of(plan) and '"a": 1' in text_of(plan, verbose=True)

@@ -39,9 +39,14 @@ def _human(n: float | None) -> str:
     return str(n)
 
 
-def diff_lines(change: Change) -> list[str]:
-    """before/after as lines: a unified diff for texts, `key: old -> new` for mappings."""
+def diff_lines(change: Change, *, full: bool = True) -> list[str]:
+    """before/after as lines: a unified diff for texts, `key: old -> new` for mappings.
+
+    A text created from nothing is one line unless `full` (its whole body says little in a plan).
+    """
     before, after = change.before, change.after
+    if not before and isinstance(after, str) and not full:
+        return [f"new file, {len(after.splitlines())} lines (-v shows it)"]
     if isinstance(before, str) or isinstance(after, str):
         old = (before or "").splitlines()
         new = (after or "").splitlines()
@@ -78,7 +83,7 @@ def render_host(console: Console, plan: HostPlan, *, verbose: bool = False) -> N
     for change in plan.changes:
         sigil, colour = SIGILS[change.action]
         console.print(f"  [{colour}]{sigil}[/] [bold]{change.resource}[/] {escape(change.summary)}")
-        for line in diff_lines(change):
+        for line in diff_lines(change, full=verbose):
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
             console.print(f"      [{style}]{escape(line)}[/]", highlight=False)
         for warning in change.warnings:
