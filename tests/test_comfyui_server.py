@@ -246,9 +246,11 @@ def test_upload_answers_like_the_capture(server: ComfyServer) -> None:
     assert "fixture_input.png" in client.object_info("LoadImage")["LoadImage"]["input"]["required"]["image"][0]
 
 
-def test_cli_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "provisioner.sandbox.comfyui_server", "--port", "0",
-                             "--root", str(tmp_path), "--no-nunchaku"], cwd=REPO,
+def test_cli_runs_as_a_process_without_site_packages_and_stops_on_sigterm(tmp_path: Path) -> None:
+    # -S: no site-packages (no Pillow), as under a sandbox host's bare venv python.
+    proc = subprocess.Popen([sys.executable, "-S", "-m", "provisioner.sandbox.comfyui_server", "--port", "0",
+                             "--root", str(tmp_path), "--no-nunchaku", "--cold-s", "0"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -256,6 +258,9 @@ def test_cli_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
         client = ComfyClient(line.split(": ", 1)[1].strip())
         assert client.object_info("NunchakuQwenImageDiTLoader") == {}
         assert (tmp_path / "input" / "example.png").is_file()
+        done = client.wait(client.queue_prompt(capture(CAPTURES / "prompt.request.json")["prompt"]), 10)
+        with Image.open(io.BytesIO(client.view(done.images[0].filename))) as img:
+            assert img.size == (64, 64)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -1,17 +1,15 @@
 """The stand-in ComfyUI's executor: runs a validated graph node by node like ComfyUI, minus the maths.
 
 Sizes flow through the graph as ComfyUI's tensors would (latents are 1/8 of the pixels), samplers
-sleep (cold model load, then per-step progress), SaveImage writes a real PNG. Node outputs are
+sleep (cold model load, then per-step progress), SaveImage writes a real PNG (stdlib only). Node outputs are
 cached by input signature, so an identical prompt comes back at once from cache, as in ComfyUI.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import random
 import struct
 import time
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageChops, PngImagePlugin
+from provisioner.sandbox import comfyui_png as png
 
 Send = Callable[[str, dict[str, Any]], None]
 SAMPLERS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}
@@ -56,22 +54,6 @@ class Gpu:
     def resident_mib(self) -> int:
         """Weights stay after a run; activations (an eighth, at most 1 GiB) are freed."""
         return self.peak_mib - min(1024, self.peak_mib // 8)
-
-
-def picture(width: int, height: int, seed: int, mode: str) -> Image.Image:
-    """normal: a smooth two-colour gradient with grain, different per seed; black; uniform grey."""
-    if mode == "black":
-        return Image.new("RGB", (width, height), (0, 0, 0))
-    if mode == "uniform":
-        return Image.new("RGB", (width, height), (128, 128, 128))
-    rng = random.Random(seed)
-    a = tuple(rng.randint(40, 200) for _ in range(3))
-    b = tuple(rng.randint(40, 200) for _ in range(3))
-    ramp = Image.linear_gradient("L").resize((width, height)).rotate(rng.choice((0, 90, 180, 270)))
-    base = Image.composite(Image.new("RGB", (width, height), b), Image.new("RGB", (width, height), a), ramp)
-    grain = Image.effect_noise((width, height), 24).convert("RGB")
-    return ImageChops.add(ImageChops.multiply(base, Image.new("RGB", (width, height), (230,) * 3)),
-                          ImageChops.multiply(grain, Image.new("RGB", (width, height), (25,) * 3)))
 
 
 def check_safetensors(path: Path) -> None:
@@ -166,8 +148,11 @@ class Executor:
                     check_safetensors(hits[0])
             return ("model", name), None
         if cls == "LoadImage":
-            with Image.open(self.root / "input" / str(arg["image"])) as img:
-                return ("image", *img.size), None
+            found = png.size((self.root / "input" / str(arg["image"])).read_bytes())
+            if found is None:                 # the stand-in reads PNG only; ComfyUI's PIL says this
+                raise NodeFailed("PIL.UnidentifiedImageError",
+                                 f"cannot identify image file '{arg['image']}'")
+            return ("image", *found), None
         if cls in ("EmptySD3LatentImage", "EmptyLatentImage"):
             return ("latent", int(arg["width"]) // 8, int(arg["height"]) // 8), None
         if cls in ("EmptyImage", "ImageScale"):
@@ -220,9 +205,5 @@ class Executor:
         image = arg["images"]
         w, h = (image[1], image[2]) if isinstance(image, tuple) else (64, 64)
         seed = image[3] if isinstance(image, tuple) and len(image) > 3 else 0
-        info = PngImagePlugin.PngInfo()
-        info.add_text("prompt", json.dumps(graph))
-        buf = io.BytesIO()
-        picture(w, h, seed, self.image_mode).save(buf, format="PNG", pnginfo=info, compress_level=1)
-        (folder / name).write_bytes(buf.getvalue())
+        (folder / name).write_bytes(png.picture(w, h, seed, self.image_mode, {"prompt": json.dumps(graph)}))
         return {"filename": name, "subfolder": sub, "type": kind}

@@ -22,8 +22,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from provisioner.sandbox import comfyui_nodes as nodes, nvidia_smi
-from provisioner.sandbox.comfyui_exec import Executor, Gpu, NodeFailed, picture
+from provisioner.sandbox import comfyui_nodes as nodes, comfyui_png, nvidia_smi
+from provisioner.sandbox.comfyui_exec import Executor, Gpu, NodeFailed
 from provisioner.sandbox.comfyui_http import Handler
 from provisioner.verify import ws
 
@@ -224,7 +224,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
     example = base_dir / "input" / "example.png"       # every ComfyUI checkout ships one
     if not example.exists():
-        picture(512, 512, 0, "normal").save(example)
+        example.write_bytes(comfyui_png.picture(512, 512, 0, "normal"))
     state_file = Path(gpu_state_file) if gpu_state_file else None
     gpu = Gpu(vram_total_mib, IDLE_MIB, vram_mib, lambda mib: _write_gpu_state(state_file, mib))
     gpu.set(IDLE_MIB)
