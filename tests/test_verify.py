@@ -1,0 +1,243 @@
+"""verify_host end to end: the stand-in ComfyUI, reached through the local connection's tunnel, with
+the sandbox nvidia-smi shim on PATH reading the stand-in's GPU state file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from provisioner.config.model import Profile, build_profile
+from provisioner.connection.local import LocalConnection
+from provisioner.inventory import Host
+from provisioner.sandbox import host as sandbox_host
+from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
+from provisioner.verify import HostVerification, check_image, verify_host
+from provisioner.verify.graph import expected_size, prepare
+
+DIT = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+
+
+def t2i_graph(width: int = 512, height: int = 384) -> dict[str, Any]:
+    """The text-to-image template's graph (node ids 3/4/9 as in the seed), rendered."""
+    return {
+        "3": {"class_type": "NunchakuQwenImageDiTLoader", "inputs": {
+            "model_name": DIT, "cpu_offload": "disable", "num_blocks_on_gpu": 1, "use_pin_memory": "disable"}},
+        "4": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["3", 0], "shift": 1.0}},
+        "5": {"class_type": "CLIPLoader", "inputs": {
+            "clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "template prompt", "clip": ["5", 0]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["5", 0]}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "9": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "beta",
+            "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["10", 0], "denoise": 1.0}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["6", 0]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "provision"}},
+    }
+
+
+def edit_graph() -> dict[str, Any]:
+    """The image-edit template's shape: LoadImage -> ImageScaleToTotalPixels -> VAEEncode / encoder."""
+    g = t2i_graph()
+    del g["10"]
+    g["13"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    g["14"] = {"class_type": "ImageScaleToTotalPixels",
+               "inputs": {"image": ["13", 0], "upscale_method": "lanczos", "megapixels": 0.25}}
+    g["7"] = {"class_type": "TextEncodeQwenImageEditPlus",
+              "inputs": {"clip": ["5", 0], "prompt": "make it blue", "vae": ["6", 0], "image1": ["14", 0]}}
+    g["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["6", 0]}}
+    g["9"]["inputs"]["latent_image"] = ["15", 0]
+    return g
+
+
+def profile_for(port: int, tmp: Path, **verify: Any) -> Profile:
+    data = {"comfyui": {"root": str(tmp / "ComfyUI"), "port": port},
+            "verify": {"prompts": ["a red fox in the snow"], "warm_runs": 2, "seed": 42, "timeout_s": 30,
+                       **verify}}
+    return build_profile(data, name="test", file=str(tmp / "profile.yaml"))
+
+
+@pytest.fixture
+def gpu_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An RTX 3090 nvidia-smi shim first on PATH, reading the state file the stand-in writes."""
+    state, bin_dir = tmp_path / "gpu-state.json", tmp_path / "bin"
+    bin_dir.mkdir()
+    sandbox_host.install_nvidia_smi(bin_dir, sandbox_host.gpu_config("rtx3090", state))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return state
+
+
+@pytest.fixture
+def comfy(tmp_path: Path, gpu_state: Path) -> Iterator[Callable[..., ComfyServer]]:
+    started: list[ComfyServer] = []
+
+    def make(**kw: Any) -> ComfyServer:
+        srv = start_comfyui(root=tmp_path / "ComfyUI", gpu_state_file=gpu_state,
+                            **{"cold_s": 0.4, "warm_s": 0.1, **kw})
+        started.append(srv)
+        return srv
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+def run(srv_port: int, tmp: Path, graph: dict[str, Any] | None = None, image: bytes | None = None,
+        **verify: Any) -> HostVerification:
+    conn = LocalConnection(Host("gpu-01", transport="local"))
+    return verify_host(conn, profile_for(srv_port, tmp, **verify), None,
+                       workflow_graph=graph or t2i_graph(), input_image=image, vram_interval_s=0.05)
+
+
+def by_name(result: HostVerification) -> dict[str, Any]:
+    return {c.name: c for c in result.checks}
+
+
+def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., ComfyServer],
+                                                          tmp_path: Path) -> None:
+    srv = comfy()
+    result = run(srv.port, tmp_path, thresholds={"warm_seconds": 5, "cold_seconds": 10, "vram_gb": 9})
+    checks = by_name(result)
+    assert result.passed, [c.line for c in result.checks]
+    assert list(checks) == ["comfyui_reachable", "nodes_registered", "workflow_accepted", "generation",
+                            "images_ok", "cold_time", "warm_time", "vram_peak"]
+    assert [r.kind for r in result.runs] == ["cold", "warm", "warm"]
+    assert [r.seed for r in result.runs] == [42, 43, 44]
+    cold, warm = result.runs[0], result.runs[1]
+    assert cold.seconds_comfy >= 0.4 > warm.seconds_comfy >= 0.1      # ComfyUI's own timestamps
+    assert cold.seconds_wall >= cold.seconds_comfy
+    assert checks["vram_peak"].value == pytest.approx(7910 / 1024, abs=0.01)
+    assert "nvidia-smi samples" in checks["vram_peak"].detail
+    assert all(r.image.ok and (r.image.width, r.image.height) == (512, 384) for r in result.runs)
+    assert Image.open(io.BytesIO(cold.thumbnail)).size == (256, 192)
+    assert result.comfyui_version == "0.3.64" and "RTX 3090" in result.device
+    # The graph really carried the profile's prompt and seed: read them back from the PNG ComfyUI wrote.
+    saved = sorted((srv.root / "output" / "provision_verify").glob("*.png"))
+    embedded = json.loads(Image.open(saved[0]).text["prompt"])
+    assert embedded["7"]["inputs"]["text"] == "a red fox in the snow" and embedded["9"]["inputs"]["seed"] == 42
+    doc = json.loads(json.dumps(result.to_json()))
+    assert doc["passed"] is True and doc["runs"][0]["thumbnail_png_base64"]
+
+
+def test_plugin_without_backend_fails_nodes_check_with_that_reason(comfy: Callable[..., ComfyServer],
+                                                                   tmp_path: Path) -> None:
+    result = run(comfy(nunchaku_nodes=False).port, tmp_path)
+    checks = by_name(result)
+    assert not result.passed
+    assert not checks["nodes_registered"].passed
+    assert "ComfyUI-nunchaku loaded without its nunchaku backend" in checks["nodes_registered"].detail
+    assert "NunchakuDepthPreprocessor, NunchakuWheelInstaller" in checks["nodes_registered"].detail
+    assert checks["workflow_accepted"].detail == ("invalid_prompt: Cannot execute because node "
+                                                  "NunchakuQwenImageDiTLoader does not exist. (Node ID '#3')")
+    assert result.runs == ()
+
+
+def test_black_images_fail_the_image_check(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    result = run(comfy(image_mode="black").port, tmp_path, warm_runs=1)
+    checks = by_name(result)
+    assert checks["generation"].passed and not checks["images_ok"].passed
+    assert "2/2 images bad" in checks["images_ok"].detail and "black" in checks["images_ok"].detail
+    assert not result.passed
+
+
+def test_over_the_warm_threshold_fails(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    result = run(comfy(warm_s=0.3).port, tmp_path, warm_runs=1, thresholds={"warm_seconds": 0.05})
+    warm = by_name(result)["warm_time"]
+    assert not warm.passed and warm.value >= 0.3
+    assert warm.detail.startswith("warm median 0.3") and warm.detail.endswith("> 0.05 s")
+    assert [c.name for c in result.checks if not c.passed] == ["warm_time"]
+
+
+def test_comfyui_down_fails_cleanly(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run(port, tmp_path)
+    assert [c.name for c in result.checks] == ["comfyui_reachable"]
+    assert not result.passed and "does not answer GET /system_stats" in result.checks[0].detail
+    assert result.to_json()["passed"] is False
+
+
+def test_node_errors_surface_one_line_per_node(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    (models / "diffusion_models" / "svdq-int4_r32-qwen-image.safetensors").write_bytes(b"x")
+    result = run(comfy(models_dir=models).port, tmp_path)
+    accepted = by_name(result)["workflow_accepted"]
+    assert not accepted.passed and accepted.detail.startswith("prompt_outputs_failed_validation")
+    assert accepted.lines == (
+        f"node 3 (NunchakuQwenImageDiTLoader): value_not_in_list: model_name: '{DIT}' not in "
+        "['svdq-int4_r32-qwen-image.safetensors']",
+        "node 5 (CLIPLoader): value_not_in_list: clip_name: 'qwen_2.5_vl_7b_fp8_scaled.safetensors' not in []",
+        "node 6 (VAELoader): value_not_in_list: vae_name: 'qwen_image_vae.safetensors' not in ['pixel_space']",
+    )
+
+
+def test_edit_workflow_uploads_the_input_and_expects_its_scaled_size(comfy: Callable[..., ComfyServer],
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")           # no nvidia-smi: /system_stats alone
+    srv = comfy()
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 120, 200)).save(buf, format="PNG")
+    result = run(srv.port, tmp_path, graph=edit_graph(), image=buf.getvalue(), warm_runs=0)
+    assert result.passed, [c.line for c in result.checks]
+    assert (srv.root / "input" / "provision_verify_input.png").read_bytes() == buf.getvalue()
+    assert (srv.root / "input" / "example.png").read_bytes() != buf.getvalue()   # left alone
+    # 640x480 scaled to 0.25 MP -> 591x443 (ComfyUI rounds), then the VAE's multiple of 8.
+    assert (result.runs[0].image.width, result.runs[0].image.height) == (584, 440)
+    assert "/system_stats only" in by_name(result)["vram_peak"].detail
+    assert by_name(result)["warm_time"].detail == "warm median: not measured"
+    # Without an input image the host's own example.png (512x512 in the stand-in) is the input.
+    again = run(srv.port, tmp_path, graph=edit_graph(), warm_runs=0)
+    assert again.passed and (again.runs[0].image.width, again.runs[0].image.height) == (512, 512)
+
+
+def test_graph_helpers_set_prompt_seed_prefix_and_predict_size() -> None:
+    g = prepare(edit_graph(), prompt="p", seed=9, prefix="a/b")
+    assert g["7"]["inputs"]["prompt"] == "p" and g["8"]["inputs"]["text"] == ""
+    assert g["9"]["inputs"]["seed"] == 9 and g["12"]["inputs"]["filename_prefix"] == "a/b"
+    assert edit_graph()["7"]["inputs"]["prompt"] == "make it blue"          # a copy, not in place
+    assert expected_size(t2i_graph(1024, 1024)) == (1024, 1024)
+    assert expected_size(edit_graph(), None) is None
+
+
+def test_image_check_thresholds() -> None:
+    def png(img: Image.Image) -> bytes:
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+        return out.getvalue()
+
+    grad = Image.linear_gradient("L").convert("RGB")
+    assert check_image(png(grad), (256, 256)).ok
+    assert check_image(png(grad), (512, 512)).reasons == ("size 256x256, expected 512x512",)
+    assert "uniform" in check_image(png(Image.new("RGB", (64, 64), (128, 128, 128))), None).reasons[0]
+    tiled = grad.copy()
+    tiled.paste((255, 0, 255), (0, 0, 256, 128))                          # half magenta: NaN tiles
+    assert "pure-colour" in check_image(png(tiled), None).reasons[0]
+    holes = grad.copy()
+    holes.paste((0, 0, 0), (0, 0, 256, 100))
+    assert "pure black" in check_image(png(holes), None).reasons[0]
+    assert check_image(b"not a png", None).reasons[0].startswith("not a readable image")
+
+
+def test_the_projects_own_template_verifies(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    from provisioner.resources.workflow import render_text
+
+    values = dict(model_name=DIT, text_encoder="te.safetensors", vae="vae.safetensors", precision="int4",
+                  cpu_offload="disable", num_blocks_on_gpu=1, use_pin_memory="disable", steps=4, shift=1.0,
+                  cfg=1.0, sampler="euler", scheduler="beta", width=256, height=256, seed=1,
+                  prompt="template", image="example.png")
+    templates = Path(__file__).resolve().parents[1] / "templates"
+    graph = json.loads(render_text(templates, "qwen-image-lightning.json.j2", values))
+    result = run(comfy().port, tmp_path, graph=graph, warm_runs=1)
+    assert result.passed, [c.line for c in result.checks]
+    assert (result.runs[0].image.width, result.runs[0].image.height) == (256, 256)
