@@ -1,0 +1,153 @@
+"""A sandbox fleet for end-to-end tests: sandbox GPU hosts behind real sshd servers, the stand-in
+world (release server, Hub, git repo, wheelhouse), a ComfyUI stand-in process per host, and the
+profile + inventory that point `provision` at all of it. Commands run through the real CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sshd import SshdFleet, SshdHost, free_port, inventory_for
+
+from provisioner import cli
+from provisioner.sandbox import comfyui_process
+from provisioner.sandbox.host import SandboxHost, make_sandbox_host
+from provisioner.sandbox.world import World, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LabHost:
+    name: str
+    sandbox: SandboxHost
+    sshd: SshdHost
+    port: int                                   # the ComfyUI stand-in's
+
+    @property
+    def comfy(self) -> Path:
+        return self.sandbox.comfyui_root
+
+    @property
+    def plugin(self) -> Path:
+        return self.comfy / "custom_nodes" / "ComfyUI-nunchaku"
+
+    def pip(self, *args: str) -> None:
+        subprocess.run([str(self.sandbox.python), "-m", "pip", "install", "-q", "--no-index",
+                        "--disable-pip-version-check", *args], check=True)
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(self.plugin), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+
+@dataclass
+class Lab:
+    root: Path
+    world: World
+    fleet: SshdFleet
+    hosts: list[LabHost] = field(default_factory=list)
+    extra_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, n: int = 1, *, gpu: str | None = "rtx3090", torch: str | None = "2.6.0+cu124",
+            comfyui_version: str = "0.3.64") -> list[LabHost]:
+        made = []
+        for _ in range(n):
+            name = f"gpu-{len(self.hosts) + 1:02d}"
+            sandbox = make_sandbox_host(self.root / "hosts" / name, gpu=gpu, torch=torch,
+                                        comfyui_version=comfyui_version,
+                                        venv_template=self.world.venv_template)
+            (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
+            port = free_port()
+            comfyui_process.start(sandbox.comfyui_root, port, gpu_state=sandbox.gpu_state)
+            host = LabHost(name, sandbox, server, port)
+            self.hosts.append(host)
+            made.append(host)
+        self.write()
+        return made
+
+    def add_unreachable(self, name: str = "gpu-down") -> None:
+        self.extra_hosts[name] = {"ansible_host": "127.0.0.1", "ansible_port": free_port(),
+                                  "ansible_user": "root"}
+        self.write()
+
+    @property
+    def inventory(self) -> Path:
+        return self.root / "inventory.yaml"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile.yaml"
+
+    def write(self) -> None:
+        inv = inventory_for([h.sshd for h in self.hosts])
+        for host in self.hosts:
+            inv["all"]["hosts"][host.name]["provision"] = {"comfyui": {
+                "root": str(host.comfy), "port": host.port,
+                "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
+                                        "restart", str(host.comfy)]}}}
+        inv["all"]["hosts"].update(self.extra_hosts)
+        write_yaml(self.inventory, inv)
+        profile = {"extends": str(REPO / "profiles" / "rtx3090.yaml"), "inventory": str(self.inventory),
+                   "hosts": "all", "comfyui": {"root": "/nonexistent/set-per-host"},
+                   **self.world.profile_overrides()}
+        for key, value in self.profile_extra.items():
+            profile[key] = {**profile.get(key, {}), **value} if isinstance(value, dict) else value
+        write_yaml(self.profile, profile)
+
+    def ssh_args(self) -> list[str]:
+        return ["--ssh-config", str(self.fleet.ssh_config), "--known-hosts", str(self.fleet.known_hosts),
+                "--connect-timeout", "3"]
+
+    def run(self, verb: str, *args: str) -> tuple[int, str]:
+        """`provision VERB PROFILE ARGS` in-process; returns (exit code, everything it printed)."""
+        out = io.StringIO()
+        argv = [verb, str(self.profile), *self.ssh_args(), "--no-color", *args]
+        with redirect_stdout(out), redirect_stderr(out):
+            code = cli.main(argv)
+        return code, out.getvalue()
+
+    def spawn(self, verb: str, *args: str, log_dir: Path | None = None) -> subprocess.Popen[str]:
+        """The same as a separate process (to be killed, or run concurrently)."""
+        argv = [sys.executable, "-m", "provisioner", verb, str(self.profile), *self.ssh_args(),
+                "--no-color", *args]
+        if log_dir is not None:
+            argv += ["--log-dir", str(log_dir)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "COLUMNS": "200"})
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            comfyui_process.stop(host.comfy)
+        self.fleet.stop_all()
+
+
+def tree_state(root: Path, skip: Sequence[str] = (".provision-sandbox", "output", "__pycache__")) -> dict[str, str]:
+    """Path → sha256 (files) or 'dir', for byte-identity checks; ComfyUI's own output is skipped."""
+    state: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part in skip for part in rel.parts):
+            continue
+        if path.is_symlink():
+            state[str(rel)] = "link:" + os.readlink(path)
+        elif path.is_file():
+            state[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[str(rel)] = "dir"
+    return state
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if ".provision-sandbox" not in p.parts and "output" not in p.relative_to(root).parts}

@@ -1,0 +1,169 @@
+"""`provision plan` over real sshd hosts in several states: the right changes and exit codes, and
+not one byte changed on any host."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab import Lab, LabHost, tree_state
+from sshd import SshdFleet
+
+from provisioner.sandbox.wheels import build_impostor_nunchaku
+from provisioner.sandbox.world import start_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    root = tmp_path_factory.mktemp("lab-plan")
+    world = start_world(root / "world")
+    lab = Lab(root, world, SshdFleet(root / "sshd"))
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        world.stop()
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab) -> LabHost:
+    """One host applied once; each test below bends it, plans, and puts it back with apply."""
+    fresh, host = lab.add(2)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    return host
+
+
+def plan_json(lab: Lab, *args: str) -> tuple[int, dict]:
+    code, out = lab.run("plan", "--json", *args)
+    start = out.index("{\n")
+    doc, _ = json.JSONDecoder().raw_decode(out[start:])
+    return code, doc
+
+
+def planned(lab: Lab, host: LabHost) -> tuple[int, dict]:
+    """Plan one host and prove it touched nothing on any host of the lab."""
+    before = {h.name: tree_state(h.sandbox.root) for h in lab.hosts}
+    code, doc = plan_json(lab, "--limit", host.name)
+    assert {h.name: tree_state(h.sandbox.root) for h in lab.hosts} == before
+    (entry,) = doc["hosts"]
+    return code, entry
+
+
+def restore(lab: Lab, host: LabHost) -> None:
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code in (0, 2), out
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_fresh_host_plans_every_resource(lab: Lab, converged: LabHost) -> None:
+    fresh = lab.hosts[0]
+    code, entry = planned(lab, fresh)
+    assert code == 2
+    resources = [c["resource"] for c in entry["changes"]]
+    assert resources[:4] == ["plugin", "backend", "packages", "model"]
+    assert resources.count("model") == 3 and resources.count("workflow") == 2
+    backend = next(c for c in entry["changes"] if c["resource"] == "backend")
+    assert "nunchaku-1.0.1+torch2.6-cp" in " ".join(backend["steps"])
+    packages = next(c for c in entry["changes"] if c["resource"] == "packages")
+    assert "diffusers>=0.35" in packages["steps"][0]
+
+
+def test_converged_host_plans_nothing(lab: Lab, converged: LabHost) -> None:
+    code, entry = planned(lab, converged)
+    assert (code, entry["status"], entry["changes"]) == (0, "ok", [])
+
+
+def test_summary_line_over_the_fleet(lab: Lab, converged: LabHost) -> None:
+    code, out = lab.run("plan")
+    assert code == 2
+    assert "2 hosts: 1 to change (8 changes), 1 up to date, 0 failed" in out
+
+
+def test_wrong_tag(lab: Lab, converged: LabHost) -> None:
+    converged.git("checkout", "-q", "--detach", "v1.0.2")
+    code, entry = planned(lab, converged)
+    assert code == 2
+    (change,) = entry["changes"]
+    assert change["resource"] == "plugin" and "tag: v1.0.2 -> v1.1.0" in change["diff"]
+    restore(lab, converged)
+
+
+def test_dirty_plugin_is_refused_and_untouched(lab: Lab, converged: LabHost) -> None:
+    init = converged.plugin / "__init__.py"
+    original = init.read_text()
+    init.write_text(original + "\n# local hotfix\n")
+    code, entry = planned(lab, converged)
+    assert code == 1 and entry["status"] == "failed"
+    assert "__init__.py" in entry["errors"][0] and "force" in entry["errors"][0]
+    assert init.read_text().endswith("# local hotfix\n")
+    init.write_text(original)
+
+
+def test_impostor_nunchaku_is_replaced(lab: Lab, converged: LabHost, tmp_path: Path) -> None:
+    converged.pip("--force-reinstall", "--no-deps", str(build_impostor_nunchaku(tmp_path)))
+    code, entry = planned(lab, converged)
+    assert code == 2
+    (change,) = entry["changes"]
+    assert change["resource"] == "backend" and change["action"] == "replace"
+    assert any("uninstall" in s for s in change["steps"])
+    restore(lab, converged)
+
+
+def test_old_diffusers(lab: Lab, converged: LabHost) -> None:
+    converged.pip("--find-links", str(lab.world.wheelhouse), "diffusers==0.34.0")
+    code, entry = planned(lab, converged)
+    assert code == 2
+    (change,) = entry["changes"]
+    assert change["resource"] == "packages" and "0.34.0" in change["summary"]
+    restore(lab, converged)
+
+
+def test_wrong_workflow_shows_a_json_diff(lab: Lab, converged: LabHost) -> None:
+    path = converged.comfy / "workflows" / "qwen-image-lightning.json"
+    path.write_text(path.read_text().replace('"euler"', '"dpmpp_2m"'))
+    code, entry = planned(lab, converged)
+    assert code == 2
+    (change,) = entry["changes"]
+    assert change["resource"] == "workflow"
+    assert '-      "sampler_name": "dpmpp_2m",' in change["diff"]
+    assert '+      "sampler_name": "euler",' in change["diff"]
+    restore(lab, converged)
+
+
+def test_torch_without_a_wheel_fails_with_the_alternatives(lab: Lab, converged: LabHost) -> None:
+    (odd,) = lab.add(1, torch="2.9.0+cu128")
+    code, entry = planned(lab, odd)
+    assert code == 1 and entry["status"] == "failed"
+    message = " ".join(entry["errors"])
+    assert "no nunchaku 1.0.1 wheel for torch 2.9" in message and "torch2.8/" in message
+
+
+def test_plugin_too_new_for_the_core_is_refused(lab: Lab, converged: LabHost) -> None:
+    code, out = lab.run("plan", "--limit", converged.name)
+    assert code == 0
+    lab.profile_extra = {"plugin": {"tag": "v1.2.0"}}
+    lab.write()
+    try:
+        code, entry = planned(lab, converged)
+    finally:
+        lab.profile_extra = {}
+        lab.write()
+    assert code == 1
+    assert "use_additional_t_cond" in entry["errors"][0] and "v1.1.0" in entry["errors"][0]
+
+
+def test_unreachable_host_is_listed_and_others_still_answer(lab: Lab, converged: LabHost) -> None:
+    lab.add_unreachable()
+    try:
+        code, doc = plan_json(lab)
+    finally:
+        lab.extra_hosts.clear()
+        lab.write()
+    assert code == 1
+    status = {h["host"]: h["status"] for h in doc["hosts"]}
+    assert status["gpu-down"] == "unreachable" and status[converged.name] == "ok"
