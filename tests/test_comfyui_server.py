@@ -264,3 +264,18 @@ def test_cli_runs_as_a_process_without_site_packages_and_stops_on_sigterm(tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_websocket_answers_feature_flags_sent_right_after_the_handshake(server: ComfyServer) -> None:
+    from provisioner.verify import ws
+
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=flags-client")
+    try:
+        sock.sock.sendall(ws.encode_frame(ws.TEXT, json.dumps(
+            {"type": "feature_flags", "data": {"supports_preview_metadata": True}}).encode(), mask=True))
+        first, second = json.loads(sock.recv(5)), json.loads(sock.recv(5))
+        assert first == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                    "sid": "flags-client"}}
+        assert second == {"type": "feature_flags", "data": capture(EXTRA / "features.json")}
+    finally:
+        sock.close()

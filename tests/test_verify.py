@@ -162,7 +162,8 @@ def test_comfyui_down_fails_cleanly(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     result = run(port, tmp_path)
     assert [c.name for c in result.checks] == ["comfyui_reachable"]
-    assert not result.passed and "does not answer GET /system_stats" in result.checks[0].detail
+    assert not result.passed and result.checks[0].detail.startswith(
+        f"ComfyUI at 127.0.0.1:{port} on gpu-01 does not answer GET /system_stats: ")
     assert result.to_json()["passed"] is False
 
 
@@ -241,3 +242,22 @@ def test_the_projects_own_template_verifies(comfy: Callable[..., ComfyServer], t
     result = run(comfy().port, tmp_path, graph=graph, warm_runs=1)
     assert result.passed, [c.line for c in result.checks]
     assert (result.runs[0].image.width, result.runs[0].image.height) == (256, 256)
+
+
+def test_over_a_real_ssh_tunnel_with_nvidia_smi_on_the_host(comfy: Callable[..., ComfyServer], tmp_path: Path,
+                                                            sshd_hosts: Callable[..., list]) -> None:
+    from provisioner.connection import open_connection
+
+    srv = comfy()
+    (host,) = sshd_hosts(1, bin_dirs=[tmp_path / "bin"])     # the shim installed by gpu_state
+    conn = open_connection(host.host(), host.options())
+    try:
+        result = verify_host(conn, profile_for(srv.port, tmp_path, warm_runs=1), None,
+                             workflow_graph=t2i_graph(), vram_interval_s=0.05)
+    finally:
+        conn.close()
+    assert result.passed, [c.line for c in result.checks]
+    assert result.host == host.name and len(result.runs) == 2
+    assert "nvidia-smi samples" in by_name(result)["vram_peak"].detail
+    assert by_name(result)["vram_peak"].value == pytest.approx(7910 / 1024, abs=0.01)
+    assert conn.stats.execs >= 2                                # the sampler ran on the host

@@ -6,6 +6,7 @@ import email.parser
 import email.policy
 import json
 import threading
+import types
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler
@@ -156,12 +157,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         st, sock, lock = self.state, self.connection, threading.Lock()
+        # Read frames through rfile: it may already hold bytes the client sent after its handshake.
+        reader = types.SimpleNamespace(recv=self.rfile.read1)
         st.sockets[sid] = (sock, lock)
         self.close_connection = True
         try:
             st.send("status", {"status": st.queue_info(), "sid": sid}, sid)
             while True:
-                opcode, data = ws.read_frame(sock)
+                opcode, data = ws.read_frame(reader)
                 if opcode == ws.CLOSE:
                     with lock:
                         sock.sendall(ws.encode_frame(ws.CLOSE, data[:2], mask=False))

@@ -123,36 +123,41 @@ def error_entry(kind: str, message: str, details: str, **extra: Any) -> dict[str
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
-def _literal(cls: str, name: str, value: Any, config: list[Any], check_models: bool) -> list[dict[str, Any]]:
+def _literal(cls: str, name: str, value: Any, config: list[Any],
+             models_listed: bool) -> list[dict[str, Any]]:
     """Errors for one literal input value against its declared config."""
     kind, opts = config[0], (config[1] if len(config) > 1 else {})
     config = [kind, opts]                      # ComfyUI reports the config with its options dict
+    info = {"input_name": name, "input_config": config}
     choices = kind if isinstance(kind, list) else opts.get("options") if kind == "COMBO" else None
     if choices is not None:
-        if (cls, name) in MODEL_INPUTS and not check_models:
+        if (cls, name) in MODEL_INPUTS and not models_listed:
             return []                                    # no models folder given: any name goes
         if value not in choices:
-            return [error_entry("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {choices}",
-                         input_name=name, input_config=config, received_value=value)]
+            return [error_entry("value_not_in_list", "Value not in list",
+                                f"{name}: '{value}' not in {choices}", **info, received_value=value)]
         return []
     if kind in ("INT", "FLOAT"):
         try:
             number = int(value) if kind == "INT" else float(value)
         except (TypeError, ValueError) as ex:
-            return [error_entry("invalid_input_type", f"Failed to convert an input value to a {kind} value",
-                         f"{name}, {value}, {ex}", input_name=name, input_config=config,
-                         received_value=value, exception_message=str(ex))]
+            return [error_entry("invalid_input_type",
+                                f"Failed to convert an input value to a {kind} value",
+                                f"{name}, {value}, {ex}", **info, received_value=value,
+                                exception_message=str(ex))]
         if "min" in opts and number < opts["min"]:
-            return [error_entry("value_smaller_than_min", f"Value {number} smaller than min of {opts['min']}",
-                         name, input_name=name, input_config=config, received_value=number)]
+            return [error_entry("value_smaller_than_min",
+                                f"Value {number} smaller than min of {opts['min']}", name, **info,
+                                received_value=number)]
         if "max" in opts and number > opts["max"]:
-            return [error_entry("value_bigger_than_max", f"Value {number} bigger than max of {opts['max']}",
-                         name, input_name=name, input_config=config, received_value=number)]
+            return [error_entry("value_bigger_than_max",
+                                f"Value {number} bigger than max of {opts['max']}", name, **info,
+                                received_value=number)]
     return []
 
 
 def _validate_node(graph: dict[str, Any], node_id: str, nodes: dict[str, Any], input_dir: Path,
-                   check_models: bool, seen: dict[str, tuple[bool, list]]) -> bool:
+                   models_listed: bool, seen: dict[str, tuple[bool, list]]) -> bool:
     if node_id in seen:
         return seen[node_id][0]
     seen[node_id] = (True, [])                          # a cycle ends here, as in ComfyUI
@@ -165,37 +170,39 @@ def _validate_node(graph: dict[str, Any], node_id: str, nodes: dict[str, Any], i
         for name, config in (declared.get(part) or {}).items():
             if name not in inputs:
                 if part == "required":
-                    errors.append(error_entry("required_input_missing", "Required input is missing", name,
-                                       input_name=name))
+                    errors.append(error_entry("required_input_missing", "Required input is missing",
+                                              name, input_name=name))
                 continue
             value = inputs[name]
             if isinstance(value, list):
                 if len(value) != 2 or not isinstance(value[0], str) or value[0] not in graph:
-                    errors.append(error_entry("bad_linked_input", "Bad linked input, must be a length-2 list "
-                                       "of [string, int]", f"{name}, {value}", input_name=name))
-                elif not _validate_node(graph, value[0], nodes, input_dir, check_models, seen):
+                    errors.append(error_entry("bad_linked_input", "Bad linked input, must be a "
+                                              "length-2 list of [string, int]", f"{name}, {value}",
+                                              input_name=name))
+                elif not _validate_node(graph, value[0], nodes, input_dir, models_listed, seen):
                     ok = False
             elif cls == "LoadImage" and name == "image":   # LoadImage.VALIDATE_INPUTS
                 if not (input_dir / str(value)).is_file():
-                    errors.append(error_entry("custom_validation_failed", "Custom validation failed for node",
-                                       f"image - Invalid image file: {value}", input_name=name))
+                    errors.append(error_entry("custom_validation_failed",
+                                              "Custom validation failed for node",
+                                              f"image - Invalid image file: {value}", input_name=name))
             else:
-                errors.extend(_literal(cls, name, value, config, check_models))
+                errors.extend(_literal(cls, name, value, config, models_listed))
     seen[node_id] = (ok and not errors, errors)
     return seen[node_id][0]
 
 
-def validate(graph: Any, nodes: dict[str, Any], input_dir: Path, *, check_models: bool
+def validate(graph: Any, nodes: dict[str, Any], input_dir: Path, *, models_listed: bool
              ) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
     """(error or None, node_errors, output node ids), like ComfyUI's validate_prompt."""
     for node_id, node in graph.items():
         cls = node.get("class_type") if isinstance(node, dict) else None
         if cls is None:
-            return error_entry("invalid_prompt", "Cannot execute because a node is missing the class_type "
-                        "property.", f"Node ID '#{node_id}'"), {}, []
+            return error_entry("invalid_prompt", "Cannot execute because a node is missing the "
+                               "class_type property.", f"Node ID '#{node_id}'"), {}, []
         if cls not in nodes:
             return error_entry("invalid_prompt", f"Cannot execute because node {cls} does not exist.",
-                        f"Node ID '#{node_id}'"), {}, []
+                               f"Node ID '#{node_id}'"), {}, []
     outputs = [k for k, v in graph.items() if nodes[v["class_type"]].get("output_node")]
     if not outputs:
         return error_entry("prompt_no_outputs", "Prompt has no outputs", ""), {}, []
@@ -203,7 +210,7 @@ def validate(graph: Any, nodes: dict[str, Any], input_dir: Path, *, check_models
     good = []
     for out in outputs:
         seen: dict[str, tuple[bool, list]] = {}
-        if _validate_node(graph, out, nodes, input_dir, check_models, seen):
+        if _validate_node(graph, out, nodes, input_dir, models_listed, seen):
             good.append(out)
         for node_id, (_, errors) in seen.items():
             if errors:

@@ -87,7 +87,7 @@ class State:
         graph = body["prompt"]
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         error, node_errors, outputs = nodes.validate(graph, self.registry(), self.root / "input",
-                                                     check_models=self.executor.models_dir is not None)
+                                                     models_listed=self.executor.models_dir is not None)
         if error is not None:
             self.log(f"invalid prompt: {error}")
             return 400, {"error": error, "node_errors": node_errors}

@@ -6,6 +6,7 @@ one-line `VerifyError`; `PromptRejected` also keeps ComfyUI's per-node errors, o
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -128,8 +129,10 @@ class PromptHistory:
 class ComfyClient:
     """One ComfyUI at `url` (e.g. the local end of a tunnel). Use as a context manager."""
 
-    def __init__(self, url: str, *, client_id: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, client_id: str | None = None, timeout: float = 30.0,
+                 label: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.label = label or self.url     # how messages name it (the host's side of a tunnel)
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
         self._ws: WebSocket | None = None
@@ -156,9 +159,9 @@ class ComfyClient:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise VerifyError(f"ComfyUI at {self.url} does not answer {method} {path}: {reason} "
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or err or type(err).__name__
+            raise VerifyError(f"ComfyUI at {self.label} does not answer {method} {path}: {reason} "
                               "(is it running and listening on that port?)") from None
 
     def _json(self, method: str, path: str, payload: Any = None) -> Any:
@@ -196,9 +199,13 @@ class ComfyClient:
         body += f"--{boundary}--\r\n".encode()
         status, answer = self._request("POST", "/upload/image", body,
                                        f"multipart/form-data; boundary={boundary}")
-        if status != 200:
+        try:
+            reply = json.loads(answer) if status == 200 else None
+        except json.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
             raise VerifyError(f"ComfyUI refused the upload of {name}: HTTP {status}")
-        return json.loads(answer)
+        return reply
 
     def queue_prompt(self, graph: Mapping[str, Any], client_id: str | None = None) -> str:
         """Queue an API-format graph; raises `PromptRejected` when ComfyUI does not accept it."""
@@ -277,8 +284,11 @@ class ComfyClient:
                 return
             if isinstance(raw, bytes):                   # binary preview frames: not needed here
                 continue
-            msg = json.loads(raw)
-            kind, data = msg.get("type", ""), msg.get("data") or {}
+            try:
+                msg = json.loads(raw)
+                kind, data = str(msg.get("type", "")), dict(msg.get("data") or {})
+            except (ValueError, AttributeError, TypeError):
+                continue                                 # not ComfyUI's {type, data}: not ours
             if on_message is not None:
                 on_message(kind, data)
             if kind == "status":                         # the queue moved: worth a /history look

@@ -98,7 +98,8 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
     meta: dict[str, str | None] = {}
     try:
         with conn.tunnel(spec.port, remote) as port, \
-                ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0) as client:
+                ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
+                            label=f"{where} on {conn.name}") as client:
             _verify(client, conn, profile, facts, dict(workflow_graph), input_image, where,
                     vram_interval_s, found, runs, meta)
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run

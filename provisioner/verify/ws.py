@@ -1,4 +1,4 @@
-"""A minimal RFC 6455 websocket: a blocking client for ComfyUI's `/ws`, and the frame codec its stand-in reuses.
+"""A minimal RFC 6455 websocket: a blocking client for ComfyUI's `/ws`; its stand-in reuses the codec.
 
 ComfyUI's `/ws` only ever sends unfragmented text (JSON) and binary (preview) frames and expects
 nothing back, so the subset here is small: handshake, frames up to 2**63 bytes, ping/pong, close.
@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import struct
+from typing import Any
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # fixed by RFC 6455 §1.3
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
@@ -44,7 +45,7 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def _exact(sock: socket.socket, n: int) -> bytes:
+def _exact(sock: Any, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -54,8 +55,9 @@ def _exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one frame (continuations are joined to their first frame): (opcode, unmasked payload)."""
+def read_frame(sock: Any) -> tuple[int, bytes]:
+    """(opcode, unmasked payload) of one frame read from anything with `recv(n)`; continuation
+    frames are joined to their first."""
     opcode, data = -1, b""
     while True:
         b0, b1 = _exact(sock, 2)
