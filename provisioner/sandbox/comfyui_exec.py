@@ -1,8 +1,8 @@
 """The stand-in ComfyUI's executor: runs a validated graph node by node like ComfyUI, minus the maths.
 
 Sizes flow through the graph as ComfyUI's tensors would (latents are 1/8 of the pixels), samplers
-sleep (cold model load, then per-step progress), SaveImage writes a real PNG (stdlib only). Node outputs are
-cached by input signature, so an identical prompt comes back at once from cache, as in ComfyUI.
+sleep (cold model load, then per-step progress), SaveImage writes a real PNG (stdlib only). Node
+outputs are cached by input signature, so an identical prompt comes back at once from cache, as in ComfyUI.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ def check_safetensors(path: Path) -> None:
         head = fh.read(8)
     size = path.stat().st_size
     n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-    if n < 0 or n > SAFETENSORS_HEADER_MAX or n + 8 > size:
+    why = ("header too small" if n < 0 else "header too large" if n > SAFETENSORS_HEADER_MAX
+           else "invalid header length" if n + 8 > size else None)
+    if why:
         raise NodeFailed("safetensors._safetensors_rust.SafetensorError",
-                         "Error while deserializing header: header too large\n"
-                         if n > SAFETENSORS_HEADER_MAX else "Error while deserializing header: "
-                         "invalid header length\n")
+                         f"Error while deserializing header: {why}\n")
 
 
 @dataclass
