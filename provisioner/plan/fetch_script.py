@@ -58,15 +58,27 @@ class _Progress:
         self.total, self.last = total, 0.0
 
     def __call__(self, done, force=False):
+        if os.getppid() != _PARENT:
+            # Our parent (sshd's session, or the local provision) is gone: the controller was
+            # killed. Stop and keep the .part for the next run to resume; never go on as an orphan.
+            raise SystemExit(3)
         now = time.monotonic()
         if force or now - self.last >= _PROGRESS_EVERY_S:
             self.last = now
             _emit({"done": done, "total": self.total})
 
 
+_PARENT = os.getppid()
+
+
 def _emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The controller is gone (killed, connection lost): stop here and keep the .part for the
+        # next run to resume, rather than go on as an orphan nobody waits for.
+        raise SystemExit(3) from None
 
 
 class _Part:
@@ -74,7 +86,17 @@ class _Part:
 
     def __init__(self, path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # An interrupted run may still be writing this part: wait for it, then make sure the
+            # part was not renamed into place (or removed) meanwhile before using it.
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(self.fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
         self.hasher, self.length, self.written = hashlib.sha256(), 0, 0
         while True:  # bytes from an earlier, interrupted run: hash them once
             block = os.read(self.fd, _CHUNK)
@@ -143,6 +165,13 @@ def _fetch(req):
     dest, size, want = req["dest"], req.get("size"), req.get("sha256")
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     part = _Part(dest + ".part")
+    if part.length == 0 and size is not None and os.path.isfile(dest) and os.path.getsize(dest) == size:
+        try:  # an earlier run finished this very file while we waited for its part
+            part.close()
+            os.unlink(part.path)
+            return _verify(req)
+        except FetchError:
+            part = _Part(dest + ".part")
     if size is not None and part.length > size:
         part.reset()
     resumed_from, progress, last_error = part.length, _Progress(size), None

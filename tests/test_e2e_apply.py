@@ -1,0 +1,178 @@
+"""`provision apply` over real sshd hosts: convergence, idempotence without writes, interruption at
+several points, the host lock, and a fleet with an unreachable host."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from lab import Lab, LabHost, mtimes, tree_state
+from sshd import SshdFleet
+
+from provisioner.resources import catalog
+from provisioner.sandbox.world import start_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    root = tmp_path_factory.mktemp("lab-apply")
+    world = start_world(root / "world", model_bytes=4 << 20)
+    lab = Lab(root, world, SshdFleet(root / "sshd"))
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        world.stop()
+
+
+def expected_models(host: LabHost, lab: Lab) -> dict[Path, str]:
+    sel = catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "auto", None)
+    return {host.comfy / "models" / f.folder / f.filename:
+            hashlib.sha256(lab.world.files[(f.repo, f.path_in_repo)]).hexdigest() for f in sel.files}
+
+
+def assert_converged(lab: Lab, host: LabHost) -> None:
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 0, out
+    for path, sha in expected_models(host, lab).items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+        assert not path.with_name(path.name + ".part").exists()
+
+
+def test_fresh_host_converges_and_second_apply_changes_nothing(lab: Lab) -> None:
+    (host,) = lab.add(1)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert "1 changed, 0 unchanged, 0 failed" in out
+    assert "handler: restarted ComfyUI" in out
+    assert_converged(lab, host)
+
+    before_tree, before_mtimes = tree_state(host.sandbox.root), mtimes(host.sandbox.root)
+    since = host.sshd.log_size()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 0, out
+    assert "0 changed, 1 unchanged, 0 failed" in out
+    assert tree_state(host.sandbox.root) == before_tree
+    assert mtimes(host.sandbox.root) == before_mtimes          # no write at all, not even the lock
+    assert host.sshd.wait_counts(1, 1, since=since) == (1, 1)  # one connection, one exec
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the apply to reach the kill point")
+        time.sleep(0.01)
+
+
+def log_events(log_dir: Path, host: LabHost) -> list[dict]:
+    path = log_dir / f"{host.name}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def started(resource: str, log_dir: Path, host: LabHost) -> Callable[[], bool]:
+    return lambda: any(e["event"] == "change" and e["resource"] == resource
+                       for e in log_events(log_dir, host))
+
+
+@pytest.mark.parametrize("point", ["backend", "packages", "model", "workflow"])
+def test_killed_apply_converges_when_run_again(lab: Lab, tmp_path: Path, point: str) -> None:
+    (host,) = lab.add(1)
+    lab.world.hub.throttle_bps = 1_500_000 if point == "model" else None
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
+    try:
+        if point == "model":  # mid-download: part of the DiT file is on disk
+            parts = lambda: list((host.comfy / "models" / "diffusion_models").glob("*.part"))  # noqa: E731
+            wait_for(lambda: any(p.stat().st_size > 500_000 for p in parts()))
+        else:
+            wait_for(started(point, tmp_path, host))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        lab.world.hub.throttle_bps = None
+        if proc.poll() is None:
+            proc.kill()
+    if point == "model":
+        (part,) = (host.comfy / "models" / "diffusion_models").glob("*.part")
+        resumed_from = part.stat().st_size
+        final = part.with_name(part.name[:-5])
+        assert not final.exists()                                  # never a partial file at its path
+    requests_before = len(lab.world.hub.requests)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--lock-timeout", "20")
+    assert code == 2, out
+    assert_converged(lab, host)
+    if point == "model":
+        # Resumed, not restarted (the killed run's host process may add a few bytes before it
+        # notices its controller is gone, so the resume point is at least what we saw).
+        starts = [int(r.headers["Range"][6:-1]) for r in lab.world.hub.requests[requests_before:]
+                  if r.headers.get("Range")]
+        assert starts and min(starts) >= resumed_from > 0
+    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
+
+
+def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> None:
+    (host,) = lab.add(1)
+    lab.world.hub.throttle_bps = 3_000_000
+    try:
+        first = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path / "a")
+        wait_for(started("plugin", tmp_path / "a", host))
+        second = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path / "b")
+        out_first, _ = first.communicate(timeout=120)
+        out_second, _ = second.communicate(timeout=120)
+    finally:
+        lab.world.hub.throttle_bps = None
+    assert first.returncode == 2, out_first
+    assert second.returncode == 0, out_second          # it waited, then found nothing left to do
+    assert "waiting for the lock held by" in out_second
+    assert not [e for e in log_events(tmp_path / "b", host) if e["event"] == "change"]
+    first_done = max(e["t"] for e in log_events(tmp_path / "a", host))
+    second_steps = [e["t"] for e in log_events(tmp_path / "b", host) if e["event"] == "step"]
+    assert all(t > first_done for t in second_steps)
+    assert_converged(lab, host)
+
+
+def test_lock_timeout_is_a_clear_failure(lab: Lab, tmp_path: Path) -> None:
+    (host,) = lab.add(1)
+    lab.world.hub.throttle_bps = 2_000_000
+    try:
+        first = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
+        wait_for(started("plugin", tmp_path, host))
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--lock-timeout", "0.5")
+        first.communicate(timeout=120)
+    finally:
+        lab.world.hub.throttle_bps = None
+    assert code == 1
+    assert "another apply holds" in out and "--lock-timeout" in out
+    assert "Traceback" not in out
+
+
+def test_fleet_with_an_unreachable_host_converges_the_rest(lab: Lab) -> None:
+    a, b = lab.add(2)
+    lab.add_unreachable()
+    try:
+        code, out = lab.run("apply", "--limit", f"{a.name}:{b.name}:gpu-down", "--no-verify")
+    finally:
+        lab.extra_hosts.clear()
+        lab.write()
+    assert code == 1, out
+    assert "3 hosts: 2 changed, 0 unchanged, 1 failed" in out
+    assert "gpu-down" in out and "refused" in out
+    assert_converged(lab, a)
+    assert_converged(lab, b)
+
+
+def test_check_mode_is_plan(lab: Lab) -> None:
+    (host,) = lab.add(1)
+    before = tree_state(host.sandbox.root)
+    code, out = lab.run("apply", "--limit", host.name, "--check")
+    assert code == 2 and "8 changes" in out
+    assert tree_state(host.sandbox.root) == before
