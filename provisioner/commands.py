@@ -22,7 +22,7 @@ from provisioner.config.load import LoadedProfile
 from provisioner.config.model import Profile, build_profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
-from provisioner.errors import ConnectError, UsageError
+from provisioner.errors import ApplyError, ConnectError, UsageError
 from provisioner.inventory import Host, load_inventory
 from provisioner.plan import render
 from provisioner.plan.build import HostPlan, build_plan, probe_for
@@ -87,9 +87,9 @@ def connected(target: Target, options: ConnectOptions) -> Iterator[Connection]:
         conn.close()
 
 
-def fleet(args: argparse.Namespace, work: Callable[[Target], T], *,
+def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], *,
           failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
-    by_name = {t.host.name: t for t in targets(args)}
+    by_name = {t.host.name: t for t in chosen}
     hosts = [t.host for t in by_name.values()]
     return run_fleet(hosts, lambda h: work(by_name[h.name]), forks=args.forks,
                      serial=getattr(args, "serial", None),
@@ -107,7 +107,7 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options) as conn:
             return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
 
-    results = fleet(args, work)
+    results = fleet(args, targets(args), work)
     show_plans(results, console, args)
     return plan_exit_code(results)
 
@@ -149,12 +149,25 @@ def apply(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options) as conn:
             outcome = apply_host(conn, target.profile, reporter, lock_timeout=args.lock_timeout,
                                  show_plan=show)
-            if not args.no_verify and not outcome.failed and _verify_available():
-                outcome.verification = _verify(conn, target.profile, outcome.plan.facts)  # type: ignore[attr-defined]
+            if not args.no_verify and not outcome.failed:
+                reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
+                outcome.verification = run_verification(conn, target.profile, outcome.facts)
             return outcome
 
-    results = fleet(args, work, failed=lambda o: o.failed)
-    return finish_apply(results, console, args)
+    chosen = targets(args)
+    results = fleet(args, chosen, work, failed=lambda o: o.failed or o.verification_failed)
+    code = finish_apply(results, console, args)
+    if args.no_verify:
+        return code
+    verified: dict[str, Any] = {}
+    for name, result in results.items():
+        if isinstance(result, BaseException) or result.verification is not None:
+            verified[name] = result if isinstance(result, BaseException) else (result.facts, result.verification)
+        else:
+            verified[name] = ApplyError(f"{name}: not verified: the apply failed ({result.error})")
+    if show_verification(verified, chosen, console, args) == EXIT_FAILED:
+        return EXIT_FAILED
+    return code
 
 
 def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace) -> int:
@@ -165,6 +178,8 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
     for name, result in results.items():
         if isinstance(result, HostOutcome):
             status = "failed" if result.failed else "changed" if result.changed else "ok"
+            if result.error is None and result.plan.errors:
+                result.error = "; ".join(result.plan.errors)
             detail = result.error or (f"{len(result.applied)} changes" if result.changed else "up to date")
             changed += status == "changed"
             failed += status == "failed"
@@ -197,7 +212,7 @@ def facts(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options) as conn:
             return gather(conn, target.profile, probe)
 
-    results = fleet(args, work)
+    results = fleet(args, targets(args), work)
     if args.json:
         print(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
@@ -208,9 +223,52 @@ def facts(args: argparse.Namespace, console: Console) -> int:
 
 
 def verify(args: argparse.Namespace, console: Console) -> int:
-    if not _verify_available():
-        raise UsageError("`provision verify` is not built yet in this version")
-    raise UsageError("`provision verify` is not built yet in this version")
+    from provisioner.facts.gather import gather
+
+    options = connect_options(args)
+
+    def work(target: Target) -> tuple[Any, Any]:
+        with connected(target, options) as conn:
+            facts = gather(conn, target.profile, probe_for(target.profile))
+            return facts, run_verification(conn, target.profile, facts)
+
+    chosen = targets(args)
+    return show_verification(fleet(args, chosen, work), chosen, console, args)
+
+
+def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
+    """Render the profile's first workflow for this host and run the verification generations."""
+    from provisioner.resources import workflow
+    from provisioner.verify.run import verify_host
+
+    graph = workflow.render(profile, facts, profile.workflow.templates[0])
+    return verify_host(conn, profile, facts, workflow_graph=graph)
+
+
+def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
+                      args: argparse.Namespace) -> int:
+    """Console table, check lines (failures first), the report directory; exit 0 or 1."""
+    from provisioner.report import build_report, from_exception, from_verification, write_report
+    from provisioner.verify.render import render_verification
+
+    profiles = {t.host.name: t.profile for t in chosen}
+    entries = []
+    for name, result in results.items():
+        profile = profiles.get(name)
+        if isinstance(result, BaseException):
+            entries.append(from_exception(name, result, profile=profile))
+        else:
+            facts, verification = result
+            entries.append(from_verification(name, facts, verification, profile=profile))
+    failed = render_verification(results, console)
+    report_dir = getattr(args, "report", None)
+    if report_dir:
+        name = chosen[0].profile.name if chosen else None
+        paths = write_report(report_dir, build_report(entries, profile=name))
+        for flag in paths.regressions:
+            console.print(f"[red]{escape(flag.line)}[/]")
+        console.print(f"report: {paths.html} ({paths.json.name}, {paths.junit.name})")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def validate(args: argparse.Namespace, console: Console) -> int:
@@ -229,10 +287,3 @@ def schema(args: argparse.Namespace, console: Console) -> int:
     print(schema_text(args.kind))
     return EXIT_OK
 
-
-def _verify_available() -> bool:
-    return False
-
-
-def _verify(conn: Connection, profile: Profile, facts: Any) -> Any:
-    raise NotImplementedError

@@ -57,10 +57,11 @@ class Lab:
     fleet: SshdFleet
     hosts: list[LabHost] = field(default_factory=list)
     extra_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overlays: dict[str, dict[str, Any]] = field(default_factory=dict)   # host → more `provision:` keys
     profile_extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, n: int = 1, *, gpu: str | None = "rtx3090", torch: str | None = "2.6.0+cu124",
-            comfyui_version: str = "0.3.64") -> list[LabHost]:
+            comfyui_version: str = "0.3.64", comfyui_args: tuple[str, ...] = ()) -> list[LabHost]:
         made = []
         for _ in range(n):
             name = f"gpu-{len(self.hosts) + 1:02d}"
@@ -69,7 +70,8 @@ class Lab:
                                         venv_template=self.world.venv_template)
             (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
             port = free_port()
-            comfyui_process.start(sandbox.comfyui_root, port, gpu_state=sandbox.gpu_state)
+            comfyui_process.start(sandbox.comfyui_root, port, gpu_state=sandbox.gpu_state,
+                                  extra=comfyui_args)
             host = LabHost(name, sandbox, server, port)
             self.hosts.append(host)
             made.append(host)
@@ -95,7 +97,8 @@ class Lab:
             inv["all"]["hosts"][host.name]["provision"] = {"comfyui": {
                 "root": str(host.comfy), "port": host.port,
                 "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
-                                        "restart", str(host.comfy)]}}}
+                                        "restart", str(host.comfy)]}},
+                **self.overlays.get(host.name, {})}
         inv["all"]["hosts"].update(self.extra_hosts)
         write_yaml(self.inventory, inv)
         profile = {"extends": str(REPO / "profiles" / "rtx3090.yaml"), "inventory": str(self.inventory),

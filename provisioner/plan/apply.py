@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
-from provisioner.facts.model import Probe
+from provisioner.facts.model import Facts, Probe
 from provisioner.plan import fetch_script
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.progress import Reporter
@@ -64,6 +65,17 @@ class HostOutcome:
     handlers: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    facts_after: Facts | None = None           # re-gathered after the changes, when there were any
+    verification: Any = None                   # HostVerification, when verification ran
+
+    @property
+    def facts(self) -> Facts:
+        """The host as it is now."""
+        return self.facts_after or self.plan.facts
+
+    @property
+    def verification_failed(self) -> bool:
+        return self.verification is not None and not self.verification.passed
 
     @property
     def changed(self) -> bool:
@@ -222,7 +234,8 @@ def _finish(conn: Connection, reporter: Reporter, outcome: HostOutcome, started:
 
 def _confirm(conn: Connection, profile: Profile, probe: Probe, outcome: HostOutcome) -> None:
     """Re-read the facts: every applied change must now be gone from the plan."""
-    after = build_plan(profile, gather(conn, profile, probe))
+    outcome.facts_after = gather(conn, profile, probe)
+    after = build_plan(profile, outcome.facts_after)
     if after.changes or after.errors:
         what = "; ".join([f"{c.resource}: {c.summary}" for c in after.changes] + list(after.errors))
         outcome.error = f"did not converge after apply: {what}"

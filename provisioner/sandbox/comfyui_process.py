@@ -11,6 +11,7 @@ profile gives as `comfyui.restart`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 PLUGIN_DIR = "ComfyUI-nunchaku"
 PIDFILE = ".provision-sandbox/comfyui.pid"
 PORTFILE = ".provision-sandbox/comfyui.port"
+ARGSFILE = ".provision-sandbox/comfyui.args"      # extra stand-in flags, kept across restarts
 LOGFILE = ".provision-sandbox/comfyui.log"
 
 
@@ -49,6 +51,7 @@ def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[
                                 start_new_session=True, cwd=root)
     (root / PIDFILE).write_text(str(proc.pid))
     (root / PORTFILE).write_text(str(port))
+    (root / ARGSFILE).write_text(json.dumps(list(extra)))
     _wait_ready(port)
     return proc.pid
 
@@ -71,9 +74,10 @@ def stop(root: Path) -> None:
 
 def restart(root: Path) -> int:
     port = int((root / PORTFILE).read_text())
+    extra = tuple(json.loads((root / ARGSFILE).read_text())) if (root / ARGSFILE).exists() else ()
     gpu_state = root.parent / "gpu-state.json"
     stop(root)
-    return start(root, port, gpu_state=gpu_state if gpu_state.exists() else None)
+    return start(root, port, gpu_state=gpu_state if gpu_state.exists() else None, extra=extra)
 
 
 def _wait_ready(port: int, timeout: float = 20.0) -> None:

@@ -1,0 +1,71 @@
+"""The console view of a verification: one table row per host, then each host's check lines
+(failed hosts first, failed checks first)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from provisioner.errors import ConnectError
+
+
+def figures(verification: Any) -> tuple[float | None, float | None, float | None]:
+    """(cold seconds, warm median seconds, VRAM peak GiB) of a HostVerification."""
+    cold = [r.seconds for r in verification.runs if r.kind == "cold" and r.seconds is not None]
+    warm = [r.seconds for r in verification.runs if r.kind == "warm" and r.seconds is not None]
+    vram = [r.vram_peak_mib for r in verification.runs if r.vram_peak_mib]
+    return (cold[0] if cold else None, statistics.median(warm) if warm else None,
+            max(vram) / 1024 if vram else None)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "–" if value is None else f"{value:.1f} {unit}"
+
+
+def render_verification(results: Mapping[str, Any], console: Console) -> bool:
+    """Print the table and the check lines. `results` maps a host to (facts, HostVerification)
+    or an exception. Returns True when any host failed."""
+    table = Table(title="verification", title_justify="left")
+    for column in ("host", "result", "GPU", "cold", "warm (median)", "VRAM peak", "images"):
+        table.add_column(column)
+    failed_any = False
+    order = sorted(results, key=lambda n: _passed(results[n]))  # failures first
+    for name in order:
+        result = results[name]
+        if isinstance(result, BaseException):
+            failed_any = True
+            status = "unreachable" if isinstance(result, ConnectError) else "failed"
+            table.add_row(escape(name), f"[red]{status}[/]", "", "", "", "", "")
+            continue
+        facts, verification = result
+        passed = verification.passed
+        failed_any |= not passed
+        cold, warm, vram = figures(verification)
+        images = [r.image for r in verification.runs if r.image is not None]
+        good = sum(1 for i in images if i.ok)
+        gpu = facts.gpu.name.replace("NVIDIA ", "") if facts and facts.gpu else "–"
+        table.add_row(escape(name), "[green]passed[/]" if passed else "[red]failed[/]", escape(gpu),
+                      _fmt(cold, "s"), _fmt(warm, "s"), _fmt(vram, "GB"),
+                      f"{good}/{len(images)} sane" if images else "–")
+    console.print(table)
+    for name in order:
+        result = results[name]
+        if isinstance(result, BaseException):
+            console.print(f"[bold]{escape(name)}[/] [red]✗ {escape(str(result))}[/]")
+            continue
+        checks = sorted(result[1].checks, key=lambda c: c.passed)
+        for check in checks:
+            mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+            console.print(f"[bold]{escape(name)}[/] {mark} {escape(check.name)}: {escape(check.detail)}")
+            for line in check.lines:
+                console.print(f"      {escape(line)}")
+    return failed_any
+
+
+def _passed(result: Any) -> bool:
+    return not isinstance(result, BaseException) and bool(result[1].passed)

@@ -1,0 +1,92 @@
+"""`provision verify` and `apply`'s verification over real sshd hosts running the ComfyUI stand-in:
+each kind of broken host fails with its own reason, and the report is written and renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab import Lab, LabHost
+from sshd import SshdFleet
+
+from provisioner.sandbox import comfyui_process
+from provisioner.sandbox.world import start_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[str, LabHost]]]:
+    root = tmp_path_factory.mktemp("lab-verify")
+    world = start_world(root / "world")
+    lab = Lab(root, world, SshdFleet(root / "sshd"))
+    try:
+        healthy, no_backend, down = lab.add(3)
+        (black,) = lab.add(1, comfyui_args=("--image-mode", "black"))
+        (slow,) = lab.add(1)
+        lab.overlays[slow.name] = {"verify": {"thresholds": {"warm_seconds": 0.05}}}
+        lab.write()
+        code, out = lab.run("apply", "--no-verify")
+        assert code == 2, out
+        # The plugin without its backend: uninstall it and restart, as a broken upgrade would leave it.
+        subprocess.run([str(no_backend.sandbox.python), "-m", "pip", "uninstall", "-q", "-y", "nunchaku"],
+                       check=True)
+        comfyui_process.restart(no_backend.comfy)
+        comfyui_process.stop(down.comfy)
+        yield lab, {"healthy": healthy, "no_backend": no_backend, "down": down, "black": black, "slow": slow}
+    finally:
+        lab.stop()
+        world.stop()
+
+
+def failures(report: dict, host: LabHost) -> list[str]:
+    (entry,) = [h for h in report["hosts"] if h["host"] == host.name]
+    return [c["name"] for c in entry["checks"] if not c["passed"]] if entry["status"] != "unreachable" else ["?"]
+
+
+def test_each_host_passes_or_fails_for_its_own_reason(fleet, tmp_path: Path) -> None:
+    lab, hosts = fleet
+    code, out = lab.run("verify", "--report", str(tmp_path))
+    assert code == 1, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    status = {h["host"]: h["status"] for h in report["hosts"]}
+    assert status[hosts["healthy"].name] == "passed"
+    assert {status[hosts[k].name] for k in ("no_backend", "down", "black", "slow")} == {"failed"}
+    assert failures(report, hosts["healthy"]) == []
+    assert "nodes_registered" in failures(report, hosts["no_backend"])
+    assert "comfyui_reachable" in failures(report, hosts["down"])
+    assert "images_ok" in failures(report, hosts["black"])
+    assert failures(report, hosts["slow"]) == ["warm_time"]
+    assert f"{hosts['healthy'].name} PASS vram_peak" in out
+    assert f"{hosts['no_backend'].name} FAIL nodes_registered" in out
+    junit = (tmp_path / "junit.xml").read_text()
+    assert junit.count("<testsuite ") == 5 and "<failure" in junit
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (make test installs it)")
+def test_report_renders_in_chromium(fleet, tmp_path: Path) -> None:
+    lab, hosts = fleet
+    lab.run("verify", "--report", str(tmp_path))
+    html = tmp_path / "report.html"
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          html.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    for host in hosts.values():
+        assert host.name in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1280,1600", html.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000
+
+
+def test_apply_runs_verification_and_fails_on_a_broken_host(fleet) -> None:
+    lab, hosts = fleet
+    code, out = lab.run("apply", "--limit", f"{hosts['healthy'].name}:{hosts['black'].name}")
+    assert code == 1, out
+    assert "0 changed, 2 unchanged, 0 failed" in out
+    assert f"{hosts['black'].name} FAIL images_ok" in out
+    code, out = lab.run("apply", "--limit", hosts["healthy"].name)
+    assert code == 0, out
