@@ -5,12 +5,13 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import dataclass
-from typing import Literal
-
-import paramiko
+from typing import TYPE_CHECKING, Literal
 
 from provisioner.errors import ConnectError
 from provisioner.inventory import Host
+
+if TYPE_CHECKING:
+    import paramiko
 
 HostKeyPolicy = Literal["strict", "accept-new"]
 
@@ -60,6 +61,8 @@ class SshTarget:
 
 
 def load_ssh_config(options: ConnectOptions) -> paramiko.SSHConfig:
+    import paramiko  # only ssh needs it: the local transport and `--help` stay light
+
     path = options.ssh_config or "~/.ssh/config"
     full = os.path.expanduser(path)
     if not os.path.exists(full):
