@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import BinaryIO
 
 from provisioner.connection.base import ProgressCallback, Result, Stats
-from provisioner.connection.forward import forward
 from provisioner.errors import CommandError
 from provisioner.inventory import Host
 
@@ -102,6 +101,8 @@ class LocalConnection:
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         if remote_host in LOOPBACK:
             return nullcontext(remote_port)  # already a local port: nothing to forward
+        from provisioner.connection.forward import forward  # pulls paramiko in: only when needed
+
         return forward(lambda _client: socket.create_connection((remote_host, remote_port), timeout=10))
 
     @contextmanager
