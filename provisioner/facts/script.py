@@ -56,6 +56,9 @@ for dist in metadata.distributions():
             text = dist.locate_file("torch/version.py").read_text()
             m = re.search(r"^cuda\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
             out["torch_cuda"] = m.group(1) if m else None
+            # The dist metadata may drop the local label (2.11.0); torch.__version__ has it (+cu130).
+            m = re.search(r"^__version__\s*(?::[^=\n]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            out["torch"] = m.group(1) if m else out["torch"]
         except OSError:
             pass
 print(json.dumps(out))
