@@ -74,7 +74,8 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
-    after: dict[str, object] = {"tag": spec.tag, "commit": None, "remote": spec.repo, "dirty": []}
+    after: dict[str, object] = {"tag": spec.tag, "commit": f"(the commit of {spec.tag})",
+                                "remote": spec.repo, "dirty": []}
     label = f"{spec.name} {spec.tag}"
 
     if not co.exists:
