@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
     p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory"))
+    p.add_argument("--markdown", action="store_true", help="the reference table of docs/ instead")
     return parser
 
 

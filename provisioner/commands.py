@@ -284,6 +284,11 @@ def validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def schema(args: argparse.Namespace, console: Console) -> int:
-    print(schema_text(args.kind))
+    if args.markdown:
+        from provisioner.config.schema_doc import markdown
+
+        print(markdown(args.kind), end="")
+    else:
+        print(schema_text(args.kind))
     return EXIT_OK
 

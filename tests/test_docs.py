@@ -1,0 +1,24 @@
+"""The docs that are generated from the schemas stay in step with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner.config.schema_doc import markdown
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("kind", ["profile", "inventory"])
+def test_reference_matches_schema(kind: str) -> None:
+    text = (DOCS / f"{kind}-reference.md").read_text()
+    assert text == markdown(kind), f"run: provision schema {kind} --markdown > docs/{kind}-reference.md"
+
+
+def test_profile_reference_documents_every_key() -> None:
+    text = markdown("profile")
+    for key in ("comfyui.root", "plugin.tag", "backend.sources", "model.variant", "workflow.cpu_offload",
+                "verify.thresholds.warm_seconds", "huggingface.token_env", "pip.no_index"):
+        assert f"| `{key}` |" in text
