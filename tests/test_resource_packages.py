@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import subprocess
-import sys
 import venv
 import zipfile
 from pathlib import Path

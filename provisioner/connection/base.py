@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,20 @@ class Stats:
     execs: int = 0
     bytes_put: int = 0
     history: list[tuple[str, ...]] = field(default_factory=list)
+
+
+def copy_stream(src: BinaryIO, write: Callable[[bytes], object], total: int, stats: Stats,
+                progress: ProgressCallback | None, chunk: int = 1 << 20) -> None:
+    """Copy `src` to `write` in chunks, counting bytes in `stats` and reporting `progress`."""
+    done = 0
+    while block := src.read(chunk):
+        write(block)
+        done += len(block)
+        stats.bytes_put += len(block)
+        if progress:
+            progress(done, total)
+    if progress and total == 0:
+        progress(0, 0)
 
 
 def shell_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:

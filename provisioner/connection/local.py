@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import BinaryIO
 
-from provisioner.connection.base import ProgressCallback, Result, Stats
+from provisioner.connection.base import ProgressCallback, Result, Stats, copy_stream
 from provisioner.errors import CommandError
 from provisioner.inventory import Host
 
-CHUNK = 1024 * 1024
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -54,18 +53,7 @@ class LocalConnection:
         with open(local_path, "rb") as src:
             total = os.fstat(src.fileno()).st_size
 
-            def copy(f: BinaryIO) -> None:
-                done = 0
-                while chunk := src.read(CHUNK):
-                    f.write(chunk)
-                    done += len(chunk)
-                    self.stats.bytes_put += len(chunk)
-                    if progress:
-                        progress(done, total)
-                if progress and total == 0:
-                    progress(0, 0)
-
-            self._write(dest, mode, copy)
+            self._write(dest, mode, lambda f: copy_stream(src, f.write, total, self.stats, progress))
 
     def _write(self, dest: str, mode: int, fill: Callable[[BinaryIO], object]) -> None:
         """A temporary file in dest's directory, then os.replace: readers never see half a file."""

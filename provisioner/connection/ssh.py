@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import paramiko
 
-from provisioner.connection.base import ProgressCallback, Result, Stats, shell_line
+from provisioner.connection.base import ProgressCallback, Result, Stats, copy_stream, shell_line
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
@@ -130,13 +130,7 @@ class SshConnection:
             with sftp.open(tmp, "wb") as f:
                 f.set_pipelined(True)  # don't wait for each write's ack: keeps the pipe full
                 f.MAX_REQUEST_SIZE = SFTP_WRITE
-                done = 0
-                while chunk := src.read(CHUNK):
-                    f.write(chunk)
-                    done += len(chunk)
-                    self.stats.bytes_put += len(chunk)
-                    if progress:
-                        progress(done, size)
+                copy_stream(src, f.write, size, self.stats, progress, CHUNK)
                 f.chmod(mode)
             sftp.posix_rename(tmp, dest)
         except OSError as err:  # paramiko maps SFTP status codes to IOError

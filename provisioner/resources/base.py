@@ -8,7 +8,7 @@ already there. Neither touches the host; `plan/apply.py` executes the steps.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from provisioner.config.model import Profile
