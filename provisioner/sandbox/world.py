@@ -70,8 +70,11 @@ class World:
 
 def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
                 variants: Iterable[str] = ("lightning-4step-r128",), model_bytes: int = 2 << 20,
-                torch: str = "2.6.0+cu124") -> World:
-    """Build the artefacts under `root` and start the servers (call `.stop()` when done)."""
+                torch: str = "2.6.0+cu124", hub_token: str | None = None) -> World:
+    """Build the artefacts under `root` and start the servers (call `.stop()` when done).
+
+    `hub_token`: every model repo is gated and needs this token, like a private or gated repo.
+    """
     root.mkdir(parents=True, exist_ok=True)
     wheels = root / "release-assets"
     tags = sorted({*PYTHON_TAGS, current_python_tag()})
@@ -85,7 +88,8 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
             files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes, f.filename)
     for f in (catalog.TEXT_ENCODER, catalog.VAE):
         files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes // 4, f.filename)
-    hub = start_hf_server(files)
+    gated = {repo for repo, _ in files} if hub_token else ()
+    hub = start_hf_server(files, gated=gated, token=hub_token)
     plugin_repo = root / "git" / "ComfyUI-nunchaku.git"
     if not plugin_repo.exists():
         make_plugin_repo(plugin_repo)
