@@ -70,7 +70,11 @@ class Reporter:
 
     @contextmanager
     def transfer(self, host: str, label: str, total: int | None) -> Iterator[Any]:
-        """A progress bar for a download or push; yields `update(done, total)`."""
+        """A progress bar for a download or push; yields `update(done, total)`. Only on a terminal:
+        in a log or a pipe the per-change lines say enough."""
+        if not self.console.is_terminal:
+            yield lambda done, total_now=None: None
+            return
         with self._lock:
             if self._progress is None:
                 self._progress = Progress(

@@ -25,7 +25,8 @@ DISK_MARGIN_BYTES = 2**30  # room left for ComfyUI's outputs, logs and temp file
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
+    """12.1 GB, 524.5 MB: model files range from a VAE of hundreds of MB to a DiT of 12 GB."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _dest(profile: Profile, f: catalog.ModelFile) -> str:
