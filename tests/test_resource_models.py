@@ -145,7 +145,7 @@ def test_part_file_is_resumed_and_counted_in_the_disk_check(server: HfServer) ->
 
 
 def test_disk_too_small_names_need_and_free(server: HfServer) -> None:
-    with pytest.raises(PlanError, match=r"need 0\.\d GB \(\+1\.1 GB margin\), 0\.5 GB free.*model.variant"):
+    with pytest.raises(PlanError, match=r"need 0\.\d MB \(\+1\.1 GB margin\), 500\.0 MB free.*model.variant"):
         plan(make_profile(server.url), make_facts(disk_free=500_000_000))
 
 
