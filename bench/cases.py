@@ -1,0 +1,93 @@
+"""The timed cases on one fleet size: floor, first converge, no-op re-run, plan after a change.
+
+Tools take turns inside every repetition (provision, ansible, pyinfra, provision, ...), so a burst
+of load from elsewhere on the machine hits all of them alike and the ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from bench.hosts import ToolFleet, floor_seconds
+from bench.measure import Sample, median, run_timed
+from bench.state import DesiredState
+
+
+class Tool(Protocol):
+    name: str
+    fleet: ToolFleet
+    work: Any
+
+    def write(self, state: DesiredState) -> None: ...
+    def apply_argv(self) -> list[str]: ...
+    def plan_argv(self) -> list[str]: ...
+    def env(self) -> dict[str, str]: ...
+    def before_run(self) -> None: ...
+    def ok(self, verb: str, code: int) -> bool: ...
+
+
+@dataclass
+class CaseResult:
+    hosts: int
+    case: str                     # floor | converge | noop | plan
+    tool: str
+    seconds: list[float] = field(default_factory=list)
+    connections: list[float] = field(default_factory=list)   # per host, per run
+    sessions: list[float] = field(default_factory=list)      # exec/sftp channels per host, per run
+    peak_mb: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return median(self.seconds)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "median_s": self.median_s}
+
+
+def _once(tool: Tool, verb: str, result: CaseResult) -> None:
+    tool.before_run()
+    marks = tool.fleet.log_marks()
+    argv = tool.apply_argv() if verb == "apply" else tool.plan_argv()
+    sample: Sample = run_timed(argv, cwd=tool.work, env=tool.env())
+    conns, sessions = tool.fleet.counts(marks)
+    result.seconds.append(sample.seconds)
+    result.connections.append(conns)
+    result.sessions.append(sessions)
+    result.peak_mb.append(sample.peak_rss_mb)
+    if not tool.ok(verb, sample.returncode):
+        tail = "\n".join(sample.output.strip().splitlines()[-15:])
+        result.failures.append(f"exit {sample.returncode}")
+        print(f"  ! {tool.name} {result.case} failed (exit {sample.returncode}):\n{tail}", file=sys.stderr)
+    print(f"  {result.case:8} {tool.name:9} {sample.seconds:7.2f} s  {conns:.0f} conn/host  "
+          f"{sessions:.0f} exec/host  {sample.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
+
+
+def run_cases(tools: list[Tool], state: DesiredState, *, converge_runs: int, noop_runs: int,
+              plan_runs: int) -> list[CaseResult]:
+    n = len(tools[0].fleet.hosts)
+    floor = CaseResult(n, "floor", "ssh true")
+    for _ in range(noop_runs):
+        floor.seconds.append(floor_seconds(tools[0].fleet))
+    print(f"  floor    ssh true  {floor.median_s:7.2f} s (median)", file=sys.stderr)
+    results = {case: {t.name: CaseResult(n, case, t.name) for t in tools}
+               for case in ("converge", "noop", "plan")}
+    for tool in tools:
+        tool.write(state)
+    for _ in range(converge_runs):
+        for tool in tools:
+            tool.fleet.reset()
+            _once(tool, "apply", results["converge"][tool.name])
+    for _ in range(noop_runs):
+        for tool in tools:
+            _once(tool, "apply", results["noop"][tool.name])
+    for tool in tools:
+        tool.write(state.changed())
+    for _ in range(plan_runs):
+        for tool in tools:
+            _once(tool, "plan", results["plan"][tool.name])
+    for tool in tools:
+        tool.write(state)
+    return [floor, *(r for by_tool in results.values() for r in by_tool.values())]
