@@ -185,7 +185,7 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
             failed += status == "failed"
             unchanged += status == "ok"
             if result.error:
-                render.render_failure(console, name, Exception(result.error))
+                render.render_failure(console, name, ApplyError(result.error))
         else:
             status, detail = ("unreachable" if isinstance(result, ConnectError) else "failed"), str(result)
             failed += 1

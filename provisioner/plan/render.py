@@ -109,7 +109,13 @@ def summary_line(results: Mapping[str, HostPlan | BaseException]) -> str:
 
 
 def render_failure(console: Console, host: str, error: BaseException) -> None:
-    console.print(f"[bold red]✗ {escape(host)}[/]: {escape(str(error))}")
+    from provisioner.errors import ProvisionError
+
+    text = str(error)
+    if not isinstance(error, ProvisionError):
+        # Not an error a user can cause: a bug. Say so rather than pass it off as the host's fault.
+        text = f"internal error {type(error).__name__}: {error} (a bug in provision)"
+    console.print(f"[bold red]✗ {escape(host)}[/]: {escape(text)}")
 
 
 def plan_to_json(plan: HostPlan) -> dict[str, Any]:
