@@ -58,6 +58,7 @@ class Lab:
     hosts: list[LabHost] = field(default_factory=list)
     extra_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     overlays: dict[str, dict[str, Any]] = field(default_factory=dict)   # host → more `provision:` keys
+    host_vars: dict[str, dict[str, Any]] = field(default_factory=dict)  # host → more inventory vars
     profile_extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, n: int = 1, *, gpu: str | None = "rtx3090", torch: str | None = "2.6.0+cu124",
@@ -99,6 +100,7 @@ class Lab:
                 "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
                                         "restart", str(host.comfy)]}},
                 **self.overlays.get(host.name, {})}
+            inv["all"]["hosts"][host.name].update(self.host_vars.get(host.name, {}))
         inv["all"]["hosts"].update(self.extra_hosts)
         write_yaml(self.inventory, inv)
         profile = {"extends": str(REPO / "profiles" / "rtx3090.yaml"), "inventory": str(self.inventory),

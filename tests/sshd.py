@@ -254,15 +254,27 @@ DOCKER_STANDIN = '''#!{python}
 # Implements exactly what provision uses:
 #   docker exec -i [-e K=V]... NAME cmd...   runs cmd in {root}/NAME with the container's env
 #   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking)
-import os, sys
+#   docker restart NAME                      runs {root}/NAME/on-restart if there is one
+import os, subprocess, sys
 root = {root!r}
 args = sys.argv[1:]
+if os.environ.get("DOCKER_STANDIN_CONTAINER"):  # a container has no docker CLI of its host
+    sys.exit("sh: 1: docker: not found (inside container " + os.environ["DOCKER_STANDIN_CONTAINER"] + ")")
 if args[:1] == ["inspect"] and len(args) == 4 and args[1] == "-f":
     cdir = os.path.join(root, args[3])
     if not os.path.isdir(cdir):
         sys.exit(f"Error: No such object: {{args[3]}}")
     ip = os.path.join(cdir, "ip")
     print(open(ip).read().strip() if os.path.exists(ip) else "")
+    sys.exit(0)
+if args[:1] == ["restart"] and len(args) == 2:
+    cdir = os.path.join(root, args[1])
+    if not os.path.isdir(cdir):
+        sys.exit(f"Error response from daemon: No such container: {{args[1]}}")
+    hook = os.path.join(cdir, "on-restart")
+    if os.path.exists(hook):
+        subprocess.run([hook], check=True)
+    print(args[1])
     sys.exit(0)
 if args[:1] != ["exec"]:
     sys.exit(f"docker stand-in: unsupported command {{args!r}}")
@@ -282,7 +294,8 @@ if not os.path.isdir(cdir):
 if not interactive:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.chdir(cdir)
-base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name, "HOME": cdir}}
+base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name, "HOME": cdir,
+        "DOCKER_STANDIN_CONTAINER": name}}
 try:
     os.execvpe(cmd[0], cmd, {{**base, **env}})
 except FileNotFoundError:

@@ -20,6 +20,7 @@ from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
+from provisioner.connection.docker import DockerConnection
 from provisioner.errors import ApplyError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
@@ -198,9 +199,11 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         # Restart even after a later failure: what did change must be loaded.
         notify = frozenset().union(*(c.notify for c in outcome.applied)) if outcome.applied else frozenset()
         if RESTART & notify:
-            argv = restart_argv(profile)
+            argv, restart = restart_argv(profile), profile.comfyui.restart
             if argv:
-                restart_conn = getattr(conn, "outer", conn)  # `docker restart` runs beside the container
+                # `docker restart` runs on the container's host, beside it, not inside it.
+                docker = restart is not None and restart.docker and isinstance(conn, DockerConnection)
+                restart_conn = conn.inner if docker else conn
                 try:
                     restart_conn.run(argv)
                     outcome.handlers.append("restart-comfyui")

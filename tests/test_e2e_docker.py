@@ -1,0 +1,47 @@
+"""The seed's layout: ComfyUI in a container (`comfyui-qwen`) on a host reached over ssh. Every
+command goes through `docker exec`, and the restart handler runs `docker restart` beside the
+container, on the host. There is no Docker daemon here: the host's `docker` is the stand-in CLI
+of tests/sshd.py, which runs exec'd commands with the container's name and environment."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from lab import Lab
+from sshd import SshdFleet, install_docker_standin, write_script
+
+from provisioner.sandbox.world import start_world
+
+pytestmark = pytest.mark.slow
+
+
+def test_apply_through_docker_exec_converges_and_restarts_the_container(tmp_path: Path) -> None:
+    world = start_world(tmp_path / "world")
+    lab = Lab(tmp_path, world, SshdFleet(tmp_path / "sshd"))
+    try:
+        (host,) = lab.add(1)
+        containers = tmp_path / "containers"
+        install_docker_standin(host.sandbox.bin_dir, containers, {"comfyui-qwen": None})
+        restarted = tmp_path / "restarted"
+        write_script(containers / "comfyui-qwen" / "on-restart",
+                     f"#!/bin/sh\necho restart >> {restarted}\nexec {sys.executable} -m "
+                     f"provisioner.sandbox.comfyui_process restart {host.comfy}\n")
+        lab.host_vars[host.name] = {"provision_container": "comfyui-qwen"}
+        lab.overlays[host.name] = {"comfyui": {"root": str(host.comfy), "port": host.port,
+                                               "restart": {"docker": "comfyui-qwen"}}}
+        lab.write()
+        since = host.sshd.log_size()
+        code, out = lab.run("apply")
+        assert code == 2, out
+        assert "handler: restarted ComfyUI (docker restart comfyui-qwen)" in out
+        assert restarted.read_text() == "restart\n"                 # once, beside the container
+        assert f"{host.name} PASS nodes_registered" in out          # the restart loaded the plugin
+        assert host.sshd.count_connections(since) == 1              # one ssh connection for it all
+        code, out = lab.run("apply", "--no-verify")
+        assert code == 0, out
+        assert restarted.read_text() == "restart\n"                 # no change, no restart
+    finally:
+        lab.stop()
+        world.stop()
