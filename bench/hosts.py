@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -51,15 +52,36 @@ class ToolFleet:
         return [h.sshd.log_size() for h in self.hosts]
 
     def counts(self, marks: Sequence[int]) -> tuple[float, float]:
-        """Mean SSH connections and session channels (exec/sftp) per host since `marks`."""
-        time.sleep(0.3)  # sshd's per-connection children log asynchronously
-        conns = [h.sshd.count_connections(m) for h, m in zip(self.hosts, marks)]
-        sessions = [h.sshd.count_sessions(m) for h, m in zip(self.hosts, marks)]
+        """Mean SSH connections and session channels (exec/sftp) per host since `marks`.
+
+        A connection is a client port that authenticated or opened a session: sshd's monitor and
+        session processes log separately, so under load one line can land after the other.
+        """
+        previous = None
+        for _ in range(20):   # until two reads 0.2 s apart agree: the children log asynchronously
+            time.sleep(0.2)
+            now = [_log_counts(h.sshd.log, m) for h, m in zip(self.hosts, marks)]
+            if now == previous:
+                break
+            previous = now
         n = len(self.hosts)
-        return sum(conns) / n, sum(sessions) / n
+        return sum(c for c, _ in now) / n, sum(s for _, s in now) / n
 
     def stop(self) -> None:
         self.fleet.stop_all()
+
+
+_ACCEPTED = re.compile(r"^Accepted publickey for \S+ from \S+ port (\d+)", re.M)
+_SESSION = re.compile(r"^Starting session: .* port (\d+) id \d+\r?$", re.M)
+
+
+def _log_counts(log: Path, mark: int) -> tuple[int, int]:
+    """(connections, sessions) in an sshd VERBOSE log after byte offset `mark`."""
+    with open(log, "rb") as f:
+        f.seek(mark)
+        text = f.read().decode(errors="replace")
+    sessions = _SESSION.findall(text)
+    return len(set(_ACCEPTED.findall(text)) | set(sessions)), len(sessions)
 
 
 def _fresh_sandbox(root: Path, world: World) -> SandboxHost:
