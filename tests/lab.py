@@ -118,6 +118,8 @@ class Lab:
         """`provision VERB PROFILE ARGS` in-process; returns (exit code, everything it printed)."""
         out = io.StringIO()
         argv = [verb, str(self.profile), *self.ssh_args(), "--no-color", *args]
+        if verb == "apply" and "--log-dir" not in args:
+            argv += ["--log-dir", str(self.root / "logs")]  # not the default, in the working tree
         with redirect_stdout(out), redirect_stderr(out):
             code = cli.main(argv)
         return code, out.getvalue()
