@@ -89,24 +89,7 @@ def _fresh_sandbox(root: Path, world: World) -> SandboxHost:
         shutil.rmtree(root)
     host = make_sandbox_host(root, gpu="rtx3090", torch="2.6.0+cu124",
                              venv_template=world.venv_template)
-    _own_scripts(host.venv, world.venv_template)
     return host
-
-
-def _own_scripts(venv: Path, template: Path) -> None:
-    """Point the copied venv's scripts (bin/pip, activate) at this venv, not at the template.
-
-    make_sandbox_host copies a template venv; its `bin/pip` shebang still names the template's
-    python, so the peers (which run `venv/bin/pip`) would install into the template. provision is
-    unaffected (it runs `venv/bin/python -m pip`), but all tools must start from the same host.
-    """
-    old, new = str(template.resolve()), str(venv)
-    for script in (venv / "bin").iterdir():
-        if script.is_symlink() or not script.is_file():
-            continue
-        text = script.read_bytes()
-        if old.encode() in text:
-            script.write_bytes(text.replace(old.encode(), new.encode()))
 
 
 def make_tool_fleet(tool: str, n: int, root: Path, world: World) -> ToolFleet:

@@ -261,3 +261,11 @@ def test_default_cp312_nunchaku_wheel_installs_into_a_cp312_venv(tmp_path: Path)
     pip(Path(sys.executable), "--python", str(venv / "bin/python"), "install", "--no-index",
         str(build_nunchaku_wheel(tmp_path)))
     assert dists(venv / "bin/python", "nunchaku")["nunchaku"][0] == "1.0.1+torch2.6"
+
+
+def test_copied_venv_scripts_point_at_the_copy(tmp_path: Path) -> None:
+    """`venv/bin/pip` of a host made from a template installs into that host, not the template."""
+    template = make_venv_template(tmp_path / "template", torch=None)
+    host = make_sandbox_host(tmp_path / "h", gpu=None, torch=None, venv_template=template)
+    shebang = (host.venv / "bin" / "pip").read_text().splitlines()[0]
+    assert str(host.venv) in shebang and str(template) not in shebang

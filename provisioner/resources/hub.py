@@ -13,17 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import (
-    FileMetadataError,
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from provisioner.errors import PlanError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -72,6 +61,10 @@ def _cached(endpoint: str, repo: str, path: str, revision: str, token: str | Non
 
 
 def _lookup(endpoint: str, repo: str, path: str, revision: str, token: str | None) -> RemoteFile:
+    # Imported here, not at module level: huggingface_hub costs ~150 ms to import, and only a
+    # plan needs it (`validate`, `facts`, `schema` and --help do not).
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+
     # One HEAD answers everything for an LFS file: commit, sha256 (X-Linked-Etag) and size.
     # token=False (not None) so a token stored on the control machine is never sent to an
     # endpoint the profile did not give one for.
@@ -107,6 +100,10 @@ def _plan_error(err: Exception, endpoint: str, repo: str, path: str, revision: s
                 token: str | None, token_env: str) -> PlanError:
     if isinstance(err, PlanError):
         return err
+    from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HfHubHTTPError,
+                                        OfflineModeIsEnabled, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
     if isinstance(err, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         fix = ("the token in " + token_env + " has no access: accept the repo's terms on the Hub"
                if token else "set " + token_env + " to a token that accepted its terms")

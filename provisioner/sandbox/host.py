@@ -177,6 +177,17 @@ def _comfyui_files(version: str) -> dict[str, str]:
     }
 
 
+def _own_scripts(venv: Path, template: Path) -> None:
+    """Point a copied venv's scripts (bin/pip, activate) at the copy: their shebangs name the
+    template's python, so `venv/bin/pip` would install into the template."""
+    old, new = str(Path(template).resolve()).encode(), str(venv).encode()
+    for script in (venv / "bin").iterdir():
+        if script.is_file() and not script.is_symlink():
+            text = script.read_bytes()
+            if old in text:
+                script.write_bytes(text.replace(old, new))
+
+
 def make_sandbox_host(
     root: Path,
     *,
@@ -197,6 +208,7 @@ def make_sandbox_host(
     venv = comfy / "venv"
     if venv_template is not None:
         shutil.copytree(venv_template, venv, symlinks=True)
+        _own_scripts(venv, venv_template)
         _set_torch(venv, torch)
     else:
         make_venv_template(venv, torch)
