@@ -10,8 +10,8 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from sshd import SshdFleet, SshdHost, free_port, inventory_for
 from provisioner import cli
 from provisioner.sandbox import comfyui_process
 from provisioner.sandbox.host import SandboxHost, make_sandbox_host
-from provisioner.sandbox.world import World, write_yaml
+from provisioner.sandbox.world import World, start_world, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +137,18 @@ class Lab:
         for host in self.hosts:
             comfyui_process.stop(host.comfy)
         self.fleet.stop_all()
+
+
+@contextmanager
+def open_lab(root: Path, **world: Any) -> Iterator[Lab]:
+    """A lab with its own world (stand-in servers) under `root`; everything stopped at the end."""
+    started = start_world(root / "world", **world)
+    lab = Lab(root, started, SshdFleet(root / "sshd"))
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        started.stop()
 
 
 def tree_state(root: Path, skip: Sequence[str] = (".provision-sandbox", "output", "__pycache__")) -> dict[str, str]:

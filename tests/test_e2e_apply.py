@@ -11,25 +11,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lab import Lab, LabHost, mtimes, tree_state
-from sshd import SshdFleet
+from lab import Lab, LabHost, mtimes, open_lab, tree_state
 
 from provisioner.resources import catalog
-from provisioner.sandbox.world import start_world
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    root = tmp_path_factory.mktemp("lab-apply")
-    world = start_world(root / "world", model_bytes=4 << 20)
-    lab = Lab(root, world, SshdFleet(root / "sshd"))
-    try:
+    with open_lab(tmp_path_factory.mktemp("lab-apply"), model_bytes=4 << 20) as lab:
         yield lab
-    finally:
-        lab.stop()
-        world.stop()
 
 
 def expected_models(host: LabHost, lab: Lab) -> dict[Path, str]:

@@ -9,18 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from lab import Lab
-from sshd import SshdFleet, install_docker_standin, write_script
+from lab import open_lab
+from sshd import install_docker_standin, write_script
 
-from provisioner.sandbox.world import start_world
 
 pytestmark = pytest.mark.slow
 
 
 def test_apply_through_docker_exec_converges_and_restarts_the_container(tmp_path: Path) -> None:
-    world = start_world(tmp_path / "world")
-    lab = Lab(tmp_path, world, SshdFleet(tmp_path / "sshd"))
-    try:
+    with open_lab(tmp_path) as lab:
         (host,) = lab.add(1)
         containers = tmp_path / "containers"
         install_docker_standin(host.sandbox.bin_dir, containers, {"comfyui-qwen": None})
@@ -42,6 +39,3 @@ def test_apply_through_docker_exec_converges_and_restarts_the_container(tmp_path
         code, out = lab.run("apply", "--no-verify")
         assert code == 0, out
         assert restarted.read_text() == "restart\n"                 # no change, no restart
-    finally:
-        lab.stop()
-        world.stop()

@@ -8,25 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import Lab, LabHost, tree_state
-from sshd import SshdFleet
+from lab import Lab, LabHost, open_lab, tree_state
 
 from provisioner.sandbox.wheels import build_impostor_nunchaku
-from provisioner.sandbox.world import start_world
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    root = tmp_path_factory.mktemp("lab-plan")
-    world = start_world(root / "world")
-    lab = Lab(root, world, SshdFleet(root / "sshd"))
-    try:
+    with open_lab(tmp_path_factory.mktemp("lab-plan")) as lab:
         yield lab
-    finally:
-        lab.stop()
-        world.stop()
 
 
 @pytest.fixture(scope="module")

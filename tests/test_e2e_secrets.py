@@ -3,23 +3,19 @@ the console, not the JSON-lines log, not a command line on the host."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from lab import Lab
-from sshd import SshdFleet
+from lab import open_lab
 
-from provisioner.sandbox.world import start_world
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_provisionTestSecret0123456789"
 
 
 def test_token_reaches_the_hub_and_nowhere_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = start_world(tmp_path / "world", hub_token=TOKEN)
-    lab = Lab(tmp_path, world, SshdFleet(tmp_path / "sshd"))
-    try:
+    with open_lab(tmp_path, hub_token=TOKEN) as lab:
+        world = lab.world
         (host,) = lab.add(1)
         monkeypatch.delenv("HF_TOKEN", raising=False)
         code, out = lab.run("plan")
@@ -37,7 +33,3 @@ def test_token_reaches_the_hub_and_nowhere_else(tmp_path: Path, monkeypatch: pyt
         for path in host.sandbox.root.rglob("*"):
             if path.is_file() and path.stat().st_size < 5_000_000 and "ComfyUI/venv" not in str(path):
                 assert TOKEN.encode() not in path.read_bytes(), path
-    finally:
-        lab.stop()
-        world.stop()
-        os.environ.pop("HF_TOKEN", None)

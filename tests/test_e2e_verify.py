@@ -10,21 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import Lab, LabHost
-from sshd import SshdFleet
+from lab import Lab, LabHost, open_lab
 
 from provisioner.sandbox import comfyui_process
-from provisioner.sandbox.world import start_world
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[str, LabHost]]]:
-    root = tmp_path_factory.mktemp("lab-verify")
-    world = start_world(root / "world")
-    lab = Lab(root, world, SshdFleet(root / "sshd"))
-    try:
+    with open_lab(tmp_path_factory.mktemp("lab-verify")) as lab:
         healthy, no_backend, down = lab.add(3)
         (black,) = lab.add(1, comfyui_args=("--image-mode", "black"))
         (slow,) = lab.add(1)
@@ -38,9 +33,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[
         comfyui_process.restart(no_backend.comfy)
         comfyui_process.stop(down.comfy)
         yield lab, {"healthy": healthy, "no_backend": no_backend, "down": down, "black": black, "slow": slow}
-    finally:
-        lab.stop()
-        world.stop()
 
 
 def failures(report: dict, host: LabHost) -> list[str]:
