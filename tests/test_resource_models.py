@@ -249,3 +249,16 @@ def test_apply_then_plan_again_is_converged(server: HfServer, tmp_path: Path) ->
         assert subprocess.run(step.argv, input=step.stdin, capture_output=True, timeout=60).returncode == 0
     assert sum(r.origin == "cdn" for r in server.requests) == cdn_before
     assert plan(profile, make_facts(files=gather())).changes == ()
+
+
+def test_parallel_plans_ask_the_hub_once_per_file(server: HfServer) -> None:
+    """Hosts plan in parallel threads; the Hub is asked once per file, not once per host."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = len(server.requests)
+    repo, path = FILES[0].repo, FILES[0].path_in_repo
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: hub.file_metadata(server.url, repo, path), range(8)))
+    assert len({r.sha256 for r in results}) == 1
+    heads = [r for r in server.requests[before:] if r.origin == "hub"]
+    assert len(heads) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,7 +45,17 @@ def file_metadata(endpoint: str, repo: str, path: str, revision: str = "main",
     Raises a one-line `PlanError` for a missing repo, revision or file, a gated repo, an HTTP
     error, or a Hub that cannot be reached.
     """
-    return _cached(endpoint.rstrip("/"), repo, path, revision, token, token_env)
+    key = (endpoint.rstrip("/"), repo, path, revision, token, token_env)
+    # Hosts plan in parallel threads: without this, all of them would miss the empty cache at
+    # once and each send its own request. One asks; the others wait for its answer.
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:
+        return _cached(*key)
+
+
+_locks: dict[tuple[object, ...], threading.Lock] = {}
+_locks_guard = threading.Lock()
 
 
 def clear_cache() -> None:
