@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from provisioner.errors import PlanError
+from provisioner.resources.memo import SingleFlight
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 TIMEOUT_S = 20.0
@@ -46,24 +45,17 @@ def file_metadata(endpoint: str, repo: str, path: str, revision: str = "main",
     error, or a Hub that cannot be reached.
     """
     key = (endpoint.rstrip("/"), repo, path, revision, token, token_env)
-    # Hosts plan in parallel threads: without this, all of them would miss the empty cache at
-    # once and each send its own request. One asks; the others wait for its answer.
-    with _locks_guard:
-        lock = _locks.setdefault(key, threading.Lock())
-    with lock:
-        return _cached(*key)
+    return _memo.get(key, lambda: _fetch(*key))
 
 
-_locks: dict[tuple[object, ...], threading.Lock] = {}
-_locks_guard = threading.Lock()
+_memo: SingleFlight[RemoteFile] = SingleFlight()
 
 
 def clear_cache() -> None:
-    _cached.cache_clear()
+    _memo.clear()
 
 
-@lru_cache(maxsize=256)
-def _cached(endpoint: str, repo: str, path: str, revision: str, token: str | None,
+def _fetch(endpoint: str, repo: str, path: str, revision: str, token: str | None,
             token_env: str) -> RemoteFile:
     try:
         return _lookup(endpoint, repo, path, revision, token)

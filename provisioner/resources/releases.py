@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import posixpath
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +17,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion, Version
 
 from provisioner.config.model import HubSpec, WheelSource
+from provisioner.resources.memo import SingleFlight
 
 TIMEOUT_S = 20.0
 GITHUB_TOKEN_ENV = "GITHUB_TOKEN"   # optional: lifts the API's 60 requests/hour anonymous limit
@@ -172,23 +172,16 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-_cache: dict[tuple, Listing] = {}
-_lock = threading.Lock()
+_listings: SingleFlight[Listing] = SingleFlight()
 
 
 def _memo(key: tuple, make: Callable[[], Listing]) -> Listing:
     # One plan covers a whole fleet: ask each source once per run, not once per host.
-    with _lock:
-        if key in _cache:
-            return _cache[key]
-    listing = make()
-    with _lock:
-        return _cache.setdefault(key, listing)
+    return _listings.get(key, make)
 
 
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
+    _listings.clear()
 
 
 def list_wheels(source: WheelSource, version: str, filename: str, *,
