@@ -56,7 +56,7 @@ def clear_cache() -> None:
 
 
 def _fetch(endpoint: str, repo: str, path: str, revision: str, token: str | None,
-            token_env: str) -> RemoteFile:
+           token_env: str) -> RemoteFile:
     try:
         return _lookup(endpoint, repo, path, revision, token)
     except Exception as err:  # noqa: BLE001 - every Hub failure becomes one PlanError line below
