@@ -248,7 +248,7 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
                       args: argparse.Namespace) -> int:
     """Console table, check lines (failures first), the report directory; exit 0 or 1."""
-    from provisioner.report import build_report, from_exception, from_verification, write_report
+    from provisioner.report import build_report, dumps, from_exception, from_verification, write_report
     from provisioner.verify.render import render_verification
 
     profiles = {t.host.name: t.profile for t in chosen}
@@ -261,10 +261,12 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
             facts, verification = result
             entries.append(from_verification(name, facts, verification, profile=profile))
     failed = render_verification(results, console)
+    report = build_report(entries, profile=chosen[0].profile.name if chosen else None)
+    if args.json and args.verb == "verify":  # apply prints its own JSON summary
+        print(dumps(report), end="")
     report_dir = getattr(args, "report", None)
     if report_dir:
-        name = chosen[0].profile.name if chosen else None
-        paths = write_report(report_dir, build_report(entries, profile=name))
+        paths = write_report(report_dir, report)
         for flag in paths.regressions:
             console.print(f"[red]{escape(flag.line)}[/]")
         console.print(f"report: {paths.html} ({paths.json.name}, {paths.junit.name})")

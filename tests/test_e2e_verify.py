@@ -82,3 +82,12 @@ def test_apply_runs_verification_and_fails_on_a_broken_host(fleet) -> None:
     assert f"{hosts['black'].name} FAIL images_ok" in out
     code, out = lab.run("apply", "--limit", hosts["healthy"].name)
     assert code == 0, out
+
+
+def test_verify_json_is_the_report_document(fleet) -> None:
+    lab, hosts = fleet
+    code, out = lab.run("verify", "--limit", hosts["healthy"].name, "--json")
+    assert code == 0, out
+    doc = json.loads(out[out.index("{"):])
+    assert [h["host"] for h in doc["hosts"]] == [hosts["healthy"].name]
+    assert doc["hosts"][0]["status"] == "passed"
