@@ -218,7 +218,7 @@ def facts(args: argparse.Namespace, console: Console) -> int:
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
                           for name, r in results.items()}, indent=2))
     else:
-        render_facts(results, console)
+        render_facts(results, console)  # type: ignore[arg-type]  # Facts or the host's exception
     return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 

@@ -181,7 +181,7 @@ def _pick(cls: type, data: Mapping[str, Any] | None, **nested: Any) -> Any:
 
 def _wheel_source(item: str | Mapping[str, str]) -> WheelSource:
     if isinstance(item, str):                 # bare "github"
-        return WheelSource(item, BackendSpec.sources[0].value if item == "github" else "")
+        return WheelSource(item, BackendSpec.sources[0].value if item == "github" else "")  # type: ignore[arg-type]
     ((kind, value),) = item.items()
     return WheelSource(kind, value)  # type: ignore[arg-type]
 

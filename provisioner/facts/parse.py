@@ -111,7 +111,7 @@ def _env(raw: Mapping[str, Any]) -> PythonEnv:
     info = raw.get("info")
     if not info:
         return PythonEnv(python=raw["python"], exists=bool(raw.get("exists")), error=raw.get("error"))
-    dists = {}
+    dists: dict[str, Distribution] = {}
     for d in info.get("distributions", ()):
         dist = Distribution(d["name"], d.get("version", ""), d.get("summary", ""), d.get("home", ""))
         dists.setdefault(canonical(dist.name), dist)

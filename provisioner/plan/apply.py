@@ -202,8 +202,9 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             argv, restart = restart_argv(profile), profile.comfyui.restart
             if argv:
                 # `docker restart` runs on the container's host, beside it, not inside it.
-                docker = restart is not None and restart.docker and isinstance(conn, DockerConnection)
-                restart_conn = conn.inner if docker else conn
+                restart_conn = conn
+                if restart is not None and restart.docker and isinstance(conn, DockerConnection):
+                    restart_conn = conn.inner
                 try:
                     restart_conn.run(argv)
                     outcome.handlers.append("restart-comfyui")

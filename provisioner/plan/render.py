@@ -48,8 +48,8 @@ def diff_lines(change: Change, *, full: bool = True) -> list[str]:
     if not before and isinstance(after, str) and not full:
         return [f"new file, {len(after.splitlines())} lines (-v shows it)"]
     if isinstance(before, str) or isinstance(after, str):
-        old = (before or "").splitlines()
-        new = (after or "").splitlines()
+        old = before.splitlines() if isinstance(before, str) else []
+        new = after.splitlines() if isinstance(after, str) else []
         return list(difflib.unified_diff(old, new, f"host:{change.key}", f"profile:{change.key}",
                                          n=2, lineterm=""))
     old_map: Mapping[str, object] = before or {}

@@ -93,7 +93,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     desired = f"{version.public}+torch{torch_mm}"
     current = env.distributions.get("nunchaku")
     real = current is not None and is_real_nunchaku(current)
-    if real and _same(current.version, desired):
+    if current is not None and real and _same(current.version, desired):
         return changes()
     asset, source = find_wheel(profile, version, torch_mm, env.tag or "", env.platform or "", lister)
     dest, get = _get_steps(profile, asset, source)

@@ -66,7 +66,7 @@ def _fetch(endpoint: str, repo: str, path: str, revision: str, token: str | None
 def _lookup(endpoint: str, repo: str, path: str, revision: str, token: str | None) -> RemoteFile:
     # Imported here, not at module level: huggingface_hub costs ~150 ms to import, and only a
     # plan needs it (`validate`, `facts`, `schema` and --help do not).
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import HfApi, RepoFile, get_hf_file_metadata, hf_hub_url
 
     # One HEAD answers everything for an LFS file: commit, sha256 (X-Linked-Etag) and size.
     # token=False (not None) so a token stored on the control machine is never sent to an
@@ -80,9 +80,9 @@ def _lookup(endpoint: str, repo: str, path: str, revision: str, token: str | Non
         # Not LFS, or a Hub that did not link the LFS etag: ask paths-info, the authoritative source.
         api = HfApi(endpoint=endpoint, token=token or False)
         infos = api.get_paths_info(repo, [path], revision=commit or revision)
-        if not infos or not hasattr(infos[0], "size"):
+        info = infos[0] if infos else None
+        if not isinstance(info, RepoFile):
             raise PlanError(f"{path} in {repo} is a folder, not a model file")
-        info = infos[0]
         size = info.lfs.size if info.lfs else info.size
         sha256 = info.lfs.sha256 if info.lfs else None
     url = hf_hub_url(repo, path, revision=commit or revision, endpoint=endpoint)

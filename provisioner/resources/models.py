@@ -17,7 +17,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
 from provisioner.plan import fetch_script
 from provisioner.resources import catalog, hub
-from provisioner.resources.base import RESTART, Change, Fetch, Note, ResourcePlan, changes
+from provisioner.resources.base import RESTART, Action, Change, Fetch, Note, ResourcePlan, changes
 
 name = "model"
 
@@ -88,6 +88,7 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote: hub.RemoteFile,
     part = facts.files.get(dest + ".part")
     resume = part.size if part and part.exists and part.size <= remote.size else 0
     where = f"{f.repo}@{(remote.commit or f.revision)[:12]}"
+    action: Action
     if have.exists:
         action, before = "replace", {"size": have.size, "sha256": have.sha256}
         why = "size differs" if have.size != remote.size else "sha256 differs"
@@ -97,7 +98,7 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote: hub.RemoteFile,
         summary = f"download {f.folder}/{f.filename} ({_gb(remote.size)}) from {where}"
     if resume:
         summary += f", resuming at {_gb(resume)}"
-    warnings = ()
+    warnings: tuple[str, ...] = ()
     if pinned and remote.sha256 and pinned != remote.sha256:
         warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote.sha256[:12]}… for {f.filename}: "
                     "the download will fail verification unless the Hub serves the pinned file",)

@@ -131,7 +131,7 @@ def _probe_mirror(source: WheelSource, version: str, filename: str) -> Listing:
 
 
 def _list_huggingface(source: WheelSource, hub: HubSpec) -> Listing:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, RepoFile
     from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = hub.endpoint.rstrip("/")
@@ -146,7 +146,7 @@ def _list_huggingface(source: WheelSource, hub: HubSpec) -> Listing:
         return Listing(source, where, error=f"unreachable ({type(err).__name__}: {err})")
     assets = []
     for e in entries:
-        if not e.path.endswith(".whl") or getattr(e, "size", None) is None:   # RepoFolder: no size
+        if not e.path.endswith(".whl") or not isinstance(e, RepoFile):   # a RepoFolder has no size
             continue
         lfs = getattr(e, "lfs", None)
         sha = lfs.sha256 if lfs is not None else None

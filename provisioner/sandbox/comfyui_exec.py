@@ -32,7 +32,8 @@ class NodeFailed(Exception):
     def __init__(self, exception_type: str, message: str) -> None:
         super().__init__(message)
         self.exception_type = exception_type
-        self.node_id, self.node_type, self.executed = "", "", []   # set by Executor.run
+        self.node_id, self.node_type = "", ""                      # set by Executor.run
+        self.executed: list[str] = []
 
 
 @dataclass

@@ -128,7 +128,7 @@ class Handler(BaseHTTPRequestHandler):
             name = part.get_param("name", header="content-disposition")
             if name == "image":
                 filename = part.get_filename()
-            fields[name] = part.get_payload(decode=True)
+            fields[str(name)] = part.get_payload(decode=True)
         if not filename or "image" not in fields:
             return self._send(400, b"", "application/octet-stream")
         kind = (fields.get("type") or b"input").decode()

@@ -42,8 +42,8 @@ def _table(base: int) -> bytes:
 def picture(width: int, height: int, seed: int, mode: str, text: dict[str, str] | None = None) -> bytes:
     """normal: a vertical two-colour gradient with grain, different per seed; black; uniform grey."""
     if mode in ("black", "uniform"):
-        row = bytes((0, 0, 0) if mode == "black" else (128, 128, 128)) * width
-        return encode(width, height, [row] * height, text)
+        flat = bytes((0, 0, 0) if mode == "black" else (128, 128, 128)) * width
+        return encode(width, height, [flat] * height, text)
     rng = random.Random(seed)
     top = [rng.randint(40, 110) for _ in range(3)]              # dark to light: a real contrast
     bottom = [rng.randint(150, 220) for _ in range(3)]

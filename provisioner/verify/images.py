@@ -81,8 +81,8 @@ def thumbnail(png: bytes, max_px: int = THUMBNAIL_PX) -> bytes:
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError):
         return b""
-    img = img.convert("RGB")
-    img.thumbnail((max_px, max_px))
+    rgb = img.convert("RGB")
+    rgb.thumbnail((max_px, max_px))
     out = io.BytesIO()
-    img.save(out, format="PNG")
+    rgb.save(out, format="PNG")
     return out.getvalue()

@@ -6,7 +6,7 @@ import io
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -138,8 +138,8 @@ def _verify(client: ComfyClient, conn: Connection, profile: Profile, facts: Fact
     client.free(unload_models=True, free_memory=True)   # so the first run is really cold
     vram_stats: list[int | None] = [checks.vram_used_mib(stats)]
     prompts = verify.prompts or (profile.workflow.prompt,)
-    plan = [(prompts[0], "cold", verify.seed)] + [
-        (p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
+    cold: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
+    plan = cold + [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
     with VramSampler(conn, gpu.index if gpu else None, interval) as sampler:
         for prompt, kind, seed in plan:
             tag = f"{OUTPUT_PREFIX}/{len(runs):02d}-{kind}"
@@ -169,7 +169,7 @@ def _verify(client: ComfyClient, conn: Connection, profile: Profile, facts: Fact
                                   check_image(png, size), thumbnail(png)))
     found.append(Check("generation", True, f"{len(runs)} runs ({sum(r.kind == 'cold' for r in runs)} "
                        f"cold) of {len(verify.prompts)} prompt(s) completed", float(len(runs))))
-    source = "nvidia-smi samples and /system_stats" if sampler.samples else \
+    vram_source = "nvidia-smi samples and /system_stats" if sampler.samples else \
         f"/system_stats only; {sampler.error or 'no nvidia-smi sample'}"
     peak = _max(*(r.vram_peak_mib for r in runs), *vram_stats)
-    found.extend(checks.judge(runs, verify.thresholds, peak, source))
+    found.extend(checks.judge(runs, verify.thresholds, peak, vram_source))
