@@ -92,5 +92,5 @@ def _pump(a: Any, b: Any, closing: threading.Event) -> None:
 def _quiet_close(end: Any) -> None:
     try:
         end.close()
-    except OSError:
+    except (OSError, EOFError, paramiko.SSHException):  # closing a channel of a dying transport
         pass

@@ -73,7 +73,7 @@ class SshConnection:
         except TRANSPORT_ERRORS as error:
             raise ConnectError(f"{self.name}: connection lost running {argv[0]}: {reason(error)}") from None
         finally:
-            chan.close()
+            _close(chan)
         result = Result(argv, code, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and not result.ok:
             raise CommandError(self.name, result)
@@ -93,7 +93,7 @@ class SshConnection:
                 chan.status_event.wait(5)          # ...and its lock is gone before we go on
             except TRANSPORT_ERRORS:
                 pass
-            chan.close()
+            _close(chan)
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
         return self._hold(argv)
@@ -164,7 +164,10 @@ class SshConnection:
 
     def close(self) -> None:
         if self._sftp is not None:
-            self._sftp.close()
+            try:
+                self._sftp.close()
+            except TRANSPORT_ERRORS:  # the connection is already gone: nothing left to close
+                pass
             self._sftp = None
         self._reacher.close()
 
@@ -173,6 +176,14 @@ class SshConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close(chan: paramiko.Channel) -> None:
+    """Close a channel; on a transport that is going away, paramiko raises EOFError from close()."""
+    try:
+        chan.close()
+    except TRANSPORT_ERRORS:
+        pass
 
 
 def _collect(chan: paramiko.Channel, stdin: bytes | None, timeout: float | None,
@@ -232,7 +243,7 @@ def _collect(chan: paramiko.Channel, stdin: bytes | None, timeout: float | None,
         for t in helpers:
             t.join(left_now)
     except socket.timeout:
-        chan.close()
+        _close(chan)
         note = f"\ntimed out after {timeout:g}s\n".encode()
         return b"".join(out), b"".join(err) + note, 124
     code = chan.exit_status
