@@ -113,7 +113,7 @@ def test_killed_apply_converges_when_run_again(lab: Lab, tmp_path: Path, point: 
 
 def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> None:
     (host,) = lab.add(1)
-    lab.world.hub.throttle_bps = 3_000_000
+    lab.world.hub.throttle_bps = 700_000  # ~9 s of downloads: the second apply surely meets the lock
     try:
         first = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path / "a")
         wait_for(started("plugin", tmp_path / "a", host))
@@ -134,7 +134,7 @@ def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> N
 
 def test_lock_timeout_is_a_clear_failure(lab: Lab, tmp_path: Path) -> None:
     (host,) = lab.add(1)
-    lab.world.hub.throttle_bps = 2_000_000
+    lab.world.hub.throttle_bps = 700_000
     try:
         first = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
         wait_for(started("plugin", tmp_path, host))
