@@ -197,27 +197,31 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
         # Restart even after a later failure: what did change must be loaded.
-        notify = frozenset().union(*(c.notify for c in outcome.applied)) if outcome.applied else frozenset()
-        if RESTART & notify:
-            argv, restart = restart_argv(profile), profile.comfyui.restart
-            if argv:
-                # `docker restart` runs on the container's host, beside it, not inside it.
-                restart_conn = conn
-                if restart is not None and restart.docker and isinstance(conn, DockerConnection):
-                    restart_conn = conn.inner
-                try:
-                    restart_conn.run(argv)
-                    outcome.handlers.append("restart-comfyui")
-                    reporter.line(conn.name, f"✓ handler: restarted ComfyUI ({' '.join(argv)})", "green")
-                except ProvisionError as err:
-                    outcome.error = outcome.error or f"restart of ComfyUI failed: {err}"
-                    reporter.line(conn.name, f"✗ handler: {err}", "red")
-            else:
-                reporter.line(conn.name, "ComfyUI must be restarted to load the changes "
-                              "(no comfyui.restart in the profile)", "yellow")
+        if any(RESTART & change.notify for change in outcome.applied):
+            _restart_comfyui(conn, profile, reporter, outcome)
         if outcome.error is None and outcome.applied:
             _confirm(conn, profile, probe, outcome)
     return _finish(conn, reporter, outcome, started)
+
+
+def _restart_comfyui(conn: Connection, profile: Profile, reporter: Reporter,
+                     outcome: HostOutcome) -> None:
+    """The handler: restart ComfyUI once, by the profile's means, so it loads what changed."""
+    argv, restart = restart_argv(profile), profile.comfyui.restart
+    if not argv:
+        reporter.line(conn.name, "ComfyUI must be restarted to load the changes "
+                      "(no comfyui.restart in the profile)", "yellow")
+        return
+    restart_conn = conn
+    if restart is not None and restart.docker and isinstance(conn, DockerConnection):
+        restart_conn = conn.inner  # `docker restart` runs on the container's host, not inside it
+    try:
+        restart_conn.run(argv)
+        outcome.handlers.append("restart-comfyui")
+        reporter.line(conn.name, f"✓ handler: restarted ComfyUI ({' '.join(argv)})", "green")
+    except ProvisionError as err:
+        outcome.error = outcome.error or f"restart of ComfyUI failed: {err}"
+        reporter.line(conn.name, f"✗ handler: {err}", "red")
 
 
 def _unchanged(plan: HostPlan, show_plan: Callable[[HostPlan], None] | None) -> HostOutcome:
