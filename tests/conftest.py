@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,3 +44,24 @@ def sshd_hosts(tmp_path: Path) -> Iterator[Callable[..., list[SshdHost]]]:
     make.fleet = fleet  # type: ignore[attr-defined]
     yield make
     fleet.stop_all()
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    """A local HTTP server answering `hello from PATH`: what tunnels are tested against."""
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"hello from {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()

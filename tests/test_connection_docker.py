@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,31 +106,12 @@ def test_put_file_in_chunks_appears_only_when_complete(make: Callable[[str], Doc
     assert c.stats.bytes_put == src.stat().st_size
 
 
-@pytest.fixture
-def http_port() -> Iterator[int]:
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "5")
-            self.end_headers()
-            self.wfile.write(b"hello")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("container", ["comfy", "hostnet"])
 def test_tunnel_reaches_the_container_address(make: Callable[[str], DockerConnection],
                                               http_port: int, container: str) -> None:
     c = make(container)
     with c.tunnel(http_port) as port:
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read() == b"hello"
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read() == b"hello from /"
     assert c.ip() == "127.0.0.1"  # comfy's own IP from inspect; hostnet has none: loopback
     inspects = [a for a in c.inner.stats.history if a[:2] == ("docker", "inspect")]
     assert len(inspects) == 1 and inspects[0][-1] == container

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import socket
@@ -177,26 +176,6 @@ def test_put_file_is_atomic_and_reports_progress(conn: SshConnection, tmp_path: 
 
 
 # -- tunnel and hold ----------------------------------------------------------------------------
-
-@pytest.fixture
-def http_port() -> Iterator[int]:
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = f"hello from {self.path}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
 
 def test_tunnel_forwards_http_and_closes_on_exit(conn: SshConnection, http_port: int) -> None:
     with conn.tunnel(http_port) as port:
