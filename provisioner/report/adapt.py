@@ -10,7 +10,7 @@ from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.errors import ConnectError, ProvisionError
-from provisioner.facts.model import Facts
+from provisioner.facts.model import Facts, is_blackwell
 from provisioner.facts.parse import facts_to_json
 from provisioner.report.model import HostEntry, Status
 
@@ -41,8 +41,7 @@ def _precision(wanted: str, facts: Mapping[str, Any]) -> str:
     if wanted != "auto":
         return wanted
     gpus = facts.get("gpus") or []
-    # The catalog's rule: FP4 files need Blackwell (compute capability >= 10), INT4 elsewhere.
-    blackwell = bool(gpus) and gpus[0].get("compute_capability", [0])[0] >= 10
+    blackwell = bool(gpus) and is_blackwell(gpus[0].get("compute_capability") or ())
     return f"{'fp4' if blackwell else 'int4'} (auto)"
 
 
