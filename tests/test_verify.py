@@ -19,7 +19,9 @@ from provisioner.connection.local import LocalConnection
 from provisioner.inventory import Host
 from provisioner.sandbox import host as sandbox_host
 from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
-from provisioner.verify import HostVerification, check_image, verify_host
+from provisioner.verify.checks import HostVerification
+from provisioner.verify.images import check_image
+from provisioner.verify.run import verify_host
 from provisioner.verify.graph import expected_size, prepare
 
 DIT = "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
