@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## make demo: create the venv, install, provision a local sandbox host end to end, offline
 demo: $(STAMP)
-	$(BIN)/python -m provisioner.sandbox.demo
+	$(BIN)/python -m provisioner.sandbox.demo $(ARGS)
 
 ## make test: install what the tests need (openssh-server, git, chromium) and run the whole suite
 test: $(STAMP) system-deps

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from provisioner.resources import catalog
 
 AMPERE = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
 BLACKWELL = Gpu(0, "NVIDIA GeForce RTX 5090", 32607, 32000, 607, (12, 0), "575.51")
-SHARED = Path(os.environ.get("PROVISION_SHARED") or Path(__file__).resolve().parents[1] / ".." / "shared")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NAME = re.compile(r"^svdq-(int4|fp4)_r(32|128)-(qwen-image(?:-edit(?:-2509)?)?)"
                   r"(?:-lightningv\d\.\d-(4|8)steps)?\.safetensors$")
 
@@ -66,9 +65,7 @@ def test_exact_upstream_names() -> None:
 
 
 def test_upstream_example_workflows_name_catalog_files() -> None:
-    folder = SHARED / "fixtures" / "upstream" / "ComfyUI-nunchaku" / "example_workflows"
-    if not folder.is_dir():
-        pytest.skip("shared fixtures not found (set PROVISION_SHARED)")
+    folder = FIXTURES / "comfyui-nunchaku-v1.1.0" / "example_workflows"
     known = {catalog.resolve(fam, var, p, gpu).dit.filename
              for fam in catalog.families() for var in catalog.variants(fam)
              for p, gpu in (("int4", AMPERE), ("fp4", BLACKWELL))}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
 from provisioner.verify.comfyui import ComfyClient, ImageRef, PromptHistory, PromptRejected
 
 REPO = Path(__file__).resolve().parents[1]
-CAPTURES = Path(os.environ.get("PROVISION_SHARED") or REPO / ".." / "shared") / "fixtures" / "comfyui-real"
+CAPTURES = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
 EXTRA = CAPTURES / "extra"
 
 

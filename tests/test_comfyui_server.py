@@ -21,8 +21,7 @@ from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
 from provisioner.verify.comfyui import ComfyClient
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROVISION_SHARED") or REPO / ".." / "shared")
-CAPTURES = SHARED / "fixtures" / "comfyui-real"
+CAPTURES = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
 EXTRA = CAPTURES / "extra"
 
 

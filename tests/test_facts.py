@@ -38,8 +38,7 @@ from provisioner.facts.parse import parse_gpus
 from provisioner.facts.script import VENV_SNIPPET
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROVISION_SHARED") or REPO / ".." / "shared")
-H100 = SHARED / "fixtures" / "gpu-hosts" / "h100-80gb"
+H100 = REPO / "provisioner" / "sandbox" / "captures" / "h100-80gb"
 CASES = sorted((Path(__file__).parent / "facts").glob("*.json"))
 
 

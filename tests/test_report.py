@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
@@ -37,8 +36,7 @@ from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.images import check_image, thumbnail
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROVISION_SHARED") or REPO / ".." / "shared")
-COMFY = SHARED / "fixtures" / "comfyui-real"
+COMFY = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
 FACTS_CASE = Path(__file__).parent / "facts" / "h100-real-backend.json"
 THRESHOLDS = Thresholds(warm_seconds=10.0, cold_seconds=180.0, vram_gb=12.0)
 PROMPT = "a red fox in the snow, photograph"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,8 @@ from provisioner.resources import workflow
 from provisioner.resources.base import Put, Run
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROVISION_SHARED", REPO / ".." / "shared"))
-REAL = SHARED / "fixtures" / "comfyui-real"
-UPSTREAM = SHARED / "fixtures" / "upstream" / "ComfyUI-nunchaku" / "example_workflows"
+REAL = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
+UPSTREAM = REPO / "tests" / "fixtures" / "comfyui-nunchaku-v1.1.0" / "example_workflows"
 CASES = sorted((Path(__file__).parent / "resources" / "workflow").glob("*.yaml"))
 TEMPLATES = ("qwen-image-edit-lightning.json.j2", "qwen-image-lightning.json.j2")
 RTX3090 = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 23000, 1576, (8, 6), "550.54")

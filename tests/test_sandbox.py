@@ -18,13 +18,13 @@ import pytest
 from provisioner.errors import ProvisionError
 from provisioner.sandbox.gitrepo import add_plugin_tag, make_plugin_repo
 from provisioner.sandbox.host import (gpu_config, install_nvidia_smi, installed_torch, make_sandbox_host,
-                                      make_venv_template, set_vram_used, shared_dir)
+                                      make_venv_template, set_vram_used)
 from provisioner.sandbox.wheels import (build_impostor_nunchaku, build_nunchaku_wheel,
                                         build_package_wheelhouse, build_torch_wheel, build_wheel,
                                         current_python_tag)
 
 QUERY = "index,name,uuid,memory.total,memory.used,memory.free,driver_version,compute_cap,pci.bus_id"
-H100 = shared_dir() / "fixtures" / "gpu-hosts" / "h100-80gb"
+H100 = Path(__file__).resolve().parents[1] / "provisioner" / "sandbox" / "captures" / "h100-80gb"
 METADATA_PY = (
     "import importlib.metadata as m, json, sys\n"
     "print(json.dumps({n: [m.version(n), m.metadata(n)['Summary'], m.metadata(n)['Home-page']]"

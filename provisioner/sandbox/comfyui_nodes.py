@@ -12,7 +12,6 @@ import copy
 import functools
 import gzip
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +27,12 @@ MODEL_INPUTS = {
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
-def shared_dir() -> Path:
-    """`../shared` beside the repository, or `$PROVISION_SHARED`."""
-    env = os.environ.get("PROVISION_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-def _captures() -> Path:
-    folder = shared_dir() / "fixtures" / "comfyui-real"
-    if not (folder / "object_info.full.json.gz").is_file():
-        raise FileNotFoundError(f"ComfyUI captures not found in {folder} (set PROVISION_SHARED)")
-    return folder
+CAPTURES = Path(__file__).with_name("captures") / "comfyui-0.3.64"   # see captures/README.md
 
 
 def load_capture(name: str) -> Any:
-    """One captured JSON answer, by its file name under fixtures/comfyui-real/."""
-    path = _captures() / name
+    """One captured JSON answer of real ComfyUI 0.3.64, by its file name under captures/comfyui-0.3.64/."""
+    path = CAPTURES / name
     if name.endswith(".gz"):
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             return json.load(fh)

@@ -52,7 +52,7 @@ def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[
     (root / PIDFILE).write_text(str(proc.pid))
     (root / PORTFILE).write_text(str(port))
     (root / ARGSFILE).write_text(json.dumps(list(extra)))
-    _wait_ready(port)
+    _wait_ready(port, proc, root / LOGFILE)
     return proc.pid
 
 
@@ -80,16 +80,25 @@ def restart(root: Path) -> int:
     return start(root, port, gpu_state=gpu_state if gpu_state.exists() else None, extra=extra)
 
 
-def _wait_ready(port: int, timeout: float = 20.0) -> None:
+class StandInFailed(RuntimeError):
+    """The stand-in ComfyUI exited or never answered; the message ends with its last log line."""
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+    """Until /system_stats answers; a process that exited is reported at once, with its log's last line."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=1):
                 return
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ComfyUI stand-in did not answer on port {port} in {timeout:g}s")
-            time.sleep(0.1)
+            code = proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+                why = lines[-1].strip() if lines else "no output"
+                what = f"exited with code {code}" if code is not None else f"did not answer in {timeout:g}s"
+                raise StandInFailed(f"ComfyUI stand-in on port {port} {what}: {why} (log: {log})")
+            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`make demo`: provision a local sandbox host end to end, offline: plan → apply → apply.
+"""`make demo` provisions a local sandbox host end to end, offline: plan, apply, apply again.
 
 Real: the provisioner, its CLI, the facts script, git, pip into a real venv, the downloads over
 HTTP with resume and sha256, the ComfyUI HTTP API client. Stand-ins (this machine has no GPU and
@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from provisioner import cli
+from provisioner.errors import ProvisionError
 from provisioner.sandbox import comfyui_process
 from provisioner.sandbox.host import make_sandbox_host
 from provisioner.sandbox.world import start_world, write_yaml
@@ -39,10 +40,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="make demo", description=(__doc__ or "").split("\n\n")[0].replace("`make demo` provisions", "Provision"),
+        epilog="Everything it makes lives in .demo/ of the repository (the report: "
+               ".demo/report/report.html); `make clean` removes it.")
+    parser.parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        return _demo(console)
+    except (ProvisionError, comfyui_process.StandInFailed) as err:
+        console.print(f"[red]demo failed:[/] {err}")
+        return 1
+
+
+def _demo(console: Console) -> int:
     repo = Path(__file__).resolve().parents[2]
     base = repo / ".demo"
-    console = Console(highlight=False)
     console.rule("[bold]provision demo: one sandbox host, offline")
     console.print(STAND_INS)
     started = time.monotonic()
@@ -98,4 +114,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -20,7 +20,7 @@ from provisioner.errors import ProvisionError
 from provisioner.sandbox import nvidia_smi
 from provisioner.sandbox.wheels import build_torch_wheel, cuda_of
 
-H100_CAPTURE = Path("fixtures/gpu-hosts/h100-80gb/nvidia-smi-query.csv")
+H100_CAPTURE = Path(__file__).with_name("captures") / "h100-80gb" / "nvidia-smi-query.csv"
 STATE_FILE = "gpu-state.json"
 # Cut-off as in resources/compat.py: upstream added `use_additional_t_cond` (Qwen-Image-Layered,
 # Comfy-Org/ComfyUI #11408, Dec 2025) after 0.5.1; the sandbox gives it to cores >= 0.6.0.
@@ -58,18 +58,8 @@ class SandboxHost:
         return {**(os.environ if base is None else base), "PATH": self.path}
 
 
-def shared_dir() -> Path:
-    """../shared beside the repository, or $PROVISION_SHARED."""
-    env = os.environ.get("PROVISION_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
 def _h100_capture() -> dict:
-    source = shared_dir() / H100_CAPTURE
-    try:
-        row = next(csv.reader(source.read_text().splitlines(), skipinitialspace=True))
-    except (OSError, StopIteration) as err:
-        raise ProvisionError(f"sandbox gpu 'h100': cannot read {source} ({err}); set PROVISION_SHARED") from err
+    row = next(csv.reader(H100_CAPTURE.read_text().splitlines(), skipinitialspace=True))
     index, name, gpu_uuid, total, used, free, driver, cc, bus = row
     reserved = int(total) - int(used) - int(free)
     return dict(index=int(index), name=name, uuid=gpu_uuid, total=int(total), used=int(used),
