@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.hosts import REPO
-from provisioner.resources import catalog
+from provisioner.catalog import models as catalog
 from provisioner.sandbox.world import BACKEND_VERSION, World
 
 FAMILY, VARIANT = "qwen-image-edit-2509", "lightning-4step-r128"

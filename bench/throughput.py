@@ -18,7 +18,7 @@ from bench.hosts import ToolFleet
 from sshd import SYSTEM_PATH
 from bench.measure import median
 from provisioner.connection.ssh import SshConnection
-from provisioner.plan import fetch_script
+from provisioner import remote
 
 BLOCK = 1 << 20
 # The interpreter an sshd host runs `python3` with (its PATH is the system one, see tests/sshd.py).
@@ -57,11 +57,11 @@ def measure(fleet: ToolFleet, mib: int, runs: int) -> dict[str, Any]:
         scp_argv = ["scp", "-q", "-F", str(fleet.fleet.ssh_config), "-o",
                     f"UserKnownHostsFile={fleet.fleet.known_hosts}", str(src), f"{host.name}:{dest_s}"]
         scp = [_timed(lambda: subprocess.run(scp_argv, check=True)) for _ in range(runs)]
-        request = fetch_script.request(dest=str(dest_p), cache=str(Path(tmp) / "checksums.json"),
+        request = remote.fetch_request(dest=str(dest_p), cache=str(Path(tmp) / "checksums.json"),
                                        sha256=want, size=size, mode="verify")
 
         def verify() -> None:
-            out = subprocess.run([HOST_PYTHON, "-c", fetch_script.SOURCE], input=request,
+            out = subprocess.run([HOST_PYTHON, "-c", remote.source("fetch")], input=request,
                                  capture_output=True, check=True).stdout.decode().strip().splitlines()
             if not json.loads(out[-1]).get("ok"):
                 raise RuntimeError(f"fetch script verify failed: {out[-1]}")

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
-from provisioner.config.load import LoadedProfile
-from provisioner.config.model import Profile, build_profile
+from provisioner.config.inventory import Host, hosts_for
+from provisioner.config.load import default_profile
+from provisioner.config.model import Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, ConnectError, UsageError
-from provisioner.inventory import Host, load_inventory
 from provisioner.plan import render
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.fleet import run_fleet
@@ -52,30 +52,14 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
 
 
 def targets(args: argparse.Namespace) -> list[Target]:
-    """Profile + inventory + patterns → the hosts to work on, each with its own profile."""
-    loaded: LoadedProfile | None = load_profile(Path(args.profile)) if args.profile else None
-    inventory_path = args.inventory or (loaded.inventory if loaded else None)
-    if not inventory_path:
-        where = f"{args.profile}: key `inventory`" if args.profile else "the command line"
-        raise UsageError(f"no inventory: give -i INVENTORY or set `inventory` in {where}")
-    inventory = load_inventory(Path(inventory_path))
-    hosts = inventory.select(loaded.hosts if loaded else "all")
-    if args.limit:
-        wanted = {h.name for h in inventory.select(args.limit)}
-        hosts = [h for h in hosts if h.name in wanted]
-    if not hosts:
-        raise UsageError(f"no host matches the profile's hosts and --limit {args.limit!r}")
-    out = []
-    for host in hosts:
-        if loaded:
-            profile = profile_for_host(loaded, host)
-        else:  # `provision facts -i INV` without a profile: ComfyUI paths from host vars or defaults
-            data = {"comfyui": {"root": "/opt/ComfyUI"}}
-            overlay = dict(host.overlay)
-            data["comfyui"].update(overlay.get("comfyui", {}))
-            profile = build_profile(data, name="facts", file="(defaults)")
-        out.append(Target(host, profile))
-    return out
+    """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
+    `provision:` overlay merged and validated). Without a profile (`provision facts -i INV`) the
+    defaults stand in for one."""
+    if not args.profile and not args.inventory:
+        raise UsageError("no inventory: give -i INVENTORY, or a profile that names one")
+    loaded = load_profile(Path(args.profile)) if args.profile else default_profile()
+    return [Target(host, profile_for_host(loaded, host))
+            for host in hosts_for(loaded.profile, args.inventory, args.limit)]
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.connection import ConnectOptions
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -10,7 +10,7 @@ import pytest
 
 from provisioner.errors import PlanError
 from provisioner.facts.model import Gpu
-from provisioner.resources import catalog
+from provisioner.catalog import models as catalog
 
 AMPERE = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
 BLACKWELL = Gpu(0, "NVIDIA GeForce RTX 5090", 32607, 32000, 607, (12, 0), "575.51")

@@ -11,7 +11,8 @@ import pytest
 
 from provisioner.config.model import BackendSpec, ComfySpec, PluginSpec, Profile
 from provisioner.errors import PlanError
-from provisioner.facts.gather import base_probe, build_request, script_source
+from provisioner import remote
+from provisioner.facts.gather import base_probe, build_request
 from provisioner.facts.model import Facts
 from provisioner.facts.parse import parse_facts
 from provisioner.resources import compat
@@ -52,7 +53,7 @@ def comfy_root(tmp_path: Path, version: str | None, model: str | None) -> Path:
 def real_facts(profile: Profile) -> Facts:
     """Run the real facts script locally with the merged probe, as a host would."""
     request = build_request(profile, base_probe(profile) | compat.probe(profile))
-    out = subprocess.run([sys.executable, "-I", "-c", script_source()], input=json.dumps(request),
+    out = subprocess.run([sys.executable, "-I", "-c", remote.source("facts")], input=json.dumps(request),
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return parse_facts("local", json.loads(out))
 

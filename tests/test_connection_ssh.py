@@ -20,7 +20,7 @@ import yaml
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.ssh import SshConnection
 from provisioner.errors import CommandError, ConnectError
-from provisioner.inventory import Host, load_inventory
+from provisioner.config.inventory import Host, load_inventory
 from sshd import SshdHost, fingerprint, inventory_for, keygen, write_script
 
 PRINT_ARGV = "import sys, json; print(json.dumps(sys.argv[1:]))"
@@ -118,23 +118,17 @@ def test_stdout_callback_gets_lines_as_they_arrive(conn: SshConnection) -> None:
 
 # -- files --------------------------------------------------------------------------------------
 
-def test_put_creates_parents_sets_mode_and_get_reads_back(conn: SshConnection, tmp_path: Path) -> None:
+def test_put_creates_parents_sets_mode_and_replaces(conn: SshConnection, tmp_path: Path) -> None:
     dest = tmp_path / "a b" / "c'd" / "file.bin"
     content = bytes(range(256)) * 10
     before = conn.stats.bytes_put
     conn.put(content, str(dest), mode=0o600)
     assert dest.read_bytes() == content
     assert dest.stat().st_mode & 0o777 == 0o600
-    assert conn.get(str(dest)) == content
     assert conn.stats.bytes_put - before == len(content)
     conn.put(b"second", str(dest))  # replaces
-    assert conn.get(str(dest)) == b"second"
+    assert dest.read_bytes() == b"second"
     assert [p.name for p in dest.parent.iterdir()] == ["file.bin"]  # no temporary left behind
-
-
-def test_get_of_a_missing_file_raises_command_error(conn: SshConnection, tmp_path: Path) -> None:
-    with pytest.raises(CommandError, match="get .*missing"):
-        conn.get(str(tmp_path / "missing"))
 
 
 def test_put_into_an_unwritable_place_is_a_command_error(conn: SshConnection, tmp_path: Path) -> None:
@@ -200,7 +194,7 @@ def test_held_lock_goes_when_the_holding_process_dies(sshd_host: SshdHost, conn:
                                                      tmp_path: Path) -> None:
     lock = str(tmp_path / "apply.lock")
     code = (f"from provisioner.connection import open_connection, ConnectOptions\n"
-            f"from provisioner.inventory import Host\n"
+            f"from provisioner.config.inventory import Host\n"
             f"c = open_connection(Host(name={sshd_host.name!r}), ConnectOptions("
             f"known_hosts=({str(sshd_host.known_hosts)!r},), ssh_config={str(sshd_host.ssh_config)!r}))\n"
             f"with c.hold(['flock', '-n', {lock!r}, 'sh', '-c', 'echo locked; cat']) as lines:\n"
@@ -292,7 +286,7 @@ def test_silent_server_times_out_at_connect_timeout(sshd_host: SshdHost) -> None
 def test_a_failed_handshake_prints_nothing_but_the_error() -> None:
     code = ("import socket\n"
             "from provisioner.connection import open_connection, ConnectOptions\n"
-            "from provisioner.inventory import Host\n"
+            "from provisioner.config.inventory import Host\n"
             "from provisioner.errors import ConnectError\n"
             "mute = socket.create_server(('127.0.0.1', 0))\n"
             "try:\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
 
-from provisioner.resources import catalog
+from provisioner.catalog import models as catalog
 
 pytestmark = pytest.mark.slow
 

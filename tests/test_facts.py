@@ -33,9 +33,10 @@ from provisioner.facts import (
     parse_nvidia_smi_csv,
     render_facts,
 )
-from provisioner.facts.gather import facts_argv, read_answer, script_source
+from provisioner import remote
+from provisioner.facts.gather import facts_argv, read_answer
 from provisioner.facts.parse import parse_gpus
-from provisioner.facts.script import VENV_SNIPPET
+from provisioner.remote.facts import VENV_SNIPPET
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = REPO / "provisioner" / "sandbox" / "captures" / "h100-80gb"
@@ -124,7 +125,7 @@ def test_is_real_nunchaku(dist: Distribution, real: bool) -> None:
 # --- the script itself ------------------------------------------------------------------------
 
 def test_script_is_python38_stdlib_only() -> None:
-    for source in (script_source(), VENV_SNIPPET):
+    for source in (remote.source("facts"), VENV_SNIPPET):
         tree = ast.parse(source, feature_version=(3, 8))
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -386,7 +387,7 @@ def test_traceback_reports_its_last_line() -> None:
 
 def test_argv_is_a_list_carrying_the_source() -> None:
     argv = facts_argv()
-    assert argv[:2] == ["sh", "-c"] and argv[3] == script_source() and "$0" in argv[2]
+    assert argv[:2] == ["sh", "-c"] and argv[3] == remote.source("facts") and "$0" in argv[2]
 
 
 def test_base_probe(host: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.plan import fetch_script
-from provisioner.resources.base import Fetch
+from provisioner import remote
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 
 REPO, PATH = "nunchaku-ai/nunchaku-qwen-image-edit-2509", "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
@@ -34,11 +32,10 @@ def hub() -> Iterator[HfServer]:
 
 
 def run(req: dict[str, object], python: str = PYTHON) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
-    argv = fetch_script.argv(python)
+    argv = remote.argv("fetch", python=python)
     proc = subprocess.run(argv, input=json.dumps(req), capture_output=True, text=True, timeout=60)
-    lines = [fetch_script.parse_line(line) for line in proc.stdout.splitlines()]
-    assert None not in lines, proc.stdout
-    return proc, lines  # type: ignore[return-value]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]   # every stdout line is JSON
+    return proc, lines
 
 
 def request(server: HfServer, tmp_path: Path, **kw: object) -> dict[str, object]:
@@ -72,13 +69,13 @@ def test_full_download_verifies_renames_and_records_the_cache(hub: HfServer, tmp
 
 
 def test_token_goes_on_stdin_reaches_the_hub_and_never_the_cdn(hub: HfServer, tmp_path: Path) -> None:
-    step = Fetch(f"{hub.url}/{GATED}/resolve/main/w.safetensors", str(tmp_path / "w.safetensors"), SHA,
-                 len(DATA), token_env="MY_HF_TOKEN")
-    run_step = fetch_script.fetch_run(step, cache=str(tmp_path / "c.json"), python=PYTHON,
-                                      environ={"MY_HF_TOKEN": TOKEN})
-    assert not any(TOKEN in arg for arg in run_step.argv)          # `ps` on the host never shows it
-    assert TOKEN in (run_step.stdin or b"").decode()
-    proc = subprocess.run(run_step.argv, input=run_step.stdin, capture_output=True, timeout=60)
+    argv = remote.argv("fetch", python=PYTHON)
+    stdin = remote.fetch_request(url=f"{hub.url}/{GATED}/resolve/main/w.safetensors",
+                                 dest=str(tmp_path / "w.safetensors"), sha256=SHA, size=len(DATA),
+                                 cache=str(tmp_path / "c.json"), token=TOKEN)
+    assert not any(TOKEN in arg for arg in argv)                   # `ps` on the host never shows it
+    assert TOKEN in stdin.decode()
+    proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert TOKEN.encode() not in proc.stdout + proc.stderr
     (hub_req,) = [r for r in hub.requests if r.origin == "hub"]
@@ -149,8 +146,8 @@ def test_verify_mode_hashes_once_and_records(tmp_path: Path) -> None:
     dest = tmp_path / "vae.safetensors"
     dest.write_bytes(DATA)
     cache = tmp_path / "checksums.json"
-    step = fetch_script.verify_run(str(dest), sha256=SHA, size=len(DATA), cache=str(cache), python=PYTHON)
-    proc = subprocess.run(step.argv, input=step.stdin, capture_output=True, timeout=60)
+    stdin = remote.fetch_request(dest=str(dest), sha256=SHA, size=len(DATA), cache=str(cache), mode="verify")
+    proc = subprocess.run(remote.argv("fetch", python=PYTHON), input=stdin, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(cache.read_text())[str(dest)]["sha256"] == SHA
     assert json.loads(proc.stdout.splitlines()[-1])["fetched"] == 0
@@ -173,7 +170,7 @@ def test_concurrent_writers_keep_every_cache_entry(tmp_path: Path) -> None:
         f = tmp_path / f"f{i}"
         f.write_bytes(DATA[: 1000 + i])
         req = {"dest": str(f), "cache": str(cache), "mode": "verify"}
-        procs.append(subprocess.Popen(fetch_script.argv(PYTHON), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(remote.argv("fetch", python=PYTHON), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
         procs[-1].stdin.write(json.dumps(req).encode())          # type: ignore[union-attr]
         procs[-1].stdin.close()                                  # type: ignore[union-attr]
     assert [p.wait(timeout=60) for p in procs] == [0] * 8
@@ -183,15 +180,14 @@ def test_concurrent_writers_keep_every_cache_entry(tmp_path: Path) -> None:
 
 
 def test_bad_request_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run(fetch_script.argv(PYTHON), input="{not json", capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(remote.argv("fetch", python=PYTHON), input="{not json", capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "bad request" in proc.stderr
 
 
-def test_script_is_python38_syntax_and_stdlib_only() -> None:
-    tree = ast.parse(fetch_script.SOURCE, feature_version=(3, 8))
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                 and n.col_offset == 0}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
-    assert fetch_script.cache_path("/srv/ComfyUI/.provision/") == "/srv/ComfyUI/.provision/checksums.json"
-    assert os.path.basename(fetch_script.cache_path("/x")) == fetch_script.CACHE_NAME
+def test_host_programs_are_python38_syntax_and_stdlib_only() -> None:
+    for program in remote.PROGRAMS:       # a host's system python may be old and bare
+        tree = ast.parse(remote.source(program), feature_version=(3, 8))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                     and n.col_offset == 0}
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}, (program, imported)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from provisioner.errors import ConnectError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 from provisioner.plan.fleet import SkippedError, batches, run_fleet
 
 HOSTS = [Host(f"h{i}") for i in range(10)]

@@ -9,7 +9,7 @@ import pytest
 from provisioner.config.marks import Mark
 from provisioner.config.model import build_profile
 from provisioner.errors import ConfigError, UsageError
-from provisioner.inventory import expand_range, hosts_for, inline_inventory, load_inventory
+from provisioner.config.inventory import expand_range, hosts_for, inline_inventory, load_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from provisioner.catalog import wheels
 from provisioner.config.model import BackendSpec, ComfySpec, HubSpec, Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, PythonEnv
@@ -229,7 +230,7 @@ def _installed(py: str) -> dict[str, str] | None:
 @pytest.mark.parametrize(("version", "tag"), [("1.0.1", "v1.0.1"), ("0.3.1.dev20250609", "v0.3.1dev20250609"),
                                               ("0.3.1dev20250609", "v0.3.1dev20250609"), ("1.0", "v1.0")])
 def test_release_tag(version: str, tag: str) -> None:
-    assert releases.release_tag(version) == tag
+    assert wheels.release_tag(version) == tag
 
 
 @pytest.mark.parametrize(("repo", "api"), [
@@ -242,12 +243,12 @@ def test_github_api_url(repo: str, api: str) -> None:
 
 
 def test_wheel_names_and_combos() -> None:
-    name = releases.wheel_filename("1.0.1", "2.8", "cp312", "linux_x86_64")
+    name = wheels.wheel_filename("1.0.1", "2.8", "cp312", "linux_x86_64")
     assert name == "nunchaku-1.0.1+torch2.8-cp312-cp312-linux_x86_64.whl"
-    assert releases.wheel_combo(name, "1.0.1") == "torch2.8/cp312/linux_x86_64"
-    assert releases.wheel_combo(name, "1.0.0") is None
-    assert releases.wheel_combo("nunchaku-1.0.1.tar.gz", "1.0.1") is None
-    assert releases.wheel_combo("diffusers-0.35.2-py3-none-any.whl", "0.35.2") is None
+    assert wheels.wheel_combo(name, "1.0.1") == "torch2.8/cp312/linux_x86_64"
+    assert wheels.wheel_combo(name, "1.0.0") is None
+    assert wheels.wheel_combo("nunchaku-1.0.1.tar.gz", "1.0.1") is None
+    assert wheels.wheel_combo("diffusers-0.35.2-py3-none-any.whl", "0.35.2") is None
 
 
 def test_unreachable_source_is_a_listing_error_not_an_exception() -> None:

@@ -4,19 +4,26 @@ apply of its steps with the host fetch script, read back by the real facts stat 
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from provisioner import remote
+from provisioner.catalog import models as catalog
+from provisioner.config.inventory import Host
 from provisioner.config.model import build_profile
+from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv
-from provisioner.facts.script import stat_files
-from provisioner.plan import fetch_script
-from provisioner.resources import catalog, hub, models
+from provisioner.plan.apply import StepRunner
+from provisioner.plan.progress import Reporter
+from provisioner.remote.facts import stat_files
+from provisioner.resources import hub, models
 from provisioner.resources.base import RESTART, Fetch, Run
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 
@@ -115,7 +122,7 @@ def test_right_size_without_cached_checksum_plans_a_verify_only_step(server: HfS
     assert (change.action, change.key, change.notify) == ("update", sel.vae.dest(profile.comfyui.models), frozenset())
     assert "checksum not cached" in change.summary and change.before == {"size": len(content(sel.vae)), "sha256": None}
     (run,) = change.steps
-    assert isinstance(run, Run) and run.argv == fetch_script.argv("python3")
+    assert isinstance(run, Run) and run.argv == remote.argv("fetch")
     assert b'"mode": "verify"' in (run.stdin or b"") and b"token" not in (run.stdin or b"")
 
 
@@ -224,19 +231,21 @@ def test_hub_errors_are_one_line_plan_errors(tmp_path: Path) -> None:
         plan(make_profile(url), make_facts())
 
 
-def test_apply_then_plan_again_is_converged(server: HfServer, tmp_path: Path) -> None:
-    """Run the planned steps for real (fetch script over HTTP, token on stdin), read the files back
-    with the facts script's own stat code, plan again: nothing left to do."""
+def test_apply_then_plan_again_is_converged(server: HfServer, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the planned steps for real (the engine's step runner, fetch program over HTTP, token on
+    stdin), read the files back with the facts script's own stat code, plan again: nothing left."""
     profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
-    cache = fetch_script.cache_path(profile.comfyui.state_dir)
+    cache = profile.comfyui.checksums
+    monkeypatch.setenv("T_HF", TOKEN)
+    run_step = StepRunner(LocalConnection(Host("local", transport="local")),
+                          Reporter(Console(file=io.StringIO())))
     probe = models.probe(profile)
     gather = lambda: {p: FileState(p, **raw) for p, raw in stat_files(probe.stat, cache).items()}  # noqa: E731
     first = plan(profile, make_facts(files=gather()))
     assert [c.action for c in first.changes] == ["create"] * 3
     for change in first.changes:
-        run = fetch_script.fetch_run(change.steps[0], cache=cache, environ={"T_HF": TOKEN})
-        proc = subprocess.run(run.argv, input=run.stdin, capture_output=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
+        run_step(change.steps[0])
     assert plan(profile, make_facts(files=gather())).changes == ()
 
     # Lose the checksum cache: the files are still right, so only a verify (no download) is planned.

@@ -16,7 +16,7 @@ from PIL import Image
 
 from provisioner.config.model import Profile, build_profile
 from provisioner.connection.local import LocalConnection
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 from provisioner.sandbox import host as sandbox_host
 from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
 from provisioner.verify.checks import HostVerification

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from provisioner.config.load import LoadedProfile, load_profile, profile_for_host
-from provisioner.config.validate import schema_text, validate_files
+from provisioner.config.schema import schema_text
+from provisioner.config.validate import validate_files
 
 __all__ = ["LoadedProfile", "load_profile", "profile_for_host", "schema_text", "validate_files"]

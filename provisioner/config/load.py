@@ -6,21 +6,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from provisioner.config.marks import Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml
+from provisioner.config.inventory import Host
+from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml
 from provisioner.config.model import Profile, build_profile
+from provisioner.config.schema import schema_problems
 from provisioner.config.semantic import semantic_problems
-from provisioner.config.validate import schema_problems
 from provisioner.errors import ConfigError, Problem
 
-if TYPE_CHECKING:
-    from provisioner.inventory import Host
-
 DEFAULT_TEMPLATE_DIR = "../templates"
-# Mappings that replace instead of merging: `restart` is one mode, a parent's docker plus a child's
-# systemd would be two.
-ATOMIC: frozenset[KeyPath] = frozenset({("comfyui", "restart")})
 
 
 @dataclass(frozen=True)
@@ -145,6 +140,15 @@ def load_profile(path: str | os.PathLike[str]) -> LoadedProfile:
     name = Path(file).stem
     return LoadedProfile(name, file, data, marks, tuple(d.file for d in docs),
                          build_profile(data, name=name, file=file))
+
+
+def default_profile() -> LoadedProfile:
+    """What `provision facts -i INVENTORY` uses without a profile: every default, ComfyUI at
+    /opt/ComfyUI (a host's `provision:` overlay may move it; overlays are validated as usual)."""
+    file = "(defaults)"
+    data = {"comfyui": {"root": "/opt/ComfyUI"}}
+    return LoadedProfile("facts", file, data, {(): Mark(file, 1, 1)}, (file,),
+                         build_profile(data, name="facts", file=file))
 
 
 def profile_for_host(loaded: LoadedProfile, host: Host) -> Profile:

@@ -11,6 +11,9 @@ import yaml
 from provisioner.errors import ConfigError, Problem
 
 KeyPath = tuple[str | int, ...]
+# Mappings that replace instead of merging (profiles over parents, hosts over groups): `restart`
+# is one mode, a parent's docker plus a child's systemd would be two.
+ATOMIC: frozenset[KeyPath] = frozenset({("comfyui", "restart")})
 
 
 @dataclass(frozen=True)

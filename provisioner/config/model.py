@@ -51,6 +51,12 @@ class ComfySpec:
         return posixpath.join(self.root, ".provision")
 
     @property
+    def checksums(self) -> str:
+        """The host's checksum cache, `{path: {size, mtime_ns, sha256}}` (remote/facts.py reads it,
+        remote/fetch.py writes it): a converged host never re-hashes its 12 GB model files."""
+        return posixpath.join(self.state_dir, "checksums.json")
+
+    @property
     def url(self) -> str:
         return f"http://{self.listen}:{self.port}"
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from provisioner.config.validate import schema
+from provisioner.config.schema import schema
 
 
 def _type(node: Mapping[str, Any]) -> str:

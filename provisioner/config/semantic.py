@@ -8,29 +8,19 @@ import posixpath
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping
-from types import ModuleType
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from provisioner.catalog import compat
+from provisioner.catalog import models as catalog
 from provisioner.config.marks import KeyPath, Mark, problem, walk
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
 MIRROR_FIELDS = {"version", "tag", "filename"}
-
-
-def peer(module: str) -> ModuleType | None:
-    """Another area's module, or None while it is not written yet (never hides its own errors)."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and module.startswith(err.name):
-            return None
-        raise
 
 
 def _get(data: Any, path: KeyPath, kind: type | tuple[type, ...]) -> Any:
@@ -111,21 +101,19 @@ def _versions(data: Any) -> Iterator[Found]:
                     "use {version}, {tag} or {filename}"
 
 
-def _peers(data: Any) -> Iterator[Found]:
-    catalog = peer("provisioner.resources.catalog")
+def _catalog(data: Any) -> Iterator[Found]:
+    """The model family and variant exist, and the plugin tag runs with the backend version."""
     family = _get(data, ("model", "family"), str) or "qwen-image-edit-2509"
     variant = _get(data, ("model", "variant"), str) or "lightning-4step-r128"
-    if catalog is not None:
-        families = tuple(catalog.families())
-        if family not in families:
-            yield ("model", "family"), f"unknown model family {family!r}", f"known: {', '.join(families)}"
-        elif variant not in (variants := tuple(catalog.variants(family))):
-            yield ("model", "variant"), f"unknown variant {variant!r} of {family}", \
-                f"known: {', '.join(variants)}"
-    compat = peer("provisioner.resources.compat")
+    families = tuple(catalog.families())
+    if family not in families:
+        yield ("model", "family"), f"unknown model family {family!r}", f"known: {', '.join(families)}"
+    elif variant not in (variants := tuple(catalog.variants(family))):
+        yield ("model", "variant"), f"unknown variant {variant!r} of {family}", \
+            f"known: {', '.join(variants)}"
     tag = _get(data, ("plugin", "tag"), str) or "v1.1.0"
     version = _get(data, ("backend", "version"), str) or "1.0.1"
-    if compat is not None and re.fullmatch(r"v\d+\.\d+\.\d+", tag):
+    if re.fullmatch(r"v\d+\.\d+\.\d+", tag):
         try:
             Version(version)
         except InvalidVersion:
@@ -158,7 +146,7 @@ def _local_files(data: Any) -> Iterator[Found]:
         yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"
 
 
-CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _peers, _local_files)
+CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _catalog, _local_files)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

@@ -7,7 +7,7 @@ import dataclasses
 from provisioner.connection.base import Connection, Result, Stats, shell_line
 from provisioner.connection.options import ConnectOptions
 from provisioner.errors import ConnectError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 __all__ = ["ConnectOptions", "Connection", "Result", "Stats", "open_connection", "shell_line"]
 

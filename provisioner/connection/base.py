@@ -66,6 +66,12 @@ class Connection(Protocol):
     name: str
     stats: Stats
 
+    @property
+    def machine(self) -> Connection:
+        """The machine itself: this connection, or for a container the connection beside it
+        (where `docker restart` must run)."""
+        ...
+
     def run(
         self,
         argv: Sequence[str],
@@ -93,10 +99,6 @@ class Connection(Protocol):
     def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
                  progress: ProgressCallback | None = None) -> None:
         """Stream a local file to `dest` atomically (same guarantee as `put`, for big files)."""
-        ...
-
-    def get(self, path: str) -> bytes:
-        """Read a file from the host."""
         ...
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:

@@ -6,7 +6,6 @@ exec's stdin), so no `docker cp`, no shared volume and no second connection are 
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +32,11 @@ class DockerConnection:
         self.inner = inner
         self.stats = Stats(connects=inner.stats.connects)
         self._ip: str | None = None
+
+    @property
+    def machine(self) -> Connection:
+        """The container's host: `docker restart` runs there, never inside the container."""
+        return self.inner
 
     def _exec_argv(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
         flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
@@ -76,12 +80,6 @@ class DockerConnection:
 
     def _commit(self, dest: str, mode: int) -> None:
         self.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
-
-    def get(self, path: str) -> bytes:
-        # `run` decodes stdout as text, which would mangle binary files, so plain `cat` will not
-        # do: base64 (coreutils, in every image with a shell) keeps the bytes exact.
-        out = self.run(["base64", path]).stdout
-        return base64.b64decode(out)
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         """`remote_host` is as the container sees it: its loopback is the container's own IP."""

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from provisioner.connection.base import ProgressCallback, Result, Stats, copy_stream
 from provisioner.errors import CommandError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -25,6 +25,10 @@ class LocalConnection:
     def __init__(self, host: Host) -> None:
         self.name = host.name
         self.stats = Stats()  # connects stays 0: there is nothing to connect to
+
+    @property
+    def machine(self) -> LocalConnection:
+        return self
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
@@ -77,14 +81,6 @@ class LocalConnection:
         except BaseException:
             os.unlink(tmp)
             raise
-
-    def get(self, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as err:
-            raise CommandError(self.name, Result(("get", path), 1, "", f"{path}: {err.strerror}"),
-                               f"get {path}") from None
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         if remote_host in LOOPBACK:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from provisioner.errors import ConnectError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 if TYPE_CHECKING:
     import paramiko

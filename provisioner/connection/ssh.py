@@ -25,7 +25,7 @@ from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
 from provisioner.errors import CommandError, ConnectError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 CHUNK = 1024 * 1024             # read size of put_file; SFTP requests are cut from it
 # paramiko's 32768-byte SFTP writes plus their header overflow one 32 KB SSH packet, so every
@@ -51,6 +51,10 @@ class SshConnection:
             self._reacher.close()  # jump hosts already reached
             raise
         self.stats.connects = len(self._reacher.opened)  # the target and each jump host
+
+    @property
+    def machine(self) -> SshConnection:
+        return self
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -141,18 +145,6 @@ class SshConnection:
             raise ConnectError(f"{self.name}: connection lost writing {dest}: {reason(err)}") from None
         if progress and size == 0:
             progress(0, 0)
-
-    def get(self, path: str) -> bytes:
-        sftp = self._sftp_client()
-        try:
-            with sftp.open(path, "rb") as f:
-                f.prefetch()
-                return f.read()
-        except OSError as err:
-            raise CommandError(self.name, Result(("get", path), 1, "", f"{path}: {reason(err)}"),
-                               f"get {path}") from None
-        except (paramiko.SSHException, EOFError) as err:
-            raise ConnectError(f"{self.name}: connection lost reading {path}: {reason(err)}") from None
 
     # -- tunnels and teardown ---------------------------------------------------------------
 

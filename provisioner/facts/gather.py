@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import posixpath
-from importlib import resources
 
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection, Result
 from provisioner.errors import FactsError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import parse_facts
+from provisioner import remote
 
 FACTS_TIMEOUT_S = 120.0     # the script bounds each part (venv 60 s, nvidia-smi 20 s, HTTP 2 s)
 NO_PYTHON = "provision-facts: python3 not found on PATH"
@@ -19,14 +19,9 @@ _LAUNCH = ('command -v python3 >/dev/null 2>&1 || { echo "' + NO_PYTHON + '" >&2
            'exec python3 -I -c "$0"')
 
 
-def script_source() -> str:
-    """The text of `script.py`, exactly as sent to the host."""
-    return resources.files("provisioner.facts").joinpath("script.py").read_text(encoding="utf-8")
-
-
 def facts_argv() -> list[str]:
     """The one command the host runs: its system python3 runs the script, or says it has none."""
-    return ["sh", "-c", _LAUNCH, script_source()]
+    return ["sh", "-c", _LAUNCH, remote.source("facts")]
 
 
 def base_probe(profile: Profile) -> Probe:
@@ -46,7 +41,7 @@ def build_request(profile: Profile, probe: Probe) -> dict:
     return {
         "root": profile.comfyui.root,
         "python": profile.comfyui.python,
-        "checksums": posixpath.join(profile.comfyui.state_dir, "checksums.json"),
+        "checksums": profile.comfyui.checksums,
         "stat": list(probe.stat),
         "read": list(probe.read),
         "grep": [list(pair) for pair in probe.grep],

@@ -6,8 +6,10 @@ never an exception: planning decides what it means.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from provisioner.catalog.gpus import is_blackwell
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,6 @@ class Facts:
     def gpu(self) -> Gpu | None:
         """The GPU ComfyUI uses (the first one)."""
         return self.gpus[0] if self.gpus else None
-
-
-def is_blackwell(compute_capability: Sequence[int]) -> bool:
-    """Blackwell (sm_100, sm_120) runs Nunchaku's FP4 files; earlier GPUs run the INT4 ones."""
-    return bool(compute_capability) and compute_capability[0] >= 10
 
 
 def canonical(name: str) -> str:

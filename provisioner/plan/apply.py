@@ -1,9 +1,10 @@
 """Execute a HostPlan over a Connection: lock, run each change's steps, run handlers, confirm.
 
-The host is locked for the whole apply by a small process that holds `flock` on
-`<state_dir>/lock` while our channel stays open; if this process dies, the channel closes and the
-lock goes with it, so a lock can never go stale. Convergence is confirmed by gathering the facts
-again and re-planning: a change that "succeeded" but left a difference is a failure.
+The engine knows steps and handlers, not what they do: the resources hand it both. The host is
+locked for the whole apply by `remote/lock.py`, which holds `flock` on `<state_dir>/lock` while
+our channel stays open; if this process dies, the channel closes and the lock goes with it, so a
+lock can never go stale. Convergence is confirmed by gathering the facts again and re-planning:
+a change that "succeeded" but left a difference is a failure.
 """
 
 from __future__ import annotations
@@ -18,43 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
-from provisioner.connection.docker import DockerConnection
 from provisioner.errors import ApplyError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
-from provisioner.plan import fetch_script
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.progress import Reporter
 from provisioner.plan.render import describe_step
-from provisioner.resources.base import RESTART, Change, Fetch, Push, Put, Run, Step
-
-LOCK_SCRIPT = r"""
-import fcntl, os, sys, time
-path, timeout, owner = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-os.makedirs(os.path.dirname(path), exist_ok=True)
-fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-deadline, told = time.monotonic() + timeout, False
-while True:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-    except OSError:
-        holder = open(path).read().strip() or "another apply"
-        if time.monotonic() > deadline:
-            print("busy " + holder, flush=True)
-            sys.exit(75)
-        if not told:
-            print("waiting " + holder, flush=True)
-            told = True
-        time.sleep(0.2)
-os.ftruncate(fd, 0)
-os.write(fd, owner.encode())
-print("locked", flush=True)
-sys.stdin.read()  # hold the lock until the controller closes the channel or goes away
-"""
-
+from provisioner.resources.base import Change, Fetch, Handler, Push, Put, Run, Step
 
 @dataclass
 class HostOutcome:
@@ -93,7 +67,7 @@ def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
     """Hold the host's apply lock for the block, waiting up to `timeout` seconds for it."""
     path = posixpath.join(profile.comfyui.state_dir, "lock")
     owner = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
-    with conn.hold(["python3", "-c", LOCK_SCRIPT, path, str(timeout), owner]) as lines:
+    with conn.hold(remote.argv("lock", path, str(timeout), owner)) as lines:
         for line in lines:
             if line.startswith("waiting "):
                 reporter.line(conn.name, f"waiting for the lock held by {line[8:]}", "yellow")
@@ -111,13 +85,14 @@ def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
 class StepRunner:
     """Runs the four kinds of step; the only code that turns steps into connection calls."""
 
-    def __init__(self, conn: Connection, profile: Profile, reporter: Reporter) -> None:
-        self.conn, self.profile, self.reporter = conn, profile, reporter
+    def __init__(self, conn: Connection, reporter: Reporter) -> None:
+        self.conn, self.reporter = conn, reporter
 
     def __call__(self, step: Step) -> None:
         started = time.monotonic()
         if isinstance(step, Run):
-            self.conn.run(step.argv, stdin=step.stdin, timeout=step.timeout)
+            where = self.conn.machine if step.on_machine else self.conn
+            where.run(step.argv, stdin=step.stdin, timeout=step.timeout)
         elif isinstance(step, Put):
             self.conn.put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
@@ -132,11 +107,8 @@ class StepRunner:
     def _fetch(self, step: Fetch) -> None:
         token = os.environ.get(step.token_env) if step.token_env else None
         self.reporter.redact.add(token)
-        request = {
-            "url": step.url, "dest": step.dest, "sha256": step.sha256, "size": step.size,
-            "token": token, "mode": "fetch",
-            "cache": posixpath.join(self.profile.comfyui.state_dir, "checksums.json"),
-        }
+        request = remote.fetch_request(url=step.url, dest=step.dest, sha256=step.sha256, size=step.size,
+                                       cache=step.cache, token=token)
         label = posixpath.basename(step.dest)
         with self.reporter.transfer(self.conn.name, label, step.size) as bar:
             def on_line(line: str) -> None:
@@ -148,19 +120,7 @@ class StepRunner:
                     bar(int(msg["done"]), msg.get("total"))
 
             # The token travels in stdin only: argv is visible to `ps` on the host.
-            self.conn.run(["python3", "-c", fetch_script.SOURCE],
-                          stdin=json.dumps(request).encode(), stdout_callback=on_line)
-
-
-def restart_argv(profile: Profile) -> tuple[str, ...] | None:
-    restart = profile.comfyui.restart
-    if restart is None:
-        return None
-    if restart.systemd:
-        return ("systemctl", "restart", restart.systemd)
-    if restart.docker:
-        return ("docker", "restart", restart.docker)
-    return restart.command or None
+            self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line)
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
@@ -181,7 +141,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         outcome = _unchanged(plan, show_plan)
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
-        run_step = StepRunner(conn, profile, reporter)
+        run_step = StepRunner(conn, reporter)
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
@@ -196,32 +156,30 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                 break
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
-        # Restart even after a later failure: what did change must be loaded.
-        if any(RESTART & change.notify for change in outcome.applied):
-            _restart_comfyui(conn, profile, reporter, outcome)
+        # Handlers run even after a later failure: what did change must be loaded.
+        notified = sorted({name for change in outcome.applied for name in change.notify})
+        for handler in notified:
+            _run_handler(conn, plan.handlers[handler], run_step, reporter, outcome)
         if outcome.error is None and outcome.applied:
             _confirm(conn, profile, probe, outcome)
     return _finish(conn, reporter, outcome, started)
 
 
-def _restart_comfyui(conn: Connection, profile: Profile, reporter: Reporter,
-                     outcome: HostOutcome) -> None:
-    """The handler: restart ComfyUI once, by the profile's means, so it loads what changed."""
-    argv, restart = restart_argv(profile), profile.comfyui.restart
-    if not argv:
-        reporter.line(conn.name, "ComfyUI must be restarted to load the changes "
-                      "(no comfyui.restart in the profile)", "yellow")
+def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, reporter: Reporter,
+                 outcome: HostOutcome) -> None:
+    """Run one notified handler's steps; a handler that cannot run here is a warning."""
+    if handler.missing:
+        reporter.line(conn.name, handler.missing, "yellow")
         return
-    restart_conn = conn
-    if restart is not None and restart.docker and isinstance(conn, DockerConnection):
-        restart_conn = conn.inner  # `docker restart` runs on the container's host, not inside it
     try:
-        restart_conn.run(argv)
-        outcome.handlers.append("restart-comfyui")
-        reporter.line(conn.name, f"✓ handler: restarted ComfyUI ({' '.join(argv)})", "green")
+        for step in handler.steps:
+            run_step(step)
     except ProvisionError as err:
-        outcome.error = outcome.error or f"restart of ComfyUI failed: {err}"
+        outcome.error = outcome.error or f"handler {handler.name} failed: {reporter.redact(str(err))}"
         reporter.line(conn.name, f"✗ handler: {err}", "red")
+        return
+    outcome.handlers.append(handler.name)
+    reporter.line(conn.name, f"✓ handler: {handler.what}", "green")
 
 
 def _unchanged(plan: HostPlan, show_plan: Callable[[HostPlan], None] | None) -> HostOutcome:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe
 from provisioner.resources import ORDER
-from provisioner.resources.base import Change, Note
+from provisioner.resources.base import Change, Handler, Note
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class HostPlan:
     changes: tuple[Change, ...] = ()
     notes: tuple[Note, ...] = ()
     errors: tuple[str, ...] = ()
+    handlers: Mapping[str, Handler] = field(default_factory=dict)   # by name, as changes notify them
 
     @property
     def converged(self) -> bool:
@@ -48,6 +50,7 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
     changes: list[Change] = []
     notes: list[Note] = []
     errors: list[str] = []
+    handlers: dict[str, Handler] = {}
     for resource in ORDER:
         try:
             result = resource.plan(profile, facts)
@@ -56,4 +59,5 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
             continue
         changes.extend(result.changes)
         notes.extend(result.notes)
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), tuple(errors))
+        handlers.update((h.name, h) for h in result.handlers)
+    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), tuple(errors), handlers)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from provisioner.errors import ProvisionError
-from provisioner.inventory import Host
+from provisioner.config.inventory import Host
 
 T = TypeVar("T")
 

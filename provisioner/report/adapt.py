@@ -10,7 +10,8 @@ from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.errors import ConnectError, ProvisionError
-from provisioner.facts.model import Facts, is_blackwell
+from provisioner.catalog.gpus import auto_precision
+from provisioner.facts.model import Facts
 from provisioner.facts.parse import facts_to_json
 from provisioner.report.model import HostEntry, Status
 
@@ -41,8 +42,7 @@ def _precision(wanted: str, facts: Mapping[str, Any]) -> str:
     if wanted != "auto":
         return wanted
     gpus = facts.get("gpus") or []
-    blackwell = bool(gpus) and is_blackwell(gpus[0].get("compute_capability") or ())
-    return f"{'fp4' if blackwell else 'int4'} (auto)"
+    return f"{auto_precision(gpus[0].get('compute_capability') or ()) if gpus else 'int4'} (auto)"
 
 
 def versions_from(facts: Mapping[str, Any] | None, profile: Profile | None = None,

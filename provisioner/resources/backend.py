@@ -8,6 +8,7 @@ from pathlib import Path
 from packaging.utils import parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from provisioner.catalog import wheels
 from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv
@@ -61,7 +62,7 @@ def find_wheel(profile: Profile, version: Version, torch_mm: str, python_tag: st
                lister: Lister = releases.list_wheels) -> tuple[Asset, WheelSource]:
     """The first source, in profile order, offering the exact wheel; PlanError listing what exists."""
     want = Version(f"{version.public}+torch{torch_mm}")
-    filename = releases.wheel_filename(str(version), torch_mm, python_tag, platform)
+    filename = wheels.wheel_filename(str(version), torch_mm, python_tag, platform)
     base_dir = str(Path(profile.file).parent) if profile.file else "."
     tried, combos = [], set()
     for source in profile.backend.sources:
@@ -69,7 +70,7 @@ def find_wheel(profile: Profile, version: Version, torch_mm: str, python_tag: st
         for asset in listing.assets:
             if _matches(asset, want, python_tag, platform):
                 return asset, source
-            combos.add(releases.wheel_combo(asset.name, str(version)))
+            combos.add(wheels.wheel_combo(asset.name, str(version)))
         tried.append(_describe(listing))
     message = (f"no nunchaku {version} wheel for torch {torch_mm} / {python_tag} / {platform} "
                f"(tried {'; '.join(tried) or 'no source: backend.sources is empty'})")
@@ -83,7 +84,7 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
         return dest, Push(asset.local_path, dest, sha, what=f"push {asset.name} from the wheelhouse")
     token = profile.huggingface.token_env if source.kind == "huggingface" else None
     return dest, Fetch(asset.url, dest, asset.sha256, asset.size, token_env=token,
-                       what=f"download {asset.name}")
+                       cache=profile.comfyui.checksums, what=f"download {asset.name}")
 
 
 def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheels) -> ResourcePlan:

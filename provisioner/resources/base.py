@@ -1,8 +1,9 @@
-"""Shapes shared by every resource: steps (what to do), changes (why, and before/after).
+"""Shapes shared by every resource: steps (what to do), changes (why, and before/after), handlers.
 
 A resource is pure: `probe(profile)` says what the facts script must look at, and
 `plan(profile, facts)` returns the Changes that would converge the host, or nothing when it is
-already there. Neither touches the host; `plan/apply.py` executes the steps.
+already there, and the handlers its changes may notify. Neither touches the host;
+`plan/apply.py` executes the steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Run:
     stdin: bytes | None = None
     what: str = ""                   # one-line description for the console and the log
     timeout: float | None = None
+    on_machine: bool = False         # on the machine itself, beside ComfyUI's container, not in it
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Fetch:
     sha256: str | None = None
     size: int | None = None
     token_env: str | None = None     # control-machine env var holding a bearer token, sent on stdin
+    cache: str = ""                  # the host's checksum cache the verified sha256 is recorded in
     what: str = ""
 
 
@@ -88,9 +91,23 @@ class Note:
 
 
 @dataclass(frozen=True)
+class Handler:
+    """Work done once, after the changes, when any applied change notified it by `name`.
+
+    `missing` says why it cannot run on this host (no steps): the apply warns instead.
+    """
+
+    name: str
+    what: str                        # "restart ComfyUI (docker restart comfyui-qwen)"
+    steps: tuple[Step, ...] = ()
+    missing: str = ""
+
+
+@dataclass(frozen=True)
 class ResourcePlan:
     changes: tuple[Change, ...] = ()
     notes: tuple[Note, ...] = ()
+    handlers: tuple[Handler, ...] = ()
 
 
 class Resource(Protocol):
@@ -103,9 +120,11 @@ class Resource(Protocol):
         ...
 
 
-def changes(*items: Change | None, notes: Sequence[Note] = ()) -> ResourcePlan:
+def changes(*items: Change | None, notes: Sequence[Note] = (),
+            handlers: Sequence[Handler] = ()) -> ResourcePlan:
     """Build a ResourcePlan from optional changes (None = already converged)."""
-    return ResourcePlan(tuple(c for c in items if c is not None), tuple(notes))
+    return ResourcePlan(tuple(c for c in items if c is not None), tuple(notes), tuple(handlers))
 
 
-RESTART = frozenset({"restart-comfyui"})
+RESTART_COMFYUI = "restart-comfyui"
+RESTART = frozenset({RESTART_COMFYUI})   # what a change that ComfyUI must reload notifies

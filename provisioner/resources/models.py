@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
-from provisioner.plan import fetch_script
-from provisioner.resources import catalog, hub
-from provisioner.resources.base import RESTART, Action, Change, Fetch, Note, ResourcePlan, changes
+from provisioner import remote
+from provisioner.catalog import models as catalog
+from provisioner.resources import hub
+from provisioner.resources.base import RESTART, Action, Change, Fetch, Note, ResourcePlan, Run, changes
 
 name = "model"
 
@@ -51,14 +52,12 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
     sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu)
     lookup = lookup or hub.file_metadata
     token = hub.token_from_env(hf.token_env, environ)
-    cache = fetch_script.cache_path(profile.comfyui.state_dir)
-    python = "python3"  # the same interpreter apply runs the fetch script with
     planned: list[Change | None] = []
     need = 0
     for f in sel.files:
-        remote = lookup(hf.endpoint, f.repo, f.path_in_repo, f.revision, token, token_env=hf.token_env)
+        found = lookup(hf.endpoint, f.repo, f.path_in_repo, f.revision, token, token_env=hf.token_env)
         pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
-        change, nbytes = _file_change(profile, f, remote, pinned, facts, cache, python)
+        change, nbytes = _file_change(profile, f, found, pinned, facts)
         planned.append(change)
         need += nbytes
     if need and need + DISK_MARGIN_BYTES > facts.disk_free:
@@ -69,44 +68,47 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
     return changes(*planned, notes=notes)
 
 
-def _file_change(profile: Profile, f: catalog.ModelFile, remote: hub.RemoteFile, pinned: str | None,
-                 facts: Facts, cache: str, python: str) -> tuple[Change | None, int]:
+def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.RemoteFile, pinned: str | None,
+                 facts: Facts) -> tuple[Change | None, int]:
     """The change for one file (None when converged) and the bytes it would download."""
     dest = _dest(profile, f)
-    want = pinned or remote.sha256
+    want = pinned or remote_file.sha256
     have = facts.files.get(dest) or FileState(dest, exists=False)
-    after = {"size": remote.size, "sha256": want}
-    if have.exists and have.size == remote.size:
+    after = {"size": remote_file.size, "sha256": want}
+    if have.exists and have.size == remote_file.size:
         if have.sha256 is not None and (want is None or have.sha256 == want):
             return None, 0
         if have.sha256 is None:
-            run = fetch_script.verify_run(dest, sha256=want, size=remote.size, cache=cache, python=python,
-                                          what=f"verify sha256 of {f.filename} ({_gb(remote.size)})")
+            # The fetch program in verify mode: hashes the file once and records it, no download.
+            stdin = remote.fetch_request(dest=dest, cache=profile.comfyui.checksums, sha256=want,
+                                         size=remote_file.size, mode="verify")
+            run = Run(remote.argv("fetch"), stdin=stdin,
+                      what=f"verify sha256 of {f.filename} ({_gb(remote_file.size)})")
             return Change(name, dest, "update", f"verify {f.folder}/{f.filename}: size matches, checksum not "
                           "cached yet (hashed once, no download)", {"size": have.size, "sha256": None}, after,
                           (run,)), 0
     part = facts.files.get(dest + ".part")
-    resume = part.size if part and part.exists and part.size <= remote.size else 0
-    where = f"{f.repo}@{(remote.commit or f.revision)[:12]}"
+    resume = part.size if part and part.exists and part.size <= remote_file.size else 0
+    where = f"{f.repo}@{(remote_file.commit or f.revision)[:12]}"
     action: Action
     if have.exists:
         action, before = "replace", {"size": have.size, "sha256": have.sha256}
-        why = "size differs" if have.size != remote.size else "sha256 differs"
+        why = "size differs" if have.size != remote_file.size else "sha256 differs"
         summary = f"replace {f.folder}/{f.filename} ({why}) from {where}"
     else:
         action, before = "create", None
-        summary = f"download {f.folder}/{f.filename} ({_gb(remote.size)}) from {where}"
+        summary = f"download {f.folder}/{f.filename} ({_gb(remote_file.size)}) from {where}"
     if resume:
         summary += f", resuming at {_gb(resume)}"
     warnings: tuple[str, ...] = ()
-    if pinned and remote.sha256 and pinned != remote.sha256:
-        warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote.sha256[:12]}… for {f.filename}: "
+    if pinned and remote_file.sha256 and pinned != remote_file.sha256:
+        warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote_file.sha256[:12]}… for {f.filename}: "
                     "the download will fail verification unless the Hub serves the pinned file",)
-    step = Fetch(remote.url, dest, want, remote.size, profile.huggingface.token_env,
-                 what=f"download {f.filename} ({_gb(remote.size)})")
+    step = Fetch(remote_file.url, dest, want, remote_file.size, profile.huggingface.token_env,
+                 cache=profile.comfyui.checksums, what=f"download {f.filename} ({_gb(remote_file.size)})")
     # ComfyUI keeps loaded weights in memory: a new DiT, or any file replaced in place, needs a restart.
     notify = RESTART if (f.folder == "diffusion_models" or action == "replace") else frozenset()
-    return Change(name, dest, action, summary, before, after, (step,), notify, warnings), remote.size - resume
+    return Change(name, dest, action, summary, before, after, (step,), notify, warnings), remote_file.size - resume
 
 
 def _vram_notes(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> list[Note]:

@@ -53,7 +53,7 @@ def resolve_offload(profile: Profile, facts: Facts) -> tuple[str, str]:
 def variables(profile: Profile, facts: Facts, *, prompt: str | None = None,
               seed: int | None = None, image: str | None = None) -> dict[str, Any]:
     """Every value a template may use; model files come from the catalog for this host's GPU."""
-    from provisioner.resources import catalog   # the catalog owns file names and step counts
+    from provisioner.catalog import models as catalog   # file names and step counts
 
     model = profile.model
     sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from provisioner.resources import catalog
+from provisioner.catalog import models as catalog
 from provisioner.sandbox.gitrepo import make_plugin_repo
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 from provisioner.sandbox.host import make_venv_template

@@ -8,7 +8,7 @@ checked for size and sha256, fsynced and renamed into place; the checksum cache 
 mtime_ns, sha256}}`, the facts script trusts an entry while size and mtime_ns still match) is
 updated under a file lock. stdout: `{"done": N, "total": M}` lines (<= 5/s), then one final JSON
 line with "ok". A failure also prints one line on stderr and exits 1 (2 for a bad request).
-The same file holds the control-side helpers (at the end) that build the argv and the request.
+The control side builds the request in `provisioner.remote.fetch_request`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-CACHE_NAME = "checksums.json"
 _CHUNK = 1 << 20
 _PROGRESS_EVERY_S = 0.2
 _PORTS = {"http": 80, "https": 443}
@@ -295,48 +294,3 @@ def main():
 
 if __name__ == "__main__":
     sys.exit(main())
-else:  # control side: everything below runs on the control machine only
-    with open(__file__, encoding="utf-8") as _fh:
-        SOURCE = _fh.read()
-
-    def argv(python="python3"):
-        """The host argv: the script travels in argv, the request (and any token) on stdin."""
-        return (python, "-c", SOURCE)
-
-    def request(*, dest, cache, url=None, sha256=None, size=None, mode="fetch", token=None, retries=3):
-        """The stdin payload. Holds the token when given: never log or store it."""
-        payload = {"url": url, "dest": dest, "sha256": sha256, "size": size, "cache": cache,
-                   "mode": mode, "retries": retries}
-        if token:
-            payload["token"] = token
-        return json.dumps(payload).encode()
-
-    def cache_path(state_dir):
-        """Where the host's checksum cache lives: `<comfyui root>/.provision/checksums.json`."""
-        return state_dir.rstrip("/") + "/" + CACHE_NAME
-
-    def verify_run(dest, *, sha256, size, cache, python="python3", what=""):
-        """A Run step that hashes an existing file once and records it (no download, no token)."""
-        from provisioner.resources.base import Run
-
-        stdin = request(dest=dest, cache=cache, sha256=sha256, size=size, mode="verify")
-        return Run(argv(python), stdin=stdin, what=what or "verify sha256 of " + dest)
-
-    def fetch_run(step, *, cache, python="python3", environ=None):
-        """Turn a `Fetch` step into the Run the apply engine executes; reads the token now, from
-        the control machine's env var `step.token_env`. The Run's stdin holds it: never log it."""
-        from provisioner.resources.base import Run
-
-        env = os.environ if environ is None else environ
-        token = (env.get(step.token_env) or "").strip() if step.token_env else ""
-        stdin = request(url=step.url, dest=step.dest, cache=cache, sha256=step.sha256, size=step.size,
-                        token=token or None)
-        return Run(argv(python), stdin=stdin, what=step.what or "download " + step.dest, timeout=None)
-
-    def parse_line(line):
-        """A stdout line of the script as a dict (progress or final), or None for anything else."""
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            return None
-        return obj if isinstance(obj, dict) else None

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.config.load import ATOMIC
-from provisioner.config.marks import KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml, sub_marks
-from provisioner.config.validate import schema_problems
+from provisioner.config.marks import ATOMIC, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml, sub_marks
+from provisioner.config.schema import schema_problems
 from provisioner.errors import ConfigError, Problem, UsageError
 
 if TYPE_CHECKING:
@@ -303,8 +302,8 @@ def inline_inventory(spec: str) -> Inventory:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     bad = [n for n in names if not _PLAIN_HOST.match(n) or n == "all"]
     if not names or bad:
-        raise UsageError(f"hosts {spec!r} needs an inventory: set `inventory:` in the profile or pass "
-                         "-i, or list plain host names like gpu-01,gpu-02")
+        raise UsageError(f"hosts {spec!r} needs an inventory: set `inventory:` in the profile or give "
+                         "-i INVENTORY, or list plain host names like gpu-01,gpu-02")
     hosts = tuple(Host(n, transport="local" if n == "localhost" else "ssh",
                        via="local" if n == "localhost" else "ssh", groups=("ungrouped",))
                   for n in dict.fromkeys(names))
@@ -313,12 +312,34 @@ def inline_inventory(spec: str) -> Inventory:
 
 
 def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None) -> list[Host]:
-    """The hosts a profile targets: its `hosts` pattern over `inventory` (else the profile's own),
-    narrowed by `--limit` like Ansible's."""
+    """The hosts a profile targets: its `hosts` pattern over `inventory` (`-i`, else the profile's
+    own, else `hosts` names them itself), narrowed by `--limit` as Ansible's is (never widened)."""
     source = inventory or profile.inventory
-    inv = load_inventory(source) if source else inline_inventory(profile.hosts)
-    chosen = inv.select(profile.hosts)
+    if source:
+        inv = load_inventory(source)
+    else:
+        try:
+            inv = inline_inventory(profile.hosts)
+        except UsageError as err:
+            raise UsageError(f"{profile.file}: {err}") from None
+    chosen = _select(inv, profile.hosts, f"the profile's `hosts` ({profile.file})")
     if limit:
-        keep = {h.name for h in inv.select(limit)}
-        chosen = [h for h in chosen if h.name in keep]
+        keep = {h.name for h in _select(inv, limit, "--limit")}
+        narrowed = [h for h in chosen if h.name in keep]
+        if not narrowed:
+            raise UsageError(f"--limit {limit!r} keeps none of the {len(chosen)} host(s) the profile's "
+                             f"`hosts: {profile.hosts}` selects ({', '.join(h.name for h in chosen[:5])}"
+                             f"{', …' if len(chosen) > 5 else ''}); --limit narrows, it never adds hosts")
+        chosen = narrowed
+    return chosen
+
+
+def _select(inv: Inventory, pattern: str, origin: str) -> list[Host]:
+    try:
+        chosen = inv.select(pattern)
+    except UsageError as err:
+        raise UsageError(f"{origin}: {err}") from None
+    if not chosen:
+        raise UsageError(f"{origin}: host pattern {pattern!r} selects no host of "
+                         f"{inv.file or 'the inline host list'}")
     return chosen

@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
-from provisioner.facts.model import Gpu
+from provisioner.catalog.gpus import GpuInfo, auto_precision, is_blackwell
 
 PRECISIONS = ("auto", "int4", "fp4")
 RECOMMENDED = "lightning-4step-r128"
@@ -134,7 +134,7 @@ def candidate_files(family: str, variant: str, precision: str) -> tuple[ModelFil
     return tuple(dit_file(family, variant, p) for p in precs) + (TEXT_ENCODER, VAE)
 
 
-def _precision(precision: str, gpu: Gpu | None) -> tuple[str, tuple[str, ...]]:
+def _precision(precision: str, gpu: GpuInfo | None) -> tuple[str, tuple[str, ...]]:
     if precision not in PRECISIONS:
         raise PlanError(f"unknown precision {precision!r} (model.precision)", PRECISIONS)
     if gpu is None:
@@ -143,17 +143,17 @@ def _precision(precision: str, gpu: Gpu | None) -> tuple[str, tuple[str, ...]]:
         return precision, ()
     cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
     if precision == "auto":
-        return ("fp4" if gpu.is_blackwell else "int4"), ()
-    if precision == "int4" and gpu.is_blackwell:
+        return auto_precision(gpu.compute_capability), ()
+    if precision == "int4" and is_blackwell(gpu.compute_capability):
         raise PlanError(f"{gpu.name} (compute capability {cc}) is Blackwell: Nunchaku's INT4 kernels do not "
                         "run there; set model.precision to fp4 or auto")
-    if precision == "fp4" and not gpu.is_blackwell:
+    if precision == "fp4" and not is_blackwell(gpu.compute_capability):
         raise PlanError(f"{gpu.name} (compute capability {cc}) cannot run Nunchaku's FP4 kernels (Blackwell "
                         "only); set model.precision to int4 or auto")
     return precision, ()
 
 
-def resolve(family: str, variant: str, precision: str, gpu: Gpu | None) -> ModelSelection:
+def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None) -> ModelSelection:
     """Pick the exact files. Raises `PlanError` listing the valid choices for any unknown name."""
     dit_file(family, variant, "int4")  # validates family and variant before precision
     concrete, notes = _precision(precision, gpu)

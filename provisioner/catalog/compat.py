@@ -1,0 +1,66 @@
+"""Which ComfyUI-nunchaku plugin tags run with which nunchaku backend and which ComfyUI core.
+
+Upstream facts, as rules (no I/O): the resource `resources/compat.py` applies them to a host's facts.
+"""
+
+from __future__ import annotations
+
+from packaging.version import InvalidVersion, Version
+
+NEEDLE = "use_additional_t_cond"
+CORE_MODEL = "comfy/ldm/qwen_image/model.py"
+# Upstream facts (ComfyUI-nunchaku __init__.py): v1.0.x-v1.2.x log "requires nunchaku >= v1.0.0"
+# (min_nunchaku_version = "1.0.0"); the v0.3 plugins only accepted the 0.3 backends.
+BACKEND_RANGES: tuple[tuple[Version, Version, Version | None], ...] = (
+    # (first plugin version, min backend, backend upper bound exclusive)
+    (Version("1.0.0"), Version("1.0.0"), None),
+    (Version("0.3.0"), Version("0.3.0"), Version("1.0.0")),
+)
+# v1.2.0 passes use_additional_t_cond= to core's QwenTimestepProjEmbeddings (ComfyUI-nunchaku #779).
+T_COND_PLUGIN = Version("1.2.0")
+LAST_WITHOUT_T_COND = "v1.1.0"
+# ComfyUI core gained the parameter with Qwen-Image-Layered (Comfy-Org/ComfyUI #11408, merged
+# 2025-12-19, after 0.5.1 was tagged): 0.6.0 is the first release with it. Between the two, master
+# still reports 0.5.1, which is why the signature itself (grep) decides whenever the file is there.
+T_COND_CORE = Version("0.6.0")
+
+
+def plugin_version(tag: str) -> Version | None:
+    try:
+        return Version(tag.removeprefix("v"))
+    except InvalidVersion:
+        return None
+
+
+def incompatibility(plugin_tag: str, backend_version: str) -> str | None:
+    """Why this plugin tag cannot run on this backend version, or None (also for an unknown tag)."""
+    plugin = plugin_version(plugin_tag)
+    try:
+        backend = Version(backend_version)
+    except InvalidVersion:
+        return f"backend version {backend_version!r} is not a version"
+    if plugin is None:
+        return None
+    for first, low, high in BACKEND_RANGES:
+        if plugin >= first:
+            if Version(backend.base_version) < low:
+                return f"ComfyUI-nunchaku {plugin_tag} requires nunchaku >= v{low}, not {backend_version}"
+            if high is not None and backend >= high:
+                return (f"ComfyUI-nunchaku {plugin_tag} supports nunchaku {low.major}.{low.minor}.x only, "
+                        f"not {backend_version}: use plugin.tag v1.1.0 with backend 1.x")
+            return None
+    return f"ComfyUI-nunchaku {plugin_tag} predates the 0.3 backends: use plugin.tag v1.1.0"
+
+
+def needs_t_cond(plugin_tag: str) -> bool:
+    plugin = plugin_version(plugin_tag)
+    return plugin is not None and plugin >= T_COND_PLUGIN
+
+
+def core_incompatibility(plugin_tag: str, core_has_t_cond: bool, core_version: str | None) -> str | None:
+    """Why the plugin cannot load on this ComfyUI core, or None."""
+    if not needs_t_cond(plugin_tag) or core_has_t_cond:
+        return None
+    return (f"ComfyUI-nunchaku {plugin_tag} needs a ComfyUI core whose QwenTimestepProjEmbeddings takes "
+            f"{NEEDLE} (ComfyUI >= {T_COND_CORE}); this host has {core_version or 'an unknown version'}: "
+            f"pin plugin.tag {LAST_WITHOUT_T_COND} or update ComfyUI")

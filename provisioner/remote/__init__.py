@@ -1,0 +1,42 @@
+"""Programs that run ON the host, and the one place their command lines and requests are built.
+
+Each program is a standard-library-only script in Python 3.8 syntax (a host's system python may be
+old), sent as `python3 -c SOURCE`: nothing is installed on the host. Requests and secrets go on
+stdin, never in argv (`ps` shows argv to every user of the host).
+
+  facts.py   what the host is and has: one round trip, one JSON answer
+  fetch.py   resumable, sha256-checked downloads, and verify-only hashing of a file in place
+  lock.py    holds the host's apply lock for as long as the controller's channel stays open
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+PROGRAMS = ("facts", "fetch", "lock")
+
+
+@lru_cache(maxsize=None)
+def source(program: str) -> str:
+    """The text of `remote/<program>.py`, exactly as sent to the host."""
+    if program not in PROGRAMS:
+        raise ValueError(f"unknown host program {program!r}; one of {', '.join(PROGRAMS)}")
+    return resources.files(__name__).joinpath(f"{program}.py").read_text(encoding="utf-8")
+
+
+def argv(program: str, *args: str, python: str = "python3") -> tuple[str, ...]:
+    """`python -c SOURCE ARGS...`: the program travels in argv, its request on stdin."""
+    return (python, "-c", source(program), *args)
+
+
+def fetch_request(*, dest: str, cache: str, url: str | None = None, sha256: str | None = None,
+                  size: int | None = None, mode: str = "fetch", token: str | None = None,
+                  retries: int = 3) -> bytes:
+    """The fetch program's stdin. Holds the token when given: never log or store it."""
+    payload: dict[str, object] = {"url": url, "dest": dest, "sha256": sha256, "size": size,
+                                  "cache": cache, "mode": mode, "retries": retries}
+    if token:
+        payload["token"] = token
+    return json.dumps(payload).encode()

@@ -1,0 +1,42 @@
+"""Host-side apply lock holder (stdlib only, Python >= 3.8), run as `python3 -c SOURCE PATH TIMEOUT OWNER`.
+
+Takes `flock` on PATH (waiting up to TIMEOUT seconds, printing `waiting HOLDER` once), writes
+OWNER into it, prints `locked`, then holds the lock until its stdin ends: when the controller
+closes the channel or dies, the lock goes with it, so it can never go stale. On timeout it
+prints `busy HOLDER` and exits 75 (EX_TEMPFAIL).
+"""
+
+import fcntl
+import os
+import sys
+import time
+
+
+def main():
+    path, timeout, owner = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline, told = time.monotonic() + timeout, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            with open(path) as fh:
+                holder = fh.read().strip() or "another apply"
+            if time.monotonic() > deadline:
+                print("busy " + holder, flush=True)
+                return 75
+            if not told:
+                print("waiting " + holder, flush=True)
+                told = True
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.write(fd, owner.encode())
+    print("locked", flush=True)
+    sys.stdin.read()  # hold the lock until the controller closes the channel or goes away
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
