@@ -252,8 +252,14 @@ def test_cli_runs_as_a_process_without_site_packages_and_stops_on_sigterm(tmp_pa
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("To see the GUI go to: http://127.0.0.1:")
+        printed: list[str] = []
+        while not (line := proc.stdout.readline()).startswith("To see the GUI go to: "):
+            assert line, "".join(printed)
+            printed.append(line)
+        # Start-up logs like ComfyUI's: the plugin says why its loader did not register.
+        assert "Node `NunchakuQwenImageDiTLoader` import failed:\n" in printed
+        assert "ModuleNotFoundError: No module named 'nunchaku'\n" in printed
+        assert printed[-1] == "Starting server\n" or printed[-2] == "Starting server\n"
         client = ComfyClient(line.split(": ", 1)[1].strip())
         assert client.object_info("NunchakuQwenImageDiTLoader") == {}
         assert (tmp_path / "input" / "example.png").is_file()
