@@ -38,7 +38,7 @@ from provisioner.verify.images import check_image, thumbnail
 REPO = Path(__file__).resolve().parents[1]
 COMFY = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
 FACTS_CASE = Path(__file__).parent / "facts" / "h100-real-backend.json"
-THRESHOLDS = Thresholds(warm_seconds=10.0, cold_seconds=180.0, vram_gb=12.0)
+THRESHOLDS = Thresholds(warm_seconds=10.0, cold_seconds=180.0, vram_gib=12.0)
 PROMPT = "a red fox in the snow, photograph"
 PROFILE = build_profile({"comfyui": {"root": "/opt/ComfyUI"}, "hosts": "gpus"},
                         name="rtx3090", file="profiles/rtx3090.yaml")

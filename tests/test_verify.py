@@ -106,7 +106,7 @@ def by_name(result: HostVerification) -> dict[str, Any]:
 def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., ComfyServer],
                                                           tmp_path: Path) -> None:
     srv = comfy()
-    result = run(srv.port, tmp_path, thresholds={"warm_seconds": 5, "cold_seconds": 10, "vram_gb": 9})
+    result = run(srv.port, tmp_path, thresholds={"warm_seconds": 5, "cold_seconds": 10, "vram_gib": 9})
     checks = by_name(result)
     assert result.passed, [c.line for c in result.checks]
     assert list(checks) == ["comfyui_reachable", "nodes_registered", "workflow_accepted", "generation",

@@ -63,6 +63,17 @@ class ComfySpec:
     def url(self) -> str:
         return f"http://{self.listen}:{self.port}"
 
+    @property
+    def local_host(self) -> str:
+        """Where ComfyUI is reached from its own host: its listen address, loopback when it listens
+        on every address."""
+        return "127.0.0.1" if self.listen in ("0.0.0.0", "::", "") else self.listen
+
+    @property
+    def local_url(self) -> str:
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        return f"http://{host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class PluginSpec:

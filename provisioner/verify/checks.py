@@ -166,5 +166,5 @@ def judge(runs: Sequence[RunResult], thresholds: Thresholds, vram_peak_mib: int 
         over("warm_time", "warm median", statistics.median(warm) if warm else None,
              thresholds.warm_seconds, "s", f"({len(warm)} runs)" if warm else ""),
         over("vram_peak", "VRAM peak", None if vram_peak_mib is None else vram_peak_mib / 1024,
-             thresholds.vram_gb, "GiB", f"({vram_source})"),
+             thresholds.vram_gib, "GiB", f"({vram_source})"),
     ]
