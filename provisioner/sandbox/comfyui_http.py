@@ -114,7 +114,7 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = self.state.post_prompt(body)
             return self._json(payload, status)
         if path == "/free":
-            self.state.free(bool(body.get("unload_models", False)), bool(body.get("free_memory", False)))
+            self.state.free({k for k in ("unload_models", "free_memory") if body.get(k)})
             return self._send(200, b"", "application/octet-stream")
         if path == "/interrupt":                         # 0.3.64: only the running prompt, if named
             self.state.interrupt(body.get("prompt_id"))

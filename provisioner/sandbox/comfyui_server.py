@@ -128,9 +128,10 @@ class State:
         self.send("status", {"status": self.queue_info()})
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
-    def free(self, unload_models: bool, free_memory: bool) -> None:
+    def free(self, names: set[str]) -> None:
+        """POST /free: ComfyUI sets a flag for each truthy key only, and flags add up until applied."""
         with self.cond:
-            self.flags = {"unload_models": unload_models, "free_memory": free_memory}
+            self.flags.update(dict.fromkeys(names, True))
             self.cond.notify_all()
 
     def interrupt(self, prompt_id: str | None) -> None:
