@@ -190,8 +190,12 @@ def test_comfyui_down_fails_cleanly(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run(port, tmp_path)
+    log = tmp_path / "comfyui.log"
+    log.write_text("".join(f"line {i}\n" for i in range(30)) + "RuntimeError: Found no NVIDIA driver\n")
+    result = run(port, tmp_path, comfyui={"log_file": str(log)})
     assert [c.name for c in result.checks] == ["comfyui_reachable"]
+    assert result.checks[0].lines[-1] == "RuntimeError: Found no NVIDIA driver"     # its log says why
+    assert len(result.checks[0].lines) == 15
     assert not result.passed and result.checks[0].detail.startswith(
         f"ComfyUI at 127.0.0.1:{port} on gpu-01 does not answer GET /system_stats: ")
     assert result.to_json()["passed"] is False

@@ -207,6 +207,7 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
             lines = [reporter.redact(x) for x in run_step.diagnose(step)]
             for line in lines:
                 reporter.line(conn.name, line, "dim")
+            reporter.log(conn.name, "diagnosis", handler=handler.name, lines=lines)
             outcome.diagnostics.extend(lines)
         return
     outcome.handlers.append(handler.name)

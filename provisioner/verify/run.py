@@ -32,6 +32,7 @@ FREE_WAIT_S = 120.0         # /free is applied after whatever ComfyUI runs now: 
 FREED_MIB = 256             # torch holding no more than this: nothing is loaded
 SETTLED_S = 1.0             # or: memory fell, then stayed put this long (what stays is not a model)
 LOG_LINES = 400             # of the service's log, searched for why a node did not register
+REACH_LINES = 15            # of it shown when ComfyUI does not answer
 # One nvidia-smi for the whole verification, sampling by itself; it is killed when our stdin
 # closes (fd 3: a background job's own stdin would be /dev/null), and its errors come out on stdout.
 _STREAM = ('exec 3<&0; nvidia-smi "$@" </dev/null 2>&1 & pid=$!; '
@@ -140,8 +141,9 @@ class _Verification:
     def all(self) -> None:
         try:
             stats = self.client.system_stats()
-        except VerifyError as err:
-            self.found.append(Check("comfyui_reachable", False, str(err)))
+        except VerifyError as err:               # why it does not answer: its log's last lines
+            self.found.append(Check("comfyui_reachable", False, str(err),
+                                    lines=tuple(x for x in self._service_log() if x.strip())[-REACH_LINES:]))
             return
         self.found.append(checks.reachable(stats, self.where))
         self.version = (stats.get("system") or {}).get("comfyui_version")
