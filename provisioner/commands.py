@@ -174,7 +174,10 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
             status, detail = ("unreachable" if isinstance(result, ConnectError) else "failed"), str(result)
             failed += 1
             render.render_failure(console, name, result)
-        rows.append({"host": name, "status": status, "detail": detail})
+        row: dict[str, Any] = {"host": name, "status": status, "detail": detail}
+        if isinstance(result, HostOutcome) and result.diagnostics:
+            row["log"] = result.diagnostics           # what a failed restart's log said
+        rows.append(row)
     total = len(results)
     summary = (f"{total} host{'s' * (total != 1)}: {changed} changed, {unchanged} unchanged, "
                f"{failed} failed")

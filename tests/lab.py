@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sshd import SshdFleet, SshdHost, free_port, inventory_for
+from sshd import SshdFleet, SshdHost, free_port, install_systemd_standin, inventory_for
 
 from provisioner import cli
 from provisioner.sandbox import comfyui_process
@@ -24,6 +24,9 @@ from provisioner.sandbox.host import SandboxHost, make_sandbox_host
 from provisioner.sandbox.world import World, start_world, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# Seconds a lab ComfyUI takes to open its port after a (re)start: a restart returns long before it
+# listens, as `systemctl restart` and `docker restart` do, so every apply here waits for readiness.
+STARTUP_S = 1.0
 
 
 @dataclass
@@ -49,6 +52,23 @@ class LabHost:
         return subprocess.run(["git", "-C", str(self.plugin), *args], check=True,
                               capture_output=True, text=True).stdout.strip()
 
+    def comfyui_args(self, *args: str) -> None:
+        """Stand-in flags for its next (re)starts, beside the lab's start-up delay."""
+        comfyui_process.set_args(self.comfy, ("--startup-s", str(STARTUP_S), *args))
+
+    def restart_program(self, then: str = "") -> str:
+        """A shell script restarting this host's ComfyUI as the sandbox does (returning at once), then `then`."""
+        return (f"#!/bin/sh\nset -e\n{sys.executable} -m provisioner.sandbox.comfyui_process restart "
+                f"{self.comfy}\n{then}\n")
+
+    def under_systemd(self, unit: str = "comfyui", then: str = "") -> dict[str, Any]:
+        """Run this host's ComfyUI as a systemd unit (the seed's own setup): `systemctl restart UNIT`
+        restarts it, `systemctl is-active` and `journalctl -u` see it. Returns its `comfyui` keys."""
+        sandbox = self.comfy / ".provision-sandbox"
+        install_systemd_standin(self.sandbox.bin_dir, self.sandbox.root / "systemd", {
+            unit: (self.restart_program(then), sandbox / "comfyui.pid", sandbox / "comfyui.log")})
+        return {"root": str(self.comfy), "port": self.port, "restart": {"systemd": unit}}
+
 
 @dataclass
 class Lab:
@@ -72,7 +92,7 @@ class Lab:
             (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
             port = free_port()
             comfyui_process.start(sandbox.comfyui_root, port, gpu_state=sandbox.gpu_state,
-                                  extra=comfyui_args)
+                                  extra=("--startup-s", str(STARTUP_S), *comfyui_args))
             host = LabHost(name, sandbox, server, port)
             self.hosts.append(host)
             made.append(host)

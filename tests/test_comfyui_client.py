@@ -35,7 +35,7 @@ def test_rejection_renders_one_line_per_node_sorted_by_id() -> None:
     )
     assert "\n" not in str(err) and str(err).startswith("ComfyUI rejected the workflow: "
                                                         "prompt_outputs_failed_validation")
-    assert err.render().splitlines()[1] == "  " + err.node_lines[0]
+    assert err.headline == "prompt_outputs_failed_validation: Prompt outputs failed validation"
 
 
 def test_rejection_lines_for_missing_inputs_and_bad_values_say_what_is_wrong() -> None:

@@ -252,8 +252,14 @@ def test_cli_runs_as_a_process_without_site_packages_and_stops_on_sigterm(tmp_pa
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("To see the GUI go to: http://127.0.0.1:")
+        printed: list[str] = []
+        while not (line := proc.stdout.readline()).startswith("To see the GUI go to: "):
+            assert line, "".join(printed)
+            printed.append(line)
+        # Start-up logs like ComfyUI's: the plugin says why its loader did not register.
+        assert "Node `NunchakuQwenImageDiTLoader` import failed:\n" in printed
+        assert "ModuleNotFoundError: No module named 'nunchaku'\n" in printed
+        assert printed[-1] == "Starting server\n" or printed[-2] == "Starting server\n"
         client = ComfyClient(line.split(": ", 1)[1].strip())
         assert client.object_info("NunchakuQwenImageDiTLoader") == {}
         assert (tmp_path / "input" / "example.png").is_file()
@@ -278,3 +284,37 @@ def test_websocket_answers_feature_flags_sent_right_after_the_handshake(server: 
         assert second == {"type": "feature_flags", "data": capture(EXTRA / "features.json")}
     finally:
         sock.close()
+
+
+def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_frames(server: ComfyServer) -> None:
+    """The client (verify/ws.py) is tested against this framing, not its own: a server must refuse a
+    client frame that is not masked (RFC 6455 §5.1), as aiohttp does, with close code 1002."""
+    import socket
+    import struct
+
+    from provisioner.sandbox import comfyui_ws
+    from provisioner.verify import ws
+
+    assert comfyui_ws.handshake_accept("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC's example
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=unmasked")
+    try:
+        assert json.loads(sock.recv(5))["type"] == "status"
+        sock.sock.sendall(ws.encode_frame(ws.TEXT, b'{"type": "x"}', mask=False))
+        opcode, payload = ws.read_frame(sock.sock)
+        assert opcode == ws.CLOSE and struct.unpack("!H", payload[:2])[0] == 1002
+    finally:
+        sock.sock.close()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:   # a big frame: 16-bit length
+        raw.sendall(b"GET /ws?clientId=big HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        client = ws.WebSocket(raw)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(1)
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        client.recv(5)                                               # the status message
+        flags = json.dumps({"type": "feature_flags", "data": {"pad": "x" * 300}}).encode()
+        raw.sendall(ws.encode_frame(ws.TEXT, flags, mask=True))
+        assert json.loads(client.recv(5))["type"] == "feature_flags"
+        raw.sendall(ws.encode_frame(ws.PING, b"ping", mask=True))
+        assert ws.read_frame(raw) == (ws.PONG, b"ping")

@@ -62,7 +62,7 @@ def test_gpu_profiles_extend_base() -> None:
     assert rtx3090.name == "rtx3090" and rtx3090.hosts == "rtx3090"
     assert rtx3090.chain[1].endswith("base.yaml")
     t = rtx3090.profile.verify.thresholds
-    assert (t.warm_seconds, t.vram_gb, t.cold_seconds) == (6, 9, 150)
+    assert (t.warm_seconds, t.vram_gib, t.cold_seconds) == (6, 9, 150)
     assert rtx3090.profile.plugin.tag == "v1.1.0"          # inherited
     assert load_profile(ROOT / "profiles" / "rtx5090.yaml").profile.model.precision == "fp4"
     hosts = load_inventory(rtx3090.inventory).select(rtx3090.hosts)
@@ -247,6 +247,7 @@ def test_schema_keys_and_defaults_equal_the_model() -> None:
     assert props["hosts"]["default"] == "all" and props["inventory"]["default"] is None
     for section, cls in SECTIONS.items():
         keys = {p.split(".")[-1] for p in props if p.startswith(section + ".") and p.count(".") == section.count(".") + 1}
+        keys -= {old[-1] for old in model.OLD_NAMES if ".".join(old[:-1]) == section}   # read into the new
         fields = {f.name: f for f in dataclasses.fields(cls)}
         assert keys == set(fields), section
         if section == "comfyui.restart":
@@ -279,3 +280,15 @@ def test_bom_and_crlf_are_fine_and_no_inventory_means_no_host_checks(tmp_path: P
                   b"  template_dir: " + str(ROOT / "templates").encode() + b"\r\n")
     assert validate_files([f]) == []
     assert load_profile(f).marks[("hosts",)] == Mark(str(f), 3, 1)
+
+
+def test_old_vram_gb_is_read_as_vram_gib_and_the_new_keys_have_their_defaults(tmp_path: Path) -> None:
+    tpl = f"workflow: {{template_dir: {ROOT / 'templates'}}}\n"
+    f = write(tmp_path / "old.yaml", tpl + "comfyui: {root: /opt/ComfyUI, gpu: GPU-5b1c0e2a-3f4d}\n"
+              "verify: {thresholds: {vram_gb: 9.5}, required_nodes: [NunchakuTextEncoderLoaderV2]}\n")
+    p = load_profile(f).profile
+    assert p.verify.thresholds.vram_gib == 9.5
+    assert p.verify.required_nodes == ("NunchakuTextEncoderLoaderV2",)
+    assert (p.comfyui.gpu, p.comfyui.ready_timeout_s, p.comfyui.log_file) == ("GPU-5b1c0e2a-3f4d", 300.0, None)
+    write(f, tpl + "comfyui: {root: /opt/ComfyUI, gpu: 1}\n")
+    assert load_profile(f).profile.comfyui.gpu == 1

@@ -5,6 +5,7 @@ of tests/sshd.py, which runs exec'd commands with the container's name and envir
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +40,15 @@ def test_apply_through_docker_exec_converges_and_restarts_the_container(tmp_path
         code, out = lab.run("apply", "--no-verify")
         assert code == 0, out
         assert restarted.read_text() == "restart\n"                 # no change, no restart
+
+        # A ComfyUI that never comes back: the wait ran in the container, the log is `docker logs`.
+        (containers / "comfyui-qwen" / "log").symlink_to(host.comfy / ".provision-sandbox" / "comfyui.log")
+        host.comfyui_args("--hang-at-start")
+        lab.overlays[host.name]["comfyui"]["ready_timeout_s"] = 3
+        lab.write()
+        subprocess.run([str(host.sandbox.python), "-m", "pip", "uninstall", "-q", "-y", "peft"], check=True)
+        code, out = lab.run("apply")
+        assert code == 1, out
+        assert f"ComfyUI at 127.0.0.1:{host.port} did not answer within 3 s" in out
+        assert "docker logs --tail 40 comfyui-qwen:" in out and "ComfyUI-nunchaku Initialization" in out
+        assert restarted.read_text() == "restart\nrestart\n"

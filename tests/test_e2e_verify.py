@@ -30,7 +30,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[
         # The plugin without its backend: uninstall it and restart, as a broken upgrade would leave it.
         subprocess.run([str(no_backend.sandbox.python), "-m", "pip", "uninstall", "-q", "-y", "nunchaku"],
                        check=True)
-        comfyui_process.restart(no_backend.comfy)
+        comfyui_process.restart(no_backend.comfy, wait=True)
         comfyui_process.stop(down.comfy)
         yield lab, {"healthy": healthy, "no_backend": no_backend, "down": down, "black": black, "slow": slow}
 

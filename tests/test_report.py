@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 from PIL import Image, ImageDraw
 
+from provisioner.catalog import models as catalog
 from provisioner.config.model import Thresholds, build_profile
 from provisioner.errors import ConnectError, ProvisionError
 from provisioner.facts import parse_facts
@@ -38,7 +39,7 @@ from provisioner.verify.images import check_image, thumbnail
 REPO = Path(__file__).resolve().parents[1]
 COMFY = REPO / "provisioner" / "sandbox" / "captures" / "comfyui-0.3.64"
 FACTS_CASE = Path(__file__).parent / "facts" / "h100-real-backend.json"
-THRESHOLDS = Thresholds(warm_seconds=10.0, cold_seconds=180.0, vram_gb=12.0)
+THRESHOLDS = Thresholds(warm_seconds=10.0, cold_seconds=180.0, vram_gib=12.0)
 PROMPT = "a red fox in the snow, photograph"
 PROFILE = build_profile({"comfyui": {"root": "/opt/ComfyUI"}, "hosts": "gpus"},
                         name="rtx3090", file="profiles/rtx3090.yaml")
@@ -103,13 +104,16 @@ def stats(name: str, total_gib: int) -> dict:
 
 
 def verified(host: str, gpu: str, runs: list[RunResult]) -> HostVerification:
+    peak = max(r.vram_peak_mib or 0 for r in runs)
+    figures = HostVerification(host, (), tuple(runs), vram_peak_mib=peak, vram_baseline_mib=310).figures
     found = [checks.reachable(stats(gpu, 24), "127.0.0.1:8188"),
+             Check("device", True, f"ComfyUI runs on cuda:0 {gpu} : cudaMallocAsync"),
              Check("nodes_registered", True, "NunchakuQwenImageDiTLoader registered with cpu_offload"),
              Check("workflow_accepted", True, "9 nodes validated by ComfyUI"),
+             Check("comfyui_ready", True, "a first generation completed"),
              Check("generation", True, f"{len(runs)} runs (1 cold) of 1 prompt(s) completed", float(len(runs)))]
-    peak = max(r.vram_peak_mib or 0 for r in runs)
-    found += checks.judge(runs, THRESHOLDS, peak, "nvidia-smi samples and /system_stats")
-    return HostVerification(host, tuple(found), tuple(runs), "0.3.64", f"cuda:0 {gpu}")
+    found += checks.judge(runs, figures, THRESHOLDS, "nvidia-smi stream and /system_stats")
+    return HostVerification(host, tuple(found), tuple(runs), "0.3.64", f"cuda:0 {gpu}", peak, 310)
 
 
 def fleet_entries(host_names: dict[str, str] | None = None, warm: float = 4.02,
@@ -124,7 +128,9 @@ def fleet_entries(host_names: dict[str, str] | None = None, warm: float = 4.02,
     object_info = json.loads((COMFY / "object_info.nunchaku-plugin-without-backend.json").read_text())
     no_nodes = HostVerification(n["gpu-3090-nonodes"], (
         checks.reachable(stats("NVIDIA GeForce RTX 3090", 24), "127.0.0.1:8188"),
-        checks.nodes(object_info, {"3": {"class_type": "NunchakuQwenImageDiTLoader"}}),
+        checks.nodes(object_info, {"3": {"class_type": "NunchakuQwenImageDiTLoader"}},
+                     catalog.required_nodes("qwen-image-edit-2509"), "custom_nodes.ComfyUI-nunchaku",
+                     "PyPI's unrelated nunchaku 0.16.1", lambda node: None),
         Check("workflow_accepted", False, "invalid_prompt: Cannot execute because node "
               "NunchakuQwenImageDiTLoader does not exist."),
     ), (), "0.3.64", "cuda:0 NVIDIA GeForce RTX 3090")
@@ -159,7 +165,9 @@ def test_statuses_order_and_failures() -> None:
     by = {h.host: h for h in report.hosts}
     assert by["gpu-3090-a"].failures == ()
     assert by["gpu-3090-nonodes"].failures[0].startswith(
-        "nodes_registered: NunchakuQwenImageDiTLoader is not registered: ComfyUI-nunchaku loaded without")
+        "nodes_registered: NunchakuQwenImageDiTLoader is not registered: ComfyUI's venv holds PyPI's "
+        "unrelated nunchaku 0.16.1, not the backend (it registered only NunchakuDepthPreprocessor, "
+        "NunchakuWheelInstaller)")
     assert any(f.startswith("images_ok: 3/3 images bad") and "black" in f for f in by["gpu-4090-black"].failures)
     assert by["gpu-a4000-slow"].failures == ("warm_time: warm median 22.05 s (2 runs) > 10 s",)
     assert "Connection timed out" in by["gpu-offline"].failures[0]
@@ -170,7 +178,8 @@ def test_figures_facts_and_versions() -> None:
     host = {h.host: h for h in fleet_report().hosts}["gpu-3090-a"]
     assert host.figures.cold_s == 98.4 and host.figures.warm_median_s == pytest.approx(4.055)
     assert host.figures.warm_max_s == pytest.approx(4.09)
-    assert host.figures.vram_peak_gb == pytest.approx(7.9, abs=0.01)
+    assert host.figures.vram_peak_gib == 7.9 and host.figures.vram_baseline_gib == 0.3
+    assert [(r.seed, r.prompt_id) for r in host.runs] == [(42, "pid-42"), (43, "pid-43"), (44, "pid-44")]
     f = host.facts
     assert (f.gpu, f.vram_total_mib, f.compute_capability, f.driver) == \
         ("NVIDIA GeForce RTX 3090", 24576, "8.6", "550.120")
@@ -195,10 +204,12 @@ def test_report_json_matches_its_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     doc = report_to_json(fleet_report())
     jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
-    assert doc["version"] == 1 and doc["generated_at"] == "2026-11-24T10:00:00Z"
-    assert doc["summary"]["max_vram_gb"]["host"] == "gpu-a4000-slow"
+    assert doc["version"] == 2 and doc["generated_at"] == "2026-11-24T10:00:00Z"
+    assert doc["summary"]["max_vram_gib"]["host"] == "gpu-a4000-slow"
     black = next(h for h in doc["hosts"] if h["host"] == "gpu-4090-black")
-    assert black["runs"][0]["image"]["passed"] is False and "black" in black["runs"][0]["image"]["reason"]
+    assert black["runs"][0]["image"]["ok"] is False and "black" in black["runs"][0]["image"]["reasons"][0]
+    assert (black["runs"][1]["seed"], black["runs"][1]["prompt_id"]) == (43, "pid-43")
+    assert black["figures"]["vram_peak_gib"] == 8.01                  # 8200 MiB, in GiB like every figure
     assert "thumbnail" not in json.dumps(doc)         # pictures live in report.html only
 
 
@@ -258,8 +269,8 @@ def test_junit_suites_cases_failures_and_errors() -> None:
     suites = {s.get("name"): s for s in root.findall("testsuite")}
     assert set(suites) == {"gpu-3090-a", "gpu-3090-nonodes", "gpu-4090-black", "gpu-a4000-slow", "gpu-offline"}
     ok = suites["gpu-3090-a"]
-    assert (ok.get("tests"), ok.get("failures"), ok.get("errors")) == ("8", "0", "0")
-    assert [c.get("name") for c in ok.findall("testcase")][:2] == ["comfyui_reachable", "nodes_registered"]
+    assert (ok.get("tests"), ok.get("failures"), ok.get("errors")) == ("10", "0", "0")
+    assert [c.get("name") for c in ok.findall("testcase")][:3] == ["comfyui_reachable", "device", "nodes_registered"]
     slow = suites["gpu-a4000-slow"]
     (failure,) = slow.findall("testcase/failure")
     assert failure.get("message") == "warm median 22.05 s (2 runs) > 10 s"
@@ -268,6 +279,7 @@ def test_junit_suites_cases_failures_and_errors() -> None:
     assert "Connection timed out" in offline.find("testcase/error").get("message")
     props = {p.get("name"): p.get("value") for p in ok.findall("properties/property")}
     assert props["facts.gpu"] == "NVIDIA GeForce RTX 3090" and props["versions.plugin"] == "v1.1.0"
+    assert props["figures.vram_peak_gib"] == "7.9"                    # GiB, named so, like everywhere
     assert root.get("failures") == "4" and root.get("errors") == "1"
 
 
@@ -310,6 +322,17 @@ def test_regressions_between_two_reports(tmp_path: Path) -> None:
     assert "REGRESSION" in second.html.read_text() and "was 4.05 s" in second.html.read_text()
 
 
+def test_a_version_1_report_is_still_compared_its_gb_figures_read_as_gib(tmp_path: Path) -> None:
+    old = report_to_json(fleet_report())
+    old["version"] = 1
+    for host in old["hosts"]:
+        host["figures"]["vram_peak_gb"] = host["figures"].pop("vram_peak_gib")
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    paths = write_report(tmp_path, build_report(fleet_entries(vram=8700), profile="rtx3090"))
+    assert paths.report.baseline == "2026-11-24T10:00:00Z"
+    assert [f.line for f in paths.regressions] == ["gpu-3090-a: REGRESSION VRAM peak 8.50 GiB, was 7.90 GiB (+8%)"]
+
+
 def test_new_check_failure_and_fix(tmp_path: Path) -> None:
     def entry(images_ok: bool, warm: float) -> HostEntry:
         ver = {"checks": [{"name": "images_ok", "passed": images_ok, "detail": "3 images" if images_ok else
@@ -333,7 +356,7 @@ def test_unreadable_or_foreign_previous_is_noted_not_fatal(tmp_path: Path) -> No
     assert "not JSON" in paths.report.comparison_note and paths.regressions == ()
     assert (tmp_path / "report.previous.json").read_text() == "{not json"
     assert read_previous(b'{"version": 99, "hosts": []}')[1] == \
-        "previous report.json is version 99, this is 1: not compared"
+        "previous report.json is version 99, this is 2: not compared"
 
 
 def test_write_is_atomic_and_complete(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import pytest
 from PIL import Image
 
 from provisioner.config.model import Profile, build_profile
+from provisioner.facts.model import Distribution, Facts, PythonEnv
+from provisioner.facts.parse import parse_nvidia_smi_csv
 from provisioner.connection.local import LocalConnection
 from provisioner.config.inventory import Host
 from provisioner.sandbox import host as sandbox_host
@@ -61,11 +65,26 @@ def edit_graph() -> dict[str, Any]:
     return g
 
 
-def profile_for(port: int, tmp: Path, **verify: Any) -> Profile:
-    data = {"comfyui": {"root": str(tmp / "ComfyUI"), "port": port},
+def profile_for(port: int, tmp: Path, comfyui: dict[str, Any] | None = None, plugin: str | None = None,
+                **verify: Any) -> Profile:
+    data = {"comfyui": {"root": str(tmp / "ComfyUI"), "port": port, **(comfyui or {})},
             "verify": {"prompts": ["a red fox in the snow"], "warm_runs": 2, "seed": 42, "timeout_s": 30,
-                       **verify}}
+                       **verify}, **({"plugin": {"name": plugin}} if plugin else {})}
     return build_profile(data, name="test", file=str(tmp / "profile.yaml"))
+
+
+def host_facts(nunchaku: str | None = "1.0.1+torch2.6", comfyui_gpu: int | str | None = None,
+               torch: str = "2.6.0+cu124") -> Facts:
+    """The host as the facts script reads it: the GPUs of the nvidia-smi shim on PATH (none without
+    one), ComfyUI's venv with this nunchaku (None: not installed)."""
+    query = subprocess.run(["nvidia-smi", "--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,"
+                            "driver_version,compute_cap,pci.bus_id", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    gpus = parse_nvidia_smi_csv(query.stdout) if query else ()
+    dists = {"nunchaku": Distribution("nunchaku", nunchaku)} if nunchaku else {}
+    env = PythonEnv("/opt/ComfyUI/venv/bin/python", True, "3.11.9", "cp311", "linux_x86_64", torch, "12.4", dists)
+    return Facts("gpu-01", "Ubuntu 24.04", "x86_64", "6.8", "/usr/bin/python3", env, gpus,
+                 None if gpus else "nvidia-smi not found", None, "/", 10**12, "0.3.64", comfyui_gpu=comfyui_gpu)
 
 
 @pytest.fixture
@@ -93,10 +112,11 @@ def comfy(tmp_path: Path, gpu_state: Path) -> Iterator[Callable[..., ComfyServer
 
 
 def run(srv_port: int, tmp: Path, graph: dict[str, Any] | None = None, image: bytes | None = None,
+        facts: Facts | None = None, comfyui: dict[str, Any] | None = None, plugin: str | None = None,
         **verify: Any) -> HostVerification:
     conn = LocalConnection(Host("gpu-01", transport="local"))
-    return verify_host(conn, profile_for(srv_port, tmp, **verify), None,
-                       workflow_graph=graph or t2i_graph(), input_image=image, vram_interval_s=0.05)
+    return verify_host(conn, profile_for(srv_port, tmp, comfyui, plugin, **verify), facts or host_facts(),
+                       workflow_graph=graph or t2i_graph(), input_image=image, vram_interval_ms=50)
 
 
 def by_name(result: HostVerification) -> dict[str, Any]:
@@ -106,21 +126,26 @@ def by_name(result: HostVerification) -> dict[str, Any]:
 def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., ComfyServer],
                                                           tmp_path: Path) -> None:
     srv = comfy()
-    result = run(srv.port, tmp_path, thresholds={"warm_seconds": 5, "cold_seconds": 10, "vram_gb": 9})
+    result = run(srv.port, tmp_path, thresholds={"warm_seconds": 5, "cold_seconds": 10, "vram_gib": 9})
     checks = by_name(result)
     assert result.passed, [c.line for c in result.checks]
-    assert list(checks) == ["comfyui_reachable", "nodes_registered", "workflow_accepted", "generation",
-                            "images_ok", "cold_time", "warm_time", "vram_peak"]
+    assert list(checks) == ["comfyui_reachable", "device", "nodes_registered", "workflow_accepted",
+                            "comfyui_ready", "generation", "images_ok", "cold_time", "warm_time", "vram_peak"]
     assert [r.kind for r in result.runs] == ["cold", "warm", "warm"]
     assert [r.seed for r in result.runs] == [42, 43, 44]
     cold, warm = result.runs[0], result.runs[1]
     assert cold.seconds_comfy >= 0.4 > warm.seconds_comfy >= 0.1      # ComfyUI's own timestamps
     assert cold.seconds_wall >= cold.seconds_comfy
-    assert checks["vram_peak"].value == pytest.approx(7910 / 1024, abs=0.01)
-    assert "nvidia-smi samples" in checks["vram_peak"].detail
+    assert checks["vram_peak"].value == 7.72                           # 7910 MiB, in GiB
+    assert checks["vram_peak"].detail.startswith("VRAM peak 7.72 GiB (nvidia-smi stream of GPU-")
+    assert checks["vram_peak"].detail.endswith("0.25 GiB after /free) <= 9 GiB")
+    assert result.figures.vram_peak_gib == 7.72 and result.figures.vram_baseline_gib == 0.25
+    assert all(srv.state.history[r.prompt_id]["status"]["completed"] for r in result.runs)   # ComfyUI's ids
     assert all(r.image.ok and (r.image.width, r.image.height) == (512, 384) for r in result.runs)
     assert Image.open(io.BytesIO(cold.thumbnail)).size == (256, 192)
     assert result.comfyui_version == "0.3.64" and "RTX 3090" in result.device
+    assert checks["device"].detail.startswith("ComfyUI runs on cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync: "
+                                              "0: NVIDIA GeForce RTX 3090 GPU-")
     # The graph really carried the profile's prompt and seed: read them back from the PNG ComfyUI wrote.
     saved = sorted((srv.root / "output" / "provision_verify").glob("*.png"))
     embedded = json.loads(Image.open(saved[0]).text["prompt"])
@@ -131,12 +156,15 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
 
 def test_plugin_without_backend_fails_nodes_check_with_that_reason(comfy: Callable[..., ComfyServer],
                                                                    tmp_path: Path) -> None:
-    result = run(comfy(nunchaku_nodes=False).port, tmp_path)
+    result = run(comfy(nunchaku_nodes=False).port, tmp_path, facts=host_facts(nunchaku=None))
     checks = by_name(result)
     assert not result.passed
     assert not checks["nodes_registered"].passed
-    assert "ComfyUI-nunchaku loaded without its nunchaku backend" in checks["nodes_registered"].detail
-    assert "NunchakuDepthPreprocessor, NunchakuWheelInstaller" in checks["nodes_registered"].detail
+    assert checks["nodes_registered"].detail == (
+        "NunchakuQwenImageDiTLoader is not registered: ComfyUI-nunchaku loaded without its nunchaku backend "
+        "(it registered only NunchakuDepthPreprocessor, NunchakuWheelInstaller); install the backend wheel "
+        "into ComfyUI's venv and restart; ComfyUI logged: Node `NunchakuQwenImageDiTLoader` import failed: "
+        "ModuleNotFoundError: No module named 'nunchaku'")
     assert checks["workflow_accepted"].detail == ("invalid_prompt: Cannot execute because node "
                                                   "NunchakuQwenImageDiTLoader does not exist. (Node ID '#3')")
     assert result.runs == ()
@@ -162,8 +190,12 @@ def test_comfyui_down_fails_cleanly(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run(port, tmp_path)
+    log = tmp_path / "comfyui.log"
+    log.write_text("".join(f"line {i}\n" for i in range(30)) + "RuntimeError: Found no NVIDIA driver\n")
+    result = run(port, tmp_path, comfyui={"log_file": str(log)})
     assert [c.name for c in result.checks] == ["comfyui_reachable"]
+    assert result.checks[0].lines[-1] == "RuntimeError: Found no NVIDIA driver"     # its log says why
+    assert len(result.checks[0].lines) == 15
     assert not result.passed and result.checks[0].detail.startswith(
         f"ComfyUI at 127.0.0.1:{port} on gpu-01 does not answer GET /system_stats: ")
     assert result.to_json()["passed"] is False
@@ -254,12 +286,157 @@ def test_over_a_real_ssh_tunnel_with_nvidia_smi_on_the_host(comfy: Callable[...,
     (host,) = sshd_hosts(1, bin_dirs=[tmp_path / "bin"])     # the shim installed by gpu_state
     conn = open_connection(host.host(), host.options())
     try:
-        result = verify_host(conn, profile_for(srv.port, tmp_path, warm_runs=1), None,
-                             workflow_graph=t2i_graph(), vram_interval_s=0.05)
+        result = verify_host(conn, profile_for(srv.port, tmp_path, warm_runs=1), host_facts(),
+                             workflow_graph=t2i_graph(), vram_interval_ms=50)
     finally:
         conn.close()
     assert result.passed, [c.line for c in result.checks]
     assert result.host == host.name and len(result.runs) == 2
-    assert "nvidia-smi samples" in by_name(result)["vram_peak"].detail
-    assert by_name(result)["vram_peak"].value == pytest.approx(7910 / 1024, abs=0.01)
-    assert conn.stats.execs >= 2                                # the sampler ran on the host
+    assert "nvidia-smi stream of GPU-" in by_name(result)["vram_peak"].detail
+    assert by_name(result)["vram_peak"].value == 7.72
+    # One long-lived nvidia-smi on the host for all the samples, not one exec per sample.
+    streams = [argv for argv in conn.stats.history if "--query-gpu=memory.used" in argv]
+    assert len(streams) == 1 and "-lms" in streams[0] and streams[0][-2] == "-i"
+
+
+# --- each misreport of issue 12, now reported as it is -----------------------------------------
+
+LIBCUDART = "ImportError: libcudart.so.12: cannot open shared object file: No such file or directory"
+
+
+def test_an_installed_backend_that_fails_to_import_is_quoted_not_reinstalled(comfy: Callable[..., ComfyServer],
+                                                                            tmp_path: Path) -> None:
+    srv = comfy(nunchaku_nodes=False, backend="1.0.1+torch2.6", backend_error=LIBCUDART)
+    nodes = by_name(run(srv.port, tmp_path, facts=host_facts(nunchaku="1.0.1+torch2.6")))["nodes_registered"]
+    assert not nodes.passed and "install the backend wheel" not in nodes.detail
+    assert nodes.detail == (
+        "NunchakuQwenImageDiTLoader is not registered though the nunchaku backend 1.0.1+torch2.6 is installed: "
+        "it fails to import (it registered only NunchakuDepthPreprocessor, NunchakuWheelInstaller); ComfyUI "
+        f"logged: Node `NunchakuQwenImageDiTLoader` import failed: {LIBCUDART}")
+
+
+def test_a_plugin_folder_named_as_comfyui_manager_names_it_is_found(comfy: Callable[..., ComfyServer],
+                                                                    tmp_path: Path) -> None:
+    srv = comfy(nunchaku_nodes=False, plugin_dir="comfyui-nunchaku")
+    nodes = by_name(run(srv.port, tmp_path, plugin="comfyui-nunchaku", facts=host_facts(nunchaku=None)))
+    assert "loaded without its nunchaku backend" in nodes["nodes_registered"].detail   # not "not loaded"
+    healthy = comfy(plugin_dir="comfyui-nunchaku")
+    assert run(healthy.port, tmp_path, plugin="comfyui-nunchaku", warm_runs=0).passed
+
+
+def test_required_nodes_come_from_the_catalog_and_the_profile_and_the_workflow(
+        comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    srv = comfy()
+    result = run(srv.port, tmp_path, warm_runs=0, required_nodes=["NunchakuTextEncoderLoaderV2"])
+    assert by_name(result)["nodes_registered"].detail == (
+        "NunchakuTextEncoderLoaderV2 is not registered (verify.required_nodes)")
+    # Another workflow: every class it uses must be registered, whichever they are.
+    graph = t2i_graph()
+    graph["4"]["class_type"] = "NunchakuQwenImageLoraLoader"
+    nodes = by_name(run(srv.port, tmp_path, graph=graph, warm_runs=0))["nodes_registered"]
+    assert nodes.detail == "the workflow uses unregistered node classes: NunchakuQwenImageLoraLoader"
+    core_only = {k: v for k, v in t2i_graph().items() if k != "3"}
+    core_only["9"]["inputs"]["model"] = ["13", 0]
+    core_only["13"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "x.safetensors",
+                                                              "weight_dtype": "default"}}
+    ok = by_name(run(srv.port, tmp_path, graph=core_only, warm_runs=0))["nodes_registered"]
+    assert ok.passed and ok.detail.startswith("NunchakuQwenImageDiTLoader registered with cpu_offload, "
+                                              "model_name; the workflow's 9 classes too")
+
+
+def test_comfyui_on_the_cpu_of_a_gpu_host_fails_the_device_check(comfy: Callable[..., ComfyServer],
+                                                                 tmp_path: Path) -> None:
+    result = run(comfy(cpu=True).port, tmp_path, warm_runs=0, thresholds={"vram_gib": 9})
+    checks = by_name(result)
+    assert not checks["device"].passed
+    assert checks["device"].detail.startswith("ComfyUI runs on the CPU (cpu) although the host has 0: NVIDIA "
+                                              "GeForce RTX 3090 GPU-")
+    assert checks["vram_peak"].detail == ("VRAM peak: not measured (not measured: ComfyUI does not run on a "
+                                          "GPU)") and not checks["vram_peak"].passed
+    assert "0.00 GiB" not in json.dumps(result.to_json()) and result.figures.vram_peak_gib is None
+    cpu_torch = by_name(run(comfy(cpu=True).port, tmp_path, warm_runs=0,
+                            facts=host_facts(torch="2.6.0+cpu")))["device"]
+    assert cpu_torch.detail.endswith("its torch 2.6.0+cpu is a CPU build")
+
+
+@pytest.fixture
+def two_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[dict]]:
+    """GPU 0 an A100 busy with 30 GiB of someone else's, GPU 1 an RTX 3090 for ComfyUI."""
+    state, bin_dir = tmp_path / "gpu-state-2.json", tmp_path / "bin2"
+    bin_dir.mkdir()
+    config = sandbox_host.gpu_config("a100-80gb,rtx3090", state)
+    config["gpus"][0]["used"] = 30720
+    sandbox_host.install_nvidia_smi(bin_dir, config)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return state, config["gpus"]
+
+
+def test_comfyui_gpu_picks_the_gpu_that_is_checked_sampled_and_reported(
+        two_gpus: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    state, gpus = two_gpus
+    srv = start_comfyui(root=tmp_path / "ComfyUI", gpu_state_file=state, gpu_uuid=gpus[1]["uuid"],
+                        gpu_name=gpus[1]["name"], cold_s=0.3, warm_s=0.1)
+    try:
+        chosen = run(srv.port, tmp_path, warm_runs=1, comfyui={"gpu": gpus[1]["uuid"]},
+                     facts=host_facts(comfyui_gpu=gpus[1]["uuid"]))
+        first = run(srv.port, tmp_path, warm_runs=0)                 # no comfyui.gpu: the A100
+    finally:
+        srv.stop()
+    assert chosen.passed, [c.line for c in chosen.checks]
+    assert by_name(chosen)["vram_peak"].value == 7.72 and gpus[1]["uuid"] in by_name(chosen)["vram_peak"].detail
+    device = by_name(first)["device"]
+    assert not device.passed and device.detail.startswith(
+        f"ComfyUI runs on cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync, not on 0: NVIDIA A100-SXM4-80GB "
+        f"{gpus[0]['uuid']} (the first nvidia-smi lists): give ComfyUI CUDA_VISIBLE_DEVICES={gpus[0]['uuid']}")
+    assert by_name(first)["vram_peak"].value == 30.0                # what that GPU holds, someone else's
+
+
+def test_a_cuda_error_that_poisons_comfyui_says_a_restart_is_needed(comfy: Callable[..., ComfyServer],
+                                                                    tmp_path: Path) -> None:
+    later = by_name(run(comfy(poison_after=1).port, tmp_path, comfyui={"restart": {"systemd": "comfyui"}}))
+    assert later["comfyui_reachable"].passed and later["comfyui_ready"].passed     # it was ready, once
+    assert not later["generation"].passed
+    assert later["generation"].detail == (
+        "warm run of 'a red fox in the snow': node 9 (KSampler) failed: RuntimeError: CUDA error: an illegal "
+        "memory access was encountered: this CUDA error poisons ComfyUI's process, every later generation "
+        "fails until it restarts: restart `systemctl restart comfyui`")
+    at_once = by_name(run(comfy(poison_after=0).port, tmp_path))
+    assert at_once["comfyui_reachable"].passed                       # alive: answers its API
+    assert not at_once["comfyui_ready"].passed                       # but not ready
+    assert at_once["comfyui_ready"].detail.startswith("no generation completed: cold run of 'a red fox in "
+                                                      "the snow': node 9 (KSampler) failed: RuntimeError: CUDA")
+
+
+def test_a_generation_that_times_out_is_interrupted_and_removed_from_the_queue(
+        comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    srv = comfy(cold_s=30)
+    result = run(srv.port, tmp_path, timeout_s=1)
+    assert by_name(result)["generation"].detail == ("cold run of 'a red fox in the snow' did not finish within "
+                                                    "1 s; interrupted and removed from ComfyUI's queue")
+    with srv.state.cond:
+        assert srv.state.running is None and srv.state.pending == []
+    (entry,) = srv.state.history.values()
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+def test_the_cold_run_is_cold_after_free_and_the_baseline_is_taken_after_it(comfy: Callable[..., ComfyServer],
+                                                                            tmp_path: Path) -> None:
+    srv = comfy(cold_s=0.5, unload_s=1.0)
+    run(srv.port, tmp_path, warm_runs=0)                             # models now loaded
+    again = run(srv.port, tmp_path, warm_runs=1)
+    cold, warm = again.runs
+    assert cold.seconds_comfy >= 0.5 > warm.seconds_comfy            # loaded again: really cold
+    assert again.figures.vram_baseline_gib == 0.25                   # measured once memory was released
+
+
+def test_console_table_and_checks_show_the_same_gib(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from provisioner.verify.render import render_verification
+
+    result = run(comfy().port, tmp_path, warm_runs=1)
+    console = Console(record=True, width=200)
+    render_verification({"gpu-01": (host_facts(), result)}, console)
+    text = console.export_text()
+    table, lines = text.split("gpu-01 PASS", 1)
+    assert "7.72 GiB" in table and "VRAM peak 7.72 GiB" in lines and " GB" not in text

@@ -166,3 +166,25 @@ def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None) -> M
         dit=dit, text_encoder=TEXT_ENCODER, vae=VAE,
         vram_gb=round(dit.approx_bytes / 2**30 + _ACTIVATIONS_GB, 1), notes=notes,
     )
+
+
+@dataclass(frozen=True)
+class NodeRequirement:
+    """A node class a family's workflows need ComfyUI to register, and the inputs they set on it
+    that the class must declare (an older plugin's loader lacks them and rejects the workflow)."""
+
+    name: str
+    inputs: tuple[str, ...] = ()
+    plugin: bool = True               # registered by ComfyUI-nunchaku (only when its backend imports)
+
+
+# ComfyUI-nunchaku v1.0+ (nodes/models/qwenimage.py): one DiT loader serves every Qwen-Image family;
+# `cpu_offload` is the input the workflows set (optional num_blocks_on_gpu / use_pin_memory since v1.0).
+_QWEN_DIT_LOADER = NodeRequirement("NunchakuQwenImageDiTLoader", ("model_name", "cpu_offload"))
+_NODES: dict[str, tuple[NodeRequirement, ...]] = {family: (_QWEN_DIT_LOADER,) for family in _FAMILIES}
+
+
+def required_nodes(family: str) -> tuple[NodeRequirement, ...]:
+    """The plugin's node classes a workflow of this model family cannot run without."""
+    _family(family)
+    return _NODES[family]

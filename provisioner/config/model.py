@@ -32,6 +32,9 @@ class ComfySpec:
     port: int = 8188
     listen: str = "127.0.0.1"
     restart: RestartSpec | None = None
+    ready_timeout_s: float = 300.0    # after a restart: until /system_stats answers and the nodes are listed
+    log_file: str | None = None       # ComfyUI's own log; None: the systemd journal or `docker logs`
+    gpu: int | str | None = None      # nvidia-smi index or UUID of ComfyUI's GPU; None: the first
 
     @property
     def python(self) -> str:
@@ -59,6 +62,17 @@ class ComfySpec:
     @property
     def url(self) -> str:
         return f"http://{self.listen}:{self.port}"
+
+    @property
+    def local_host(self) -> str:
+        """Where ComfyUI is reached from its own host: its listen address, loopback when it listens
+        on every address."""
+        return "127.0.0.1" if self.listen in ("0.0.0.0", "::", "") else self.listen
+
+    @property
+    def local_url(self) -> str:
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,11 @@ class WorkflowSpec:
 class Thresholds:
     warm_seconds: float | None = None
     cold_seconds: float | None = None
-    vram_gb: float | None = None
+    vram_gib: float | None = None     # GiB, like every VRAM figure
+
+
+# Keys renamed, by their path: still read, into the new name (a profile may not give both).
+OLD_NAMES: Mapping[tuple[str, ...], str] = {("verify", "thresholds", "vram_gb"): "vram_gib"}
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,7 @@ class VerifySpec:
     warm_runs: int = 2
     seed: int = 42
     timeout_s: float = 600.0
+    required_nodes: tuple[str, ...] = ()   # beside the model family's loader and the workflow's classes
     thresholds: Thresholds = Thresholds()
 
 
@@ -192,6 +211,15 @@ def _wheel_source(item: str | Mapping[str, str]) -> WheelSource:
     return WheelSource(kind, value)  # type: ignore[arg-type]
 
 
+def _renamed(data: Mapping[str, Any] | None, path: tuple[str, ...]) -> dict[str, Any]:
+    """`data` with the old names of OLD_NAMES read into their new ones."""
+    out = dict(data or {})
+    for old_path, new in OLD_NAMES.items():
+        if old_path[:-1] == path and old_path[-1] in out:
+            out.setdefault(new, out.pop(old_path[-1]))
+    return out
+
+
 def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
     """Turn a validated, merged profile mapping into a `Profile`. Paths stay POSIX: they are the host's."""
     comfy = dict(data["comfyui"])
@@ -214,6 +242,7 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
         model=_pick(ModelSpec, data.get("model")),
         huggingface=_pick(HubSpec, data.get("huggingface")),
         workflow=_pick(WorkflowSpec, data.get("workflow")),
-        verify=_pick(VerifySpec, verify, thresholds=_pick(Thresholds, verify.get("thresholds"))),
+        verify=_pick(VerifySpec, verify, thresholds=_pick(Thresholds, _renamed(
+            verify.get("thresholds"), ("verify", "thresholds")))),
         raw=data,
     )

@@ -17,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
 from provisioner.config.marks import KeyPath, Mark, problem, walk
+from provisioner.config.model import OLD_NAMES
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
@@ -146,7 +147,16 @@ def _local_files(data: Any) -> Iterator[Found]:
         yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"
 
 
-CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _catalog, _local_files)
+def _old_names(data: Any) -> Iterator[Found]:
+    """A renamed key is still read, but not beside its new name: which one would count?"""
+    for old, new in OLD_NAMES.items():
+        parent = _get(data, old[:-1], Mapping)
+        if parent is not None and old[-1] in parent and new in parent:
+            yield old, f"is the old name of {new}, which is also given", f"keep only {new}"
+
+
+CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _catalog, _local_files,
+                                                        _old_names)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

@@ -50,7 +50,7 @@ def build_request(profile: Profile, probe: Probe) -> dict:
     }
 
 
-def read_answer(host_name: str, result: Result) -> Facts:
+def read_answer(host_name: str, result: Result, comfyui_gpu: int | str | None = None) -> Facts:
     """The script's stdout as `Facts`; anything else is a one-line FactsError."""
     err_lines = [x.strip() for x in result.stderr.splitlines() if x.strip()]
     if NO_PYTHON in result.stderr:
@@ -67,7 +67,7 @@ def read_answer(host_name: str, result: Result) -> Facts:
             why = err_lines[-1]
         raise FactsError(f"{host_name}: the facts script answered no JSON "
                          f"(exit {result.exit_code}): {why}") from None
-    return parse_facts(host_name, answer)
+    return parse_facts(host_name, answer, comfyui_gpu)
 
 
 def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
@@ -75,4 +75,4 @@ def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
     request = build_request(profile, base_probe(profile) | probe)
     result = conn.run(facts_argv(), stdin=json.dumps(request).encode(), timeout=FACTS_TIMEOUT_S,
                       check=False)
-    return read_answer(conn.name, result)
+    return read_answer(conn.name, result, profile.comfyui.gpu)

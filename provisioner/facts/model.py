@@ -119,11 +119,23 @@ class Facts:
     http: Mapping[str, int | None] = field(default_factory=dict)
     elapsed_s: float = 0.0                       # time the script took on the host
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
+    comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's
 
     @property
     def gpu(self) -> Gpu | None:
-        """The GPU ComfyUI uses (the first one)."""
-        return self.gpus[0] if self.gpus else None
+        """The GPU ComfyUI uses, the one every figure and choice is about: the one `comfyui.gpu`
+        names, else the first; None when there is none, or none of that name."""
+        return select_gpu(self.gpus, self.comfyui_gpu)
+
+
+def select_gpu(gpus: tuple[Gpu, ...], selector: int | str | None) -> Gpu | None:
+    """The GPU a UUID or an nvidia-smi index names (None: the first). By UUID is the sure way:
+    nvidia-smi numbers GPUs in PCI bus order, CUDA fastest first."""
+    if selector is None:
+        return gpus[0] if gpus else None
+    if isinstance(selector, str):
+        return next((g for g in gpus if g.uuid.lower() == selector.lower()), None)
+    return next((g for g in gpus if g.index == selector), None)
 
 
 def canonical(name: str) -> str:

@@ -136,8 +136,9 @@ def _file(path: str, raw: Mapping[str, Any]) -> FileState:
     return FileState(path, True, int(raw["size"]), int(raw["mtime_ns"]), raw.get("sha256"))
 
 
-def parse_facts(host_name: str, answer: Mapping[str, Any]) -> Facts:
-    """Typed `Facts` from the script's answer; an answer the script could not have sent -> FactsError."""
+def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | str | None = None) -> Facts:
+    """Typed `Facts` from the script's answer; an answer the script could not have sent -> FactsError.
+    `comfyui_gpu` (the profile's `comfyui.gpu`) says which GPU is ComfyUI's."""
     if "fatal" in answer:
         raise FactsError(f"{host_name}: the facts script failed on the host: {answer['fatal']}")
     if answer.get("version") != ANSWER_VERSION:
@@ -164,9 +165,17 @@ def parse_facts(host_name: str, answer: Mapping[str, Any]) -> Facts:
             http=dict(answer.get("http") or {}),
             elapsed_s=float(answer.get("elapsed_s", 0.0)),
             errors=tuple(answer.get("errors") or ()),
+            comfyui_gpu=comfyui_gpu,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
+
+
+def _gpu(g: Gpu) -> dict[str, Any]:
+    return {"index": g.index, "name": g.name, "uuid": g.uuid, "pci_bus_id": g.pci_bus_id,
+            "vram_total_mib": g.vram_total_mib, "vram_used_mib": g.vram_used_mib,
+            "vram_free_mib": g.vram_free_mib, "compute_capability": list(g.compute_capability),
+            "driver": g.driver}
 
 
 def facts_to_json(facts: Facts) -> dict[str, Any]:
@@ -185,10 +194,9 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
             "distributions": {k: {"name": d.name, "version": d.version, "summary": d.summary,
                                   "home": d.home} for k, d in sorted(env.distributions.items())},
         },
-        "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "pci_bus_id": g.pci_bus_id,
-                  "vram_total_mib": g.vram_total_mib, "vram_used_mib": g.vram_used_mib,
-                  "vram_free_mib": g.vram_free_mib, "compute_capability": list(g.compute_capability),
-                  "driver": g.driver} for g in facts.gpus],
+        "gpus": [_gpu(g) for g in facts.gpus],
+        "comfyui_gpu": facts.comfyui_gpu,
+        "gpu": None if facts.gpu is None else _gpu(facts.gpu),       # ComfyUI's, of those
         "gpu_error": facts.gpu_error, "nvcc": facts.nvcc,
         "disk": {"path": facts.disk_path, "free": facts.disk_free},
         "comfyui_version": facts.comfyui_version,

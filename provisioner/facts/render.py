@@ -34,9 +34,11 @@ def _torch(facts: Facts) -> str:
 def _gpus(facts: Facts) -> str:
     if not facts.gpus:
         return f"none: {facts.gpu_error}"
+    mark = facts.gpu if len(facts.gpus) > 1 else None          # which one is ComfyUI's, when it matters
     return "\n".join(
         f"{g.index}: {g.name}, {g.vram_total_mib / 1024:.1f} GiB total, "
         f"{g.vram_free_mib / 1024:.1f} GiB free, compute {g.compute_capability[0]}.{g.compute_capability[1]}"
+        + (" (ComfyUI's)" if g is mark else "")
         for g in facts.gpus
     )
 

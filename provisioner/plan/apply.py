@@ -22,7 +22,7 @@ from typing import Any
 from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, LockedError, ProvisionError
+from provisioner.errors import ApplyError, CommandError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
 from provisioner.plan.build import HostPlan, build_plan, probe_for
@@ -42,6 +42,7 @@ class HostOutcome:
     seconds: float = 0.0
     facts_after: Facts | None = None           # re-gathered after the changes, when there were any
     verification: Any = None                   # HostVerification, when verification ran
+    diagnostics: list[str] = field(default_factory=list)   # what a failed handler's diagnosis read
 
     @property
     def facts(self) -> Facts:
@@ -92,7 +93,13 @@ class StepRunner:
         started = time.monotonic()
         if isinstance(step, Run):
             where = self.conn.machine if step.on_machine else self.conn
-            where.run(step.argv, stdin=step.stdin, timeout=step.timeout)
+            try:
+                where.run(step.argv, stdin=step.stdin, timeout=step.timeout,
+                          stdout_callback=self._progress if step.progress else None)
+            except CommandError as err:         # named by what it does, not by its argv
+                if not step.what:
+                    raise
+                raise CommandError(err.host, err.result, step.what) from None
         elif isinstance(step, Put):
             self.conn.put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
@@ -103,6 +110,25 @@ class StepRunner:
             self._fetch(step)
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
                           seconds=round(time.monotonic() - started, 3))
+
+    def _progress(self, line: str) -> None:
+        """A step's {"progress": TEXT} line, shown as it comes (a wait that says it is waiting)."""
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(msg, dict) and isinstance(msg.get("progress"), str):
+            self.reporter.line(self.conn.name, msg["progress"])
+
+    def diagnose(self, step: Run) -> list[str]:
+        """Run a diagnostic step whatever its exit code: a heading, then its output lines."""
+        where = self.conn.machine if step.on_machine else self.conn
+        try:
+            res = where.run(step.argv, stdin=step.stdin, timeout=step.timeout, check=False)
+        except ProvisionError as err:
+            return [f"{describe_step(step)}: could not be read: {err}"]
+        lines = [x for x in (res.stdout + "\n" + res.stderr).splitlines() if x.strip()]
+        return [f"{describe_step(step)}:", *(f"  {x}" for x in lines or ["(no output)"])]
 
     def _fetch(self, step: Fetch) -> None:
         token = os.environ.get(step.token_env) if step.token_env else None
@@ -177,6 +203,12 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
     except ProvisionError as err:
         outcome.error = outcome.error or f"handler {handler.name} failed: {reporter.redact(str(err))}"
         reporter.line(conn.name, f"✗ handler: {err}", "red")
+        for step in handler.diagnose:
+            lines = [reporter.redact(x) for x in run_step.diagnose(step)]
+            for line in lines:
+                reporter.line(conn.name, line, "dim")
+            reporter.log(conn.name, "diagnosis", handler=handler.name, lines=lines)
+            outcome.diagnostics.extend(lines)
         return
     outcome.handlers.append(handler.name)
     reporter.line(conn.name, f"✓ handler: {handler.what}", "green")

@@ -7,15 +7,17 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   facts.py   what the host is and has: one round trip, one JSON answer
   fetch.py   resumable, sha256-checked downloads, and verify-only hashing of a file in place
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
+  ready.py   waits until a restarted ComfyUI answers and lists the required nodes
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock")
+PROGRAMS = ("facts", "fetch", "lock", "ready")
 
 
 @lru_cache(maxsize=None)
@@ -40,3 +42,11 @@ def fetch_request(*, dest: str, cache: str, url: str | None = None, sha256: str 
     if token:
         payload["token"] = token
     return json.dumps(payload).encode()
+
+
+def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequence[str] = (),
+                  dead: Sequence[str] = (), every: float = 5.0) -> bytes:
+    """The ready program's stdin: what to poll, which node classes must be listed, for how long,
+    and how to tell that the service died (`alive` printing one of `dead`)."""
+    return json.dumps({"url": url, "nodes": list(nodes), "timeout": timeout, "alive": list(alive) or None,
+                       "dead": list(dead), "every": every}).encode()

@@ -41,8 +41,8 @@ def _backend(env: Mapping[str, Any]) -> str | None:
 def _precision(wanted: str, facts: Mapping[str, Any]) -> str:
     if wanted != "auto":
         return wanted
-    gpus = facts.get("gpus") or []
-    return f"{auto_precision(gpus[0].get('compute_capability') or ()) if gpus else 'int4'} (auto)"
+    gpu = facts.get("gpu")                           # the GPU ComfyUI uses, as facts_to_json picked it
+    return f"{auto_precision(gpu.get('compute_capability') or ()) if gpu else 'int4'} (auto)"
 
 
 def versions_from(facts: Mapping[str, Any] | None, profile: Profile | None = None,

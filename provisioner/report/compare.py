@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from provisioner.report.model import REPORT_VERSION, Flag, FleetReport, HostReport
+from provisioner.report.model import READABLE_VERSIONS, REPORT_VERSION, Flag, FleetReport, HostReport
 
 # A warm median is "slower" only past both bars: 20 % catches a real loss (offload turned on,
 # a slower kernel) while +0.5 s keeps a 1.0 s -> 1.3 s jitter on a fast GPU from crying wolf.
@@ -24,7 +24,7 @@ def read_previous(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"previous report.json is not JSON ({err}): not compared"
     if not isinstance(previous, dict) or not isinstance(previous.get("hosts"), list):
         return None, "previous report.json has no hosts list: not compared"
-    if previous.get("version") != REPORT_VERSION:
+    if previous.get("version") not in READABLE_VERSIONS:
         return None, (f"previous report.json is version {previous.get('version')!r}, this is "
                       f"{REPORT_VERSION}: not compared")
     return previous, None
@@ -48,7 +48,11 @@ def _timing(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
 
 
 def _vram(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
-    was, now = _number(before.get("figures"), "vram_peak_gb"), host.figures.vram_peak_gb
+    figures = before.get("figures")
+    # Version 1 called it vram_peak_gb; it held GiB all the same.
+    was = _number(figures, "vram_peak_gib") if _number(figures, "vram_peak_gib") is not None \
+        else _number(figures, "vram_peak_gb")
+    now = host.figures.vram_peak_gib
     if was is None or now is None or was <= 0:
         return []
     change = f"VRAM peak {now:.2f} GiB, was {was:.2f} GiB ({now / was - 1:+.0%})"

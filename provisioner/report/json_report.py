@@ -29,12 +29,9 @@ def host_to_json(host: HostReport) -> dict[str, Any]:
         "failures": list(host.failures),
         "facts": None if host.facts is None else asdict(host.facts),
         "versions": dict(host.versions),
-        "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail, "value": c.value,
-                    "lines": list(c.lines)} for c in host.checks],
-        "runs": [{"prompt": r.prompt, "kind": r.kind, "seconds_comfy": r.seconds_comfy,
-                  "seconds_wall": r.seconds_wall, "vram_peak_mib": r.vram_peak_mib,
-                  "image": None if r.image is None else asdict(r.image)} for r in host.runs],
-        "figures": asdict(host.figures),
+        "checks": [c.to_json() for c in host.checks],
+        "runs": [r.to_json(thumbnail=False) for r in host.runs],
+        "figures": host.figures.to_json(),
     }
 
 
@@ -50,7 +47,7 @@ def report_to_json(report: FleetReport) -> dict[str, Any]:
             "unreachable": summary.unreachable,
             "fastest_warm_s": _extreme(summary.fastest_warm),
             "slowest_warm_s": _extreme(summary.slowest_warm),
-            "max_vram_gb": _extreme(summary.max_vram),
+            "max_vram_gib": _extreme(summary.max_vram),
             "regressions": len(report.regressions), "improvements": len(report.improvements),
         },
         "comparison": {"baseline": report.baseline, "note": report.comparison_note},

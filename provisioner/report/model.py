@@ -1,17 +1,21 @@
-"""The fleet report's shapes, built from plain JSON-able host entries (`build_report`)."""
+"""The fleet report's shapes, built from plain JSON-able host entries (`build_report`).
+
+A host's checks, runs and figures are verify's own types (`verify.checks`), read back from the
+verification's JSON: the report computes no figure of its own.
+"""
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from provisioner.errors import ProvisionError
+from provisioner.verify.checks import Check, Figures, HostVerification, RunResult
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2              # 2: GiB keys (vram_peak_gib, max_vram_gib), runs carry seed and prompt_id
+READABLE_VERSIONS = (1, 2)      # previous reports compared with (1: its vram_*_gb figures were GiB too)
 Status = Literal["passed", "failed", "unreachable"]
 STATUSES: tuple[str, ...] = ("failed", "unreachable", "passed")   # also the display order
 VERSION_KEYS = ("plugin", "backend", "diffusers", "peft", "model_variant", "precision", "comfyui")
@@ -37,7 +41,8 @@ class HostEntry:
 
 @dataclass(frozen=True)
 class FactsSummary:
-    gpu: str | None
+    gpu: str | None                                   # ComfyUI's GPU (comfyui.gpu, else the first)
+    gpu_uuid: str | None
     vram_total_mib: int | None
     compute_capability: str | None                    # "8.6"
     driver: str | None
@@ -46,48 +51,6 @@ class FactsSummary:
     python: str | None
     python_tag: str | None
     os: str | None
-
-
-@dataclass(frozen=True)
-class CheckRow:
-    name: str
-    passed: bool
-    detail: str
-    value: float | None = None
-    lines: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    width: int
-    height: int
-    mean: float | None
-    std: float | None
-    passed: bool
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class RunRow:
-    prompt: str
-    kind: Literal["cold", "warm"]
-    seconds_comfy: float | None
-    seconds_wall: float
-    vram_peak_mib: int | None
-    image: ImageRow | None
-
-    @property
-    def seconds(self) -> float:
-        """The figure thresholds use (verify's rule): ComfyUI's own timing when it gave one."""
-        return self.seconds_comfy if self.seconds_comfy is not None else self.seconds_wall
-
-
-@dataclass(frozen=True)
-class Figures:
-    cold_s: float | None = None
-    warm_median_s: float | None = None
-    warm_max_s: float | None = None
-    vram_peak_gb: float | None = None                 # GiB (2**30 bytes), like nvidia-smi's MiB / 1024
 
 
 @dataclass(frozen=True)
@@ -115,8 +78,8 @@ class HostReport:
     failures: tuple[str, ...]
     facts: FactsSummary | None
     versions: Mapping[str, str | None]
-    checks: tuple[CheckRow, ...]
-    runs: tuple[RunRow, ...]
+    checks: tuple[Check, ...]
+    runs: tuple[RunResult, ...]
     figures: Figures
     thumbnails: tuple[tuple[str, bytes], ...] = ()
 
@@ -167,7 +130,7 @@ class FleetReport:
             return Extreme(host, value)
 
         warm = [(h.figures.warm_median_s, h.host) for h in self.hosts if h.figures.warm_median_s is not None]
-        vram = [(h.figures.vram_peak_gb, h.host) for h in self.hosts if h.figures.vram_peak_gb is not None]
+        vram = [(h.figures.vram_peak_gib, h.host) for h in self.hosts if h.figures.vram_peak_gib is not None]
         count = {s: sum(h.status == s for h in self.hosts) for s in STATUSES}
         return Summary(len(self.hosts), count["passed"], count["failed"], count["unreachable"],
                        pick(warm, min), pick(warm, max), pick(vram, max))
@@ -176,52 +139,16 @@ class FleetReport:
 def _facts_summary(facts: Mapping[str, Any] | None) -> FactsSummary | None:
     if not facts:
         return None
-    gpu = (facts.get("gpus") or [None])[0] or {}
+    gpu = facts.get("gpu") or {}                     # facts_to_json's pick: the GPU ComfyUI uses
     env = facts.get("env") or {}
     cap = gpu.get("compute_capability")
     return FactsSummary(
         gpu=gpu.get("name") or (f"none: {facts.get('gpu_error')}" if facts.get("gpu_error") else None),
+        gpu_uuid=gpu.get("uuid") or None,
         vram_total_mib=gpu.get("vram_total_mib"),
         compute_capability=f"{cap[0]}.{cap[1]}" if cap else None,
         driver=gpu.get("driver"), torch=env.get("torch"), cuda=env.get("torch_cuda"),
         python=env.get("version"), python_tag=env.get("tag"), os=facts.get("os"),
-    )
-
-
-def _finite(value: Any) -> float | None:
-    """A number for JSON: NaN/inf (a broken measurement) or a non-number become None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _image(raw: Mapping[str, Any] | None) -> ImageRow | None:
-    if raw is None:
-        return None
-    reasons = list(raw.get("reasons") or ())
-    return ImageRow(int(raw.get("width") or 0), int(raw.get("height") or 0), _finite(raw.get("mean")),
-                    _finite(raw.get("std")), bool(raw.get("ok")), "; ".join(reasons) or None)
-
-
-def _run(raw: Mapping[str, Any]) -> RunRow:
-    peak = raw.get("vram_peak_mib")
-    return RunRow(str(raw.get("prompt", "")), "cold" if raw.get("kind") == "cold" else "warm",
-                  _finite(raw.get("seconds_comfy")), _finite(raw.get("seconds_wall")) or 0.0,
-                  peak if isinstance(peak, int) and not isinstance(peak, bool) else None,
-                  _image(raw.get("image")))
-
-
-def _figures(runs: Sequence[RunRow], checks: Sequence[CheckRow]) -> Figures:
-    cold = [r.seconds for r in runs if r.kind == "cold"]
-    warm = [r.seconds for r in runs if r.kind == "warm"]
-    # verify's vram_peak check also counts /system_stats readings between runs: take the larger.
-    peaks = [r.vram_peak_mib / 1024 for r in runs if r.vram_peak_mib is not None]
-    peaks += [c.value for c in checks if c.name == "vram_peak" and c.value is not None]
-    return Figures(
-        cold_s=round(cold[0], 3) if cold else None,
-        warm_median_s=round(statistics.median(warm), 3) if warm else None,
-        warm_max_s=round(max(warm), 3) if warm else None,
-        vram_peak_gb=round(max(peaks), 2) if peaks else None,
     )
 
 
@@ -230,12 +157,10 @@ def _one_line(text: str) -> str:
 
 
 def host_report(entry: HostEntry) -> HostReport:
-    verification = entry.verification or {}
-    checks = tuple(CheckRow(str(c["name"]), bool(c["passed"]), _one_line(c.get("detail", "")),
-                            _finite(c.get("value")),
-                            tuple(map(_one_line, c.get("lines") or ())))
-                   for c in verification.get("checks") or ())
-    runs = tuple(_run(r) for r in verification.get("runs") or ())
+    verification = HostVerification.from_json(entry.verification or {})
+    checks = tuple(replace(c, detail=_one_line(c.detail), lines=tuple(map(_one_line, c.lines)))
+                   for c in verification.checks)
+    runs = verification.runs
     failures = ([_one_line(entry.error)] if entry.error else []) + \
         [f"{c.name}: {c.detail}" for c in checks if not c.passed]
     status = entry.status
@@ -246,7 +171,7 @@ def host_report(entry: HostEntry) -> HostReport:
     versions = {k: entry.versions.get(k) for k in VERSION_KEYS}
     versions.update({k: v for k, v in entry.versions.items() if k not in versions})
     return HostReport(entry.host, status, entry.error, tuple(failures), _facts_summary(entry.facts),
-                      versions, checks, runs, _figures(runs, checks), tuple(entry.thumbnails))
+                      versions, checks, runs, verification.figures, tuple(entry.thumbnails))
 
 
 def order_key(host: HostReport) -> tuple[int, str]:

@@ -25,6 +25,7 @@ class Run:
     what: str = ""                   # one-line description for the console and the log
     timeout: float | None = None
     on_machine: bool = False         # on the machine itself, beside ComfyUI's container, not in it
+    progress: bool = False           # stdout lines {"progress": TEXT} are shown as they come
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,15 @@ class Handler:
     """Work done once, after the changes, when any applied change notified it by `name`.
 
     `missing` says why it cannot run on this host (no steps): the apply warns instead.
+    `diagnose` runs only when a step failed: its output (a service's last log lines) is shown
+    and kept with the failure, so the failure says why, not only that.
     """
 
     name: str
     what: str                        # "restart ComfyUI (docker restart comfyui-qwen)"
     steps: tuple[Step, ...] = ()
     missing: str = ""
+    diagnose: tuple[Run, ...] = ()
 
 
 @dataclass(frozen=True)

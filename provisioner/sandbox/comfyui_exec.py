@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ SAMPLERS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}
 LOADERS = {"NunchakuQwenImageDiTLoader": "model_name", "UNETLoader": "unet_name",
            "CLIPLoader": "clip_name", "VAELoader": "vae_name"}
 SAFETENSORS_HEADER_MAX = 100 * 2**20        # the safetensors crate's own limit on the JSON header
+# What torch raises once a kernel wrote out of bounds; the CUDA context is then unusable, so every
+# later CUDA call of the process fails the same way until it restarts.
+ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\n"
+                  "CUDA kernel errors might be asynchronously reported at some other API call, so the "
+                  "stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+                  "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
 
 
 class NodeFailed(Exception):
@@ -34,6 +41,13 @@ class NodeFailed(Exception):
         self.exception_type = exception_type
         self.node_id, self.node_type = "", ""                      # set by Executor.run
         self.executed: list[str] = []
+
+
+class Interrupted(NodeFailed):
+    """POST /interrupt reached the running prompt: becomes `execution_interrupted`."""
+
+    def __init__(self) -> None:
+        super().__init__("comfy.model_management.InterruptProcessingException", "")
 
 
 @dataclass
@@ -81,6 +95,10 @@ class Executor:
     check_models: bool = False
     log: Callable[[str], None] = print
     cache: dict[str, tuple[Any, dict[str, Any] | None]] = field(default_factory=dict)
+    poison_after: int | None = None     # samplings that work before an illegal memory access
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    samplings: int = 0
+    poisoned: bool = False
 
     def signature(self, graph: dict[str, Any], node_id: str, memo: dict[str, str]) -> str:
         if node_id not in memo:
@@ -176,16 +194,25 @@ class Executor:
         linked = [values[v[0]] for v in inputs.values() if isinstance(v, list)]
         return (linked[0] if linked else None), None
 
+    def _pause(self, seconds: float) -> None:
+        """Time passing on the GPU; an interrupt lands at the next check, as in ComfyUI."""
+        if self.interrupt.wait(seconds):
+            raise Interrupted()
+
     def sample(self, prompt_id: str, node_id: str, model: str, steps: int, send: Send) -> None:
+        self.samplings += 1
+        if self.poisoned or (self.poison_after is not None and self.samplings > self.poison_after):
+            self.poisoned = True
+            raise NodeFailed("RuntimeError", ILLEGAL_ACCESS)
         if model not in self.gpu.loaded:                  # the first run pays the model load
             self.gpu.set(self.gpu.peak_mib)               # weights stream in while it loads
-            time.sleep(self.cold_s)
+            self._pause(self.cold_s)
             self.gpu.loaded.add(model)
             self.log(f"loaded completely; {self.gpu.total_mib - self.gpu.idle_mib:.2f} MB usable, "
                      f"{self.gpu.resident_mib:.2f} MB loaded, full load: True")
         self.gpu.set(self.gpu.peak_mib)
         for step in range(1, steps + 1):
-            time.sleep(self.warm_s / steps)
+            self._pause(self.warm_s / steps)
             progress = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node_id}
             send("progress", progress)
             send("progress_state", {"prompt_id": prompt_id, "nodes": {node_id: {

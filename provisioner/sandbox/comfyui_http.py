@@ -6,15 +6,13 @@ import email.parser
 import email.policy
 import json
 import threading
-import types
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from provisioner.sandbox import comfyui_nodes as nodes
-from provisioner.verify import ws
+from provisioner.sandbox import comfyui_nodes as nodes, comfyui_ws as ws
 
 FEATURES = {"supports_preview_metadata": True, "max_upload_size": 104857600}  # features.json capture
 SERVER_ERROR = b"500 Internal Server Error\n\nServer got itself in trouble"   # aiohttp's, as captured
@@ -81,6 +79,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._view(query)
         if path == "/features":
             return self._json(dict(FEATURES))
+        if path == "/internal/logs":                    # ComfyUI's console ring buffer, as one text
+            return self._json("".join(f"{e['t']} - {e['m']}" for e in st.log_entries()))
+        if path == "/internal/logs/raw":
+            return self._json({"entries": st.log_entries(), "size": {"cols": 0, "rows": 0}})
         if path == "/models":
             return self._json(nodes.load_capture("extra/models.json"))
         if path.startswith("/models/"):
@@ -112,9 +114,13 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = self.state.post_prompt(body)
             return self._json(payload, status)
         if path == "/free":
-            self.state.free(bool(body.get("unload_models", False)), bool(body.get("free_memory", False)))
+            self.state.free({k for k in ("unload_models", "free_memory") if body.get(k)})
             return self._send(200, b"", "application/octet-stream")
-        if path == "/interrupt":
+        if path == "/interrupt":                         # 0.3.64: only the running prompt, if named
+            self.state.interrupt(body.get("prompt_id"))
+            return self._send(200, b"", "application/octet-stream")
+        if path == "/queue":                             # delete pending items, or clear them all
+            self.state.edit_queue(body.get("delete") or (), bool(body.get("clear")))
             return self._send(200, b"", "application/octet-stream")
         self._send(404, b"404: Not Found", "text/plain; charset=utf-8")
 
@@ -153,32 +159,33 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(101, "Switching Protocols")
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "upgrade")
-        self.send_header("Sec-WebSocket-Accept", ws.accept_key(key))
+        self.send_header("Sec-WebSocket-Accept", ws.handshake_accept(key))
         self.end_headers()
         self.wfile.flush()
         st, sock, lock = self.state, self.connection, threading.Lock()
-        # Read frames through rfile: it may already hold bytes the client sent after its handshake.
-        reader = types.SimpleNamespace(recv=self.rfile.read1)
         st.sockets[sid] = (sock, lock)
         self.close_connection = True
         try:
             st.send("status", {"status": st.queue_info(), "sid": sid}, sid)
             while True:
-                opcode, data = ws.read_frame(reader)
-                if opcode == ws.CLOSE:
+                # rfile: it may already hold bytes the client sent right after its handshake.
+                opcode, data = ws.receive(self.rfile.read1)
+                if opcode == ws.OP_CLOSE:
                     with lock:
-                        sock.sendall(ws.encode_frame(ws.CLOSE, data[:2], mask=False))
+                        sock.sendall(ws.frame(ws.OP_CLOSE, data[:2]))
                     return
-                if opcode == ws.PING:
+                if opcode == ws.OP_PING:
                     with lock:
-                        sock.sendall(ws.encode_frame(ws.PONG, data, mask=False))
-                elif opcode == ws.TEXT:
+                        sock.sendall(ws.frame(ws.OP_PONG, data))
+                elif opcode == ws.OP_TEXT:
                     msg = json.loads(data or b"{}")
                     if msg.get("type") == "feature_flags":      # ComfyUI answers with its own
                         st.send("feature_flags", dict(FEATURES), sid)
-        except (OSError, ws.WebSocketClosed, ValueError):
+        except ws.ProtocolError:
+            with lock:
+                sock.sendall(ws.close_frame(ws.PROTOCOL_ERROR))
+        except (OSError, ws.Closed, ValueError):
             return
         finally:
             if st.sockets.get(sid, (None,))[0] is sock:
                 del st.sockets[sid]
-

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-PLUGIN_MODULE = "custom_nodes.ComfyUI-nunchaku"
 DIT_LOADER = "NunchakuQwenImageDiTLoader"
 # Loader inputs whose choices are the files of a models/ folder (ComfyUI's folder_paths names).
 MODEL_INPUTS = {
@@ -44,7 +43,7 @@ def _core_nodes() -> dict[str, Any]:
     return load_capture("object_info.full.json.gz")     # 0.5 MB of JSON: parsed once per process
 
 
-def dit_loader_entry() -> dict[str, Any]:
+def dit_loader_entry(plugin_dir: str = "ComfyUI-nunchaku") -> dict[str, Any]:
     """NunchakuQwenImageDiTLoader as ComfyUI-nunchaku v1.1.0 declares it, in /object_info's shape."""
     return {
         "input": {
@@ -70,18 +69,22 @@ def dit_loader_entry() -> dict[str, Any]:
                         "optional": ["num_blocks_on_gpu", "use_pin_memory"]},
         "output": ["MODEL"], "output_is_list": [False], "output_name": ["MODEL"],
         "name": DIT_LOADER, "display_name": "Nunchaku Qwen-Image DiT Loader",
-        "description": "", "python_module": PLUGIN_MODULE, "category": "Nunchaku", "output_node": False,
+        "description": "", "python_module": f"custom_nodes.{plugin_dir}", "category": "Nunchaku",
+        "output_node": False,
     }
 
 
-def base_registry(*, plugin: bool, backend: bool) -> dict[str, Any]:
+def base_registry(*, plugin: bool, backend: bool, plugin_dir: str = "ComfyUI-nunchaku") -> dict[str, Any]:
     """The 478 captured core nodes; with the plugin, its two backend-free nodes; with the backend,
-    the DiT loader too (the plugin registers it only when `import nunchaku` works)."""
+    the DiT loader too (the plugin registers it only when `import nunchaku` works). A custom node's
+    `python_module` is `custom_nodes.<its folder>`: ComfyUI-Manager installs this one as
+    comfyui-nunchaku."""
     nodes = dict(_core_nodes())                 # shallow: entries are never changed in place
     if plugin:
-        nodes.update(load_capture("object_info.nunchaku-plugin-without-backend.json"))
+        captured = load_capture("object_info.nunchaku-plugin-without-backend.json")
+        nodes.update({k: {**v, "python_module": f"custom_nodes.{plugin_dir}"} for k, v in captured.items()})
     if plugin and backend:
-        nodes[DIT_LOADER] = dit_loader_entry()
+        nodes[DIT_LOADER] = dit_loader_entry(plugin_dir)
     return nodes
 
 

@@ -1,11 +1,15 @@
 """Run the ComfyUI stand-in as a sandbox host's ComfyUI process, restartable like the real one.
 
 Like real ComfyUI, what it serves is decided at start-up from the host's files: the Nunchaku
-nodes are registered only when `custom_nodes/ComfyUI-nunchaku` exists AND the venv holds the
-real `nunchaku` backend (the plugin without its backend registers only two nodes). So a
-verification before `apply` + restart fails, and after it passes, for the same reasons as on a
-real host. `python -m provisioner.sandbox.comfyui_process restart ROOT` is the command a sandbox
-profile gives as `comfyui.restart`.
+nodes are registered only when the plugin's folder is in `custom_nodes/` (ComfyUI-nunchaku, or
+comfyui-nunchaku as ComfyUI-Manager names it) AND the venv holds the real `nunchaku` backend (the
+plugin without its backend registers only two nodes, and logs why). The GPU is the one the host's
+nvidia-smi lists (`--cuda-device` in the saved arguments picks another). So a verification before
+`apply` + restart fails, and after it passes, for the same reasons as on a real host.
+
+`python -m provisioner.sandbox.comfyui_process restart ROOT` is the command a sandbox profile gives
+as `comfyui.restart`: like `systemctl restart` or `docker restart`, it returns as soon as the new
+process is started, long before ComfyUI listens.
 """
 
 from __future__ import annotations
@@ -20,71 +24,120 @@ import time
 import urllib.request
 from pathlib import Path
 
-PLUGIN_DIR = "ComfyUI-nunchaku"
+PLUGIN_DIRS = ("ComfyUI-nunchaku", "comfyui-nunchaku")
 PIDFILE = ".provision-sandbox/comfyui.pid"
 PORTFILE = ".provision-sandbox/comfyui.port"
 ARGSFILE = ".provision-sandbox/comfyui.args"      # extra stand-in flags, kept across restarts
 LOGFILE = ".provision-sandbox/comfyui.log"
 
 
+def plugin_dir(root: Path) -> str | None:
+    """The plugin's folder under custom_nodes/, when one is there."""
+    return next((d for d in PLUGIN_DIRS if (root / "custom_nodes" / d / "__init__.py").is_file()), None)
+
+
+def backend_version(root: Path) -> str | None:
+    """The real nunchaku's version in the checkout's venv (a `+torch` build), else None."""
+    for info in (root / "venv").glob("lib/python*/site-packages/nunchaku-*.dist-info"):
+        version = info.name[len("nunchaku-"):-len(".dist-info")]
+        if "+torch" in version:
+            return version
+    return None
+
+
 def detect(root: Path) -> tuple[bool, bool]:
     """(plugin present, real backend installed) for the ComfyUI checkout at `root`."""
-    plugin = (root / "custom_nodes" / PLUGIN_DIR / "__init__.py").is_file()
-    backend = any("+torch" in p.name for p in (root / "venv").glob("lib/python*/site-packages/nunchaku-*.dist-info"))
-    return plugin, backend
+    return plugin_dir(root) is not None, backend_version(root) is not None
 
 
-def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[str, ...] = ()) -> int:
-    """Start detached (its own session, so it outlives the command that started it); returns PID."""
-    plugin, backend = detect(root)
+def set_args(root: Path, extra: tuple[str, ...]) -> None:
+    """Stand-in flags for this checkout's next starts (e.g. --die-at-start, --startup-s)."""
+    (root / ARGSFILE).parent.mkdir(parents=True, exist_ok=True)
+    (root / ARGSFILE).write_text(json.dumps(list(extra)))
+
+
+def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[str, ...] = (),
+          wait: bool = True) -> int:
+    """Start detached (its own session, so it outlives the command that started it); returns PID.
+    `wait`: until it answers (a process that exits meanwhile raises StandInFailed)."""
+    folder, backend = plugin_dir(root), backend_version(root)
     argv = [sys.executable, "-m", "provisioner.sandbox.comfyui_server", "--root", str(root),
             "--port", str(port), "--check-models", *extra]
-    if not plugin:
+    if folder is None:
         argv.append("--no-plugin")
-    elif not backend:
-        argv.append("--no-nunchaku")
+    else:
+        argv += ["--plugin-dir", folder]
+        if backend is None:
+            argv.append("--no-nunchaku")
+        else:
+            argv += ["--backend", backend]
     if gpu_state:
         argv += ["--gpu-state-file", str(gpu_state)]
+    host_smi = root.parent / "bin" / "nvidia-smi"        # the sandbox host's own (host.py lays it out)
+    if host_smi.is_file():
+        argv += ["--nvidia-smi", str(host_smi)]
     (root / PIDFILE).parent.mkdir(parents=True, exist_ok=True)
     with open(root / LOGFILE, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=root)
     (root / PIDFILE).write_text(str(proc.pid))
     (root / PORTFILE).write_text(str(port))
-    (root / ARGSFILE).write_text(json.dumps(list(extra)))
-    _wait_ready(port, proc, root / LOGFILE)
+    set_args(root, extra)
+    if wait:
+        _wait_ready(port, proc, root / LOGFILE)
     return proc.pid
+
+
+def pid(root: Path) -> int | None:
+    """The running stand-in's PID, None when it is not running."""
+    try:
+        number = int((root / PIDFILE).read_text())
+        os.kill(number, 0)
+    except (OSError, ValueError):
+        return None
+    try:                                           # a zombie of ours (we started it) is not running
+        done, _ = os.waitpid(number, os.WNOHANG)
+    except ChildProcessError:
+        done = 0
+    return None if done else number
 
 
 def stop(root: Path) -> None:
     pidfile = root / PIDFILE
     if not pidfile.exists():
         return
-    pid = int(pidfile.read_text())
+    number = int(pidfile.read_text())
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(number, signal.SIGTERM)
         for _ in range(100):
-            os.kill(pid, 0)
+            os.kill(number, 0)
+            try:
+                if os.waitpid(number, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                pass
             time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
+        else:
+            os.kill(number, signal.SIGKILL)
     except ProcessLookupError:
         pass
     pidfile.unlink(missing_ok=True)
 
 
-def restart(root: Path) -> int:
+def restart(root: Path, *, wait: bool = False) -> int:
+    """Stop, then start with the saved port and flags; returns at once unless `wait`."""
     port = int((root / PORTFILE).read_text())
     extra = tuple(json.loads((root / ARGSFILE).read_text())) if (root / ARGSFILE).exists() else ()
     gpu_state = root.parent / "gpu-state.json"
     stop(root)
-    return start(root, port, gpu_state=gpu_state if gpu_state.exists() else None, extra=extra)
+    return start(root, port, gpu_state=gpu_state if gpu_state.exists() else None, extra=extra, wait=wait)
 
 
 class StandInFailed(RuntimeError):
     """The stand-in ComfyUI exited or never answered; the message ends with its last log line."""
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
     """Until /system_stats answers; a process that exited is reported at once, with its log's last line."""
     deadline = time.monotonic() + timeout
     while True:
@@ -110,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     if args.action == "start":
         gpu_state = root.parent / "gpu-state.json"
-        start(root, args.port, gpu_state=gpu_state if gpu_state.exists() else None)
+        start(root, args.port, gpu_state=gpu_state if gpu_state.exists() else None, wait=False)
     elif args.action == "stop":
         stop(root)
     else:

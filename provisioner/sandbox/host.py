@@ -67,16 +67,25 @@ def _h100_capture() -> dict:
 
 
 def gpu_config(gpu: str, state_file: Path) -> dict:
-    """The CONFIG baked into a host's nvidia-smi for a preset name."""
-    if gpu not in nvidia_smi.PRESETS:
-        names = ", ".join(sorted(nvidia_smi.PRESETS))
-        raise ProvisionError(f"sandbox gpu {gpu!r} is not a preset; use one of: {names}, or None")
+    """The CONFIG baked into a host's nvidia-smi for a preset name, or several joined by commas
+    (`rtx5090,rtx3090`: GPU 0 and GPU 1, on their own PCI buses)."""
+    names = gpu.split(",")
+    for name in names:
+        if name not in nvidia_smi.PRESETS or (name == "broken-driver" and len(names) > 1):
+            known = ", ".join(sorted(nvidia_smi.PRESETS))
+            raise ProvisionError(f"sandbox gpu {name!r} is not a preset; use one of: {known}, or None")
     if gpu == "broken-driver":
         return {"broken": True}
-    card = {**nvidia_smi.PRESETS[gpu], "index": 0, "uuid": f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, gpu)}"}
-    if gpu == "h100":
-        card.update(_h100_capture())
-    return {"gpus": [card], "state": str(state_file)}
+    cards = []
+    for index, name in enumerate(names):
+        seed = name if index == 0 else f"{name}#{index}"
+        card = {**nvidia_smi.PRESETS[name], "index": index, "uuid": f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, seed)}"}
+        if name == "h100":
+            card.update(_h100_capture(), index=index)
+        if index:
+            card["bus"] = f"00000000:{0x01 + 0x20 * index:02X}:00.0"
+        cards.append(card)
+    return {"gpus": cards, "state": str(state_file)}
 
 
 def install_nvidia_smi(bin_dir: Path, config: dict) -> Path:

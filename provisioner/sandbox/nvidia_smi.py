@@ -1,7 +1,9 @@
 """A stdlib-only `nvidia-smi` that answers like the real tool from GPU presets (real captures).
 
 host.py copies this file into a sandbox host's bin/ with the preset baked in as CONFIG; memory
-used/free come from a JSON state file so a stand-in ComfyUI can raise VRAM use during a generation.
+used/free come from a JSON state file so a stand-in ComfyUI can raise VRAM use during a generation
+(on the GPU the state names, the first by default). `-i` takes an index, a UUID or a PCI bus id;
+`-lms N` repeats the query every N ms until killed, as the real tool does.
 """
 
 from __future__ import annotations
@@ -65,18 +67,24 @@ FIELDS = {
 
 
 def memory(gpu: dict) -> tuple[int, int]:
-    """(used, free) MiB: used from the state file when present, free = total - reserved - used."""
+    """(used, free) MiB: used from the state file when it is about this GPU, free = total - reserved - used."""
     used = gpu["used"]
     state = CONFIG.get("state")
-    if state and gpu["index"] == 0:
+    if state:
         try:
-            used = int(json.loads(Path(state).read_text())[STATE_KEY])
-        except (OSError, ValueError, KeyError, TypeError):
+            data = json.loads(Path(state).read_text())
+            if data.get("gpu", CONFIG["gpus"][0]["uuid"]) == gpu["uuid"]:
+                used = int(data[STATE_KEY])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # no or half-written state: the idle figure, like a GPU nobody uses
     return used, max(gpu["total"] - gpu["reserved"] - used, 0)
 
 
-def query(fields: list[str], fmt: set[str], ids: list[int] | None) -> tuple[str, int]:
+def selected(gpu: dict, ids: list[str] | None) -> bool:
+    return ids is None or any(i in (str(gpu["index"]), gpu["uuid"], gpu["bus"]) for i in ids)
+
+
+def query(fields: list[str], fmt: set[str], ids: list[str] | None) -> tuple[str, int]:
     for field in fields:
         if field not in FIELDS:
             return f'Field "{field}" is not a valid field to query.\n\n', 2
@@ -85,8 +93,10 @@ def query(fields: list[str], fmt: set[str], ids: list[int] | None) -> tuple[str,
         heads = [FIELDS[f][0] + (f" [{FIELDS[f][1]}]" if FIELDS[f][1] and "nounits" not in fmt else "")
                  for f in fields]
         lines.append(", ".join(heads))
+    if ids is not None and not any(selected(g, ids) for g in CONFIG["gpus"]):
+        return "No devices were found\n", 6
     for gpu in CONFIG["gpus"]:
-        if ids is not None and gpu["index"] not in ids:
+        if not selected(gpu, ids):
             continue
         used, free = memory(gpu)
         cells = []
@@ -139,12 +149,13 @@ def main(argv: list[str]) -> int:
         return 9
     fields: list[str] | None = None
     fmt: set[str] | None = None
-    ids: list[int] | None = None
+    ids: list[str] | None = None
+    loop_ms: int | None = None
     args = list(argv)
     while args:
         arg = args.pop(0)
         key, eq, value = arg.partition("=")
-        if key in ("--query-gpu", "--format", "-i", "--id") and not eq:
+        if key in ("--query-gpu", "--format", "-i", "--id", "-lms", "--loop-ms") and not eq:
             if not args:
                 print(INVALID_ARGS)
                 return 2
@@ -154,7 +165,9 @@ def main(argv: list[str]) -> int:
         elif key == "--format":
             fmt = {f.strip() for f in value.split(",")}
         elif key in ("-i", "--id"):
-            ids = [int(i) for i in value.split(",") if i.strip().isdigit()]
+            ids = [i.strip() for i in value.split(",") if i.strip()]
+        elif key in ("-lms", "--loop-ms"):
+            loop_ms = int(value)
         elif key == "-L":
             for g in CONFIG["gpus"]:
                 print(f"GPU {g['index']}: {g['name']} (UUID: {g['uuid']})")
@@ -168,15 +181,22 @@ def main(argv: list[str]) -> int:
     if fmt is None or "csv" not in fmt:
         print(INVALID_ARGS)
         return 2
-    text, code = query(fields, fmt, ids)
-    sys.stdout.write(text)
-    return code
+    while True:
+        text, code = query(fields, fmt, ids)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:                 # whoever read the stream went away: so do we
+            return 0
+        if loop_ms is None or code:
+            return code
+        time.sleep(loop_ms / 1000)
 
 
-def write_state(state_file: Path, used_mib: int) -> None:
-    """Atomically set memory.used (MiB) for GPU 0 of a sandbox host."""
+def write_state(state_file: Path, used_mib: int, gpu_uuid: str | None = None) -> None:
+    """Atomically set memory.used (MiB) of a sandbox host's GPU (by UUID; None: the first)."""
     tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({STATE_KEY: int(used_mib)}))
+    tmp.write_text(json.dumps({STATE_KEY: int(used_mib), **({"gpu": gpu_uuid} if gpu_uuid else {})}))
     os.replace(tmp, state_file)
 
 

@@ -1,20 +1,43 @@
-"""Verification results (Check, RunResult, HostVerification) and the pure checks that judge them."""
+"""What a verification found (Check, RunResult, Figures, HostVerification) and the pure checks that
+judge it. The console and the report read these very types; the report writes them as JSON and
+reads them back (`to_json` / `from_json`). Every VRAM figure is GiB (2**30 bytes: nvidia-smi's
+MiB / 1024), shown as GiB.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import math
+import re
 import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from provisioner.catalog.models import NodeRequirement
 from provisioner.config.model import Thresholds
+from provisioner.facts.model import Facts, Gpu
+from provisioner.facts.parse import is_real_nunchaku
 from provisioner.verify.images import ImageCheck
 
-DIT_LOADER = "NunchakuQwenImageDiTLoader"
-REQUIRED_NODES = (DIT_LOADER,)
-REQUIRED_INPUTS = {DIT_LOADER: ("cpu_offload",)}   # ComfyUI-nunchaku >= v1.0 needs it set
-PLUGIN_MODULE = "custom_nodes.ComfyUI-nunchaku"
+# CUDA errors that poison the process: once a kernel faulted, every later CUDA call of that
+# process fails the same way, so only a restart brings ComfyUI back.
+STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
+                      "device-side assert", "illegal instruction")
+_IMPORT_FAILED = re.compile(r"Nodes? `.*import failed:?")
+_EXCEPTION = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception)\b(:.*)?$")
+
+
+def _finite(value: Any) -> float | None:
+    """A number for JSON: NaN/inf (a broken measurement) or a non-number become None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _mib(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,28 @@ class Check:
     @property
     def line(self) -> str:
         return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "detail": self.detail, "value": _finite(self.value),
+                "lines": list(self.lines)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Check:
+        return cls(str(raw["name"]), bool(raw["passed"]), str(raw.get("detail", "")), _finite(raw.get("value")),
+                   tuple(str(x) for x in raw.get("lines") or ()))
+
+
+def image_to_json(image: ImageCheck) -> dict[str, Any]:
+    return {"ok": image.ok, "width": image.width, "height": image.height, "mean": _finite(image.mean),
+            "std": _finite(image.std), "black_fraction": _finite(image.black_fraction),
+            "saturated_fraction": _finite(image.saturated_fraction), "reasons": list(image.reasons)}
+
+
+def image_from_json(raw: Mapping[str, Any]) -> ImageCheck:
+    return ImageCheck(bool(raw.get("ok")), int(raw.get("width") or 0), int(raw.get("height") or 0),
+                      _finite(raw.get("mean")) or 0.0, _finite(raw.get("std")) or 0.0,
+                      _finite(raw.get("black_fraction")) or 0.0, _finite(raw.get("saturated_fraction")) or 0.0,
+                      tuple(str(r) for r in raw.get("reasons") or ()))
 
 
 @dataclass(frozen=True)
@@ -47,6 +92,62 @@ class RunResult:
         """The figure thresholds use: ComfyUI's own timing when it gave one."""
         return self.seconds_comfy if self.seconds_comfy is not None else self.seconds_wall
 
+    def to_json(self, *, thumbnail: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompt": self.prompt, "kind": self.kind, "seed": self.seed, "prompt_id": self.prompt_id,
+            "seconds_comfy": _finite(self.seconds_comfy), "seconds_wall": round(_finite(self.seconds_wall) or 0.0, 3),
+            "vram_peak_mib": self.vram_peak_mib,
+            "image": None if self.image is None else image_to_json(self.image)}
+        if thumbnail:
+            out["thumbnail_png_base64"] = base64.b64encode(self.thumbnail).decode() if self.thumbnail else None
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RunResult:
+        try:
+            png = base64.b64decode(raw.get("thumbnail_png_base64") or "", validate=True)
+        except (binascii.Error, ValueError):
+            png = b""                 # a garbled thumbnail loses the picture, not the run
+        seed = raw.get("seed")
+        return cls(str(raw.get("prompt", "")), "cold" if raw.get("kind") == "cold" else "warm",
+                   seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                   str(raw.get("prompt_id") or ""), _finite(raw.get("seconds_comfy")),
+                   _finite(raw.get("seconds_wall")) or 0.0, _mib(raw.get("vram_peak_mib")),
+                   None if raw.get("image") is None else image_from_json(raw["image"]), png)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A host's headline numbers, computed here once; the console, the report and the checks read them."""
+
+    cold_s: float | None = None
+    warm_median_s: float | None = None
+    warm_max_s: float | None = None
+    vram_peak_gib: float | None = None
+    vram_baseline_gib: float | None = None       # what the GPU held after /free, before the cold run
+
+    @classmethod
+    def of(cls, runs: Sequence[RunResult], vram_peak_mib: int | None = None,
+           vram_baseline_mib: int | None = None) -> Figures:
+        cold = [r.seconds for r in runs if r.kind == "cold"]
+        warm = [r.seconds for r in runs if r.kind == "warm"]
+        peaks = [m for m in (vram_peak_mib, *(r.vram_peak_mib for r in runs)) if m is not None]
+        return cls(
+            cold_s=round(cold[0], 3) if cold else None,
+            warm_median_s=round(statistics.median(warm), 3) if warm else None,
+            warm_max_s=round(max(warm), 3) if warm else None,
+            vram_peak_gib=gib(max(peaks)) if peaks else None,
+            vram_baseline_gib=None if vram_baseline_mib is None else gib(vram_baseline_mib))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cold_s": self.cold_s, "warm_median_s": self.warm_median_s, "warm_max_s": self.warm_max_s,
+                "vram_peak_gib": self.vram_peak_gib, "vram_baseline_gib": self.vram_baseline_gib}
+
+
+def gib(mib: int) -> float:
+    """MiB (nvidia-smi's unit) as GiB, to the hundredth shown everywhere."""
+    return round(mib / 1024, 2)
+
 
 @dataclass(frozen=True)
 class HostVerification:
@@ -54,7 +155,13 @@ class HostVerification:
     checks: tuple[Check, ...]
     runs: tuple[RunResult, ...] = ()
     comfyui_version: str | None = None
-    device: str | None = None
+    device: str | None = None                    # ComfyUI's own name for it: "cuda:0 NVIDIA … : cudaMallocAsync"
+    vram_peak_mib: int | None = None             # every reading during the runs, not only per run
+    vram_baseline_mib: int | None = None
+    figures: Figures = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "figures", Figures.of(self.runs, self.vram_peak_mib, self.vram_baseline_mib))
 
     @property
     def passed(self) -> bool:
@@ -62,75 +169,171 @@ class HostVerification:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping (thumbnails base64) for the fleet report."""
-        return {
-            "host": self.host, "passed": self.passed,
-            "comfyui_version": self.comfyui_version, "device": self.device,
-            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail, "value": c.value,
-                        "lines": list(c.lines)} for c in self.checks],
-            "runs": [{
-                "prompt": r.prompt, "kind": r.kind, "seed": r.seed, "prompt_id": r.prompt_id,
-                "seconds_comfy": r.seconds_comfy, "seconds_wall": round(r.seconds_wall, 3),
-                "vram_peak_mib": r.vram_peak_mib,
-                "image": None if r.image is None else {
-                    "ok": r.image.ok, "width": r.image.width, "height": r.image.height,
-                    "mean": r.image.mean, "std": r.image.std, "black_fraction": r.image.black_fraction,
-                    "saturated_fraction": r.image.saturated_fraction, "reasons": list(r.image.reasons)},
-                "thumbnail_png_base64": base64.b64encode(r.thumbnail).decode() if r.thumbnail else None,
-            } for r in self.runs],
-        }
+        return {"host": self.host, "passed": self.passed, "comfyui_version": self.comfyui_version,
+                "device": self.device, "vram_peak_mib": self.vram_peak_mib,
+                "vram_baseline_mib": self.vram_baseline_mib, "figures": self.figures.to_json(),
+                "checks": [c.to_json() for c in self.checks], "runs": [r.to_json() for r in self.runs]}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> HostVerification:
+        """Back from `to_json` (figures are recomputed from the runs, never trusted from the file)."""
+        return cls(str(raw.get("host", "")), tuple(Check.from_json(c) for c in raw.get("checks") or ()),
+                   tuple(RunResult.from_json(r) for r in raw.get("runs") or ()),
+                   raw.get("comfyui_version"), raw.get("device"), _mib(raw.get("vram_peak_mib")),
+                   _mib(raw.get("vram_baseline_mib")))
 
 
-def device_of(stats: Mapping[str, Any]) -> tuple[str | None, float | None]:
-    """The first device's name and total VRAM in GiB, from /system_stats."""
-    devices = stats.get("devices") or [{}]
-    total = devices[0].get("vram_total")
-    return devices[0].get("name"), (total / 2**30 if isinstance(total, (int, float)) else None)
+# -- the checks ---------------------------------------------------------------------------------
+
+def _device(stats: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (stats.get("devices") or [{}])[0]
+
+
+def device_name(stats: Mapping[str, Any]) -> str | None:
+    return _device(stats).get("name")
+
+
+def on_gpu(stats: Mapping[str, Any]) -> bool:
+    return _device(stats).get("type") == "cuda"
 
 
 def vram_used_mib(stats: Mapping[str, Any]) -> int | None:
-    devices = stats.get("devices") or [{}]
-    total, free = devices[0].get("vram_total"), devices[0].get("vram_free")
-    if devices[0].get("type") != "cuda" or not isinstance(total, int) or not isinstance(free, int):
-        return None                  # a CPU device reports RAM, not VRAM
+    """What the GPU holds, from /system_stats; None on a CPU device (its figures are RAM)."""
+    dev = _device(stats)
+    total, free = dev.get("vram_total"), dev.get("vram_free")
+    if not on_gpu(stats) or not isinstance(total, int) or not isinstance(free, int):
+        return None
     return (total - free) // 2**20
 
 
+def torch_reserved_mib(stats: Mapping[str, Any]) -> int | None:
+    """What torch's allocator holds on the GPU (models, caches): near 0 once everything is unloaded."""
+    reserved = _device(stats).get("torch_vram_total")
+    return reserved // 2**20 if on_gpu(stats) and isinstance(reserved, int) else None
+
+
 def reachable(stats: Mapping[str, Any], where: str) -> Check:
-    system = stats.get("system") or {}
-    name, gib = device_of(stats)
-    size = f" ({gib:.1f} GiB)" if gib else ""
-    return Check("comfyui_reachable", True,
-                 f"ComfyUI {system.get('comfyui_version', '?')} at {where}, {name or 'no device'}{size}")
+    """Liveness: ComfyUI answers its API. Not readiness: a poisoned process answers too."""
+    version = (stats.get("system") or {}).get("comfyui_version", "?")
+    return Check("comfyui_reachable", True, f"ComfyUI {version} answers at {where}")
 
 
-def nodes(object_info: Mapping[str, Any], graph: Mapping[str, Any]) -> Check:
-    """Required classes registered with the inputs we set; the graph's other classes present."""
+def gpu_label(gpu: Gpu) -> str:
+    return f"{gpu.index}: {gpu.name} {gpu.uuid}".rstrip()
+
+
+def device(stats: Mapping[str, Any], facts: Facts | None) -> Check:
+    """ComfyUI runs on the GPU it should: not on the CPU of a host that has one, and on the GPU
+    `comfyui.gpu` names. ComfyUI names its device, not its UUID: the names are compared."""
+    dev = _device(stats)
+    name = str(dev.get("name") or "no device")
+    if facts is None:
+        return Check("device", True, f"ComfyUI runs on {name} (the host's GPUs were not read)")
+    gpu = facts.gpu
+    if not on_gpu(stats):
+        if gpu is None:
+            return Check("device", True, f"ComfyUI runs on {name}; the host lists no GPU "
+                                         f"({facts.gpu_error or 'nvidia-smi lists none'})")
+        torch = facts.env.torch or ""
+        why = (f"its torch {torch} is a CPU build" if "+cpu" in torch else
+               "it was started with --cpu, or its torch cannot reach the GPU")
+        return Check("device", False, f"ComfyUI runs on the CPU ({name}) although the host has "
+                                      f"{gpu_label(gpu)}: {why}")
+    if gpu is None:
+        return Check("device", True, f"ComfyUI runs on {name}; nvidia-smi lists no GPU "
+                                     f"({facts.gpu_error or 'none'}), so VRAM comes from ComfyUI alone")
+    if gpu.name not in name:
+        whose = "the one comfyui.gpu names" if facts.comfyui_gpu is not None else "the first nvidia-smi lists"
+        return Check("device", False, f"ComfyUI runs on {name}, not on {gpu_label(gpu)} ({whose}): give "
+                                      f"ComfyUI CUDA_VISIBLE_DEVICES={gpu.uuid or gpu.index}, or set comfyui.gpu "
+                                      "to the GPU it uses")
+    return Check("device", True, f"ComfyUI runs on {name}: {gpu_label(gpu)}, {gpu.vram_total_mib / 1024:.2f} GiB")
+
+
+def backend_of(facts: Facts | None) -> str | None:
+    """The nunchaku in ComfyUI's venv, as the nodes check words it: its version, `PyPI's unrelated
+    nunchaku X`, `missing`; None when the host's packages were not read."""
+    if facts is None or not facts.env.exists:
+        return None
+    dist = facts.env.distributions.get("nunchaku")
+    if dist is None:
+        return "missing"
+    return dist.version if is_real_nunchaku(dist) else f"PyPI's unrelated nunchaku {dist.version}"
+
+
+def import_failure(lines: Sequence[str], node: str) -> str | None:
+    """ComfyUI's own words for why `node` did not register: ComfyUI-nunchaku's "Node `X` import
+    failed:" line, with the exception its traceback ends in."""
+    for i, line in enumerate(lines):
+        found = _IMPORT_FAILED.search(line)
+        if not found or f"`{node}`" not in line:
+            continue
+        for later in lines[i + 1:]:
+            if _IMPORT_FAILED.search(later):
+                break
+            error = _EXCEPTION.search(later)
+            if error and not later.lstrip().startswith(("File ", "Traceback")):
+                return f"{found.group(0)} {error.group(0).strip()}"
+        return found.group(0)
+    return None
+
+
+def _missing(req: NodeRequirement, plugin_nodes: list[str], plugin_module: str, backend: str | None,
+             cause: str | None) -> str:
+    logged = f"; ComfyUI logged: {cause}" if cause else ""
+    if not req.plugin:
+        return f"{req.name} is not registered (verify.required_nodes){logged}"
+    if not plugin_nodes:
+        return (f"{req.name} is not registered: ComfyUI-nunchaku is not loaded (no node of module "
+                f"{plugin_module}: is it in custom_nodes/, and does plugin.name match its folder?){logged}")
+    only = f"it registered only {', '.join(plugin_nodes)}"
+    if backend == "missing":
+        return (f"{req.name} is not registered: ComfyUI-nunchaku loaded without its nunchaku backend ({only}); "
+                f"install the backend wheel into ComfyUI's venv and restart{logged}")
+    if backend is not None and backend.startswith("PyPI"):
+        return (f"{req.name} is not registered: ComfyUI's venv holds {backend}, not the backend ({only}); "
+                f"replace it with the backend wheel and restart{logged}")
+    if backend is None:
+        return f"{req.name} is not registered: ComfyUI-nunchaku could not load its backend ({only}){logged}"
+    return (f"{req.name} is not registered though the nunchaku backend {backend} is installed: it fails to "
+            f"import ({only}); " + (f"ComfyUI logged: {cause}" if cause else
+                                     "ComfyUI's log does not say why: read its start-up log"))
+
+
+def nodes(object_info: Mapping[str, Any], graph: Mapping[str, Any], required: Sequence[NodeRequirement],
+          plugin_module: str, backend: str | None, cause: Callable[[str], str | None]) -> Check:
+    """Every required class registered with the inputs the workflow sets, and every class the
+    workflow uses registered. A missing one is explained: the plugin not loaded, its backend
+    missing or failing to import, in ComfyUI's own logged words (`cause(node)`) where it has them."""
     problems: list[str] = []
-    plugin_nodes = sorted(k for k, v in object_info.items() if v.get("python_module") == PLUGIN_MODULE)
-    for node in REQUIRED_NODES:
-        entry = object_info.get(node)
+    plugin_nodes = sorted(k for k, v in object_info.items() if v.get("python_module") == plugin_module)
+    for req in required:
+        entry = object_info.get(req.name)
         if not entry:
-            if plugin_nodes:
-                problems.append(f"{node} is not registered: ComfyUI-nunchaku loaded without its "
-                                f"nunchaku backend (it registered only {', '.join(plugin_nodes)}); "
-                                "install the backend wheel into ComfyUI's venv and restart")
-            else:
-                problems.append(f"{node} is not registered: ComfyUI-nunchaku is not loaded "
-                                "(no Nunchaku node at all; is it in custom_nodes/?)")
+            problems.append(_missing(req, plugin_nodes, plugin_module, backend, cause(req.name)))
             continue
         declared = {k for part in (entry.get("input") or {}).values() if isinstance(part, dict) for k in part}
-        missing = [i for i in REQUIRED_INPUTS.get(node, ()) if i not in declared]
-        if missing:
-            problems.append(f"{node} has no input {', '.join(missing)} (a ComfyUI-nunchaku older "
-                            "than v1.0?)")
-    unknown = sorted({n.get("class_type") for n in graph.values()} - set(object_info) - set(REQUIRED_NODES))
+        absent = [i for i in req.inputs if i not in declared]
+        if absent:
+            problems.append(f"{req.name} has no input {', '.join(absent)} (a ComfyUI-nunchaku older than v1.0?)")
+    names = {r.name for r in required}
+    unknown = sorted({str(n.get("class_type")) for n in graph.values()} - set(object_info) - names)
     if unknown:
-        problems.append(f"the workflow uses unregistered node classes: {', '.join(map(str, unknown))}")
+        problems.append(f"the workflow uses unregistered node classes: {', '.join(unknown)}")
     if problems:
         return Check("nodes_registered", False, problems[0], lines=tuple(problems[1:]))
+    inputs = sorted({i for r in required for i in r.inputs})
+    used = len({n.get("class_type") for n in graph.values()})
     return Check("nodes_registered", True,
-                 f"{', '.join(REQUIRED_NODES)} registered with cpu_offload; "
-                 f"{len(object_info)} node classes in all")
+                 f"{', '.join(r.name for r in required)} registered"
+                 + (f" with {', '.join(inputs)}" if inputs else "")
+                 + f"; the workflow's {used} classes too; {len(object_info)} node classes in all")
+
+
+def poisoned(exception_type: str, message: str) -> bool:
+    """Whether a generation's error leaves ComfyUI's CUDA context unusable."""
+    text = f"{exception_type} {message}"
+    return "CUDA error" in text and any(sticky in text for sticky in STICKY_CUDA_ERRORS)
 
 
 def over(name: str, what: str, value: float | None, limit: float | None, unit: str,
@@ -145,9 +348,9 @@ def over(name: str, what: str, value: float | None, limit: float | None, unit: s
     return Check(name, ok, f"{what} {value:.2f} {unit}{note} {'<=' if ok else '>'} {limit:g} {unit}", value)
 
 
-def judge(runs: Sequence[RunResult], thresholds: Thresholds, vram_peak_mib: int | None,
-          vram_source: str) -> list[Check]:
-    """The image, timing and VRAM checks over finished runs."""
+def judge(runs: Sequence[RunResult], figures: Figures, thresholds: Thresholds, vram_source: str,
+          cold_note: str = "") -> list[Check]:
+    """The image, timing and VRAM checks over finished runs and their figures."""
     bad = [r for r in runs if r.image is None or not r.image.ok]
     if bad:
         first = bad[0]
@@ -158,13 +361,11 @@ def judge(runs: Sequence[RunResult], thresholds: Thresholds, vram_peak_mib: int 
         sizes = sorted({f"{r.image.width}x{r.image.height}" for r in runs if r.image})
         images = Check("images_ok", True, f"{len(runs)} images, {', '.join(sizes)}, none black, "
                        "flat or with NaN blocks")
-    cold = [r.seconds for r in runs if r.kind == "cold"]
-    warm = [r.seconds for r in runs if r.kind == "warm"]
+    warm = sum(r.kind == "warm" for r in runs)
     return [
         images,
-        over("cold_time", "cold run", cold[0] if cold else None, thresholds.cold_seconds, "s"),
-        over("warm_time", "warm median", statistics.median(warm) if warm else None,
-             thresholds.warm_seconds, "s", f"({len(warm)} runs)" if warm else ""),
-        over("vram_peak", "VRAM peak", None if vram_peak_mib is None else vram_peak_mib / 1024,
-             thresholds.vram_gb, "GiB", f"({vram_source})"),
+        over("cold_time", "cold run", figures.cold_s, thresholds.cold_seconds, "s", cold_note),
+        over("warm_time", "warm median", figures.warm_median_s, thresholds.warm_seconds, "s",
+             f"({warm} runs)" if warm else ""),
+        over("vram_peak", "VRAM peak", figures.vram_peak_gib, thresholds.vram_gib, "GiB", f"({vram_source})"),
     ]

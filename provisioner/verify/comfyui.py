@@ -49,14 +49,17 @@ class PromptRejected(VerifyError):
         self.node_errors: Mapping[str, Any] = payload.get("node_errors") or {}
         self.node_lines = tuple(_node_line(k, v) for k, v in sorted(
             self.node_errors.items(), key=lambda kv: (len(kv[0]), kv[0])))
-        head = f"ComfyUI rejected the workflow: {self.type}: {self.message}"
-        head += f" ({self.details})" if self.details else ""
-        super().__init__(head + "".join(f" | {line}" for line in self.node_lines))
+        super().__init__(f"ComfyUI rejected the workflow: {self.headline}"
+                         + "".join(f" | {line}" for line in self.node_lines))
 
-    def render(self) -> str:
-        """A headline and one line per failing node, for a terminal."""
-        head = f"{self.type}: {self.message}" + (f" ({self.details})" if self.details else "")
-        return "\n".join((head, *(f"  {line}" for line in self.node_lines)))
+    @property
+    def headline(self) -> str:
+        """ComfyUI's own error, one line: `node_lines` say which node failed and why."""
+        return f"{self.type}: {self.message}" + (f" ({self.details})" if self.details else "")
+
+
+class PromptTimeout(VerifyError):
+    """A prompt did not finish in time (it may still be queued or running in ComfyUI)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,40 @@ class ComfyClient:
     def queue(self) -> dict[str, Any]:
         return self._json("GET", "/queue")
 
+    def queued(self, prompt_id: str) -> Literal["running", "pending"] | None:
+        """Where a prompt is in ComfyUI's queue; None once it is in neither list."""
+        queue = self.queue() or {}
+        for state, key in (("running", "queue_running"), ("pending", "queue_pending")):
+            if any(len(item) > 1 and item[1] == prompt_id for item in queue.get(key) or ()):
+                return state      # type: ignore[return-value]
+        return None
+
+    def cancel(self, prompt_id: str, patience: float = 15.0) -> Literal["running", "pending"] | None:
+        """Take a prompt out of ComfyUI: delete it while pending, interrupt it while running, until
+        the queue no longer holds it. Returns where it still is after `patience` s (None: gone).
+        A deleted prompt never reaches /history, so the queue is what confirms it."""
+        deadline = time.monotonic() + patience
+        while (state := self.queued(prompt_id)) is not None and time.monotonic() < deadline:
+            if state == "pending":
+                self._json("POST", "/queue", {"delete": [prompt_id]})
+            else:                              # 0.3.64 interrupts only the prompt named, if it runs
+                self._json("POST", "/interrupt", {"prompt_id": prompt_id})
+            time.sleep(POLL_S)
+        return state
+
+    def logs(self) -> list[str] | None:
+        """ComfyUI's console log (its ring buffer of recent lines), or None when it does not serve it."""
+        try:
+            raw = self._json("GET", "/internal/logs/raw")
+            return "".join(str(e.get("m", "")) for e in raw.get("entries") or ()).splitlines()
+        except (VerifyError, AttributeError):
+            pass
+        try:
+            text = self._json("GET", "/internal/logs")
+        except VerifyError:
+            return None
+        return text.splitlines() if isinstance(text, str) else None
+
     def upload_image(self, name: str, data: bytes, *, overwrite: bool = True) -> dict[str, Any]:
         """`POST /upload/image` into input/; returns `{"name", "subfolder", "type"}`."""
         boundary = uuid.uuid4().hex
@@ -264,7 +301,7 @@ class ComfyClient:
                 return found
             left = deadline - time.monotonic()
             if left <= 0:
-                raise VerifyError(f"prompt {prompt_id} did not finish within {timeout:g} s")
+                raise PromptTimeout(f"prompt {prompt_id} did not finish within {timeout:g} s")
             if self._ws is None:
                 time.sleep(min(POLL_S, left))
                 continue

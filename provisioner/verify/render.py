@@ -1,9 +1,9 @@
 """The console view of a verification: one table row per host, then each host's check lines
-(failed hosts first, failed checks first)."""
+(failed hosts first, failed checks first). The figures are the verification's own (`figures`),
+in the units and precision the checks print."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,17 +14,8 @@ from rich.table import Table
 from provisioner.errors import ConnectError
 
 
-def figures(verification: Any) -> tuple[float | None, float | None, float | None]:
-    """(cold seconds, warm median seconds, VRAM peak GiB) of a HostVerification."""
-    cold = [r.seconds for r in verification.runs if r.kind == "cold" and r.seconds is not None]
-    warm = [r.seconds for r in verification.runs if r.kind == "warm" and r.seconds is not None]
-    vram = [r.vram_peak_mib for r in verification.runs if r.vram_peak_mib]
-    return (cold[0] if cold else None, statistics.median(warm) if warm else None,
-            max(vram) / 1024 if vram else None)
-
-
 def _fmt(value: float | None, unit: str) -> str:
-    return "–" if value is None else f"{value:.1f} {unit}"
+    return "–" if value is None else f"{value:.2f} {unit}"
 
 
 def render_verification(results: Mapping[str, Any], console: Console) -> bool:
@@ -45,12 +36,13 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         facts, verification = result
         passed = verification.passed
         failed_any |= not passed
-        cold, warm, vram = figures(verification)
+        figures = verification.figures
         images = [r.image for r in verification.runs if r.image is not None]
         good = sum(1 for i in images if i.ok)
         gpu = facts.gpu.name.replace("NVIDIA ", "") if facts and facts.gpu else "–"
         table.add_row(escape(name), "[green]passed[/]" if passed else "[red]failed[/]", escape(gpu),
-                      _fmt(cold, "s"), _fmt(warm, "s"), _fmt(vram, "GB"),
+                      _fmt(figures.cold_s, "s"), _fmt(figures.warm_median_s, "s"),
+                      _fmt(figures.vram_peak_gib, "GiB"),
                       f"{good}/{len(images)} sane" if images else "–")
     console.print(table)
     for name in order:

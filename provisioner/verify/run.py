@@ -1,4 +1,9 @@
-"""Verify one host: reach ComfyUI through a tunnel, run the verification generations, judge them."""
+"""Verify one host: reach ComfyUI through a tunnel, check its device and nodes, run the verification
+generations, judge them.
+
+Liveness is not readiness: ComfyUI answering its API (`comfyui_reachable`) says nothing of whether
+it can generate; `comfyui_ready` passes only once a first generation completed.
+"""
 
 from __future__ import annotations
 
@@ -14,45 +19,56 @@ from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
+from provisioner.resources import service
 from provisioner.verify import checks, graph as graphs
 from provisioner.verify.checks import Check, HostVerification, RunResult
-from provisioner.verify.comfyui import ComfyClient, PromptRejected
+from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
 from provisioner.verify.images import check_image, thumbnail
 
 INPUT_NAME = "provision_verify_input.png"   # where a given input image is uploaded (input/)
 OUTPUT_PREFIX = "provision_verify"
-VRAM_INTERVAL_S = 0.5
+VRAM_INTERVAL_MS = 200
+FREE_WAIT_S = 120.0         # /free is applied after whatever ComfyUI runs now: wait that long at most
+FREED_MIB = 256             # torch holding no more than this: nothing is loaded
+SETTLED_S = 1.0             # or: memory fell, then stayed put this long (what stays is not a model)
+LOG_LINES = 400             # of the service's log, searched for why a node did not register
+REACH_LINES = 15            # of it shown when ComfyUI does not answer
+# One nvidia-smi for the whole verification, sampling by itself; it is killed when our stdin
+# closes (fd 3: a background job's own stdin would be /dev/null), and its errors come out on stdout.
+_STREAM = ('exec 3<&0; nvidia-smi "$@" </dev/null 2>&1 & pid=$!; '
+           '(exec >/dev/null 2>&1; cat <&3; kill "$pid") & wait "$pid" 2>/dev/null')
 
 
-class VramSampler:
-    """Polls `nvidia-smi` on the host in a thread: (monotonic time, MiB used) samples."""
+class VramStream:
+    """One long-lived `nvidia-smi --query-gpu=memory.used -lms N -i GPU` on the host (not one exec
+    per sample), read in a thread: (monotonic time, MiB used) samples of ComfyUI's GPU."""
 
-    def __init__(self, conn: Connection, gpu_index: int | None, interval: float) -> None:
-        self.conn, self.interval = conn, interval
-        self.argv = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-        if gpu_index is not None:
-            self.argv += ["-i", str(gpu_index)]
+    def __init__(self, conn: Connection, gpu: str | None, interval_ms: int) -> None:
+        self.conn = conn
+        self.argv = ("sh", "-c", _STREAM, "sh", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                     "-lms", str(interval_ms), *(("-i", gpu) if gpu else ()))
         self.samples: list[tuple[float, int]] = []
         self.error: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"vram-{conn.name}", daemon=True)
+        self._thread = threading.Thread(target=self._read, name=f"vram-{conn.name}", daemon=True)
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                res = self.conn.run(self.argv, check=False, timeout=10)
-            except ProvisionError as err:
-                self.error = str(err)
-                return
-            line = res.stdout.strip().splitlines()[:1] if res.ok else []
-            if not line or not line[0].strip().isdigit():
-                self.error = f"nvidia-smi: {(res.stderr or res.stdout).strip()[:120] or 'no figure'}"
-                return
-            self.samples.append((time.monotonic(), int(line[0])))
-            if self._stop.wait(self.interval):
-                return
+    def _read(self) -> None:
+        try:
+            with self.conn.hold(self.argv) as lines:
+                for line in lines:
+                    text = line.strip()
+                    if text.isdigit():
+                        self.samples.append((time.monotonic(), int(text)))
+                    elif text:
+                        self.error = f"nvidia-smi: {text[:160]}"
+                    if self._stop.is_set():
+                        return
+        except ProvisionError as err:
+            self.error = str(err)
+        if not self.samples and not self.error:
+            self.error = "nvidia-smi gave no reading"
 
-    def __enter__(self) -> VramSampler:
+    def __enter__(self) -> VramStream:
         self._thread.start()
         return self
 
@@ -82,94 +98,200 @@ def _max(*values: int | None) -> int | None:
 
 def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
                 workflow_graph: Mapping[str, Any], input_image: bytes | None = None,
-                vram_interval_s: float = VRAM_INTERVAL_S) -> HostVerification:
+                vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
     """Run every check against the ComfyUI of `conn`'s host. Never raises for a host's failure.
 
-    The first generation runs cold (`POST /free` unloads models first), then each prompt of
-    `profile.verify.prompts` runs `warm_runs` warm times. Warm run j (1..warm_runs) uses seed
-    `verify.seed + j`: fixed per run, yet never a repeat of the cold run, which ComfyUI would
-    answer from its cache in milliseconds without sampling.
+    The first generation runs cold (`POST /free`, then wait until the memory is really released),
+    then each prompt of `profile.verify.prompts` runs `warm_runs` warm times. Warm run j
+    (1..warm_runs) uses seed `verify.seed + j`: fixed per run, yet never a repeat of the cold run,
+    which ComfyUI would answer from its cache in milliseconds without sampling.
     """
     spec = profile.comfyui
-    remote = "127.0.0.1" if spec.listen in ("0.0.0.0", "::", "") else spec.listen
-    where = f"{remote}:{spec.port}"
-    found: list[Check] = []
-    runs: list[RunResult] = []
-    meta: dict[str, str | None] = {}
+    where = f"{spec.local_host}:{spec.port}"
+    run = _Verification(conn, profile, facts, dict(workflow_graph), input_image, where, vram_interval_ms)
     try:
-        with conn.tunnel(spec.port, remote) as port, \
+        with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
                             label=f"{where} on {conn.name}") as client:
-            _verify(client, conn, profile, facts, dict(workflow_graph), input_image, where,
-                    vram_interval_s, found, runs, meta)
+            run.client = client
+            run.all()
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run
-        name = "comfyui_reachable" if not found else "verification"
-        found.append(Check(name, False, str(err)))
-    return HostVerification(conn.name, tuple(found), tuple(runs), meta.get("version"), meta.get("device"))
+        run.found.append(Check("comfyui_reachable" if not run.found else "verification", False, str(err)))
+    return HostVerification(conn.name, tuple(run.found), tuple(run.runs), run.version, run.device,
+                            run.vram_peak, run.vram_baseline)
 
 
-def _verify(client: ComfyClient, conn: Connection, profile: Profile, facts: Facts | None,
-            graph: dict[str, Any], input_image: bytes | None, where: str, interval: float,
-            found: list[Check], runs: list[RunResult], meta: dict[str, str | None]) -> None:
-    try:
-        stats = client.system_stats()
-    except VerifyError as err:
-        found.append(Check("comfyui_reachable", False, str(err)))
-        return
-    found.append(checks.reachable(stats, where))
-    meta["version"] = (stats.get("system") or {}).get("comfyui_version")
-    meta["device"] = checks.device_of(stats)[0]
-    found.append(checks.nodes(client.object_info(), graph))
+class _Verification:
+    """The state of one host's verification while it runs; `found` holds the checks so far."""
 
-    names = graphs.load_image_names(graph)
-    source = input_image
-    if names and input_image is not None:     # our own name: the host's input/ files stay untouched
-        client.upload_image(INPUT_NAME, input_image)
-        graph = graphs.prepare(graph, image=INPUT_NAME)
-    elif names:                               # the host's own file (example.png): its size decides
+    client: ComfyClient
+
+    def __init__(self, conn: Connection, profile: Profile, facts: Facts | None, graph: dict[str, Any],
+                 input_image: bytes | None, where: str, interval_ms: int) -> None:
+        self.conn, self.profile, self.facts, self.graph = conn, profile, facts, graph
+        self.input_image, self.where, self.interval_ms = input_image, where, interval_ms
+        self.found: list[Check] = []
+        self.runs: list[RunResult] = []
+        self.version: str | None = None
+        self.device: str | None = None
+        self.vram_peak: int | None = None
+        self.vram_baseline: int | None = None
+        self._log: list[str] | None = None
+
+    def all(self) -> None:
         try:
-            source = client.view(names[0], type="input")
-        except VerifyError:
-            source = None                     # ComfyUI's validation will name the missing file
-    size = graphs.expected_size(graph, _size(source))
-    verify = profile.verify
-    gpu = facts.gpu if facts is not None else None
-    client.listen()
-    client.free(unload_models=True, free_memory=True)   # so the first run is really cold
-    vram_stats: list[int | None] = [checks.vram_used_mib(stats)]
-    prompts = verify.prompts or (profile.workflow.prompt,)
-    cold: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
-    plan = cold + [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
-    with VramSampler(conn, gpu.index if gpu else None, interval) as sampler:
+            stats = self.client.system_stats()
+        except VerifyError as err:               # why it does not answer: its log's last lines
+            self.found.append(Check("comfyui_reachable", False, str(err),
+                                    lines=tuple(x for x in self._service_log() if x.strip())[-REACH_LINES:]))
+            return
+        self.found.append(checks.reachable(stats, self.where))
+        self.version = (stats.get("system") or {}).get("comfyui_version")
+        self.device = checks.device_name(stats)
+        self.found.append(checks.device(stats, self.facts))
+        self.found.append(checks.nodes(
+            self.client.object_info(), self.graph, service.required_nodes(self.profile),
+            f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
+        graph, size = self._inputs()
+        self.client.listen()
+        gpu = self.facts.gpu if self.facts is not None else None
+        selector = (gpu.uuid or str(gpu.index)) if gpu is not None else None
+        if not checks.on_gpu(stats):
+            self._generate(graph, size, None, "not measured: ComfyUI does not run on a GPU")
+            return
+        with VramStream(self.conn, selector, self.interval_ms) as vram:
+            self._generate(graph, size, vram, "")
+
+    def _cause(self, node: str) -> str | None:
+        """ComfyUI's own words for a node that did not register: its /internal/logs, else the
+        service's log (the journal, the container's log, the profile's log file)."""
+        if self._log is None:
+            self._log = self.client.logs() or self._service_log()
+        return checks.import_failure(self._log, node)
+
+    def _service_log(self) -> list[str]:
+        step = service.log_step(self.profile, LOG_LINES)
+        if step is None:
+            return []
+        where = self.conn.machine if step.on_machine else self.conn
+        try:
+            res = where.run(step.argv, timeout=step.timeout, check=False)
+        except ProvisionError:
+            return []
+        return (res.stdout + "\n" + res.stderr).splitlines()
+
+    def _inputs(self) -> tuple[dict[str, Any], tuple[int, int] | None]:
+        """The graph with its input image in place, and the size its output should have."""
+        graph, names, source = self.graph, graphs.load_image_names(self.graph), self.input_image
+        if names and self.input_image is not None:   # our own name: the host's input/ files stay untouched
+            self.client.upload_image(INPUT_NAME, self.input_image)
+            graph = graphs.prepare(graph, image=INPUT_NAME)
+        elif names:                                  # the host's own file (example.png): its size decides
+            try:
+                source = self.client.view(names[0], type="input")
+            except VerifyError:
+                source = None                        # ComfyUI's validation will name the missing file
+        return graph, graphs.expected_size(graph, _size(source))
+
+    def _cold_start(self) -> str:
+        """POST /free, then wait until ComfyUI really released the models: ComfyUI applies /free
+        only between prompts, and unloading takes time. Returns a note when it did not."""
+        self.client.free(unload_models=True, free_memory=True)
+        started = time.monotonic()
+        first = last = None
+        last_drop = started
+        while True:
+            stats = self.client.system_stats()
+            reserved = checks.torch_reserved_mib(stats)
+            now = time.monotonic()
+            if reserved is None or reserved <= FREED_MIB:
+                break
+            if last is not None and reserved < last:
+                last_drop = now
+            if first is not None and reserved < first and now - last_drop >= SETTLED_S:
+                break
+            first = reserved if first is None else first
+            last = reserved
+            if now - started > FREE_WAIT_S:
+                return f"(models still loaded {FREE_WAIT_S:g} s after /free: not a cold start)"
+            time.sleep(0.25)
+        # The device's own reading at that moment (nvidia-smi's samples trail it by up to an interval).
+        self.vram_baseline = checks.vram_used_mib(stats)
+        return ""
+
+    def _generate(self, graph: dict[str, Any], size: tuple[int, int] | None, vram: VramStream | None,
+                  no_vram: str) -> None:
+        verify = self.profile.verify
+        cold_note = self._cold_start()
+        prompts = verify.prompts or (self.profile.workflow.prompt,)
+        plan: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
+        plan += [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
+        stats_peaks: list[int | None] = []
         for prompt, kind, seed in plan:
-            tag = f"{OUTPUT_PREFIX}/{len(runs):02d}-{kind}"
-            run_graph = graphs.prepare(graph, prompt=prompt, seed=seed, prefix=tag)
+            tag = f"{OUTPUT_PREFIX}/{len(self.runs):02d}-{kind}"
             start = time.monotonic()
             try:
-                prompt_id = client.queue_prompt(run_graph)
+                prompt_id = self.client.queue_prompt(graphs.prepare(graph, prompt=prompt, seed=seed, prefix=tag))
             except PromptRejected as err:
-                found.append(Check("workflow_accepted", False, f"{err.type}: {err.message}"
-                                   + (f" ({err.details})" if err.details else ""),
-                                   lines=err.node_lines))
+                self.found.append(Check("workflow_accepted", False, err.headline, lines=err.node_lines))
                 return
-            if not runs:
-                found.append(Check("workflow_accepted", True,
-                                   f"{len(graph)} nodes validated by ComfyUI"))
-            done = client.wait(prompt_id, verify.timeout_s)
+            if not self.runs:
+                self.found.append(Check("workflow_accepted", True, f"{len(graph)} nodes validated by ComfyUI"))
+            done, failure = self._wait(prompt_id, prompt, kind)
             end = time.monotonic()
-            after = checks.vram_used_mib(client.system_stats())
-            vram_stats.append(after)
-            if done.state == "error" or not done.images:
-                why = str(done.error) if done.error else "finished without an output image"
-                found.append(Check("generation", False, f"{kind} run of {prompt!r}: {why}"))
+            if done is None:
+                self._failed(failure)
                 return
-            png = client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
-            runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start,
-                                  _max(sampler.peak(start, end), after),
-                                  check_image(png, size), thumbnail(png)))
-    found.append(Check("generation", True, f"{len(runs)} runs ({sum(r.kind == 'cold' for r in runs)} "
-                       f"cold) of {len(verify.prompts)} prompt(s) completed", float(len(runs))))
-    vram_source = "nvidia-smi samples and /system_stats" if sampler.samples else \
-        f"/system_stats only; {sampler.error or 'no nvidia-smi sample'}"
-    peak = _max(*(r.vram_peak_mib for r in runs), *vram_stats)
-    found.extend(checks.judge(runs, verify.thresholds, peak, vram_source))
+            stats_peaks.append(checks.vram_used_mib(self.client.system_stats()))
+            png = self.client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
+            peak = _max(vram.peak(start, end) if vram else None, stats_peaks[-1])
+            self.runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start, peak,
+                                       check_image(png, size), thumbnail(png)))
+            if len(self.runs) == 1:
+                self.found.append(Check("comfyui_ready", True, f"a first generation completed ({kind}, "
+                                        f"{self.runs[0].seconds:.2f} s)"))
+        n = len(self.runs)
+        self.found.append(Check("generation", True, f"{n} runs ({sum(r.kind == 'cold' for r in self.runs)} "
+                                f"cold) of {len(prompts)} prompt(s) completed", float(n)))
+        self.vram_peak = _max(*(r.vram_peak_mib for r in self.runs), *stats_peaks)
+        result = HostVerification(self.conn.name, (), tuple(self.runs), None, None, self.vram_peak,
+                                  self.vram_baseline)
+        self.found.extend(checks.judge(self.runs, result.figures, self.profile.verify.thresholds,
+                                       self._vram_source(vram, no_vram), cold_note))
+
+    def _wait(self, prompt_id: str, prompt: str, kind: str) -> tuple[PromptHistory | None, str]:
+        """Until the prompt is done: (its history, "") when it made an image, else (None, why not).
+        One that runs out of time is taken out of ComfyUI's queue, so it does not run on unseen."""
+        timeout = self.profile.verify.timeout_s
+        try:
+            done = self.client.wait(prompt_id, timeout)
+        except PromptTimeout:
+            left = self.client.cancel(prompt_id)
+            fate = ("interrupted and removed from ComfyUI's queue" if left is None else
+                    f"still {left} in ComfyUI's queue after an attempt to remove it")
+            return None, f"{kind} run of {prompt!r} did not finish within {timeout:g} s; {fate}"
+        if done.error is not None and checks.poisoned(done.error.exception_type, done.error.exception_message):
+            restart = service.restart_argv(self.profile)
+            how = f"`{' '.join(restart)}`" if restart else "ComfyUI's process"
+            return None, (f"{kind} run of {prompt!r}: {done.error}: this CUDA error poisons ComfyUI's "
+                          f"process, every later generation fails until it restarts: restart {how}")
+        if done.state == "error" or not done.images:
+            return None, f"{kind} run of {prompt!r}: {done.error or 'finished without an output image'}"
+        return done, ""
+
+    def _failed(self, why: str) -> None:
+        """A generation failed: ComfyUI is not ready if none had completed yet."""
+        if not self.runs:
+            self.found.append(Check("comfyui_ready", False, f"no generation completed: {why}"))
+        self.found.append(Check("generation", False, why))
+
+    def _vram_source(self, vram: VramStream | None, no_vram: str) -> str:
+        if vram is None:
+            return no_vram
+        gpu = self.facts.gpu if self.facts is not None else None
+        on = f" of {gpu.uuid or gpu.index}" if gpu is not None else ""
+        idle = "" if self.vram_baseline is None else f", {checks.gib(self.vram_baseline):.2f} GiB after /free"
+        if vram.samples:
+            return f"nvidia-smi stream{on} and /system_stats{idle}"
+        return f"/system_stats only; {vram.error or 'no nvidia-smi sample'}{idle}"
+

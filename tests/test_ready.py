@@ -1,0 +1,99 @@
+"""remote/ready.py, the host-side wait after a restart, run as the engine runs it (`python3 -c SOURCE`,
+request on stdin) against the ComfyUI stand-in; and the restart handler's steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sshd import free_port
+
+from provisioner import remote
+from provisioner.config.model import build_profile
+from provisioner.resources import service
+from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
+
+LOADER = "NunchakuQwenImageDiTLoader"
+
+
+def wait(port: int, *, nodes: tuple[str, ...] = (LOADER,), timeout: float = 20, alive: tuple[str, ...] = (),
+         dead: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    request = remote.ready_request(url=f"http://127.0.0.1:{port}", nodes=nodes, timeout=timeout, alive=alive,
+                                   dead=dead, every=0.5)
+    return subprocess.run(list(remote.argv("ready", python=sys.executable)), input=request.decode(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def progress(out: str) -> list[str]:
+    return [json.loads(line)["progress"] for line in out.splitlines()]
+
+
+def test_waits_until_comfyui_listens_then_answers_with_the_nodes(tmp_path: Path) -> None:
+    port, started = free_port(), list[ComfyServer]()
+    later = threading.Thread(target=lambda: started.append(
+        start_comfyui(port=port, root=tmp_path, startup_s=1.5)))
+    later.start()
+    try:
+        done = wait(port)
+    finally:
+        later.join()
+        started[0].stop()
+    assert done.returncode == 0, done.stderr
+    said = progress(done.stdout)
+    assert said[0] == f"waiting for ComfyUI at 127.0.0.1:{port} (up to 20 s)"
+    assert any(s.startswith("waiting for ComfyUI … ") and s.endswith("(connection refused)") for s in said)
+    assert said[-1].startswith("ComfyUI answers after ") and "481 node classes registered" in said[-1]
+
+
+def test_a_comfyui_without_the_nodes_fails_at_once(tmp_path: Path) -> None:
+    srv = start_comfyui(root=tmp_path, nunchaku_nodes=False)
+    try:
+        done = wait(srv.port, timeout=300, nodes=(LOADER, "NunchakuWheelInstaller"))
+    finally:
+        srv.stop()
+    assert done.returncode == 3
+    assert done.stderr.strip().endswith(f"but {LOADER} is not registered (480 node classes listed): a custom "
+                                        "node failed to load")
+
+
+def test_a_dead_service_ends_the_wait_and_a_silent_one_times_out() -> None:
+    port = free_port()
+    dead = wait(port, timeout=300, alive=(sys.executable, "-c", "print('failed')"), dead=("failed", "inactive"))
+    assert dead.returncode == 2
+    assert "stopped during start-up after 0 s" in dead.stderr and "-c print('failed'): failed)" in dead.stderr
+    began = time.monotonic()
+    silent = wait(port, timeout=1, alive=(sys.executable, "-c", "print('activating')"), dead=("failed",))
+    assert silent.returncode == 1 and time.monotonic() - began < 30
+    assert silent.stderr.strip() == (f"ComfyUI at 127.0.0.1:{port} did not answer within 1 s (last: connection "
+                                     "refused); raise comfyui.ready_timeout_s if it needs longer")
+
+
+@pytest.mark.parametrize("restart, log", [
+    ({"systemd": "comfyui"}, (("journalctl", "-u", "comfyui", "-n", "40", "--no-pager"), True)),
+    ({"docker": "comfyui-qwen"}, (("sh", "-c", 'exec docker logs --tail "$1" "$2" 2>&1', "sh", "40",
+                                   "comfyui-qwen"), True)),
+    ({"command": ["supervisorctl", "restart", "comfyui"]}, None),
+])
+def test_restart_handler_restarts_waits_and_knows_where_the_log_is(restart: dict, log: tuple | None) -> None:
+    profile = build_profile({"comfyui": {"root": "/opt/ComfyUI", "listen": "0.0.0.0", "port": 8190,
+                                         "restart": restart, "ready_timeout_s": 120},
+                             "verify": {"required_nodes": ["NunchakuTextEncoderLoaderV2", LOADER]}},
+                            name="p", file="/p.yaml")
+    handler = service.restart_handler(profile)
+    restart_step, ready = handler.steps
+    assert restart_step.on_machine == ("docker" in restart)
+    assert ready.progress and not ready.on_machine and ready.timeout == 180
+    request = json.loads(ready.stdin or b"")
+    assert request["url"] == "http://127.0.0.1:8190" and request["timeout"] == 120
+    assert request["nodes"] == [LOADER, "NunchakuTextEncoderLoaderV2"]
+    assert request["alive"] == (["systemctl", "is-active", "comfyui"] if "systemd" in restart else None)
+    assert [(d.argv, d.on_machine) for d in handler.diagnose] == ([log] if log else [])
+    with_file = build_profile({"comfyui": {"root": "/opt/ComfyUI", "restart": restart,
+                                           "log_file": "/var/log/comfyui.log"}}, name="p", file="/p.yaml")
+    (tail,) = service.restart_handler(with_file).diagnose
+    assert tail.argv == ("tail", "-n", "40", "/var/log/comfyui.log") and not tail.on_machine
