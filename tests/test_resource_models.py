@@ -159,7 +159,7 @@ def test_disk_too_small_names_need_and_free(server: HfServer) -> None:
 def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:
     changes = plan(make_profile(server.url), make_facts(RTX5090)).changes
     assert "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-4steps" in changes[0].key
-    with pytest.raises(PlanError, match="Blackwell.*INT4.*fp4 or auto"):
+    with pytest.raises(PlanError, match=r"RTX 5090 \(compute capability 12\.0\) runs nunchaku.s fp4 models only.*fp4 or auto"):
         plan(make_profile(server.url, model={"precision": "int4"}), make_facts(RTX5090))
 
 
@@ -168,10 +168,11 @@ def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:
     (RTX3060, "auto", "info", "will enable CPU offload"),
     (RTX3060, "enable", None, None),
     (RTX3090, "disable", None, None),
-    (None, "auto", "info", "no GPU seen"),
+    (None, "auto", "info", "the pinned int4 files are used unchecked"),   # no GPU: only a pinned precision
 ])
 def test_vram_notes(server: HfServer, gpu: Gpu | None, offload: str, level: str | None, text: str | None) -> None:
-    notes = plan(make_profile(server.url, workflow={"cpu_offload": offload}), make_facts(gpu)).notes
+    model = {} if gpu else {"precision": "int4"}
+    notes = plan(make_profile(server.url, workflow={"cpu_offload": offload}, model=model), make_facts(gpu)).notes
     if level is None:
         assert notes == ()
     else:

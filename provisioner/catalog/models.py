@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
-from provisioner.catalog.gpus import GpuInfo, auto_precision, is_blackwell
+from provisioner.catalog.gpus import SUPPORTED, GpuInfo, capability_text, precision_for, refusal
 
 PRECISIONS = ("auto", "int4", "fp4")
 RECOMMENDED = "lightning-4step-r128"
@@ -134,29 +134,37 @@ def candidate_files(family: str, variant: str, precision: str) -> tuple[ModelFil
     return tuple(dit_file(family, variant, p) for p in precs) + (TEXT_ENCODER, VAE)
 
 
-def _precision(precision: str, gpu: GpuInfo | None) -> tuple[str, tuple[str, ...]]:
+def _precision(precision: str, gpu: GpuInfo | None, gpu_error: str | None,
+               backend: str | None) -> tuple[str, tuple[str, ...]]:
     if precision not in PRECISIONS:
         raise PlanError(f"unknown precision {precision!r} (model.precision)", PRECISIONS)
     if gpu is None:
+        why = gpu_error or "nvidia-smi listed no GPU"
         if precision == "auto":
-            return "int4", ("no GPU seen on the host: chose the int4 files (set model.precision to pin it)",)
-        return precision, ()
-    cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
-    if precision == "auto":
-        return auto_precision(gpu.compute_capability), ()
-    if precision == "int4" and is_blackwell(gpu.compute_capability):
-        raise PlanError(f"{gpu.name} (compute capability {cc}) is Blackwell: Nunchaku's INT4 kernels do not "
-                        "run there; set model.precision to fp4 or auto")
-    if precision == "fp4" and not is_blackwell(gpu.compute_capability):
-        raise PlanError(f"{gpu.name} (compute capability {cc}) cannot run Nunchaku's FP4 kernels (Blackwell "
-                        "only); set model.precision to int4 or auto")
-    return precision, ()
+            # Never guess: a driver update that broke nvidia-smi must not switch a host's files.
+            raise PlanError(f"no GPU facts this time ({why}): model.precision auto cannot be decided; "
+                            "repair the driver, or pin model.precision")
+        return precision, (f"no GPU facts this time ({why}): the pinned {precision} files are "
+                           "used unchecked",)
+    reason = refusal(gpu, backend)
+    if reason:
+        raise PlanError(reason)
+    runs = precision_for(gpu.compute_capability, backend)
+    if precision in ("auto", runs):
+        return str(runs), ()
+    raise PlanError(f"{gpu.name} (compute capability {capability_text(gpu.compute_capability)}) runs "
+                    f"nunchaku's {runs} models only ({SUPPORTED}); model.precision {precision} cannot "
+                    f"load there: set it to {runs} or auto")
 
 
-def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None) -> ModelSelection:
-    """Pick the exact files. Raises `PlanError` listing the valid choices for any unknown name."""
+def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None, *,
+            gpu_error: str | None = None, backend: str | None = None) -> ModelSelection:
+    """Pick the exact files for this GPU (`gpu_error`: why none was seen; `backend`: the nunchaku
+    version, whose GPU table differs in 1.0.1). Raises a one-line `PlanError` for a GPU nunchaku
+    cannot run, a precision it cannot load, missing GPU facts under `auto`, or an unknown name
+    (listing the valid choices)."""
     dit_file(family, variant, "int4")  # validates family and variant before precision
-    concrete, notes = _precision(precision, gpu)
+    concrete, notes = _precision(precision, gpu, gpu_error, backend)
     fam = _FAMILIES[family]
     steps, rank = _VARIANTS[variant]
     dit = dit_file(family, variant, concrete)

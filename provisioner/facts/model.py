@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from provisioner.catalog.gpus import is_blackwell
+from provisioner.catalog.gpus import precision_for
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ class Gpu:
         return self.vram_total_mib / 1024
 
     @property
-    def is_blackwell(self) -> bool:
-        return is_blackwell(self.compute_capability)
+    def precision(self) -> str | None:
+        """The models nunchaku runs here (`int4`, `fp4`), or None: it runs none (H100, B200)."""
+        return precision_for(self.compute_capability)
 
 
 @dataclass(frozen=True)

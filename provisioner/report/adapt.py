@@ -10,7 +10,7 @@ from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.errors import ConnectError, ProvisionError
-from provisioner.catalog.gpus import auto_precision
+from provisioner.catalog.gpus import precision_for
 from provisioner.facts.model import Facts
 from provisioner.facts.parse import facts_to_json
 from provisioner.report.model import HostEntry, Status
@@ -42,7 +42,8 @@ def _precision(wanted: str, facts: Mapping[str, Any]) -> str:
     if wanted != "auto":
         return wanted
     gpus = facts.get("gpus") or []
-    return f"{auto_precision(gpus[0].get('compute_capability') or ()) if gpus else 'int4'} (auto)"
+    runs = precision_for(gpus[0].get("compute_capability") or ()) if gpus else None
+    return f"{runs or 'none'} (auto)"
 
 
 def versions_from(facts: Mapping[str, Any] | None, profile: Profile | None = None,

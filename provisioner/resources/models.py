@@ -49,7 +49,8 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
          environ: Mapping[str, str] | None = None) -> ResourcePlan:
     """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""
     m, hf = profile.model, profile.huggingface
-    sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu)
+    sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu, gpu_error=facts.gpu_error,
+                          backend=profile.backend.version)
     lookup = lookup or hub.file_metadata
     token = hub.token_from_env(hf.token_env, environ)
     planned: list[Change | None] = []
