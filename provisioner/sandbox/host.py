@@ -18,7 +18,7 @@ from packaging.version import Version
 
 from provisioner.errors import ProvisionError
 from provisioner.sandbox import nvidia_smi
-from provisioner.sandbox.wheels import build_torch_wheel, cuda_of
+from provisioner.sandbox.wheels import build_torch_wheel, build_torchvision_wheel, cuda_of
 
 H100_CAPTURE = Path(__file__).with_name("captures") / "h100-80gb" / "nvidia-smi-query.csv"
 STATE_FILE = "gpu-state.json"
@@ -114,15 +114,16 @@ def installed_torch(venv: Path) -> str | None:
 
 
 def _set_torch(venv: Path, torch: str | None) -> None:
+    """torch and its paired torchvision, as every ComfyUI venv has them (or neither)."""
     if installed_torch(venv) == torch:
         return
     python = venv / "bin" / "python"
     if torch is None:
-        _pip(python, "uninstall", "--yes", "torch")
+        _pip(python, "uninstall", "--yes", "torch", "torchvision")
         return
     with tempfile.TemporaryDirectory(prefix="sandbox-torch-") as tmp:
-        wheel = build_torch_wheel(Path(tmp), torch, cuda_of(torch))
-        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", str(wheel))
+        wheels = (build_torch_wheel(Path(tmp), torch, cuda_of(torch)), build_torchvision_wheel(Path(tmp), torch))
+        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", *map(str, wheels))
 
 
 def make_venv_template(path: Path, torch: str | None = "2.6.0+cu124", *, base_python: str | None = None) -> Path:

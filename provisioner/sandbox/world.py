@@ -19,14 +19,30 @@ from provisioner.sandbox.gitrepo import make_plugin_repo
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 from provisioner.sandbox.host import make_venv_template
 from provisioner.sandbox.release_server import ReleaseServer, start_release_server
-from provisioner.sandbox.wheels import build_nunchaku_wheel, build_package_wheelhouse, current_python_tag
+from provisioner.sandbox.wheels import build_nunchaku_wheel_named, build_package_wheelhouse, current_python_tag
 
 BACKEND = ("nunchaku-tech", "nunchaku")
 BACKEND_VERSION = "1.0.1"
-# The release's real matrix is wider; a few combinations are enough to make "no wheel for torch X"
-# list real alternatives. The current interpreter's tag is always included so hosts can install.
-TORCHES = ("2.5", "2.6", "2.7", "2.8")
-PYTHON_TAGS = ("cp310", "cp311", "cp312")
+RELEASE_ASSETS = Path(__file__).with_name("captures") / "nunchaku-releases" / "assets.json"
+
+
+def release_assets() -> dict[str, list[str]]:
+    """The real wheel names of each nunchaku release (captures/nunchaku-releases/README.md)."""
+    return json.loads(RELEASE_ASSETS.read_text())["releases"]
+
+
+def _release_wheels(out: Path) -> dict[tuple[str, str, str], list[Path]]:
+    """Every real asset of every captured release, as a tiny real wheel. Upstream builds CPython
+    3.10-3.13 only: on another interpreter the sandbox adds its tag to BACKEND_VERSION's release so
+    the demo and the tests still run there (upstream would have no wheel for it)."""
+    names = release_assets()
+    tag = current_python_tag()
+    if not any(f"-{tag}-" in n for n in names[BACKEND_VERSION]):
+        names[BACKEND_VERSION] = [*names[BACKEND_VERSION],
+                                  *(n.replace("-cp312-cp312-", f"-{tag}-{tag}-") for n in names[BACKEND_VERSION]
+                                    if "-cp312-cp312-" in n)]
+    return {(*BACKEND, f"v{version}"): [build_nunchaku_wheel_named(out / version, n) for n in listed]
+            for version, listed in names.items()}
 
 
 def safetensors_standin(payload_bytes: int, label: str) -> bytes:
@@ -76,11 +92,7 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     `hub_token`: every model repo is gated and needs this token, like a private or gated repo.
     """
     root.mkdir(parents=True, exist_ok=True)
-    wheels = root / "release-assets"
-    tags = sorted({*PYTHON_TAGS, current_python_tag()})
-    assets = [build_nunchaku_wheel(wheels, BACKEND_VERSION, t, py, "linux_x86_64")
-              for t in TORCHES for py in tags]
-    release = start_release_server({(*BACKEND, f"v{BACKEND_VERSION}"): assets})
+    release = start_release_server(_release_wheels(root / "release-assets"))
     files: dict[tuple[str, str], bytes] = {}
     for variant in variants:
         for precision in ("int4", "fp4"):
