@@ -1,0 +1,71 @@
+"""Upstream truth end to end, over real sshd hosts: the torch family held through a packages change
+that would have moved it, and a converged host planned with the Hub down."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from lab import Lab, LabHost, open_lab
+
+from provisioner.sandbox.host import installed_torch
+from provisioner.sandbox.wheels import build_torch_wheel, build_wheel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with open_lab(tmp_path_factory.mktemp("lab-upstream")) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab) -> LabHost:
+    (host,) = lab.add(1)
+    code, out = lab.run("apply", "--no-verify")
+    assert code == 2, out
+    return host
+
+
+def installed(host: LabHost) -> dict[str, str]:
+    code = ("import json, importlib.metadata as m; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    return json.loads(subprocess.run([str(host.sandbox.python), "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def test_packages_change_keeps_torch(lab: Lab, converged: LabHost) -> None:
+    """The classic breakage: a custom node's requirement (timm, in ComfyUI-nunchaku's list) whose
+    newest release wants a newer torch. pip alone upgrades torch under the nunchaku wheel; the
+    plan's constraints file holds it, and pip takes the timm that fits."""
+    house = lab.world.wheelhouse
+    build_torch_wheel(house, "2.8.0+cu128", "12.8")
+    build_wheel(house, "timm", "1.0.19", {"timm/__init__.py": ""}, requires=["torch"])
+    build_wheel(house, "timm", "1.0.20", {"timm/__init__.py": ""}, requires=["torch>=2.8"])
+    assert installed_torch(converged.sandbox.venv) == "2.6.0+cu124"
+    python = str(converged.sandbox.python)
+    # Without the hold, this very requirement moves torch (pip's own dry run says so).
+    report = subprocess.run([python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", "--no-index",
+                             "--find-links", str(house), "timm>=1.0"], capture_output=True, text=True, check=True)
+    would = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.stdout)["install"]}
+    assert would == {"timm": "1.0.20", "torch": "2.8.0+cu128"}
+
+    lab.profile_extra["packages"] = ["diffusers>=0.35", "peft>=0.17", "transformers>=4.54",
+                                     "accelerate>=1.10", "timm>=1.0"]
+    lab.write()
+    try:
+        code, out = lab.run("plan")
+        assert code == 2 and "pip install timm>=1.0 (missing)" in out, out
+        code, out = lab.run("apply", "--no-verify")
+        assert code == 2 and "1 changed" in out, out
+        have = installed(converged)
+        assert (have["torch"], have["torchvision"], have["timm"]) == ("2.6.0+cu124", "0.21.0+cu124", "1.0.19")
+        held = (converged.comfy / ".provision" / "constraints.txt").read_text().splitlines()
+        assert "torch==2.6.0+cu124" in held and "torchvision==0.21.0+cu124" in held
+        assert lab.run("plan")[0] == 0
+    finally:
+        del lab.profile_extra["packages"]
+        lab.write()
