@@ -223,8 +223,11 @@ def test_plugin_repo_tags_and_trees(tmp_path: Path) -> None:
     assert "use_additional_t_cond" not in show("v1.1.0", "nodes/models/qwenimage.py")
     assert 'min_nunchaku_version = "1.0.0"' in show("v1.1.0", "__init__.py")
     assert 'version = "1.0.2"' in show("v1.0.2", "pyproject.toml")
-    assert show("v1.0.0", "requirements.txt").split() == [
-        "diffusers>=0.35", "transformers>=4.54", "huggingface_hub>=0.34", "peft>=0.17", "accelerate>=1.10"]
+    # Each tag's requirements.txt as upstream's (v1.0.0 lists accelerate twice, as upstream does).
+    assert show("v1.0.0", "requirements.txt").split()[:3] == ["diffusers>=0.35", "accelerate", "sentencepiece"]
+    assert show("v1.2.0", "requirements.txt").split() == [
+        "diffusers>=0.35", "transformers>=4.54", "sentencepiece", "protobuf", "huggingface_hub>=0.34", "tomli",
+        "peft>=0.17", "accelerate>=1.10", "insightface", "opencv-python", "facexlib", "onnxruntime", "timm"]
     again = make_plugin_repo(tmp_path / "b.git")
 
     def sha(where: Path, rev: str) -> str:
