@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from lab import Lab, LabHost, open_lab
 
+from provisioner.catalog import models as catalog
 from provisioner.sandbox.host import installed_torch
 from provisioner.sandbox.wheels import build_torch_wheel, build_wheel
 
@@ -69,3 +70,19 @@ def test_packages_change_keeps_torch(lab: Lab, converged: LabHost) -> None:
     finally:
         del lab.profile_extra["packages"]
         lab.write()
+
+
+def test_fp4_file_on_an_ada_host_fails_the_plan_naming_it(lab: Lab) -> None:
+    """The host's own facts program reads the header (no hashing): an RTX 4090 whose int4 file is
+    really the fp4 one (renamed by hand) is refused, and the file is left alone."""
+    (ada,) = lab.add(1, gpu="rtx4090")
+    fp4 = catalog.dit_file("qwen-image-edit-2509", "lightning-4step-r128", "fp4")
+    int4 = catalog.dit_file("qwen-image-edit-2509", "lightning-4step-r128", "int4")
+    dest = ada.comfy / "models" / int4.folder / int4.filename
+    dest.write_bytes(lab.world.files[(fp4.repo, fp4.path_in_repo)])
+    code, out = lab.run("plan", "--limit", ada.name)
+    assert code == 1, out
+    assert f"model: {dest}: its header declares fp4_e2m1_all rank 128 weights (quantization_config), not int4 " \
+           "rank 128; NVIDIA GeForce RTX 4090 runs int4 rank 128" in " ".join(out.split())
+    code, out = lab.run("apply", "--limit", ada.name, "--no-verify")
+    assert code == 1 and dest.read_bytes() == lab.world.files[(fp4.repo, fp4.path_in_repo)]

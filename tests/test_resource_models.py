@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 import subprocess
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,14 @@ from provisioner.config.model import build_profile
 from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv
+from provisioner.facts.parse import parse_facts
 from provisioner.plan.apply import StepRunner
 from provisioner.plan.progress import Reporter
 from provisioner.remote.facts import stat_files
 from provisioner.resources import hub, models
 from provisioner.resources.base import RESTART, Fetch, Run
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
+from provisioner.sandbox.world import safetensors_standin
 
 FAMILY, VARIANT = "qwen-image-edit-2509", "lightning-4step-r128"
 RTX3090 = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
@@ -35,8 +40,11 @@ TOKEN = "hf_model_token"
 
 
 def content(f: catalog.ModelFile) -> bytes:
-    """Small stand-in bytes per real file (the real ones are 0.25 to 13 GB)."""
-    return hashlib.sha256(f.path_in_repo.encode()).digest() * (2000 + len(f.filename))
+    """A small safetensors stand-in per real file (the real ones are 0.25 to 13 GB); a DiT's header
+    declares its precision and rank as upstream's do."""
+    precision = "fp4" if f.filename.startswith("svdq-fp4") else "int4" if f.filename.startswith("svdq-") else None
+    return safetensors_standin(64_000 + len(f.filename), f.filename, precision=precision,
+                               rank=catalog.rank_of(VARIANT) if precision else None)
 
 
 FILES = catalog.candidate_files(FAMILY, VARIANT, "auto")
@@ -272,3 +280,50 @@ def test_parallel_plans_ask_the_hub_once_per_file(server: HfServer) -> None:
     assert len({r.sha256 for r in results}) == 1
     heads = [r for r in server.requests[before:] if r.origin == "hub"]
     assert len(heads) == 1
+
+
+def header_facts(*paths: str) -> dict:
+    """The real facts program's `headers` answer for these files (as a host gathers it)."""
+    request = {"root": "/nonexistent", "python": "/nonexistent/python", "headers": list(paths)}
+    out = subprocess.run(remote.argv("facts"), input=json.dumps(request), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return parse_facts("h", json.loads(out)).headers
+
+
+def test_fp4_file_under_the_int4_name_on_an_ada_host_is_refused(server: HfServer, tmp_path: Path) -> None:
+    """A file is what its header says, not what its name says: an fp4 DiT renamed to the int4 name
+    on an RTX 4090 (Ada, int4 only) is a plan error naming the file, never silently replaced."""
+    rtx4090 = Gpu(0, "NVIDIA GeForce RTX 4090", 24564, 24000, 564, (8, 9), "550.120")
+    profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", rtx4090)
+    dest = Path(sel.dit.dest(profile.comfyui.models))
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(content(catalog.dit_file(FAMILY, VARIANT, "fp4")))
+    assert models.probe(profile).headers == (str(dest), str(dest).replace("svdq-int4", "svdq-fp4"))
+    headers = header_facts(*models.probe(profile).headers)
+    assert headers[str(dest)].metadata["model_class"] == "NunchakuQwenImageTransformer2DModel"
+    facts = replace(make_facts(rtx4090, files=present(profile, sel)), headers=headers)
+    with pytest.raises(PlanError) as err:
+        plan(profile, facts)
+    assert str(err.value) == (f"{dest}: its header declares fp4_e2m1_all rank 128 weights (quantization_config), "
+                              "not int4 rank 128; NVIDIA GeForce RTX 4090 runs int4 rank 128 (lightning-4step-r128): "
+                              "move the file away and apply again to download the right one")
+    dest.write_bytes(content(sel.dit))                       # the real int4 file: fine
+    facts = replace(facts, headers=header_facts(str(dest)))
+    assert plan(profile, facts).changes == ()
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    (b"<!DOCTYPE html><html>Access denied</html>", "not a safetensors file"),
+    (b"\x10\x00", "not a safetensors file (2 bytes: too short for a header)"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00not-json", "not a safetensors header (JSONDecodeError)"),
+])
+def test_a_dit_that_is_not_safetensors_is_refused(server: HfServer, tmp_path: Path, data: bytes, error: str) -> None:
+    profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    dest = Path(sel.dit.dest(profile.comfyui.models))
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(data)
+    facts = replace(make_facts(), headers=header_facts(str(dest)))
+    with pytest.raises(PlanError, match=f"^{re.escape(str(dest))}: .*{re.escape(error)}"):
+        plan(profile, facts)

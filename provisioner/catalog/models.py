@@ -8,7 +8,9 @@ text encoder and VAE that every Qwen-Image workflow of ComfyUI-nunchaku v1.1.0 l
 
 from __future__ import annotations
 
+import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
@@ -101,6 +103,50 @@ VAE = ModelFile(_COMFY_REPO, "split_files/vae/qwen_image_vae.safetensors",
                 "qwen_image_vae.safetensors", "vae", approx_bytes=254_000_000)
 
 
+# What a nunchaku SVDQuant file says of itself: its safetensors header's `__metadata__` holds
+# `quantization_config`, a JSON string (nunchaku merge_safetensors.py, v1.2.1 L117-150, writes it;
+# ComfyUI-nunchaku's Qwen-Image loader reads weight.dtype and rank, rank 32 when absent, and refuses a
+# file whose dtype the GPU cannot run). fp4 files are NVFP4: e2m1 weights in groups of 16.
+WEIGHT_DTYPES = {"int4": "int4", "fp4": "fp4_e2m1_all"}
+DEFAULT_RANK = 32
+
+
+def quantization_config(precision: str, rank: int) -> dict[str, object]:
+    """The `quantization_config` upstream writes for an SVDQuant file of this precision and rank."""
+    if precision == "fp4":
+        weight = {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"], "group_size": 16}
+        activation = {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan", "group_size": 16}
+    else:
+        weight = {"dtype": "int4", "scale_dtype": None, "group_size": 64}
+        activation = dict(weight)
+    return {"method": "svdquant", "weight": weight, "activation": activation, "rank": rank}
+
+
+def declared(metadata: Mapping[str, str]) -> tuple[str, int] | str:
+    """(weight dtype, rank) a file's header declares, or why it declares none."""
+    text = metadata.get("quantization_config")
+    if text is None:
+        return "its safetensors header has no quantization_config: not a nunchaku SVDQuant file"
+    try:
+        config = json.loads(text)
+        dtype, rank = config["weight"]["dtype"], int(config.get("rank", DEFAULT_RANK))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "its header's quantization_config cannot be read (no weight.dtype)"
+    return str(dtype), rank
+
+
+def header_mismatch(metadata: Mapping[str, str], precision: str, rank: int) -> str | None:
+    """Why a DiT file is not the `precision`/`rank` file its name promises, or None."""
+    found = declared(metadata)
+    if isinstance(found, str):
+        return found
+    dtype, got_rank = found
+    if (dtype, got_rank) == (WEIGHT_DTYPES[precision], rank):
+        return None
+    return (f"its header declares {dtype} rank {got_rank} weights (quantization_config), not "
+            f"{WEIGHT_DTYPES[precision]} rank {rank}")
+
+
 def families() -> tuple[str, ...]:
     return tuple(_FAMILIES)
 
@@ -108,6 +154,13 @@ def families() -> tuple[str, ...]:
 def variants(family: str) -> tuple[str, ...]:
     _family(family)
     return tuple(_VARIANTS)
+
+
+def rank_of(variant: str) -> int:
+    """The SVDQuant rank of a variant's files (`lightning-4step-r128` -> 128)."""
+    if variant not in _VARIANTS:
+        raise PlanError(f"unknown variant {variant!r} (model.variant)", tuple(_VARIANTS))
+    return _VARIANTS[variant][1]
 
 
 def _family(family: str) -> _Family:

@@ -275,10 +275,10 @@ def safetensors_header(path):
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                return {"error": "%d bytes: too short for a safetensors header" % len(head)}
+                return {"error": "not a safetensors file (%d bytes: too short for a header)" % len(head)}
             (length,) = struct.unpack("<Q", head)
             if length > min(HEADER_CAP, size - 8):
-                return {"error": "header length %d does not fit a %d-byte file: not safetensors" % (length, size)}
+                return {"error": "not a safetensors file (header length %d, file %d bytes)" % (length, size)}
             header = json.loads(fh.read(length).decode("utf-8"))
     except FileNotFoundError:
         return {"exists": False}

@@ -45,10 +45,27 @@ def _release_wheels(out: Path) -> dict[tuple[str, str, str], list[Path]]:
             for version, listed in names.items()}
 
 
-def safetensors_standin(payload_bytes: int, label: str) -> bytes:
-    """A small but valid safetensors file (8-byte header length, JSON header, data)."""
+# Qwen-Image's transformer config as nunchaku's merge step stores it beside the weights (abridged).
+_QWEN_CONFIG = {"_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+                "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
+                "num_layers": 60, "out_channels": 16, "patch_size": 2}
+
+
+def safetensors_standin(payload_bytes: int, label: str, *, precision: str | None = None,
+                        rank: int | None = None) -> bytes:
+    """A small but valid safetensors file (8-byte header length, JSON header, data). Given a
+    precision and rank it is a nunchaku SVDQuant DiT: its `__metadata__` carries the keys upstream's
+    merge step writes (config, comfy_config, model_class, quantization_config as JSON strings)."""
     count = max(1, payload_bytes // 4)
-    header = {"__metadata__": {"format": "pt", "provision": f"sandbox stand-in for {label}"},
+    metadata: dict[str, str] = {"format": "pt"}
+    if precision is not None:
+        metadata = {
+            "config": json.dumps(_QWEN_CONFIG),
+            "comfy_config": json.dumps({"model_class": "QwenImage", "sandbox_file": label}),
+            "model_class": "NunchakuQwenImageTransformer2DModel",
+            "quantization_config": json.dumps(catalog.quantization_config(precision, rank or catalog.DEFAULT_RANK)),
+        }
+    header = {"__metadata__": metadata,
               "weight": {"dtype": "F32", "shape": [count], "data_offsets": [0, 4 * count]}}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)            # the format pads the header to 8 bytes
@@ -97,7 +114,8 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     for variant in variants:
         for precision in ("int4", "fp4"):
             f = catalog.dit_file(family, variant, precision)
-            files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes, f.filename)
+            files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes, f.filename, precision=precision,
+                                                                  rank=catalog.rank_of(variant))
     for f in (catalog.TEXT_ENCODER, catalog.VAE):
         files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes // 4, f.filename)
     gated = {repo for repo, _ in files} if hub_token else ()
