@@ -11,6 +11,7 @@ import pytest
 from lab import Lab, LabHost, open_lab
 
 from provisioner.catalog import models as catalog
+from provisioner.resources import hub, hub_cache
 from provisioner.sandbox.host import installed_torch
 from provisioner.sandbox.wheels import build_torch_wheel, build_wheel
 
@@ -86,3 +87,22 @@ def test_fp4_file_on_an_ada_host_fails_the_plan_naming_it(lab: Lab) -> None:
            "rank 128; NVIDIA GeForce RTX 4090 runs int4 rank 128" in " ".join(out.split())
     code, out = lab.run("apply", "--limit", ada.name, "--no-verify")
     assert code == 1 and dest.read_bytes() == lab.world.files[(fp4.repo, fp4.path_in_repo)]
+
+
+def test_hub_down_still_plans_a_converged_host_up_to_date(lab: Lab, converged: LabHost) -> None:
+    """Last in this module: it stops the Hub stand-in. A converged fleet must not depend on the
+    Hub: its answers are recorded on the control machine, and a pinned or recorded revision's
+    files never change."""
+    hub.clear_cache()                                    # this test's own record (earlier runs are memoised)
+    code, out = lab.run("apply", "--limit", converged.name, "--no-verify")     # asks the Hub, records
+    assert code == 0, out
+    lab.world.hub.stop()
+    hub.clear_cache()                                    # a new run: only the record on disk remains
+    code, out = lab.run("plan", "--limit", converged.name)
+    assert code == 0 and "up to date" in out, out
+    code, out = lab.run("apply", "--limit", converged.name, "--no-verify")
+    assert code == 0 and "0 changed, 1 unchanged, 0 failed" in out, out
+    hub_cache.forget_refs()                               # what --refresh-hub does: now the Hub is needed
+    hub.clear_cache()
+    code, out = lab.run("plan", "--limit", converged.name)
+    assert code == 1 and "Hub unreachable" in out, out

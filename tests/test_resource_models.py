@@ -27,7 +27,7 @@ from provisioner.facts.parse import parse_facts
 from provisioner.plan.apply import StepRunner
 from provisioner.plan.progress import Reporter
 from provisioner.remote.facts import stat_files
-from provisioner.resources import hub, models
+from provisioner.resources import hub, hub_cache, models
 from provisioner.resources.base import RESTART, Fetch, Run
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 from provisioner.sandbox.world import safetensors_standin
@@ -60,7 +60,8 @@ def _fresh_hub_cache() -> Iterator[None]:
 
 @pytest.fixture
 def server() -> Iterator[HfServer]:
-    with start_hf_server({(f.repo, f.path_in_repo): content(f) for f in FILES}, token=TOKEN) as s:
+    with start_hf_server({(f.repo, f.path_in_repo): content(f) for f in FILES}, token=TOKEN,
+                         commits=catalog.PINNED_REVISIONS) as s:
         yield s
 
 
@@ -229,10 +230,10 @@ def test_hub_errors_are_one_line_plan_errors(tmp_path: Path) -> None:
 
     everything = {(f.repo, f.path_in_repo): content(f) for f in FILES} | {(te.repo, "other"): b"x"}
     del everything[(te.repo, te.path_in_repo)]
-    with start_hf_server(everything, gated={catalog.VAE.repo}, token=TOKEN) as s:
+    with start_hf_server(everything, gated={catalog.VAE.repo}, token=TOKEN, commits=catalog.PINNED_REVISIONS) as s:
         with pytest.raises(PlanError, match=f"^gated repo {te.repo} at .*: set T_HF to a token"):
             plan(make_profile(s.url), make_facts())
-        with pytest.raises(PlanError, match=f"^model file {te.path_in_repo} not found in repo {te.repo} at rev main$"):
+        with pytest.raises(PlanError, match=f"^model file {te.path_in_repo} not found in repo {te.repo} at rev {te.revision}$"):
             plan(make_profile(s.url), make_facts(), environ={"T_HF": TOKEN})
         url = s.url
     hub.clear_cache()
@@ -327,3 +328,58 @@ def test_a_dit_that_is_not_safetensors_is_refused(server: HfServer, tmp_path: Pa
     facts = replace(make_facts(), headers=header_facts(str(dest)))
     with pytest.raises(PlanError, match=f"^{re.escape(str(dest))}: .*{re.escape(error)}"):
         plan(profile, facts)
+
+
+# --- the control machine's record of the Hub ---------------------------------------------------
+
+def test_converged_host_plans_with_the_hub_down(server: HfServer) -> None:
+    """The Hub's answers are recorded on the control machine: planning a converged host again asks
+    nothing, even with the Hub gone."""
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    assert plan(profile, make_facts(files=present(profile, sel))).changes == ()
+    recorded = json.loads(hub_cache.path().read_text())
+    (ref,) = recorded["refs"].items()
+    assert ref[0] == f"{server.url} {sel.dit.repo} main" and ref[1]["commit"] == server.commit
+    assert recorded["files"][f"{server.url} {sel.vae.repo} {catalog.VAE.revision} {sel.vae.path_in_repo}"] == \
+        {"size": len(content(sel.vae)), "sha256": SHA[sel.vae.filename]}
+    server.stop()
+    hub.clear_cache()                                    # a new run: only the record on disk remains
+    assert plan(profile, make_facts(files=present(profile, sel))).changes == ()
+    fresh = plan(profile, make_facts())                 # a new host still gets its downloads planned
+    assert [c.action for c in fresh.changes] == ["create"] * 3
+    assert fresh.changes[0].steps[0].url.endswith(f"/resolve/{server.commit}/{sel.dit.path_in_repo}")
+
+
+def test_an_upstream_reupload_downloads_nothing_until_asked(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    converged = make_facts(files=present(profile, sel))
+    assert plan(profile, converged).changes == ()
+    before = len(server.requests)
+    new = server.reupload(sel.dit.repo, sel.dit.path_in_repo, content(sel.dit) + b"re-quantised")
+    hub.clear_cache()
+    assert plan(profile, converged).changes == () and len(server.requests) == before   # the Hub is not even asked
+
+    hub_cache.forget_refs()                              # `provision plan --refresh-hub`
+    hub.clear_cache()
+    (change,) = plan(profile, converged).changes
+    assert change.action == "replace" and change.steps[0].url.endswith(f"/resolve/{new}/{sel.dit.path_in_repo}")
+    hub.clear_cache()
+    assert plan(profile, converged).changes == (change,)  # recorded: the next run decides the same
+
+    # A profile pinning the old commit keeps the fleet on it, whatever main is.
+    pinned = make_profile(server.url, model={"revision": server.commit})
+    assert plan(pinned, converged).changes == ()
+
+
+def test_pinned_revision_is_asked_at_that_commit(server: HfServer) -> None:
+    old = server.commit
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    server.reupload(sel.dit.repo, sel.dit.path_in_repo, b"a newer upload")
+    (dit, _, _) = plan(make_profile(server.url, model={"revision": old}), make_facts()).changes
+    assert dit.steps[0].url.endswith(f"/resolve/{old}/{sel.dit.path_in_repo}")
+    assert dit.after == {"size": len(content(sel.dit)), "sha256": SHA[sel.dit.filename]}
+    with pytest.raises(PlanError, match=f"^revision 'v0.0.0' not found in repo {sel.dit.repo}"):
+        hub.clear_cache()
+        plan(make_profile(server.url, model={"revision": "v0.0.0"}), make_facts())

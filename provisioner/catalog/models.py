@@ -28,7 +28,7 @@ class ModelFile:
     path_in_repo: str
     filename: str                     # name under models/<folder>/ (what the workflow's loader names)
     folder: str                       # diffusion_models | text_encoders | vae
-    revision: str = "main"
+    revision: str | None = None       # a Hub commit; None: the repo's main, as first resolved (hub_cache.py)
     approx_bytes: int = 0             # as the Hub lists it; the exact size comes from hub.py at plan time
 
     def dest(self, models_dir: str) -> str:
@@ -97,10 +97,17 @@ _DIT_BYTES = {("int4", 128): 12_700_000_000, ("int4", 32): 11_500_000_000,
 _ACTIVATIONS_GB = 3.0
 
 _COMFY_REPO = "Comfy-Org/Qwen-Image_ComfyUI"
+# A commit of that repo holding both files, pinned in several independent public download lists and
+# Nix expressions (with the VAE's sha256 a70580f0...1d1f, 253806246 bytes). The nunchaku-ai repos
+# have no commit established here: they follow their main, as first resolved (hub_cache.py), unless
+# the profile pins model.revision.
+_COMFY_COMMIT = "7beb7b647f04469fbe64ba8adc2bb0d7e5e9f73f"
 TEXT_ENCODER = ModelFile(_COMFY_REPO, "split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                         "qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders", approx_bytes=9_380_000_000)
+                         "qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders", _COMFY_COMMIT,
+                         approx_bytes=9_384_670_680)
 VAE = ModelFile(_COMFY_REPO, "split_files/vae/qwen_image_vae.safetensors",
-                "qwen_image_vae.safetensors", "vae", approx_bytes=254_000_000)
+                "qwen_image_vae.safetensors", "vae", _COMFY_COMMIT, approx_bytes=253_806_246)
+PINNED_REVISIONS = {_COMFY_REPO: _COMFY_COMMIT}     # repo -> commit the catalog pins
 
 
 # What a nunchaku SVDQuant file says of itself: its safetensors header's `__metadata__` holds

@@ -72,7 +72,8 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
     planned: list[Change | None] = []
     need = 0
     for f in sel.files:
-        found = lookup(hf.endpoint, f.repo, f.path_in_repo, f.revision, token, token_env=hf.token_env)
+        revision = m.revision if (f is sel.dit and m.revision) else f.revision
+        found = lookup(hf.endpoint, f.repo, f.path_in_repo, revision, token, token_env=hf.token_env)
         pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
         expect = (catalog.WEIGHT_DTYPES[sel.precision], sel.rank) if f is sel.dit else None
         change, nbytes = _file_change(profile, f, found, pinned, facts, expect)
@@ -108,7 +109,7 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.Remote
                           (run,)), 0
     part = facts.files.get(dest + ".part")
     resume = part.size if part and part.exists and part.size <= remote_file.size else 0
-    where = f"{f.repo}@{(remote_file.commit or f.revision)[:12]}"
+    where = f"{f.repo}@{(remote_file.commit or f.revision or hub.DEFAULT_REF)[:12]}"
     action: Action
     if have.exists:
         action, before = "replace", {"size": have.size, "sha256": have.sha256}

@@ -119,7 +119,7 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     for f in (catalog.TEXT_ENCODER, catalog.VAE):
         files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes // 4, f.filename)
     gated = {repo for repo, _ in files} if hub_token else ()
-    hub = start_hf_server(files, gated=gated, token=hub_token)
+    hub = start_hf_server(files, gated=gated, token=hub_token, commits=catalog.PINNED_REVISIONS)
     plugin_repo = root / "git" / "ComfyUI-nunchaku.git"
     if not plugin_repo.exists():
         make_plugin_repo(plugin_repo)
