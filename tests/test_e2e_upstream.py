@@ -89,6 +89,23 @@ def test_fp4_file_on_an_ada_host_fails_the_plan_naming_it(lab: Lab) -> None:
     assert code == 1 and dest.read_bytes() == lab.world.files[(fp4.repo, fp4.path_in_repo)]
 
 
+def test_backend_121_names_the_cuda_of_the_hosts_torch(lab: Lab) -> None:
+    """nunchaku 1.2.1 on a torch 2.9.1+cu128 host: the +cu12.8torch2.9 wheel of the real asset list,
+    chosen with the tags the host's own pip accepts, and diffusers raised to 1.2.1's floor."""
+    (host,) = lab.add(1, torch="2.9.1+cu128")
+    lab.overlays[host.name] = {"backend": {"version": "1.2.1"}}
+    lab.write()
+    code, out = lab.run("plan", "--limit", host.name)
+    text = " ".join(out.split())
+    assert code == 2 and "nunchaku-1.2.1+cu12.8torch2.9-cp3" in text, out
+    assert "diffusers: (none) -> >=0.36 (nunchaku 1.2.1 Requires-Dist; profile said >=0.35;" in text, out
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    have = installed(host)
+    assert (have["nunchaku"], have["diffusers"], have["torch"]) == ("1.2.1+cu12.8torch2.9", "0.36.0", "2.9.1+cu128")
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
 def test_hub_down_still_plans_a_converged_host_up_to_date(lab: Lab, converged: LabHost) -> None:
     """Last in this module: it stops the Hub stand-in. A converged fleet must not depend on the
     Hub: its answers are recorded on the control machine, and a pinned or recorded revision's

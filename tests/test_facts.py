@@ -112,6 +112,7 @@ def test_json_keys_are_stable() -> None:
 
 @pytest.mark.parametrize("dist, real", [
     (Distribution("nunchaku", "1.0.1+torch2.6"), True),
+    (Distribution("nunchaku", "1.2.1+cu13.0torch2.11"), True),       # 1.2.1 names the CUDA too
     (Distribution("nunchaku", "1.0.1", home="https://github.com/mit-han-lab/nunchaku"), True),
     (Distribution("Nunchaku", "1.0.1", summary="see github.com/nunchaku-ai/nunchaku"), True),
     (Distribution("nunchaku", "0.16.1", summary="Optimally partition data into piece-wise linear segments"), False),

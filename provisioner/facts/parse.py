@@ -28,12 +28,12 @@ _NUNCHAKU_ORGS = ("nunchaku-tech", "mit-han-lab", "nunchaku-ai")
 def is_real_nunchaku(dist: Distribution) -> bool:
     """The SVDQuant backend, not PyPI's unrelated `nunchaku` 0.16.1 (data segmentation).
 
-    Real wheels carry a `+torchX.Y` local version label, or name their GitHub organisation in
-    Home-page / Project-URL / Summary; the impostor does neither.
+    Real wheels carry a `+torchX.Y` (from 1.2.1 `+cuX.YtorchA.B`) local version label, or name
+    their GitHub organisation in Home-page / Project-URL / Summary; the impostor does neither.
     """
     if canonical(dist.name) != "nunchaku":
         return False
-    if dist.version.partition("+")[2].startswith("torch"):
+    if re.match(r"(cu[\d.]+)?torch\d", dist.version.partition("+")[2]):
         return True
     text = f"{dist.home} {dist.summary}".lower()
     return any(org in text for org in _NUNCHAKU_ORGS)

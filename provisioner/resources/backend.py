@@ -1,4 +1,5 @@
-"""The nunchaku backend: the prebuilt wheel matching the host's torch, CPython tag and platform."""
+"""The nunchaku backend: the release wheel built for the host's torch (minor and CUDA) that its
+interpreter accepts (packaging.tags), installed by path with --no-deps and torch held."""
 
 from __future__ import annotations
 
