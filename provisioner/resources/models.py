@@ -5,6 +5,11 @@ holds the expected sha256. Right size but nothing cached yet (copied by hand, ca
 verify-only Run of the fetch script: it hashes the file once and records it, with no download; a
 mismatch fails that step and records the real checksum, so the next plan replaces the file.
 Anything else plans a resumable Fetch (an existing `.part` is resumed and counted in the disk check).
+
+The DiT must also be what its name says: its safetensors header (read by the facts program, no
+hashing) declares the weight dtype and rank, checked against the variant and the GPU here and
+again by the fetch program before a download is renamed into place. Sizes and checksums come from
+the Hub at the catalog's or the profile's revision, recorded on the control machine (hub.py).
 """
 
 from __future__ import annotations
