@@ -15,8 +15,10 @@ TEMPLATE_DIR = REPO / "templates"
 TEMPLATE = "qwen-image-edit-lightning.json.j2"
 WORKFLOW_JSON = "workflows/qwen-image-edit-lightning.json"   # relative to the ComfyUI root
 PLUGIN_DIR = "custom_nodes/ComfyUI-nunchaku"
-# Pinned, all present in the sandbox wheelhouse (provision's base profile asks for floors).
-PACKAGES = ("diffusers==0.35.2", "peft==0.17.1", "transformers==4.57.1", "accelerate==1.11.0")
+# Pinned, all present in the sandbox wheelhouse (provision's base profile asks for floors): what
+# ComfyUI-nunchaku and nunchaku 1.0.1's Requires-Dist need beside torch and torchvision.
+PACKAGES = ("diffusers==0.35.2", "peft==0.17.1", "transformers==4.57.1", "accelerate==1.11.0", "einops==0.8.1",
+            "huggingface-hub==0.35.3", "protobuf==6.32.1", "sentencepiece==0.2.1")
 BACKEND_PIN = f"nunchaku=={BACKEND_VERSION}+torch2.6"   # the sandbox hosts carry torch 2.6.0+cu124
 
 
@@ -61,9 +63,9 @@ def desired_state(world: World) -> DesiredState:
     for f in sel.files:
         data = world.files[(f.repo, f.path_in_repo)]
         models.append(ModelDownload(
-            url=f"{world.hub.url}/{f.repo}/resolve/{f.revision}/{f.path_in_repo}",
+            url=f"{world.hub.url}/{f.repo}/resolve/{f.revision or 'main'}/{f.path_in_repo}",
             dest=f"models/{f.folder}/{f.filename}", sha256=hashlib.sha256(data).hexdigest(),
             size=len(data)))
     return DesiredState(plugin_repo=world.plugin_repo, plugin_tag="v1.1.0", seed=42,
-                        wheelhouse=world.wheelhouse, backend_dir=world.root / "release-assets",
+                        wheelhouse=world.wheelhouse, backend_dir=world.root / "release-assets" / BACKEND_VERSION,
                         hub_endpoint=world.hub.url, models=tuple(models))

@@ -45,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"provision {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    refresh = ("ask the Hub again which commit each unpinned model repo's main is now (recorded on the "
+               "control machine at first use, so an upstream re-upload changes nothing until asked)")
     p = verbs.add_parser("plan", help="show what would change on each host; touches nothing")
     _common(p)
+    p.add_argument("--refresh-hub", action="store_true", help=refresh)
 
     p = verbs.add_parser("apply", help="change only what differs, then verify")
     _common(p)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
+    p.add_argument("--refresh-hub", action="store_true", help=refresh)
     p.add_argument("--serial", help="rolling batches: a host count or a percentage (30%%)")
     p.add_argument("--max-fail-percentage", type=float, help="stop starting batches past this share of failed hosts")
     p.add_argument("--lock-timeout", type=float, default=300.0, help="seconds to wait for another apply's lock")

@@ -82,10 +82,20 @@ def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target
 
 # --- verbs ---------------------------------------------------------------------------------
 
+def refresh_hub(args: argparse.Namespace) -> None:
+    """`--refresh-hub`: forget which commit each model repo's main was, so this run asks again."""
+    if getattr(args, "refresh_hub", False):
+        from provisioner.resources import hub, hub_cache
+
+        hub_cache.forget_refs()
+        hub.clear_cache()
+
+
 def plan(args: argparse.Namespace, console: Console) -> int:
     from provisioner.facts.gather import gather
 
     options = connect_options(args)
+    refresh_hub(args)
 
     def work(target: Target) -> HostPlan:
         with connected(target, options) as conn:
@@ -121,6 +131,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     from provisioner.plan.progress import Reporter
 
     options = connect_options(args)
+    refresh_hub(args)
     reporter = Reporter(console, log_dir=Path(args.log_dir) if args.log_dir else None,
                         verbose=bool(args.verbose))
     shown = threading.Lock()

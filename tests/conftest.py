@@ -12,6 +12,27 @@ import pytest
 
 from sshd import SSHD, SshdFleet, SshdHost
 
+from provisioner.resources.hub_cache import CACHE_ENV
+
+@pytest.fixture(scope="module", autouse=True)
+def _control_cache_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The control machine's Hub record (resources/hub_cache.py) of this module's fixtures: never the
+    user's own, and never another module's (a later Hub stand-in may reuse an earlier one's port)."""
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("control-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
+@pytest.fixture(autouse=True)
+def _control_cache_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and each test its own."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("control-cache")))
+
+
 @pytest.fixture(scope="session")
 def sshd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFleet]:
     """Servers shared by the whole session; tests must not change their keys or stop them."""

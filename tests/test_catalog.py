@@ -31,7 +31,8 @@ def test_families_and_variants() -> None:
 @pytest.mark.parametrize("gpu", [AMPERE, BLACKWELL, None], ids=["ampere", "blackwell", "no-gpu"])
 def test_every_variant_resolves_to_a_consistent_file(family: str, gpu: Gpu | None) -> None:
     for variant in catalog.variants(family):
-        sel = catalog.resolve(family, variant, "auto", gpu)
+        # Without GPU facts only a pinned precision resolves (the pinned int4 here).
+        sel = catalog.resolve(family, variant, "auto" if gpu else "int4", gpu)
         precision, rank, stem, steps = NAME.match(sel.dit.filename).groups()  # type: ignore[union-attr]
         assert precision == sel.precision == ("fp4" if gpu is BLACKWELL else "int4")
         assert (int(rank), stem) == (sel.rank, family)
@@ -80,16 +81,57 @@ def test_upstream_example_workflows_name_catalog_files() -> None:
 
 
 def test_blackwell_refuses_int4_and_older_gpus_refuse_fp4() -> None:
-    with pytest.raises(PlanError, match=r"RTX 5090 \(compute capability 12\.0\).*fp4 or auto"):
+    with pytest.raises(PlanError, match=r"RTX 5090 \(compute capability 12\.0\) runs nunchaku's fp4 models "
+                                        r"only.*set it to fp4 or auto"):
         catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "int4", BLACKWELL)
-    with pytest.raises(PlanError, match=r"RTX 3090.*Blackwell only.*int4 or auto"):
+    with pytest.raises(PlanError, match=r"RTX 3090.*runs nunchaku's int4 models only.*set it to int4 or auto"):
         catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "fp4", AMPERE)
-    assert catalog.resolve("qwen-image", "standard-r128", "fp4", None).precision == "fp4"  # no GPU: trust it
+    sel = catalog.resolve("qwen-image", "standard-r128", "fp4", None, gpu_error="nvidia-smi not found")
+    assert sel.precision == "fp4" and "pinned fp4 files are used unchecked" in sel.notes[0]
 
 
-def test_no_gpu_picks_int4_and_says_so() -> None:
-    sel = catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "auto", None)
-    assert sel.precision == "int4" and "no GPU" in sel.notes[0]
+def test_missing_gpu_facts_never_pick_a_precision() -> None:
+    """Before: `auto` with no GPU silently meant int4, so a Blackwell host whose nvidia-smi broke
+    after a driver update was planned onto other files and another workflow. Now: a plan error."""
+    failed = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+    with pytest.raises(PlanError) as err:
+        catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "auto", None, gpu_error=failed)
+    assert str(err.value) == (f"no GPU facts this time ({failed}): model.precision auto cannot be decided; "
+                              "repair the driver, or pin model.precision")
+
+
+# nunchaku's check_hardware_compatibility, row by row; every other capability is refused.
+ARCH_ROWS = [
+    ((7, 5), "NVIDIA GeForce RTX 2080 Ti", "int4"), ((8, 0), "NVIDIA A100-SXM4-80GB", "int4"),
+    ((8, 6), "NVIDIA GeForce RTX 3090", "int4"), ((8, 9), "NVIDIA GeForce RTX 4090", "int4"),
+    ((12, 0), "NVIDIA GeForce RTX 5090", "fp4"), ((12, 1), "NVIDIA GB10", "fp4"),
+    ((7, 0), "Tesla V100-SXM2-32GB", None), ((8, 7), "Orin", None), ((9, 0), "NVIDIA H100 80GB HBM3", None),
+    ((9, 0), "NVIDIA H200", None), ((10, 0), "NVIDIA B200", None), ((10, 3), "NVIDIA B300", None),
+    ((11, 0), "NVIDIA Thor", None), ((6, 1), "NVIDIA GeForce GTX 1080", None),
+]
+
+
+@pytest.mark.parametrize(("cc", "name", "runs"), ARCH_ROWS, ids=[f"sm{a}{b}" for (a, b), _, _ in ARCH_ROWS])
+def test_architecture_table(cc: tuple[int, int], name: str, runs: str | None) -> None:
+    gpu = Gpu(0, name, 81920, 80000, 1920, cc, "580.65")
+    assert gpu.precision == runs
+    if runs:
+        assert catalog.resolve("qwen-image", "standard-r128", "auto", gpu, backend="1.2.1").precision == runs
+        return
+    for precision in ("auto", "int4", "fp4"):
+        with pytest.raises(PlanError) as err:
+            catalog.resolve("qwen-image", "standard-r128", precision, gpu, backend="1.2.1")
+        assert str(err.value) == (f"{name} (compute capability {cc[0]}.{cc[1]}) has no 4-bit tensor cores "
+                                  "nunchaku supports (int4 on 7.5, 8.0, 8.6, 8.9; fp4 on 12.0, 12.1): it "
+                                  "cannot run SVDQuant models on this GPU")
+
+
+def test_sm121_needs_backend_1_1() -> None:
+    spark = Gpu(0, "NVIDIA GB10", 122000, 120000, 2000, (12, 1), "580.95")
+    assert catalog.resolve("qwen-image", "standard-r128", "auto", spark, backend="1.1.0").precision == "fp4"
+    with pytest.raises(PlanError, match=r"GB10 \(compute capability 12\.1\) needs nunchaku >= 1\.1\.0; "
+                                        r"backend 1\.0\.1 takes fp4 on 12\.0 only"):
+        catalog.resolve("qwen-image", "standard-r128", "auto", spark, backend="1.0.1")
 
 
 def test_unknown_names_list_the_choices() -> None:

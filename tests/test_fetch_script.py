@@ -191,3 +191,30 @@ def test_host_programs_are_python38_syntax_and_stdlib_only() -> None:
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                      and n.col_offset == 0}
         assert imported <= set(sys.stdlib_module_names) | {"__future__"}, (program, imported)
+
+
+def test_model_header_is_checked_before_the_rename(tmp_path: Path) -> None:
+    """A finished, checksum-correct download whose safetensors header declares another precision
+    than the plan expects never reaches its final name: the DiT of an Ada host must be int4."""
+    from provisioner.sandbox.world import safetensors_standin
+
+    fp4 = safetensors_standin(200_000, PATH, precision="fp4", rank=128)
+    int4 = safetensors_standin(200_000, PATH, precision="int4", rank=128)
+    with start_hf_server({(REPO, PATH): fp4, (REPO, "int4.safetensors"): int4}) as server:
+        wrong = request(server, tmp_path, sha256=hashlib.sha256(fp4).hexdigest(), size=len(fp4),
+                        quantization={"dtype": "int4", "rank": 128})
+        proc, lines = run(wrong)
+        dest = Path(str(wrong["dest"]))
+        assert proc.returncode == 1
+        assert lines[-1]["error"] == (f"{dest}: its header declares fp4_e2m1_all rank 128 weights, expected int4 "
+                                      "rank 128; removed the download")
+        assert not dest.exists() and not Path(f"{dest}.part").exists()
+        right = request(server, tmp_path, url=f"{server.url}/{REPO}/resolve/main/int4.safetensors",
+                        sha256=hashlib.sha256(int4).hexdigest(), size=len(int4),
+                        quantization={"dtype": "int4", "rank": 128})
+        proc, _ = run(right)
+        assert proc.returncode == 0, proc.stderr
+        assert dest.read_bytes() == int4
+    with start_hf_server({(REPO, PATH): DATA}) as server:          # 1.28 MB of noise named .safetensors
+        proc, lines = run(request(server, tmp_path, quantization={"dtype": "int4", "rank": 128}))
+        assert proc.returncode == 1 and "not a safetensors file" in lines[-1]["error"]

@@ -17,30 +17,51 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging import tags
+from packaging.version import Version
 
 from provisioner.catalog import wheels
 from provisioner.config.model import BackendSpec, ComfySpec, HubSpec, Profile, WheelSource
 from provisioner.errors import PlanError
-from provisioner.facts.model import Distribution, Facts, PythonEnv
+from provisioner.facts.model import Distribution, Facts, Gpu, PythonEnv
 from provisioner.resources import backend, releases
-from provisioner.resources.base import Fetch, Push, Run
+from provisioner.resources.base import Fetch, Push, Put, Run
 from provisioner.sandbox.release_server import ReleaseServer, start_release_server
-from provisioner.sandbox.wheels import build_impostor_nunchaku, build_nunchaku_wheel
+from provisioner.sandbox.wheels import build_impostor_nunchaku, build_nunchaku_wheel_named
 
 CASES = sorted((Path(__file__).parent / "resources" / "backend").glob("*.yaml"))
 ROOT = "/srv/comfyui"
 
 
-def make_facts(env: dict[str, Any], python: str = f"{ROOT}/venv/bin/python") -> Facts:
+def accepted_tags(python_tag: str, platform: str, free_threaded: bool = False) -> tuple[str, ...]:
+    """What pip on such an interpreter accepts, made by packaging itself (most specific first):
+    manylinux/musllinux variants before the plain `linux_*` tag nunchaku's wheels carry."""
+    version = (int(python_tag[2]), int(python_tag[3:]))
+    platforms = [platform]
+    if platform.startswith("linux_"):
+        arch = platform.removeprefix("linux_")
+        platforms = [f"manylinux_2_{m}_{arch}" for m in range(39, 16, -1)] + [platform]
+    abis = [f"{python_tag}t"] if free_threaded else None
+    return tuple(str(t) for t in (*tags.cpython_tags(version, abis, platforms),
+                                  *tags.compatible_tags(version, python_tag, platforms)))
+
+
+def make_facts(env: dict[str, Any], python: str = f"{ROOT}/venv/bin/python", gpu: Gpu | None = None) -> Facts:
     dists = {}
     if env.get("nunchaku"):
         n = env["nunchaku"]
         dists["nunchaku"] = Distribution("nunchaku", str(n["version"]), n.get("summary", ""), n.get("home", ""))
+    for name, version in (env.get("installed") or {}).items():
+        dists[name] = Distribution(name, str(version))
+    tag, platform = env.get("tag"), env.get("platform")
+    accepted = None if env.get("no_pip") or not tag else accepted_tags(tag, platform, env.get("free_threaded", False))
+    torch = env.get("torch")
     return Facts(
         host="gpu-01", os="Ubuntu 24.04 LTS", arch="x86_64", kernel="6.8.0", system_python="/usr/bin/python3",
-        env=PythonEnv(python, True, "3.12.3", env.get("tag"), env.get("platform"), env.get("torch"),
-                      distributions=dists),
-        gpus=(), gpu_error=None, nvcc=None, disk_path=ROOT, disk_free=10**12, comfyui_version="0.3.64",
+        env=PythonEnv(python, True, "3.12.3", tag, platform, str(torch) if torch else None, env.get("torch_cuda"),
+                      tags=accepted, free_threaded=env.get("free_threaded", False), distributions=dists),
+        gpus=(gpu,) if gpu else (), gpu_error=None, nvcc=None, disk_path=ROOT, disk_free=10**12,
+        comfyui_version="0.3.64",
     )
 
 
@@ -51,8 +72,9 @@ def make_profile(version: str, sources: list[WheelSource], root: str = ROOT, fil
 
 
 def _wheel(out: Path, version: str, combo: str) -> Path:
-    torch, tag, platform = re.fullmatch(r"torch([\d.]+)-(cp\d+)-(\w+)", combo).groups()
-    return build_nunchaku_wheel(out, version, torch, tag, platform)
+    """`torch2.6-cp312-linux_x86_64` or `cu12.8torch2.9-cp312-linux_x86_64`: that release asset."""
+    label, tag, platform = re.fullmatch(r"((?:cu[\d.]+)?torch[\d.]+)-(cp\d+)-(\w+)", combo).groups()
+    return build_nunchaku_wheel_named(out, f"nunchaku-{Version(version).public}+{label}-{tag}-{tag}-{platform}.whl")
 
 
 @pytest.fixture(autouse=True)
@@ -89,15 +111,18 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
 
     sources = [WheelSource(kind, fill(value)) for s in case["sources"] for kind, value in s.items()]
     profile = make_profile(version, sources)
-    facts = make_facts(case["env"])
+    g = case.get("gpu")
+    facts = make_facts(case["env"], gpu=Gpu(0, g["name"], 24576, 24000, 576, tuple(g["cc"]), "580.95") if g else None)
     expect = case["expect"]
 
     if "error" in expect:
         with pytest.raises(PlanError) as err:
             backend.plan(profile, facts)
-        assert fill(expect["error"]) in str(err.value)
+        assert fill(expect["error"]) in str(err.value) and "\n" not in str(err.value)
         if "alternatives" in expect:
             assert list(err.value.alternatives) == expect["alternatives"]
+        if expect.get("asks_no_source"):
+            assert server.requests == []        # decided from the host and the catalog alone
         return
     result = backend.plan(profile, facts)
     if expect.get("converged"):
@@ -108,11 +133,13 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
     assert change.action == expect["action"]
     assert change.notify == frozenset({"restart-comfyui"})
     assert [_kind(s) for s in change.steps] == expect["steps"]
-    get, install = change.steps[0], change.steps[-1]
+    get, hold, install = change.steps[0], change.steps[1], change.steps[-1]
     wheel = expect.get("wheel") or Path(get.dest).name
     assert get.dest == f"{ROOT}/.provision/wheels/{wheel}"
+    assert isinstance(hold, Put) and hold.dest == f"{ROOT}/.provision/constraints.txt"
     assert install.argv == (f"{ROOT}/venv/bin/python", "-m", "pip", "install", "--no-deps", "--no-index",
-                            "--only-binary=:all:", "--disable-pip-version-check", get.dest)
+                            "--only-binary=:all:", "--disable-pip-version-check", "-c", hold.dest, get.dest)
+    assert list(change.warnings) == expect.get("warnings", [])
     if "url" in expect:
         assert get.url == fill(expect["url"])
     if "source" in expect:
@@ -142,6 +169,8 @@ def _kind(step: object) -> str:
         return "fetch"
     if isinstance(step, Push):
         return "push"
+    if isinstance(step, Put):
+        return "hold"
     assert isinstance(step, Run)
     return "uninstall" if "uninstall" in step.argv else "install"
 
@@ -149,7 +178,7 @@ def _kind(step: object) -> str:
 def test_every_change_says_no_pip_resolution_for_nunchaku(server: ReleaseServer, tmp_path: Path) -> None:
     server.add("nunchaku-tech", "nunchaku", "v1.0.1", _wheel(tmp_path, "1.0.1", "torch2.6-cp312-linux_x86_64"))
     profile = make_profile("1.0.1", [WheelSource("github", server.repo_url("nunchaku-tech", "nunchaku"))])
-    result = backend.plan(profile, make_facts({"torch": "2.6.0", "tag": "cp312", "platform": "linux_x86_64"}))
+    result = backend.plan(profile, make_facts({"torch": "2.6.0+cu124", "tag": "cp312", "platform": "linux_x86_64"}))
     for step in result.changes[0].steps:
         if isinstance(step, Run):
             assert "nunchaku" not in step.argv[4:] or step.argv[3] == "uninstall"   # never by name
@@ -160,13 +189,13 @@ def test_sources_are_asked_once_per_run(server: ReleaseServer, tmp_path: Path) -
     server.add("nunchaku-tech", "nunchaku", "v1.0.1", _wheel(tmp_path, "1.0.1", "torch2.6-cp312-linux_x86_64"))
     profile = make_profile("1.0.1", [WheelSource("github", server.repo_url("nunchaku-tech", "nunchaku"))])
     for host_tag in ("cp312", "cp312", "cp312"):
-        backend.plan(profile, make_facts({"torch": "2.6.0", "tag": host_tag, "platform": "linux_x86_64"}))
+        backend.plan(profile, make_facts({"torch": "2.6.0+cu124", "tag": host_tag, "platform": "linux_x86_64"}))
     assert len(server.paths("GET")) == 1
 
 
 def test_missing_venv_and_bad_version_are_one_line_errors() -> None:
     profile = make_profile("1.0.1", [])
-    facts = make_facts({"torch": "2.6.0", "tag": "cp312", "platform": "linux_x86_64"})
+    facts = make_facts({"torch": "2.6.0+cu124", "tag": "cp312", "platform": "linux_x86_64"})
     gone = Facts(**{**facts.__dict__, "env": PythonEnv(facts.env.python, False)})
     with pytest.raises(PlanError, match="does not exist: create it and install torch first"):
         backend.plan(profile, gone)
@@ -190,7 +219,7 @@ def test_planned_steps_install_the_wheel_into_a_real_venv(server: ReleaseServer,
     subprocess.run([*pip, "install", "-q", "--no-deps", str(impostor)], check=True)
     profile = make_profile("1.0.1", [WheelSource("github", server.repo_url("nunchaku-tech", "nunchaku"))],
                            root=str(root))
-    before = make_facts({"torch": "2.6.0", "tag": tag, "platform": "linux_x86_64",
+    before = make_facts({"torch": "2.6.0+cu124", "tag": tag, "platform": "linux_x86_64",
                          "nunchaku": _installed(py)}, python=py)
     (change,) = backend.plan(profile, before).changes
     assert change.action == "replace"
@@ -199,12 +228,14 @@ def test_planned_steps_install_the_wheel_into_a_real_venv(server: ReleaseServer,
             Path(step.dest).parent.mkdir(parents=True)
             with urllib.request.urlopen(step.url.replace("+", "%2B")) as resp:
                 Path(step.dest).write_bytes(resp.read())
+        elif isinstance(step, Put):
+            Path(step.dest).write_bytes(step.content)
         else:
             argv = list(step.argv)
             if argv[:3] == [py, "-m", "pip"]:
                 argv = [*pip, *argv[3:]]
             subprocess.run(argv, check=True, capture_output=True)
-    after = make_facts({"torch": "2.6.0", "tag": tag, "platform": "linux_x86_64",
+    after = make_facts({"torch": "2.6.0+cu124", "tag": tag, "platform": "linux_x86_64",
                         "nunchaku": _installed(py)}, python=py)
     assert after.env.distributions["nunchaku"].version == "1.0.1+torch2.6"
     assert backend.plan(profile, after).changes == ()
@@ -243,9 +274,14 @@ def test_github_api_url(repo: str, api: str) -> None:
 
 
 def test_wheel_names_and_combos() -> None:
-    name = wheels.wheel_filename("1.0.1", "2.8", "cp312", "linux_x86_64")
+    torch28 = wheels.read_torch("2.8.0+cu128", None)
+    name = wheels.wheel_filename("1.0.1", torch28, "cp312", "linux_x86_64")
     assert name == "nunchaku-1.0.1+torch2.8-cp312-cp312-linux_x86_64.whl"
     assert wheels.wheel_combo(name, "1.0.1") == "torch2.8/cp312/linux_x86_64"
+    # From 1.2.1 the label carries torch.version.cuda (setup.py: "1.2.0+cu12.4torch2.4" format).
+    name = wheels.wheel_filename("1.2.1", torch28, "cp312", "linux_x86_64")
+    assert name == "nunchaku-1.2.1+cu12.8torch2.8-cp312-cp312-linux_x86_64.whl"
+    assert wheels.wheel_combo(name, "1.2.1") == "cu12.8torch2.8/cp312/linux_x86_64"
     assert wheels.wheel_combo(name, "1.0.0") is None
     assert wheels.wheel_combo("nunchaku-1.0.1.tar.gz", "1.0.1") is None
     assert wheels.wheel_combo("diffusers-0.35.2-py3-none-any.whl", "0.35.2") is None
@@ -287,7 +323,7 @@ def test_huggingface_listing_speaks_the_hub_tree_api(tmp_path: Path) -> None:
         profile = make_profile("1.0.1", [WheelSource("huggingface", "nobody/missing"),
                                          WheelSource("huggingface", "nunchaku-tech/nunchaku")])
         profile = Profile(**{**profile.__dict__, "huggingface": HubSpec(endpoint=hub.url, token_env="NO_SUCH_ENV")})
-        (change,) = backend.plan(profile, make_facts({"torch": "2.8.0", "tag": "cp312",
+        (change,) = backend.plan(profile, make_facts({"torch": "2.8.0+cu128", "tag": "cp312",
                                                       "platform": "linux_x86_64"})).changes
         fetch = change.steps[0]
         with urllib.request.urlopen(fetch.url) as resp:       # Hub -> 302 -> CDN bytes

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 import subprocess
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,14 @@ from provisioner.config.model import build_profile
 from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv
+from provisioner.facts.parse import parse_facts
 from provisioner.plan.apply import StepRunner
 from provisioner.plan.progress import Reporter
 from provisioner.remote.facts import stat_files
-from provisioner.resources import hub, models
+from provisioner.resources import hub, hub_cache, models
 from provisioner.resources.base import RESTART, Fetch, Run
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
+from provisioner.sandbox.world import safetensors_standin
 
 FAMILY, VARIANT = "qwen-image-edit-2509", "lightning-4step-r128"
 RTX3090 = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
@@ -35,8 +40,11 @@ TOKEN = "hf_model_token"
 
 
 def content(f: catalog.ModelFile) -> bytes:
-    """Small stand-in bytes per real file (the real ones are 0.25 to 13 GB)."""
-    return hashlib.sha256(f.path_in_repo.encode()).digest() * (2000 + len(f.filename))
+    """A small safetensors stand-in per real file (the real ones are 0.25 to 13 GB); a DiT's header
+    declares its precision and rank as upstream's do."""
+    precision = "fp4" if f.filename.startswith("svdq-fp4") else "int4" if f.filename.startswith("svdq-") else None
+    return safetensors_standin(64_000 + len(f.filename), f.filename, precision=precision,
+                               rank=catalog.rank_of(VARIANT) if precision else None)
 
 
 FILES = catalog.candidate_files(FAMILY, VARIANT, "auto")
@@ -52,7 +60,8 @@ def _fresh_hub_cache() -> Iterator[None]:
 
 @pytest.fixture
 def server() -> Iterator[HfServer]:
-    with start_hf_server({(f.repo, f.path_in_repo): content(f) for f in FILES}, token=TOKEN) as s:
+    with start_hf_server({(f.repo, f.path_in_repo): content(f) for f in FILES}, token=TOKEN,
+                         commits=catalog.PINNED_REVISIONS) as s:
         yield s
 
 
@@ -159,7 +168,7 @@ def test_disk_too_small_names_need_and_free(server: HfServer) -> None:
 def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:
     changes = plan(make_profile(server.url), make_facts(RTX5090)).changes
     assert "svdq-fp4_r128-qwen-image-edit-2509-lightningv2.0-4steps" in changes[0].key
-    with pytest.raises(PlanError, match="Blackwell.*INT4.*fp4 or auto"):
+    with pytest.raises(PlanError, match=r"RTX 5090 \(compute capability 12\.0\) runs nunchaku.s fp4 models only.*fp4 or auto"):
         plan(make_profile(server.url, model={"precision": "int4"}), make_facts(RTX5090))
 
 
@@ -168,10 +177,11 @@ def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:
     (RTX3060, "auto", "info", "will enable CPU offload"),
     (RTX3060, "enable", None, None),
     (RTX3090, "disable", None, None),
-    (None, "auto", "info", "no GPU seen"),
+    (None, "auto", "info", "the pinned int4 files are used unchecked"),   # no GPU: only a pinned precision
 ])
 def test_vram_notes(server: HfServer, gpu: Gpu | None, offload: str, level: str | None, text: str | None) -> None:
-    notes = plan(make_profile(server.url, workflow={"cpu_offload": offload}), make_facts(gpu)).notes
+    model = {} if gpu else {"precision": "int4"}
+    notes = plan(make_profile(server.url, workflow={"cpu_offload": offload}, model=model), make_facts(gpu)).notes
     if level is None:
         assert notes == ()
     else:
@@ -220,10 +230,10 @@ def test_hub_errors_are_one_line_plan_errors(tmp_path: Path) -> None:
 
     everything = {(f.repo, f.path_in_repo): content(f) for f in FILES} | {(te.repo, "other"): b"x"}
     del everything[(te.repo, te.path_in_repo)]
-    with start_hf_server(everything, gated={catalog.VAE.repo}, token=TOKEN) as s:
+    with start_hf_server(everything, gated={catalog.VAE.repo}, token=TOKEN, commits=catalog.PINNED_REVISIONS) as s:
         with pytest.raises(PlanError, match=f"^gated repo {te.repo} at .*: set T_HF to a token"):
             plan(make_profile(s.url), make_facts())
-        with pytest.raises(PlanError, match=f"^model file {te.path_in_repo} not found in repo {te.repo} at rev main$"):
+        with pytest.raises(PlanError, match=f"^model file {te.path_in_repo} not found in repo {te.repo} at rev {te.revision}$"):
             plan(make_profile(s.url), make_facts(), environ={"T_HF": TOKEN})
         url = s.url
     hub.clear_cache()
@@ -271,3 +281,105 @@ def test_parallel_plans_ask_the_hub_once_per_file(server: HfServer) -> None:
     assert len({r.sha256 for r in results}) == 1
     heads = [r for r in server.requests[before:] if r.origin == "hub"]
     assert len(heads) == 1
+
+
+def header_facts(*paths: str) -> dict:
+    """The real facts program's `headers` answer for these files (as a host gathers it)."""
+    request = {"root": "/nonexistent", "python": "/nonexistent/python", "headers": list(paths)}
+    out = subprocess.run(remote.argv("facts"), input=json.dumps(request), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return parse_facts("h", json.loads(out)).headers
+
+
+def test_fp4_file_under_the_int4_name_on_an_ada_host_is_refused(server: HfServer, tmp_path: Path) -> None:
+    """A file is what its header says, not what its name says: an fp4 DiT renamed to the int4 name
+    on an RTX 4090 (Ada, int4 only) is a plan error naming the file, never silently replaced."""
+    rtx4090 = Gpu(0, "NVIDIA GeForce RTX 4090", 24564, 24000, 564, (8, 9), "550.120")
+    profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", rtx4090)
+    dest = Path(sel.dit.dest(profile.comfyui.models))
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(content(catalog.dit_file(FAMILY, VARIANT, "fp4")))
+    assert models.probe(profile).headers == (str(dest), str(dest).replace("svdq-int4", "svdq-fp4"))
+    headers = header_facts(*models.probe(profile).headers)
+    assert headers[str(dest)].metadata["model_class"] == "NunchakuQwenImageTransformer2DModel"
+    facts = replace(make_facts(rtx4090, files=present(profile, sel)), headers=headers)
+    with pytest.raises(PlanError) as err:
+        plan(profile, facts)
+    assert str(err.value) == (f"{dest}: its header declares fp4_e2m1_all rank 128 weights (quantization_config), "
+                              "not int4 rank 128; NVIDIA GeForce RTX 4090 runs int4 rank 128 (lightning-4step-r128): "
+                              "move the file away and apply again to download the right one")
+    dest.write_bytes(content(sel.dit))                       # the real int4 file: fine
+    facts = replace(facts, headers=header_facts(str(dest)))
+    assert plan(profile, facts).changes == ()
+
+
+@pytest.mark.parametrize(("data", "error"), [
+    (b"<!DOCTYPE html><html>Access denied</html>", "not a safetensors file"),
+    (b"\x10\x00", "not a safetensors file (2 bytes: too short for a header)"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00not-json", "not a safetensors header (JSONDecodeError)"),
+])
+def test_a_dit_that_is_not_safetensors_is_refused(server: HfServer, tmp_path: Path, data: bytes, error: str) -> None:
+    profile = make_profile(server.url, root=str(tmp_path / "ComfyUI"))
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    dest = Path(sel.dit.dest(profile.comfyui.models))
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(data)
+    facts = replace(make_facts(), headers=header_facts(str(dest)))
+    with pytest.raises(PlanError, match=f"^{re.escape(str(dest))}: .*{re.escape(error)}"):
+        plan(profile, facts)
+
+
+# --- the control machine's record of the Hub ---------------------------------------------------
+
+def test_converged_host_plans_with_the_hub_down(server: HfServer) -> None:
+    """The Hub's answers are recorded on the control machine: planning a converged host again asks
+    nothing, even with the Hub gone."""
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    assert plan(profile, make_facts(files=present(profile, sel))).changes == ()
+    recorded = json.loads(hub_cache.path().read_text())
+    (ref,) = recorded["refs"].items()
+    assert ref[0] == f"{server.url} {sel.dit.repo} main" and ref[1]["commit"] == server.commit
+    assert recorded["files"][f"{server.url} {sel.vae.repo} {catalog.VAE.revision} {sel.vae.path_in_repo}"] == \
+        {"size": len(content(sel.vae)), "sha256": SHA[sel.vae.filename]}
+    server.stop()
+    hub.clear_cache()                                    # a new run: only the record on disk remains
+    assert plan(profile, make_facts(files=present(profile, sel))).changes == ()
+    fresh = plan(profile, make_facts())                 # a new host still gets its downloads planned
+    assert [c.action for c in fresh.changes] == ["create"] * 3
+    assert fresh.changes[0].steps[0].url.endswith(f"/resolve/{server.commit}/{sel.dit.path_in_repo}")
+
+
+def test_an_upstream_reupload_downloads_nothing_until_asked(server: HfServer) -> None:
+    profile = make_profile(server.url)
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    converged = make_facts(files=present(profile, sel))
+    assert plan(profile, converged).changes == ()
+    before = len(server.requests)
+    new = server.reupload(sel.dit.repo, sel.dit.path_in_repo, content(sel.dit) + b"re-quantised")
+    hub.clear_cache()
+    assert plan(profile, converged).changes == () and len(server.requests) == before   # the Hub is not even asked
+
+    hub_cache.forget_refs()                              # `provision plan --refresh-hub`
+    hub.clear_cache()
+    (change,) = plan(profile, converged).changes
+    assert change.action == "replace" and change.steps[0].url.endswith(f"/resolve/{new}/{sel.dit.path_in_repo}")
+    hub.clear_cache()
+    assert plan(profile, converged).changes == (change,)  # recorded: the next run decides the same
+
+    # A profile pinning the old commit keeps the fleet on it, whatever main is.
+    pinned = make_profile(server.url, model={"revision": server.commit})
+    assert plan(pinned, converged).changes == ()
+
+
+def test_pinned_revision_is_asked_at_that_commit(server: HfServer) -> None:
+    old = server.commit
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    server.reupload(sel.dit.repo, sel.dit.path_in_repo, b"a newer upload")
+    (dit, _, _) = plan(make_profile(server.url, model={"revision": old}), make_facts()).changes
+    assert dit.steps[0].url.endswith(f"/resolve/{old}/{sel.dit.path_in_repo}")
+    assert dit.after == {"size": len(content(sel.dit)), "sha256": SHA[sel.dit.filename]}
+    with pytest.raises(PlanError, match=f"^revision 'v0.0.0' not found in repo {sel.dit.repo}"):
+        hub.clear_cache()
+        plan(make_profile(server.url, model={"revision": "v0.0.0"}), make_facts())

@@ -8,6 +8,7 @@ import json
 import subprocess
 import venv
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,14 @@ from provisioner.connection.base import shell_line
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv, canonical
 from provisioner.resources import packages
-from provisioner.resources.base import Run
+from provisioner.resources.base import Put, Run
 
 CASES = sorted((Path(__file__).parent / "resources" / "packages").glob("*.yaml"))
+# A ComfyUI venv with torch and the backend's requirements met: a case overrides a version, removes
+# a package with `name: null`, or starts `bare`.
+READY = {"torch": "2.6.0+cu124", "torchvision": "0.21.0+cu124", "accelerate": "1.11.0", "einops": "0.8.1",
+         "huggingface-hub": "0.35.3", "protobuf": "6.32.1", "sentencepiece": "0.2.1",
+         "transformers": "4.57.1", "diffusers": "0.35.2", "peft": "0.17.1"}
 
 
 def make_profile(fragment: dict[str, Any], root: str = "/srv/ComfyUI"):
@@ -39,6 +45,8 @@ def make_facts(python: str, distributions: dict[str, str], *, exists: bool = Tru
 
 
 def step_view(step: object) -> object:
+    if isinstance(step, Put):
+        return {"put": step.dest}
     assert isinstance(step, Run)
     return list(step.argv)
 
@@ -48,16 +56,23 @@ def test_case(case: Path) -> None:
     data = yaml.safe_load(case.read_text())
     profile = make_profile(data["profile"])
     f = data["facts"]
-    facts = make_facts(profile.comfyui.python, f.get("distributions", {}),
+    installed = {n: v for n, v in {**({} if f.get("bare") else READY), **(f.get("distributions") or {})}.items()
+                 if v is not None}
+    facts = make_facts(profile.comfyui.python, installed,
                        exists=f.get("venv_exists", True), error=f.get("venv_error"),
                        version=f.get("python", "3.12.3"))
+    if "plugin_requirements" in f:     # what the facts program's `git show` read from the checkout
+        facts = replace(facts, shown={packages.probe(profile).show[0]: f["plugin_requirements"]})
     if "error" in data:
         with pytest.raises(PlanError) as err:
             packages.plan(profile, facts)
         assert data["error"] in str(err.value)
         assert "\n" not in str(err.value)
         return
-    got = packages.plan(profile, facts).changes
+    result = packages.plan(profile, facts)
+    got = result.changes
+    if "notes" in data:
+        assert [n.message for n in result.notes] == data["notes"]
     assert len(got) == len(data["expect"])
     for change, want in zip(got, data["expect"]):
         assert change.resource == "packages"
@@ -66,11 +81,19 @@ def test_case(case: Path) -> None:
                 "steps": [step_view(s) for s in change.steps], "notify": sorted(change.notify)}
         for field, value in want.items():
             assert view[field] == value, field
-        assert len(change.steps) == 1                  # one pip run, however many are unmet
+        # The torch family held first, then one pip run however many are unmet.
+        hold, run = change.steps
+        assert isinstance(hold, Put) and hold.dest == "/srv/ComfyUI/.provision/constraints.txt"
+        assert run.argv[5:7] == ("-c", hold.dest)
+        assert hold.content.decode().splitlines()[1:] == [
+            f"{canonical(n)}=={v}" for n, v in sorted(installed.items())
+            if canonical(n) in ("torch", "torchvision", "torchaudio", "triton") or n.startswith("nvidia-")]
 
 
-def test_probe_asks_nothing_beyond_base_facts() -> None:
+def test_probe_asks_nothing_beyond_base_facts_for_a_known_plugin_tag() -> None:
     assert packages.probe(make_profile({})) == Probe()
+    assert packages.probe(make_profile({"plugin": {"tag": "v1.3.0"}})) == Probe(show=(
+        ("/srv/ComfyUI/custom_nodes/ComfyUI-nunchaku", "refs/tags/v1.3.0:requirements.txt"),))
 
 
 def test_default_profile_packages_are_the_seed_floors() -> None:
@@ -114,7 +137,8 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path)
     wheels, index = tmp_path / "wheels", tmp_path / "empty-index"
     wheels.mkdir(), index.mkdir()
     _wheel(wheels, "1.0"), _wheel(wheels, "2.0")
-    profile = make_profile({"packages": ["demo-pkg>=2.0"],
+    # A backend release the catalog does not know adds no Requires-Dist: demo-pkg alone is planned.
+    profile = make_profile({"packages": ["demo-pkg>=2.0"], "backend": {"version": "9.9.9"},
                             "pip": {"index_url": index.as_uri(), "find_links": [str(wheels)]}},
                            root=str(root))
     python = profile.comfyui.python
@@ -125,7 +149,9 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path)
     facts = make_facts(python, _installed(python))
     (change,) = packages.plan(profile, facts).changes
     assert change.before == {"demo-pkg": "1.0"}
-    (step,) = change.steps
+    hold, step = change.steps
+    Path(hold.dest).parent.mkdir(parents=True)
+    Path(hold.dest).write_bytes(hold.content)
     # Through the shell, as a host runs it: `>=2.0` must stay a specifier, not become `> =2.0`.
     subprocess.run(["sh", "-c", shell_line(step.argv)], cwd=tmp_path, check=True, capture_output=True)
     assert not (tmp_path / "=2.0").exists()

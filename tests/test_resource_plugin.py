@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from provisioner.config.model import Profile, build_profile
 from provisioner.connection.base import Result
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.gather import base_probe, build_request, facts_argv, read_answer
-from provisioner.facts.model import Facts, GitCheckout, Probe, PythonEnv
+from provisioner.facts.model import Facts, GitCheckout, Probe, PythonEnv, RemoteTags
 from provisioner.resources import plugin
 from provisioner.resources.base import Run
 
@@ -46,12 +47,18 @@ def test_case(case: Path) -> None:
                            tuple(co.get("tags", ())), co.get("branch"), tuple(co.get("dirty", ())),
                            co.get("remote"))
     facts = make_facts({dest: checkout})
+    if "remote" in data:          # what the host's git said of the repository's tags
+        r = data["remote"]
+        answer = RemoteTags(bool(r.get("local")), tuple(r["tags"]) if "tags" in r else None, r.get("error"))
+        facts = replace(facts, remote_tags={(dest, profile.plugin.repo, profile.plugin.tag): answer})
     if "error" in data:
         with pytest.raises(PlanError) as err:
             plugin.plan(profile, facts, now=NOW)
         assert data["error"] in str(err.value) and "\n" not in str(err.value)
         return
-    got = plugin.plan(profile, facts, now=NOW).changes
+    result = plugin.plan(profile, facts, now=NOW)
+    got = result.changes
+    assert [n.message for n in result.notes] == data.get("notes", [])
     assert len(got) == len(data["expect"])
     for change, want in zip(got, data["expect"]):
         assert (change.resource, change.key) == ("plugin", dest)
@@ -65,8 +72,20 @@ def test_case(case: Path) -> None:
         assert change.notify == frozenset({"restart-comfyui"})
 
 
-def test_probe_asks_for_the_checkout() -> None:
-    assert plugin.probe(make_profile({})) == Probe(git=(DEST,))
+def test_probe_asks_for_the_checkout_and_the_tag() -> None:
+    assert plugin.probe(make_profile({})) == Probe(
+        git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),))
+
+
+@pytest.mark.parametrize(("tag", "tags", "nearest"), [
+    ("v1.3.0", ["v0.3.4", "v1.0.0", "v1.0.1", "v1.0.2", "v1.1.0", "v1.2.0", "v1.2.1"],
+     ["v1.2.1", "v1.2.0", "v1.1.0", "v1.0.2", "v1.0.1"]),
+    ("v1.1.5", ["v1.0.0", "v1.0.2", "v1.1.0", "v1.2.0", "v1.2.1"], ["v1.2.1", "v1.2.0", "v1.1.0", "v1.0.2", "v1.0.0"]),
+    ("v1.1.5", ["v1.0.0", "v1.0.2", "v1.1.0", "v1.2.0", "v1.2.1", "v1.3.0"], ["v1.2.1", "v1.2.0", "v1.1.0", "v1.0.2", "v1.0.0"]),
+    ("release-1.1", ["v1.1.0", "v1.0.0", "nightly"], ["v1.1.0", "v1.0.0", "nightly"]),
+])
+def test_nearest_tags(tag: str, tags: list[str], nearest: list[str]) -> None:
+    assert plugin.nearest_tags(tag, tags) == nearest
 
 
 def test_facts_without_the_probe_answer_are_a_facts_error() -> None:
@@ -224,3 +243,30 @@ def test_real_other_remote_switched_with_force(tmp_path: Path, upstream: Path) -
     apply(forced)
     co = converged_at(forced, "v1.1.0")
     assert co.remote == str(fork)
+
+
+def test_real_missing_tag_is_refused_with_the_nearest(tmp_path: Path, upstream: Path) -> None:
+    """A tag the repository does not have fails the plan (it used to fail halfway through apply),
+    listing the tags the host's own git found there."""
+    for profile in (real_profile(tmp_path, upstream, tag="v1.3.0"),):     # no checkout yet: ls-remote
+        with pytest.raises(PlanError) as err:
+            plugin.plan(profile, real_facts(profile))
+        assert str(err.value) == f"plugin.tag v1.3.0 does not exist in {upstream}: pin one of its tags; available: v1.1.0, v1.0.0"
+    apply(real_profile(tmp_path, upstream))
+    typo = real_profile(tmp_path, upstream, tag="v1.1")                   # a checkout lacking it: ls-remote
+    with pytest.raises(PlanError, match=r"plugin.tag v1.1 does not exist in .*: pin one of its tags; available: v1.1.0, v1.0.0$"):
+        plugin.plan(typo, real_facts(typo))
+
+
+def test_real_converged_checkout_asks_no_repository(tmp_path: Path, upstream: Path) -> None:
+    profile = real_profile(tmp_path, upstream)
+    apply(profile)
+    upstream.rename(upstream.with_name("gone"))          # the repository is unreachable now
+    facts = real_facts(profile)
+    assert facts.remote_tags[(plugin.path(profile), str(upstream), "v1.1.0")].local
+    assert plugin.plan(profile, facts).changes == () and plugin.plan(profile, facts).notes == ()
+    retag = real_profile(tmp_path, upstream, tag="v1.0.0")               # has it locally: still no network
+    assert plugin.plan(retag, real_facts(retag)).notes == ()
+    missing = real_profile(tmp_path, upstream, tag="v9.0.0")             # must ask, cannot: a warning
+    (note,) = plugin.plan(missing, real_facts(missing)).notes
+    assert note.message.startswith(f"could not list the tags of {upstream} from the host (")

@@ -87,6 +87,9 @@ def test_nunchaku_wheel_is_named_like_the_release_asset(tmp_path: Path) -> None:
         assert "Root-Is-Purelib: false" in zf.read("nunchaku-1.0.1+torch2.6.dist-info/WHEEL").decode()
     assert "Version: 1.0.1+torch2.6" in meta
     assert "Home-page: https://github.com/nunchaku-tech/nunchaku" in meta
+    assert "Requires-Dist: diffusers>=0.35.1" in meta and "Requires-Dist: torchvision>=0.20" in meta
+    assert build_nunchaku_wheel(tmp_path, "1.2.1", "2.9", "cp313", cuda="13.0").name == \
+        "nunchaku-1.2.1+cu13.0torch2.9-cp313-cp313-linux_x86_64.whl"
     assert build_nunchaku_wheel(tmp_path, "1.0.1", "2.8", "cp311").name.endswith("+torch2.8-cp311-cp311-linux_x86_64.whl")
 
 
@@ -109,7 +112,7 @@ def test_wheels_install_offline_with_real_pip(tmp_path: Path, template: Path, wh
         "--find-links", str(wheels / "house"), "nunchaku==1.0.1+torch2.6", "diffusers>=0.35", "peft>=0.17")
     found = dists(py, "nunchaku", "diffusers", "peft", "torch")
     assert found["nunchaku"] == ["1.0.1+torch2.6", found["nunchaku"][1], "https://github.com/nunchaku-tech/nunchaku"]
-    assert (found["diffusers"][0], found["peft"][0], found["torch"][0]) == ("0.35.2", "0.17.1", "2.6.0+cu124")
+    assert (found["diffusers"][0], found["peft"][0], found["torch"][0]) == ("0.36.0", "0.17.1", "2.6.0+cu124")  # the newest stand-in
     assert "stand-in" in found["diffusers"][1]
     # The compatibility break is reproduced for real: plugin v1.2.0 on core 0.3.64 fails at load time.
     repo = make_plugin_repo(tmp_path / "plugin.git")
@@ -220,8 +223,11 @@ def test_plugin_repo_tags_and_trees(tmp_path: Path) -> None:
     assert "use_additional_t_cond" not in show("v1.1.0", "nodes/models/qwenimage.py")
     assert 'min_nunchaku_version = "1.0.0"' in show("v1.1.0", "__init__.py")
     assert 'version = "1.0.2"' in show("v1.0.2", "pyproject.toml")
-    assert show("v1.0.0", "requirements.txt").split() == [
-        "diffusers>=0.35", "transformers>=4.54", "huggingface_hub>=0.34", "peft>=0.17", "accelerate>=1.10"]
+    # Each tag's requirements.txt as upstream's (v1.0.0 lists accelerate twice, as upstream does).
+    assert show("v1.0.0", "requirements.txt").split()[:3] == ["diffusers>=0.35", "accelerate", "sentencepiece"]
+    assert show("v1.2.0", "requirements.txt").split() == [
+        "diffusers>=0.35", "transformers>=4.54", "sentencepiece", "protobuf", "huggingface_hub>=0.34", "tomli",
+        "peft>=0.17", "accelerate>=1.10", "insightface", "opencv-python", "facexlib", "onnxruntime", "timm"]
     again = make_plugin_repo(tmp_path / "b.git")
 
     def sha(where: Path, rev: str) -> str:
@@ -250,7 +256,8 @@ def test_default_cp312_nunchaku_wheel_installs_into_a_cp312_venv(tmp_path: Path)
         pytest.skip("needs a CPython 3.12 interpreter")
     venv = tmp_path / "venv312"
     subprocess.run([py312, "-m", "venv", "--without-pip", str(venv)], check=True)  # pip runs from outside
-    pip(Path(sys.executable), "--python", str(venv / "bin/python"), "install", "--no-index",
+    # --no-deps, as the backend resource installs it: the stand-in carries 1.0.1's real Requires-Dist.
+    pip(Path(sys.executable), "--python", str(venv / "bin/python"), "install", "--no-index", "--no-deps",
         str(build_nunchaku_wheel(tmp_path)))
     assert dists(venv / "bin/python", "nunchaku")["nunchaku"][0] == "1.0.1+torch2.6"
 

@@ -82,7 +82,8 @@ def host_facts(nunchaku: str | None = "1.0.1+torch2.6", comfyui_gpu: int | str |
                            capture_output=True, text=True) if shutil.which("nvidia-smi") else None
     gpus = parse_nvidia_smi_csv(query.stdout) if query else ()
     dists = {"nunchaku": Distribution("nunchaku", nunchaku)} if nunchaku else {}
-    env = PythonEnv("/opt/ComfyUI/venv/bin/python", True, "3.11.9", "cp311", "linux_x86_64", torch, "12.4", dists)
+    env = PythonEnv("/opt/ComfyUI/venv/bin/python", True, "3.11.9", "cp311", "linux_x86_64", torch, "12.4",
+                    distributions=dists)
     return Facts("gpu-01", "Ubuntu 24.04", "x86_64", "6.8", "/usr/bin/python3", env, gpus,
                  None if gpus else "nvidia-smi not found", None, "/", 10**12, "0.3.64", comfyui_gpu=comfyui_gpu)
 

@@ -9,6 +9,17 @@ from packaging.version import InvalidVersion, Version
 
 NEEDLE = "use_additional_t_cond"
 CORE_MODEL = "comfy/ldm/qwen_image/model.py"
+# ComfyUI-nunchaku v1.0+ builds its Qwen-Image DiT on ComfyUI core's comfy/ldm/qwen_image, which
+# ComfyUI 0.3.48 (2025-08-01) does not have (checked in a real checkout); Qwen-Image support came
+# in the next release.
+QWEN_IMAGE_PLUGIN = Version("1.0.0")
+LAST_WITHOUT_QWEN_IMAGE = Version("0.3.48")
+# The Qwen-Image-Edit-2509 workflows encode with TextEncodeQwenImageEditPlus (comfy_extras/nodes_qwen.py),
+# which ComfyUI 0.3.60 has and the plugin's docs require ("ComfyUI >= 0.3.60").
+EDIT_NODES = "comfy_extras/nodes_qwen.py"
+FAMILY_NODES: dict[str, tuple[str, Version]] = {
+    "qwen-image-edit-2509": ("TextEncodeQwenImageEditPlus", Version("0.3.60")),
+}
 # Upstream facts (ComfyUI-nunchaku __init__.py): v1.0.x-v1.2.x log "requires nunchaku >= v1.0.0"
 # (min_nunchaku_version = "1.0.0"); the v0.3 plugins only accepted the 0.3 backends.
 BACKEND_RANGES: tuple[tuple[Version, Version, Version | None], ...] = (
@@ -64,3 +75,22 @@ def core_incompatibility(plugin_tag: str, core_has_t_cond: bool, core_version: s
     return (f"ComfyUI-nunchaku {plugin_tag} needs a ComfyUI core whose QwenTimestepProjEmbeddings takes "
             f"{NEEDLE} (ComfyUI >= {T_COND_CORE}); this host has {core_version or 'an unknown version'}: "
             f"pin plugin.tag {LAST_WITHOUT_T_COND} or update ComfyUI")
+
+
+def qwen_image_incompatibility(plugin_tag: str, core_has_qwen_image: bool, core_version: str | None) -> str | None:
+    """Why this plugin cannot load on a core without comfy/ldm/qwen_image, or None."""
+    plugin = plugin_version(plugin_tag)
+    if plugin is None or plugin < QWEN_IMAGE_PLUGIN or core_has_qwen_image:
+        return None
+    return (f"ComfyUI-nunchaku {plugin_tag} builds Qwen-Image on ComfyUI core's comfy/ldm/qwen_image, which "
+            f"this host's ComfyUI {core_version or '(unknown version)'} does not have (it came after "
+            f"{LAST_WITHOUT_QWEN_IMAGE}): update ComfyUI")
+
+
+def family_incompatibility(family: str, core_has_node: bool, core_version: str | None) -> str | None:
+    """Why this model family's workflows cannot run on this core, or None."""
+    if family not in FAMILY_NODES or core_has_node:
+        return None
+    node, since = FAMILY_NODES[family]
+    return (f"model.family {family} needs ComfyUI >= {since} (its workflows use {node}); this host has "
+            f"{core_version or 'an unknown version'}: update ComfyUI, or choose qwen-image or qwen-image-edit")

@@ -8,11 +8,13 @@ text encoder and VAE that every Qwen-Image workflow of ComfyUI-nunchaku v1.1.0 l
 
 from __future__ import annotations
 
+import json
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
-from provisioner.catalog.gpus import GpuInfo, auto_precision, is_blackwell
+from provisioner.catalog.gpus import SUPPORTED, GpuInfo, capability_text, precision_for, refusal
 
 PRECISIONS = ("auto", "int4", "fp4")
 RECOMMENDED = "lightning-4step-r128"
@@ -26,7 +28,7 @@ class ModelFile:
     path_in_repo: str
     filename: str                     # name under models/<folder>/ (what the workflow's loader names)
     folder: str                       # diffusion_models | text_encoders | vae
-    revision: str = "main"
+    revision: str | None = None       # a Hub commit; None: the repo's main, as first resolved (hub_cache.py)
     approx_bytes: int = 0             # as the Hub lists it; the exact size comes from hub.py at plan time
 
     def dest(self, models_dir: str) -> str:
@@ -95,10 +97,61 @@ _DIT_BYTES = {("int4", 128): 12_700_000_000, ("int4", 32): 11_500_000_000,
 _ACTIVATIONS_GB = 3.0
 
 _COMFY_REPO = "Comfy-Org/Qwen-Image_ComfyUI"
+# A commit of that repo holding both files, pinned in several independent public download lists and
+# Nix expressions (with the VAE's sha256 a70580f0...1d1f, 253806246 bytes). The nunchaku-ai repos
+# have no commit established here: they follow their main, as first resolved (hub_cache.py), unless
+# the profile pins model.revision.
+_COMFY_COMMIT = "7beb7b647f04469fbe64ba8adc2bb0d7e5e9f73f"
 TEXT_ENCODER = ModelFile(_COMFY_REPO, "split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                         "qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders", approx_bytes=9_380_000_000)
+                         "qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders", _COMFY_COMMIT,
+                         approx_bytes=9_384_670_680)
 VAE = ModelFile(_COMFY_REPO, "split_files/vae/qwen_image_vae.safetensors",
-                "qwen_image_vae.safetensors", "vae", approx_bytes=254_000_000)
+                "qwen_image_vae.safetensors", "vae", _COMFY_COMMIT, approx_bytes=253_806_246)
+PINNED_REVISIONS = {_COMFY_REPO: _COMFY_COMMIT}     # repo -> commit the catalog pins
+
+
+# What a nunchaku SVDQuant file says of itself: its safetensors header's `__metadata__` holds
+# `quantization_config`, a JSON string (nunchaku merge_safetensors.py, v1.2.1 L117-150, writes it;
+# ComfyUI-nunchaku's Qwen-Image loader reads weight.dtype and rank, rank 32 when absent, and refuses a
+# file whose dtype the GPU cannot run). fp4 files are NVFP4: e2m1 weights in groups of 16.
+WEIGHT_DTYPES = {"int4": "int4", "fp4": "fp4_e2m1_all"}
+DEFAULT_RANK = 32
+
+
+def quantization_config(precision: str, rank: int) -> dict[str, object]:
+    """The `quantization_config` upstream writes for an SVDQuant file of this precision and rank."""
+    if precision == "fp4":
+        weight = {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"], "group_size": 16}
+        activation = {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan", "group_size": 16}
+    else:
+        weight = {"dtype": "int4", "scale_dtype": None, "group_size": 64}
+        activation = dict(weight)
+    return {"method": "svdquant", "weight": weight, "activation": activation, "rank": rank}
+
+
+def declared(metadata: Mapping[str, str]) -> tuple[str, int] | str:
+    """(weight dtype, rank) a file's header declares, or why it declares none."""
+    text = metadata.get("quantization_config")
+    if text is None:
+        return "its safetensors header has no quantization_config: not a nunchaku SVDQuant file"
+    try:
+        config = json.loads(text)
+        dtype, rank = config["weight"]["dtype"], int(config.get("rank", DEFAULT_RANK))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "its header's quantization_config cannot be read (no weight.dtype)"
+    return str(dtype), rank
+
+
+def header_mismatch(metadata: Mapping[str, str], precision: str, rank: int) -> str | None:
+    """Why a DiT file is not the `precision`/`rank` file its name promises, or None."""
+    found = declared(metadata)
+    if isinstance(found, str):
+        return found
+    dtype, got_rank = found
+    if (dtype, got_rank) == (WEIGHT_DTYPES[precision], rank):
+        return None
+    return (f"its header declares {dtype} rank {got_rank} weights (quantization_config), not "
+            f"{WEIGHT_DTYPES[precision]} rank {rank}")
 
 
 def families() -> tuple[str, ...]:
@@ -108,6 +161,13 @@ def families() -> tuple[str, ...]:
 def variants(family: str) -> tuple[str, ...]:
     _family(family)
     return tuple(_VARIANTS)
+
+
+def rank_of(variant: str) -> int:
+    """The SVDQuant rank of a variant's files (`lightning-4step-r128` -> 128)."""
+    if variant not in _VARIANTS:
+        raise PlanError(f"unknown variant {variant!r} (model.variant)", tuple(_VARIANTS))
+    return _VARIANTS[variant][1]
 
 
 def _family(family: str) -> _Family:
@@ -134,29 +194,37 @@ def candidate_files(family: str, variant: str, precision: str) -> tuple[ModelFil
     return tuple(dit_file(family, variant, p) for p in precs) + (TEXT_ENCODER, VAE)
 
 
-def _precision(precision: str, gpu: GpuInfo | None) -> tuple[str, tuple[str, ...]]:
+def _precision(precision: str, gpu: GpuInfo | None, gpu_error: str | None,
+               backend: str | None) -> tuple[str, tuple[str, ...]]:
     if precision not in PRECISIONS:
         raise PlanError(f"unknown precision {precision!r} (model.precision)", PRECISIONS)
     if gpu is None:
+        why = gpu_error or "nvidia-smi listed no GPU"
         if precision == "auto":
-            return "int4", ("no GPU seen on the host: chose the int4 files (set model.precision to pin it)",)
-        return precision, ()
-    cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}"
-    if precision == "auto":
-        return auto_precision(gpu.compute_capability), ()
-    if precision == "int4" and is_blackwell(gpu.compute_capability):
-        raise PlanError(f"{gpu.name} (compute capability {cc}) is Blackwell: Nunchaku's INT4 kernels do not "
-                        "run there; set model.precision to fp4 or auto")
-    if precision == "fp4" and not is_blackwell(gpu.compute_capability):
-        raise PlanError(f"{gpu.name} (compute capability {cc}) cannot run Nunchaku's FP4 kernels (Blackwell "
-                        "only); set model.precision to int4 or auto")
-    return precision, ()
+            # Never guess: a driver update that broke nvidia-smi must not switch a host's files.
+            raise PlanError(f"no GPU facts this time ({why}): model.precision auto cannot be decided; "
+                            "repair the driver, or pin model.precision")
+        return precision, (f"no GPU facts this time ({why}): the pinned {precision} files are "
+                           "used unchecked",)
+    reason = refusal(gpu, backend)
+    if reason:
+        raise PlanError(reason)
+    runs = precision_for(gpu.compute_capability, backend)
+    if precision in ("auto", runs):
+        return str(runs), ()
+    raise PlanError(f"{gpu.name} (compute capability {capability_text(gpu.compute_capability)}) runs "
+                    f"nunchaku's {runs} models only ({SUPPORTED}); model.precision {precision} cannot "
+                    f"load there: set it to {runs} or auto")
 
 
-def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None) -> ModelSelection:
-    """Pick the exact files. Raises `PlanError` listing the valid choices for any unknown name."""
+def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None, *,
+            gpu_error: str | None = None, backend: str | None = None) -> ModelSelection:
+    """Pick the exact files for this GPU (`gpu_error`: why none was seen; `backend`: the nunchaku
+    version, whose GPU table differs in 1.0.1). Raises a one-line `PlanError` for a GPU nunchaku
+    cannot run, a precision it cannot load, missing GPU facts under `auto`, or an unknown name
+    (listing the valid choices)."""
     dit_file(family, variant, "int4")  # validates family and variant before precision
-    concrete, notes = _precision(precision, gpu)
+    concrete, notes = _precision(precision, gpu, gpu_error, backend)
     fam = _FAMILIES[family]
     steps, rank = _VARIANTS[variant]
     dit = dit_file(family, variant, concrete)

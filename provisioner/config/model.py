@@ -126,8 +126,9 @@ class PipSpec:
 class ModelSpec:
     family: str = "qwen-image-edit-2509"
     variant: str = "lightning-4step-r128"
-    precision: Precision = "auto"     # auto: fp4 on Blackwell (compute capability >= 10), else int4
+    precision: Precision = "auto"     # auto: catalog/gpus.py (int4 on 7.5-8.9, fp4 on 12.x)
     sha256: str | None = None         # overrides the Hub's LFS checksum for the main model file
+    revision: str | None = None       # Hub revision (a commit) of the DiT's repo; None: main, as first resolved
 
 
 @dataclass(frozen=True)

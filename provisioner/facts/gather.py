@@ -47,6 +47,9 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "grep": [list(pair) for pair in probe.grep],
         "git": list(probe.git),
         "http": list(probe.http),
+        "show": [list(pair) for pair in probe.show],
+        "remote_tags": [list(item) for item in probe.remote_tags],
+        "headers": list(probe.headers),
     }
 
 

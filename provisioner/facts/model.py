@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from provisioner.catalog.gpus import is_blackwell
+from provisioner.catalog.gpus import precision_for
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class Probe:
     grep: tuple[tuple[str, str], ...] = ()      # (path, needle): does the file contain it
     git: tuple[str, ...] = ()                   # checkouts: HEAD, tags at HEAD, dirty files, remote
     http: tuple[str, ...] = ()                  # URLs: HTTP status, or None when nothing answers
+    show: tuple[tuple[str, str], ...] = ()      # (checkout, "refs/tags/T:file"): that file's text at T
+    remote_tags: tuple[tuple[str, str, str], ...] = ()  # (checkout, repo, tag): repo's tags if checkout lacks tag
+    headers: tuple[str, ...] = ()               # safetensors files: their header's __metadata__
 
     def __or__(self, other: Probe) -> Probe:
         def merged(a: tuple, b: tuple) -> tuple:
@@ -45,8 +48,9 @@ class Gpu:
         return self.vram_total_mib / 1024
 
     @property
-    def is_blackwell(self) -> bool:
-        return is_blackwell(self.compute_capability)
+    def precision(self) -> str | None:
+        """The models nunchaku runs here (`int4`, `fp4`), or None: it runs none (H100, B200)."""
+        return precision_for(self.compute_capability)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Distribution:
     version: str
     summary: str = ""
     home: str = ""                               # Home-page / first Project-URL
+    requires: tuple[str, ...] = ()               # Requires-Dist (read for nunchaku only)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class PythonEnv:
     platform: str | None = None                  # "linux_x86_64" (wheel platform tag)
     torch: str | None = None                     # "2.6.0+cu124"
     torch_cuda: str | None = None                # "12.4"
+    tags: tuple[str, ...] | None = None          # wheel tags the interpreter accepts, best first (None: no pip)
+    free_threaded: bool = False                  # a no-GIL build (cp313t): its wheels are another ABI
     distributions: Mapping[str, Distribution] = field(default_factory=dict)  # by canonical name
     error: str | None = None                     # why it could not be read, when exists but broken
 
@@ -99,6 +106,26 @@ class FileState:
 
 
 @dataclass(frozen=True)
+class RemoteTags:
+    """What the host's git knows of a repository's tags: the checkout has the wanted one (`local`),
+    or the repository's whole list (`tags`), or why it could not be asked (`error`)."""
+
+    local: bool = False
+    tags: tuple[str, ...] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """A safetensors file's header `__metadata__` (the keys the plan checks), read without hashing."""
+
+    path: str
+    exists: bool
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None                     # not a safetensors file (truncated, an HTML page)
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -117,6 +144,9 @@ class Facts:
     contents: Mapping[str, str | None] = field(default_factory=dict)
     greps: Mapping[tuple[str, str], bool] = field(default_factory=dict)
     http: Mapping[str, int | None] = field(default_factory=dict)
+    shown: Mapping[tuple[str, str], str | None] = field(default_factory=dict)
+    remote_tags: Mapping[tuple[str, str, str], RemoteTags] = field(default_factory=dict)
+    headers: Mapping[str, ModelHeader] = field(default_factory=dict)
     elapsed_s: float = 0.0                       # time the script took on the host
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
     comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's

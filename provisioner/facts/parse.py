@@ -14,7 +14,9 @@ from provisioner.facts.model import (
     FileState,
     GitCheckout,
     Gpu,
+    ModelHeader,
     PythonEnv,
+    RemoteTags,
     canonical,
 )
 
@@ -26,12 +28,12 @@ _NUNCHAKU_ORGS = ("nunchaku-tech", "mit-han-lab", "nunchaku-ai")
 def is_real_nunchaku(dist: Distribution) -> bool:
     """The SVDQuant backend, not PyPI's unrelated `nunchaku` 0.16.1 (data segmentation).
 
-    Real wheels carry a `+torchX.Y` local version label, or name their GitHub organisation in
-    Home-page / Project-URL / Summary; the impostor does neither.
+    Real wheels carry a `+torchX.Y` (from 1.2.1 `+cuX.YtorchA.B`) local version label, or name
+    their GitHub organisation in Home-page / Project-URL / Summary; the impostor does neither.
     """
     if canonical(dist.name) != "nunchaku":
         return False
-    if dist.version.partition("+")[2].startswith("torch"):
+    if re.match(r"(cu[\d.]+)?torch\d", dist.version.partition("+")[2]):
         return True
     text = f"{dist.home} {dist.summary}".lower()
     return any(org in text for org in _NUNCHAKU_ORGS)
@@ -113,12 +115,14 @@ def _env(raw: Mapping[str, Any]) -> PythonEnv:
         return PythonEnv(python=raw["python"], exists=bool(raw.get("exists")), error=raw.get("error"))
     dists: dict[str, Distribution] = {}
     for d in info.get("distributions", ()):
-        dist = Distribution(d["name"], d.get("version", ""), d.get("summary", ""), d.get("home", ""))
+        dist = Distribution(d["name"], d.get("version", ""), d.get("summary", ""), d.get("home", ""),
+                            tuple(d.get("requires") or ()))
         dists.setdefault(canonical(dist.name), dist)
     return PythonEnv(
         python=raw["python"], exists=True, version=info.get("version"), tag=info.get("tag"),
         platform=info.get("platform"), torch=info.get("torch"), torch_cuda=info.get("torch_cuda"),
-        distributions=dict(sorted(dists.items())),
+        tags=tuple(info["tags"]) if info.get("tags") is not None else None,
+        free_threaded=bool(info.get("gil_disabled")), distributions=dict(sorted(dists.items())),
     )
 
 
@@ -134,6 +138,17 @@ def _file(path: str, raw: Mapping[str, Any]) -> FileState:
     if not raw.get("exists"):
         return FileState(path, False)
     return FileState(path, True, int(raw["size"]), int(raw["mtime_ns"]), raw.get("sha256"))
+
+
+def _remote_tags(raw: Mapping[str, Any]) -> RemoteTags:
+    tags = raw.get("tags")
+    return RemoteTags(bool(raw.get("local")), tuple(tags) if tags is not None else None, raw.get("error"))
+
+
+def _header(path: str, raw: Mapping[str, Any]) -> ModelHeader:
+    if raw.get("exists") is False:
+        return ModelHeader(path, False)
+    return ModelHeader(path, True, dict(raw.get("metadata") or {}), raw.get("error"))
 
 
 def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | str | None = None) -> Facts:
@@ -163,6 +178,9 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             contents=contents,
             greps={(p, n): bool(found) for p, n, found in answer.get("grep") or ()},
             http=dict(answer.get("http") or {}),
+            shown={(p, spec): text for p, spec, text in answer.get("show") or ()},
+            remote_tags={(p, repo, tag): _remote_tags(got) for p, repo, tag, got in answer.get("remote_tags") or ()},
+            headers={p: _header(p, h) for p, h in (answer.get("headers") or {}).items()},
             elapsed_s=float(answer.get("elapsed_s", 0.0)),
             errors=tuple(answer.get("errors") or ()),
             comfyui_gpu=comfyui_gpu,
@@ -188,7 +206,9 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "env": {
             "python": env.python, "exists": env.exists, "version": env.version, "tag": env.tag,
             "platform": env.platform, "torch": env.torch, "torch_cuda": env.torch_cuda,
-            "error": env.error,
+            "error": env.error, "free_threaded": env.free_threaded,
+            # The full list is ~900 tags: its most specific one says enough to a reader.
+            "wheel_tag": env.tags[0] if env.tags else None,
             "nunchaku": None if nunchaku is None else {
                 "version": nunchaku.version, "real": is_real_nunchaku(nunchaku)},
             "distributions": {k: {"name": d.name, "version": d.version, "summary": d.summary,
@@ -208,6 +228,10 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "contents": dict(sorted(facts.contents.items())),
         "greps": [{"path": p, "needle": n, "found": v} for (p, n), v in sorted(facts.greps.items())],
         "http": dict(sorted(facts.http.items())),
+        "remote_tags": [{"path": p, "repo": r, "tag": t, "local": v.local, "tags": v.tags, "error": v.error}
+                        for (p, r, t), v in sorted(facts.remote_tags.items())],
+        "headers": {p: {"exists": h.exists, "metadata": dict(h.metadata), "error": h.error}
+                    for p, h in sorted(facts.headers.items())},
         "elapsed_s": facts.elapsed_s,
         "errors": list(facts.errors),
     }

@@ -134,7 +134,7 @@ class StepRunner:
         token = os.environ.get(step.token_env) if step.token_env else None
         self.reporter.redact.add(token)
         request = remote.fetch_request(url=step.url, dest=step.dest, sha256=step.sha256, size=step.size,
-                                       cache=step.cache, token=token)
+                                       cache=step.cache, token=token, quantization=step.quantization)
         label = posixpath.basename(step.dest)
         with self.reporter.transfer(self.conn.name, label, step.size) as bar:
             def on_line(line: str) -> None:

@@ -49,15 +49,17 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
     single `provision plan` shows all the reasons a host cannot be converged, not just the first."""
     changes: list[Change] = []
     notes: list[Note] = []
-    errors: list[str] = []
+    errors: dict[str, list[str]] = {}           # message -> the resources that raised it
     handlers: dict[str, Handler] = {}
     for resource in ORDER:
         try:
             result = resource.plan(profile, facts)
         except PlanError as err:
-            errors.append(f"{resource.name}: {err}")
+            # One cause (a GPU nunchaku cannot run) reaches several resources: say it once.
+            errors.setdefault(str(err), []).append(resource.name)
             continue
         changes.extend(result.changes)
         notes.extend(result.notes)
         handlers.update((h.name, h) for h in result.handlers)
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), tuple(errors), handlers)
+    lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
+    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers)

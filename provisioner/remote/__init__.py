@@ -35,10 +35,13 @@ def argv(program: str, *args: str, python: str = "python3") -> tuple[str, ...]:
 
 def fetch_request(*, dest: str, cache: str, url: str | None = None, sha256: str | None = None,
                   size: int | None = None, mode: str = "fetch", token: str | None = None,
-                  retries: int = 3) -> bytes:
-    """The fetch program's stdin. Holds the token when given: never log or store it."""
+                  retries: int = 3, quantization: tuple[str, int] | None = None) -> bytes:
+    """The fetch program's stdin. Holds the token when given: never log or store it.
+    `quantization`: the (weight dtype, rank) the downloaded safetensors header must declare."""
     payload: dict[str, object] = {"url": url, "dest": dest, "sha256": sha256, "size": size,
                                   "cache": cache, "mode": mode, "retries": retries}
+    if quantization:
+        payload["quantization"] = {"dtype": quantization[0], "rank": quantization[1]}
     if token:
         payload["token"] = token
     return json.dumps(payload).encode()

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +21,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 READ_CAP = 1 << 20          # bytes of a `read` probe sent back
+HEADER_CAP = 100 << 20      # safetensors' own limit on a header
+# Of a model file's `__metadata__`, what the plan checks (config/comfy_config are large and unused).
+HEADER_KEYS = ("quantization_config", "model_class", "format")
+GIT_ENV = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", GIT_TERMINAL_PROMPT="0")
+GIT_ENV.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")   # never wait for a password
 NVIDIA_SMI_QUERY = (
     "--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,"
     "driver_version,compute_cap,pci.bus_id"
@@ -32,7 +38,17 @@ out = {"version": "%d.%d.%d" % sys.version_info[:3],
        "tag": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, "py")
               + "%d%d" % sys.version_info[:2],
        "platform": re.sub(r"[-.]", "_", sysconfig.get_platform()),
-       "prefix": sys.prefix, "distributions": [], "torch": None, "torch_cuda": None}
+       "prefix": sys.prefix, "distributions": [], "torch": None, "torch_cuda": None,
+       "gil_disabled": bool(sysconfig.get_config_var("Py_GIL_DISABLED")), "tags": None}
+try:        # the wheel tags this interpreter accepts, as pip itself decides them
+    from pip._vendor.packaging import tags as wheel_tags
+except Exception:
+    try:
+        from packaging import tags as wheel_tags
+    except Exception:
+        wheel_tags = None
+if wheel_tags is not None:
+    out["tags"] = [str(t) for t in wheel_tags.sys_tags()]
 from importlib import metadata
 seen = set()
 for dist in metadata.distributions():
@@ -181,15 +197,17 @@ def grep_files(pairs):
     return out
 
 
+def _git(path, *args, **kw):
+    # safe.directory: a checkout owned by another user (root in a container) is still read.
+    return _run(["git", "-c", "safe.directory=*", "-C", path] + list(args), env=GIT_ENV, **kw)
+
+
 def git_checkout(path):
     if not os.path.isdir(path):
         return {"exists": False}
-    # safe.directory: a checkout owned by another user (root in a container) is still read.
-    base = ["git", "-c", "safe.directory=*", "-C", path]
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
 
     def git(*args):
-        return _run(base + list(args), timeout=30.0, env=env)
+        return _git(path, *args, timeout=30.0)
 
     rc, top, err = git("rev-parse", "--show-toplevel")
     if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
@@ -213,6 +231,62 @@ def git_checkout(path):
             "tags": sorted(t for t in tags.split() if t),
             "branch": branch.strip() if rc_b == 0 else None, "dirty": dirty,
             "remote": remote.strip() if rc_r == 0 else None}
+
+
+def git_show(items):
+    """[path, "refs/tags/T:file", text or None]: a file of a commit the checkout already has."""
+    out = []
+    for path, spec in items:
+        text = None
+        if os.path.isdir(path):
+            rc, stdout, _ = _git(path, "show", spec, timeout=30.0)
+            text = stdout if rc == 0 else None
+        out.append([path, spec, text])
+    return out
+
+
+def remote_tags(items):
+    """[path, repo, tag, answer]: asks the repository for its tags only when the checkout at path
+    lacks `tag` (a converged host costs no network); answer {"local": true} | {"tags": [...]} |
+    {"error": "..."}."""
+    out = []
+    for path, repo, tag in items:
+        if os.path.isdir(path) and _git(path, "rev-parse", "-q", "--verify",
+                                        "refs/tags/%s^{commit}" % tag, timeout=30.0)[0] == 0:
+            out.append([path, repo, tag, {"local": True}])
+            continue
+        rc, stdout, err = _run(["git", "ls-remote", "--tags", "--refs", "--", repo], timeout=30.0,
+                               env=GIT_ENV)
+        if rc != 0:
+            lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
+            answer = {"error": lines[-1] if lines else "git ls-remote exited %d" % rc}
+        else:
+            names = [line.split("refs/tags/", 1)[1] for line in stdout.splitlines() if "refs/tags/" in line]
+            answer = {"tags": sorted(names)}
+        out.append([path, repo, tag, answer])
+    return out
+
+
+def safetensors_header(path):
+    """The `__metadata__` of a safetensors file (8-byte little-endian length, then a JSON object)
+    without reading its tensors: {"metadata": {...}} | {"exists": false} | {"error": "..."}."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return {"error": "not a safetensors file (%d bytes: too short for a header)" % len(head)}
+            (length,) = struct.unpack("<Q", head)
+            if length > min(HEADER_CAP, size - 8):
+                return {"error": "not a safetensors file (header length %d, file %d bytes)" % (length, size)}
+            header = json.loads(fh.read(length).decode("utf-8"))
+    except FileNotFoundError:
+        return {"exists": False}
+    except (OSError, ValueError) as err:        # UnicodeDecodeError and JSON errors are ValueErrors
+        return {"error": "not a safetensors header (%s)" % type(err).__name__}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    return {"metadata": dict((k, v) for k, v in meta.items() if k in HEADER_KEYS and isinstance(v, str))}
 
 
 def http_status(url):
@@ -239,6 +313,9 @@ def gather(req):
         "stat": lambda: stat_files(req.get("stat", []), req.get("checksums", "")),
         "read": lambda: read_files(req.get("read", [])),
         "grep": lambda: grep_files(req.get("grep", [])),
+        "show": lambda: git_show(req.get("show", [])),
+        "remote_tags": lambda: remote_tags(req.get("remote_tags", [])),
+        "headers": lambda: dict((p, safetensors_header(p)) for p in req.get("headers", [])),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),

@@ -1,10 +1,11 @@
 """Host-side resumable, checksum-verified downloader (stdlib only, Python >= 3.8), run as `python3 -c SOURCE`.
 
 Protocol: one JSON request on stdin {url, dest, sha256, size, cache, mode: "fetch"|"verify", token?,
-retries?, timeout_s?}. The token travels only on stdin (never argv: `ps` shows argv) and becomes
-`Authorization: Bearer`, which is dropped when a redirect leaves the first origin (the Hub answers
-302 to a CDN). Bytes go to `DEST.part`, resumed with `Range: bytes=N-`, hashed while streaming,
-checked for size and sha256, fsynced and renamed into place; the checksum cache (`{path: {size,
+retries?, timeout_s?, quantization?: {dtype, rank}}. The token travels only on stdin (never argv:
+`ps` shows argv) and becomes `Authorization: Bearer`, which is dropped when a redirect leaves the
+first origin (the Hub answers 302 to a CDN). Bytes go to `DEST.part`, resumed with `Range: bytes=N-`,
+hashed while streaming, checked for size and sha256 (and, given `quantization`, what the model's
+safetensors header declares), fsynced and renamed into place; the checksum cache (`{path: {size,
 mtime_ns, sha256}}`, the facts script trusts an entry while size and mtime_ns still match) is
 updated under a file lock. stdout: `{"done": N, "total": M}` lines (<= 5/s), then one final JSON
 line with "ok". A failure also prints one line on stderr and exits 1 (2 for a bad request).
@@ -18,6 +19,7 @@ import hashlib
 import http.client
 import json
 import os
+import struct
 import sys
 import time
 import urllib.error
@@ -25,6 +27,7 @@ import urllib.parse
 import urllib.request
 
 _CHUNK = 1 << 20
+_HEADER_CAP = 100 << 20     # safetensors' own limit on a header
 _PROGRESS_EVERY_S = 0.2
 _PORTS = {"http": 80, "https": 443}
 
@@ -206,9 +209,35 @@ def _fetch(req):
         os.unlink(part.path)
         raise FetchError("checksum mismatch for %s: expected %s bytes sha256 %s, got %d bytes sha256 %s; "
                          "removed the download" % (dest, size, want, part.length, digest))
+    wrong = _quantization_mismatch(part.path, req.get("quantization"))
+    if wrong:
+        os.unlink(part.path)
+        raise FetchError("%s: %s; removed the download" % (dest, wrong))
     os.replace(part.path, dest)
     _fsync_dir(os.path.dirname(dest) or ".")
     return _record(req, dest, digest, fetched=part.written, resumed_from=resumed_from)
+
+
+def _quantization_mismatch(path, expect):
+    """Why a downloaded model is not the SVDQuant file it should be, from its safetensors header
+    (8-byte little-endian length, then JSON; `__metadata__.quantization_config` is a JSON string
+    with weight.dtype and rank, rank 32 when absent), or None. expect: {"dtype", "rank"} or None."""
+    if not expect:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > min(_HEADER_CAP, os.path.getsize(path) - 8):
+                return "not a safetensors file (header length %d)" % length
+            meta = json.loads(fh.read(length).decode("utf-8")).get("__metadata__") or {}
+            config = json.loads(meta["quantization_config"])
+            got = (config["weight"]["dtype"], int(config.get("rank", 32)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return "its safetensors header declares no readable quantization_config"
+    if got != (expect["dtype"], expect["rank"]):
+        return "its header declares %s rank %d weights, expected %s rank %d" % (
+            got[0], got[1], expect["dtype"], expect["rank"])
+    return None
 
 
 def _fsync_dir(path):

@@ -10,7 +10,7 @@ from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.errors import ConnectError, ProvisionError
-from provisioner.catalog.gpus import auto_precision
+from provisioner.catalog.gpus import precision_for
 from provisioner.facts.model import Facts
 from provisioner.facts.parse import facts_to_json
 from provisioner.report.model import HostEntry, Status
@@ -42,7 +42,8 @@ def _precision(wanted: str, facts: Mapping[str, Any]) -> str:
     if wanted != "auto":
         return wanted
     gpu = facts.get("gpu")                           # the GPU ComfyUI uses, as facts_to_json picked it
-    return f"{auto_precision(gpu.get('compute_capability') or ()) if gpu else 'int4'} (auto)"
+    runs = precision_for(gpu.get("compute_capability") or ()) if gpu else None
+    return f"{runs or 'none'} (auto)"
 
 
 def versions_from(facts: Mapping[str, Any] | None, profile: Profile | None = None,

@@ -1,19 +1,23 @@
-"""The nunchaku backend: the prebuilt wheel matching the host's torch, CPython tag and platform."""
+"""The nunchaku backend: the release wheel built for the host's torch (minor and CUDA) that its
+interpreter accepts (packaging.tags), installed by path with --no-deps and torch held."""
 
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import parse_wheel_filename
+from packaging.tags import Tag
 from packaging.version import InvalidVersion, Version
 
 from provisioner.catalog import wheels
+from provisioner.catalog.gpus import SM121_MIN_BUILD_CUDA
 from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Probe, PythonEnv
+from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.resources import releases
+from provisioner.resources.hold import hold_step
 from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
 
@@ -25,9 +29,33 @@ def probe(profile: Profile) -> Probe:
     return Probe()
 
 
-def _host_target(profile: Profile, env: PythonEnv) -> tuple[Version, str]:
-    """(backend version, torch major.minor), or a PlanError saying what the venv lacks."""
-    venv = profile.comfyui.venv
+@dataclass(frozen=True)
+class Target:
+    """The backend wheel this host needs: release, local label, and what its interpreter accepts."""
+
+    version: Version
+    torch: wheels.HostTorch
+    accepted: tuple[Tag, ...]
+    python_tag: str
+    platform: str
+
+    @property
+    def wheel_version(self) -> Version:
+        return wheels.wheel_version(str(self.version), self.torch)
+
+    @property
+    def label(self) -> str:
+        return wheels.local_label(str(self.version), self.torch)
+
+
+def _no_wheel(why: str) -> PlanError:
+    return PlanError(f"no wheel for this torch: {why}")
+
+
+def host_target(profile: Profile, facts: Facts) -> Target:
+    """The wheel this host needs, or a PlanError saying why none can run there (checked before any
+    release is asked, and also on a host that already has one: a wrong build is not converged)."""
+    env, venv = facts.env, profile.comfyui.venv
     if not env.exists:
         raise PlanError(f"ComfyUI's venv {venv} does not exist: create it and install torch first")
     if env.error:
@@ -35,22 +63,33 @@ def _host_target(profile: Profile, env: PythonEnv) -> tuple[Version, str]:
     if not env.torch:
         raise PlanError(f"no torch in {venv}: install torch in ComfyUI's venv first "
                         "(the nunchaku wheel is built against one torch major.minor)")
-    if not env.tag or not env.platform:
-        raise PlanError(f"{venv}'s python did not report its wheel tag and platform")
     try:
         version = Version(profile.backend.version)
     except InvalidVersion:
         raise PlanError(f"backend.version {profile.backend.version!r} is not a version (e.g. 1.0.1)") from None
     try:
-        torch = Version(env.torch)
+        torch = wheels.read_torch(env.torch, env.torch_cuda)
     except InvalidVersion:
         raise PlanError(f"torch version {env.torch!r} in {venv} cannot be read") from None
-    return version, f"{torch.major}.{torch.minor}"
-
-
-def _matches(asset: Asset, want: Version, python_tag: str, platform: str) -> bool:
-    _, ver, _, tags = parse_wheel_filename(asset.name)
-    return ver == want and any(t.interpreter == python_tag and t.platform == platform for t in tags)
+    if problem := wheels.torch_problem(torch):
+        raise _no_wheel(problem)
+    if env.free_threaded:
+        raise _no_wheel(f"{venv}'s python {env.version} is a free-threaded (no-GIL) build; nunchaku "
+                        "publishes wheels for the standard CPython 3.10-3.13 only")
+    if env.tags is None or not env.tag or not env.platform:
+        raise PlanError(f"{venv}'s python has neither pip nor packaging, so it cannot say which wheels it "
+                        "accepts (nor install one): install pip in that venv")
+    if problem := wheels.cuda_problem(str(version), torch):
+        raise _no_wheel(problem)
+    target = Target(version, torch, wheels.host_tags(env.tags), env.tag, env.platform)
+    gpu = facts.gpu
+    build = wheels.built_with(str(version), target.label)
+    if gpu is not None and tuple(gpu.compute_capability) == (12, 1) and build is not None \
+            and int(build.split(".")[0]) < SM121_MIN_BUILD_CUDA:
+        raise _no_wheel(f"{gpu.name} (compute capability 12.1) needs a wheel compiled with CUDA >= "
+                        f"{SM121_MIN_BUILD_CUDA}.0 (only those carry sm_121 code); nunchaku {version.public}+"
+                        f"{target.label} was compiled with CUDA {build}: use a cu130 torch")
+    return target
 
 
 def _describe(listing: Listing) -> str:
@@ -58,22 +97,26 @@ def _describe(listing: Listing) -> str:
     return f"{listing.source.kind} {listing.where}: {what}"
 
 
-def find_wheel(profile: Profile, version: Version, torch_mm: str, python_tag: str, platform: str,
+def find_wheel(profile: Profile, target: Target,
                lister: Lister = releases.list_wheels) -> tuple[Asset, WheelSource]:
-    """The first source, in profile order, offering the exact wheel; PlanError listing what exists."""
-    want = Version(f"{version.public}+torch{torch_mm}")
-    filename = wheels.wheel_filename(str(version), torch_mm, python_tag, platform)
+    """The first source, in profile order, offering the exact wheel (this torch minor and CUDA,
+    a tag this interpreter accepts); PlanError listing what exists. Never a nearby torch."""
+    version = str(target.version)
+    filename = wheels.wheel_filename(version, target.torch, target.python_tag, target.platform)
     base_dir = str(Path(profile.file).parent) if profile.file else "."
-    tried, combos = [], set()
+    tried: list[str] = []
+    combos: set[str | None] = set()
     for source in profile.backend.sources:
-        listing = lister(source, str(version), filename, hub=profile.huggingface, base_dir=base_dir)
-        for asset in listing.assets:
-            if _matches(asset, want, python_tag, platform):
-                return asset, source
-            combos.add(wheels.wheel_combo(asset.name, str(version)))
+        listing = lister(source, version, filename, hub=profile.huggingface, base_dir=base_dir)
+        by_name = {asset.name: asset for asset in listing.assets}
+        name = wheels.best_match(by_name, target.wheel_version, target.accepted)
+        if name is not None:
+            return by_name[name], source
+        combos.update(wheels.wheel_combo(n, version) for n in by_name)
         tried.append(_describe(listing))
-    message = (f"no nunchaku {version} wheel for torch {torch_mm} / {python_tag} / {platform} "
-               f"(tried {'; '.join(tried) or 'no source: backend.sources is empty'})")
+    message = (f"no nunchaku {target.version} wheel for torch {target.torch.minor} / {target.python_tag} / "
+               f"{target.platform} (+{target.label}, torch {target.torch}; tried "
+               f"{'; '.join(tried) or 'no source: backend.sources is empty'})")
     raise PlanError(message, sorted(c for c in combos if c))
 
 
@@ -88,37 +131,44 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
 
 
 def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheels) -> ResourcePlan:
-    """Install `nunchaku {version}+torch{M.m}` from a wheel file, replacing PyPI's impostor or another build."""
+    """Install `nunchaku {version}+{label}` from a wheel file, replacing PyPI's impostor or another build."""
     env = facts.env
-    version, torch_mm = _host_target(profile, env)
-    desired = f"{version.public}+torch{torch_mm}"
+    target = host_target(profile, facts)
+    desired = str(target.wheel_version)
     current = env.distributions.get("nunchaku")
     real = current is not None and is_real_nunchaku(current)
     if current is not None and real and _same(current.version, desired):
         return changes()
-    asset, source = find_wheel(profile, version, torch_mm, env.tag or "", env.platform or "", lister)
+    asset, source = find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
-    steps: list = [get]
+    hold, constraints = hold_step(profile, env)
+    steps: list = [get, hold]
     if current is not None and not real:
         # PyPI's `nunchaku` (data segmentation) shares the import name: remove it explicitly.
         steps.append(Run((python, "-m", "pip", "uninstall", "-y", "nunchaku"),
                          what=f"uninstall PyPI's unrelated nunchaku {current.version}"))
-    # By file path only (pip never asks an index for `nunchaku`), binary only, and --no-deps: a
-    # resolver run could swap torch under the wheel; the packages resource owns the dependencies.
+    # By file path only (pip never asks an index for `nunchaku`), binary only, --no-deps and the
+    # torch family held: nothing can swap torch under the wheel; the packages resource owns the
+    # wheel's Requires-Dist.
     steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
-                      "--disable-pip-version-check", dest), what=f"pip install {asset.name}"))
+                      "--disable-pip-version-check", "-c", constraints, dest),
+                     what=f"pip install {asset.name}"))
     if current is None:
         action, before = "create", None
     elif real:
         action, before = "update", {"nunchaku": current.version}
     else:
         action, before = "replace", {"nunchaku": f"{current.version} (PyPI's unrelated package)"}
+    warnings: tuple[str, ...] = ()
+    if wheels.nightly_built(str(target.version), target.torch):
+        warnings = (f"nunchaku {desired} was compiled against a torch {target.torch.minor} nightly (upstream's "
+                    f"\"pre\" build), not the stable torch {target.torch}: import errors are possible",)
     change = Change(
         resource=name, key="nunchaku", action=action,  # type: ignore[arg-type]
         summary=f"nunchaku {before['nunchaku'] if before else '(none)'} -> {desired}",
         before=before, after={"nunchaku": desired, "wheel": asset.name, "from": f"{source.kind} {source.value}"},
-        steps=tuple(steps), notify=RESTART,
+        steps=tuple(steps), notify=RESTART, warnings=warnings,
     )
     note = Note(name, "nunchaku is installed with --no-deps: its requirements (diffusers, transformers, "
                       "peft, accelerate) come from the packages resource", level="info")

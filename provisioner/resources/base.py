@@ -60,6 +60,7 @@ class Fetch:
     token_env: str | None = None     # control-machine env var holding a bearer token, sent on stdin
     cache: str = ""                  # the host's checksum cache the verified sha256 is recorded in
     what: str = ""
+    quantization: tuple[str, int] | None = None   # (weight dtype, rank) a model's header must declare
 
 
 Step = Run | Put | Push | Fetch

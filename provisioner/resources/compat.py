@@ -1,4 +1,10 @@
-"""Which ComfyUI-nunchaku plugin runs with which backend and which ComfyUI core; refuses a bad mix at plan time."""
+"""Which ComfyUI-nunchaku plugin runs with which backend and which ComfyUI core; refuses a bad mix at plan time.
+
+The core is judged from its own files wherever they are there (master between releases reports an
+old version): comfy/ldm/qwen_image/model.py (plugin v1.0+ builds on it; v1.2.0+ passes
+`use_additional_t_cond` to it) and comfy_extras/nodes_qwen.py (the Edit-2509 text encoder node).
+A core without the file is judged by its version, and the plan says so.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import posixpath
 
 from packaging.version import InvalidVersion, Version
 
-from provisioner.catalog.compat import (CORE_MODEL, NEEDLE, T_COND_CORE, core_incompatibility, incompatibility,
-                                        needs_t_cond, plugin_version)
+from provisioner.catalog.compat import (CORE_MODEL, EDIT_NODES, FAMILY_NODES, LAST_WITHOUT_QWEN_IMAGE, NEEDLE,
+                                        T_COND_CORE, core_incompatibility, family_incompatibility,
+                                        incompatibility, needs_t_cond, plugin_version,
+                                        qwen_image_incompatibility)
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
@@ -16,53 +24,86 @@ from provisioner.resources.base import Note, ResourcePlan, changes
 
 name = "compat"
 
-def _paths(profile: Profile) -> tuple[str, str, str]:
+
+def _paths(profile: Profile) -> tuple[str, str, str, str]:
     root = profile.comfyui.root
-    return (posixpath.join(root, CORE_MODEL), posixpath.join(root, "comfyui_version.py"),
-            posixpath.join(root, "pyproject.toml"))
+    return (posixpath.join(root, CORE_MODEL), posixpath.join(root, EDIT_NODES),
+            posixpath.join(root, "comfyui_version.py"), posixpath.join(root, "pyproject.toml"))
+
+
+def _family_node(profile: Profile) -> str | None:
+    entry = FAMILY_NODES.get(profile.model.family)
+    return entry[0] if entry else None
 
 
 def probe(profile: Profile) -> Probe:
-    model, version_py, pyproject = _paths(profile)
-    return Probe(stat=(model,), read=(version_py, pyproject), grep=((model, NEEDLE),))
+    model, nodes, version_py, pyproject = _paths(profile)
+    grep: tuple[tuple[str, str], ...] = ((model, NEEDLE),)
+    if node := _family_node(profile):
+        grep += ((nodes, node),)
+    return Probe(stat=(model, nodes), read=(version_py, pyproject), grep=grep)
 
 
 def _core_version(profile: Profile, facts: Facts) -> str | None:
-    _, version_py, pyproject = _paths(profile)
+    _, _, version_py, pyproject = _paths(profile)
     return facts.comfyui_version or parse_comfyui_version(facts.contents.get(version_py),
                                                           facts.contents.get(pyproject))
 
 
+def _version_above(version: str | None, floor: Version, *, inclusive: bool = True) -> bool:
+    try:
+        v = Version(version) if version is not None else None
+    except InvalidVersion:
+        return False
+    return v is not None and (v >= floor if inclusive else v > floor)
+
+
+class _Core:
+    """What the host's core has: from its files when they are there, else from its version (noted)."""
+
+    def __init__(self, profile: Profile, facts: Facts) -> None:
+        self.facts, self.version = facts, _core_version(profile, facts)
+        self.guessed: dict[str, list[str]] = {}     # missing file -> what its version was taken to mean
+
+    def exists(self, path: str) -> bool:
+        state = self.facts.files.get(path)
+        return state is not None and state.exists
+
+    def has(self, path: str, needle: str | None, floor: Version, what: str, *, inclusive: bool = True) -> bool:
+        """Does the core have `what`: `needle` in `path` (or just `path`), else version vs `floor`."""
+        if self.exists(path):
+            return needle is None or self.facts.greps.get((path, needle), False)
+        self.guessed.setdefault(path, []).append(f"{'>=' if inclusive else '>'} {floor} has {what}")
+        return _version_above(self.version, floor, inclusive=inclusive)
+
+    @property
+    def notes(self) -> list[Note]:
+        return [Note(name, f"{path} not found: decided from the ComfyUI version {self.version} "
+                           f"({'; '.join(why)})", level="info") for path, why in self.guessed.items()]
+
+
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
-    """No changes: a PlanError for a plugin/backend or plugin/core pair that cannot work together."""
-    tag = profile.plugin.tag
+    """No changes: a PlanError for a plugin/backend, plugin/core or model/core mix that cannot work."""
+    tag, family = profile.plugin.tag, profile.model.family
     reason = incompatibility(tag, profile.backend.version)
     if reason:
         raise PlanError(reason)
-    notes: list[Note] = []
     if plugin_version(tag) is None:
-        notes.append(Note(name, f"plugin.tag {tag!r} is not a release tag: its backend and ComfyUI "
-                                "requirements are not checked"))
-        return changes(notes=notes)
-    if not needs_t_cond(tag):
-        return changes()
-    model = _paths(profile)[0]
-    version = _core_version(profile, facts)
-    state = facts.files.get(model)
-    if state is not None and state.exists:
-        has = facts.greps.get((model, NEEDLE), False)
-    elif version is not None:
-        try:
-            has = Version(version) >= T_COND_CORE
-        except InvalidVersion:
-            has = False
-        notes.append(Note(name, f"{CORE_MODEL} not found under {profile.comfyui.root}: decided from the "
-                                f"ComfyUI version {version} (>= {T_COND_CORE} has {NEEDLE})", level="info"))
-    else:
-        notes.append(Note(name, f"no ComfyUI core at {profile.comfyui.root}: cannot tell whether it takes "
-                                f"{NEEDLE}, which ComfyUI-nunchaku {tag} needs (ComfyUI >= {T_COND_CORE})"))
-        return changes(notes=notes)
-    reason = core_incompatibility(tag, has, version)
-    if reason:
-        raise PlanError(reason)
-    return changes(notes=notes)
+        return changes(notes=[Note(name, f"plugin.tag {tag!r} is not a release tag: its backend and ComfyUI "
+                                         "requirements are not checked")])
+    model, nodes, _, _ = _paths(profile)
+    core = _Core(profile, facts)
+    if core.version is None and not core.exists(model):
+        return changes(notes=[Note(name, f"no ComfyUI core at {profile.comfyui.root}: cannot tell whether it "
+                                         f"runs ComfyUI-nunchaku {tag} and model.family {family}")])
+    qwen_image = core.has(model, None, LAST_WITHOUT_QWEN_IMAGE, "comfy/ldm/qwen_image", inclusive=False)
+    reasons = [qwen_image_incompatibility(tag, qwen_image, core.version)]
+    if qwen_image and needs_t_cond(tag):
+        reasons.append(core_incompatibility(tag, core.has(model, NEEDLE, T_COND_CORE, NEEDLE), core.version))
+    if node := _family_node(profile):
+        has = core.has(nodes, node, FAMILY_NODES[family][1], node)
+        reasons.append(family_incompatibility(family, has, core.version))
+    found = [r for r in reasons if r]
+    if found:
+        raise PlanError("; ".join(found))
+    return changes(notes=core.notes)

@@ -1,6 +1,7 @@
-"""Plan-time Hugging Face Hub metadata (size, LFS sha256, commit) of one file, via huggingface_hub.
+"""Plan-time Hugging Face Hub metadata (size, LFS sha256, commit) of one file, via huggingface_hub,
+recorded on the control machine (hub_cache.py) so that planning a converged host needs no Hub.
 
-Runs on the control machine only; the host downloads the bytes itself (plan/fetch_script.py).
+Runs on the control machine only; the host downloads the bytes itself (remote/fetch.py).
 Tested against huggingface_hub >=1.0,<3 (2.4 in the dev venv): its transport moved from requests to
 httpx (then httpx2) across majors, so transport errors are recognised by module, not by import.
 """
@@ -13,9 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
+from provisioner.resources import hub_cache
 from provisioner.resources.memo import SingleFlight
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+DEFAULT_REF = "main"
 TIMEOUT_S = 20.0
 
 
@@ -37,15 +41,41 @@ def token_from_env(var: str, environ: Mapping[str, str] | None = None) -> str | 
     return value or None
 
 
-def file_metadata(endpoint: str, repo: str, path: str, revision: str = "main",
-                  token: str | None = None, *, token_env: str = "HF_TOKEN") -> RemoteFile:
-    """Size, sha256 and commit of `repo/path` at `revision`; memoised per process.
+def is_commit(revision: str | None) -> bool:
+    return revision is not None and bool(_COMMIT.match(revision))
 
-    Raises a one-line `PlanError` for a missing repo, revision or file, a gated repo, an HTTP
-    error, or a Hub that cannot be reached.
+
+def file_metadata(endpoint: str, repo: str, path: str, revision: str | None = None,
+                  token: str | None = None, *, token_env: str = "HF_TOKEN") -> RemoteFile:
+    """Size, sha256 and commit of `repo/path` at `revision` (None: the repo's main branch).
+
+    Answered from the control machine's record of the Hub (hub_cache.py) when it has one: a
+    commit's files never change, and a branch is the commit it was first resolved as. Otherwise
+    the Hub is asked and the answer recorded. Memoised per process. Raises a one-line `PlanError`
+    for a missing repo, revision or file, a gated repo, an HTTP error, or a Hub that cannot be
+    reached (with nothing recorded).
     """
-    key = (endpoint.rstrip("/"), repo, path, revision, token, token_env)
-    return _memo.get(key, lambda: _fetch(*key))
+    key = (endpoint.rstrip("/"), repo, path, revision or DEFAULT_REF, token, token_env)
+    return _memo.get(key, lambda: _recorded_or_fetched(*key))
+
+
+def _url(endpoint: str, repo: str, path: str, revision: str) -> str:
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo, path, revision=revision, endpoint=endpoint)
+
+
+def _recorded_or_fetched(endpoint: str, repo: str, path: str, ref: str, token: str | None,
+                         token_env: str) -> RemoteFile:
+    commit = ref if is_commit(ref) else hub_cache.commit_of(endpoint, repo, ref)
+    if commit is not None:
+        known = hub_cache.file_at(endpoint, repo, commit, path)
+        if known is not None:
+            return RemoteFile(_url(endpoint, repo, path, commit), known[0], known[1], commit)
+    found = _fetch(endpoint, repo, path, commit or ref, token, token_env)
+    if found.commit:
+        hub_cache.record(endpoint, repo, ref, found.commit, path, found.size, found.sha256)
+    return found
 
 
 _memo: SingleFlight[RemoteFile] = SingleFlight()

@@ -5,6 +5,11 @@ holds the expected sha256. Right size but nothing cached yet (copied by hand, ca
 verify-only Run of the fetch script: it hashes the file once and records it, with no download; a
 mismatch fails that step and records the real checksum, so the next plan replaces the file.
 Anything else plans a resumable Fetch (an existing `.part` is resumed and counted in the disk check).
+
+The DiT must also be what its name says: its safetensors header (read by the facts program, no
+hashing) declares the weight dtype and rank, checked against the variant and the GPU here and
+again by the fetch program before a download is renamed into place. Sizes and checksums come from
+the Hub at the catalog's or the profile's revision, recorded on the control machine (hub.py).
 """
 
 from __future__ import annotations
@@ -42,22 +47,41 @@ def probe(profile: Profile) -> Probe:
     except PlanError:
         return Probe()  # plan() raises the same error per host, with the valid choices
     dests = [_dest(profile, f) for f in files]
-    return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")))
+    dits = tuple(_dest(profile, f) for f in files if f.folder == "diffusion_models")
+    return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")), headers=dits)
+
+
+def _check_header(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> None:
+    """The DiT on disk must be what its name says: an fp4 file under an int4 name (renamed by
+    hand, a custom quantisation) is refused, never replaced: it may be someone's own work."""
+    dest = _dest(profile, sel.dit)
+    header = facts.headers.get(dest)
+    if header is None or not header.exists:
+        return
+    why = header.error or catalog.header_mismatch(header.metadata, sel.precision, sel.rank)
+    if why:
+        gpu = f"{facts.gpu.name} runs {sel.precision}" if facts.gpu else f"model.precision is {sel.precision}"
+        raise PlanError(f"{dest}: {why}; {gpu} rank {sel.rank} ({sel.variant}): move the file away and "
+                        "apply again to download the right one")
 
 
 def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
          environ: Mapping[str, str] | None = None) -> ResourcePlan:
     """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""
     m, hf = profile.model, profile.huggingface
-    sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu)
+    sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu, gpu_error=facts.gpu_error,
+                          backend=profile.backend.version)
+    _check_header(profile, facts, sel)
     lookup = lookup or hub.file_metadata
     token = hub.token_from_env(hf.token_env, environ)
     planned: list[Change | None] = []
     need = 0
     for f in sel.files:
-        found = lookup(hf.endpoint, f.repo, f.path_in_repo, f.revision, token, token_env=hf.token_env)
+        revision = m.revision if (f is sel.dit and m.revision) else f.revision
+        found = lookup(hf.endpoint, f.repo, f.path_in_repo, revision, token, token_env=hf.token_env)
         pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
-        change, nbytes = _file_change(profile, f, found, pinned, facts)
+        expect = (catalog.WEIGHT_DTYPES[sel.precision], sel.rank) if f is sel.dit else None
+        change, nbytes = _file_change(profile, f, found, pinned, facts, expect)
         planned.append(change)
         need += nbytes
     if need and need + DISK_MARGIN_BYTES > facts.disk_free:
@@ -69,8 +93,9 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
 
 
 def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.RemoteFile, pinned: str | None,
-                 facts: Facts) -> tuple[Change | None, int]:
-    """The change for one file (None when converged) and the bytes it would download."""
+                 facts: Facts, quantization: tuple[str, int] | None = None) -> tuple[Change | None, int]:
+    """The change for one file (None when converged) and the bytes it would download;
+    `quantization`: the (weight dtype, rank) a downloaded DiT's header must declare."""
     dest = _dest(profile, f)
     want = pinned or remote_file.sha256
     have = facts.files.get(dest) or FileState(dest, exists=False)
@@ -89,7 +114,7 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.Remote
                           (run,)), 0
     part = facts.files.get(dest + ".part")
     resume = part.size if part and part.exists and part.size <= remote_file.size else 0
-    where = f"{f.repo}@{(remote_file.commit or f.revision)[:12]}"
+    where = f"{f.repo}@{(remote_file.commit or f.revision or hub.DEFAULT_REF)[:12]}"
     action: Action
     if have.exists:
         action, before = "replace", {"size": have.size, "sha256": have.sha256}
@@ -105,7 +130,8 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.Remote
         warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote_file.sha256[:12]}… for {f.filename}: "
                     "the download will fail verification unless the Hub serves the pinned file",)
     step = Fetch(remote_file.url, dest, want, remote_file.size, profile.huggingface.token_env,
-                 cache=profile.comfyui.checksums, what=f"download {f.filename} ({_gb(remote_file.size)})")
+                 cache=profile.comfyui.checksums, what=f"download {f.filename} ({_gb(remote_file.size)})",
+                 quantization=quantization)
     # ComfyUI keeps loaded weights in memory: a new DiT, or any file replaced in place, needs a restart.
     notify = RESTART if (f.folder == "diffusion_models" or action == "replace") else frozenset()
     return Change(name, dest, action, summary, before, after, (step,), notify, warnings), remote_file.size - resume

@@ -1,24 +1,40 @@
-"""Pip requirements of the plugin, compared by specifier (not by string) and installed in one step."""
+"""Pip requirements beside the backend wheel: the profile's packages and the wheel's own Requires-Dist
+(it is installed with --no-deps), each at the highest floor of the profile, the backend release and
+the plugin's requirements.txt at its tag; compared by specifier (not by string), installed in one
+pip run with the torch family held by a constraints file."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import posixpath
+from collections.abc import Mapping, Sequence
 
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
+from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
-from provisioner.resources.base import RESTART, Action, Change, ResourcePlan, Run, changes
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes
+from provisioner.resources.hold import hold_step
 
 name = "packages"
+PROFILE = "profile"
+
+
+def _plugin_requirements_spec(profile: Profile) -> tuple[str, str] | None:
+    """(checkout, `refs/tags/T:requirements.txt`) when the catalog does not know the plugin's tag."""
+    if profile.plugin.tag in upstream.PLUGIN_REQUIREMENTS:
+        return None
+    checkout = posixpath.join(profile.comfyui.custom_nodes, profile.plugin.name)
+    return checkout, f"refs/tags/{profile.plugin.tag}:requirements.txt"
 
 
 def probe(profile: Profile) -> Probe:
-    """The base facts already list the venv's distributions: nothing more to look at."""
-    return Probe()
+    """The venv's distributions are base facts; a plugin tag the catalog lacks is read from the checkout."""
+    spec = _plugin_requirements_spec(profile)
+    return Probe(show=(spec,)) if spec else Probe()
 
 
 def requirements(profile: Profile) -> tuple[Requirement, ...]:
@@ -37,6 +53,30 @@ def requirements(profile: Profile) -> tuple[Requirement, ...]:
                             "set by backend.version")
         out.append(req)
     return tuple(out)
+
+
+def _sources(profile: Profile, facts: Facts) -> tuple[list[tuple[str, Sequence[Requirement]]], list[Note]]:
+    """Every source of requirements, labelled for the plan, and notes on the ones that are unknown."""
+    backend, tag = profile.backend.version, profile.plugin.tag
+    sources: list[tuple[str, Sequence[Requirement]]] = [(PROFILE, requirements(profile))]
+    notes: list[Note] = []
+    wheel = upstream.backend_requires(backend)
+    if wheel is None:
+        notes.append(Note(name, f"nunchaku {backend} is not in the catalog: its Requires-Dist is unknown "
+                                "(the wheel is installed --no-deps); list what it needs in packages"))
+    else:
+        sources.append((f"nunchaku {Version(backend).public} Requires-Dist", upstream.parse(wheel)))
+    spec = _plugin_requirements_spec(profile)
+    lines = upstream.PLUGIN_REQUIREMENTS.get(tag)
+    if spec is not None:
+        text = facts.shown.get(spec)
+        lines = upstream.requirements_txt(text) if text is not None else None
+    if lines is None:
+        notes.append(Note(name, f"ComfyUI-nunchaku {tag} is not in the catalog and its checkout does not have "
+                                "that tag yet: its requirements.txt floors are applied once it does", "info"))
+    else:
+        sources.append((f"ComfyUI-nunchaku {tag} requirements.txt", upstream.parse(lines)))
+    return sources, notes
 
 
 def _marker_env(env: PythonEnv, facts: Facts) -> dict[str, str]:
@@ -65,18 +105,40 @@ def satisfied(req: Requirement, installed: str | None) -> bool:
     return req.specifier.contains(version, prereleases=True)
 
 
-def unmet(profile: Profile, facts: Facts) -> dict[str, tuple[Requirement, str | None]]:
-    """Requirements the venv does not meet, by canonical name, with the installed version."""
+def floors(profile: Profile, facts: Facts) -> tuple[dict[str, upstream.Floor], list[Note]]:
+    """What this host must have, by canonical name: the packages a plan installs (the profile's and
+    the wheel's Requires-Dist) at their highest floor, and any torch-family requirement (checked,
+    never installed). Requirements whose markers exclude this host are left out."""
+    sources, notes = _sources(profile, facts)
+    marker_env = _marker_env(facts.env, facts)
+    applicable = [(origin, [r for r in reqs if r.marker is None or r.marker.evaluate(marker_env)])
+                  for origin, reqs in sources]
+    try:
+        combined = upstream.floors(applicable)
+    except upstream.Conflict as err:
+        raise PlanError(f"{err}; change packages, backend.version or plugin.tag") from None
+    # The plugin's list only raises floors: its optional nodes' packages are not installed unasked.
+    wanted = {canonical(r.name) for origin, reqs in applicable if not origin.startswith("ComfyUI-nunchaku")
+              for r in reqs}
+    return {key: floor for key, floor in combined.items() if key in wanted}, notes
+
+
+def unmet(profile: Profile, facts: Facts) -> tuple[dict[str, tuple[upstream.Floor, str | None]], list[Note]]:
+    """Floors the venv does not meet, by canonical name, with the installed version. A held
+    (torch-family) floor that is not met is a PlanError: provision never moves torch."""
     env = facts.env
-    marker_env = _marker_env(env, facts)
-    out: dict[str, tuple[Requirement, str | None]] = {}
-    for req in requirements(profile):
-        if req.marker is not None and not req.marker.evaluate(marker_env):
-            continue                                  # not meant for this host's python/arch
-        installed = env.version_of(req.name)
-        if not satisfied(req, installed):
-            out[canonical(req.name)] = (req, installed)
-    return out
+    found, notes = floors(profile, facts)
+    out: dict[str, tuple[upstream.Floor, str | None]] = {}
+    for key, floor in found.items():
+        installed = env.version_of(key)
+        if satisfied(floor.requirement, installed):
+            continue
+        if upstream.is_held(key):
+            have = f"{key} {installed} is installed" if installed else f"{key} is not installed"
+            raise PlanError(f"{floor.requirement} ({floor.origin}) is not met ({have}) and {key} is held "
+                            "with torch's CUDA build: install a torch family that meets it yourself")
+        out[key] = (floor, installed)
+    return out, notes
 
 
 def _check_env(profile: Profile, env: PythonEnv) -> None:
@@ -88,23 +150,27 @@ def _check_env(profile: Profile, env: PythonEnv) -> None:
                         f"({env.error}); repair or recreate it")
 
 
+def _shown(floor: upstream.Floor) -> str:
+    spec = str(floor.requirement.specifier) or "any"
+    return spec if floor.origin == PROFILE else f"{spec} ({floor.origin})"
+
+
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
-    if not profile.packages:
-        return changes()
     _check_env(profile, facts.env)
-    missing = unmet(profile, facts)
+    missing, notes = unmet(profile, facts)
     if not missing:
-        return changes()
+        return changes(notes=notes)
     # One argv element per requirement: `>=` never meets a shell unquoted.
-    specs = tuple(str(req) for req, _ in missing.values())
+    specs = tuple(str(floor.requirement) for floor, _ in missing.values())
+    hold, constraints = hold_step(profile, facts.env)
     argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
-            *profile.pip.args(), *specs)
+            "-c", constraints, *profile.pip.args(), *specs)
     before: Mapping[str, object] = {n: have for n, (_, have) in missing.items()}
-    after: Mapping[str, object] = {n: str(req.specifier) or "any" for n, (req, _) in missing.items()}
+    after: Mapping[str, object] = {n: _shown(floor) for n, (floor, _) in missing.items()}
     summary = "pip install " + ", ".join(
         f"{spec} ({'have ' + have if have else 'missing'})"
         for spec, (_, have) in zip(specs, missing.values()))
     action: Action = "update" if any(have for _, have in missing.values()) else "create"
     step = Run(argv, what=f"pip install {' '.join(specs)}", timeout=1800.0)
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
-                          (step,), notify=RESTART))
+                          (hold, step), notify=RESTART), notes=notes)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
+from packaging.version import Version
+
+from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe
-from provisioner.resources.base import RESTART, Change, ResourcePlan, Run, Step, changes
+from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
 
 name = "plugin"
 
@@ -23,7 +28,43 @@ def path(profile: Profile) -> str:
 
 
 def probe(profile: Profile) -> Probe:
-    return Probe(git=(path(profile),))
+    """The checkout, and the repository's tags when the checkout lacks the pinned one (the facts
+    program asks the host's git only then: a converged host costs no network)."""
+    dest = path(profile)
+    return Probe(git=(dest,), remote_tags=((dest, profile.plugin.repo, profile.plugin.tag),))
+
+
+def nearest_tags(tag: str, tags: Sequence[str], limit: int = 5) -> list[str]:
+    """The existing tags closest to `tag`: by version around it (newest first), else by spelling."""
+    want = plugin_version(tag)
+    versioned = sorted((v, t) for t in tags if (v := plugin_version(t)) is not None)
+    if want is None or not versioned:
+        return difflib.get_close_matches(tag, list(tags), n=limit, cutoff=0.0)
+    below = [t for v, t in reversed(versioned) if v < want]
+    above = [t for v, t in versioned if v > want]
+    picked = [t for v, t in versioned if v == want][:limit]      # `v1.1` for `v1.1.0`
+    while (below or above) and len(picked) < limit:     # alternate outwards from where `tag` would be
+        for side in (below, above):
+            if side and len(picked) < limit:
+                picked.append(side.pop(0))
+    return sorted(picked, key=lambda t: plugin_version(t) or Version("0"), reverse=True)
+
+
+def _tag_check(profile: Profile, facts: Facts) -> Note | None:
+    """PlanError when the repository does not have the pinned tag; a Note when it could not be asked."""
+    spec = profile.plugin
+    answer = facts.remote_tags.get((path(profile), spec.repo, spec.tag))
+    if answer is None or answer.local:
+        return None
+    if answer.tags is None:
+        return Note(name, f"could not list the tags of {spec.repo} from the host ({answer.error}): "
+                          f"plugin.tag {spec.tag} is only checked when apply fetches it")
+    if spec.tag not in answer.tags:
+        near = nearest_tags(spec.tag, answer.tags)
+        if not near:
+            raise PlanError(f"plugin.tag {spec.tag} does not exist in {spec.repo}, which has no tags")
+        raise PlanError(f"plugin.tag {spec.tag} does not exist in {spec.repo}: pin one of its tags", near)
+    return None
 
 
 def git(where: str, *args: str) -> tuple[str, ...]:
@@ -72,6 +113,8 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
     co = facts.git.get(dest)
     if co is None:
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
+    note = _tag_check(profile, facts)
+    notes = (note,) if note else ()
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
     after: dict[str, object] = {"tag": spec.tag, "commit": f"(the commit of {spec.tag})",
@@ -80,7 +123,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
 
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
-                              _clone(profile, dest), notify=RESTART))
+                              _clone(profile, dest), notify=RESTART), notes=notes)
     if not co.is_repo:
         if not spec.force:
             raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
@@ -88,11 +131,11 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         warn = f"{dest} is not a git checkout: it is moved to {backup}, nothing is deleted"
         moved = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
         return changes(Change("plugin", dest, "replace", f"move {dest} aside and clone {label}",
-                              state(co), after, moved, notify=RESTART, warnings=(warn,)))
+                              state(co), after, moved, notify=RESTART, warnings=(warn,)), notes=notes)
 
     remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:
-        return changes()
+        return changes(notes=notes)
     if not spec.force and co.dirty:
         raise PlanError(f"{dest} has local modifications ({_listing(co.dirty)}); commit or "
                         "discard them, or set plugin.force: true to back them up and reset")
@@ -126,4 +169,4 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
     else:
         after["commit"] = co.head
     return changes(Change("plugin", dest, "update", "; ".join(summary), state(co), after,
-                          tuple(steps), notify=RESTART, warnings=tuple(warnings)))
+                          tuple(steps), notify=RESTART, warnings=tuple(warnings)), notes=notes)

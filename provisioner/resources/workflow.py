@@ -56,7 +56,8 @@ def variables(profile: Profile, facts: Facts, *, prompt: str | None = None,
     from provisioner.catalog import models as catalog   # file names and step counts
 
     model = profile.model
-    sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu)
+    sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu,
+                          gpu_error=facts.gpu_error, backend=profile.backend.version)
     wf = profile.workflow
     return {
         "model_name": sel.dit.filename,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,10 +38,11 @@ def plugin_dir(root: Path) -> str | None:
 
 
 def backend_version(root: Path) -> str | None:
-    """The real nunchaku's version in the checkout's venv (a `+torch` build), else None."""
+    """The real nunchaku's version in the checkout's venv (a `+torchA.B` or, from 1.2.1,
+    `+cuX.YtorchA.B` build), else None."""
     for info in (root / "venv").glob("lib/python*/site-packages/nunchaku-*.dist-info"):
         version = info.name[len("nunchaku-"):-len(".dist-info")]
-        if "+torch" in version:
+        if re.search(r"\+(cu[\d.]+)?torch\d", version):
             return version
     return None
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from provisioner import cli
 from provisioner.errors import ProvisionError
+from provisioner.resources.hub_cache import CACHE_ENV
 from provisioner.sandbox import comfyui_process
 from provisioner.sandbox.host import make_sandbox_host
 from provisioner.sandbox.world import start_world, write_yaml
@@ -73,6 +74,9 @@ def _demo(console: Console) -> int:
         port = free_port()
         comfyui_process.start(host.comfyui_root, port, gpu_state=host.gpu_state)
         os.environ["PATH"] = host.path  # the local host's nvidia-smi is the sandbox's
+        # The stand-in Hub's answers are recorded here, fresh each demo, not in the user's own record.
+        shutil.rmtree(base / "control-cache", ignore_errors=True)
+        os.environ[CACHE_ENV] = str(base / "control-cache")
         inventory = write_yaml(base / "inventory.yaml", {"all": {"hosts": {
             "sandbox-3090": {"ansible_connection": "local"}}}},
             "The demo's one host: this machine, reached without SSH.")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from provisioner.catalog.requirements import PLUGIN_REQUIREMENTS
 from provisioner.errors import ProvisionError
 
 # Upstream tag dates (git for-each-ref of the real repo); upstream tags are lightweight release tags.
@@ -20,6 +21,7 @@ RELEASES: tuple[tuple[str, str], ...] = (
     ("v1.2.0", "2026-01-12T00:59:05-08:00"),
 )
 T_COND_SINCE = Version("1.2.0")  # first plugin release passing use_additional_t_cond to the core
+# requirements.txt of a tag the catalog does not know (a release made with add_plugin_tag)
 REQUIREMENTS = ("diffusers>=0.35", "transformers>=4.54", "huggingface_hub>=0.34", "peft>=0.17", "accelerate>=1.10")
 IDENTITY = {"name": "Sandbox Maintainer", "email": "sandbox@example.invalid"}
 
@@ -98,7 +100,7 @@ def plugin_tree(version: str) -> dict[str, str]:
             f'[project]\nname = "comfyui-nunchaku"\nversion = "{version}"\n'
             'description = "Nunchaku ComfyUI Node. Nunchaku is the inference that supports SVDQuant."\n'
         ),
-        "requirements.txt": "\n".join(REQUIREMENTS) + "\n",
+        "requirements.txt": "\n".join(PLUGIN_REQUIREMENTS.get(f"v{version}", REQUIREMENTS)) + "\n",
         "nodes/__init__.py": "",
         "nodes/models/__init__.py": "",
         "nodes/models/qwenimage.py": _qwenimage_py(version),

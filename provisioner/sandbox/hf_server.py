@@ -63,13 +63,18 @@ class HfServer:
     """A running stand-in. `url` is the Hub endpoint (`HfApi(endpoint=url)`, `HF_ENDPOINT`)."""
 
     def __init__(self, files: Mapping[tuple[str, str], bytes | Path], gated: Iterable[str],
-                 token: str | None, commit: str) -> None:
-        self.blobs = {key: _blob(*key, content) for key, content in files.items()}
-        self.by_sha = {b.sha256: b for b in self.blobs.values()}
-        self.repos = {repo for repo, _ in self.blobs}
+                 token: str | None, commit: str, commits: Mapping[str, str]) -> None:
+        blobs = {key: _blob(*key, content) for key, content in files.items()}
+        self.by_sha = {b.sha256: b for b in blobs.values()}
+        # repo -> its commits, oldest first, each with the files it holds: old revisions stay
+        # downloadable after a re-upload, as on the real Hub.
+        self.history: dict[str, list[tuple[str, dict[str, Blob]]]] = {
+            repo: [(commits.get(repo, commit), {p: b for (r, p), b in blobs.items() if r == repo})]
+            for repo in sorted({r for r, _ in blobs})}
+        self.repos = set(self.history)
         self.gated = set(gated)
         self.token = token
-        self.commit = commit
+        self.commit = commit             # the first commit of every repo not given one in `commits`
         self.requests: list[Logged] = []
         self.throttle_bps: int | None = None   # body bytes per second, None = as fast as possible
         self.honor_range = True                # False: answer 200 with everything, like a naive server
@@ -89,6 +94,29 @@ class HfServer:
         # A short poll keeps stop() (shutdown waits for the next poll) fast for tests.
         threading.Thread(target=server.serve_forever, args=(0.05,), name=f"hf-{origin}", daemon=True).start()
         return server
+
+    def commit_of(self, repo: str) -> str:
+        """The commit `main` is at now."""
+        with self._lock:
+            return self.history[repo][-1][0]
+
+    def snapshot(self, repo: str, rev: str) -> tuple[str, dict[str, Blob]] | None:
+        """(commit, files) of `main` or of a commit of the repo; None for an unknown revision."""
+        with self._lock:
+            commits = self.history[repo]
+            if rev == "main":
+                return commits[-1]
+            return next((c for c in commits if c[0] == rev), None)
+
+    def reupload(self, repo: str, path: str, content: bytes) -> str:
+        """Upstream replaces a file: a new commit on main; the old one still serves the old bytes."""
+        blob = _blob(repo, path, content)
+        with self._lock:
+            last, files = self.history[repo][-1]
+            commit = hashlib.sha1(f"{last} {path} {blob.sha256}".encode()).hexdigest()
+            self.history[repo].append((commit, {**files, path: blob}))
+            self.by_sha[blob.sha256] = blob
+        return commit
 
     def drop_after(self, nbytes: int, times: int = 1) -> None:
         """Hang up on the next `times` body-carrying GETs after `nbytes` of body each."""
@@ -127,10 +155,17 @@ class HfServer:
 
 
 def start_hf_server(files: Mapping[tuple[str, str], bytes | Path], *, gated: Iterable[str] = (),
-                    token: str | None = None, commit: str | None = None) -> HfServer:
-    """Serve `files` ({(repo, path_in_repo): bytes or Path}); `gated` repos need `token`."""
-    commit = commit or hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
-    return HfServer(files, gated, token, commit)
+                    token: str | None = None, commit: str | None = None,
+                    commits: Mapping[str, str] | None = None) -> HfServer:
+    """Serve `files` ({(repo, path_in_repo): bytes or Path}); `gated` repos need `token`.
+    Every repo starts at `commit` (default: derived from the files), or at its own in `commits`."""
+    if commit is None:
+        digest = hashlib.sha1()
+        for (repo, path), content in sorted(files.items()):
+            data = content.read_bytes() if isinstance(content, Path) else bytes(content)
+            digest.update(f"{repo} {path} {hashlib.sha256(data).hexdigest()}\n".encode())
+        commit = digest.hexdigest()          # content decides the commit, as on the real Hub
+    return HfServer(files, gated, token, commit, commits or {})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, body: bool) -> None:
         self._sent = 0
         self._status = 500
+        self._commit = ""
         # Read a POST body first, whatever the route answers, so the kept-alive connection stays in sync.
         self._body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if self.command == "POST" else b""
         path = urlsplit(self.path).path
@@ -188,38 +224,42 @@ class _Handler(BaseHTTPRequestHandler):
                                {k.title(): v for k, v in self.headers.items()}, self._status, self._sent))
 
     # -- Hub routes -------------------------------------------------------------------------
-    def _check_repo(self, repo: str, rev: str) -> bool:
+    def _check_repo(self, repo: str, rev: str) -> dict[str, Blob] | None:
+        """The files of `repo` at `rev` (self._commit set), or None after answering the error."""
         if repo not in self.hf.repos:
             self._error(404, "RepoNotFound", "Repository not found")
-            return False
+            return None
         auth = self.headers.get("Authorization")
         if auth is not None and self.hf.token is not None and auth != f"Bearer {self.hf.token}":
             self._error(401, None, "Invalid credentials in Authorization header")
-            return False
+            return None
         if repo in self.hf.gated and (self.hf.token is None or auth != f"Bearer {self.hf.token}"):
             self._error(401, "GatedRepo", f"Access to model {repo} is restricted. You must have access to it "
                         "and be authenticated to access it. Please log in.")
-            return False
-        if rev not in ("main", self.hf.commit):
+            return None
+        found = self.hf.snapshot(repo, rev)
+        if found is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            return False
-        return True
+            return None
+        self._commit, files = found
+        return files
 
     def _resolve(self, repo: str, rev: str, path: str, body: bool) -> None:
-        if not self._check_repo(repo, rev):
+        files = self._check_repo(repo, rev)
+        if files is None:
             return
-        blob = self.hf.blobs.get((repo, path))
+        blob = files.get(path)
         if blob is None:
             self._error(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"")
             return
         if not blob.lfs:  # small git files are served by the Hub itself
-            self._serve_bytes(blob, body, {"X-Repo-Commit": self.hf.commit})
+            self._serve_bytes(blob, body, {"X-Repo-Commit": self._commit})
             return
         self._status = 302
         self.send_response(302)
         for key, value in {
             "Location": self.hf.cdn_link(blob),
-            "X-Repo-Commit": self.hf.commit,
+            "X-Repo-Commit": self._commit,
             "X-Linked-Etag": f'"{blob.sha256}"',
             "X-Linked-Size": str(len(blob.data)),
             "ETag": f'"{blob.git_sha1}"',
@@ -235,14 +275,15 @@ class _Handler(BaseHTTPRequestHandler):
         return entry
 
     def _api(self, kind: str, repo: str, rev: str, path: str) -> None:
-        if not self._check_repo(repo, rev):
+        files = self._check_repo(repo, rev)
+        if files is None:
             return
-        blobs = [b for (r, _), b in sorted(self.hf.blobs.items()) if r == repo]
+        blobs = [b for _, b in sorted(files.items())]
         if kind == "paths-info":
             wanted = set(self._posted_paths())
             self._json([self._entry(b) for b in blobs if b.path in wanted])
         elif kind == "revision":
-            self._json({"id": repo, "modelId": repo, "sha": self.hf.commit, "private": False,
+            self._json({"id": repo, "modelId": repo, "sha": self._commit, "private": False,
                         "gated": "manual" if repo in self.hf.gated else False,
                         "siblings": [{"rfilename": b.path} for b in blobs]})
         else:  # tree: every file under `path` (the stand-in lists recursively)
@@ -310,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Repo-Commit", self.hf.commit)
+        self.send_header("X-Repo-Commit", self._commit)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -324,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)
         if code == "EntryNotFound":
-            self.send_header("X-Repo-Commit", self.hf.commit)
+            self.send_header("X-Repo-Commit", self._commit)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -16,15 +16,22 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from provisioner.catalog.compat import EDIT_NODES, FAMILY_NODES, LAST_WITHOUT_QWEN_IMAGE
 from provisioner.errors import ProvisionError
 from provisioner.sandbox import nvidia_smi
-from provisioner.sandbox.wheels import build_torch_wheel, cuda_of
+from provisioner.sandbox.wheels import build_torch_wheel, build_torchvision_wheel, cuda_of
 
 H100_CAPTURE = Path(__file__).with_name("captures") / "h100-80gb" / "nvidia-smi-query.csv"
 STATE_FILE = "gpu-state.json"
 # Cut-off as in resources/compat.py: upstream added `use_additional_t_cond` (Qwen-Image-Layered,
 # Comfy-Org/ComfyUI #11408, Dec 2025) after 0.5.1; the sandbox gives it to cores >= 0.6.0.
 T_COND_SINCE = Version("0.6.0")
+# The Qwen edit text encoders of ComfyUI core (comfy_extras/nodes_qwen.py, 0.3.60 has both).
+EDIT_NODES_PY = (
+    '"""Sandbox stand-in for ComfyUI core\'s Qwen-Image-Edit text encoder nodes."""\n\n\n'
+    "class TextEncodeQwenImageEdit:\n    CATEGORY = \"advanced/conditioning\"\n\n\n"
+    "class TextEncodeQwenImageEditPlus:\n    CATEGORY = \"advanced/conditioning\"\n"
+)
 MODEL_DIRS = {  # the placeholder files a real checkout ships in each models/ folder
     "diffusion_models": "put_diffusion_model_files_here",
     "text_encoders": "put_text_encoder_files_here",
@@ -123,15 +130,16 @@ def installed_torch(venv: Path) -> str | None:
 
 
 def _set_torch(venv: Path, torch: str | None) -> None:
+    """torch and its paired torchvision, as every ComfyUI venv has them (or neither)."""
     if installed_torch(venv) == torch:
         return
     python = venv / "bin" / "python"
     if torch is None:
-        _pip(python, "uninstall", "--yes", "torch")
+        _pip(python, "uninstall", "--yes", "torch", "torchvision")
         return
     with tempfile.TemporaryDirectory(prefix="sandbox-torch-") as tmp:
-        wheel = build_torch_wheel(Path(tmp), torch, cuda_of(torch))
-        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", str(wheel))
+        wheels = (build_torch_wheel(Path(tmp), torch, cuda_of(torch)), build_torchvision_wheel(Path(tmp), torch))
+        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", *map(str, wheels))
 
 
 def make_venv_template(path: Path, torch: str | None = "2.6.0+cu124", *, base_python: str | None = None) -> Path:
@@ -170,7 +178,8 @@ def _comfyui_files(version: str) -> dict[str, str]:
         ),
         "pyproject.toml": f'[project]\nname = "ComfyUI"\nversion = "{version}"\nrequires-python = ">=3.9"\n',
         "requirements.txt": "torch\ntorchvision\nsafetensors\naiohttp\npyyaml\nPillow\n",
-        "comfy/ldm/qwen_image/model.py": model,
+        **({"comfy/ldm/qwen_image/model.py": model} if Version(version) > LAST_WITHOUT_QWEN_IMAGE else {}),
+        **({EDIT_NODES: EDIT_NODES_PY} if Version(version) >= FAMILY_NODES["qwen-image-edit-2509"][1] else {}),
         **{f"models/{d}/{marker}": "" for d, marker in MODEL_DIRS.items()},
         "output/_output_images_will_be_put_here": "",
     }

@@ -10,8 +10,11 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
+from provisioner.catalog import wheels
+from provisioner.catalog.requirements import backend_requires
 
 NUNCHAKU_HOME = "https://github.com/nunchaku-tech/nunchaku"
 NUNCHAKU_SUMMARY = "Nunchaku: high-performance inference engine for 4-bit diffusion models (SVDQuant)"
@@ -117,9 +120,21 @@ def build_torch_wheel(out_dir: Path, version: str = "2.6.0+cu124", cuda: str | N
     )
 
 
-def nunchaku_wheel_name(version: str, torch: str, python_tag: str, platform: str) -> str:
-    """The release asset name: `nunchaku-1.0.1+torch2.6-cp312-cp312-linux_x86_64.whl`."""
-    return f"nunchaku-{version}+torch{torch}-{python_tag}-{python_tag}-{platform}.whl"
+def build_torchvision_wheel(out_dir: Path, torch_version: str = "2.6.0+cu124") -> Path:
+    """The torchvision paired with a torch build (2.6.0+cu124 -> 0.21.0+cu124), pinned to it like
+    the real one: ComfyUI's venvs have it, and nunchaku requires torchvision>=0.20."""
+    torch = Version(torch_version)
+    version = f"0.{torch.minor + 15}.{torch.micro}" + (f"+{torch.local}" if torch.local else "")
+    return build_wheel(out_dir, "torchvision", version,
+                       {"torchvision/__init__.py": f'"""Sandbox stand-in for torchvision."""\n__version__ = {version!r}\n'},
+                       requires=[f"torch=={torch_version}"], summary="image and video datasets and models for torch deep learning",
+                       home="https://github.com/pytorch/vision")
+
+
+def nunchaku_wheel_name(version: str, torch: str, python_tag: str, platform: str, cuda: str | None = None) -> str:
+    """The release asset name: `nunchaku-1.0.1+torch2.6-cp312-...`, `nunchaku-1.2.1+cu12.8torch2.9-...`."""
+    host = wheels.HostTorch(Version(f"{torch}.0"), cuda)
+    return wheels.wheel_filename(version, host, python_tag, platform)
 
 
 def build_nunchaku_wheel(
@@ -128,16 +143,24 @@ def build_nunchaku_wheel(
     torch: str = "2.6",
     python_tag: str = "cp312",
     platform: str = "linux_x86_64",
+    cuda: str | None = None,
 ) -> Path:
-    """The real backend's wheel, in name and metadata (`1.0.1+torch2.6`), with no compiled code."""
-    full = f"{version}+torch{torch}"
+    """The real backend's wheel, in name and metadata (`1.0.1+torch2.6`, `1.2.1+cu12.8torch2.9` with
+    `cuda`), with no compiled code."""
+    return build_nunchaku_wheel_named(out_dir, nunchaku_wheel_name(version, torch, python_tag, platform, cuda))
+
+
+def build_nunchaku_wheel_named(out_dir: Path, filename: str) -> Path:
+    """Exactly the release asset `filename`, as a tiny real wheel carrying the release's Requires-Dist."""
+    version = parse_wheel_filename(filename)[1]
     init_py = (
         '"""Sandbox stand-in for the nunchaku backend (SVDQuant INT4/FP4 kernels live upstream)."""\n'
-        f"__version__ = {full!r}\n"
+        f"__version__ = {str(version)!r}\n"
     )
+    tag = "-".join(filename[:-len(".whl")].split("-")[-3:])
     return build_wheel(
-        out_dir, "nunchaku", full, {"nunchaku/__init__.py": init_py},
-        tag=f"{python_tag}-{python_tag}-{platform}", summary=NUNCHAKU_SUMMARY, home=NUNCHAKU_HOME,
+        out_dir, "nunchaku", str(version), {"nunchaku/__init__.py": init_py}, tag=tag,
+        requires=backend_requires(version.public) or (), summary=NUNCHAKU_SUMMARY, home=NUNCHAKU_HOME,
     )
 
 
@@ -150,9 +173,12 @@ def build_impostor_nunchaku(out_dir: Path) -> Path:
     return build_wheel(out_dir, "nunchaku", "0.16.1", {"nunchaku/__init__.py": init_py}, summary=IMPOSTOR_SUMMARY)
 
 
+# What ComfyUI-nunchaku and the backend's Requires-Dist need beside torch (an old diffusers and peft
+# too, for hosts that ran the seed's unquoted install).
 STAND_INS: tuple[tuple[str, str], ...] = (
-    ("diffusers", "0.34.0"), ("diffusers", "0.35.2"), ("peft", "0.16.0"), ("peft", "0.17.1"),
-    ("transformers", "4.57.1"), ("accelerate", "1.11.0"),
+    ("diffusers", "0.34.0"), ("diffusers", "0.35.2"), ("diffusers", "0.36.0"), ("peft", "0.16.0"),
+    ("peft", "0.17.1"), ("transformers", "4.57.1"), ("accelerate", "1.11.0"), ("einops", "0.8.1"),
+    ("huggingface-hub", "0.35.3"), ("protobuf", "6.32.1"), ("sentencepiece", "0.2.1"),
 )
 
 

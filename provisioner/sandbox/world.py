@@ -19,20 +19,53 @@ from provisioner.sandbox.gitrepo import make_plugin_repo
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 from provisioner.sandbox.host import make_venv_template
 from provisioner.sandbox.release_server import ReleaseServer, start_release_server
-from provisioner.sandbox.wheels import build_nunchaku_wheel, build_package_wheelhouse, current_python_tag
+from provisioner.sandbox.wheels import build_nunchaku_wheel_named, build_package_wheelhouse, current_python_tag
 
 BACKEND = ("nunchaku-tech", "nunchaku")
 BACKEND_VERSION = "1.0.1"
-# The release's real matrix is wider; a few combinations are enough to make "no wheel for torch X"
-# list real alternatives. The current interpreter's tag is always included so hosts can install.
-TORCHES = ("2.5", "2.6", "2.7", "2.8")
-PYTHON_TAGS = ("cp310", "cp311", "cp312")
+RELEASE_ASSETS = Path(__file__).with_name("captures") / "nunchaku-releases" / "assets.json"
 
 
-def safetensors_standin(payload_bytes: int, label: str) -> bytes:
-    """A small but valid safetensors file (8-byte header length, JSON header, data)."""
+def release_assets() -> dict[str, list[str]]:
+    """The real wheel names of each nunchaku release (captures/nunchaku-releases/README.md)."""
+    return json.loads(RELEASE_ASSETS.read_text())["releases"]
+
+
+def _release_wheels(out: Path) -> dict[tuple[str, str, str], list[Path]]:
+    """Every real asset of every captured release, as a tiny real wheel. Upstream builds CPython
+    3.10-3.13 only: on another interpreter the sandbox adds its tag to BACKEND_VERSION's release so
+    the demo and the tests still run there (upstream would have no wheel for it)."""
+    names = release_assets()
+    tag = current_python_tag()
+    if not any(f"-{tag}-" in n for n in names[BACKEND_VERSION]):
+        names[BACKEND_VERSION] = [*names[BACKEND_VERSION],
+                                  *(n.replace("-cp312-cp312-", f"-{tag}-{tag}-") for n in names[BACKEND_VERSION]
+                                    if "-cp312-cp312-" in n)]
+    return {(*BACKEND, f"v{version}"): [build_nunchaku_wheel_named(out / version, n) for n in listed]
+            for version, listed in names.items()}
+
+
+# Qwen-Image's transformer config as nunchaku's merge step stores it beside the weights (abridged).
+_QWEN_CONFIG = {"_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+                "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
+                "num_layers": 60, "out_channels": 16, "patch_size": 2}
+
+
+def safetensors_standin(payload_bytes: int, label: str, *, precision: str | None = None,
+                        rank: int | None = None) -> bytes:
+    """A small but valid safetensors file (8-byte header length, JSON header, data). Given a
+    precision and rank it is a nunchaku SVDQuant DiT: its `__metadata__` carries the keys upstream's
+    merge step writes (config, comfy_config, model_class, quantization_config as JSON strings)."""
     count = max(1, payload_bytes // 4)
-    header = {"__metadata__": {"format": "pt", "provision": f"sandbox stand-in for {label}"},
+    metadata: dict[str, str] = {"format": "pt"}
+    if precision is not None:
+        metadata = {
+            "config": json.dumps(_QWEN_CONFIG),
+            "comfy_config": json.dumps({"model_class": "QwenImage", "sandbox_file": label}),
+            "model_class": "NunchakuQwenImageTransformer2DModel",
+            "quantization_config": json.dumps(catalog.quantization_config(precision, rank or catalog.DEFAULT_RANK)),
+        }
+    header = {"__metadata__": metadata,
               "weight": {"dtype": "F32", "shape": [count], "data_offsets": [0, 4 * count]}}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)            # the format pads the header to 8 bytes
@@ -76,20 +109,17 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     `hub_token`: every model repo is gated and needs this token, like a private or gated repo.
     """
     root.mkdir(parents=True, exist_ok=True)
-    wheels = root / "release-assets"
-    tags = sorted({*PYTHON_TAGS, current_python_tag()})
-    assets = [build_nunchaku_wheel(wheels, BACKEND_VERSION, t, py, "linux_x86_64")
-              for t in TORCHES for py in tags]
-    release = start_release_server({(*BACKEND, f"v{BACKEND_VERSION}"): assets})
+    release = start_release_server(_release_wheels(root / "release-assets"))
     files: dict[tuple[str, str], bytes] = {}
     for variant in variants:
         for precision in ("int4", "fp4"):
             f = catalog.dit_file(family, variant, precision)
-            files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes, f.filename)
+            files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes, f.filename, precision=precision,
+                                                                  rank=catalog.rank_of(variant))
     for f in (catalog.TEXT_ENCODER, catalog.VAE):
         files[(f.repo, f.path_in_repo)] = safetensors_standin(model_bytes // 4, f.filename)
     gated = {repo for repo, _ in files} if hub_token else ()
-    hub = start_hf_server(files, gated=gated, token=hub_token)
+    hub = start_hf_server(files, gated=gated, token=hub_token, commits=catalog.PINNED_REVISIONS)
     plugin_repo = root / "git" / "ComfyUI-nunchaku.git"
     if not plugin_repo.exists():
         make_plugin_repo(plugin_repo)
