@@ -1,6 +1,10 @@
 """A sandbox fleet for end-to-end tests: sandbox GPU hosts behind real sshd servers, the stand-in
 world (release server, Hub, git repo, wheelhouse), a ComfyUI stand-in process per host, and the
 profile + inventory that point `provision` at all of it. Commands run through the real CLI.
+
+A lab host is anything with a name, an sshd, the `provision:` variables of its inventory entry
+and a `stop()`: `LabHost` here (a sandbox host and the ComfyUI stand-in), `RealHost` in
+tests/real/ (real ComfyUI in a real venv).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sshd import SshdFleet, SshdHost, free_port, inventory_for
 
@@ -24,6 +28,15 @@ from provisioner.sandbox.host import SandboxHost, make_sandbox_host
 from provisioner.sandbox.world import World, start_world, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class AnyHost(Protocol):
+    name: str
+    sshd: SshdHost
+
+    def provision_vars(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -49,17 +62,27 @@ class LabHost:
         return subprocess.run(["git", "-C", str(self.plugin), *args], check=True,
                               capture_output=True, text=True).stdout.strip()
 
+    def provision_vars(self) -> dict[str, Any]:
+        return {"comfyui": {
+            "root": str(self.comfy), "port": self.port,
+            "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
+                                    "restart", str(self.comfy)]}}}
+
+    def stop(self) -> None:
+        comfyui_process.stop(self.comfy)
+
 
 @dataclass
 class Lab:
     root: Path
     world: World
     fleet: SshdFleet
-    hosts: list[LabHost] = field(default_factory=list)
+    hosts: list[Any] = field(default_factory=list)             # LabHost, or any AnyHost
     extra_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     overlays: dict[str, dict[str, Any]] = field(default_factory=dict)   # host → more `provision:` keys
     host_vars: dict[str, dict[str, Any]] = field(default_factory=dict)  # host → more inventory vars
     profile_extra: dict[str, Any] = field(default_factory=dict)
+    base_profile: Path = REPO / "profiles" / "rtx3090.yaml"    # what the lab's profile extends
 
     def add(self, n: int = 1, *, gpu: str | None = "rtx3090", torch: str | None = "2.6.0+cu124",
             comfyui_version: str = "0.3.64", comfyui_args: tuple[str, ...] = ()) -> list[LabHost]:
@@ -79,6 +102,11 @@ class Lab:
         self.write()
         return made
 
+    def attach(self, host: AnyHost) -> None:
+        """Put a host made elsewhere (with its own sshd from `self.fleet`) into the inventory."""
+        self.hosts.append(host)
+        self.write()
+
     def add_unreachable(self, name: str = "gpu-down") -> None:
         self.extra_hosts[name] = {"ansible_host": "127.0.0.1", "ansible_port": free_port(),
                                   "ansible_user": "root"}
@@ -95,15 +123,12 @@ class Lab:
     def write(self) -> None:
         inv = inventory_for([h.sshd for h in self.hosts])
         for host in self.hosts:
-            inv["all"]["hosts"][host.name]["provision"] = {"comfyui": {
-                "root": str(host.comfy), "port": host.port,
-                "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
-                                        "restart", str(host.comfy)]}},
-                **self.overlays.get(host.name, {})}
+            inv["all"]["hosts"][host.name]["provision"] = {**host.provision_vars(),
+                                                           **self.overlays.get(host.name, {})}
             inv["all"]["hosts"][host.name].update(self.host_vars.get(host.name, {}))
         inv["all"]["hosts"].update(self.extra_hosts)
         write_yaml(self.inventory, inv)
-        profile = {"extends": str(REPO / "profiles" / "rtx3090.yaml"), "inventory": str(self.inventory),
+        profile = {"extends": str(self.base_profile), "inventory": str(self.inventory),
                    "hosts": "all", "comfyui": {"root": "/nonexistent/set-per-host"},
                    **self.world.profile_overrides()}
         for key, value in self.profile_extra.items():
@@ -135,7 +160,7 @@ class Lab:
 
     def stop(self) -> None:
         for host in self.hosts:
-            comfyui_process.stop(host.comfy)
+            host.stop()
         self.fleet.stop_all()
 
 

@@ -70,17 +70,20 @@ class World:
 
 def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
                 variants: Iterable[str] = ("lightning-4step-r128",), model_bytes: int = 2 << 20,
-                torch: str = "2.6.0+cu124", hub_token: str | None = None) -> World:
+                torch: str = "2.6.0+cu124", hub_token: str | None = None,
+                backend_version: str = BACKEND_VERSION, torches: Iterable[str] = TORCHES) -> World:
     """Build the artefacts under `root` and start the servers (call `.stop()` when done).
 
     `hub_token`: every model repo is gated and needs this token, like a private or gated repo.
+    `backend_version`, `torches`: the backend release served and the torch builds it has wheels for
+    (hosts with a real torch 2.9 need a release that has `+torch2.9` wheels, as 1.1.0 does).
     """
     root.mkdir(parents=True, exist_ok=True)
     wheels = root / "release-assets"
     tags = sorted({*PYTHON_TAGS, current_python_tag()})
-    assets = [build_nunchaku_wheel(wheels, BACKEND_VERSION, t, py, "linux_x86_64")
-              for t in TORCHES for py in tags]
-    release = start_release_server({(*BACKEND, f"v{BACKEND_VERSION}"): assets})
+    assets = [build_nunchaku_wheel(wheels, backend_version, t, py, "linux_x86_64")
+              for t in torches for py in tags]
+    release = start_release_server({(*BACKEND, f"v{backend_version}"): assets})
     files: dict[tuple[str, str], bytes] = {}
     for variant in variants:
         for precision in ("int4", "fp4"):
