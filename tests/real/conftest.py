@@ -82,7 +82,7 @@ def real_host(real_lab: Lab, comfyui_repo: Path, real_venv: Path,
         name = name or f"real-{len(real_lab.hosts) + 1:02d}"
         root = tmp_path / name
         (sshd,) = real_lab.fleet.add(1, names=[name], bin_dirs=[root / "bin"])
-        host = make_real_host(root, sshd, comfyui_repo, tag, real_venv)
+        host = make_real_host(root, name, comfyui_repo, tag, real_venv, sshd)
         if patch:
             patch(host.comfy)
         made.append(host)
@@ -94,5 +94,25 @@ def real_host(real_lab: Lab, comfyui_repo: Path, real_venv: Path,
     yield make
     for host in made:
         host.stop()
-        host.sshd.stop()
+        if host.sshd:
+            host.sshd.stop()
+        shutil.rmtree(host.venv, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_comfyui(tmp_path_factory: pytest.TempPathFactory, comfyui_repo: Path, plugin_repo: Path,
+                 real_venv: Path) -> Iterator[RealHost]:
+    """One real ComfyUI v0.3.64 with the real ComfyUI-nunchaku v1.1.0 (no backend), reached over
+    HTTP only: what the stand-in is held against and the websocket client is tested on. Tests
+    share it: each uses its own output prefix and never relies on queue numbers."""
+    root = tmp_path_factory.mktemp("real-comfyui")
+    host = make_real_host(root, "real-comfyui", comfyui_repo, "v0.3.64", real_venv)
+    upstream.git("clone", "--quiet", "--no-checkout", str(plugin_repo), str(host.plugin))
+    upstream.git("-C", str(host.plugin), "checkout", "--quiet", "--detach", "v1.1.0")
+    host.start()
+    try:
+        host.wait_ready()
+        yield host
+    finally:
+        host.stop()
         shutil.rmtree(host.venv, ignore_errors=True)

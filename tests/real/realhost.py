@@ -31,7 +31,7 @@ class RealHost:
     """A test host running real ComfyUI; `root` holds the checkout (`comfy`), `service/`, `bin/`."""
 
     name: str
-    sshd: SshdHost
+    sshd: SshdHost | None                  # None: a ComfyUI server only, reached over HTTP
     root: Path
     port: int
     tag: str
@@ -97,9 +97,10 @@ class RealHost:
         return upstream.git("-C", str(self.plugin), *args)
 
 
-def make_real_host(root: Path, sshd: SshdHost, comfyui_repo: Path, tag: str, venv: Path) -> RealHost:
+def make_real_host(root: Path, name: str, comfyui_repo: Path, tag: str, venv: Path,
+                   sshd: SshdHost | None = None) -> RealHost:
     """Clone ComfyUI at `tag`, give it a copy of the real venv and a service (not started)."""
-    host = RealHost(sshd.name, sshd, root, free_port(), tag)
+    host = RealHost(name, sshd, root, free_port(), tag)
     upstream.git("clone", "--quiet", "--no-checkout", str(comfyui_repo), str(host.comfy))
     upstream.git("-C", str(host.comfy), "checkout", "--quiet", "--detach", tag)
     upstream.copy_venv(venv, host.venv)
