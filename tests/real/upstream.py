@@ -148,8 +148,11 @@ def real_venv(cache: Path, requirements: str, say: Callable[[str], None] = print
 
 def copy_venv(cached: Path, dest: Path) -> Path:
     """A hard-linked copy of the cached venv (no space, ~1 s), its scripts made its own: pip
-    installing into the copy writes new files and unlinks old ones, never touching the cache."""
-    subprocess.run(["cp", "-al", str(cached), str(dest)], check=True)
+    installing into the copy writes new files and unlinks old ones, never touching the cache.
+    Where the cache is on another file system than the tests' temp folder, a full copy."""
+    if subprocess.run(["cp", "-al", str(cached), str(dest)], capture_output=True).returncode != 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        subprocess.run(["cp", "-a", str(cached), str(dest)], check=True)
     (dest / MANIFEST).unlink()
     own_scripts(dest, cached)
     return dest
