@@ -46,8 +46,13 @@ def plugin_repo(real_cache: Path) -> Path:
 def real_venv(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureRequest) -> Path:
     requirements = upstream.git("-C", str(comfyui_repo), "show",
                                 f"{upstream.REQUIREMENTS_TAG}:requirements.txt") + "\n"
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    say = (lambda line: reporter.write_line(line)) if reporter else print
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+
+    def say(line: str) -> None:          # a build takes minutes: say so on the terminal, uncaptured
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
     return upstream.real_venv(real_cache, requirements, say)
 
 

@@ -33,7 +33,6 @@ def test_facts_read_the_real_comfyui_version_and_torch(real_lab: Lab, real_host:
     assert checkout["tags"] == ["v0.3.64"]
     assert checkout["head"] == upstream.git("-C", str(comfyui_repo), "rev-parse", "v0.3.64^{commit}")
     assert facts["http"][f"{host.url}/system_stats"] == 200      # real ComfyUI answers
-    assert facts["gpus"] == [] and facts["gpu_error"]             # a CPU host: no GPU, said why
 
 
 def test_real_plugin_v110_applies_and_a_second_apply_changes_nothing(
