@@ -7,13 +7,13 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import upstream
+from service import running_pid
 from sshd import SshdHost, free_port
 
 SERVICE = Path(__file__).with_name("service.py")
@@ -60,9 +60,10 @@ class RealHost:
         return {"comfyui": {"root": str(self.comfy), "port": self.port, "restart": {
             "command": [sys.executable, str(SERVICE), "restart", str(self.service)]}}}
 
-    def _service(self, action: str) -> str:
-        return subprocess.run([sys.executable, str(SERVICE), action, str(self.service)],
-                              check=action != "status", capture_output=True, text=True).stdout.strip()
+    def _service(self, action: str) -> None:
+        """As the host runs it: a process of its own, so ComfyUI is nobody's child here."""
+        subprocess.run([sys.executable, str(SERVICE), action, str(self.service)], check=True,
+                       capture_output=True)
 
     def start(self) -> None:
         self._service("start")
@@ -71,8 +72,7 @@ class RealHost:
         self._service("stop")
 
     def pid(self) -> int | None:
-        state = self._service("status")
-        return int(state.split()[1]) if state.startswith("running") else None
+        return running_pid(self.service)
 
     def log(self) -> str:
         """ComfyUI's console since its last start."""
@@ -85,7 +85,7 @@ class RealHost:
         while True:
             try:
                 return http_json(self.url + "/system_stats", timeout=5)
-            except (OSError, urllib.error.URLError):
+            except OSError:                 # refused until ComfyUI has imported everything
                 if self.pid() is None:
                     raise AssertionError(f"ComfyUI on {self.name} exited:\n{self.log()[-3000:]}") from None
                 if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ from pathlib import Path
 STOP_GRACE_S = 15.0
 
 
-def _pid(service: Path) -> int | None:
+def running_pid(service: Path) -> int | None:
     """The PID when the process runs (a zombie, exited but not yet reaped, does not)."""
     try:
         pid = int((service / "pid").read_text())
@@ -32,7 +32,7 @@ def _pid(service: Path) -> int | None:
 
 
 def start(service: Path) -> int:
-    pid = _pid(service)
+    pid = running_pid(service)
     if pid is not None:
         return pid
     config = json.loads((service / "service.json").read_text())
@@ -47,17 +47,17 @@ def start(service: Path) -> int:
 
 def stop(service: Path) -> None:
     """SIGTERM to the process group, SIGKILL after the grace period."""
-    pid = _pid(service)
+    pid = running_pid(service)
     if pid is None:
         return
     try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while _pid(service) is not None and time.monotonic() < deadline:
+        while running_pid(service) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid(service) is not None:
+        if running_pid(service) is not None:
             os.killpg(pid, signal.SIGKILL)
-            while _pid(service) is not None:
+            while running_pid(service) is not None:
                 time.sleep(0.05)
     except ProcessLookupError:
         pass
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         return 2
     action, service = argv[0], Path(argv[1])
     if action == "status":
-        pid = _pid(service)
+        pid = running_pid(service)
         print(f"running {pid}" if pid else "stopped")
         return 0 if pid else 3                    # systemctl's "not running"
     if action in ("stop", "restart"):
