@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test system-deps clean
+.PHONY: demo test test-real system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 ## make test: install what the tests need (openssh-server, git, chromium) and run the whole suite
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+## make test-real: the real-upstream tier (real ComfyUI on CPU, the real ComfyUI-nunchaku) over real
+## sshd hosts; sources from PROVISION_COMFYUI_REPO / PROVISION_PLUGIN_REPO (default: GitHub), the
+## real venv built once into PROVISION_REAL_CACHE (default ~/.cache/provision-real). docs/testing.md
+test-real: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m real tests/real $(ARGS)
 
 system-deps:
 	@.ci/system-deps

@@ -1,6 +1,10 @@
 """A sandbox fleet for end-to-end tests: sandbox GPU hosts behind real sshd servers, the stand-in
 world (release server, Hub, git repo, wheelhouse), a ComfyUI stand-in process per host, and the
 profile + inventory that point `provision` at all of it. Commands run through the real CLI.
+
+A lab host is anything with a name, an sshd, the `provision:` variables of its inventory entry
+and a `stop()`: `LabHost` here (a sandbox host and the ComfyUI stand-in), `RealHost` in
+tests/real/ (real ComfyUI in a real venv).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sshd import SshdFleet, SshdHost, free_port, install_systemd_standin, inventory_for
 
@@ -27,6 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 # Seconds a lab ComfyUI takes to open its port after a (re)start: a restart returns long before it
 # listens, as `systemctl restart` and `docker restart` do, so every apply here waits for readiness.
 STARTUP_S = 1.0
+
+
+class AnyHost(Protocol):
+    name: str
+    sshd: SshdHost
+
+    def provision_vars(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -69,17 +82,27 @@ class LabHost:
             unit: (self.restart_program(then), sandbox / "comfyui.pid", sandbox / "comfyui.log")})
         return {"root": str(self.comfy), "port": self.port, "restart": {"systemd": unit}}
 
+    def provision_vars(self) -> dict[str, Any]:
+        return {"comfyui": {
+            "root": str(self.comfy), "port": self.port,
+            "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
+                                    "restart", str(self.comfy)]}}}
+
+    def stop(self) -> None:
+        comfyui_process.stop(self.comfy)
+
 
 @dataclass
 class Lab:
     root: Path
     world: World
     fleet: SshdFleet
-    hosts: list[LabHost] = field(default_factory=list)
+    hosts: list[Any] = field(default_factory=list)             # LabHost, or any AnyHost
     extra_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     overlays: dict[str, dict[str, Any]] = field(default_factory=dict)   # host → more `provision:` keys
     host_vars: dict[str, dict[str, Any]] = field(default_factory=dict)  # host → more inventory vars
     profile_extra: dict[str, Any] = field(default_factory=dict)
+    base_profile: Path = REPO / "profiles" / "rtx3090.yaml"    # what the lab's profile extends
 
     def add(self, n: int = 1, *, gpu: str | None = "rtx3090", torch: str | None = "2.6.0+cu124",
             comfyui_version: str = "0.3.64", comfyui_args: tuple[str, ...] = ()) -> list[LabHost]:
@@ -99,6 +122,11 @@ class Lab:
         self.write()
         return made
 
+    def attach(self, host: AnyHost) -> None:
+        """Put a host made elsewhere (with its own sshd from `self.fleet`) into the inventory."""
+        self.hosts.append(host)
+        self.write()
+
     def add_unreachable(self, name: str = "gpu-down") -> None:
         self.extra_hosts[name] = {"ansible_host": "127.0.0.1", "ansible_port": free_port(),
                                   "ansible_user": "root"}
@@ -115,15 +143,12 @@ class Lab:
     def write(self) -> None:
         inv = inventory_for([h.sshd for h in self.hosts])
         for host in self.hosts:
-            inv["all"]["hosts"][host.name]["provision"] = {"comfyui": {
-                "root": str(host.comfy), "port": host.port,
-                "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
-                                        "restart", str(host.comfy)]}},
-                **self.overlays.get(host.name, {})}
+            inv["all"]["hosts"][host.name]["provision"] = {**host.provision_vars(),
+                                                           **self.overlays.get(host.name, {})}
             inv["all"]["hosts"][host.name].update(self.host_vars.get(host.name, {}))
         inv["all"]["hosts"].update(self.extra_hosts)
         write_yaml(self.inventory, inv)
-        profile = {"extends": str(REPO / "profiles" / "rtx3090.yaml"), "inventory": str(self.inventory),
+        profile = {"extends": str(self.base_profile), "inventory": str(self.inventory),
                    "hosts": "all", "comfyui": {"root": "/nonexistent/set-per-host"},
                    **self.world.profile_overrides()}
         for key, value in self.profile_extra.items():
@@ -155,7 +180,7 @@ class Lab:
 
     def stop(self) -> None:
         for host in self.hosts:
-            comfyui_process.stop(host.comfy)
+            host.stop()
         self.fleet.stop_all()
 
 

@@ -18,7 +18,7 @@ import pytest
 from provisioner.errors import ProvisionError
 from provisioner.sandbox.gitrepo import add_plugin_tag, make_plugin_repo
 from provisioner.sandbox.host import (gpu_config, install_nvidia_smi, installed_torch, make_sandbox_host,
-                                      make_venv_template, set_vram_used)
+                                      make_venv_template, own_scripts, set_vram_used)
 from provisioner.sandbox.wheels import (build_impostor_nunchaku, build_nunchaku_wheel,
                                         build_package_wheelhouse, build_torch_wheel, build_wheel,
                                         current_python_tag)
@@ -268,3 +268,17 @@ def test_copied_venv_scripts_point_at_the_copy(tmp_path: Path) -> None:
     host = make_sandbox_host(tmp_path / "h", gpu=None, torch=None, venv_template=template)
     shebang = (host.venv / "bin" / "pip").read_text().splitlines()[0]
     assert str(host.venv) in shebang and str(template) not in shebang
+
+
+def test_owning_the_scripts_of_a_hard_linked_copy_leaves_the_template_alone(tmp_path: Path) -> None:
+    """The real tier's hosts are `cp -al` copies of one cached venv: their scripts are replaced by
+    new files, never rewritten through the link (which would point the cache at one host)."""
+    template = make_venv_template(tmp_path / "template", torch=None)
+    pip = template / "bin" / "pip"
+    before = pip.read_bytes()
+    subprocess.run(["cp", "-al", str(template), str(tmp_path / "copy")], check=True)
+    own_scripts(tmp_path / "copy", template)
+    assert pip.read_bytes() == before
+    copied = tmp_path / "copy" / "bin" / "pip"
+    assert copied.stat().st_ino != pip.stat().st_ino and copied.stat().st_mode == pip.stat().st_mode
+    assert str(tmp_path / "copy") in copied.read_text().splitlines()[0]

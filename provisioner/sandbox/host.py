@@ -185,15 +185,19 @@ def _comfyui_files(version: str) -> dict[str, str]:
     }
 
 
-def _own_scripts(venv: Path, template: Path) -> None:
+def own_scripts(venv: Path, template: Path) -> None:
     """Point a copied venv's scripts (bin/pip, activate) at the copy: their shebangs name the
-    template's python, so `venv/bin/pip` would install into the template."""
+    template's python, so `venv/bin/pip` would install into the template. Each is replaced by a
+    new file, never rewritten in place: in a hard-linked copy that would rewrite the template's."""
     old, new = str(Path(template).resolve()).encode(), str(venv).encode()
     for script in (venv / "bin").iterdir():
         if script.is_file() and not script.is_symlink():
             text = script.read_bytes()
             if old in text:
+                mode = script.stat().st_mode & 0o7777
+                script.unlink()
                 script.write_bytes(text.replace(old, new))
+                script.chmod(mode)
 
 
 def make_sandbox_host(
@@ -216,7 +220,7 @@ def make_sandbox_host(
     venv = comfy / "venv"
     if venv_template is not None:
         shutil.copytree(venv_template, venv, symlinks=True)
-        _own_scripts(venv, venv_template)
+        own_scripts(venv, venv_template)
         _set_torch(venv, torch)
     else:
         make_venv_template(venv, torch)
