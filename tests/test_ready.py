@@ -97,3 +97,15 @@ def test_restart_handler_restarts_waits_and_knows_where_the_log_is(restart: dict
                                            "log_file": "/var/log/comfyui.log"}}, name="p", file="/p.yaml")
     (tail,) = service.restart_handler(with_file).diagnose
     assert tail.argv == ("tail", "-n", "40", "/var/log/comfyui.log") and not tail.on_machine
+
+
+def test_family_nodes_false_waits_only_for_the_listed_and_the_workflow_nodes() -> None:
+    """A model-free smoke workflow on a host without the backend: the family's loader is not waited for."""
+    data = {"comfyui": {"root": "/opt/ComfyUI", "restart": {"systemd": "comfyui"}},
+            "verify": {"family_nodes": False, "required_nodes": ["ImageInvert"]}}
+    profile = build_profile(data, name="p", file="/p.yaml")
+    assert [n.name for n in service.required_nodes(profile)] == ["ImageInvert"]
+    _, ready = service.restart_handler(profile).steps
+    assert json.loads(ready.stdin or b"")["nodes"] == ["ImageInvert"]
+    default = build_profile({"comfyui": data["comfyui"]}, name="p", file="/p.yaml")
+    assert [n.name for n in service.required_nodes(default)] == [LOADER]

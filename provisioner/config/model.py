@@ -174,6 +174,7 @@ class VerifySpec:
     warm_runs: int = 2
     seed: int = 42
     timeout_s: float = 600.0
+    family_nodes: bool = True              # require the model family's nodes from the catalog
     required_nodes: tuple[str, ...] = ()   # beside the model family's loader and the workflow's classes
     thresholds: Thresholds = Thresholds()
 
