@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -41,6 +42,49 @@ def minimal(path: Path, inventory: Path | None = None) -> Path:
 def test_version_and_help_are_fast_and_clean() -> None:
     proc = subprocess.run([sys.executable, "-m", "provisioner", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "plan" in proc.stdout and "apply" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["deploy"], "invalid choice: 'deploy'"),
+    (["plan"], "the following arguments are required: profile"),
+    (["plan", "p.yaml", "-f", "abc"], "-f/--forks: 'abc' is not a whole number"),
+    (["plan", "p.yaml", "-f", "0"], "-f/--forks: 0: give at least 1"),
+    (["plan", "p.yaml", "-f", "-3"], "-f/--forks: -3: give at least 1"),
+    (["apply", "p.yaml", "--serial", "abc"], "--serial: 'abc' is neither a host count"),
+    (["apply", "p.yaml", "--serial", "0"], "--serial: 0 hosts per batch: give at least 1"),
+    (["apply", "p.yaml", "--serial", "150%"], "--serial: 150% is not a share of hosts"),
+    (["apply", "p.yaml", "--serial", "0%"], "--serial: 0% is not a share of hosts"),
+    (["apply", "p.yaml", "--max-fail-percentage", "200"], "200 is not a percentage from 0 to 100"),
+    (["apply", "p.yaml", "--max-fail-percentage", "-1"], "-1 is not a percentage from 0 to 100"),
+    (["plan", "p.yaml", "--connect-timeout", "-1"], "--connect-timeout: -1 seconds: give a time above 0"),
+    (["plan", "p.yaml", "--connect-timeout", "nan"], "--connect-timeout: 'nan' is not a finite number"),
+    (["apply", "p.yaml", "--lock-timeout", "inf"], "--lock-timeout: 'inf' is not a finite number"),
+    (["schema", "playbook"], "invalid choice: 'playbook'"),
+])
+def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> None:
+    code, out = run(*argv)
+    assert code == 3, out
+    assert out.count("\n") == 1 and reason in out and "--help" in out, out
+
+
+def test_good_rolling_arguments_are_kept() -> None:
+    args = cli.build_parser().parse_args(["apply", "p.yaml", "--serial", "30%", "-f", "4",
+                                          "--max-fail-percentage", "50%", "--connect-timeout", "2.5"])
+    assert (args.serial, args.forks, args.max_fail_percentage, args.connect_timeout) == ("30%", 4, 50.0, 2.5)
+    assert cli.build_parser().parse_args(["apply", "p.yaml", "--serial", "2"]).serial == 2
+
+
+@pytest.mark.parametrize("argv", [["schema", "profile"], ["schema", "inventory", "--markdown"], ["--help"]])
+def test_a_closed_pipe_is_not_a_failure(argv: list[str]) -> None:
+    """`provision schema profile | head`: the reader left; exit 0, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before provision writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "provisioner", *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_validate_shipped_profiles_ok() -> None:
