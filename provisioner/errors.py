@@ -7,8 +7,11 @@ escapes is a bug and is shown as one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 class ProvisionError(Exception):
@@ -32,7 +35,8 @@ class Problem:
         where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
         key = f" {self.key}:" if self.key else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}:{key} {self.message}{hint}"
+        # One line, whatever a file or key name holds: control characters are shown escaped.
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], f"{where}:{key} {self.message}{hint}")
 
 
 class ConfigError(ProvisionError, ValueError):

@@ -130,6 +130,19 @@ def test_no_inventory_says_how_to_give_one(tmp_path: Path) -> None:
     assert code == 3 and "-i INVENTORY" in out
 
 
+def test_facts_without_a_profile_validates_host_overlays(tmp_path: Path) -> None:
+    """`provision facts -i INV` used host `provision:` overlays unchecked (issue 13)."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts:\n    gpu-01:\n      provision:\n"
+                                             "        comfyui: {port: '8189', root: /opt/a;b}\n")
+    code, out = run("facts", "-i", str(inventory), "--known-hosts", str(tmp_path / "kh"))
+    assert code == 3 and "Traceback" not in out, out
+    assert out.splitlines() == [
+        f"error: {inventory}:5:19: provision.comfyui.port: host gpu-01: expected an integer, got a string",
+        f"error: {inventory}:5:33: provision.comfyui.root: host gpu-01: contains ';', which pip reads as the "
+        "start of an environment marker: the backend wheel kept under it could never be installed "
+        "(choose a path without ';')"]
+
+
 def test_unreachable_host_is_a_host_failure_not_a_crash(tmp_path: Path) -> None:
     import socket
 

@@ -52,6 +52,15 @@ def problem(marks: Mapping[KeyPath, Mark], file: str, path: KeyPath, message: st
     return Problem(file, 0, 0, key_text(path), message, hint)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` for a message: one line, at most about `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for text
+        return f"a {value.bit_length()}-bit number"
+    return text if len(text) <= limit else f"{text[:limit - 10]}…{text[-8:]} ({len(text)} characters)"
+
+
 def walk(data: Any, path: KeyPath = ()) -> Iterator[KeyPath]:
     """Every key path inside `data`, parents before children."""
     yield path
@@ -71,11 +80,14 @@ def _fail(file: str, message: str, hint: str = "", line: int = 0, col: int = 0) 
     return ConfigError([Problem(file, line, col, "", message, hint)])
 
 
+MAX_BYTES = 1 << 20  # 1 MiB: a profile is a few KB, ten thousand inventory hosts fit; parsing stays ~2 s
+
+
 def _read_text(file: str) -> str:
     """The file as UTF-8 text; every way it can fail becomes a one-line ConfigError."""
     try:
         with open(file, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_BYTES + 1)  # never more: the "file" may be /dev/zero
     except FileNotFoundError:
         raise _fail(file, "no such file") from None
     except IsADirectoryError:
@@ -84,6 +96,9 @@ def _read_text(file: str) -> str:
         raise _fail(file, "cannot be read: permission denied") from None
     except OSError as err:
         raise _fail(file, f"cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_BYTES:
+        raise _fail(file, f"larger than {MAX_BYTES >> 20} MiB: too large for a profile or inventory",
+                    "split the inventory, or check that this is the file you meant")
     if b"\0" in raw:
         line = raw[: raw.index(b"\0")].count(b"\n") + 1
         raise _fail(file, "binary data (NUL byte), not YAML text", line=line, col=1)
@@ -97,6 +112,10 @@ def _read_text(file: str) -> str:
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+_INT = "tag:yaml.org,2002:int"
+_KINDS = {_INT: "integer", "tag:yaml.org,2002:float": "number", "tag:yaml.org,2002:bool": "boolean",
+          "tag:yaml.org,2002:timestamp": "date", "tag:yaml.org,2002:binary": "base64 value",
+          "tag:yaml.org,2002:null": "null"}
 
 
 class _AliasError(yaml.MarkedYAMLError):
@@ -130,7 +149,7 @@ class _Reader:
             raise _AliasError(problem=f"nested deeper than {self.MAX_DEPTH} levels",
                               problem_mark=node.start_mark)
         if isinstance(node, yaml.ScalarNode):
-            return self.scalars.construct_object(node, deep=True)
+            return self._scalar(node, path)
         if node.tag not in _PLAIN_TAGS:  # `!!python/object` and friends: never built, never ignored
             raise _AliasError(problem=f"unsupported tag {node.tag}", problem_mark=node.start_mark)
         self.active.add(id(node))
@@ -144,6 +163,29 @@ class _Reader:
             return out
         finally:
             self.active.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        """A scalar as YAML types it; one it cannot be (`2001-13-45`, `!!int abc`, a 5000-digit
+        number) is a located problem, and its text stands in so reading goes on."""
+        kind = _KINDS.get(node.tag, node.tag.rsplit(":", 1)[-1])
+        if node.tag == _INT and len(node.value) > 40:  # int() of thousands of digits is slow, then refused
+            value: Any = None
+        else:
+            try:
+                value = self.scalars.construct_object(node, deep=True)
+            except (ValueError, KeyError, AttributeError, TypeError, OverflowError, yaml.YAMLError):
+                self._refuse(node, path, f"{shown(node.value)} is not a valid {kind}",
+                             "quote it to keep it as text")
+                return node.value
+        if node.tag == _INT and (value is None or value.bit_length() > 64):
+            self._refuse(node, path, f"{shown(node.value)} is too large a number (over 64 bits)",
+                         "quote it if it is text")
+            return node.value
+        return value
+
+    def _refuse(self, node: yaml.Node, path: KeyPath, message: str, hint: str) -> None:
+        mark = _mark(self.file, node)
+        self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(path), message, hint))
 
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -216,7 +258,13 @@ def merge_marks(merged: Any, parent: Mapping[KeyPath, Mark],
     return out
 
 
-def sub_marks(marks: Mapping[KeyPath, Mark], prefix: KeyPath) -> dict[KeyPath, Mark]:
-    """The marks under `prefix`, re-rooted so `prefix` itself becomes `()`."""
-    n = len(prefix)
-    return {path[n:]: mark for path, mark in marks.items() if path[:n] == prefix}
+def sub_marks(marks: Mapping[KeyPath, Mark], prefix: KeyPath, data: Any) -> dict[KeyPath, Mark]:
+    """The marks of `data`, found at `prefix` in `marks`, re-rooted so `prefix` becomes `()`.
+
+    Walks `data` only, never all of `marks`: an inventory's hosts cost linear time, not quadratic."""
+    out: dict[KeyPath, Mark] = {}
+    for path in walk(data):
+        mark = marks.get((*prefix, *path))
+        if mark is not None:
+            out[path] = mark
+    return out
