@@ -143,13 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `provision --help | head`
         return _reader_left()
     from rich.console import Console
+    from rich.markup import escape
 
     from provisioner import commands
     from provisioner.errors import ProvisionError
 
     no_color = bool(getattr(args, "no_color", False) or os.environ.get("NO_COLOR"))
-    # Human output goes to stderr when --json owns stdout.
-    console = Console(no_color=no_color, highlight=False,
+    # Human output goes to stderr when --json owns stdout. No emoji codes: `a:b:!c` is a host
+    # pattern, not `a🅱!c`.
+    console = Console(no_color=no_color, highlight=False, emoji=False,
                       stderr=bool(getattr(args, "json", False)), soft_wrap=True)
     try:
         code = getattr(commands, args.verb)(args, console)
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _reader_left()
     except ProvisionError as err:
         for line in str(err).splitlines():
-            console.print(f"[red]error:[/] {line}", markup=True, highlight=False)
+            console.print(f"[red]error:[/] {escape(line)}", highlight=False)  # `[/x]` is data
         return err.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: hosts keep what finished; run the same command again to converge")
@@ -167,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: say so plainly, keep the traceback for -vv
         if getattr(args, "verbose", 0) >= 2:
             traceback.print_exc()
-        console.print(f"[red]internal error:[/] {type(err).__name__}: {err} (a bug in provision; "
-                      "run with -vv for the traceback)", highlight=False)
+        console.print(f"[red]internal error:[/] {type(err).__name__}: {escape(str(err))} (a bug in "
+                      "provision; run with -vv for the traceback)", highlight=False)
         return EXIT_FAILED
 
 

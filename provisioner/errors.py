@@ -39,6 +39,14 @@ class Problem:
         return _CONTROL.sub(lambda m: repr(m.group())[1:-1], f"{where}:{key} {self.message}{hint}")
 
 
+MAX_PROBLEMS = 50  # per file: past this it is not a profile with typos, and the first ones say enough
+
+
+def stopped(file: str) -> Problem:
+    """The last line of a list cut at MAX_PROBLEMS."""
+    return Problem(file, 0, 0, "", f"stopped after {MAX_PROBLEMS} problems", "fix these, then check again")
+
+
 class ConfigError(ProvisionError, ValueError):
     """A profile or inventory is malformed; carries every problem found, not only the first."""
 

@@ -124,6 +124,16 @@ def test_unknown_limit_pattern_lists_groups(tmp_path: Path) -> None:
     assert code == 3 and "gpu-99" in out and "Traceback" not in out
 
 
+def test_a_hosts_pattern_that_selects_nothing_is_located_and_printed_as_data(tmp_path: Path) -> None:
+    """Rich read `[/x]` in an error line as a closing tag (a traceback) and `:b:` as an emoji."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts: {a: }\n")
+    profile = write(tmp_path / "p.yaml", f"inventory: {inventory}\ncomfyui: {{root: /opt/ComfyUI}}\n"
+                                         f"workflow: {{template_dir: {ROOT / 'templates'}}}\nhosts: 'a:[/x]:b:'\n")
+    code, out = run("plan", str(profile))
+    assert (code, out) == (3, f"error: {profile}:4:1: hosts: host pattern 'a:[/x]:b:': '[/x]' matches no host or "
+                              f"group in {inventory}; groups: (none)\n")
+
+
 def test_no_inventory_says_how_to_give_one(tmp_path: Path) -> None:
     profile = minimal(tmp_path / "p.yaml")
     code, out = run("plan", str(profile))

@@ -325,7 +325,7 @@ def test_a_file_past_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
     big.write_text("# padding\n" * (MAX_BYTES // 10 + 1))
     for f in (big, Path("/dev/zero")):  # /dev/zero never ends: it must not be read to its end
         (problem,) = validate_files([f])
-        assert problem.message == "larger than 1 MiB: too large for a profile or inventory"
+        assert problem.message == "larger than 512 KiB: too large for a profile or inventory"
 
 
 def test_ecma_pattern_dollar_and_strict_integers() -> None:

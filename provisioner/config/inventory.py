@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.config.marks import (ATOMIC, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml,
+from provisioner.config.marks import (ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml,
                                       sub_marks)
 from provisioner.config.schema import schema_problems
 from provisioner.errors import ConfigError, Problem, UsageError
@@ -303,13 +303,13 @@ def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str
         jump=_jump(vars_), groups=groups, vars=vars_, origin=origin, overlay_marks=overlay_marks)
 
 
-def load_inventory(path: str | os.PathLike[str]) -> Inventory:
-    """Read an Ansible YAML inventory. Raises ConfigError listing every problem, located."""
+def load_inventory(path: str | os.PathLike[str], document: Document | None = None) -> Inventory:
+    """Read (unless `document` is the file, already read) an Ansible YAML inventory. Raises
+    ConfigError listing every problem, located."""
     file = os.fspath(path)
-    doc = read_yaml(file)
+    doc = document if document is not None else read_yaml(file)
     if not isinstance(doc.data, Mapping) or not doc.data:
-        raise ConfigError([Problem(file, 1 if doc.data is not None else 0, 1 if doc.data is not None else 0,
-                                   "", "expected a mapping of groups like all: {hosts: …, children: …}",
+        raise ConfigError([Problem(file, 1, 1, "", "expected a mapping of groups like all: {hosts: …, children: …}",
                                    "see `provision schema inventory`")])
     problems = schema_problems(doc.data, doc.marks, file, "inventory")
     if problems:
@@ -379,9 +379,12 @@ def inline_inventory(spec: str) -> Inventory:
     return Inventory("", hosts, {"all": every, "ungrouped": every})
 
 
-def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None) -> list[Host]:
+def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None,
+              where: str | None = None) -> list[Host]:
     """The hosts a profile targets: its `hosts` pattern over `inventory` (`-i`, else the profile's
-    own, else `hosts` names them itself), narrowed by `--limit` as Ansible's is (never widened)."""
+    own, else `hosts` names them itself), narrowed by `--limit` as Ansible's is (never widened).
+    `where` names the profile's `hosts` key in messages (`file:line:col: hosts`, when known)."""
+    where = where or f"the profile's `hosts` ({profile.file})"
     source = inventory or profile.inventory
     if source:
         inv = load_inventory(source)
@@ -389,8 +392,8 @@ def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None 
         try:
             inv = inline_inventory(profile.hosts)
         except UsageError as err:
-            raise UsageError(f"{profile.file}: {err}") from None
-    chosen = _select(inv, profile.hosts, f"the profile's `hosts` ({profile.file})")
+            raise UsageError(f"{where}: {err}") from None
+    chosen = _select(inv, profile.hosts, where)
     if limit:
         keep = {h.name for h in _select(inv, limit, "--limit")}
         narrowed = [h for h in chosen if h.name in keep]

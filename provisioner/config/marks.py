@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from provisioner.errors import ConfigError, Problem
+from provisioner.errors import MAX_PROBLEMS, ConfigError, Problem, stopped
 
 KeyPath = tuple[str | int, ...]
 # Mappings that replace instead of merging (profiles over parents, hosts over groups): `restart`
@@ -80,7 +80,7 @@ def _fail(file: str, message: str, hint: str = "", line: int = 0, col: int = 0) 
     return ConfigError([Problem(file, line, col, "", message, hint)])
 
 
-MAX_BYTES = 1 << 20  # 1 MiB: a profile is a few KB, ten thousand inventory hosts fit; parsing stays ~2 s
+MAX_BYTES = 512 << 10  # a profile is a few KB, an inventory of 5000 hosts fits; parsing stays under ~2 s
 
 
 def _read_text(file: str) -> str:
@@ -97,8 +97,8 @@ def _read_text(file: str) -> str:
     except OSError as err:
         raise _fail(file, f"cannot be read: {err.strerror or err}") from None
     if len(raw) > MAX_BYTES:
-        raise _fail(file, f"larger than {MAX_BYTES >> 20} MiB: too large for a profile or inventory",
-                    "split the inventory, or check that this is the file you meant")
+        raise _fail(file, f"larger than {MAX_BYTES >> 10} KiB: too large for a profile or inventory",
+                    "split the inventory, or check that this is the file you meant", 1, 1)
     if b"\0" in raw:
         line = raw[: raw.index(b"\0")].count(b"\n") + 1
         raise _fail(file, "binary data (NUL byte), not YAML text", line=line, col=1)
@@ -185,7 +185,13 @@ class _Reader:
 
     def _refuse(self, node: yaml.Node, path: KeyPath, message: str, hint: str) -> None:
         mark = _mark(self.file, node)
-        self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(path), message, hint))
+        self._add(Problem(mark.file, mark.line, mark.col, key_text(path), message, hint))
+
+    def _add(self, found: Problem) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(found)
+        elif len(self.problems) == MAX_PROBLEMS:
+            self.problems.append(stopped(self.file))
 
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -200,14 +206,13 @@ class _Reader:
             key = self.build(key_node, path)
             mark = _mark(self.file, key_node)
             if not isinstance(key, str):
-                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(path),
-                                             f"key {key!r} is not a string", "quote the key"))
+                self._add(Problem(mark.file, mark.line, mark.col, key_text(path),
+                                  f"key {shown(key)} is not a string", "quote the key"))
                 key = str(key)
             sub = (*path, key)
             if key in seen:
-                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(sub),
-                                             f"duplicate key (first set at line {seen[key].line})",
-                                             "keep only one"))
+                self._add(Problem(mark.file, mark.line, mark.col, key_text(sub),
+                                  f"duplicate key (first set at line {seen[key].line})", "keep only one"))
             seen[key] = self.marks[sub] = mark
             out[key] = self.build(value_node, sub)
         return out

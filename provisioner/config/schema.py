@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 
 from provisioner.config.marks import KeyPath, Mark, problem, shown
-from provisioner.errors import Problem, UsageError
+from provisioner.errors import MAX_PROBLEMS, Problem, UsageError, stopped
 
 KINDS = ("profile", "inventory")
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
@@ -96,16 +96,14 @@ def _first_sentence(text: str) -> str:
 
 
 def _unknown_keys(err: jsonschema.ValidationError, path: KeyPath, marks: Mapping[KeyPath, Mark],
-                  file: str) -> list[Problem]:
+                  file: str) -> Iterator[Problem]:
     known = sorted(err.schema.get("properties", {}))
-    out = []
     for key in err.instance:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
-        out.append(problem(marks, file, (*path, key), "unknown key", hint))
-    return out
+        yield problem(marks, file, (*path, key), "unknown key", hint)
 
 
 def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, str]:
@@ -142,17 +140,24 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
 
 
 def schema_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) -> list[Problem]:
-    """Every schema violation of `data`, each placed at its key's `file:line:col`."""
+    """Every schema violation of `data` (up to MAX_PROBLEMS), each placed at its key's `file:line:col`."""
     out: list[Problem] = []
+    for found in _problems(data, marks, file, kind):
+        if len(out) == MAX_PROBLEMS:  # a file of 100000 unknown keys must not take minutes
+            out.append(stopped(file))
+            break
+        out.append(found)
+    return sorted(out, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))
+
+
+def _problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) -> Iterator[Problem]:
     for err in _validator(kind).iter_errors(data):
         path = tuple(err.absolute_path)
         if "propertyNames" in err.schema_path:  # the instance is the offending key itself
             hint = f"expected {err.schema['errorMessage']}" if "errorMessage" in err.schema else ""
-            out.append(problem(marks, file, (*path, err.instance), "not a valid name", hint))
-            continue
-        if err.validator == "additionalProperties" and err.validator_value is False:
-            out += _unknown_keys(err, path, marks, file)
-            continue
-        where, message, hint = _one(err, path)
-        out.append(problem(marks, file, where, message, hint))
-    return sorted(out, key=lambda p: (p.file, p.line, p.col, p.key))
+            yield problem(marks, file, (*path, err.instance), "not a valid name", hint)
+        elif err.validator == "additionalProperties" and err.validator_value is False:
+            yield from _unknown_keys(err, path, marks, file)
+        else:
+            where, message, hint = _one(err, path)
+            yield problem(marks, file, where, message, hint)
