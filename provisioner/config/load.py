@@ -13,7 +13,7 @@ from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, deep_merge
 from provisioner.config.model import Profile, build_profile
 from provisioner.config.schema import schema_problems
 from provisioner.config.semantic import semantic_problems
-from provisioner.errors import ConfigError, Problem
+from provisioner.errors import MAX_PROBLEMS, ConfigError, Problem, stopped
 
 DEFAULT_TEMPLATE_DIR = "../templates"
 
@@ -125,7 +125,8 @@ def check(data: Mapping[str, Any], marks: Mapping[KeyPath, Mark], file: str) -> 
     flagged = tuple(p.key for p in found)
     found += [p for p in semantic_problems(data, marks, file)
               if not any(p.key == k or p.key.startswith((k + ".", k + "[")) for k in flagged)]
-    return sorted(found, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))  # unplaced last
+    found = sorted(found, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))  # unplaced last
+    return found if len(found) <= MAX_PROBLEMS else [*found[:MAX_PROBLEMS], stopped(file)]
 
 
 def load_profile(path: str | os.PathLike[str], document: Document | None = None) -> LoadedProfile:

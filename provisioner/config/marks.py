@@ -115,7 +115,7 @@ _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 _INT = "tag:yaml.org,2002:int"
 _KINDS = {_INT: "integer", "tag:yaml.org,2002:float": "number", "tag:yaml.org,2002:bool": "boolean",
           "tag:yaml.org,2002:timestamp": "date", "tag:yaml.org,2002:binary": "base64 value",
-          "tag:yaml.org,2002:null": "null"}
+          "tag:yaml.org,2002:null": "null", "tag:yaml.org,2002:str": "string"}
 
 
 class _AliasError(yaml.MarkedYAMLError):
@@ -167,15 +167,20 @@ class _Reader:
     def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
         """A scalar as YAML types it; one it cannot be (`2001-13-45`, `!!int abc`, a 5000-digit
         number) is a located problem, and its text stands in so reading goes on."""
-        kind = _KINDS.get(node.tag, node.tag.rsplit(":", 1)[-1])
+        kind = _KINDS.get(node.tag)
+        if kind is None:  # `!!python/name:os.system x`, `!foo bar`: never built, never ignored
+            self._refuse(node, path, f"unsupported tag {shown(node.tag)}", "remove the tag")
+            return node.value
         if node.tag == _INT and len(node.value) > 40:  # int() of thousands of digits is slow, then refused
             value: Any = None
         else:
             try:
                 value = self.scalars.construct_object(node, deep=True)
             except (ValueError, KeyError, AttributeError, TypeError, OverflowError, yaml.YAMLError):
+                implicit = node.style is None and self.scalars.resolve(
+                    yaml.ScalarNode, node.value, (True, False)) == node.tag  # typed by its looks, not a tag
                 self._refuse(node, path, f"{shown(node.value)} is not a valid {kind}",
-                             "quote it to keep it as text")
+                             "quote it to keep it as text" if implicit else "remove the tag")
                 return node.value
         if node.tag == _INT and (value is None or value.bit_length() > 64):
             self._refuse(node, path, f"{shown(node.value)} is too large a number (over 64 bits)",
