@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test system-deps clean
+.PHONY: demo test test-reliability system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 ## make test: install what the tests need (openssh-server, git, chromium) and run the whole suite
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+## make test-reliability: generated malformed inputs and the injection corpus (not in `make test`);
+## PROVISION_RELIABILITY=full for 520 malformed inputs and every payload through apply
+test-reliability: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
 system-deps:
 	@.ci/system-deps

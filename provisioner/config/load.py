@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.config.inventory import Host
-from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml
+from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, clip, deep_merge, merge_marks, problem, read_yaml
 from provisioner.config.model import Profile, build_profile
 from provisioner.config.schema import schema_problems
 from provisioner.config.semantic import semantic_problems
@@ -95,7 +95,7 @@ def _chain(path: str, first: Document | None = None) -> tuple[list[Document], li
                                   "extends cycle: " + " -> ".join(names), "remove one extends")]
         if not os.path.isfile(target):
             what = "is a directory" if os.path.isdir(target) else "not found"
-            return docs, [problem(doc.marks, current, ("extends",), f"{target} {what}",
+            return docs, [problem(doc.marks, current, ("extends",), f"{clip(target)} {what}",
                                   "the path is relative to this file")]
         current = target
 

@@ -61,6 +61,11 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit - 10]}…{text[-8:]} ({len(text)} characters)"
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """`text` for a message, its middle cut when it is longer than `limit`."""
+    return text if len(text) <= limit else f"{text[:limit - 40]}…{text[-30:]} ({len(text)} characters)"
+
+
 def walk(data: Any, path: KeyPath = ()) -> Iterator[KeyPath]:
     """Every key path inside `data`, parents before children."""
     yield path
@@ -238,12 +243,29 @@ def read_yaml(file: str) -> Document:
         raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
     except yaml.YAMLError as err:
         raise _fail(file, f"invalid YAML: {err}") from None
-    except RecursionError:
-        raise _fail(file, "invalid YAML: nested too deeply", "flatten the structure") from None
+    except RecursionError:  # PyYAML's composer recurses per level: thousands of `[` end here
+        raise _fail(file, f"invalid YAML: nested deeper than {_Reader.MAX_DEPTH} levels", "flatten the structure",
+                    *_too_deep(text)) from None
     if reader.problems:
         raise ConfigError(reader.problems)
     reader.marks[()] = Mark(file, 1, 1)
     return Document(file, data, reader.marks)
+
+
+def _too_deep(text: str) -> tuple[int, int]:
+    """Where `text` first nests past MAX_DEPTH, found by PyYAML's parser (a loop, not a recursion)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > _Reader.MAX_DEPTH:
+                    return event.start_mark.line + 1, event.start_mark.column + 1
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return 1, 1
 
 
 def deep_merge(parent: Any, child: Any, atomic: frozenset[KeyPath] = frozenset(),

@@ -16,7 +16,7 @@ from packaging.version import Version
 
 from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
-from provisioner.config.marks import KeyPath, Mark, problem, shown, walk
+from provisioner.config.marks import KeyPath, Mark, clip, problem, shown, walk
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
@@ -168,16 +168,16 @@ def _local_files(data: Any) -> Iterator[Found]:
         if isinstance(name, str) and template_dir and not os.path.isfile(os.path.join(template_dir, name)):
             where = ("workflow", "templates", i) if _get(data, ("workflow", "templates"), list) \
                 else ("workflow", "template_dir")
-            yield where, f"template {shown(name)} not found in {template_dir}", \
+            yield where, f"template {shown(name)} not found in {clip(template_dir)}", \
                 "fix workflow.templates or workflow.template_dir"
     for i, source in enumerate(_get(data, ("backend", "sources"), list) or []):
         house = _get(source, ("wheelhouse",), str)
         if house is not None and not os.path.isdir(house):
-            yield ("backend", "sources", i, "wheelhouse"), f"directory {house} not found", \
+            yield ("backend", "sources", i, "wheelhouse"), f"directory {clip(house)} not found", \
                 "create it, or fix the path: it is relative to the profile file"
     inventory = _get(data, ("inventory",), str)
     if inventory is not None and not os.path.isfile(inventory):
-        yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"
+        yield ("inventory",), f"file {clip(inventory)} not found", "the path is relative to the profile file"
 
 
 CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths, _repo, _versions, _catalog,
