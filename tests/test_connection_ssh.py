@@ -273,6 +273,15 @@ def test_host_down_is_a_fast_connect_error(sshd_hosts: Callable[..., list[SshdHo
                               f"(is sshd running there, on that port?)")
 
 
+@pytest.mark.parametrize("address", ["..", "127.0.0.1..", "\u202e;touch x", "a" * 300])
+def test_a_host_name_no_resolver_can_encode_is_a_connect_error(address: str) -> None:
+    """These were UnicodeErrors from the idna codec: an internal error for the host (found by the
+    injection corpus, tests/reliability)."""
+    host = Host("gpu-01", address=address, port=22, user="u")
+    with pytest.raises(ConnectError, match=r"^gpu-01: cannot connect to '.*' port 22: .*idna"):
+        open_connection(host, ConnectOptions(known_hosts=(), connect_timeout=2, ssh_config="/dev/null"))
+
+
 def test_silent_server_times_out_at_connect_timeout(sshd_host: SshdHost) -> None:
     with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts TCP, never says a word
         port = mute.getsockname()[1]

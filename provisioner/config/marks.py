@@ -127,6 +127,24 @@ class _AliasError(yaml.MarkedYAMLError):
     """A node the reader refuses: a self-referring alias, an alias bomb, a foreign tag."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stopped while composing a node nested past MAX_DEPTH: its composer
+    recurses once per level and its scanner slows quadratically with flow depth, so 5000 `[` took
+    seconds and then a RecursionError."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > _Reader.MAX_DEPTH + 1:  # the top node is not a level: as the reader counts
+                raise _AliasError(problem=f"nested deeper than {_Reader.MAX_DEPTH} levels",
+                                  problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self.depth -= 1
+
+
 class _Reader:
     """Composes the node tree, records marks per key path, then builds plain Python data."""
 
@@ -232,7 +250,7 @@ def read_yaml(file: str) -> Document:
     """Read one YAML file. Raises ConfigError (every problem, located) for anything unreadable."""
     text = _read_text(file)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
         reader = _Reader(file)
         data = None if node is None else reader.build(node, ())
     except yaml.MarkedYAMLError as err:
@@ -243,29 +261,12 @@ def read_yaml(file: str) -> Document:
         raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
     except yaml.YAMLError as err:
         raise _fail(file, f"invalid YAML: {err}") from None
-    except RecursionError:  # PyYAML's composer recurses per level: thousands of `[` end here
-        raise _fail(file, f"invalid YAML: nested deeper than {_Reader.MAX_DEPTH} levels", "flatten the structure",
-                    *_too_deep(text)) from None
+    except RecursionError:  # not expected (the loader stops at MAX_DEPTH): one line all the same
+        raise _fail(file, "invalid YAML: nested too deeply", "flatten the structure", 1, 1) from None
     if reader.problems:
         raise ConfigError(reader.problems)
     reader.marks[()] = Mark(file, 1, 1)
     return Document(file, data, reader.marks)
-
-
-def _too_deep(text: str) -> tuple[int, int]:
-    """Where `text` first nests past MAX_DEPTH, found by PyYAML's parser (a loop, not a recursion)."""
-    depth = 0
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > _Reader.MAX_DEPTH:
-                    return event.start_mark.line + 1, event.start_mark.column + 1
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
-    except yaml.YAMLError:
-        pass
-    return 1, 1
 
 
 def deep_merge(parent: Any, child: Any, atomic: frozenset[KeyPath] = frozenset(),

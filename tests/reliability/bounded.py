@@ -59,6 +59,7 @@ class Tally:
     failures: list[str] = field(default_factory=list)
     slowest: float = 0.0
     extra: dict[str, int] = field(default_factory=dict)
+    bounded: bool = True                # runs were subprocesses under the limits
 
     def add(self, ok: bool, why: str, seconds: float = 0.0) -> None:
         self.tried += 1
@@ -69,6 +70,8 @@ class Tally:
 
     def line(self) -> str:
         more = "".join(f", {k} {v}" for k, v in self.extra.items())
-        return (f"{self.name}: tried {self.tried}, held {self.held}, failed {len(self.failures)}{more}; "
-                f"slowest {self.slowest:.2f} s, peak child RSS {peak_child_rss_mib():.0f} MiB "
+        line = f"{self.name}: tried {self.tried}, held {self.held}, failed {len(self.failures)}{more}"
+        if not self.bounded:
+            return line
+        return (f"{line}; slowest {self.slowest:.2f} s, peak child RSS {peak_child_rss_mib():.0f} MiB "
                 f"(limits {SECONDS:g} s, {MEMORY >> 20} MiB address space)")
