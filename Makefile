@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-real system-deps clean
+.PHONY: demo test test-real test-reliability system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP) system-deps
 ## real venv built once into PROVISION_REAL_CACHE (default ~/.cache/provision-real). docs/testing.md
 test-real: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m real tests/real $(ARGS)
+
+## make test-reliability: generated malformed inputs and the injection corpus (not in `make test`);
+## PROVISION_RELIABILITY=full for 520 malformed inputs and every payload through apply
+test-reliability: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m reliability tests/reliability
 
 system-deps:
 	@.ci/system-deps

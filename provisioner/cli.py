@@ -8,14 +8,76 @@ Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from provisioner import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_CHANGED, EXIT_BAD_INPUT = 0, 1, 2, 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as bad input: one line, exit 3 (argparse's own
+    exit 2 means "changes" here)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# Argument types: each refuses a value that cannot mean anything, with the reason.
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a time above 0")
+    return value
+
+
+def _wait(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} seconds: give 0 (do not wait) or more")
+    return value
+
+
+def _percentage(text: str) -> float:
+    value = _number(text.removesuffix("%"))
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage from 0 to 100")
+    return value
+
+
+def _serial(text: str) -> int | str:
+    from provisioner.plan.fleet import parse_serial  # only when given: --help stays light
+
+    try:
+        return parse_serial(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> None:
@@ -25,7 +87,7 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
         parser.add_argument("profile", nargs="?", help="profile YAML (optional: ComfyUI paths)")
     parser.add_argument("-i", "--inventory", help="inventory YAML (default: the profile's `inventory`)")
     parser.add_argument("-l", "--limit", help="restrict to hosts matching an Ansible pattern (gpu-*:!gpu-03)")
-    parser.add_argument("-f", "--forks", type=int, default=10, help="hosts handled in parallel (default 10)")
+    parser.add_argument("-f", "--forks", type=_count, default=10, help="hosts handled in parallel (default 10)")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="show steps; -vv: tracebacks")
@@ -35,11 +97,11 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
     ssh.add_argument("--accept-new-host-keys", action="store_true",
                      help="trust and record unknown host keys (like StrictHostKeyChecking=accept-new); "
                           "a changed key is always refused")
-    ssh.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+    ssh.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds (default 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="provision",
         description="Converge GPU hosts to ComfyUI + Nunchaku INT4/FP4 Qwen-Image, then prove it.")
     parser.add_argument("--version", action="version", version=f"provision {__version__}")
@@ -55,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
-    p.add_argument("--serial", help="rolling batches: a host count or a percentage (30%%)")
-    p.add_argument("--max-fail-percentage", type=float, help="stop starting batches past this share of failed hosts")
-    p.add_argument("--lock-timeout", type=float, default=300.0, help="seconds to wait for another apply's lock")
+    p.add_argument("--serial", type=_serial, help="rolling batches: a host count or a percentage (30%%)")
+    p.add_argument("--max-fail-percentage", type=_percentage, help="stop starting batches past this share of failed hosts")
+    p.add_argument("--lock-timeout", type=_wait, default=300.0, help="seconds to wait for another apply's lock")
     p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
     p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
     p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
@@ -80,21 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # `provision --help | head`
+        return _reader_left()
     from rich.console import Console
+    from rich.markup import escape
 
     from provisioner import commands
     from provisioner.errors import ProvisionError
 
     no_color = bool(getattr(args, "no_color", False) or os.environ.get("NO_COLOR"))
-    # Human output goes to stderr when --json owns stdout.
-    console = Console(no_color=no_color, highlight=False,
+    # Human output goes to stderr when --json owns stdout. No emoji codes: `a:b:!c` is a host
+    # pattern, not `a🅱!c`.
+    console = Console(no_color=no_color, highlight=False, emoji=False,
                       stderr=bool(getattr(args, "json", False)), soft_wrap=True)
     try:
-        return getattr(commands, args.verb)(args, console)
+        code = getattr(commands, args.verb)(args, console)
+        sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_left()
     except ProvisionError as err:
         for line in str(err).splitlines():
-            console.print(f"[red]error:[/] {line}", markup=True, highlight=False)
+            console.print(f"[red]error:[/] {escape(line)}", highlight=False)  # `[/x]` is data
         return err.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: hosts keep what finished; run the same command again to converge")
@@ -102,9 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: say so plainly, keep the traceback for -vv
         if getattr(args, "verbose", 0) >= 2:
             traceback.print_exc()
-        console.print(f"[red]internal error:[/] {type(err).__name__}: {err} (a bug in provision; "
-                      "run with -vv for the traceback)", highlight=False)
+        console.print(f"[red]internal error:[/] {type(err).__name__}: {escape(str(err))} (a bug in "
+                      "provision; run with -vv for the traceback)", highlight=False)
         return EXIT_FAILED
+
+
+def _reader_left() -> int:
+    """stdout's reader closed the pipe (`provision schema profile | head`): it had all it wanted,
+    which is no failure. stdout goes to /dev/null so the interpreter's last flush cannot fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests capture stdout in memory)
+        pass
+    return EXIT_OK
 
 
 if __name__ == "__main__":

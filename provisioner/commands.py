@@ -58,8 +58,10 @@ def targets(args: argparse.Namespace) -> list[Target]:
     if not args.profile and not args.inventory:
         raise UsageError("no inventory: give -i INVENTORY, or a profile that names one")
     loaded = load_profile(Path(args.profile)) if args.profile else default_profile()
+    mark = loaded.marks.get(("hosts",))
+    where = f"{mark.file}:{mark.line}:{mark.col}: hosts" if mark else None
     return [Target(host, profile_for_host(loaded, host))
-            for host in hosts_for(loaded.profile, args.inventory, args.limit)]
+            for host in hosts_for(loaded.profile, args.inventory, args.limit, where)]
 
 
 @contextmanager

@@ -7,8 +7,11 @@ escapes is a bug and is shown as one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 class ProvisionError(Exception):
@@ -32,7 +35,16 @@ class Problem:
         where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
         key = f" {self.key}:" if self.key else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}:{key} {self.message}{hint}"
+        # One line, whatever a file or key name holds: control characters are shown escaped.
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], f"{where}:{key} {self.message}{hint}")
+
+
+MAX_PROBLEMS = 50  # per file: past this it is not a profile with typos, and the first ones say enough
+
+
+def stopped(file: str) -> Problem:
+    """The last line of a list cut at MAX_PROBLEMS."""
+    return Problem(file, 0, 0, "", f"stopped after {MAX_PROBLEMS} problems", "fix these, then check again")
 
 
 class ConfigError(ProvisionError, ValueError):

@@ -32,17 +32,6 @@ def _control_cache_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatc
     """... and each test its own."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("control-cache")))
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The real-upstream tier (tests/real, marker `real`) runs only when a -m expression names it
-    (`make test-real` runs `pytest -m real tests/real`): a plain `pytest` leaves it out."""
-    if "real" in (config.getoption("markexpr") or ""):
-        return
-    real = [item for item in items if item.get_closest_marker("real")]
-    if real:
-        config.hook.pytest_deselected(items=real)
-        items[:] = [item for item in items if not item.get_closest_marker("real")]
-
-
 @pytest.fixture(scope="session")
 def sshd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFleet]:
     """Servers shared by the whole session; tests must not change their keys or stop them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -41,6 +42,49 @@ def minimal(path: Path, inventory: Path | None = None) -> Path:
 def test_version_and_help_are_fast_and_clean() -> None:
     proc = subprocess.run([sys.executable, "-m", "provisioner", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "plan" in proc.stdout and "apply" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["deploy"], "invalid choice: 'deploy'"),
+    (["plan"], "the following arguments are required: profile"),
+    (["plan", "p.yaml", "-f", "abc"], "-f/--forks: 'abc' is not a whole number"),
+    (["plan", "p.yaml", "-f", "0"], "-f/--forks: 0: give at least 1"),
+    (["plan", "p.yaml", "-f", "-3"], "-f/--forks: -3: give at least 1"),
+    (["apply", "p.yaml", "--serial", "abc"], "--serial: 'abc' is neither a host count"),
+    (["apply", "p.yaml", "--serial", "0"], "--serial: 0 hosts per batch: give at least 1"),
+    (["apply", "p.yaml", "--serial", "150%"], "--serial: 150% is not a share of hosts"),
+    (["apply", "p.yaml", "--serial", "0%"], "--serial: 0% is not a share of hosts"),
+    (["apply", "p.yaml", "--max-fail-percentage", "200"], "200 is not a percentage from 0 to 100"),
+    (["apply", "p.yaml", "--max-fail-percentage", "-1"], "-1 is not a percentage from 0 to 100"),
+    (["plan", "p.yaml", "--connect-timeout", "-1"], "--connect-timeout: -1 seconds: give a time above 0"),
+    (["plan", "p.yaml", "--connect-timeout", "nan"], "--connect-timeout: 'nan' is not a finite number"),
+    (["apply", "p.yaml", "--lock-timeout", "inf"], "--lock-timeout: 'inf' is not a finite number"),
+    (["schema", "playbook"], "invalid choice: 'playbook'"),
+])
+def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> None:
+    code, out = run(*argv)
+    assert code == 3, out
+    assert out.count("\n") == 1 and reason in out and "--help" in out, out
+
+
+def test_good_rolling_arguments_are_kept() -> None:
+    args = cli.build_parser().parse_args(["apply", "p.yaml", "--serial", "30%", "-f", "4",
+                                          "--max-fail-percentage", "50%", "--connect-timeout", "2.5"])
+    assert (args.serial, args.forks, args.max_fail_percentage, args.connect_timeout) == ("30%", 4, 50.0, 2.5)
+    assert cli.build_parser().parse_args(["apply", "p.yaml", "--serial", "2"]).serial == 2
+
+
+@pytest.mark.parametrize("argv", [["schema", "profile"], ["schema", "inventory", "--markdown"], ["--help"]])
+def test_a_closed_pipe_is_not_a_failure(argv: list[str]) -> None:
+    """`provision schema profile | head`: the reader left; exit 0, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before provision writes a byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "provisioner", *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_validate_shipped_profiles_ok() -> None:
@@ -80,10 +124,33 @@ def test_unknown_limit_pattern_lists_groups(tmp_path: Path) -> None:
     assert code == 3 and "gpu-99" in out and "Traceback" not in out
 
 
+def test_a_hosts_pattern_that_selects_nothing_is_located_and_printed_as_data(tmp_path: Path) -> None:
+    """Rich read `[/x]` in an error line as a closing tag (a traceback) and `:b:` as an emoji."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts: {a: }\n")
+    profile = write(tmp_path / "p.yaml", f"inventory: {inventory}\ncomfyui: {{root: /opt/ComfyUI}}\n"
+                                         f"workflow: {{template_dir: {ROOT / 'templates'}}}\nhosts: 'a:[/x]:b:'\n")
+    code, out = run("plan", str(profile))
+    assert (code, out) == (3, f"error: {profile}:4:1: hosts: host pattern 'a:[/x]:b:': '[/x]' matches no host or "
+                              f"group in {inventory}; groups: (none)\n")
+
+
 def test_no_inventory_says_how_to_give_one(tmp_path: Path) -> None:
     profile = minimal(tmp_path / "p.yaml")
     code, out = run("plan", str(profile))
     assert code == 3 and "-i INVENTORY" in out
+
+
+def test_facts_without_a_profile_validates_host_overlays(tmp_path: Path) -> None:
+    """`provision facts -i INV` used host `provision:` overlays unchecked (issue 13)."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts:\n    gpu-01:\n      provision:\n"
+                                             "        comfyui: {port: '8189', root: /opt/a;b}\n")
+    code, out = run("facts", "-i", str(inventory), "--known-hosts", str(tmp_path / "kh"))
+    assert code == 3 and "Traceback" not in out, out
+    assert out.splitlines() == [
+        f"error: {inventory}:5:19: provision.comfyui.port: host gpu-01: expected an integer, got a string",
+        f"error: {inventory}:5:33: provision.comfyui.root: host gpu-01: contains ';', which pip reads as the "
+        "start of an environment marker: the backend wheel kept under it could never be installed "
+        "(choose a path without ';')"]
 
 
 def test_unreachable_host_is_a_host_failure_not_a_crash(tmp_path: Path) -> None:

@@ -292,3 +292,57 @@ def test_old_vram_gb_is_read_as_vram_gib_and_the_new_keys_have_their_defaults(tm
     assert (p.comfyui.gpu, p.comfyui.ready_timeout_s, p.comfyui.log_file) == ("GPU-5b1c0e2a-3f4d", 300.0, None)
     write(f, tpl + "comfyui: {root: /opt/ComfyUI, gpu: 1}\n")
     assert load_profile(f).profile.comfyui.gpu == 1
+
+
+# --- hostile and malformed values (issue 13) ---------------------------------------------------
+
+def valid_with(tmp_path: Path, body: str) -> list[str]:
+    """Problems of the corpus' valid parent with `body` over it."""
+    f = write(tmp_path / "p.yaml", f"extends: {BROKEN / 'base' / 'valid.yaml'}\n{body}")
+    return [f"{p.key}: {p.message}" for p in validate_files([f])]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("plugin: {repo: 'ext::sh -c touch%20x'}\n", "plugin.repo: 'ext::sh -c touch%20x' is not valid"),
+    ("plugin: {repo: 'ext::sh'}\n", "plugin.repo: 'ext::sh' asks git for its `ext::` remote helper"),
+    ("plugin: {repo: 'FD::3'}\n", "plugin.repo: 'FD::3' asks git for its `FD::` remote helper"),
+    ("verify: {seed: !!float x}\n", "verify.seed: 'x' is not a valid number"),
+    ("verify: {seed: !!timestamp x}\n", "verify.seed: 'x' is not a valid date"),
+    ("verify: {seed: -18446744073709551617}\n", "verify.seed: '-18446744073709551617' is too large a number"),
+    ("verify: {seed: !!int 0x" + "f" * 5000 + "}\n", "verify.seed: '0xfffffffff"),
+    ("comfyui: {root: '//.'}\n", "comfyui.root: cannot be /"),
+    ("comfyui: {root: /opt/a;b}\n", "comfyui.root: contains ';', which pip reads"),
+    ("comfyui: {root: \"/opt/ComfyUI\\n\"}\n", "comfyui.root: '/opt/ComfyUI\\n' is not valid"),
+    ("model: {family: \"qwen-image\\n\"}\n", "model.family: 'qwen-image\\n' is not valid"),
+    ("workflow: {width: 1024.0}\n", "workflow.width: expected an integer, got a number"),
+    ("verify: {prompts: [\"two\\nlines\\tand a tab\"]}\n", ""),
+    ("verify: {prompts: [\"bell\\a\"]}\n", "verify.prompts[0]: contains the control character '\\x07'"),
+    ("backend: {version: \"1.0.1\\u2028\"}\n", "backend.version: contains the control character '\\u2028'"),
+])
+def test_hostile_values_are_located_problems(tmp_path: Path, body: str, expected: str) -> None:
+    got = valid_with(tmp_path, body)
+    assert (got[0].startswith(expected) if expected else got == []), got
+
+
+def test_problems_stay_one_line_whatever_a_key_holds(tmp_path: Path) -> None:
+    got = validate_files([write(tmp_path / "p.yaml", f"extends: {BROKEN / 'base' / 'valid.yaml'}\n"
+                                                      '"plu\\ngin\\u2028": {}\n')])
+    assert [str(p).replace(str(tmp_path), "") for p in got] == [
+        "/p.yaml:2:1: plu\\ngin\\u2028: unknown key (did you mean 'plugin'?)"]
+
+
+def test_a_file_past_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    from provisioner.config.marks import MAX_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_BYTES // 10 + 1))
+    for f in (big, Path("/dev/zero")):  # /dev/zero never ends: it must not be read to its end
+        (problem,) = validate_files([f])
+        assert problem.message == "larger than 512 KiB: too large for a profile or inventory"
+
+
+def test_ecma_pattern_dollar_and_strict_integers() -> None:
+    from provisioner.config.schema import _ecma
+
+    assert _ecma(r"^v[0-9]+$").search("v1") and not _ecma(r"^v[0-9]+$").search("v1\n")
+    assert _ecma(r"^[$]+$").search("$$") and _ecma(r"^[^]$]+$").search("ab") and _ecma(r"^a\$$").search("a$")

@@ -273,6 +273,15 @@ def test_host_down_is_a_fast_connect_error(sshd_hosts: Callable[..., list[SshdHo
                               f"(is sshd running there, on that port?)")
 
 
+@pytest.mark.parametrize("address", ["..", "127.0.0.1..", "\u202e;touch x", "a" * 300])
+def test_a_host_name_no_resolver_can_encode_is_a_connect_error(address: str) -> None:
+    """These were UnicodeErrors from the idna codec: an internal error for the host (found by the
+    injection corpus, tests/reliability)."""
+    host = Host("gpu-01", address=address, port=22, user="u")
+    with pytest.raises(ConnectError, match=r"^gpu-01: cannot connect to '.*' port 22: .*idna"):
+        open_connection(host, ConnectOptions(known_hosts=(), connect_timeout=2, ssh_config="/dev/null"))
+
+
 def test_silent_server_times_out_at_connect_timeout(sshd_host: SshdHost) -> None:
     with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts TCP, never says a word
         port = mute.getsockname()[1]
@@ -368,6 +377,71 @@ def test_hashed_known_hosts_entries_are_understood(sshd_hosts: Callable[..., lis
     assert host.known_hosts.read_text().startswith("|1|")
     with open_connection(host.host(), host.options()) as c:
         assert c.run(["true"]).ok
+
+
+def _other_key(tmp_path: Path, name: str) -> str:
+    keygen(tmp_path / name)
+    return (tmp_path / f"{name}.pub").read_text().split(maxsplit=2)[:2]  # type: ignore[return-value]
+
+
+def test_cert_authority_lines_do_not_lock_the_fleet_out(sshd_hosts: Callable[..., list[SshdHost]],
+                                                        tmp_path: Path) -> None:
+    """One @cert-authority line made every host an internal error (paramiko cannot read it)."""
+    host, = sshd_hosts(1)
+    kind, blob = _other_key(tmp_path, "ca")
+    host.known_hosts.write_text(f"@cert-authority *.example.internal {kind} {blob} ca\n"
+                                f"# a comment, and a line no ssh can read:\n@cert-authority\n{host.known_hosts_line}")
+    with open_connection(host.host(), host.options()) as c:
+        assert c.run(["true"]).ok
+
+
+def test_a_host_only_a_cert_authority_covers_is_unknown_and_says_why(
+        sshd_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+    host, = sshd_hosts(1, trusted=False)
+    kind, blob = _other_key(tmp_path, "ca")
+    host.known_hosts.write_text(f"@cert-authority [127.0.0.1]:* {kind} {blob}\n")
+    with pytest.raises(ConnectError) as err:
+        open_connection(host.host(), host.options())
+    message = str(err.value)
+    assert "unknown host key" in message and "\n" not in message
+    assert f"only a certificate authority vouches for it ({host.known_hosts}:1, @cert-authority)" in message
+
+
+@pytest.mark.parametrize("policy", ["strict", "accept-new"])
+def test_a_revoked_key_is_refused_even_when_also_listed(sshd_hosts: Callable[..., list[SshdHost]],
+                                                       policy: str) -> None:
+    host, = sshd_hosts(1)
+    kind, blob = host.host_key_pub.read_text().split()[:2]
+    host.known_hosts.write_text(f"{host.known_hosts_line}@revoked * {kind} {blob}\n")
+    with pytest.raises(ConnectError) as err:
+        open_connection(host.host(), host.options(host_key_policy=policy))  # type: ignore[arg-type]
+    assert str(err.value) == (f"gpu-01 ([127.0.0.1]:{host.port}): host key {kind} {host.fingerprint} is "
+                              f"REVOKED ({host.known_hosts}:2); refused. The host needs a new key, verified "
+                              "before it is trusted")
+    assert host.count_connections() == 0
+    host.known_hosts.write_text(f"@revoked * {kind} {blob}\n")  # not listed: accept-new must not add it
+    with pytest.raises(ConnectError, match="REVOKED"):
+        open_connection(host.host(), host.options(host_key_policy=policy))  # type: ignore[arg-type]
+    assert "@revoked" in host.known_hosts.read_text() and host.known_hosts.read_text().count("\n") == 1
+
+
+def test_revoking_another_key_changes_nothing(sshd_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+    host, = sshd_hosts(1)
+    kind, blob = _other_key(tmp_path, "old")
+    host.known_hosts.write_text(f"@revoked * {kind} {blob}\n{host.known_hosts_line}")
+    with open_connection(host.host(), host.options()) as c:
+        assert c.run(["true"]).ok
+
+
+def test_wildcard_and_negated_patterns(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
+    host, = sshd_hosts(1)
+    kind, blob = host.host_key_pub.read_text().split()[:2]
+    host.known_hosts.write_text(f"[127.0.0.?]:* {kind} {blob}\n")
+    with open_connection(host.host(), host.options()) as c:
+        assert c.run(["true"]).ok
+    host.known_hosts.write_text(f"[127.0.0.?]:*,![127.0.0.1]:{host.port} {kind} {blob}\n")
+    with pytest.raises(ConnectError, match="unknown host key"):
+        open_connection(host.host(), host.options())
 
 
 def test_fingerprint_matches_ssh_keygen(sshd_host: SshdHost) -> None:

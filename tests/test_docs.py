@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,12 @@ def test_profile_reference_documents_every_key() -> None:
     for key in ("comfyui.root", "plugin.tag", "backend.sources", "model.variant", "workflow.cpu_offload",
                 "verify.thresholds.warm_seconds", "huggingface.token_env", "pip.no_index"):
         assert f"| `{key}` |" in text
+
+
+def test_inventory_reference_documents_every_variable_provision_reads() -> None:
+    """Every `ansible_*` / `provision_*` name the inventory code reads has a row (was: an empty table)."""
+    source = (DOCS.parent / "provisioner" / "config" / "inventory.py").read_text()
+    read = set(re.findall(r'"((?:ansible|provision)_[a-z_]+|provision)"', source))
+    assert {"ansible_ssh_host", "ansible_ssh_port", "ansible_ssh_user", "provision_jump"} <= read
+    text = markdown("inventory")
+    assert [name for name in sorted(read) if f"| `{name}` |" not in text] == []

@@ -71,3 +71,12 @@ def test_failed_outcomes_count_toward_max_fail(failing, expect_all_run):
                         max_fail_percentage=50, failed=lambda outcome: outcome)
     ran = [r for r in results.values() if not isinstance(r, SkippedError)]
     assert (len(ran) == 10) is expect_all_run
+
+
+@pytest.mark.parametrize("serial, reason", [
+    ("abc", "neither a host count"), ("0", "give at least 1"), (-2, "give at least 1"),
+    ("150%", "not a share of hosts"), ("0%", "not a share of hosts"), ("nan%", "not a share of hosts"),
+])
+def test_batches_refuse_a_serial_that_means_nothing(serial, reason):
+    with pytest.raises(ValueError, match=reason):
+        batches(HOSTS, serial)

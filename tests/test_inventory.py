@@ -182,6 +182,51 @@ def test_group_priority_and_alphabetical_order(tmp_path: Path) -> None:
     ("all:\n  hosts:\n    a:\n      ansible_ssh_common_args: -J -oProxyCommand=x\n",
      ":3:5: all.hosts.a: ProxyJump '-oProxyCommand=x' in ansible_ssh_common_args is not a host"),
     ("- a\n", ":1:1: expected a mapping of groups like all: {hosts: …, children: …} (see `provision schema inventory`)"),
+    # was: RecursionError, shown as an internal error
+    ("all:\n  hosts: {a: }\n  children:\n    all: {}\n",
+     ":4:5: all.children.all: `all` is every host's group; it cannot be the child of a group (remove it from children)"),
+    ("all:\n  children:\n    g:\n      hosts: {a: }\n      children: {all: }\n",
+     ":5:18: all.children.g.children.all: `all` is every host's group; it cannot be the child of a group "
+     "(remove it from children)"),
+    # was: a MemoryError after minutes; a range that names nothing was silently no host
+    ("all:\n  hosts:\n    gpu-[0:99999999]: {}\n",
+     ":3:5: all.hosts.gpu-[0:99999999]: expands to 100000000 hosts, over the 10000 one entry "
+     "may name; split it"),
+    ("all:\n  hosts:\n    n[0:999]-[0:99]: {}\n",
+     ":3:5: all.hosts.n[0:999]-[0:99]: expands to 100000 hosts, over the 10000 one entry may "
+     "name; split it"),
+    ("all:\n  hosts:\n    gpu-[09:01]: {}\n",
+     ":3:5: all.hosts.gpu-[09:01]: the range runs backwards, so it names no host; write [01:09]"),
+    ("all:\n  hosts:\n    rack-[Z:A]: {}\n",
+     ":3:5: all.hosts.rack-[Z:A]: the range runs backwards, so it names no host; write [A:Z]"),
+    ("all:\n  hosts:\n    gpu-[01:100]: {}\n",
+     ":3:5: all.hosts.gpu-[01:100]: zero-padded range bounds must have the same width, like [01:10]"),
+    ("all:\n  hosts:\n    gpu-[1:c]: {}\n", ":3:5: all.hosts.gpu-[1:c]: a range is letters or numbers, not both"),
+    ("all:\n  hosts:\n    gpu-[1:4:0]: {}\n", ":3:5: all.hosts.gpu-[1:4:0]: a range step must be at least 1"),
+    ("all:\n  hosts:\n    gpu-[1-4]: {}\n", ":3:5: all.hosts.gpu-[1-4]: a bracket that is not a host "
+     "range (ranges are [01:04], [a:f] or [1:9:2])"),
+    # Ansible's older variable names are checked like the current ones
+    ("all:\n  hosts:\n    a: {ansible_ssh_host: -oProxyCommand=x}\n",
+     ":3:9: all.hosts.a.ansible_ssh_host: '-oProxyCommand=x' is not valid (expected a host name or IP address)"),
+    ("all:\n  hosts:\n    a: {ansible_ssh_user: 'root; touch x'}\n",
+     ":3:9: all.hosts.a.ansible_ssh_user: 'root; touch x' is not valid (expected a user name)"),
+    ("all:\n  hosts:\n    a: {ansible_ssh_port: abc}\n",
+     ":3:9: all.hosts.a.ansible_ssh_port: 'abc' is not valid (expected a port number like 22)"),
+    ("all:\n  hosts:\n    a: {ansible_ssh_port: 70000}\n", ":3:9: all.hosts.a.ansible_ssh_port: 70000 is above the maximum 65535"),
+    ("all:\n  hosts:\n    a: {ansible_port: 22.0}\n",
+     ":3:9: all.hosts.a.ansible_port: expected an integer or a string, got a number (write 22)"),
+    ("all:\n  hosts:\n    a: {ansible_user: \"root\\n\"}\n",
+     ":3:9: all.hosts.a.ansible_user: 'root\\n' is not valid (expected a user name)"),
+    ("all:\n  hosts:\n    \"gpu-01\\n\": {}\n", ":3:5: all.hosts.gpu-01\\n: not a valid name (expected a host name without spaces)"),
+    # was: silently ignored, so the host was tried directly
+    ("all:\n  hosts:\n    a:\n      ansible_ssh_common_args: -o 'ProxyCommand=ssh -W %h:%p bastion'\n",
+     ":3:5: all.hosts.a: ansible_ssh_common_args sets ProxyCommand, which provision does not run (it reaches "
+     "hosts without local commands); use ProxyJump: -J HOST, or provision_jump"),
+    ("all:\n  vars:\n    ansible_ssh_extra_args: -oproxycommand=nc\n  hosts: {a: }\n",
+     ":4:11: all.hosts.a: ansible_ssh_extra_args sets ProxyCommand, which provision does not run (it reaches "
+     "hosts without local commands); use ProxyJump: -J HOST, or provision_jump"),
+    ("all:\n  hosts:\n    a: {ansible_ssh_common_args: \"-o 'unclosed\"}\n",
+     ":3:5: all.hosts.a: ansible_ssh_common_args: No closing quotation"),
 ])
 def test_broken_inventories(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "inv.yaml"
@@ -195,6 +240,20 @@ def test_expand_range() -> None:
     assert expand_range("gpu-[08:10]") == ["gpu-08", "gpu-09", "gpu-10"]
     assert expand_range("n[1:5:2]-[a:b]") == ["n1-a", "n1-b", "n3-a", "n3-b", "n5-a", "n5-b"]
     assert expand_range("plain") == ["plain"]
+    assert expand_range("rack-[A:C]") == ["rack-A", "rack-B", "rack-C"]          # was: not expanded
+    assert expand_range("x[y:B]") == ["xy", "xz", "xA", "xB"]                       # Ansible: a…z then A…Z
+    assert expand_range("n[:2]") == ["n0", "n1", "n2"]                              # Ansible: empty start is 0
+    assert len(expand_range("gpu-[0:9999]")) == 10_000
+
+
+@pytest.mark.parametrize("order", [range(2000), range(1999, -1, -1)])
+def test_groups_nested_past_the_limit_are_refused_not_a_recursion(tmp_path: Path, order: range) -> None:
+    """Groups chained through flat `children:` lists nest as deep as a file likes; YAML depth does not bound them."""
+    path = tmp_path / "inv.yaml"
+    path.write_text("all:\n  hosts: {a: }\n  children:\n"
+                    + "".join(f"    g{i}: {{children: {{g{i + 1}: }}}}\n" for i in order))
+    with pytest.raises(ConfigError, match="groups nested deeper than 32 levels"):
+        load_inventory(path)
 
 
 def test_inline_hosts_and_hosts_for(tmp_path: Path) -> None:

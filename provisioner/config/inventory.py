@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
+import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Mapping
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.config.marks import ATOMIC, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml, sub_marks
+from provisioner.config.marks import (ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml,
+                                      sub_marks)
 from provisioner.config.schema import schema_problems
 from provisioner.errors import ConfigError, Problem, UsageError
 
@@ -30,7 +34,9 @@ Transport = Literal["ssh", "local", "docker"]
 CONNECTIONS: Mapping[str, Transport] = {
     "ssh": "ssh", "smart": "ssh", "paramiko": "ssh", "local": "local",
     "docker": "docker", "community.docker.docker": "docker"}
-_RANGE = re.compile(r"\[([0-9]+|[a-z]):([0-9]+|[a-z])(?::([0-9]+))?\]")
+_RANGE = re.compile(r"\[([0-9]{0,9}|[A-Za-z]):([0-9]{1,9}|[A-Za-z])(?::([0-9]{1,9}))?\]")
+MAX_RANGE_HOSTS = 10_000   # one inventory entry; a typo like [0:99999999] must not fill memory
+MAX_GROUP_DEPTH = 32       # groups inside groups; real inventories nest a few levels
 _PLAIN_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -112,74 +118,121 @@ class Inventory:
 
 
 def expand_range(name: str) -> list[str]:
-    """Ansible host ranges: `gpu-[01:04]` -> gpu-01 … gpu-04; `node-[a:c]` -> node-a … node-c."""
-    found = _RANGE.search(name)
-    if not found:
-        return [name]
-    start, end, step = found.group(1), found.group(2), int(found.group(3) or 1)
-    if start.isdigit() != end.isdigit():
-        return [name]
-    if start.isdigit():
+    """Ansible host ranges: `gpu-[01:04]` -> gpu-01 … gpu-04, `node-[a:c]`, `rack-[A:D]`,
+    `n[1:9:2]`, several per name. Raises ValueError for a range that names no host (`[09:01]`),
+    mismatched widths, a bracket that is not a range, or more than MAX_RANGE_HOSTS names."""
+    pieces: list[Sequence[str]] = []
+    at = 0
+    for found in _RANGE.finditer(name):
+        pieces += [(name[at:found.start()],), _range_items(*found.groups())]
+        at = found.end()
+    pieces.append((name[at:],))
+    if any("[" in text or "]" in text for (text,) in pieces[::2]):
+        raise ValueError("a bracket that is not a host range (ranges are [01:04], [a:f] or [1:9:2])")
+    _at_most(math.prod(len(p) for p in pieces))
+    return ["".join(parts) for parts in itertools.product(*pieces)]
+
+
+def _range_items(start: str, end: str, step_text: str | None) -> Sequence[str]:
+    """What one `[start:end:step]` stands for."""
+    step = int(step_text or 1)
+    if step < 1:
+        raise ValueError("a range step must be at least 1")
+    numeric = start.isdigit() or not start  # Ansible: an empty start is 0
+    if numeric != end.isdigit():
+        raise ValueError("a range is letters or numbers, not both")
+    if numeric:
+        first, last = int(start or 0), int(end)
+        if start.startswith("0") and len(start) > 1 and len(start) != len(end):
+            raise ValueError("zero-padded range bounds must have the same width, like [01:10]")
+        if first > last:
+            raise ValueError(f"the range runs backwards, so it names no host; write [{end}:{start}]")
+        numbers = range(first, last + 1, step)
+        _at_most(len(numbers))  # counted before a single name is made
         width = len(start) if start.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(start), int(end) + 1, max(step, 1))]
-    else:
-        items = [chr(c) for c in range(ord(start), ord(end) + 1, max(step, 1))]
-    head, tail = name[: found.start()], name[found.end():]
-    return [x for item in items for x in expand_range(head + item + tail)]
+        return [str(n).zfill(width) for n in numbers]
+    first, last = string.ascii_letters.index(start), string.ascii_letters.index(end)  # a…z then A…Z
+    if first > last:
+        raise ValueError(f"the range runs backwards, so it names no host; write [{end}:{start}]")
+    return string.ascii_letters[first:last + 1:step]
+
+
+def _at_most(count: int) -> None:
+    if count > MAX_RANGE_HOSTS:
+        raise ValueError(f"expands to {count} hosts, over the {MAX_RANGE_HOSTS} one entry may name; split it")
 
 
 @dataclass
 class _Group:
     parents: set[str] = field(default_factory=set)
     levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]] = field(default_factory=list)
-    hosts: list[str] = field(default_factory=list)
+    hosts: dict[str, None] = field(default_factory=dict)    # an ordered set
     mark: KeyPath = ()
 
 
 class _Parser:
     """Walks the `all:` tree once, collecting groups, their vars and each host's own vars."""
 
-    def __init__(self, marks: Mapping[KeyPath, Mark]) -> None:
+    def __init__(self, file: str, marks: Mapping[KeyPath, Mark]) -> None:
+        self.file = file
         self.marks = marks
         self.groups: dict[str, _Group] = {}
         self.host_levels: dict[str, list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]] = {}
         self.host_path: dict[str, KeyPath] = {}
+        self.problems: list[Problem] = []
 
     def group(self, name: str, body: Any, path: KeyPath, parent: str | None) -> None:
+        if name == "all" and parent is not None:
+            self.problems.append(problem(self.marks, self.file, path, "`all` is every host's group; it "
+                                         "cannot be the child of a group", "remove it from children"))
+            return
         group = self.groups.setdefault(name, _Group(mark=path))
         if parent is not None:
             group.parents.add(parent)
         body = body or {}
         if body.get("vars"):
-            group.levels.append((body["vars"], sub_marks(self.marks, (*path, "vars"))))
+            group.levels.append((body["vars"], sub_marks(self.marks, (*path, "vars"), body["vars"])))
         for raw, host_vars in (body.get("hosts") or {}).items():
-            for name_ in expand_range(raw):
+            try:
+                names = expand_range(raw)
+            except ValueError as err:
+                self.problems.append(problem(self.marks, self.file, (*path, "hosts", raw), str(err)))
+                continue
+            level = (host_vars or {}, sub_marks(self.marks, (*path, "hosts", raw), host_vars))
+            for name_ in names:
                 self.host_path.setdefault(name_, (*path, "hosts", raw))
-                levels = self.host_levels.setdefault(name_, [])
-                levels.append((host_vars or {}, sub_marks(self.marks, (*path, "hosts", raw))))
-                if name_ not in group.hosts:
-                    group.hosts.append(name_)
+                self.host_levels.setdefault(name_, []).append(level)
+                group.hosts[name_] = None
         for child, child_body in (body.get("children") or {}).items():
             self.group(child, child_body, (*path, "children", child), name)
 
-    def depths(self, file: str) -> tuple[dict[str, int], list[Problem]]:
+    def depths(self) -> dict[str, int]:
+        """Each group's distance from `all`; a cycle, or nesting past MAX_GROUP_DEPTH, is a problem
+        (and ends the walk there: later steps recurse along the same chains)."""
         depth: dict[str, int] = {"all": 0}
-        problems: list[Problem] = []
 
         def visit(name: str, stack: tuple[str, ...]) -> int:
             if name in depth:
                 return depth[name]
             if name in stack:
                 chain = " -> ".join((*stack[stack.index(name):], name))
-                problems.append(problem(self.marks, file, self.groups[name].mark, f"group cycle: {chain}"))
+                self.problems.append(problem(self.marks, self.file, self.groups[name].mark, f"group cycle: {chain}"))
+                depth[name] = 1
                 return 1
+            if len(stack) > MAX_GROUP_DEPTH:
+                depth[name] = MAX_GROUP_DEPTH + 1
+                return depth[name]
             parents = self.groups[name].parents or {"all"}
-            depth[name] = 1 + max(visit(p, (*stack, name)) for p in parents)
+            depth[name] = 1 + max(visit(p, (*stack, name)) for p in sorted(parents))
             return depth[name]
 
         for name in self.groups:
             visit(name, ())
-        return depth, problems
+        deep = next((g for g in self.groups if depth[g] > MAX_GROUP_DEPTH), None)
+        if deep is not None:
+            self.problems.append(problem(self.marks, self.file, self.groups[deep].mark,
+                                         f"groups nested deeper than {MAX_GROUP_DEPTH} levels"))
+        return depth
 
 
 def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> tuple[dict[str, Any], dict[KeyPath, Mark]]:
@@ -190,7 +243,7 @@ def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> 
         for key, value in values.items():
             if key == "provision" and isinstance(value, Mapping):
                 merged = deep_merge(out.get("provision") or {}, value, ATOMIC)
-                overlay_marks = merge_marks(merged, overlay_marks, sub_marks(marks, ("provision",)))
+                overlay_marks = merge_marks(merged, overlay_marks, sub_marks(marks, ("provision",), value))
                 out[key] = merged
             else:
                 out[key] = value
@@ -198,22 +251,37 @@ def _merge_vars(levels: list[tuple[Mapping[str, Any], dict[KeyPath, Mark]]]) -> 
 
 
 def _jump(vars_: Mapping[str, Any]) -> str | None:
-    """provision_jump, else a ProxyJump (`-J x`, `-o ProxyJump=x`) in Ansible's ssh args."""
+    """provision_jump, else a ProxyJump (`-J x`, `-o ProxyJump=x`) in Ansible's ssh args. A
+    ProxyCommand there is refused, never ignored: without it the host may not be reachable at all."""
+    jump = None
+    for var, option, value in _ssh_options(vars_):
+        if option == "proxycommand":
+            raise ValueError(f"{var} sets ProxyCommand, which provision does not run (it reaches hosts "
+                             "without local commands); use ProxyJump: -J HOST, or provision_jump")
+        if option == "proxyjump":
+            if not value or value.startswith("-"):
+                raise ValueError(f"ProxyJump {value!r} in {var} is not a host")
+            jump = value
     if vars_.get("provision_jump"):
         return str(vars_["provision_jump"])
-    words: list[str] = []
-    for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
-        words += shlex.split(str(vars_.get(key) or ""))
-    jump = None
-    for i, word in enumerate(words):
-        nxt = words[i + 1] if i + 1 < len(words) else ""
-        if word == "-J" or (word == "-o" and nxt.lower().startswith("proxyjump=")):
-            jump = nxt.split("=", 1)[-1] if word == "-o" else nxt
-        elif word.startswith("-J") or word.lower().startswith("-oproxyjump="):
-            jump = word.split("=", 1)[1] if word.startswith("-o") else word[2:]
-    if jump is not None and (not jump or jump.startswith("-")):
-        raise ValueError(f"ProxyJump {jump!r} in ansible_ssh_common_args is not a host")
     return jump
+
+
+def _ssh_options(vars_: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(variable, option name in lower case, value) of each `-o Name=value` and `-J host` in
+    ansible_ssh_common_args and ansible_ssh_extra_args."""
+    for var in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        try:
+            words = shlex.split(str(vars_.get(var) or ""))
+        except ValueError as err:  # an unclosed quote
+            raise ValueError(f"{var}: {err}") from None
+        for i, word in enumerate(words):
+            following = words[i + 1] if i + 1 < len(words) else ""
+            if word.startswith("-J"):
+                yield var, "proxyjump", word[2:] or following
+            elif word.startswith("-o"):
+                name, _, value = (word[2:] or following).strip().replace("=", " ", 1).partition(" ")
+                yield var, name.lower(), value.strip()
 
 
 def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str,
@@ -235,24 +303,24 @@ def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str
         jump=_jump(vars_), groups=groups, vars=vars_, origin=origin, overlay_marks=overlay_marks)
 
 
-def load_inventory(path: str | os.PathLike[str]) -> Inventory:
-    """Read an Ansible YAML inventory. Raises ConfigError listing every problem, located."""
+def load_inventory(path: str | os.PathLike[str], document: Document | None = None) -> Inventory:
+    """Read (unless `document` is the file, already read) an Ansible YAML inventory. Raises
+    ConfigError listing every problem, located."""
     file = os.fspath(path)
-    doc = read_yaml(file)
+    doc = document if document is not None else read_yaml(file)
     if not isinstance(doc.data, Mapping) or not doc.data:
-        raise ConfigError([Problem(file, 1 if doc.data is not None else 0, 1 if doc.data is not None else 0,
-                                   "", "expected a mapping of groups like all: {hosts: …, children: …}",
+        raise ConfigError([Problem(file, 1, 1, "", "expected a mapping of groups like all: {hosts: …, children: …}",
                                    "see `provision schema inventory`")])
     problems = schema_problems(doc.data, doc.marks, file, "inventory")
     if problems:
         raise ConfigError(problems)
-    parser = _Parser(doc.marks)
+    parser = _Parser(file, doc.marks)
     parser.groups.setdefault("all", _Group())
     for name, body in doc.data.items():
         parser.group(name, body, (name,), None if name == "all" else "all")
-    depth, problems = parser.depths(file)
-    if problems:
-        raise ConfigError(problems)
+    depth = parser.depths()
+    if parser.problems:
+        raise ConfigError(parser.problems)
     members = _members(parser.groups)
     members["all"] = set(parser.host_levels)
     ungrouped = [h for h in parser.host_levels if not any(h in m for g, m in members.items() if g != "all")]
@@ -311,9 +379,12 @@ def inline_inventory(spec: str) -> Inventory:
     return Inventory("", hosts, {"all": every, "ungrouped": every})
 
 
-def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None) -> list[Host]:
+def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None = None,
+              where: str | None = None) -> list[Host]:
     """The hosts a profile targets: its `hosts` pattern over `inventory` (`-i`, else the profile's
-    own, else `hosts` names them itself), narrowed by `--limit` as Ansible's is (never widened)."""
+    own, else `hosts` names them itself), narrowed by `--limit` as Ansible's is (never widened).
+    `where` names the profile's `hosts` key in messages (`file:line:col: hosts`, when known)."""
+    where = where or f"the profile's `hosts` ({profile.file})"
     source = inventory or profile.inventory
     if source:
         inv = load_inventory(source)
@@ -321,8 +392,8 @@ def hosts_for(profile: Profile, inventory: str | None = None, limit: str | None 
         try:
             inv = inline_inventory(profile.hosts)
         except UsageError as err:
-            raise UsageError(f"{profile.file}: {err}") from None
-    chosen = _select(inv, profile.hosts, f"the profile's `hosts` ({profile.file})")
+            raise UsageError(f"{where}: {err}") from None
+    chosen = _select(inv, profile.hosts, where)
     if limit:
         keep = {h.name for h in _select(inv, limit, "--limit")}
         narrowed = [h for h in chosen if h.name in keep]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.config.inventory import Host
-from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml
+from provisioner.config.marks import ATOMIC, Document, KeyPath, Mark, clip, deep_merge, merge_marks, problem, read_yaml
 from provisioner.config.model import Profile, build_profile
 from provisioner.config.schema import schema_problems
 from provisioner.config.semantic import semantic_problems
-from provisioner.errors import ConfigError, Problem
+from provisioner.errors import MAX_PROBLEMS, ConfigError, Problem, stopped
 
 DEFAULT_TEMPLATE_DIR = "../templates"
 
@@ -65,16 +65,17 @@ def resolve_paths(data: Any, base_dir: str) -> Any:
     return out
 
 
-def _chain(path: str) -> tuple[list[Document], list[Problem]]:
-    """The profile and its `extends` parents, the profile first; problems stop the walk."""
+def _chain(path: str, first: Document | None = None) -> tuple[list[Document], list[Problem]]:
+    """The profile (`first`, if already read) and its `extends` parents, the profile first;
+    problems stop the walk."""
     docs: list[Document] = []
     seen: list[str] = []
     current = path
     while True:
-        doc = read_yaml(current)
+        doc = first if first is not None and not docs else read_yaml(current)
         seen.append(os.path.realpath(current))
         if doc.data is None:
-            return docs, [Problem(current, 0, 0, "", "empty file",
+            return docs, [Problem(current, 1, 1, "", "empty file",
                                   "a profile is a YAML mapping; see `provision schema profile`")]
         if not isinstance(doc.data, Mapping):
             kind = "a list" if isinstance(doc.data, list) else f"a {type(doc.data).__name__}"
@@ -94,7 +95,7 @@ def _chain(path: str) -> tuple[list[Document], list[Problem]]:
                                   "extends cycle: " + " -> ".join(names), "remove one extends")]
         if not os.path.isfile(target):
             what = "is a directory" if os.path.isdir(target) else "not found"
-            return docs, [problem(doc.marks, current, ("extends",), f"{target} {what}",
+            return docs, [problem(doc.marks, current, ("extends",), f"{clip(target)} {what}",
                                   "the path is relative to this file")]
         current = target
 
@@ -124,13 +125,15 @@ def check(data: Mapping[str, Any], marks: Mapping[KeyPath, Mark], file: str) -> 
     flagged = tuple(p.key for p in found)
     found += [p for p in semantic_problems(data, marks, file)
               if not any(p.key == k or p.key.startswith((k + ".", k + "[")) for k in flagged)]
-    return sorted(found, key=lambda p: (p.file, p.line, p.col, p.key))
+    found = sorted(found, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))  # unplaced last
+    return found if len(found) <= MAX_PROBLEMS else [*found[:MAX_PROBLEMS], stopped(file)]
 
 
-def load_profile(path: str | os.PathLike[str]) -> LoadedProfile:
-    """Read, merge, resolve and validate a profile. Raises ConfigError listing every problem."""
+def load_profile(path: str | os.PathLike[str], document: Document | None = None) -> LoadedProfile:
+    """Read (unless `document` is the file, already read), merge, resolve and validate a profile.
+    Raises ConfigError listing every problem."""
     file = os.fspath(path)
-    docs, problems = _chain(file)
+    docs, problems = _chain(file, document)
     if problems:
         raise ConfigError(problems)
     data, marks = _merge(docs)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from provisioner.errors import ConfigError, Problem
+from provisioner.errors import MAX_PROBLEMS, ConfigError, Problem, stopped
 
 KeyPath = tuple[str | int, ...]
 # Mappings that replace instead of merging (profiles over parents, hosts over groups): `restart`
@@ -52,6 +52,20 @@ def problem(marks: Mapping[KeyPath, Mark], file: str, path: KeyPath, message: st
     return Problem(file, 0, 0, key_text(path), message, hint)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` for a message: one line, at most about `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for text
+        return f"a {value.bit_length()}-bit number"
+    return text if len(text) <= limit else f"{text[:limit - 10]}…{text[-8:]} ({len(text)} characters)"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` for a message, its middle cut when it is longer than `limit`."""
+    return text if len(text) <= limit else f"{text[:limit - 40]}…{text[-30:]} ({len(text)} characters)"
+
+
 def walk(data: Any, path: KeyPath = ()) -> Iterator[KeyPath]:
     """Every key path inside `data`, parents before children."""
     yield path
@@ -71,11 +85,14 @@ def _fail(file: str, message: str, hint: str = "", line: int = 0, col: int = 0) 
     return ConfigError([Problem(file, line, col, "", message, hint)])
 
 
+MAX_BYTES = 512 << 10  # a profile is a few KB, an inventory of 5000 hosts fits; parsing stays under ~2 s
+
+
 def _read_text(file: str) -> str:
     """The file as UTF-8 text; every way it can fail becomes a one-line ConfigError."""
     try:
         with open(file, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_BYTES + 1)  # never more: the "file" may be /dev/zero
     except FileNotFoundError:
         raise _fail(file, "no such file") from None
     except IsADirectoryError:
@@ -84,6 +101,9 @@ def _read_text(file: str) -> str:
         raise _fail(file, "cannot be read: permission denied") from None
     except OSError as err:
         raise _fail(file, f"cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_BYTES:
+        raise _fail(file, f"larger than {MAX_BYTES >> 10} KiB: too large for a profile or inventory",
+                    "split the inventory, or check that this is the file you meant", 1, 1)
     if b"\0" in raw:
         line = raw[: raw.index(b"\0")].count(b"\n") + 1
         raise _fail(file, "binary data (NUL byte), not YAML text", line=line, col=1)
@@ -97,10 +117,32 @@ def _read_text(file: str) -> str:
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+_INT = "tag:yaml.org,2002:int"
+_KINDS = {_INT: "integer", "tag:yaml.org,2002:float": "number", "tag:yaml.org,2002:bool": "boolean",
+          "tag:yaml.org,2002:timestamp": "date", "tag:yaml.org,2002:binary": "base64 value",
+          "tag:yaml.org,2002:null": "null", "tag:yaml.org,2002:str": "string"}
 
 
 class _AliasError(yaml.MarkedYAMLError):
     """A node the reader refuses: a self-referring alias, an alias bomb, a foreign tag."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stopped while composing a node nested past MAX_DEPTH: its composer
+    recurses once per level and its scanner slows quadratically with flow depth, so 5000 `[` took
+    seconds and then a RecursionError."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        try:
+            if self.depth > _Reader.MAX_DEPTH + 1:  # the top node is not a level: as the reader counts
+                raise _AliasError(problem=f"nested deeper than {_Reader.MAX_DEPTH} levels",
+                                  problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self.depth -= 1
 
 
 class _Reader:
@@ -130,7 +172,7 @@ class _Reader:
             raise _AliasError(problem=f"nested deeper than {self.MAX_DEPTH} levels",
                               problem_mark=node.start_mark)
         if isinstance(node, yaml.ScalarNode):
-            return self.scalars.construct_object(node, deep=True)
+            return self._scalar(node, path)
         if node.tag not in _PLAIN_TAGS:  # `!!python/object` and friends: never built, never ignored
             raise _AliasError(problem=f"unsupported tag {node.tag}", problem_mark=node.start_mark)
         self.active.add(id(node))
@@ -145,6 +187,40 @@ class _Reader:
         finally:
             self.active.discard(id(node))
 
+    def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        """A scalar as YAML types it; one it cannot be (`2001-13-45`, `!!int abc`, a 5000-digit
+        number) is a located problem, and its text stands in so reading goes on."""
+        kind = _KINDS.get(node.tag)
+        if kind is None:  # `!!python/name:os.system x`, `!foo bar`: never built, never ignored
+            self._refuse(node, path, f"unsupported tag {shown(node.tag)}", "remove the tag")
+            return node.value
+        if node.tag == _INT and len(node.value) > 40:  # int() of thousands of digits is slow, then refused
+            value: Any = None
+        else:
+            try:
+                value = self.scalars.construct_object(node, deep=True)
+            except (ValueError, KeyError, AttributeError, TypeError, OverflowError, yaml.YAMLError):
+                implicit = node.style is None and self.scalars.resolve(
+                    yaml.ScalarNode, node.value, (True, False)) == node.tag  # typed by its looks, not a tag
+                self._refuse(node, path, f"{shown(node.value)} is not a valid {kind}",
+                             "quote it to keep it as text" if implicit else "remove the tag")
+                return node.value
+        if node.tag == _INT and (value is None or value.bit_length() > 64):
+            self._refuse(node, path, f"{shown(node.value)} is too large a number (over 64 bits)",
+                         "quote it if it is text")
+            return node.value
+        return value
+
+    def _refuse(self, node: yaml.Node, path: KeyPath, message: str, hint: str) -> None:
+        mark = _mark(self.file, node)
+        self._add(Problem(mark.file, mark.line, mark.col, key_text(path), message, hint))
+
+    def _add(self, found: Problem) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(found)
+        elif len(self.problems) == MAX_PROBLEMS:
+            self.problems.append(stopped(self.file))
+
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         seen: dict[str, Mark] = {}
@@ -158,14 +234,13 @@ class _Reader:
             key = self.build(key_node, path)
             mark = _mark(self.file, key_node)
             if not isinstance(key, str):
-                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(path),
-                                             f"key {key!r} is not a string", "quote the key"))
+                self._add(Problem(mark.file, mark.line, mark.col, key_text(path),
+                                  f"key {shown(key)} is not a string", "quote the key"))
                 key = str(key)
             sub = (*path, key)
             if key in seen:
-                self.problems.append(Problem(mark.file, mark.line, mark.col, key_text(sub),
-                                             f"duplicate key (first set at line {seen[key].line})",
-                                             "keep only one"))
+                self._add(Problem(mark.file, mark.line, mark.col, key_text(sub),
+                                  f"duplicate key (first set at line {seen[key].line})", "keep only one"))
             seen[key] = self.marks[sub] = mark
             out[key] = self.build(value_node, sub)
         return out
@@ -175,7 +250,7 @@ def read_yaml(file: str) -> Document:
     """Read one YAML file. Raises ConfigError (every problem, located) for anything unreadable."""
     text = _read_text(file)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
         reader = _Reader(file)
         data = None if node is None else reader.build(node, ())
     except yaml.MarkedYAMLError as err:
@@ -186,8 +261,8 @@ def read_yaml(file: str) -> Document:
         raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
     except yaml.YAMLError as err:
         raise _fail(file, f"invalid YAML: {err}") from None
-    except RecursionError:
-        raise _fail(file, "invalid YAML: nested too deeply", "flatten the structure") from None
+    except RecursionError:  # not expected (the loader stops at MAX_DEPTH): one line all the same
+        raise _fail(file, "invalid YAML: nested too deeply", "flatten the structure", 1, 1) from None
     if reader.problems:
         raise ConfigError(reader.problems)
     reader.marks[()] = Mark(file, 1, 1)
@@ -216,7 +291,13 @@ def merge_marks(merged: Any, parent: Mapping[KeyPath, Mark],
     return out
 
 
-def sub_marks(marks: Mapping[KeyPath, Mark], prefix: KeyPath) -> dict[KeyPath, Mark]:
-    """The marks under `prefix`, re-rooted so `prefix` itself becomes `()`."""
-    n = len(prefix)
-    return {path[n:]: mark for path, mark in marks.items() if path[:n] == prefix}
+def sub_marks(marks: Mapping[KeyPath, Mark], prefix: KeyPath, data: Any) -> dict[KeyPath, Mark]:
+    """The marks of `data`, found at `prefix` in `marks`, re-rooted so `prefix` becomes `()`.
+
+    Walks `data` only, never all of `marks`: an inventory's hosts cost linear time, not quadratic."""
+    out: dict[KeyPath, Mark] = {}
+    for path in walk(data):
+        mark = marks.get((*prefix, *path))
+        if mark is not None:
+            out[path] = mark
+    return out

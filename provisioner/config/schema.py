@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 import jsonschema
 
-from provisioner.config.marks import KeyPath, Mark, problem
-from provisioner.errors import Problem, UsageError
+from provisioner.config.marks import KeyPath, Mark, problem, shown
+from provisioner.errors import MAX_PROBLEMS, Problem, UsageError, stopped
 
 KINDS = ("profile", "inventory")
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
@@ -34,8 +35,46 @@ def schema(kind: str) -> Mapping[str, Any]:
 
 
 @lru_cache(maxsize=None)
-def _validator(kind: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(schema(kind))
+def _ecma(pattern: str) -> re.Pattern[str]:
+    """`pattern` with JSON Schema's (ECMA-262's) `$`: the end of the text. Python's `$` also matches
+    before a final newline, so `plugin.tag: "v1.1.0\\n"` would pass `^v[0-9]+\\.[0-9]+\\.[0-9]+$` and plan
+    a change that never converges; editors, which run the schema as ECMA-262, refuse it."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]" or out[-1] in ("[", "[^")  # `[]…]`: a first `]` is literal
+        elif char == "[":
+            in_class = True
+            if pattern.startswith("[^", i):
+                char, i = "[^", i + 1
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+        i += 1
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{shown(instance)} does not match {pattern!r}")
+
+
+# Draft 2020-12 with two corrections: `pattern` reads `$` as JSON Schema means it (above), and an
+# integer is an int: the spec counts 8188.0 as one, but a port or a step count written 8188.0 is a typo.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, validators={"pattern": _pattern},
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)))
+
+
+@lru_cache(maxsize=None)
+def _validator(kind: str) -> Any:
+    return _Validator(schema(kind))
 
 
 _BOUNDS = {"minimum": "is below the minimum", "maximum": "is above the maximum",
@@ -57,16 +96,14 @@ def _first_sentence(text: str) -> str:
 
 
 def _unknown_keys(err: jsonschema.ValidationError, path: KeyPath, marks: Mapping[KeyPath, Mark],
-                  file: str) -> list[Problem]:
+                  file: str) -> Iterator[Problem]:
     known = sorted(err.schema.get("properties", {}))
-    out = []
     for key in err.instance:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
-        out.append(problem(marks, file, (*path, key), "unknown key", hint))
-    return out
+        yield problem(marks, file, (*path, key), "unknown key", hint)
 
 
 def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, str]:
@@ -81,7 +118,9 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
         wanted = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
         expected = " or ".join(_TYPE_NAMES[t] for t in wanted if t != "null")
         hint = ""
-        if "string" in wanted and isinstance(value, (int, float, bool)):
+        if "integer" in wanted and isinstance(value, float) and value.is_integer():
+            hint = f"write {int(value)}"
+        elif "string" in wanted and isinstance(value, (int, float, bool)):
             hint = f"quote it: \"{value}\""
         elif value is None:
             hint = "the value is empty"
@@ -90,28 +129,35 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
         options = [str(o) for o in err.validator_value]
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f"did you mean '{close[0]}'?" if close else ""
-        return path, f"{value!r} is not one of: {', '.join(options)}", hint
+        return path, f"{shown(value)} is not one of: {', '.join(options)}", hint
     if kind in ("pattern", "const") and custom:
-        return path, f"{value!r} is not valid", f"expected {custom}"
+        return path, f"{shown(value)} is not valid", f"expected {custom}"
     if kind in ("minProperties", "maxProperties") and custom:
         return path, f"expected {custom}", ""
     if kind in _BOUNDS:
-        return path, f"{value!r} {_BOUNDS[kind]} {err.validator_value}", ""
-    return path, err.message, ""
+        return path, f"{shown(value)} {_BOUNDS[kind]} {err.validator_value}", ""
+    return path, err.message if len(err.message) < 200 else err.message[:190] + "…", ""
 
 
 def schema_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) -> list[Problem]:
-    """Every schema violation of `data`, each placed at its key's `file:line:col`."""
+    """Every schema violation of `data` (up to MAX_PROBLEMS), each placed at its key's `file:line:col`."""
     out: list[Problem] = []
+    for found in _problems(data, marks, file, kind):
+        if len(out) == MAX_PROBLEMS:  # a file of 100000 unknown keys must not take minutes
+            out.append(stopped(file))
+            break
+        out.append(found)
+    return sorted(out, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))
+
+
+def _problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) -> Iterator[Problem]:
     for err in _validator(kind).iter_errors(data):
         path = tuple(err.absolute_path)
         if "propertyNames" in err.schema_path:  # the instance is the offending key itself
             hint = f"expected {err.schema['errorMessage']}" if "errorMessage" in err.schema else ""
-            out.append(problem(marks, file, (*path, err.instance), "not a valid name", hint))
-            continue
-        if err.validator == "additionalProperties" and err.validator_value is False:
-            out += _unknown_keys(err, path, marks, file)
-            continue
-        where, message, hint = _one(err, path)
-        out.append(problem(marks, file, where, message, hint))
-    return sorted(out, key=lambda p: (p.file, p.line, p.col, p.key))
+            yield problem(marks, file, (*path, err.instance), "not a valid name", hint)
+        elif err.validator == "additionalProperties" and err.validator_value is False:
+            yield from _unknown_keys(err, path, marks, file)
+        else:
+            where, message, hint = _one(err, path)
+            yield problem(marks, file, where, message, hint)

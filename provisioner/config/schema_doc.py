@@ -10,6 +10,16 @@ from typing import Any
 from provisioner.config.schema import schema
 
 
+def _resolve(doc: Mapping[str, Any], node: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`node` with its local `$ref` (`#/$defs/...`) filled in; the node's own keys win."""
+    if "$ref" not in node:
+        return node
+    target: Any = doc
+    for part in node["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return {**_resolve(doc, target), **{k: v for k, v in node.items() if k != "$ref"}}
+
+
 def _type(node: Mapping[str, Any]) -> str:
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
@@ -24,23 +34,37 @@ def _type(node: Mapping[str, Any]) -> str:
     return str(kinds or "any")
 
 
-def _rows(node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, str, str, str]]:
-    for name, child in node.get("properties", {}).items():
+def _rows(doc: Mapping[str, Any], node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, str, str, str]]:
+    for name, written in node.get("properties", {}).items():
+        child = _resolve(doc, written)
         key = f"{prefix}{name}"
         default = json.dumps(child["default"]) if "default" in child else ""
-        text = " ".join(str(child.get("description", "")).split()).replace("|", "\\|")
+        text = _text(child).replace("|", "\\|")
         yield key, _type(child), default, text
-        if "properties" in child:
-            yield from _rows(child, key + ".")
+        if "properties" in written:  # a `$ref`'d definition has its own section
+            yield from _rows(doc, child, key + ".")
 
 
 def markdown(kind: str) -> str:
+    """The reference of `kind`: its keys, then one section per `$defs` entry that has keys (the
+    inventory's groups and variables)."""
     doc = schema(kind)
     lines = [f"# {doc.get('title', kind)}", "",
              "Generated from `provisioner/config/schemas/" + kind + ".schema.json` by "
              f"`provision schema {kind} --markdown`; edit the schema, not this file.", "",
-             " ".join(str(doc.get("description", "")).split()), "",
-             "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for key, kind_text, default, text in _rows(doc, ""):
-        lines.append(f"| `{key}` | {kind_text} | {f'`{default}`' if default else ''} | {text} |")
-    return "\n".join(lines) + "\n"
+             _text(doc), ""]
+    sections = [("", doc)] + [(name, node) for name, node in doc.get("$defs", {}).items() if "properties" in node]
+    for name, node in sections:
+        if not node.get("properties"):
+            continue
+        if name:
+            lines += [f"## {name}", "", _text(node), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, kind_text, default, text in _rows(doc, node, ""):
+            lines.append(f"| `{key}` | {kind_text} | {f'`{default}`' if default else ''} | {text} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _text(node: Mapping[str, Any]) -> str:
+    return " ".join(str(node.get("description", "")).split())

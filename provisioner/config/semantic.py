@@ -12,16 +12,20 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
-from provisioner.config.marks import KeyPath, Mark, problem, walk
+from provisioner.config.marks import KeyPath, Mark, clip, problem, shown, walk
 from provisioner.config.model import OLD_NAMES
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
 MIRROR_FIELDS = {"version", "tag", "filename"}
+CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # a prompt may run over lines, and tab
+PROMPTS = (("workflow", "prompt"), ("verify", "prompts"))
+GIT_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")  # git's <transport>::<address> (ext::, fd::, …)
 
 
 def _get(data: Any, path: KeyPath, kind: type | tuple[type, ...]) -> Any:
@@ -44,17 +48,34 @@ def _numbers(data: Any) -> Iterator[Found]:
             yield path, f"{value} is not a finite number", ""
 
 
+def _text(data: Any) -> Iterator[Found]:
+    """No control characters in any string but a prompt: a value every schema pattern would pass
+    (`backend.version: "1.0.1\\n"` reads as 1.0.1 to packaging) must not reach a host as two lines."""
+    for path in walk(data):
+        value = _get(data, path, str)
+        if value is None:
+            continue
+        prompt = path[:2] in PROMPTS
+        found = (PROMPT_CONTROL if prompt else CONTROL).search(value)
+        if found:
+            yield path, f"contains the control character {found.group()!r}", \
+                "prompts may span lines; nothing else may" if prompt else "write it on one line, without escapes"
+
+
 def _paths(data: Any) -> Iterator[Found]:
     root = _get(data, ("comfyui", "root"), str)
     if root is not None and root.startswith("/"):
         if ".." in root.split("/"):
             yield ("comfyui", "root"), "must not contain '..'", "write the real absolute path"
-        elif posixpath.normpath(root) == "/":
+        elif not posixpath.normpath(root).strip("/"):  # normpath keeps a leading `//`
             yield ("comfyui", "root"), "cannot be /", "point it at the ComfyUI checkout"
+        elif ";" in root:
+            yield ("comfyui", "root"), "contains ';', which pip reads as the start of an environment " \
+                "marker: the backend wheel kept under it could never be installed", "choose a path without ';'"
     dest = _get(data, ("workflow", "dest"), str)
     if dest is not None:
         if dest.startswith("/") or posixpath.normpath(dest).split("/")[0] == "..":
-            yield ("workflow", "dest"), f"{dest!r} escapes the ComfyUI root", \
+            yield ("workflow", "dest"), f"{shown(dest)} escapes the ComfyUI root", \
                 "use a folder relative to comfyui.root, like workflows"
     restart = _get(data, ("comfyui", "restart"), Mapping)
     if restart is not None:
@@ -64,21 +85,29 @@ def _paths(data: Any) -> Iterator[Found]:
             yield ("comfyui", "restart"), f"{what}", "give exactly one of systemd, docker, command"
 
 
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except ValueError:  # InvalidVersion, or a number past Python's 4300-digit limit
+        return None
+
+
 def _versions(data: Any) -> Iterator[Found]:
     version = _get(data, ("backend", "version"), str)
-    if version is not None:
-        try:
-            Version(version)
-        except InvalidVersion:
-            yield ("backend", "version"), f"{version!r} is not a valid version", "a PEP 440 version like 1.0.1"
+    if version is not None and _version(version) is None:
+        yield ("backend", "version"), f"{shown(version)} is not a valid version", "a PEP 440 version like 1.0.1"
     seen: dict[str, int] = {}
     for i, spec in enumerate(_get(data, ("packages",), list) or []):
         if not isinstance(spec, str):
             continue
         try:
             req = Requirement(spec)
-        except InvalidRequirement:
-            yield ("packages", i), f"{spec!r} is not a valid requirement", \
+            unreadable = [s.version for s in req.specifier
+                          if s.operator != "===" and _version(s.version.removesuffix(".*")) is None]
+            if unreadable:  # packaging parses these only when comparing, which planning does
+                raise ValueError(unreadable[0])
+        except (InvalidRequirement, ValueError):
+            yield ("packages", i), f"{shown(spec)} is not a valid requirement", \
                 "NAME then a specifier like >=, ==, ~= or <, e.g. diffusers>=0.35"
             continue
         name = canonicalize_name(req.name)
@@ -102,24 +131,29 @@ def _versions(data: Any) -> Iterator[Found]:
                     "use {version}, {tag} or {filename}"
 
 
+def _repo(data: Any) -> Iterator[Found]:
+    repo = _get(data, ("plugin", "repo"), str)
+    if repo is not None and GIT_HELPER.match(repo):
+        helper = repo.split("::", 1)[0]
+        yield ("plugin", "repo"), f"{shown(repo)} asks git for its `{helper}::` remote helper, not a " \
+            "repository (ext:: runs a command, fd:: reads a file descriptor and blocks)", \
+            "use an https://, ssh:// or file:// URL, user@host:path, or a path on the host"
+
+
 def _catalog(data: Any) -> Iterator[Found]:
     """The model family and variant exist, and the plugin tag runs with the backend version."""
     family = _get(data, ("model", "family"), str) or "qwen-image-edit-2509"
     variant = _get(data, ("model", "variant"), str) or "lightning-4step-r128"
     families = tuple(catalog.families())
     if family not in families:
-        yield ("model", "family"), f"unknown model family {family!r}", f"known: {', '.join(families)}"
+        yield ("model", "family"), f"unknown model family {shown(family)}", f"known: {', '.join(families)}"
     elif variant not in (variants := tuple(catalog.variants(family))):
-        yield ("model", "variant"), f"unknown variant {variant!r} of {family}", \
+        yield ("model", "variant"), f"unknown variant {shown(variant)} of {family}", \
             f"known: {', '.join(variants)}"
     tag = _get(data, ("plugin", "tag"), str) or "v1.1.0"
     version = _get(data, ("backend", "version"), str) or "1.0.1"
-    if re.fullmatch(r"v\d+\.\d+\.\d+", tag):
-        try:
-            Version(version)
-        except InvalidVersion:
-            return  # already reported by _versions
-        reason = compat.incompatibility(tag, version)
+    if re.fullmatch(r"v\d{1,9}\.\d{1,9}\.\d{1,9}", tag) and _version(version) is not None:
+        reason = compat.incompatibility(tag, version)  # (a bad version was reported by _versions)
         if reason:
             where = ("plugin", "tag") if _get(data, ("plugin", "tag"), str) else ("backend", "version")
             yield where, reason, "change plugin.tag or backend.version"
@@ -135,16 +169,16 @@ def _local_files(data: Any) -> Iterator[Found]:
         if isinstance(name, str) and template_dir and not os.path.isfile(os.path.join(template_dir, name)):
             where = ("workflow", "templates", i) if _get(data, ("workflow", "templates"), list) \
                 else ("workflow", "template_dir")
-            yield where, f"template {name!r} not found in {template_dir}", \
+            yield where, f"template {shown(name)} not found in {clip(template_dir)}", \
                 "fix workflow.templates or workflow.template_dir"
     for i, source in enumerate(_get(data, ("backend", "sources"), list) or []):
         house = _get(source, ("wheelhouse",), str)
         if house is not None and not os.path.isdir(house):
-            yield ("backend", "sources", i, "wheelhouse"), f"directory {house} not found", \
+            yield ("backend", "sources", i, "wheelhouse"), f"directory {clip(house)} not found", \
                 "create it, or fix the path: it is relative to the profile file"
     inventory = _get(data, ("inventory",), str)
     if inventory is not None and not os.path.isfile(inventory):
-        yield ("inventory",), f"file {inventory} not found", "the path is relative to the profile file"
+        yield ("inventory",), f"file {clip(inventory)} not found", "the path is relative to the profile file"
 
 
 def _old_names(data: Any) -> Iterator[Found]:
@@ -155,8 +189,8 @@ def _old_names(data: Any) -> Iterator[Found]:
             yield old, f"is the old name of {new}, which is also given", f"keep only {new}"
 
 
-CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _paths, _versions, _catalog, _local_files,
-                                                        _old_names)
+CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths, _repo, _versions, _catalog,
+                                                        _local_files, _old_names)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

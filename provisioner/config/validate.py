@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from provisioner.config.inventory import load_inventory
 from provisioner.config.load import load_profile, profile_for_host
-from provisioner.config.marks import problem, read_yaml
+from provisioner.config.marks import Document, problem, read_yaml
 from provisioner.config.schema import schema
 from provisioner.errors import ConfigError, Problem, ProvisionError, UsageError
 
 
-def _looks_like_inventory(file: str) -> bool:
+def _looks_like_inventory(data: Any) -> bool:
     """A file whose top level is only Ansible groups (`all:` …) and no profile key."""
-    try:
-        data = read_yaml(file).data
-    except ProvisionError:
-        return False
     profile_keys = set(schema("profile")["properties"])
     return isinstance(data, Mapping) and "all" in data and not profile_keys & set(data)
 
 
-def _profile_problems(file: str) -> list[Problem]:
+def _profile_problems(file: str, document: Document) -> list[Problem]:
     """The profile, then its inventory, its hosts pattern and each selected host's overlay."""
-    loaded = load_profile(file)
+    loaded = load_profile(file, document)
     profile = loaded.profile
     if not profile.inventory:  # the hosts come from `-i` at run time
         return []
@@ -54,10 +51,11 @@ def validate_files(paths: Sequence[str | os.PathLike[str]]) -> list[Problem]:
     for path in paths:
         file = os.fspath(path)
         try:
-            if _looks_like_inventory(file):
-                load_inventory(file)
+            document = read_yaml(file)  # once: parsing is most of the time a large file costs
+            if _looks_like_inventory(document.data):
+                load_inventory(file, document)
             else:
-                found += _profile_problems(file)
+                found += _profile_problems(file, document)
         except ConfigError as err:
             found += err.problems
         except ProvisionError as err:

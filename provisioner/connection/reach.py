@@ -151,6 +151,9 @@ def tcp(target: SshTarget, timeout: float) -> socket.socket:
     except socket.gaierror as err:
         raise ConnectError(f"{target.name}: cannot resolve {target.hostname}: {err.strerror} "
                            f"(check HostName / ansible_host)") from None
+    except (UnicodeError, OverflowError) as err:  # `..` or `\u202e…` as a name, a port past 65535
+        raise ConnectError(f"{target.name}: cannot connect to {target.hostname!r} port {target.port}: "
+                           f"{reason(err)} (check HostName / ansible_host / Port)") from None
     except OSError as err:
         raise ConnectError(f"{target.name}: cannot connect to {where}: {reason(err)}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

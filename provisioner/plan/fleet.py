@@ -21,15 +21,33 @@ class SkippedError(ProvisionError):
     """A host was not attempted because an earlier batch failed past --max-fail-percentage."""
 
 
+def parse_serial(serial: str | int) -> int | str:
+    """`--serial` checked: a host count >= 1 (`2`) or a share of hosts in (0, 100] (`"30%"`).
+
+    Raises ValueError with the reason; the answer is what `batches` takes."""
+    text = str(serial).strip()
+    share = text.endswith("%")
+    number = text[:-1].strip() if share else text
+    try:
+        value = float(number) if share else int(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a host count (like 2) nor a share of hosts (like 30%)") from None
+    if share and not 0 < value <= 100:
+        raise ValueError(f"{text} is not a share of hosts: give a percentage above 0 and at most 100")
+    if not share and value < 1:
+        raise ValueError(f"{text} hosts per batch: give at least 1")
+    return f"{number}%" if share else int(value)
+
+
 def batches(hosts: Sequence[Host], serial: str | int | None) -> list[list[Host]]:
     """Split hosts into rolling batches: `serial` is a count (`2`) or a share of hosts (`"30%"`)."""
-    if not serial:
+    if serial is None or serial == "":
         return [list(hosts)] if hosts else []
-    text = str(serial).strip()
-    if text.endswith("%"):
-        size = max(1, math.floor(len(hosts) * float(text[:-1]) / 100))
+    checked = parse_serial(serial)
+    if isinstance(checked, str):
+        size = max(1, math.floor(len(hosts) * float(checked[:-1]) / 100))
     else:
-        size = max(1, int(text))
+        size = checked
     return [list(hosts[i:i + size]) for i in range(0, len(hosts), size)]
 
 
