@@ -45,6 +45,15 @@ def probe(profile: Profile) -> Probe:
     return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")))
 
 
+def paths(profile: Profile, facts: Facts) -> tuple[str, ...]:
+    """The model files this host's ComfyUI loads (its GPU decides the precision under `auto`)."""
+    m = profile.model
+    try:
+        return tuple(_dest(profile, f) for f in catalog.resolve(m.family, m.variant, m.precision, facts.gpu).files)
+    except PlanError:
+        return ()                 # plan() reports the same error
+
+
 def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
          environ: Mapping[str, str] | None = None) -> ResourcePlan:
     """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""
