@@ -13,7 +13,7 @@ from PIL import Image
 
 from provisioner.catalog import tolerances
 from provisioner.config.model import AgreementSpec
-from provisioner.verify import agreement
+from provisioner.verify import agreement, checks
 from provisioner.verify.agreement import Agreement, Reference, compare, decode, luminance, medoid, psnr, ssim
 
 SCHEMA = Path(__file__).resolve().parents[1] / "provisioner" / "config" / "schemas" / "profile.schema.json"
@@ -113,8 +113,8 @@ def test_decode_refuses_what_is_not_an_image() -> None:
 
 def test_check_words_the_outcome() -> None:
     ok, bad = judged(photo()), judged(photo(seed=4, size=(256, 128)))
-    assert agreement.check([ok]).passed
-    failed = agreement.check([ok, bad])
+    assert checks.image_agreement([ok]).passed
+    failed = checks.image_agreement([ok, bad])
     assert not failed.passed and "1/2 images disagree" in failed.detail and "from gpu-01" in failed.detail
-    none = agreement.check([], "no reference store; pass --report DIR")
+    none = checks.image_agreement([], "no reference store; pass --report DIR")
     assert none.passed and none.detail == "no reference store; pass --report DIR"

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import AgreementSpec
-from provisioner.verify.checks import Check
 
 PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
 _PEAK = 255.0
@@ -32,6 +34,24 @@ _SIGMA, _RADIUS = 1.5, 5                                      # their 11x11 Gaus
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)     # ITU-R BT.601, as Pillow's "L"
 PANEL_PX = 256                 # the report's side-by-side pictures
 DIFF_GAIN = 4                  # the difference picture's |host - reference| is amplified this much
+
+
+@dataclass(frozen=True)
+class KeyedImage:
+    """A verification image kept whole for the comparison: the first run of each prompt."""
+
+    key: str                  # prompt, seed and workflow: what must give the same picture
+    prompt: str
+    seed: int
+    png: bytes
+
+
+def image_key(prompt: str, seed: int, graph: Mapping[str, Any]) -> str:
+    """`a-red-fox-in-the-snow-photograph-seed42-1f2e3d4c5b`: a file name that changes whenever the
+    picture legitimately would (the prompt, the seed, any setting of the workflow as sent)."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "prompt"
+    canonical = json.dumps(graph, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{slug}-seed{seed}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 
 
 class NotAnImage(ValueError):
@@ -199,41 +219,15 @@ def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec,
                      shift, (_png(reference), _png(image), _png(diff)))  # type: ignore[arg-type]
 
 
-def closeness(a: np.ndarray, b: np.ndarray) -> float:
-    """How alike two images are, for choosing a reference: PSNR at PANEL_PX (other sizes: -inf)."""
-    if a.shape != b.shape:
-        return -math.inf
-    small = [np.asarray(Image.fromarray(x, "RGB").reduce(max(1, max(x.shape[:2]) // PANEL_PX))) for x in (a, b)]
-    return psnr(small[0], small[1])
-
-
 def medoid(candidates: Sequence[tuple[str, np.ndarray]]) -> str:
-    """The name whose image is closest to the others' (highest median closeness), ties by name:
-    among several hosts' first good runs, the one the class agrees with, not a lone outlier."""
+    """The name whose image is closest to the others' (highest median PSNR), ties by name: among
+    several hosts' first good runs, the one the class agrees with, not a lone outlier. Callers
+    pass small copies (PANEL_PX): choosing needs n^2 comparisons."""
     def score(i: int) -> float:
-        others = [closeness(candidates[i][1], c[1]) for j, c in enumerate(candidates) if j != i]
+        mine = candidates[i][1]
+        others = [psnr(mine, c[1]) if c[1].shape == mine.shape else -math.inf
+                  for j, c in enumerate(candidates) if j != i]
         return float(np.median(others)) if others else 0.0
 
     scores = [(-score(i), name) for i, (name, _) in enumerate(candidates)]
     return min(scores)[1]
-
-
-def check(agreements: Sequence[Agreement], note: str | None = None) -> Check:
-    """`image_agreement` over a host's comparisons; `note` says why none was made."""
-    if note is not None:
-        return Check("image_agreement", True, note)
-    compared = [a for a in agreements if a.reference is not None]
-    failed = [a for a in compared if not a.passed]
-    lines = tuple(f"{a.prompt!r} seed {a.seed}: {a.detail}" for a in agreements)
-    if failed:
-        first = failed[0]
-        return Check("image_agreement", False, f"{len(failed)}/{len(compared)} images disagree with their "
-                     f"GPU class's reference (from {first.reference.host if first.reference else '?'}): "
-                     f"{first.detail}", first.psnr_db, lines)
-    if not compared:
-        return Check("image_agreement", True, "not compared: no reference yet for this GPU class "
-                     "(the first passing run becomes it)", None, lines)
-    worst = min(compared, key=lambda a: a.psnr_db if a.psnr_db is not None else math.inf)
-    return Check("image_agreement", True, f"{len(compared)} images agree with their GPU class's reference; "
-                 f"lowest PSNR {worst.psnr_db:.1f} dB, SSIM {min(a.ssim or 0.0 for a in compared):.3f}",
-                 worst.psnr_db, lines)
