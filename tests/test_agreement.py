@@ -118,3 +118,15 @@ def test_check_words_the_outcome() -> None:
     assert not failed.passed and "1/2 images disagree" in failed.detail and "from gpu-01" in failed.detail
     none = checks.image_agreement([], "no reference store; pass --report DIR")
     assert none.passed and none.detail == "no reference store; pass --report DIR"
+
+
+@pytest.mark.parametrize("mode, failure", [("noisy", "PSNR "), ("shifted", "R channel PSNR"),
+                                           ("wrong-size", "size 192x192, the reference is 256x256")])
+def test_the_stand_ins_degraded_pictures_fail_and_another_gpus_rounding_passes(mode: str, failure: str) -> None:
+    from provisioner.sandbox import comfyui_png
+
+    reference = decode(comfyui_png.picture(256, 256, 42, "normal", device="GPU-a:/hosts/gpu-01"))
+    other_gpu = judged(decode(comfyui_png.picture(256, 256, 42, "normal", device="GPU-b:/hosts/gpu-02")), reference)
+    assert other_gpu.passed and other_gpu.psnr_db is not None and 40 < other_gpu.psnr_db < agreement.PSNR_IDENTICAL_DB
+    degraded = judged(decode(comfyui_png.picture(256, 256, 42, mode, device="GPU-c:/hosts/gpu-03")), reference)
+    assert not degraded.passed and degraded.detail.startswith(failure), degraded.detail
