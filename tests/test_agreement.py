@@ -115,7 +115,7 @@ def test_check_words_the_outcome() -> None:
     ok, bad = judged(photo()), judged(photo(seed=4, size=(256, 128)))
     assert checks.image_agreement([ok]).passed
     failed = checks.image_agreement([ok, bad])
-    assert not failed.passed and "1/2 images disagree" in failed.detail and "from gpu-01" in failed.detail
+    assert not failed.passed and "1/2 images disagree" in failed.detail and "the GPU class" in failed.detail and "from gpu-01" in failed.detail
     none = checks.image_agreement([], "no reference store; pass --report DIR")
     assert none.passed and none.detail == "no reference store; pass --report DIR"
 

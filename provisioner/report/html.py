@@ -62,7 +62,9 @@ def _comparisons(host: HostReport) -> list[dict[str, object]]:
 
 def render_html(report: FleetReport) -> str:
     """The report.html page: fleet summary, flags, groups, then each host, failures first."""
+    groups = {g.gpu_class: g.values for g in report.groups}
     hosts = [{"id": f"host-{i}", "report": h, "flags": report.flags_for(h.host), "fleet": report.fleet_for(h.host),
+              "group": groups.get(h.fingerprint.gpu_class, {}) if h.fingerprint else {},
               "drifted": {f.field for f in report.fleet_for(h.host) if f.field},
               "fingerprint": h.fingerprint.flat() if h.fingerprint else {},
               "comparisons": _comparisons(h), "thumbnails": _thumbnails(h)} for i, h in enumerate(report.hosts, 1)]

@@ -212,7 +212,8 @@ def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec,
                         f"(mean colour shift R {shift[0]:+.0f} G {shift[1]:+.0f} B {shift[2]:+.0f})")
     if structure < thresholds.ssim_min:
         problems.append(f"SSIM {structure:.3f} < {thresholds.ssim_min:g}")
-    figures = f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}"
+    figures = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
+               f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
     diff = np.clip(np.abs(image.astype(np.int16) - reference.astype(np.int16)) * DIFF_GAIN, 0, 255).astype(np.uint8)
     return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else figures,
                      size, ref_size, round(whole, 2), round(worst, 2), round(structure, 4),

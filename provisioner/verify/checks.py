@@ -350,15 +350,15 @@ def image_agreement(agreements: Sequence[Agreement], note: str | None = None) ->
     if failed:
         first = failed[0]
         source = first.reference.host if first.reference else "?"
-        return Check("image_agreement", False, f"{len(failed)}/{len(compared)} images disagree with their GPU "
+        return Check("image_agreement", False, f"{len(failed)}/{len(compared)} images disagree with the GPU "
                      f"class's reference (from {source}): {first.detail}", first.psnr_db, lines)
     if not compared:
         return Check("image_agreement", True, "not compared: no reference yet for this GPU class (a host "
                      "that passes every other check makes it)", None, lines)
     worst = min(compared, key=lambda a: a.psnr_db if a.psnr_db is not None else math.inf)
-    return Check("image_agreement", True, f"{len(compared)} images agree with their GPU class's reference; "
-                 f"lowest PSNR {worst.psnr_db:.1f} dB, SSIM {min(a.ssim or 0.0 for a in compared):.3f}",
-                 worst.psnr_db, lines)
+    count = f"{len(compared)} image{'s agree' if len(compared) != 1 else ' agrees'}"
+    return Check("image_agreement", True, f"{count} with the GPU class's reference; lowest PSNR "
+                 f"{worst.psnr_db:.1f} dB, SSIM {min(a.ssim or 0.0 for a in compared):.3f}", worst.psnr_db, lines)
 
 
 def poisoned(exception_type: str, message: str) -> bool:
