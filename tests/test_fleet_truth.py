@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
-import pytest
 from PIL import Image
 
 from provisioner.config.model import AgreementSpec, ClassSpeedSpec, build_profile
