@@ -144,7 +144,7 @@ def judge(members: Sequence[Member], profile: str | None, spec: ClassSpeedSpec
     groups, flags = [], []
     for gpu_class, group in sorted(by_class.items()):
         values, drift = _drift(gpu_class, [(h, fp) for h, fp, _ in group if fp is not None])
-        groups.append(Group(profile, gpu_class, tuple(h for h, _, _ in group), values,
+        groups.append(Group(profile, gpu_class, tuple(sorted(h for h, _, _ in group)), values,
                             _median([f.warm_median_s for _, _, f in group]),
                             _median([f.vram_peak_gib for _, _, f in group])))
         flags += drift + _speed(gpu_class, group, spec)
