@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("verify", help="run verification generations and write the fleet report")
     _common(p)
-    p.add_argument("--report", metavar="DIR", help="write report.json, report.html, junit.xml to DIR")
+    p.add_argument("--report", metavar="DIR", help="write report.json, report.html, junit.xml to DIR; "
+                   "DIR/references/ keeps each GPU class's reference images")
+    p.add_argument("--compare", metavar="OLD_REPORT", help="compare with this report.json (default: the one in "
+                   "--report DIR): regressions, and what changed in each host's fingerprint")
+    p.add_argument("--promote-reference", metavar="HOST", help="make HOST's images of this run the references "
+                   "of its GPU class (needs --report DIR; HOST must pass every other check)")
 
     p = verbs.add_parser("facts", help="what each host is: GPU, VRAM, torch, python, disk, installed state")
     _common(p, profile="optional")

@@ -20,7 +20,7 @@ from rich.markup import escape
 from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
-from provisioner.config.model import Profile
+from provisioner.config.model import ClassSpeedSpec, Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, ConnectError, UsageError
@@ -226,6 +226,9 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     from provisioner.facts.gather import gather
 
     options = connect_options(args)
+    against = previous_report(args.compare) if args.compare else None
+    if args.promote_reference and not args.report:
+        raise UsageError("--promote-reference needs --report DIR: the references live in DIR/references/")
 
     def work(target: Target) -> tuple[Any, Any]:
         with connected(target, options) as conn:
@@ -233,7 +236,25 @@ def verify(args: argparse.Namespace, console: Console) -> int:
             return facts, run_verification(conn, target.profile, facts)
 
     chosen = targets(args)
-    return show_verification(fleet(args, chosen, work), chosen, console, args)
+    if args.promote_reference and args.promote_reference not in {t.host.name for t in chosen}:
+        raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
+                         f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")
+    return show_verification(fleet(args, chosen, work), chosen, console, args, against)
+
+
+def previous_report(path: str) -> dict[str, Any]:
+    """`--compare OLD_REPORT`: a report.json this version can compare with, or bad input."""
+    from provisioner.report import read_previous
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UsageError(f"--compare {path}: {err.strerror or err} (give a report.json written by "
+                         "provision verify --report)") from None
+    previous, why = read_previous(data)
+    if previous is None:
+        raise UsageError(f"--compare {path}: {why}")
+    return previous
 
 
 def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
@@ -246,12 +267,25 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
 
 
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
-                      args: argparse.Namespace) -> int:
-    """Console table, check lines (failures first), the report directory; exit 0 or 1."""
+                      args: argparse.Namespace, against: dict[str, Any] | None = None) -> int:
+    """Image agreement against the references, the console table and check lines (failures first),
+    the fleet's flags, the report directory; exit 0 or 1. `against`: the report to compare with
+    (`--compare`), else the report directory's own."""
+    from datetime import datetime, timezone
+
     from provisioner.report import build_report, dumps, from_exception, from_verification, write_report
+    from provisioner.report.compare import with_comparison
+    from provisioner.report.references import ReferenceStore, agree
     from provisioner.verify.render import render_verification
 
     profiles = {t.host.name: t.profile for t in chosen}
+    report_dir = getattr(args, "report", None)
+    when = datetime.now(timezone.utc)
+    verified = {n: r[1] for n, r in results.items() if not isinstance(r, BaseException)}
+    outcome = agree(verified, ReferenceStore(report_dir) if report_dir else None,
+                    {n: p.verify.agreement for n, p in profiles.items()},
+                    now=when.strftime("%Y-%m-%dT%H:%M:%SZ"), promote=getattr(args, "promote_reference", None))
+    results = {n: r if isinstance(r, BaseException) else (r[0], outcome.verifications[n]) for n, r in results.items()}
     entries = []
     for name, result in results.items():
         profile = profiles.get(name)
@@ -261,16 +295,24 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
             facts, verification = result
             entries.append(from_verification(name, facts, verification, profile=profile))
     failed = render_verification(results, console)
-    report = build_report(entries, profile=chosen[0].profile.name if chosen else None)
+    report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
+                          class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
+    if against is not None:
+        report = with_comparison(report, against)
+    if report_dir:
+        report = write_report(report_dir, report, compared=against is not None).report
+    for note in outcome.notes:
+        console.print(f"[cyan]{escape(note)}[/]")
+    for line, colour in [(f.line, "yellow") for f in report.fleet] + [(f.line, "red") for f in report.regressions] \
+            + [(f.line, "cyan") for f in report.changes]:
+        console.print(f"[{colour}]{escape(line)}[/]")
+    for problem in outcome.problems:
+        console.print(f"[red]error:[/] {escape(problem)}")
     if args.json and args.verb == "verify":  # apply prints its own JSON summary
         print(dumps(report), end="")
-    report_dir = getattr(args, "report", None)
     if report_dir:
-        paths = write_report(report_dir, report)
-        for flag in paths.regressions:
-            console.print(f"[red]{escape(flag.line)}[/]")
-        console.print(f"report: {paths.html} ({paths.json.name}, {paths.junit.name})")
-    return EXIT_FAILED if failed else EXIT_OK
+        console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
+    return EXIT_FAILED if failed or outcome.problems else EXIT_OK
 
 
 def validate(args: argparse.Namespace, console: Console) -> int:

@@ -228,7 +228,8 @@ def test_every_profile_key_is_documented_and_closed() -> None:
 SECTIONS = {"comfyui": model.ComfySpec, "comfyui.restart": model.RestartSpec, "plugin": model.PluginSpec,
             "backend": model.BackendSpec, "pip": model.PipSpec, "model": model.ModelSpec,
             "huggingface": model.HubSpec, "workflow": model.WorkflowSpec, "verify": model.VerifySpec,
-            "verify.thresholds": model.Thresholds}
+            "verify.thresholds": model.Thresholds, "verify.agreement": model.AgreementSpec,
+            "verify.class_speed": model.ClassSpeedSpec}
 
 
 def _plain(value: object) -> object:
@@ -253,7 +254,8 @@ def test_schema_keys_and_defaults_equal_the_model() -> None:
         if section == "comfyui.restart":
             continue               # exactly one mode is given: its keys have no defaults
         for name, f in fields.items():
-            if isinstance(f.default, (model.RestartSpec, model.Thresholds)) or name == "restart":
+            if isinstance(f.default, (model.RestartSpec, model.Thresholds, model.AgreementSpec,
+                                      model.ClassSpeedSpec)) or name == "restart":
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             if name == "venv":

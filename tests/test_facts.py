@@ -292,6 +292,9 @@ def test_script_on_a_real_tree(host: dict) -> None:
     assert facts.gpu_error is None and facts.nvcc == "13.0.88"
     assert facts.comfyui_version == "0.3.64"
     assert Path(facts.disk_path) == root and facts.disk_free > 0
+    with open("/proc/meminfo") as fh:                   # this machine's RAM, as the host script read it
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal:"))
+    assert facts.ram_total_mib == kb // 1024 and facts_to_json(facts)["ram_total_mib"] == kb // 1024
     assert facts.arch and facts.kernel and facts.system_python and 0 < facts.elapsed_s < 30
     assert facts.errors == ()
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from provisioner.catalog import tolerances
+
 CpuOffload = Literal["auto", "enable", "disable"]
 Precision = Literal["auto", "int4", "fp4"]
 
@@ -164,6 +166,24 @@ class Thresholds:
     vram_gib: float | None = None     # GiB, like every VRAM figure
 
 
+@dataclass(frozen=True)
+class AgreementSpec:
+    """How closely a host's images must agree with its GPU class's reference (catalog/tolerances.py)."""
+
+    psnr_min_db: float = tolerances.PSNR_MIN_DB
+    ssim_min: float = tolerances.SSIM_MIN
+
+
+@dataclass(frozen=True)
+class ClassSpeedSpec:
+    """A host is flagged past BOTH bars against its GPU class's median."""
+
+    slower_factor: float = 1.25
+    slower_min_s: float = 0.5
+    vram_factor: float = 1.1
+    vram_min_gib: float = 0.5
+
+
 # Keys renamed, by their path: still read, into the new name (a profile may not give both).
 OLD_NAMES: Mapping[tuple[str, ...], str] = {("verify", "thresholds", "vram_gb"): "vram_gib"}
 
@@ -177,6 +197,8 @@ class VerifySpec:
     family_nodes: bool = True              # require the model family's nodes from the catalog
     required_nodes: tuple[str, ...] = ()   # beside the model family's loader and the workflow's classes
     thresholds: Thresholds = Thresholds()
+    agreement: AgreementSpec = AgreementSpec()
+    class_speed: ClassSpeedSpec = ClassSpeedSpec()
 
 
 @dataclass(frozen=True)
@@ -245,6 +267,8 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
         huggingface=_pick(HubSpec, data.get("huggingface")),
         workflow=_pick(WorkflowSpec, data.get("workflow")),
         verify=_pick(VerifySpec, verify, thresholds=_pick(Thresholds, _renamed(
-            verify.get("thresholds"), ("verify", "thresholds")))),
+            verify.get("thresholds"), ("verify", "thresholds"))),
+            agreement=_pick(AgreementSpec, verify.get("agreement")),
+            class_speed=_pick(ClassSpeedSpec, verify.get("class_speed"))),
         raw=data,
     )

@@ -150,6 +150,7 @@ class Facts:
     elapsed_s: float = 0.0                       # time the script took on the host
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
     comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's
+    ram_total_mib: int | None = None             # host RAM (MemTotal), None when the host did not say
 
     @property
     def gpu(self) -> Gpu | None:

@@ -184,6 +184,7 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             elapsed_s=float(answer.get("elapsed_s", 0.0)),
             errors=tuple(answer.get("errors") or ()),
             comfyui_gpu=comfyui_gpu,
+            ram_total_mib=answer["mem_total_kb"] // 1024 if isinstance(answer.get("mem_total_kb"), int) else None,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
@@ -219,6 +220,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "gpu": None if facts.gpu is None else _gpu(facts.gpu),       # ComfyUI's, of those
         "gpu_error": facts.gpu_error, "nvcc": facts.nvcc,
         "disk": {"path": facts.disk_path, "free": facts.disk_free},
+        "ram_total_mib": facts.ram_total_mib,
         "comfyui_version": facts.comfyui_version,
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
                     "branch": g.branch, "dirty": list(g.dirty), "remote": g.remote, "error": g.error}

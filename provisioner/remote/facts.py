@@ -137,6 +137,18 @@ def nvcc():
     return out if rc == 0 else None
 
 
+def mem_total_kb():
+    """Host RAM (MemTotal of /proc/meminfo, kB); None where there is no /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def disk(root):
     path = os.path.abspath(root)
     while not os.path.isdir(path) and path != os.path.dirname(path):
@@ -310,6 +322,7 @@ def gather(req):
         "git": lambda: {p: git_checkout(p) for p in req.get("git", [])},
         "http": lambda: {u: http_status(u) for u in req.get("http", [])},
         "disk": lambda: disk(req["root"]),
+        "mem_total_kb": mem_total_kb,
         "stat": lambda: stat_files(req.get("stat", []), req.get("checksums", "")),
         "read": lambda: read_files(req.get("read", [])),
         "grep": lambda: grep_files(req.get("grep", [])),

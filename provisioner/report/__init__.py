@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner.errors import ProvisionError
 from provisioner.report.adapt import from_exception, from_verification, versions_from
 from provisioner.report.compare import compare, read_previous, with_comparison
+from provisioner.report.files import write_atomic
 from provisioner.report.html import render_html
 from provisioner.report.json_report import dumps, report_to_json
 from provisioner.report.junit import render_junit
@@ -44,38 +44,25 @@ class ReportPaths:
         return self.report.improvements
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Temp sibling, fsync, rename: a reader (a CI job, a browser) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_report(directory: str | os.PathLike[str], report: FleetReport) -> ReportPaths:
+def write_report(directory: str | os.PathLike[str], report: FleetReport, *, compared: bool = False) -> ReportPaths:
     """Write report.json, report.html, junit.xml into `directory` (created), compared with the
-    report.json already there, which is kept as report.previous.json."""
+    report.json already there (unless `compared`: the report was compared with another already),
+    which is kept as report.previous.json."""
     where = Path(directory)
     try:
         where.mkdir(parents=True, exist_ok=True)
         current = where / JSON_NAME
         before = current.read_bytes() if current.is_file() else None
-        previous, note = read_previous(before) if before is not None else (None, None)
-        report = with_comparison(report, previous, note)
+        if not compared:
+            previous, note = read_previous(before) if before is not None else (None, None)
+            report = with_comparison(report, previous, note)
         documents = [(where / JSON_NAME, dumps(report).encode()),
                      (where / HTML_NAME, render_html(report).encode()),
                      (where / JUNIT_NAME, render_junit(report))]
         if before is not None:
-            _write(where / PREVIOUS_NAME, before)
+            write_atomic(where / PREVIOUS_NAME, before)
         for path, data in documents:
-            _write(path, data)
+            write_atomic(path, data)
     except OSError as err:
         raise ProvisionError(f"cannot write the report to {where}: {err.strerror or err} "
                              "(choose a writable --report directory)") from None

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from provisioner.report.model import READABLE_VERSIONS, REPORT_VERSION, Flag, FleetReport, HostReport
+from provisioner.report.fleet import FleetFlag, class_flags, node_difference
+from provisioner.report.model import CHANGED, READABLE_VERSIONS, REPORT_VERSION, Flag, FleetReport, HostReport
+from provisioner.verify.fingerprint import Fingerprint
 
 # A warm median is "slower" only past both bars: 20 % catches a real loss (offload turned on,
 # a slower kernel) while +0.5 s keeps a 1.0 s -> 1.3 s jitter on a fast GPU from crying wolf.
@@ -77,6 +79,34 @@ def _checks(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
     return flags
 
 
+def fingerprint_of(before: Mapping[str, Any], node_sets: Mapping[str, Any]) -> Fingerprint | None:
+    """A host's fingerprint in a report.json (version 3 on), its node classes from `node_sets`."""
+    raw = before.get("fingerprint")
+    if not isinstance(raw, Mapping):
+        return None
+    classes = node_sets.get(str(raw.get("object_info")))
+    return Fingerprint.from_json(raw, classes if isinstance(classes, Mapping) else {})
+
+
+def _changes(host: HostReport, was: Fingerprint | None) -> list[Flag]:
+    """Every fingerprint field whose value changed since the previous report (unknown on either
+    side: not compared)."""
+    if host.fingerprint is None or was is None:
+        return []
+    flags = []
+    now, then = host.fingerprint.flat(), was.flat()
+    for field in dict.fromkeys([*now, *then]):
+        old, new = then.get(field), now.get(field)
+        if old is None or new is None or old == new:
+            continue
+        if field == "object_info":
+            what = f"node set changed: {node_difference(host.fingerprint.node_classes, was.node_classes)}"
+        else:
+            what = f"{field}: {old} -> {new}"
+        flags.append(Flag(host.host, CHANGED, False, what, old, new, field))
+    return flags
+
+
 def _host(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
     was = before.get("status")
     if host.status == "unreachable":
@@ -96,13 +126,43 @@ def _host(host: HostReport, before: Mapping[str, Any]) -> list[Flag]:
     return flags + checks + _timing(host, before) + _vram(host, before)
 
 
+def _hosts(previous: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {h["host"]: h for h in previous.get("hosts") or () if isinstance(h, Mapping) and "host" in h}
+
+
+def _node_sets(previous: Mapping[str, Any]) -> Mapping[str, Any]:
+    sets = previous.get("node_sets")
+    return sets if isinstance(sets, Mapping) else {}
+
+
 def compare(previous: Mapping[str, Any], current: FleetReport) -> tuple[Flag, ...]:
     """Every flag of `current` against the `previous` report.json; hosts new or gone are not flagged."""
-    before = {h["host"]: h for h in previous.get("hosts") or () if isinstance(h, Mapping) and "host" in h}
+    before, sets = _hosts(previous), _node_sets(previous)
     flags: list[Flag] = []
     for host in current.hosts:
         if host.host in before:
             flags.extend(_host(host, before[host.host]))
+            flags.extend(_changes(host, fingerprint_of(before[host.host], sets)))
+    return tuple(flags)
+
+
+def class_fallback(previous: Mapping[str, Any], current: FleetReport) -> tuple[FleetFlag, ...]:
+    """A host alone in its GPU class in this run is held against its class in the previous report:
+    the other hosts of that class there."""
+    before, sets = _hosts(previous), _node_sets(previous)
+    classes = {name: fp.gpu_class for name, raw in before.items() if (fp := fingerprint_of(raw, sets))}
+    flags: list[FleetFlag] = []
+    by_name = {h.host: h for h in current.hosts}
+    for group in current.groups:
+        for name in group.hosts:
+            others = [by_name[h].figures for h in group.hosts if h != name and h in by_name]
+            if any(f.warm_median_s is not None for f in others):
+                continue                              # judged against its class in this run
+            then = [before[h].get("figures") or {} for h, c in classes.items() if c == group.gpu_class and h != name]
+            flags += class_flags(name, group.gpu_class, by_name[name].figures,
+                                 [_number(f, "warm_median_s") for f in then],
+                                 [_number(f, "vram_peak_gib") for f in then], current.class_speed,
+                                 f"its class in the previous report ({previous.get('generated_at')})")
     return tuple(flags)
 
 
@@ -112,4 +172,4 @@ def with_comparison(report: FleetReport, previous: Mapping[str, Any] | None,
     if previous is None:
         return replace(report, flags=(), baseline=None, comparison_note=note or "no previous report")
     return replace(report, flags=compare(previous, report), baseline=previous.get("generated_at"),
-                   comparison_note=None)
+                   comparison_note=None, fleet=report.fleet + class_fallback(previous, report))

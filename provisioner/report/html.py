@@ -50,8 +50,22 @@ def _thumbnails(host: HostReport) -> list[dict[str, str]]:
             if png.startswith(_PNG_MAGIC)]
 
 
+def _src(png: bytes) -> str | None:
+    return _data_uri(png) if png.startswith(_PNG_MAGIC) else None
+
+
+def _comparisons(host: HostReport) -> list[dict[str, object]]:
+    """Reference, the host's image, their difference: failed comparisons first."""
+    return [{"agreement": a, "panels": [_src(p) for p in a.panels]}
+            for a in sorted(host.agreement, key=lambda a: a.passed)]
+
+
 def render_html(report: FleetReport) -> str:
-    """The report.html page: fleet summary, flags, then each host, failures first."""
-    hosts = [{"id": f"host-{i}", "report": h, "flags": report.flags_for(h.host),
-              "thumbnails": _thumbnails(h)} for i, h in enumerate(report.hosts, 1)]
+    """The report.html page: fleet summary, flags, groups, then each host, failures first."""
+    groups = {g.gpu_class: g.values for g in report.groups}
+    hosts = [{"id": f"host-{i}", "report": h, "flags": report.flags_for(h.host), "fleet": report.fleet_for(h.host),
+              "group": groups.get(h.fingerprint.gpu_class, {}) if h.fingerprint else {},
+              "drifted": {f.field for f in report.fleet_for(h.host) if f.field},
+              "fingerprint": h.fingerprint.flat() if h.fingerprint else {},
+              "comparisons": _comparisons(h), "thumbnails": _thumbnails(h)} for i, h in enumerate(report.hosts, 1)]
     return _template().render(report=report, summary=report.summary, hosts=hosts)

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from provisioner.report.fleet import FleetFlag, Group
 from provisioner.report.model import REPORT_VERSION, Extreme, Flag, FleetReport, HostReport
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
@@ -17,8 +18,19 @@ def _extreme(value: Extreme | None) -> dict[str, Any] | None:
 
 
 def _flag(flag: Flag) -> dict[str, Any]:
-    return {"host": flag.host, "kind": flag.kind, "message": flag.message,
+    return {"host": flag.host, "kind": flag.kind, "field": flag.field, "message": flag.message,
             "previous": flag.previous, "current": flag.current}
+
+
+def _fleet_flag(flag: FleetFlag) -> dict[str, Any]:
+    return {"host": flag.host, "kind": flag.kind, "group": flag.group, "field": flag.field,
+            "message": flag.message, "expected": flag.expected, "actual": flag.actual}
+
+
+def _group(group: Group) -> dict[str, Any]:
+    return {"profile": group.profile, "gpu_class": group.gpu_class, "hosts": list(group.hosts),
+            "values": dict(group.values), "warm_median_s": group.warm_median_s,
+            "vram_peak_gib": group.vram_peak_gib}
 
 
 def host_to_json(host: HostReport) -> dict[str, Any]:
@@ -32,6 +44,8 @@ def host_to_json(host: HostReport) -> dict[str, Any]:
         "checks": [c.to_json() for c in host.checks],
         "runs": [r.to_json(thumbnail=False) for r in host.runs],
         "figures": host.figures.to_json(),
+        "fingerprint": None if host.fingerprint is None else host.fingerprint.to_json(classes=False),
+        "agreement": [a.to_json(panels=False) for a in host.agreement],
     }
 
 
@@ -49,10 +63,15 @@ def report_to_json(report: FleetReport) -> dict[str, Any]:
             "slowest_warm_s": _extreme(summary.slowest_warm),
             "max_vram_gib": _extreme(summary.max_vram),
             "regressions": len(report.regressions), "improvements": len(report.improvements),
+            "changes": len(report.changes), "flagged": summary.flagged,
         },
         "comparison": {"baseline": report.baseline, "note": report.comparison_note},
         "regressions": [_flag(f) for f in report.regressions],
         "improvements": [_flag(f) for f in report.improvements],
+        "changes": [_flag(f) for f in report.changes],
+        "groups": [_group(g) for g in report.groups],
+        "fleet": [_fleet_flag(f) for f in report.fleet],
+        "node_sets": report.node_sets(),
         "hosts": [host_to_json(h) for h in report.hosts],
     }
 

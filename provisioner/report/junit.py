@@ -61,9 +61,9 @@ def _suite(root: ET.Element, host: HostReport, report: FleetReport) -> tuple[int
         errors += 1
         case = _element(suite, "testcase", classname=classname, name="verification", time="0")
         _element(case, "error", host.failures[0], message=host.failures[0], type=host.status)
-    flags = report.flags_for(host.host)
-    if flags:
-        _element(suite, "system-out", "\n".join(f.line for f in flags))
+    lines = [f.line for f in report.fleet_for(host.host)] + [f.line for f in report.flags_for(host.host)]
+    if lines:
+        _element(suite, "system-out", "\n".join(lines))
     tests = len(suite.findall("testcase"))
     suite.set("tests", str(tests))
     suite.set("failures", str(failures))

@@ -11,11 +11,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from provisioner.config.model import ClassSpeedSpec
 from provisioner.errors import ProvisionError
+from provisioner.report.fleet import FleetFlag, Group, judge
+from provisioner.verify.agreement import Agreement
 from provisioner.verify.checks import Check, Figures, HostVerification, RunResult
+from provisioner.verify.fingerprint import Fingerprint
 
-REPORT_VERSION = 2              # 2: GiB keys (vram_peak_gib, max_vram_gib), runs carry seed and prompt_id
-READABLE_VERSIONS = (1, 2)      # previous reports compared with (1: its vram_*_gb figures were GiB too)
+# 3: fingerprints, groups and fleet flags, image agreement, changes since the previous report
+# 2: GiB keys (vram_peak_gib, max_vram_gib), runs carry seed and prompt_id
+REPORT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)   # previous reports compared with (1: its vram_*_gb figures were GiB too)
 Status = Literal["passed", "failed", "unreachable"]
 STATUSES: tuple[str, ...] = ("failed", "unreachable", "passed")   # also the display order
 VERSION_KEYS = ("plugin", "backend", "diffusers", "peft", "model_variant", "precision", "comfyui")
@@ -55,19 +61,25 @@ class FactsSummary:
 
 @dataclass(frozen=True)
 class Flag:
-    """One difference from the previous report: a regression, or an improvement."""
+    """One difference from the previous report: a regression, an improvement, or a fingerprint
+    field that changed (kind `changed`, neither better nor worse)."""
 
     host: str
-    kind: str                   # slower, more_vram, new_failure, unreachable, failed | faster, ...
+    kind: str                   # slower, more_vram, new_failure, unreachable, failed | faster, ... | changed
     regression: bool
     message: str
     previous: float | str | None = None
     current: float | str | None = None
+    field: str | None = None    # the fingerprint field, for `changed`
 
     @property
     def line(self) -> str:
         """What the CLI prints: `host: REGRESSION message`."""
-        return f"{self.host}: {'REGRESSION' if self.regression else 'improved'} {self.message}"
+        word = "changed" if self.kind == CHANGED else "REGRESSION" if self.regression else "improved"
+        return f"{self.host}: {word} {self.message}"
+
+
+CHANGED = "changed"
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class HostReport:
     runs: tuple[RunResult, ...]
     figures: Figures
     thumbnails: tuple[tuple[str, bytes], ...] = ()
+    fingerprint: Fingerprint | None = None
+    agreement: tuple[Agreement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class Summary:
     fastest_warm: Extreme | None
     slowest_warm: Extreme | None
     max_vram: Extreme | None
+    flagged: int = 0                # hosts with a fleet flag (drift, class speed)
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,9 @@ class FleetReport:
     flags: tuple[Flag, ...] = ()                      # set by compare.with_comparison
     baseline: str | None = None                       # generated_at of the report compared with
     comparison_note: str | None = None                # why no comparison was made, when none was
+    groups: tuple[Group, ...] = ()                    # set by fleet.judge (build_report)
+    fleet: tuple[FleetFlag, ...] = ()                 # idem, plus compare's class fallbacks
+    class_speed: ClassSpeedSpec = ClassSpeedSpec()
 
     @property
     def regressions(self) -> tuple[Flag, ...]:
@@ -116,10 +134,22 @@ class FleetReport:
 
     @property
     def improvements(self) -> tuple[Flag, ...]:
-        return tuple(f for f in self.flags if not f.regression)
+        return tuple(f for f in self.flags if not f.regression and f.kind != CHANGED)
+
+    @property
+    def changes(self) -> tuple[Flag, ...]:
+        return tuple(f for f in self.flags if f.kind == CHANGED)
 
     def flags_for(self, host: str) -> tuple[Flag, ...]:
         return tuple(f for f in self.flags if f.host == host)
+
+    def fleet_for(self, host: str) -> tuple[FleetFlag, ...]:
+        return tuple(f for f in self.fleet if f.host == host)
+
+    def node_sets(self) -> dict[str, dict[str, str]]:
+        """Each distinct node set (/object_info) of the fleet: its hash -> class -> interface hash."""
+        return {str(h.fingerprint.fields["object_info"]): dict(h.fingerprint.node_classes) for h in self.hosts
+                if h.fingerprint is not None and h.fingerprint.fields.get("object_info")}
 
     @property
     def summary(self) -> Summary:
@@ -133,7 +163,8 @@ class FleetReport:
         vram = [(h.figures.vram_peak_gib, h.host) for h in self.hosts if h.figures.vram_peak_gib is not None]
         count = {s: sum(h.status == s for h in self.hosts) for s in STATUSES}
         return Summary(len(self.hosts), count["passed"], count["failed"], count["unreachable"],
-                       pick(warm, min), pick(warm, max), pick(vram, max))
+                       pick(warm, min), pick(warm, max), pick(vram, max),
+                       len({f.host for f in self.fleet}))
 
 
 def _facts_summary(facts: Mapping[str, Any] | None) -> FactsSummary | None:
@@ -171,7 +202,8 @@ def host_report(entry: HostEntry) -> HostReport:
     versions = {k: entry.versions.get(k) for k in VERSION_KEYS}
     versions.update({k: v for k, v in entry.versions.items() if k not in versions})
     return HostReport(entry.host, status, entry.error, tuple(failures), _facts_summary(entry.facts),
-                      versions, checks, runs, verification.figures, tuple(entry.thumbnails))
+                      versions, checks, runs, verification.figures, tuple(entry.thumbnails),
+                      verification.fingerprint, verification.agreement)
 
 
 def order_key(host: HostReport) -> tuple[int, str]:
@@ -179,12 +211,17 @@ def order_key(host: HostReport) -> tuple[int, str]:
 
 
 def build_report(hosts: Sequence[HostEntry], *, profile: str | None = None,
-                 generated_at: datetime | None = None) -> FleetReport:
-    """The fleet report of `hosts`, failures first; no comparison yet (`write_report` adds it)."""
+                 generated_at: datetime | None = None, class_speed: ClassSpeedSpec = ClassSpeedSpec()) -> FleetReport:
+    """The fleet report of `hosts`, failures first, its groups judged (`fleet.judge`); no comparison
+    yet (`write_report` adds it)."""
+
     names = [h.host for h in hosts]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ProvisionError(f"report: host {twice[0]!r} is listed twice; give each host one entry")
     when = (generated_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    reports = sorted((host_report(h) for h in hosts), key=order_key)
-    return FleetReport(when.strftime("%Y-%m-%dT%H:%M:%SZ"), profile, tuple(reports))
+    reports = tuple(sorted((host_report(h) for h in hosts), key=order_key))
+    groups, flags = judge([(h.host, h.fingerprint, h.figures) for h in reports if h.status != "unreachable"],
+                          profile, class_speed)
+    return FleetReport(when.strftime("%Y-%m-%dT%H:%M:%SZ"), profile, reports, groups=groups, fleet=flags,
+                       class_speed=class_speed)

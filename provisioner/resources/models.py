@@ -65,6 +65,15 @@ def _check_header(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -
                         "apply again to download the right one")
 
 
+def paths(profile: Profile, facts: Facts) -> tuple[str, ...]:
+    """The model files this host's ComfyUI loads (its GPU decides the precision under `auto`)."""
+    m = profile.model
+    try:
+        return tuple(_dest(profile, f) for f in catalog.resolve(m.family, m.variant, m.precision, facts.gpu).files)
+    except PlanError:
+        return ()                 # plan() reports the same error
+
+
 def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
          environ: Mapping[str, str] | None = None) -> ResourcePlan:
     """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""

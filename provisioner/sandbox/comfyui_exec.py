@@ -94,6 +94,7 @@ class Executor:
     models_dir: Path | None = None
     check_models: bool = False
     log: Callable[[str], None] = print
+    device: str = ""                    # this GPU: its pictures differ from another's by rounding
     cache: dict[str, tuple[Any, dict[str, Any] | None]] = field(default_factory=dict)
     poison_after: int | None = None     # samplings that work before an illegal memory access
     interrupt: threading.Event = field(default_factory=threading.Event)
@@ -233,5 +234,6 @@ class Executor:
         image = arg["images"]
         w, h = (image[1], image[2]) if isinstance(image, tuple) else (64, 64)
         seed = image[3] if isinstance(image, tuple) and len(image) > 3 else 0
-        (folder / name).write_bytes(png.picture(w, h, seed, self.image_mode, {"prompt": json.dumps(graph)}))
+        (folder / name).write_bytes(png.picture(w, h, seed, self.image_mode, {"prompt": json.dumps(graph)},
+                                                     self.device))
         return {"filename": name, "subfolder": sub, "type": kind}

@@ -8,6 +8,7 @@ per-node `node_errors`); nodes feeding no output are not validated, as in ComfyU
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import gzip
@@ -86,6 +87,37 @@ def base_registry(*, plugin: bool, backend: bool, plugin_dir: str = "ComfyUI-nun
     if plugin and backend:
         nodes[DIT_LOADER] = dit_loader_entry(plugin_dir)
     return nodes
+
+
+def custom_node_packs(custom_nodes: Path, skip: str) -> dict[str, list[str]]:
+    """The other node packs ComfyUI would import from custom_nodes/ (folders with an __init__.py,
+    not ending in .disabled): each folder's classes, read from its NODE_CLASS_MAPPINGS literal."""
+    packs: dict[str, list[str]] = {}
+    if not custom_nodes.is_dir():
+        return packs
+    for folder in sorted(custom_nodes.iterdir()):
+        init = folder / "__init__.py"
+        if folder.name in (skip, "__pycache__") or folder.name.endswith(".disabled") or not init.is_file():
+            continue
+        names: list[str] = []
+        try:
+            tree = ast.parse(init.read_text(errors="replace"))
+        except SyntaxError:
+            continue                       # ComfyUI logs the import failure and goes on without it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NODE_CLASS_MAPPINGS"
+                                                    for t in node.targets) and isinstance(node.value, ast.Dict):
+                names += [k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+        packs[folder.name] = names
+    return packs
+
+
+def pack_entry(name: str, folder: str) -> dict[str, Any]:
+    """A node of another pack, in /object_info's shape: an IMAGE in, an IMAGE out."""
+    return {"input": {"required": {"image": ["IMAGE", {}]}}, "input_order": {"required": ["image"]},
+            "output": ["IMAGE"], "output_is_list": [False], "output_name": ["IMAGE"], "name": name,
+            "display_name": name, "description": "", "python_module": f"custom_nodes.{folder}",
+            "category": folder, "output_node": False}
 
 
 def list_files(models_dir: Path | None, folders: tuple[str, ...]) -> list[str]:

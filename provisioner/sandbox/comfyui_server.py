@@ -285,8 +285,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     `models_dir`: loader choices are its files (else any name passes); `check_models`: loaders open
     safetensors headers. `gpu_uuid`: the GPU whose memory it drives in the nvidia-smi state file.
     `die_at_start`: the last line of the traceback it dies with; `hang_at_start`: never listens."""
-    if image_mode not in ("normal", "black", "uniform"):
-        raise ValueError(f"image_mode {image_mode!r}: use normal, black or uniform")
+    if image_mode not in comfyui_png.MODES:
+        raise ValueError(f"image_mode {image_mode!r}: use one of {', '.join(comfyui_png.MODES)}")
     base_dir = Path(root) if root else Path(tempfile.mkdtemp(prefix="comfyui-standin-"))
     for sub in ("input", "output", "temp"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -297,8 +297,11 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     gpu = Gpu(vram_total_mib, IDLE_MIB, vram_mib, lambda mib: _write_gpu_state(state_file, mib, gpu_uuid))
     gpu.set(IDLE_MIB)
     executor = Executor(base_dir, gpu, image_mode, cold_s, warm_s,
-                        Path(models_dir) if models_dir else None, check_models, poison_after=poison_after)
+                        Path(models_dir) if models_dir else None, check_models, poison_after=poison_after,
+                        device=f"{gpu_uuid or gpu_name}:{base_dir.resolve()}")
     base = nodes.base_registry(plugin=plugin, backend=nunchaku_nodes, plugin_dir=plugin_dir)
+    packs = nodes.custom_node_packs(base_dir / "custom_nodes", plugin_dir)
+    base.update({name: nodes.pack_entry(name, folder) for folder, names in packs.items() for name in names})
     argv = ["main.py", *(["--cpu"] if cpu else []), "--listen", listen, "--port", str(port)]
     state = State(base_dir, base, executor, gpu_name, argv, echo, cpu=cpu, unload_s=unload_s)
     executor.log = state.log
@@ -323,7 +326,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     threading.Thread(target=state.worker, name="comfyui-prompt-worker", daemon=True).start()
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                      name="comfyui-http", daemon=True).start()
-    for line in boot.closing([str(plugin_path)] if plugin else [], f"http://{listen}:{real_port}"):
+    loaded = ([str(plugin_path)] if plugin else []) + [str(base_dir / "custom_nodes" / f) for f in packs]
+    for line in boot.closing(loaded, f"http://{listen}:{real_port}"):
         state.log(line)
     return ComfyServer(f"http://{listen}:{real_port}", real_port, base_dir, state, httpd)
 
@@ -357,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend-error", help="what importing the installed backend raises")
     ap.add_argument("--no-plugin", action="store_true", help="no ComfyUI-nunchaku at all")
     ap.add_argument("--plugin-dir", default="ComfyUI-nunchaku", help="its folder under custom_nodes/")
-    ap.add_argument("--image-mode", choices=("normal", "black", "uniform"), default="normal")
+    ap.add_argument("--image-mode", choices=comfyui_png.MODES, default="normal",
+                    help="black, uniform: broken pictures; noisy, shifted, wrong-size: degraded ones")
     ap.add_argument("--cold-s", type=float, default=1.5)
     ap.add_argument("--warm-s", type=float, default=0.2)
     ap.add_argument("--vram-mib", type=int, default=7910)

@@ -19,6 +19,8 @@ from provisioner.catalog.models import NodeRequirement
 from provisioner.config.model import Thresholds
 from provisioner.facts.model import Facts, Gpu
 from provisioner.facts.parse import is_real_nunchaku
+from provisioner.verify.agreement import Agreement, KeyedImage
+from provisioner.verify.fingerprint import Fingerprint
 from provisioner.verify.images import ImageCheck
 
 # CUDA errors that poison the process: once a kernel faulted, every later CUDA call of that
@@ -158,6 +160,10 @@ class HostVerification:
     device: str | None = None                    # ComfyUI's own name for it: "cuda:0 NVIDIA … : cudaMallocAsync"
     vram_peak_mib: int | None = None             # every reading during the runs, not only per run
     vram_baseline_mib: int | None = None
+    fingerprint: Fingerprint | None = None
+    agreement: tuple[Agreement, ...] = ()        # set once the fleet's references are known
+    # The first run of each prompt, whole, for that comparison; never written out.
+    images: tuple[KeyedImage, ...] = field(default=(), compare=False, repr=False)
     figures: Figures = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,7 +178,9 @@ class HostVerification:
         return {"host": self.host, "passed": self.passed, "comfyui_version": self.comfyui_version,
                 "device": self.device, "vram_peak_mib": self.vram_peak_mib,
                 "vram_baseline_mib": self.vram_baseline_mib, "figures": self.figures.to_json(),
-                "checks": [c.to_json() for c in self.checks], "runs": [r.to_json() for r in self.runs]}
+                "checks": [c.to_json() for c in self.checks], "runs": [r.to_json() for r in self.runs],
+                "fingerprint": None if self.fingerprint is None else self.fingerprint.to_json(),
+                "agreement": [a.to_json() for a in self.agreement]}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> HostVerification:
@@ -180,7 +188,9 @@ class HostVerification:
         return cls(str(raw.get("host", "")), tuple(Check.from_json(c) for c in raw.get("checks") or ()),
                    tuple(RunResult.from_json(r) for r in raw.get("runs") or ()),
                    raw.get("comfyui_version"), raw.get("device"), _mib(raw.get("vram_peak_mib")),
-                   _mib(raw.get("vram_baseline_mib")))
+                   _mib(raw.get("vram_baseline_mib")),
+                   Fingerprint.from_json(raw["fingerprint"]) if isinstance(raw.get("fingerprint"), Mapping) else None,
+                   tuple(Agreement.from_json(a) for a in raw.get("agreement") or () if isinstance(a, Mapping)))
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -328,6 +338,27 @@ def nodes(object_info: Mapping[str, Any], graph: Mapping[str, Any], required: Se
                  f"{', '.join(r.name for r in required)} registered"
                  + (f" with {', '.join(inputs)}" if inputs else "")
                  + f"; the workflow's {used} classes too; {len(object_info)} node classes in all")
+
+
+def image_agreement(agreements: Sequence[Agreement], note: str | None = None) -> Check:
+    """Each kept image against its GPU class's reference; `note` says why none was compared."""
+    if note is not None:
+        return Check("image_agreement", True, note)
+    compared = [a for a in agreements if a.reference is not None]
+    failed = [a for a in compared if not a.passed]
+    lines = tuple(f"{a.prompt!r} seed {a.seed}: {a.detail}" for a in agreements)
+    if failed:
+        first = failed[0]
+        source = first.reference.host if first.reference else "?"
+        return Check("image_agreement", False, f"{len(failed)}/{len(compared)} images disagree with the GPU "
+                     f"class's reference (from {source}): {first.detail}", first.psnr_db, lines)
+    if not compared:
+        return Check("image_agreement", True, "not compared: no reference yet for this GPU class (a host "
+                     "that passes every other check makes it)", None, lines)
+    worst = min(compared, key=lambda a: a.psnr_db if a.psnr_db is not None else math.inf)
+    count = f"{len(compared)} image{'s agree' if len(compared) != 1 else ' agrees'}"
+    return Check("image_agreement", True, f"{count} with the GPU class's reference; lowest PSNR "
+                 f"{worst.psnr_db:.1f} dB, SSIM {min(a.ssim or 0.0 for a in compared):.3f}", worst.psnr_db, lines)
 
 
 def poisoned(exception_type: str, message: str) -> bool:

@@ -21,6 +21,8 @@ from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
 from provisioner.resources import service
 from provisioner.verify import checks, graph as graphs
+from provisioner.verify.agreement import KeyedImage, image_key
+from provisioner.verify.fingerprint import fingerprint
 from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
 from provisioner.verify.images import check_image, thumbnail
@@ -117,8 +119,9 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
             run.all()
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run
         run.found.append(Check("comfyui_reachable" if not run.found else "verification", False, str(err)))
+    found_print = None if facts is None else fingerprint(facts, profile, run.stats, run.object_info, workflow_graph)
     return HostVerification(conn.name, tuple(run.found), tuple(run.runs), run.version, run.device,
-                            run.vram_peak, run.vram_baseline)
+                            run.vram_peak, run.vram_baseline, found_print, images=tuple(run.images))
 
 
 class _Verification:
@@ -136,6 +139,9 @@ class _Verification:
         self.device: str | None = None
         self.vram_peak: int | None = None
         self.vram_baseline: int | None = None
+        self.stats: dict[str, Any] | None = None
+        self.object_info: dict[str, Any] | None = None
+        self.images: list[KeyedImage] = []          # the first run of each prompt, whole
         self._log: list[str] | None = None
 
     def all(self) -> None:
@@ -146,11 +152,13 @@ class _Verification:
                                     lines=tuple(x for x in self._service_log() if x.strip())[-REACH_LINES:]))
             return
         self.found.append(checks.reachable(stats, self.where))
+        self.stats = stats
         self.version = (stats.get("system") or {}).get("comfyui_version")
         self.device = checks.device_name(stats)
         self.found.append(checks.device(stats, self.facts))
+        self.object_info = self.client.object_info()
         self.found.append(checks.nodes(
-            self.client.object_info(), self.graph, service.required_nodes(self.profile),
+            self.object_info, self.graph, service.required_nodes(self.profile),
             f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
         graph, size = self._inputs()
         self.client.listen()
@@ -247,6 +255,9 @@ class _Verification:
             peak = _max(vram.peak(start, end) if vram else None, stats_peaks[-1])
             self.runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start, peak,
                                        check_image(png, size), thumbnail(png)))
+            if all(kept.prompt != prompt for kept in self.images):
+                key = image_key(prompt, seed, graphs.prepare(graph, prompt=prompt, seed=seed))
+                self.images.append(KeyedImage(key, prompt, seed, png))
             if len(self.runs) == 1:
                 self.found.append(Check("comfyui_ready", True, f"a first generation completed ({kind}, "
                                         f"{self.runs[0].seconds:.2f} s)"))

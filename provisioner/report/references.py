@@ -1,0 +1,200 @@
+"""Reference images beside the reports, and each host's images judged against its GPU class's.
+
+`DIR/references/<gpu-class>/<key>.png` holds one reference per GPU class and image key (prompt,
+seed, workflow: `verify.agreement.image_key`); `DIR/references/index.json` says where each came
+from. A class without a reference for a key gets one from this run: among the hosts of that class
+that passed every other check, the image the others agree with most (`agreement.medoid`; one host:
+its own). `--promote-reference HOST` replaces the references of HOST's class with HOST's images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from provisioner.config.model import AgreementSpec
+from provisioner.errors import ProvisionError
+from provisioner.report.files import write_atomic
+from provisioner.verify import checks
+from provisioner.verify.agreement import (
+    PANEL_PX,
+    Agreement,
+    KeyedImage,
+    NotAnImage,
+    Reference,
+    compare,
+    decode,
+    medoid,
+)
+from provisioner.verify.checks import HostVerification
+from provisioner.verify.fingerprint import class_slug
+
+FOLDER, INDEX, INDEX_VERSION = "references", "index.json", 1
+NO_STORE = "no reference store; pass --report DIR"
+
+
+class ReferenceStore:
+    """The references of one report directory."""
+
+    def __init__(self, report_dir: str | Path) -> None:
+        self.root = Path(report_dir) / FOLDER
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    @staticmethod
+    def _id(gpu_class: str, key: str) -> str:
+        return f"{class_slug(gpu_class)}/{key}"
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        if self._entries is None:
+            path = self.root / INDEX
+            try:
+                raw = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise ProvisionError(f"cannot read {path}: {err} (move it away to start the references "
+                                     "afresh)") from None
+            found = raw.get("references") if isinstance(raw, dict) else None
+            self._entries = {k: v for k, v in (found or {}).items() if isinstance(v, dict)}
+        return self._entries
+
+    def get(self, gpu_class: str, key: str) -> tuple[Reference, bytes] | None:
+        """The reference and its PNG, or None (none yet, or its file is gone)."""
+        entry = self.entries().get(self._id(gpu_class, key))
+        if entry is None:
+            return None
+        try:
+            png = (self.root / entry["file"]).read_bytes()
+        except (OSError, KeyError):
+            return None
+        return Reference.from_json(entry), png
+
+    def put(self, reference: Reference, png: bytes, report: str) -> None:
+        """Write the PNG, then the index (both by rename: a reader sees the old or the new)."""
+        ident = self._id(reference.gpu_class, reference.key)
+        path = self.root / f"{ident}.png"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, png)
+            with Image.open(path) as img:
+                size = img.size
+            self.entries()[ident] = {**reference.to_json(), "file": f"{ident}.png", "report": report,
+                                     "sha256": hashlib.sha256(png).hexdigest(), "width": size[0], "height": size[1]}
+            index = {"version": INDEX_VERSION, "references": dict(sorted(self.entries().items()))}
+            write_atomic(self.root / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+        except OSError as err:
+            raise ProvisionError(f"cannot write the reference {path}: {err.strerror or err} "
+                                 "(choose a writable --report directory)") from None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verifications: dict[str, HostVerification]       # with `image_agreement` and their comparisons
+    notes: tuple[str, ...]                            # references made or promoted, for the console
+    problems: tuple[str, ...]                         # a promotion that could not be done
+
+
+def _small(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX)))
+
+
+def _image(verification: HostVerification, key: str) -> KeyedImage | None:
+    return next((i for i in verification.images if i.key == key), None)
+
+
+def _choose(key: str, holders: Sequence[tuple[str, HostVerification]]) -> str | None:
+    """The host whose image becomes the class's first reference for `key`: among the hosts that
+    passed every check, the one the others agree with most."""
+    candidates = []
+    for name, ver in holders:
+        image = _image(ver, key)
+        if image is None or not ver.passed:
+            continue
+        try:
+            rgb = decode(image.png)
+        except NotAnImage:
+            continue
+        candidates.append((name, rgb.shape, _small(rgb)))
+    if not candidates:
+        return None
+    shapes = [c[1] for c in candidates]
+    common = max(set(shapes), key=lambda s: (shapes.count(s), s))       # the size most hosts made
+    return medoid([(n, small) for n, shape, small in candidates if shape == common])
+
+
+def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore | None,
+          specs: Mapping[str, AgreementSpec], *, now: str, promote: str | None = None) -> Outcome:
+    """Each host's kept images against its GPU class's references; `image_agreement` added to
+    every host that kept any. `specs`: each host's `verify.agreement`."""
+    out = dict(verifications)
+    notes: list[str] = []
+    problems: list[str] = []
+    with_images = {n: v for n, v in verifications.items() if v.images and v.fingerprint is not None}
+    if store is None:
+        for name, ver in with_images.items():
+            out[name] = replace(ver, checks=ver.checks + (checks.image_agreement((), NO_STORE),))
+        return Outcome(out, (), ())
+    if promote is not None and promote in verifications and not verifications[promote].passed:
+        failed = next((c for c in verifications[promote].checks if not c.passed), None)
+        problems.append(f"{promote}'s images were not promoted: it failed verification"
+                        + (f" ({failed.name}: {failed.detail})" if failed else " (no generation ran)"))
+    elif promote is not None and promote not in with_images:
+        problems.append(f"{promote}'s images were not promoted: it kept no image (did its generations run?)")
+    found: dict[str, list[Agreement]] = {n: [] for n in with_images}
+    classes: dict[str, list[tuple[str, HostVerification]]] = {}
+    for name, ver in sorted(with_images.items()):
+        assert ver.fingerprint is not None
+        classes.setdefault(ver.fingerprint.gpu_class, []).append((name, ver))
+    for gpu_class, holders in classes.items():
+        keys = list(dict.fromkeys(i.key for _, v in holders for i in v.images))
+        for key in keys:
+            current = store.get(gpu_class, key)
+            maker = None
+            if promote is not None and not problems and any(n == promote for n, _ in holders) \
+                    and _image(with_images[promote], key) is not None:
+                maker = promote
+            elif current is None:
+                maker = _choose(key, holders)
+            if maker is not None:
+                image = _image(with_images[maker], key)
+                assert image is not None
+                made = Reference(gpu_class, key, maker, now, promoted=maker == promote)
+                store.put(made, image.png, now)
+                current = (made, image.png)
+                notes.append(f"reference for {gpu_class}, {image.prompt!r} seed {image.seed}: "
+                             f"{'promoted' if made.promoted else 'made'} from {maker}'s image")
+            reference = None
+            if current is not None:
+                try:
+                    reference = decode(current[1])
+                except NotAnImage:
+                    problems.append(f"the reference {store.root / class_slug(gpu_class) / key}.png is not an "
+                                    "image: promote a host's images to replace it")
+            for name, ver in holders:
+                image = _image(ver, key)
+                if image is None:
+                    continue
+                found[name].append(_judge(image, reference, current[0] if current else None, specs.get(name)))
+    for name, agreements in found.items():
+        ver = out[name]
+        out[name] = replace(ver, checks=ver.checks + (checks.image_agreement(agreements),),
+                            agreement=tuple(agreements))
+    return Outcome(out, tuple(notes), tuple(problems))
+
+
+def _judge(image: KeyedImage, reference: np.ndarray | None, source: Reference | None,
+           spec: AgreementSpec | None) -> Agreement:
+    if reference is None or source is None:
+        return Agreement(image.key, image.prompt, image.seed, None, True,
+                         "no reference yet: no host of this GPU class passed every other check")
+    try:
+        rgb = decode(image.png)
+    except NotAnImage as err:
+        return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
+    return compare(reference, rgb, spec or AgreementSpec(), key=image.key, prompt=image.prompt,
+                   seed=image.seed, source=source)

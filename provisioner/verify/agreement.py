@@ -1,0 +1,234 @@
+"""Does a host's image agree with its GPU class's reference image? PSNR (whole image and each
+colour channel), SSIM (luminance, Wang et al. 2004), the mean colour shift, and a difference
+picture for the report. numpy only: no torch, no GPU, no model weights.
+
+Upstream compares each output with ONE stored reference image under a tolerance, since the same
+seed gives slightly different images on different GPUs (ComfyUI-nunchaku's `tests/test_workflows.py`:
+`psnr >= min(expected, 24) * 0.85`, `lpips <= max(expected, 0.1) * 1.15`). LPIPS and CLIP-IQA need
+torch and network weights, so they are not computed here; the default floors are derived from
+upstream's in catalog/tolerances.py (docs/fleet.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from provisioner.config.model import AgreementSpec
+
+PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
+_PEAK = 255.0
+_C1, _C2 = (0.01 * _PEAK) ** 2, (0.03 * _PEAK) ** 2          # Wang et al.'s K1, K2
+_SIGMA, _RADIUS = 1.5, 5                                      # their 11x11 Gaussian window
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)     # ITU-R BT.601, as Pillow's "L"
+PANEL_PX = 256                 # the report's side-by-side pictures
+DIFF_GAIN = 4                  # the difference picture's |host - reference| is amplified this much
+
+
+@dataclass(frozen=True)
+class KeyedImage:
+    """A verification image kept whole for the comparison: the first run of each prompt."""
+
+    key: str                  # prompt, seed and workflow: what must give the same picture
+    prompt: str
+    seed: int
+    png: bytes
+
+
+def image_key(prompt: str, seed: int, graph: Mapping[str, Any]) -> str:
+    """`a-red-fox-in-the-snow-photograph-seed42-1f2e3d4c5b`: a file name that changes whenever the
+    picture legitimately would (the prompt, the seed, any setting of the workflow as sent)."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "prompt"
+    canonical = json.dumps(graph, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{slug}-seed{seed}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
+
+
+class NotAnImage(ValueError):
+    """The bytes are not an image Pillow can decode."""
+
+
+def decode(png: bytes) -> np.ndarray:
+    """H x W x 3 uint8 RGB."""
+    try:
+        with Image.open(io.BytesIO(png)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise NotAnImage(str(err)) from None
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB over every value of two same-shaped uint8 arrays."""
+    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+    return PSNR_IDENTICAL_DB if mse == 0 else min(PSNR_IDENTICAL_DB, 10 * math.log10(_PEAK ** 2 / mse))
+
+
+def _window() -> np.ndarray:
+    x = np.arange(-_RADIUS, _RADIUS + 1, dtype=np.float32)
+    w = np.exp(-(x ** 2) / (2 * _SIGMA ** 2))
+    return w / w.sum()
+
+
+def _blur(a: np.ndarray) -> np.ndarray:
+    """The separable Gaussian window over the valid region (no padding: the border is left out)."""
+    w = _window()
+    n = 2 * _RADIUS
+    rows = sum(w[k] * a[k:a.shape[0] - n + k] for k in range(n + 1))
+    return sum(w[k] * rows[:, k:a.shape[1] - n + k] for k in range(n + 1))  # type: ignore[index]
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float32) @ _LUMA
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two same-sized greyscale float arrays (0-255), Wang et al. 2004: an 11x11
+    Gaussian window of sigma 1.5, K1 0.01, K2 0.03, population (co)variances."""
+    if min(a.shape) <= 2 * _RADIUS:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    mu_a, mu_b = _blur(a), _blur(b)
+    var_a = _blur(a * a) - mu_a * mu_a
+    var_b = _blur(b * b) - mu_b * mu_b
+    cov = _blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + _C1) * (2 * cov + _C2)
+    den = (mu_a * mu_a + mu_b * mu_b + _C1) * (var_a + var_b + _C2)
+    return float(np.mean(num / den, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where a GPU class's reference image came from (the store's index entry, as verify sees it)."""
+
+    gpu_class: str
+    key: str
+    host: str
+    created_at: str
+    promoted: bool = False             # chosen by `--promote-reference`, not by the first good run
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpu_class": self.gpu_class, "key": self.key, "host": self.host,
+                "created_at": self.created_at, "promoted": self.promoted}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Reference:
+        return cls(str(raw.get("gpu_class", "")), str(raw.get("key", "")), str(raw.get("host", "")),
+                   str(raw.get("created_at", "")), bool(raw.get("promoted")))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One host image against its class's reference for the same prompt and seed."""
+
+    key: str
+    prompt: str
+    seed: int
+    reference: Reference | None
+    passed: bool
+    detail: str
+    size: tuple[int, int] = (0, 0)                  # the host image's (width, height)
+    reference_size: tuple[int, int] = (0, 0)
+    psnr_db: float | None = None                    # None: not compared (no reference, other size)
+    psnr_channel_min_db: float | None = None        # the worst of R, G, B alone
+    ssim: float | None = None
+    mean_shift: tuple[float, float, float] | None = None   # host minus reference, per channel, 0-255
+    panels: tuple[bytes, bytes, bytes] = (b"", b"", b"")   # reference, host, difference (PNGs, small)
+
+    def to_json(self, *, panels: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "key": self.key, "prompt": self.prompt, "seed": self.seed,
+            "reference": None if self.reference is None else self.reference.to_json(),
+            "passed": self.passed, "detail": self.detail, "width": self.size[0], "height": self.size[1],
+            "reference_width": self.reference_size[0], "reference_height": self.reference_size[1],
+            "psnr_db": self.psnr_db, "psnr_channel_min_db": self.psnr_channel_min_db, "ssim": self.ssim,
+            "mean_shift": None if self.mean_shift is None else list(self.mean_shift)}
+        if panels:
+            out["panels_png_base64"] = [base64.b64encode(p).decode() for p in self.panels]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Agreement:
+        def number(key: str) -> float | None:
+            value = raw.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        try:
+            panels = tuple(base64.b64decode(p or "", validate=True) for p in raw.get("panels_png_base64") or ())
+        except (binascii.Error, ValueError, TypeError):
+            panels = ()
+        shift = raw.get("mean_shift")
+        seed = raw.get("seed")
+        return cls(str(raw.get("key", "")), str(raw.get("prompt", "")),
+                   seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                   Reference.from_json(raw["reference"]) if isinstance(raw.get("reference"), Mapping) else None,
+                   bool(raw.get("passed")), str(raw.get("detail", "")),
+                   (int(raw.get("width") or 0), int(raw.get("height") or 0)),
+                   (int(raw.get("reference_width") or 0), int(raw.get("reference_height") or 0)),
+                   number("psnr_db"), number("psnr_channel_min_db"), number("ssim"),
+                   tuple(float(v) for v in shift) if isinstance(shift, list) and len(shift) == 3 else None,  # type: ignore[arg-type]
+                   panels if len(panels) == 3 else (b"", b"", b""))  # type: ignore[arg-type]
+
+
+def _png(rgb: np.ndarray, max_px: int = PANEL_PX) -> bytes:
+    img = Image.fromarray(rgb, "RGB")
+    img.thumbnail((max_px, max_px))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _size(rgb: np.ndarray) -> tuple[int, int]:
+    return rgb.shape[1], rgb.shape[0]
+
+
+def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec, *, key: str, prompt: str,
+            seed: int, source: Reference | None) -> Agreement:
+    """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`."""
+    size, ref_size = _size(image), _size(reference)
+    if size != ref_size:
+        return Agreement(key, prompt, seed, source, False,
+                         f"size {size[0]}x{size[1]}, the reference is {ref_size[0]}x{ref_size[1]}",
+                         size, ref_size, panels=(_png(reference), _png(image), b""))
+    whole = psnr(reference, image)
+    worst = min(psnr(reference[..., c], image[..., c]) for c in range(3))
+    structure = ssim(luminance(reference), luminance(image))
+    shift = tuple(round(float(image[..., c].mean(dtype=np.float64) - reference[..., c].mean(dtype=np.float64)), 2)
+                  for c in range(3))
+    problems = []
+    if whole < thresholds.psnr_min_db:
+        problems.append(f"PSNR {whole:.1f} dB < {thresholds.psnr_min_db:g} dB")
+    elif worst < thresholds.psnr_min_db:
+        channel = "RGB"[min(range(3), key=lambda c: psnr(reference[..., c], image[..., c]))]
+        problems.append(f"{channel} channel PSNR {worst:.1f} dB < {thresholds.psnr_min_db:g} dB "
+                        f"(mean colour shift R {shift[0]:+.0f} G {shift[1]:+.0f} B {shift[2]:+.0f})")
+    if structure < thresholds.ssim_min:
+        problems.append(f"SSIM {structure:.3f} < {thresholds.ssim_min:g}")
+    figures = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
+               f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
+    diff = np.clip(np.abs(image.astype(np.int16) - reference.astype(np.int16)) * DIFF_GAIN, 0, 255).astype(np.uint8)
+    return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else figures,
+                     size, ref_size, round(whole, 2), round(worst, 2), round(structure, 4),
+                     shift, (_png(reference), _png(image), _png(diff)))  # type: ignore[arg-type]
+
+
+def medoid(candidates: Sequence[tuple[str, np.ndarray]]) -> str:
+    """The name whose image is closest to the others' (highest median PSNR), ties by name: among
+    several hosts' first good runs, the one the class agrees with, not a lone outlier. Callers
+    pass small copies (PANEL_PX): choosing needs n^2 comparisons."""
+    def score(i: int) -> float:
+        mine = candidates[i][1]
+        others = [psnr(mine, c[1]) if c[1].shape == mine.shape else -math.inf
+                  for j, c in enumerate(candidates) if j != i]
+        return float(np.median(others)) if others else 0.0
+
+    scores = [(-score(i), name) for i, (name, _) in enumerate(candidates)]
+    return min(scores)[1]
