@@ -126,7 +126,7 @@ class PipSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str = "qwen-image-edit-2509"
+    family: str | None = "qwen-image-edit-2509"   # None: no Nunchaku model on these hosts
     variant: str = "lightning-4step-r128"
     precision: Precision = "auto"     # auto: catalog/gpus.py (int4 on 7.5-8.9, fp4 on 12.x)
     sha256: str | None = None         # overrides the Hub's LFS checksum for the main model file

@@ -39,9 +39,10 @@ def restart_argv(profile: Profile) -> tuple[str, ...] | None:
 def required_nodes(profile: Profile) -> tuple[NodeRequirement, ...]:
     """What ComfyUI must register: the model family's loader (with the inputs the workflows set)
     unless `verify.family_nodes` is false, then the profile's `verify.required_nodes`."""
-    family = catalog.required_nodes(profile.model.family) if profile.verify.family_nodes else ()
-    known = {n.name for n in family}
-    return family + tuple(NodeRequirement(n, plugin=False) for n in profile.verify.required_nodes
+    family = profile.model.family
+    family_nodes = catalog.required_nodes(family) if family and profile.verify.family_nodes else ()
+    known = {n.name for n in family_nodes}
+    return family_nodes + tuple(NodeRequirement(n, plugin=False) for n in profile.verify.required_nodes
                           if n not in known)
 
 
