@@ -1,7 +1,10 @@
 """The docker transport: a container on a host reached by an inner (ssh or local) connection.
 
 Everything goes through `docker exec -i` on the inner connection, files included (through the
-exec's stdin), so no `docker cp`, no shared volume and no second connection are needed.
+exec's stdin), so no `docker cp`, no shared volume and no second connection are needed. The
+command runs under a supervisor inside the container (killing a `docker exec` client leaves its
+process running in the container); the inner connection's supervisor relays to it, heartbeat
+included, so either one stops what it runs when the controller goes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 
-from provisioner.connection.base import Connection, ProgressCallback, Result, Stats
+from provisioner import remote
+from provisioner.connection import supervised
+from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback,
+                                         Result, Stats)
+from provisioner.connection.supervised import GRACE_S
 from provisioner.errors import CommandError
 
 CHUNK = 64 * 1024 * 1024  # put_file sends big files in appends of this size: bounded memory
@@ -38,18 +45,32 @@ class DockerConnection:
         """The container's host: `docker restart` runs there, never inside the container."""
         return self.inner
 
-    def _exec_argv(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-        flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
-        return ["docker", "exec", "-i", *flags, self.container, *argv]
+    @property
+    def heartbeat(self) -> Heartbeat:
+        return self.inner.heartbeat
+
+    def launch(self, argv: Sequence[str]) -> tuple[Pipe, tuple[Frame, ...]]:
+        """The container's supervisor, through the inner connection's in relay mode."""
+        self._count(tuple(argv))
+        exec_argv = ("docker", "exec", "-i", self.container, "/bin/sh", "-c", LAUNCH)
+        pipe, outer = self.inner.launch(exec_argv)
+        relay = Frame()
+        try:
+            pipe.send(remote.supervise_request(exec_argv, nonce=relay.nonce, mode="relay",
+                                               dead_after=self.heartbeat.dead_after, grace=GRACE_S))
+        except OSError:
+            pass                        # the inner connection is gone: driving the pipe says why
+        return pipe, (relay, *outer)
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
+            idle_timeout: float | None = None, check: bool = True,
+            stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
-        self._count(argv)
-        outer = self.inner.run(self._exec_argv(argv, env), stdin=stdin, timeout=timeout, check=False,
-                               stdout_callback=stdout_callback)
-        result = Result(argv, outer.exit_code, outer.stdout, outer.stderr)
+        pipe, outer = self.launch(argv)
+        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
+                                outer=outer, stdin=stdin, env=env, timeout=timeout,
+                                idle_timeout=idle_timeout, on_line=stdout_callback)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
@@ -95,8 +116,15 @@ class DockerConnection:
         return self._ip
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        self._count(tuple(argv))
-        return self.inner.hold(self._exec_argv(argv))
+        argv = tuple(argv)
+        pipe, outer = self.launch(argv)
+        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+
+    def lost(self) -> str | None:
+        return self.inner.lost()
+
+    def abort(self, reason: str) -> None:
+        self.inner.abort(reason)
 
     def _count(self, argv: tuple[str, ...]) -> None:
         self.stats.execs += 1
