@@ -143,20 +143,26 @@ def _until(*deadlines: float | None) -> float | None:
 def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: bytes, err: bytes,
             transport: tuple[int | None, str | None], lost: str | None, *, timeout: float | None,
             idle: float | None, forced: bool) -> Result:
-    """The Result of the innermost supervisor that finished; else of the transport itself."""
+    """The command's output from the innermost frame; how it ended from the innermost supervisor
+    that says so (a relay's says how the one inside it ended), else from the transport."""
     status: dict[str, Any] | None = None
+    own: tuple[bytes, bytes] | None = None
     for frame in frames:
         cut = frame.cut(out)
         if cut is None:
             continue
-        out, status = cut
-        err = (frame.cut(err) or (err, None))[0]
-        break                           # a supervisor that started and never said how it ended: None
+        body, status = cut
+        own = own or (body, (frame.cut(err) or (err, None))[0])
+        if status is not None:
+            break
+    out, err = own or (out, err)
     text_out, text_err = out.decode(errors="replace"), err.decode(errors="replace")
     if status is not None and "timeout" in status:
         return Result(argv, 124, text_out, text_err, stopped=f"timed out after {status['timeout']:g}s "
                       "(its process group was stopped)")
-    if idle is not None and (status is not None or lost is None):
+    if lost and (status is None or status.get("stopped")):
+        raise ConnectError(lost)        # stopped because the connection was aborted, or just gone
+    if idle is not None:
         return Result(argv, 124, text_out, text_err, stopped=f"printed nothing for {idle:g}s (stopped, with "
                       "its process group)")
     if status is not None:
@@ -168,8 +174,6 @@ def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: byte
     if forced:
         return Result(argv, 124, text_out, text_err, stopped=f"timed out after {timeout:g}s (and the host did "
                       "not confirm that it stopped the command)")
-    if lost:
-        raise ConnectError(lost)
     code, signal = transport
     if code is None and signal is None:
         raise ConnectError(f"{host}: connection lost running {argv[0]}")
