@@ -200,8 +200,9 @@ class SshdFleet:
 
     def add(self, n: int = 1, *, names: Sequence[str] | None = None,
             bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
-            trusted: bool = True, extra_config: str = "") -> list[SshdHost]:
-        """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys."""
+            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp") -> list[SshdHost]:
+        """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys;
+        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell)."""
         made = []
         for i in range(n):
             name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
@@ -213,7 +214,7 @@ class SshdFleet:
             host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
                             self.client_key)
             keygen(host.host_key, f"host-{name}")
-            host.config.write_text(self._sshd_config(host, extra_config))
+            host.config.write_text(self._sshd_config(host, extra_config, sftp))
             self.hosts.append(host)
             made.append(host)
             if trusted:
@@ -234,7 +235,7 @@ class SshdFleet:
                           f"  IdentityFile {self.client_key}\n{more}")
         self.ssh_config.write_text("\n".join(blocks))
 
-    def _sshd_config(self, host: SshdHost, extra: str) -> str:
+    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp") -> str:
         return "\n".join([
             f"Port {host.port}", "ListenAddress 127.0.0.1", f"HostKey {host.host_key}",
             f"PidFile {host.dir / 'sshd.pid'}", "LogLevel VERBOSE", "UsePAM no", "StrictModes no",
@@ -244,7 +245,7 @@ class SshdFleet:
             f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys", "AllowTcpForwarding yes",
             # SHLVL=1: bash skips ~/.bashrc under sshd (Debian SSH_SOURCE_BASHRC), so every exec
             # sees exactly this PATH and pays no rc-file start-up.
-            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", "Subsystem sftp internal-sftp",
+            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", f"Subsystem sftp {sftp}",
             extra, "",
         ])
 

@@ -3,6 +3,9 @@ dash, zsh, fish, tcsh or csh, whose rc files print to stdout and stderr, get exa
 commands, output, facts and locks: the one login line reads the same in every shell, and whatever
 an rc file prints lies outside the supervisor's frame.
 
+The server starts its sftp subsystem as stock Debian's does (`/usr/lib/openssh/sftp-server`, through
+the login shell, whose rc file then prints into the SFTP stream): files still arrive whole.
+
 The test users are made with useradd, which needs root (CI runs as root); otherwise these tests
 are skipped, saying so.
 """
@@ -48,7 +51,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdHost]:
     if not os.path.exists("/usr/sbin/sshd"):
         pytest.skip("needs OpenSSH server (apt-get install openssh-server)")
     fleet = SshdFleet(tmp_path_factory.mktemp("sshd-shells"))
-    (host,) = fleet.add(1)
+    sftp = "/usr/lib/openssh/sftp-server"
+    (host,) = fleet.add(1, sftp=sftp if os.path.exists(sftp) else "internal-sftp")
     yield host
     fleet.stop_all()
 
@@ -109,6 +113,16 @@ def test_commands_run_the_same_under_every_login_shell(server: SshdHost, users: 
         with conn.hold(["flock", "-n", lock, "sh", "-c", "echo locked; cat >/dev/null"]) as lines:
             assert next(lines) == "locked"
         os.unlink(lock)
+        home = pwd.getpwnam(users[shell]).pw_dir
+        content = bytes(range(256)) * 300
+        execs = conn.stats.execs
+        conn.put(content, f"{home}/put/a file", mode=0o600)
+        # A quiet shell leaves SFTP alone; a talkative one garbles it, and the file goes through stdin.
+        chatty = shell in RC_FILES and "internal-sftp" not in server.config.read_text()
+        assert (conn.stats.execs > execs) == chatty
+        assert Path(home, "put", "a file").read_bytes() == content
+        assert Path(home, "put", "a file").stat().st_mode & 0o777 == 0o600
+        assert os.listdir(f"{home}/put") == ["a file"]
 
 
 @pytest.mark.parametrize("shell", SHELLS)

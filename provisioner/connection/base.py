@@ -138,6 +138,34 @@ class Stats:
     history: list[tuple[str, ...]] = field(default_factory=list)
 
 
+# Files written through a command's stdin, where there is no SFTP: a container, or a host whose
+# login shell prints into the SFTP stream. WRITE: $1 = dest, $2 = "new" (the first part) or
+# "append"; COMMIT: $1 = dest, $2 = octal mode. The content lands in "$1.provision-tmp" and is
+# renamed over dest at the end (atomic).
+WRITE = ('set -e; mkdir -p "$(dirname "$1")"; '
+         'if [ "$2" = new ]; then cat > "$1.provision-tmp"; else cat >> "$1.provision-tmp"; fi')
+COMMIT = 'set -e; chmod "$2" "$1.provision-tmp"; mv -f "$1.provision-tmp" "$1"'
+STDIN_PART = 64 * 1024 * 1024   # a big file goes in appends of this size: bounded memory
+
+
+def put_through_stdin(conn: Connection, src: BinaryIO, total: int, dest: str, mode: int,
+                      progress: ProgressCallback | None) -> None:
+    """Write `src` to `dest` on `conn`'s host with `cat` (see WRITE), atomically."""
+    done, how = 0, "new"
+    while True:  # at least once: an empty file is still created
+        part = src.read(STDIN_PART)
+        if part or how == "new":
+            conn.run(["sh", "-c", WRITE, "sh", dest, how], stdin=part)
+            conn.stats.bytes_put += len(part)
+            done += len(part)
+            if progress:
+                progress(done, total)
+        if not part:
+            break
+        how = "append"
+    conn.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
+
+
 def copy_stream(src: BinaryIO, write: Callable[[bytes], object], total: int, stats: Stats,
                 progress: ProgressCallback | None, chunk: int = 1 << 20) -> None:
     """Copy `src` to `write` in chunks, counting bytes in `stats` and reporting `progress`."""

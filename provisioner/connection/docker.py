@@ -9,6 +9,7 @@ included, so either one stops what it runs when the controller goes.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -16,16 +17,10 @@ from contextlib import AbstractContextManager
 from provisioner import remote
 from provisioner.connection import supervised
 from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback,
-                                         Result, Stats)
+                                         Result, Stats, put_through_stdin)
 from provisioner.connection.supervised import GRACE_S
 from provisioner.errors import CommandError
 
-CHUNK = 64 * 1024 * 1024  # put_file sends big files in appends of this size: bounded memory
-# WRITE: $1 = dest, $2 = "new" (first part) or "append"; COMMIT: $1 = dest, $2 = octal mode.
-# The content lands in "$1.provision-tmp" and is renamed over dest at the end (atomic).
-WRITE = ('set -e; mkdir -p "$(dirname "$1")"; '
-         'if [ "$2" = new ]; then cat > "$1.provision-tmp"; else cat >> "$1.provision-tmp"; fi')
-COMMIT = 'set -e; chmod "$2" "$1.provision-tmp"; mv -f "$1.provision-tmp" "$1"'
 # One separator per network: the format of the brief glues several IPs together.
 INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
 
@@ -76,31 +71,12 @@ class DockerConnection:
         return result
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
-        self._send(content, dest, "new")
-        self._commit(dest, mode)
+        put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)
 
     def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
                  progress: ProgressCallback | None = None) -> None:
-        total = os.path.getsize(local_path)
-        done, how = 0, "new"
         with open(local_path, "rb") as src:
-            chunk = src.read(CHUNK)
-            while True:  # at least once: an empty file is still created
-                self._send(chunk, dest, how)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-                chunk, how = src.read(CHUNK), "append"
-                if not chunk:
-                    break
-        self._commit(dest, mode)
-
-    def _send(self, content: bytes, dest: str, how: str) -> None:
-        self.run(["sh", "-c", WRITE, "sh", dest, how], stdin=content)
-        self.stats.bytes_put += len(content)
-
-    def _commit(self, dest: str, mode: int) -> None:
-        self.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
+            put_through_stdin(self, src, os.fstat(src.fileno()).st_size, dest, mode, progress)
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         """`remote_host` is as the container sees it: its loopback is the container's own IP."""

@@ -21,7 +21,8 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from provisioner.connection import supervised
-from provisioner.connection.base import LOGIN_LINE, Frame, ProgressCallback, Result, Stats, copy_stream
+from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Result, Stats, copy_stream,
+                                         put_through_stdin)
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
@@ -46,6 +47,7 @@ class SshConnection:
         self._target = resolve(host.name, self._config, host)
         self._reacher = Reacher(self._config, options)
         self._sftp: paramiko.SFTPClient | None = None
+        self._no_sftp = False
         self._lock = threading.Lock()
         self._aborted: str | None = None
         self.heartbeat = Heartbeat(options.heartbeat_s)
@@ -114,15 +116,24 @@ class SshConnection:
 
     # -- files ------------------------------------------------------------------------------
 
-    def _sftp_client(self) -> paramiko.SFTPClient:
+    def _sftp_client(self) -> paramiko.SFTPClient | None:
+        """The connection's SFTP session; None where there is none to be had: sshd starts an
+        `sftp-server` subsystem through the user's login shell, and what its rc file prints
+        garbles the stream (OpenSSH's FAQ); files then go through a command's stdin instead."""
         with self._lock:
-            if self._sftp is None:
+            if self._sftp is None and not self._no_sftp:
                 try:
-                    self._sftp = paramiko.SFTPClient.from_transport(
-                        self._transport, window_size=WINDOW, max_packet_size=PACKET)
+                    chan = self._transport.open_session(window_size=WINDOW, max_packet_size=PACKET,
+                                                        timeout=self._options.connect_timeout)
+                    chan.invoke_subsystem("sftp")
                 except TRANSPORT_ERRORS as err:
                     raise ConnectError(self.lost() or f"{self.name}: cannot open SFTP: {reason(err)}") from None
-            assert self._sftp is not None
+                try:
+                    self._sftp = paramiko.SFTPClient(chan)
+                except (paramiko.SFTPError, *TRANSPORT_ERRORS):
+                    _close(chan)
+                    self._check()
+                    self._no_sftp = True
             return self._sftp
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
@@ -138,6 +149,9 @@ class SshConnection:
         """Write to a hidden temporary name beside `dest`, then rename over it (atomic)."""
         self._check()
         sftp = self._sftp_client()
+        if sftp is None:
+            put_through_stdin(self, src, size, dest, mode, progress)
+            return
         parent, base = posixpath.split(dest)
         tmp = posixpath.join(parent, f".{base}.{secrets.token_hex(4)}.provision-tmp")
         try:

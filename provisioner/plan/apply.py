@@ -22,7 +22,7 @@ from typing import Any
 from provisioner import remote
 from provisioner.config.model import Profile, TimeoutSpec
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, CommandError, LockedError, ProvisionError
+from provisioner.errors import ApplyError, CommandError, ConnectError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
 from provisioner.plan.build import HostPlan, build_plan, probe_for
@@ -173,6 +173,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter, profile.timeouts)
+        gone = False
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
@@ -183,11 +184,13 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             except ProvisionError as err:
                 outcome.error = f"{change.resource}: {reporter.redact(str(err))}"
                 reporter.failure(conn.name, f"{change.resource}: {err}", err, resource=change.resource)
+                gone = isinstance(err, ConnectError)
                 break
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
-        # Handlers run even after a later failure: what did change must be loaded.
-        notified = sorted({name for change in outcome.applied for name in change.notify})
+        # Handlers run even after a later failure: what did change must be loaded. Not when the
+        # connection is gone (interrupted, the host stopped answering): nothing runs there now.
+        notified = [] if gone else sorted({name for change in outcome.applied for name in change.notify})
         for handler in notified:
             _run_handler(conn, plan.handlers[handler], run_step, reporter, outcome)
         if outcome.error is None and outcome.applied:

@@ -96,19 +96,20 @@ def test_a_host_frozen_mid_apply_fails_alone_and_the_fleet_reports(lab: Lab, tmp
     assert code == 2, again
 
 
-def test_a_partitioned_controller_lets_the_next_apply_in(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("heartbeat", [HEARTBEAT, 5.0])       # 5: the default
+def test_a_partitioned_controller_lets_the_next_apply_in(lab: Lab, tmp_path: Path, heartbeat: float) -> None:
     """Before: the stopped controller's lock holder read its stdin, which neither ended nor spoke;
     the next apply waited out its --lock-timeout (TCP would have given up after minutes)."""
     (host,) = lab.add(1)
     lab.world.hub.throttle_bps = 1_000_000
-    first = lab.spawn("apply", "--limit", host.name, "--no-verify", "--heartbeat", str(HEARTBEAT),
-                      log_dir=tmp_path / "a")
+    beat = ["--heartbeat", str(heartbeat)] if heartbeat != 5.0 else []
+    first = lab.spawn("apply", "--limit", host.name, "--no-verify", *beat, log_dir=tmp_path / "a")
     try:
         wait_until(downloading(host), 120)
         first.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         lab.world.hub.throttle_bps = None
-        wait_until(lambda: lock_free(host), 3 * HEARTBEAT + GRACE + 5)
+        wait_until(lambda: lock_free(host), 3 * heartbeat + GRACE + 5)
         released = time.monotonic() - stopped_at
         wait_until(lambda: not started_through(host.sshd), GRACE + 5)
         quiet = time.monotonic() - stopped_at
@@ -122,7 +123,7 @@ def test_a_partitioned_controller_lets_the_next_apply_in(lab: Lab, tmp_path: Pat
     assert code == 2, out
     assert "waiting for the lock" not in out
     figure(f"partitioned controller: its lock released {released:.1f} s after it stopped answering "
-           f"(heartbeat {HEARTBEAT:g} s), its commands gone after {quiet:.1f} s; the next apply "
+           f"(heartbeat {heartbeat:g} s), its commands gone after {quiet:.1f} s; the next apply "
            f"converged the host {took:.1f} s after the partition")
 
 
