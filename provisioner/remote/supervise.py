@@ -1,7 +1,7 @@
 """Runs one command on the host for the controller, and ends it when the controller is gone
 (stdlib only, Python >= 3.8). Every command provision runs on a host runs under this program.
 
-The login shell runs `/bin/sh -c '... exec python3 -I -c BOOT'` (connection/base.py); BOOT executes
+The login shell runs `/bin/sh -c '... exec python3 -I -S -c BOOT'` (connection/base.py); BOOT executes
 the first line of stdin, this source as a JSON string. The second line is the request:
 
   {"argv": [...], "env": {...}, "nonce": "...", "stdin": "payload" | "hold" | "relay", "size": N,
