@@ -244,7 +244,7 @@ def test_a_frozen_host_is_found_out_by_the_heartbeat(sshd_hosts: Callable[..., l
         assert isinstance(error, ConnectError)
         assert str(error).startswith(f"{server.name}: no answer to the heartbeat for ")
         assert "the host stopped responding" in str(error)
-        assert took < 3 * HEARTBEAT_S + 2 * HEARTBEAT_S + 1
+        assert took < 3 * HEARTBEAT_S + 5                # seconds, not the minutes TCP would take
         with pytest.raises(ConnectError, match="no answer to the heartbeat"):
             conn.run(["true"])
     finally:
@@ -253,8 +253,8 @@ def test_a_frozen_host_is_found_out_by_the_heartbeat(sshd_hosts: Callable[..., l
 
 def test_a_slow_command_on_a_live_host_is_no_dead_peer(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
     server, = sshd_hosts(1)
-    with open_connection(server.host(), server.options(heartbeat_s=0.2)) as conn:
-        assert conn.run(["sh", "-c", "sleep 2; echo done"]).stdout == "done\n"
+    with open_connection(server.host(), server.options(heartbeat_s=HEARTBEAT_S)) as conn:
+        assert conn.run(["sh", "-c", "sleep 3; echo done"]).stdout == "done\n"
 
 
 # -- framing -------------------------------------------------------------------------------------
