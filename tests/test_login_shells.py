@@ -109,11 +109,9 @@ def test_commands_run_the_same_under_every_login_shell(server: SshdHost, users: 
         r = conn.run(["sh", "-c", 'printf %s "$X"; cat; echo oops >&2; exit 7'], env={"X": "a'b!c\\d\ne"},
                      stdin=b"in\x00put!", check=False)
         assert (r.exit_code, r.stdout, r.stderr) == (7, "a'b!c\\d\nein\x00put!", "oops\n")
-        lock = f"/tmp/provision-{shell}-lock"
-        with conn.hold(["flock", "-n", lock, "sh", "-c", "echo locked; cat >/dev/null"]) as lines:
-            assert next(lines) == "locked"
-        os.unlink(lock)
         home = pwd.getpwnam(users[shell]).pw_dir
+        with conn.hold(["flock", "-n", f"{home}/lock", "sh", "-c", "echo locked; cat >/dev/null"]) as lines:
+            assert next(lines) == "locked"
         content = bytes(range(256)) * 300
         execs = conn.stats.execs
         conn.put(content, f"{home}/put/a file", mode=0o600)
