@@ -90,7 +90,8 @@ def restart_handler(profile: Profile) -> Handler:
     on_machine = bool(restart and restart.docker)
     log = log_step(profile)
     return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(argv)})",
-                   (Run(argv, what=f"restart ComfyUI: {' '.join(argv)}", on_machine=on_machine),
+                   (Run(argv, what=f"restart ComfyUI: {' '.join(argv)}", on_machine=on_machine,
+                        timeout=profile.timeouts.restart_s),
                     ready_step(profile)),
                    diagnose=(log,) if log else ())
 
