@@ -290,9 +290,10 @@ def test_websocket_answers_feature_flags_sent_right_after_the_handshake(server: 
         sock.close()
 
 
-def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_frames(server: ComfyServer) -> None:
-    """The client (verify/ws.py) is tested against this framing, not its own: a server must refuse a
-    client frame that is not masked (RFC 6455 §5.1), as aiohttp does, with close code 1002."""
+def test_websocket_framing_is_the_stand_ins_own_and_reads_client_frames_as_aiohttp(server: ComfyServer) -> None:
+    """The client (verify/ws.py) is tested against this framing, not its own. As aiohttp 3.14 (held
+    against real ComfyUI in tests/real/): an unmasked client frame is taken; reserved bits end the
+    socket with 1002, text that is not UTF-8 with 1007; a close is answered with 1000."""
     import socket
     import struct
 
@@ -303,9 +304,25 @@ def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_fram
     sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=unmasked")
     try:
         assert json.loads(sock.recv(5))["type"] == "status"
-        sock.sock.sendall(ws.encode_frame(ws.TEXT, b'{"type": "x"}', mask=False))
+        sock.sock.sendall(ws.encode_frame(ws.PING, b"bare", mask=False))
+        assert ws.read_frame(sock.sock) == (ws.PONG, b"bare")
+        sock.sock.sendall(bytes([0xC1, 0x80 | 2]) + b"\0\0\0\0" + b"{}")      # RSV1 set
         opcode, payload = ws.read_frame(sock.sock)
         assert opcode == ws.CLOSE and struct.unpack("!H", payload[:2])[0] == 1002
+    finally:
+        sock.sock.close()
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=utf8")
+    try:
+        sock.recv(5)
+        sock.sock.sendall(ws.encode_frame(ws.TEXT, b"\xff\xfe", mask=True))
+        assert ws.read_frame(sock.sock) == (ws.CLOSE, struct.pack("!H", 1007))
+    finally:
+        sock.sock.close()
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=bye")
+    try:
+        sock.recv(5)
+        sock.sock.sendall(ws.encode_frame(ws.CLOSE, struct.pack("!H", 1001) + b"bye", mask=True))
+        assert ws.read_frame(sock.sock) == (ws.CLOSE, struct.pack("!H", 1000))
     finally:
         sock.sock.close()
     with socket.create_connection(("127.0.0.1", server.port)) as raw:   # a big frame: 16-bit length

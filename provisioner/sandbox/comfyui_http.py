@@ -222,11 +222,10 @@ class Handler(BaseHTTPRequestHandler):
         self._json(nodes.list_in(paths[folder]))
 
     def _get_object_info(self, *_: Any) -> None:
-        self._json(self.state.registry())
+        self._json(self.state.object_info())
 
     def _get_object_info_x(self, name: str, *_: Any) -> None:
-        entry = self.state.registry().get(name)
-        self._json({name: entry} if entry else {})
+        self._json(self.state.object_info(name))
 
     def _get_prompt(self, *_: Any) -> None:
         with self.state.cond:
@@ -420,9 +419,9 @@ class Handler(BaseHTTPRequestHandler):
             while True:
                 # rfile: it may already hold bytes the client sent right after its handshake.
                 opcode, data = ws.receive(self.rfile.read1)
-                if opcode == ws.OP_CLOSE:
+                if opcode == ws.OP_CLOSE:                   # aiohttp answers 1000, whatever the code
                     with lock:
-                        sock.sendall(ws.frame(ws.OP_CLOSE, data[:2]))
+                        sock.sendall(ws.close_frame(ws.NORMAL))
                     return
                 if opcode == ws.OP_PING:
                     with lock:
@@ -437,9 +436,9 @@ class Handler(BaseHTTPRequestHandler):
                     if first and msg.get("type") == "feature_flags":
                         st.send("feature_flags", dict(FEATURES), sid)   # only as the first message
                     first = False
-        except ws.ProtocolError:
+        except ws.ProtocolError as err:
             with lock:
-                sock.sendall(ws.close_frame(ws.PROTOCOL_ERROR))
+                sock.sendall(ws.close_frame(err.code))
         except (OSError, ws.Closed):
             return
         finally:

@@ -102,6 +102,14 @@ class State:
     def registry(self) -> dict[str, Any]:
         return nodes.registry(self.base, self.executor.models_dir, self.root / "input")
 
+    def object_info(self, name: str | None = None) -> dict[str, Any]:
+        """/object_info (or one class of it): listing Load3D makes input/3d, as its INPUT_TYPES
+        does, after the folder loaders listed input/ (so the first answer does not show it)."""
+        found = self.registry()
+        if name is None or name in ("Load3D", "Load3DAnimation"):
+            (self.root / "input" / "3d").mkdir(parents=True, exist_ok=True)
+        return found if name is None else ({name: found[name]} if name in found else {})
+
     # -- websocket fan-out ---------------------------------------------------------------------
     def send(self, event: str, data: Any, sid: str | None = None) -> None:
         """To one client (`sid`) or, with None, to all: queued and sent in order by one thread,
@@ -410,7 +418,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     if image_mode not in comfyui_png.MODES:
         raise ValueError(f"image_mode {image_mode!r}: use one of {', '.join(comfyui_png.MODES)}")
     base_dir = Path(root) if root else Path(tempfile.mkdtemp(prefix="comfyui-standin-"))
-    for sub in ("input", "output", "temp", "input/3d"):     # ComfyUI's Load3D node makes input/3d
+    for sub in ("input", "output", "temp"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
     example = base_dir / "input" / "example.png"       # every ComfyUI checkout ships one
     if not example.exists():
