@@ -16,10 +16,12 @@ import email.policy
 import email.utils
 import hashlib
 import io
+import ipaddress
 import json
 import mimetypes
 import os
 import re
+import socket
 import threading
 import traceback
 import urllib.parse
@@ -119,11 +121,24 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
     def _file(self, path: Path, ctype: str, extra: dict[str, str] | None = None) -> None:
-        """As aiohttp's FileResponse: Etag from mtime and size, Last-Modified, Accept-Ranges."""
+        """As aiohttp's FileResponse: Etag from mtime and size, Last-Modified, Accept-Ranges, and
+        a `Range: bytes=A-B` answered with 206 and that part (416 when it lies outside)."""
         data, st = path.read_bytes(), path.stat()
-        self._send(200, data, ctype, {**(extra or {}), "Etag": f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
-                                      "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
-                                      "Accept-Ranges": "bytes"})
+        headers = {**(extra or {}), "Etag": f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
+                   "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True), "Accept-Ranges": "bytes"}
+        wanted = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if not wanted or wanted.groups() == ("", ""):
+            return self._send(200, data, ctype, headers)
+        first, last = wanted.groups()
+        start = int(first) if first else max(0, len(data) - int(last))
+        end = min(len(data) - 1, int(last)) if first and last else len(data) - 1
+        if start >= len(data) or start > end:           # aiohttp: an empty chunked 416
+            self._head(416, {**(extra or {}), "Content-Type": ctype, "Content-Range": f"bytes */{len(data)}",
+                             "Transfer-Encoding": "chunked"})
+            if self.command != "HEAD":
+                self.wfile.write(b"0\r\n\r\n")
+            return None
+        self._send(206, data[start:end + 1], ctype, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
 
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -154,10 +169,33 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_OPTIONS(self) -> None:
+        self._body()
+        if not self._cross_origin():
+            self._send(200)                            # ComfyUI's middleware answers any OPTIONS
+
+    def _cross_origin(self) -> bool:
+        """ComfyUI's guard against a web page posting to a local ComfyUI: with a loopback Host,
+        an Origin of another host is a 403. True when it answered so."""
+        host, origin = self.headers.get("Host"), self.headers.get("Origin")
+        if host is None or origin is None:
+            return False
+        parsed, ours = urllib.parse.urlparse(origin), urllib.parse.urlsplit("//" + host.lower())
+        host_domain = ours.hostname if parsed.port is None else host.lower()
+        origin_domain = parsed.hostname if ours.port is None else parsed.netloc.lower()
+        if _loopback(ours.hostname) and host_domain and origin_domain and host_domain != origin_domain:
+            self.state.log(f"WARNING: request with non matching host and origin {host_domain} != "
+                           f"{origin_domain}, returning 403")
+            self._send(403)
+            return True
+        return False
+
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
         path, query = url.path, dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         raw = self._body() if method in ("POST", "PATCH", "PUT", "DELETE") else b""
+        if self._cross_origin():
+            return
         internal = path == "/internal" or path.startswith("/internal/")
         table = INTERNAL if internal else ROUTES
         found = _match(table, path) or (None if internal or not path.startswith("/api/")
@@ -443,6 +481,21 @@ class Handler(BaseHTTPRequestHandler):
             return
         finally:
             st.sockets.pop(sid, None)                  # as ComfyUI: even when another socket took the id
+
+
+def _loopback(host: str | None) -> bool:
+    """Whether a host name or address is this machine's loopback (every address it resolves to)."""
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
 def _frame(event: str, data: Any) -> bytes:

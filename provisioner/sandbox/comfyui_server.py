@@ -44,6 +44,7 @@ from provisioner.sandbox.comfyui_http import Handler
 HISTORY_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                   "execution_interrupted")
 MAX_HISTORY = 10000                 # ComfyUI's MAXIMUM_HISTORY_SIZE: the oldest entry goes first
+SENSITIVE = ("auth_token_comfy_org", "api_key_comfy_org")   # extra_data keys /history leaves out
 LOG_CAPACITY = 300                  # ComfyUI's console ring buffer (/internal/logs): older entries drop out
 IDLE_MIB = 256                      # the CUDA context alone, before any model is loaded
 RAM_TOTAL, RAM_FREE = 25276510208, 23609884672      # the capture's, where /proc/meminfo is not
@@ -317,8 +318,9 @@ class State:
         with self.cond:
             if len(self.history) > MAX_HISTORY:
                 self.history.pop(next(iter(self.history)))
+            kept = {k: v for k, v in extra.items() if k not in SENSITIVE} if isinstance(extra, dict) else extra
             self.history[prompt_id] = {
-                "prompt": [number, prompt_id, graph, extra, outputs], "outputs": ui,
+                "prompt": [number, prompt_id, graph, kept, outputs], "outputs": ui,
                 "status": {"status_str": "success" if ok else "error", "completed": ok,
                            "messages": messages},
                 "meta": {k: {"node_id": k, "display_node": k, "parent_node": None, "real_node_id": k}
