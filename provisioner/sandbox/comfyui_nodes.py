@@ -1,9 +1,11 @@
 """The stand-in ComfyUI's node registry (real captured /object_info) and its `/prompt` validation.
 
-Validation follows ComfyUI 0.3.64's `execution.validate_prompt` for what the captures show: every
-class must exist (`invalid_prompt`), there must be an output node (`prompt_no_outputs`), and the
-nodes each output depends on are checked input by input (`prompt_outputs_failed_validation` with
-per-node `node_errors`); nodes feeding no output are not validated, as in ComfyUI.
+Validation behaves as ComfyUI 0.3.64's `execution.validate_prompt` does seen from outside, checked
+against the real one (tests/real/test_real_standin.py): every class must exist (`invalid_prompt`),
+there must be an output node (`prompt_no_outputs`), and the nodes each output depends on are
+checked input by input (`prompt_outputs_failed_validation` with per-node `node_errors`), including
+the exceptions ComfyUI's own code raises on a malformed graph; nodes feeding no output are not
+validated, as in ComfyUI.
 """
 
 from __future__ import annotations

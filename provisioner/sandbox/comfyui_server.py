@@ -1,16 +1,18 @@
 """A stand-in ComfyUI 0.3.64 that speaks its HTTP + websocket API, built from real captured answers.
 
-For tests and sandbox hosts where no GPU runs ComfyUI: /system_stats, /object_info (the captured
-478 nodes, plus ComfyUI-nunchaku's), POST /prompt with ComfyUI's validation errors, a queue worker
-that emits ComfyUI's websocket messages and writes real PNGs, /history, /view, /queue (read, delete,
-clear), /free, /interrupt, /upload/image, /internal/logs. Run it as a process like the real one:
-`python -m provisioner.sandbox.comfyui_server --port 8188 --root DIR`.
+For tests and sandbox hosts where no GPU runs ComfyUI: /system_stats, /object_info (the v0.3.64
+tag's 478 core nodes, plus ComfyUI-nunchaku's), POST /prompt validated as ComfyUI validates it, a
+queue worker that emits ComfyUI's websocket messages in ComfyUI's order and writes real PNGs,
+/history, /view, /queue, /free, /interrupt, /upload/image, /internal/*, every route under /api.
+The real tier holds it against real ComfyUI request by request (tests/real/test_real_standin.py).
+Run it as a process like the real one: `python -m provisioner.sandbox.comfyui_server --port 8188 --root DIR`.
 
 As unkind as the real one where it matters: the port opens only after a start-up that takes time
 (`startup_s`), may hang (`hang_at_start`) or die (`die_at_start`) and logs the plugin's import
 failures; `/free` is applied by the prompt worker after its current item or when idle, and the
-unload takes time (`unload_s`); an illegal memory access poisons the process (`poison_after`);
-with `cpu` it runs on the CPU as `main.py --cpu` does.
+unload takes time (`unload_s`); the cache keeps only the last prompt's outputs; an interrupt lands
+when the next node starts; an illegal memory access poisons the process (`poison_after`); with
+`cpu` it runs on the CPU as `main.py --cpu` does.
 """
 
 from __future__ import annotations

@@ -899,7 +899,7 @@ def test_websocket_framing_answers_alike(both: dict[str, str]) -> None:
         for name, data in FRAMES.items():
             sock = listen(url, uuid.uuid4().hex)
             sock.sock.sendall(data)
-            sock.sock.settimeout(1.5)
+            sock.sock.settimeout(0.8)
             try:
                 frame = ws.read_frame(sock.sock)
                 try:
