@@ -75,7 +75,11 @@ def test_history_ok_pending_and_error_captures() -> None:
 # -- against the stand-in ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
-    srv = start_comfyui(root=tmp_path_factory.mktemp("comfy"), cold_s=0.2, warm_s=0.05)
+    root = tmp_path_factory.mktemp("comfy")
+    for folder, name in (("diffusion_models", "m.safetensors"), ("text_encoders", "te.safetensors")):
+        (root / "models" / folder).mkdir(parents=True)              # what the graphs load
+        (root / "models" / folder / name).write_bytes(b"x")
+    srv = start_comfyui(root=root, cold_s=0.2, warm_s=0.05)
     yield srv
     srv.stop()
 

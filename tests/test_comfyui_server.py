@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def test_a_prompt_runs_history_goes_pending_then_done_and_view_serves_a_png(serv
     img = Image.open(io.BytesIO(png))
     assert img.size == (64, 64) and json.loads(img.text["prompt"]) == json.loads(body)["prompt"]
     assert request(server.url + "/view?filename=nope.png&type=output")[:3:2] == (404, b"")
-    assert request(server.url + "/view?filename=../../etc/passwd&type=output")[0] == 404
+    assert request(server.url + "/view?filename=../../etc/passwd&type=output")[0] == 400    # as ComfyUI
 
 
 def test_queue_numbers_every_parsed_post_and_shows_busy_items(server: ComfyServer) -> None:
@@ -191,7 +192,9 @@ def test_websocket_messages_follow_comfyui_order_and_shapes(server: ComfyServer)
         kinds = [k for k, _ in events]
         assert kinds[0] == "status" and kinds[-1] in ("executing", "status")
         mine = [k for k, d in events if d.get("prompt_id") == pid]
-        assert mine[:2] == ["execution_start", "execution_cached"] and mine[-2:] == ["execution_success", "executing"]
+        # The client stops at the `status` that follows success (ComfyUI sends `executing` null after it).
+        assert mine[:2] == ["execution_start", "execution_cached"] and mine[-1] == "execution_success"
+        assert kinds[-1] == "status" and kinds[-2] == "execution_success"
         progress = [d for k, d in events if k == "progress"]
         assert [p["value"] for p in progress] == [1, 2, 3, 4] and progress[0] == {
             "value": 1, "max": 4, "prompt_id": pid, "node": "9"}
@@ -240,7 +243,9 @@ def test_upload_answers_like_the_capture(server: ComfyServer) -> None:
     client = ComfyClient(server.url)
     png = (EXTRA / "view.fixture_empty_00001_.png").read_bytes()
     assert client.upload_image("fixture_input.png", png) == capture(EXTRA / "upload_image.response.json")
-    assert client.upload_image("fixture_input.png", png, overwrite=False)["name"] == "fixture_input (1).png"
+    # Without overwrite, the same bytes are that same file (ComfyUI compares hashes), others renamed.
+    assert client.upload_image("fixture_input.png", png, overwrite=False)["name"] == "fixture_input.png"
+    assert client.upload_image("fixture_input.png", png + b"\0", overwrite=False)["name"] == "fixture_input (1).png"
     assert client.view("fixture_input.png", type="input") == png
     assert "fixture_input.png" in client.object_info("LoadImage")["LoadImage"]["input"]["required"]["image"][0]
 
@@ -286,9 +291,10 @@ def test_websocket_answers_feature_flags_sent_right_after_the_handshake(server: 
         sock.close()
 
 
-def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_frames(server: ComfyServer) -> None:
-    """The client (verify/ws.py) is tested against this framing, not its own: a server must refuse a
-    client frame that is not masked (RFC 6455 §5.1), as aiohttp does, with close code 1002."""
+def test_websocket_framing_is_the_stand_ins_own_and_reads_client_frames_as_aiohttp(server: ComfyServer) -> None:
+    """The client (verify/ws.py) is tested against this framing, not its own. As aiohttp 3.14 (held
+    against real ComfyUI in tests/real/): an unmasked client frame is taken; reserved bits end the
+    socket with 1002, text that is not UTF-8 with 1007; a close is answered with 1000."""
     import socket
     import struct
 
@@ -299,9 +305,25 @@ def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_fram
     sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=unmasked")
     try:
         assert json.loads(sock.recv(5))["type"] == "status"
-        sock.sock.sendall(ws.encode_frame(ws.TEXT, b'{"type": "x"}', mask=False))
+        sock.sock.sendall(ws.encode_frame(ws.PING, b"bare", mask=False))
+        assert ws.read_frame(sock.sock) == (ws.PONG, b"bare")
+        sock.sock.sendall(bytes([0xC1, 0x80 | 2]) + b"\0\0\0\0" + b"{}")      # RSV1 set
         opcode, payload = ws.read_frame(sock.sock)
         assert opcode == ws.CLOSE and struct.unpack("!H", payload[:2])[0] == 1002
+    finally:
+        sock.sock.close()
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=utf8")
+    try:
+        sock.recv(5)
+        sock.sock.sendall(ws.encode_frame(ws.TEXT, b"\xff\xfe", mask=True))
+        assert ws.read_frame(sock.sock) == (ws.CLOSE, struct.pack("!H", 1007))
+    finally:
+        sock.sock.close()
+    sock = ws.WebSocket.connect("127.0.0.1", server.port, "/ws?clientId=bye")
+    try:
+        sock.recv(5)
+        sock.sock.sendall(ws.encode_frame(ws.CLOSE, struct.pack("!H", 1001) + b"bye", mask=True))
+        assert ws.read_frame(sock.sock) == (ws.CLOSE, struct.pack("!H", 1000))
     finally:
         sock.sock.close()
     with socket.create_connection(("127.0.0.1", server.port)) as raw:   # a big frame: 16-bit length
@@ -318,3 +340,118 @@ def test_websocket_framing_is_the_stand_ins_own_and_refuses_unmasked_client_fram
         assert json.loads(client.recv(5))["type"] == "feature_flags"
         raw.sendall(ws.encode_frame(ws.PING, b"ping", mask=True))
         assert ws.read_frame(raw) == (ws.PONG, b"ping")
+
+
+# -- what the real tier checked against real ComfyUI (tests/real/test_real_standin.py), kept here so
+# every default run holds the stand-in to it -------------------------------------------------------
+
+def chain(prefix: str, color: int = 0) -> dict:
+    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}
+
+
+def test_validation_walks_links_and_converts_values_as_comfyui_does(server: ComfyServer) -> None:
+    def post(graph: dict) -> tuple[int, dict]:
+        status, _, data = request(server.url + "/prompt", "POST", json.dumps({"prompt": graph}).encode())
+        return status, json.loads(data)
+
+    latent = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v"}}}
+    status, answer = post(latent)
+    (error,) = answer["node_errors"]["2"]["errors"]
+    assert status == 400 and error["type"] == "return_type_mismatch"
+    assert error["details"] == "images, received_type(LATENT) mismatch input_type(IMAGE)"
+    assert answer["error"]["details"] == "Return type mismatch between linked nodes: " + error["details"]
+    status, answer = post({**chain("v"), "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 7],
+                                                                                     "filename_prefix": "v"}}})
+    (error,) = answer["node_errors"]["3"]["errors"]
+    assert (error["type"], error["details"], error["extra_info"]["exception_type"]) == (
+        "exception_during_validation", "tuple index out of range", "IndexError")
+    status, answer = post({**chain("v"), "2": {"class_type": "ImageInvert", "inputs": {"image": ["99", 0]}}})
+    (error,) = answer["node_errors"]["2"]["errors"]                     # reported on the linked node
+    assert (error["type"], error["details"], error["extra_info"]["input_name"]) == (
+        "exception_during_inner_validation", "'99'", "images")
+    cycle = {**chain("v"), "1": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}}}
+    assert post(cycle) == (400, {"error": {"type": "prompt_outputs_failed_validation", "message":
+                                           "Prompt outputs failed validation", "details": "", "extra_info": {}},
+                                 "node_errors": {}})
+    graph = chain("v")
+    graph["1"]["inputs"]["width"] = "32"
+    status, answer = post(graph)
+    pid = answer["prompt_id"]
+    ComfyClient(server.url).wait(pid, 20)
+    entry = ComfyClient(server.url)._json("GET", f"/history/{pid}")[pid]
+    assert entry["prompt"][2]["1"]["inputs"]["width"] == 32                # stored as converted
+
+
+def test_websocket_messages_of_a_model_free_prompt_in_comfyuis_order(server: ComfyServer) -> None:
+    from provisioner.verify import ws
+
+    def heard(body: dict, client: str) -> list[str]:
+        sock = ws.WebSocket.connect("127.0.0.1", server.port, f"/ws?clientId={client}")
+        sock.recv(5)
+        pid = json.loads(request(server.url + "/prompt", "POST", json.dumps(body).encode())[2])["prompt_id"]
+        kinds: list[str] = []
+        while True:
+            msg = json.loads(sock.recv(10))
+            kinds.append(msg["type"])
+            if msg["type"] == "status" and msg["data"]["status"]["exec_info"]["queue_remaining"] == 0:
+                if "client_id" not in body:
+                    break
+            if msg["type"] == "executing" and msg["data"]["node"] is None and msg["data"]["prompt_id"] == pid:
+                break
+        sock.close()
+        return kinds
+
+    graph = chain("order", color=5)
+    assert heard({"prompt": graph, "client_id": "c1"}, "c1") == [
+        "status", "status", "execution_start", "execution_cached", "progress_state", "executing",
+        "progress_state", "progress_state", "executing", "progress_state", "progress_state", "executing",
+        "executed", "progress_state", "execution_success", "status", "executing"]
+    # The same again: all from the cache, the output announced from it.
+    assert heard({"prompt": graph, "client_id": "c1"}, "c1") == [
+        "status", "status", "execution_start", "execution_cached", "executed", "progress_state",
+        "execution_success", "status", "executing"]
+    # Without a client id, a listener hears only the broadcasts.
+    assert set(heard({"prompt": chain("order", color=6)}, "c2")) == {"status", "progress_state"}
+
+
+def test_http_as_aiohttp_answers_it(server: ComfyServer) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:   # keep-alive
+        sock.sendall(b"GET /prompt HTTP/1.1\r\nHost: x\r\n\r\nHEAD /api/prompt HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"PUT /prompt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                     b"POST /free HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    heads = [h.split(b"\r\n") for h in re.findall(rb"HTTP/1\.1 [^\r]*\r\n(?:[^\r]+\r\n)*", got)]
+    assert [h[0] for h in heads] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 405 Method Not Allowed",
+                                     b"HTTP/1.1 500 Internal Server Error"]
+    assert b"Server: Python/3.11 aiohttp/3.14.5" in heads[0] and b"Allow: GET,HEAD,POST" in heads[2]
+    assert b"Connection: close" in heads[3]                             # a body /free cannot read
+    status, headers, body = request(server.url + "/nope")
+    assert (status, headers.get("Transfer-Encoding"), body) == (404, "chunked", b"")
+    req = urllib.request.Request(server.url + "/prompt", data=b"{}", method="POST",
+                                 headers={"Origin": "http://elsewhere.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=5)
+    assert refused.value.code == 403                                     # ComfyUI's cross-origin guard
+
+
+def test_the_queue_and_the_cache_as_comfyui_keeps_them(server: ComfyServer) -> None:
+    client = ComfyClient(server.url)
+
+    def cached(color: int) -> tuple[str, ...]:
+        return client.wait(client.queue_prompt(chain("cache", color=color)), 20).cached_nodes
+
+    assert cached(1) == () and cached(1) == ("1", "2", "3") and cached(2) == () and cached(1) == ()
+    slow = client.queue_prompt(sampler_graph(9))                          # runs for a while
+    pending = [client.queue_prompt(chain("q", color=c)) for c in (7, 8)]
+    request(server.url + "/queue", "POST", json.dumps({"delete": [pending[0], slow]}).encode())
+    queue = client.queue()
+    assert [i[1] for i in queue["queue_running"]] == [slow] and [i[1] for i in queue["queue_pending"]] == [pending[1]]
+    client.wait(slow, 20)
+    assert client._json("GET", f"/history/{pending[0]}") == {}           # deleted: never run

@@ -98,9 +98,21 @@ def gpu_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state
 
 
+def put_models(comfy_root: Path) -> None:
+    """Placeholder files for every model the tests' workflows load: a ComfyUI lists its models/
+    folders, and refuses a name that is not there, as the real one does."""
+    for folder, names in (("diffusion_models", (DIT, "x.safetensors")),
+                          ("text_encoders", ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "te.safetensors")),
+                          ("vae", ("qwen_image_vae.safetensors", "vae.safetensors"))):
+        (comfy_root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (comfy_root / "models" / folder / name).write_bytes(b"x")
+
+
 @pytest.fixture
 def comfy(tmp_path: Path, gpu_state: Path) -> Iterator[Callable[..., ComfyServer]]:
     started: list[ComfyServer] = []
+    put_models(tmp_path / "ComfyUI")
 
     def make(**kw: Any) -> ComfyServer:
         srv = start_comfyui(root=tmp_path / "ComfyUI", gpu_state_file=gpu_state,
@@ -375,6 +387,7 @@ def two_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, lis
 def test_comfyui_gpu_picks_the_gpu_that_is_checked_sampled_and_reported(
         two_gpus: tuple[Path, list[dict]], tmp_path: Path) -> None:
     state, gpus = two_gpus
+    put_models(tmp_path / "ComfyUI")
     srv = start_comfyui(root=tmp_path / "ComfyUI", gpu_state_file=state, gpu_uuid=gpus[1]["uuid"],
                         gpu_name=gpus[1]["name"], cold_s=0.3, warm_s=0.1)
     try:

@@ -7,12 +7,14 @@ outputs are cached by input signature, so an identical prompt comes back at once
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ LOADERS = {"NunchakuQwenImageDiTLoader": "model_name", "UNETLoader": "unet_name"
 SAFETENSORS_HEADER_MAX = 100 * 2**20        # the safetensors crate's own limit on the JSON header
 # What torch raises once a kernel wrote out of bounds; the CUDA context is then unusable, so every
 # later CUDA call of the process fails the same way until it restarts.
+# What image nodes cost here, per megapixel of their picture: ComfyUI on this CPU took 1.6 s to make
+# an EmptyImage of 2 x 4096 x 4096 and 0.2 to 0.6 s to invert it (SaveImage's cost is our own PNG
+# encoding's). So a big model-free graph runs long enough to be queued behind, or interrupted.
+IMAGE_S_PER_MP = {"EmptyImage": 0.04, "ImageInvert": 0.01}
 ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\n"
                   "CUDA kernel errors might be asynchronously reported at some other API call, so the "
                   "stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
@@ -34,13 +40,15 @@ ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\n"
 
 
 class NodeFailed(Exception):
-    """A node raised while executing: becomes `execution_error`, as in ComfyUI."""
+    """A node raised while executing: becomes `execution_error`, as in ComfyUI. The message is the
+    exception's own text (ComfyUI appends a line of tips, empty but for out-of-memory errors)."""
 
     def __init__(self, exception_type: str, message: str) -> None:
         super().__init__(message)
         self.exception_type = exception_type
         self.node_id, self.node_type = "", ""                      # set by Executor.run
         self.executed: list[str] = []
+        self.inputs: dict[str, list[Any]] = {}
 
 
 class Interrupted(NodeFailed):
@@ -81,7 +89,44 @@ def check_safetensors(path: Path) -> None:
            else "invalid header length" if n + 8 > size else None)
     if why:
         raise NodeFailed("safetensors._safetensors_rust.SafetensorError",
-                         f"Error while deserializing header: {why}\n")
+                         f"Error while deserializing header: {why}")
+
+
+def _megapixels(image: Any) -> float:
+    """The pixels of an image value (`("image", w, h, seed, batch)`), in millions."""
+    if not isinstance(image, tuple) or len(image) < 3 or image[0] != "image":
+        return 0.0
+    return image[1] * image[2] * (image[4] if len(image) > 4 else 1) / 1e6
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+class Progress:
+    """ComfyUI's progress registry for one prompt: every node it started, in order, as it sends
+    them in each `progress_state` message; a sampler's steps also as `progress`."""
+
+    def __init__(self, prompt_id: str, send: Send) -> None:
+        self.prompt_id, self.send = prompt_id, send
+        self.nodes: dict[str, dict[str, Any]] = {}
+
+    def _state(self, node_id: str, value: float, most: float, state: str) -> None:
+        self.nodes[node_id] = {"value": value, "max": most, "state": state, "node_id": node_id,
+                               "prompt_id": self.prompt_id, "display_node_id": node_id,
+                               "parent_node_id": None, "real_node_id": node_id}
+        self.send("progress_state", {"prompt_id": self.prompt_id, "nodes": copy.deepcopy(self.nodes)})
+
+    def start(self, node_id: str) -> None:
+        self._state(node_id, 0.0, 1.0, "running")
+
+    def step(self, node_id: str, value: int, most: int) -> None:
+        self._state(node_id, value, most, "running")
+        self.send("progress", {"value": value, "max": most, "prompt_id": self.prompt_id, "node": node_id})
+
+    def finish(self, node_id: str) -> None:
+        most = self.nodes[node_id]["max"] if node_id in self.nodes else 1
+        self._state(node_id, most, most, "finished")
 
 
 @dataclass
@@ -91,7 +136,7 @@ class Executor:
     image_mode: str
     cold_s: float
     warm_s: float
-    models_dir: Path | None = None
+    models_dir: Path = Path("models")
     check_models: bool = False
     log: Callable[[str], None] = print
     device: str = ""                    # this GPU: its pictures differ from another's by rounding
@@ -102,23 +147,40 @@ class Executor:
     poisoned: bool = False
 
     def signature(self, graph: dict[str, Any], node_id: str, memo: dict[str, str]) -> str:
+        """What ComfyUI's classic cache keys a node's output by: its class, its literal inputs, its
+        inputs' own signatures, and for LoadImage the file's bytes (its IS_CHANGED). A link to a
+        node that is not there never matches (ComfyUI puts NaN there)."""
         if node_id not in memo:
+            if node_id not in graph:
+                return uuid.uuid4().hex
+            memo[node_id] = "cycle"
             node = graph[node_id]
-            parts = {k: (self.signature(graph, v[0], memo), v[1]) if isinstance(v, list) else v
-                     for k, v in node.get("inputs", {}).items()}
-            raw = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
+            inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
+            parts = {k: [self.signature(graph, v[0], memo), v[1]] if _is_link(v) else v for k, v in inputs.items()}
+            if node.get("class_type") == "LoadImage" and isinstance(inputs.get("image"), str):
+                parts["image"] = [inputs["image"], self._file_hash(inputs["image"])]
+            raw = json.dumps([node.get("class_type"), parts], sort_keys=True, default=str)
             memo[node_id] = hashlib.sha256(raw.encode()).hexdigest()
         return memo[node_id]
 
-    def order(self, graph: dict[str, Any], outputs: list[str]) -> list[str]:
-        """Depth-first: every node after the nodes it reads, only those the outputs need."""
+    def _file_hash(self, name: str) -> str:
+        try:
+            return hashlib.sha256((self.root / "input" / name).read_bytes()).hexdigest()
+        except OSError:
+            return "missing"
+
+    def staged(self, graph: dict[str, Any], outputs: list[str], cached: set[str]) -> list[str]:
+        """The nodes that run, in order: the outputs and what they read, depth first, stopping at
+        cached nodes (an output is always staged, even cached: ComfyUI then sends its cached ui)."""
+        seen: set[str] = set()
         done: list[str] = []
 
         def visit(node_id: str) -> None:
-            if node_id in done:
+            if node_id in seen:
                 return
+            seen.add(node_id)
             for value in graph[node_id].get("inputs", {}).values():
-                if isinstance(value, list) and len(value) == 2 and value[0] in graph:
+                if _is_link(value) and value[0] in graph and value[0] not in cached:
                     visit(value[0])
             done.append(node_id)
 
@@ -126,56 +188,76 @@ class Executor:
             visit(out)
         return done
 
-    def run(self, prompt_id: str, graph: dict[str, Any], outputs: list[str], send: Send
-            ) -> dict[str, dict[str, Any]]:
-        """Execute; returns ui outputs by node id. `send(event, data)` reaches the client."""
+    def run(self, prompt_id: str, graph: dict[str, Any], outputs: list[str], send: Send) -> None:
+        """Execute as ComfyUI's classic cache does: only the last prompt's outputs are kept, so a
+        node is cached when this prompt has one of the same signature. `send(event, data)` gets
+        every message; the caller decides who hears it. Raises NodeFailed / Interrupted."""
         memo: dict[str, str] = {}
-        order = self.order(graph, outputs)
-        cached = [n for n in order if self.signature(graph, n, memo) in self.cache]
-        send("execution_cached", {"nodes": cached, "prompt_id": prompt_id,
-                                  "timestamp": int(time.time() * 1000)})
-        values: dict[str, Any] = {}
-        ui: dict[str, dict[str, Any]] = {}
-        for node_id in order:
-            sig = memo[node_id]
+        sigs = {node_id: self.signature(graph, node_id, memo) for node_id in graph}
+        self.cache = {sig: self.cache[sig] for sig in sigs.values() if sig in self.cache}
+        cached = {node_id for node_id, sig in sigs.items() if sig in self.cache}
+        send("execution_cached", {"nodes": [n for n in graph if n in cached], "prompt_id": prompt_id})
+        progress = Progress(prompt_id, send)
+        executed: list[str] = []
+        for node_id in self.staged(graph, outputs, cached):
+            sig = sigs[node_id]
             if sig in self.cache:
-                values[node_id], out = self.cache[sig]
-            else:
-                send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id})
-                try:
-                    values[node_id], out = self.node(prompt_id, graph, node_id, values, send)
-                except NodeFailed as err:
-                    err.node_id, err.node_type = node_id, graph[node_id]["class_type"]
-                    err.executed = [n for n in order[:order.index(node_id)] if n not in cached]
-                    raise
-                self.cache[sig] = (values[node_id], out)
-                if out is not None:
-                    send("executed", {"node": node_id, "display_node": node_id, "output": out,
-                                      "prompt_id": prompt_id})
+                send("executed", {"node": node_id, "display_node": node_id, "output": self.cache[sig][1],
+                                  "prompt_id": prompt_id})
+                progress.finish(node_id)
+                continue
+            progress.start(node_id)
+            send("executing", {"node": node_id, "display_node": node_id, "prompt_id": prompt_id})
+            try:
+                if self.interrupt.is_set():           # checked as each node begins
+                    raise Interrupted()
+                value, out = self.node(prompt_id, graph, node_id, lambda n: self.cache[sigs[n]][0], progress)
+            except NodeFailed as err:
+                err.node_id, err.node_type, err.executed = node_id, graph[node_id]["class_type"], list(executed)
+                err.inputs = {k: [str(self.cache[sigs[v[0]]][0]) if _is_link(v) and sigs.get(v[0]) in self.cache
+                                  else v] for k, v in graph[node_id].get("inputs", {}).items()}
+                raise
+            self.cache[sig] = (value, out)
             if out is not None:
-                ui[node_id] = out
-        return ui
+                send("executed", {"node": node_id, "display_node": node_id, "output": out, "prompt_id": prompt_id})
+            progress.finish(node_id)
+            executed.append(node_id)
 
-    def node(self, prompt_id: str, graph: dict[str, Any], node_id: str, values: dict[str, Any],
-             send: Send) -> tuple[Any, dict[str, Any] | None]:
+    def outputs_of(self, graph: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The ui outputs this prompt's nodes have in the cache now: what /history lists, also
+        after a failure (the nodes that ran before it, and the cached ones)."""
+        memo: dict[str, str] = {}
+        found = {}
+        for node_id in graph:
+            hit = self.cache.get(self.signature(graph, node_id, memo))
+            if hit is not None and hit[1] is not None:
+                found[node_id] = hit[1]
+        return found
+
+    def node(self, prompt_id: str, graph: dict[str, Any], node_id: str, value_of: Callable[[str], Any],
+             progress: Progress) -> tuple[Any, dict[str, Any] | None]:
         cls, inputs = graph[node_id]["class_type"], graph[node_id].get("inputs", {})
-        arg = {k: values[v[0]] if isinstance(v, list) else v for k, v in inputs.items()}
+        arg = {k: value_of(v[0]) if _is_link(v) else v for k, v in inputs.items()}
         if cls in LOADERS:
             name = str(arg[LOADERS[cls]])
-            if self.check_models and self.models_dir is not None:
+            if self.check_models:
                 hits = [p for p in self.models_dir.rglob(name) if p.is_file()]
                 if hits:
                     check_safetensors(hits[0])
             return ("model", name), None
         if cls == "LoadImage":
-            found = png.size((self.root / "input" / str(arg["image"])).read_bytes())
+            path = self.root / "input" / str(arg["image"])
+            found = png.size(path.read_bytes())
             if found is None:                 # the stand-in reads PNG only; ComfyUI's PIL says this
-                raise NodeFailed("PIL.UnidentifiedImageError",
-                                 f"cannot identify image file '{arg['image']}'")
+                raise NodeFailed("PIL.UnidentifiedImageError", f"cannot identify image file {str(path)!r}")
             return ("image", *found), None
         if cls in ("EmptySD3LatentImage", "EmptyLatentImage"):
             return ("latent", int(arg["width"]) // 8, int(arg["height"]) // 8), None
-        if cls in ("EmptyImage", "ImageScale"):
+        if cls == "EmptyImage":
+            image = ("image", int(arg["width"]), int(arg["height"]), 0, int(arg.get("batch_size", 1)))
+            time.sleep(IMAGE_S_PER_MP[cls] * _megapixels(image))
+            return image, None
+        if cls == "ImageScale":
             return ("image", int(arg["width"]), int(arg["height"])), None
         if cls == "ImageScaleToTotalPixels":
             _, w, h = arg["image"]
@@ -187,12 +269,14 @@ class Executor:
             latent = arg["samples"]
             return ("image", latent[1] * 8, latent[2] * 8, *latent[3:]), None   # keeps the seed
         if cls in SAMPLERS:
-            self.sample(prompt_id, node_id, str(arg["model"][1]), int(arg.get("steps", 4)), send)
+            self.sample(node_id, str(arg["model"][1]), int(arg.get("steps", 4)), progress)
             _, w, h = arg["latent_image"]
             return ("latent", w, h, int(arg[SAMPLERS[cls]])), None
         if cls in ("SaveImage", "PreviewImage"):
-            return None, {"images": [self.save(graph, arg, cls)]}
-        linked = [values[v[0]] for v in inputs.values() if isinstance(v, list)]
+            return None, {"images": self.save(graph, arg, cls)}
+        linked = [value_of(v[0]) for v in inputs.values() if _is_link(v)]
+        if cls in IMAGE_S_PER_MP and linked:
+            time.sleep(IMAGE_S_PER_MP[cls] * _megapixels(linked[0]))
         return (linked[0] if linked else None), None
 
     def _pause(self, seconds: float) -> None:
@@ -200,7 +284,7 @@ class Executor:
         if self.interrupt.wait(seconds):
             raise Interrupted()
 
-    def sample(self, prompt_id: str, node_id: str, model: str, steps: int, send: Send) -> None:
+    def sample(self, node_id: str, model: str, steps: int, progress: Progress) -> None:
         self.samplings += 1
         if self.poisoned or (self.poison_after is not None and self.samplings > self.poison_after):
             self.poisoned = True
@@ -214,15 +298,12 @@ class Executor:
         self.gpu.set(self.gpu.peak_mib)
         for step in range(1, steps + 1):
             self._pause(self.warm_s / steps)
-            progress = {"value": step, "max": steps, "prompt_id": prompt_id, "node": node_id}
-            send("progress", progress)
-            send("progress_state", {"prompt_id": prompt_id, "nodes": {node_id: {
-                **progress, "state": "running" if step < steps else "finished", "node_id": node_id,
-                "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id}}})
+            progress.step(node_id, step, steps)
         self.gpu.set(self.gpu.resident_mib)
 
-    def save(self, graph: dict[str, Any], arg: dict[str, Any], cls: str) -> dict[str, str]:
-        """Write the PNG as SaveImage does: prefix may hold a subfolder, counter 00001 upward."""
+    def save(self, graph: dict[str, Any], arg: dict[str, Any], cls: str) -> list[dict[str, str]]:
+        """Write the PNGs as SaveImage does, one per image of the batch: the prefix may hold a
+        subfolder, the counter goes on from the highest file there (00001 upward)."""
         kind = "output" if cls == "SaveImage" else "temp"
         prefix = str(arg.get("filename_prefix", "ComfyUI" if kind == "output" else "ComfyUI_temp"))
         sub, _, base = prefix.rpartition("/")
@@ -230,10 +311,14 @@ class Executor:
         folder.mkdir(parents=True, exist_ok=True)
         taken = [int(p.name[len(base) + 1:len(base) + 6]) for p in folder.glob(f"{base}_?????_.png")
                  if p.name[len(base) + 1:len(base) + 6].isdigit()]
-        name = f"{base}_{max(taken, default=0) + 1:05d}_.png"
+        first = max(taken, default=0) + 1
         image = arg["images"]
         w, h = (image[1], image[2]) if isinstance(image, tuple) else (64, 64)
         seed = image[3] if isinstance(image, tuple) and len(image) > 3 else 0
-        (folder / name).write_bytes(png.picture(w, h, seed, self.image_mode, {"prompt": json.dumps(graph)},
-                                                     self.device))
-        return {"filename": name, "subfolder": sub, "type": kind}
+        saved = []
+        for i in range(image[4] if isinstance(image, tuple) and len(image) > 4 else 1):
+            name = f"{base}_{first + i:05d}_.png"
+            (folder / name).write_bytes(png.picture(w, h, seed + i, self.image_mode,
+                                                    {"prompt": json.dumps(graph)}, self.device))
+            saved.append({"filename": name, "subfolder": sub, "type": kind})
+        return saved

@@ -1,30 +1,37 @@
 """A stand-in ComfyUI 0.3.64 that speaks its HTTP + websocket API, built from real captured answers.
 
-For tests and sandbox hosts where no GPU runs ComfyUI: /system_stats, /object_info (the captured
-478 nodes, plus ComfyUI-nunchaku's), POST /prompt with ComfyUI's validation errors, a queue worker
-that emits ComfyUI's websocket messages and writes real PNGs, /history, /view, /queue (read, delete,
-clear), /free, /interrupt, /upload/image, /internal/logs. Run it as a process like the real one:
-`python -m provisioner.sandbox.comfyui_server --port 8188 --root DIR`.
+For tests and sandbox hosts where no GPU runs ComfyUI: /system_stats, /object_info (the v0.3.64
+tag's 478 core nodes, plus ComfyUI-nunchaku's), POST /prompt validated as ComfyUI validates it, a
+queue worker that emits ComfyUI's websocket messages in ComfyUI's order and writes real PNGs,
+/history, /view, /queue, /free, /interrupt, /upload/image, /internal/*, every route under /api.
+The real tier holds it against real ComfyUI request by request (tests/real/test_real_standin.py).
+Run it as a process like the real one: `python -m provisioner.sandbox.comfyui_server --port 8188 --root DIR`.
 
 As unkind as the real one where it matters: the port opens only after a start-up that takes time
 (`startup_s`), may hang (`hang_at_start`) or die (`die_at_start`) and logs the plugin's import
 failures; `/free` is applied by the prompt worker after its current item or when idle, and the
-unload takes time (`unload_s`); an illegal memory access poisons the process (`poison_after`);
-with `cpu` it runs on the CPU as `main.py --cpu` does.
+unload takes time (`unload_s`); the cache keeps only the last prompt's outputs; an interrupt lands
+when the next node starts; an illegal memory access poisons the process (`poison_after`); with
+`cpu` it runs on the CPU as `main.py --cpu` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import datetime
+import heapq
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
@@ -38,8 +45,13 @@ from provisioner.sandbox.comfyui_http import Handler
 
 HISTORY_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error",
                   "execution_interrupted")
+MAX_HISTORY = 10000                 # ComfyUI's MAXIMUM_HISTORY_SIZE: the oldest entry goes first
+SENSITIVE = ("auth_token_comfy_org", "api_key_comfy_org")   # extra_data keys /history leaves out
+LOG_CAPACITY = 300                  # ComfyUI's console ring buffer (/internal/logs): older entries drop out
 IDLE_MIB = 256                      # the CUDA context alone, before any model is loaded
-RAM_TOTAL, RAM_FREE = 25276510208, 23609884672      # the capture's, reported by a CPU device
+RAM_TOTAL, RAM_FREE = 25276510208, 23609884672      # the capture's, where /proc/meminfo is not
+# The v0.3.64 tag's workflow templates (the capture was of a commit that had moved to 0.1.95).
+TEMPLATES = {"installed_templates_version": "0.1.94", "required_templates_version": "0.1.94"}
 TORCH = "2.6.0+cu124"
 PYTHON = "3.11.7 (main, May  9 2026, 07:35:25) [GCC 12.2.0]"
 
@@ -57,20 +69,31 @@ class State:
         self.cpu, self.unload_s = cpu, unload_s
         self.cond = threading.Condition()
         self.number = 0
-        self.pending: list[list[Any]] = []
-        self.running: list[Any] | None = None
+        self.pending: list[tuple[Any, ...]] = []     # a heap, as ComfyUI's: (number, id, graph, extra, outputs)
+        self.running: tuple[Any, ...] | None = None
         self.history: dict[str, Any] = {}
         self.sockets: dict[str, tuple[Any, threading.Lock]] = {}
-        self.flags: dict[str, bool] = {}
+        self.client_id: str | None = None             # the running prompt's client, as ComfyUI's server has
+        self.last_node: str | None = None
+        self.subscribers: set[str] = set()            # PATCH /internal/logs/subscribe
+        self.flags: dict[str, Any] = {}
         self.stopping = False
         self.echo = echo
-        self.logs: list[dict[str, str]] = []       # ComfyUI's ring buffer: {"t": ISO time, "m": text}
+        self.logs: collections.deque[dict[str, str]] = collections.deque(maxlen=LOG_CAPACITY)
+        self.outbox: queue.Queue[tuple[str, Any, str | None] | None] = queue.Queue()
 
     def log(self, text: str) -> None:
-        """One entry of the console log (a multi-line block is one entry, as ComfyUI keeps it)."""
+        """One entry of the console log (a multi-line block is one entry, as ComfyUI keeps it);
+        subscribed websockets get it as a `logs` message."""
         text = text if text.endswith("\n") else text + "\n"
+        entry = {"t": datetime.datetime.now().isoformat(), "m": text}
         with self.cond:
-            self.logs.append({"t": datetime.datetime.now().isoformat(), "m": text})
+            self.logs.append(entry)
+            for sid in list(self.subscribers):
+                if sid in self.sockets:
+                    self.send("logs", {"entries": [entry], "size": None}, sid)
+                else:                                  # ComfyUI drops a subscriber that went away
+                    self.subscribers.discard(sid)
         if self.echo:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -82,71 +105,140 @@ class State:
     def registry(self) -> dict[str, Any]:
         return nodes.registry(self.base, self.executor.models_dir, self.root / "input")
 
+    def object_info(self, name: str | None = None) -> dict[str, Any]:
+        """/object_info (or one class of it): listing Load3D makes input/3d, as its INPUT_TYPES
+        does, after the folder loaders listed input/ (so the first answer does not show it)."""
+        found = self.registry()
+        if name is None or name in ("Load3D", "Load3DAnimation"):
+            (self.root / "input" / "3d").mkdir(parents=True, exist_ok=True)
+        return found if name is None else ({name: found[name]} if name in found else {})
+
     # -- websocket fan-out ---------------------------------------------------------------------
-    def send(self, event: str, data: dict[str, Any], sid: str | None = None) -> None:
-        """To one client (`sid`) or all, like PromptServer.send_sync."""
-        frame = ws.frame(ws.OP_TEXT, json.dumps({"type": event, "data": data}).encode())
-        targets = [self.sockets.get(sid)] if sid else list(self.sockets.values())
-        for target in targets:
-            if target is None:
-                continue
-            sock, lock = target
-            try:
-                with lock:
-                    sock.sendall(frame)
-            except OSError:
-                pass                                   # the handler thread notices and unregisters
+    def send(self, event: str, data: Any, sid: str | None = None) -> None:
+        """To one client (`sid`) or, with None, to all: queued and sent in order by one thread,
+        like PromptServer.send_sync and its publish loop."""
+        self.outbox.put((event, data, sid))
+
+    def publish(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            event, data, sid = message
+            frame = ws.frame(ws.OP_TEXT, json.dumps({"type": event, "data": data}).encode())
+            targets = list(self.sockets.values()) if sid is None else [self.sockets[sid]] if sid in self.sockets else []
+            for sock, lock in targets:
+                try:
+                    with lock:
+                        sock.sendall(frame)
+                except OSError:
+                    pass                                   # the handler thread notices and unregisters
 
     def queue_info(self) -> dict[str, Any]:
         return {"exec_info": {"queue_remaining": len(self.pending) + (self.running is not None)}}
 
+    def queue_updated(self) -> None:
+        self.send("status", {"status": self.queue_info()})
+
     # -- POST /prompt ----------------------------------------------------------------------------
-    def post_prompt(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def post_prompt(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """ComfyUI's POST /prompt on a body that parsed as JSON, whatever its type: a body its
+        handler cannot walk raises here, as there, and the caller answers 500. Every body that
+        gets this far takes a queue number, unless it gives its own (`front` is then ignored)."""
         with self.cond:
-            number = float(body["number"]) if "number" in body else self.number
-            if body.get("front"):
-                number = -number
-            self.number += 1
+            if "number" in body:
+                number = float(body["number"])
+            else:
+                number = -self.number if "front" in body and body["front"] else self.number
+                self.number += 1
         if "prompt" not in body:
             err = nodes.error_entry("no_prompt", "No prompt provided", "No prompt provided")
             return 400, {"error": err, "node_errors": {}}
         graph = body["prompt"]
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        error, node_errors, outputs = nodes.validate(graph, self.registry(), self.root / "input",
-                                                     models_listed=self.executor.models_dir is not None)
-        if error is not None:
-            self.log(f"invalid prompt: {error}")
-            return 400, {"error": error, "node_errors": node_errors}
-        extra = dict(body.get("extra_data") or {})
+        prompt_id = str(body.get("prompt_id", uuid.uuid4()))
+        targets = body["partial_execution_targets"] if "partial_execution_targets" in body else None
+        error, node_errors, outputs = nodes.validate(graph, self.registry(), self.root / "input", targets)
+        extra = body["extra_data"] if "extra_data" in body else {}
         if "client_id" in body:
             extra["client_id"] = body["client_id"]
+        if error is not None:
+            for out in dict.fromkeys(o for e in node_errors.values() for o in e["dependent_outputs"]):
+                self.log(f"Failed to validate prompt for output {out}:\nOutput will be ignored")
+            self.log(f"invalid prompt: {error}")
+            return 400, {"error": error, "node_errors": node_errors}
         with self.cond:
-            self.log("got prompt")
-            self.pending.append([number, prompt_id, graph, extra, outputs])
-            self.pending.sort(key=lambda item: item[0])
+            heapq.heappush(self.pending, (number, prompt_id, graph, extra, outputs))
+            self.queue_updated()
             self.cond.notify_all()
-        self.send("status", {"status": self.queue_info()})
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
-    def free(self, names: set[str]) -> None:
+    def free(self, body: Any) -> None:
         """POST /free: ComfyUI sets a flag for each truthy key only, and flags add up until applied."""
+        unload, free = body.get("unload_models", False), body.get("free_memory", False)
         with self.cond:
-            self.flags.update(dict.fromkeys(names, True))
+            if unload:
+                self.flags["unload_models"] = unload
+            if free:
+                self.flags["free_memory"] = free
             self.cond.notify_all()
 
-    def interrupt(self, prompt_id: str | None) -> None:
-        """POST /interrupt: the running prompt (only if it is the one named); a pending one is untouched."""
+    def interrupt(self, body: Any) -> None:
+        """POST /interrupt: the running prompt when it is the one named; without a name, whatever
+        runs (or the next node of nothing: the flag is cleared when a prompt starts)."""
+        prompt_id = body.get("prompt_id")
         with self.cond:
-            if self.running is not None and prompt_id in (None, self.running[1]):
-                self.executor.interrupt.set()
+            if not prompt_id:
+                self.log("Global interrupt (no prompt_id specified)")
+            elif self.running is None or self.running[1] != prompt_id:
+                self.log(f"Prompt {prompt_id} is not currently running, skipping interrupt")
+                return
+            else:
+                self.log(f"Interrupting prompt {prompt_id}")
+            self.executor.interrupt.set()
 
-    def edit_queue(self, delete: list[str], clear: bool) -> None:
-        """POST /queue: drop pending items (the running one stays, as in ComfyUI)."""
+    def edit_queue(self, body: Any) -> None:
+        """POST /queue: clear, and/or delete pending items by id (the running one stays); each
+        removal is a `status` message, two when it empties the queue, as in ComfyUI."""
         with self.cond:
-            self.pending = [] if clear else [p for p in self.pending if p[1] not in set(delete)]
-        self.send("status", {"status": self.queue_info()})
+            if "clear" in body and body["clear"]:
+                self.pending = []
+                self.queue_updated()
+            if "delete" in body:
+                for doomed in body["delete"]:
+                    at = next((i for i, item in enumerate(self.pending) if item[1] == doomed), None)
+                    if at is None:
+                        continue
+                    if len(self.pending) == 1:
+                        self.pending = []
+                        self.queue_updated()
+                    else:
+                        self.pending.pop(at)
+                        heapq.heapify(self.pending)
+                    self.queue_updated()
 
-    def _apply_flags(self, flags: dict[str, bool]) -> None:
+    def edit_history(self, body: Any) -> None:
+        """POST /history: clear, and/or delete entries by id."""
+        with self.cond:
+            if "clear" in body and body["clear"]:
+                self.history = {}
+            if "delete" in body:
+                for doomed in body["delete"]:
+                    self.history.pop(doomed, None)
+
+    def get_history(self, prompt_id: str | None = None, max_items: int | None = None,
+                    offset: int = -1) -> dict[str, Any]:
+        """GET /history (the last `max_items` by default, or `max_items` from `offset`) or one entry."""
+        with self.cond:
+            if prompt_id is not None:
+                return {prompt_id: copy.deepcopy(self.history[prompt_id])} if prompt_id in self.history else {}
+            if offset < 0 and max_items is not None:
+                offset = len(self.history) - max_items
+            out: dict[str, Any] = {}
+            for i, key in enumerate(self.history):
+                if i >= offset:
+                    out[key] = self.history[key]
+                    if max_items is not None and len(out) >= max_items:
+                        break
+            return out
+
+    def _apply_flags(self, flags: dict[str, Any]) -> None:
         """As ComfyUI's prompt worker does after an item, or when idle; unload_models defaults to
         free_memory. Unloading takes time: memory falls while it runs."""
         gpu = self.executor.gpu
@@ -169,63 +261,89 @@ class State:
                     self.cond.wait()
                 if self.stopping:
                     return
-                item = self.running = self.pending.pop(0) if self.pending else None
+                item = self.running = copy.deepcopy(heapq.heappop(self.pending)) if self.pending else None
+                if item is not None:
+                    self.queue_updated()               # the worker took it
             if item is not None:
                 self.execute(item)
             with self.cond:
                 flags, self.flags = self.flags, {}
             self._apply_flags(flags)
 
-    def execute(self, item: list[Any]) -> None:
+    def execute(self, item: tuple[Any, ...]) -> None:
+        """One prompt, with ComfyUI's messages: the execution_* ones are kept for /history and sent
+        only to the prompt's client (an interruption to everyone when there is none); executing
+        and executed only to a client; progress_state and progress to the client or everyone."""
         number, prompt_id, graph, extra, outputs = item
-        sid = extra.get("client_id")
+        sid = extra.get("client_id") if "client_id" in extra else None
+        self.client_id = sid
         messages: list[list[Any]] = []
+
+        def add_message(event: str, data: dict[str, Any], broadcast: bool = False) -> None:
+            data = {**data, "timestamp": int(time.time() * 1000)}
+            messages.append([event, data])
+            if sid is not None or broadcast:
+                self.send(event, data, sid)
 
         def send(event: str, data: dict[str, Any]) -> None:
             if event in HISTORY_EVENTS:
-                messages.append([event, data])
-            self.send(event, data, sid)
+                add_message(event, data)
+            elif event in ("progress_state", "progress"):
+                self.send(event, data, sid)
+            elif sid is not None:
+                if event == "executing":
+                    self.last_node = data["node"]
+                self.send(event, data, sid)
 
         began = time.perf_counter()
         self.executor.interrupt.clear()          # an interrupt sent while idle is forgotten
-        send("execution_start", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)})
-        ui: dict[str, Any] = {}
+        add_message("execution_start", {"prompt_id": prompt_id})
+        ok = False
         try:
-            ui = self.executor.run(prompt_id, graph, outputs, send)
-            send("execution_success", {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)})
+            self.executor.run(prompt_id, graph, outputs, send)
+            add_message("execution_success", {"prompt_id": prompt_id})
+            ok = True
         except Interrupted as err:
             self.log("Processing interrupted")
-            send("execution_interrupted", {
-                "prompt_id": prompt_id, "node_id": err.node_id, "node_type": err.node_type,
-                "executed": err.executed, "timestamp": int(time.time() * 1000)})
-            ui = {}
+            add_message("execution_interrupted", {"prompt_id": prompt_id, "node_id": err.node_id,
+                                                  "node_type": err.node_type, "executed": err.executed},
+                        broadcast=True)
         except NodeFailed as err:
-            self.log("!!! Exception during processing !!! " + str(err).strip())
-            send("execution_error", {
+            self.log(f"!!! Exception during processing !!! {err}")
+            add_message("execution_error", {
                 "prompt_id": prompt_id, "node_id": err.node_id, "node_type": err.node_type,
-                "executed": err.executed, "exception_message": str(err),
-                "exception_type": err.exception_type, "traceback": [],
-                "current_inputs": {}, "current_outputs": outputs, "timestamp": int(time.time() * 1000)})
-            ui = {}
-        ok = messages[-1][0] == "execution_success"
+                "executed": err.executed, "exception_message": f"{err}\n",
+                "exception_type": err.exception_type, "traceback": _traceback(err),
+                "current_inputs": err.inputs, "current_outputs": list(graph)})
+        ui = self.executor.outputs_of(graph)
+        self.last_node = None
         with self.cond:
+            if len(self.history) > MAX_HISTORY:
+                self.history.pop(next(iter(self.history)))
+            kept = {k: v for k, v in extra.items() if k not in SENSITIVE} if isinstance(extra, dict) else extra
             self.history[prompt_id] = {
-                "prompt": [number, prompt_id, graph, extra, outputs], "outputs": ui,
+                "prompt": [number, prompt_id, graph, kept, outputs], "outputs": ui,
                 "status": {"status_str": "success" if ok else "error", "completed": ok,
                            "messages": messages},
                 "meta": {k: {"node_id": k, "display_node": k, "parent_node": None, "real_node_id": k}
                          for k in ui},
             }
             self.running = None
-        # ComfyUI sends this after storing the history: clients take it as "done".
-        self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
+            self.queue_updated()                 # the history is stored first: clients take these as "done"
+        if sid is not None:
+            self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
         self.log(f"Prompt executed in {time.perf_counter() - began:.2f} seconds")
-        self.send("status", {"status": self.queue_info()})
 
     def system_stats(self) -> dict[str, Any]:
+        """ComfyUI's answer: this machine's RAM (as psutil reads it); on the CPU, the device is the
+        RAM too, as `main.py --cpu` reports it; else the stand-in GPU."""
         stats = nodes.load_capture("system_stats.json")
-        stats["system"].update(argv=self.argv, pytorch_version=TORCH, python_version=PYTHON)
-        if self.cpu:                    # the capture itself was made on a CPU: its device as it is
+        ram_total, ram_free = machine_ram()
+        stats["system"].update(argv=self.argv, pytorch_version=TORCH, python_version=PYTHON,
+                               ram_total=ram_total, ram_free=ram_free, **TEMPLATES)
+        if self.cpu:
+            stats["devices"] = [{"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total,
+                                 "vram_free": ram_free, "torch_vram_total": ram_total, "torch_vram_free": ram_free}]
             return stats
         gpu, mib = self.executor.gpu, 2**20
         stats["devices"] = [{
@@ -233,6 +351,20 @@ class State:
             "vram_total": gpu.total_mib * mib, "vram_free": (gpu.total_mib - gpu.used_mib) * mib,
             "torch_vram_total": (gpu.used_mib - IDLE_MIB) * mib, "torch_vram_free": 0}]
         return stats
+
+
+def machine_ram() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM from /proc/meminfo; the capture's elsewhere."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(info["MemTotal"].split()[0]) * 1024, int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return RAM_TOTAL, RAM_FREE
+
+
+def _traceback(err: BaseException) -> list[str]:
+    """The failing node's traceback as ComfyUI lists it: one text per frame, ours here."""
+    return traceback.format_tb(err.__traceback__) or [f"  File \"execution.py\", in execute\n    raise {type(err).__name__}\n"]
 
 
 def device_name(gpu_name: str) -> str:
@@ -253,6 +385,7 @@ class ComfyServer:
         with self.state.cond:
             self.state.stopping = True
             self.state.cond.notify_all()
+        self.state.outbox.put(None)
         self.httpd.shutdown()
         self.httpd.server_close()
         for sock, _ in list(self.state.sockets.values()):
@@ -282,7 +415,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     `nunchaku_nodes=False`: the plugin without a working backend (only its two backend-free nodes):
     not installed, or installed as `backend` but failing to import with `backend_error`;
     `plugin=False`: no ComfyUI-nunchaku at all; `plugin_dir`: its folder under custom_nodes/.
-    `models_dir`: loader choices are its files (else any name passes); `check_models`: loaders open
+    `models_dir`: loader choices are its files (default: ROOT/models; none there: every name is
+    refused, as ComfyUI refuses them); `check_models`: loaders open
     safetensors headers. `gpu_uuid`: the GPU whose memory it drives in the nvidia-smi state file.
     `die_at_start`: the last line of the traceback it dies with; `hang_at_start`: never listens."""
     if image_mode not in comfyui_png.MODES:
@@ -297,7 +431,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     gpu = Gpu(vram_total_mib, IDLE_MIB, vram_mib, lambda mib: _write_gpu_state(state_file, mib, gpu_uuid))
     gpu.set(IDLE_MIB)
     executor = Executor(base_dir, gpu, image_mode, cold_s, warm_s,
-                        Path(models_dir) if models_dir else None, check_models, poison_after=poison_after,
+                        Path(models_dir) if models_dir else base_dir / "models", check_models,
+                        poison_after=poison_after,
                         device=f"{gpu_uuid or gpu_name}:{base_dir.resolve()}")
     base = nodes.base_registry(plugin=plugin, backend=nunchaku_nodes, plugin_dir=plugin_dir)
     packs = nodes.custom_node_packs(base_dir / "custom_nodes", plugin_dir)
@@ -324,6 +459,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     argv[-1] = str(real_port)
     httpd.state = state  # type: ignore[attr-defined]
     threading.Thread(target=state.worker, name="comfyui-prompt-worker", daemon=True).start()
+    threading.Thread(target=state.publish, name="comfyui-publish", daemon=True).start()
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                      name="comfyui-http", daemon=True).start()
     loaded = ([str(plugin_path)] if plugin else []) + [str(base_dir / "custom_nodes" / f) for f in packs]
@@ -354,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8188)
     ap.add_argument("--listen", default="127.0.0.1")
     ap.add_argument("--root", default=".", help="ComfyUI root: input/, output/, models/ live here")
-    ap.add_argument("--models-dir", help="default: ROOT/models when it exists")
+    ap.add_argument("--models-dir", help="default: ROOT/models")
     ap.add_argument("--no-nunchaku", action="store_true", help="plugin present, backend missing")
     ap.add_argument("--backend", help="the installed nunchaku's version (with --no-nunchaku: installed, "
                     "failing to import with --backend-error)")
@@ -379,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poison-after", type=int, help="samplings before an illegal memory access")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
-    models = args.models_dir or (str(root / "models") if (root / "models").is_dir() else None)
+    models = args.models_dir
     gpu = host_gpu(args.nvidia_smi, args.cuda_device) if args.nvidia_smi else None
     name, total, gpu_uuid = gpu or ("NVIDIA GeForce RTX 3090", args.vram_total_mib, None)
     try:

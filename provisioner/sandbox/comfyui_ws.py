@@ -1,8 +1,10 @@
 """The stand-in ComfyUI's side of RFC 6455, written apart from the client's (`verify/ws.py`) so that
 the client is tested against framing that is not its own.
 
-Servers send unmasked frames and must receive masked ones (RFC 6455 §5.1); a client frame that is
-not masked is a protocol error, answered with close code 1002, as aiohttp does.
+Servers send unmasked, unfragmented frames. What they take is aiohttp 3.14's reading, checked
+against real ComfyUI (tests/real/test_real_standin.py): a client frame need not be masked; reserved
+bits, an unknown opcode, a fragmented or long control frame, a continuation out of place or an
+invalid close code end the socket with 1002, text that is not UTF-8 with 1007.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from collections.abc import Callable
 
 MAGIC = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-PROTOCOL_ERROR = 1002
+NORMAL, PROTOCOL_ERROR, INVALID_TEXT = 1000, 1002, 1007
 
 
 class ProtocolError(Exception):
-    """The client broke the framing rules (an unmasked frame)."""
+    """The client broke the framing rules: the close code the server answers with."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 class Closed(Exception):
@@ -47,7 +53,7 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 def receive(read: Callable[[int], bytes]) -> tuple[int, bytes]:
     """The next client message (continuations joined): (opcode, payload). `read(n)` returns at most
-    n bytes, b"" at end of stream."""
+    n bytes, b"" at end of stream. Raises ProtocolError for what aiohttp refuses."""
     def exactly(n: int) -> bytes:
         got = bytearray()
         while len(got) < n:
@@ -60,19 +66,38 @@ def receive(read: Callable[[int], bytes]) -> tuple[int, bytes]:
     message, first = bytearray(), None
     while True:
         head, second = exactly(2)
-        if not second & 0x80:
-            raise ProtocolError("client frame not masked")
+        opcode, final = head & 0x0F, bool(head & 0x80)
+        if head & 0x70:
+            raise ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+        if opcode not in (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG):
+            raise ProtocolError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
         size = second & 0x7F
+        if opcode >= OP_CLOSE and (not final or size > 125):
+            raise ProtocolError(PROTOCOL_ERROR, "control frame fragmented or longer than 125 bytes")
         if size == 126:
             (size,) = struct.unpack("!H", exactly(2))
         elif size == 127:
             (size,) = struct.unpack("!Q", exactly(8))
-        mask = exactly(4)
+        mask = exactly(4) if second & 0x80 else b"\0\0\0\0"     # aiohttp takes unmasked frames too
         data = bytes(b ^ mask[i & 3] for i, b in enumerate(exactly(size)))
-        opcode = head & 0x0F
+        if opcode == OP_CLOSE:
+            if len(data) == 1 or len(data) >= 2 and not _valid_close(struct.unpack("!H", data[:2])[0]):
+                raise ProtocolError(PROTOCOL_ERROR, "invalid close code")
+            return opcode, data
         if opcode >= OP_CLOSE:                     # control frames may come between fragments
             return opcode, data
+        if (opcode == OP_CONT) != (first is not None):
+            raise ProtocolError(PROTOCOL_ERROR, "continuation frame out of place")
         first = opcode if first is None else first
         message += data
-        if head & 0x80:
+        if final:
+            if first == OP_TEXT:
+                try:
+                    bytes(message).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(INVALID_TEXT, "text is not UTF-8") from None
             return first, bytes(message)
+
+
+def _valid_close(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code < 5000

@@ -22,6 +22,9 @@ import upstream
 from lab import REPO, Lab, open_lab
 from realhost import RealHost, make_real_host
 
+TEMPLATES = Path(__file__).with_name("templates")
+SMOKE_TEMPLATE = "smoke-invert.json.j2"       # model-free: runs on real ComfyUI on a CPU
+
 # -- session: sources, the venv, one lab ---------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -60,11 +63,19 @@ def real_lab(tmp_path_factory: pytest.TempPathFactory, plugin_repo: Path) -> Ite
     """One lab for the whole tier: stand-ins for the backend release, packages and models; every
     host joins its inventory, tests pick theirs with --limit. Backend 1.2.1: the real venv's torch
     is 2.9.1+cu128, and of upstream's releases only 1.2.1 has a wheel built for torch 2.9 with CUDA
-    12.8 (1.1.0's and 1.2.0's +torch2.9 wheels were built with CUDA 13.0)."""
+    12.8 (1.1.0's and 1.2.0's +torch2.9 wheels were built with CUDA 13.0).
+
+    No nunchaku backend runs without a GPU, so the model family's nodes never register here: the
+    profile verifies with a model-free workflow (LoadImage of the checkout's example.png ->
+    ImageInvert -> SaveImage) and `verify.family_nodes: false`, which the readiness wait after a
+    restart follows too. A test that wants the family's nodes required sets it back for its host
+    (`lab.overlays`)."""
     with open_lab(tmp_path_factory.mktemp("real-lab")) as lab:
         lab.base_profile = REPO / "profiles" / "base.yaml"
         lab.profile_extra = {"plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},
-                             "backend": {"version": "1.2.1"}, "model": {"precision": "int4"}}
+                             "backend": {"version": "1.2.1"}, "model": {"precision": "int4"},
+                             "workflow": {"template_dir": str(TEMPLATES), "templates": [SMOKE_TEMPLATE]},
+                             "verify": {"family_nodes": False}}
         lab.write()
         yield lab
 

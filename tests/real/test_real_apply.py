@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_real_plugin_v110_applies_and_a_second_apply_changes_nothing(
     code, out = real_lab.run("plan", "--limit", host.name)
     assert code == 2, out
     assert f"clone ComfyUI-nunchaku v1.1.0 into {host.plugin}" in out
-    assert "nunchaku (none) -> 1.2.1+cu12.8torch2.9" in out          # the real venv's torch decides
+    assert "nunchaku (none) -> 1.2.1+cu12.8torch2.9" in out, out     # the real venv's torch decides
 
     code, out = real_lab.run("apply", "--limit", host.name, "--no-verify")
     assert code == 2, out
@@ -75,3 +76,26 @@ def test_real_plugin_v110_applies_and_a_second_apply_changes_nothing(
     assert mtimes(host.comfy) == before_mtimes
     assert host.sshd.wait_counts(1, 1, since=since) == (1, 1)        # one connection, one exec
     assert host.pid() is not None and http_json(host.url + "/system_stats")  # and no restart
+
+
+def test_an_apply_whose_restart_returns_before_comfyui_listens_verifies_once_it_is_ready(
+        real_lab: Lab, real_host: Callable[..., RealHost]) -> None:
+    host = real_host("v0.3.64")
+    host.wait_ready()
+    old_pid = host.pid()
+    code, out = real_lab.run("apply", "--limit", host.name)
+    assert code == 2, out
+    assert "1 changed, 0 unchanged, 0 failed" in out
+    assert "handler: restarted ComfyUI" in out
+    # The service runner's restart returned at once; real ComfyUI took seconds more to listen
+    # (torch, then every custom node, before the port opens), and the handler waited it out.
+    waited = re.search(r"ComfyUI answers after (\d+) s, (\d+) node classes registered", out)
+    assert waited, out
+    assert int(waited.group(1)) >= 1 and int(waited.group(2)) > 400
+    assert host.pid() != old_pid
+    # Then the verification ran against the new process, and every check passed.
+    said = " ".join(out.split())
+    for check in ("comfyui_reachable", "nodes_registered", "workflow_accepted", "comfyui_ready",
+                  "generation", "images_ok"):
+        assert f"PASS {check}" in said, out
+    assert "FAIL" not in said and "Traceback" not in out

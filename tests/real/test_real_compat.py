@@ -68,3 +68,21 @@ def test_plugin_v120_applies_on_a_real_core_patched_to_take_use_additional_t_con
     assert "ComfyUI-nunchaku version: 1.2.0" in host.log()
     assert "NunchakuWheelInstaller" in http_json(host.url + "/object_info")
     assert real_lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_plugin_v110_is_refused_on_real_v0348_which_has_no_qwen_image(
+        real_lab: Lab, real_host: Callable[..., RealHost]) -> None:
+    host = real_host("v0.3.48", start=False)    # decided from the host's files
+    assert not (host.comfy / "comfy" / "ldm" / "qwen_image").exists()          # upstream's fact
+    before = tree_state(host.comfy, skip=("venv", "__pycache__"))
+    for verb in ("plan", "apply"):
+        code, out = real_lab.run(verb, "--limit", host.name, "--no-verify" if verb == "apply" else "-v")
+        assert code == 1, out
+        said = " ".join(out.split())
+        assert ("ComfyUI-nunchaku v1.1.0 builds Qwen-Image on ComfyUI core's comfy/ldm/qwen_image, which "
+                "this host's ComfyUI 0.3.48 does not have (it came after 0.3.48): update ComfyUI") in said
+        # The profile's model family (Qwen-Image-Edit-2509) needs a later core too, and says so.
+        assert "model.family qwen-image-edit-2509 needs ComfyUI >= 0.3.60" in said
+        assert "Traceback" not in out
+    assert not host.plugin.exists()
+    assert tree_state(host.comfy, skip=("venv", "__pycache__")) == before
