@@ -8,6 +8,7 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   fetch.py   resumable, sha256-checked downloads, and verify-only hashing of a file in place
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
   ready.py   waits until a restarted ComfyUI answers and lists the required nodes
+  hold.py    writes the constraints file holding a venv's torch family as installed (run by that venv)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock", "ready")
+PROGRAMS = ("facts", "fetch", "lock", "ready", "hold")
 
 
 @lru_cache(maxsize=None)
@@ -53,3 +54,8 @@ def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequ
     and how to tell that the service died (`alive` printing one of `dead`)."""
     return json.dumps({"url": url, "nodes": list(nodes), "timeout": timeout, "alive": list(alive) or None,
                        "dead": list(dead), "every": every}).encode()
+
+
+def hold_request(*, dest: str, names: Sequence[str], prefixes: Sequence[str]) -> bytes:
+    """The hold program's stdin: where the constraints file goes and which distributions it holds."""
+    return json.dumps({"dest": dest, "names": list(names), "prefixes": list(prefixes)}).encode()

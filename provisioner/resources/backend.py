@@ -142,7 +142,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     asset, source = find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
-    hold, constraints = hold_step(profile, env)
+    hold, constraints = hold_step(profile)
     steps: list = [get, hold]
     if current is not None and not real:
         # PyPI's `nunchaku` (data segmentation) shares the import name: remove it explicitly.

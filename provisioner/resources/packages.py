@@ -162,7 +162,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         return changes(notes=notes)
     # One argv element per requirement: `>=` never meets a shell unquoted.
     specs = tuple(str(floor.requirement) for floor, _ in missing.values())
-    hold, constraints = hold_step(profile, facts.env)
+    hold, constraints = hold_step(profile)
     argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
             "-c", constraints, *profile.pip.args(), *specs)
     before: Mapping[str, object] = {n: have for n, (_, have) in missing.items()}
