@@ -97,9 +97,10 @@ class GitCheckout:
     tags: tuple[str, ...] = ()                   # tags pointing at HEAD
     branch: str | None = None                    # None when detached
     dirty: tuple[str, ...] = ()                  # `git status --porcelain` paths
-    untracked: tuple[str, ...] = ()              # of those, the untracked ones (`??`)
     remote: str | None = None                    # origin URL
     error: str | None = None                     # why it could not be read (git missing), not "not a repo"
+    untracked: tuple[str, ...] = ()              # of `dirty`, the untracked ones (`??`)
+    entries: tuple[str, ...] = ()                # a folder that is no checkout: what it holds (50 at most)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class UnitState:
 @dataclass(frozen=True)
 class Units:
     files: Mapping[tuple[str, str], tuple[UnitFile, ...]] = field(default_factory=dict)
+    writable: Mapping[str, bool] = field(default_factory=dict)    # may the login write unit files there
     state: Mapping[str, UnitState] = field(default_factory=dict)
     error: str | None = None                     # why systemctl could not answer (no systemd)
 

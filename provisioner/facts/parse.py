@@ -136,7 +136,7 @@ def _git(path: str, raw: Mapping[str, Any]) -> GitCheckout:
         path=path, exists=bool(raw.get("exists")), is_repo=bool(raw.get("is_repo")),
         head=raw.get("head"), tags=tuple(raw.get("tags") or ()), branch=raw.get("branch"),
         dirty=tuple(raw.get("dirty") or ()), untracked=tuple(raw.get("untracked") or ()),
-        remote=raw.get("remote"), error=raw.get("error"),
+        entries=tuple(raw.get("entries") or ()), remote=raw.get("remote"), error=raw.get("error"),
     )
 
 
@@ -171,6 +171,7 @@ def _units(raw: Mapping[str, Any]) -> Units:
 
     return Units(files={(folder, pattern): tuple(UnitFile(f["name"], f["path"], f["text"]) for f in found)
                         for folder, pattern, found in raw.get("files") or ()},
+                 writable={folder: bool(ok) for folder, ok in (raw.get("writable") or {}).items()},
                  state={name: state(props) for name, props in (raw.get("state") or {}).items()},
                  error=raw.get("error"))
 
@@ -251,6 +252,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "comfyui_version": facts.comfyui_version,
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
                     "branch": g.branch, "dirty": list(g.dirty), "untracked": list(g.untracked),
+                    "entries": list(g.entries),
                     "remote": g.remote, "error": g.error}
                 for p, g in sorted(facts.git.items())},
         "files": {p: {"exists": f.exists, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256}
@@ -270,6 +272,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
                       for port, found in sorted(facts.listeners.items())},
         "units": {"files": [{"dir": d, "glob": g, "found": [{"name": f.name, "path": f.path} for f in found]}
                             for (d, g), found in sorted(facts.units.files.items())],
+                  "writable": dict(sorted(facts.units.writable.items())),
                   "state": {n: {"load": s.load, "active": s.active, "sub": s.sub, "main_pid": s.main_pid,
                                 "enabled": s.enabled, "path": s.path}
                             for n, s in sorted(facts.units.state.items())},

@@ -239,7 +239,12 @@ def git_checkout(path):
     rc, top, err = git("rev-parse", "--show-toplevel")
     if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
         # Not a checkout itself (a plain folder inside ComfyUI's own checkout is not the plugin's).
-        return {"exists": True, "is_repo": False, "error": err.strip() if rc not in (0, 128) else None}
+        try:
+            entries = sorted(os.listdir(path))[:50]
+        except OSError:
+            entries = []
+        return {"exists": True, "is_repo": False, "error": err.strip() if rc not in (0, 128) else None,
+                "entries": entries}
     rc, head, _ = git("rev-parse", "--verify", "-q", "HEAD")
     rc_b, branch, _ = git("symbolic-ref", "-q", "--short", "HEAD")
     _, tags, _ = git("tag", "--points-at", "HEAD")
@@ -381,11 +386,15 @@ UNIT_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "UnitFileS
 
 
 def units(req):
-    """Unit files matching each (dir, glob) with their text, and systemd's view of those units and
-    of the named ones: {"files": [[dir, glob, [{name, path, text}]]], "state": {name: {Property:
-    value}}, "error": why systemctl cannot answer}."""
-    files, names = [], list(req.get("names") or [])
+    """Unit files matching each (dir, glob) with their text, whether we may write there, and systemd's
+    view of those units and of the named ones: {"files": [[dir, glob, [{name, path, text}]]],
+    "writable": {dir: bool}, "state": {name: {Property: value}}, "error": why systemctl cannot answer}."""
+    files, names, writable = [], list(req.get("names") or []), {}
     for folder, pattern in req.get("files") or []:
+        existing = folder
+        while not os.path.isdir(existing) and existing != os.path.dirname(existing):
+            existing = os.path.dirname(existing)
+        writable[folder] = os.access(existing, os.W_OK)
         try:
             listed = sorted(n for n in os.listdir(folder) if fnmatch.fnmatchcase(n, pattern))
         except OSError:
@@ -398,13 +407,18 @@ def units(req):
                 found.append({"name": name, "path": path, "text": text})
                 names.append(name)
         files.append([folder, pattern, found])
-    out = {"files": files, "state": {}, "error": None}
-    if not names:
+    out = {"files": files, "writable": writable, "state": {}, "error": None}
+    if not names and not files:
         return out
     systemctl = shutil.which("systemctl")
     if not systemctl:
         out["error"] = "systemctl not found"
         return out
+    if not names:               # no unit yet: does systemd answer at all (not PID 1 in a container)?
+        rc, stdout, err = _run([systemctl, "show", "--property=Version"], timeout=20.0)
+        if rc != 0:
+            lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
+            out["error"] = lines[-1] if lines else "systemctl show exited %d" % rc
     for name in dict.fromkeys(names):
         argv = [systemctl, "show", "--no-pager"] + ["--property=" + p for p in UNIT_PROPERTIES] + ["--", name]
         rc, stdout, err = _run(argv, timeout=20.0)
