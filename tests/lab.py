@@ -85,14 +85,14 @@ class LabHost:
         """Stand-in flags for its next (re)starts, beside the lab's start-up delay."""
         comfyui_process.set_args(self.comfy, ("--startup-s", str(STARTUP_S), *args))
 
-    def under_systemd(self, unit: str = "comfyui", then: str = "") -> dict[str, Any]:
+    def under_systemd(self, unit: str = "comfyui", then: str = "", listen: str = "127.0.0.1") -> dict[str, Any]:
         """Run this host's ComfyUI as a systemd unit written by hand (the seed's own setup): its main.py
         from its venv, `then` as ExecStartPost (run before `systemctl restart` returns). Returns its
         `comfyui` keys: provision restarts that unit (`comfyui.restart.systemd`)."""
         post = f"ExecStartPost=/bin/sh -c {json.dumps(then)}\n" if then else ""
         (self.unit_dir / f"{unit}.service").write_text(
             f"[Unit]\nDescription=ComfyUI (written by hand)\n\n[Service]\nWorkingDirectory={self.comfy}\n"
-            f"ExecStart={self.sandbox.python} {self.comfy}/main.py --listen 127.0.0.1 --port {self.port}\n{post}"
+            f"ExecStart={self.sandbox.python} {self.comfy}/main.py --listen {listen} --port {self.port}\n{post}"
             "\n[Install]\nWantedBy=multi-user.target\n")
         comfyui_process.stop(self.comfy)
         for args in (("daemon-reload",), ("enable", unit), ("start", unit)):

@@ -176,7 +176,7 @@ def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> In
     if text is None:
         return Install((hold, Run((*pip, "-r", path), what=f"pip install -r {path}", timeout=3600.0)),
                        f"pip install -r requirements.txt of {origin}", {},
-                       {"requirements": f"{path} of {origin} (read once checked out)"})
+                       {"requirements": f"all of {path} ({origin}'s, read once checked out)"})
     missing = unmet(text, facts)
     if not missing:
         return None
@@ -310,9 +310,9 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         if needed is not None:
             steps += needed.steps
             summary.append(needed.summary)
-            after["requirements"] = needed.after
+            after.update(needed.after)
             if before is not None:
-                before["requirements"] = needed.before
+                before.update(needed.before)
     return changes(Change(name, root, action, "; ".join(summary), before, after, tuple(steps), notify=RESTART,
                           warnings=tuple(warnings)), notes=notes)
 
