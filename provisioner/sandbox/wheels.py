@@ -211,10 +211,14 @@ STAND_INS: tuple[tuple[str, str], ...] = (
 )
 
 
-def build_package_wheelhouse(out_dir: Path) -> Path:
-    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend."""
+def build_package_wheelhouse(out_dir: Path, names: Iterable[str] | None = None) -> Path:
+    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend
+    (`names`: only those)."""
     out_dir = Path(out_dir)
+    only = None if names is None else set(names)
     for name, version in STAND_INS:
+        if only is not None and name not in only:
+            continue
         init_py = f'"""Sandbox stand-in for {name} {version}."""\n__version__ = {version!r}\n'
         build_wheel(
             out_dir, name, version, {f"{name}/__init__.py": init_py},
