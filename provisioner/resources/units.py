@@ -167,8 +167,8 @@ def describe(listeners: Sequence[Listener]) -> str:
     out = []
     for x in listeners:
         ip = _ip(x.address)
-        what = "every address" if ip is not None and ip.is_unspecified else \
-            "a public address" if ip is not None and ip.is_global else "a network address"
-        who = f"; pid {x.pid}: {' '.join(x.cmdline or ())[:160]}" if x.pid else ""
+        what = ("an address" if ip is None else "every address" if ip.is_unspecified else "loopback"
+                if ip.is_loopback else "a public address" if ip.is_global else "a network address")
+        who = (f"; pid {x.pid}" + (f": {' '.join(x.cmdline)[:160]}" if x.cmdline else "")) if x.pid else ""
         out.append(f"{x.address} ({what}{who})")
     return ", ".join(out)
