@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -155,7 +157,7 @@ class Lab:
             install_service_manager(sandbox.bin_dir, sandbox.root / "etc" / "systemd" / "system",
                                     sandbox.root / "systemd")
             (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
-            host = LabHost(name, sandbox, server, free_port(), managed=True)
+            host = LabHost(name, sandbox, server, service_port(), managed=True)
             comfyui_process.set_host_args(host.comfy, ("--startup-s", str(STARTUP_S)))
             self.hosts.append(host)
             made.append(host)
@@ -222,6 +224,23 @@ class Lab:
         for host in self.hosts:
             host.stop()
         self.fleet.stop_all()
+
+
+def service_port(span: int = 4) -> int:
+    """A port for a ComfyUI that provision starts minutes from now (and `span` - 1 above it free too,
+    for per-gpu instances): below the kernel's ephemeral range, so that no test elsewhere on this
+    machine that binds port 0 meanwhile is handed it."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low - span)
+        try:
+            for p in range(port, port + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    return free_port()
 
 
 @contextmanager

@@ -141,7 +141,8 @@ def test_the_pair_is_checked_at_the_core_the_plan_leads_to(lab: Lab) -> None:
     """The plugin needs comfy/ldm/qwen_image, which the stand-in 0.3.48 does not have: refused in the
     plan, from the v0.3.48 tag's own files (the checkout holds the tag), before either moves."""
     host = managed(lab, version="v0.3.60")
-    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 2
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
     pinned(lab, host, version="v0.3.48")
     head = git(host, "rev-parse", "HEAD")
     code, out = lab.run("apply", "--limit", host.name, "--no-verify")
@@ -214,7 +215,8 @@ def test_one_instance_per_gpu_each_restarted_verified_and_reported(lab: Lab, tmp
 def test_moving_torch_moves_the_backend_wheel_with_it(lab: Lab) -> None:
     """An RTX 5090 host (driver 570.133.07): cuda auto picks cu126 for torch 2.6, cu128 for 2.8."""
     host = managed(lab, gpu="rtx5090")
-    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 2
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
     assert next(host.comfy.glob("venv/lib/python3*/site-packages/torch-2.6.0+cu126.dist-info"))
     pinned(lab, host, torch="2.8.0")
     code, out = lab.run("plan", "--limit", host.name)

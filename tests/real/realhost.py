@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import upstream
+from lab import service_port
 from service import running_pid
 from service_manager import stop_all as stop_units
 from sshd import SshdHost, free_port, install_service_manager
@@ -150,4 +151,4 @@ class BareRealHost:
 
 def make_bare_host(root: Path, name: str, sshd: SshdHost) -> BareRealHost:
     install_service_manager(root / "bin", root / "etc" / "systemd" / "system", root / "systemd")
-    return BareRealHost(name, sshd, root, free_port())
+    return BareRealHost(name, sshd, root, service_port())
