@@ -3,6 +3,7 @@
 Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
   0  ok, nothing changed or pending      2  changes pending (plan) or made (apply)
   1  a host failed or a check failed     3  bad input (profile, inventory, arguments)
+130  stopped by Ctrl-C or SIGTERM (each host: done, interrupted or not started)
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from provisioner import __version__
@@ -98,6 +102,9 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
                      help="trust and record unknown host keys (like StrictHostKeyChecking=accept-new); "
                           "a changed key is always refused")
     ssh.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds (default 10)")
+    ssh.add_argument("--heartbeat", type=_seconds, default=5.0, metavar="SECONDS",
+                     help="seconds between heartbeats to each host; a host that answers none of 3 is taken "
+                          "as gone, and a host's commands stop when 3 of ours do not arrive (default 5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(no_color=no_color, highlight=False, emoji=False,
                       stderr=bool(getattr(args, "json", False)), soft_wrap=True)
     try:
-        code = getattr(commands, args.verb)(args, console)
+        with _terminate_as_interrupt():
+            code = getattr(commands, args.verb)(args, console)
         sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
         return code
     except BrokenPipeError:
@@ -174,13 +182,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: hosts keep what finished; run the same command again to converge")
-        return 130
+        return commands.EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - a bug: say so plainly, keep the traceback for -vv
         if getattr(args, "verbose", 0) >= 2:
             traceback.print_exc()
         console.print(f"[red]internal error:[/] {type(err).__name__}: {escape(str(err))} (a bug in "
                       "provision; run with -vv for the traceback)", highlight=False)
         return EXIT_FAILED
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run as Ctrl-C does (plan/fleet.py), not by killing it mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield                           # only the main thread may set a handler
+        return
+    from provisioner.plan.fleet import Terminated
+
+    def terminated(_signal: int, _frame: object) -> None:
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _reader_left() -> int:

@@ -1,6 +1,7 @@
 """One function per verb: load the profile and inventory, select hosts, run per host, render.
 
-Each per-host pipeline opens ONE connection and reuses it for facts, apply and verify.
+Each per-host pipeline opens ONE connection and reuses it for facts, apply and verify. A run that
+Ctrl-C or SIGTERM stops (`Stop`) says, host by host, what was done and what was not, and exits 130.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,13 +25,14 @@ from provisioner.config.load import default_profile
 from provisioner.config.model import ClassSpeedSpec, Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, ConnectError, UsageError
+from provisioner.errors import ApplyError, ConnectError, Interrupted, UsageError
 from provisioner.plan import render
 from provisioner.plan.build import HostPlan, build_plan, probe_for
-from provisioner.plan.fleet import run_fleet
+from provisioner.plan.fleet import Stop, run_fleet
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_CHANGED, EXIT_BAD_INPUT = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130      # as a shell says for SIGINT
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
         "host_key_policy": "accept-new" if args.accept_new_host_keys else "strict",
         "ssh_config": args.ssh_config,
         "connect_timeout": args.connect_timeout,
+        "heartbeat_s": args.heartbeat,
     }
     if args.known_hosts:
         kwargs["known_hosts"] = tuple(args.known_hosts)
@@ -65,21 +69,53 @@ def targets(args: argparse.Namespace) -> list[Target]:
 
 
 @contextmanager
-def connected(target: Target, options: ConnectOptions) -> Iterator[Connection]:
+def connected(target: Target, options: ConnectOptions, stop: Stop) -> Iterator[Connection]:
+    """The host's one connection; aborted at once should the run be stopped (Ctrl-C, SIGTERM)."""
+    stop.check(target.host.name)
     conn = open_connection(target.host, options)
     try:
-        yield conn
+        with stop.watch(target.host.name, conn):
+            yield conn
     finally:
         conn.close()
 
 
-def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], *,
+def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], stop: Stop, *,
           failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
     by_name = {t.host.name: t for t in chosen}
     hosts = [t.host for t in by_name.values()]
     return run_fleet(hosts, lambda h: work(by_name[h.name]), forks=args.forks,
                      serial=getattr(args, "serial", None),
-                     max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed)
+                     max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed,
+                     stop=stop)
+
+
+def cut_short(name: str, result: object, stop: Stop) -> str | None:
+    """In a stopped run: "interrupted" (it was running) or "not started"; None: it was done."""
+    if not stop.why:
+        return None
+    if name in stop.running:
+        return "interrupted"
+    return "not started" if isinstance(result, Interrupted) else None
+
+
+def show_stopped(results: dict[str, Any], stop: Stop, console: Console) -> int:
+    """A stopped plan, facts or verify: each host's one line, the count, exit 130."""
+    counts: Counter[str] = Counter()
+    for name, result in results.items():
+        state = cut_short(name, result, stop) or "done"
+        counts[state] += 1
+        if state == "done" and isinstance(result, BaseException):
+            render.render_failure(console, name, result)
+        elif state != "done":
+            console.print(f"[yellow]{escape(name)}[/]: {state}", highlight=False)
+    console.print(stopped_summary(stop, len(results), counts))
+    return EXIT_INTERRUPTED
+
+
+def stopped_summary(stop: Stop, total: int, counts: Counter[str], done: str = "") -> str:
+    return (f"interrupted ({stop.why}): {total} host{'s' * (total != 1)}: {counts['done']} done{done}, "
+            f"{counts['interrupted']} interrupted, {counts['not started']} not started")
 
 
 # --- verbs ---------------------------------------------------------------------------------
@@ -98,12 +134,15 @@ def plan(args: argparse.Namespace, console: Console) -> int:
 
     options = connect_options(args)
     refresh_hub(args)
+    stop = Stop()
 
     def work(target: Target) -> HostPlan:
-        with connected(target, options) as conn:
+        with connected(target, options, stop) as conn:
             return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
 
-    results = fleet(args, targets(args), work)
+    results = fleet(args, targets(args), work, stop)
+    if stop.why:
+        return show_stopped(results, stop, console)
     show_plans(results, console, args)
     return plan_exit_code(results)
 
@@ -142,19 +181,21 @@ def apply(args: argparse.Namespace, console: Console) -> int:
         with shown:
             render.render_host(console, plan, verbose=bool(args.verbose))
 
+    stop = Stop()
+
     def work(target: Target) -> HostOutcome:
-        with connected(target, options) as conn:
+        with connected(target, options, stop) as conn:
             outcome = apply_host(conn, target.profile, reporter, lock_timeout=args.lock_timeout,
                                  show_plan=show)
-            if not args.no_verify and not outcome.failed:
+            if not args.no_verify and not outcome.failed and not stop.why:
                 reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
                 outcome.verification = run_verification(conn, target.profile, outcome.facts)
             return outcome
 
     chosen = targets(args)
-    results = fleet(args, chosen, work, failed=lambda o: o.failed or o.verification_failed)
-    code = finish_apply(results, console, args)
-    if args.no_verify:
+    results = fleet(args, chosen, work, stop, failed=lambda o: o.failed or o.verification_failed)
+    code = finish_apply(results, console, args, stop)
+    if args.no_verify or stop.why:
         return code
     verified: dict[str, Any] = {}
     for name, result in results.items():
@@ -167,37 +208,53 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     return code
 
 
-def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace) -> int:
+def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace,
+                 stop: Stop | None = None) -> int:
     from provisioner.plan.apply import HostOutcome
 
-    changed = failed = unchanged = 0
+    stop = stop or Stop()
+    counts: Counter[str] = Counter()
     rows = []
     for name, result in results.items():
-        if isinstance(result, HostOutcome):
-            status = "failed" if result.failed else "changed" if result.changed else "ok"
+        cut = cut_short(name, result, stop)
+        if cut == "not started":
+            status, detail = cut, str(result)
+            console.print(f"[yellow]{escape(name)}[/]: not started", highlight=False)
+        elif isinstance(result, HostOutcome):
+            status = cut or ("failed" if result.failed else "changed" if result.changed else "ok")
             if result.error is None and result.plan.errors:
                 result.error = "; ".join(result.plan.errors)
             detail = result.error or (f"{len(result.applied)} changes" if result.changed else "up to date")
-            changed += status == "changed"
-            failed += status == "failed"
-            unchanged += status == "ok"
-            if result.error:
+            if cut:
+                done = ", ".join(c.resource for c in result.applied) or "none"
+                detail = (f"interrupted after {len(result.applied)} of {len(result.plan.changes)} changes "
+                          f"(applied: {done}); its remote commands were stopped and its lock released")
+                console.print(f"[yellow]{escape(name)}[/]: {escape(detail)}", highlight=False)
+            elif result.error:
                 render.render_failure(console, name, ApplyError(result.error))
         else:
-            status, detail = ("unreachable" if isinstance(result, ConnectError) else "failed"), str(result)
-            failed += 1
+            status = cut or ("unreachable" if isinstance(result, ConnectError) else "failed")
+            detail = str(result)
             render.render_failure(console, name, result)
+        counts[status] += 1
         row: dict[str, Any] = {"host": name, "status": status, "detail": detail}
         if isinstance(result, HostOutcome) and result.diagnostics:
             row["log"] = result.diagnostics           # what a failed restart's log said
         rows.append(row)
     total = len(results)
-    summary = (f"{total} host{'s' * (total != 1)}: {changed} changed, {unchanged} unchanged, "
+    failed = counts["failed"] + counts["unreachable"]
+    summary = (f"{total} host{'s' * (total != 1)}: {counts['changed']} changed, {counts['ok']} unchanged, "
                f"{failed} failed")
+    if stop.why:
+        counts["done"] = total - counts["interrupted"] - counts["not started"]
+        summary = stopped_summary(stop, total, counts, f" ({counts['changed']} changed, {counts['ok']} "
+                                                       f"unchanged, {failed} failed)")
     console.print(summary)
     if args.json:
         print(json.dumps({"summary": summary, "hosts": rows}, indent=2))
-    return EXIT_FAILED if failed else EXIT_CHANGED if changed else EXIT_OK
+    if stop.why:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failed else EXIT_CHANGED if counts["changed"] else EXIT_OK
 
 
 def facts(args: argparse.Namespace, console: Console) -> int:
@@ -206,13 +263,16 @@ def facts(args: argparse.Namespace, console: Console) -> int:
     from provisioner.facts.render import render_facts
 
     options = connect_options(args)
+    stop = Stop()
 
     def work(target: Target) -> Any:
         probe = probe_for(target.profile) if args.profile else base_probe(target.profile)
-        with connected(target, options) as conn:
+        with connected(target, options, stop) as conn:
             return gather(conn, target.profile, probe)
 
-    results = fleet(args, targets(args), work)
+    results = fleet(args, targets(args), work, stop)
+    if stop.why:
+        return show_stopped(results, stop, console)
     if args.json:
         print(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
@@ -230,9 +290,12 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if args.promote_reference and not args.report:
         raise UsageError("--promote-reference needs --report DIR: the references live in DIR/references/")
 
+    stop = Stop()
+
     def work(target: Target) -> tuple[Any, Any]:
-        with connected(target, options) as conn:
+        with connected(target, options, stop) as conn:
             facts = gather(conn, target.profile, probe_for(target.profile))
+            stop.check(target.host.name)
             return facts, run_verification(conn, target.profile, facts)
 
     chosen = targets(args)
@@ -240,7 +303,10 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if args.promote_reference and args.promote_reference.split("/")[0] not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
                          f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")
-    return show_verification(fleet(args, chosen, work), chosen, console, args, against)
+    results = fleet(args, chosen, work, stop)
+    if stop.why:
+        return show_stopped(results, stop, console)
+    return show_verification(results, chosen, console, args, against)
 
 
 def previous_report(path: str) -> dict[str, Any]:

@@ -67,17 +67,38 @@ class ConnectError(ProvisionError, ConnectionError):
     """A host could not be reached or authenticated (down, refused, unknown or changed host key)."""
 
 
+TAIL_LINES = 10     # of a failed command's stderr, shown under its one-line message
+_SAYS_ERROR = re.compile(r"^\W*(error|fatal|e)\b", re.I)
+
+
 class CommandError(ProvisionError):
-    """A command on a host exited non-zero; carries its `Result` like Invoke's `Failure`."""
+    """A command on a host failed; carries its `Result` like Invoke's `Failure`.
+
+    `str()` is one line: what ran, how it ended (`exited 1`, `killed by SIGKILL`, `timed out
+    after 600s ...`) and the stderr line that says why: the last one that says error, else the
+    last one (pip's last line is a "See above for details"). `stderr` is all of it, for the log;
+    `tail` its last lines."""
 
     def __init__(self, host: str, result: object, what: str = "") -> None:
         self.host = host
         self.result = result
         rc = getattr(result, "exit_code", "?")
-        stderr = (getattr(result, "stderr", "") or "").strip().splitlines()
-        tail = stderr[-1] if stderr else "(no stderr)"
+        signal = getattr(result, "signal", None)
+        stopped = getattr(result, "stopped", None)
+        self.stderr: str = getattr(result, "stderr", "") or ""
+        lines = [line.rstrip() for line in self.stderr.splitlines() if line.strip()]
+        self.tail = tuple(lines[-TAIL_LINES:])
+        said = [line for line in lines if _SAYS_ERROR.match(line)]
+        why = (said or lines or ["(no stderr)"])[-1].strip()
         label = what or " ".join(getattr(result, "argv", ()) or ())[:120]
-        super().__init__(f"{host}: `{label}` exited {rc}: {tail}")
+        how = stopped or (f"killed by {signal}" if signal else f"exited {rc}")
+        super().__init__(f"{host}: `{label}` {how}: {why}" if lines or not stopped else f"{host}: `{label}` {how}")
+
+
+class Interrupted(ProvisionError):
+    """The run was stopped (Ctrl-C, SIGTERM): a host that was running, or never started."""
+
+    exit_code = 130
 
 
 class FactsError(ProvisionError):

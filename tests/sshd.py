@@ -9,13 +9,15 @@ own `nvidia-smi` or `docker` stand-in); the fleet shares one client key, one `kn
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,28 @@ class SshdHost:
             self.process.wait(timeout=10)
         self.process = None
 
+    def sessions(self) -> list[int]:
+        """The sshd processes serving this server's open connections (children of its listener)."""
+        if not self.process or self.process.poll() is not None:
+            return []
+        return [pid for pid in descendants(self.process.pid) if _comm(pid) == "sshd"]
+
+    @contextmanager
+    def frozen(self) -> Iterator[list[int]]:
+        """Every open session stopped (SIGSTOP) with its TCP connection open, as a hung host or a
+        dropped network looks to the controller; continued at the end. Yields their PIDs."""
+        pids = self.sessions()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
     def replace_host_key(self) -> str:
         """Give the server a new host key (known_hosts keeps the old one); returns the new fingerprint."""
         was_running = self.process is not None
@@ -176,8 +200,9 @@ class SshdFleet:
 
     def add(self, n: int = 1, *, names: Sequence[str] | None = None,
             bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
-            trusted: bool = True, extra_config: str = "") -> list[SshdHost]:
-        """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys."""
+            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp") -> list[SshdHost]:
+        """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys;
+        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell)."""
         made = []
         for i in range(n):
             name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
@@ -189,7 +214,7 @@ class SshdFleet:
             host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
                             self.client_key)
             keygen(host.host_key, f"host-{name}")
-            host.config.write_text(self._sshd_config(host, extra_config))
+            host.config.write_text(self._sshd_config(host, extra_config, sftp))
             self.hosts.append(host)
             made.append(host)
             if trusted:
@@ -210,22 +235,102 @@ class SshdFleet:
                           f"  IdentityFile {self.client_key}\n{more}")
         self.ssh_config.write_text("\n".join(blocks))
 
-    def _sshd_config(self, host: SshdHost, extra: str) -> str:
+    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp") -> str:
         return "\n".join([
             f"Port {host.port}", "ListenAddress 127.0.0.1", f"HostKey {host.host_key}",
             f"PidFile {host.dir / 'sshd.pid'}", "LogLevel VERBOSE", "UsePAM no", "StrictModes no",
             "PermitRootLogin prohibit-password", "PubkeyAuthentication yes",
             "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            f"AuthorizedKeysFile {self.authorized_keys}", "AllowTcpForwarding yes",
+            # The fleet's file for us; a test user's own (tests/test_login_shells.py) for them.
+            f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys", "AllowTcpForwarding yes",
             # SHLVL=1: bash skips ~/.bashrc under sshd (Debian SSH_SOURCE_BASHRC), so every exec
             # sees exactly this PATH and pays no rc-file start-up.
-            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", "Subsystem sftp internal-sftp",
+            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", f"Subsystem sftp {sftp}",
             extra, "",
         ])
 
     def stop_all(self) -> None:
         for h in self.hosts:
             h.stop()
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    name_end = text.rindex(")")
+    return [text[text.index("(") + 1:name_end], *text[name_end + 2:].split()]
+
+
+def _comm(pid: int) -> str | None:
+    stat = _stat(pid)
+    return stat[0] if stat else None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (this machine's /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            parents[int(entry)] = int(stat[2])
+    found, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes (not zombies) whose command line holds `marker`: what a test left running
+    on the host (every test host is this machine)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        stat = _stat(int(entry))
+        if marker.encode() in cmdline and stat is not None and stat[1] not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def started_through(host: SshdHost, *, but: str = "provisioner.sandbox.comfyui") -> list[int]:
+    """Live processes started through `host`'s sshd (its PATH is in their environment), but those
+    whose command line holds `but` (a ComfyUI stand-in that a restart started there on purpose):
+    what a stopped, timed-out or killed apply must not leave behind on the host."""
+    mark = f"PATH={host.bin_dir}:".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        stat = _stat(int(entry))
+        if (mark in environ and but.encode() not in cmdline and stat is not None
+                and stat[1] not in ("Z", "X")):
+            found.append(int(entry))
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, step: float = 0.05) -> float:
+    """Seconds until `predicate()` held; AssertionError past `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout:g}s: {getattr(predicate, '__doc__', None) or predicate}")
+        time.sleep(step)
+    return time.monotonic() - start
 
 
 def inventory_for(hosts: Iterable[SshdHost], *, via_config: bool = False,
@@ -345,5 +450,5 @@ def install_service_manager(bin_dir: Path, units: Path, state: Path) -> None:
 
 
 __all__ = ["SshdFleet", "SshdHost", "inventory_for", "install_docker_standin", "install_service_manager",
-           "write_script",
+           "write_script", "descendants", "processes_with", "started_through", "wait_until",
            "keygen", "fingerprint", "free_port"]

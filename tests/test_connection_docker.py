@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import provisioner.connection.docker as docker_mod
+import provisioner.connection.base as base
 from provisioner.connection import open_connection
 from provisioner.connection.docker import DockerConnection
 from provisioner.errors import CommandError, ConnectError
@@ -87,7 +87,7 @@ def test_put_binary_exact_and_atomic(make: Callable[[str], DockerConnection],
 def test_put_file_in_chunks_appears_only_when_complete(make: Callable[[str], DockerConnection],
                                                       tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(docker_mod, "CHUNK", 256 * 1024)  # several appends, then one rename
+    monkeypatch.setattr(base, "STDIN_PART", 256 * 1024)  # several appends, then one rename
     c = make("comfy")
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(1024 * 1024 + 17))

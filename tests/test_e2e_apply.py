@@ -1,17 +1,20 @@
 """`provision apply` over real sshd hosts: convergence, idempotence without writes, interruption at
-several points, the host lock, and a fleet with an unreachable host."""
+several points (a killed controller, Ctrl-C, SIGTERM), step time limits, the host lock, and a fleet
+with an unreachable host."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
+from sshd import started_through, wait_until
 
 from provisioner.catalog import models as catalog
 
@@ -89,6 +92,8 @@ def test_killed_apply_converges_when_run_again(lab: Lab, tmp_path: Path, point: 
             wait_for(started(point, tmp_path, host))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+        # Whatever it ran on the host (pip, git, the download) stops with it, as does its lock holder.
+        wait_until(lambda: not started_through(host.sshd), 10)
     finally:
         lab.world.hub.throttle_bps = None
         if proc.poll() is None:
@@ -168,3 +173,88 @@ def test_check_mode_is_plan(lab: Lab) -> None:
     code, out = lab.run("apply", "--limit", host.name, "--check")
     assert code == 2 and "8 changes" in out
     assert tree_state(host.sandbox.root) == before
+
+
+def lock_free(host: LabHost) -> bool:
+    lock = host.comfy / ".provision" / "lock"
+    return not lock.exists() or subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
+
+
+@pytest.mark.parametrize("how, why", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_the_fleet_and_says_what_was_done(lab: Lab, tmp_path: Path,
+                                                                 how: signal.Signals, why: str) -> None:
+    """Two forks, three hosts: two are downloading when the signal comes, the third never starts.
+    Before, the interrupt became one host's result and the others ran to completion."""
+    hosts = lab.add(3)
+    names = ":".join(h.name for h in hosts)
+    lab.world.hub.throttle_bps = 400_000
+    proc = lab.spawn("apply", "--limit", names, "--forks", "2", "--no-verify", log_dir=tmp_path)
+    try:
+        running = hosts[:2]
+        parts = lambda h: list((h.comfy / "models").glob("*/*.part"))  # noqa: E731
+        wait_for(lambda: all(any(p.stat().st_size > 100_000 for p in parts(h)) for h in running), 120)
+        signalled = time.monotonic()
+        proc.send_signal(how)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        lab.world.hub.throttle_bps = None
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert took < 10, f"took {took:.1f}s to stop"
+    for host in running:
+        assert f"{host.name}: interrupted after " in out and "(applied: plugin, backend, packages)" in out, out
+        wait_until(lambda: not started_through(host.sshd), 5)        # the downloads stopped on the host
+        assert lock_free(host)
+    assert f"{hosts[2].name}: not started" in out
+    assert not (hosts[2].comfy / "models").exists() or not parts(hosts[2])
+    assert f"interrupted ({why}): 3 hosts: 0 done (0 changed, 0 unchanged, 0 failed), 2 interrupted, 1 not started" in out
+    assert "Traceback" not in out and "internal error" not in out
+    # Run again: nothing waits for a lock, the downloads resume, all three converge.
+    code, again = lab.run("apply", "--limit", names, "--no-verify", "--lock-timeout", "0")
+    assert code == 2 and "waiting for the lock" not in again, again
+    for host in hosts:
+        assert_converged(lab, host)
+
+
+def test_a_stalled_download_is_stopped_by_its_silence_limit_and_resumed(lab: Lab, tmp_path: Path) -> None:
+    (host,) = lab.add(1)
+    lab.overlays[host.name] = {"timeouts": {"download_stall_s": 2}}
+    lab.write()
+    lab.world.hub.stall_after = 2_500_000          # the CDN goes silent, its connection open
+    try:
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--log-dir", str(tmp_path))
+    finally:
+        lab.world.hub.stall_after = None
+    assert code == 1, out
+    assert "printed nothing for 2s (stopped, with its process group)" in out
+    wait_until(lambda: not started_through(host.sshd), 5)
+    assert lock_free(host)
+    (part,) = (host.comfy / "models" / "diffusion_models").glob("*.part")
+    assert part.stat().st_size == 2 << 20                     # fetch writes whole MiB chunks
+    requests_before = len(lab.world.hub.requests)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert_converged(lab, host)
+    starts = [r.headers.get("Range") for r in lab.world.hub.requests[requests_before:]]
+    assert f"bytes={2 << 20}-" in starts                       # resumed, not started again
+    del lab.overlays[host.name]
+    lab.write()
+
+
+def test_a_pip_install_past_its_time_limit_is_stopped_on_the_host(lab: Lab, tmp_path: Path) -> None:
+    (host,) = lab.add(1)
+    lab.overlays[host.name] = {"timeouts": {"pip_s": 0.3}}
+    lab.write()
+    try:
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--log-dir", str(tmp_path))
+    finally:
+        del lab.overlays[host.name]
+        lab.write()
+    assert code == 1, out
+    assert "✗ backend:" in out and "timed out after 0.3s (its process group was stopped)" in out, out
+    wait_until(lambda: not started_through(host.sshd), 10)    # pip and its children, gone
+    assert lock_free(host)
+    failed = [e for e in log_events(tmp_path, host) if e["event"] == "failed"]
+    assert failed and failed[0]["resource"] == "backend" and "stderr" in failed[0]

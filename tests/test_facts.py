@@ -13,14 +13,16 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from provisioner.config.model import ComfySpec, Profile
-from provisioner.connection.base import Result, Stats
+from provisioner.config.inventory import Host
+from provisioner.connection.base import LOGIN_LINE, Result
+from provisioner.connection.local import LocalConnection
 from provisioner.errors import FactsError
 from provisioner.facts import (
     Distribution,
@@ -139,19 +141,15 @@ def test_script_is_python38_stdlib_only() -> None:
                 assert top in sys.stdlib_module_names or (top in optional and id(node) in guarded), name
 
 
-class SubprocessConnection:
-    """Runs argv on this machine like a local transport would, with a chosen environment."""
+class SubprocessConnection(LocalConnection):
+    """The local transport, its supervisor started as sshd starts it: the login line, by sh, in a
+    chosen environment (a hermetic PATH)."""
+
+    launcher = ("/bin/sh", "-c", LOGIN_LINE)
 
     def __init__(self, env: Mapping[str, str], name: str = "local") -> None:
-        self.name, self.env, self.stats = name, dict(env), Stats()
-
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, env: Mapping[str, str] | None = None,
-            timeout: float | None = None, check: bool = True) -> Result:
-        self.stats.execs += 1
-        self.stats.history.append(tuple(argv))
-        proc = subprocess.run(list(argv), input=stdin or b"", capture_output=True, timeout=timeout,
-                              env={**self.env, **(env or {})})
-        return Result(tuple(argv), proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        super().__init__(Host(name=name, transport="local"))
+        self.env = dict(env)
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -275,7 +273,7 @@ def test_script_on_a_real_tree(host: dict) -> None:
                   http=(dead,))
     conn = _conn(host["tools"])
     facts = gather(conn, host["profile"], probe)
-    assert conn.stats.execs == 1 and conn.stats.history[0][:2] == ("sh", "-c")
+    assert conn.stats.execs == 1 and conn.stats.history[0][:3] == ("python3", "-I", "-c")
 
     env = facts.env
     assert env.exists and env.error is None
@@ -394,8 +392,7 @@ def test_traceback_reports_its_last_line() -> None:
 
 
 def test_argv_is_a_list_carrying_the_source() -> None:
-    argv = facts_argv()
-    assert argv[:2] == ["sh", "-c"] and argv[3] == remote.source("facts") and "$0" in argv[2]
+    assert facts_argv() == ["python3", "-I", "-c", remote.source("facts")]
 
 
 def test_base_probe(host: dict) -> None:

@@ -1,15 +1,18 @@
-"""Fleet runner: forks, rolling batches, max-fail, one failure never stops the others."""
+"""Fleet runner: forks, rolling batches, max-fail, one failure never stops the others, Ctrl-C and
+SIGTERM stop them all."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from provisioner.errors import ConnectError
+from provisioner.errors import ConnectError, Interrupted
 from provisioner.config.inventory import Host
-from provisioner.plan.fleet import SkippedError, batches, run_fleet
+from provisioner.plan.fleet import SkippedError, Stop, batches, run_fleet
 
 HOSTS = [Host(f"h{i}") for i in range(10)]
 
@@ -80,3 +83,61 @@ def test_failed_outcomes_count_toward_max_fail(failing, expect_all_run):
 def test_batches_refuse_a_serial_that_means_nothing(serial, reason):
     with pytest.raises(ValueError, match=reason):
         batches(HOSTS, serial)
+
+
+# -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------
+
+class FakeConnection:
+    """What a host's work blocks on: a remote command that ends when its connection is aborted."""
+
+    def __init__(self) -> None:
+        self.aborted = threading.Event()
+        self.reason = ""
+
+    def abort(self, reason: str) -> None:
+        self.reason = reason
+        self.aborted.set()
+
+
+@pytest.mark.parametrize("how, why", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stop_aborts_running_hosts_and_starts_no_other(how, why):
+    """Two forks: h0 is done at once, h1 and h2 are running when the signal comes, h3..h9 wait for a
+    fork. Before, the KeyboardInterrupt became one host's result and the others ran to completion."""
+    from provisioner.cli import _terminate_as_interrupt
+
+    stop, started, both_running = Stop(), [], threading.Barrier(2)
+
+    def work(host):
+        started.append(host.name)
+        if host.name == "h0":
+            return "done"
+        conn = FakeConnection()
+        with stop.watch(host.name, conn):
+            both_running.wait(5)
+            if host.name == "h1":
+                threading.Timer(0.1, os.kill, (os.getpid(), how)).start()
+            assert conn.aborted.wait(10), "the stop did not abort this host's connection"
+            raise ConnectError(conn.reason)
+
+    begun = time.monotonic()
+    with _terminate_as_interrupt():
+        results = run_fleet(HOSTS, work, forks=2, stop=stop)
+    assert time.monotonic() - begun < 3
+    assert stop.why == why and stop.running == {"h1", "h2"}
+    assert sorted(started) == ["h0", "h1", "h2"]           # nobody started after the stop
+    assert results["h0"] == "done"
+    assert str(results["h1"]) == f"h1: interrupted ({why})"
+    assert str(results["h2"]) == f"h2: interrupted ({why})"
+    for name in (f"h{i}" for i in range(3, 10)):
+        assert isinstance(results[name], Interrupted) and str(results[name]) == f"{name}: not started ({why})"
+    assert list(results) == [h.name for h in HOSTS]
+
+
+def test_a_host_connecting_after_the_stop_is_aborted_at_once():
+    stop = Stop()
+    stop("Ctrl-C")
+    conn = FakeConnection()
+    with stop.watch("h1", conn):
+        assert conn.aborted.is_set() and conn.reason == "h1: interrupted (Ctrl-C)"
+    with pytest.raises(Interrupted, match=r"^h1: interrupted \(Ctrl-C\)$"):
+        stop.check("h1")

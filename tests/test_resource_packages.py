@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from provisioner.config.model import build_profile
-from provisioner.connection.base import shell_line
+from provisioner.config.inventory import Host
+from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv, canonical
 from provisioner.resources import packages
@@ -131,7 +132,8 @@ def _installed(python: str) -> dict[str, str]:
                                      check=True).stdout)
 
 
-def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path) -> None:
+def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "ComfyUI"
     venv.create(root / "venv", with_pip=True)
     wheels, index = tmp_path / "wheels", tmp_path / "empty-index"
@@ -150,10 +152,13 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path)
     (change,) = packages.plan(profile, facts).changes
     assert change.before == {"demo-pkg": "1.0"}
     hold, step = change.steps
-    subprocess.run(hold.argv, input=hold.stdin, check=True, capture_output=True)     # on the host, by the venv
+    conn = LocalConnection(Host(name="here", transport="local"))
+    conn.run(hold.argv, stdin=hold.stdin)                       # on the host, by the venv's own python
     assert (root / ".provision" / "constraints.txt").read_text().splitlines()[1:] == []   # no torch here
-    # Through the shell, as a host runs it: `>=2.0` must stay a specifier, not become `> =2.0`.
-    subprocess.run(["sh", "-c", shell_line(step.argv)], cwd=tmp_path, check=True, capture_output=True)
+    # As a host runs it, through the login line and the supervisor: `>=2.0` must stay a specifier,
+    # not become a redirection to a file `=2.0`.
+    monkeypatch.chdir(tmp_path)
+    conn.run(step.argv)
     assert not (tmp_path / "=2.0").exists()
 
     after = _installed(python)

@@ -149,7 +149,7 @@ class PipSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str = "qwen-image-edit-2509"
+    family: str | None = "qwen-image-edit-2509"   # None: no Nunchaku model on these hosts
     variant: str = "lightning-4step-r128"
     precision: Precision = "auto"     # auto: catalog/gpus.py (int4 on 7.5-8.9, fp4 on 12.x)
     sha256: str | None = None         # overrides the Hub's LFS checksum for the main model file
@@ -225,6 +225,18 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
+class TimeoutSpec:
+    """Seconds each kind of remote step may take before its process group is stopped on the host."""
+
+    facts_s: float = 120.0
+    command_s: float = 600.0          # any step without a limit of its own
+    pip_s: float = 1800.0
+    git_s: float = 900.0              # clone, fetch
+    restart_s: float = 300.0          # the restart command; the wait for ComfyUI is ready_timeout_s
+    download_stall_s: float = 300.0   # a download without progress; one that progresses has no limit
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     file: str
@@ -239,6 +251,7 @@ class Profile:
     huggingface: HubSpec = HubSpec()
     workflow: WorkflowSpec = WorkflowSpec()
     verify: VerifySpec = VerifySpec()
+    timeouts: TimeoutSpec = TimeoutSpec()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -296,5 +309,6 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
             verify.get("thresholds"), ("verify", "thresholds"))),
             agreement=_pick(AgreementSpec, verify.get("agreement")),
             class_speed=_pick(ClassSpeedSpec, verify.get("class_speed"))),
+        timeouts=_pick(TimeoutSpec, data.get("timeouts")),
         raw=data,
     )

@@ -180,7 +180,10 @@ def _catalog(data: Any) -> Iterator[Found]:
     family = _get(data, ("model", "family"), str) or "qwen-image-edit-2509"
     variant = _get(data, ("model", "variant"), str) or "lightning-4step-r128"
     families = tuple(catalog.families())
-    if family not in families:
+    model = data.get("model") if isinstance(data, Mapping) else None
+    if isinstance(model, Mapping) and "family" in model and model["family"] is None:
+        pass                                   # no Nunchaku model on these hosts: nothing to look up
+    elif family not in families:
         yield ("model", "family"), f"unknown model family {shown(family)}", f"known: {', '.join(families)}"
     elif variant not in (variants := tuple(catalog.variants(family))):
         yield ("model", "variant"), f"unknown variant {shown(variant)} of {family}", \

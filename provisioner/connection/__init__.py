@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from provisioner.connection.base import Connection, Result, Stats, shell_line
+from provisioner.connection.base import Connection, Heartbeat, Result, Stats
 from provisioner.connection.options import ConnectOptions
 from provisioner.errors import ConnectError
 from provisioner.config.inventory import Host
 
-__all__ = ["ConnectOptions", "Connection", "Result", "Stats", "open_connection", "shell_line"]
+__all__ = ["ConnectOptions", "Connection", "Result", "Stats", "open_connection"]
 
 
 def open_connection(host: Host, options: ConnectOptions | None = None) -> Connection:
@@ -25,7 +25,7 @@ def open_connection(host: Host, options: ConnectOptions | None = None) -> Connec
     if host.transport == "local":
         from provisioner.connection.local import LocalConnection
 
-        return LocalConnection(host)
+        return LocalConnection(host, Heartbeat(options.heartbeat_s))
     if host.transport == "docker":
         from provisioner.connection.docker import DockerConnection
 

@@ -1,31 +1,131 @@
 """What every transport offers: run an argv, move bytes atomically, open a tunnel.
 
-Commands are argv lists everywhere in the code base; `shell_line` is the one place that turns
-one into a shell line, so no caller can forget to quote (the seed's `pip install diffusers>=0.35`
-became a redirection to a file named `=0.35`).
+Commands are argv lists everywhere in the code base, and no argv ever becomes a shell line: every
+command runs under the supervisor (remote/supervise.py), which receives its argv as JSON on stdin
+(connection/supervised.py). `LOGIN_LINE` is the one shell line, the same for every command; sshd
+hands it to the user's login shell, whatever that is.
 """
 
 from __future__ import annotations
 
-import shlex
+import json
+import secrets
+import signal as signals
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
+
+from provisioner import remote
+
+NO_PYTHON = "provision: python3 not found on PATH"
+# What /bin/sh runs on a host: python3 with the supervisor, whose source comes first on stdin.
+LAUNCH = ('command -v python3 >/dev/null 2>&1 || { echo "' + NO_PYTHON + '" >&2; exit 127; }; '
+          'exec python3 -I -S -c "' + remote.BOOT + '"')
+# sshd runs a command through the user's login shell: sh, bash, dash, zsh, fish, tcsh or csh. In
+# single quotes all of them read every character as itself except a quote, a backslash (fish), a
+# `!` and a newline (csh), and LAUNCH has none of these; so every shell runs the same /bin/sh line.
+LOGIN_LINE = "exec /bin/sh -c '" + LAUNCH + "'"
+assert not set("'\\!\n") & set(LAUNCH), "LAUNCH must read the same in every login shell"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """How often each side shows the other it is alive, and how much silence means gone: the
+    controller writes to every running command's supervisor, and asks sshd for an answer."""
+
+    every: float = 5.0
+    missed: int = 3
+
+    @property
+    def dead_after(self) -> float:
+        return self.every * self.missed
+
+
+class Pipe(Protocol):
+    """One started supervisor (remote/supervise.py), as a transport hands it to supervised.py."""
+
+    def send(self, data: bytes) -> None:
+        """All of `data` to its stdin; raises OSError when it cannot."""
+        ...
+
+    def close_stdin(self) -> None: ...
+
+    def read(self, stream: int) -> bytes:
+        """The next bytes of its stdout (1) or stderr (2); b"" once that stream ended."""
+        ...
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until it exited or its channel went, up to `timeout` seconds."""
+        ...
+
+    def status(self) -> tuple[int | None, str | None]:
+        """Its exit code or the signal that ended it; (None, None) when neither is known."""
+        ...
+
+    def close(self) -> None:
+        """End it now; the supervisor sees its stdin end and stops the command's group."""
+        ...
+
+
+class Frame:
+    """The markers one supervisor puts around its command's output (remote/supervise.py)."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(8)   # a command cannot print our markers by chance or on purpose
+        self.start = f"\x1eprovision {self.nonce} start\n".encode()
+        self.end = f"\x1eprovision {self.nonce} end ".encode()
+
+    def cut(self, data: bytes) -> tuple[bytes, dict[str, Any] | None] | None:
+        """The command's own output and its status (None: it never finished); None when the
+        supervisor never started. Whatever lies outside the markers is dropped."""
+        i = data.find(self.start)
+        if i < 0:
+            return None
+        body = data[i + len(self.start):]
+        j = body.find(self.end)
+        if j < 0:
+            return body, None
+        try:
+            status = json.loads(body[j + len(self.end):].split(b"\n", 1)[0])
+        except ValueError:
+            status = None
+        return body[:j], status if isinstance(status, dict) else None
 
 
 @dataclass(frozen=True)
 class Result:
-    """What one command did on a host."""
+    """What one command did on a host. `signal` names the one that ended it (exit_code 128+N);
+    `stopped` says why provision stopped it (a timeout: exit_code 124)."""
 
     argv: tuple[str, ...]
     exit_code: int
     stdout: str
     stderr: str
+    signal: str | None = None
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+def signal_name(number: int) -> str:
+    """`SIGKILL` for 9."""
+    try:
+        return signals.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def signal_number(name: str | None) -> int:
+    """9 for `SIGKILL` or `KILL` (as SSH's exit-signal says it); 0 when unknown."""
+    if not name:
+        return 0
+    try:
+        return int(signals.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        return 0
 
 
 @dataclass
@@ -36,6 +136,34 @@ class Stats:
     execs: int = 0
     bytes_put: int = 0
     history: list[tuple[str, ...]] = field(default_factory=list)
+
+
+# Files written through a command's stdin, where there is no SFTP: a container, or a host whose
+# login shell prints into the SFTP stream. WRITE: $1 = dest, $2 = "new" (the first part) or
+# "append"; COMMIT: $1 = dest, $2 = octal mode. The content lands in "$1.provision-tmp" and is
+# renamed over dest at the end (atomic).
+WRITE = ('set -e; mkdir -p "$(dirname "$1")"; '
+         'if [ "$2" = new ]; then cat > "$1.provision-tmp"; else cat >> "$1.provision-tmp"; fi')
+COMMIT = 'set -e; chmod "$2" "$1.provision-tmp"; mv -f "$1.provision-tmp" "$1"'
+STDIN_PART = 64 * 1024 * 1024   # a big file goes in appends of this size: bounded memory
+
+
+def put_through_stdin(conn: Connection, src: BinaryIO, total: int, dest: str, mode: int,
+                      progress: ProgressCallback | None) -> None:
+    """Write `src` to `dest` on `conn`'s host with `cat` (see WRITE), atomically."""
+    done, how = 0, "new"
+    while True:  # at least once: an empty file is still created
+        part = src.read(STDIN_PART)
+        if part or how == "new":
+            conn.run(["sh", "-c", WRITE, "sh", dest, how], stdin=part)
+            conn.stats.bytes_put += len(part)
+            done += len(part)
+            if progress:
+                progress(done, total)
+        if not part:
+            break
+        how = "append"
+    conn.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
 
 
 def copy_stream(src: BinaryIO, write: Callable[[bytes], object], total: int, stats: Stats,
@@ -52,19 +180,14 @@ def copy_stream(src: BinaryIO, write: Callable[[bytes], object], total: int, sta
         progress(0, 0)
 
 
-def shell_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
-    """Quote an argv (and optional environment) into one POSIX shell line. The only quoting edge."""
-    prefix = ""
-    if env:
-        prefix = "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
-    return prefix + shlex.join(argv)
-
-
 class Connection(Protocol):
     """A reached host. One per host per run, reused by facts, apply and verify."""
 
     name: str
     stats: Stats
+
+    @property
+    def heartbeat(self) -> Heartbeat: ...
 
     @property
     def machine(self) -> Connection:
@@ -79,10 +202,15 @@ class Connection(Protocol):
         stdin: bytes | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        idle_timeout: float | None = None,
         check: bool = True,
         stdout_callback: Callable[[str], None] | None = None,
     ) -> Result:
         """Run argv on the host. Secrets go through `stdin`, never argv or env (both show in `ps`).
+
+        `timeout`: seconds it may take; `idle_timeout`: seconds its stdout may stay silent. Either
+        way, its whole process group is stopped on the host and the Result says 124. So is it
+        when this controller goes away (the heartbeat stops).
 
         `stdout_callback` receives each stdout line as it arrives (download progress); the
         whole stdout is still returned in the Result.
@@ -109,8 +237,23 @@ class Connection(Protocol):
         """Start a long-lived command (a lock holder) and keep it alive for the `with` block.
 
         Yields an iterator over its stdout lines; leaving the block closes its stdin, so the
-        command ends, and so does it if this process dies (the lock cannot go stale).
+        command ends, and so does it if this process dies or its heartbeat stops (the lock
+        cannot go stale, not even behind a network partition).
         """
+        ...
+
+    def launch(self, argv: Sequence[str]) -> tuple[Pipe, tuple[Frame, ...]]:
+        """Start the supervisor that will run `argv` (counted in `stats`), with the frames of the
+        supervisors relaying to it, innermost first (a docker exec's); supervised.py drives it."""
+        ...
+
+    def lost(self) -> str | None:
+        """Why this connection is gone (aborted, or its peer stopped answering), or None."""
+        ...
+
+    def abort(self, reason: str) -> None:
+        """End every command running now (their supervisors stop their process groups) and make
+        every later call raise `ConnectError(reason)`. From any thread: Ctrl-C, a dead peer."""
         ...
 
     def close(self) -> None: ...

@@ -1,24 +1,26 @@
 """The docker transport: a container on a host reached by an inner (ssh or local) connection.
 
 Everything goes through `docker exec -i` on the inner connection, files included (through the
-exec's stdin), so no `docker cp`, no shared volume and no second connection are needed.
+exec's stdin), so no `docker cp`, no shared volume and no second connection are needed. The
+command runs under a supervisor inside the container (killing a `docker exec` client leaves its
+process running in the container); the inner connection's supervisor relays to it, heartbeat
+included, so either one stops what it runs when the controller goes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 
-from provisioner.connection.base import Connection, ProgressCallback, Result, Stats
+from provisioner import remote
+from provisioner.connection import supervised
+from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback,
+                                         Result, Stats, put_through_stdin)
+from provisioner.connection.supervised import GRACE_S
 from provisioner.errors import CommandError
 
-CHUNK = 64 * 1024 * 1024  # put_file sends big files in appends of this size: bounded memory
-# WRITE: $1 = dest, $2 = "new" (first part) or "append"; COMMIT: $1 = dest, $2 = octal mode.
-# The content lands in "$1.provision-tmp" and is renamed over dest at the end (atomic).
-WRITE = ('set -e; mkdir -p "$(dirname "$1")"; '
-         'if [ "$2" = new ]; then cat > "$1.provision-tmp"; else cat >> "$1.provision-tmp"; fi')
-COMMIT = 'set -e; chmod "$2" "$1.provision-tmp"; mv -f "$1.provision-tmp" "$1"'
 # One separator per network: the format of the brief glues several IPs together.
 INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
 
@@ -38,48 +40,43 @@ class DockerConnection:
         """The container's host: `docker restart` runs there, never inside the container."""
         return self.inner
 
-    def _exec_argv(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-        flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
-        return ["docker", "exec", "-i", *flags, self.container, *argv]
+    @property
+    def heartbeat(self) -> Heartbeat:
+        return self.inner.heartbeat
+
+    def launch(self, argv: Sequence[str]) -> tuple[Pipe, tuple[Frame, ...]]:
+        """The container's supervisor, through the inner connection's in relay mode."""
+        self._count(tuple(argv))
+        exec_argv = ("docker", "exec", "-i", self.container, "/bin/sh", "-c", LAUNCH)
+        pipe, outer = self.inner.launch(exec_argv)
+        relay = Frame()
+        try:
+            pipe.send(remote.supervise_request(exec_argv, nonce=relay.nonce, mode="relay",
+                                               dead_after=self.heartbeat.dead_after, grace=GRACE_S))
+        except OSError:
+            pass                        # the inner connection is gone: driving the pipe says why
+        return pipe, (relay, *outer)
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
+            idle_timeout: float | None = None, check: bool = True,
+            stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
-        self._count(argv)
-        outer = self.inner.run(self._exec_argv(argv, env), stdin=stdin, timeout=timeout, check=False,
-                               stdout_callback=stdout_callback)
-        result = Result(argv, outer.exit_code, outer.stdout, outer.stderr)
+        pipe, outer = self.launch(argv)
+        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
+                                outer=outer, stdin=stdin, env=env, timeout=timeout,
+                                idle_timeout=idle_timeout, on_line=stdout_callback)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
-        self._send(content, dest, "new")
-        self._commit(dest, mode)
+        put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)
 
     def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
                  progress: ProgressCallback | None = None) -> None:
-        total = os.path.getsize(local_path)
-        done, how = 0, "new"
         with open(local_path, "rb") as src:
-            chunk = src.read(CHUNK)
-            while True:  # at least once: an empty file is still created
-                self._send(chunk, dest, how)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-                chunk, how = src.read(CHUNK), "append"
-                if not chunk:
-                    break
-        self._commit(dest, mode)
-
-    def _send(self, content: bytes, dest: str, how: str) -> None:
-        self.run(["sh", "-c", WRITE, "sh", dest, how], stdin=content)
-        self.stats.bytes_put += len(content)
-
-    def _commit(self, dest: str, mode: int) -> None:
-        self.run(["sh", "-c", COMMIT, "sh", dest, f"{mode:o}"])
+            put_through_stdin(self, src, os.fstat(src.fileno()).st_size, dest, mode, progress)
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         """`remote_host` is as the container sees it: its loopback is the container's own IP."""
@@ -95,8 +92,15 @@ class DockerConnection:
         return self._ip
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        self._count(tuple(argv))
-        return self.inner.hold(self._exec_argv(argv))
+        argv = tuple(argv)
+        pipe, outer = self.launch(argv)
+        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+
+    def lost(self) -> str | None:
+        return self.inner.lost()
+
+    def abort(self, reason: str) -> None:
+        self.inner.abort(reason)
 
     def _count(self, argv: tuple[str, ...]) -> None:
         self.stats.execs += 1

@@ -1,52 +1,92 @@
-"""The local transport: the controller itself is the host (subprocess, no shell in between)."""
+"""The local transport: the controller itself is the host (subprocess, no shell in between).
+
+Commands run under the same supervisor as on any host (remote/supervise.py), fed through a pipe:
+should this process die, the pipe ends and so does every command it started.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import BinaryIO
 
-from provisioner.connection.base import ProgressCallback, Result, Stats, copy_stream
-from provisioner.errors import CommandError
+from provisioner import remote
+from provisioner.connection import supervised
+from provisioner.connection.base import Frame, ProgressCallback, Result, Stats, copy_stream, signal_name
+from provisioner.connection.base import Heartbeat
+from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CHUNK = 65536
 
 
 class LocalConnection:
     """Runs argv directly with `subprocess` (exec'd, never through a shell)."""
 
-    def __init__(self, host: Host) -> None:
+    # The supervisor, by this very interpreter; `env`: its environment (None: ours).
+    launcher: tuple[str, ...] = (sys.executable, "-I", "-S", "-c", remote.BOOT)
+    env: Mapping[str, str] | None = None
+
+    def __init__(self, host: Host, heartbeat: Heartbeat = Heartbeat()) -> None:
         self.name = host.name
         self.stats = Stats()  # connects stays 0: there is nothing to connect to
+        self.heartbeat = heartbeat
+        self._aborted: str | None = None
+        self._running: set[_ProcessPipe] = set()
+        self._lock = threading.Lock()
 
     @property
     def machine(self) -> LocalConnection:
         return self
 
+    def launch(self, argv: Sequence[str]) -> tuple[_ProcessPipe, tuple[Frame, ...]]:
+        """The supervisor, as a process of its own session (the terminal's Ctrl-C reaches only us:
+        we decide what stops)."""
+        self._count(tuple(argv))
+        if self._aborted:
+            raise ConnectError(self._aborted)
+        proc = subprocess.Popen(self.launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+        pipe = _ProcessPipe(proc, self._running)
+        with self._lock:
+            self._running.add(pipe)
+        return pipe, ()
+
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
+            idle_timeout: float | None = None, check: bool = True,
+            stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
-        self._count(argv)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env={**os.environ, **env} if env else None,
-                                    start_new_session=timeout is not None)  # killpg on timeout
-        except OSError as err:  # what a shell would say: 127 not found, 126 not executable
-            code = 127 if isinstance(err, FileNotFoundError) else 126
-            result = Result(argv, code, "", f"{argv[0]}: {err.strerror}\n")
-        else:
-            result = _stream(proc, argv, stdin, timeout, stdout_callback)
+        pipe, outer = self.launch(argv)
+        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
+                                outer=outer, stdin=stdin, env=env, timeout=timeout,
+                                idle_timeout=idle_timeout, on_line=stdout_callback)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
+
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+        argv = tuple(argv)
+        pipe, outer = self.launch(argv)
+        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+
+    def abort(self, reason: str) -> None:
+        """End every running command's stdin: their supervisors stop them."""
+        with self._lock:
+            self._aborted = self._aborted or reason
+            running = list(self._running)
+        for pipe in running:
+            pipe.close()
+
+    def lost(self) -> str | None:
+        return self._aborted
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
         self._write(dest, mode, lambda f: f.write(content))
@@ -89,29 +129,6 @@ class LocalConnection:
 
         return forward(lambda _client: socket.create_connection((remote_host, remote_port), timeout=10))
 
-    @contextmanager
-    def _hold(self, argv: tuple[str, ...]) -> Iterator[Iterator[str]]:
-        self._count(argv)
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
-        except OSError as err:
-            raise CommandError(self.name, Result(argv, 127, "", f"{argv[0]}: {err.strerror}")) from None
-        assert proc.stdout is not None and proc.stdin is not None
-        try:
-            yield (line.decode(errors="replace").rstrip("\n") for line in proc.stdout)
-        finally:
-            proc.stdin.close()  # EOF: the holder exits and its lock goes with it
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        return self._hold(tuple(argv))
-
     def _count(self, argv: tuple[str, ...]) -> None:
         self.stats.execs += 1
         self.stats.history.append(argv)
@@ -126,43 +143,63 @@ class LocalConnection:
         self.close()
 
 
-def _stream(proc: subprocess.Popen[bytes], argv: tuple[str, ...], stdin: bytes | None,
-            timeout: float | None, on_line: Callable[[str], None] | None) -> Result:
-    """Read stdout line by line (for on_line) while threads feed stdin and drain stderr."""
-    pin, pout, perr = proc.stdin, proc.stdout, proc.stderr
-    assert pin is not None and pout is not None and perr is not None
-    err: list[bytes] = []
-    timed_out = threading.Event()
+class _ProcessPipe:
+    """A local supervisor process, as supervised.py drives it."""
 
-    def feed() -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], running: set[_ProcessPipe]) -> None:
+        self.proc, self.running = proc, running
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.stdin, self.streams = proc.stdin, {1: proc.stdout, 2: proc.stderr}
+
+    def send(self, data: bytes) -> None:
+        self.stdin.write(data)
+        self.stdin.flush()
+
+    def close_stdin(self) -> None:
         try:
-            pin.write(stdin or b"")
-            pin.close()
-        except BrokenPipeError:
-            pass  # it exited without reading all of its stdin
+            self.stdin.close()
+        except (OSError, ValueError):
+            pass                        # closed already, or a write was cut short: it ends either way
 
-    def expire() -> None:  # the whole process group: `sh -c` children too, or stdout stays open
-        timed_out.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+    def read(self, stream: int) -> bytes:
+        try:
+            return os.read(self.streams[stream].fileno(), CHUNK)
+        except (OSError, ValueError):
+            return b""
 
-    helpers = [threading.Thread(target=feed, daemon=True),
-               threading.Thread(target=lambda: err.append(perr.read()), daemon=True)]
-    timer = threading.Timer(timeout, expire) if timeout is not None else None
-    for t in [*helpers, *([timer] if timer else [])]:
-        t.start()
-    out = []
-    for line in pout:
-        out.append(line)
-        if on_line:
-            on_line(line.decode(errors="replace").rstrip("\n"))
-    code = proc.wait()
-    if timer:
-        timer.cancel()
-    for t in helpers:
-        t.join()
-    pout.close()
-    perr.close()
-    stdout, stderr = b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
-    if timed_out.is_set():  # 124, as timeout(1) says
-        return Result(argv, 124, stdout, stderr + f"\ntimed out after {timeout:g}s\n")
-    return Result(argv, 128 - code if code < 0 else code, stdout, stderr)  # < 0: signal, as sh says
+    def wait(self, timeout: float | None) -> bool:
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def status(self) -> tuple[int | None, str | None]:
+        code = self.proc.returncode
+        if code is None:
+            return None, None
+        return (code, None) if code >= 0 else (None, signal_name(-code))
+
+    def close(self) -> None:
+        """Its stdin ends, so it stops its command; should it hang, it is killed after the grace."""
+        self.close_stdin()
+        self.running.discard(self)
+        if self.proc.poll() is None:
+            timer = threading.Timer(supervised.GRACE_S * 2, self._kill)
+            timer.daemon = True
+            timer.start()
+        else:
+            self._release()
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        for stream in self.streams.values():
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass

@@ -24,7 +24,7 @@ class ConnectOptions:
     host_key_policy: HostKeyPolicy = "strict"               # accept-new = OpenSSH's TOFU
     ssh_config: str | None = None                           # None: ~/.ssh/config if it exists
     connect_timeout: float = 10
-    keepalive: int = 15                                     # seconds; 0 turns it off
+    heartbeat_s: float = 5.0                                # silent for 3 of them: gone (both ways)
     password: str | None = None                             # tried after keys, if given
     allow_agent: bool = True                                # keys from $SSH_AUTH_SOCK
     look_for_keys: bool = True                              # ~/.ssh/id_ed25519, id_ecdsa, id_rsa

@@ -93,8 +93,6 @@ class Reacher:
         except BaseException:
             transport.close()
             raise
-        if self.options.keepalive:
-            transport.set_keepalive(self.options.keepalive)
         self.opened.append(transport)
         return transport
 

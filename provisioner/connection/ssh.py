@@ -11,23 +11,26 @@ import io
 import os
 import posixpath
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import BinaryIO
 
 import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
 
-from provisioner.connection.base import ProgressCallback, Result, Stats, copy_stream, shell_line
+from provisioner.connection import supervised
+from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Result, Stats, copy_stream,
+                                         put_through_stdin)
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
+from provisioner.connection.base import Heartbeat
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
-CHUNK = 1024 * 1024             # read size of put_file; SFTP requests are cut from it
+CHUNK = 1024 * 1024             # read size of put_file and of a command's output
 # paramiko's 32768-byte SFTP writes plus their header overflow one 32 KB SSH packet, so every
 # request went out as two packets; a request that fits one packet is ~20% faster on loopback.
 SFTP_WRITE = PACKET - 128
@@ -44,13 +47,20 @@ class SshConnection:
         self._target = resolve(host.name, self._config, host)
         self._reacher = Reacher(self._config, options)
         self._sftp: paramiko.SFTPClient | None = None
+        self._no_sftp = False
         self._lock = threading.Lock()
+        self._aborted: str | None = None
+        self.heartbeat = Heartbeat(options.heartbeat_s)
         try:
             self._transport = self._reacher.reach(self._target)
         except BaseException:
             self._reacher.close()  # jump hosts already reached
             raise
         self.stats.connects = len(self._reacher.opened)  # the target and each jump host
+        _keep_exit_signals(self._transport)
+        self._watchdog = Watchdog(self._transport, self.heartbeat, lambda silent: self.abort(
+            f"{self.name}: no answer to the heartbeat for {silent:.0f}s: the host stopped responding "
+            "(frozen, or the network between is down); its commands stop by themselves"))
 
     @property
     def machine(self) -> SshConnection:
@@ -58,61 +68,72 @@ class SshConnection:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _session(self, argv: tuple[str, ...]) -> paramiko.Channel:
+    def launch(self, argv: Sequence[str]) -> tuple[_ChannelPipe, tuple[Frame, ...]]:
+        """A session running the supervisor (the login line: the same for every command)."""
         self.stats.execs += 1
-        self.stats.history.append(argv)
+        self.stats.history.append(tuple(argv))
+        self._check()
         try:
-            return self._transport.open_session(timeout=self._options.connect_timeout)
+            chan = self._transport.open_session(timeout=self._options.connect_timeout)
+            chan.exec_command(LOGIN_LINE)
         except TRANSPORT_ERRORS as err:
-            raise ConnectError(f"{self.name}: connection lost: {reason(err)}") from None
+            raise ConnectError(self.lost() or f"{self.name}: connection lost: {reason(err)}") from None
+        return _ChannelPipe(chan), ()
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             env: Mapping[str, str] | None = None, timeout: float | None = None,
-            check: bool = True, stdout_callback: Callable[[str], None] | None = None) -> Result:
+            idle_timeout: float | None = None, check: bool = True,
+            stdout_callback: Callable[[str], None] | None = None) -> Result:
         argv = tuple(argv)
-        chan = self._session(argv)
-        try:
-            chan.exec_command(shell_line(argv, env))
-            out, err, code = _collect(chan, stdin, timeout, stdout_callback)
-        except TRANSPORT_ERRORS as error:
-            raise ConnectError(f"{self.name}: connection lost running {argv[0]}: {reason(error)}") from None
-        finally:
-            _close(chan)
-        result = Result(argv, code, out.decode(errors="replace"), err.decode(errors="replace"))
+        pipe, outer = self.launch(argv)
+        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
+                                outer=outer, stdin=stdin, env=env, timeout=timeout,
+                                idle_timeout=idle_timeout, on_line=stdout_callback)
         if check and not result.ok:
             raise CommandError(self.name, result)
         return result
 
-    @contextmanager
-    def _hold(self, argv: Sequence[str]) -> Iterator[Iterator[str]]:
-        argv = tuple(argv)
-        chan = self._session(argv)
-        try:
-            chan.exec_command(shell_line(argv))
-            stdout = chan.makefile("rb")
-            yield (line.decode(errors="replace").rstrip("\n") for line in stdout)
-        finally:
-            try:
-                chan.shutdown_write()              # EOF on its stdin: the holder exits...
-                chan.status_event.wait(5)          # ...and its lock is gone before we go on
-            except TRANSPORT_ERRORS:
-                pass
-            _close(chan)
-
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        return self._hold(argv)
+        argv = tuple(argv)
+        pipe, outer = self.launch(argv)
+        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+
+    def abort(self, reason: str) -> None:
+        """Close the connection under everything running on it: sshd ends each supervisor's stdin,
+        and the supervisors stop their commands; every later call raises with `reason`."""
+        with self._lock:
+            self._aborted = self._aborted or reason
+        self._watchdog.stop()
+        self._reacher.close()
+
+    def lost(self) -> str | None:
+        """Why this connection is gone (aborted, or its peer stopped answering), or None."""
+        return self._aborted
+
+    def _check(self) -> None:
+        if self._aborted:
+            raise ConnectError(self._aborted)
 
     # -- files ------------------------------------------------------------------------------
 
-    def _sftp_client(self) -> paramiko.SFTPClient:
+    def _sftp_client(self) -> paramiko.SFTPClient | None:
+        """The connection's SFTP session; None where there is none to be had: sshd starts an
+        `sftp-server` subsystem through the user's login shell, and what its rc file prints
+        garbles the stream (OpenSSH's FAQ); files then go through a command's stdin instead."""
         with self._lock:
-            if self._sftp is None:
+            if self._sftp is None and not self._no_sftp:
                 try:
-                    self._sftp = paramiko.SFTPClient.from_transport(
-                        self._transport, window_size=WINDOW, max_packet_size=PACKET)
+                    chan = self._transport.open_session(window_size=WINDOW, max_packet_size=PACKET,
+                                                        timeout=self._options.connect_timeout)
+                    chan.invoke_subsystem("sftp")
                 except TRANSPORT_ERRORS as err:
-                    raise ConnectError(f"{self.name}: cannot open SFTP: {reason(err)}") from None
-            assert self._sftp is not None
+                    raise ConnectError(self.lost() or f"{self.name}: cannot open SFTP: {reason(err)}") from None
+                try:
+                    self._sftp = paramiko.SFTPClient(chan)
+                except (paramiko.SFTPError, *TRANSPORT_ERRORS):
+                    _close(chan)
+                    self._check()
+                    self._no_sftp = True
             return self._sftp
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
@@ -126,7 +147,11 @@ class SshConnection:
     def _upload(self, src: BinaryIO, size: int, dest: str, mode: int,
                 progress: ProgressCallback | None) -> None:
         """Write to a hidden temporary name beside `dest`, then rename over it (atomic)."""
+        self._check()
         sftp = self._sftp_client()
+        if sftp is None:
+            put_through_stdin(self, src, size, dest, mode, progress)
+            return
         parent, base = posixpath.split(dest)
         tmp = posixpath.join(parent, f".{base}.{secrets.token_hex(4)}.provision-tmp")
         try:
@@ -138,11 +163,13 @@ class SshConnection:
                 f.chmod(mode)
             sftp.posix_rename(tmp, dest)
         except OSError as err:  # paramiko maps SFTP status codes to IOError
+            if self._aborted:
+                raise ConnectError(self._aborted) from None
             _quiet_remove(sftp, tmp)
             raise CommandError(self.name, Result(("put", dest), 1, "", f"{dest}: {reason(err)}"),
                                f"put {dest}") from None
         except (paramiko.SSHException, EOFError) as err:
-            raise ConnectError(f"{self.name}: connection lost writing {dest}: {reason(err)}") from None
+            raise ConnectError(self.lost() or f"{self.name}: connection lost writing {dest}: {reason(err)}") from None
         if progress and size == 0:
             progress(0, 0)
 
@@ -155,6 +182,7 @@ class SshConnection:
         return forward(open_upstream)
 
     def close(self) -> None:
+        self._watchdog.stop()
         if self._sftp is not None:
             try:
                 self._sftp.close()
@@ -178,68 +206,102 @@ def _close(chan: paramiko.Channel) -> None:
         pass
 
 
-def _collect(chan: paramiko.Channel, stdin: bytes | None, timeout: float | None,
-             on_line: Callable[[str], None] | None) -> tuple[bytes, bytes, int]:
-    """Feed stdin and drain stdout/stderr at once (threads: neither side may block the other)."""
-    chan.settimeout(timeout)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    pending = b""  # the unfinished last line, for on_line
+class _ChannelPipe:
+    """A session running the supervisor, as supervised.py drives it."""
 
-    def lines(data: bytes, sink: Callable[[str], None]) -> None:
-        nonlocal pending
-        *complete, pending = (pending + data).split(b"\n")
-        for line in complete:
-            sink(line.decode(errors="replace"))
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan = chan
 
-    def feed() -> None:
+    def send(self, data: bytes) -> None:
         try:
-            if stdin:
-                chan.sendall(stdin)
-            chan.shutdown_write()
-        except TRANSPORT_ERRORS:
-            pass  # the command exited without reading all of its stdin, as `cmd < file` allows
+            self.chan.sendall(data)
+        except TRANSPORT_ERRORS as err:
+            raise BrokenPipeError(reason(err)) from None
 
-    def drain_stderr() -> None:
+    def close_stdin(self) -> None:
         try:
-            while data := chan.recv_stderr(65536):
-                err.append(data)
+            self.chan.shutdown_write()
         except TRANSPORT_ERRORS:
-            pass  # timeout or channel gone: the main loop reports it
+            pass
 
-    helpers = [threading.Thread(target=drain_stderr, daemon=True)]
-    if stdin:
-        helpers.append(threading.Thread(target=feed, daemon=True))
-    else:
-        feed()
-    for t in helpers:
-        t.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    def left() -> float | None:
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
+    def read(self, stream: int) -> bytes:
+        try:
+            return self.chan.recv(CHUNK) if stream == 1 else self.chan.recv_stderr(CHUNK)
+        except TRANSPORT_ERRORS:
+            return b""
 
-    try:
-        while True:
-            chan.settimeout(left())  # the whole command gets `timeout`, not each read
-            data = chan.recv(65536)
-            if not data:
-                break
-            out.append(data)
-            if on_line:
-                lines(data, on_line)
-        if on_line and pending:
-            on_line(pending.decode(errors="replace"))
-        left_now = left()
-        if not chan.status_event.wait(left_now):
-            raise socket.timeout()
-        for t in helpers:
-            t.join(left_now)
-    except socket.timeout:
-        _close(chan)
-        note = f"\ntimed out after {timeout:g}s\n".encode()
-        return b"".join(out), b"".join(err) + note, 124
-    code = chan.exit_status
-    return b"".join(out), b"".join(err), 255 if code < 0 else code  # < 0: killed by a signal
+    def wait(self, timeout: float | None) -> bool:
+        return self.chan.status_event.wait(timeout)
+
+    def status(self) -> tuple[int | None, str | None]:
+        signal = getattr(self.chan, "exit_signal", None)
+        code = self.chan.exit_status
+        return (code if code >= 0 and not signal else None), signal
+
+    def close(self) -> None:
+        _close(self.chan)
+
+
+def _keep_exit_signals(transport: paramiko.Transport) -> None:
+    """paramiko drops the `exit-signal` request sshd sends for a command killed by a signal
+    (channel.py `_handle_request`), leaving exit_status -1; keep its name on the channel."""
+    table = getattr(transport, "_channel_handler_table", None)
+    if not isinstance(table, dict) or MSG_CHANNEL_REQUEST not in table:
+        return                          # another paramiko: signals show as "connection lost"
+    handle = table[MSG_CHANNEL_REQUEST]
+
+    def handle_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
+        if m.get_text() == "exit-signal":
+            m.get_boolean()             # want_reply: never, for exit-signal (RFC 4254 6.10)
+            name = m.get_text()
+            chan.exit_signal = name if name.startswith("SIG") else "SIG" + name
+            return
+        m.rewind()
+        m.get_int()                     # the channel number, as the transport read it
+        handle(chan, m)
+
+    transport._channel_handler_table = {**table, MSG_CHANNEL_REQUEST: handle_request}
+
+
+class Watchdog:
+    """An application-level heartbeat: `keepalive@openssh.com` global requests that sshd must
+    answer. paramiko's own keepalive asks for no reply, so a peer that froze with its TCP
+    connection open (a stopped sshd, a partition) would go unnoticed until TCP gives up, minutes
+    later. Here, no answer within `heartbeat.dead_after` calls `dead(seconds)` once."""
+
+    def __init__(self, transport: paramiko.Transport, heartbeat: Heartbeat,
+                 dead: Callable[[float], None]) -> None:
+        self.transport, self.heartbeat, self.dead = transport, heartbeat, dead
+        self.answered = time.monotonic()
+        self._stop = threading.Event()
+        self._asking = threading.Event()
+        threading.Thread(target=self._watch, name="heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _ask(self) -> None:
+        """One request, in its own thread: paramiko waits for the reply without a time limit."""
+        try:
+            self.transport.global_request("keepalive@openssh.com", wait=True)  # sshd: "failure"
+            if self.transport.is_active():  # an answer, not the transport's end
+                self.answered = time.monotonic()
+        except TRANSPORT_ERRORS:
+            pass
+        finally:
+            self._asking.clear()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.heartbeat.every):
+            if not self.transport.is_active():
+                return
+            silent = time.monotonic() - self.answered
+            if silent >= self.heartbeat.dead_after:
+                self.dead(silent)
+                return
+            if not self._asking.is_set():
+                self._asking.set()
+                threading.Thread(target=self._ask, name="heartbeat-ask", daemon=True).start()
 
 
 def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:

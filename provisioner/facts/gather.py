@@ -6,22 +6,16 @@ import json
 import posixpath
 
 from provisioner.config.model import Profile
-from provisioner.connection.base import Connection, Result
+from provisioner.connection.base import NO_PYTHON, Connection, Result
 from provisioner.errors import FactsError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import parse_facts
 from provisioner import remote
 
-FACTS_TIMEOUT_S = 120.0     # the script bounds each part (venv 60 s, nvidia-smi 20 s, HTTP 2 s)
-NO_PYTHON = "provision-facts: python3 not found on PATH"
-# `$0` is the script source: an argv element, so only connection/ ever quotes it.
-_LAUNCH = ('command -v python3 >/dev/null 2>&1 || { echo "' + NO_PYTHON + '" >&2; exit 127; }; '
-           'exec python3 -I -c "$0"')
-
-
 def facts_argv() -> list[str]:
-    """The one command the host runs: its system python3 runs the script, or says it has none."""
-    return ["sh", "-c", _LAUNCH, remote.source("facts")]
+    """The one command the host runs: its system python3 runs the script (the supervisor that
+    runs it already says so when the host has no python3)."""
+    return ["python3", "-I", "-c", remote.source("facts")]
 
 
 def base_probe(profile: Profile) -> Probe:
@@ -79,6 +73,6 @@ def read_answer(host_name: str, result: Result, comfyui_gpu: int | str | None = 
 def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
     """Everything about the host in exactly one `conn.run`: base facts plus what `probe` asks."""
     request = build_request(profile, base_probe(profile) | probe)
-    result = conn.run(facts_argv(), stdin=json.dumps(request).encode(), timeout=FACTS_TIMEOUT_S,
+    result = conn.run(facts_argv(), stdin=json.dumps(request).encode(), timeout=profile.timeouts.facts_s,
                       check=False)
     return read_answer(conn.name, result, profile.comfyui.gpu)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioner import remote
-from provisioner.config.model import Profile
+from provisioner.config.model import Profile, TimeoutSpec
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, CommandError, LockedError, ProvisionError
+from provisioner.errors import ApplyError, CommandError, ConnectError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
 from provisioner.plan.build import HostPlan, build_plan, probe_for
@@ -84,17 +84,18 @@ def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
 
 
 class StepRunner:
-    """Runs the four kinds of step; the only code that turns steps into connection calls."""
+    """Runs the four kinds of step; the only code that turns steps into connection calls. Every
+    command has a time limit: its own, else `timeouts.command_s`; a download, one on silence."""
 
-    def __init__(self, conn: Connection, reporter: Reporter) -> None:
-        self.conn, self.reporter = conn, reporter
+    def __init__(self, conn: Connection, reporter: Reporter, timeouts: TimeoutSpec = TimeoutSpec()) -> None:
+        self.conn, self.reporter, self.timeouts = conn, reporter, timeouts
 
     def __call__(self, step: Step) -> None:
         started = time.monotonic()
         if isinstance(step, Run):
             where = self.conn.machine if step.on_machine else self.conn
             try:
-                where.run(step.argv, stdin=step.stdin, timeout=step.timeout,
+                where.run(step.argv, stdin=step.stdin, timeout=self._limit(step),
                           stdout_callback=self._progress if step.progress else None)
             except CommandError as err:         # named by what it does, not by its argv
                 if not step.what:
@@ -111,6 +112,9 @@ class StepRunner:
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
                           seconds=round(time.monotonic() - started, 3))
 
+    def _limit(self, step: Run) -> float:
+        return step.timeout if step.timeout is not None else self.timeouts.command_s
+
     def _progress(self, line: str) -> None:
         """A step's {"progress": TEXT} line, shown as it comes (a wait that says it is waiting)."""
         try:
@@ -124,7 +128,7 @@ class StepRunner:
         """Run a diagnostic step whatever its exit code: a heading, then its output lines."""
         where = self.conn.machine if step.on_machine else self.conn
         try:
-            res = where.run(step.argv, stdin=step.stdin, timeout=step.timeout, check=False)
+            res = where.run(step.argv, stdin=step.stdin, timeout=self._limit(step), check=False)
         except ProvisionError as err:
             return [f"{describe_step(step)}: could not be read: {err}"]
         lines = [x for x in (res.stdout + "\n" + res.stderr).splitlines() if x.strip()]
@@ -146,7 +150,8 @@ class StepRunner:
                     bar(int(msg["done"]), msg.get("total"))
 
             # The token travels in stdin only: argv is visible to `ps` on the host.
-            self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line)
+            self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
+                          idle_timeout=self.timeouts.download_stall_s)
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
@@ -167,7 +172,8 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         outcome = _unchanged(plan, show_plan)
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
-        run_step = StepRunner(conn, reporter)
+        run_step = StepRunner(conn, reporter, profile.timeouts)
+        gone = False
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
@@ -177,13 +183,14 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                     run_step(step)
             except ProvisionError as err:
                 outcome.error = f"{change.resource}: {reporter.redact(str(err))}"
-                reporter.line(conn.name, f"✗ {change.resource}: {err}", "red")
-                reporter.log(conn.name, "failed", resource=change.resource, error=str(err))
+                reporter.failure(conn.name, f"{change.resource}: {err}", err, resource=change.resource)
+                gone = isinstance(err, ConnectError)
                 break
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
-        # Handlers run even after a later failure: what did change must be loaded.
-        notified = sorted({name for change in outcome.applied for name in change.notify})
+        # Handlers run even after a later failure: what did change must be loaded. Not when the
+        # connection is gone (interrupted, the host stopped answering): nothing runs there now.
+        notified = [] if gone else sorted({name for change in outcome.applied for name in change.notify})
         for handler in notified:
             _run_handler(conn, plan.handlers[handler], run_step, reporter, outcome)
         if outcome.error is None and outcome.applied:
@@ -202,7 +209,7 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
             run_step(step)
     except ProvisionError as err:
         outcome.error = outcome.error or f"handler {handler.name} failed: {reporter.redact(str(err))}"
-        reporter.line(conn.name, f"✗ handler: {err}", "red")
+        reporter.failure(conn.name, f"handler: {err}", err, handler=handler.name)
         for step in handler.diagnose:
             lines = [reporter.redact(x) for x in run_step.diagnose(step)]
             for line in lines:

@@ -57,6 +57,16 @@ class Reporter:
             self.console.print(f"[bold]{escape(host)}[/] [{style}]{text}[/]" if style
                                else f"[bold]{escape(host)}[/] {text}", highlight=False)
 
+    def failure(self, host: str, message: str, error: BaseException, **fields: Any) -> None:
+        """A step that failed: one red line, the last lines of a command's stderr dimmed beneath it,
+        and in the log all of its stderr (pip's reason is pages above its last line)."""
+        self.line(host, f"✗ {message}", "red")
+        tail: tuple[str, ...] = getattr(error, "tail", ())
+        if len(tail) > 1 or (tail and tail[0].strip() not in message):
+            for line in tail:
+                self.line(host, f"  │ {line}", "dim")
+        self.log(host, "failed", error=str(error), stderr=getattr(error, "stderr", None), **fields)
+
     def log(self, host: str, event: str, **fields: Any) -> None:
         """Append one JSON record to `<log_dir>/<host>.jsonl`."""
         if self.log_dir is None:

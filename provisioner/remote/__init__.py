@@ -9,16 +9,20 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
   ready.py   waits until a restarted ComfyUI answers and lists the required nodes
   hold.py    writes the constraints file holding a venv's torch family as installed (run by that venv)
+  supervise.py  runs each of the others, and every other command, in a process group it stops on
+             a timeout or when the controller's heartbeat stops; frames the command's output
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock", "ready", "hold")
+PROGRAMS = ("facts", "fetch", "lock", "ready", "hold", "supervise")
+# What `python3 -I -S -c` runs first on a host: the supervisor's source, the first line of stdin.
+BOOT = "import sys,json;exec(json.loads(sys.stdin.buffer.readline()))"
 
 
 @lru_cache(maxsize=None)
@@ -32,6 +36,16 @@ def source(program: str) -> str:
 def argv(program: str, *args: str, python: str = "python3") -> tuple[str, ...]:
     """`python -c SOURCE ARGS...`: the program travels in argv, its request on stdin."""
     return (python, "-c", source(program), *args)
+
+
+def supervise_request(argv: Sequence[str], *, nonce: str, mode: str = "payload", size: int = 0,
+                      env: Mapping[str, str] | None = None, timeout: float | None = None,
+                      dead_after: float | None = None, grace: float = 5.0) -> bytes:
+    """The supervisor's first two lines of stdin: its own source (BOOT runs it), then its request;
+    `size` bytes of the command's stdin follow in "payload" mode. remote/supervise.py says the rest."""
+    request = {"argv": list(argv), "env": dict(env or {}), "nonce": nonce, "stdin": mode, "size": size,
+               "timeout": timeout, "dead_after": dead_after, "grace": grace}
+    return (json.dumps(source("supervise")) + "\n" + json.dumps(request) + "\n").encode()
 
 
 def fetch_request(*, dest: str, cache: str, url: str | None = None, sha256: str | None = None,

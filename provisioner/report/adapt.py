@@ -57,8 +57,9 @@ def versions_from(facts: Mapping[str, Any] | None, profile: Profile | None = Non
         "backend": _backend(env),
         "diffusers": (dists.get("diffusers") or {}).get("version"),
         "peft": (dists.get("peft") or {}).get("version"),
-        "model_variant": profile.model.variant if profile else None,
-        "precision": _precision(profile.model.precision, facts) if profile else None,
+        "model_variant": profile.model.variant if profile and profile.model.family else None,
+        "precision": (_precision(profile.model.precision, facts)
+                      if profile and profile.model.family else None),
         "comfyui": (verification or {}).get("comfyui_version") or facts.get("comfyui_version"),
     }
 

@@ -149,13 +149,14 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     if current is not None and not real:
         # PyPI's `nunchaku` (data segmentation) shares the import name: remove it explicitly.
         steps.append(Run((python, "-m", "pip", "uninstall", "-y", "nunchaku"),
-                         what=f"uninstall PyPI's unrelated nunchaku {current.version}"))
+                         what=f"uninstall PyPI's unrelated nunchaku {current.version}",
+                         timeout=profile.timeouts.pip_s))
     # By file path only (pip never asks an index for `nunchaku`), binary only, --no-deps and the
     # torch family held: nothing can swap torch under the wheel; the packages resource owns the
     # wheel's Requires-Dist.
     steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
                       "--disable-pip-version-check", "-c", constraints, dest),
-                     what=f"pip install {asset.name}"))
+                     what=f"pip install {asset.name}", timeout=profile.timeouts.pip_s))
     if current is None:
         action, before = "create", None
     elif real:

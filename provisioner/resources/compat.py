@@ -40,7 +40,8 @@ def _paths(profile: Profile) -> tuple[str, str, str, str]:
 
 
 def _family_node(profile: Profile) -> str | None:
-    entry = FAMILY_NODES.get(profile.model.family)
+    family = profile.model.family
+    entry = FAMILY_NODES.get(family) if family else None
     return entry[0] if entry else None
 
 
@@ -142,7 +143,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     reasons = [qwen_image_incompatibility(tag, qwen_image, core.version)]
     if qwen_image and needs_t_cond(tag):
         reasons.append(core_incompatibility(tag, core.has(model, NEEDLE, T_COND_CORE, NEEDLE), core.version))
-    if node := _family_node(profile):
+    if family and (node := _family_node(profile)):
         has = core.has(nodes, node, FAMILY_NODES[family][1], node)
         reasons.append(family_incompatibility(family, has, core.version))
     found = [r for r in reasons if r]

@@ -42,6 +42,8 @@ def _dest(profile: Profile, f: catalog.ModelFile) -> str:
 def probe(profile: Profile) -> Probe:
     """Stat every file this profile could need (both precisions under `auto`) and its `.part`."""
     m = profile.model
+    if m.family is None:
+        return Probe()
     try:
         files = catalog.candidate_files(m.family, m.variant, m.precision)
     except PlanError:
@@ -68,6 +70,8 @@ def _check_header(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -
 def paths(profile: Profile, facts: Facts) -> tuple[str, ...]:
     """The model files this host's ComfyUI loads (its GPU decides the precision under `auto`)."""
     m = profile.model
+    if m.family is None:
+        return ()
     try:
         return tuple(_dest(profile, f) for f in catalog.resolve(m.family, m.variant, m.precision, facts.gpu).files)
     except PlanError:
@@ -78,6 +82,8 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
          environ: Mapping[str, str] | None = None) -> ResourcePlan:
     """`lookup` (default `hub.file_metadata`) and `environ` (default `os.environ`) are injectable."""
     m, hf = profile.model, profile.huggingface
+    if m.family is None:
+        return changes()            # model.family: null: no Nunchaku model on these hosts
     sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu, gpu_error=facts.gpu_error,
                           backend=profile.backend.version)
     _check_header(profile, facts, sel)

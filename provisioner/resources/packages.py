@@ -147,6 +147,6 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         f"{spec} ({'have ' + have if have else 'missing'})"
         for spec, (_, have) in zip(specs, missing.values()))
     action: Action = "update" if any(have for _, have in missing.values()) else "create"
-    step = Run(argv, what=f"pip install {' '.join(specs)}", timeout=1800.0)
+    step = Run(argv, what=f"pip install {' '.join(specs)}", timeout=profile.timeouts.pip_s)
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
                           (hold, step), notify=RESTART), notes=notes)

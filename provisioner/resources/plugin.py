@@ -101,7 +101,8 @@ def _clone(profile: Profile, dest: str) -> tuple[Step, ...]:
     return (
         Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
         Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-        Run(("git", "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}", timeout=900.0),
+        Run(("git", "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}",
+            timeout=profile.timeouts.git_s),
         Run(git(tmp, "checkout", "--quiet", "--detach", spec.tag), what=f"checkout {spec.tag}"),
         Run(("mv", tmp, dest), what=f"move the checkout into {dest}"),
     )
@@ -161,7 +162,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
     if not (remote_ok and tag_ok):
         # --force: the pinned tag is origin's; a stale local tag of that name must not win.
         steps += [Run(git(dest, "fetch", "--quiet", "--force", "--tags", "origin"),
-                      what="fetch tags", timeout=900.0),
+                      what="fetch tags", timeout=profile.timeouts.git_s),
                   Run(git(dest, "checkout", "--quiet", "--detach", spec.tag),
                       what=f"checkout {spec.tag}")]
         was = ", ".join(co.tags) or (co.head or "no commit")[:12]

@@ -67,9 +67,10 @@ def restart_argv(profile: Profile) -> tuple[str, ...] | None:
 def required_nodes(profile: Profile) -> tuple[NodeRequirement, ...]:
     """What ComfyUI must register: the model family's loader (with the inputs the workflows set)
     unless `verify.family_nodes` is false, then the profile's `verify.required_nodes`."""
-    family = catalog.required_nodes(profile.model.family) if profile.verify.family_nodes else ()
-    known = {n.name for n in family}
-    return family + tuple(NodeRequirement(n, plugin=False) for n in profile.verify.required_nodes
+    family = profile.model.family
+    family_nodes = catalog.required_nodes(family) if family and profile.verify.family_nodes else ()
+    known = {n.name for n in family_nodes}
+    return family_nodes + tuple(NodeRequirement(n, plugin=False) for n in profile.verify.required_nodes
                           if n not in known)
 
 
@@ -133,7 +134,8 @@ def restart_handler(profile: Profile, instances: Sequence[Instance] = ()) -> Han
     on_machine = bool(restart and restart.docker)
     log = log_step(profile)
     return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(argv)})",
-                   (Run(argv, what=f"restart ComfyUI: {' '.join(argv)}", on_machine=on_machine),
+                   (Run(argv, what=f"restart ComfyUI: {' '.join(argv)}", on_machine=on_machine,
+                        timeout=profile.timeouts.restart_s),
                     ready_step(profile)),
                    diagnose=(log,) if log else ())
 

@@ -52,22 +52,23 @@ def resolve_offload(profile: Profile, facts: Facts) -> tuple[str, str]:
 
 def variables(profile: Profile, facts: Facts, *, prompt: str | None = None,
               seed: int | None = None, image: str | None = None) -> dict[str, Any]:
-    """Every value a template may use; model files come from the catalog for this host's GPU."""
+    """Every value a template may use; model files come from the catalog for this host's GPU (with
+    `model.family: null` there are none, and `steps` is the profile's own or 1)."""
     from provisioner.catalog import models as catalog   # file names and step counts
 
-    model = profile.model
-    sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu,
-                          gpu_error=facts.gpu_error, backend=profile.backend.version)
-    wf = profile.workflow
+    model, wf = profile.model, profile.workflow
+    chosen: dict[str, Any] = {"steps": wf.steps if wf.steps is not None else 1}
+    if model.family is not None:
+        sel = catalog.resolve(model.family, model.variant, model.precision, facts.gpu,
+                              gpu_error=facts.gpu_error, backend=profile.backend.version)
+        chosen = {"model_name": sel.dit.filename, "text_encoder": sel.text_encoder.filename,
+                  "vae": sel.vae.filename, "precision": sel.precision,
+                  "steps": wf.steps if wf.steps is not None else sel.steps}
     return {
-        "model_name": sel.dit.filename,
-        "text_encoder": sel.text_encoder.filename,
-        "vae": sel.vae.filename,
-        "precision": sel.precision,
+        **chosen,
         "cpu_offload": resolve_offload(profile, facts)[0],
         "num_blocks_on_gpu": wf.num_blocks_on_gpu,
         "use_pin_memory": "enable" if wf.use_pin_memory else "disable",
-        "steps": wf.steps if wf.steps is not None else sel.steps,
         "shift": wf.shift, "cfg": wf.cfg, "sampler": wf.sampler, "scheduler": wf.scheduler,
         "width": wf.width, "height": wf.height,
         "seed": wf.seed if seed is None else seed,

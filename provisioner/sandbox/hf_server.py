@@ -6,7 +6,8 @@ the CDN serving bytes with Range/206, `POST /api/models/{repo}/paths-info/{rev}`
 `GET /api/models/{repo}/revision/{rev}` and `/tree/{rev}`, and the Hub's `X-Error-Code` errors
 (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo). The CDN is a second listener on another
 port: another origin, as on the real Hub, so clients must not forward the Authorization header.
-It can throttle and drop connections mid-body to exercise resumable downloads.
+It can throttle, stall (go silent with the connection open) and drop connections mid-body to
+exercise resumable downloads and the silence limit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -78,6 +80,8 @@ class HfServer:
         self.requests: list[Logged] = []
         self.throttle_bps: int | None = None   # body bytes per second, None = as fast as possible
         self.honor_range = True                # False: answer 200 with everything, like a naive server
+        self.stall_after: int | None = None    # body bytes sent before going silent, connection open,
+                                               # as a wedged CDN does; None again lets it go on
         self._drops: list[int] = []            # for the next GETs with a body: bytes sent before hanging up
         self._lock = threading.Lock()
         self.open_sockets: set[socket.socket] = set()   # kept-alive connections, closed by stop()
@@ -333,8 +337,15 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = 64 * 1024
         began = time.monotonic()
         while self._sent < limit:
-            piece = data[self._sent:min(self._sent + chunk, limit)]
+            stall = self.hf.stall_after
+            if stall is not None and self._sent >= stall:
+                if self._peer_left(0.05):
+                    self.close_connection = True
+                    return
+                continue
+            piece = data[self._sent:min(self._sent + chunk, limit, stall if stall is not None else limit)]
             self.wfile.write(piece)
+            self.wfile.flush()
             self._sent += len(piece)
             if self.hf.throttle_bps:  # sleep until the average rate is back under the cap
                 ahead = self._sent / self.hf.throttle_bps - (time.monotonic() - began)
@@ -344,6 +355,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _peer_left(self, wait: float) -> bool:
+        """Whether the client closed its end (readable with nothing to read), waiting up to `wait`."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        try:
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _json(self, payload: object) -> None:
         data = json.dumps(payload).encode()

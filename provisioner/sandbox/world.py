@@ -114,10 +114,12 @@ class World:
 
 def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
                 variants: Iterable[str] = ("lightning-4step-r128",), model_bytes: int = 2 << 20,
-                torch: str = "2.6.0+cu124", hub_token: str | None = None) -> World:
+                torch: str = "2.6.0+cu124", hub_token: str | None = None,
+                venv_template: bool = True) -> World:
     """Build the artefacts under `root` and start the servers (call `.stop()` when done).
 
     `hub_token`: every model repo is gated and needs this token, like a private or gated repo.
+    `venv_template=False`: no sandbox venv is made (the caller brings real hosts, as the GPU run does).
     """
     root.mkdir(parents=True, exist_ok=True)
     release = start_release_server(_release_wheels(root / "release-assets"))
@@ -140,7 +142,7 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     wheelhouse = build_package_wheelhouse(root / "wheelhouse")
     torch_wheelhouse = build_torch_wheelhouse(root / "torch")
     template = root / "venv-template"
-    if not (template / "bin" / "python").exists():
+    if venv_template and not (template / "bin" / "python").exists():
         make_venv_template(template, torch=torch)
     return World(root, release, hub, plugin_repo, wheelhouse, template, comfyui_repo, torch_wheelhouse, files)
 

@@ -1,0 +1,168 @@
+"""provision on a real GPU machine: real ComfyUI, the machine's own nvidia-smi, the local connection.
+
+Run from the repository root on the GPU machine (docs/gpu-run.md says how it was run):
+
+    python bench/gpu/run.py --out DIR --venv VENV --bundles DIR [--seconds 2 --gib 8]
+
+VENV is a Python environment with torch that ComfyUI runs in (its own python and pip), DIR of
+--bundles holds ComfyUI.bundle and ComfyUI-nunchaku.bundle (the offline git bundles). What it does:
+
+1. `provision facts`, then `provision plan` of a fleet profile (base.yaml: Qwen-Image-Edit-2509
+   INT4): nunchaku runs on no architecture but sm_75/80/86/89 (int4) and sm_120/121 (fp4), so on
+   this GPU the plan must refuse, with the reason (exit 1).
+2. `provision apply` of a smoke profile on the same host (`model.family: null`): the real
+   ComfyUI-nunchaku v1.1.0 cloned, the backend wheel and the packages (from local stand-ins: this
+   machine reaches no network), and a workflow running the GPU probe node
+   (bench/gpu/provision_gpu_probe: holds --gib GiB of VRAM and multiplies bf16 matrices for
+   --seconds), ComfyUI restarted by a command that returns before it listens, readiness, then
+   verification of the probe (1 cold + 3 warm runs).
+3. `provision apply` again (nothing to do), and `provision verify --report`.
+
+Everything it printed and the reports go to --out; the figures to hold against the probe's own
+(from ComfyUI's log) are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from provisioner.sandbox.world import start_world, write_yaml  # noqa: E402
+
+SERVICE = REPO / "tests" / "real" / "service.py"      # a restart that returns at once, like systemctl's
+PORT = 8188
+
+
+def sh(*argv: str, cwd: Path | None = None, check: bool = True) -> str:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise SystemExit(f"{' '.join(argv[:4])} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+    return proc.stdout
+
+
+def wait_listening(port: int, timeout: float = 300) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=2):
+                return time.monotonic() - started
+        except OSError:
+            time.sleep(0.25)
+    raise SystemExit(f"ComfyUI did not answer on port {port} in {timeout:g} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--venv", type=Path, required=True, help="ComfyUI's Python environment (with torch)")
+    ap.add_argument("--bundles", type=Path, required=True, help="folder of ComfyUI.bundle, ComfyUI-nunchaku.bundle")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/provision-gpu-run"))
+    ap.add_argument("--gib", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--comfyui-arg", action="append", default=[],
+                    help="more arguments for main.py (--cpu for a dry run on a machine without a GPU)")
+    args = ap.parse_args()
+    out, work, python = args.out, args.work, str(args.venv / "bin" / "python")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    console = open(out / "console.txt", "w")
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        console.write(text + "\n")
+        console.flush()
+
+    # The host: real ComfyUI v0.3.64 from the bundle, the probe node beside it, under the service runner.
+    root = work / "ComfyUI"
+    sh("git", "clone", "--quiet", str(args.bundles / "ComfyUI.bundle"), str(root))
+    sh("git", "-C", str(root), "checkout", "--quiet", "v0.3.64")
+    plugin_repo = work / "ComfyUI-nunchaku.git"
+    sh("git", "clone", "--quiet", "--bare", str(args.bundles / "ComfyUI-nunchaku.bundle"), str(plugin_repo))
+    probe = root / "custom_nodes" / "provision_gpu_probe"
+    shutil.copytree(REPO / "bench" / "gpu" / "provision_gpu_probe", probe)
+    template = work / "templates"
+    template.mkdir()
+    shutil.copy(REPO / "bench" / "gpu" / "gpu-probe.json.j2", template)
+    text = (template / "gpu-probe.json.j2").read_text()
+    (template / "gpu-probe.json.j2").write_text(
+        text.replace('"gib": 8.0', f'"gib": {args.gib}').replace('"seconds": 2.0', f'"seconds": {args.seconds}'))
+    service = work / "service"
+    service.mkdir()
+    (service / "service.json").write_text(json.dumps({
+        "argv": [python, "main.py", "--listen", "127.0.0.1", "--port", str(PORT), "--disable-auto-launch",
+                 *args.comfyui_arg],
+        "cwd": str(root)}))
+    say("$ nvidia-smi (before ComfyUI)\n" + sh("nvidia-smi", "--query-gpu=index,name,uuid,memory.total,"
+                                               "memory.used,compute_cap,driver_version", "--format=csv"))
+    sh(sys.executable, str(SERVICE), "start", str(service))
+    say(f"ComfyUI v0.3.64 answered {wait_listening(PORT):.1f} s after its start")
+
+    world = start_world(work / "world", venv_template=False)
+    try:
+        inventory = write_yaml(work / "inventory.yaml", {"all": {"hosts": {"h200": {"ansible_connection": "local"}}}})
+        fleet = write_yaml(work / "fleet.yaml", {
+            "extends": str(REPO / "profiles" / "base.yaml"), "inventory": str(inventory), "hosts": "all",
+            "comfyui": {"root": str(root), "venv": str(args.venv), "port": PORT, "ready_timeout_s": 300,
+                        "log_file": str(service / "comfyui.log"),
+                        "restart": {"command": [sys.executable, str(SERVICE), "restart", str(service)]}},
+            "plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},
+            "backend": {"version": "1.2.1", "sources": [{"github": world.backend_repo_url}]},
+            "pip": {"no_index": True, "find_links": [str(world.wheelhouse)]},
+            "huggingface": {"endpoint": world.hub.url}},
+            "Qwen-Image-Edit-2509 INT4 Lightning, as the fleet runs it, pointed at local stand-ins.")
+        smoke = write_yaml(work / "smoke.yaml", {
+            "extends": str(fleet), "model": {"family": None},
+            "workflow": {"template_dir": str(template), "templates": ["gpu-probe.json.j2"]},
+            "verify": {"family_nodes": False, "required_nodes": ["ProvisionGpuProbe"], "warm_runs": 3,
+                       "prompts": ["gpu probe"], "timeout_s": 600}},
+            "The same host with no Nunchaku model: ComfyUI, the plugin, its backend and the GPU probe workflow.")
+        steps = [
+            ("facts", ["facts", str(smoke), "--json"]),
+            ("plan of the fleet profile: the GPU is refused", ["plan", str(fleet)]),
+            ("apply of the smoke profile: a restart that returns at once, readiness, verification",
+             ["apply", str(smoke), "--report", str(work / "report-apply"), "--log-dir", str(work / "logs")]),
+            ("apply again: nothing to do", ["apply", str(smoke), "--log-dir", str(work / "logs")]),
+            ("verify", ["verify", str(smoke), "--report", str(work / "report")]),
+        ]
+        for title, argv in steps:
+            say(f"\n$ provision {' '.join(argv)}   # {title}")
+            started = time.monotonic()
+            proc = subprocess.run([sys.executable, "-m", "provisioner", *argv, "--no-color"], cwd=REPO,
+                                  capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"})
+            say(proc.stdout + proc.stderr + f"[exit {proc.returncode}, {time.monotonic() - started:.1f} s]")
+            if argv[0] == "facts":
+                (out / "facts.json").write_text(proc.stdout)
+    finally:
+        world.stop()
+        sh(sys.executable, str(SERVICE), "stop", str(service), check=False)
+    for name in ("report.json", "report.html"):
+        shutil.copy(work / "report" / name, out / name)
+    shutil.copy(work / "report-apply" / "report.json", out / "report-apply.json")
+    shutil.copy(service / "comfyui.log", out / "comfyui.log")
+    report = json.loads((work / "report" / "report.json").read_text())
+    say("\nverification against the probe's own figures:")
+    for host in report["hosts"]:
+        for run in host["runs"]:
+            say(f"  {run['kind']:4} run: ComfyUI {run['seconds_comfy']} s, wall {run['seconds_wall']} s, "
+                f"VRAM peak {run['vram_peak_mib']} MiB")
+        say(f"  figures: {json.dumps(host['figures'])}")
+    probe_lines = [x for x in (service / "comfyui.log").read_text().splitlines()
+                   if "ProvisionGpuProbe:" in x or "Prompt executed in" in x]
+    say("ComfyUI's own lines:\n  " + "\n  ".join(probe_lines))
+    console.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
