@@ -299,7 +299,8 @@ def verify(args: argparse.Namespace, console: Console) -> int:
             return facts, run_verification(conn, target.profile, facts)
 
     chosen = targets(args)
-    if args.promote_reference and args.promote_reference not in {t.host.name for t in chosen}:
+    # A per-gpu host's instance is HOST/gpuN.
+    if args.promote_reference and args.promote_reference.split("/")[0] not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
                          f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")
     results = fleet(args, chosen, work, stop)
@@ -323,13 +324,56 @@ def previous_report(path: str) -> dict[str, Any]:
     return previous
 
 
+@dataclass(frozen=True)
+class PerInstance:
+    """The verifications of a host's ComfyUI instances (`comfyui.instances: per-gpu`), each with the
+    profile and facts as that instance sees them (its port, its GPU); the report lists HOST/gpuN."""
+
+    items: tuple[tuple[str, Profile, Any, Any], ...]     # (label, profile, facts, HostVerification)
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for *_, v in self.items)
+
+
 def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
-    """Render the profile's first workflow for this host and run the verification generations."""
-    from provisioner.resources import workflow
+    """Render the profile's first workflow for this host and run the verification generations, on
+    each of its ComfyUI instances when there are several (one per GPU)."""
+    from dataclasses import replace
+
+    from provisioner.errors import PlanError
+    from provisioner.resources import units, workflow
     from provisioner.verify.run import verify_host
 
-    graph = workflow.render(profile, facts, profile.workflow.templates[0])
-    return verify_host(conn, profile, facts, workflow_graph=graph)
+    def one(p: Profile, f: Any) -> Any:
+        return verify_host(conn, p, f, workflow_graph=workflow.render(p, f, p.workflow.templates[0]))
+
+    if profile.comfyui.instances != "per-gpu":
+        return one(profile, facts)
+    try:
+        found = units.instances(profile, facts)
+    except PlanError as err:
+        raise ApplyError(f"{conn.name}: {err}") from None
+    items = []
+    for instance in found:
+        p = units.instance_profile(profile, instance)
+        f = replace(facts, comfyui_gpu=p.comfyui.gpu)        # its GPU: device, precision, VRAM, report
+        items.append((instance.label or instance.unit, p, f, one(p, f)))
+    return PerInstance(tuple(items))
+
+
+def by_instance(results: dict[str, Any], profiles: dict[str, Profile]) -> tuple[dict[str, Any], dict[str, Profile]]:
+    """Results and profiles with each per-gpu host's instances as entries of their own, `HOST/gpuN`."""
+    out: dict[str, Any] = {}
+    named = dict(profiles)
+    for name, result in results.items():
+        if isinstance(result, BaseException) or not isinstance(result[1], PerInstance):
+            out[name] = result
+            continue
+        for label, profile, facts, verification in result[1].items:
+            out[f"{name}/{label}"] = (facts, verification)
+            named[f"{name}/{label}"] = profile
+    return out, named
 
 
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
@@ -344,7 +388,7 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
     from provisioner.report.references import ReferenceStore, agree
     from provisioner.verify.render import render_verification
 
-    profiles = {t.host.name: t.profile for t in chosen}
+    results, profiles = by_instance(results, {t.host.name: t.profile for t in chosen})
     report_dir = getattr(args, "report", None)
     when = datetime.now(timezone.utc)
     verified = {n: r[1] for n, r in results.items() if not isinstance(r, BaseException)}

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sshd import SshdFleet, SshdHost, free_port, install_systemd_standin, inventory_for
+from service_manager import stop_all as stop_units
+from sshd import SshdFleet, SshdHost, free_port, install_service_manager, inventory_for
 
 from provisioner import cli
 from provisioner.sandbox import comfyui_process
@@ -48,10 +52,24 @@ class LabHost:
     sandbox: SandboxHost
     sshd: SshdHost
     port: int                                   # the ComfyUI stand-in's
+    managed: bool = False                       # provision makes ComfyUI and its unit (comfyui.service: systemd)
 
     @property
     def comfy(self) -> Path:
         return self.sandbox.comfyui_root
+
+    @property
+    def unit_dir(self) -> Path:
+        """Where this host's systemd (tests/service_manager.py) reads unit files: comfyui.unit_dir."""
+        return self.sandbox.root / "etc" / "systemd" / "system"
+
+    def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """This host's systemctl, as provision runs it there."""
+        return subprocess.run([str(self.sandbox.bin_dir / "systemctl"), *args], capture_output=True, text=True)
+
+    def journal(self, unit: str = "comfyui") -> str:
+        return subprocess.run([str(self.sandbox.bin_dir / "journalctl"), "-u", unit, "-n", "400", "--no-pager"],
+                              capture_output=True, text=True).stdout
 
     @property
     def plugin(self) -> Path:
@@ -69,26 +87,31 @@ class LabHost:
         """Stand-in flags for its next (re)starts, beside the lab's start-up delay."""
         comfyui_process.set_args(self.comfy, ("--startup-s", str(STARTUP_S), *args))
 
-    def restart_program(self, then: str = "") -> str:
-        """A shell script restarting this host's ComfyUI as the sandbox does (returning at once), then `then`."""
-        return (f"#!/bin/sh\nset -e\n{sys.executable} -m provisioner.sandbox.comfyui_process restart "
-                f"{self.comfy}\n{then}\n")
-
-    def under_systemd(self, unit: str = "comfyui", then: str = "") -> dict[str, Any]:
-        """Run this host's ComfyUI as a systemd unit (the seed's own setup): `systemctl restart UNIT`
-        restarts it, `systemctl is-active` and `journalctl -u` see it. Returns its `comfyui` keys."""
-        sandbox = self.comfy / ".provision-sandbox"
-        install_systemd_standin(self.sandbox.bin_dir, self.sandbox.root / "systemd", {
-            unit: (self.restart_program(then), sandbox / "comfyui.pid", sandbox / "comfyui.log")})
+    def under_systemd(self, unit: str = "comfyui", then: str = "", listen: str = "127.0.0.1") -> dict[str, Any]:
+        """Run this host's ComfyUI as a systemd unit written by hand (the seed's own setup): its main.py
+        from its venv, `then` as ExecStartPost (run before `systemctl restart` returns). Returns its
+        `comfyui` keys: provision restarts that unit (`comfyui.restart.systemd`)."""
+        post = f"ExecStartPost=/bin/sh -c {json.dumps(then)}\n" if then else ""
+        (self.unit_dir / f"{unit}.service").write_text(
+            f"[Unit]\nDescription=ComfyUI (written by hand)\n\n[Service]\nWorkingDirectory={self.comfy}\n"
+            f"ExecStart={self.sandbox.python} {self.comfy}/main.py --listen {listen} --port {self.port}\n{post}"
+            "\n[Install]\nWantedBy=multi-user.target\n")
+        comfyui_process.stop(self.comfy)
+        for args in (("daemon-reload",), ("enable", unit), ("start", unit)):
+            assert self.systemctl(*args).returncode == 0, args
         return {"root": str(self.comfy), "port": self.port, "restart": {"systemd": unit}}
 
     def provision_vars(self) -> dict[str, Any]:
+        if self.managed:
+            return {"comfyui": {"root": str(self.comfy), "port": self.port, "restart": None,
+                                "service": "systemd", "unit_dir": str(self.unit_dir)}}
         return {"comfyui": {
             "root": str(self.comfy), "port": self.port,
             "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",
                                     "restart", str(self.comfy)]}}}
 
     def stop(self) -> None:
+        stop_units(str(self.sandbox.root / "systemd"))
         comfyui_process.stop(self.comfy)
 
 
@@ -112,11 +135,30 @@ class Lab:
             sandbox = make_sandbox_host(self.root / "hosts" / name, gpu=gpu, torch=torch,
                                         comfyui_version=comfyui_version,
                                         venv_template=self.world.venv_template)
+            install_service_manager(sandbox.bin_dir, sandbox.root / "etc" / "systemd" / "system",
+                                    sandbox.root / "systemd")
             (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
             port = free_port()
             comfyui_process.start(sandbox.comfyui_root, port, gpu_state=sandbox.gpu_state,
                                   extra=("--startup-s", str(STARTUP_S), *comfyui_args))
             host = LabHost(name, sandbox, server, port)
+            self.hosts.append(host)
+            made.append(host)
+        self.write()
+        return made
+
+    def add_bare(self, n: int = 1, *, gpu: str | None = "rtx3090") -> list[LabHost]:
+        """Hosts with no ComfyUI at all (a GPU, python3, git, systemd): provision makes ComfyUI there and
+        runs it as its own unit (`comfyui.service: systemd`); give the profile `world.core_overrides()`."""
+        made = []
+        for _ in range(n):
+            name = f"gpu-{len(self.hosts) + 1:02d}"
+            sandbox = make_sandbox_host(self.root / "hosts" / name, gpu=gpu, comfyui_version=None)
+            install_service_manager(sandbox.bin_dir, sandbox.root / "etc" / "systemd" / "system",
+                                    sandbox.root / "systemd")
+            (server,) = self.fleet.add(1, names=[name], bin_dirs=[sandbox.bin_dir])
+            host = LabHost(name, sandbox, server, service_port(), managed=True)
+            comfyui_process.set_host_args(host.comfy, ("--startup-s", str(STARTUP_S)))
             self.hosts.append(host)
             made.append(host)
         self.write()
@@ -182,6 +224,23 @@ class Lab:
         for host in self.hosts:
             host.stop()
         self.fleet.stop_all()
+
+
+def service_port(span: int = 4) -> int:
+    """A port for a ComfyUI that provision starts minutes from now (and `span` - 1 above it free too,
+    for per-gpu instances): below the kernel's ephemeral range, so that no test elsewhere on this
+    machine that binds port 0 meanwhile is handed it."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low - span)
+        try:
+            for p in range(port, port + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    return free_port()
 
 
 @contextmanager

@@ -428,60 +428,27 @@ def install_docker_standin(bin_dir: Path, root: Path, containers: Mapping[str, s
                                                                  root=str(root)))
 
 
-SYSTEMD_STANDIN = '''#!{python}
-# Stand-in for systemd (there is none on the test machine): `systemctl` and `journalctl`, as far as
-# provision uses them. A unit is a folder {root}/UNIT holding `restart` (a program), `pidfile` (the
-# file its main PID is written to) and `log` (what it printed).
-#   systemctl restart UNIT               runs UNIT/restart; returns when it does, like Type=simple
-#   systemctl is-active UNIT             `active` (exit 0) while the main PID runs, else `failed` (3)
-#   journalctl -u UNIT -n N --no-pager   the last N lines of UNIT/log, journal-style
-import os, sys, subprocess, time
-root = {root!r}
-name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
-
-def running(unit):
-    try:
-        pid = int(open(os.path.join(root, unit, "pidfile")).read())
-        state = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError):
-        return False
-    return state not in ("Z", "X")
-
-if name == "systemctl" and len(args) == 2 and args[0] in ("restart", "is-active"):
-    unit = args[1]
-    if not os.path.isdir(os.path.join(root, unit)):
-        print("inactive" if args[0] == "is-active" else f"Failed to restart {{unit}}: Unit {{unit}} not found.")
-        sys.exit(4 if args[0] == "is-active" else 5)
-    if args[0] == "restart":
-        sys.exit(subprocess.run([os.path.join(root, unit, "restart")]).returncode)
-    print("active" if running(unit) else "failed")
-    sys.exit(0 if running(unit) else 3)
-if name == "journalctl" and len(args) == 5 and args[0] == "-u" and args[2] == "-n" and args[4] == "--no-pager":
-    log = os.path.join(root, args[1], "log")
-    lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
-    stamp = time.strftime("%b %d %H:%M:%S")
-    for line in lines[-int(args[3]):]:
-        print(f"{{stamp}} sandbox python3[{{os.getpid()}}]: {{line}}")
-    sys.exit(0)
-sys.exit(f"{{name}} stand-in: unsupported arguments {{args!r}}")
-'''
+SERVICE_MANAGER = """#!{python}
+# systemctl / journalctl of this host: tests/service_manager.py over the unit files in {units!r}.
+import os, sys
+sys.path.insert(0, {tests!r})
+from service_manager import main
+sys.exit(main(os.path.basename(sys.argv[0]), sys.argv[1:], {units!r}, {state!r}))
+"""
 
 
-def install_systemd_standin(bin_dir: Path, root: Path, units: Mapping[str, tuple[str, Path, Path]]) -> None:
-    """Write `systemctl` and `journalctl` stand-ins into `bin_dir`; `units` maps a unit name to
-    (its restart program's text, the file its PID is written to, its log file)."""
-    for unit, (restart, pidfile, log) in units.items():
-        folder = root / unit
-        folder.mkdir(parents=True, exist_ok=True)
-        write_script(folder / "restart", restart)
-        for link, target in (("pidfile", pidfile), ("log", log)):
-            (folder / link).unlink(missing_ok=True)
-            (folder / link).symlink_to(target)
-    text = SYSTEMD_STANDIN.format(python=sys.executable, root=str(root))
+def install_service_manager(bin_dir: Path, units: Path, state: Path) -> None:
+    """`systemctl` and `journalctl` for a host without systemd as PID 1: tests/service_manager.py,
+    reading the unit files written into `units` (the profile's `comfyui.unit_dir`), keeping its
+    state (running units, journals) in `state`."""
+    units.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    text = SERVICE_MANAGER.format(python=sys.executable, tests=str(Path(__file__).parent), units=str(units),
+                                  state=str(state))
     for tool in ("systemctl", "journalctl"):
         write_script(bin_dir / tool, text)
 
 
-__all__ = ["SshdFleet", "SshdHost", "inventory_for", "install_docker_standin", "install_systemd_standin",
+__all__ = ["SshdFleet", "SshdHost", "inventory_for", "install_docker_standin", "install_service_manager",
            "write_script", "descendants", "processes_with", "started_through", "wait_until",
            "keygen", "fingerprint", "free_port"]

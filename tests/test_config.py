@@ -225,7 +225,8 @@ def test_every_profile_key_is_documented_and_closed() -> None:
             assert sub.get("additionalProperties") is False, path
 
 
-SECTIONS = {"comfyui": model.ComfySpec, "comfyui.restart": model.RestartSpec, "plugin": model.PluginSpec,
+SECTIONS = {"comfyui": model.ComfySpec, "comfyui.restart": model.RestartSpec, "comfyui.torch": model.TorchSpec,
+            "plugin": model.PluginSpec,
             "backend": model.BackendSpec, "pip": model.PipSpec, "model": model.ModelSpec,
             "huggingface": model.HubSpec, "workflow": model.WorkflowSpec, "verify": model.VerifySpec,
             "verify.thresholds": model.Thresholds, "verify.agreement": model.AgreementSpec,
@@ -255,13 +256,13 @@ def test_schema_keys_and_defaults_equal_the_model() -> None:
             continue               # exactly one mode is given: its keys have no defaults
         for name, f in fields.items():
             if isinstance(f.default, (model.RestartSpec, model.Thresholds, model.AgreementSpec,
-                                      model.ClassSpeedSpec)) or name == "restart":
+                                      model.ClassSpeedSpec)) or name in ("restart", "torch"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             if name == "venv":
                 default = "venv"   # build_profile's default, joined to root
-            if default is None and name == "root":
-                continue           # required
+            if f.default is dataclasses.MISSING and name in ("root", "version"):
+                continue           # required (comfyui.root, comfyui.torch.version)
             assert props[f"{section}.{name}"]["default"] == _plain(default), f"{section}.{name}"
 
 
@@ -348,3 +349,18 @@ def test_ecma_pattern_dollar_and_strict_integers() -> None:
 
     assert _ecma(r"^v[0-9]+$").search("v1") and not _ecma(r"^v[0-9]+$").search("v1\n")
     assert _ecma(r"^[$]+$").search("$$") and _ecma(r"^[^]$]+$").search("ab") and _ecma(r"^a\$$").search("a$")
+
+
+def test_comfyui_itself_in_the_profile(tmp_path: Path) -> None:
+    """The core, its venv's torch and its service: read into the model, the unit name without suffix."""
+    tpl = f"workflow: {{template_dir: {ROOT / 'templates'}}}\n"
+    f = write(tmp_path / "core.yaml", tpl + "comfyui: {root: /opt/ComfyUI, version: v0.3.64, service: systemd, "
+              "unit: comfyui-qwen.service, instances: per-gpu, args: [--lowvram],\n"
+              "  torch: {version: '2.9', find_links: ['/srv/torch/{flavour}']}}\n")
+    assert validate_files([f]) == []
+    spec = load_profile(f).profile.comfyui
+    assert (spec.version, spec.repo, spec.service, spec.unit, spec.instances, spec.args) == (
+        "v0.3.64", "https://github.com/Comfy-Org/ComfyUI.git", "systemd", "comfyui-qwen", "per-gpu", ("--lowvram",))
+    assert spec.torch == model.TorchSpec("2.9", "auto", "https://download.pytorch.org/whl/{flavour}",
+                                         ("/srv/torch/{flavour}",))
+    assert spec.restart is None and spec.unit_dir == "/etc/systemd/system"

@@ -421,3 +421,53 @@ def test_render_tables_and_unreachable() -> None:
                    "none: nvidia-smi not found", "not answering", "64.0 GiB at /opt/ComfyUI",
                    "checkout ComfyUI-nunchaku", "unreachable", "Connection refused"):
         assert needle in text, needle
+
+
+def test_what_comfyui_itself_needs_python3_listeners_units_untracked(host: dict, tmp_path: Path) -> None:
+    """The host's python3 as a venv would be made from it, who listens where (this process's HTTP
+    server on loopback, a socket on every IPv6 address), unit files and systemd's view of them (the
+    service manager standing in for systemd), untracked files apart from modified ones."""
+    from sshd import install_service_manager
+
+    tools = tmp_path / "bin"
+    shutil.copytree(host["tools"], tools, symlinks=True)
+    units_dir = tmp_path / "units"
+    install_service_manager(tools, units_dir, tmp_path / "state")
+    (units_dir / "comfyui.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (units_dir / "other.service").write_text("[Service]\nExecStart=/bin/true\n")
+    everywhere = socket.socket(socket.AF_INET6)
+    everywhere.bind(("::", 0))
+    everywhere.listen()
+    served, wild, closed = host["profile"].comfyui.port, everywhere.getsockname()[1], _closed_port()
+    root = host["root"]
+    (root / "main.py").write_text("# changed\n")
+    try:
+        facts = gather(_conn(tools), host["profile"], Probe(
+            interpreters=("python3",), ports=(served, wild, closed), unit_files=((str(units_dir), "comfyui*.service"),),
+            units=("gone.service",), git=(str(root / "custom_nodes" / "plain"),)))
+    finally:
+        everywhere.close()
+        _git(root, "checkout", "main.py")
+    python3 = facts.interpreters["python3"]
+    assert python3.exists and python3.ensurepip and python3.tag == "cp%d%d" % sys.version_info[:2]
+    assert python3.tags and python3.python == str(tools / "python3")
+    (mine,) = facts.listeners[served]
+    assert (mine.address, mine.pid) == ("127.0.0.1", os.getpid()) and mine.cmdline and "pytest" in " ".join(mine.cmdline)
+    assert [x.address for x in facts.listeners[wild]] == ["::"] and closed not in facts.listeners
+    (found,) = facts.units.files[(str(units_dir), "comfyui*.service")]
+    assert (found.name, found.text) == ("comfyui.service", "[Service]\nExecStart=/bin/true\n")
+    assert facts.units.writable == {str(units_dir): True} and facts.units.error is None
+    state = facts.units.state
+    assert (state["comfyui.service"].load, state["comfyui.service"].enabled) == ("not-found", "disabled")
+    assert state["gone.service"].load == "not-found" and state["gone.service"].main_pid == 0
+    checkout = facts.git[str(root)]
+    assert "main.py" in checkout.dirty and "main.py" not in checkout.untracked
+    assert {"venv/", ".provision/"} <= set(checkout.untracked)
+    assert facts.git[str(root / "custom_nodes" / "plain")].entries == ()
+    assert facts_to_json(facts)["listeners"][str(wild)] == [{"address": "::", "pid": os.getpid(),
+                                                             "cmdline": list(mine.cmdline)}]
+
+
+def test_no_systemctl_is_said_when_units_are_asked_for(host: dict, tmp_path: Path) -> None:
+    facts = gather(_conn(host["tools"]), host["profile"], Probe(unit_files=((str(tmp_path), "comfyui.service"),)))
+    assert facts.units.error == "systemctl not found" and facts.units.files == {(str(tmp_path), "comfyui.service"): ()}

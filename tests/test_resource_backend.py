@@ -7,6 +7,7 @@ resource lists them through `releases.list_wheels` exactly as it would list gith
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -136,9 +137,10 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
     get, hold, install = change.steps[0], change.steps[1], change.steps[-1]
     wheel = expect.get("wheel") or Path(get.dest).name
     assert get.dest == f"{ROOT}/.provision/wheels/{wheel}"
-    assert isinstance(hold, Put) and hold.dest == f"{ROOT}/.provision/constraints.txt"
+    constraints = f"{ROOT}/.provision/constraints.txt"
+    assert isinstance(hold, Run) and json.loads(hold.stdin or b"")["dest"] == constraints
     assert install.argv == (f"{ROOT}/venv/bin/python", "-m", "pip", "install", "--no-deps", "--no-index",
-                            "--only-binary=:all:", "--disable-pip-version-check", "-c", hold.dest, get.dest)
+                            "--only-binary=:all:", "--disable-pip-version-check", "-c", constraints, get.dest)
     assert list(change.warnings) == expect.get("warnings", [])
     if "url" in expect:
         assert get.url == fill(expect["url"])
@@ -169,9 +171,9 @@ def _kind(step: object) -> str:
         return "fetch"
     if isinstance(step, Push):
         return "push"
-    if isinstance(step, Put):
-        return "hold"
     assert isinstance(step, Run)
+    if step.stdin is not None:                    # the hold program, its request on stdin
+        return "hold"
     return "uninstall" if "uninstall" in step.argv else "install"
 
 
@@ -234,7 +236,7 @@ def test_planned_steps_install_the_wheel_into_a_real_venv(server: ReleaseServer,
             argv = list(step.argv)
             if argv[:3] == [py, "-m", "pip"]:
                 argv = [*pip, *argv[3:]]
-            subprocess.run(argv, check=True, capture_output=True)
+            subprocess.run(argv, input=step.stdin, check=True, capture_output=True)
     after = make_facts({"torch": "2.6.0+cu124", "tag": tag, "platform": "linux_x86_64",
                         "nunchaku": _installed(py)}, python=py)
     assert after.env.distributions["nunchaku"].version == "1.0.1+torch2.6"

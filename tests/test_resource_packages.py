@@ -21,7 +21,7 @@ from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv, canonical
 from provisioner.resources import packages
-from provisioner.resources.base import Put, Run
+from provisioner.resources.base import Run
 
 CASES = sorted((Path(__file__).parent / "resources" / "packages").glob("*.yaml"))
 # A ComfyUI venv with torch and the backend's requirements met: a case overrides a version, removes
@@ -46,9 +46,9 @@ def make_facts(python: str, distributions: dict[str, str], *, exists: bool = Tru
 
 
 def step_view(step: object) -> object:
-    if isinstance(step, Put):
-        return {"put": step.dest}
     assert isinstance(step, Run)
+    if step.stdin is not None:                    # the hold program: its request names the file
+        return {"hold": json.loads(step.stdin)["dest"]}
     return list(step.argv)
 
 
@@ -84,11 +84,11 @@ def test_case(case: Path) -> None:
             assert view[field] == value, field
         # The torch family held first, then one pip run however many are unmet.
         hold, run = change.steps
-        assert isinstance(hold, Put) and hold.dest == "/srv/ComfyUI/.provision/constraints.txt"
-        assert run.argv[5:7] == ("-c", hold.dest)
-        assert hold.content.decode().splitlines()[1:] == [
-            f"{canonical(n)}=={v}" for n, v in sorted(installed.items())
-            if canonical(n) in ("torch", "torchvision", "torchaudio", "triton") or n.startswith("nvidia-")]
+        assert isinstance(hold, Run) and hold.argv[0] == "/srv/ComfyUI/venv/bin/python"   # the venv's own
+        assert json.loads(hold.stdin or b"") == {"dest": "/srv/ComfyUI/.provision/constraints.txt",
+                                                 "names": ["torch", "torchaudio", "torchvision", "triton"],
+                                                 "prefixes": ["nvidia-"]}
+        assert run.argv[5:7] == ("-c", "/srv/ComfyUI/.provision/constraints.txt")
 
 
 def test_probe_asks_nothing_beyond_base_facts_for_a_known_plugin_tag() -> None:
@@ -152,12 +152,13 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path,
     (change,) = packages.plan(profile, facts).changes
     assert change.before == {"demo-pkg": "1.0"}
     hold, step = change.steps
-    Path(hold.dest).parent.mkdir(parents=True)
-    Path(hold.dest).write_bytes(hold.content)
+    conn = LocalConnection(Host(name="here", transport="local"))
+    conn.run(hold.argv, stdin=hold.stdin)                       # on the host, by the venv's own python
+    assert (root / ".provision" / "constraints.txt").read_text().splitlines()[1:] == []   # no torch here
     # As a host runs it, through the login line and the supervisor: `>=2.0` must stay a specifier,
     # not become a redirection to a file `=2.0`.
     monkeypatch.chdir(tmp_path)
-    LocalConnection(Host(name="here", transport="local")).run(step.argv)
+    conn.run(step.argv)
     assert not (tmp_path / "=2.0").exists()
 
     after = _installed(python)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import Specifier, SpecifierSet
 from packaging.utils import canonicalize_name
@@ -140,3 +141,29 @@ def parse(lines: Iterable[str]) -> tuple[Requirement, ...]:
         except InvalidRequirement:
             continue
     return tuple(out)
+
+
+def marker_environment(python_version: str | None, machine: str | None) -> dict[str, str]:
+    """Environment-marker values of a Linux host: its interpreter's version and machine where known."""
+    values = {k: str(v) for k, v in default_environment().items()}
+    if python_version:
+        values["python_full_version"] = python_version
+        values["python_version"] = ".".join(python_version.split(".")[:2])
+    values.update(sys_platform="linux", platform_system="Linux", os_name="posix",
+                  platform_machine=machine or values["platform_machine"])
+    return values
+
+
+def satisfied(req: Requirement, installed: str | None) -> bool:
+    """Does the installed version meet the specifier?
+
+    `prereleases=True` matches pip's own check of an installed distribution: pip calls an
+    installed 0.36.0.dev0 good enough for `>=0.35`, so a stricter test would plan forever.
+    """
+    if installed is None:
+        return False
+    try:
+        version = Version(installed)
+    except InvalidVersion:
+        return False
+    return req.specifier.contains(version, prereleases=True)

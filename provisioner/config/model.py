@@ -28,12 +28,35 @@ class RestartSpec:
 
 
 @dataclass(frozen=True)
+class TorchSpec:
+    """The torch a venv provision creates (or moves) runs: release, CUDA build, where it comes from."""
+
+    version: str                      # "2.9" (newest 2.9.x) or "2.9.1"
+    cuda: str = "auto"                # "12.8", or auto: the newest build the host's driver runs
+    index_url: str | None = "https://download.pytorch.org/whl/{flavour}"
+    find_links: tuple[str, ...] = ()  # {flavour} -> cu128
+
+
+Service = Literal["systemd", "docker"]
+Instances = Literal["single", "per-gpu"]
+
+
+@dataclass(frozen=True)
 class ComfySpec:
     root: str                         # ComfyUI checkout on the host (holds main.py, custom_nodes/, models/)
     venv: str                         # absolute path of the venv ComfyUI runs in
+    version: str | None = None        # tag or commit of `repo` the checkout is pinned to; None: unmanaged
+    repo: str = "https://github.com/Comfy-Org/ComfyUI.git"
+    force: bool = False               # may local modifications be stashed, a foreign root moved aside
+    torch: TorchSpec | None = None    # None: provision neither creates the venv nor moves its torch
     port: int = 8188
     listen: str = "127.0.0.1"
+    args: tuple[str, ...] = ()        # more main.py arguments in the unit provision writes
     restart: RestartSpec | None = None
+    service: Service | None = None    # systemd: provision owns the unit; None: run by something else
+    unit: str = "comfyui"             # the unit's name (per-gpu: UNIT-gpuN)
+    unit_dir: str = "/etc/systemd/system"
+    instances: Instances = "single"
     ready_timeout_s: float = 300.0    # after a restart: until /system_stats answers and the nodes are listed
     log_file: str | None = None       # ComfyUI's own log; None: the systemd journal or `docker logs`
     gpu: int | str | None = None      # nvidia-smi index or UUID of ComfyUI's GPU; None: the first
@@ -263,6 +286,8 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
     venv = comfy.get("venv", "venv")
     comfy["venv"] = posixpath.normpath(posixpath.join(comfy["root"], venv))
     restart = comfy.pop("restart", None)
+    torch = comfy.pop("torch", None)
+    comfy["unit"] = comfy.get("unit", ComfySpec.unit).removesuffix(".service")
     backend = data.get("backend") or {}
     sources = tuple(_wheel_source(s) for s in backend.get("sources", ())) or None
     verify = data.get("verify") or {}
@@ -271,7 +296,8 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
         file=file,
         inventory=data.get("inventory"),
         hosts=data.get("hosts", "all"),
-        comfyui=_pick(ComfySpec, comfy, restart=_pick(RestartSpec, restart) if restart else None),
+        comfyui=_pick(ComfySpec, comfy, restart=_pick(RestartSpec, restart) if restart else None,
+                      torch=_pick(TorchSpec, torch) if torch else None),
         plugin=_pick(PluginSpec, data.get("plugin")),
         backend=_pick(BackendSpec, backend, sources=sources),
         packages=tuple(data.get("packages", Profile.packages)),

@@ -16,12 +16,14 @@ from packaging.version import Version
 
 from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
+from provisioner.catalog import torch as torches
 from provisioner.config.marks import KeyPath, Mark, clip, problem, shown, walk
 from provisioner.config.model import OLD_NAMES
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
 MIRROR_FIELDS = {"version", "tag", "filename"}
+TORCH_FIELDS = {"flavour"}
 CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # a prompt may run over lines, and tab
 PROMPTS = (("workflow", "prompt"), ("verify", "prompts"))
@@ -85,6 +87,24 @@ def _paths(data: Any) -> Iterator[Found]:
             yield ("comfyui", "restart"), f"{what}", "give exactly one of systemd, docker, command"
 
 
+def _service(data: Any) -> Iterator[Found]:
+    """How ComfyUI runs and how it is restarted must say one thing."""
+    service = _get(data, ("comfyui", "service"), str)
+    restart = _get(data, ("comfyui", "restart"), Mapping)
+    if service == "systemd" and restart:
+        yield ("comfyui", "restart"), "is set beside service: systemd, whose unit provision writes and restarts", \
+            "remove comfyui.restart"
+    if service == "docker" and not (restart and "docker" in restart):
+        yield ("comfyui", "service"), "docker needs the container's name", "set comfyui.restart.docker"
+    if _get(data, ("comfyui", "instances"), str) == "per-gpu":
+        if service != "systemd":
+            yield ("comfyui", "instances"), "per-gpu runs one unit per GPU, which provision writes", \
+                "set comfyui.service: systemd"
+        if _get(data, ("comfyui", "gpu"), (str, int)) is not None:
+            yield ("comfyui", "gpu"), "is set beside instances: per-gpu, which runs one ComfyUI on every GPU", \
+                "remove comfyui.gpu, or use instances: single"
+
+
 def _version(text: str) -> Version | None:
     try:
         return Version(text)
@@ -117,6 +137,20 @@ def _versions(data: Any) -> Iterator[Found]:
         elif name in seen:
             yield ("packages", i), f"{req.name} is listed twice", f"merge it with packages[{seen[name]}]"
         seen.setdefault(name, i)
+    torch: KeyPath = ("comfyui", "torch")
+    templates: list[tuple[KeyPath, str | None]] = [(torch + ("index_url",), _get(data, torch + ("index_url",), str))]
+    templates += [(torch + ("find_links", i), _get(data, torch + ("find_links", i), str))
+                  for i in range(len(_get(data, torch + ("find_links",), list) or []))]
+    for where, text in templates:
+        if text is None:
+            continue
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        except ValueError as err:
+            yield where, f"bad URL template: {err}", "write {flavour} for the CUDA build, e.g. cu128"
+            continue
+        if fields - TORCH_FIELDS:
+            yield where, f"unknown placeholder {{{sorted(fields - TORCH_FIELDS)[0]}}}", "use {flavour}"
     for i, source in enumerate(_get(data, ("backend", "sources"), list) or []):
         mirror = _get(source, ("mirror",), str)
         if mirror is not None:
@@ -132,12 +166,13 @@ def _versions(data: Any) -> Iterator[Found]:
 
 
 def _repo(data: Any) -> Iterator[Found]:
-    repo = _get(data, ("plugin", "repo"), str)
-    if repo is not None and GIT_HELPER.match(repo):
-        helper = repo.split("::", 1)[0]
-        yield ("plugin", "repo"), f"{shown(repo)} asks git for its `{helper}::` remote helper, not a " \
-            "repository (ext:: runs a command, fd:: reads a file descriptor and blocks)", \
-            "use an https://, ssh:// or file:// URL, user@host:path, or a path on the host"
+    for where in (("plugin", "repo"), ("comfyui", "repo")):
+        repo = _get(data, where, str)
+        if repo is not None and GIT_HELPER.match(repo):
+            helper = repo.split("::", 1)[0]
+            yield where, f"{shown(repo)} asks git for its `{helper}::` remote helper, not a " \
+                "repository (ext:: runs a command, fd:: reads a file descriptor and blocks)", \
+                "use an https://, ssh:// or file:// URL, user@host:path, or a path on the host"
 
 
 def _catalog(data: Any) -> Iterator[Found]:
@@ -160,6 +195,24 @@ def _catalog(data: Any) -> Iterator[Found]:
         if reason:
             where = ("plugin", "tag") if _get(data, ("plugin", "tag"), str) else ("backend", "version")
             yield where, reason, "change plugin.tag or backend.version"
+
+
+def _torch(data: Any) -> Iterator[Found]:
+    """The torch and CUDA build asked for are ones PyTorch publishes (when the catalog knows that torch)."""
+    version = _get(data, ("comfyui", "torch", "version"), str)
+    minor = torches.minor_of(version) if version else None
+    if minor is None:
+        return
+    cuda = _get(data, ("comfyui", "torch", "cuda"), str) or "auto"
+    published = torches.FLAVOURS.get(minor)
+    if published is None:
+        if cuda == "auto":
+            known = ", ".join(torches.FLAVOURS)
+            yield ("comfyui", "torch", "version"), f"torch {minor} is not in the catalog, so cuda: auto cannot " \
+                f"choose its build (known: {known})", "pin comfyui.torch.cuda"
+    elif cuda != "auto" and cuda not in published:
+        yield ("comfyui", "torch", "cuda"), f"PyTorch publishes torch {minor} for CUDA {', '.join(published)}, " \
+            f"not {cuda}", "choose one of those, or auto"
 
 
 def _local_files(data: Any) -> Iterator[Found]:
@@ -192,8 +245,8 @@ def _old_names(data: Any) -> Iterator[Found]:
             yield old, f"is the old name of {new}, which is also given", f"keep only {new}"
 
 
-CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths, _repo, _versions, _catalog,
-                                                        _local_files, _old_names)
+CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths, _service, _repo, _versions,
+                                                        _catalog, _torch, _local_files, _old_names)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

@@ -44,6 +44,9 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "show": [list(pair) for pair in probe.show],
         "remote_tags": [list(item) for item in probe.remote_tags],
         "headers": list(probe.headers),
+        "interpreters": list(probe.interpreters),
+        "ports": list(probe.ports),
+        "units": {"files": [list(pair) for pair in probe.unit_files], "names": list(probe.units)},
     }
 
 

@@ -24,6 +24,10 @@ class Probe:
     show: tuple[tuple[str, str], ...] = ()      # (checkout, "refs/tags/T:file"): that file's text at T
     remote_tags: tuple[tuple[str, str, str], ...] = ()  # (checkout, repo, tag): repo's tags if checkout lacks tag
     headers: tuple[str, ...] = ()               # safetensors files: their header's __metadata__
+    interpreters: tuple[str, ...] = ()          # pythons (a path, or a name on PATH): as the venv is read
+    ports: tuple[int, ...] = ()                 # TCP ports: who listens on them, on which address
+    unit_files: tuple[tuple[str, str], ...] = ()  # (dir, glob): systemd unit files there, and their state
+    units: tuple[str, ...] = ()                 # systemd units: their state (`systemctl show`)
 
     def __or__(self, other: Probe) -> Probe:
         def merged(a: tuple, b: tuple) -> tuple:
@@ -75,6 +79,7 @@ class PythonEnv:
     torch_cuda: str | None = None                # "12.4"
     tags: tuple[str, ...] | None = None          # wheel tags the interpreter accepts, best first (None: no pip)
     free_threaded: bool = False                  # a no-GIL build (cp313t): its wheels are another ABI
+    ensurepip: bool = False                      # it can create venvs (venv and ensurepip importable)
     distributions: Mapping[str, Distribution] = field(default_factory=dict)  # by canonical name
     error: str | None = None                     # why it could not be read, when exists but broken
 
@@ -94,6 +99,8 @@ class GitCheckout:
     dirty: tuple[str, ...] = ()                  # `git status --porcelain` paths
     remote: str | None = None                    # origin URL
     error: str | None = None                     # why it could not be read (git missing), not "not a repo"
+    untracked: tuple[str, ...] = ()              # of `dirty`, the untracked ones (`??`)
+    entries: tuple[str, ...] = ()                # a folder that is no checkout: what it holds (50 at most)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,42 @@ class ModelHeader:
 
 
 @dataclass(frozen=True)
+class Listener:
+    """A TCP socket listening on a port: its address, and the process holding it when readable."""
+
+    address: str                                 # "127.0.0.1", "0.0.0.0", "::"
+    pid: int | None = None
+    cmdline: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class UnitFile:
+    name: str                                    # "comfyui.service"
+    path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """systemd's view of a unit (`systemctl show`)."""
+
+    load: str = ""                               # loaded | not-found
+    active: str = ""                             # active | inactive | failed | activating
+    sub: str = ""                                # running | dead | failed | auto-restart
+    main_pid: int = 0
+    enabled: str = ""                            # UnitFileState: enabled | disabled | ...
+    path: str = ""                               # FragmentPath: the file systemd loaded it from
+
+
+@dataclass(frozen=True)
+class Units:
+    files: Mapping[tuple[str, str], tuple[UnitFile, ...]] = field(default_factory=dict)
+    writable: Mapping[str, bool] = field(default_factory=dict)    # may the login write unit files there
+    state: Mapping[str, UnitState] = field(default_factory=dict)
+    error: str | None = None                     # why systemctl could not answer (no systemd)
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -151,6 +194,9 @@ class Facts:
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
     comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's
     ram_total_mib: int | None = None             # host RAM (MemTotal), None when the host did not say
+    interpreters: Mapping[str, PythonEnv] = field(default_factory=dict)   # as probed: "python3" -> it
+    listeners: Mapping[int, tuple[Listener, ...]] = field(default_factory=dict)
+    units: Units = Units()
 
     @property
     def gpu(self) -> Gpu | None:

@@ -14,9 +14,13 @@ from provisioner.facts.model import (
     FileState,
     GitCheckout,
     Gpu,
+    Listener,
     ModelHeader,
     PythonEnv,
     RemoteTags,
+    UnitFile,
+    Units,
+    UnitState,
     canonical,
 )
 
@@ -123,6 +127,7 @@ def _env(raw: Mapping[str, Any]) -> PythonEnv:
         platform=info.get("platform"), torch=info.get("torch"), torch_cuda=info.get("torch_cuda"),
         tags=tuple(info["tags"]) if info.get("tags") is not None else None,
         free_threaded=bool(info.get("gil_disabled")), distributions=dict(sorted(dists.items())),
+        ensurepip=bool(info.get("ensurepip")),
     )
 
 
@@ -130,7 +135,8 @@ def _git(path: str, raw: Mapping[str, Any]) -> GitCheckout:
     return GitCheckout(
         path=path, exists=bool(raw.get("exists")), is_repo=bool(raw.get("is_repo")),
         head=raw.get("head"), tags=tuple(raw.get("tags") or ()), branch=raw.get("branch"),
-        dirty=tuple(raw.get("dirty") or ()), remote=raw.get("remote"), error=raw.get("error"),
+        dirty=tuple(raw.get("dirty") or ()), untracked=tuple(raw.get("untracked") or ()),
+        entries=tuple(raw.get("entries") or ()), remote=raw.get("remote"), error=raw.get("error"),
     )
 
 
@@ -149,6 +155,25 @@ def _header(path: str, raw: Mapping[str, Any]) -> ModelHeader:
     if raw.get("exists") is False:
         return ModelHeader(path, False)
     return ModelHeader(path, True, dict(raw.get("metadata") or {}), raw.get("error"))
+
+
+def _listeners(raw: Mapping[str, Any]) -> dict[int, tuple[Listener, ...]]:
+    return {int(port): tuple(Listener(x["address"], x.get("pid"), tuple(x["cmdline"]) if x.get("cmdline") else None)
+                             for x in found) for port, found in raw.items()}
+
+
+def _units(raw: Mapping[str, Any]) -> Units:
+    def state(props: Mapping[str, str]) -> UnitState:
+        pid = props.get("MainPID", "0")
+        return UnitState(props.get("LoadState", ""), props.get("ActiveState", ""), props.get("SubState", ""),
+                         int(pid) if pid.isdigit() else 0, props.get("UnitFileState", ""),
+                         props.get("FragmentPath", ""))
+
+    return Units(files={(folder, pattern): tuple(UnitFile(f["name"], f["path"], f["text"]) for f in found)
+                        for folder, pattern, found in raw.get("files") or ()},
+                 writable={folder: bool(ok) for folder, ok in (raw.get("writable") or {}).items()},
+                 state={name: state(props) for name, props in (raw.get("state") or {}).items()},
+                 error=raw.get("error"))
 
 
 def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | str | None = None) -> Facts:
@@ -185,6 +210,9 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             errors=tuple(answer.get("errors") or ()),
             comfyui_gpu=comfyui_gpu,
             ram_total_mib=answer["mem_total_kb"] // 1024 if isinstance(answer.get("mem_total_kb"), int) else None,
+            interpreters={p: _env(e) for p, e in (answer.get("interpreters") or {}).items()},
+            listeners=_listeners(answer.get("listeners") or {}),
+            units=_units(answer.get("units") or {}),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
@@ -223,7 +251,9 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "ram_total_mib": facts.ram_total_mib,
         "comfyui_version": facts.comfyui_version,
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
-                    "branch": g.branch, "dirty": list(g.dirty), "remote": g.remote, "error": g.error}
+                    "branch": g.branch, "dirty": list(g.dirty), "untracked": list(g.untracked),
+                    "entries": list(g.entries),
+                    "remote": g.remote, "error": g.error}
                 for p, g in sorted(facts.git.items())},
         "files": {p: {"exists": f.exists, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256}
                   for p, f in sorted(facts.files.items())},
@@ -234,6 +264,19 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
                         for (p, r, t), v in sorted(facts.remote_tags.items())],
         "headers": {p: {"exists": h.exists, "metadata": dict(h.metadata), "error": h.error}
                     for p, h in sorted(facts.headers.items())},
+        "interpreters": {p: {"python": e.python, "exists": e.exists, "version": e.version, "tag": e.tag,
+                             "platform": e.platform, "ensurepip": e.ensurepip, "error": e.error}
+                         for p, e in sorted(facts.interpreters.items())},
+        "listeners": {str(port): [{"address": x.address, "pid": x.pid,
+                                   "cmdline": list(x.cmdline) if x.cmdline else None} for x in found]
+                      for port, found in sorted(facts.listeners.items())},
+        "units": {"files": [{"dir": d, "glob": g, "found": [{"name": f.name, "path": f.path} for f in found]}
+                            for (d, g), found in sorted(facts.units.files.items())],
+                  "writable": dict(sorted(facts.units.writable.items())),
+                  "state": {n: {"load": s.load, "active": s.active, "sub": s.sub, "main_pid": s.main_pid,
+                                "enabled": s.enabled, "path": s.path}
+                            for n, s in sorted(facts.units.state.items())},
+                  "error": facts.units.error},
         "elapsed_s": facts.elapsed_s,
         "errors": list(facts.errors),
     }

@@ -8,6 +8,7 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   fetch.py   resumable, sha256-checked downloads, and verify-only hashing of a file in place
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
   ready.py   waits until a restarted ComfyUI answers and lists the required nodes
+  hold.py    writes the constraints file holding a venv's torch family as installed (run by that venv)
   supervise.py  runs each of the others, and every other command, in a process group it stops on
              a timeout or when the controller's heartbeat stops; frames the command's output
 """
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock", "ready", "supervise")
+PROGRAMS = ("facts", "fetch", "lock", "ready", "hold", "supervise")
 # What `python3 -I -S -c` runs first on a host: the supervisor's source, the first line of stdin.
 BOOT = "import sys,json;exec(json.loads(sys.stdin.buffer.readline()))"
 
@@ -67,3 +68,8 @@ def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequ
     and how to tell that the service died (`alive` printing one of `dead`)."""
     return json.dumps({"url": url, "nodes": list(nodes), "timeout": timeout, "alive": list(alive) or None,
                        "dead": list(dead), "every": every}).encode()
+
+
+def hold_request(*, dest: str, names: Sequence[str], prefixes: Sequence[str]) -> bytes:
+    """The hold program's stdin: where the constraints file goes and which distributions it holds."""
+    return json.dumps({"dest": dest, "names": list(names), "prefixes": list(prefixes)}).encode()

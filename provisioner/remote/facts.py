@@ -8,10 +8,12 @@ checksums.json`): `{"<absolute path>": {"size": int, "mtime_ns": int, "sha256": 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +47,16 @@ try:        # the wheel tags this interpreter accepts, as pip itself decides the
 except Exception:
     try:
         from packaging import tags as wheel_tags
+    except Exception:
+        wheel_tags = None
+import importlib.util
+out["ensurepip"] = all(importlib.util.find_spec(m) is not None for m in ("venv", "ensurepip"))
+if wheel_tags is None and out["ensurepip"]:
+    try:    # no pip here, but the pip a new venv gets: the wheel ensurepip bundles (a zip import)
+        import glob, os, ensurepip
+        sys.path.insert(0, sorted(glob.glob(os.path.join(os.path.dirname(ensurepip.__file__),
+                                                         "_bundled", "pip-*.whl")))[-1])
+        from pip._vendor.packaging import tags as wheel_tags
     except Exception:
         wheel_tags = None
 if wheel_tags is not None:
@@ -105,6 +117,9 @@ def os_name():
 
 
 def venv(python):
+    """The interpreter at `python` (a venv's, or a name on PATH like python3) as it reports itself."""
+    if os.sep not in python:
+        python = shutil.which(python) or python
     if not os.path.exists(python):
         if os.path.islink(python):     # the venv is there but its base interpreter was removed
             return {"python": python, "exists": True,
@@ -224,24 +239,31 @@ def git_checkout(path):
     rc, top, err = git("rev-parse", "--show-toplevel")
     if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
         # Not a checkout itself (a plain folder inside ComfyUI's own checkout is not the plugin's).
-        return {"exists": True, "is_repo": False, "error": err.strip() if rc not in (0, 128) else None}
+        try:
+            entries = sorted(os.listdir(path))[:50]
+        except OSError:
+            entries = []
+        return {"exists": True, "is_repo": False, "error": err.strip() if rc not in (0, 128) else None,
+                "entries": entries}
     rc, head, _ = git("rev-parse", "--verify", "-q", "HEAD")
     rc_b, branch, _ = git("symbolic-ref", "-q", "--short", "HEAD")
     _, tags, _ = git("tag", "--points-at", "HEAD")
     _, status, _ = git("status", "--porcelain=v1", "-z")
     rc_r, remote, _ = git("config", "--get", "remote.origin.url")
-    dirty, items = [], status.split("\0")
+    dirty, untracked, items = [], [], status.split("\0")
     i = 0
     while i < len(items):
         item = items[i]
         if len(item) > 3:
             dirty.append(item[3:])
+            if item[:2] == "??":
+                untracked.append(item[3:])
             if item[0] in "RC":
                 i += 1                  # a rename's second field is its origin path
         i += 1
     return {"exists": True, "is_repo": True, "head": head.strip() if rc == 0 else None,
             "tags": sorted(t for t in tags.split() if t),
-            "branch": branch.strip() if rc_b == 0 else None, "dirty": dirty,
+            "branch": branch.strip() if rc_b == 0 else None, "dirty": dirty, "untracked": untracked,
             "remote": remote.strip() if rc_r == 0 else None}
 
 
@@ -301,6 +323,113 @@ def safetensors_header(path):
     return {"metadata": dict((k, v) for k, v in meta.items() if k in HEADER_KEYS and isinstance(v, str))}
 
 
+def _address(hex_addr):
+    """/proc/net/tcp{,6}'s local address: 4-byte words in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return socket.inet_ntop(socket.AF_INET, words)
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def _socket_owners(inodes):
+    """inode -> pid of the processes holding those sockets (those we may read: all, as root)."""
+    owners, want = {}, set("socket:[%s]" % i for i in inodes)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            for fd in os.listdir("/proc/%s/fd" % pid):
+                link = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+                if link in want:
+                    owners[link[8:-1]] = int(pid)
+        except OSError:
+            continue
+    return owners
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            args = [a.decode("utf-8", "replace") for a in fh.read(1 << 16).split(b"\0") if a]
+    except OSError:
+        return None
+    return [a[:300] for a in args[:40]]     # enough to say what it is, bounded
+
+
+def listeners(ports):
+    """{port: [{"address", "pid", "cmdline"}]} of the TCP sockets listening on these ports."""
+    wanted, found = set(int(p) for p in ports), []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) < 10 or cols[3] != "0A":          # 0A: LISTEN
+                continue
+            addr, _, port = cols[1].partition(":")
+            if int(port, 16) in wanted:
+                found.append((int(port, 16), _address(addr), cols[9]))
+    owners = _socket_owners(set(inode for _, _, inode in found)) if found else {}
+    out = {}
+    for port, address, inode in found:
+        pid = owners.get(inode)
+        out.setdefault(str(port), []).append({"address": address, "pid": pid,
+                                              "cmdline": _cmdline(pid) if pid else None})
+    return out
+
+
+UNIT_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "UnitFileState", "FragmentPath")
+
+
+def units(req):
+    """Unit files matching each (dir, glob) with their text, whether we may write there, and systemd's
+    view of those units and of the named ones: {"files": [[dir, glob, [{name, path, text}]]],
+    "writable": {dir: bool}, "state": {name: {Property: value}}, "error": why systemctl cannot answer}."""
+    files, names, writable = [], list(req.get("names") or []), {}
+    for folder, pattern in req.get("files") or []:
+        existing = folder
+        while not os.path.isdir(existing) and existing != os.path.dirname(existing):
+            existing = os.path.dirname(existing)
+        writable[folder] = os.access(existing, os.W_OK)
+        try:
+            listed = sorted(n for n in os.listdir(folder) if fnmatch.fnmatchcase(n, pattern))
+        except OSError:
+            listed = []
+        found = []
+        for name in listed:
+            path = os.path.join(folder, name)
+            text = read_files([path])[path]
+            if text is not None:
+                found.append({"name": name, "path": path, "text": text})
+                names.append(name)
+        files.append([folder, pattern, found])
+    out = {"files": files, "writable": writable, "state": {}, "error": None}
+    if not names and not files:
+        return out
+    systemctl = shutil.which("systemctl")
+    if not systemctl:
+        out["error"] = "systemctl not found"
+        return out
+    if not names:               # no unit yet: does systemd answer at all (not PID 1 in a container)?
+        rc, stdout, err = _run([systemctl, "show", "--property=Version"], timeout=20.0)
+        if rc != 0:
+            lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
+            out["error"] = lines[-1] if lines else "systemctl show exited %d" % rc
+    for name in dict.fromkeys(names):
+        argv = [systemctl, "show", "--no-pager"] + ["--property=" + p for p in UNIT_PROPERTIES] + ["--", name]
+        rc, stdout, err = _run(argv, timeout=20.0)
+        if rc != 0:
+            lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
+            out["error"] = lines[-1] if lines else "systemctl show exited %d" % rc
+            break
+        out["state"][name] = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    return out
+
+
 def http_status(url):
     # No proxies: the URL is the host's own ComfyUI, never something behind a corporate proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -329,6 +458,9 @@ def gather(req):
         "show": lambda: git_show(req.get("show", [])),
         "remote_tags": lambda: remote_tags(req.get("remote_tags", [])),
         "headers": lambda: dict((p, safetensors_header(p)) for p in req.get("headers", [])),
+        "interpreters": lambda: dict((p, venv(p)) for p in req.get("interpreters", [])),
+        "listeners": lambda: listeners(req.get("ports", [])),
+        "units": lambda: units(req.get("units") or {}),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),

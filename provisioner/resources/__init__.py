@@ -2,12 +2,13 @@
 
 An explicit registry (testinfra's "registry as a dict" idea): greppable, no import magic.
 compat comes first: it changes nothing, but refuses an incompatible plugin/core/backend mix
-before any other resource plans work on that host; service comes last and owns the handler
-that restarts ComfyUI.
+(judged at the core the plan leads to) before any other resource plans work on that host; then
+ComfyUI itself (core: the checkout; venv: the venv and its torch), what runs in it, and last the
+service: the unit provision writes, and the handler that restarts ComfyUI.
 """
 
 from __future__ import annotations
 
-from provisioner.resources import backend, compat, models, packages, plugin, service, workflow
+from provisioner.resources import backend, compat, core, models, packages, plugin, service, venv, workflow
 
-ORDER = (compat, plugin, backend, packages, models, workflow, service)
+ORDER = (compat, core, venv, plugin, backend, packages, models, workflow, service)

@@ -16,7 +16,7 @@ from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import is_real_nunchaku
-from provisioner.resources import releases
+from provisioner.resources import releases, venv
 from provisioner.resources.hold import hold_step
 from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
@@ -131,7 +131,9 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
 
 
 def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheels) -> ResourcePlan:
-    """Install `nunchaku {version}+{label}` from a wheel file, replacing PyPI's impostor or another build."""
+    """Install `nunchaku {version}+{label}` from a wheel file, replacing PyPI's impostor or another build,
+    for the torch the venv will run (a venv created or a torch moved in the same apply included)."""
+    facts = venv.planned(profile, facts)
     env = facts.env
     target = host_target(profile, facts)
     desired = str(target.wheel_version)
@@ -142,7 +144,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     asset, source = find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
-    hold, constraints = hold_step(profile, env)
+    hold, constraints = hold_step(profile)
     steps: list = [get, hold]
     if current is not None and not real:
         # PyPI's `nunchaku` (data segmentation) shares the import name: remove it explicitly.

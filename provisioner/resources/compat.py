@@ -4,6 +4,11 @@ The core is judged from its own files wherever they are there (master between re
 old version): comfy/ldm/qwen_image/model.py (plugin v1.0+ builds on it; v1.2.0+ passes
 `use_additional_t_cond` to it) and comfy_extras/nodes_qwen.py (the Edit-2509 text encoder node).
 A core without the file is judged by its version, and the plan says so.
+
+The core judged is the one the plan leads to: when `comfyui.version` moves the checkout, the pair
+(plugin tag, core) is checked at that version before either moves: from that version's own files
+through the host's git when the checkout already holds it, else (and on a host without ComfyUI)
+from the version's number, with a note.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import parse_comfyui_version
+from provisioner.resources import core as checkout
 from provisioner.resources.base import Note, ResourcePlan, changes
 
 name = "compat"
 
 
+RELATIVE = (CORE_MODEL, EDIT_NODES, "comfyui_version.py", "pyproject.toml")   # the core's files read
+
+
 def _paths(profile: Profile) -> tuple[str, str, str, str]:
-    root = profile.comfyui.root
-    return (posixpath.join(root, CORE_MODEL), posixpath.join(root, EDIT_NODES),
-            posixpath.join(root, "comfyui_version.py"), posixpath.join(root, "pyproject.toml"))
+    model, nodes, version_py, pyproject = (posixpath.join(profile.comfyui.root, rel) for rel in RELATIVE)
+    return model, nodes, version_py, pyproject
 
 
 def _family_node(profile: Profile) -> str | None:
@@ -38,11 +46,13 @@ def _family_node(profile: Profile) -> str | None:
 
 
 def probe(profile: Profile) -> Probe:
+    """The core's files as they are, and, when `comfyui.version` pins it, the same files at that version."""
     model, nodes, version_py, pyproject = _paths(profile)
     grep: tuple[tuple[str, str], ...] = ((model, NEEDLE),)
     if node := _family_node(profile):
         grep += ((nodes, node),)
-    return Probe(stat=(model, nodes), read=(version_py, pyproject), grep=grep)
+    show = tuple(checkout.shown(profile, rel) for rel in RELATIVE) if profile.comfyui.version else ()
+    return Probe(stat=(model, nodes), read=(version_py, pyproject), grep=grep, show=show)
 
 
 def _core_version(profile: Profile, facts: Facts) -> str | None:
@@ -60,26 +70,56 @@ def _version_above(version: str | None, floor: Version, *, inclusive: bool = Tru
 
 
 class _Core:
-    """What the host's core has: from its files when they are there, else from its version (noted)."""
+    """What the core has: from its files when they are there, else from its version (noted).
+
+    The core is the checkout as it is, or, when the plan moves it to `comfyui.version`, that version:
+    its files as the host's git shows them when the checkout holds it, else only its number."""
 
     def __init__(self, profile: Profile, facts: Facts) -> None:
-        self.facts, self.version = facts, _core_version(profile, facts)
+        self.profile, self.facts = profile, facts
         self.guessed: dict[str, list[str]] = {}     # missing file -> what its version was taken to mean
+        goal = checkout.target(profile, facts)
+        self.goal = goal if goal is not None and goal.moves else None
+        if self.goal is None:
+            self.version = _core_version(profile, facts)
+        elif self.goal.local:
+            self.version = parse_comfyui_version(self._text("comfyui_version.py"), self._text("pyproject.toml"))
+        else:
+            number = self.goal.version.removeprefix("v")
+            self.version = number if _version_above(number, Version("0")) else None
+
+    def _text(self, relative: str) -> str | None:
+        return self.facts.shown.get(checkout.shown(self.profile, relative))
 
     def exists(self, path: str) -> bool:
+        if self.goal is not None:
+            return self.goal.local and self._text(self._relative(path)) is not None
         state = self.facts.files.get(path)
         return state is not None and state.exists
+
+    def _relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.profile.comfyui.root)
+
+    def _contains(self, path: str, needle: str) -> bool:
+        if self.goal is not None:
+            return needle in (self._text(self._relative(path)) or "")
+        return self.facts.greps.get((path, needle), False)
 
     def has(self, path: str, needle: str | None, floor: Version, what: str, *, inclusive: bool = True) -> bool:
         """Does the core have `what`: `needle` in `path` (or just `path`), else version vs `floor`."""
         if self.exists(path):
-            return needle is None or self.facts.greps.get((path, needle), False)
+            return needle is None or self._contains(path, needle)
         self.guessed.setdefault(path, []).append(f"{'>=' if inclusive else '>'} {floor} has {what}")
         return _version_above(self.version, floor, inclusive=inclusive)
 
     @property
     def notes(self) -> list[Note]:
-        return [Note(name, f"{path} not found: decided from the ComfyUI version {self.version} "
+        if self.goal is not None and not self.goal.local and self.guessed:
+            why = "; ".join(w for ws in self.guessed.values() for w in ws)
+            return [Note(name, f"{checkout.label(self.goal.version)} is not on the host yet: the plugin and the "
+                               f"model family are judged from its version number ({why})", level="info")]
+        at = f" at {self.goal.version}" if self.goal is not None else ""
+        return [Note(name, f"{path}{at} not found: decided from the ComfyUI version {self.version} "
                            f"({'; '.join(why)})", level="info") for path, why in self.guessed.items()]
 
 
@@ -95,8 +135,10 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     model, nodes, _, _ = _paths(profile)
     core = _Core(profile, facts)
     if core.version is None and not core.exists(model):
-        return changes(notes=[Note(name, f"no ComfyUI core at {profile.comfyui.root}: cannot tell whether it "
-                                         f"runs ComfyUI-nunchaku {tag} and model.family {family}")])
+        which = (f"{checkout.label(core.goal.version)} (not on the host yet)" if core.goal is not None
+                 else f"no ComfyUI core at {profile.comfyui.root}")
+        return changes(notes=[Note(name, f"{which}: cannot tell whether it runs ComfyUI-nunchaku {tag} and "
+                                         f"model.family {family}")])
     qwen_image = core.has(model, None, LAST_WITHOUT_QWEN_IMAGE, "comfy/ldm/qwen_image", inclusive=False)
     reasons = [qwen_image_incompatibility(tag, qwen_image, core.version)]
     if qwen_image and needs_t_cond(tag):

@@ -8,14 +8,14 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping, Sequence
 
-from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
+from provisioner.resources import venv
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes
 from provisioner.resources.hold import hold_step
 
@@ -79,39 +79,13 @@ def _sources(profile: Profile, facts: Facts) -> tuple[list[tuple[str, Sequence[R
     return sources, notes
 
 
-def _marker_env(env: PythonEnv, facts: Facts) -> dict[str, str]:
-    """The host's marker values where facts know them (python version, machine)."""
-    values = {k: str(v) for k, v in default_environment().items()}
-    if env.version:
-        values["python_full_version"] = env.version
-        values["python_version"] = ".".join(env.version.split(".")[:2])
-    values.update(sys_platform="linux", platform_system="Linux", os_name="posix",
-                  platform_machine=facts.arch or values["platform_machine"])
-    return values
-
-
-def satisfied(req: Requirement, installed: str | None) -> bool:
-    """Does the installed version meet the specifier?
-
-    `prereleases=True` matches pip's own check of an installed distribution: pip calls an
-    installed 0.36.0.dev0 good enough for `>=0.35`, so a stricter test would plan forever.
-    """
-    if installed is None:
-        return False
-    try:
-        version = Version(installed)
-    except InvalidVersion:
-        return False
-    return req.specifier.contains(version, prereleases=True)
-
-
 def floors(profile: Profile, facts: Facts) -> tuple[dict[str, upstream.Floor], list[Note]]:
     """What this host must have, by canonical name: the packages a plan installs (the profile's and
     the wheel's Requires-Dist) at their highest floor, and any torch-family requirement (checked,
     never installed). Requirements whose markers exclude this host are left out."""
     sources, notes = _sources(profile, facts)
-    marker_env = _marker_env(facts.env, facts)
-    applicable = [(origin, [r for r in reqs if r.marker is None or r.marker.evaluate(marker_env)])
+    markers = upstream.marker_environment(facts.env.version, facts.arch)
+    applicable = [(origin, [r for r in reqs if r.marker is None or r.marker.evaluate(markers)])
                   for origin, reqs in sources]
     try:
         combined = upstream.floors(applicable)
@@ -131,7 +105,7 @@ def unmet(profile: Profile, facts: Facts) -> tuple[dict[str, tuple[upstream.Floo
     out: dict[str, tuple[upstream.Floor, str | None]] = {}
     for key, floor in found.items():
         installed = env.version_of(key)
-        if satisfied(floor.requirement, installed):
+        if upstream.satisfied(floor.requirement, installed):
             continue
         if upstream.is_held(key):
             have = f"{key} {installed} is installed" if installed else f"{key} is not installed"
@@ -156,13 +130,15 @@ def _shown(floor: upstream.Floor) -> str:
 
 
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
+    """What the venv lacks, as it will be once the venv resource ran (created, or its torch moved)."""
+    facts = venv.planned(profile, facts)
     _check_env(profile, facts.env)
     missing, notes = unmet(profile, facts)
     if not missing:
         return changes(notes=notes)
     # One argv element per requirement: `>=` never meets a shell unquoted.
     specs = tuple(str(floor.requirement) for floor, _ in missing.values())
-    hold, constraints = hold_step(profile, facts.env)
+    hold, constraints = hold_step(profile)
     argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
             "-c", constraints, *profile.pip.args(), *specs)
     before: Mapping[str, object] = {n: have for n, (_, have) in missing.items()}

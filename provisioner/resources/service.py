@@ -1,31 +1,59 @@
-"""ComfyUI as a running service: the handler that restarts it so it loads what changed and waits
-until it is ready, the log that says why when it is not, and the node classes it must register.
+"""ComfyUI as a running service: under `comfyui.service: systemd` the unit provision writes for each
+instance (installed, enabled, running, listening where the profile says); for every kind of service,
+the handler that restarts ComfyUI so it loads what changed and waits until each instance is ready,
+the log that says why when it is not, and the node classes it must register.
 
 The handler belongs here, not in the engine: the engine runs whatever handlers the changes
-notify, and knows nothing of ComfyUI, systemd or Docker.
+notify, and knows nothing of ComfyUI, systemd or Docker. The unit is written as root (a unit in
+/etc/systemd/system and `systemctl` need it): provision never uses sudo, so it connects as root
+for `service: systemd` (a plan error says so when `comfyui.unit_dir` is not writable).
 """
 
 from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from datetime import datetime, timezone
 
 from provisioner import remote
 from provisioner.catalog import models as catalog
 from provisioner.catalog.models import NodeRequirement
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Probe
-from provisioner.resources.base import RESTART_COMFYUI, Handler, ResourcePlan, Run, changes
+from provisioner.facts.model import Facts, Probe, UnitFile, UnitState
+from provisioner.resources import units
+from provisioner.resources.base import (RESTART, RESTART_COMFYUI, Change, Handler, Note, Put, ResourcePlan,
+                                        Run, Step, changes)
+from provisioner.resources.units import Instance
 
 name = "service"
 
 LOG_LINES = 40
 READY_MARGIN_S = 60.0     # the ready program times itself out; this only guards a lost channel
+# A unit provision wrote that died during start-up: Restart=on-failure shows it as `auto-restart`.
+DEAD_SUBSTATES = ("failed", "dead", "auto-restart")
 
 
 def probe(profile: Profile) -> Probe:
-    return Probe()
+    """Who listens on ComfyUI's port(s); under `service: systemd` the unit files provision may have
+    written (stale ones too) and their state; for a unit it only restarts, that unit's state."""
+    spec = profile.comfyui
+    probe = Probe(ports=units.ports(profile))
+    if spec.service == "systemd":
+        return probe | Probe(unit_files=tuple((spec.unit_dir, g) for g in units.patterns(profile)))
+    if spec.restart and spec.restart.systemd:
+        return probe | Probe(units=(spec.restart.systemd,))
+    return probe
+
+
+def owned(profile: Profile) -> bool:
+    """Does provision run ComfyUI as a unit of its own?"""
+    return profile.comfyui.service == "systemd"
 
 
 def restart_argv(profile: Profile) -> tuple[str, ...] | None:
+    if owned(profile):
+        return ("systemctl", "restart", profile.comfyui.unit)
     restart = profile.comfyui.restart
     if restart is None:
         return None
@@ -54,8 +82,9 @@ def log_step(profile: Profile, lines: int = LOG_LINES) -> Run | None:
     if spec.log_file:
         return Run(("tail", "-n", str(lines), spec.log_file), what=f"tail -n {lines} {spec.log_file}",
                    timeout=30)
-    if restart and restart.systemd:
-        argv = ("journalctl", "-u", restart.systemd, "-n", str(lines), "--no-pager")
+    unit = spec.unit if owned(profile) else restart.systemd if restart else None
+    if unit:
+        argv = ("journalctl", "-u", unit, "-n", str(lines), "--no-pager")
         return Run(argv, what=" ".join(argv), timeout=30, on_machine=True)
     if restart and restart.docker:
         # ComfyUI writes to both streams; 2>&1 keeps its lines in the order it wrote them.
@@ -66,27 +95,42 @@ def log_step(profile: Profile, lines: int = LOG_LINES) -> Run | None:
 
 def ready_step(profile: Profile) -> Run:
     """Wait, on the host, until ComfyUI answers and lists the required nodes. Under systemd a unit
-    that failed ends the wait at once; in a container the wait dies with the container."""
+    that failed ends the wait at once (one provision wrote: its SubState, as Restart=on-failure
+    keeps it `activating`); in a container the wait dies with the container."""
     spec = profile.comfyui
     restart = spec.restart
-    alive: tuple[str, ...] = ("systemctl", "is-active", restart.systemd) if restart and restart.systemd else ()
+    alive: tuple[str, ...] = ()
+    dead: tuple[str, ...] = ()
+    if owned(profile):
+        alive, dead = ("systemctl", "show", "--property=SubState", "--value", spec.unit), DEAD_SUBSTATES
+    elif restart and restart.systemd:
+        alive, dead = ("systemctl", "is-active", restart.systemd), ("failed", "inactive")
     request = remote.ready_request(url=spec.local_url, nodes=[n.name for n in required_nodes(profile)],
-                                   timeout=spec.ready_timeout_s, alive=alive,
-                                   dead=("failed", "inactive") if alive else ())
+                                   timeout=spec.ready_timeout_s, alive=alive, dead=dead)
     return Run(remote.argv("ready"), stdin=request, progress=True,
                what=f"wait until ComfyUI at {spec.local_host}:{spec.port} is ready",
                timeout=spec.ready_timeout_s + READY_MARGIN_S)
 
 
-def restart_handler(profile: Profile) -> Handler:
-    """Restart ComfyUI once, by the profile's means (`docker restart` runs beside the container),
-    then wait until it is ready; when either fails, its log says why."""
+def restart_handler(profile: Profile, instances: Sequence[Instance] = ()) -> Handler:
+    """Restart ComfyUI once, by the profile's means (`docker restart` runs beside the container; every
+    instance's unit in one `systemctl restart`), then wait until each instance is ready; when that
+    fails, its log says why. `instances`: the host's (default: the profile's one)."""
+    spec = profile.comfyui
+    instances = tuple(instances) or (Instance(None, spec.unit, spec.port, None),)
+    if owned(profile):
+        each = [units.instance_profile(profile, i) for i in instances]
+        every = ("systemctl", "restart", *(i.unit for i in instances))
+        diagnose = tuple(step for p in each if (step := log_step(p)) is not None)
+        return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(every)})",
+                       (Run(every, what=f"restart ComfyUI: {' '.join(every)}", on_machine=True),
+                        *(ready_step(p) for p in each)), diagnose=diagnose)
     argv = restart_argv(profile)
     if not argv:
         return Handler(RESTART_COMFYUI, "restart ComfyUI",
                        missing="ComfyUI must be restarted to load the changes (no comfyui.restart in "
                                "the profile)")
-    restart = profile.comfyui.restart
+    restart = spec.restart
     on_machine = bool(restart and restart.docker)
     log = log_step(profile)
     return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(argv)})",
@@ -96,10 +140,109 @@ def restart_handler(profile: Profile) -> Handler:
                    diagnose=(log,) if log else ())
 
 
-def plan(profile: Profile, facts: Facts) -> ResourcePlan:
+def _systemctl(*args: str) -> Run:
+    return Run(("systemctl", *args), what=f"systemctl {' '.join(args)}", on_machine=True, timeout=120.0)
+
+
+def _unit_changes(profile: Profile, facts: Facts, instances: Sequence[Instance],
+                  now: datetime | None) -> list[Change]:
+    """Each instance's unit written as rendered, enabled, running, listening as the profile says;
+    units provision wrote for instances there are no more (a GPU fewer, per-gpu back to single)
+    stopped and removed."""
+    spec = profile.comfyui
+    if facts.units.error:
+        raise PlanError(f"comfyui.service systemd: systemd does not answer on this host ({facts.units.error}); "
+                        "run ComfyUI another way (comfyui.service null and comfyui.restart)")
+    if not facts.units.writable.get(spec.unit_dir, True):
+        raise PlanError(f"comfyui.service systemd writes its units into {spec.unit_dir}, which this login cannot "
+                        "write: connect as root (provision does not use sudo), or set comfyui.unit_dir")
+    found: dict[str, UnitFile] = {f.name: f for pattern in units.patterns(profile)
+                                  for f in facts.units.files.get((spec.unit_dir, pattern), ())}
+    wanted = {i.unit_file for i in instances}
+    stale = [f for n, f in sorted(found.items()) if n not in wanted and f.text.startswith(units.HEADER)]
+    freed = {facts.units.state.get(f.name, UnitState()).main_pid for f in stale} - {0}
+    out = [Change(name, f.path, "remove", f"stop and remove unit {f.name} (no such instance any more)",
+                  {"unit": f.path}, None, (_systemctl("disable", "--now", f.name),
+                                           Run(("rm", "-f", f.path), what=f"remove {f.path}"),
+                                           _systemctl("daemon-reload")))
+           for f in stale]
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    for instance in instances:
+        out += _instance_changes(profile, facts, instance, found.get(instance.unit_file), freed, stamp)
+    return out
+
+
+def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: UnitFile | None,
+                      freed: set[int], stamp: str) -> list[Change]:
+    spec = profile.comfyui
+    text, path = units.render(profile, instance), units.path(profile, instance)
+    state = facts.units.state.get(instance.unit_file, UnitState())
+    holders = facts.listeners.get(instance.port, ())
+    foreign = [x for x in holders if x.pid and x.pid != state.main_pid and x.pid not in freed]
+    if foreign:
+        raise PlanError(f"port {instance.port} is held by {units.describe(foreign)}, not by unit {instance.unit}, "
+                        f"which cannot start while it does: stop that process (or choose another comfyui.port)")
+    exposed = units.exposed(profile, facts, instance.port)
+    listens = f"; ComfyUI listens on {units.describe(exposed)}, the profile says {spec.listen}" if exposed else ""
+    if have is None or have.text != text:
+        steps: list[Step] = []
+        warnings: list[str] = []
+        if have is not None and not have.text.startswith(units.HEADER):
+            backup = posixpath.join(spec.state_dir, "units", f"{instance.unit_file}.{stamp}")
+            steps += [Run(("mkdir", "-p", posixpath.dirname(backup)), what="create the units backup folder",
+                          on_machine=True),
+                      Run(("cp", "-p", path, backup), what=f"back up {path} to {backup}", on_machine=True)]
+            warnings.append(f"{path} was not written by provision: it is replaced (a copy is kept at {backup})")
+        steps += [Put(path, text.encode(), what=f"write {path}"), _systemctl("daemon-reload"),
+                  _systemctl("enable", instance.unit_file)]
+        verb = "install" if have is None else "rewrite"
+        return [Change(name, path, "create" if have is None else "update",
+                       f"{verb} unit {instance.unit} ({path}){listens}", have.text if have else None, text,
+                       tuple(steps), notify=RESTART, warnings=tuple(warnings))]
+    out = []
+    if state.enabled != "enabled":
+        out.append(Change(name, path, "update", f"enable unit {instance.unit} (it is {state.enabled or 'unknown'})",
+                          {"enabled": state.enabled}, {"enabled": "enabled"}, (_systemctl("enable", instance.unit_file),)))
+    if exposed:
+        # The unit says --listen as the profile does: what listens was started before it said so.
+        out.append(Change(name, f"{path}:listen", "update",
+                          f"restart unit {instance.unit}: ComfyUI listens on {units.describe(exposed)}, its unit "
+                          f"says {spec.listen}", {"listen": [x.address for x in exposed]}, {"listen": spec.listen},
+                          (_systemctl("daemon-reload"),), notify=RESTART))
+    elif state.active != "active":
+        out.append(Change(name, f"{path}:running", "update",
+                          f"start unit {instance.unit} (it is {state.active or 'not loaded'})",
+                          {"active": state.active or None}, {"active": "active"}, (), notify=RESTART))
+    return out
+
+
+def _exposure_notes(profile: Profile, facts: Facts, instance: Instance) -> list[Note]:
+    """ComfyUI exposed to the network by a service provision does not own: say what to fix."""
+    found = units.exposed(profile, facts, instance.port)
+    if not found:
+        return []
+    spec, restart = profile.comfyui, profile.comfyui.restart
+    if restart and restart.systemd:
+        state = facts.units.state.get(restart.systemd, UnitState())
+        where = f"in unit {restart.systemd}" + (f" ({state.path})" if state.path else "")
+    elif restart and restart.docker:
+        where = f"in the command of container {restart.docker}"
+    else:
+        where = "where ComfyUI is started"
+    return [Note(name, f"ComfyUI on port {instance.port} listens on {units.describe(found)}: anyone who reaches this "
+                       f"host can use it, and the profile says {spec.listen}. provision does not own how it is "
+                       f"started: set --listen {spec.listen} {where}, or set comfyui.service: systemd so that "
+                       "provision writes and restarts the unit")]
+
+
+def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> ResourcePlan:
     chosen = profile.comfyui.gpu
     if chosen is not None and facts.gpus and facts.gpu is None:
         listed = "; ".join(f"{g.index}: {g.name} {g.uuid}" for g in facts.gpus)
         raise PlanError(f"comfyui.gpu {chosen!r} is not a GPU of this host (nvidia-smi lists {listed}); "
                         "give one of those UUIDs")
-    return changes(handlers=[restart_handler(profile)])
+    instances = units.instances(profile, facts)
+    handler = restart_handler(profile, instances)
+    if owned(profile):
+        return changes(*_unit_changes(profile, facts, instances, now), handlers=[handler])
+    return changes(notes=_exposure_notes(profile, facts, instances[0]), handlers=[handler])

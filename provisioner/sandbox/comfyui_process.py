@@ -29,6 +29,7 @@ PLUGIN_DIRS = ("ComfyUI-nunchaku", "comfyui-nunchaku")
 PIDFILE = ".provision-sandbox/comfyui.pid"
 PORTFILE = ".provision-sandbox/comfyui.port"
 ARGSFILE = ".provision-sandbox/comfyui.args"      # extra stand-in flags, kept across restarts
+HOST_ARGSFILE = "comfyui.args"   # the same beside the checkout (host.py's layout), for a host that has none yet
 LOGFILE = ".provision-sandbox/comfyui.log"
 
 
@@ -37,10 +38,10 @@ def plugin_dir(root: Path) -> str | None:
     return next((d for d in PLUGIN_DIRS if (root / "custom_nodes" / d / "__init__.py").is_file()), None)
 
 
-def backend_version(root: Path) -> str | None:
-    """The real nunchaku's version in the checkout's venv (a `+torchA.B` or, from 1.2.1,
-    `+cuX.YtorchA.B` build), else None."""
-    for info in (root / "venv").glob("lib/python*/site-packages/nunchaku-*.dist-info"):
+def backend_version(venv: Path) -> str | None:
+    """The real nunchaku's version in a venv (a `+torchA.B` or, from 1.2.1, `+cuX.YtorchA.B` build),
+    else None."""
+    for info in venv.glob("lib/python*/site-packages/nunchaku-*.dist-info"):
         version = info.name[len("nunchaku-"):-len(".dist-info")]
         if re.search(r"\+(cu[\d.]+)?torch\d", version):
             return version
@@ -49,7 +50,7 @@ def backend_version(root: Path) -> str | None:
 
 def detect(root: Path) -> tuple[bool, bool]:
     """(plugin present, real backend installed) for the ComfyUI checkout at `root`."""
-    return plugin_dir(root) is not None, backend_version(root) is not None
+    return plugin_dir(root) is not None, backend_version(root / "venv") is not None
 
 
 def set_args(root: Path, extra: tuple[str, ...]) -> None:
@@ -58,26 +59,39 @@ def set_args(root: Path, extra: tuple[str, ...]) -> None:
     (root / ARGSFILE).write_text(json.dumps(list(extra)))
 
 
-def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[str, ...] = (),
-          wait: bool = True) -> int:
-    """Start detached (its own session, so it outlives the command that started it); returns PID.
-    `wait`: until it answers (a process that exits meanwhile raises StandInFailed)."""
-    folder, backend = plugin_dir(root), backend_version(root)
-    argv = [sys.executable, "-m", "provisioner.sandbox.comfyui_server", "--root", str(root),
-            "--port", str(port), "--check-models", *extra]
+def set_host_args(root: Path, extra: tuple[str, ...]) -> None:
+    """Stand-in flags for the main.py of whatever checkout `root` will be (a bare host's, which
+    provision clones): kept beside it, so the root itself stays absent."""
+    (root.parent / HOST_ARGSFILE).write_text(json.dumps(list(extra)))
+
+
+def found_args(root: Path, venv: Path) -> list[str]:
+    """The stand-in server's flags for what this checkout holds, found as real ComfyUI finds it: the
+    plugin in custom_nodes/ and its backend in the venv that runs it, the host's GPU (its nvidia-smi)."""
+    folder, backend = plugin_dir(root), backend_version(venv)
+    argv = ["--root", str(root), "--check-models"]
     if folder is None:
         argv.append("--no-plugin")
     else:
         argv += ["--plugin-dir", folder]
-        if backend is None:
-            argv.append("--no-nunchaku")
-        else:
-            argv += ["--backend", backend]
-    if gpu_state:
+        argv += ["--no-nunchaku"] if backend is None else ["--backend", backend]
+    gpu_state = root.parent / "gpu-state.json"          # the sandbox host's own (host.py lays it out)
+    if gpu_state.exists():
         argv += ["--gpu-state-file", str(gpu_state)]
-    host_smi = root.parent / "bin" / "nvidia-smi"        # the sandbox host's own (host.py lays it out)
+    host_smi = root.parent / "bin" / "nvidia-smi"
     if host_smi.is_file():
         argv += ["--nvidia-smi", str(host_smi)]
+    return argv
+
+
+def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[str, ...] = (),
+          wait: bool = True) -> int:
+    """Start detached (its own session, so it outlives the command that started it); returns PID.
+    `wait`: until it answers (a process that exits meanwhile raises StandInFailed)."""
+    argv = [sys.executable, "-m", "provisioner.sandbox.comfyui_server", *found_args(root, root / "venv"),
+            "--port", str(port), *extra]
+    if gpu_state and "--gpu-state-file" not in argv:
+        argv += ["--gpu-state-file", str(gpu_state)]
     (root / PIDFILE).parent.mkdir(parents=True, exist_ok=True)
     with open(root / LOGFILE, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -88,6 +102,29 @@ def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[
     if wait:
         _wait_ready(port, proc, root / LOGFILE)
     return proc.pid
+
+
+def main_py(root: Path | str, argv: list[str]) -> int:
+    """The sandbox checkout's main.py, run by a venv's python as a service runs real ComfyUI: its
+    own flags (--listen, --port, --cpu, --cuda-device; others are accepted and ignored), the GPU
+    CUDA_VISIBLE_DEVICES leaves it, what the checkout and that venv hold, and the stand-in flags the
+    tests saved for this checkout (set_args)."""
+    from provisioner.sandbox import comfyui_server
+
+    root = Path(root)
+    ap = argparse.ArgumentParser(prog="main.py")
+    ap.add_argument("--listen", default="127.0.0.1")
+    ap.add_argument("--port", default="8188")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--cuda-device")
+    known, _ = ap.parse_known_args(argv)
+    server = [*found_args(root, Path(sys.prefix)), "--listen", known.listen, "--port", known.port]
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    device = visible[0] if visible else known.cuda_device
+    server += ["--cpu"] if known.cpu else ["--cuda-device", device] if device else []
+    saved = next((f for f in (root / ARGSFILE, root.parent / HOST_ARGSFILE) if f.exists()), None)
+    server += json.loads(saved.read_text()) if saved else []
+    return comfyui_server.main(server)
 
 
 def pid(root: Path) -> int | None:

@@ -1,4 +1,5 @@
-"""A local bare git repo standing in for nunchaku-ai/ComfyUI-nunchaku, with stable SHAs and real tags."""
+"""Local bare git repos standing in for nunchaku-ai/ComfyUI-nunchaku and Comfy-Org/ComfyUI, with stable
+SHAs and upstream's tags (lightweight, on main)."""
 
 from __future__ import annotations
 
@@ -121,16 +122,17 @@ def _git(git_dir: Path, work: Path | None, *args: str, date: str | None = None) 
     return proc.stdout.strip()
 
 
-def _commit_release(git_dir: Path, tag: str, date: str) -> str:
-    """Commit the tree of release `tag` on main, tag it (lightweight), return the commit SHA."""
-    with tempfile.TemporaryDirectory(prefix="sandbox-plugin-") as tmp:
+def _commit_release(git_dir: Path, tag: str, date: str, tree: dict[str, str] | None = None) -> str:
+    """Commit the tree of release `tag` (the plugin's, unless given) on main, tag it (lightweight),
+    return the commit SHA."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-release-") as tmp:
         work = Path(tmp)
-        for rel, text in plugin_tree(tag.removeprefix("v")).items():
+        for rel, text in (tree if tree is not None else plugin_tree(tag.removeprefix("v"))).items():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_text(text)
         if _has_commits(git_dir):
             _git(git_dir, work, "read-tree", "HEAD")  # index = previous release, so `add -A` records deletions
-        _git(git_dir, work, "add", "-A")
+        _git(git_dir, work, "add", "-A", "--force")   # as upstream tracks its placeholders under ignored folders
         _git(git_dir, work, "commit", "--quiet", "--no-verify", "-m", f"release {tag}", date=date)
     _git(git_dir, None, "tag", tag)
     return _git(git_dir, None, "rev-parse", "HEAD")
@@ -158,3 +160,25 @@ def add_plugin_tag(path: Path, tag: str) -> str:
     last = _git(Path(path), None, "log", "-1", "--format=%cI", "main")
     date = (datetime.fromisoformat(last) + timedelta(days=1)).isoformat()
     return _commit_release(Path(path), tag, date)
+
+
+# Upstream tag dates of the ComfyUI releases the stand-in core knows (Comfy-Org/ComfyUI).
+COMFYUI_RELEASES: tuple[tuple[str, str], ...] = (
+    ("v0.3.48", "2025-08-01T12:00:00+00:00"),
+    ("v0.3.60", "2025-09-23T12:00:00+00:00"),
+    ("v0.3.64", "2025-10-08T12:00:00+00:00"),
+)
+
+
+def make_comfyui_repo(path: Path, releases: tuple[tuple[str, str], ...] = COMFYUI_RELEASES) -> Path:
+    """A bare repo standing in for ComfyUI: one commit per release whose tree is the sandbox's stand-in
+    core of that version (host.comfyui_files: Qwen-Image from 0.3.60, the Edit-2509 nodes, its
+    requirements.txt pinning that release's frontend), tagged like upstream."""
+    from provisioner.sandbox.host import comfyui_files
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _git(path, None, "init", "--quiet", "--bare", "--initial-branch=master")
+    for tag, date in releases:
+        _commit_release(path, tag, date, comfyui_files(tag.removeprefix("v")))
+    return path

@@ -50,7 +50,7 @@ class SandboxHost:
     gpu_state: Path              # JSON {"memory_used_mib": N} read by the shim
     gpu: str | None
     torch: str | None
-    comfyui_version: str
+    comfyui_version: str | None          # None: a bare host (no ComfyUI, no venv)
 
     @property
     def path(self) -> str:
@@ -152,7 +152,17 @@ def make_venv_template(path: Path, torch: str | None = "2.6.0+cu124", *, base_py
     return path
 
 
-def _comfyui_files(version: str) -> dict[str, str]:
+# comfyui-frontend-package pinned by each real release's requirements.txt (checked in the real tags);
+# a later stand-in version keeps 0.3.64's.
+FRONTENDS = {"0.3.48": "1.23.4", "0.3.60": "1.26.13", "0.3.64": "1.27.10"}
+# As the real repository ignores them: what ComfyUI's users add never dirties the checkout.
+GITIGNORE = ("__pycache__/\n/output/\n/input/\n/models/\n/temp/\n/custom_nodes/\n"
+             "!custom_nodes/example_node.py.example\nvenv/\n.venv/\n/user/\n*.log\n")
+
+
+def comfyui_files(version: str) -> dict[str, str]:
+    """The stand-in ComfyUI core of `version`, file by file: what a sandbox host has, and what each
+    tag of the stand-in ComfyUI repository (gitrepo.py) holds."""
     t_cond = Version(version) >= T_COND_SINCE
     extra = "use_additional_t_cond=False, " if t_cond else ""
     model = (
@@ -165,11 +175,14 @@ def _comfyui_files(version: str) -> dict[str, str]:
         + ("        self.use_additional_t_cond = use_additional_t_cond\n" if t_cond else "")
     )
     main = (
-        '"""Sandbox stand-in for ComfyUI\'s main.py: runs the sandbox ComfyUI server with the same arguments."""\n'
-        "import runpy\nimport sys\n\n"
+        '"""Sandbox stand-in for ComfyUI\'s main.py: the sandbox ComfyUI server, serving this checkout as real\n'
+        'ComfyUI would (its custom_nodes/, the venv running it, CUDA_VISIBLE_DEVICES, --listen, --port)."""\n'
+        "import os\nimport sys\n\n"
         f"sys.path.append({str(Path(__file__).resolve().parents[2])!r})  # where provisioner.sandbox lives\n"
-        'runpy.run_module("provisioner.sandbox.comfyui_server", run_name="__main__", alter_sys=True)\n'
+        "from provisioner.sandbox import comfyui_process  # noqa: E402\n\n"
+        "sys.exit(comfyui_process.main_py(os.path.dirname(os.path.abspath(__file__)), sys.argv[1:]))\n"
     )
+    frontend = FRONTENDS.get(version) or FRONTENDS["0.3.64"]
     return {
         "main.py": main,
         "comfyui_version.py": (
@@ -177,7 +190,10 @@ def _comfyui_files(version: str) -> dict[str, str]:
             f'# updated in pyproject.toml.\n__version__ = "{version}"\n'
         ),
         "pyproject.toml": f'[project]\nname = "ComfyUI"\nversion = "{version}"\nrequires-python = ">=3.9"\n',
-        "requirements.txt": "torch\ntorchvision\nsafetensors\naiohttp\npyyaml\nPillow\n",
+        "requirements.txt": f"comfyui-frontend-package=={frontend}\ntorch\ntorchvision\nsafetensors\naiohttp\n"
+                            "pyyaml\nPillow\n",
+        ".gitignore": GITIGNORE,
+        "custom_nodes/example_node.py.example": "# Sandbox stand-in for ComfyUI's example custom node.\n",
         **({"comfy/ldm/qwen_image/model.py": model} if Version(version) > LAST_WITHOUT_QWEN_IMAGE else {}),
         **({EDIT_NODES: EDIT_NODES_PY} if Version(version) >= FAMILY_NODES["qwen-image-edit-2509"][1] else {}),
         **{f"models/{d}/{marker}": "" for d, marker in MODEL_DIRS.items()},
@@ -205,25 +221,27 @@ def make_sandbox_host(
     *,
     gpu: str | None = "rtx3090",
     torch: str | None = "2.6.0+cu124",
-    comfyui_version: str = "0.3.64",
+    comfyui_version: str | None = "0.3.64",
     venv_template: Path | None = None,
 ) -> SandboxHost:
-    """Lay out a GPU host under root: ComfyUI/ (checkout + venv), bin/nvidia-smi, gpu-state.json."""
+    """Lay out a GPU host under root: ComfyUI/ (checkout + venv), bin/nvidia-smi, gpu-state.json.
+    `comfyui_version` None: a bare host, with no ComfyUI and no venv (ComfyUI/ is where they would go)."""
     root = Path(root).resolve()
     comfy = root / "ComfyUI"
     config = gpu_config(gpu, root / STATE_FILE) if gpu is not None else None  # bad preset: fail first
-    for rel, text in _comfyui_files(comfyui_version).items():
-        (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
-        (comfy / rel).write_text(text)
-    for empty in ("custom_nodes", "user", "input"):
-        (comfy / empty).mkdir(parents=True, exist_ok=True)
     venv = comfy / "venv"
-    if venv_template is not None:
-        shutil.copytree(venv_template, venv, symlinks=True)
-        own_scripts(venv, venv_template)
-        _set_torch(venv, torch)
-    else:
-        make_venv_template(venv, torch)
+    if comfyui_version is not None:
+        for rel, text in comfyui_files(comfyui_version).items():
+            (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
+            (comfy / rel).write_text(text)
+        for empty in ("custom_nodes", "user", "input"):
+            (comfy / empty).mkdir(parents=True, exist_ok=True)
+        if venv_template is not None:
+            shutil.copytree(venv_template, venv, symlinks=True)
+            own_scripts(venv, venv_template)
+            _set_torch(venv, torch)
+        else:
+            make_venv_template(venv, torch)
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     state = root / STATE_FILE
@@ -232,7 +250,8 @@ def make_sandbox_host(
         if not config.get("broken"):
             set_vram_used(state, config["gpus"][0]["used"])
     return SandboxHost(root=root, comfyui_root=comfy, venv=venv, python=venv / "bin" / "python",
-                       bin_dir=bin_dir, gpu_state=state, gpu=gpu, torch=torch, comfyui_version=comfyui_version)
+                       bin_dir=bin_dir, gpu_state=state, gpu=gpu, torch=torch if comfyui_version else None,
+                       comfyui_version=comfyui_version)
 
 
 def read_gpu_state(state_file: Path) -> dict:

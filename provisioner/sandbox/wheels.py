@@ -131,6 +131,31 @@ def build_torchvision_wheel(out_dir: Path, torch_version: str = "2.6.0+cu124") -
                        home="https://github.com/pytorch/vision")
 
 
+def build_torchaudio_wheel(out_dir: Path, torch_version: str = "2.6.0+cu124") -> Path:
+    """The torchaudio of a torch build (the same version, 2.6.0+cu124), pinned to it like the real one."""
+    return build_wheel(out_dir, "torchaudio", torch_version,
+                       {"torchaudio/__init__.py": f'"""Sandbox stand-in for torchaudio."""\n__version__ = {torch_version!r}\n'},
+                       requires=[f"torch=={torch_version}"], summary="An audio package for PyTorch",
+                       home="https://github.com/pytorch/audio")
+
+
+# The torch builds of the stand-in PyTorch index, one folder per CUDA flavour as download.pytorch.org
+# has one index per flavour (cu124/, cu126/, cu128/, cu130/).
+TORCH_BUILDS = ("2.6.0+cu124", "2.6.0+cu126", "2.8.0+cu126", "2.8.0+cu128", "2.9.1+cu128", "2.9.1+cu130")
+
+
+def build_torch_wheelhouse(out_dir: Path, builds: Iterable[str] = TORCH_BUILDS) -> Path:
+    """`out_dir/cuXYZ/`: torch, torchvision and torchaudio of each build, for `--find-links
+    out_dir/{flavour}` (the sandbox's stand-in for PyTorch's per-flavour indexes)."""
+    out_dir = Path(out_dir)
+    for build in builds:
+        folder = out_dir / (Version(build).local or "cpu")
+        build_torch_wheel(folder, build, cuda_of(build))
+        build_torchvision_wheel(folder, build)
+        build_torchaudio_wheel(folder, build)
+    return out_dir
+
+
 def nunchaku_wheel_name(version: str, torch: str, python_tag: str, platform: str, cuda: str | None = None) -> str:
     """The release asset name: `nunchaku-1.0.1+torch2.6-cp312-...`, `nunchaku-1.2.1+cu12.8torch2.9-...`."""
     host = wheels.HostTorch(Version(f"{torch}.0"), cuda)
@@ -179,13 +204,21 @@ STAND_INS: tuple[tuple[str, str], ...] = (
     ("diffusers", "0.34.0"), ("diffusers", "0.35.2"), ("diffusers", "0.36.0"), ("peft", "0.16.0"),
     ("peft", "0.17.1"), ("transformers", "4.57.1"), ("accelerate", "1.11.0"), ("einops", "0.8.1"),
     ("huggingface-hub", "0.35.3"), ("protobuf", "6.32.1"), ("sentencepiece", "0.2.1"),
+    # the stand-in ComfyUI core's requirements.txt (sandbox/host.py), frontends of each of its releases
+    ("safetensors", "0.6.2"), ("aiohttp", "3.12.15"), ("pyyaml", "6.0.2"), ("pillow", "11.3.0"),
+    ("comfyui-frontend-package", "1.23.4"), ("comfyui-frontend-package", "1.26.13"),
+    ("comfyui-frontend-package", "1.27.10"),
 )
 
 
-def build_package_wheelhouse(out_dir: Path) -> Path:
-    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend."""
+def build_package_wheelhouse(out_dir: Path, names: Iterable[str] | None = None) -> Path:
+    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend
+    (`names`: only those)."""
     out_dir = Path(out_dir)
+    only = None if names is None else set(names)
     for name, version in STAND_INS:
+        if only is not None and name not in only:
+            continue
         init_py = f'"""Sandbox stand-in for {name} {version}."""\n__version__ = {version!r}\n'
         build_wheel(
             out_dir, name, version, {f"{name}/__init__.py": init_py},

@@ -1,6 +1,6 @@
 """Everything a sandbox fleet needs beside its hosts, started together: the stand-ins for GitHub
-releases, the Hugging Face Hub and the ComfyUI-nunchaku git repository, a pip wheelhouse, and
-model files. Used by `make demo` and the end-to-end tests, so both exercise the same world.
+releases, the Hugging Face Hub and the ComfyUI-nunchaku and ComfyUI git repositories, a pip
+wheelhouse, a torch wheelhouse with a folder per CUDA build (PyTorch's indexes), and model files. Used by `make demo` and the end-to-end tests, so both exercise the same world.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from provisioner.catalog import models as catalog
-from provisioner.sandbox.gitrepo import make_plugin_repo
+from provisioner.sandbox.gitrepo import make_comfyui_repo, make_plugin_repo
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
 from provisioner.sandbox.host import make_venv_template
 from provisioner.sandbox.release_server import ReleaseServer, start_release_server
-from provisioner.sandbox.wheels import build_nunchaku_wheel_named, build_package_wheelhouse, current_python_tag
+from provisioner.sandbox.wheels import (build_nunchaku_wheel_named, build_package_wheelhouse, build_torch_wheelhouse,
+                                        current_python_tag)
 
 BACKEND = ("nunchaku-tech", "nunchaku")
 BACKEND_VERSION = "1.0.1"
@@ -81,6 +82,8 @@ class World:
     plugin_repo: Path
     wheelhouse: Path
     venv_template: Path
+    comfyui_repo: Path
+    torch_wheelhouse: Path                     # cu124/, cu126/, ...: torch, torchvision, torchaudio
     files: Mapping[tuple[str, str], bytes] = field(default_factory=dict)
 
     @property
@@ -95,6 +98,14 @@ class World:
             "pip": {"no_index": True, "find_links": [str(self.wheelhouse)]},
             "huggingface": {"endpoint": self.hub.url},
         }
+
+    def core_overrides(self, version: str = "v0.3.64", torch: str = "2.6.0",
+                       cuda: str = "12.4") -> dict[str, Any]:
+        """`comfyui` keys of a ComfyUI provision makes: the stand-in ComfyUI repository at `version`,
+        the venv's torch from the stand-in torch wheelhouse (`cuda` may be auto)."""
+        return {"version": version, "repo": f"file://{self.comfyui_repo}",
+                "torch": {"version": torch, "cuda": cuda, "index_url": None,
+                          "find_links": [f"{self.torch_wheelhouse}/{{flavour}}"]}}
 
     def stop(self) -> None:
         self.release.stop()
@@ -125,11 +136,15 @@ def start_world(root: Path, *, family: str = "qwen-image-edit-2509",
     plugin_repo = root / "git" / "ComfyUI-nunchaku.git"
     if not plugin_repo.exists():
         make_plugin_repo(plugin_repo)
+    comfyui_repo = root / "git" / "ComfyUI.git"
+    if not comfyui_repo.exists():
+        make_comfyui_repo(comfyui_repo)
     wheelhouse = build_package_wheelhouse(root / "wheelhouse")
+    torch_wheelhouse = build_torch_wheelhouse(root / "torch")
     template = root / "venv-template"
     if venv_template and not (template / "bin" / "python").exists():
         make_venv_template(template, torch=torch)
-    return World(root, release, hub, plugin_repo, wheelhouse, template, files)
+    return World(root, release, hub, plugin_repo, wheelhouse, template, comfyui_repo, torch_wheelhouse, files)
 
 
 def write_yaml(path: Path, data: Mapping[str, Any], comment: str = "") -> Path:

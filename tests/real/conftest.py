@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import upstream
 from lab import REPO, Lab, open_lab
-from realhost import RealHost, make_real_host
+from realhost import BareRealHost, RealHost, make_bare_host, make_real_host
 
 TEMPLATES = Path(__file__).with_name("templates")
 SMOKE_TEMPLATE = "smoke-invert.json.j2"       # model-free: runs on real ComfyUI on a CPU
@@ -56,6 +56,43 @@ def real_venv(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureReque
             reporter.write_line(line)
 
     return upstream.real_venv(real_cache, requirements, say)
+
+
+@pytest.fixture(scope="session")
+def real_wheelhouse(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureRequest) -> Path:
+    """The real venv's wheels, for v0.3.60's and v0.3.64's requirements: what a host made from
+    nothing installs from, offline."""
+    requirements = {tag: upstream.git("-C", str(comfyui_repo), "show", f"{tag}:requirements.txt") + "\n"
+                    for tag in upstream.WHEELHOUSE_TAGS}
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return upstream.wheelhouse(real_cache, requirements, say)
+
+
+@pytest.fixture
+def bare_host(real_lab: Lab, tmp_path: Path) -> Iterator[Callable[..., BareRealHost]]:
+    """Factory: `bare_host()` → a host with no ComfyUI in the lab's inventory; at the end the units
+    provision started there stop, and its venv goes."""
+    made: list[BareRealHost] = []
+
+    def make(name: str | None = None) -> BareRealHost:
+        name = name or f"bare-{len(real_lab.hosts) + 1:02d}"
+        (sshd,) = real_lab.fleet.add(1, names=[name], bin_dirs=[tmp_path / name / "bin"])
+        host = make_bare_host(tmp_path / name, name, sshd)
+        made.append(host)
+        real_lab.attach(host)
+        return host
+
+    yield make
+    for host in made:
+        host.stop()
+        host.sshd.stop()
+        shutil.rmtree(host.comfy / "venv", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import upstream
+from lab import service_port
 from service import running_pid
-from sshd import SshdHost, free_port
+from service_manager import stop_all as stop_units
+from sshd import SshdHost, free_port, install_service_manager
 
 SERVICE = Path(__file__).with_name("service.py")
 READY_TIMEOUT_S = 300.0          # ComfyUI starts in ~5 s on an idle 2-core machine; CI may be loaded
@@ -109,3 +111,44 @@ def make_real_host(root: Path, name: str, comfyui_repo: Path, tag: str, venv: Pa
             "--port", str(host.port), "--disable-auto-launch"]
     (host.service / "service.json").write_text(json.dumps({"argv": argv, "cwd": str(host.comfy)}))
     return host
+
+
+@dataclass
+class BareRealHost:
+    """A host with nothing of ComfyUI on it (python3, git, a systemd: the service manager of the tests):
+    provision clones the real ComfyUI, makes the real venv from the real wheelhouse, writes the unit
+    that runs real ComfyUI on CPU, under `root`."""
+
+    name: str
+    sshd: SshdHost
+    root: Path
+    port: int
+
+    @property
+    def comfy(self) -> Path:
+        return self.root / "ComfyUI"
+
+    @property
+    def unit_dir(self) -> Path:
+        return self.root / "etc" / "systemd" / "system"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def provision_vars(self) -> dict[str, Any]:
+        """ComfyUI on CPU, as provision's own unit (there is no GPU here)."""
+        return {"comfyui": {"root": str(self.comfy), "port": self.port, "restart": None, "service": "systemd",
+                            "unit_dir": str(self.unit_dir), "args": ["--cpu", "--disable-auto-launch"]}}
+
+    def journal(self, unit: str = "comfyui") -> str:
+        return subprocess.run([str(self.root / "bin" / "journalctl"), "-u", unit, "-n", "2000", "--no-pager"],
+                              capture_output=True, text=True).stdout
+
+    def stop(self) -> None:
+        stop_units(str(self.root / "systemd"))
+
+
+def make_bare_host(root: Path, name: str, sshd: SshdHost) -> BareRealHost:
+    install_service_manager(root / "bin", root / "etc" / "systemd" / "system", root / "systemd")
+    return BareRealHost(name, sshd, root, service_port())

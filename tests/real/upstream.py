@@ -12,6 +12,11 @@ requirements file builds a new one beside the old. A venv is not relocatable (it
 its own path), so it is built in place under a lock and counts only once its manifest is written:
 a build that was killed is found without one and built again. Hosts get hard-linked copies.
 
+The real wheelhouse: the wheels of that venv (torch, torchvision, torchaudio and their CUDA
+libraries, each ComfyUI tag's requirements.txt, `requests`), downloaded once with `pip download` into
+`wheelhouse/<key>/` and kept: a host provision makes from nothing installs from it with `--no-index`,
+offline, as an air-gapped fleet does from its mirror. Counted once its manifest is written.
+
 `PROVISION_REAL_CACHE` is the cache folder (default `~/.cache/provision-real`).
 """
 
@@ -42,6 +47,7 @@ PLUGIN_REPO = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
 TORCH_PINS = ("torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.*")
 EXTRA = ("requests",)
 REQUIREMENTS_TAG = "v0.3.64"
+WHEELHOUSE_TAGS = ("v0.3.60", "v0.3.64")       # the tags a host made from nothing is pinned to in the tier
 MANIFEST = "provision-real.json"
 RECIPE = 1                       # bump when the build steps change in a way the inputs do not show
 
@@ -155,4 +161,39 @@ def copy_venv(cached: Path, dest: Path) -> Path:
         subprocess.run(["cp", "-a", str(cached), str(dest)], check=True)
     (dest / MANIFEST).unlink()
     own_scripts(dest, cached)
+    return dest
+
+
+def wheelhouse(cache: Path, requirements: dict[str, str], say: Callable[[str], None] = print) -> Path:
+    """The cached wheelhouse holding the real venv's wheels for every ComfyUI tag in `requirements`
+    (tag -> its requirements.txt); downloaded first when it is not there."""
+    inputs = {"recipe": RECIPE, "python": sys.version, "machine": platform.machine(), "pins": list(TORCH_PINS),
+              "requirements": requirements, "extra": list(EXTRA)}
+    dest = cache / "wheelhouse" / venv_key(inputs)
+    if (dest / MANIFEST).exists():
+        return dest
+    with locked(dest.with_suffix(".lock")):
+        if (dest / MANIFEST).exists():
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        log = dest.with_suffix(".log")
+        say(f"downloading the real ComfyUI wheels (once per machine, a few minutes): {dest} (log: {log})")
+        started = time.monotonic()
+        with open(log, "w") as out:
+            for tag, text in sorted(requirements.items()):  # one resolution per tag: their frontends differ
+                req_file = dest.with_name(f"{dest.name}.{tag}.requirements.txt")
+                req_file.write_text(text)
+                argv = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
+                        "-d", str(dest), *TORCH_PINS, "-r", str(req_file), *EXTRA]
+                out.write(f"$ {' '.join(argv)}\n")
+                out.flush()
+                if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise RuntimeError(f"downloading the real wheels failed: {' | '.join(tail)} (log: {log})")
+        manifest = {**inputs, "wheels": sorted(p.name for p in dest.glob("*.whl")),
+                    "download_seconds": round(time.monotonic() - started, 1)}
+        (dest / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+        (dest / (MANIFEST + ".tmp")).rename(dest / MANIFEST)
+        say(f"downloaded {len(manifest['wheels'])} wheels in {manifest['download_seconds']} s")
     return dest

@@ -1,0 +1,174 @@
+"""The ComfyUI instances of a host and the systemd unit each runs as (pure: no host I/O).
+
+One instance normally; with `comfyui.instances: per-gpu` one per GPU, each seeing only its GPU
+(CUDA_VISIBLE_DEVICES by UUID: CUDA numbers GPUs fastest first, nvidia-smi by PCI bus, a UUID is
+the same for both) on its own port (`comfyui.port` + its position), all sharing one checkout, venv
+and models. `instance_profile` is the profile as one instance sees it: what the restart wait, the
+verification and the report of that instance read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from provisioner.config.model import Profile
+from provisioner.errors import PlanError
+from provisioner.facts.model import Facts, Gpu, Listener
+
+HEADER = "# Written by provision"          # the first words of every unit provision writes
+MAX_GPUS = 16                              # ports probed above comfyui.port for per-gpu instances
+SUFFIX = ".service"
+
+
+@dataclass(frozen=True)
+class Instance:
+    label: str | None                      # "gpu0" for per-gpu instances, None for the only one
+    unit: str                              # "comfyui", "comfyui-gpu0"
+    port: int
+    gpu: Gpu | None                        # the GPU it is given (CUDA_VISIBLE_DEVICES); None: no GPU read
+
+    @property
+    def unit_file(self) -> str:
+        return self.unit + SUFFIX
+
+
+def instances(profile: Profile, facts: Facts) -> tuple[Instance, ...]:
+    spec = profile.comfyui
+    if spec.instances != "per-gpu":
+        return (Instance(None, spec.unit, spec.port, facts.gpu),)
+    if not facts.gpus:
+        raise PlanError(f"comfyui.instances per-gpu runs one ComfyUI per GPU, but this host's GPUs could not be "
+                        f"read ({facts.gpu_error}): fix nvidia-smi, or use instances: single")
+    gpus = sorted(facts.gpus, key=lambda g: g.index)[:MAX_GPUS]
+    return tuple(Instance(f"gpu{g.index}", f"{spec.unit}-gpu{g.index}", spec.port + i, g) for i, g in enumerate(gpus))
+
+
+def instance_profile(profile: Profile, instance: Instance) -> Profile:
+    """The profile as this instance sees it: its port, its unit, its GPU."""
+    spec = profile.comfyui
+    gpu = instance.gpu.uuid if instance.gpu is not None and instance.gpu.uuid else spec.gpu
+    return replace(profile, comfyui=replace(spec, port=instance.port, unit=instance.unit, gpu=gpu,
+                                            instances="single"))
+
+
+def ports(profile: Profile) -> tuple[int, ...]:
+    """The ports the facts program looks at: the instance's, or every per-gpu instance's possible one."""
+    spec = profile.comfyui
+    count = MAX_GPUS if spec.instances == "per-gpu" else 1
+    return tuple(p for p in range(spec.port, spec.port + count) if p <= 65535)
+
+
+def patterns(profile: Profile) -> tuple[str, str]:
+    """Globs of the unit files provision may have written for this profile (to find stale ones too)."""
+    unit = profile.comfyui.unit
+    return unit + SUFFIX, f"{unit}-gpu*{SUFFIX}"
+
+
+# -- the unit file ------------------------------------------------------------------------------
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+
+
+def _specifiers(text: str) -> str:
+    """systemd expands `%x` specifiers in these settings: a literal % is written %%."""
+    return text.replace("%", "%%")
+
+
+def quote_arg(arg: str) -> str:
+    """One argument of ExecStart as systemd splits the line: `$` and `%` literal, quoted when it has
+    anything but plain characters (C-style escapes inside double quotes)."""
+    text = _specifiers(arg).replace("$", "$$")
+    if _PLAIN.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _assignment(name: str, value: str) -> str:
+    return quote_arg(f"{name}={value}")
+
+
+def argv(profile: Profile, instance: Instance) -> tuple[str, ...]:
+    """The command the unit runs: the venv's python, main.py, where it listens, the profile's extras."""
+    spec = profile.comfyui
+    return (spec.python, posixpath.join(spec.root, "main.py"), "--listen", spec.listen, "--port",
+            str(instance.port), *spec.args)
+
+
+def environment(instance: Instance) -> tuple[tuple[str, str], ...]:
+    env: list[tuple[str, str]] = [("PYTHONUNBUFFERED", "1")]     # its log reaches the journal as it writes it
+    if instance.gpu is not None and instance.gpu.uuid:
+        env.append(("CUDA_VISIBLE_DEVICES", instance.gpu.uuid))
+    return tuple(env)
+
+
+def render(profile: Profile, instance: Instance) -> str:
+    """The unit file. Restart=on-failure brings a crashed ComfyUI back; the restart wait tells such a
+    death during start-up from a start-up (its SubState is `auto-restart`, not `running`)."""
+    spec = profile.comfyui
+    where = f"port {instance.port}"
+    if instance.gpu is not None:
+        where += f", GPU {instance.gpu.index} {instance.gpu.name}"
+    lines = [
+        f"{HEADER} for ComfyUI at {spec.root}: the next apply rewrites it; change the profile instead.",
+        "[Unit]",
+        _specifiers(f"Description=ComfyUI at {spec.root} ({where})"),
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        _specifiers(f"WorkingDirectory={spec.root}"),
+        *(f"Environment={_assignment(k, v)}" for k, v in environment(instance)),
+        "ExecStart=" + " ".join(quote_arg(a) for a in argv(profile, instance)),
+        "Restart=on-failure",
+        "RestartSec=5",
+        "TimeoutStopSec=30",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def path(profile: Profile, instance: Instance) -> str:
+    return posixpath.join(profile.comfyui.unit_dir, instance.unit_file)
+
+
+# -- who listens --------------------------------------------------------------------------------
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def loopback(address: str) -> bool:
+    ip = _ip(address)
+    return address == "localhost" if ip is None else ip.is_loopback
+
+
+def exposed(profile: Profile, facts: Facts, port: int) -> tuple[Listener, ...]:
+    """The sockets on `port` reachable from other machines while the profile says loopback."""
+    if not loopback(profile.comfyui.listen):
+        return ()
+    return tuple(x for x in facts.listeners.get(port, ()) if not loopback(x.address))
+
+
+def describe(listeners: Sequence[Listener]) -> str:
+    """`0.0.0.0 (every address; pid 812: python main.py --listen 0.0.0.0)`."""
+    out = []
+    for x in listeners:
+        ip = _ip(x.address)
+        what = ("an address" if ip is None else "every address" if ip.is_unspecified else "loopback"
+                if ip.is_loopback else "a public address" if ip.is_global else "a network address")
+        who = (f"; pid {x.pid}" + (f": {' '.join(x.cmdline)[:160]}" if x.cmdline else "")) if x.pid else ""
+        out.append(f"{x.address} ({what}{who})")
+    return ", ".join(out)

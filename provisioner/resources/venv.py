@@ -1,0 +1,213 @@
+"""ComfyUI's venv and the torch it runs (`comfyui.torch`): created with the host's python3 when it
+does not exist, torch of the profile's release and CUDA build installed into it with its
+torchvision and torchaudio, then ComfyUI's requirements.txt with the torch family held. A venv whose
+torch is another release or build is moved (a planned change: the backend wheel follows it).
+
+`cuda: auto` picks the newest build PyTorch publishes for that torch which the host's NVIDIA driver
+runs (catalog/torch.py). The resources that install into the venv after this one (backend,
+packages) plan against `planned(profile, facts)`: the facts as they will be once this resource's
+change has run, so a venv created, or a torch moved, in the same apply gets the wheel and the
+packages of the torch it will have, not of the one it had.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, replace
+
+from provisioner.catalog import torch as torches
+from provisioner.catalog.requirements import is_held
+from provisioner.config.model import Profile, TorchSpec
+from provisioner.errors import PlanError
+from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv
+from provisioner.resources import core
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
+
+name = "venv"
+BASE_PYTHON = "python3"          # the host's python the venv is made with, as found on its PATH
+TRIO = ("torch", "torchvision", "torchaudio")
+
+
+def probe(profile: Profile) -> Probe:
+    """The host's python3 (to make the venv with, and the wheel tags the venv will have) and
+    ComfyUI's requirements.txt; the venv itself is a base fact."""
+    if profile.comfyui.torch is None:
+        return Probe()
+    return Probe(interpreters=(BASE_PYTHON,), read=(posixpath.join(profile.comfyui.root, core.REQUIREMENTS),))
+
+
+@dataclass(frozen=True)
+class TorchTarget:
+    """The torch a venv must run: release (`2.9` or `2.9.1`), CUDA build, and why that build."""
+
+    version: str
+    cuda: str
+    why: str                          # "pinned", or how auto chose it
+
+    @property
+    def flavour(self) -> str:
+        return torches.flavour(self.cuda)
+
+    @property
+    def shown(self) -> str:
+        return f"{self.version}{'.*' if self.version.count('.') == 1 else ''}+{self.flavour}"
+
+
+def target_torch(profile: Profile, facts: Facts) -> TorchTarget | None:
+    """The torch this host's venv must run, or None when the profile leaves torch alone. `auto`
+    reads the NVIDIA driver from facts: a host whose GPUs cannot be read is a plan error then."""
+    spec = profile.comfyui.torch
+    if spec is None:
+        return None
+    minor = torches.minor_of(spec.version)
+    published = torches.FLAVOURS.get(minor or "", ())
+    driver = facts.gpus[0].driver if facts.gpus else None
+    if spec.cuda != "auto":
+        fits = torches.driver_supports(driver, spec.cuda) if driver else None
+        if fits is False:
+            floor = torches.DRIVER_MIN[spec.cuda]
+            raise PlanError(f"comfyui.torch.cuda {spec.cuda} needs an NVIDIA driver >= {floor}; this host has "
+                            f"{driver}: upgrade the driver, or pin a CUDA build it runs "
+                            f"(torch {minor} has {', '.join(published) or 'builds the catalog does not know'})")
+        return TorchTarget(spec.version, spec.cuda, "pinned")
+    if not published:
+        raise PlanError(f"comfyui.torch.cuda auto: the catalog does not know which CUDA builds torch {minor} "
+                        "has: pin comfyui.torch.cuda")
+    if driver is None:
+        raise PlanError(f"comfyui.torch.cuda auto picks the CUDA build from the NVIDIA driver, but this host's "
+                        f"GPUs could not be read ({facts.gpu_error}): fix nvidia-smi, or pin comfyui.torch.cuda")
+    cuda = torches.newest_supported(minor or "", driver)
+    if cuda is None:
+        oldest = next((c for c in published if c in torches.DRIVER_MIN), published[0])
+        raise PlanError(f"the NVIDIA driver {driver} runs no CUDA build of torch {minor} ({', '.join(published)}; "
+                        f"{oldest} needs >= {torches.DRIVER_MIN.get(oldest, 'an unknown driver')}): upgrade the "
+                        "driver, or choose an older comfyui.torch.version")
+    newer = [c for c in published if c > cuda and c in torches.DRIVER_MIN]
+    why = f"auto: the newest torch {minor} build driver {driver} runs"
+    if newer:
+        why += f" ({newer[0]} needs >= {torches.DRIVER_MIN[newer[0]]})"
+    return TorchTarget(spec.version, cuda, why)
+
+
+def _missing(env: PythonEnv, goal: TorchTarget) -> list[str]:
+    """What of the torch trio the venv lacks or has in another release or build."""
+    out = []
+    if not (env.torch and torches.matches(env.torch, goal.version) and env.torch_cuda == goal.cuda):
+        out.append("torch")
+    out += [n for n in TRIO[1:] if env.version_of(n) is None]
+    return out
+
+
+def _base(facts: Facts) -> PythonEnv:
+    """The host's python3, checked able to make the venv: PlanError saying what to install if not."""
+    base = facts.interpreters.get(BASE_PYTHON)
+    if base is None or not base.exists:
+        raise PlanError(f"no {BASE_PYTHON} on the host's PATH to create ComfyUI's venv with: install python3 "
+                        "(>= 3.10, which nunchaku's wheels are built for)")
+    if base.error:
+        raise PlanError(f"the host's {BASE_PYTHON} ({base.python}) cannot be run: {base.error}")
+    if not base.ensurepip:
+        version = ".".join((base.version or "3").split(".")[:2])
+        raise PlanError(f"the host's {BASE_PYTHON} {base.version} ({base.python}) cannot create venvs (no venv/"
+                        f"ensurepip module): install python{version}-venv (Debian, Ubuntu)")
+    return base
+
+
+def planned(profile: Profile, facts: Facts) -> Facts:
+    """The facts as they will be once this resource's change has run: the venv there, with the
+    target torch (its release as the profile says it, `2.9` for the newest 2.9.x), its torchvision
+    and torchaudio, and the interpreter the venv is made from; other distributions as they are.
+    Unchanged facts when the profile leaves torch alone or the venv already runs it."""
+    goal = target_torch(profile, facts)
+    if goal is None:
+        return facts
+    kept = core.venv_kept(profile, facts)
+    if kept and not _missing(facts.env, goal):
+        return facts
+    env = facts.env if kept else replace(_base(facts), distributions={})
+    dists = {k: d for k, d in env.distributions.items() if not is_held(k)}
+    dists.update(torch=Distribution("torch", goal.version), torchvision=Distribution(
+        "torchvision", torches.torchvision_of(goal.version)), torchaudio=Distribution("torchaudio", goal.version))
+    return replace(facts, env=replace(env, python=profile.comfyui.python, exists=True, error=None,
+                                      torch=f"{goal.version}+{goal.flavour}", torch_cuda=goal.cuda,
+                                      distributions=dict(sorted(dists.items()))))
+
+
+def source_args(spec: TorchSpec, profile: Profile, flavour: str) -> tuple[str, ...]:
+    """Where pip finds torch: the flavour's index (PyTorch's own, or a mirror) replacing the
+    profile's, else the profile's pip settings; `find_links` beside either."""
+    out: list[str] = ["--index-url", spec.index_url.format(flavour=flavour)] if spec.index_url else \
+        list(profile.pip.args())
+    for link in spec.find_links:
+        out += ["--find-links", link.format(flavour=flavour)]
+    return tuple(out)
+
+
+def _install_torch(profile: Profile, goal: TorchTarget) -> Run:
+    spec = profile.comfyui.torch
+    assert spec is not None
+    specs = torches.requirements(goal.version)
+    argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
+            *source_args(spec, profile, goal.flavour), *specs)
+    return Run(argv, what=f"pip install {' '.join(specs)} ({goal.flavour})", timeout=3600.0)
+
+
+def _requirements(profile: Profile, facts: Facts) -> tuple[tuple[Step, ...], str, Note | None]:
+    """ComfyUI's requirements for a venv made now: those of the core the plan leads to."""
+    goal = core.target(profile, facts)
+    if goal is not None:
+        text, origin = core.requirements_text(profile, facts, goal), core.label(goal.version)
+    else:
+        path = posixpath.join(profile.comfyui.root, core.REQUIREMENTS)
+        text, origin = facts.contents.get(path), f"ComfyUI at {profile.comfyui.root}"
+        if text is None:
+            return (), "", Note(name, f"no {path}: the new venv gets torch only; ComfyUI's requirements are "
+                                      "installed once comfyui.version pins a checkout")
+    needed = core.install(profile, planned(profile, facts), text, origin)
+    return (needed.steps, needed.summary, None) if needed else ((), "", None)
+
+
+def plan(profile: Profile, facts: Facts) -> ResourcePlan:
+    goal = target_torch(profile, facts)
+    if goal is None:
+        return changes()
+    spec, env = profile.comfyui, facts.env
+    assert spec.torch is not None                  # target_torch said so
+    kept = core.venv_kept(profile, facts)
+    if env.exists and env.error and kept:
+        raise PlanError(f"ComfyUI's venv {spec.venv} cannot be read ({env.error}): repair it, or remove it "
+                        "and provision creates it")
+    missing = _missing(env, goal) if kept else list(TRIO)
+    if not missing:
+        return changes()
+    notes = [Note(name, f"comfyui.torch.cuda {goal.why}: CUDA {goal.cuda} ({goal.flavour})", level="info")] \
+        if goal.why != "pinned" else []
+    after: dict[str, object] = {"torch": goal.shown, "cuda": goal.cuda,
+                                "from": " ".join(source_args(spec.torch, profile, goal.flavour)) or "pip's index"}
+    steps: list[Step] = []
+    action: Action
+    if not kept:
+        base = _base(facts)
+        action, before = "create", None
+        steps.append(Run((base.python, "-m", "venv", spec.venv), what=f"create the venv {spec.venv}"))
+        steps.append(_install_torch(profile, goal))
+        more, installs, note = _requirements(profile, facts)
+        steps += more
+        notes += [note] if note else []
+        summary = f"create {spec.venv} with {BASE_PYTHON} {base.version}, torch {goal.shown}"
+        if installs:
+            summary += f"; {installs}"
+            after["requirements"] = installs.removeprefix("pip install ")
+    elif "torch" in missing:
+        action, before = "update", {"torch": env.torch, "cuda": env.torch_cuda}
+        # Out first: an installed torch of the same release but another build would count as met.
+        steps.append(Run((spec.python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check", *TRIO),
+                         what="uninstall torch, torchvision, torchaudio"))
+        steps.append(_install_torch(profile, goal))
+        summary = f"torch {env.torch or '(none)'} -> {goal.shown} (the backend wheel is chosen for it)"
+    else:
+        action, before = "update", {n: None for n in missing}
+        steps.append(_install_torch(profile, goal))
+        summary = f"pip install {', '.join(missing)} for torch {env.torch}"
+    return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART),
+                   notes=notes)

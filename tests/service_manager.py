@@ -1,0 +1,427 @@
+"""A small service manager standing in for systemd where it is not PID 1 (here): `systemctl` and
+`journalctl` over the unit files provision installs, as far as provision and the tests use them.
+Standard library only; installed per host by tests/sshd.py `install_service_manager`.
+
+It reads what systemd reads of a unit (`[Service]` ExecStart, ExecStartPost, Environment,
+WorkingDirectory, Restart, RestartSec; systemd's quoting, `%%` and `$$`, `$VAR` expansion) and is as
+unkind as systemd where provision could get it wrong:
+- a unit file is loaded by `daemon-reload` only: a start after the file changed runs the OLD
+  definition and warns, as systemd does;
+- `start` / `restart` return once the process is forked (Type=simple), long before ComfyUI listens;
+  an ExecStartPost runs before they return;
+- the service gets systemd's environment (its own PATH, no login session), cwd `/` unless
+  WorkingDirectory says otherwise, and stdout/stderr in its journal;
+- a process that exits non-zero is `failed`, or with Restart=on-failure `activating`/`auto-restart`
+  and started again after RestartSec (no start limit: systemd's does not trip at RestartSec=5);
+- `enable` links the unit into UNITS/multi-user.target.wants, `is-enabled` and `show` read that link.
+
+State: STATE/NAME/ holds `supervisor` (the pid of the process supervising the unit), `pid` (the main
+process), `status` (running | auto-restart | failed | dead), `journal`; STATE/loaded/NAME the
+definition loaded by the last daemon-reload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+WANTS = "multi-user.target.wants"
+STOP_TIMEOUT_S = 30.0
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", "s": " ", "a": "\a", "b": "\b", "f": "\f",
+            "r": "\r", "v": "\v"}
+
+
+class UnitError(Exception):
+    """A unit that systemd would refuse to load, with systemd's kind of message."""
+
+
+# -- unit files ---------------------------------------------------------------------------------
+
+def split(line: str) -> list[str]:
+    """Words of a setting as systemd splits them: whitespace-separated, "…" and '…' quoting with
+    C escapes inside, a backslash escaping outside."""
+    words: list[str] = []
+    word: str | None = None
+    quote: str | None = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote is not None:
+            if c == "\\" and i + 1 < len(line):
+                word = (word or "") + _ESCAPES.get(line[i + 1], line[i + 1])
+                i += 1
+            elif c == quote:
+                quote = None
+            else:
+                word = (word or "") + c
+        elif c.isspace():
+            if word is not None:
+                words.append(word)
+                word = None
+        elif c in "\"'" and word is None:
+            quote, word = c, ""
+        elif c == "\\" and i + 1 < len(line):
+            word = (word or "") + line[i + 1]
+            i += 1
+        else:
+            word = (word or "") + c
+        i += 1
+    if quote is not None:
+        raise UnitError(f"unbalanced quoting in {line!r}")
+    if word is not None:
+        words.append(word)
+    return words
+
+
+def specifiers(text: str) -> str:
+    """`%%` is a literal %; provision writes no other specifier, so any other is refused."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) == "%":
+            return "%"
+        raise UnitError(f"unsupported specifier %{m.group(1)} in {text!r}")
+    return re.sub(r"%(.)", one, text)
+
+
+def expand(word: str, env: dict[str, str]) -> str:
+    """ExecStart's variables: `$$` is a literal $, ${NAME} and $NAME the unit's environment (or "")."""
+    return re.sub(r"\$(\$|\{(\w+)\}|(\w+))",
+                  lambda m: "$" if m.group(1) == "$" else env.get(m.group(2) or m.group(3), ""), word)
+
+
+def parse(text: str) -> dict[str, object]:
+    """The [Service] settings that run the unit, as systemd reads them."""
+    section, service, env = "", {}, {}                       # type: ignore[var-annotated]
+    posts: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        if "=" not in line:
+            raise UnitError(f"not an assignment: {line!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        if section != "Service":
+            continue
+        if key == "Environment":
+            for word in split(specifiers(value)):
+                name, _, val = word.partition("=")
+                env[name] = val
+        elif key in ("ExecStart", "ExecStartPost"):
+            argv = split(specifiers(value))
+            if not argv or not argv[0].startswith("/"):
+                raise UnitError(f"{key}= must start with an absolute path: {value!r}")
+            if key == "ExecStart":
+                service["argv"] = argv
+            else:
+                posts.append(argv)
+        elif key == "WorkingDirectory":
+            service["cwd"] = specifiers(value)
+        elif key in ("Restart", "RestartSec", "Type", "TimeoutStopSec"):
+            service[key] = value
+    if "argv" not in service:
+        raise UnitError("no ExecStart=")
+    if service.get("Type", "simple") != "simple":
+        raise UnitError(f"Type={service['Type']}: the stand-in runs Type=simple only")
+    env_all = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", **env}
+    service["env"] = env_all
+    service["argv"] = [expand(w, env_all) for w in service["argv"]]       # type: ignore[union-attr]
+    service["posts"] = [[expand(w, env_all) for w in argv] for argv in posts]
+    return service
+
+
+# -- the manager --------------------------------------------------------------------------------
+
+class Manager:
+    def __init__(self, units: str, state: str) -> None:
+        self.units, self.state = units, state
+
+    def name(self, unit: str) -> str:
+        return unit if "." in unit else unit + ".service"
+
+    def dir(self, name: str) -> str:
+        path = os.path.join(self.state, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def loaded(self, name: str) -> str | None:
+        try:
+            with open(os.path.join(self.state, "loaded", name)) as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def on_disk(self, name: str) -> str | None:
+        try:
+            with open(os.path.join(self.units, name)) as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def read(self, name: str, what: str, default: str = "") -> str:
+        try:
+            with open(os.path.join(self.state, name, what)) as fh:
+                return fh.read().strip()
+        except OSError:
+            return default
+
+    def journal(self, name: str, line: str) -> None:
+        with open(os.path.join(self.dir(name), "journal"), "a") as fh:
+            fh.write(f"{time.strftime('%b %d %H:%M:%S')} sandbox systemd[1]: {line}\n")
+
+    def alive(self, pid: str) -> bool:
+        if not pid.isdigit():
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    def status(self, name: str) -> str:
+        """running | auto-restart | failed | dead; a supervisor that is gone left its last word."""
+        status = self.read(name, "status", "dead")
+        if status in ("running", "auto-restart") and not self.alive(self.read(name, "supervisor")):
+            return "dead"
+        return status
+
+    # verbs
+
+    def daemon_reload(self) -> int:
+        folder = os.path.join(self.state, "loaded")
+        os.makedirs(folder, exist_ok=True)
+        on_disk = {n for n in os.listdir(self.units) if n.endswith(".service")} if os.path.isdir(self.units) else set()
+        for name in os.listdir(folder):
+            if name not in on_disk:
+                os.unlink(os.path.join(folder, name))
+        for name in on_disk:
+            text = self.on_disk(name) or ""
+            with open(os.path.join(folder, name), "w") as fh:
+                fh.write(text)
+        return 0
+
+    def enable(self, names: list[str]) -> int:
+        for name in names:
+            path = os.path.join(self.units, name)
+            if not os.path.exists(path):
+                print(f"Failed to enable unit: Unit file {name} does not exist.", file=sys.stderr)
+                return 1
+            link = os.path.join(self.units, WANTS, name)
+            if not os.path.islink(link):
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.symlink(path, link)
+                print(f"Created symlink {link} \u2192 {path}.", file=sys.stderr)
+        return 0
+
+    def disable(self, names: list[str], now: bool) -> int:
+        for name in names:
+            link = os.path.join(self.units, WANTS, name)
+            if os.path.islink(link):
+                os.unlink(link)
+                print(f"Removed \"{link}\".", file=sys.stderr)
+            if now:
+                self.stop(name)
+        return 0
+
+    def start(self, name: str) -> int:
+        text = self.loaded(name)
+        if text is None:
+            print(f"Failed to start {name}: Unit {name} not found.", file=sys.stderr)
+            return 5
+        if self.on_disk(name) != text:
+            print(f"Warning: The unit file, source configuration file or drop-ins of {name} changed on disk. "
+                  "Run 'systemctl daemon-reload' to reload units.", file=sys.stderr)
+        if self.status(name) in ("running", "auto-restart"):
+            return 0
+        try:
+            service = parse(text)
+        except UnitError as err:
+            print(f"Failed to start {name}: Unit {name} has a bad unit file setting ({err}).", file=sys.stderr)
+            return 1
+        folder = self.dir(name)
+        with open(os.path.join(folder, "service.json"), "w") as fh:
+            json.dump(service, fh)
+        for stale in ("pid", "supervisor"):
+            try:
+                os.unlink(os.path.join(folder, stale))
+            except OSError:
+                pass
+        with open(os.path.join(folder, "status"), "w") as fh:
+            fh.write("running\n")
+        supervisor = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--supervise", self.units,
+                                       self.state, name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        with open(os.path.join(folder, "supervisor"), "w") as fh:
+            fh.write(str(supervisor.pid))
+        deadline = time.monotonic() + 10
+        while not self.read(name, "pid") and supervisor.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)                                   # forked: Type=simple counts it started
+        for argv in service["posts"]:                          # type: ignore[attr-defined]
+            subprocess.run(argv, env=service["env"], cwd=service.get("cwd") or "/",  # type: ignore[arg-type]
+                           stdin=subprocess.DEVNULL)
+        return 0
+
+    def stop(self, name: str) -> int:
+        supervisor = self.read(name, "supervisor")
+        if not self.alive(supervisor):
+            return 0
+        with open(os.path.join(self.dir(name), "stopping"), "w") as fh:
+            fh.write("1")
+        try:
+            os.killpg(int(supervisor), signal.SIGTERM)
+        except ProcessLookupError:
+            return 0
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.alive(supervisor):
+            try:
+                os.killpg(int(supervisor), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return 0
+
+    def show(self, name: str) -> dict[str, str]:
+        status = self.status(name)
+        active = {"running": "active", "auto-restart": "activating", "failed": "failed"}.get(status, "inactive")
+        pid = self.read(name, "pid")
+        loaded = self.loaded(name) is not None
+        enabled = os.path.islink(os.path.join(self.units, WANTS, name))
+        return {"LoadState": "loaded" if loaded else "not-found", "ActiveState": active, "SubState": status,
+                "MainPID": pid if status == "running" and self.alive(pid) else "0",
+                "UnitFileState": ("enabled" if enabled else "disabled") if self.on_disk(name) is not None else "",
+                "FragmentPath": os.path.join(self.units, name) if loaded else ""}
+
+
+def supervise(manager: Manager, name: str) -> None:
+    """Run the unit's process; on Restart=on-failure start it again after RestartSec when it fails."""
+    folder = manager.dir(name)
+    with open(os.path.join(folder, "service.json")) as fh:
+        service = json.load(fh)
+    child: list[subprocess.Popen[bytes]] = []
+
+    def status(word: str) -> None:
+        with open(os.path.join(folder, "status"), "w") as fh:
+            fh.write(word + "\n")
+
+    def term(*_: object) -> None:
+        if child and child[0].poll() is None:
+            child[0].terminate()                  # its wait below returns, and sees `stopping`
+            return
+        manager.journal(name, f"Stopped {name}.")  # between two starts (auto-restart)
+        status("dead")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, term)
+    while True:
+        manager.journal(name, f"Started {name}.")
+        with open(os.path.join(folder, "journal"), "ab") as out:
+            try:
+                proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            except OSError as err:
+                manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
+                status("failed")
+                return
+        child[:] = [proc]
+        with open(os.path.join(folder, "pid"), "w") as fh:
+            fh.write(str(proc.pid))
+        code = proc.wait()
+        if os.path.exists(os.path.join(folder, "stopping")):
+            os.unlink(os.path.join(folder, "stopping"))
+            manager.journal(name, f"Stopped {name}.")
+            status("dead")
+            return
+        if code == 0:
+            manager.journal(name, f"{name}: Deactivated successfully.")
+            status("dead")
+            return
+        manager.journal(name, f"{name}: Main process exited, code=exited, status={code}/FAILURE")
+        if service.get("Restart") not in ("on-failure", "always"):
+            manager.journal(name, f"{name}: Failed with result 'exit-code'.")
+            status("failed")
+            return
+        status("auto-restart")
+        time.sleep(float(service.get("RestartSec", "0.1") or 0.1))
+        manager.journal(name, f"{name}: Scheduled restart job.")
+        status("running")
+
+
+def main(tool: str, args: list[str], units: str, state: str) -> int:
+    manager = Manager(units, state)
+    if tool == "journalctl":
+        if len(args) == 5 and args[0] == "-u" and args[2] == "-n" and args[4] == "--no-pager":
+            name = manager.name(args[1])
+            try:
+                with open(os.path.join(state, name, "journal"), errors="replace") as fh:
+                    lines = fh.read().splitlines()
+            except OSError:
+                lines = []
+            for line in lines[-int(args[3]):]:
+                print(line)
+            if not lines:
+                print("-- No entries --")
+            return 0
+        print(f"journalctl stand-in: unsupported arguments {args!r}", file=sys.stderr)
+        return 2
+    verb, rest = (args[0], args[1:]) if args else ("", [])
+    names = [manager.name(a) for a in rest if not a.startswith("-")]
+    if verb == "daemon-reload":
+        return manager.daemon_reload()
+    if verb == "enable":
+        return manager.enable(names)
+    if verb == "disable":
+        return manager.disable(names, "--now" in rest)
+    if verb in ("start", "stop", "restart"):
+        code = 0
+        for name in names:
+            if verb in ("stop", "restart"):
+                manager.stop(name)
+            if verb in ("start", "restart"):
+                code = manager.start(name) or code
+        return code
+    if verb == "is-active":
+        state_word = manager.show(names[0])["ActiveState"]
+        print(state_word)
+        return 0 if state_word == "active" else 3
+    if verb == "is-enabled":
+        word = manager.show(names[0])["UnitFileState"]
+        if not word:
+            print(f"Failed to get unit file state for {names[0]}: No such file or directory", file=sys.stderr)
+            return 1
+        print(word)
+        return 0 if word == "enabled" else 1
+    if verb == "show":
+        wanted = [a.split("=", 1)[1] for a in rest if a.startswith("--property=")]
+        wanted = [p for w in wanted for p in w.split(",")]
+        value_only = "--value" in rest
+        if not names:
+            print("stand-in" if value_only else "Version=stand-in")
+            return 0
+        for i, name in enumerate(names):
+            props = manager.show(name)
+            if i:
+                print()
+            for key in wanted or list(props):
+                print(props.get(key, "") if value_only else f"{key}={props.get(key, '')}")
+        return 0
+    print(f"systemctl stand-in: unsupported arguments {args!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--supervise"]:
+    supervise(Manager(sys.argv[2], sys.argv[3]), sys.argv[4])
+
+
+def stop_all(state: str) -> None:
+    """Stop every unit's process group (a test host's teardown)."""
+    manager = Manager("/nonexistent", state)
+    for name in os.listdir(state) if os.path.isdir(state) else ():
+        if name != "loaded":
+            manager.stop(name)
