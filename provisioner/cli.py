@@ -8,12 +8,13 @@ Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO, cast
 
 from provisioner import __version__
 
@@ -160,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     no_color = bool(getattr(args, "no_color", False) or os.environ.get("NO_COLOR"))
     # Human output goes to stderr when --json owns stdout. No emoji codes: `a:b:!c` is a host
     # pattern, not `a🅱!c`.
-    console = Console(no_color=no_color, highlight=False, emoji=False,
-                      stderr=bool(getattr(args, "json", False)), soft_wrap=True)
+    stream = (lambda: sys.stderr) if getattr(args, "json", False) else (lambda: sys.stdout)
+    console = Console(file=cast(TextIO, _Redacting(stream)), no_color=no_color, highlight=False, emoji=False,
+                      soft_wrap=True)
     try:
         code = getattr(commands, args.verb)(args, console)
         sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
@@ -181,6 +183,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]internal error:[/] {type(err).__name__}: {escape(str(err))} (a bug in "
                       "provision; run with -vv for the traceback)", highlight=False)
         return EXIT_FAILED
+
+
+class _Redacting(io.TextIOBase):
+    """The console's stream, through `secrets.redact`: no line shown (a plan error quoting a
+    server's answer, a host's stderr) can carry a token. Soft wrap keeps a token on one line."""
+
+    def __init__(self, stream: Callable[[], TextIO]) -> None:
+        self._stream = stream           # looked up at each write: tests redirect sys.stdout
+
+    def write(self, text: str) -> int:
+        from provisioner import secrets
+
+        self._stream().write(secrets.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def isatty(self) -> bool:
+        return self._stream().isatty()
+
+    def fileno(self) -> int:
+        return self._stream().fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream(), "encoding", None) or "utf-8"
 
 
 def _reader_left() -> int:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.markup import escape
 
+from provisioner import secrets
 from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
@@ -73,6 +74,23 @@ def connected(target: Target, options: ConnectOptions) -> Iterator[Connection]:
         conn.close()
 
 
+def emit(text: str, end: str = "\n") -> None:
+    """Machine-readable output on stdout (--json), without any secret read in this run."""
+    print(secrets.redact(text), end=end)
+
+
+def read_secrets(chosen: list[Target]) -> None:
+    """Read every token the chosen profiles name, before any host is touched: a token that cannot
+    be sent (a control character inside) is bad input (exit 3), and every one read is redacted
+    from everything this run shows or writes."""
+    from provisioner.resources.releases import GITHUB_TOKEN_ENV
+
+    for target in chosen:
+        secrets.read(target.profile.huggingface.token_env)
+        if any(source.kind == "github" for source in target.profile.backend.sources):
+            secrets.read(GITHUB_TOKEN_ENV)
+
+
 def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], *,
           failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
     by_name = {t.host.name: t for t in chosen}
@@ -103,7 +121,9 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options) as conn:
             return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
 
-    results = fleet(args, targets(args), work)
+    chosen = targets(args)
+    read_secrets(chosen)
+    results = fleet(args, chosen, work)
     show_plans(results, console, args)
     return plan_exit_code(results)
 
@@ -111,7 +131,7 @@ def plan(args: argparse.Namespace, console: Console) -> int:
 def show_plans(results: dict[str, HostPlan | BaseException], console: Console,
                args: argparse.Namespace) -> None:
     if args.json:
-        print(render.results_to_json(results))
+        emit(render.results_to_json(results))
     for name, result in results.items():
         if isinstance(result, HostPlan):
             render.render_host(console, result, verbose=bool(args.verbose))
@@ -152,6 +172,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
             return outcome
 
     chosen = targets(args)
+    read_secrets(chosen)
     results = fleet(args, chosen, work, failed=lambda o: o.failed or o.verification_failed)
     code = finish_apply(results, console, args)
     if args.no_verify:
@@ -196,7 +217,7 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
                f"{failed} failed")
     console.print(summary)
     if args.json:
-        print(json.dumps({"summary": summary, "hosts": rows}, indent=2))
+        emit(json.dumps({"summary": summary, "hosts": rows}, indent=2))
     return EXIT_FAILED if failed else EXIT_CHANGED if changed else EXIT_OK
 
 
@@ -214,7 +235,7 @@ def facts(args: argparse.Namespace, console: Console) -> int:
 
     results = fleet(args, targets(args), work)
     if args.json:
-        print(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
+        emit(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
                           for name, r in results.items()}, indent=2))
     else:
@@ -309,7 +330,7 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
     if args.json and args.verb == "verify":  # apply prints its own JSON summary
-        print(dumps(report), end="")
+        emit(dumps(report), end="")
     if report_dir:
         console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
     return EXIT_FAILED if failed or outcome.problems else EXIT_OK

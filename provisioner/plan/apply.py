@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisioner import remote
+from provisioner import remote, secrets
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, CommandError, LockedError, ProvisionError
@@ -131,8 +131,7 @@ class StepRunner:
         return [f"{describe_step(step)}:", *(f"  {x}" for x in lines or ["(no output)"])]
 
     def _fetch(self, step: Fetch) -> None:
-        token = os.environ.get(step.token_env) if step.token_env else None
-        self.reporter.redact.add(token)
+        token = secrets.read(step.token_env) if step.token_env else None
         request = remote.fetch_request(url=step.url, dest=step.dest, sha256=step.sha256, size=step.size,
                                        cache=step.cache, token=token, quantization=step.quantization)
         label = posixpath.basename(step.dest)

@@ -128,6 +128,8 @@ class _Part:
 def _open(req, offset):
     headers = {"User-Agent": "provision-fetch/1", "Accept-Encoding": "identity"}
     if req.get("token"):
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in req["token"]):
+            raise FetchError("the token holds a control character; it was not sent")
         headers["Authorization"] = "Bearer " + req["token"]
     if offset:
         headers["Range"] = "bytes=%d-" % offset
@@ -302,6 +304,16 @@ def _update_cache(cache, key, entry):
         os.replace(tmp, cache)
 
 
+def _scrub(message, token):
+    """The message without the token, raw or quoted (an error may quote a header it refused)."""
+    if not token:
+        return message
+    for form in sorted({token, repr(token)[1:-1], repr(token.encode("utf-8"))[2:-1],
+                        json.dumps(token)[1:-1]}, key=len, reverse=True):
+        message = message.replace(form, "***")
+    return message
+
+
 def main():
     try:
         req = json.loads(sys.stdin.read())
@@ -314,8 +326,9 @@ def main():
     try:
         _emit(_verify(req) if mode == "verify" else _fetch(req))
         return 0
-    except (FetchError, OSError, http.client.HTTPException) as err:
+    except (FetchError, OSError, ValueError, http.client.HTTPException) as err:
         message = str(err) if isinstance(err, FetchError) else "%s: %s" % (type(err).__name__, err)
+        message = _scrub(message, req.get("token"))
         _emit({"ok": False, "error": message})
         sys.stderr.write("fetch: %s\n" % message)
         return 1

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
-from provisioner import remote
+from provisioner import remote, secrets
 from provisioner.catalog import models as catalog
 from provisioner.resources import hub
 from provisioner.resources.base import RESTART, Action, Change, Fetch, Note, ResourcePlan, Run, changes
@@ -82,7 +82,7 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
                           backend=profile.backend.version)
     _check_header(profile, facts, sel)
     lookup = lookup or hub.file_metadata
-    token = hub.token_from_env(hf.token_env, environ)
+    token = secrets.read(hf.token_env, environ)
     planned: list[Change | None] = []
     need = 0
     for f in sel.files:
