@@ -143,7 +143,7 @@ def show_plans(results: dict[str, HostPlan | BaseException], console: Console,
 def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
     if any(not isinstance(r, HostPlan) or r.errors for r in results.values()):
         return EXIT_FAILED
-    return EXIT_CHANGED if any(r.changes for r in results.values() if isinstance(r, HostPlan)) else EXIT_OK
+    return EXIT_CHANGED if any(not r.converged for r in results.values() if isinstance(r, HostPlan)) else EXIT_OK
 
 
 def apply(args: argparse.Namespace, console: Console) -> int:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,6 +110,62 @@ def test_killed_apply_converges_when_run_again(lab: Lab, tmp_path: Path, point: 
                   if r.headers.get("Range")]
         assert starts and min(starts) >= resumed_from > 0
     assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
+
+
+def registered(host: LabHost) -> set[str]:
+    """The node classes the host's running ComfyUI lists now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{host.port}/object_info", timeout=10) as resp:
+        return set(json.load(resp))
+
+
+def test_a_restart_owed_by_a_killed_apply_is_recorded_shown_and_performed(lab: Lab, tmp_path: Path) -> None:
+    """Killed after every change that needs a restart and before the restart: the host says a
+    restart is owed (the plan shows it, the host is not up to date), and the next apply restarts
+    ComfyUI, though only the workflow is left to change, and verification passes."""
+    (host,) = lab.add(1)
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
+    try:
+        wait_for(started("workflow", tmp_path, host))        # plugin, backend, packages, models done
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "NunchakuQwenImageDiTLoader" not in registered(host)   # the old process runs on
+    marker = json.loads((host.comfy / ".provision" / "owed" / "restart-comfyui").read_text())
+    assert marker["change"].startswith("plugin: clone ComfyUI-nunchaku")
+
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2, out
+    assert "restart-comfyui owed since" in out and "by an interrupted apply: plugin: clone" in out
+    assert "up to date" not in out.splitlines()[0]
+    code, out = lab.run("plan", "--limit", host.name, "--json")
+    assert json.loads(out[:out.rindex("}") + 1])["hosts"][0]["owed"][0]["handler"] == "restart-comfyui"
+
+    code, out = lab.run("apply", "--limit", host.name, "--lock-timeout", "20")
+    assert code == 2, out
+    assert "handler: restarted ComfyUI" in out and "FAIL" not in out
+    assert "NunchakuQwenImageDiTLoader" in registered(host)
+    assert not (host.comfy / ".provision" / "owed" / "restart-comfyui").exists()
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_a_restart_that_fails_stays_owed(lab: Lab) -> None:
+    (host,) = lab.add(1)
+    lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"],
+                                           "restart": {"command": ["false"]}}}
+    lab.write()
+    try:
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+        assert code == 1 and "handler restart-comfyui failed" in out, out
+        code, out = lab.run("plan", "--limit", host.name)
+        assert code == 2 and "0 changes, 1 owed handler" in out, out
+    finally:
+        lab.overlays.clear()
+        lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2 and "handler: restarted ComfyUI" in out, out
+    assert lab.run("plan", "--limit", host.name)[0] == 0
 
 
 def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> None:

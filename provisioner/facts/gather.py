@@ -50,6 +50,9 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "show": [list(pair) for pair in probe.show],
         "remote_tags": [list(item) for item in probe.remote_tags],
         "headers": list(probe.headers),
+        "space": list(probe.space),
+        "listing": list(probe.listing),
+        "markers": list(probe.markers),
     }
 
 

@@ -24,6 +24,9 @@ class Probe:
     show: tuple[tuple[str, str], ...] = ()      # (checkout, "refs/tags/T:file"): that file's text at T
     remote_tags: tuple[tuple[str, str, str], ...] = ()  # (checkout, repo, tag): repo's tags if checkout lacks tag
     headers: tuple[str, ...] = ()               # safetensors files: their header's __metadata__
+    space: tuple[str, ...] = ()                 # destinations: the filesystem they land on, its free bytes
+    listing: tuple[str, ...] = ()               # folders: each entry's name, kind, size, mtime
+    markers: tuple[str, ...] = ()               # folders of small marker files: each one's text
 
     def __or__(self, other: Probe) -> Probe:
         def merged(a: tuple, b: tuple) -> tuple:
@@ -126,6 +129,26 @@ class ModelHeader:
 
 
 @dataclass(frozen=True)
+class Space:
+    """Where a file would land: the nearest existing folder (links followed), its filesystem's
+    device number (one number per filesystem) and the bytes free there."""
+
+    dir: str
+    dev: int
+    free: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a listed folder (links not followed)."""
+
+    name: str
+    kind: str                                    # "file", "dir", "link", "other"
+    size: int = 0
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -151,6 +174,21 @@ class Facts:
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
     comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's
     ram_total_mib: int | None = None             # host RAM (MemTotal), None when the host did not say
+    space: Mapping[str, Space] = field(default_factory=dict)
+    listings: Mapping[str, tuple[Entry, ...] | None] = field(default_factory=dict)   # None: no such folder
+    markers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)            # folder -> name -> text
+
+    def space_for(self, path: str) -> Space:
+        """The filesystem `path` lands on, from the `space` probe of it or of a folder above it;
+        else the ComfyUI root's (`disk_path`, device unknown: -1)."""
+        at = path
+        while True:
+            if at in self.space:
+                return self.space[at]
+            parent = at.rsplit("/", 1)[0] or "/"
+            if parent == at:
+                return Space(self.disk_path, -1, self.disk_free)
+            at = parent
 
     @property
     def gpu(self) -> Gpu | None:

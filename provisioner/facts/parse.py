@@ -10,6 +10,7 @@ from typing import Any
 from provisioner.errors import FactsError
 from provisioner.facts.model import (
     Distribution,
+    Entry,
     Facts,
     FileState,
     GitCheckout,
@@ -17,6 +18,7 @@ from provisioner.facts.model import (
     ModelHeader,
     PythonEnv,
     RemoteTags,
+    Space,
     canonical,
 )
 
@@ -185,6 +187,11 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             errors=tuple(answer.get("errors") or ()),
             comfyui_gpu=comfyui_gpu,
             ram_total_mib=answer["mem_total_kb"] // 1024 if isinstance(answer.get("mem_total_kb"), int) else None,
+            space={p: Space(str(v["dir"]), int(v["dev"]), int(v["free"])) for p, v in (answer.get("space") or {}).items()},
+            listings={p: None if v is None else tuple(Entry(str(e["name"]), str(e["kind"]), int(e["size"]),
+                                                            int(e["mtime_ns"])) for e in v)
+                      for p, v in (answer.get("listing") or {}).items()},
+            markers={p: {str(k): str(t) for k, t in (v or {}).items()} for p, v in (answer.get("markers") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
@@ -234,6 +241,11 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
                         for (p, r, t), v in sorted(facts.remote_tags.items())],
         "headers": {p: {"exists": h.exists, "metadata": dict(h.metadata), "error": h.error}
                     for p, h in sorted(facts.headers.items())},
+        "space": {p: {"dir": v.dir, "dev": v.dev, "free": v.free} for p, v in sorted(facts.space.items())},
+        "listings": {p: None if v is None else [{"name": e.name, "kind": e.kind, "size": e.size,
+                                                  "mtime_ns": e.mtime_ns} for e in v]
+                     for p, v in sorted(facts.listings.items())},
+        "markers": {p: dict(sorted(v.items())) for p, v in sorted(facts.markers.items())},
         "elapsed_s": facts.elapsed_s,
         "errors": list(facts.errors),
     }

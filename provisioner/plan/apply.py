@@ -25,6 +25,7 @@ from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, CommandError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
+from provisioner.plan import owed
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.progress import Reporter
 from provisioner.plan.render import describe_step
@@ -167,11 +168,18 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter)
+        recorded = set(plan.owed)           # handlers the host already holds as owed
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
                          action=change.action, summary=change.summary)
             try:
+                # Owed from before the first step: an apply killed after this change and before
+                # its handler leaves the host saying so (plan/owed.py).
+                for name in sorted(change.notify - recorded):
+                    if plan.handlers.get(name) and plan.handlers[name].steps:
+                        run_step(owed.record(profile, name, change))
+                        recorded.add(name)
                 for step in change.steps:
                     run_step(step)
             except ProvisionError as err:
@@ -181,21 +189,29 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                 break
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
-        # Handlers run even after a later failure: what did change must be loaded.
-        notified = sorted({name for change in outcome.applied for name in change.notify})
-        for handler in notified:
-            _run_handler(conn, plan.handlers[handler], run_step, reporter, outcome)
-        if outcome.error is None and outcome.applied:
+        # Handlers run even after a later failure: what did change must be loaded. Those an
+        # interrupted apply owed run too, changes or not.
+        notified = sorted({name for change in outcome.applied for name in change.notify} | set(plan.owed))
+        for name in notified:
+            if plan.owed.get(name):
+                reporter.line(conn.name, f"{plan.owed[name].describe()}: running it now", "yellow")
+            if _run_handler(conn, plan.handlers[name], run_step, reporter, outcome) and name in recorded:
+                try:
+                    run_step(owed.clear(profile, name))
+                except ProvisionError as err:
+                    outcome.error = outcome.error or f"handler {name}: {reporter.redact(str(err))}"
+        if outcome.error is None and (outcome.applied or outcome.handlers):
             _confirm(conn, profile, probe, outcome)
     return _finish(conn, reporter, outcome, started)
 
 
 def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, reporter: Reporter,
-                 outcome: HostOutcome) -> None:
-    """Run one notified handler's steps; a handler that cannot run here is a warning."""
+                 outcome: HostOutcome) -> bool:
+    """Run one notified handler's steps; True when it ran them all. A handler that cannot run
+    here is a warning."""
     if handler.missing:
         reporter.line(conn.name, handler.missing, "yellow")
-        return
+        return False
     try:
         for step in handler.steps:
             run_step(step)
@@ -208,9 +224,10 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
                 reporter.line(conn.name, line, "dim")
             reporter.log(conn.name, "diagnosis", handler=handler.name, lines=lines)
             outcome.diagnostics.extend(lines)
-        return
+        return False
     outcome.handlers.append(handler.name)
     reporter.line(conn.name, f"✓ handler: {handler.what}", "green")
+    return True
 
 
 def _unchanged(plan: HostPlan, show_plan: Callable[[HostPlan], None] | None) -> HostOutcome:

@@ -9,13 +9,16 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe
+from provisioner.plan import owed
+from provisioner.plan.owed import Owed
 from provisioner.resources import ORDER
 from provisioner.resources.base import Change, Handler, Note
 
 
 @dataclass(frozen=True)
 class HostPlan:
-    """What one host needs. `errors` are reasons it cannot be converged (shown, host fails)."""
+    """What one host needs. `errors` are reasons it cannot be converged (shown, host fails);
+    `owed`: handlers an interrupted apply left to run (the host recorded them), run by the next."""
 
     host: str
     facts: Facts
@@ -23,14 +26,15 @@ class HostPlan:
     notes: tuple[Note, ...] = ()
     errors: tuple[str, ...] = ()
     handlers: Mapping[str, Handler] = field(default_factory=dict)   # by name, as changes notify them
+    owed: Mapping[str, Owed] = field(default_factory=dict)          # by handler name
 
     @property
     def converged(self) -> bool:
-        return not self.changes and not self.errors
+        return not self.changes and not self.errors and not self.owed
 
     @property
     def notify(self) -> frozenset[str]:
-        out: frozenset[str] = frozenset()
+        out: frozenset[str] = frozenset(self.owed)
         for change in self.changes:
             out |= change.notify
         return out
@@ -38,7 +42,7 @@ class HostPlan:
 
 def probe_for(profile: Profile) -> Probe:
     """Everything the facts script must look at for this profile: one merged probe."""
-    probe = base_probe(profile)
+    probe = base_probe(profile) | owed.probe(profile)
     for resource in ORDER:
         probe = probe | resource.probe(profile)
     return probe
@@ -62,4 +66,6 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
         notes.extend(result.notes)
         handlers.update((h.name, h) for h in result.handlers)
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers)
+    runnable, cannot = owed.split(owed.read(profile, facts), handlers, profile)
+    notes.extend(Note("apply", line) for line in cannot)
+    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers, runnable)
