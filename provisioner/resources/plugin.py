@@ -124,14 +124,20 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
                               _clone(profile, dest), notify=RESTART), notes=notes)
+    if co.error:
+        # git is missing or failing: what is there cannot be judged, so nothing is moved.
+        raise PlanError(f"{dest} cannot be read by the host's git ({co.error}); install or repair git "
+                        "on the host, then plan again")
     if not co.is_repo:
         if not spec.force:
             raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
                             "plugin.force: true to move it aside and clone")
-        warn = f"{dest} is not a git checkout: it is moved to {backup}, nothing is deleted"
-        moved = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
-        return changes(Change("plugin", dest, "replace", f"move {dest} aside and clone {label}",
-                              state(co), after, moved, notify=RESTART, warnings=(warn,)), notes=notes)
+        warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
+        # The clone first: a clone that fails leaves the folder where it was.
+        *clone, into_place = _clone(profile, dest)
+        steps = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
+        return changes(Change("plugin", dest, "replace", f"clone {label} and move {dest} aside",
+                              state(co), after, steps, notify=RESTART, warnings=(warn,)), notes=notes)
 
     remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:
