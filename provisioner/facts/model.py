@@ -6,6 +6,7 @@ never an exception: planning decides what it means.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -174,21 +175,20 @@ class Facts:
     errors: tuple[str, ...] = ()                 # script sections that failed on the host (a bug there)
     comfyui_gpu: int | str | None = None         # the profile's `comfyui.gpu`: which GPU is ComfyUI's
     ram_total_mib: int | None = None             # host RAM (MemTotal), None when the host did not say
+    disk_dev: int = -1                           # the filesystem of disk_path (st_dev); -1: not said
     space: Mapping[str, Space] = field(default_factory=dict)
     listings: Mapping[str, tuple[Entry, ...] | None] = field(default_factory=dict)   # None: no such folder
     markers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)            # folder -> name -> text
 
     def space_for(self, path: str) -> Space:
         """The filesystem `path` lands on, from the `space` probe of it or of a folder above it;
-        else the ComfyUI root's (`disk_path`, device unknown: -1)."""
-        at = path
-        while True:
-            if at in self.space:
-                return self.space[at]
-            parent = at.rsplit("/", 1)[0] or "/"
-            if parent == at:
-                return Space(self.disk_path, -1, self.disk_free)
-            at = parent
+        else the ComfyUI root's."""
+        at = posixpath.normpath(path)
+        while at not in self.space:
+            if posixpath.dirname(at) == at:
+                return Space(self.disk_path, self.disk_dev, self.disk_free)
+            at = posixpath.dirname(at)
+        return self.space[at]
 
     @property
     def gpu(self) -> Gpu | None:

@@ -187,6 +187,7 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             errors=tuple(answer.get("errors") or ()),
             comfyui_gpu=comfyui_gpu,
             ram_total_mib=answer["mem_total_kb"] // 1024 if isinstance(answer.get("mem_total_kb"), int) else None,
+            disk_dev=int(disk.get("dev", -1)),
             space={p: Space(str(v["dir"]), int(v["dev"]), int(v["free"])) for p, v in (answer.get("space") or {}).items()},
             listings={p: None if v is None else tuple(Entry(str(e["name"]), str(e["kind"]), int(e["size"]),
                                                             int(e["mtime_ns"])) for e in v)
@@ -226,7 +227,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "comfyui_gpu": facts.comfyui_gpu,
         "gpu": None if facts.gpu is None else _gpu(facts.gpu),       # ComfyUI's, of those
         "gpu_error": facts.gpu_error, "nvcc": facts.nvcc,
-        "disk": {"path": facts.disk_path, "free": facts.disk_free},
+        "disk": {"path": facts.disk_path, "free": facts.disk_free, "dev": facts.disk_dev},
         "ram_total_mib": facts.ram_total_mib,
         "comfyui_version": facts.comfyui_version,
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),

@@ -153,11 +153,8 @@ def mem_total_kb():
 
 
 def disk(root):
-    path = os.path.abspath(root)
-    while not os.path.isdir(path) and path != os.path.dirname(path):
-        path = os.path.dirname(path)
-    st = os.statvfs(path)
-    return {"path": path, "free": st.f_bavail * st.f_frsize}
+    found = space(root)
+    return {"path": found["dir"], "free": found["free"], "dev": found["dev"]}
 
 
 def space(path):

@@ -24,9 +24,14 @@ from provisioner.resources.releases import Asset, Lister, Listing
 name = "backend"
 
 
+def wheel_dir(profile: Profile) -> str:
+    return posixpath.join(profile.comfyui.state_dir, "wheels")
+
+
 def probe(profile: Profile) -> Probe:
-    """torch, the CPython tag, the platform and installed distributions are base facts."""
-    return Probe()
+    """torch, the CPython tag, the platform and installed distributions are base facts; the wheel
+    folder's filesystem (the disk check) is not."""
+    return Probe(space=(wheel_dir(profile),))
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def find_wheel(profile: Profile, target: Target,
 
 
 def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str, Fetch | Push]:
-    dest = posixpath.join(profile.comfyui.state_dir, "wheels", asset.name)
+    dest = posixpath.join(wheel_dir(profile), asset.name)
     if asset.local_path:
         sha = asset.sha256 or releases.file_sha256(asset.local_path)
         return dest, Push(asset.local_path, dest, sha, what=f"push {asset.name} from the wheelhouse")

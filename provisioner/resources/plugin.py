@@ -135,9 +135,9 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
         # The clone first: a clone that fails leaves the folder where it was.
         *clone, into_place = _clone(profile, dest)
-        steps = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
+        replaced = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
         return changes(Change("plugin", dest, "replace", f"clone {label} and move {dest} aside",
-                              state(co), after, steps, notify=RESTART, warnings=(warn,)), notes=notes)
+                              state(co), after, replaced, notify=RESTART, warnings=(warn,)), notes=notes)
 
     remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:
