@@ -168,6 +168,30 @@ def test_a_restart_that_fails_stays_owed(lab: Lab) -> None:
     assert lab.run("plan", "--limit", host.name)[0] == 0
 
 
+def test_what_killed_uploads_and_older_versions_left_is_removed_by_the_next_apply(lab: Lab) -> None:
+    """A killed upload's temporary sibling in workflows/ (it used to stay forever), a wheel no
+    longer installed: plan shows their removal, apply removes them, and then nothing is left to do."""
+    (host,) = lab.add(1)
+    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 2
+    workflows = host.comfy / "workflows"
+    name = sorted(p.name for p in workflows.glob("*.json"))[0]
+    leftover = workflows / f".{name}.1a2b3c4d.provision-tmp"
+    leftover.write_text('{"half": ')
+    wheels = host.comfy / ".provision" / "wheels"
+    (kept,) = [p.name for p in wheels.glob("*.whl")]
+    old = wheels / kept.replace(kept.split("-")[1].split("+")[0], "0.9.0", 1)
+    old.write_bytes(b"PK")
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2 and "2 changes" in out, out
+    assert f"remove what killed uploads left from {workflows}: {leftover.name}" in out
+    assert f"remove wheels the installed backend does not use from {wheels}: {old.name}" in out
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2 and "handler" not in out, out                  # nothing ComfyUI loads: no restart
+    assert not leftover.exists() and not old.exists()
+    assert [p.name for p in wheels.iterdir()] == [kept]
+    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
+
+
 def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> None:
     (host,) = lab.add(1)
     lab.world.hub.throttle_bps = 700_000  # ~9 s of downloads: the second apply surely meets the lock

@@ -76,7 +76,8 @@ def test_case(case: Path) -> None:
 
 def test_probe_asks_for_the_checkout_and_the_tag() -> None:
     assert plugin.probe(make_profile({})) == Probe(
-        git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),))
+        git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),),
+        listing=("/srv/ComfyUI/custom_nodes",))
 
 
 @pytest.mark.parametrize(("tag", "tags", "nearest"), [

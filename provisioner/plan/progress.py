@@ -46,14 +46,17 @@ class Reporter:
                                else f"[bold]{escape(host)}[/] {text}", highlight=False)
 
     def log(self, host: str, event: str, **fields: Any) -> None:
-        """Append one JSON record to `<log_dir>/<host>.jsonl`."""
+        """Append one JSON record to `<log_dir>/<host>.jsonl`, rotated past LOG_BYTES (below)."""
         if self.log_dir is None:
             return
         record = {"t": round(time.time(), 3), "host": host, "event": event, **fields}
         text = self.redact(json.dumps(record, default=str))
         with self._lock:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_dir / f"{_safe(host)}.jsonl", "a", encoding="utf-8") as fh:
+            path = self.log_dir / f"{_safe(host)}.jsonl"
+            if path.exists() and path.stat().st_size >= LOG_BYTES:
+                rotate(path)
+            with open(path, "a", encoding="utf-8") as fh:
                 fh.write(text + "\n")
 
     @contextmanager
@@ -86,6 +89,20 @@ class Reporter:
                 if self._progress_users == 0:
                     progress.stop()
                     self._progress = None
+
+
+LOG_BYTES = 8 << 20        # a host's log is rotated once it holds this much ...
+LOG_KEEP = 4               # ... into HOST.jsonl.1 (newest) to HOST.jsonl.4: at most 40 MiB per host
+
+
+def rotate(path: Path, keep: int = LOG_KEEP) -> None:
+    """HOST.jsonl -> HOST.jsonl.1 -> ... -> HOST.jsonl.KEEP; the oldest beyond that is removed."""
+    path.with_name(f"{path.name}.{keep}").unlink(missing_ok=True)
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 def _safe(name: str) -> str:

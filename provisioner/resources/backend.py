@@ -16,7 +16,7 @@ from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import is_real_nunchaku
-from provisioner.resources import releases
+from provisioner.resources import releases, retention
 from provisioner.resources.hold import hold_step
 from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
@@ -30,8 +30,8 @@ def wheel_dir(profile: Profile) -> str:
 
 def probe(profile: Profile) -> Probe:
     """torch, the CPython tag, the platform and installed distributions are base facts; the wheel
-    folder's filesystem (the disk check) is not."""
-    return Probe(space=(wheel_dir(profile),))
+    folder (what it holds: retention.py; its filesystem: the disk check) is not."""
+    return Probe(space=(wheel_dir(profile),), listing=(wheel_dir(profile),))
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,12 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     desired = str(target.wheel_version)
     current = env.distributions.get("nunchaku")
     real = current is not None and is_real_nunchaku(current)
+    held = facts.listings.get(wheel_dir(profile))
     if current is not None and real and _same(current.version, desired):
-        return changes()
+        # Converged: what an earlier version or a killed transfer left in the wheel folder goes.
+        leftovers = retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
+        return changes(retention.cleanup(name, wheel_dir(profile), leftovers,
+                                         "wheels the installed backend does not use"))
     asset, source = find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
@@ -159,6 +163,11 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
                       "--disable-pip-version-check", "-c", constraints, dest),
                      what=f"pip install {asset.name}"))
+    # Installed: the wheels it replaces, and any a killed transfer left, are of no more use.
+    leftovers = [n for n in retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
+                 if n != asset.name]
+    if leftovers:
+        steps.append(retention.remove_step(wheel_dir(profile), leftovers, "remove the wheels no longer installed"))
     if current is None:
         action, before = "create", None
     elif real:
