@@ -257,6 +257,7 @@ def verify(args: argparse.Namespace, console: Console) -> int:
             return facts, run_verification(conn, target.profile, facts)
 
     chosen = targets(args)
+    read_secrets(chosen)                # not sent anywhere by verify: read to be redacted
     if args.promote_reference and args.promote_reference not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
                          f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")

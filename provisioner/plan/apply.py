@@ -146,7 +146,10 @@ class StepRunner:
                     bar(int(msg["done"]), msg.get("total"))
 
             # The token travels in stdin only: argv is visible to `ps` on the host.
-            self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line)
+            try:
+                self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line)
+            except CommandError as err:         # named by what it does, not by the program's text
+                raise CommandError(err.host, err.result, step.what or f"download {label}") from None
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
