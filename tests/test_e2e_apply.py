@@ -181,13 +181,20 @@ def test_what_killed_uploads_and_older_versions_left_is_removed_by_the_next_appl
     (kept,) = [p.name for p in wheels.glob("*.whl")]
     old = wheels / kept.replace(kept.split("-")[1].split("+")[0], "0.9.0", 1)
     old.write_bytes(b"PK")
+    state = host.comfy / ".provision"
+    (state / "owed").mkdir(exist_ok=True)
+    written = [state / ".constraints.txt.1a2b3c4d.provision-tmp", state / ".checksums.json.4242.provision-tmp",
+               state / "owed" / ".restart-comfyui.ab12cd34.provision-tmp"]
+    for path in written:
+        path.write_text("half")
     code, out = lab.run("plan", "--limit", host.name)
-    assert code == 2 and "2 changes" in out, out
+    assert code == 2 and "4 changes" in out, out
     assert f"remove what killed uploads left from {workflows}: {leftover.name}" in out
     assert f"remove wheels the installed backend does not use from {wheels}: {old.name}" in out
+    assert f"remove what killed writes left from {state}: {written[1].name}, {written[0].name}" in out
     code, out = lab.run("apply", "--limit", host.name, "--no-verify")
     assert code == 2 and "handler" not in out, out                  # nothing ComfyUI loads: no restart
-    assert not leftover.exists() and not old.exists()
+    assert not leftover.exists() and not old.exists() and not any(p.exists() for p in written)
     assert [p.name for p in wheels.iterdir()] == [kept]
     assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
 

@@ -11,7 +11,7 @@ from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe, Space
 from provisioner.plan import owed
 from provisioner.plan.owed import Owed
-from provisioner.resources import ORDER
+from provisioner.resources import ORDER, retention
 from provisioner.resources.base import Change, Fetch, Handler, Note, resumable, size_text
 
 
@@ -93,6 +93,9 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
         changes.extend(result.changes)
         notes.extend(result.notes)
         handlers.update((h.name, h) for h in result.handlers)
+    for where in (profile.comfyui.state_dir, owed.folder(profile)):    # the engine's own writes
+        leftovers = retention.temps(facts.listings.get(where))
+        changes.extend(c for c in [retention.cleanup("state", where, leftovers, "what killed writes left")] if c)
     for message, names in disk_problems(facts, changes).items():
         errors.setdefault(message, []).extend(names)
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())

@@ -42,7 +42,8 @@ def folder(profile: Profile) -> str:
 
 
 def probe(profile: Profile) -> Probe:
-    return Probe(markers=(folder(profile),))
+    """The markers, and what a write killed halfway left beside them or in the state folder."""
+    return Probe(markers=(folder(profile),), listing=(profile.comfyui.state_dir, folder(profile)))
 
 
 def read(profile: Profile, facts: Facts) -> dict[str, Owed]:

@@ -350,7 +350,8 @@ def _update_cache(cache, key, entry):
         except (OSError, ValueError):
             entries = {}
         entries[key] = entry
-        tmp = "%s.tmp.%d" % (cache, os.getpid())
+        # Named as every temporary sibling provision makes: a later apply removes one left by a kill.
+        tmp = os.path.join(os.path.dirname(cache), ".%s.%d.provision-tmp" % (os.path.basename(cache), os.getpid()))
         with open(tmp, "w") as fh:
             json.dump(entries, fh, indent=1, sort_keys=True)
             fh.flush()
