@@ -206,7 +206,7 @@ def _fetch(req):
             part = _Part(dest + ".part")
     if size is not None and part.length > size:
         part.reset()
-    resumed_from, progress, last_error = part.length, _Progress(size), None
+    resumed_from, progress, last_error, full = part.length, _Progress(size), None, False
     try:
         for attempt in range(int(req.get("retries", 3)) + 1):
             if size is not None and part.length == size:
@@ -233,12 +233,14 @@ def _fetch(req):
                              % (req["url"], part.length, size, last_error))
         progress(part.length, force=True)
     except _DiskFull:
-        raise _disk_full(dest, part, size) from None
+        full = True
     finally:
         try:
             part.close()
         except _DiskFull:
-            raise _disk_full(dest, part, size) from None
+            full = True
+    if full:
+        raise _disk_full(dest, part, size)
     digest = part.hasher.hexdigest()
     if (size is not None and part.length != size) or (want and digest != want):
         os.unlink(part.path)
