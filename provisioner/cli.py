@@ -9,15 +9,16 @@ Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TextIO, cast
 
 from provisioner import __version__
 
@@ -167,8 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     no_color = bool(getattr(args, "no_color", False) or os.environ.get("NO_COLOR"))
     # Human output goes to stderr when --json owns stdout. No emoji codes: `a:b:!c` is a host
     # pattern, not `a🅱!c`.
-    console = Console(no_color=no_color, highlight=False, emoji=False,
-                      stderr=bool(getattr(args, "json", False)), soft_wrap=True)
+    stream = (lambda: sys.stderr) if getattr(args, "json", False) else (lambda: sys.stdout)
+    console = Console(file=cast(TextIO, _Redacting(stream)), no_color=no_color, highlight=False, emoji=False,
+                      soft_wrap=True)
     try:
         with _terminate_as_interrupt():
             code = getattr(commands, args.verb)(args, console)
@@ -207,6 +209,31 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+class _Redacting(io.TextIOBase):
+    """The console's stream, through `secrets.redact`: no line shown (a plan error quoting a
+    server's answer, a host's stderr) can carry a token. Soft wrap keeps a token on one line."""
+
+    def __init__(self, stream: Callable[[], TextIO]) -> None:
+        self._stream = stream           # looked up at each write: tests redirect sys.stdout
+
+    def write(self, text: str) -> int:
+        from provisioner import secrets
+
+        self._stream().write(secrets.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def isatty(self) -> bool:
+        return self._stream().isatty()
+
+    def fileno(self) -> int:
+        return self._stream().fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream(), "encoding", None) or "utf-8"
 
 
 def _reader_left() -> int:

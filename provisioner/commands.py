@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.markup import escape
 
+from provisioner import secrets
 from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
@@ -78,6 +79,23 @@ def connected(target: Target, options: ConnectOptions, stop: Stop) -> Iterator[C
             yield conn
     finally:
         conn.close()
+
+
+def emit(text: str, end: str = "\n") -> None:
+    """Machine-readable output on stdout (--json), without any secret read in this run."""
+    print(secrets.redact(text), end=end)
+
+
+def read_secrets(chosen: list[Target]) -> None:
+    """Read every token the chosen profiles name, before any host is touched: a token that cannot
+    be sent (a control character inside) is bad input (exit 3), and every one read is redacted
+    from everything this run shows or writes."""
+    from provisioner.resources.releases import GITHUB_TOKEN_ENV
+
+    for target in chosen:
+        secrets.read(target.profile.huggingface.token_env)
+        if any(source.kind == "github" for source in target.profile.backend.sources):
+            secrets.read(GITHUB_TOKEN_ENV)
 
 
 def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], stop: Stop, *,
@@ -140,7 +158,9 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options, stop) as conn:
             return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
 
-    results = fleet(args, targets(args), work, stop)
+    chosen = targets(args)
+    read_secrets(chosen)
+    results = fleet(args, chosen, work, stop)
     if stop.why:
         return show_stopped(results, stop, console)
     show_plans(results, console, args)
@@ -150,7 +170,7 @@ def plan(args: argparse.Namespace, console: Console) -> int:
 def show_plans(results: dict[str, HostPlan | BaseException], console: Console,
                args: argparse.Namespace) -> None:
     if args.json:
-        print(render.results_to_json(results))
+        emit(render.results_to_json(results))
     for name, result in results.items():
         if isinstance(result, HostPlan):
             render.render_host(console, result, verbose=bool(args.verbose))
@@ -162,7 +182,7 @@ def show_plans(results: dict[str, HostPlan | BaseException], console: Console,
 def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
     if any(not isinstance(r, HostPlan) or r.errors for r in results.values()):
         return EXIT_FAILED
-    return EXIT_CHANGED if any(r.changes for r in results.values() if isinstance(r, HostPlan)) else EXIT_OK
+    return EXIT_CHANGED if any(not r.converged for r in results.values() if isinstance(r, HostPlan)) else EXIT_OK
 
 
 def apply(args: argparse.Namespace, console: Console) -> int:
@@ -193,6 +213,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
             return outcome
 
     chosen = targets(args)
+    read_secrets(chosen)
     results = fleet(args, chosen, work, stop, failed=lambda o: o.failed or o.verification_failed)
     code = finish_apply(results, console, args, stop)
     if args.no_verify or stop.why:
@@ -251,7 +272,7 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
                                                        f"unchanged, {failed} failed)")
     console.print(summary)
     if args.json:
-        print(json.dumps({"summary": summary, "hosts": rows}, indent=2))
+        emit(json.dumps({"summary": summary, "hosts": rows}, indent=2))
     if stop.why:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_CHANGED if counts["changed"] else EXIT_OK
@@ -274,7 +295,7 @@ def facts(args: argparse.Namespace, console: Console) -> int:
     if stop.why:
         return show_stopped(results, stop, console)
     if args.json:
-        print(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
+        emit(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
                           for name, r in results.items()}, indent=2))
     else:
@@ -299,6 +320,7 @@ def verify(args: argparse.Namespace, console: Console) -> int:
             return facts, run_verification(conn, target.profile, facts)
 
     chosen = targets(args)
+    read_secrets(chosen)                # not sent anywhere by verify: read to be redacted
     # A per-gpu host's instance is HOST/gpuN.
     if args.promote_reference and args.promote_reference.split("/")[0] not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
@@ -419,7 +441,7 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
     if args.json and args.verb == "verify":  # apply prints its own JSON summary
-        print(dumps(report), end="")
+        emit(dumps(report), end="")
     if report_dir:
         console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
     return EXIT_FAILED if failed or outcome.problems else EXIT_OK

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import smallfs
 from sshd import SSHD, SshdFleet, SshdHost
 
 from provisioner.resources.hub_cache import CACHE_ENV
@@ -64,6 +65,22 @@ def sshd_hosts(tmp_path: Path) -> Iterator[Callable[..., list[SshdHost]]]:
     make.fleet = fleet  # type: ignore[attr-defined]
     yield make
     fleet.stop_all()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Factory: `small_fs(nbytes)` → a folder on a size-limited tmpfs of its own (a disk that fills),
+    unmounted at the end. Skipped, saying why, where it cannot mount (smallfs.py)."""
+    mounted: list[Path] = []
+
+    def make(nbytes: int) -> Path:
+        where = smallfs.mount(tmp_path / f"small-fs-{len(mounted)}", nbytes)
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in reversed(mounted):
+        smallfs.unmount(where)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,6 +114,93 @@ def test_killed_apply_converges_when_run_again(lab: Lab, tmp_path: Path, point: 
         starts = [int(r.headers["Range"][6:-1]) for r in lab.world.hub.requests[requests_before:]
                   if r.headers.get("Range")]
         assert starts and min(starts) >= resumed_from > 0
+    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
+
+
+def registered(host: LabHost) -> set[str]:
+    """The node classes the host's running ComfyUI lists now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{host.port}/object_info", timeout=10) as resp:
+        return set(json.load(resp))
+
+
+def test_a_restart_owed_by_a_killed_apply_is_recorded_shown_and_performed(lab: Lab, tmp_path: Path) -> None:
+    """Killed after every change that needs a restart and before the restart: the host says a
+    restart is owed (the plan shows it, the host is not up to date), and the next apply restarts
+    ComfyUI, though only the workflow is left to change, and verification passes."""
+    (host,) = lab.add(1)
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
+    try:
+        wait_for(started("workflow", tmp_path, host))        # plugin, backend, packages, models done
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "NunchakuQwenImageDiTLoader" not in registered(host)   # the old process runs on
+    marker = json.loads((host.comfy / ".provision" / "owed" / "restart-comfyui").read_text())
+    assert marker["change"].startswith("plugin: clone ComfyUI-nunchaku")
+
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2, out
+    assert "restart-comfyui owed since" in out and "by an interrupted apply: plugin: clone" in out
+    assert "up to date" not in out.splitlines()[0]
+    code, out = lab.run("plan", "--limit", host.name, "--json")
+    assert json.loads(out[:out.rindex("}") + 1])["hosts"][0]["owed"][0]["handler"] == "restart-comfyui"
+
+    code, out = lab.run("apply", "--limit", host.name, "--lock-timeout", "20")
+    assert code == 2, out
+    assert "handler: restarted ComfyUI" in out and "FAIL" not in out
+    assert "NunchakuQwenImageDiTLoader" in registered(host)
+    assert not (host.comfy / ".provision" / "owed" / "restart-comfyui").exists()
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_a_restart_that_fails_stays_owed(lab: Lab) -> None:
+    (host,) = lab.add(1)
+    lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"],
+                                           "restart": {"command": ["false"]}}}
+    lab.write()
+    try:
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+        assert code == 1 and "handler restart-comfyui failed" in out, out
+        code, out = lab.run("plan", "--limit", host.name)
+        assert code == 2 and "0 changes, 1 owed handler" in out, out
+    finally:
+        lab.overlays.clear()
+        lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2 and "handler: restarted ComfyUI" in out, out
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_what_killed_uploads_and_older_versions_left_is_removed_by_the_next_apply(lab: Lab) -> None:
+    """A killed upload's temporary sibling in workflows/ (it used to stay forever), a wheel no
+    longer installed: plan shows their removal, apply removes them, and then nothing is left to do."""
+    (host,) = lab.add(1)
+    assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 2
+    workflows = host.comfy / "workflows"
+    name = sorted(p.name for p in workflows.glob("*.json"))[0]
+    leftover = workflows / f".{name}.1a2b3c4d.provision-tmp"
+    leftover.write_text('{"half": ')
+    wheels = host.comfy / ".provision" / "wheels"
+    (kept,) = [p.name for p in wheels.glob("*.whl")]
+    old = wheels / kept.replace(kept.split("-")[1].split("+")[0], "0.9.0", 1)
+    old.write_bytes(b"PK")
+    state = host.comfy / ".provision"
+    (state / "owed").mkdir(exist_ok=True)
+    written = [state / ".constraints.txt.1a2b3c4d.provision-tmp", state / ".checksums.json.4242.provision-tmp",
+               state / "owed" / ".restart-comfyui.ab12cd34.provision-tmp"]
+    for path in written:
+        path.write_text("half")
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2 and "4 changes" in out, out
+    assert f"remove what killed uploads left from {workflows}: {leftover.name}" in out
+    assert f"remove wheels the installed backend does not use from {wheels}: {old.name}" in out
+    assert f"remove what killed writes left from {state}: {written[1].name}, {written[0].name}" in out
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2 and "handler" not in out, out                  # nothing ComfyUI loads: no restart
+    assert not leftover.exists() and not old.exists() and not any(p.exists() for p in written)
+    assert [p.name for p in wheels.iterdir()] == [kept]
     assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 0
 
 

@@ -471,3 +471,36 @@ def test_what_comfyui_itself_needs_python3_listeners_units_untracked(host: dict,
 def test_no_systemctl_is_said_when_units_are_asked_for(host: dict, tmp_path: Path) -> None:
     facts = gather(_conn(host["tools"]), host["profile"], Probe(unit_files=((str(tmp_path), "comfyui.service"),)))
     assert facts.units.error == "systemctl not found" and facts.units.files == {(str(tmp_path), "comfyui.service"): ()}
+
+
+def test_space_listing_and_markers_on_a_real_tree(host: dict, tmp_path: Path, small_fs) -> None:
+    """`space` follows links as a write would (models/ on another disk), `listing` does not follow
+    them and says what each entry is, `markers` reads small files but not hidden ones (a write in
+    progress)."""
+    root = tmp_path / "ComfyUI"
+    other = small_fs(8 << 20)
+    (root / "custom_nodes" / "pack").mkdir(parents=True)
+    (root / "custom_nodes" / ".x.abcd.provision-tmp").write_bytes(b"12345")
+    (root / "custom_nodes" / "link").symlink_to(other)
+    (root / "models").symlink_to(other)
+    owed = root / ".provision" / "owed"
+    owed.mkdir(parents=True)
+    (owed / "restart-comfyui").write_text('{"since": "2026-01-02T03:04:05Z"}\n')
+    (owed / ".restart-comfyui.ab12.provision-tmp").write_text("half")
+    dit = str(root / "models" / "diffusion_models" / "m.safetensors")
+    profile = Profile(name="t", file="t.yaml", inventory=None, hosts="all",
+                      comfyui=ComfySpec(root=str(root), venv=str(root / "venv"), port=_closed_port()))
+    probe = Probe(space=(dit, str(root / "custom_nodes")), listing=(str(root / "custom_nodes"), str(root / "gone")),
+                  markers=(str(owed), str(root / "gone")))
+    facts = gather(_conn(host["bare"]), profile, probe)
+    on_other, on_root = facts.space_for(dit), facts.space_for(str(root / "custom_nodes" / "pack"))
+    assert on_other.dir == str(root / "models") and on_other.dev == os.stat(other).st_dev
+    assert on_other.dev != on_root.dev == facts.disk_dev == os.stat(root).st_dev
+    assert 7 << 20 < on_other.free <= 8 << 20
+    assert facts.space_for("/elsewhere/x").dir == facts.disk_path
+    entries = {e.name: e for e in facts.listings[str(root / "custom_nodes")] or ()}
+    assert {n: e.kind for n, e in entries.items()} == {".x.abcd.provision-tmp": "file", "link": "link", "pack": "dir"}
+    assert entries[".x.abcd.provision-tmp"].size == 5 and entries["pack"].mtime_ns > 0
+    assert facts.listings[str(root / "gone")] is None
+    assert facts.markers == {str(owed): {"restart-comfyui": '{"since": "2026-01-02T03:04:05Z"}\n'}, str(root / "gone"): {}}
+    assert json.dumps(facts_to_json(facts))

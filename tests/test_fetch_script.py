@@ -8,10 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import smallfs
 
 from provisioner import remote
 from provisioner.sandbox.hf_server import HfServer, start_hf_server
@@ -218,3 +219,42 @@ def test_model_header_is_checked_before_the_rename(tmp_path: Path) -> None:
     with start_hf_server({(REPO, PATH): DATA}) as server:          # 1.28 MB of noise named .safetensors
         proc, lines = run(request(server, tmp_path, quantization={"dtype": "int4", "rank": 128}))
         assert proc.returncode == 1 and "not a safetensors file" in lines[-1]["error"]
+
+
+def test_a_full_disk_is_said_as_such_not_retried_and_the_part_kept_to_resume(
+        hub: HfServer, small_fs: Callable[[int], Path]) -> None:
+    """ENOSPC used to be retried as a network error and end in "run again to resume"."""
+    disk = small_fs(512 << 10)                           # 0.5 MiB for a 1.28 MB file
+    req = request(hub, disk)
+    proc, lines = run(req)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"disk full at {disk}/models/dm: " in line and " bytes free, " in line and "more needed" in line
+    assert "kept" in line and "to resume once space is freed" in line
+    assert len(cdn_gets(hub)) == 1                       # not retried
+    part = Path(f"{req['dest']}.part")
+    kept = part.read_bytes()
+    assert 0 < len(kept) < len(DATA) and kept == DATA[:len(kept)]       # what it holds is the file's start
+    assert not Path(str(req["dest"])).exists()
+    smallfs.resize(disk, 4 << 20)                       # space freed: the next run resumes
+    proc, lines = run(req)
+    assert proc.returncode == 0, proc.stderr
+    assert lines[-1]["resumed_from"] == len(kept) and Path(str(req["dest"])).read_bytes() == DATA
+
+
+def test_a_full_disk_removes_a_part_the_server_cannot_resume(hub: HfServer, small_fs: Callable[[int], Path]) -> None:
+    disk = small_fs(512 << 10)
+    hub.honor_range = False
+    req = request(hub, disk)
+    proc, _ = run(req)
+    assert proc.returncode == 1
+    assert "disk full at" in proc.stderr and "(the server cannot resume it)" in proc.stderr
+    assert list((disk / "models" / "dm").iterdir()) == []
+    assert len(cdn_gets(hub)) == 1
+
+
+def test_a_disk_too_full_for_the_part_itself_is_said_as_such(hub: HfServer, small_fs: Callable[[int], Path]) -> None:
+    disk = small_fs(64 << 10)
+    (disk / "filler").write_bytes(b"\0" * (64 << 10))
+    proc, _ = run(request(hub, disk))
+    assert proc.returncode == 1 and "disk full at" in proc.stderr, proc.stderr

@@ -22,9 +22,10 @@ from provisioner.config.inventory import Host
 from provisioner.config.model import build_profile
 from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv
+from provisioner.facts.model import Facts, FileState, Gpu, PythonEnv, Space
 from provisioner.facts.parse import parse_facts
 from provisioner.plan.apply import StepRunner
+from provisioner.plan.build import DISK_MARGIN_BYTES, disk_problems
 from provisioner.plan.progress import Reporter
 from provisioner.remote.facts import stat_files
 from provisioner.resources import hub, hub_cache, models
@@ -151,18 +152,41 @@ def test_part_file_is_resumed_and_counted_in_the_disk_check(server: HfServer) ->
     sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
     dest = sel.dit.dest(profile.comfyui.models)
     total = sum(len(content(f)) for f in sel.files)
-    facts = make_facts(files={dest + ".part": FileState(dest + ".part", True, 1000, 1)},
-                       disk_free=models.DISK_MARGIN_BYTES + total - 1000)   # just enough with the resume
-    dit = plan(profile, facts).changes[0]
-    assert "resuming at" in dit.summary
-    with pytest.raises(PlanError) as err:
-        plan(profile, make_facts(disk_free=models.DISK_MARGIN_BYTES + total - 1))
-    assert "not enough disk at /srv" in str(err.value) and "GB free" in str(err.value)
+    part = {dest + ".part": FileState(dest + ".part", True, 1000, 1)}
+    facts = make_facts(files=part, disk_free=DISK_MARGIN_BYTES + total - 1000)   # just enough with the resume
+    changes = plan(profile, facts).changes
+    assert "resuming at" in changes[0].summary
+    assert disk_problems(facts, changes) == {}
+    facts = make_facts(disk_free=DISK_MARGIN_BYTES + total - 1)
+    (message,) = disk_problems(facts, plan(profile, facts).changes)
+    assert "not enough disk at /srv" in message and "GB free" in message
 
 
 def test_disk_too_small_names_need_and_free(server: HfServer) -> None:
-    with pytest.raises(PlanError, match=r"need 0\.\d MB \(\+1\.1 GB margin\), 500\.0 MB free.*model.variant"):
-        plan(make_profile(server.url), make_facts(disk_free=500_000_000))
+    facts = make_facts(disk_free=500_000_000)
+    problems = disk_problems(facts, plan(make_profile(server.url), facts).changes)
+    assert list(problems.values()) == [["model"]]
+    assert re.search(r"need 0\.\d MB \(\+1\.1 GB margin\), 500\.0 MB free.*model.variant", next(iter(problems)))
+
+
+def test_the_disk_check_measures_the_filesystem_each_file_lands_on(server: HfServer) -> None:
+    """models/ a link to another, fuller disk: the root's free space says nothing about it."""
+    profile = make_profile(server.url)
+    models_dir = profile.comfyui.models
+    plenty, small = Space("/srv", 1, 10**13), Space(models_dir + "/diffusion_models", 2, DISK_MARGIN_BYTES + 100_000)
+    probed = {p: small for p in models.probe(profile).space}
+    facts = replace(make_facts(disk_free=10**13), space=probed, disk_dev=1)
+    assert models.probe(profile).space and all(p.startswith(models_dir) for p in probed)
+    problems = disk_problems(facts, plan(profile, facts).changes)
+    (message,) = problems
+    assert message.startswith(f"not enough disk at {models_dir}/diffusion_models: the model files need 0.2 MB")
+    # The text encoder on the root's filesystem: only the files on the small one count there.
+    sel = catalog.resolve(FAMILY, VARIANT, "auto", RTX3090)
+    on_root = {**probed, sel.text_encoder.dest(models_dir): plenty}
+    facts = replace(facts, space=on_root)
+    (message,) = disk_problems(facts, plan(profile, facts).changes)
+    assert "need 0.1 MB" in message
+    assert disk_problems(replace(facts, space={p: plenty for p in probed}), plan(profile, facts).changes) == {}
 
 
 def test_blackwell_gets_fp4_files_and_refuses_int4(server: HfServer) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +47,7 @@ def test_case(case: Path) -> None:
     co = data["checkout"]
     checkout = GitCheckout(dest, co["exists"], co.get("is_repo", False), co.get("head"),
                            tuple(co.get("tags", ())), co.get("branch"), tuple(co.get("dirty", ())),
-                           co.get("remote"))
+                           co.get("remote"), co.get("error"))
     facts = make_facts({dest: checkout})
     if "remote" in data:          # what the host's git said of the repository's tags
         r = data["remote"]
@@ -74,7 +76,8 @@ def test_case(case: Path) -> None:
 
 def test_probe_asks_for_the_checkout_and_the_tag() -> None:
     assert plugin.probe(make_profile({})) == Probe(
-        git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),))
+        git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),),
+        listing=("/srv/ComfyUI/custom_nodes",))
 
 
 @pytest.mark.parametrize(("tag", "tags", "nearest"), [
@@ -141,11 +144,11 @@ def real_profile(tmp_path: Path, upstream: Path, **plugin_spec: Any) -> Profile:
                          "comfyui": {"root": str(root), "port": 1}}, root=str(root))
 
 
-def real_facts(profile: Profile) -> Facts:
+def real_facts(profile: Profile, env: dict[str, str] | None = None) -> Facts:
     """The real facts script, run here as a host runs it (one process, request on stdin)."""
     request = build_request(profile, base_probe(profile) | plugin.probe(profile))
     proc = subprocess.run(facts_argv(), input=json.dumps(request), capture_output=True, text=True,
-                          env=GIT_ENV, timeout=120)
+                          env=env or GIT_ENV, timeout=120)
     return read_answer("local", Result(tuple(facts_argv()), proc.returncode, proc.stdout, proc.stderr))
 
 
@@ -229,6 +232,61 @@ def test_real_plain_folder_moved_aside_with_force(tmp_path: Path, upstream: Path
     converged_at(profile, "v1.1.0")
     (backup,) = dest.parent.glob("ComfyUI-nunchaku.provision-backup-*.disabled")
     assert (backup / "from-a-zip.py").read_text() == "x = 1\n"
+
+
+def test_real_plain_folder_stays_when_the_forced_clone_fails(tmp_path: Path, upstream: Path) -> None:
+    """The replacement is cloned before the folder is moved aside: a clone that fails (the
+    repository unreachable) leaves the host with the plugin it had."""
+    profile = real_profile(tmp_path, upstream, force=True)
+    dest = Path(plugin.path(profile))
+    dest.mkdir(parents=True)
+    (dest / "from-a-zip.py").write_text("x = 1\n")
+    (change,) = plugin.plan(profile, real_facts(profile)).changes
+    upstream.rename(upstream.with_name("gone"))
+    with pytest.raises(subprocess.CalledProcessError):
+        for step in change.steps:
+            assert isinstance(step, Run)
+            sh(*step.argv)
+    assert (dest / "from-a-zip.py").read_text() == "x = 1\n"
+    assert not list(dest.parent.glob("*.provision-backup-*"))
+
+
+def bin_without_git(tmp_path: Path, git: str | None = None) -> dict[str, str]:
+    """A PATH holding sh and python3, and `git` only as the given script."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for tool, where in (("sh", shutil.which("sh")), ("python3", sys.executable)):
+        (folder / tool).symlink_to(os.path.realpath(str(where)))
+    if git is not None:
+        (folder / "git").write_text(git)
+        (folder / "git").chmod(0o755)
+    return {**GIT_ENV, "PATH": str(folder)}
+
+
+@pytest.mark.parametrize("git", [None, "#!/bin/sh\necho 'git: cannot run here' >&2\nexit 1\n"],
+                         ids=["missing", "failing"])
+def test_real_checkout_read_without_a_working_git_is_refused_never_moved(
+        tmp_path: Path, upstream: Path, git: str | None) -> None:
+    """A host whose git is missing or failing is not "a folder that is not a git checkout": with
+    force that plan moved a working plugin aside. It is refused with git's reason."""
+    forced = real_profile(tmp_path, upstream, force=True)
+    apply(forced)
+    facts = real_facts(forced, env=bin_without_git(tmp_path, git))
+    co = facts.git[plugin.path(forced)]
+    assert co.exists and co.error
+    with pytest.raises(PlanError) as err:
+        plugin.plan(forced, facts)
+    assert "cannot be read by the host's git" in str(err.value)
+    assert "not a git checkout" not in str(err.value)
+    assert ("not installed" if git is None else "cannot run here") in str(err.value)
+
+
+def test_real_checkout_with_a_damaged_git_folder_is_refused(tmp_path: Path, upstream: Path) -> None:
+    forced = real_profile(tmp_path, upstream, force=True)
+    apply(forced)
+    (Path(plugin.path(forced)) / ".git" / "HEAD").write_text("garbage\n")
+    with pytest.raises(PlanError, match="cannot be read by the host's git \\(git exited 128: "):
+        plugin.plan(forced, real_facts(forced))
 
 
 def test_real_other_remote_switched_with_force(tmp_path: Path, upstream: Path) -> None:

@@ -99,7 +99,7 @@ def test_probe_reads_each_destination() -> None:
     profile = make_profile({"workflow": {"templates": list(TEMPLATES)}})
     assert workflow.probe(profile) == Probe(read=(
         "/srv/ComfyUI/workflows/qwen-image-edit-lightning.json",
-        "/srv/ComfyUI/workflows/qwen-image-lightning.json"))
+        "/srv/ComfyUI/workflows/qwen-image-lightning.json"), listing=("/srv/ComfyUI/workflows",))
 
 
 def test_canonical_text_keeps_node_order_and_ends_with_newline() -> None:

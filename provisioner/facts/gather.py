@@ -47,6 +47,9 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "interpreters": list(probe.interpreters),
         "ports": list(probe.ports),
         "units": {"files": [list(pair) for pair in probe.unit_files], "names": list(probe.units)},
+        "space": list(probe.space),
+        "listing": list(probe.listing),
+        "markers": list(probe.markers),
     }
 
 

@@ -6,6 +6,7 @@ never an exception: planning decides what it means.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ class Probe:
     ports: tuple[int, ...] = ()                 # TCP ports: who listens on them, on which address
     unit_files: tuple[tuple[str, str], ...] = ()  # (dir, glob): systemd unit files there, and their state
     units: tuple[str, ...] = ()                 # systemd units: their state (`systemctl show`)
+    space: tuple[str, ...] = ()                 # destinations: the filesystem they land on, its free bytes
+    listing: tuple[str, ...] = ()               # folders: each entry's name, kind, size, mtime
+    markers: tuple[str, ...] = ()               # folders of small marker files: each one's text
 
     def __or__(self, other: Probe) -> Probe:
         def merged(a: tuple, b: tuple) -> tuple:
@@ -169,6 +173,26 @@ class Units:
 
 
 @dataclass(frozen=True)
+class Space:
+    """Where a file would land: the nearest existing folder (links followed), its filesystem's
+    device number (one number per filesystem) and the bytes free there."""
+
+    dir: str
+    dev: int
+    free: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a listed folder (links not followed)."""
+
+    name: str
+    kind: str                                    # "file", "dir", "link", "other"
+    size: int = 0
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -197,6 +221,20 @@ class Facts:
     interpreters: Mapping[str, PythonEnv] = field(default_factory=dict)   # as probed: "python3" -> it
     listeners: Mapping[int, tuple[Listener, ...]] = field(default_factory=dict)
     units: Units = Units()
+    disk_dev: int = -1                           # the filesystem of disk_path (st_dev); -1: not said
+    space: Mapping[str, Space] = field(default_factory=dict)
+    listings: Mapping[str, tuple[Entry, ...] | None] = field(default_factory=dict)   # None: no such folder
+    markers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)            # folder -> name -> text
+
+    def space_for(self, path: str) -> Space:
+        """The filesystem `path` lands on, from the `space` probe of it or of a folder above it;
+        else the ComfyUI root's."""
+        at = posixpath.normpath(path)
+        while at not in self.space:
+            if posixpath.dirname(at) == at:
+                return Space(self.disk_path, self.disk_dev, self.disk_free)
+            at = posixpath.dirname(at)
+        return self.space[at]
 
     @property
     def gpu(self) -> Gpu | None:

@@ -10,6 +10,7 @@ from typing import Any
 from provisioner.errors import FactsError
 from provisioner.facts.model import (
     Distribution,
+    Entry,
     Facts,
     FileState,
     GitCheckout,
@@ -21,6 +22,7 @@ from provisioner.facts.model import (
     UnitFile,
     Units,
     UnitState,
+    Space,
     canonical,
 )
 
@@ -213,6 +215,12 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             interpreters={p: _env(e) for p, e in (answer.get("interpreters") or {}).items()},
             listeners=_listeners(answer.get("listeners") or {}),
             units=_units(answer.get("units") or {}),
+            disk_dev=int(disk.get("dev", -1)),
+            space={p: Space(str(v["dir"]), int(v["dev"]), int(v["free"])) for p, v in (answer.get("space") or {}).items()},
+            listings={p: None if v is None else tuple(Entry(str(e["name"]), str(e["kind"]), int(e["size"]),
+                                                            int(e["mtime_ns"])) for e in v)
+                      for p, v in (answer.get("listing") or {}).items()},
+            markers={p: {str(k): str(t) for k, t in (v or {}).items()} for p, v in (answer.get("markers") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
@@ -247,7 +255,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "comfyui_gpu": facts.comfyui_gpu,
         "gpu": None if facts.gpu is None else _gpu(facts.gpu),       # ComfyUI's, of those
         "gpu_error": facts.gpu_error, "nvcc": facts.nvcc,
-        "disk": {"path": facts.disk_path, "free": facts.disk_free},
+        "disk": {"path": facts.disk_path, "free": facts.disk_free, "dev": facts.disk_dev},
         "ram_total_mib": facts.ram_total_mib,
         "comfyui_version": facts.comfyui_version,
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
@@ -277,6 +285,11 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
                                 "enabled": s.enabled, "path": s.path}
                             for n, s in sorted(facts.units.state.items())},
                   "error": facts.units.error},
+        "space": {p: {"dir": v.dir, "dev": v.dev, "free": v.free} for p, v in sorted(facts.space.items())},
+        "listings": {p: None if v is None else [{"name": e.name, "kind": e.kind, "size": e.size,
+                                                  "mtime_ns": e.mtime_ns} for e in v]
+                     for p, v in sorted(facts.listings.items())},
+        "markers": {p: dict(sorted(v.items())) for p, v in sorted(facts.markers.items())},
         "elapsed_s": facts.elapsed_s,
         "errors": list(facts.errors),
     }

@@ -19,12 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisioner import remote
+from provisioner import remote, secrets
 from provisioner.config.model import Profile, TimeoutSpec
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, CommandError, ConnectError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, Probe
+from provisioner.plan import owed
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.progress import Reporter
 from provisioner.plan.render import describe_step
@@ -135,8 +136,7 @@ class StepRunner:
         return [f"{describe_step(step)}:", *(f"  {x}" for x in lines or ["(no output)"])]
 
     def _fetch(self, step: Fetch) -> None:
-        token = os.environ.get(step.token_env) if step.token_env else None
-        self.reporter.redact.add(token)
+        token = secrets.read(step.token_env) if step.token_env else None
         request = remote.fetch_request(url=step.url, dest=step.dest, sha256=step.sha256, size=step.size,
                                        cache=step.cache, token=token, quantization=step.quantization)
         label = posixpath.basename(step.dest)
@@ -150,8 +150,11 @@ class StepRunner:
                     bar(int(msg["done"]), msg.get("total"))
 
             # The token travels in stdin only: argv is visible to `ps` on the host.
-            self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
-                          idle_timeout=self.timeouts.download_stall_s)
+            try:
+                self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
+                              idle_timeout=self.timeouts.download_stall_s)
+            except CommandError as err:         # named by what it does, not by the program's text
+                raise CommandError(err.host, err.result, step.what or f"download {label}") from None
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
@@ -174,11 +177,18 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter, profile.timeouts)
         gone = False
+        recorded = set(plan.owed)           # handlers the host already holds as owed
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
                          action=change.action, summary=change.summary)
             try:
+                # Owed from before the first step: an apply killed after this change and before
+                # its handler leaves the host saying so (plan/owed.py).
+                for name in sorted(change.notify - recorded):
+                    if plan.handlers.get(name) and plan.handlers[name].steps:
+                        run_step(owed.record(profile, name, change))
+                        recorded.add(name)
                 for step in change.steps:
                     run_step(step)
             except ProvisionError as err:
@@ -188,22 +198,31 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                 break
             outcome.applied.append(change)
             reporter.line(conn.name, f"✓ {change.resource}: {change.summary}", "green")
-        # Handlers run even after a later failure: what did change must be loaded. Not when the
-        # connection is gone (interrupted, the host stopped answering): nothing runs there now.
-        notified = [] if gone else sorted({name for change in outcome.applied for name in change.notify})
-        for handler in notified:
-            _run_handler(conn, plan.handlers[handler], run_step, reporter, outcome)
-        if outcome.error is None and outcome.applied:
+        # Handlers run even after a later failure: what did change must be loaded. Those an
+        # interrupted apply owed run too, changes or not. Not when the connection is gone
+        # (interrupted, the host stopped answering): nothing runs there now, the records stay owed.
+        notified = [] if gone else sorted({name for change in outcome.applied for name in change.notify}
+                                          | set(plan.owed))
+        for name in notified:
+            if plan.owed.get(name):
+                reporter.line(conn.name, f"{plan.owed[name].describe()}: running it now", "yellow")
+            if _run_handler(conn, plan.handlers[name], run_step, reporter, outcome) and name in recorded:
+                try:
+                    run_step(owed.clear(profile, name))
+                except ProvisionError as err:
+                    outcome.error = outcome.error or f"handler {name}: {reporter.redact(str(err))}"
+        if outcome.error is None and (outcome.applied or outcome.handlers):
             _confirm(conn, profile, probe, outcome)
     return _finish(conn, reporter, outcome, started)
 
 
 def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, reporter: Reporter,
-                 outcome: HostOutcome) -> None:
-    """Run one notified handler's steps; a handler that cannot run here is a warning."""
+                 outcome: HostOutcome) -> bool:
+    """Run one notified handler's steps; True when it ran them all. A handler that cannot run
+    here is a warning."""
     if handler.missing:
         reporter.line(conn.name, handler.missing, "yellow")
-        return
+        return False
     try:
         for step in handler.steps:
             run_step(step)
@@ -216,9 +235,10 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
                 reporter.line(conn.name, line, "dim")
             reporter.log(conn.name, "diagnosis", handler=handler.name, lines=lines)
             outcome.diagnostics.extend(lines)
-        return
+        return False
     outcome.handlers.append(handler.name)
     reporter.line(conn.name, f"✓ handler: {handler.what}", "green")
+    return True
 
 
 def _unchanged(plan: HostPlan, show_plan: Callable[[HostPlan], None] | None) -> HostOutcome:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.gather import base_probe
-from provisioner.facts.model import Facts, Probe
-from provisioner.resources import ORDER
-from provisioner.resources.base import Change, Handler, Note
+from provisioner.facts.model import Facts, Probe, Space
+from provisioner.plan import owed
+from provisioner.plan.owed import Owed
+from provisioner.resources import ORDER, retention
+from provisioner.resources.base import Change, Fetch, Handler, Note, resumable, size_text
 
 
 @dataclass(frozen=True)
 class HostPlan:
-    """What one host needs. `errors` are reasons it cannot be converged (shown, host fails)."""
+    """What one host needs. `errors` are reasons it cannot be converged (shown, host fails);
+    `owed`: handlers an interrupted apply left to run (the host recorded them), run by the next."""
 
     host: str
     facts: Facts
@@ -23,14 +26,15 @@ class HostPlan:
     notes: tuple[Note, ...] = ()
     errors: tuple[str, ...] = ()
     handlers: Mapping[str, Handler] = field(default_factory=dict)   # by name, as changes notify them
+    owed: Mapping[str, Owed] = field(default_factory=dict)          # by handler name
 
     @property
     def converged(self) -> bool:
-        return not self.changes and not self.errors
+        return not self.changes and not self.errors and not self.owed
 
     @property
     def notify(self) -> frozenset[str]:
-        out: frozenset[str] = frozenset()
+        out: frozenset[str] = frozenset(self.owed)
         for change in self.changes:
             out |= change.notify
         return out
@@ -38,10 +42,38 @@ class HostPlan:
 
 def probe_for(profile: Profile) -> Probe:
     """Everything the facts script must look at for this profile: one merged probe."""
-    probe = base_probe(profile)
+    probe = base_probe(profile) | owed.probe(profile)
     for resource in ORDER:
         probe = probe | resource.probe(profile)
     return probe
+
+
+DISK_MARGIN_BYTES = 2**30  # room left on each filesystem for ComfyUI's outputs, logs and temp files
+
+
+def disk_problems(facts: Facts, changes: Sequence[Change]) -> dict[str, list[str]]:
+    """Each filesystem that the planned downloads do not fit on (with the margin), and the
+    resources whose files land there. Grouped by the filesystem each file lands on, as the host
+    resolves its folder (models/ may be a link to another disk), not by the ComfyUI root's."""
+    need: dict[int | str, tuple[Space, int, list[str]]] = {}
+    for change in changes:
+        for step in change.steps:
+            if not isinstance(step, Fetch) or not step.size:
+                continue
+            space = facts.space_for(step.dest)
+            key = space.dev if space.dev >= 0 else space.dir
+            _, total, names = need.get(key, (space, 0, []))
+            need[key] = (space, total + step.size - resumable(facts, step.dest, step.size),
+                         names + [change.resource] * (change.resource not in names))
+    problems = {}
+    for space, total, names in need.values():
+        if total and total + DISK_MARGIN_BYTES > space.free:
+            what = "the model files" if names == ["model"] else "the downloads"
+            hint = " or choose a smaller model.variant" if "model" in names else ""
+            problems[f"not enough disk at {space.dir}: {what} need {size_text(total)} "
+                     f"(+{size_text(DISK_MARGIN_BYTES)} margin), {size_text(space.free)} free; "
+                     f"free space there{hint}"] = names
+    return problems
 
 
 def build_plan(profile: Profile, facts: Facts) -> HostPlan:
@@ -61,5 +93,12 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
         changes.extend(result.changes)
         notes.extend(result.notes)
         handlers.update((h.name, h) for h in result.handlers)
+    for where in (profile.comfyui.state_dir, owed.folder(profile)):    # the engine's own writes
+        leftovers = retention.temps(facts.listings.get(where))
+        changes.extend(c for c in [retention.cleanup("state", where, leftovers, "what killed writes left")] if c)
+    for message, names in disk_problems(facts, changes).items():
+        errors.setdefault(message, []).extend(names)
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers)
+    runnable, cannot = owed.split(owed.read(profile, facts), handlers, profile)
+    notes.extend(Note("apply", line) for line in cannot)
+    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers, runnable)

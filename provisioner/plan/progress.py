@@ -1,7 +1,8 @@
 """What a person sees while an apply runs, and the per-host JSON-lines log of what ran.
 
 Thread-safe: hosts report from their own threads. Every string that leaves this module goes
-through `redact`, so a secret (an HF token) can reach neither the console nor a log file.
+through `redact` (every form of every secret read, `provisioner.secrets`), so a secret (an HF
+token) can reach neither the console nor a log file.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,37 +20,24 @@ from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-REDACTED = "***"
-
-
-class Redactor:
-    """Replaces known secret values in any text."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets = {s for s in secrets if s and len(s) >= 4}
-
-    def add(self, secret: str | None) -> None:
-        if secret and len(secret) >= 4:
-            self._secrets.add(secret)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
+from provisioner import secrets
 
 class Reporter:
     """Console lines (one per change as it happens), progress bars, and JSON-lines logs."""
 
     def __init__(self, console: Console, *, log_dir: Path | None = None, verbose: bool = False,
-                 redact: Redactor | None = None) -> None:
+                 redact: secrets.Redactor | None = None) -> None:
         self.console = console
         self.verbose = verbose
-        self.redact = redact or Redactor()
+        self.redactor = redact or secrets.Redactor()
         self.log_dir = log_dir
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._progress_users = 0
+
+    def redact(self, text: str) -> str:
+        """`text` without the secrets this reporter was given or this process has read."""
+        return secrets.redact(self.redactor(text))
 
     def line(self, host: str, message: str, style: str = "") -> None:
         text = escape(self.redact(message))
@@ -68,14 +56,17 @@ class Reporter:
         self.log(host, "failed", error=str(error), stderr=getattr(error, "stderr", None), **fields)
 
     def log(self, host: str, event: str, **fields: Any) -> None:
-        """Append one JSON record to `<log_dir>/<host>.jsonl`."""
+        """Append one JSON record to `<log_dir>/<host>.jsonl`, rotated past LOG_BYTES (below)."""
         if self.log_dir is None:
             return
         record = {"t": round(time.time(), 3), "host": host, "event": event, **fields}
         text = self.redact(json.dumps(record, default=str))
         with self._lock:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_dir / f"{_safe(host)}.jsonl", "a", encoding="utf-8") as fh:
+            path = self.log_dir / f"{_safe(host)}.jsonl"
+            if path.exists() and path.stat().st_size >= LOG_BYTES:
+                rotate(path)
+            with open(path, "a", encoding="utf-8") as fh:
                 fh.write(text + "\n")
 
     @contextmanager
@@ -108,6 +99,20 @@ class Reporter:
                 if self._progress_users == 0:
                     progress.stop()
                     self._progress = None
+
+
+LOG_BYTES = 8 << 20        # a host's log is rotated once it holds this much ...
+LOG_KEEP = 4               # ... into HOST.jsonl.1 (newest) to HOST.jsonl.4: at most 40 MiB per host
+
+
+def rotate(path: Path, keep: int = LOG_KEEP) -> None:
+    """HOST.jsonl -> HOST.jsonl.1 -> ... -> HOST.jsonl.KEEP; the oldest beyond that is removed."""
+    path.with_name(f"{path.name}.{keep}").unlink(missing_ok=True)
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
 
 
 def _safe(name: str) -> str:

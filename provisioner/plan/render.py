@@ -78,8 +78,9 @@ def render_host(console: Console, plan: HostPlan, *, verbose: bool = False) -> N
     elif plan.converged:
         console.print(f"[bold green]✓ {escape(plan.host)}[/]: up to date")
     else:
-        count = len(plan.changes)
-        console.print(f"[bold yellow]● {escape(plan.host)}[/]: {count} change{'s' * (count != 1)}")
+        console.print(f"[bold yellow]● {escape(plan.host)}[/]: {_pending(plan)}")
+    for item in plan.owed.values():
+        console.print(f"  [yellow]![/] [bold]handler[/] {escape(item.describe())}")
     for change in plan.changes:
         sigil, colour = SIGILS[change.action]
         console.print(f"  [{colour}]{sigil}[/] [bold]{change.resource}[/] {escape(change.summary)}")
@@ -96,16 +97,25 @@ def render_host(console: Console, plan: HostPlan, *, verbose: bool = False) -> N
         console.print(f"  [{colour}]{note.level}[/] {note.resource}: {escape(note.message)}")
 
 
+def _pending(plan: HostPlan) -> str:
+    """`3 changes`, `1 change, 1 owed handler`, `1 owed handler`."""
+    count, owed = len(plan.changes), len(plan.owed)
+    parts = [f"{count} change{'s' * (count != 1)}"] if count or not owed else []
+    return ", ".join(parts + ([f"{owed} owed handler{'s' * (owed != 1)}"] if owed else []))
+
+
 def summary_line(results: Mapping[str, HostPlan | BaseException]) -> str:
-    """`3 hosts: 1 to change (4 changes), 2 up to date, 0 failed`."""
+    """`3 hosts: 1 to change (4 changes), 2 up to date, 0 failed`; owed handlers count as work."""
     plans = [r for r in results.values() if isinstance(r, HostPlan)]
-    to_change = [p for p in plans if p.changes and not p.errors]
+    to_change = [p for p in plans if not p.converged and not p.errors]
     n_changes = sum(len(p.changes) for p in to_change)
+    n_owed = sum(len(p.owed) for p in to_change)
     up_to_date = sum(1 for p in plans if p.converged)
     failed = len(results) - len(to_change) - up_to_date
     hosts = len(results)
+    owed = f", {n_owed} owed handler{'s' * (n_owed != 1)}" if n_owed else ""
     return (f"{hosts} host{'s' * (hosts != 1)}: {len(to_change)} to change "
-            f"({n_changes} change{'s' * (n_changes != 1)}), {up_to_date} up to date, {failed} failed")
+            f"({n_changes} change{'s' * (n_changes != 1)}{owed}), {up_to_date} up to date, {failed} failed")
 
 
 def render_failure(console: Console, host: str, error: BaseException) -> None:
@@ -123,6 +133,8 @@ def plan_to_json(plan: HostPlan) -> dict[str, Any]:
         "host": plan.host,
         "status": "failed" if plan.errors else "ok" if plan.converged else "changes",
         "errors": list(plan.errors),
+        "owed": [{"handler": o.handler, "since": o.since or None, "change": o.change or None}
+                 for o in plan.owed.values()],
         "changes": [
             {
                 "resource": c.resource, "key": c.key, "action": c.action, "summary": c.summary,
@@ -143,7 +155,7 @@ def results_to_json(results: Mapping[str, HostPlan | BaseException]) -> str:
             hosts.append(plan_to_json(result))
         else:
             hosts.append({"host": name, "status": "unreachable" if _is_connect(result) else "failed",
-                          "errors": [str(result)], "changes": [], "notes": []})
+                          "errors": [str(result)], "owed": [], "changes": [], "notes": []})
     return json.dumps({"summary": summary_line(results), "hosts": hosts}, indent=2, default=str)
 
 

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import socket
+import stat as stat_module
 import struct
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 READ_CAP = 1 << 20          # bytes of a `read` probe sent back
+LIST_CAP = 4096             # entries of a `listing` probe sent back per folder
+MARKER_CAP = 4096           # bytes of one marker file (a `markers` probe), and 64 markers per folder
 HEADER_CAP = 100 << 20      # safetensors' own limit on a header
 # Of a model file's `__metadata__`, what the plan checks (config/comfy_config are large and unused).
 HEADER_KEYS = ("quantization_config", "model_class", "format")
@@ -165,11 +168,53 @@ def mem_total_kb():
 
 
 def disk(root):
-    path = os.path.abspath(root)
-    while not os.path.isdir(path) and path != os.path.dirname(path):
-        path = os.path.dirname(path)
-    st = os.statvfs(path)
-    return {"path": path, "free": st.f_bavail * st.f_frsize}
+    found = space(root)
+    return {"path": found["dir"], "free": found["free"], "dev": found["dev"]}
+
+
+def space(path):
+    """The filesystem a file at `path` would land on: the nearest existing folder at or above it
+    (links followed, as a write would follow them: models/ may be a link to another disk), that
+    filesystem's device number and the bytes free there for an unprivileged writer."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    st, vfs = os.stat(folder), os.statvfs(folder)
+    return {"dir": folder, "dev": st.st_dev, "free": vfs.f_bavail * vfs.f_frsize}
+
+
+def listing(path):
+    """A folder's entries (not followed: a link is a link) with size and mtime; None when absent."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return None
+    out = []
+    for name in names[:LIST_CAP]:
+        try:
+            st = os.lstat(os.path.join(path, name))
+        except OSError:
+            continue                # removed while we looked
+        kind = ("link" if stat_module.S_ISLNK(st.st_mode) else "dir" if stat_module.S_ISDIR(st.st_mode)
+                else "file" if stat_module.S_ISREG(st.st_mode) else "other")
+        out.append({"name": name, "kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def markers(path):
+    """The small marker files of a folder (not hidden: a hidden one is a write in progress)."""
+    out = {}
+    try:
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    except OSError:
+        return out
+    for name in names[:64]:
+        try:
+            with open(os.path.join(path, name), "rb") as fh:
+                out[name] = fh.read(MARKER_CAP).decode("utf-8", "replace")
+        except OSError:
+            continue
+    return out
 
 
 def stat_files(paths, cache_path):
@@ -236,7 +281,15 @@ def git_checkout(path):
     def git(*args):
         return _git(path, *args, timeout=30.0)
 
+    if shutil.which("git", path=GIT_ENV.get("PATH")) is None:
+        return {"exists": True, "is_repo": False, "error": "git is not installed (not on PATH)"}
     rc, top, err = git("rev-parse", "--show-toplevel")
+    if rc != 0 and (rc != 128 or os.path.lexists(os.path.join(path, ".git"))):
+        # git itself failed, or a checkout's .git is there and git cannot read it: never call
+        # that "not a git checkout" (a forced plan would move a working plugin aside).
+        lines = [x.strip() for x in (err or top).splitlines() if x.strip()]
+        return {"exists": True, "is_repo": False,
+                "error": "git exited %d: %s" % (rc, lines[-1] if lines else "no output")}
     if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
         # Not a checkout itself (a plain folder inside ComfyUI's own checkout is not the plugin's).
         try:
@@ -461,6 +514,9 @@ def gather(req):
         "interpreters": lambda: dict((p, venv(p)) for p in req.get("interpreters", [])),
         "listeners": lambda: listeners(req.get("ports", [])),
         "units": lambda: units(req.get("units") or {}),
+        "space": lambda: dict((p, space(p)) for p in req.get("space", [])),
+        "listing": lambda: dict((p, listing(p)) for p in req.get("listing", [])),
+        "markers": lambda: dict((p, markers(p)) for p in req.get("markers", [])),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),

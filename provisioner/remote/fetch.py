@@ -9,11 +9,14 @@ safetensors header declares), fsynced and renamed into place; the checksum cache
 mtime_ns, sha256}}`, the facts script trusts an entry while size and mtime_ns still match) is
 updated under a file lock. stdout: `{"done": N, "total": M}` lines (<= 5/s), then one final JSON
 line with "ok". A failure also prints one line on stderr and exits 1 (2 for a bad request).
+A full disk (ENOSPC, EDQUOT) is not retried: "disk full at DIR: N bytes free, M more needed", and the
+`.part` is kept to resume only when the server showed it serves ranges, else removed.
 The control side builds the request in `provisioner.remote.fetch_request`.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -38,6 +41,13 @@ class FetchError(Exception):
 
 class _Retry(FetchError):
     """A failure the next attempt may get past (a resume the server would not honour)."""
+
+
+class _DiskFull(FetchError):
+    """The disk (or the user's quota) is full: no retry can get past it."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _origin(url):
@@ -100,6 +110,7 @@ class _Part:
                 pass
             os.close(self.fd)
         self.hasher, self.length, self.written = hashlib.sha256(), 0, 0
+        self.resumable = False  # the server showed it serves ranges (206, Accept-Ranges: bytes)
         while True:  # bytes from an earlier, interrupted run: hash them once
             block = os.read(self.fd, _CHUNK)
             if not block:
@@ -113,21 +124,38 @@ class _Part:
         self.hasher, self.length = hashlib.sha256(), 0
 
     def write(self, data):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                done += os.write(self.fd, view[done:])
+        except OSError as err:
+            self._count(view[:done])      # what did land is the file's next bytes: keep it hashed
+            if err.errno in _FULL:
+                raise _DiskFull(err.strerror) from None
+            raise
+        self._count(view)
+
+    def _count(self, data):
         self.hasher.update(data)
         self.length += len(data)
         self.written += len(data)  # bytes this run transferred, restarts included
 
     def close(self):
-        os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            if err.errno not in _FULL:
+                raise
+            raise _DiskFull(err.strerror) from None
+        finally:
+            os.close(self.fd)
 
 
 def _open(req, offset):
     headers = {"User-Agent": "provision-fetch/1", "Accept-Encoding": "identity"}
     if req.get("token"):
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in req["token"]):
+            raise FetchError("the token holds a control character; it was not sent")
         headers["Authorization"] = "Bearer " + req["token"]
     if offset:
         headers["Range"] = "bytes=%d-" % offset
@@ -148,6 +176,8 @@ def _attempt(req, part, progress):
             raise _Retry("server refused the resume range; restarting from zero") from None
         raise
     with resp:
+        part.resumable = part.resumable or resp.status == 206 or \
+            (resp.headers.get("Accept-Ranges") or "").strip().lower() == "bytes"
         if offset and resp.status == 200:
             part.reset()  # the server ignored Range and sends everything: take it from zero
         elif resp.status == 206:
@@ -176,7 +206,7 @@ def _fetch(req):
             part = _Part(dest + ".part")
     if size is not None and part.length > size:
         part.reset()
-    resumed_from, progress, last_error = part.length, _Progress(size), None
+    resumed_from, progress, last_error, full = part.length, _Progress(size), None, False
     try:
         for attempt in range(int(req.get("retries", 3)) + 1):
             if size is not None and part.length == size:
@@ -202,8 +232,15 @@ def _fetch(req):
             raise FetchError("download of %s stopped at %d of %s bytes (%s); run again to resume"
                              % (req["url"], part.length, size, last_error))
         progress(part.length, force=True)
+    except _DiskFull:
+        full = True
     finally:
-        part.close()
+        try:
+            part.close()
+        except _DiskFull:
+            full = True
+    if full:
+        raise _disk_full(dest, part, size)
     digest = part.hasher.hexdigest()
     if (size is not None and part.length != size) or (want and digest != want):
         os.unlink(part.path)
@@ -216,6 +253,27 @@ def _fetch(req):
     os.replace(part.path, dest)
     _fsync_dir(os.path.dirname(dest) or ".")
     return _record(req, dest, digest, fetched=part.written, resumed_from=resumed_from)
+
+
+def _disk_full(dest, part, size):
+    """The one-line reason, after removing the `.part` unless the server can resume it."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    try:
+        vfs = os.statvfs(folder)
+        free = "%d bytes free" % (vfs.f_bavail * vfs.f_frsize)
+    except OSError:
+        free = "free space unknown"
+    needed = "%d more needed" % (size - part.length) if size is not None else "the file's size unknown"
+    if part.resumable and part.length:
+        kept = "kept %s (%d bytes) to resume once space is freed" % (part.path, part.length)
+    else:
+        try:
+            os.unlink(part.path)
+        except OSError:
+            pass
+        kept = "removed %s (the server cannot resume it)" % part.path if part.length else \
+            "removed %s" % part.path
+    return FetchError("disk full at %s: %s, %s; %s" % (folder, free, needed, kept))
 
 
 def _quantization_mismatch(path, expect):
@@ -294,12 +352,23 @@ def _update_cache(cache, key, entry):
         except (OSError, ValueError):
             entries = {}
         entries[key] = entry
-        tmp = "%s.tmp.%d" % (cache, os.getpid())
+        # Named as every temporary sibling provision makes: a later apply removes one left by a kill.
+        tmp = os.path.join(os.path.dirname(cache), ".%s.%d.provision-tmp" % (os.path.basename(cache), os.getpid()))
         with open(tmp, "w") as fh:
             json.dump(entries, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, cache)
+
+
+def _scrub(message, token):
+    """The message without the token, raw or quoted (an error may quote a header it refused)."""
+    if not token:
+        return message
+    for form in sorted({token, repr(token)[1:-1], repr(token.encode("utf-8"))[2:-1],
+                        json.dumps(token)[1:-1]}, key=len, reverse=True):
+        message = message.replace(form, "***")
+    return message
 
 
 def main():
@@ -314,8 +383,11 @@ def main():
     try:
         _emit(_verify(req) if mode == "verify" else _fetch(req))
         return 0
-    except (FetchError, OSError, http.client.HTTPException) as err:
+    except (FetchError, OSError, ValueError, http.client.HTTPException) as err:
         message = str(err) if isinstance(err, FetchError) else "%s: %s" % (type(err).__name__, err)
+        if isinstance(err, OSError) and err.errno in _FULL:    # creating the folder or the .part
+            message = "disk full at %s: %s" % (err.filename or os.path.dirname(req["dest"]), err.strerror)
+        message = _scrub(message, req.get("token"))
         _emit({"ok": False, "error": message})
         sys.stderr.write("fetch: %s\n" % message)
         return 1

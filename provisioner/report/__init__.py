@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from provisioner import secrets
 from provisioner.errors import ProvisionError
 from provisioner.report.adapt import from_exception, from_verification, versions_from
 from provisioner.report.compare import compare, read_previous, with_comparison
@@ -56,9 +57,10 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
         if not compared:
             previous, note = read_previous(before) if before is not None else (None, None)
             report = with_comparison(report, previous, note)
-        documents = [(where / JSON_NAME, dumps(report).encode()),
-                     (where / HTML_NAME, render_html(report).encode()),
-                     (where / JUNIT_NAME, render_junit(report))]
+        # No secret read in this run reaches a report (an error quoting a server's answer).
+        documents = [(where / JSON_NAME, secrets.redact(dumps(report)).encode()),
+                     (where / HTML_NAME, secrets.redact(render_html(report)).encode()),
+                     (where / JUNIT_NAME, secrets.redact(render_junit(report).decode()).encode())]
         if before is not None:
             write_atomic(where / PREVIOUS_NAME, before)
         for path, data in documents:

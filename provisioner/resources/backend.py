@@ -16,7 +16,7 @@ from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import is_real_nunchaku
-from provisioner.resources import releases, venv
+from provisioner.resources import releases, retention, venv
 from provisioner.resources.hold import hold_step
 from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
@@ -24,9 +24,14 @@ from provisioner.resources.releases import Asset, Lister, Listing
 name = "backend"
 
 
+def wheel_dir(profile: Profile) -> str:
+    return posixpath.join(profile.comfyui.state_dir, "wheels")
+
+
 def probe(profile: Profile) -> Probe:
-    """torch, the CPython tag, the platform and installed distributions are base facts."""
-    return Probe()
+    """torch, the CPython tag, the platform and installed distributions are base facts; the wheel
+    folder (what it holds: retention.py; its filesystem: the disk check) is not."""
+    return Probe(space=(wheel_dir(profile),), listing=(wheel_dir(profile),))
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def find_wheel(profile: Profile, target: Target,
 
 
 def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str, Fetch | Push]:
-    dest = posixpath.join(profile.comfyui.state_dir, "wheels", asset.name)
+    dest = posixpath.join(wheel_dir(profile), asset.name)
     if asset.local_path:
         sha = asset.sha256 or releases.file_sha256(asset.local_path)
         return dest, Push(asset.local_path, dest, sha, what=f"push {asset.name} from the wheelhouse")
@@ -139,8 +144,12 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     desired = str(target.wheel_version)
     current = env.distributions.get("nunchaku")
     real = current is not None and is_real_nunchaku(current)
+    held = facts.listings.get(wheel_dir(profile))
     if current is not None and real and _same(current.version, desired):
-        return changes()
+        # Converged: what an earlier version or a killed transfer left in the wheel folder goes.
+        leftovers = retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
+        return changes(retention.cleanup(name, wheel_dir(profile), leftovers,
+                                         "wheels the installed backend does not use"))
     asset, source = find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
@@ -157,6 +166,11 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
                       "--disable-pip-version-check", "-c", constraints, dest),
                      what=f"pip install {asset.name}", timeout=profile.timeouts.pip_s))
+    # Installed: the wheels it replaces, and any a killed transfer left, are of no more use.
+    leftovers = [n for n in retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
+                 if n != asset.name]
+    if leftovers:
+        steps.append(retention.remove_step(wheel_dir(profile), leftovers, "remove the wheels no longer installed"))
     if current is None:
         action, before = "create", None
     elif real:

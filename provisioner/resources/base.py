@@ -131,5 +131,17 @@ def changes(*items: Change | None, notes: Sequence[Note] = (),
     return ResourcePlan(tuple(c for c in items if c is not None), tuple(notes), tuple(handlers))
 
 
+def size_text(nbytes: int) -> str:
+    """12.1 GB, 524.5 MB: model files range from a VAE of hundreds of MB to a DiT of 12 GB."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def resumable(facts: Facts, dest: str, size: int | None) -> int:
+    """Bytes of `dest` an interrupted download left in `dest.part` (stat-probed), which the fetch
+    program resumes from: 0 when there is none or it is longer than the file."""
+    part = facts.files.get(dest + ".part")
+    return part.size if part and part.exists and size is not None and part.size <= size else 0
+
+
 RESTART_COMFYUI = "restart-comfyui"
 RESTART = frozenset({RESTART_COMFYUI})   # what a change that ComfyUI must reload notifies

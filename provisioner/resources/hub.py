@@ -8,9 +8,8 @@ httpx (then httpx2) across majors, so transport errors are recognised by module,
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from provisioner.errors import PlanError
@@ -33,12 +32,6 @@ class RemoteFile:
 
 Lookup = Callable[..., RemoteFile]
 """`(endpoint, repo, path, revision, token, *, token_env=...) -> RemoteFile`, injectable in tests."""
-
-
-def token_from_env(var: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The control machine's token, from the env var the profile names (never logged)."""
-    value = (os.environ if environ is None else environ).get(var, "").strip()
-    return value or None
 
 
 def is_commit(revision: str | None) -> bool:

@@ -20,27 +20,21 @@ from collections.abc import Mapping
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
-from provisioner import remote
+from provisioner import remote, secrets
 from provisioner.catalog import models as catalog
 from provisioner.resources import hub
-from provisioner.resources.base import RESTART, Action, Change, Fetch, Note, ResourcePlan, Run, changes
+from provisioner.resources.base import (RESTART, Action, Change, Fetch, Note, ResourcePlan, Run, changes,
+                                        resumable, size_text)
 
 name = "model"
-
-DISK_MARGIN_BYTES = 2**30  # room left for ComfyUI's outputs, logs and temp files after the downloads
-
-
-def _gb(nbytes: int) -> str:
-    """12.1 GB, 524.5 MB: model files range from a VAE of hundreds of MB to a DiT of 12 GB."""
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
 
 def _dest(profile: Profile, f: catalog.ModelFile) -> str:
     return posixpath.normpath(f.dest(profile.comfyui.models))
 
 
 def probe(profile: Profile) -> Probe:
-    """Stat every file this profile could need (both precisions under `auto`) and its `.part`."""
+    """Stat every file this profile could need (both precisions under `auto`) and its `.part`, and
+    the filesystem each would land on (models/ or a folder in it may be a link to another disk)."""
     m = profile.model
     if m.family is None:
         return Probe()
@@ -50,7 +44,7 @@ def probe(profile: Profile) -> Probe:
         return Probe()  # plan() raises the same error per host, with the valid choices
     dests = [_dest(profile, f) for f in files]
     dits = tuple(_dest(profile, f) for f in files if f.folder == "diffusion_models")
-    return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")), headers=dits)
+    return Probe(stat=tuple(p for d in dests for p in (d, d + ".part")), headers=dits, space=tuple(dests))
 
 
 def _check_header(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> None:
@@ -88,47 +82,40 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
                           backend=profile.backend.version)
     _check_header(profile, facts, sel)
     lookup = lookup or hub.file_metadata
-    token = hub.token_from_env(hf.token_env, environ)
+    token = secrets.read(hf.token_env, environ)
     planned: list[Change | None] = []
-    need = 0
     for f in sel.files:
         revision = m.revision if (f is sel.dit and m.revision) else f.revision
         found = lookup(hf.endpoint, f.repo, f.path_in_repo, revision, token, token_env=hf.token_env)
         pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
         expect = (catalog.WEIGHT_DTYPES[sel.precision], sel.rank) if f is sel.dit else None
-        change, nbytes = _file_change(profile, f, found, pinned, facts, expect)
-        planned.append(change)
-        need += nbytes
-    if need and need + DISK_MARGIN_BYTES > facts.disk_free:
-        raise PlanError(f"not enough disk at {facts.disk_path}: the model files need {_gb(need)} "
-                        f"(+{_gb(DISK_MARGIN_BYTES)} margin), {_gb(facts.disk_free)} free; free space "
-                        "or choose a smaller model.variant")
+        planned.append(_file_change(profile, f, found, pinned, facts, expect))
     notes = [Note(name, text, "info") for text in sel.notes] + _vram_notes(profile, facts, sel)
     return changes(*planned, notes=notes)
 
 
 def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.RemoteFile, pinned: str | None,
-                 facts: Facts, quantization: tuple[str, int] | None = None) -> tuple[Change | None, int]:
-    """The change for one file (None when converged) and the bytes it would download;
-    `quantization`: the (weight dtype, rank) a downloaded DiT's header must declare."""
+                 facts: Facts, quantization: tuple[str, int] | None = None) -> Change | None:
+    """The change for one file (None when converged); `quantization`: the (weight dtype, rank) a
+    downloaded DiT's header must declare. The disk check (plan/build.py) counts what it downloads
+    on the filesystem it lands on."""
     dest = _dest(profile, f)
     want = pinned or remote_file.sha256
     have = facts.files.get(dest) or FileState(dest, exists=False)
     after = {"size": remote_file.size, "sha256": want}
     if have.exists and have.size == remote_file.size:
         if have.sha256 is not None and (want is None or have.sha256 == want):
-            return None, 0
+            return None
         if have.sha256 is None:
             # The fetch program in verify mode: hashes the file once and records it, no download.
             stdin = remote.fetch_request(dest=dest, cache=profile.comfyui.checksums, sha256=want,
                                          size=remote_file.size, mode="verify")
             run = Run(remote.argv("fetch"), stdin=stdin,
-                      what=f"verify sha256 of {f.filename} ({_gb(remote_file.size)})")
+                      what=f"verify sha256 of {f.filename} ({size_text(remote_file.size)})")
             return Change(name, dest, "update", f"verify {f.folder}/{f.filename}: size matches, checksum not "
                           "cached yet (hashed once, no download)", {"size": have.size, "sha256": None}, after,
-                          (run,)), 0
-    part = facts.files.get(dest + ".part")
-    resume = part.size if part and part.exists and part.size <= remote_file.size else 0
+                          (run,))
+    resume = resumable(facts, dest, remote_file.size)
     where = f"{f.repo}@{(remote_file.commit or f.revision or hub.DEFAULT_REF)[:12]}"
     action: Action
     if have.exists:
@@ -137,19 +124,19 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.Remote
         summary = f"replace {f.folder}/{f.filename} ({why}) from {where}"
     else:
         action, before = "create", None
-        summary = f"download {f.folder}/{f.filename} ({_gb(remote_file.size)}) from {where}"
+        summary = f"download {f.folder}/{f.filename} ({size_text(remote_file.size)}) from {where}"
     if resume:
-        summary += f", resuming at {_gb(resume)}"
+        summary += f", resuming at {size_text(resume)}"
     warnings: tuple[str, ...] = ()
     if pinned and remote_file.sha256 and pinned != remote_file.sha256:
         warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote_file.sha256[:12]}… for {f.filename}: "
                     "the download will fail verification unless the Hub serves the pinned file",)
     step = Fetch(remote_file.url, dest, want, remote_file.size, profile.huggingface.token_env,
-                 cache=profile.comfyui.checksums, what=f"download {f.filename} ({_gb(remote_file.size)})",
+                 cache=profile.comfyui.checksums, what=f"download {f.filename} ({size_text(remote_file.size)})",
                  quantization=quantization)
     # ComfyUI keeps loaded weights in memory: a new DiT, or any file replaced in place, needs a restart.
     notify = RESTART if (f.folder == "diffusion_models" or action == "replace") else frozenset()
-    return Change(name, dest, action, summary, before, after, (step,), notify, warnings), remote_file.size - resume
+    return Change(name, dest, action, summary, before, after, (step,), notify, warnings)
 
 
 def _vram_notes(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> list[Note]:

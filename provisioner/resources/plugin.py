@@ -6,6 +6,7 @@ import difflib
 import posixpath
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from packaging.version import Version
@@ -14,6 +15,7 @@ from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.resources import retention
 from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
 
 name = "plugin"
@@ -29,9 +31,11 @@ def path(profile: Profile) -> str:
 
 def probe(profile: Profile) -> Probe:
     """The checkout, and the repository's tags when the checkout lacks the pinned one (the facts
-    program asks the host's git only then: a converged host costs no network)."""
+    program asks the host's git only then: a converged host costs no network); custom_nodes/ for
+    the backups and unfinished clones beside it (retention.py)."""
     dest = path(profile)
-    return Probe(git=(dest,), remote_tags=((dest, profile.plugin.repo, profile.plugin.tag),))
+    return Probe(git=(dest,), remote_tags=((dest, profile.plugin.repo, profile.plugin.tag),),
+                 listing=(profile.comfyui.custom_nodes,))
 
 
 def nearest_tags(tag: str, tags: Sequence[str], limit: int = 5) -> list[str]:
@@ -109,7 +113,29 @@ def _clone(profile: Profile, dest: str) -> tuple[Step, ...]:
 
 
 def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> ResourcePlan:
-    """`now` names the backup folder; tests pin it, the engine leaves it to the clock."""
+    """`now` names the backup folder; tests pin it, the engine leaves it to the clock. The backups
+    beyond retention.KEEP_BACKUPS go with the change that makes another, or alone."""
+    result, backed_up = _plan(profile, facts, now)
+    listed = facts.listings.get(profile.comfyui.custom_nodes)
+    if not result.changes:
+        unfinished = [n for n in retention.temps(listed) if n == f"{profile.plugin.name}.provision-tmp{_SKIP}"]
+        tidy = retention.cleanup(name, profile.comfyui.custom_nodes,
+                                 retention.surplus_backups(listed, profile.plugin.name) + unfinished,
+                                 f"plugin backups beyond the newest {retention.KEEP_BACKUPS}, unfinished clones")
+        return replace(result, changes=(tidy,) if tidy else ())
+    (change,) = result.changes
+    surplus = retention.surplus_backups(listed, profile.plugin.name, adding=backed_up)
+    if not surplus:
+        return result
+    step = retention.remove_step(profile.comfyui.custom_nodes, surplus,
+                                 f"remove the oldest plugin backups (the newest {retention.KEEP_BACKUPS} are kept)")
+    warn = f"{', '.join(surplus)} removed: only the newest {retention.KEEP_BACKUPS} backups are kept"
+    return replace(result, changes=(replace(change, steps=change.steps + (step,),
+                                            warnings=change.warnings + (warn,)),))
+
+
+def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[ResourcePlan, int]:
+    """The change (or none) and how many backups it makes."""
     spec, dest = profile.plugin, path(profile)
     co = facts.git.get(dest)
     if co is None:
@@ -124,19 +150,25 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
 
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
-                              _clone(profile, dest), notify=RESTART), notes=notes)
+                              _clone(profile, dest), notify=RESTART), notes=notes), 0
+    if co.error:
+        # git is missing or failing: what is there cannot be judged, so nothing is moved.
+        raise PlanError(f"{dest} cannot be read by the host's git ({co.error}); install or repair git "
+                        "on the host, then plan again")
     if not co.is_repo:
         if not spec.force:
             raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
                             "plugin.force: true to move it aside and clone")
-        warn = f"{dest} is not a git checkout: it is moved to {backup}, nothing is deleted"
-        moved = (Run(("mv", dest, backup), what=f"back up {dest}"), *_clone(profile, dest))
-        return changes(Change("plugin", dest, "replace", f"move {dest} aside and clone {label}",
-                              state(co), after, moved, notify=RESTART, warnings=(warn,)), notes=notes)
+        warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
+        # The clone first: a clone that fails leaves the folder where it was.
+        *clone, into_place = _clone(profile, dest)
+        replaced = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
+        return changes(Change("plugin", dest, "replace", f"clone {label} and move {dest} aside",
+                              state(co), after, replaced, notify=RESTART, warnings=(warn,)), notes=notes), 1
 
     remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:
-        return changes(notes=notes)
+        return changes(notes=notes), 0
     if not spec.force and co.dirty:
         raise PlanError(f"{dest} has local modifications ({_listing(co.dirty)}); commit or "
                         "discard them, or set plugin.force: true to back them up and reset")
@@ -170,4 +202,4 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
     else:
         after["commit"] = co.head
     return changes(Change("plugin", dest, "update", "; ".join(summary), state(co), after,
-                          tuple(steps), notify=RESTART, warnings=tuple(warnings)), notes=notes)
+                          tuple(steps), notify=RESTART, warnings=tuple(warnings)), notes=notes), int(bool(co.dirty))

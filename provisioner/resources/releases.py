@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import urllib.error
 import urllib.parse
@@ -15,8 +14,8 @@ from typing import Callable
 
 from packaging.version import Version
 
+from provisioner import secrets
 from provisioner.catalog.wheels import release_tag, wheel_combo
-
 from provisioner.config.model import HubSpec, WheelSource
 from provisioner.resources.memo import SingleFlight
 
@@ -74,7 +73,7 @@ def _list_github(source: WheelSource, version: str) -> Listing:
     tag = release_tag(version)
     api = github_api_url(source.value, tag)
     headers = {"Accept": "application/vnd.github+json"}
-    token = os.environ.get(GITHUB_TOKEN_ENV)
+    token = secrets.read(GITHUB_TOKEN_ENV)
     if token and urllib.parse.urlsplit(api).netloc == "api.github.com":
         headers["Authorization"] = f"Bearer {token}"       # never sent to another host
     try:
@@ -111,7 +110,7 @@ def _list_huggingface(source: WheelSource, hub: HubSpec) -> Listing:
     from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = hub.endpoint.rstrip("/")
-    api = HfApi(endpoint=endpoint, token=os.environ.get(hub.token_env) or False)
+    api = HfApi(endpoint=endpoint, token=secrets.read(hub.token_env) or False)
     where = f"{endpoint}/{source.value}"
     try:
         entries = list(api.list_repo_tree(source.value, recursive=True))

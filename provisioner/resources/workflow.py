@@ -11,6 +11,7 @@ from typing import Any
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
+from provisioner.resources import retention
 from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, changes
 
 name = "workflow"
@@ -30,8 +31,13 @@ def template_dir(profile: Profile) -> Path:
     return Path(os.path.normpath(Path(profile.file).parent / profile.workflow.template_dir))
 
 
+def folders(profile: Profile) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(posixpath.dirname(dest_path(profile, t)) for t in profile.workflow.templates))
+
+
 def probe(profile: Profile) -> Probe:
-    return Probe(read=tuple(dest_path(profile, t) for t in profile.workflow.templates))
+    """Each workflow's text, and its folder: an upload killed halfway left a temporary sibling there."""
+    return Probe(read=tuple(dest_path(profile, t) for t in profile.workflow.templates), listing=folders(profile))
 
 
 def resolve_offload(profile: Profile, facts: Facts) -> tuple[str, str]:
@@ -157,6 +163,9 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         verb: Action = "update" if current is not None else "create"
         found.append(Change("workflow", dest, verb, f"{verb} {dest} from {template}",
                             current, text, steps))   # no restart: ComfyUI reads workflows per request
+    for folder in folders(profile):
+        found.append(retention.cleanup(name, folder, retention.temps(facts.listings.get(folder)),
+                                       "what killed uploads left"))
     notes: list[Note] = []
     value, why = resolve_offload(profile, facts)
     if value == "enable" and profile.workflow.cpu_offload == "auto":   # slower: say why

@@ -320,9 +320,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._status = status
         self.send_response(status)
-        headers = {"Content-Length": str(end - start + 1), "Accept-Ranges": "bytes",
+        headers = {"Content-Length": str(end - start + 1),
                    "ETag": f'"{blob.sha256 if blob.lfs else blob.git_sha1}"',
                    "Content-Type": "application/octet-stream", **extra}
+        if self.hf.honor_range:             # a naive server neither serves nor announces ranges
+            headers["Accept-Ranges"] = "bytes"
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         for key, value in headers.items():

@@ -1,0 +1,91 @@
+"""Handlers owed by an interrupted apply, recorded on the host until they have run.
+
+A handler runs after the changes that notified it; an apply killed in between (the controller
+killed, the connection lost) used to lose it: the next apply found only what was left to change,
+notified nothing, and ComfyUI kept running the old plugin. So before the first change that
+notifies handler H runs, the engine writes a marker `<state_dir>/owed/H` (atomically: a Put),
+and removes it only after H ran successfully. The facts read the markers, the plan shows them,
+and apply runs every owed handler even when no change is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from provisioner.config.model import Profile
+from provisioner.facts.model import Facts, Probe
+from provisioner.resources.base import Change, Handler, Put, Run
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A handler a change notified that has not run since: when, and which change."""
+
+    handler: str
+    since: str                      # UTC, "2026-01-02T03:04:05Z"; "" when the marker is unreadable
+    change: str                     # "plugin: clone ComfyUI-nunchaku v1.1.0 into …"
+    by: str = ""                    # the controller that recorded it: "host pid N"
+
+    def describe(self) -> str:
+        since = self.since.replace("T", " ").replace("Z", " UTC") if self.since else "an unknown time"
+        return f"{self.handler} owed since {since} by an interrupted apply: {self.change or 'a change'}"
+
+
+def folder(profile: Profile) -> str:
+    return posixpath.join(profile.comfyui.state_dir, "owed")
+
+
+def probe(profile: Profile) -> Probe:
+    """The markers, and what a write killed halfway left beside them or in the state folder."""
+    return Probe(markers=(folder(profile),), listing=(profile.comfyui.state_dir, folder(profile)))
+
+
+def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
+    """The owed handlers the host recorded, by name. A marker that is not ours to read (damaged,
+    hand-written) still says its handler is owed: running a restart once too often is cheap."""
+    found: dict[str, Owed] = {}
+    for name, text in (facts.markers.get(folder(profile)) or {}).items():
+        try:
+            data = json.loads(text)
+            data = data if isinstance(data, dict) else {}
+        except ValueError:
+            data = {}
+        found[name] = Owed(name, str(data.get("since") or ""), str(data.get("change") or ""),
+                           str(data.get("by") or ""))
+    return found
+
+
+def split(owed: Mapping[str, Owed], handlers: Mapping[str, Handler],
+          profile: Profile) -> tuple[dict[str, Owed], list[str]]:
+    """The owed handlers this apply can run, and a line for each it cannot (the profile no longer
+    offers it, or has no means to run it here): those are for a person to do, then remove."""
+    runnable, cannot = {}, []
+    for name, item in sorted(owed.items()):
+        handler = handlers.get(name)
+        if handler is not None and handler.steps:
+            runnable[name] = item
+        else:
+            why = handler.missing if handler is not None and handler.missing else "this profile has no such handler"
+            cannot.append(f"{item.describe()}; it cannot run here ({why}): do it yourself, then remove "
+                          f"{posixpath.join(folder(profile), name)}")
+    return runnable, cannot
+
+
+def record(profile: Profile, handler: str, change: Change) -> Put:
+    """The step that records `handler` as owed by `change`, before the change runs."""
+    marker = {"handler": handler, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "change": f"{change.resource}: {change.summary}",
+              "by": f"{socket.gethostname()} pid {os.getpid()}"}
+    return Put(posixpath.join(folder(profile), handler), (json.dumps(marker) + "\n").encode(),
+               what=f"record that {handler} is owed")
+
+
+def clear(profile: Profile, handler: str) -> Run:
+    """The step that removes the marker once `handler` ran successfully."""
+    return Run(("rm", "-f", posixpath.join(folder(profile), handler)), what=f"{handler} is no longer owed")
