@@ -8,6 +8,7 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   fetch.py   resumable, sha256-checked downloads, and verify-only hashing of a file in place
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
   ready.py   waits until a restarted ComfyUI answers and lists the required nodes
+  snapshot.py  records what the host runs before a change (and reads the records back)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock", "ready")
+PROGRAMS = ("facts", "fetch", "lock", "ready", "snapshot")
 
 
 @lru_cache(maxsize=None)
@@ -53,3 +54,18 @@ def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequ
     and how to tell that the service died (`alive` printing one of `dead`)."""
     return json.dumps({"url": url, "nodes": list(nodes), "timeout": timeout, "alive": list(alive) or None,
                        "dead": list(dead), "every": every}).encode()
+
+
+def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksums: str,
+                     workflow_dirs: Sequence[str], taken: str = "", profile: object = None, keep: int = 1,
+                     protect: Sequence[str] = (), reuse: bool = False, now: bool = False) -> bytes:
+    """The snapshot program's stdin: `take` (what the snapshot is of, how many to keep, which ones
+    pruning must spare, whether an unchanged state reuses the newest) or `read` (with `now`: the
+    state as it is, too)."""
+    payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
+                                  "checksums": checksums, "workflow_dirs": list(workflow_dirs)}
+    if mode == "take":
+        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse)
+    else:
+        payload["now"] = now
+    return json.dumps(payload, default=str).encode()
