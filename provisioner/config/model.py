@@ -202,6 +202,18 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
+class SnapshotSpec:
+    keep: int = 20                    # newest snapshots kept per host
+    remove_models: bool = False       # may a rollback delete model files the snapshot lacks
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    verify_gate: bool = False         # verify each host after its change; roll back and stop on failure
+    canary: int | None = None         # hosts in the first batch
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     file: str
@@ -216,6 +228,8 @@ class Profile:
     huggingface: HubSpec = HubSpec()
     workflow: WorkflowSpec = WorkflowSpec()
     verify: VerifySpec = VerifySpec()
+    snapshots: SnapshotSpec = SnapshotSpec()
+    rollout: RolloutSpec = RolloutSpec()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -270,5 +284,7 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
             verify.get("thresholds"), ("verify", "thresholds"))),
             agreement=_pick(AgreementSpec, verify.get("agreement")),
             class_speed=_pick(ClassSpeedSpec, verify.get("class_speed"))),
+        snapshots=_pick(SnapshotSpec, data.get("snapshots")),
+        rollout=_pick(RolloutSpec, data.get("rollout")),
         raw=data,
     )
