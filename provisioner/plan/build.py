@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from provisioner.config.model import Profile
@@ -10,7 +10,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe
 from provisioner.resources import ORDER
-from provisioner.resources.base import Change, Handler, Note
+from provisioner.resources.base import Change, Handler, Note, ResourcePlan, Step
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class HostPlan:
     notes: tuple[Note, ...] = ()
     errors: tuple[str, ...] = ()
     handlers: Mapping[str, Handler] = field(default_factory=dict)   # by name, as changes notify them
+    prelude: tuple[Step, ...] = ()              # before the first change (a snapshot); see ResourcePlan
+    postlude: tuple[Step, ...] = ()             # after the changes were confirmed
 
     @property
     def converged(self) -> bool:
@@ -47,19 +49,21 @@ def probe_for(profile: Profile) -> Probe:
 def build_plan(profile: Profile, facts: Facts) -> HostPlan:
     """Ask every resource what differs. Every resource is asked even after one fails, so a
     single `provision plan` shows all the reasons a host cannot be converged, not just the first."""
-    changes: list[Change] = []
-    notes: list[Note] = []
+    results: list[ResourcePlan] = []
     errors: dict[str, list[str]] = {}           # message -> the resources that raised it
-    handlers: dict[str, Handler] = {}
     for resource in ORDER:
         try:
-            result = resource.plan(profile, facts)
+            results.append(resource.plan(profile, facts))
         except PlanError as err:
             # One cause (a GPU nunchaku cannot run) reaches several resources: say it once.
             errors.setdefault(str(err), []).append(resource.name)
-            continue
-        changes.extend(result.changes)
-        notes.extend(result.notes)
-        handlers.update((h.name, h) for h in result.handlers)
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers)
+    return host_plan(facts, results, lines)
+
+
+def host_plan(facts: Facts, results: Sequence[ResourcePlan], errors: Sequence[str] = ()) -> HostPlan:
+    """One HostPlan of resource plans, in their order."""
+    return HostPlan(facts.host, facts, tuple(c for r in results for c in r.changes),
+                    tuple(n for r in results for n in r.notes), tuple(errors),
+                    {h.name: h for r in results for h in r.handlers},
+                    tuple(s for r in results for s in r.prelude), tuple(s for r in results for s in r.postlude))
