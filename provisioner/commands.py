@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.markup import escape
 
-from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
+from provisioner.config import LoadedProfile, load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
 from provisioner.config.model import ClassSpeedSpec, Profile
@@ -51,13 +51,13 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(**kwargs)
 
 
-def targets(args: argparse.Namespace) -> list[Target]:
+def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None) -> list[Target]:
     """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
     `provision:` overlay merged and validated). Without a profile (`provision facts -i INV`) the
     defaults stand in for one."""
     if not args.profile and not args.inventory:
         raise UsageError("no inventory: give -i INVENTORY, or a profile that names one")
-    loaded = load_profile(Path(args.profile)) if args.profile else default_profile()
+    loaded = loaded or (load_profile(Path(args.profile)) if args.profile else default_profile())
     mark = loaded.marks.get(("hosts",))
     where = f"{mark.file}:{mark.line}:{mark.col}: hosts" if mark else None
     return [Target(host, profile_for_host(loaded, host))
@@ -74,12 +74,14 @@ def connected(target: Target, options: ConnectOptions) -> Iterator[Connection]:
 
 
 def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], *,
-          failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
+          failed: Callable[[T], bool] = lambda _: False, canary: int | None = None,
+          stop: Callable[[dict[str, T | BaseException]], str | None] | None = None) -> dict[str, T | BaseException]:
     by_name = {t.host.name: t for t in chosen}
     hosts = [t.host for t in by_name.values()]
     return run_fleet(hosts, lambda h: work(by_name[h.name]), forks=args.forks,
                      serial=getattr(args, "serial", None),
-                     max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed)
+                     max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed,
+                     canary=canary, stop=stop)
 
 
 # --- verbs ---------------------------------------------------------------------------------
@@ -127,10 +129,49 @@ def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
 
 
 def apply(args: argparse.Namespace, console: Console) -> int:
+    """Converge, verify; under a verify gate (`--verify-gate`, `rollout.verify_gate`), roll back a
+    host whose change failed verification and stop the rollout after its batch."""
     if args.check:
         return plan(args, console)
-    from provisioner.plan.apply import HostOutcome, apply_host
+    from provisioner.plan.rollout import gate_stop
+
+    loaded = load_profile(Path(args.profile))
+    rollout = loaded.profile.rollout
+    gate = bool(args.verify_gate or rollout.verify_gate)
+    canary = args.canary if args.canary is not None else rollout.canary
+    if gate and args.no_verify:
+        raise UsageError("--verify-gate needs the verification: drop --no-verify "
+                         f"(or set rollout.verify_gate: false in {args.profile})")
+    return run_apply(args, console, targets(args, loaded), gate=gate, canary=canary,
+                     stop=gate_stop if gate else None)
+
+
+def rollback(args: argparse.Namespace, console: Console) -> int:
+    """Restore each host to a snapshot (`--to ID`, else the one before its last apply), planned
+    like an apply: `--check` shows the diff; then lock, changes, restart, confirm, verify."""
+    from provisioner.plan.rollback import rollback_planner
+
+    if args.check:
+        options = connect_options(args)
+
+        def work(target: Target) -> HostPlan:
+            with connected(target, options) as conn:
+                return rollback_planner(target.profile, args.to)(conn)
+
+        results = fleet(args, targets(args), work)
+        show_plans(results, console, args)
+        return plan_exit_code(results)
+    return run_apply(args, console, targets(args), gate=False, canary=None, stop=None,
+                     planner=lambda profile: rollback_planner(profile, args.to))
+
+
+def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], *, gate: bool,
+              canary: int | None, stop: Callable[[dict[str, Any]], str | None] | None,
+              planner: Callable[[Profile], Any] | None = None) -> int:
+    """Each host through `plan/rollout.run_host` (apply, verify, roll back under the gate), the
+    summary, then the verification's report."""
     from provisioner.plan.progress import Reporter
+    from provisioner.plan.rollout import HostRollout, run_host
 
     options = connect_options(args)
     refresh_hub(args)
@@ -142,62 +183,126 @@ def apply(args: argparse.Namespace, console: Console) -> int:
         with shown:
             render.render_host(console, plan, verbose=bool(args.verbose))
 
-    def work(target: Target) -> HostOutcome:
+    def work(target: Target) -> HostRollout:
         with connected(target, options) as conn:
-            outcome = apply_host(conn, target.profile, reporter, lock_timeout=args.lock_timeout,
-                                 show_plan=show)
-            if not args.no_verify and not outcome.failed:
-                reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
-                outcome.verification = run_verification(conn, target.profile, outcome.facts)
-            return outcome
+            return run_host(conn, target.profile, reporter, gate=gate, lock_timeout=args.lock_timeout,
+                            verify=None if args.no_verify else run_verification, show_plan=show,
+                            planner=planner(target.profile) if planner else None)
 
-    chosen = targets(args)
-    results = fleet(args, chosen, work, failed=lambda o: o.failed or o.verification_failed)
+    results = fleet(args, chosen, work, failed=lambda o: o.failed, canary=canary, stop=stop)
     code = finish_apply(results, console, args)
     if args.no_verify:
         return code
+    from provisioner.plan.fleet import SkippedError
+
     verified: dict[str, Any] = {}
     for name, result in results.items():
         if isinstance(result, BaseException) or result.verification is not None:
             verified[name] = result if isinstance(result, BaseException) else (result.facts, result.verification)
         else:
-            verified[name] = ApplyError(f"{name}: not verified: the apply failed ({result.error})")
-    if show_verification(verified, chosen, console, args) == EXIT_FAILED:
+            verified[name] = ApplyError(f"{name}: not verified: {result.error}")
+    rollouts = {name: r.to_json() if isinstance(r, HostRollout) else
+                {**LEFT, "reason": str(r)} if isinstance(r, SkippedError) else None
+                for name, r in results.items()}
+    if show_verification(verified, chosen, console, args, rollouts=rollouts) == EXIT_FAILED:
         return EXIT_FAILED
     return code
 
 
-def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace) -> int:
-    from provisioner.plan.apply import HostOutcome
+LEFT: dict[str, Any] = {"result": "left", "snapshot_before": None, "snapshot_after": None, "restored": None, "failed_checks": []}
 
-    changed = failed = unchanged = 0
+
+def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace) -> int:
+    """The per-host lines and the summary: changed, unchanged, failed, and under a rollout that
+    stopped, rolled back and left (each with why)."""
+    from provisioner.plan.fleet import SkippedError
+    from provisioner.plan.rollout import HostRollout
+
+    counts = dict.fromkeys(("changed", "unchanged", "failed", "rolled back", "left"), 0)
     rows = []
     for name, result in results.items():
-        if isinstance(result, HostOutcome):
-            status = "failed" if result.failed else "changed" if result.changed else "ok"
-            if result.error is None and result.plan.errors:
-                result.error = "; ".join(result.plan.errors)
-            detail = result.error or (f"{len(result.applied)} changes" if result.changed else "up to date")
-            changed += status == "changed"
-            failed += status == "failed"
-            unchanged += status == "ok"
+        row: dict[str, Any] = {"host": name}
+        if isinstance(result, HostRollout):
+            if result.rollback is not None:
+                status = "rolled back" if result.result == "rolled_back" else "failed"
+            elif result.apply.failed or result.verify_error:
+                status = "failed"
+            else:                      # a failed verification is shown with the verification below
+                status = "changed" if result.apply.changed else "ok"
+            detail = result.error or (f"{len(result.apply.applied)} changes" if result.apply.changed else "up to date")
+            counts["unchanged" if status == "ok" else status] += 1
             if result.error:
                 render.render_failure(console, name, ApplyError(result.error))
+            row.update(status=status, detail=detail, snapshot_before=result.snapshot_before,
+                       snapshot_after=result.snapshot_after)
+            if result.last.diagnostics:
+                row["log"] = result.last.diagnostics        # what a failed restart's log said
+        elif isinstance(result, SkippedError):
+            counts["left"] += 1
+            row.update(status="left", detail=str(result))
+            console.print(f"[bold]- {escape(name)}[/]: left: {escape(str(result))}")
         else:
-            status, detail = ("unreachable" if isinstance(result, ConnectError) else "failed"), str(result)
-            failed += 1
+            status = "unreachable" if isinstance(result, ConnectError) else "failed"
+            counts["failed"] += 1
+            row.update(status=status, detail=str(result))
             render.render_failure(console, name, result)
-        row: dict[str, Any] = {"host": name, "status": status, "detail": detail}
-        if isinstance(result, HostOutcome) and result.diagnostics:
-            row["log"] = result.diagnostics           # what a failed restart's log said
         rows.append(row)
     total = len(results)
-    summary = (f"{total} host{'s' * (total != 1)}: {changed} changed, {unchanged} unchanged, "
-               f"{failed} failed")
+    summary = (f"{total} host{'s' * (total != 1)}: {counts['changed']} changed, {counts['unchanged']} unchanged, "
+               f"{counts['failed']} failed")
+    if counts["rolled back"] or counts["left"]:
+        summary += f", {counts['rolled back']} rolled back, {counts['left']} left"
     console.print(summary)
     if args.json:
         print(json.dumps({"summary": summary, "hosts": rows}, indent=2))
-    return EXIT_FAILED if failed else EXIT_CHANGED if changed else EXIT_OK
+    if counts["failed"] or counts["rolled back"] or counts["left"]:
+        return EXIT_FAILED
+    return EXIT_CHANGED if counts["changed"] else EXIT_OK
+
+
+def history(args: argparse.Namespace, console: Console) -> int:
+    """Each host's snapshots, oldest first, with what changed since the one before; then whether
+    the host still runs what the newest recorded. One round trip per host."""
+    from provisioner.facts.snapshots import HostSnapshots, read_snapshots
+    from provisioner.resources.snapshot import differences
+
+    options = connect_options(args)
+
+    def work(target: Target) -> HostSnapshots:
+        with connected(target, options) as conn:
+            return read_snapshots(conn, target.profile, now=True)
+
+    results = fleet(args, targets(args), work)
+    out: dict[str, Any] = {}
+    for name, found in results.items():
+        if isinstance(found, BaseException):
+            render.render_failure(console, name, found)
+            out[name] = {"error": str(found)}
+            continue
+        console.print(f"[bold]{escape(name)}[/]: {len(found.snapshots)} snapshot{'s' * (len(found.snapshots) != 1)}")
+        entries: list[dict[str, Any]] = []
+        previous = None
+        for snap in found.snapshots:
+            lines: list[str] = differences(previous.state, snap.state) if previous else []
+            console.print(f"  [cyan]{snap.id}[/]  {escape(snap.time)}  {escape(snap.taken):<15}  "
+                          f"profile {escape(snap.profile or '?')}"
+                          + ("" if previous is None or lines else "  [dim](same as the one before)[/]"))
+            for line in lines:
+                console.print(f"      {escape(line)}", highlight=False)
+            entries.append({"id": snap.id, "time": snap.time, "taken": snap.taken, "profile": snap.profile,
+                            "changes": lines if previous else None, "unkept": dict(snap.unkept)})
+            previous = snap
+        now = differences(previous.state, found.now) if previous and found.now else None
+        if now is not None:
+            console.print("  now: " + ("[green]as the newest snapshot[/]" if not now else "[yellow]changed since:[/]"))
+            for line in now:
+                console.print(f"      {escape(line)}", highlight=False)
+        for error in found.errors:
+            console.print(f"  [yellow]unreadable: {escape(error)}[/]")
+        out[name] = {"snapshots": entries, "changed_since_newest": now, "errors": list(found.errors)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 
 def facts(args: argparse.Namespace, console: Console) -> int:
@@ -267,10 +372,11 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
 
 
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
-                      args: argparse.Namespace, against: dict[str, Any] | None = None) -> int:
+                      args: argparse.Namespace, against: dict[str, Any] | None = None,
+                      rollouts: dict[str, Any] | None = None) -> int:
     """Image agreement against the references, the console table and check lines (failures first),
     the fleet's flags, the report directory; exit 0 or 1. `against`: the report to compare with
-    (`--compare`), else the report directory's own."""
+    (`--compare`), else the report directory's own; `rollouts`: what an apply did to each host."""
     from datetime import datetime, timezone
 
     from provisioner.report import build_report, dumps, from_exception, from_verification, write_report
@@ -287,13 +393,15 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
                     now=when.strftime("%Y-%m-%dT%H:%M:%SZ"), promote=getattr(args, "promote_reference", None))
     results = {n: r if isinstance(r, BaseException) else (r[0], outcome.verifications[n]) for n, r in results.items()}
     entries = []
+    rollouts = rollouts or {}
     for name, result in results.items():
-        profile = profiles.get(name)
+        profile, rollout = profiles.get(name), rollouts.get(name)
         if isinstance(result, BaseException):
-            entries.append(from_exception(name, result, profile=profile))
+            left = bool(rollout and rollout.get("result") == "left")
+            entries.append(from_exception(name, result, profile=profile, left=left, rollout=rollout))
         else:
             facts, verification = result
-            entries.append(from_verification(name, facts, verification, profile=profile))
+            entries.append(from_verification(name, facts, verification, profile=profile, rollout=rollout))
     failed = render_verification(results, console)
     report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
                           class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
@@ -308,7 +416,7 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         console.print(f"[{colour}]{escape(line)}[/]")
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
-    if args.json and args.verb == "verify":  # apply prints its own JSON summary
+    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
         print(dumps(report), end="")
     if report_dir:
         console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
