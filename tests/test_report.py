@@ -204,7 +204,7 @@ def test_report_json_matches_its_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     doc = report_to_json(fleet_report())
     jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
-    assert doc["version"] == 3 and doc["generated_at"] == "2026-11-24T10:00:00Z"
+    assert doc["version"] == 4 and doc["generated_at"] == "2026-11-24T10:00:00Z"
     assert doc["summary"]["max_vram_gib"]["host"] == "gpu-a4000-slow"
     black = next(h for h in doc["hosts"] if h["host"] == "gpu-4090-black")
     assert black["runs"][0]["image"]["ok"] is False and "black" in black["runs"][0]["image"]["reasons"][0]
@@ -240,7 +240,7 @@ def test_docs_describe_every_schema_field() -> None:
 
 
 def test_bad_entries_are_one_line_errors() -> None:
-    with pytest.raises(ProvisionError, match="status 'ok'; use passed, failed or unreachable"):
+    with pytest.raises(ProvisionError, match="status 'ok'; use passed, failed, unreachable or left"):
         HostEntry("h", "ok")  # type: ignore[arg-type]
     with pytest.raises(ProvisionError, match="'h' is listed twice"):
         build_report([HostEntry("h", "passed"), HostEntry("h", "failed", "x")])
@@ -356,7 +356,7 @@ def test_unreadable_or_foreign_previous_is_noted_not_fatal(tmp_path: Path) -> No
     assert "not JSON" in paths.report.comparison_note and paths.regressions == ()
     assert (tmp_path / "report.previous.json").read_text() == "{not json"
     assert read_previous(b'{"version": 99, "hosts": []}')[1] == \
-        "previous report.json is version 99, this is 3: not compared"
+        "previous report.json is version 99, this is 4: not compared"
 
 
 def test_write_is_atomic_and_complete(tmp_path: Path) -> None:
