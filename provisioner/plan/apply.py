@@ -118,10 +118,11 @@ class StepRunner:
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
                           seconds=round(time.monotonic() - started, 3))
 
-    def around(self, steps: tuple[Step, ...], label: str, outcome: HostOutcome) -> bool:
+    def around(self, steps: tuple[Step, ...], event: str, label: str, outcome: HostOutcome) -> bool:
         """Run prelude or postlude steps; False (the error kept in `outcome`) when one failed."""
         try:
             for step in steps:
+                self.reporter.log(self.conn.name, event, step=describe_step(step))
                 self(step)
                 self.reporter.line(self.conn.name, f"✓ {describe_step(step)}{_answered(self.answers, step)}", "green")
         except ProvisionError as err:
@@ -201,7 +202,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter)
-        if not run_step.around(plan.prelude, "before the changes", outcome):
+        if not run_step.around(plan.prelude, "prelude", "before the changes", outcome):
             return _finish(conn, reporter, outcome, started)      # nothing was changed
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
@@ -224,7 +225,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if outcome.error is None and outcome.applied:
             _confirm(conn, planner, outcome)
         if outcome.error is None:
-            run_step.around(plan.postlude, "after the changes", outcome)
+            run_step.around(plan.postlude, "postlude", "after the changes", outcome)
     return _finish(conn, reporter, outcome, started)
 
 

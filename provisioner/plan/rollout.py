@@ -14,7 +14,8 @@ from provisioner.connection.base import Connection
 from provisioner.errors import ProvisionError
 from provisioner.facts.model import Facts
 from provisioner.plan.apply import HostOutcome, Planner, apply_host
-from provisioner.plan.build import HostPlan
+from provisioner.facts.gather import gather
+from provisioner.plan.build import HostPlan, probe_for
 from provisioner.plan.progress import Reporter
 from provisioner.plan.rollback import rollback_planner
 from provisioner.resources import snapshot
@@ -113,7 +114,9 @@ def run_host(conn: Connection, profile: Profile, reporter: Reporter, *, verify: 
         return done
     reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
     try:
-        outcome.verification = verify(conn, profile, outcome.facts)
+        # A failed apply confirmed nothing: read the host again, so the verification explains what it runs.
+        facts = outcome.facts if outcome.facts_after or not outcome.failed else gather(conn, profile, probe_for(profile))
+        outcome.verification = verify(conn, profile, facts)
     except ProvisionError as err:
         done.verify_error = f"verification could not run: {reporter.redact(str(err))}"
     if not (gate and changed and (outcome.failed or done.verify_error or outcome.verification_failed)):

@@ -97,6 +97,7 @@ class Executor:
     device: str = ""                    # this GPU: its pictures differ from another's by rounding
     cache: dict[str, tuple[Any, dict[str, Any] | None]] = field(default_factory=dict)
     poison_after: int | None = None     # samplings that work before an illegal memory access
+    loader_error: tuple[str, str] | None = None   # (type, message) the Nunchaku DiT loader raises when run
     interrupt: threading.Event = field(default_factory=threading.Event)
     samplings: int = 0
     poisoned: bool = False
@@ -160,6 +161,8 @@ class Executor:
              send: Send) -> tuple[Any, dict[str, Any] | None]:
         cls, inputs = graph[node_id]["class_type"], graph[node_id].get("inputs", {})
         arg = {k: values[v[0]] if isinstance(v, list) else v for k, v in inputs.items()}
+        if cls == "NunchakuQwenImageDiTLoader" and self.loader_error:
+            raise NodeFailed(*self.loader_error)   # the plugin builds the core's classes only when it runs
         if cls in LOADERS:
             name = str(arg[LOADERS[cls]])
             if self.check_models and self.models_dir is not None:
