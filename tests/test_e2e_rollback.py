@@ -213,8 +213,10 @@ def test_rollback_restores_the_last_apply_or_an_older_snapshot(lab: Lab, tmp_pat
     code, out = lab.run("rollback", "--limit", host.name, "--no-verify")
     assert code == 0 and "up to date" in out, out
 
+    since = host.sshd.log_size()
     code, out = lab.run("history", "--limit", host.name)
     assert code == 0 and "now: as the newest snapshot" in out, out
+    assert host.sshd.wait_counts(1, 1, since=since) == (1, 1)      # one connection, one exec
     assert "custom node ComfyUI-nunchaku: v1.1.0 -> v1.0.2" in out and "+ sandbox-extra 1.0" in out
     code, out = lab.run("rollback", "--limit", host.name, "--to", "2001", "--check")
     assert code == 1 and "no snapshot 2001 on this host" in out, out
@@ -247,3 +249,25 @@ def test_killed_rollback_converges_when_run_again(lab: Lab, tmp_path: Path, poin
         # the restart itself: the files are converged, the restart is owed (the engine's business).
         code, out = lab.run("verify", "--limit", host.name)
         assert code == 0, out
+
+
+def test_no_snapshot_no_change(lab: Lab) -> None:
+    """A host where the snapshot cannot be written is not changed at all: the prelude runs before
+    the first change, and an apply whose prelude failed stops there."""
+    (host,) = lab.add(1)
+    converge(lab, host)
+    before = state(host)
+    folder = host.comfy / ".provision" / "snapshots"
+    moved = folder.with_name("snapshots.moved")
+    folder.rename(moved)
+    folder.write_text("not a folder")
+    lab.profile_extra.update(UPGRADE)
+    lab.write()
+    try:
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    finally:
+        folder.unlink()
+        moved.rename(folder)
+    assert code == 1 and "before the changes: " in out and "snapshot what the host runs (before apply)" in out, out
+    assert "1 host: 0 changed, 0 unchanged, 1 failed" in out
+    assert state(host) == before

@@ -118,17 +118,21 @@ class StepRunner:
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
                           seconds=round(time.monotonic() - started, 3))
 
-    def around(self, steps: tuple[Step, ...], event: str, label: str, outcome: HostOutcome) -> bool:
-        """Run prelude or postlude steps; False (the error kept in `outcome`) when one failed."""
+    def around(self, steps: tuple[Step, ...], event: str, label: str, outcome: HostOutcome, *,
+               fatal: bool) -> bool:
+        """Run prelude or postlude steps. A failure is the host's (`fatal`: nothing may change
+        after a failed prelude) or a warning (a postlude after changes that were confirmed)."""
         try:
             for step in steps:
                 self.reporter.log(self.conn.name, event, step=describe_step(step))
                 self(step)
                 self.reporter.line(self.conn.name, f"✓ {describe_step(step)}{_answered(self.answers, step)}", "green")
         except ProvisionError as err:
-            outcome.error = outcome.error or f"{label}: {self.reporter.redact(str(err))}"
-            self.reporter.line(self.conn.name, f"✗ {label}: {err}", "red")
-            self.reporter.log(self.conn.name, "failed", resource=label, error=str(err))
+            text = self.reporter.redact(str(err))
+            if fatal:
+                outcome.error = outcome.error or f"{label}: {text}"
+            self.reporter.line(self.conn.name, f"{'✗' if fatal else '!'} {label}: {text}", "red" if fatal else "yellow")
+            self.reporter.log(self.conn.name, "failed" if fatal else "warning", resource=event, error=text)
             return False
         finally:
             outcome.answers.update(self.answers)
@@ -202,7 +206,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter)
-        if not run_step.around(plan.prelude, "prelude", "before the changes", outcome):
+        if not run_step.around(plan.prelude, "prelude", "before the changes", outcome, fatal=True):
             return _finish(conn, reporter, outcome, started)      # nothing was changed
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
@@ -225,7 +229,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
         if outcome.error is None and outcome.applied:
             _confirm(conn, planner, outcome)
         if outcome.error is None:
-            run_step.around(plan.postlude, "postlude", "after the changes", outcome)
+            run_step.around(plan.postlude, "postlude", "after the changes", outcome, fatal=False)
     return _finish(conn, reporter, outcome, started)
 
 
