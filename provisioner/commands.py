@@ -402,7 +402,9 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         else:
             facts, verification = result
             entries.append(from_verification(name, facts, verification, profile=profile, rollout=rollout))
-    failed = render_verification(results, console)
+    # A host a rollout left was not verified: the summary above says so, the report lists it.
+    failed = render_verification({n: r for n, r in results.items()
+                                  if (rollouts.get(n) or {}).get("result") != "left"}, console)
     report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
                           class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
     if against is not None:

@@ -357,6 +357,10 @@ def take(req):
             kept[key] = path
         else:
             why[key] = reason
+    try:
+        os.rmdir(os.path.join(folder, "wheels", ".incoming"))
+    except OSError:
+        pass                            # not there, or another take's file is in it
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
     doc = {"format": FORMAT, "id": ident, "time": when, "taken": req.get("taken") or "",
            "profile": req.get("profile"), "state": state, "wheels": kept, "unkept": why}
