@@ -200,7 +200,8 @@ def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], 
         if isinstance(result, BaseException) or result.verification is not None:
             verified[name] = result if isinstance(result, BaseException) else (result.facts, result.verification)
         else:
-            verified[name] = ApplyError(f"{name}: not verified: {result.error}")
+            why = f"the apply failed ({result.apply.error})" if result.apply.failed else result.error
+            verified[name] = ApplyError(f"{name}: not verified: {why}")
     rollouts = {name: r.to_json() if isinstance(r, HostRollout) else
                 {**LEFT, "reason": str(r)} if isinstance(r, SkippedError) else None
                 for name, r in results.items()}

@@ -8,6 +8,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from provisioner import remote
 from provisioner.config.model import Profile
@@ -43,8 +44,6 @@ class Dist:
         """The file a `file` distribution was installed from, on the host."""
         if self.kind != "file" or not self.url:
             return None
-        from urllib.parse import unquote, urlsplit
-
         return unquote(urlsplit(self.url).path)
 
     @property
