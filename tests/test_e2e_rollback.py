@@ -194,12 +194,14 @@ def test_rollback_restores_the_last_apply_or_an_older_snapshot(lab: Lab, tmp_pat
     snaps = history(lab, host)
     assert [s["taken"] for s in snaps] == ["before apply", "after apply"] * 3
     older = snaps[1]["id"]                      # after the first apply: two applies ago
+    ids = [s["id"] for s in snaps]
+    short = next(older[:n] for n in range(8, len(older)) if sum(i.startswith(older[:n]) for i in ids) == 1)
 
-    code, out = lab.run("rollback", "--limit", host.name, "--to", older[:15], "--check")
+    code, out = lab.run("rollback", "--limit", host.name, "--to", short, "--check")
     assert code == 2 and "uninstall sandbox-extra 1.0" in out and '-      "sampler_name": "dpmpp_2m",' in out, out
     assert '+      "sampler_name": "euler",' in out and "checkout ComfyUI-nunchaku" not in out   # v1.1.0 both
     assert state(host) == third                                    # --check changes nothing
-    code, out = lab.run("rollback", "--limit", host.name, "--to", older[:15], "--report", str(tmp_path))
+    code, out = lab.run("rollback", "--limit", host.name, "--to", short, "--report", str(tmp_path))
     assert code == 2, out
     assert state(host) == first
     rollout = report(tmp_path)[host.name]["rollout"]

@@ -199,8 +199,10 @@ def test_choose_default_is_the_last_apply_s_snapshot_and_ids_may_be_shortened() 
     found = HostSnapshots("h", tuple(snap(STATE, f"20260301-1{i}0000-000", t) for i, t in enumerate(taken)))
     assert snapshot.choose(found, None).id == "20260301-120000-000"
     assert snapshot.choose(found, "20260301-11").id == "20260301-110000-000"
-    with pytest.raises(PlanError, match="no snapshot 20260301-1 on this host"):
+    with pytest.raises(PlanError, match="20260301-1 is the start of 6 snapshot ids .*: give more of it"):
         snapshot.choose(found, "20260301-1")                            # not unique: not a guess either
+    with pytest.raises(PlanError, match="no snapshot 2025 on this host .its newest: 20260301-110000-000"):
+        snapshot.choose(found, "2025")
     with pytest.raises(PlanError, match="nothing to roll back to"):
         snapshot.choose(HostSnapshots("h", ()), None)
 

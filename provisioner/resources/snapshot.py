@@ -70,6 +70,10 @@ def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
     if ident:
         snap = found.find(ident)
         if snap is None:
+            starts = [s.id for s in found.snapshots if s.id.startswith(ident)]
+            if starts:
+                raise PlanError(f"{ident} is the start of {len(starts)} snapshot ids ({', '.join(starts[:4])}"
+                                f"{', …' if len(starts) > 4 else ''}): give more of it")
             have = ", ".join(s.id for s in found.snapshots[-5:]) or "none"
             raise PlanError(f"no snapshot {ident} on this host (its newest: {have}); `provision history` lists them")
         return snap
