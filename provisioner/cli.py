@@ -131,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
     p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
     p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+    p.add_argument("--verify-gate", action="store_true",
+                   help="verify each host right after its change; roll back a host that fails to the snapshot "
+                        "taken before it, and stop the rollout after its batch (also: rollout.verify_gate)")
+    p.add_argument("--canary", type=_count, metavar="N",
+                   help="the first batch: N hosts, before the --serial batches (also: rollout.canary)")
+
+    p = verbs.add_parser("rollback", help="restore the snapshot taken before the last apply (or --to ID)")
+    _common(p)
+    p.add_argument("--to", metavar="ID", help="the snapshot to restore: an id `provision history` lists, or "
+                   "its start (default: the one taken before the last apply on each host)")
+    p.add_argument("--check", action="store_true", help="show what the rollback would change; change nothing")
+    p.add_argument("--serial", type=_serial, help="rolling batches: a host count or a percentage (30%%)")
+    p.add_argument("--max-fail-percentage", type=_percentage, help="stop starting batches past this share of failed hosts")
+    p.add_argument("--lock-timeout", type=_wait, default=300.0, help="seconds to wait for another apply's lock")
+    p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
+    p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+
+    p = verbs.add_parser("history", help="each host's snapshots and what changed between them")
+    _common(p)
 
     p = verbs.add_parser("verify", help="run verification generations and write the fleet report")
     _common(p)

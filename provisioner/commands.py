@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from provisioner import secrets
-from provisioner.config import load_profile, profile_for_host, schema_text, validate_files
+from provisioner.config import LoadedProfile, load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
 from provisioner.config.model import ClassSpeedSpec, Profile
@@ -56,13 +56,13 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(**kwargs)
 
 
-def targets(args: argparse.Namespace) -> list[Target]:
+def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None) -> list[Target]:
     """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
     `provision:` overlay merged and validated). Without a profile (`provision facts -i INV`) the
     defaults stand in for one."""
     if not args.profile and not args.inventory:
         raise UsageError("no inventory: give -i INVENTORY, or a profile that names one")
-    loaded = load_profile(Path(args.profile)) if args.profile else default_profile()
+    loaded = loaded or (load_profile(Path(args.profile)) if args.profile else default_profile())
     mark = loaded.marks.get(("hosts",))
     where = f"{mark.file}:{mark.line}:{mark.col}: hosts" if mark else None
     return [Target(host, profile_for_host(loaded, host))
@@ -99,13 +99,14 @@ def read_secrets(chosen: list[Target]) -> None:
 
 
 def fleet(args: argparse.Namespace, chosen: list[Target], work: Callable[[Target], T], stop: Stop, *,
-          failed: Callable[[T], bool] = lambda _: False) -> dict[str, T | BaseException]:
+          failed: Callable[[T], bool] = lambda _: False, canary: int | None = None,
+          halt: Callable[[dict[str, T | BaseException]], str | None] | None = None) -> dict[str, T | BaseException]:
     by_name = {t.host.name: t for t in chosen}
     hosts = [t.host for t in by_name.values()]
     return run_fleet(hosts, lambda h: work(by_name[h.name]), forks=args.forks,
                      serial=getattr(args, "serial", None),
                      max_fail_percentage=getattr(args, "max_fail_percentage", None), failed=failed,
-                     stop=stop)
+                     canary=canary, halt=halt, stop=stop)
 
 
 def cut_short(name: str, result: object, stop: Stop) -> str | None:
@@ -186,10 +187,52 @@ def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
 
 
 def apply(args: argparse.Namespace, console: Console) -> int:
+    """Converge, verify; under a verify gate (`--verify-gate`, `rollout.verify_gate`), roll back a
+    host whose change failed verification and stop the rollout after its batch."""
     if args.check:
         return plan(args, console)
-    from provisioner.plan.apply import HostOutcome, apply_host
+    from provisioner.plan.rollout import gate_halt
+
+    loaded = load_profile(Path(args.profile))
+    rollout = loaded.profile.rollout
+    gate = bool(args.verify_gate or rollout.verify_gate)
+    canary = args.canary if args.canary is not None else rollout.canary
+    if gate and args.no_verify:
+        raise UsageError("--verify-gate needs the verification: drop --no-verify "
+                         f"(or set rollout.verify_gate: false in {args.profile})")
+    return run_apply(args, console, targets(args, loaded), gate=gate, canary=canary,
+                     halt=gate_halt if gate else None)
+
+
+def rollback(args: argparse.Namespace, console: Console) -> int:
+    """Restore each host to a snapshot (`--to ID`, else the one before its last apply), planned
+    like an apply: `--check` shows the diff; then lock, changes, restart, confirm, verify."""
+    from provisioner.plan.rollback import rollback_planner
+
+    if args.check:
+        options = connect_options(args)
+        stop = Stop()
+
+        def work(target: Target) -> HostPlan:
+            with connected(target, options, stop) as conn:
+                return rollback_planner(target.profile, args.to)(conn)
+
+        results = fleet(args, targets(args), work, stop)
+        if stop.why:
+            return show_stopped(results, stop, console)
+        show_plans(results, console, args)
+        return plan_exit_code(results)
+    return run_apply(args, console, targets(args), gate=False, canary=None, halt=None,
+                     planner=lambda profile: rollback_planner(profile, args.to))
+
+
+def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], *, gate: bool,
+              canary: int | None, halt: Callable[[dict[str, Any]], str | None] | None,
+              planner: Callable[[Profile], Any] | None = None) -> int:
+    """Each host through `plan/rollout.run_host` (apply, verify, roll back under the gate), the
+    summary, then the verification's report."""
     from provisioner.plan.progress import Reporter
+    from provisioner.plan.rollout import HostRollout, run_host
 
     options = connect_options(args)
     refresh_hub(args)
@@ -203,79 +246,151 @@ def apply(args: argparse.Namespace, console: Console) -> int:
 
     stop = Stop()
 
-    def work(target: Target) -> HostOutcome:
+    def work(target: Target) -> HostRollout:
         with connected(target, options, stop) as conn:
-            outcome = apply_host(conn, target.profile, reporter, lock_timeout=args.lock_timeout,
-                                 show_plan=show)
-            if not args.no_verify and not outcome.failed and not stop.why:
-                reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
-                outcome.verification = run_verification(conn, target.profile, outcome.facts)
-            return outcome
+            return run_host(conn, target.profile, reporter, gate=gate, lock_timeout=args.lock_timeout,
+                            verify=None if args.no_verify else run_verification, show_plan=show,
+                            planner=planner(target.profile) if planner else None, stop=stop)
 
-    chosen = targets(args)
     read_secrets(chosen)
-    results = fleet(args, chosen, work, stop, failed=lambda o: o.failed or o.verification_failed)
+    results = fleet(args, chosen, work, stop, failed=lambda o: o.failed, canary=canary, halt=halt)
     code = finish_apply(results, console, args, stop)
     if args.no_verify or stop.why:
         return code
+    from provisioner.plan.fleet import SkippedError
+
     verified: dict[str, Any] = {}
     for name, result in results.items():
         if isinstance(result, BaseException) or result.verification is not None:
             verified[name] = result if isinstance(result, BaseException) else (result.facts, result.verification)
         else:
-            verified[name] = ApplyError(f"{name}: not verified: the apply failed ({result.error})")
-    if show_verification(verified, chosen, console, args) == EXIT_FAILED:
+            why = f"the apply failed ({result.apply.error})" if result.apply.failed else result.error
+            verified[name] = ApplyError(f"{name}: not verified: {why}")
+    rollouts = {name: r.to_json() if isinstance(r, HostRollout) else
+                {**LEFT, "reason": str(r)} if isinstance(r, SkippedError) else None
+                for name, r in results.items()}
+    if show_verification(verified, chosen, console, args, rollouts=rollouts) == EXIT_FAILED:
         return EXIT_FAILED
     return code
 
 
+LEFT: dict[str, Any] = {"result": "left", "snapshot_before": None, "snapshot_after": None, "restored": None, "failed_checks": []}
+
+
 def finish_apply(results: dict[str, Any], console: Console, args: argparse.Namespace,
                  stop: Stop | None = None) -> int:
-    from provisioner.plan.apply import HostOutcome
+    """The per-host lines and the summary: changed, unchanged, failed; under a rollout that
+    stopped, rolled back and left (each with why); in a stopped run, interrupted and not started."""
+    from provisioner.plan.fleet import SkippedError
+    from provisioner.plan.rollout import HostRollout
 
     stop = stop or Stop()
     counts: Counter[str] = Counter()
     rows = []
     for name, result in results.items():
+        row: dict[str, Any] = {"host": name}
         cut = cut_short(name, result, stop)
         if cut == "not started":
-            status, detail = cut, str(result)
+            status = cut
+            row.update(status=status, detail=str(result))
             console.print(f"[yellow]{escape(name)}[/]: not started", highlight=False)
-        elif isinstance(result, HostOutcome):
-            status = cut or ("failed" if result.failed else "changed" if result.changed else "ok")
-            if result.error is None and result.plan.errors:
-                result.error = "; ".join(result.plan.errors)
-            detail = result.error or (f"{len(result.applied)} changes" if result.changed else "up to date")
+        elif isinstance(result, HostRollout):
             if cut:
-                done = ", ".join(c.resource for c in result.applied) or "none"
-                detail = (f"interrupted after {len(result.applied)} of {len(result.plan.changes)} changes "
+                status = cut
+            elif result.rollback is not None:
+                status = "rolled back" if result.result == "rolled_back" else "failed"
+            elif result.apply.failed or result.verify_error:
+                status = "failed"
+            else:                      # a failed verification is shown with the verification below
+                status = "changed" if result.apply.changed else "ok"
+            detail = result.error or (f"{len(result.apply.applied)} changes" if result.apply.changed else "up to date")
+            if cut:
+                applied = result.last.applied
+                done = ", ".join(c.resource for c in applied) or "none"
+                detail = (f"interrupted after {len(applied)} of {len(result.last.plan.changes)} changes "
                           f"(applied: {done}); its remote commands were stopped and its lock released")
                 console.print(f"[yellow]{escape(name)}[/]: {escape(detail)}", highlight=False)
             elif result.error:
                 render.render_failure(console, name, ApplyError(result.error))
+            row.update(status=status, detail=detail, snapshot_before=result.snapshot_before,
+                       snapshot_after=result.snapshot_after)
+            if result.last.diagnostics:
+                row["log"] = result.last.diagnostics        # what a failed restart's log said
+        elif isinstance(result, SkippedError):
+            status = "left"
+            row.update(status=status, detail=str(result))
+            console.print(f"[bold]- {escape(name)}[/]: left: {escape(str(result))}")
         else:
             status = cut or ("unreachable" if isinstance(result, ConnectError) else "failed")
-            detail = str(result)
+            row.update(status=status, detail=str(result))
             render.render_failure(console, name, result)
         counts[status] += 1
-        row: dict[str, Any] = {"host": name, "status": status, "detail": detail}
-        if isinstance(result, HostOutcome) and result.diagnostics:
-            row["log"] = result.diagnostics           # what a failed restart's log said
         rows.append(row)
     total = len(results)
     failed = counts["failed"] + counts["unreachable"]
-    summary = (f"{total} host{'s' * (total != 1)}: {counts['changed']} changed, {counts['ok']} unchanged, "
-               f"{failed} failed")
+    tally = f"{counts['changed']} changed, {counts['ok']} unchanged, {failed} failed"
+    if counts["rolled back"] or counts["left"]:
+        tally += f", {counts['rolled back']} rolled back, {counts['left']} left"
+    summary = f"{total} host{'s' * (total != 1)}: {tally}"
     if stop.why:
         counts["done"] = total - counts["interrupted"] - counts["not started"]
-        summary = stopped_summary(stop, total, counts, f" ({counts['changed']} changed, {counts['ok']} "
-                                                       f"unchanged, {failed} failed)")
+        summary = stopped_summary(stop, total, counts, f" ({tally})")
     console.print(summary)
     if args.json:
         emit(json.dumps({"summary": summary, "hosts": rows}, indent=2))
     if stop.why:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if failed else EXIT_CHANGED if counts["changed"] else EXIT_OK
+    if failed or counts["rolled back"] or counts["left"]:
+        return EXIT_FAILED
+    return EXIT_CHANGED if counts["changed"] else EXIT_OK
+
+
+def history(args: argparse.Namespace, console: Console) -> int:
+    """Each host's snapshots, oldest first, with what changed since the one before; then whether
+    the host still runs what the newest recorded. One round trip per host."""
+    from provisioner.facts.snapshots import HostSnapshots, read_snapshots
+    from provisioner.resources.snapshot import differences
+
+    options = connect_options(args)
+    stop = Stop()
+
+    def work(target: Target) -> HostSnapshots:
+        with connected(target, options, stop) as conn:
+            return read_snapshots(conn, target.profile, now=True)
+
+    results = fleet(args, targets(args), work, stop)
+    if stop.why:
+        return show_stopped(results, stop, console)
+    out: dict[str, Any] = {}
+    for name, found in results.items():
+        if isinstance(found, BaseException):
+            render.render_failure(console, name, found)
+            out[name] = {"error": str(found)}
+            continue
+        console.print(f"[bold]{escape(name)}[/]: {len(found.snapshots)} snapshot{'s' * (len(found.snapshots) != 1)}")
+        entries: list[dict[str, Any]] = []
+        previous = None
+        for snap in found.snapshots:
+            lines: list[str] = differences(previous.state, snap.state) if previous else []
+            console.print(f"  [cyan]{snap.id}[/]  {escape(snap.time)}  {escape(snap.taken):<15}  "
+                          f"profile {escape(snap.profile or '?')}"
+                          + ("" if previous is None or lines else "  [dim](same as the one before)[/]"))
+            for line in lines:
+                console.print(f"      {escape(line)}", highlight=False)
+            entries.append({"id": snap.id, "time": snap.time, "taken": snap.taken, "profile": snap.profile,
+                            "changes": lines if previous else None, "unkept": dict(snap.unkept)})
+            previous = snap
+        now = differences(previous.state, found.now) if previous and found.now else None
+        if now is not None:
+            console.print("  now: " + ("[green]as the newest snapshot[/]" if not now else "[yellow]changed since:[/]"))
+            for line in now:
+                console.print(f"      {escape(line)}", highlight=False)
+        for error in found.errors:
+            console.print(f"  [yellow]unreadable: {escape(error)}[/]")
+        out[name] = {"snapshots": entries, "changed_since_newest": now, "errors": list(found.errors)}
+    if args.json:
+        emit(json.dumps(out, indent=2))
+    return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
 
 
 def facts(args: argparse.Namespace, console: Console) -> int:
@@ -399,10 +514,11 @@ def by_instance(results: dict[str, Any], profiles: dict[str, Profile]) -> tuple[
 
 
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,
-                      args: argparse.Namespace, against: dict[str, Any] | None = None) -> int:
+                      args: argparse.Namespace, against: dict[str, Any] | None = None,
+                      rollouts: dict[str, Any] | None = None) -> int:
     """Image agreement against the references, the console table and check lines (failures first),
     the fleet's flags, the report directory; exit 0 or 1. `against`: the report to compare with
-    (`--compare`), else the report directory's own."""
+    (`--compare`), else the report directory's own; `rollouts`: what an apply did to each host."""
     from datetime import datetime, timezone
 
     from provisioner.report import build_report, dumps, from_exception, from_verification, write_report
@@ -419,14 +535,18 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
                     now=when.strftime("%Y-%m-%dT%H:%M:%SZ"), promote=getattr(args, "promote_reference", None))
     results = {n: r if isinstance(r, BaseException) else (r[0], outcome.verifications[n]) for n, r in results.items()}
     entries = []
+    rollouts = rollouts or {}
     for name, result in results.items():
-        profile = profiles.get(name)
+        profile, rollout = profiles.get(name), rollouts.get(name)
         if isinstance(result, BaseException):
-            entries.append(from_exception(name, result, profile=profile))
+            left = bool(rollout and rollout.get("result") == "left")
+            entries.append(from_exception(name, result, profile=profile, left=left, rollout=rollout))
         else:
             facts, verification = result
-            entries.append(from_verification(name, facts, verification, profile=profile))
-    failed = render_verification(results, console)
+            entries.append(from_verification(name, facts, verification, profile=profile, rollout=rollout))
+    # A host a rollout left was not verified: the summary above says so, the report lists it.
+    failed = render_verification({n: r for n, r in results.items()
+                                  if (rollouts.get(n) or {}).get("result") != "left"}, console)
     report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
                           class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
     if against is not None:
@@ -440,7 +560,7 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         console.print(f"[{colour}]{escape(line)}[/]")
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
-    if args.json and args.verb == "verify":  # apply prints its own JSON summary
+    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
         emit(dumps(report), end="")
     if report_dir:
         console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")

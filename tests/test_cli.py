@@ -60,11 +60,24 @@ def test_version_and_help_are_fast_and_clean() -> None:
     (["plan", "p.yaml", "--connect-timeout", "nan"], "--connect-timeout: 'nan' is not a finite number"),
     (["apply", "p.yaml", "--lock-timeout", "inf"], "--lock-timeout: 'inf' is not a finite number"),
     (["schema", "playbook"], "invalid choice: 'playbook'"),
+    (["apply", "p.yaml", "--canary", "0"], "--canary: 0: give at least 1"),
+    (["rollback"], "the following arguments are required: profile"),
+    (["history", "p.yaml", "--to", "x"], "unrecognized arguments: --to x"),
 ])
 def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> None:
     code, out = run(*argv)
     assert code == 3, out
     assert out.count("\n") == 1 and reason in out and "--help" in out, out
+
+
+def test_a_verify_gate_without_verification_is_bad_input(tmp_path: Path) -> None:
+    inventory = write(tmp_path / "inv.yaml", "all: {hosts: {gpu-01: {ansible_host: 127.0.0.1}}}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    code, out = run("apply", str(profile), "--verify-gate", "--no-verify")
+    assert code == 3 and "--verify-gate needs the verification: drop --no-verify" in out, out
+    profile.write_text(profile.read_text() + "rollout: {verify_gate: true}\n")
+    code, out = run("apply", str(profile), "--no-verify")
+    assert code == 3 and "rollout.verify_gate: false" in out, out
 
 
 def test_good_rolling_arguments_are_kept() -> None:

@@ -230,7 +230,8 @@ SECTIONS = {"comfyui": model.ComfySpec, "comfyui.restart": model.RestartSpec, "c
             "backend": model.BackendSpec, "pip": model.PipSpec, "model": model.ModelSpec,
             "huggingface": model.HubSpec, "workflow": model.WorkflowSpec, "verify": model.VerifySpec,
             "verify.thresholds": model.Thresholds, "verify.agreement": model.AgreementSpec,
-            "verify.class_speed": model.ClassSpeedSpec}
+            "verify.class_speed": model.ClassSpeedSpec, "snapshots": model.SnapshotSpec,
+            "rollout": model.RolloutSpec}
 
 
 def _plain(value: object) -> object:

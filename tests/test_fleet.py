@@ -141,3 +141,28 @@ def test_a_host_connecting_after_the_stop_is_aborted_at_once():
         assert conn.aborted.is_set() and conn.reason == "h1: interrupted (Ctrl-C)"
     with pytest.raises(Interrupted, match=r"^h1: interrupted \(Ctrl-C\)$"):
         stop.check("h1")
+
+
+def test_a_canary_batch_comes_first_then_the_serial_batches():
+    assert [len(b) for b in batches(HOSTS, 4, first=1)] == [1, 4, 4, 1]
+    assert [len(b) for b in batches(HOSTS, None, first=2)] == [2, 8]
+    assert [len(b) for b in batches(HOSTS, "30%", first=1)] == [1, 3, 3, 3]   # a share of all the hosts
+    assert [len(b) for b in batches(HOSTS[:2], None, first=5)] == [2]
+    assert batches(HOSTS, None, first=1)[0] == [HOSTS[0]]
+
+
+def test_halt_ends_the_rollout_after_its_batch_and_later_hosts_are_never_started():
+    seen = []
+
+    def work(host):
+        seen.append(host.name)
+        return "bad" if host.name == "h0" else "ok"
+
+    def halt(batch):
+        return "h0 was rolled back" if "bad" in batch.values() else None
+
+    results = run_fleet(HOSTS, work, forks=4, canary=1, serial=3, halt=halt)
+    assert seen == ["h0"] and results["h0"] == "bad"
+    assert all(str(results[f"h{i}"]) == f"h{i}: not attempted: h0 was rolled back" for i in range(1, 10))
+    results = run_fleet(HOSTS, work, forks=4, canary=2, serial=3, halt=lambda batch: None)
+    assert all(v in ("ok", "bad") for v in results.values())

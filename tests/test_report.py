@@ -204,7 +204,7 @@ def test_report_json_matches_its_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     doc = report_to_json(fleet_report())
     jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
-    assert doc["version"] == 3 and doc["generated_at"] == "2026-11-24T10:00:00Z"
+    assert doc["version"] == 4 and doc["generated_at"] == "2026-11-24T10:00:00Z"
     assert doc["summary"]["max_vram_gib"]["host"] == "gpu-a4000-slow"
     black = next(h for h in doc["hosts"] if h["host"] == "gpu-4090-black")
     assert black["runs"][0]["image"]["ok"] is False and "black" in black["runs"][0]["image"]["reasons"][0]
@@ -240,7 +240,7 @@ def test_docs_describe_every_schema_field() -> None:
 
 
 def test_bad_entries_are_one_line_errors() -> None:
-    with pytest.raises(ProvisionError, match="status 'ok'; use passed, failed or unreachable"):
+    with pytest.raises(ProvisionError, match="status 'ok'; use passed, failed, unreachable or left"):
         HostEntry("h", "ok")  # type: ignore[arg-type]
     with pytest.raises(ProvisionError, match="'h' is listed twice"):
         build_report([HostEntry("h", "passed"), HostEntry("h", "failed", "x")])
@@ -356,7 +356,7 @@ def test_unreadable_or_foreign_previous_is_noted_not_fatal(tmp_path: Path) -> No
     assert "not JSON" in paths.report.comparison_note and paths.regressions == ()
     assert (tmp_path / "report.previous.json").read_text() == "{not json"
     assert read_previous(b'{"version": 99, "hosts": []}')[1] == \
-        "previous report.json is version 99, this is 3: not compared"
+        "previous report.json is version 99, this is 4: not compared"
 
 
 def test_write_is_atomic_and_complete(tmp_path: Path) -> None:
@@ -441,3 +441,51 @@ def test_from_exception_statuses() -> None:
     bug = from_exception("h", RuntimeError("boom\nsecond line"))
     assert (bug.status, bug.error) == ("failed", "RuntimeError: boom second line")
     assert from_exception("h", ConnectError("h: refused")).status == "unreachable"
+
+
+# --- an apply's rollout --------------------------------------------------------------------------
+
+def rollout_report():
+    """A verify-gated rollout: the canary was rolled back (restored, verified again), one host left."""
+    failed = Check("comfyui_ready", False, "TypeError: QwenTimestepProjEmbeddings.__init__() got an unexpected "
+                   "keyword argument 'use_additional_t_cond' <script>")
+    restored = verified("gpu-01", "NVIDIA GeForce RTX 3090", [run("cold", 42, 98.4, 8090), run("warm", 43, 4.0, 8080)])
+    rollout = {"result": "rolled_back", "snapshot_before": "20260301-120000-001", "snapshot_after": "20260301-120105-002",
+               "restored": "20260301-120000-001", "failed_checks": [failed.to_json()],
+               "reason": "rolled back to 20260301-120000-001: comfyui_ready: TypeError: ..."}
+    left = {"result": "left", "snapshot_before": None, "snapshot_after": None, "restored": None, "failed_checks": [],
+            "reason": "gpu-02: not attempted: the verify gate stopped the rollout after gpu-01 was rolled back"}
+    return build_report([
+        from_verification("gpu-01", facts_for("gpu-01", RTX3090), restored, profile=PROFILE, rollout=rollout),
+        from_exception("gpu-02", ProvisionError(left["reason"]), left=True, rollout=left),
+    ], profile="rtx3090", generated_at=WHEN)
+
+
+def test_a_rolled_back_host_and_a_left_one_in_every_report_file(tmp_path: Path) -> None:
+    report = rollout_report()
+    by = {h.host: h for h in report.hosts}
+    assert [h.host for h in report.hosts] == ["gpu-01", "gpu-02"]         # failed first, then left
+    canary, left = by["gpu-01"], by["gpu-02"]
+    assert canary.status == "failed" and canary.failures[0].startswith("rollout: rolled back to 20260301-120000-001")
+    assert all(c.passed for c in canary.checks)                          # restored and verified again
+    assert left.status == "left" and "stopped the rollout after gpu-01" in left.failures[0]
+    s = report.summary
+    assert (s.passed, s.failed, s.unreachable, s.left, s.rolled_back) == (0, 1, 0, 1, 1)
+
+    doc = report_to_json(report)
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+    hosts = {h["host"]: h for h in doc["hosts"]}
+    assert hosts["gpu-01"]["rollout"]["failed_checks"][0]["name"] == "comfyui_ready"
+    assert hosts["gpu-02"]["rollout"]["result"] == "left" and doc["summary"]["left"] == 1
+
+    paths = write_report(tmp_path, report)
+    html = paths.html.read_text()
+    assert "rolled back" in html and "20260301-120105-002" in html and "(restored 20260301-120000-001)" in html
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    assert 'class="badge left"' in html
+    junit = ET.parse(paths.junit).getroot()
+    suites = {s.get("name"): s for s in junit}
+    (rollout_case,) = [c for c in suites["gpu-01"] if c.get("name") == "rollout"]
+    assert rollout_case.find("failure").get("type") == "rolled_back"      # type: ignore[union-attr]
+    assert "use_additional_t_cond" in (rollout_case.find("failure").text or "")   # type: ignore[union-attr]
+    assert suites["gpu-02"].get("skipped") == "1" and suites["gpu-02"].find("testcase/skipped") is not None

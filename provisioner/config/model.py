@@ -237,6 +237,18 @@ class TimeoutSpec:
 
 
 @dataclass(frozen=True)
+class SnapshotSpec:
+    keep: int = 20                    # newest snapshots kept per host
+    remove_models: bool = False       # may a rollback delete model files the snapshot lacks
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    verify_gate: bool = False         # verify each host after its change; roll back and stop on failure
+    canary: int | None = None         # hosts in the first batch
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     file: str
@@ -252,6 +264,8 @@ class Profile:
     workflow: WorkflowSpec = WorkflowSpec()
     verify: VerifySpec = VerifySpec()
     timeouts: TimeoutSpec = TimeoutSpec()
+    snapshots: SnapshotSpec = SnapshotSpec()
+    rollout: RolloutSpec = RolloutSpec()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -310,5 +324,7 @@ def build_profile(data: Mapping[str, Any], *, name: str, file: str) -> Profile:
             agreement=_pick(AgreementSpec, verify.get("agreement")),
             class_speed=_pick(ClassSpeedSpec, verify.get("class_speed"))),
         timeouts=_pick(TimeoutSpec, data.get("timeouts")),
+        snapshots=_pick(SnapshotSpec, data.get("snapshots")),
+        rollout=_pick(RolloutSpec, data.get("rollout")),
         raw=data,
     )

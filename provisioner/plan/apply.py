@@ -1,6 +1,9 @@
-"""Execute a HostPlan over a Connection: lock, run each change's steps, run handlers, confirm.
+"""Execute a HostPlan over a Connection: lock, prelude, run each change's steps, run handlers,
+confirm, postlude.
 
-The engine knows steps and handlers, not what they do: the resources hand it both. The host is
+The engine knows steps and handlers, not what they do: the resources hand it both (and the
+prelude and postlude, steps run once around the changes: the snapshots). What it converges to is a
+planner's business: the profile's (`profile_planner`) or a snapshot's (`plan/rollback.py`). The host is
 locked for the whole apply by `remote/lock.py`, which holds `flock` on `<state_dir>/lock` while
 our channel stays open; if this process dies, the channel closes and the lock goes with it, so a
 lock can never go stale. Convergence is confirmed by gathering the facts again and re-planning:
@@ -24,7 +27,7 @@ from provisioner.config.model import Profile, TimeoutSpec
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, CommandError, ConnectError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
-from provisioner.facts.model import Facts, Probe
+from provisioner.facts.model import Facts
 from provisioner.plan import owed
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.progress import Reporter
@@ -44,6 +47,7 @@ class HostOutcome:
     facts_after: Facts | None = None           # re-gathered after the changes, when there were any
     verification: Any = None                   # HostVerification, when verification ran
     diagnostics: list[str] = field(default_factory=list)   # what a failed handler's diagnosis read
+    answers: dict[str, Any] = field(default_factory=dict)  # what steps marked `answer` printed (JSON)
 
     @property
     def facts(self) -> Facts:
@@ -90,18 +94,21 @@ class StepRunner:
 
     def __init__(self, conn: Connection, reporter: Reporter, timeouts: TimeoutSpec = TimeoutSpec()) -> None:
         self.conn, self.reporter, self.timeouts = conn, reporter, timeouts
+        self.answers: dict[str, Any] = {}
 
     def __call__(self, step: Step) -> None:
         started = time.monotonic()
         if isinstance(step, Run):
             where = self.conn.machine if step.on_machine else self.conn
             try:
-                where.run(step.argv, stdin=step.stdin, timeout=self._limit(step),
-                          stdout_callback=self._progress if step.progress else None)
+                result = where.run(step.argv, stdin=step.stdin, timeout=self._limit(step),
+                                   stdout_callback=self._progress if step.progress else None)
             except CommandError as err:         # named by what it does, not by its argv
                 if not step.what:
                     raise
                 raise CommandError(err.host, err.result, step.what) from None
+            if step.answer:
+                self.answers[step.answer] = _last_json(result.stdout)
         elif isinstance(step, Put):
             self.conn.put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
@@ -115,6 +122,25 @@ class StepRunner:
 
     def _limit(self, step: Run) -> float:
         return step.timeout if step.timeout is not None else self.timeouts.command_s
+    def around(self, steps: tuple[Step, ...], event: str, label: str, outcome: HostOutcome, *,
+               fatal: bool) -> bool:
+        """Run prelude or postlude steps. A failure is the host's (`fatal`: nothing may change
+        after a failed prelude) or a warning (a postlude after changes that were confirmed)."""
+        try:
+            for step in steps:
+                self.reporter.log(self.conn.name, event, step=describe_step(step))
+                self(step)
+                self.reporter.line(self.conn.name, f"✓ {describe_step(step)}{_answered(self.answers, step)}", "green")
+        except ProvisionError as err:
+            text = self.reporter.redact(str(err))
+            if fatal:
+                outcome.error = outcome.error or f"{label}: {text}"
+            self.reporter.line(self.conn.name, f"{'✗' if fatal else '!'} {label}: {text}", "red" if fatal else "yellow")
+            self.reporter.log(self.conn.name, "failed" if fatal else "warning", resource=event, error=text)
+            return False
+        finally:
+            outcome.answers.update(self.answers)
+        return True
 
     def _progress(self, line: str) -> None:
         """A step's {"progress": TEXT} line, shown as it comes (a wait that says it is waiting)."""
@@ -157,25 +183,38 @@ class StepRunner:
                 raise CommandError(err.host, err.result, step.what or f"download {label}") from None
 
 
+Planner = Callable[[Connection], HostPlan]   # read the host, plan what differs
+
+
+def profile_planner(profile: Profile) -> Planner:
+    """The profile's plan: the facts it probes for, every resource of resources.ORDER."""
+    probe = probe_for(profile)
+    return lambda conn: build_plan(profile, gather(conn, profile, probe))
+
+
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                lock_timeout: float = 300.0,
-               show_plan: Callable[[HostPlan], None] | None = None) -> HostOutcome:
+               show_plan: Callable[[HostPlan], None] | None = None,
+               planner: Planner | None = None) -> HostOutcome:
     """Converge one host: gather, plan; if anything differs: lock, gather and plan again (another
-    apply may have run meanwhile), run the changes in order, handlers, confirm.
+    apply may have run meanwhile), prelude, run the changes in order, handlers, confirm, postlude.
+    `planner` (default: the profile's) says what the host converges to.
 
     A converged host costs one facts round trip and no write: not even the lock is taken.
     """
     started = time.monotonic()
-    probe = probe_for(profile)
-    plan = build_plan(profile, gather(conn, profile, probe))
+    planner = planner or profile_planner(profile)
+    plan = planner(conn)
     if plan.converged or plan.errors:
         return _finish(conn, reporter, _unchanged(plan, show_plan), started)
     with host_lock(conn, profile, reporter, lock_timeout):
-        plan = build_plan(profile, gather(conn, profile, probe))
+        plan = planner(conn)
         outcome = _unchanged(plan, show_plan)
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started)
         run_step = StepRunner(conn, reporter, profile.timeouts)
+        if not run_step.around(plan.prelude, "prelude", "before the changes", outcome, fatal=True):
+            return _finish(conn, reporter, outcome, started)      # nothing was changed
         gone = False
         recorded = set(plan.owed)           # handlers the host already holds as owed
         for change in plan.changes:
@@ -212,7 +251,9 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                 except ProvisionError as err:
                     outcome.error = outcome.error or f"handler {name}: {reporter.redact(str(err))}"
         if outcome.error is None and (outcome.applied or outcome.handlers):
-            _confirm(conn, profile, probe, outcome)
+            _confirm(conn, planner, outcome)
+        if outcome.error is None:
+            run_step.around(plan.postlude, "postlude", "after the changes", outcome, fatal=False)
     return _finish(conn, reporter, outcome, started)
 
 
@@ -257,10 +298,27 @@ def _finish(conn: Connection, reporter: Reporter, outcome: HostOutcome, started:
     return outcome
 
 
-def _confirm(conn: Connection, profile: Profile, probe: Probe, outcome: HostOutcome) -> None:
+def _confirm(conn: Connection, planner: Planner, outcome: HostOutcome) -> None:
     """Re-read the facts: every applied change must now be gone from the plan."""
-    outcome.facts_after = gather(conn, profile, probe)
-    after = build_plan(profile, outcome.facts_after)
+    after = planner(conn)
+    outcome.facts_after = after.facts
     if after.changes or after.errors:
         what = "; ".join([f"{c.resource}: {c.summary}" for c in after.changes] + list(after.errors))
         outcome.error = f"did not converge after apply: {what}"
+
+
+def _last_json(stdout: str) -> Any:
+    """A program's answer: its last stdout line, as JSON (None when it is not JSON)."""
+    lines = [x for x in stdout.splitlines() if x.strip()]
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+
+
+def _answered(answers: dict[str, Any], step: Step) -> str:
+    """`: 20260301-120000-123` after a step whose answer names an id."""
+    answer = answers.get(step.answer) if isinstance(step, Run) and step.answer else None
+    if isinstance(answer, dict) and answer.get("id"):
+        return f": {answer['id']}{' (unchanged since)' if answer.get('reused') else ''}"
+    return ""

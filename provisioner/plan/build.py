@@ -12,7 +12,7 @@ from provisioner.facts.model import Facts, Probe, Space
 from provisioner.plan import owed
 from provisioner.plan.owed import Owed
 from provisioner.resources import ORDER, retention
-from provisioner.resources.base import Change, Fetch, Handler, Note, resumable, size_text
+from provisioner.resources.base import Change, Fetch, Handler, Note, ResourcePlan, Step, resumable, size_text
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class HostPlan:
     errors: tuple[str, ...] = ()
     handlers: Mapping[str, Handler] = field(default_factory=dict)   # by name, as changes notify them
     owed: Mapping[str, Owed] = field(default_factory=dict)          # by handler name
+    prelude: tuple[Step, ...] = ()              # before the first change (a snapshot); see ResourcePlan
+    postlude: tuple[Step, ...] = ()             # after the changes were confirmed
 
     @property
     def converged(self) -> bool:
@@ -79,26 +81,32 @@ def disk_problems(facts: Facts, changes: Sequence[Change]) -> dict[str, list[str
 def build_plan(profile: Profile, facts: Facts) -> HostPlan:
     """Ask every resource what differs. Every resource is asked even after one fails, so a
     single `provision plan` shows all the reasons a host cannot be converged, not just the first."""
-    changes: list[Change] = []
-    notes: list[Note] = []
+    results: list[ResourcePlan] = []
     errors: dict[str, list[str]] = {}           # message -> the resources that raised it
-    handlers: dict[str, Handler] = {}
     for resource in ORDER:
         try:
-            result = resource.plan(profile, facts)
+            results.append(resource.plan(profile, facts))
         except PlanError as err:
             # One cause (a GPU nunchaku cannot run) reaches several resources: say it once.
             errors.setdefault(str(err), []).append(resource.name)
-            continue
-        changes.extend(result.changes)
-        notes.extend(result.notes)
-        handlers.update((h.name, h) for h in result.handlers)
     for where in (profile.comfyui.state_dir, owed.folder(profile)):    # the engine's own writes
         leftovers = retention.temps(facts.listings.get(where))
-        changes.extend(c for c in [retention.cleanup("state", where, leftovers, "what killed writes left")] if c)
-    for message, names in disk_problems(facts, changes).items():
+        cleanup = retention.cleanup("state", where, leftovers, "what killed writes left")
+        if cleanup:
+            results.append(ResourcePlan(changes=(cleanup,)))
+    for message, names in disk_problems(facts, [c for r in results for c in r.changes]).items():
         errors.setdefault(message, []).extend(names)
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
-    runnable, cannot = owed.split(owed.read(profile, facts), handlers, profile)
-    notes.extend(Note("apply", line) for line in cannot)
-    return HostPlan(facts.host, facts, tuple(changes), tuple(notes), lines, handlers, runnable)
+    runnable, cannot = owed.split(owed.read(profile, facts), {h.name: h for r in results for h in r.handlers},
+                                  profile)
+    results.append(ResourcePlan(notes=tuple(Note("apply", line) for line in cannot)))
+    return host_plan(facts, results, lines, runnable)
+
+
+def host_plan(facts: Facts, results: Sequence[ResourcePlan], errors: Sequence[str] = (),
+              owed_handlers: Mapping[str, Owed] | None = None) -> HostPlan:
+    """One HostPlan of resource plans, in their order."""
+    return HostPlan(facts.host, facts, tuple(c for r in results for c in r.changes),
+                    tuple(n for r in results for n in r.notes), tuple(errors),
+                    {h.name: h for r in results for h in r.handlers}, dict(owed_handlers or {}),
+                    tuple(s for r in results for s in r.prelude), tuple(s for r in results for s in r.postlude))

@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 
 class SkippedError(ProvisionError):
-    """A host was not attempted because an earlier batch failed past --max-fail-percentage."""
+    """A host was not attempted because the rollout stopped after an earlier batch (past
+    --max-fail-percentage, or a verify gate that rolled a host back)."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -90,16 +91,19 @@ def parse_serial(serial: str | int) -> int | str:
     return f"{number}%" if share else int(value)
 
 
-def batches(hosts: Sequence[Host], serial: str | int | None) -> list[list[Host]]:
-    """Split hosts into rolling batches: `serial` is a count (`2`) or a share of hosts (`"30%"`)."""
+def batches(hosts: Sequence[Host], serial: str | int | None, first: int | None = None) -> list[list[Host]]:
+    """Split hosts into rolling batches: `serial` is a count (`2`) or a share of all hosts (`"30%"`);
+    `first` (the canaries) is the size of the first batch."""
+    head = [list(hosts[:first])] if first and hosts else []
+    rest = hosts[first:] if first else hosts
     if serial is None or serial == "":
-        return [list(hosts)] if hosts else []
+        return head + ([list(rest)] if rest else [])
     checked = parse_serial(serial)
     if isinstance(checked, str):
         size = max(1, math.floor(len(hosts) * float(checked[:-1]) / 100))
     else:
         size = checked
-    return [list(hosts[i:i + size]) for i in range(0, len(hosts), size)]
+    return head + [list(rest[i:i + size]) for i in range(0, len(rest), size)]
 
 
 def run_fleet(
@@ -110,18 +114,22 @@ def run_fleet(
     serial: str | int | None = None,
     max_fail_percentage: float | None = None,
     failed: Callable[[T], bool] = lambda _: False,
+    canary: int | None = None,
+    halt: Callable[[dict[str, T | BaseException]], str | None] | None = None,
     stop: Stop | None = None,
 ) -> dict[str, T | BaseException]:
-    """Call `work(host)` for every host, `forks` at a time, batch after batch.
+    """Call `work(host)` for every host, `forks` at a time, batch after batch (the first of
+    `canary` hosts).
 
     `failed(outcome)` tells whether a returned outcome counts as a failure for max-fail (an
-    exception always does). When a batch's failures exceed `max_fail_percentage`, the remaining
-    batches are not started and their hosts get a `SkippedError`. On Ctrl-C or SIGTERM, `stop`
-    is called and every host answers: what it returned or raised, or `Interrupted` (not started).
+    exception always does). When a batch's failures exceed `max_fail_percentage`, or `halt(the
+    batch's results)` gives a reason, the remaining batches are not started and their hosts get a
+    `SkippedError`: they are not even connected to. On Ctrl-C or SIGTERM, `stop` is called and
+    every host answers: what it returned or raised, or `Interrupted` (not started).
     """
     stop = stop or Stop()
     results: dict[str, T | BaseException] = {}
-    groups = batches(hosts, serial)
+    groups = batches(hosts, serial, canary)
     lock = threading.Lock()
 
     def one(host: Host) -> T:
@@ -146,14 +154,16 @@ def run_fleet(
                 outcome = _answer(futures[host.name], None)
                 results[host.name] = outcome
                 failures += isinstance(outcome, BaseException) or failed(outcome)
-            if max_fail_percentage is not None and batch:
-                if 100 * failures / len(batch) > max_fail_percentage:
-                    for later in groups[index + 1:]:
-                        for host in later:
-                            results[host.name] = SkippedError(
-                                f"{host.name}: not attempted: {failures}/{len(batch)} hosts failed in an "
-                                f"earlier batch (over --max-fail-percentage {max_fail_percentage:g})")
-                    break
+            reason = halt({h.name: results[h.name] for h in batch}) if halt else None
+            if reason is None and max_fail_percentage is not None and batch \
+                    and 100 * failures / len(batch) > max_fail_percentage:
+                reason = (f"{failures}/{len(batch)} hosts failed in an earlier batch (over "
+                          f"--max-fail-percentage {max_fail_percentage:g})")
+            if reason is not None:
+                for later in groups[index + 1:]:
+                    for host in later:
+                        results[host.name] = SkippedError(f"{host.name}: not attempted: {reason}")
+                break
     except KeyboardInterrupt as signal:
         with lock:
             stop("SIGTERM" if isinstance(signal, Terminated) else "Ctrl-C")

@@ -9,6 +9,7 @@ stdin, never in argv (`ps` shows argv to every user of the host).
   lock.py    holds the host's apply lock for as long as the controller's channel stays open
   ready.py   waits until a restarted ComfyUI answers and lists the required nodes
   hold.py    writes the constraints file holding a venv's torch family as installed (run by that venv)
+  snapshot.py  records what the host runs before a change (and reads the records back)
   supervise.py  runs each of the others, and every other command, in a process group it stops on
              a timeout or when the controller's heartbeat stops; frames the command's output
 """
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
-PROGRAMS = ("facts", "fetch", "lock", "ready", "hold", "supervise")
+PROGRAMS = ("facts", "fetch", "lock", "ready", "hold", "snapshot", "supervise")
 # What `python3 -I -S -c` runs first on a host: the supervisor's source, the first line of stdin.
 BOOT = "import sys,json;exec(json.loads(sys.stdin.buffer.readline()))"
 
@@ -73,3 +74,18 @@ def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequ
 def hold_request(*, dest: str, names: Sequence[str], prefixes: Sequence[str]) -> bytes:
     """The hold program's stdin: where the constraints file goes and which distributions it holds."""
     return json.dumps({"dest": dest, "names": list(names), "prefixes": list(prefixes)}).encode()
+
+
+def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksums: str,
+                     workflow_dirs: Sequence[str], taken: str = "", profile: object = None, keep: int = 1,
+                     protect: Sequence[str] = (), reuse: bool = False, now: bool = False) -> bytes:
+    """The snapshot program's stdin: `take` (what the snapshot is of, how many to keep, which ones
+    pruning must spare, whether an unchanged state reuses the newest) or `read` (with `now`: the
+    state as it is, too)."""
+    payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
+                                  "checksums": checksums, "workflow_dirs": list(workflow_dirs)}
+    if mode == "take":
+        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse)
+    else:
+        payload["now"] = now
+    return json.dumps(payload, default=str).encode()

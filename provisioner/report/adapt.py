@@ -80,8 +80,10 @@ def thumbnails_of(verification: Mapping[str, Any]) -> list[tuple[str, bytes]]:
 
 def from_verification(host: str, facts: Facts | Mapping[str, Any] | None,
                       verification: Any | None, *, profile: Profile | None = None,
-                      error: str | None = None, unreachable: bool = False) -> HostEntry:
-    """A host entry from verify's shapes: `verification` is a `HostVerification` or its to_json().
+                      error: str | None = None, unreachable: bool = False,
+                      rollout: Mapping[str, Any] | None = None) -> HostEntry:
+    """A host entry from verify's shapes: `verification` is a `HostVerification` or its to_json();
+    `rollout`: what the apply did (`HostRollout.to_json()`).
 
     Passed only when a verification ran, every check passed and no `error` was given.
     """
@@ -101,14 +103,16 @@ def from_verification(host: str, facts: Facts | Mapping[str, Any] | None,
         if ver is None and error is None:
             error = "no verification ran"
     return HostEntry(host, status, error, facts_json, versions_from(facts_json, profile, ver), ver,
-                     thumbnails_of(ver) if ver else [])
+                     thumbnails_of(ver) if ver else [], rollout)
 
 
 def from_exception(host: str, err: BaseException, facts: Facts | Mapping[str, Any] | None = None,
-                   *, profile: Profile | None = None) -> HostEntry:
-    """A host whose pipeline raised: unreachable for a ConnectError, failed otherwise."""
+                   *, profile: Profile | None = None, left: bool = False,
+                   rollout: Mapping[str, Any] | None = None) -> HostEntry:
+    """A host whose pipeline raised: unreachable for a ConnectError, failed otherwise; `left` when
+    a rollout stopped before it (it was not contacted)."""
     text = str(err) if isinstance(err, ProvisionError) else f"{type(err).__name__}: {err}"
     facts_json = facts_to_json(facts) if isinstance(facts, Facts) else facts
-    status: Status = "unreachable" if isinstance(err, ConnectError) else "failed"
+    status: Status = "left" if left else "unreachable" if isinstance(err, ConnectError) else "failed"
     return HostEntry(host, status, " ".join(text.split()) or type(err).__name__, facts_json,
-                     versions_from(facts_json, profile) if facts_json else {})
+                     versions_from(facts_json, profile) if facts_json else {}, rollout=rollout)

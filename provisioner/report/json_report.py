@@ -46,6 +46,7 @@ def host_to_json(host: HostReport) -> dict[str, Any]:
         "figures": host.figures.to_json(),
         "fingerprint": None if host.fingerprint is None else host.fingerprint.to_json(classes=False),
         "agreement": [a.to_json(panels=False) for a in host.agreement],
+        "rollout": None if host.rollout is None else dict(host.rollout),
     }
 
 
@@ -64,6 +65,7 @@ def report_to_json(report: FleetReport) -> dict[str, Any]:
             "max_vram_gib": _extreme(summary.max_vram),
             "regressions": len(report.regressions), "improvements": len(report.improvements),
             "changes": len(report.changes), "flagged": summary.flagged,
+            "left": summary.left, "rolled_back": summary.rolled_back,
         },
         "comparison": {"baseline": report.baseline, "note": report.comparison_note},
         "regressions": [_flag(f) for f in report.regressions],

@@ -41,8 +41,19 @@ def _suite(root: ET.Element, host: HostReport, report: FleetReport) -> tuple[int
                      hostname=host.host, time=f"{seconds:.3f}")
     _properties(suite, host)
     classname = f"provision.verify.{host.host}"
-    failures = errors = 0
-    if host.status == "unreachable" or host.error:
+    failures = errors = skipped = 0
+    rollout = host.rollout or {}
+    if host.status == "left":
+        skipped += 1
+        case = _element(suite, "testcase", classname=classname, name="rollout", time="0")
+        _element(case, "skipped", message=host.error or host.failures[0])
+    elif rollout.get("result") == "rolled_back":
+        failures += 1
+        case = _element(suite, "testcase", classname=classname, name="rollout", time="0")
+        lines = [f"{c['name']}: {c['detail']}" for c in rollout.get("failed_checks") or ()]
+        _element(case, "failure", "\n".join(lines), message=str(rollout.get("reason") or "rolled back"),
+                 type="rolled_back")
+    if host.status != "left" and (host.status == "unreachable" or host.error):
         errors += 1
         name = "reachable" if host.status == "unreachable" else "provision"
         case = _element(suite, "testcase", classname=classname, name=name, time="0")
@@ -68,7 +79,7 @@ def _suite(root: ET.Element, host: HostReport, report: FleetReport) -> tuple[int
     suite.set("tests", str(tests))
     suite.set("failures", str(failures))
     suite.set("errors", str(errors))
-    suite.set("skipped", "0")
+    suite.set("skipped", str(skipped))
     return tests, failures, errors, seconds
 
 

@@ -18,12 +18,13 @@ from provisioner.verify.agreement import Agreement
 from provisioner.verify.checks import Check, Figures, HostVerification, RunResult
 from provisioner.verify.fingerprint import Fingerprint
 
+# 4: each host's rollout (snapshots before and after, rolled back and why), hosts `left` by a rollout
 # 3: fingerprints, groups and fleet flags, image agreement, changes since the previous report
 # 2: GiB keys (vram_peak_gib, max_vram_gib), runs carry seed and prompt_id
-REPORT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)   # previous reports compared with (1: its vram_*_gb figures were GiB too)
-Status = Literal["passed", "failed", "unreachable"]
-STATUSES: tuple[str, ...] = ("failed", "unreachable", "passed")   # also the display order
+REPORT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)   # previous reports compared with (1: its vram_*_gb figures were GiB too)
+Status = Literal["passed", "failed", "unreachable", "left"]
+STATUSES: tuple[str, ...] = ("failed", "unreachable", "left", "passed")   # also the display order
 VERSION_KEYS = ("plugin", "backend", "diffusers", "peft", "model_variant", "precision", "comfyui")
 
 
@@ -38,11 +39,12 @@ class HostEntry:
     versions: Mapping[str, str | None] = field(default_factory=dict)   # VERSION_KEYS
     verification: Mapping[str, Any] | None = None     # `HostVerification.to_json()`
     thumbnails: Sequence[tuple[str, bytes]] = ()      # (label, PNG bytes)
+    rollout: Mapping[str, Any] | None = None          # `HostRollout.to_json()`: what an apply did to it
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ProvisionError(f"report: host {self.host!r} has status {self.status!r}; "
-                                 "use passed, failed or unreachable")
+                                 "use passed, failed, unreachable or left")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class HostReport:
     thumbnails: tuple[tuple[str, bytes], ...] = ()
     fingerprint: Fingerprint | None = None
     agreement: tuple[Agreement, ...] = ()
+    rollout: Mapping[str, Any] | None = None          # an apply's: result, snapshots, the checks that failed it
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class Summary:
     slowest_warm: Extreme | None
     max_vram: Extreme | None
     flagged: int = 0                # hosts with a fleet flag (drift, class speed)
+    left: int = 0                   # hosts a stopped rollout did not reach
+    rolled_back: int = 0            # hosts a verify gate rolled back
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,8 @@ class FleetReport:
         count = {s: sum(h.status == s for h in self.hosts) for s in STATUSES}
         return Summary(len(self.hosts), count["passed"], count["failed"], count["unreachable"],
                        pick(warm, min), pick(warm, max), pick(vram, max),
-                       len({f.host for f in self.fleet}))
+                       len({f.host for f in self.fleet}), count["left"],
+                       sum(bool(h.rollout and h.rollout.get("result") == "rolled_back") for h in self.hosts))
 
 
 def _facts_summary(facts: Mapping[str, Any] | None) -> FactsSummary | None:
@@ -201,9 +207,12 @@ def host_report(entry: HostEntry) -> HostReport:
         failures = [f"{status} (no reason was given)"]
     versions = {k: entry.versions.get(k) for k in VERSION_KEYS}
     versions.update({k: v for k, v in entry.versions.items() if k not in versions})
+    if entry.rollout and entry.rollout.get("result") == "rolled_back" and entry.rollout.get("reason"):
+        failures.insert(0, _one_line(f"rollout: {entry.rollout['reason']}"))
+        status = "failed" if status == "passed" else status   # restored and working, but the rollout failed
     return HostReport(entry.host, status, entry.error, tuple(failures), _facts_summary(entry.facts),
                       versions, checks, runs, verification.figures, tuple(entry.thumbnails),
-                      verification.fingerprint, verification.agreement)
+                      verification.fingerprint, verification.agreement, entry.rollout)
 
 
 def order_key(host: HostReport) -> tuple[int, str]:
@@ -221,7 +230,7 @@ def build_report(hosts: Sequence[HostEntry], *, profile: str | None = None,
         raise ProvisionError(f"report: host {twice[0]!r} is listed twice; give each host one entry")
     when = (generated_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     reports = tuple(sorted((host_report(h) for h in hosts), key=order_key))
-    groups, flags = judge([(h.host, h.fingerprint, h.figures) for h in reports if h.status != "unreachable"],
+    groups, flags = judge([(h.host, h.fingerprint, h.figures) for h in reports if h.status not in ("unreachable", "left")],
                           profile, class_speed)
     return FleetReport(when.strftime("%Y-%m-%dT%H:%M:%SZ"), profile, reports, groups=groups, fleet=flags,
                        class_speed=class_speed)

@@ -26,6 +26,7 @@ class Run:
     timeout: float | None = None
     on_machine: bool = False         # on the machine itself, beside ComfyUI's container, not in it
     progress: bool = False           # stdout lines {"progress": TEXT} are shown as they come
+    answer: str = ""                 # keep its last stdout line (JSON) in the outcome under this name
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,15 @@ class Handler:
 
 @dataclass(frozen=True)
 class ResourcePlan:
+    """`prelude` runs once under the lock before the first change, and an apply whose prelude fails
+    changes nothing; `postlude` runs once after the changes were confirmed. Neither runs when
+    nothing differs."""
+
     changes: tuple[Change, ...] = ()
     notes: tuple[Note, ...] = ()
     handlers: tuple[Handler, ...] = ()
+    prelude: tuple[Step, ...] = ()
+    postlude: tuple[Step, ...] = ()
 
 
 class Resource(Protocol):

@@ -142,6 +142,7 @@ class Executor:
     device: str = ""                    # this GPU: its pictures differ from another's by rounding
     cache: dict[str, tuple[Any, dict[str, Any] | None]] = field(default_factory=dict)
     poison_after: int | None = None     # samplings that work before an illegal memory access
+    loader_error: tuple[str, str] | None = None   # (type, message) the Nunchaku DiT loader raises when run
     interrupt: threading.Event = field(default_factory=threading.Event)
     samplings: int = 0
     poisoned: bool = False
@@ -238,6 +239,8 @@ class Executor:
              progress: Progress) -> tuple[Any, dict[str, Any] | None]:
         cls, inputs = graph[node_id]["class_type"], graph[node_id].get("inputs", {})
         arg = {k: value_of(v[0]) if _is_link(v) else v for k, v in inputs.items()}
+        if cls == "NunchakuQwenImageDiTLoader" and self.loader_error:
+            raise NodeFailed(*self.loader_error)   # the plugin builds the core's classes only when it runs
         if cls in LOADERS:
             name = str(arg[LOADERS[cls]])
             if self.check_models:

@@ -5,7 +5,11 @@ nodes are registered only when the plugin's folder is in `custom_nodes/` (ComfyU
 comfyui-nunchaku as ComfyUI-Manager names it) AND the venv holds the real `nunchaku` backend (the
 plugin without its backend registers only two nodes, and logs why). The GPU is the one the host's
 nvidia-smi lists (`--cuda-device` in the saved arguments picks another). So a verification before
-`apply` + restart fails, and after it passes, for the same reasons as on a real host.
+`apply` + restart fails, and after it passes, for the same reasons as on a real host. The backend is
+imported by the venv's own interpreter, as ComfyUI would: a wheel that fails to import (built for
+another torch: `undefined symbol`) registers no loader, and ComfyUI logs why. A plugin from v1.2.0
+on a core whose `QwenTimestepProjEmbeddings` does not take `use_additional_t_cond` (read from the
+core's own signature, not grepped) loads, and its DiT loader fails when a prompt runs it.
 
 `python -m provisioner.sandbox.comfyui_process restart ROOT` is the command a sandbox profile gives
 as `comfyui.restart`: like `systemctl restart` or `docker restart`, it returns as soon as the new
@@ -15,6 +19,7 @@ process is started, long before ComfyUI listens.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -24,6 +29,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 PLUGIN_DIRS = ("ComfyUI-nunchaku", "comfyui-nunchaku")
 PIDFILE = ".provision-sandbox/comfyui.pid"
@@ -46,6 +53,45 @@ def backend_version(venv: Path) -> str | None:
         if re.search(r"\+(cu[\d.]+)?torch\d", version):
             return version
     return None
+
+
+def backend_import_error(venv: Path) -> str | None:
+    """The last line `import nunchaku` prints in the venv running ComfyUI when it fails, else None."""
+    python = venv / "bin" / "python"
+    try:
+        proc = subprocess.run([str(python), "-I", "-c", "import nunchaku"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"{type(err).__name__}: {err}"
+    lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
+    return (lines[-1] if lines else f"exit {proc.returncode}") if proc.returncode else None
+
+
+T_COND = "use_additional_t_cond"
+
+
+def loader_error(root: Path, folder: str) -> str | None:
+    """What the plugin's DiT loader raises on this core: from v1.2.0 it passes `use_additional_t_cond`
+    to the core's QwenTimestepProjEmbeddings, which older cores do not take."""
+    meta = root / "custom_nodes" / folder / "pyproject.toml"
+    found = re.search(r'^version\s*=\s*"([^"]+)"', meta.read_text(), re.M) if meta.is_file() else None
+    try:
+        if found is None or Version(found.group(1)) < Version("1.2.0"):
+            return None
+    except InvalidVersion:
+        return None
+    core = root / "comfy" / "ldm" / "qwen_image" / "model.py"
+    if not core.is_file():
+        return None
+    for node in ast.walk(ast.parse(core.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == "QwenTimestepProjEmbeddings":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    args = item.args
+                    names = {a.arg for a in args.args + args.kwonlyargs}
+                    if T_COND in names or args.kwarg is not None:
+                        return None
+    return f"TypeError: QwenTimestepProjEmbeddings.__init__() got an unexpected keyword argument '{T_COND}'"
 
 
 def detect(root: Path) -> tuple[bool, bool]:
@@ -74,7 +120,15 @@ def found_args(root: Path, venv: Path) -> list[str]:
         argv.append("--no-plugin")
     else:
         argv += ["--plugin-dir", folder]
-        argv += ["--no-nunchaku"] if backend is None else ["--backend", backend]
+        failed = backend_import_error(venv) if backend is not None else None
+        if backend is None:
+            argv.append("--no-nunchaku")
+        elif failed:
+            argv += ["--no-nunchaku", "--backend", backend, "--backend-error", failed]
+        else:
+            argv += ["--backend", backend]
+        if (error := loader_error(root, folder)) is not None:
+            argv += ["--loader-error", error]
     gpu_state = root.parent / "gpu-state.json"          # the sandbox host's own (host.py lays it out)
     if gpu_state.exists():
         argv += ["--gpu-state-file", str(gpu_state)]

@@ -409,7 +409,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
                   echo: bool = False, plugin_dir: str = "ComfyUI-nunchaku", backend: str = "1.0.1+torch2.6",
                   backend_error: str | None = None, cpu: bool = False, startup_s: float = 0.0,
                   hang_at_start: bool = False, die_at_start: str | None = None, unload_s: float = 0.0,
-                  poison_after: int | None = None) -> ComfyServer:
+                  poison_after: int | None = None, loader_error: str | None = None) -> ComfyServer:
     """Start the stand-in on a thread, after its start-up (`startup_s`, logged like ComfyUI's).
 
     `nunchaku_nodes=False`: the plugin without a working backend (only its two backend-free nodes):
@@ -418,7 +418,9 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     `models_dir`: loader choices are its files (default: ROOT/models; none there: every name is
     refused, as ComfyUI refuses them); `check_models`: loaders open
     safetensors headers. `gpu_uuid`: the GPU whose memory it drives in the nvidia-smi state file.
-    `die_at_start`: the last line of the traceback it dies with; `hang_at_start`: never listens."""
+    `die_at_start`: the last line of the traceback it dies with; `hang_at_start`: never listens.
+    `loader_error`: `Type: message` the Nunchaku DiT loader raises when a prompt runs it (a plugin
+    that calls the core with an argument the core does not take)."""
     if image_mode not in comfyui_png.MODES:
         raise ValueError(f"image_mode {image_mode!r}: use one of {', '.join(comfyui_png.MODES)}")
     base_dir = Path(root) if root else Path(tempfile.mkdtemp(prefix="comfyui-standin-"))
@@ -433,7 +435,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     executor = Executor(base_dir, gpu, image_mode, cold_s, warm_s,
                         Path(models_dir) if models_dir else base_dir / "models", check_models,
                         poison_after=poison_after,
-                        device=f"{gpu_uuid or gpu_name}:{base_dir.resolve()}")
+                        device=f"{gpu_uuid or gpu_name}:{base_dir.resolve()}",
+                        loader_error=tuple(loader_error.split(": ", 1)) if loader_error else None)  # type: ignore[arg-type]
     base = nodes.base_registry(plugin=plugin, backend=nunchaku_nodes, plugin_dir=plugin_dir)
     packs = nodes.custom_node_packs(base_dir / "custom_nodes", plugin_dir)
     base.update({name: nodes.pack_entry(name, folder) for folder, names in packs.items() for name in names})
@@ -513,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--die-at-start", metavar="ERROR", help="exit 1 during start-up with this error")
     ap.add_argument("--unload-s", type=float, default=0.3, help="seconds an unload (/free) takes")
     ap.add_argument("--poison-after", type=int, help="samplings before an illegal memory access")
+    ap.add_argument("--loader-error", metavar="TYPE: MESSAGE", help="what the Nunchaku DiT loader raises when run")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     models = args.models_dir
@@ -529,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                                check_models=args.check_models, echo=True, cpu=args.cpu,
                                startup_s=args.startup_s, hang_at_start=args.hang_at_start,
                                die_at_start=args.die_at_start, unload_s=args.unload_s,
-                               poison_after=args.poison_after)
+                               poison_after=args.poison_after, loader_error=args.loader_error)
     except StartupFailed:
         return 1
     done = threading.Event()

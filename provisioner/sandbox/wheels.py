@@ -175,13 +175,19 @@ def build_nunchaku_wheel(
     return build_nunchaku_wheel_named(out_dir, nunchaku_wheel_name(version, torch, python_tag, platform, cuda))
 
 
-def build_nunchaku_wheel_named(out_dir: Path, filename: str) -> Path:
-    """Exactly the release asset `filename`, as a tiny real wheel carrying the release's Requires-Dist."""
+def build_nunchaku_wheel_named(out_dir: Path, filename: str, *, import_error: str | None = None) -> Path:
+    """Exactly the release asset `filename`, as a tiny real wheel carrying the release's Requires-Dist.
+    `import_error`: importing it fails as a wheel built for another torch does, with the error's
+    text after `ImportError: ` (its `_C` extension's path is put in front, like the real one's)."""
     version = parse_wheel_filename(filename)[1]
     init_py = (
         '"""Sandbox stand-in for the nunchaku backend (SVDQuant INT4/FP4 kernels live upstream)."""\n'
         f"__version__ = {str(version)!r}\n"
     )
+    if import_error:
+        init_py += ("import os as _os\n"
+                    "raise ImportError(_os.path.join(_os.path.dirname(__file__), '_C.so') + ': ' + "
+                    f"{import_error!r})\n")
     tag = "-".join(filename[:-len(".whl")].split("-")[-3:])
     return build_wheel(
         out_dir, "nunchaku", str(version), {"nunchaku/__init__.py": init_py}, tag=tag,

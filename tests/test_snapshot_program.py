@@ -1,0 +1,180 @@
+"""The host-side snapshot program, run as `python3 -c SOURCE` on a real tree: a real venv with a
+wheel installed from a file, real git checkouts, a checksum cache, workflow files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner import remote
+from provisioner.facts.snapshots import parse_snapshot, parse_state
+from provisioner.remote import snapshot as program
+from provisioner.sandbox.wheels import build_wheel
+
+PYTHON = shutil.which("python3") or sys.executable      # the host's python, not the venv's
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path, venv: Path) -> Iterator[Path]:
+    """A ComfyUI root: a plugin checkout, a plain custom node folder, models, workflows, and the venv
+    (with `tiny` installed from a wheel file in wheels/, as the backend is)."""
+    root = tmp_path / "ComfyUI"
+    node = root / "custom_nodes" / "ComfyUI-nunchaku"
+    node.mkdir(parents=True)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-C", str(node)]
+    subprocess.run(["git", "init", "-q", str(node)], check=True)
+    (node / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    subprocess.run([*git, "tag", "v1.1.0"], check=True)
+    subprocess.run([*git, "remote", "add", "origin", "https://example.com/ComfyUI-nunchaku.git"], check=True)
+    (root / "custom_nodes" / "plain").mkdir()
+    (root / "custom_nodes" / "old.disabled").mkdir()                    # ComfyUI skips it: so do snapshots
+    (root / "models" / "vae").mkdir(parents=True)
+    (root / "models" / "vae" / "v.safetensors").write_bytes(b"weights")
+    (root / "models" / "vae" / "big.safetensors.part").write_bytes(b"half")
+    (root / "workflows").mkdir()
+    (root / "workflows" / "w.json").write_text('{"1": {}}\n')
+    (root / "workflows" / "bin.dat").write_bytes(b"\xff\xfe\x00")
+    os.symlink(venv, root / "venv")
+    wheels = root / ".provision" / "wheels"
+    wheel = build_wheel(wheels, "tiny", "1.0", {"tiny/__init__.py": ""})
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--force-reinstall", "--disable-pip-version-check", str(wheel)], check=True)
+    yield root
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "tiny"], check=False)
+
+
+def run(root: Path, mode: str, **kw: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"taken": "before apply", "profile": {"name": "p", "data": {"a": 1}}, "keep": 5} \
+        if mode == "take" else {"now": True}
+    fields.update(kw)
+    request = remote.snapshot_request(mode=mode, folder=str(root / ".provision" / "snapshots"), root=str(root),
+                                      python=str(root / "venv" / "bin" / "python"),
+                                      checksums=str(root / ".provision" / "checksums.json"),
+                                      workflow_dirs=[str(root / "workflows")], **fields)
+    proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+def stored(root: Path) -> list[str]:
+    return sorted(p.name[:-5] for p in (root / ".provision" / "snapshots").glob("*.json"))
+
+
+def test_take_records_what_the_host_runs_and_keeps_the_wheel_it_was_installed_from(root: Path) -> None:
+    wheel = next((root / ".provision" / "wheels").glob("tiny-*.whl"))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    cache = {str(root / "models" / "vae" / "v.safetensors"): {
+        "size": 7, "mtime_ns": (root / "models" / "vae" / "v.safetensors").stat().st_mtime_ns, "sha256": "ab" * 32}}
+    (root / ".provision" / "checksums.json").write_text(json.dumps(cache))
+    answer = run(root, "take")
+    assert answer["reused"] is False and stored(root) == [answer["id"]] and answer["wheels"] == {}
+    doc = json.loads((root / ".provision" / "snapshots" / f"{answer['id']}.json").read_text())
+    assert doc["taken"] == "before apply" and doc["profile"] == {"name": "p", "data": {"a": 1}}
+    snap = parse_snapshot(doc, str(root / ".provision" / "snapshots"))
+    state = snap.state
+    plugin = state.custom_nodes["ComfyUI-nunchaku"]
+    assert plugin and plugin.repo and plugin.tags == ("v1.1.0",) and plugin.dirty == ()
+    assert plugin.remote == "https://example.com/ComfyUI-nunchaku.git" and len(plugin.commit or "") == 40
+    assert state.custom_nodes["plain"] is not None and not state.custom_nodes["plain"].repo
+    assert set(state.custom_nodes) == {"ComfyUI-nunchaku", "plain"}
+    assert state.comfyui is not None and not state.comfyui.repo
+    tiny = (state.distributions or {})["tiny"]
+    assert (tiny.version, tiny.kind, tiny.sha256, tiny.path) == ("1.0", "file", sha, str(wheel))
+    assert (state.distributions or {})["pip"].kind == "index"
+    kept = Path(snap.wheels["tiny"])
+    assert kept == root / ".provision" / "snapshots" / "wheels" / sha / wheel.name and kept.read_bytes() == wheel.read_bytes()
+    assert {Path(p).name: (m.size, m.sha256) for p, m in state.models.items()} == {"v.safetensors": (7, "ab" * 32)}
+    files = state.workflows[str(root / "workflows")] or {}
+    assert files["w.json"].text == '{"1": {}}\n' and files["bin.dat"].text is None and files["bin.dat"].size == 3
+
+    wheel.unlink()                                           # the original goes (a later apply replaced it)
+    (root / "custom_nodes" / "ComfyUI-nunchaku" / "a.py").write_text("x = 2\n")
+    again = run(root, "take", taken="after apply")
+    snap2 = parse_snapshot(json.loads((root / ".provision" / "snapshots" / f"{again['id']}.json").read_text()),
+                           str(root / ".provision" / "snapshots"))
+    assert snap2.wheels["tiny"] == snap.wheels["tiny"] and again["id"] > answer["id"]   # kept once; ids sort by time
+    assert snap2.state.custom_nodes["ComfyUI-nunchaku"].dirty == ("a.py",)   # type: ignore[union-attr]
+
+
+def test_a_wheel_changed_since_it_was_installed_is_not_kept(root: Path) -> None:
+    wheel = next((root / ".provision" / "wheels").glob("tiny-*.whl"))
+    wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    answer = run(root, "take")
+    assert "changed since it was installed" in answer["wheels"]["tiny"]
+    assert not list((root / ".provision" / "snapshots" / "wheels").glob("*/tiny-*.whl"))
+
+
+def test_reuse_answers_the_newest_when_nothing_changed(root: Path) -> None:
+    first = run(root, "take")
+    same = run(root, "take", reuse=True, taken="before rollback")
+    assert same == {**same, "id": first["id"], "reused": True} and stored(root) == [first["id"]]
+    (root / "workflows" / "w.json").write_text("{}\n")
+    other = run(root, "take", reuse=True)
+    assert other["reused"] is False and stored(root) == [first["id"], other["id"]]
+
+
+def test_prune_keeps_the_newest_and_the_protected_and_only_the_wheels_they_need(root: Path) -> None:
+    wheels = root / ".provision" / "snapshots" / "wheels"
+    oldest = run(root, "take")["id"]
+    first_kept = {p.parent.name for p in wheels.glob("*/tiny-*.whl")}
+    venv_python = str(root / "venv" / "bin" / "python")
+    newer = build_wheel(root / ".provision" / "wheels", "tiny", "2.0", {"tiny/__init__.py": ""})
+    subprocess.run([venv_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--disable-pip-version-check", str(newer)], check=True)
+    ids = [run(root, "take", keep=2)["id"] for _ in range(3)]
+    assert stored(root) == ids[1:]                              # newest 2; the 1.0 wheel went with the oldest
+    assert {p.parent.name for p in wheels.glob("*/tiny-*.whl")} == {hashlib.sha256(newer.read_bytes()).hexdigest()}
+    assert oldest not in stored(root) and first_kept
+    # A rollback protects the snapshot it restores, however old.
+    fourth = run(root, "take", keep=2, protect=[ids[1]])["id"]
+    assert stored(root) == [ids[1], ids[2], fourth]             # the protected one stays beyond the 2
+
+
+def test_read_lists_oldest_first_reports_foreign_files_and_the_state_now(root: Path) -> None:
+    a, b = run(root, "take")["id"], run(root, "take")["id"]
+    folder = root / ".provision" / "snapshots"
+    (folder / "20260101-000000-000.json").write_text("{not json")
+    (folder / f"{a}.json.tmp").write_text("half")                   # a write that was interrupted
+    answer = run(root, "read")
+    assert [d["id"] for d in answer["snapshots"]] == [a, b]
+    assert answer["errors"] and answer["errors"][0].startswith("20260101-000000-000.json: ")
+    now = parse_state(answer["now"])
+    assert now == parse_snapshot(answer["snapshots"][-1], str(folder)).state
+    assert run(root, "read", now=False)["now"] is None
+
+
+def test_an_unreadable_venv_is_recorded_not_fatal(root: Path) -> None:
+    (root / "venv").unlink()
+    answer = run(root, "take")
+    doc = json.loads((root / ".provision" / "snapshots" / f"{answer['id']}.json").read_text())
+    assert doc["state"]["distributions"] is None and "does not exist" in doc["state"]["venv_error"]
+
+
+def test_ids_in_the_same_millisecond_do_not_collide(tmp_path: Path) -> None:
+    first, ms = program.new_id(str(tmp_path), 1_772_366_400.123)
+    assert first == "20260301-120000-123"
+    (tmp_path / f"{first}.json").write_text("{}")
+    assert program.new_id(str(tmp_path), 1_772_366_400.123)[0] == "20260301-120000-124"
+
+
+def test_a_bad_request_exits_2() -> None:
+    proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=b"{not json", capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"bad request" in proc.stderr
