@@ -43,7 +43,6 @@ def test_what_counts_as_a_leftover() -> None:
     listed = entries(CURRENT, OLD, OLDER_PART, "README.txt", "torch-2.6.0-cp312-cp312-linux_x86_64.whl",
                      f".{CURRENT}.1a2b3c4d.provision-tmp", "x.provision-tmp", "notes.provision-tmp.txt")
     assert retention.stale_wheels(listed, "nunchaku", Version("1.0.1+torch2.6")) == [OLD, OLDER_PART]
-    assert retention.stale_wheels(listed, "nunchaku", Version("1.0.1+torch2.6"), referenced={OLD}) == [OLDER_PART]
     assert retention.temps(listed) == [f".{CURRENT}.1a2b3c4d.provision-tmp", "x.provision-tmp"]
     stamps = [f"ComfyUI-nunchaku.provision-backup-2025{m:02d}01-000000.disabled" for m in (3, 1, 2, 4, 5)]
     listed = entries(*stamps, "Other.provision-backup-20250101-000000.disabled", kind="dir")

@@ -1,9 +1,9 @@
 """What provision leaves on a host, and how much of it is kept: every bound in one place.
 
 - Wheels in `<root>/.provision/wheels/`: only those of the backend the host runs once the apply is
-  done (the backend resource's), and those a kept snapshot names (`referenced`: the snapshots of
-  `.provision/snapshots/`, another stream's, pass the wheels they name here). Any other wheel, and
-  the `.part` of one, goes with the change that installs the backend, or alone.
+  done (the backend resource's). Any other wheel, and the `.part` of one, goes with the change that
+  installs the backend, or alone. A snapshot needs none of them: it keeps its own link to each
+  wheel it names (`.provision/snapshots/wheels/`, bounded by `snapshots.keep`).
 - Plugin backups (`<plugin>.provision-backup-STAMP.disabled`, made by `plugin.force`): the newest
   `KEEP_BACKUPS`; older ones go with the change that makes a new one, or alone.
 - Temporary siblings a killed upload or clone left (`.NAME.XXXX.provision-tmp`, a container's
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -39,10 +39,9 @@ def temps(entries: Sequence[Entry] | None) -> list[str]:
     return [e.name for e in entries or () if is_temp(e.name)]
 
 
-def stale_wheels(entries: Sequence[Entry] | None, distribution: str, keep: Version,
-                 referenced: Collection[str] = ()) -> list[str]:
-    """Wheels of `distribution` (and their `.part`) other than version `keep` and those named in
-    `referenced`. Files that are not such wheels are not provision's to judge, and stay."""
+def stale_wheels(entries: Sequence[Entry] | None, distribution: str, keep: Version) -> list[str]:
+    """Wheels of `distribution` (and their `.part`) other than version `keep`. Files that are not
+    such wheels are not provision's to judge, and stay."""
     stale = []
     for entry in entries or ():
         name = entry.name.removesuffix(".part")
@@ -50,7 +49,7 @@ def stale_wheels(entries: Sequence[Entry] | None, distribution: str, keep: Versi
             dist, version, _, _ = parse_wheel_filename(name)
         except InvalidWheelFilename:
             continue
-        if dist == canonicalize_name(distribution) and version != keep and name not in referenced:
+        if dist == canonicalize_name(distribution) and version != keep:
             stale.append(entry.name)
     return stale
 
