@@ -147,7 +147,9 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
     assert [r.kind for r in result.runs] == ["cold", "warm", "warm"]
     assert [r.seed for r in result.runs] == [42, 43, 44]
     cold, warm = result.runs[0], result.runs[1]
-    assert cold.seconds_comfy >= 0.4 > warm.seconds_comfy >= 0.1      # ComfyUI's own timestamps
+    # ComfyUI's own timestamps: the stand-in's load (0.4 s) only in the cold run. Lower bounds
+    # only: a loaded machine makes every run slower, never faster.
+    assert cold.seconds_comfy >= 0.4 and warm.seconds_comfy >= 0.1 and cold.seconds_comfy > warm.seconds_comfy
     assert cold.seconds_wall >= cold.seconds_comfy
     assert checks["vram_peak"].value == 7.72                           # 7910 MiB, in GiB
     assert checks["vram_peak"].detail.startswith("VRAM peak 7.72 GiB (nvidia-smi stream of GPU-")
