@@ -282,3 +282,14 @@ def test_owning_the_scripts_of_a_hard_linked_copy_leaves_the_template_alone(tmp_
     copied = tmp_path / "copy" / "bin" / "pip"
     assert copied.stat().st_ino != pip.stat().st_ino and copied.stat().st_mode == pip.stat().st_mode
     assert str(tmp_path / "copy") in copied.read_text().splitlines()[0]
+
+
+def test_what_a_host_venv_runs_needs_only_the_standard_library() -> None:
+    """A bare host's venv, made by provision, runs the stand-in ComfyUI (main.py imports these) with
+    nothing installed: no `packaging`, no numpy. `-S` leaves site-packages out, as that venv has none."""
+    repo = Path(__file__).resolve().parents[1]
+    modules = ["provisioner.sandbox.comfyui_process", "provisioner.sandbox.comfyui_server",
+               "provisioner.sandbox.nvidia_smi"]
+    code = f"import sys; sys.path.insert(0, {str(repo)!r}); " + "; ".join(f"import {m}" for m in modules)
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

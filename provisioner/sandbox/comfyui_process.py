@@ -30,8 +30,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
-
 PLUGIN_DIRS = ("ComfyUI-nunchaku", "comfyui-nunchaku")
 PIDFILE = ".provision-sandbox/comfyui.pid"
 PORTFILE = ".provision-sandbox/comfyui.port"
@@ -74,11 +72,10 @@ def loader_error(root: Path, folder: str) -> str | None:
     """What the plugin's DiT loader raises on this core: from v1.2.0 it passes `use_additional_t_cond`
     to the core's QwenTimestepProjEmbeddings, which older cores do not take."""
     meta = root / "custom_nodes" / folder / "pyproject.toml"
-    found = re.search(r'^version\s*=\s*"([^"]+)"', meta.read_text(), re.M) if meta.is_file() else None
-    try:
-        if found is None or Version(found.group(1)) < Version("1.2.0"):
-            return None
-    except InvalidVersion:
+    # Standard library only: a bare host's venv, made by provision, runs this (main.py) and has
+    # no `packaging`. The plugin's own versions are plain X.Y.Z.
+    found = re.search(r'^version\s*=\s*"(\d+)\.(\d+)\.(\d+)', meta.read_text(), re.M) if meta.is_file() else None
+    if found is None or tuple(int(x) for x in found.groups()) < (1, 2, 0):
         return None
     core = root / "comfy" / "ldm" / "qwen_image" / "model.py"
     if not core.is_file():
