@@ -160,8 +160,9 @@ class SshdHost:
         return self.log_text()[since:].count("Starting session: ")
 
     def wait_counts(self, connections: int, sessions: int, since: int = 0,
-                    timeout: float = 5) -> tuple[int, int]:
-        """Counts once sshd has logged at least the expected lines (its children log asynchronously)."""
+                    timeout: float = 20) -> tuple[int, int]:
+        """Counts once sshd has logged at least the expected lines (its children log asynchronously,
+        late on a loaded machine: the timeout only costs time when a count is wrong)."""
         deadline = time.monotonic() + timeout
         while True:
             got = (self.count_connections(since), self.count_sessions(since))

@@ -218,3 +218,21 @@ def test_differences_name_what_changed() -> None:
     assert snapshot.differences(parse_state(STATE), now()) == []
     hashed = {p: {"size": m["size"], "sha256": None} for p, m in STATE["models"].items()}
     assert snapshot.differences(now(models=hashed), now()) == []          # only hashed since: the same file
+
+
+def test_backend_wheels_the_restored_venv_does_not_use_go_with_the_rollback() -> None:
+    """The undone apply left its 1.2.1 wheel (and a .part) in provision's wheel folder; the wheel the
+    snapshot's nunchaku came from stays, and so does a file that is no nunchaku wheel."""
+    from provisioner.facts.model import Entry, Facts, PythonEnv
+
+    folder = f"{ROOT}/.provision/wheels"
+    newer = "nunchaku-1.2.1+cu12.8torch2.8-cp312-cp312-linux_x86_64.whl"
+    listed = tuple(Entry(n, "file", 10, 1) for n in (WHEEL.rsplit("/", 1)[1], newer, newer + ".part", "notes.txt"))
+    facts = Facts(host="gpu-01", os="Ubuntu", arch="x86_64", kernel="6", system_python="/usr/bin/python3",
+                  env=PythonEnv(python=PY, exists=True), gpus=(), gpu_error=None, nvcc=None, disk_path=ROOT,
+                  disk_free=10**12, comfyui_version="0.3.64", listings={folder: listed})
+    plan = snapshot.restore(profile(), snap(STATE), now(), facts=facts, at=NOW)
+    (change,) = plan.changes
+    assert (change.resource, change.action, change.key) == ("backend", "remove", folder)
+    assert argv_of(change.steps[0]) == ("rm", "-rf", f"{folder}/{newer}", f"{folder}/{newer}.part")
+    assert snapshot.restore(profile(), snap(STATE), now(), at=NOW).changes == ()      # no listing: nothing

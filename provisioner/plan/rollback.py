@@ -32,7 +32,7 @@ def rollback_planner(profile: Profile, to: str | None = None) -> Planner:
             chosen[conn.name] = target.id
             if found.now is None:
                 raise PlanError("the snapshot program did not read the host's state")
-            return host_plan(facts, [snapshot.restore(profile, target, found.now)])
+            return host_plan(facts, [snapshot.restore(profile, target, found.now, facts=facts)])
         except PlanError as err:
             return host_plan(facts, [], [f"rollback: {err}"])
 

@@ -39,9 +39,9 @@ def temps(entries: Sequence[Entry] | None) -> list[str]:
     return [e.name for e in entries or () if is_temp(e.name)]
 
 
-def stale_wheels(entries: Sequence[Entry] | None, distribution: str, keep: Version) -> list[str]:
-    """Wheels of `distribution` (and their `.part`) other than version `keep`. Files that are not
-    such wheels are not provision's to judge, and stay."""
+def stale_wheels(entries: Sequence[Entry] | None, distribution: str, keep: Version | None) -> list[str]:
+    """Wheels of `distribution` (and their `.part`) other than version `keep` (None: every one).
+    Files that are not such wheels are not provision's to judge, and stay."""
     stale = []
     for entry in entries or ():
         name = entry.name.removesuffix(".part")

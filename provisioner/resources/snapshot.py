@@ -15,13 +15,15 @@ import posixpath
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
+from packaging.version import InvalidVersion, Version
+
 from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.snapshots import (Checkout, Dist, HostSnapshots, HostState, ModelFile, Snapshot, WorkflowFile,
                                          folder, workflow_dirs)
-from provisioner.resources import service
+from provisioner.resources import backend, retention, service
 from provisioner.resources.base import RESTART, Change, Note, Put, ResourcePlan, Run, Step
 from provisioner.resources.plugin import git, same_repo
 
@@ -86,9 +88,11 @@ def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
 
 # --- the rollback: snapshot + state now -> changes ------------------------------------------------
 
-def restore(profile: Profile, target: Snapshot, now: HostState, *, at: datetime | None = None) -> ResourcePlan:
+def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts | None = None,
+            at: datetime | None = None) -> ResourcePlan:
     """Changes that make the host run what `target` recorded; PlanError naming everything that
-    cannot be restored. `at` names the folders moved aside (tests pin it)."""
+    cannot be restored. With `facts`, the backend wheels the restored venv does not use go too.
+    `at` names the folders moved aside (tests pin it)."""
     stamp = (at or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     problems: list[str] = []
     notes: list[Note] = [Note(name, f"restores snapshot {target.id} ({target.taken}, {target.time}"
@@ -100,6 +104,7 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, at: datetime 
     found.append(_venv(profile, target, now, problems))
     found.extend(_workflows(target.state.workflows, now.workflows, notes))
     found.extend(_models(profile, target.state.models, now.models, notes))
+    found.append(_unused_wheels(profile, target, facts))
     if problems:
         raise PlanError("; ".join(problems))
     return ResourcePlan(
@@ -260,6 +265,21 @@ def _venv(profile: Profile, target: Snapshot, now: HostState, problems: list[str
     parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
     return Change("venv", profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
                   before, after, tuple(steps), notify=RESTART)
+
+
+def _unused_wheels(profile: Profile, target: Snapshot, facts: Facts | None) -> Change | None:
+    """The backend wheels in provision's wheel folder that the restored venv does not use (what the
+    apply being undone downloaded), removed as the backend change removes those it replaces."""
+    held = facts.listings.get(backend.wheel_dir(profile)) if facts else None
+    dists = target.state.distributions or {}
+    installed = dists.get("nunchaku")
+    try:
+        keep = Version(installed.version) if installed else None
+    except InvalidVersion:
+        return None
+    used = {posixpath.basename(d.path) for d in dists.values() if d.path}
+    stale = [n for n in retention.stale_wheels(held, "nunchaku", keep) if n not in used]
+    return retention.cleanup(backend.name, backend.wheel_dir(profile), stale, "wheels the restored backend does not use")
 
 
 def _put_back(kept: str, dest: str) -> tuple[Run, ...]:
