@@ -27,8 +27,8 @@ test-real: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m real tests/real $(ARGS)
 
 ## make test-reliability: generated malformed inputs, the injection corpus, random kill points during
-## apply, the token canary, a disk that fills (not in `make test`); PROVISION_RELIABILITY=full for 520
-## malformed inputs, every payload through apply and 104 kill points
+## apply and rollback, the token canary, a disk that fills (not in `make test`); PROVISION_RELIABILITY=full
+## for 520 malformed inputs, every payload through apply and 104 + 48 kill points
 test-reliability: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m reliability tests/reliability
 

@@ -142,7 +142,7 @@ def test_a_restart_owed_by_a_killed_apply_is_recorded_shown_and_performed(lab: L
 
     code, out = lab.run("plan", "--limit", host.name)
     assert code == 2, out
-    assert "restart-comfyui owed since" in out and "by an interrupted apply: plugin: clone" in out
+    assert "restart-comfyui owed since" in out and "by an interrupted run: plugin: clone" in out
     assert "up to date" not in out.splitlines()[0]
     code, out = lab.run("plan", "--limit", host.name, "--json")
     assert json.loads(out[:out.rindex("}") + 1])["hosts"][0]["owed"][0]["handler"] == "restart-comfyui"

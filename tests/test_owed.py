@@ -32,7 +32,7 @@ def test_the_marker_written_before_a_change_reads_back() -> None:
     (found,) = owed.read(PROFILE, facts).values()
     assert found.change == "plugin: clone ComfyUI-nunchaku v1.1.0 into /x"
     assert found.describe().startswith("restart-comfyui owed since 20")
-    assert found.describe().endswith("UTC by an interrupted apply: plugin: clone ComfyUI-nunchaku v1.1.0 into /x")
+    assert found.describe().endswith("UTC by an interrupted run: plugin: clone ComfyUI-nunchaku v1.1.0 into /x")
     assert owed.clear(PROFILE, "restart-comfyui").argv == ("rm", "-f", f"{FOLDER}/restart-comfyui")
     assert owed.probe(PROFILE).markers == (FOLDER,)
 
@@ -40,7 +40,7 @@ def test_the_marker_written_before_a_change_reads_back() -> None:
 def test_a_damaged_marker_still_says_its_handler_is_owed() -> None:
     facts = replace(FACTS, markers={FOLDER: {"restart-comfyui": "\x00not json"}})
     assert owed.read(PROFILE, facts)["restart-comfyui"].describe() == \
-        "restart-comfyui owed since an unknown time by an interrupted apply: a change"
+        "restart-comfyui owed since an unknown time by an interrupted run: a change"
 
 
 def test_a_handler_the_profile_cannot_run_is_a_note_for_a_person() -> None:
@@ -63,7 +63,7 @@ def test_an_owed_handler_is_work_pending_in_the_plan() -> None:
     render_host(Console(file=out, no_color=True, width=300), plan)
     text = out.getvalue()
     assert "● gpu-01: 1 owed handler" in text
-    assert "restart-comfyui owed since 2026-01-02 03:04:05 UTC by an interrupted apply: plugin: clone" in text
+    assert "restart-comfyui owed since 2026-01-02 03:04:05 UTC by an interrupted run: plugin: clone" in text
     assert summary_line({"gpu-01": plan}) == "1 host: 1 to change (0 changes, 1 owed handler), 0 up to date, 0 failed"
     assert plan_to_json(plan)["owed"] == [{"handler": "restart-comfyui", "since": "2026-01-02T03:04:05Z",
                                             "change": "plugin: clone ComfyUI-nunchaku v1.1.0"}]

@@ -89,18 +89,27 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
         except PlanError as err:
             # One cause (a GPU nunchaku cannot run) reaches several resources: say it once.
             errors.setdefault(str(err), []).append(resource.name)
-    for where in (profile.comfyui.state_dir, owed.folder(profile)):    # the engine's own writes
+    for message, names in disk_problems(facts, [c for r in results for c in r.changes]).items():
+        errors.setdefault(message, []).extend(names)
+    lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
+    return engine_plan(profile, facts, results, lines)
+
+
+def engine_plan(profile: Profile, facts: Facts, results: Sequence[ResourcePlan],
+                errors: Sequence[str] = ()) -> HostPlan:
+    """The resources' plans plus what the engine itself owes the host, whatever the run converges
+    it to (an apply, a rollback): the temporary files killed writes left in its own folders, and
+    the handlers an interrupted run recorded and never ran (plan/owed.py)."""
+    results = list(results)
+    for where in (profile.comfyui.state_dir, owed.folder(profile)):
         leftovers = retention.temps(facts.listings.get(where))
         cleanup = retention.cleanup("state", where, leftovers, "what killed writes left")
         if cleanup:
             results.append(ResourcePlan(changes=(cleanup,)))
-    for message, names in disk_problems(facts, [c for r in results for c in r.changes]).items():
-        errors.setdefault(message, []).extend(names)
-    lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
     runnable, cannot = owed.split(owed.read(profile, facts), {h.name: h for r in results for h in r.handlers},
                                   profile)
     results.append(ResourcePlan(notes=tuple(Note("apply", line) for line in cannot)))
-    return host_plan(facts, results, lines, runnable)
+    return host_plan(facts, results, errors, runnable)
 
 
 def host_plan(facts: Facts, results: Sequence[ResourcePlan], errors: Sequence[str] = (),

@@ -1,4 +1,4 @@
-"""Handlers owed by an interrupted apply, recorded on the host until they have run.
+"""Handlers owed by an interrupted apply or rollback, recorded on the host until they have run.
 
 A handler runs after the changes that notified it; an apply killed in between (the controller
 killed, the connection lost) used to lose it: the next apply found only what was left to change,
@@ -34,7 +34,7 @@ class Owed:
 
     def describe(self) -> str:
         since = self.since.replace("T", " ").replace("Z", " UTC") if self.since else "an unknown time"
-        return f"{self.handler} owed since {since} by an interrupted apply: {self.change or 'a change'}"
+        return f"{self.handler} owed since {since} by an interrupted run: {self.change or 'a change'}"
 
 
 def folder(profile: Profile) -> str:

@@ -148,6 +148,13 @@ def canonical_text(graph: dict[str, Any]) -> str:
     return json.dumps(graph, indent=2, ensure_ascii=False) + "\n"
 
 
+def unfinished(profile: Profile, facts: Facts) -> list[Change | None]:
+    """What killed uploads left in the workflow folders: an apply's, or a rollback's (it writes
+    the snapshot's workflows there too, and removes these like an apply)."""
+    return [retention.cleanup(name, folder, retention.temps(facts.listings.get(folder)), "what killed uploads left")
+            for folder in folders(profile)]
+
+
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     found: list[Change | None] = []
     for template in dict.fromkeys(profile.workflow.templates):
@@ -163,9 +170,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         verb: Action = "update" if current is not None else "create"
         found.append(Change("workflow", dest, verb, f"{verb} {dest} from {template}",
                             current, text, steps))   # no restart: ComfyUI reads workflows per request
-    for folder in folders(profile):
-        found.append(retention.cleanup(name, folder, retention.temps(facts.listings.get(folder)),
-                                       "what killed uploads left"))
+    found.extend(unfinished(profile, facts))
     notes: list[Note] = []
     value, why = resolve_offload(profile, facts)
     if value == "enable" and profile.workflow.cpu_offload == "auto":   # slower: say why
