@@ -121,10 +121,10 @@ def real_venv(cache: Path, requirements: str, say: Callable[[str], None] = print
     """The cached real venv for these requirements; built first when it is not there."""
     inputs = venv_inputs(requirements)
     dest = cache / "venvs" / venv_key(inputs)
-    if (dest / MANIFEST).exists():
+    if _intact(dest, say):
         return dest
     with locked(dest.with_suffix(".lock")):
-        if (dest / MANIFEST).exists():            # another run built it while we waited
+        if _intact(dest, say):                    # another run built it while we waited
             return dest
         shutil.rmtree(dest, ignore_errors=True)   # a build that was killed half-way
         log = dest.with_suffix(".log")
@@ -142,14 +142,34 @@ def real_venv(cache: Path, requirements: str, say: Callable[[str], None] = print
                 if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
                     raise RuntimeError(f"building the real venv failed: {' | '.join(tail)} (log: {log})")
-        freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True,
-                                check=True).stdout.split()
+        freeze = _frozen(Path(python))
         manifest = {**inputs, "freeze": freeze, "build_seconds": round(time.monotonic() - started, 1)}
         tmp = dest / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.rename(dest / MANIFEST)               # the venv counts from here on
         say(f"built the real venv in {manifest['build_seconds']} s")
     return dest
+
+
+def _frozen(python: Path) -> list[str]:
+    return subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def _intact(dest: Path, say: Callable[[str], None]) -> bool:
+    """Built, and still holding exactly what it was built with: something installed into the cache
+    by hand (it is a real venv anyone can run) would make every host start with it."""
+    if not (dest / MANIFEST).exists():
+        return False
+    recorded = json.loads((dest / MANIFEST).read_text()).get("freeze")
+    now = _frozen(dest / "bin" / "python")
+    if now == recorded:
+        return True
+    extra = sorted(set(now) - set(recorded or ()))
+    say(f"the cached real venv changed since it was built ({', '.join(extra[:3]) or 'packages removed'}): "
+        "building it again")
+    (dest / MANIFEST).unlink()
+    return False
 
 
 def copy_venv(cached: Path, dest: Path) -> Path:
