@@ -273,7 +273,7 @@ def test_script_on_a_real_tree(host: dict) -> None:
                   http=(dead,))
     conn = _conn(host["tools"])
     facts = gather(conn, host["profile"], probe)
-    assert conn.stats.execs == 1 and conn.stats.history[0][:3] == ("python3", "-I", "-c")
+    assert conn.stats.execs == 1 and conn.stats.history[0][:4] == ("python3", "-I", "-S", "-c")
 
     env = facts.env
     assert env.exists and env.error is None
@@ -392,7 +392,7 @@ def test_traceback_reports_its_last_line() -> None:
 
 
 def test_argv_is_a_list_carrying_the_source() -> None:
-    assert facts_argv() == ["python3", "-I", "-c", remote.source("facts")]
+    assert facts_argv() == ["python3", "-I", "-S", "-c", remote.source("facts")]
 
 
 def test_base_probe(host: dict) -> None:

@@ -16,8 +16,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 READ_CAP = 1 << 20          # bytes of a `read` probe sent back
@@ -302,6 +300,11 @@ def safetensors_header(path):
 
 
 def http_status(url):
+    # Imported here, in the job's thread: urllib.request (http.client, email, ssl) is half the
+    # script's import time, and this job waits on the network anyway.
+    import urllib.error
+    import urllib.request
+
     # No proxies: the URL is the host's own ComfyUI, never something behind a corporate proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
