@@ -11,6 +11,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,10 +294,12 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     stop = Stop()
 
     def work(target: Target) -> tuple[Any, Any]:
-        with connected(target, options, stop) as conn:
-            facts = gather(conn, target.profile, probe_for(target.profile))
+        with connected(target, options, stop) as conn, ThreadPoolExecutor(max_workers=1) as pool:
+            # The facts are gathered while the verification reaches ComfyUI and frees its memory.
+            facts = pool.submit(gather, conn, target.profile, probe_for(target.profile))
+            verification = run_verification(conn, target.profile, facts.result)
             stop.check(target.host.name)
-            return facts, run_verification(conn, target.profile, facts)
+            return facts.result(), verification
 
     chosen = targets(args)
     if args.promote_reference and args.promote_reference not in {t.host.name for t in chosen}:
@@ -324,12 +327,13 @@ def previous_report(path: str) -> dict[str, Any]:
 
 
 def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
-    """Render the profile's first workflow for this host and run the verification generations."""
+    """Render the profile's first workflow for this host and run the verification generations;
+    `facts` may be a function that waits for them (verify.run says why)."""
     from provisioner.resources import workflow
     from provisioner.verify.run import verify_host
 
-    graph = workflow.render(profile, facts, profile.workflow.templates[0])
-    return verify_host(conn, profile, facts, workflow_graph=graph)
+    return verify_host(conn, profile, facts, workflow_graph=lambda found: workflow.render(
+        profile, found, profile.workflow.templates[0]))
 
 
 def show_verification(results: dict[str, Any], chosen: list[Target], console: Console,

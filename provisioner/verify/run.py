@@ -101,10 +101,14 @@ def _max(*values: int | None) -> int | None:
     return max(known) if known else None
 
 
-def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
-                workflow_graph: Mapping[str, Any], input_image: bytes | None = None,
-                vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
+def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None], *,
+                workflow_graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
+                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
     """Run every check against the ComfyUI of `conn`'s host. Never raises for a host's failure.
+
+    `facts` may be a function that waits for them (raising what stopped them), and `workflow_graph`
+    one that renders it from them: then the tunnel, ComfyUI's first answers and the cold start's /free wait (none of which
+    needs either) run while the facts are still being gathered.
 
     The first generation runs cold (`POST /free`, then wait until the memory is really released),
     then each prompt of `profile.verify.prompts` runs `warm_runs` warm times. Warm run j
@@ -113,7 +117,7 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
     """
     spec = profile.comfyui
     where = f"{spec.local_host}:{spec.port}"
-    run = _Verification(conn, profile, facts, dict(workflow_graph), input_image, where, vram_interval_ms)
+    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms)
     try:
         with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
@@ -122,7 +126,12 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
             run.all()
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run
         run.found.append(Check("comfyui_reachable" if not run.found else "verification", False, str(err)))
-    found_print = None if facts is None else fingerprint(facts, profile, run.stats, run.object_info, workflow_graph)
+    try:
+        run.resolve()                   # a ComfyUI that never answered left them unasked
+    except ProvisionError:
+        pass                            # the caller's own wait for the facts reports this
+    found_print = None if run.facts is None else fingerprint(run.facts, profile, run.stats, run.object_info,
+                                                             run.graph)
     return HostVerification(conn.name, tuple(run.found), tuple(run.runs), run.version, run.device,
                             run.vram_peak, run.vram_baseline, found_print, images=tuple(run.images))
 
@@ -132,9 +141,14 @@ class _Verification:
 
     client: ComfyClient
 
-    def __init__(self, conn: Connection, profile: Profile, facts: Facts | None, graph: dict[str, Any],
+    def __init__(self, conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None],
+                 graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
                  input_image: bytes | None, where: str, interval_ms: int) -> None:
-        self.conn, self.profile, self.facts, self.graph = conn, profile, facts, graph
+        self.conn, self.profile = conn, profile
+        self._sources = (facts, graph)
+        self._resolved = False
+        self.facts: Facts | None = None
+        self.graph: dict[str, Any] = {}
         self.input_image, self.where, self.interval_ms = input_image, where, interval_ms
         self.found: list[Check] = []
         self.runs: list[RunResult] = []
@@ -148,6 +162,19 @@ class _Verification:
         self._log: list[str] | None = None
         self._cold_note = ""
 
+    def resolve(self) -> None:
+        """The facts (waiting for them if they are still being gathered) and the graph."""
+        if self._resolved:
+            return
+        facts, graph = self._sources
+        self.facts = found = facts() if callable(facts) else facts     # a failure to gather them raises
+        if callable(graph):
+            if found is None:
+                raise VerifyError("no facts to render the workflow with")
+            graph = graph(found)
+        self.graph = dict(graph)
+        self._resolved = True
+
     def all(self) -> None:
         try:
             stats = self.client.system_stats()
@@ -159,8 +186,12 @@ class _Verification:
         self.stats = stats
         self.version = (stats.get("system") or {}).get("comfyui_version")
         self.device = checks.device_name(stats)
-        self.found.append(checks.device(stats, self.facts))
         self.object_info = self.client.object_info()
+        # Before the facts are needed: releasing the models takes ComfyUI a while. Nothing that
+        # follows loads a model before the first generation.
+        self._cold_note = self._cold_start()
+        self.resolve()
+        self.found.append(checks.device(stats, self.facts))
         self.found.append(checks.nodes(
             self.object_info, self.graph, service.required_nodes(self.profile),
             f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
@@ -253,7 +284,6 @@ class _Verification:
                      look: Callable[[bytes], None]) -> bool:
         """The cold run, then the warm ones; each image goes to `look`. False: one failed."""
         verify = self.profile.verify
-        self._cold_note = self._cold_start()
         prompts = verify.prompts or (self.profile.workflow.prompt,)
         plan: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
         plan += [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
