@@ -92,8 +92,17 @@ def download_table(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verify_table(v: dict[str, Any]) -> str:
+    lines = [f"| `provision verify`, one converged host over SSH | median s ({v['runs']} runs) |", "|---|---|",
+             f"| wall | {v['median_wall_s']:.2f} |",
+             f"| generations, ComfyUI's own time (cold + 2 warm) | {v['median_comfy_s']:.2f} |",
+             f"| generations, queued to done as the controller saw them | {v['median_generation_wall_s']:.2f} |",
+             f"| overhead: wall minus ComfyUI's time | {v['median_overhead_s']:.2f} |"]
+    return "\n".join(lines)
+
+
 def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None,
-                download: dict[str, Any] | None) -> str:
+                download: dict[str, Any] | None, verify: dict[str, Any] | None = None) -> str:
     """Issue 18's goals, each with its figure from this run."""
     by_key = {(r.hosts, r.case, r.tool): r for r in results}
     lines = ["| goal | measured | |", "|---|---|---|"]
@@ -125,4 +134,8 @@ def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None
         lines.append(f"| download {download['mib']} MiB within 10 % of curl | {ratio * 100:.0f} % of curl's "
                      f"throughput ({download['fetch_vs_curl_sync'] * 100:.0f} % of curl + sync) "
                      f"| {'met' if ratio >= 1 / 1.1 else '**missed**'} |")
+    if verify:
+        over = verify["median_overhead_s"]
+        lines.append(f"| `provision verify` overhead beyond the generations under 1 s per host | {over:.2f} s "
+                     f"| {'met' if over < 1 else '**missed**'} |")
     return "\n".join(lines)

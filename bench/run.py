@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--throughput-mib", type=int, default=1024, help="file size for push/hash (0: skip)")
     p.add_argument("--throughput-runs", type=int, default=3)
     p.add_argument("--download-mib", type=int, default=1024, help="file size for the download test (0: skip)")
+    p.add_argument("--verify-runs", type=int, default=3, help="`provision verify` overhead runs (0: skip)")
     p.add_argument("--solo-hosts", default="50",
                    help="fleet sizes run by provision alone, after the others (default 50; '' skips)")
     p.add_argument("--solo-runs", type=int, default=3, help="no-op, plan and floor runs at the solo sizes")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info}", file=sys.stderr)
     started = time.monotonic()
     results: list[CaseResult] = []
-    throughput = download = None
+    throughput = download = verify = None
     solo = [int(x) for x in args.solo_hosts.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="provision-bench-") as tmp:
         root = Path(tmp)
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== download ({args.download_mib} MiB)", file=sys.stderr)
                 from bench.download import measure as measure_download
                 download = measure_download(args.download_mib, args.throughput_runs)
+            if args.verify_runs:
+                print("== verify overhead", file=sys.stderr)
+                from bench.verify import measure as measure_verify
+                verify = measure_verify(root / "verify", args.verify_runs)
         finally:
             world.stop()
     info["load_after"] = os.getloadavg()
@@ -113,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     tables = "\n\n".join([report.table(results)]
                            + ([report.throughput_table(throughput)] if throughput else [])
                            + ([report.download_table(download)] if download else [])
-                           + [report.goals_table(results, throughput, download)])
+                           + ([report.verify_table(verify)] if verify else [])
+                           + [report.goals_table(results, throughput, download, verify)])
     (out / "results.json").write_text(json.dumps({
         "machine": info, "args": vars(args), "cases": [r.as_json() for r in results],
-        "throughput": throughput, "download": download}, indent=1))
+        "throughput": throughput, "download": download, "verify": verify}, indent=1))
     (out / "tables.md").write_text(tables + "\n")
     print(tables)
     print(f"\nmachine: {json.dumps(info)}\nresults in {out}", file=sys.stderr)

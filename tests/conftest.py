@@ -12,7 +12,7 @@ import pytest
 
 from sshd import SSHD, SshdFleet, SshdHost
 
-from provisioner.resources.hub_cache import CACHE_ENV
+from provisioner.config.verdicts import CACHE_ENV
 
 @pytest.fixture(scope="module", autouse=True)
 def _control_cache_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.config.verdicts import CACHE_ENV
 from provisioner.resources import hub_cache
 
 C1, C2 = "1" * 40, "2" * 40
 
 
 def test_location_follows_the_env_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(hub_cache.CACHE_ENV, str(tmp_path / "mine"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
     assert hub_cache.path() == tmp_path / "mine" / "hub.json"
-    monkeypatch.delenv(hub_cache.CACHE_ENV)
+    monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hub_cache.path() == tmp_path / "xdg" / "provision" / "hub.json"
 
