@@ -39,7 +39,13 @@ def _make_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
-def _timed(fn: Any) -> float:
+def _timed(fn: Any, fresh: Path | None = None) -> float:
+    """Seconds `fn` takes; `fresh`: a copy left there by the run before is removed first, outside
+    the timing (replacing a 1 GB file costs the filesystem ~0.2-0.4 s to free the old one: ext4
+    with discard here, in put_file's rename and in scp's truncate alike; the transfer is measured)."""
+    if fresh is not None:
+        fresh.unlink(missing_ok=True)
+        os.sync()
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -60,13 +66,13 @@ def measure(fleet: ToolFleet, mib: int, runs: int) -> dict[str, Any]:
         threshold = system_scp.SYSTEM_COPY_MIN
         try:
             for _ in range(runs):     # taking turns, as the tools do
-                push.append(_timed(lambda: conn.put_file(str(src), str(dest_p))))
+                push.append(_timed(lambda: conn.put_file(str(src), str(dest_p)), dest_p))
                 system_scp.SYSTEM_COPY_MIN = 1 << 62     # paramiko's pipelined SFTP, forced
                 try:
-                    sftp.append(_timed(lambda: conn.put_file(str(src), str(dest_p))))
+                    sftp.append(_timed(lambda: conn.put_file(str(src), str(dest_p)), dest_p))
                 finally:
                     system_scp.SYSTEM_COPY_MIN = threshold
-                scp.append(_timed(lambda: subprocess.run(scp_argv, check=True)))
+                scp.append(_timed(lambda: subprocess.run(scp_argv, check=True), dest_s))
         finally:
             conn.close()
         request = remote.fetch_request(dest=str(dest_p), cache=str(Path(tmp) / "checksums.json"),
