@@ -60,14 +60,82 @@ def table(results: Sequence[CaseResult]) -> str:
 
 def throughput_table(t: dict[str, Any]) -> str:
     size = f"{t['mib']} MiB"
-    rows = [("push " + size, "provision `SshConnection.put_file` (SFTP, pipelined)", "push_provision"),
-            ("push " + size, "`scp`", "push_scp"),
+    rows = [("push " + size, "provision `SshConnection.put_file` (system scp, pinned host key)", "push_provision"),
+            ("push " + size, "paramiko SFTP, pipelined (put_file before)", "push_sftp"),
+            ("push " + size, "`scp` with the fleet's ssh_config", "push_scp"),
             ("sha256 " + size, "provision fetch script, mode verify (python3 " + t["python3"] + ")",
              "hash_fetch_script"),
             ("sha256 " + size, "`sha256sum`", "hash_sha256sum")]
     lines = [f"| what | how | median s ({t['runs']} runs) | MB/s |", "|---|---|---|---|"]
     for what, how, key in rows:
         lines.append(f"| {what} | {how} | {t[key]['median_s']:.2f} | {t[key]['mb_per_s']:.0f} |")
-    lines.append(f"\npush: provision at {t['push_ratio'] * 100:.0f}% of scp's throughput; "
+    lines.append(f"\npush: provision at {t['push_ratio'] * 100:.0f}% of scp's throughput (paramiko SFTP "
+                 f"{t['sftp_ratio'] * 100:.0f}%); "
                  f"hash: fetch script at {t['hash_ratio'] * 100:.0f}% of sha256sum's.")
+    return "\n".join(lines)
+
+
+def download_table(d: dict[str, Any]) -> str:
+    size = f"{d['mib']} MiB"
+    rows = [("fetch_script", "provision fetch program (sha256 while receiving, fsync, rename)"),
+            ("curl", "`curl -sSfL -o` (no hash, no fsync)"),
+            ("curl_sync", "`curl` then `sync FILE` (the same durability)"),
+            ("hf_hub_download", f"huggingface_hub {d['versions'].get('huggingface_hub')} `hf_hub_download` "
+                                f"(hf_xet {d['versions'].get('hf_xet')} installed; the stand-in speaks no Xet)")]
+    lines = [f"| download {size} (Hub stand-in, 302 to its CDN) | median s ({d['runs']} runs) | MB/s |",
+             "|---|---|---|"]
+    for key, how in rows:
+        if key in d:
+            lines.append(f"| {how} | {d[key]['median_s']:.2f} | {d[key]['mb_per_s']:.0f} |")
+    lines.append(f"\ndownload: fetch program at {d['fetch_vs_curl'] * 100:.0f}% of curl's throughput, "
+                 f"{d['fetch_vs_curl_sync'] * 100:.0f}% of curl + sync.")
+    return "\n".join(lines)
+
+
+def verify_table(v: dict[str, Any]) -> str:
+    lines = [f"| `provision verify`, one converged host over SSH | median s ({v['runs']} runs) |", "|---|---|",
+             f"| wall | {v['median_wall_s']:.2f} |",
+             f"| generations, ComfyUI's own time (cold + 2 warm) | {v['median_comfy_s']:.2f} |",
+             f"| generations, queued to done as the controller saw them | {v['median_generation_wall_s']:.2f} |",
+             f"| overhead: wall minus ComfyUI's time | {v['median_overhead_s']:.2f} |"]
+    return "\n".join(lines)
+
+
+def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None,
+                download: dict[str, Any] | None, verify: dict[str, Any] | None = None) -> str:
+    """Issue 18's goals, each with its figure from this run."""
+    by_key = {(r.hosts, r.case, r.tool): r for r in results}
+    lines = ["| goal | measured | |", "|---|---|---|"]
+
+    def near_floor(n: int, case: str, allowance: float) -> None:
+        floor, mine = by_key.get((n, "floor", "ssh true")), by_key.get((n, case, "provision"))
+        if floor and mine:
+            gap = mine.median_s - floor.median_s
+            lines.append(f"| {CASE_TITLES[case]}, {n} host{'s' * (n != 1)}: within {allowance:g} s of the "
+                         f"`ssh true` floor | {mine.median_s:.2f} s vs {floor.median_s:.2f} s: +{gap:.2f} s "
+                         f"| {'met' if gap <= allowance else '**missed**'} |")
+
+    for n, allowance in ((1, 0.25), (10, 0.5)):
+        for case in ("noop", "plan"):
+            near_floor(n, case, allowance)
+    for r in results:
+        if r.hosts >= 50 and r.case in ("noop", "plan") and r.tool == "provision":
+            peak = max(r.peak_mb)
+            ok = r.median_s < 3 and peak < 150
+            lines.append(f"| {CASE_TITLES[r.case]}, {r.hosts} hosts: under 3 s, peak RSS under 150 MB "
+                         f"| {r.median_s:.2f} s, {peak:.0f} MB (floor {by_key[(r.hosts, 'floor', 'ssh true')].median_s:.2f} s) "
+                         f"| {'met' if ok else '**missed**'} |")
+    if throughput:
+        ratio = throughput["push_ratio"]
+        lines.append(f"| push {throughput['mib']} MiB at ≥ 90 % of scp | {ratio * 100:.0f} % "
+                     f"| {'met' if ratio >= 0.9 else '**missed**'} |")
+    if download:
+        ratio = download["fetch_vs_curl"]
+        lines.append(f"| download {download['mib']} MiB within 10 % of curl | {ratio * 100:.0f} % of curl's "
+                     f"throughput ({download['fetch_vs_curl_sync'] * 100:.0f} % of curl + sync) "
+                     f"| {'met' if ratio >= 1 / 1.1 else '**missed**'} |")
+    if verify:
+        over = verify["median_overhead_s"]
+        lines.append(f"| `provision verify` overhead beyond the generations under 1 s per host | {over:.2f} s "
+                     f"| {'met' if over < 1 else '**missed**'} |")
     return "\n".join(lines)

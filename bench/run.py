@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tools", default=",".join(TOOLS), help="subset of provision,ansible,pyinfra")
     p.add_argument("--throughput-mib", type=int, default=1024, help="file size for push/hash (0: skip)")
     p.add_argument("--throughput-runs", type=int, default=3)
+    p.add_argument("--download-mib", type=int, default=1024, help="file size for the download test (0: skip)")
+    p.add_argument("--verify-runs", type=int, default=3, help="`provision verify` overhead runs (0: skip)")
+    p.add_argument("--solo-hosts", default="50",
+                   help="fleet sizes run by provision alone, after the others (default 50; '' skips)")
+    p.add_argument("--solo-runs", type=int, default=3, help="no-op, plan and floor runs at the solo sizes")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     return p.parse_args(argv)
 
@@ -69,23 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info}", file=sys.stderr)
     started = time.monotonic()
     results: list[CaseResult] = []
-    throughput = None
+    throughput = download = verify = None
+    solo = [int(x) for x in args.solo_hosts.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="provision-bench-") as tmp:
         root = Path(tmp)
         world = start_world(root / "world", model_bytes=MODEL_BYTES)
         try:
             state = desired_state(world)
-            for n in sizes:
-                print(f"== {n} host{'s' * (n != 1)}", file=sys.stderr)
-                fleets = [make_tool_fleet(t, n, root / f"{t}-{n}", world) for t in names]
+            rounds = [(n, names, args.converge_runs, args.runs, args.plan_runs) for n in sizes]
+            rounds += [(n, ["provision"], 1, args.solo_runs, args.solo_runs) for n in solo]
+            for n, these, converge_runs, noop_runs, plan_runs in rounds:
+                print(f"== {n} host{'s' * (n != 1)}: {', '.join(these)}", file=sys.stderr)
+                fleets = [make_tool_fleet(t, n, root / f"{t}-{n}", world) for t in these]
                 try:
-                    tools = [make_tool(t, f, root / f"{t}-{n}" / "work", world) for t, f in zip(names, fleets)]
-                    results += run_cases(tools, state, converge_runs=args.converge_runs,
-                                         noop_runs=args.runs, plan_runs=args.plan_runs)
+                    tools = [make_tool(t, f, root / f"{t}-{n}" / "work", world) for t, f in zip(these, fleets)]
+                    results += run_cases(tools, state, converge_runs=converge_runs,
+                                         noop_runs=noop_runs, plan_runs=plan_runs)
                 finally:
                     for tool_fleet in fleets:
                         tool_fleet.stop()
-                    for t in names:
+                    for t in these:
                         shutil.rmtree(root / f"{t}-{n}", ignore_errors=True)
             if args.throughput_mib:
                 print(f"== throughput ({args.throughput_mib} MiB)", file=sys.stderr)
@@ -95,14 +103,26 @@ def main(argv: list[str] | None = None) -> int:
                     throughput = measure(fleet, args.throughput_mib, args.throughput_runs)
                 finally:
                     fleet.stop()
+            if args.download_mib:
+                print(f"== download ({args.download_mib} MiB)", file=sys.stderr)
+                from bench.download import measure as measure_download
+                download = measure_download(args.download_mib, args.throughput_runs)
+            if args.verify_runs:
+                print("== verify overhead", file=sys.stderr)
+                from bench.verify import measure as measure_verify
+                verify = measure_verify(root / "verify", args.verify_runs)
         finally:
             world.stop()
     info["load_after"] = os.getloadavg()
     info["wall_s"] = round(time.monotonic() - started)
-    tables = report.table(results) + ("\n\n" + report.throughput_table(throughput) if throughput else "")
+    tables = "\n\n".join([report.table(results)]
+                           + ([report.throughput_table(throughput)] if throughput else [])
+                           + ([report.download_table(download)] if download else [])
+                           + ([report.verify_table(verify)] if verify else [])
+                           + [report.goals_table(results, throughput, download, verify)])
     (out / "results.json").write_text(json.dumps({
         "machine": info, "args": vars(args), "cases": [r.as_json() for r in results],
-        "throughput": throughput}, indent=1))
+        "throughput": throughput, "download": download, "verify": verify}, indent=1))
     (out / "tables.md").write_text(tables + "\n")
     print(tables)
     print(f"\nmachine: {json.dumps(info)}\nresults in {out}", file=sys.stderr)

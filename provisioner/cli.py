@@ -9,6 +9,7 @@ Exit codes (Terraform's detailed exit code, Ansible's vocabulary):
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import math
 import os
@@ -266,5 +267,14 @@ def _reader_left() -> int:
     return EXIT_OK
 
 
+def run() -> NoReturn:
+    """The `provision` command (and `python -m provisioner`): main(), then exit."""
+    code = main()
+    # Nothing left is garbage: the interpreter's teardown then skips a last collection over every
+    # object of ~1000 modules (about 40 ms of a no-op run). Objects are still released and finalised.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

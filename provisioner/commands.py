@@ -11,6 +11,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,10 +430,12 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     stop = Stop()
 
     def work(target: Target) -> tuple[Any, Any]:
-        with connected(target, options, stop) as conn:
-            facts = gather(conn, target.profile, probe_for(target.profile))
+        with connected(target, options, stop) as conn, ThreadPoolExecutor(max_workers=1) as pool:
+            # The facts are gathered while the verification reaches ComfyUI and frees its memory.
+            facts = pool.submit(gather, conn, target.profile, probe_for(target.profile))
+            verification = run_verification(conn, target.profile, facts.result)
             stop.check(target.host.name)
-            return facts, run_verification(conn, target.profile, facts)
+            return facts.result(), verification
 
     chosen = targets(args)
     read_secrets(chosen)                # not sent anywhere by verify: read to be redacted
@@ -475,7 +478,8 @@ class PerInstance:
 
 def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
     """Render the profile's first workflow for this host and run the verification generations, on
-    each of its ComfyUI instances when there are several (one per GPU)."""
+    each of its ComfyUI instances when there are several (one per GPU). `facts` may be a function
+    that waits for them (verify.run says why)."""
     from dataclasses import replace
 
     from provisioner.errors import PlanError
@@ -483,10 +487,12 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
     from provisioner.verify.run import verify_host
 
     def one(p: Profile, f: Any) -> Any:
-        return verify_host(conn, p, f, workflow_graph=workflow.render(p, f, p.workflow.templates[0]))
+        return verify_host(conn, p, f, workflow_graph=lambda found: workflow.render(
+            p, found, p.workflow.templates[0]))
 
     if profile.comfyui.instances != "per-gpu":
         return one(profile, facts)
+    facts = facts() if callable(facts) else facts       # the instances are read from the facts
     try:
         found = units.instances(profile, facts)
     except PlanError as err:

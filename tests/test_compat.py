@@ -62,7 +62,7 @@ def comfy_root(tmp_path: Path, version: str | None, model: str | None, nodes: st
 def real_facts(profile: Profile) -> Facts:
     """Run the real facts script locally with the merged probe, as a host would."""
     request = build_request(profile, base_probe(profile) | compat.probe(profile))
-    out = subprocess.run([sys.executable, "-I", "-c", remote.source("facts")], input=json.dumps(request),
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", remote.source("facts")], input=json.dumps(request),
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return parse_facts("local", json.loads(out))
 

@@ -365,3 +365,28 @@ def test_comfyui_itself_in_the_profile(tmp_path: Path) -> None:
     assert spec.torch == model.TorchSpec("2.9", "auto", "https://download.pytorch.org/whl/{flavour}",
                                          ("/srv/torch/{flavour}",))
     assert spec.restart is None and spec.unit_dir == "/etc/systemd/system"
+
+
+def test_a_file_that_passed_is_not_validated_again_and_one_that_did_not_always_is(tmp_path: Path) -> None:
+    """The schema verdict of an unchanged document is recorded (a no-op run skips jsonschema's
+    import); any change to it, even 8188 to 8188.0, is a new document, and failures never stick."""
+    import subprocess
+    import sys
+
+    good = tmp_path / "good.yaml"
+    good.write_text("comfyui:\n  root: /opt/ComfyUI\n  port: 8188\n")
+    code = ("import sys; from provisioner.config.marks import read_yaml\n"
+            "from provisioner.config.schema import schema_problems\n"
+            "doc = read_yaml(sys.argv[1])\n"
+            "print(len(schema_problems(doc.data, doc.marks, sys.argv[1], 'profile')), 'jsonschema' in sys.modules)\n")
+    env = {**os.environ, "PROVISION_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(path: Path) -> str:
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              env=env, check=True).stdout.strip()
+
+    assert run(good) == "0 True"          # validated, and recorded
+    assert run(good) == "0 False"         # the same document: jsonschema not even imported
+    good.write_text("comfyui:\n  root: /opt/ComfyUI\n  port: 8188.0\n")
+    assert run(good) == "1 True"          # a new document, with a problem
+    assert run(good) == "1 True"          # ... reported on every run

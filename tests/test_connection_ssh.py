@@ -169,6 +169,51 @@ def test_put_file_is_atomic_and_reports_progress(conn: SshConnection, tmp_path: 
     assert os.listdir(dest.parent) == ["big.bin"]
 
 
+def test_a_large_push_goes_through_the_system_scp_atomically(conn: SshConnection, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above scp.SYSTEM_COPY_MIN (made small here) the bytes go through OpenSSH's scp, to a
+    temporary name, then chmod and rename over SFTP: the same atomic, mode-setting put."""
+    from provisioner.connection import scp
+
+    monkeypatch.setattr(scp, "SYSTEM_COPY_MIN", 1 << 20)
+    used: list[list[str]] = []
+    real_argv = scp.argv
+    monkeypatch.setattr(scp, "argv", lambda *a: used.append(real_argv(*a)) or used[-1])
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    dest = tmp_path / "remote" / "dir with space" / "model.bin"
+    progress: list[tuple[int, int]] = []
+    conn.put_file(str(src), str(dest), mode=0o600, progress=lambda d, t: progress.append((d, t)))
+    assert dest.read_bytes() == src.read_bytes() and (dest.stat().st_mode & 0o777) == 0o600
+    assert os.listdir(dest.parent) == ["model.bin"]
+    assert progress[-1] == (src.stat().st_size,) * 2
+    (cmd,) = used
+    assert cmd[0] == "scp" and "StrictHostKeyChecking=yes" in cmd and "GlobalKnownHostsFile=/dev/null" in cmd
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 1000)
+    conn.put_file(str(small), str(dest.with_name("small.bin")))
+    assert len(used) == 1             # a small file stays on the SFTP channel
+
+
+def test_scp_only_trusts_the_key_paramiko_verified(sshd_host: SshdHost, tmp_path: Path) -> None:
+    """The push is pinned to the host key the connection checked: offered another key, scp refuses
+    (and the put then goes over the verified SFTP channel instead)."""
+    import paramiko
+
+    from provisioner.connection import scp
+    from provisioner.connection.options import load_ssh_config, resolve
+
+    options = sshd_host.options()
+    target = resolve(sshd_host.name, load_ssh_config(options), sshd_host.host())
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"data")
+    impostor = paramiko.Ed25519Key.from_private_key_file(str(sshd_host.client_key))  # not the host's key
+    failed = scp.push(target, str(sshd_host.client_key), impostor, 10, str(src), str(tmp_path / "out"),
+                      4, lambda: None, None)
+    assert failed is not None and "verification failed" in failed.lower()
+    assert not (tmp_path / "out").exists()
+
+
 # -- tunnel and hold ----------------------------------------------------------------------------
 
 def test_tunnel_forwards_http_and_closes_on_exit(conn: SshConnection, http_port: int) -> None:

@@ -60,6 +60,32 @@ def test_fresh_host_converges_and_second_apply_changes_nothing(lab: Lab) -> None
     assert host.sshd.wait_counts(1, 1, since=since) == (1, 1)  # one connection, one exec
 
 
+def settled_counts(host: LabHost, since: int) -> tuple[int, int]:
+    """(connections, sessions) in the host's sshd log since `since`, once two reads 0.3 s apart
+    agree: sshd's children log asynchronously, so the first read may miss a late line."""
+    previous = None
+    while True:
+        time.sleep(0.3)
+        now = (host.sshd.count_connections(since), host.sshd.count_sessions(since))
+        if now == previous:
+            return now
+        previous = now
+
+
+def test_a_converged_fleet_costs_one_connection_and_one_exec_per_host(lab: Lab) -> None:
+    """The no-op path's round-trip budget, held for every host of a fleet, for plan and apply, with
+    the controller's records (Hub answers, schema verdicts, venv answers) warm, as a re-run has them."""
+    hosts = lab.add(2)
+    code, out = lab.run("apply", "--no-verify")
+    assert code == 2, out
+    for verb in ("apply", "plan", "apply"):
+        since = {h.name: h.sshd.log_size() for h in hosts}
+        code, out = lab.run(verb, *(("--no-verify",) if verb == "apply" else ()))
+        assert code == 0, out
+        for h in hosts:
+            assert settled_counts(h, since[h.name]) == (1, 1), (verb, h.name)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -91,3 +91,30 @@ def test_verify_json_is_the_report_document(fleet) -> None:
     doc = json.loads(out[out.index("{"):])
     assert [h["host"] for h in doc["hosts"]] == [hosts["healthy"].name]
     assert doc["hosts"][0]["status"] == "passed"
+
+
+def test_facts_that_cannot_be_gathered_fail_the_host_as_before(fleet, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify gathers the facts while it reaches ComfyUI; when gathering fails, the host fails with
+    that error (not a verification built on nothing), and the other hosts are verified."""
+    import sys
+
+    from provisioner.errors import FactsError
+
+    gather_module = sys.modules["provisioner.facts.gather"]    # the package exports the function
+    lab, hosts = fleet
+    real = gather_module.gather
+    broken = hosts["healthy"].name
+
+    def gather(conn, profile, probe):  # type: ignore[no-untyped-def]
+        if conn.name == broken:
+            raise FactsError(f"{broken}: the facts script answered no JSON (exit 1): boom")
+        return real(conn, profile, probe)
+
+    monkeypatch.setattr(gather_module, "gather", gather)
+    code, out = lab.run("verify", "--report", str(tmp_path), "--limit", f"{broken},{hosts['slow'].name}")
+    assert code == 1, out
+    assert "answered no JSON (exit 1): boom" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    status = {h["host"]: h["status"] for h in report["hosts"]}
+    assert status[hosts["slow"].name] == "failed" and status[broken] != "passed"

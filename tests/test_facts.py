@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -273,7 +274,7 @@ def test_script_on_a_real_tree(host: dict) -> None:
                   http=(dead,))
     conn = _conn(host["tools"])
     facts = gather(conn, host["profile"], probe)
-    assert conn.stats.execs == 1 and conn.stats.history[0][:3] == ("python3", "-I", "-c")
+    assert conn.stats.execs == 1 and conn.stats.history[0][:4] == ("python3", "-I", "-S", "-c")
 
     env = facts.env
     assert env.exists and env.error is None
@@ -318,6 +319,34 @@ def test_script_on_a_real_tree(host: dict) -> None:
 
     assert facts.http[host["profile"].comfyui.url + "/system_stats"] == 200
     assert facts.http[dead] is None
+
+
+def test_an_unchanged_venv_is_answered_from_the_controllers_record(host: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The venv's own python runs once; later runs send its fingerprint and the host answers
+    "unchanged" (no interpreter started); an install or removal in site-packages is seen at once."""
+    from provisioner.facts import venv_record
+
+    raw: list[dict] = []
+    merge = venv_record.merge
+    monkeypatch.setattr(venv_record, "merge", lambda *a: raw.append(a[2]) or merge(*a))
+    profile = dataclasses.replace(host["profile"], comfyui=dataclasses.replace(
+        host["profile"].comfyui, venv=str(tmp_path / "venv")))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    (site,) = (tmp_path / "venv" / "lib").glob("python3*/site-packages")
+    _dist_info(site, "diffusers", "0.35.1")
+    first = gather(_conn(host["tools"]), profile)
+    again = gather(_conn(host["tools"]), profile)
+    assert "info" in raw[0] and raw[1].get("unchanged") is True
+    assert again.env == first.env and again.env.distributions["diffusers"].version == "0.35.1"
+    _dist_info(site, "peft", "0.17.1")
+    changed = gather(_conn(host["tools"]), profile)
+    assert "info" in raw[2] and "peft" in changed.env.distributions
+    (tmp_path / "venv" / "pyvenv.cfg").write_text(
+        (tmp_path / "venv" / "pyvenv.cfg").read_text().replace("= false", "= true"))
+    gather(_conn(host["tools"]), profile)
+    gather(_conn(host["tools"]), profile)
+    assert "info" in raw[4]             # a venv that sees the system's packages is always asked
 
 
 def test_detached_head_and_tags(host: dict) -> None:
@@ -392,7 +421,7 @@ def test_traceback_reports_its_last_line() -> None:
 
 
 def test_argv_is_a_list_carrying_the_source() -> None:
-    assert facts_argv() == ["python3", "-I", "-c", remote.source("facts")]
+    assert facts_argv() == ["python3", "-I", "-S", "-c", remote.source("facts")]
 
 
 def test_base_probe(host: dict) -> None:

@@ -4,6 +4,7 @@ writers (hosts planning in threads, two provision processes) lose nothing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.config.verdicts import CACHE_ENV
 from provisioner.resources import hub_cache
 
 C1, C2 = "1" * 40, "2" * 40
 
 
 def test_location_follows_the_env_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(hub_cache.CACHE_ENV, str(tmp_path / "mine"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
     assert hub_cache.path() == tmp_path / "mine" / "hub.json"
-    monkeypatch.delenv(hub_cache.CACHE_ENV)
+    monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hub_cache.path() == tmp_path / "xdg" / "provision" / "hub.json"
 
@@ -54,3 +56,32 @@ def test_concurrent_writers_lose_nothing() -> None:
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     files = json.loads(hub_cache.path().read_text())["files"]
     assert len(files) == 120
+
+
+@pytest.mark.parametrize("endpoint, repo, path, revision", [
+    ("https://huggingface.co", "nunchaku-tech/nunchaku-qwen-image-edit-2509",
+     "lightning-251115/svdq-int4_r128-qwen-image-edit-2509-lightning-4steps-251115.safetensors", "main"),
+    ("http://127.0.0.1:8080/", "org/repo", "dir with space/ü+x#y?.safetensors", "refs/pr/3"),
+    ("http://hub.local", "org/repo", "w.safetensors", "0123456789abcdef0123456789abcdef01234567"),
+])
+def test_recorded_urls_are_the_ones_huggingface_hub_builds(endpoint: str, repo: str, path: str,
+                                                           revision: str) -> None:
+    """hub.py formats a recorded file's URL itself, to keep the library's import off the no-op."""
+    from huggingface_hub import hf_hub_url
+
+    from provisioner.resources import hub
+
+    assert hub._url(endpoint, repo, path, revision) == hf_hub_url(
+        repo, path, revision=revision, endpoint=endpoint.rstrip("/"))
+
+
+def test_a_plan_answered_from_the_record_does_not_import_huggingface_hub(tmp_path: Path) -> None:
+    code = (
+        "import sys; from provisioner.resources import hub, hub_cache\n"
+        "hub_cache.record('http://hub', 'o/r', 'main', 'c' * 40, 'w.bin', 5, 'a' * 64)\n"
+        "f = hub.file_metadata('http://hub', 'o/r', 'w.bin')\n"
+        "assert (f.size, f.commit) == (5, 'c' * 40), f\n"
+        "print('huggingface_hub' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PROVISION_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.strip() == "False"

@@ -8,12 +8,14 @@ import re
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-
+from provisioner.config import verdicts
 from provisioner.config.marks import KeyPath, Mark, problem, shown
 from provisioner.errors import MAX_PROBLEMS, Problem, UsageError, stopped
+
+if TYPE_CHECKING:
+    import jsonschema
 
 KINDS = ("profile", "inventory")
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
@@ -59,22 +61,22 @@ def _ecma(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[jsonschema.ValidationError]:
-    if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
-        yield jsonschema.ValidationError(f"{shown(instance)} does not match {pattern!r}")
-
-
-# Draft 2020-12 with two corrections: `pattern` reads `$` as JSON Schema means it (above), and an
-# integer is an int: the spec counts 8188.0 as one, but a port or a step count written 8188.0 is a typo.
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator, validators={"pattern": _pattern},
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)))
-
-
 @lru_cache(maxsize=None)
 def _validator(kind: str) -> Any:
-    return _Validator(schema(kind))
+    # Imported here: a run on a file that passed before (verdicts.py) never needs jsonschema.
+    import jsonschema
+
+    def ecma_pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[jsonschema.ValidationError]:
+        if validator.is_type(instance, "string") and not _ecma(pattern).search(instance):
+            yield jsonschema.ValidationError(f"{shown(instance)} does not match {pattern!r}")
+
+    # Draft 2020-12 with two corrections: `pattern` reads `$` as JSON Schema means it (above), and an
+    # integer is an int: the spec counts 8188.0 as one, but a port or a step count written 8188.0 is a typo.
+    validator = jsonschema.validators.extend(
+        jsonschema.Draft202012Validator, validators={"pattern": ecma_pattern},
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)))
+    return validator(schema(kind))
 
 
 _BOUNDS = {"minimum": "is below the minimum", "maximum": "is above the maximum",
@@ -141,12 +143,17 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
 
 def schema_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) -> list[Problem]:
     """Every schema violation of `data` (up to MAX_PROBLEMS), each placed at its key's `file:line:col`."""
+    key = verdicts.digest(schema_text(kind), data)
+    if verdicts.passed(key):
+        return []
     out: list[Problem] = []
     for found in _problems(data, marks, file, kind):
         if len(out) == MAX_PROBLEMS:  # a file of 100000 unknown keys must not take minutes
             out.append(stopped(file))
             break
         out.append(found)
+    if not out:
+        verdicts.record_pass(key)
     return sorted(out, key=lambda p: (p.file, p.line == 0, p.line, p.col, p.key))
 
 

@@ -36,6 +36,7 @@ class Reacher:
         self.config = config
         self.options = options
         self.opened: list[paramiko.Transport] = []
+        self.identity: str | None = None  # how the last host reached took us: a key file, "agent", None
 
     def close(self) -> None:
         for transport in reversed(self.opened):
@@ -122,12 +123,14 @@ class Reacher:
         for label, key in keys:
             try:
                 transport.auth_publickey(target.user, key)
+                self.identity = "agent" if label.startswith("agent ") else label
                 return
             except paramiko.AuthenticationException:
                 tried.append(label)
         if self.options.password is not None:
             try:
                 transport.auth_password(target.user, self.options.password)
+                self.identity = None
                 return
             except paramiko.AuthenticationException:
                 tried.append("password")

@@ -9,13 +9,15 @@ from provisioner.config.model import Profile
 from provisioner.connection.base import NO_PYTHON, Connection, Result
 from provisioner.errors import FactsError
 from provisioner.facts.model import Facts, Probe
+from provisioner.facts import venv_record
 from provisioner.facts.parse import parse_facts
 from provisioner import remote
 
 def facts_argv() -> list[str]:
     """The one command the host runs: its system python3 runs the script (the supervisor that
-    runs it already says so when the host has no python3)."""
-    return ["python3", "-I", "-c", remote.source("facts")]
+    runs it already says so when the host has no python3). `-S`: the script is stdlib only, and a
+    system python's `site` (its .pth files) can cost more than the script's own imports."""
+    return ["python3", "-I", "-S", "-c", remote.source("facts")]
 
 
 def base_probe(profile: Profile) -> Probe:
@@ -55,6 +57,11 @@ def build_request(profile: Profile, probe: Probe) -> dict:
 
 def read_answer(host_name: str, result: Result, comfyui_gpu: int | str | None = None) -> Facts:
     """The script's stdout as `Facts`; anything else is a one-line FactsError."""
+    return parse_facts(host_name, json_answer(host_name, result), comfyui_gpu)
+
+
+def json_answer(host_name: str, result: Result) -> dict:
+    """The script's stdout as its JSON object; anything else is a one-line FactsError."""
     err_lines = [x.strip() for x in result.stderr.splitlines() if x.strip()]
     if NO_PYTHON in result.stderr:
         raise FactsError(f"{host_name}: no python3 on the host; the facts script needs python3 >= 3.8 "
@@ -70,12 +77,18 @@ def read_answer(host_name: str, result: Result, comfyui_gpu: int | str | None = 
             why = err_lines[-1]
         raise FactsError(f"{host_name}: the facts script answered no JSON "
                          f"(exit {result.exit_code}): {why}") from None
-    return parse_facts(host_name, answer, comfyui_gpu)
+    return answer
 
 
 def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
     """Everything about the host in exactly one `conn.run`: base facts plus what `probe` asks."""
     request = build_request(profile, base_probe(profile) | probe)
+    python = profile.comfyui.python
+    before = venv_record.recorded(conn.name, python)
+    if before is not None:      # the host answers "unchanged" rather than start the venv's python
+        request["venv_known"] = before["fingerprint"]
     result = conn.run(facts_argv(), stdin=json.dumps(request).encode(), timeout=profile.timeouts.facts_s,
                       check=False)
-    return read_answer(conn.name, result, profile.comfyui.gpu)
+    answer = json_answer(conn.name, result)
+    answer["env"] = venv_record.merge(conn.name, python, answer.get("env"), before)
+    return parse_facts(conn.name, answer, profile.comfyui.gpu)

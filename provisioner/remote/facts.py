@@ -12,6 +12,7 @@ import fnmatch
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import stat as stat_module
@@ -19,8 +20,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 READ_CAP = 1 << 20          # bytes of a `read` probe sent back
@@ -119,8 +118,36 @@ def os_name():
     return platform.system()
 
 
-def venv(python):
-    """The interpreter at `python` (a venv's, or a name on PATH like python3) as it reports itself."""
+def venv_fingerprint(python):
+    """What changes whenever the venv's answer can: the interpreter's file (a new Python), the C
+    library (its manylinux tags), and the listing time of each site-packages folder (pip adds and
+    removes a dist-info folder there for every install, upgrade or removal). None where the venv
+    also sees the system's site-packages, which change without it."""
+    prefix = os.path.dirname(os.path.dirname(python))
+    try:
+        with open(os.path.join(prefix, "pyvenv.cfg")) as fh:
+            cfg = fh.read()
+        if re.search(r"^\s*include-system-site-packages\s*=\s*true\s*$", cfg, re.M | re.I):
+            return None
+        real = os.path.realpath(python)
+        st = os.stat(real)
+        parts = [real, st.st_size, st.st_mtime_ns, os.confstr("CS_GNU_LIBC_VERSION") or "", cfg]
+        for lib in sorted(os.listdir(prefix)):
+            if not lib.startswith("lib") or not os.path.isdir(os.path.join(prefix, lib)):
+                continue
+            for version in sorted(os.listdir(os.path.join(prefix, lib))):
+                site = os.path.join(prefix, lib, version, "site-packages")
+                if version.startswith("python") and os.path.isdir(site):
+                    parts += [site, os.stat(site).st_mtime_ns]
+    except (OSError, ValueError):
+        return None
+    return json.dumps(parts)
+
+
+def venv(python, known=None):
+    """The interpreter at `python` (a venv's, or a name on PATH like python3) as it reports itself;
+    or, when `known` (the fingerprint of the answer the controller already holds) still matches,
+    just that: the controller reuses its answer, and the host starts no interpreter."""
     if os.sep not in python:
         python = shutil.which(python) or python
     if not os.path.exists(python):
@@ -128,9 +155,12 @@ def venv(python):
             return {"python": python, "exists": True,
                     "error": "links to %s, which does not exist" % os.readlink(python)}
         return {"python": python, "exists": False}
+    fingerprint = venv_fingerprint(python)
+    if known is not None and fingerprint == known:
+        return {"python": python, "exists": True, "fingerprint": fingerprint, "unchanged": True}
     rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=60.0)
     try:
-        return {"python": python, "exists": True, "info": json.loads(out)}
+        return {"python": python, "exists": True, "info": json.loads(out), "fingerprint": fingerprint}
     except ValueError:
         lines = [x for x in (err or out).strip().splitlines() if x.strip()]
         why = lines[-1] if lines else "exited %d with no output" % rc
@@ -484,6 +514,11 @@ def units(req):
 
 
 def http_status(url):
+    # Imported here, in the job's thread: urllib.request (http.client, email, ssl) is half the
+    # script's import time, and this job waits on the network anyway.
+    import urllib.error
+    import urllib.request
+
     # No proxies: the URL is the host's own ComfyUI, never something behind a corporate proxy.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -498,7 +533,7 @@ def http_status(url):
 def gather(req):
     started = time.monotonic()
     jobs = {
-        "env": lambda: venv(req["python"]),
+        "env": lambda: venv(req["python"], req.get("venv_known")),
         "nvidia_smi": nvidia_smi,
         "nvcc": nvcc,
         "git": lambda: {p: git_checkout(p) for p in req.get("git", [])},

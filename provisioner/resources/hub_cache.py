@@ -25,22 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from provisioner.config.verdicts import cache_dir
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not a POSIX control machine: threads are still serialised
     fcntl = None  # type: ignore[assignment]
 
-CACHE_ENV = "PROVISION_CACHE_DIR"
 FORMAT = 1
 _guard = threading.Lock()
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "provision")
 
 
 def path() -> Path:

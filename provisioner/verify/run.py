@@ -7,10 +7,12 @@ it can generate; `comfyui_ready` passes only once a first generation completed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
@@ -25,11 +27,12 @@ from provisioner.verify.agreement import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
 from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
-from provisioner.verify.images import check_image, thumbnail
+from provisioner.verify.images import ImageCheck, check_image, thumbnail
 
 INPUT_NAME = "provision_verify_input.png"   # where a given input image is uploaded (input/)
 OUTPUT_PREFIX = "provision_verify"
 VRAM_INTERVAL_MS = 200
+FREE_POLL_S = 0.05         # how often /system_stats is read while /free takes effect
 FREE_WAIT_S = 120.0         # /free is applied after whatever ComfyUI runs now: wait that long at most
 FREED_MIB = 256             # torch holding no more than this: nothing is loaded
 SETTLED_S = 1.0             # or: memory fell, then stayed put this long (what stays is not a model)
@@ -98,10 +101,14 @@ def _max(*values: int | None) -> int | None:
     return max(known) if known else None
 
 
-def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
-                workflow_graph: Mapping[str, Any], input_image: bytes | None = None,
-                vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
+def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None], *,
+                workflow_graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
+                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
     """Run every check against the ComfyUI of `conn`'s host. Never raises for a host's failure.
+
+    `facts` may be a function that waits for them (raising what stopped them), and `workflow_graph`
+    one that renders it from them: then the tunnel, ComfyUI's first answers and the cold start's /free wait (none of which
+    needs either) run while the facts are still being gathered.
 
     The first generation runs cold (`POST /free`, then wait until the memory is really released),
     then each prompt of `profile.verify.prompts` runs `warm_runs` warm times. Warm run j
@@ -110,7 +117,7 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
     """
     spec = profile.comfyui
     where = f"{spec.local_host}:{spec.port}"
-    run = _Verification(conn, profile, facts, dict(workflow_graph), input_image, where, vram_interval_ms)
+    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms)
     try:
         with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
@@ -119,7 +126,12 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None, *,
             run.all()
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run
         run.found.append(Check("comfyui_reachable" if not run.found else "verification", False, str(err)))
-    found_print = None if facts is None else fingerprint(facts, profile, run.stats, run.object_info, workflow_graph)
+    try:
+        run.resolve()                   # a ComfyUI that never answered left them unasked
+    except ProvisionError:
+        pass                            # the caller's own wait for the facts reports this
+    found_print = None if run.facts is None else fingerprint(run.facts, profile, run.stats, run.object_info,
+                                                             run.graph)
     return HostVerification(conn.name, tuple(run.found), tuple(run.runs), run.version, run.device,
                             run.vram_peak, run.vram_baseline, found_print, images=tuple(run.images))
 
@@ -129,9 +141,14 @@ class _Verification:
 
     client: ComfyClient
 
-    def __init__(self, conn: Connection, profile: Profile, facts: Facts | None, graph: dict[str, Any],
+    def __init__(self, conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None],
+                 graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
                  input_image: bytes | None, where: str, interval_ms: int) -> None:
-        self.conn, self.profile, self.facts, self.graph = conn, profile, facts, graph
+        self.conn, self.profile = conn, profile
+        self._sources = (facts, graph)
+        self._resolved = False
+        self.facts: Facts | None = None
+        self.graph: dict[str, Any] = {}
         self.input_image, self.where, self.interval_ms = input_image, where, interval_ms
         self.found: list[Check] = []
         self.runs: list[RunResult] = []
@@ -143,6 +160,20 @@ class _Verification:
         self.object_info: dict[str, Any] | None = None
         self.images: list[KeyedImage] = []          # the first run of each prompt, whole
         self._log: list[str] | None = None
+        self._cold_note = ""
+
+    def resolve(self) -> None:
+        """The facts (waiting for them if they are still being gathered) and the graph."""
+        if self._resolved:
+            return
+        facts, graph = self._sources
+        self.facts = found = facts() if callable(facts) else facts     # a failure to gather them raises
+        if callable(graph):
+            if found is None:
+                raise VerifyError("no facts to render the workflow with")
+            graph = graph(found)
+        self.graph = dict(graph)
+        self._resolved = True
 
     def all(self) -> None:
         try:
@@ -155,8 +186,12 @@ class _Verification:
         self.stats = stats
         self.version = (stats.get("system") or {}).get("comfyui_version")
         self.device = checks.device_name(stats)
-        self.found.append(checks.device(stats, self.facts))
         self.object_info = self.client.object_info()
+        # Before the facts are needed: releasing the models takes ComfyUI a while. Nothing that
+        # follows loads a model before the first generation.
+        self._cold_note = self._cold_start()
+        self.resolve()
+        self.found.append(checks.device(stats, self.facts))
         self.found.append(checks.nodes(
             self.object_info, self.graph, service.required_nodes(self.profile),
             f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
@@ -222,15 +257,33 @@ class _Verification:
             last = reserved
             if now - started > FREE_WAIT_S:
                 return f"(models still loaded {FREE_WAIT_S:g} s after /free: not a cold start)"
-            time.sleep(0.25)
+            time.sleep(FREE_POLL_S)
         # The device's own reading at that moment (nvidia-smi's samples trail it by up to an interval).
         self.vram_baseline = checks.vram_used_mib(stats)
         return ""
 
     def _generate(self, graph: dict[str, Any], size: tuple[int, int] | None, vram: VramStream | None,
                   no_vram: str) -> None:
+        # Each image is judged and thumbnailed in a thread while ComfyUI makes the next one (about
+        # 0.1 s of the controller's CPU per 1024 px image, no longer between two generations).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"images-{self.conn.name}") as pool:
+            looks: list[Future[tuple[ImageCheck, bytes]]] = []
+            try:
+                done = self._generations(graph, vram, lambda png: looks.append(
+                    pool.submit(lambda: (check_image(png, size), thumbnail(png)))))
+            finally:
+                self.runs = [dataclasses.replace(run, image=image, thumbnail=thumb)
+                             for run, (image, thumb) in zip(self.runs, (look.result() for look in looks))]
+        if done:
+            result = HostVerification(self.conn.name, (), tuple(self.runs), None, None, self.vram_peak,
+                                      self.vram_baseline)
+            self.found.extend(checks.judge(self.runs, result.figures, self.profile.verify.thresholds,
+                                           self._vram_source(vram, no_vram), self._cold_note))
+
+    def _generations(self, graph: dict[str, Any], vram: VramStream | None,
+                     look: Callable[[bytes], None]) -> bool:
+        """The cold run, then the warm ones; each image goes to `look`. False: one failed."""
         verify = self.profile.verify
-        cold_note = self._cold_start()
         prompts = verify.prompts or (self.profile.workflow.prompt,)
         plan: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
         plan += [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
@@ -242,19 +295,19 @@ class _Verification:
                 prompt_id = self.client.queue_prompt(graphs.prepare(graph, prompt=prompt, seed=seed, prefix=tag))
             except PromptRejected as err:
                 self.found.append(Check("workflow_accepted", False, err.headline, lines=err.node_lines))
-                return
+                return False
             if not self.runs:
                 self.found.append(Check("workflow_accepted", True, f"{len(graph)} nodes validated by ComfyUI"))
             done, failure = self._wait(prompt_id, prompt, kind)
             end = time.monotonic()
             if done is None:
                 self._failed(failure)
-                return
+                return False
             stats_peaks.append(checks.vram_used_mib(self.client.system_stats()))
             png = self.client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
             peak = _max(vram.peak(start, end) if vram else None, stats_peaks[-1])
-            self.runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start, peak,
-                                       check_image(png, size), thumbnail(png)))
+            self.runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start, peak, None))
+            look(png)
             if all(kept.prompt != prompt for kept in self.images):
                 key = image_key(prompt, seed, graphs.prepare(graph, prompt=prompt, seed=seed))
                 self.images.append(KeyedImage(key, prompt, seed, png))
@@ -265,10 +318,7 @@ class _Verification:
         self.found.append(Check("generation", True, f"{n} runs ({sum(r.kind == 'cold' for r in self.runs)} "
                                 f"cold) of {len(prompts)} prompt(s) completed", float(n)))
         self.vram_peak = _max(*(r.vram_peak_mib for r in self.runs), *stats_peaks)
-        result = HostVerification(self.conn.name, (), tuple(self.runs), None, None, self.vram_peak,
-                                  self.vram_baseline)
-        self.found.extend(checks.judge(self.runs, result.figures, self.profile.verify.thresholds,
-                                       self._vram_source(vram, no_vram), cold_note))
+        return True
 
     def _wait(self, prompt_id: str, prompt: str, kind: str) -> tuple[PromptHistory | None, str]:
         """Until the prompt is done: (its history, "") when it made an image, else (None, why not).
