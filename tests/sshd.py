@@ -152,12 +152,21 @@ class SshdHost:
         """A mark to pass as `since=` so counts cover only what happened after it."""
         return self.log.stat().st_size if self.log.exists() else 0
 
+    def log_since(self, since: int = 0) -> str:
+        """The log from byte `since` (a `log_size()` mark) on: a byte offset, so sliced before
+        decoding (a command line with non-ASCII text in it would shift a character offset)."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as fh:
+            fh.seek(since)
+            return fh.read().decode(errors="replace")
+
     def count_connections(self, since: int = 0) -> int:
-        return self.log_text()[since:].count("Accepted publickey for ")
+        return self.log_since(since).count("Accepted publickey for ")
 
     def count_sessions(self, since: int = 0) -> int:
         """Session channels started (exec, subsystem sftp), from sshd's VERBOSE log."""
-        return self.log_text()[since:].count("Starting session: ")
+        return self.log_since(since).count("Starting session: ")
 
     def wait_counts(self, connections: int, sessions: int, since: int = 0,
                     timeout: float = 20) -> tuple[int, int]:

@@ -223,7 +223,7 @@ def test_rollback_restores_the_last_apply_or_an_older_snapshot(lab: Lab, tmp_pat
     since = host.sshd.log_size()
     code, out = lab.run("history", "--limit", host.name)
     assert code == 0 and "now: as the newest snapshot" in out, out
-    assert host.sshd.wait_counts(1, 1, since=since) == (1, 1)      # one connection, one exec
+    assert host.sshd.wait_counts(1, 1, since=since) == (1, 1), host.sshd.log_since(since)   # one connection, one exec
     assert "custom node ComfyUI-nunchaku: v1.1.0 -> v1.0.2" in out and "+ sandbox-extra 1.0" in out
     code, out = lab.run("rollback", "--limit", host.name, "--to", "2001", "--check")
     assert code == 1 and "no snapshot 2001 on this host" in out, out
