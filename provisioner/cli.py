@@ -86,6 +86,16 @@ def _serial(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _changing(p: argparse.ArgumentParser) -> None:
+    """The options of the verbs that change hosts (apply, rollback): batches, the lock, logs, verification."""
+    p.add_argument("--serial", type=_serial, help="rolling batches: a host count or a percentage (30%%)")
+    p.add_argument("--max-fail-percentage", type=_percentage, help="stop starting batches past this share of failed hosts")
+    p.add_argument("--lock-timeout", type=_wait, default=300.0, help="seconds to wait for another apply's lock")
+    p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
+    p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+
+
 def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> None:
     if profile == "required":
         parser.add_argument("profile", help="profile YAML (desired state), e.g. profiles/rtx3090.yaml")
@@ -126,12 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
-    p.add_argument("--serial", type=_serial, help="rolling batches: a host count or a percentage (30%%)")
-    p.add_argument("--max-fail-percentage", type=_percentage, help="stop starting batches past this share of failed hosts")
-    p.add_argument("--lock-timeout", type=_wait, default=300.0, help="seconds to wait for another apply's lock")
-    p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
-    p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
-    p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+    _changing(p)
     p.add_argument("--verify-gate", action="store_true",
                    help="verify each host right after its change; roll back a host that fails to the snapshot "
                         "taken before it, and stop the rollout after its batch (also: rollout.verify_gate)")
@@ -143,12 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="ID", help="the snapshot to restore: an id `provision history` lists, or "
                    "its start (default: the one taken before the last apply on each host)")
     p.add_argument("--check", action="store_true", help="show what the rollback would change; change nothing")
-    p.add_argument("--serial", type=_serial, help="rolling batches: a host count or a percentage (30%%)")
-    p.add_argument("--max-fail-percentage", type=_percentage, help="stop starting batches past this share of failed hosts")
-    p.add_argument("--lock-timeout", type=_wait, default=300.0, help="seconds to wait for another apply's lock")
-    p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
-    p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
-    p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+    _changing(p)
 
     p = verbs.add_parser("history", help="each host's snapshots and what changed between them")
     _common(p)
