@@ -248,7 +248,7 @@ class Manager:
         folder = self.dir(name)
         with open(os.path.join(folder, "service.json"), "w") as fh:
             json.dump(service, fh)
-        for stale in ("pid", "supervisor"):
+        for stale in ("pid", "supervisor", "stopping"):
             try:
                 os.unlink(os.path.join(folder, stale))
             except OSError:
@@ -278,15 +278,28 @@ class Manager:
             os.killpg(int(supervisor), signal.SIGTERM)
         except ProcessLookupError:
             return 0
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self.alive(supervisor) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.alive(supervisor):
-            try:
-                os.killpg(int(supervisor), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.gone(supervisor, STOP_TIMEOUT_S):
+            return 0
+        # As systemd: SIGKILL once TimeoutStopSec is out, and the stop returns only when the process
+        # is gone, so a restart never finds the old one still dying (and skips its start).
+        self.journal(name, f"{name}: State 'stop-sigterm' timed out. Killing.")
+        self.journal(name, f"{name}: Killing process {self.read(name, 'pid') or supervisor} with signal SIGKILL.")
+        try:
+            os.killpg(int(supervisor), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.gone(supervisor, STOP_TIMEOUT_S)
+        self.journal(name, f"{name}: Failed with result 'timeout'.")
+        with open(os.path.join(self.dir(name), "status"), "w") as fh:
+            fh.write("failed\n")
         return 0
+
+    def gone(self, pid: str, within: float) -> bool:
+        """Whether the process `pid` ends within `within` seconds."""
+        deadline = time.monotonic() + within
+        while self.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.alive(pid)
 
     def show(self, name: str) -> dict[str, str]:
         status = self.status(name)
@@ -313,8 +326,8 @@ def supervise(manager: Manager, name: str) -> None:
 
     def term(*_: object) -> None:
         if child and child[0].poll() is None:
-            child[0].terminate()                  # its wait below returns, and sees `stopping`
-            return
+            return            # the group's SIGTERM reached the process too (once, as systemd sends it):
+                              # its wait below returns when it ends, and sees `stopping`
         manager.journal(name, f"Stopped {name}.")  # between two starts (auto-restart)
         status("dead")
         os._exit(0)

@@ -273,7 +273,26 @@ def test_cli_runs_as_a_process_without_site_packages_and_stops_on_sigterm(tmp_pa
             assert img.size == (64, 64)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=10) == -signal.SIGTERM          # SIGTERM's own action, as real ComfyUI's
+
+
+def test_two_quick_sigterms_end_it_at_once(tmp_path: Path) -> None:
+    """A service manager's SIGTERM to the group and one more to the process, microseconds apart: a
+    handler that took a lock would deadlock on the second (it once did, one stop in four), and the
+    stop would wait out its timeout."""
+    for attempt in range(8):
+        proc = subprocess.Popen([sys.executable, "-S", "-m", "provisioner.sandbox.comfyui_server", "--port", "0",
+                                 "--root", str(tmp_path)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            while not (line := proc.stdout.readline()).startswith("To see the GUI go to: "):
+                assert line, attempt
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == -signal.SIGTERM, attempt
+        finally:
+            proc.kill()
+            proc.stdout.close()
 
 
 def test_websocket_answers_feature_flags_sent_right_after_the_handshake(server: ComfyServer) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner import remote
 from provisioner.config.inventory import Host
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection, Frame, Result
@@ -114,6 +115,37 @@ def test_a_supervisor_killed_by_a_signal_says_which(connect: Callable[[], Connec
     conn = connect()
     result = conn.run(["sh", "-c", "kill -KILL $PPID; sleep 5"], check=False)
     assert (result.signal, result.exit_code) == ("SIGKILL", 137)
+
+
+
+def handles(pid: int, *numbers: int) -> bool:
+    """The process has its own handler for each of these signals (/proc's SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return all(caught >> (n - 1) & 1 for n in numbers)
+
+
+def test_a_burst_of_signals_stops_the_supervisor_and_its_command_at_once() -> None:
+    """sshd's SIGHUP, a user's SIGTERM and Ctrl-C can land together: a handler that took a lock the
+    interrupted code held would deadlock the supervisor and leave its command running."""
+    marker = f"provision-test-{uuid.uuid4()}"
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", remote.BOOT], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert proc.stdin is not None
+        proc.stdin.write(remote.supervise_request(sleeper(marker), nonce="n", mode="hold", grace=1.0))
+        proc.stdin.flush()                   # stdin stays open: only the signals end it
+        wait_until(lambda: bool(processes_with(marker)), 10)
+        wait_until(lambda: handles(proc.pid, signal.SIGHUP, signal.SIGTERM, signal.SIGINT), 10)
+        until = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < until:      # signals until it has ended
+            for number in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                os.kill(proc.pid, number)
+        code = proc.poll()
+        proc.kill()
+        proc.stdin.close()
+        assert code == 128 + signal.SIGTERM, attempt      # it stopped its command (SIGTERM) and said so
+        wait_until(gone(marker), 10)
 
 
 # -- the controller goes -------------------------------------------------------------------------

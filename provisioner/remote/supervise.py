@@ -129,9 +129,12 @@ def main():
     got_signal = []
 
     def on_signal(number, _frame):
+        # Only a list append: the handler runs between any two bytecodes of the main thread, so one
+        # that took a lock (Event.set) would deadlock when the loop below held it. The loop polls.
         got_signal.append(signal_name(number))
-        ctl.wake.set()
 
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(number, on_signal)   # before the command starts: no signal finds it unguarded
     env = dict(os.environ)
     env.update(request.get("env") or {})
     piped = mode != "payload" or size > 0
@@ -142,8 +145,6 @@ def main():
         err.write(("%s: %s\n" % (argv[0], error.strerror)).encode())
         return finish(out, err, nonce, {"exit": 127 if isinstance(error, FileNotFoundError) else 126})
     ctl = Controller(stdin, mode, size, forwarder(child.stdin))
-    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(number, on_signal)
     threading.Thread(target=ctl.listen, daemon=True).start()
 
     def wait_child():

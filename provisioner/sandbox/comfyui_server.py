@@ -536,11 +536,14 @@ def main(argv: list[str] | None = None) -> int:
                                poison_after=args.poison_after, loader_error=args.loader_error)
     except StartupFailed:
         return 1
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    server.stop()
+    # SIGTERM ends it at once, as it ends real ComfyUI (no handler of its own: one that set an Event
+    # deadlocked when a second SIGTERM came while the first one's was running); Ctrl-C stops it cleanly.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        server.stop()
     return 0
 
 
