@@ -161,6 +161,24 @@ def test_read_lists_oldest_first_reports_foreign_files_and_the_state_now(root: P
     assert run(root, "read", now=False)["now"] is None
 
 
+
+def test_a_take_removes_what_a_killed_take_left_but_not_a_running_ones(root: Path) -> None:
+    folder = root / ".provision" / "snapshots"
+    first = run(root, "take")["id"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    incoming = folder / "wheels" / ".incoming"
+    incoming.mkdir(parents=True)
+    left = [folder / f"{first}.json.tmp",                             # an older version's name
+            folder / f"{first}.json.{dead}.tmp", incoming / f"{dead}-tiny-1.0-py3-none-any.whl"]
+    running = [folder / f"{first}.json.{os.getpid()}.tmp", incoming / f"{os.getpid()}-tiny-1.0-py3-none-any.whl"]
+    for path in left + running:
+        path.write_bytes(b"half")
+    second = run(root, "take")["id"]
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in running)
+    assert stored(root) == [first, second] and not list(folder.glob(f"{second}.json.*"))
+
+
 def test_an_unreadable_venv_is_recorded_not_fatal(root: Path) -> None:
     (root / "venv").unlink()
     answer = run(root, "take")

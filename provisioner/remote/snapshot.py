@@ -267,7 +267,7 @@ def stored_snapshots(folder):
 
 
 def _write_atomic(path, data):
-    tmp = path + ".tmp"
+    tmp = "%s.%d.tmp" % (path, os.getpid())     # its writer in its name: sweep() knows a dead one's
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -340,9 +340,39 @@ def prune(folder, keep, protect, current):
     return removed
 
 
+def _gone(pid_text):
+    """Whether the process a temporary file names as its writer has ended (no pid: an old name)."""
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass                            # EPERM: another user's process, running
+    return False
+
+
+def sweep(folder):
+    """Remove what a take killed mid-write left behind (ID.json.PID.tmp, wheels/.incoming/PID-NAME),
+    once the process that wrote it is gone."""
+    incoming = os.path.join(folder, "wheels", ".incoming")
+    found = [(os.path.join(folder, n), n[:-len(".tmp")].rsplit(".", 1)[-1])
+             for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.endswith(".tmp")]
+    found += [(os.path.join(incoming, n), n.split("-", 1)[0])
+              for n in (os.listdir(incoming) if os.path.isdir(incoming) else [])]
+    for path, writer in found:
+        if _gone(writer):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass                    # removed meanwhile, or not a file: left for a person
+
+
 def take(req):
     folder = req["dir"]
     os.makedirs(folder, exist_ok=True)
+    sweep(folder)
     stored, _ = stored_snapshots(folder)
     state = read_state(req, stored)
     if req.get("reuse") and stored and stored[-1].get("state") == state:

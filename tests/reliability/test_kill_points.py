@@ -4,7 +4,8 @@ checked as it was left and the command run again, which must converge:
 
 - as left: no partial file at a final path (every model file, wheel, workflow and the plugin
   checkout is either absent or whole and right);
-- after the second run: every model file has its checksum, no `.part`, no `*.provision-tmp`,
+- after the second run: every model file has its checksum, no `.part`, no `*.provision-tmp`
+  (nor a killed snapshot's temporary files),
   nothing owed, nothing left to do, and the running ComfyUI lists the Nunchaku nodes and loaded
   the backend the venv holds (a restart owed by the killed run was performed: plan/owed.py).
 
@@ -132,9 +133,12 @@ def partial_files(lab: Lab, host: LabHost) -> list[str]:
 
 def leftovers(host: LabHost) -> list[str]:
     root = host.sandbox.root
+    snapshots = host.comfy / ".provision" / "snapshots"
     return [str(p.relative_to(root)) for p in root.rglob("*")
             if (p.name.endswith((".part", ".provision-tmp", ".provision-tmp.disabled"))
-                and ".provision-sandbox" not in p.parts)]
+                and ".provision-sandbox" not in p.parts)
+            or (p.parent == snapshots and p.name.endswith(".tmp"))          # a killed snapshot's
+            or p.parent == snapshots / "wheels" / ".incoming"]
 
 
 def not_converged(lab: Lab, host: LabHost) -> list[str]:
