@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 from provisioner import remote
 from provisioner.connection import supervised
 from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback,
                                          Result, Stats, put_through_stdin)
 from provisioner.connection.supervised import GRACE_S
-from provisioner.errors import CommandError
 
 # One separator per network: the format of the brief glues several IPs together.
 INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
@@ -57,18 +57,8 @@ class DockerConnection:
             pass                        # the inner connection is gone: driving the pipe says why
         return pipe, (relay, *outer)
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
-            env: Mapping[str, str] | None = None, timeout: float | None = None,
-            idle_timeout: float | None = None, check: bool = True,
-            stdout_callback: Callable[[str], None] | None = None) -> Result:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
-                                outer=outer, stdin=stdin, env=env, timeout=timeout,
-                                idle_timeout=idle_timeout, on_line=stdout_callback)
-        if check and not result.ok:
-            raise CommandError(self.name, result)
-        return result
+    def run(self, argv: Sequence[str], **options: Any) -> Result:
+        return supervised.run(self, argv, **options)
 
     def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
         put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)
@@ -92,9 +82,7 @@ class DockerConnection:
         return self._ip
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+        return supervised.hold(self, argv)
 
     def lost(self) -> str | None:
         return self.inner.lost()

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from provisioner import remote
 from provisioner.connection import supervised
@@ -59,23 +59,11 @@ class LocalConnection:
             self._running.add(pipe)
         return pipe, ()
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
-            env: Mapping[str, str] | None = None, timeout: float | None = None,
-            idle_timeout: float | None = None, check: bool = True,
-            stdout_callback: Callable[[str], None] | None = None) -> Result:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
-                                outer=outer, stdin=stdin, env=env, timeout=timeout,
-                                idle_timeout=idle_timeout, on_line=stdout_callback)
-        if check and not result.ok:
-            raise CommandError(self.name, result)
-        return result
+    def run(self, argv: Sequence[str], **options: Any) -> Result:
+        return supervised.run(self, argv, **options)
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+        return supervised.hold(self, argv)
 
     def abort(self, reason: str) -> None:
         """End every running command's stdin: their supervisors stop them."""

@@ -13,9 +13,9 @@ import posixpath
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
@@ -80,23 +80,11 @@ class SshConnection:
             raise ConnectError(self.lost() or f"{self.name}: connection lost: {reason(err)}") from None
         return _ChannelPipe(chan), ()
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
-            env: Mapping[str, str] | None = None, timeout: float | None = None,
-            idle_timeout: float | None = None, check: bool = True,
-            stdout_callback: Callable[[str], None] | None = None) -> Result:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        result = supervised.run(pipe, self.name, argv, heartbeat=self.heartbeat, lost=self.lost,
-                                outer=outer, stdin=stdin, env=env, timeout=timeout,
-                                idle_timeout=idle_timeout, on_line=stdout_callback)
-        if check and not result.ok:
-            raise CommandError(self.name, result)
-        return result
+    def run(self, argv: Sequence[str], **options: Any) -> Result:
+        return supervised.run(self, argv, **options)
 
     def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
-        argv = tuple(argv)
-        pipe, outer = self.launch(argv)
-        return supervised.hold(pipe, argv, heartbeat=self.heartbeat, lost=self.lost, outer=outer)
+        return supervised.hold(self, argv)
 
     def abort(self, reason: str) -> None:
         """Close the connection under everything running on it: sshd ends each supervisor's stdin,

@@ -20,12 +20,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from provisioner import remote
-from provisioner.connection.base import Frame, Heartbeat, Pipe, Result, signal_number
-from provisioner.errors import ConnectError
+from provisioner.connection.base import Connection, Frame, Heartbeat, Pipe, Result, signal_number
+from provisioner.errors import CommandError, ConnectError
 
 GRACE_S = 5.0       # a stopped group's time between SIGTERM and SIGKILL; a holder's time to let go
 EOF_WAIT_S = 2.0    # after the exit status, for the streams to end (a daemon it started may hold them)
@@ -70,10 +70,32 @@ class Lines:
         return not self.over
 
 
-def run(pipe: Pipe, host: str, argv: tuple[str, ...], *, heartbeat: Heartbeat,
-        lost: Callable[[], str | None], outer: Sequence[Frame] = (), stdin: bytes | None = None,
+def run(conn: Connection, argv: Sequence[str], *, stdin: bytes | None = None,
         env: Mapping[str, str] | None = None, timeout: float | None = None,
-        idle_timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> Result:
+        idle_timeout: float | None = None, check: bool = True,
+        stdout_callback: Callable[[str], None] | None = None) -> Result:
+    """`Connection.run` of every transport (base.py says what each argument does): the supervisor
+    started by `conn.launch`, driven to its end."""
+    argv = tuple(argv)
+    pipe, outer = conn.launch(argv)
+    result = _drive(pipe, conn.name, argv, heartbeat=conn.heartbeat, lost=conn.lost, outer=outer, stdin=stdin,
+                    env=env, timeout=timeout, idle_timeout=idle_timeout, on_line=stdout_callback)
+    if check and not result.ok:
+        raise CommandError(conn.name, result)
+    return result
+
+
+def hold(conn: Connection, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    """`Connection.hold` of every transport: the supervisor started by `conn.launch`, kept."""
+    argv = tuple(argv)
+    pipe, outer = conn.launch(argv)
+    return _keep(pipe, argv, heartbeat=conn.heartbeat, lost=conn.lost, outer=outer)
+
+
+def _drive(pipe: Pipe, host: str, argv: tuple[str, ...], *, heartbeat: Heartbeat,
+           lost: Callable[[], str | None], outer: Sequence[Frame] = (), stdin: bytes | None = None,
+           env: Mapping[str, str] | None = None, timeout: float | None = None,
+           idle_timeout: float | None = None, on_line: Callable[[str], None] | None = None) -> Result:
     """Run `argv` under the supervisor `pipe` leads to; `outer`: the frames of supervisors that
     relay to it (a docker exec's), innermost first. `lost()` says why the connection went, if it did."""
     frame = Frame()
@@ -181,8 +203,8 @@ def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: byte
 
 
 @contextmanager
-def hold(pipe: Pipe, argv: tuple[str, ...], *, heartbeat: Heartbeat, lost: Callable[[], str | None],
-         outer: Sequence[Frame] = ()) -> Iterator[Iterator[str]]:
+def _keep(pipe: Pipe, argv: tuple[str, ...], *, heartbeat: Heartbeat, lost: Callable[[], str | None],
+          outer: Sequence[Frame] = ()) -> Iterator[Iterator[str]]:
     """Keep `argv` running for the block; yields its stdout lines. Leaving the block ends its
     stdin (it may end by itself, and is stopped `GRACE_S` later); so does losing the controller."""
     frame = Frame()
