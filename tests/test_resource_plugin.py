@@ -309,10 +309,10 @@ def test_real_missing_tag_is_refused_with_the_nearest(tmp_path: Path, upstream: 
     for profile in (real_profile(tmp_path, upstream, tag="v1.3.0"),):     # no checkout yet: ls-remote
         with pytest.raises(PlanError) as err:
             plugin.plan(profile, real_facts(profile))
-        assert str(err.value) == f"plugin.tag v1.3.0 does not exist in {upstream}: pin one of its tags; available: v1.1.0, v1.0.0"
+        assert str(err.value) == f"plugin.tag v1.3.0 is not a tag of {upstream}: pin one of its tags; available: v1.1.0, v1.0.0"
     apply(real_profile(tmp_path, upstream))
     typo = real_profile(tmp_path, upstream, tag="v1.1")                   # a checkout lacking it: ls-remote
-    with pytest.raises(PlanError, match=r"plugin.tag v1.1 does not exist in .*: pin one of its tags; available: v1.1.0, v1.0.0$"):
+    with pytest.raises(PlanError, match=r"plugin.tag v1.1 is not a tag of .*: pin one of its tags; available: v1.1.0, v1.0.0$"):
         plugin.plan(typo, real_facts(typo))
 
 

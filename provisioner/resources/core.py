@@ -25,7 +25,7 @@ from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
 from provisioner.resources.hold import hold_step
-from provisioner.resources.plugin import git, nearest_tags, same_repo
+from provisioner.resources.plugin import git, same_repo, tag_check
 
 name = "core"
 REQUIREMENTS = "requirements.txt"
@@ -111,24 +111,12 @@ def target(profile: Profile, facts: Facts) -> Target | None:
 
 
 def _tag_check(profile: Profile, facts: Facts) -> Note | None:
-    """PlanError when the repository lacks the pinned tag; a Note when it could not be asked."""
     spec = profile.comfyui
     assert spec.version is not None
-    answer = facts.remote_tags.get((spec.root, spec.repo, spec.version))
     if is_commit(spec.version):
         return None
-    if answer is None or answer.local:
-        return None
-    if answer.tags is None:
-        return Note(name, f"could not list the tags of {spec.repo} from the host ({answer.error}): "
-                          f"comfyui.version {spec.version} is only checked when apply fetches it")
-    if spec.version not in answer.tags:
-        near = nearest_tags(spec.version, answer.tags)
-        what = f"comfyui.version {spec.version} is not a tag of {spec.repo}"
-        if not near:
-            raise PlanError(f"{what}, which has no tags: pin a commit")
-        raise PlanError(f"{what} (a branch is never pinned): pin one of its tags or a commit", near)
-    return None
+    return tag_check(name, "comfyui.version", spec.version, spec.repo,
+                     facts.remote_tags.get((spec.root, spec.repo, spec.version)), or_commit=True)
 
 
 # -- requirements.txt ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from packaging.version import Version
 from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
-from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.facts.model import Facts, GitCheckout, Probe, RemoteTags
 from provisioner.resources import retention
 from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
 
@@ -54,21 +54,23 @@ def nearest_tags(tag: str, tags: Sequence[str], limit: int = 5) -> list[str]:
     return sorted(picked, key=lambda t: plugin_version(t) or Version("0"), reverse=True)
 
 
-def _tag_check(profile: Profile, facts: Facts) -> Note | None:
-    """PlanError when the repository does not have the pinned tag; a Note when it could not be asked."""
-    spec = profile.plugin
-    answer = facts.remote_tags.get((path(profile), spec.repo, spec.tag))
+def tag_check(resource: str, key: str, tag: str, repo: str, answer: RemoteTags | None, *,
+              or_commit: bool = False) -> Note | None:
+    """PlanError when `repo` lacks the tag the setting `key` pins; a Note (of `resource`) when the
+    host could not ask it. `or_commit`: the setting takes a commit as well."""
     if answer is None or answer.local:
         return None
     if answer.tags is None:
-        return Note(name, f"could not list the tags of {spec.repo} from the host ({answer.error}): "
-                          f"plugin.tag {spec.tag} is only checked when apply fetches it")
-    if spec.tag not in answer.tags:
-        near = nearest_tags(spec.tag, answer.tags)
-        if not near:
-            raise PlanError(f"plugin.tag {spec.tag} does not exist in {spec.repo}, which has no tags")
-        raise PlanError(f"plugin.tag {spec.tag} does not exist in {spec.repo}: pin one of its tags", near)
-    return None
+        return Note(resource, f"could not list the tags of {repo} from the host ({answer.error}): "
+                              f"{key} {tag} is only checked when apply fetches it")
+    if tag in answer.tags:
+        return None
+    what = f"{key} {tag} is not a tag of {repo}"
+    near = nearest_tags(tag, answer.tags)
+    if not near:
+        raise PlanError(f"{what}, which has no tags" + (": pin a commit" if or_commit else ""))
+    raise PlanError(what + (" (a branch is never pinned): pin one of its tags or a commit" if or_commit
+                            else ": pin one of its tags"), near)
 
 
 def git(where: str, *args: str) -> tuple[str, ...]:
@@ -140,7 +142,7 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
     co = facts.git.get(dest)
     if co is None:
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
-    note = _tag_check(profile, facts)
+    note = tag_check(name, "plugin.tag", spec.tag, spec.repo, facts.remote_tags.get((dest, spec.repo, spec.tag)))
     notes = (note,) if note else ()
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
