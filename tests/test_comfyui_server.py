@@ -207,7 +207,7 @@ def test_websocket_messages_follow_comfyui_order_and_shapes(server: ComfyServer)
         # The same prompt again: every node from cache, at once, same image (ComfyUI's behaviour).
         again = client.wait(client.queue_prompt(graph), 20)
         assert set(again.cached_nodes) == set(graph) and again.images == done.images
-        assert again.seconds is not None and again.seconds < 0.1
+        assert again.seconds is not None and again.seconds < 0.3           # no cold load, no steps
         client.free(unload_models=True, free_memory=True)
         time.sleep(0.2)
         assert json.loads((server.root.parent / "gpu-state.json").read_text())["memory_used_mib"] == 256
