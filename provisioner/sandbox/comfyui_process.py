@@ -182,35 +182,40 @@ def pid(root: Path) -> int | None:
     """The running stand-in's PID, None when it is not running."""
     try:
         number = int((root / PIDFILE).read_text())
-        os.kill(number, 0)
     except (OSError, ValueError):
         return None
-    try:                                           # a zombie of ours (we started it) is not running
-        done, _ = os.waitpid(number, os.WNOHANG)
+    return number if _running(number) else None
+
+
+def _running(number: int) -> bool:
+    """Whether the process runs: a zombie (ended, not yet reaped by whoever is its parent now) does not."""
+    try:
+        os.waitpid(number, os.WNOHANG)                 # ours: reaped here
     except ChildProcessError:
-        done = 0
-    return None if done else number
+        pass
+    try:
+        with open(f"/proc/{number}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def stop(root: Path) -> None:
+    """SIGTERM, SIGKILL 5 s later if need be; returns once the process has ended (its port is free)."""
     pidfile = root / PIDFILE
     if not pidfile.exists():
         return
     number = int(pidfile.read_text())
-    try:
-        os.kill(number, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(number, 0)
-            try:
-                if os.waitpid(number, os.WNOHANG)[0]:
-                    break
-            except ChildProcessError:
-                pass
-            time.sleep(0.05)
-        else:
-            os.kill(number, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(number, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 5
+        while _running(number) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _running(number):
+            break
     pidfile.unlink(missing_ok=True)
 
 
