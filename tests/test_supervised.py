@@ -42,6 +42,23 @@ def gone(marker: str) -> Callable[[], bool]:
     return check
 
 
+def running_on_a_thread(conn: Connection, marker: str) -> tuple[threading.Thread, list[Result | BaseException]]:
+    """`conn.run` of a long command (`sleeper(marker)`) on a thread of its own, returned once the
+    command runs on the host, with the list its Result or its error will be put in."""
+    outcome: list[Result | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(conn.run(sleeper(marker)))
+        except BaseException as err:  # noqa: BLE001 - what the test looks at
+            outcome.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_until(lambda: bool(processes_with(marker)), 10)
+    return worker, outcome
+
+
 @pytest.fixture(params=["ssh", "local", "docker"])
 def connect(request: pytest.FixtureRequest, sshd_hosts: Callable[..., list[SshdHost]], tmp_path: Path,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Connection]]:
@@ -215,17 +232,7 @@ def test_a_partitioned_controller_leaves_nothing_running_and_no_lock(controller:
 
 def test_abort_stops_what_runs_and_every_later_call(connect: Callable[[], Connection]) -> None:
     conn, marker = connect(), f"provision-test-{uuid.uuid4()}"
-    outcome: list[Result | BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(conn.run(sleeper(marker)))
-        except BaseException as err:  # noqa: BLE001 - what the test looks at
-            outcome.append(err)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    wait_until(lambda: bool(processes_with(marker)), 10)
+    worker, outcome = running_on_a_thread(conn, marker)
     conn.abort("box: interrupted (Ctrl-C)")
     worker.join(10)
     assert not worker.is_alive()
@@ -244,17 +251,7 @@ def test_a_frozen_host_is_found_out_by_the_heartbeat(sshd_hosts: Callable[..., l
     server, = sshd_hosts(1)
     conn = open_connection(server.host(), server.options(heartbeat_s=HEARTBEAT_S))
     marker = f"provision-test-{uuid.uuid4()}"
-    outcome: list[Result | BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(conn.run(sleeper(marker)))
-        except BaseException as err:  # noqa: BLE001 - what the test looks at
-            outcome.append(err)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    wait_until(lambda: bool(processes_with(marker)), 10)
+    worker, outcome = running_on_a_thread(conn, marker)
     try:
         with server.frozen() as pids:
             assert pids
