@@ -292,6 +292,17 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def listening(port: int) -> list[str]:
+    """The addresses something listens on at `port`, from this machine's /proc/net/tcp{,6}."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
+                found.append(cols[1].split(":")[0])
+    return found
+
+
 def processes_with(marker: str) -> list[int]:
     """Live processes (not zombies) whose command line holds `marker`: what a test left running
     on the host (every test host is this machine)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
+from sshd import listening
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +51,6 @@ def git(host: LabHost, *args: str) -> str:
 def starts(host: LabHost, unit: str = "comfyui") -> int:
     """How many times the service manager started the unit's process."""
     return host.journal(unit).count(f"Started {unit}.service.")
-
-
-def listening(port: int) -> list[str]:
-    """The addresses something listens on at `port`, from this machine's /proc/net/tcp{,6}."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            cols = row.split()
-            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
-                found.append(cols[1].split(":")[0])
-    return found
 
 
 LOOPBACK_V4 = "0100007F"          # 127.0.0.1 as /proc/net/tcp writes it

@@ -16,6 +16,7 @@ import pytest
 import upstream
 from lab import Lab, mtimes, tree_state
 from realhost import BareRealHost
+from sshd import listening
 
 from provisioner.sandbox.wheels import build_package_wheelhouse
 
@@ -36,16 +37,6 @@ def overlay(host: BareRealHost, version: str, comfyui_repo: Path, wheels: Path, 
         "workflow": {"template_dir": str(TEMPLATES), "templates": ["invert.json.j2"]},
         "verify": {"family_nodes": False, "warm_runs": 1},
     }
-
-
-def listening(port: int) -> list[str]:
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            cols = row.split()
-            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
-                found.append(cols[1].split(":")[0])
-    return found
 
 
 def test_a_bare_host_gets_real_comfyui_in_one_apply_then_moves_it_as_one_change(
