@@ -111,6 +111,7 @@ def target(profile: Profile, facts: Facts) -> Target | None:
 
 
 def _tag_check(profile: Profile, facts: Facts) -> Note | None:
+    """plugin.tag_check for comfyui.version; a commit needs none."""
     spec = profile.comfyui
     assert spec.version is not None
     if is_commit(spec.version):
