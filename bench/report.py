@@ -107,35 +107,31 @@ def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None
     by_key = {(r.hosts, r.case, r.tool): r for r in results}
     lines = ["| goal | measured | |", "|---|---|---|"]
 
-    def near_floor(n: int, case: str, allowance: float) -> None:
-        floor, mine = by_key.get((n, "floor", "ssh true")), by_key.get((n, case, "provision"))
-        if floor and mine:
-            gap = mine.median_s - floor.median_s
-            lines.append(f"| {CASE_TITLES[case]}, {n} host{'s' * (n != 1)}: within {allowance:g} s of the "
-                         f"`ssh true` floor | {mine.median_s:.2f} s vs {floor.median_s:.2f} s: +{gap:.2f} s "
-                         f"| {'met' if gap <= allowance else '**missed**'} |")
+    def goal(text: str, measured: str, met: bool) -> None:
+        lines.append(f"| {text} | {measured} | {'met' if met else '**missed**'} |")
 
     for n, allowance in ((1, 0.25), (10, 0.5)):
         for case in ("noop", "plan"):
-            near_floor(n, case, allowance)
+            floor, mine = by_key.get((n, "floor", "ssh true")), by_key.get((n, case, "provision"))
+            if floor and mine:
+                gap = mine.median_s - floor.median_s
+                goal(f"{CASE_TITLES[case]}, {n} host{'s' * (n != 1)}: within {allowance:g} s of the `ssh true` floor",
+                     f"{mine.median_s:.2f} s vs {floor.median_s:.2f} s: +{gap:.2f} s", gap <= allowance)
     for r in results:
         if r.hosts >= 50 and r.case in ("noop", "plan") and r.tool == "provision":
             peak = max(r.peak_mb)
-            ok = r.median_s < 3 and peak < 150
-            lines.append(f"| {CASE_TITLES[r.case]}, {r.hosts} hosts: under 3 s, peak RSS under 150 MB "
-                         f"| {r.median_s:.2f} s, {peak:.0f} MB (floor {by_key[(r.hosts, 'floor', 'ssh true')].median_s:.2f} s) "
-                         f"| {'met' if ok else '**missed**'} |")
+            goal(f"{CASE_TITLES[r.case]}, {r.hosts} hosts: under 3 s, peak RSS under 150 MB",
+                 f"{r.median_s:.2f} s, {peak:.0f} MB (floor {by_key[(r.hosts, 'floor', 'ssh true')].median_s:.2f} s)",
+                 r.median_s < 3 and peak < 150)
     if throughput:
         ratio = throughput["push_ratio"]
-        lines.append(f"| push {throughput['mib']} MiB at ≥ 90 % of scp | {ratio * 100:.0f} % "
-                     f"| {'met' if ratio >= 0.9 else '**missed**'} |")
+        goal(f"push {throughput['mib']} MiB at ≥ 90 % of scp", f"{ratio * 100:.0f} %", ratio >= 0.9)
     if download:
         ratio = download["fetch_vs_curl"]
-        lines.append(f"| download {download['mib']} MiB within 10 % of curl | {ratio * 100:.0f} % of curl's "
-                     f"throughput ({download['fetch_vs_curl_sync'] * 100:.0f} % of curl + sync) "
-                     f"| {'met' if ratio >= 1 / 1.1 else '**missed**'} |")
+        goal(f"download {download['mib']} MiB within 10 % of curl",
+             f"{ratio * 100:.0f} % of curl's throughput ({download['fetch_vs_curl_sync'] * 100:.0f} % of curl + sync)",
+             ratio >= 1 / 1.1)
     if verify:
         over = verify["median_overhead_s"]
-        lines.append(f"| `provision verify` overhead beyond the generations under 1 s per host | {over:.2f} s "
-                     f"| {'met' if over < 1 else '**missed**'} |")
+        goal("`provision verify` overhead beyond the generations under 1 s per host", f"{over:.2f} s", over < 1)
     return "\n".join(lines)
