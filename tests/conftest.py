@@ -13,7 +13,7 @@ import pytest
 import smallfs
 from sshd import SSHD, SshdFleet, SshdHost
 
-from provisioner.config.verdicts import CACHE_ENV
+from provisioner.config.records import CACHE_ENV
 
 @pytest.fixture(scope="module", autouse=True)
 def _control_cache_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.config.verdicts import CACHE_ENV
+from provisioner.config.records import CACHE_ENV
 from provisioner.resources import hub_cache
 
 C1, C2 = "1" * 40, "2" * 40

@@ -1,4 +1,4 @@
-"""Where provision keeps its records on the control machine, and the schema verdicts recorded there.
+"""The schema verdicts recorded on the control machine (config/records.py says where).
 
 A profile or inventory that passed its JSON Schema is recorded as an empty file named by the
 sha256 of provision's version, the schema and the document, under `$PROVISION_CACHE_DIR/valid/` (default
@@ -11,22 +11,10 @@ with problems is validated on every run, to report them; the semantic checks alw
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 from typing import Any
 
 from provisioner import __version__
-
-CACHE_ENV = "PROVISION_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "provision")
-
+from provisioner.config.records import cache_dir
 
 def digest(schema_text: str, data: Any) -> str:
     h = hashlib.sha256(f"{__version__}\0{schema_text}\0".encode())

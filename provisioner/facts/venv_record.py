@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from provisioner.config.verdicts import cache_dir
+from provisioner.config.records import cache_dir
 
 
 def _file(host: str, python: str) -> Path:

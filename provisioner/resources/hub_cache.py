@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from provisioner.config.verdicts import cache_dir
+from provisioner.config.records import cache_dir
 
 try:
     import fcntl

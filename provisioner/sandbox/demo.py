@@ -19,7 +19,7 @@ from rich.console import Console
 
 from provisioner import cli
 from provisioner.errors import ProvisionError
-from provisioner.config.verdicts import CACHE_ENV
+from provisioner.config.records import CACHE_ENV
 from provisioner.sandbox import comfyui_process
 from provisioner.sandbox.host import make_sandbox_host
 from provisioner.sandbox.world import start_world, write_yaml
