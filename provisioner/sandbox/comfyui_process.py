@@ -96,16 +96,24 @@ def detect(root: Path) -> tuple[bool, bool]:
     return plugin_dir(root) is not None, backend_version(root / "venv") is not None
 
 
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all, as a service manager keeps its state: a restart killed mid-write (the
+    controller's supervisor stops it) must leave the next one a readable port and pid."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def set_args(root: Path, extra: tuple[str, ...]) -> None:
     """Stand-in flags for this checkout's next starts (e.g. --die-at-start, --startup-s)."""
     (root / ARGSFILE).parent.mkdir(parents=True, exist_ok=True)
-    (root / ARGSFILE).write_text(json.dumps(list(extra)))
+    _write(root / ARGSFILE, json.dumps(list(extra)))
 
 
 def set_host_args(root: Path, extra: tuple[str, ...]) -> None:
     """Stand-in flags for the main.py of whatever checkout `root` will be (a bare host's, which
     provision clones): kept beside it, so the root itself stays absent."""
-    (root.parent / HOST_ARGSFILE).write_text(json.dumps(list(extra)))
+    _write(root.parent / HOST_ARGSFILE, json.dumps(list(extra)))
 
 
 def found_args(root: Path, venv: Path) -> list[str]:
@@ -147,8 +155,8 @@ def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[
     with open(root / LOGFILE, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=root)
-    (root / PIDFILE).write_text(str(proc.pid))
-    (root / PORTFILE).write_text(str(port))
+    _write(root / PIDFILE, str(proc.pid))
+    _write(root / PORTFILE, str(port))
     set_args(root, extra)
     if wait:
         _wait_ready(port, proc, root / LOGFILE)
