@@ -474,3 +474,39 @@ def test_the_queue_and_the_cache_as_comfyui_keeps_them(server: ComfyServer) -> N
     assert [i[1] for i in queue["queue_running"]] == [slow] and [i[1] for i in queue["queue_pending"]] == [pending[1]]
     client.wait(slow, 20)
     assert client._json("GET", f"/history/{pending[0]}") == {}           # deleted: never run
+
+
+@pytest.mark.parametrize(("version", "flag", "error"), [
+    ("0.4.0", "--loader-error", "AttributeError: 'ModelPatcher' object has no attribute 'pinned'"),
+    ("0.23.0", "--dit-import-error",
+     "ImportError: cannot import name 'apply_rotary_emb' from 'comfy.ldm.qwen_image.model'"),
+])
+def test_the_broken_cores_of_2026_as_the_stand_in_serves_them(tmp_path: Path, version: str, flag: str,
+                                                              error: str) -> None:
+    """A checkout at core 0.4.0 (ModelPatcher.pinned, Comfy-Org/ComfyUI#11235) or 0.23.0 (apply_rotary_emb
+    moved, ComfyUI-nunchaku#820) with plugin v1.2.1: the stand-in reports that version and breaks as
+    the real pair did: the loader fails when it runs, or is never registered."""
+    from provisioner.sandbox import comfyui_process
+    from provisioner.sandbox.gitrepo import plugin_tree
+    from provisioner.sandbox.host import comfyui_files
+    root = tmp_path / "ComfyUI"
+    tree = {**comfyui_files(version), **{f"custom_nodes/ComfyUI-nunchaku/{k}": v for k, v in plugin_tree("1.2.1").items()}}
+    for rel, text in tree.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    argv = comfyui_process.found_args(root, root / "venv")
+    assert argv[argv.index(flag) + 1] == error and argv[argv.index("--comfyui-version") + 1] == version
+    other = {"--loader-error", "--dit-import-error"} - {flag}
+    assert not other & set(argv)
+    srv = start_comfyui(root=root, comfyui_version=version,
+                        **{flag.removeprefix("--").replace("-", "_"): error})   # type: ignore[arg-type]
+    try:
+        client = ComfyClient(srv.url)
+        assert client.system_stats()["system"]["comfyui_version"] == version
+        registered = "NunchakuQwenImageDiTLoader" in client.object_info()
+        assert registered == (flag == "--loader-error")
+        if not registered:
+            assert any(f"Node `NunchakuQwenImageDiTLoader` import failed: {error}" in line for line in srv.state.logs
+                       for line in [line["m"]])
+    finally:
+        srv.stop()

@@ -18,12 +18,14 @@ from provisioner.facts.model import Facts
 from provisioner.facts.parse import parse_facts
 from provisioner.resources import compat
 
-# The two shapes of ComfyUI core's class (0.3.64 vs a core with Qwen-Image-Layered support).
-OLD_CORE = '''class QwenTimestepProjEmbeddings(nn.Module):
+# The two shapes of ComfyUI core's class (0.3.64 vs a core with Qwen-Image-Layered support); both
+# define apply_rotary_emb, which the plugin imports from the same file (until core 0.23 moved it).
+ROTARY = "def apply_rotary_emb(x, freqs_cis):\n    return x\n\n\n"
+OLD_CORE = ROTARY + '''class QwenTimestepProjEmbeddings(nn.Module):
     def __init__(self, embedding_dim, pooled_projection_dim, dtype=None, device=None, operations=None):
         super().__init__()
 '''
-NEW_CORE = '''class QwenTimestepProjEmbeddings(nn.Module):
+NEW_CORE = ROTARY + '''class QwenTimestepProjEmbeddings(nn.Module):
     def __init__(self, embedding_dim, pooled_projection_dim, use_additional_t_cond=False, dtype=None,
                  device=None, operations=None):
         super().__init__()
@@ -121,7 +123,7 @@ def test_without_the_core_file_the_version_table_decides(tmp_path: Path, version
         return
     (note,) = compat.plan(profile, facts).notes
     assert "decided from the ComfyUI version 0.7.0 (> 0.3.48 has comfy/ldm/qwen_image; >= 0.6.0 has " \
-           "use_additional_t_cond)" in note.message
+           "use_additional_t_cond; 0.23.0 up to 0.24.0 lacks apply_rotary_emb)" in note.message
 
 
 # The three real cores: 0.3.48 (no comfy/ldm/qwen_image), 0.3.59-like (Qwen-Image but not the
@@ -175,6 +177,80 @@ def test_probe_asks_for_the_signature_and_the_version(tmp_path: Path) -> None:
     probe = compat.probe(make_profile(tmp_path, "v1.2.0"))
     model = f"{tmp_path}/comfy/ldm/qwen_image/model.py"
     nodes = f"{tmp_path}/comfy_extras/nodes_qwen.py"
-    assert probe.grep == ((model, "use_additional_t_cond"), (nodes, "TextEncodeQwenImageEditPlus"))
+    assert probe.grep == ((model, "use_additional_t_cond"), (model, "apply_rotary_emb"),
+                          (nodes, "TextEncodeQwenImageEditPlus"))
     assert model in probe.stat
     assert f"{tmp_path}/comfyui_version.py" in probe.read
+
+
+# -- the cores of December 2026 (catalog/cores.py; upstream facts checked 2026-12-07) -------------------
+
+# Core 0.23's comfy/ldm/qwen_image/model.py: apply_rotary_emb moved out (ComfyUI-nunchaku#820, #822).
+MOVED_CORE = NEW_CORE.removeprefix(ROTARY)
+
+
+def test_a_core_without_apply_rotary_emb_is_refused_with_its_thread(tmp_path: Path) -> None:
+    profile = make_profile(comfy_root(tmp_path, "0.23.0", MOVED_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    with pytest.raises(PlanError) as err:
+        compat.plan(profile, real_facts(profile))
+    assert str(err.value) == (
+        "ComfyUI-nunchaku v1.2.1 on ComfyUI 0.23.0 is known broken: ImportError: cannot import name "
+        "'apply_rotary_emb' from 'comfy.ldm.qwen_image.model' (the DiT loader does not register) "
+        "(ComfyUI-nunchaku#820, #822; fixed in core by Comfy-Org/ComfyUI PR #14364 (2026-06-09)): pin "
+        "comfyui.version to a core that has it (v0.19.0, or a release with PR #14364)")
+
+
+def test_the_source_not_the_number_decides_apply_rotary_emb(tmp_path: Path) -> None:
+    """A 0.23.x core that has the symbol back (PR #14364) is not refused: its file is read."""
+    profile = make_profile(comfy_root(tmp_path, "0.23.1", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    (note,) = compat.plan(profile, real_facts(profile)).notes
+    assert "comfy/ldm/qwen_image/model.py has apply_rotary_emb, which the plugin imports from it (read from " \
+           "its source)" in note.message
+
+
+def test_core_040_is_refused_for_modelpatcher_pinned(tmp_path: Path) -> None:
+    profile = make_profile(comfy_root(tmp_path, "0.4.0", OLD_CORE), "v1.1.0")
+    with pytest.raises(PlanError) as err:
+        compat.plan(profile, real_facts(profile))
+    assert str(err.value) == (
+        "ComfyUI-nunchaku v1.1.0 on ComfyUI 0.4.0 is known broken: AttributeError: 'ModelPatcher' object has no "
+        "attribute 'pinned' (Comfy-Org/ComfyUI#11235): pin comfyui.version v0.3.64 (with plugin.tag v1.1.0) "
+        "or v0.6.0 or newer")
+
+
+def test_the_newest_core_is_planned_with_what_was_and_was_not_checked(tmp_path: Path) -> None:
+    profile = make_profile(comfy_root(tmp_path, "0.47.1", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    (note,) = compat.plan(profile, real_facts(profile)).notes
+    assert note.level == "warning"
+    assert note.message == (
+        "ComfyUI 0.47.1 came after v0.8.0, the last core before ComfyUI-nunchaku v1.2.1 (2026-01-26), which "
+        "upstream has not adapted to it: checked: comfy/ldm/qwen_image is there; QwenTimestepProjEmbeddings "
+        "takes use_additional_t_cond; comfy/ldm/qwen_image/model.py has apply_rotary_emb, which the plugin "
+        "imports from it (read from its source); not the ModelPatcher.pinned break of core v0.4.0 "
+        "(Comfy-Org/ComfyUI#11235; judged from the version number); not checked: ComfyUI-nunchaku#801 "
+        "(\"Nunchaku broken again\" after core commit f8acd9c, ~0.12; the plugin's fix #732 is unmerged), and "
+        "any other core change since: apply with --verify-gate, which rolls back a host whose generations fail")
+
+
+def test_a_core_newer_than_the_catalog_says_so(tmp_path: Path) -> None:
+    profile = make_profile(comfy_root(tmp_path, "0.48.0", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    (note,) = compat.plan(profile, real_facts(profile)).notes
+    assert note.message.startswith("ComfyUI 0.48.0 is newer than any release the catalog knows (v0.47.1, "
+                                   "checked 2026-12-07): checked: ")
+    assert "--verify-gate" in note.message
+
+
+def test_a_core_the_plugin_tag_was_made_for_gets_no_warning(tmp_path: Path) -> None:
+    profile = make_profile(comfy_root(tmp_path, "0.8.0", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    assert compat.plan(profile, real_facts(profile)).notes == ()
+
+
+def test_core_catalog_facts() -> None:
+    from provisioner.catalog import cores
+    assert cores.NEWEST.tag == "v0.47.1" and cores.NEWEST.date == "2026-12-02"
+    tags = [r.tag for r in cores.CORE_RELEASES]
+    assert tags == sorted(tags, key=lambda t: Version(t[1:]))
+    assert cores.last_adapted("v1.1.0").tag == "v0.6.0"     # v1.1.0: 2025-12-26
+    assert cores.last_adapted("v1.2.1").tag == "v0.8.0"
+    assert cores.last_adapted("v9.9.9") is None
+    assert cores.CONVROT_CORE == Version("0.27.0")

@@ -194,7 +194,8 @@ def core_facts(co: GitCheckout, shown: dict[str, str | None], *, local: bool | N
     files = {f"{ROOT}/comfy/ldm/qwen_image/model.py": FileState(f"{ROOT}/comfy/ldm/qwen_image/model.py", True),
              f"{ROOT}/comfy_extras/nodes_qwen.py": FileState(f"{ROOT}/comfy_extras/nodes_qwen.py", True)}
     return replace(f, files=files, comfyui_version="0.3.60",
-                   greps={(f"{ROOT}/comfy_extras/nodes_qwen.py", "TextEncodeQwenImageEditPlus"): True},
+                   greps={(f"{ROOT}/comfy_extras/nodes_qwen.py", "TextEncodeQwenImageEditPlus"): True,
+                          (f"{ROOT}/comfy/ldm/qwen_image/model.py", "apply_rotary_emb"): True},
                    shown={(ROOT, f"refs/tags/v0.3.48:{k}"): v for k, v in shown.items()},
                    remote_tags={(ROOT, REPO, "v0.3.48"): RemoteTags(bool(local), tags)})
 
@@ -219,4 +220,5 @@ def test_compat_judges_a_target_not_on_the_host_by_its_number_and_says_so() -> N
                                            remote_tags={(ROOT, REPO, "v0.3.64"): RemoteTags(False, ("v0.3.64",))})).notes
     assert [n.message for n in notes] == [
         "ComfyUI v0.3.64 is not on the host yet: the plugin and the model family are judged from its version number "
-        "(> 0.3.48 has comfy/ldm/qwen_image; >= 0.3.60 has TextEncodeQwenImageEditPlus)"]
+        "(> 0.3.48 has comfy/ldm/qwen_image; 0.23.0 up to 0.24.0 lacks apply_rotary_emb; >= 0.3.60 has "
+        "TextEncodeQwenImageEditPlus)"]

@@ -17,6 +17,7 @@ import posixpath
 
 from packaging.version import InvalidVersion, Version
 
+from provisioner.catalog import cores
 from provisioner.catalog.compat import (CORE_MODEL, EDIT_NODES, FAMILY_NODES, LAST_WITHOUT_QWEN_IMAGE, NEEDLE,
                                         T_COND_CORE, core_incompatibility, family_incompatibility,
                                         incompatibility, needs_t_cond, plugin_version,
@@ -48,7 +49,7 @@ def _family_node(profile: Profile) -> str | None:
 def probe(profile: Profile) -> Probe:
     """The core's files as they are, and, when `comfyui.version` pins it, the same files at that version."""
     model, nodes, version_py, pyproject = _paths(profile)
-    grep: tuple[tuple[str, str], ...] = ((model, NEEDLE),)
+    grep: tuple[tuple[str, str], ...] = ((model, NEEDLE), (model, cores.ROTARY.needle or ""))
     if node := _family_node(profile):
         grep += ((nodes, node),)
     show = tuple(checkout.shown(profile, rel) for rel in RELATIVE) if profile.comfyui.version else ()
@@ -105,6 +106,20 @@ class _Core:
             return needle in (self._text(self._relative(path)) or "")
         return self.facts.greps.get((path, needle), False)
 
+    def broken(self, brk: cores.Break, checked: list[str]) -> bool:
+        """Does this core have `brk`: from its file when it is there, else from its version. What
+        decided it goes to `checked`."""
+        if brk.path is not None and brk.needle is not None:
+            path = posixpath.join(self.profile.comfyui.root, brk.path)
+            if self.exists(path):
+                checked.append(f"{brk.path} has {brk.what} (read from its source)")
+                return not self._contains(path, brk.needle)
+            if brk.since is not None:
+                self.guessed.setdefault(path, []).append(f"{brk.since} up to {brk.fixed} lacks {brk.needle}")
+        found = brk.affects(cores.version_of(self.version))
+        checked.append(f"not the {brk.what} ({brk.thread.split(';')[0]}; judged from the version number)")
+        return found
+
     def has(self, path: str, needle: str | None, floor: Version, what: str, *, inclusive: bool = True) -> bool:
         """Does the core have `what`: `needle` in `path` (or just `path`), else version vs `floor`."""
         if self.exists(path):
@@ -146,7 +161,36 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     if family and (node := _family_node(profile)):
         has = core.has(nodes, node, FAMILY_NODES[family][1], node)
         reasons.append(family_incompatibility(family, has, core.version))
+    checked = ["comfy/ldm/qwen_image is there" if qwen_image else ""]
+    if qwen_image and needs_t_cond(tag):
+        checked.append(f"QwenTimestepProjEmbeddings takes {NEEDLE}")
+    if qwen_image and not any(reasons):
+        for brk in cores.BREAKS:
+            if core.broken(brk, checked):
+                reasons.append(cores.refusal(brk, tag, core.version))
+                break
     found = [r for r in reasons if r]
     if found:
         raise PlanError("; ".join(found))
-    return changes(notes=core.notes)
+    return changes(notes=core.notes + _unknown_ground(tag, core.version, [c for c in checked if c]))
+
+
+def _unknown_ground(tag: str, core: str | None, checked: list[str]) -> list[Note]:
+    """A warning for a core past what the catalog, or this plugin tag, knows: what was checked and
+    what was not."""
+    version = cores.version_of(core)
+    if version is None:
+        return []
+    adapted = cores.last_adapted(tag)
+    if not cores.known(version):
+        why = (f"ComfyUI {core} is newer than any release the catalog knows ({cores.NEWEST.tag}, "
+               f"checked {cores.CHECKED})")
+    elif adapted is not None and version > adapted.version:
+        plugin = cores.plugin_release(tag)
+        why = (f"ComfyUI {core} came after {adapted.tag}, the last core before ComfyUI-nunchaku {tag} "
+               f"({plugin.date if plugin else '?'}), which upstream has not adapted to it")
+    else:
+        return []
+    return [Note(name, f"{why}: checked: {'; '.join(checked)}; not checked: {'; '.join(cores.UNSEEN)}, and "
+                       f"any other core change since: apply with --verify-gate, which rolls back a host whose "
+                       f"generations fail")]

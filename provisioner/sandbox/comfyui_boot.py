@@ -18,7 +18,8 @@ NOT_FOUND = "Nunchaku version: Package 'nunchaku' not found."
 PLUGIN_VERSION = "1.1.0"
 
 
-def banner(device: str, vram_total_mib: int, torch: str, python: str, cpu: bool) -> list[str]:
+def banner(device: str, vram_total_mib: int, torch: str, python: str, cpu: bool,
+           version: str = "0.3.64") -> list[str]:
     """ComfyUI's first lines: memory, torch, the device it picked, versions."""
     return ["Checkpoint files will always be loaded safely.\n",
             f"Total VRAM {vram_total_mib} MB, total RAM 64215 MB\n",
@@ -26,7 +27,7 @@ def banner(device: str, vram_total_mib: int, torch: str, python: str, cpu: bool)
             f"Set vram state to: {'DISABLED' if cpu else 'NORMAL_VRAM'}\n",
             f"Device: {device}\n",
             f"Python version: {python}\n",
-            "ComfyUI version: 0.3.64\n"]
+            f"ComfyUI version: {version}\n"]
 
 
 def _captured_block() -> list[str]:

@@ -9,7 +9,9 @@ nvidia-smi lists (`--cuda-device` in the saved arguments picks another). So a ve
 imported by the venv's own interpreter, as ComfyUI would: a wheel that fails to import (built for
 another torch: `undefined symbol`) registers no loader, and ComfyUI logs why. A plugin from v1.2.0
 on a core whose `QwenTimestepProjEmbeddings` does not take `use_additional_t_cond` (read from the
-core's own signature, not grepped) loads, and its DiT loader fails when a prompt runs it.
+core's own signature, not grepped) loads, and its DiT loader fails when a prompt runs it; so does
+any plugin on core 0.4.0 (`ModelPatcher.pinned`); on a core whose comfy/ldm/qwen_image/model.py lacks
+`apply_rotary_emb` (0.23) the DiT loader's import fails and it is not registered.
 
 `python -m provisioner.sandbox.comfyui_process restart ROOT` is the command a sandbox profile gives
 as `comfyui.restart`: like `systemctl restart` or `docker restart`, it returns as soon as the new
@@ -66,19 +68,52 @@ def backend_import_error(venv: Path) -> str | None:
 
 
 T_COND = "use_additional_t_cond"
+ROTARY = "apply_rotary_emb"
+CORE_MODEL = ("comfy", "ldm", "qwen_image", "model.py")
+
+
+def _numbers(path: Path, pattern: str) -> tuple[int, ...] | None:
+    # Standard library only: a bare host's venv, made by provision, runs this (main.py) and has
+    # no `packaging`. The plugin's and the core's versions are plain X.Y.Z.
+    found = re.search(pattern + r'\s*=\s*"(\d+)\.(\d+)\.(\d+)', path.read_text(), re.M) if path.is_file() else None
+    return tuple(int(x) for x in found.groups()) if found else None
+
+
+def plugin_version(root: Path, folder: str) -> tuple[int, ...] | None:
+    return _numbers(root / "custom_nodes" / folder / "pyproject.toml", "^version")
+
+
+def core_version(root: Path) -> str | None:
+    found = _numbers(root / "comfyui_version.py", "__version__")
+    return ".".join(map(str, found)) if found else None
+
+
+def dit_import_error(root: Path, folder: str) -> str | None:
+    """What importing the plugin's DiT loader raises on this core: v1.0+ imports apply_rotary_emb from
+    comfy/ldm/qwen_image/model.py, which core 0.23 moved away (ComfyUI-nunchaku#820)."""
+    found, core = plugin_version(root, folder), root.joinpath(*CORE_MODEL)
+    if found is None or found < (1, 0, 0) or not core.is_file():
+        return None
+    tree = ast.parse(core.read_text())
+    names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    names |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    if ROTARY in names:
+        return None
+    return f"ImportError: cannot import name '{ROTARY}' from 'comfy.ldm.qwen_image.model'"
 
 
 def loader_error(root: Path, folder: str) -> str | None:
-    """What the plugin's DiT loader raises on this core: from v1.2.0 it passes `use_additional_t_cond`
-    to the core's QwenTimestepProjEmbeddings, which older cores do not take."""
-    meta = root / "custom_nodes" / folder / "pyproject.toml"
-    # Standard library only: a bare host's venv, made by provision, runs this (main.py) and has
-    # no `packaging`. The plugin's own versions are plain X.Y.Z.
-    found = re.search(r'^version\s*=\s*"(\d+)\.(\d+)\.(\d+)', meta.read_text(), re.M) if meta.is_file() else None
-    if found is None or tuple(int(x) for x in found.groups()) < (1, 2, 0):
+    """What the plugin's DiT loader raises on this core when it runs: core 0.4.0 reads
+    ModelPatcher.pinned, which the patcher the plugin builds lacks (Comfy-Org/ComfyUI#11235); from
+    v1.2.0 it passes `use_additional_t_cond` to the core's QwenTimestepProjEmbeddings, which older
+    cores do not take."""
+    found = plugin_version(root, folder)
+    if found is None:
         return None
-    core = root / "comfy" / "ldm" / "qwen_image" / "model.py"
-    if not core.is_file():
+    if found >= (1, 0, 0) and core_version(root) == "0.4.0":
+        return "AttributeError: 'ModelPatcher' object has no attribute 'pinned'"
+    core = root.joinpath(*CORE_MODEL)
+    if found < (1, 2, 0) or not core.is_file():
         return None
     for node in ast.walk(ast.parse(core.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == "QwenTimestepProjEmbeddings":
@@ -134,6 +169,10 @@ def found_args(root: Path, venv: Path) -> list[str]:
             argv += ["--backend", backend]
         if (error := loader_error(root, folder)) is not None:
             argv += ["--loader-error", error]
+        if (error := dit_import_error(root, folder)) is not None:
+            argv += ["--dit-import-error", error]
+    if (version := core_version(root)) is not None:
+        argv += ["--comfyui-version", version]
     gpu_state = root.parent / "gpu-state.json"          # the sandbox host's own (host.py lays it out)
     if gpu_state.exists():
         argv += ["--gpu-state-file", str(gpu_state)]

@@ -64,8 +64,10 @@ class State:
     """Everything the handlers and the queue worker share, behind one lock."""
 
     def __init__(self, root: Path, base: dict[str, Any], executor: Executor, gpu_name: str,
-                 argv: list[str], echo: bool, cpu: bool = False, unload_s: float = 0.0) -> None:
+                 argv: list[str], echo: bool, cpu: bool = False, unload_s: float = 0.0,
+                 version: str = "0.3.64") -> None:
         self.root, self.base, self.executor, self.gpu_name, self.argv = root, base, executor, gpu_name, argv
+        self.version = version
         self.cpu, self.unload_s = cpu, unload_s
         self.cond = threading.Condition()
         self.number = 0
@@ -340,6 +342,7 @@ class State:
         stats = nodes.load_capture("system_stats.json")
         ram_total, ram_free = machine_ram()
         stats["system"].update(argv=self.argv, pytorch_version=TORCH, python_version=PYTHON,
+                               comfyui_version=self.version,
                                ram_total=ram_total, ram_free=ram_free, **TEMPLATES)
         if self.cpu:
             stats["devices"] = [{"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total,
@@ -409,7 +412,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
                   echo: bool = False, plugin_dir: str = "ComfyUI-nunchaku", backend: str = "1.0.1+torch2.6",
                   backend_error: str | None = None, cpu: bool = False, startup_s: float = 0.0,
                   hang_at_start: bool = False, die_at_start: str | None = None, unload_s: float = 0.0,
-                  poison_after: int | None = None, loader_error: str | None = None) -> ComfyServer:
+                  poison_after: int | None = None, loader_error: str | None = None,
+                  comfyui_version: str = "0.3.64", dit_import_error: str | None = None) -> ComfyServer:
     """Start the stand-in on a thread, after its start-up (`startup_s`, logged like ComfyUI's).
 
     `nunchaku_nodes=False`: the plugin without a working backend (only its two backend-free nodes):
@@ -420,7 +424,10 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     safetensors headers. `gpu_uuid`: the GPU whose memory it drives in the nvidia-smi state file.
     `die_at_start`: the last line of the traceback it dies with; `hang_at_start`: never listens.
     `loader_error`: `Type: message` the Nunchaku DiT loader raises when a prompt runs it (a plugin
-    that calls the core with an argument the core does not take)."""
+    that calls the core with an argument the core does not take, or reads an attribute it lacks).
+    `comfyui_version`: what it reports (/system_stats, its log); `dit_import_error`: `Type: message`
+    the plugin's DiT loader module raises on import (a symbol the core no longer has): that node is
+    not registered, and the plugin logs why, as ComfyUI-nunchaku does."""
     if image_mode not in comfyui_png.MODES:
         raise ValueError(f"image_mode {image_mode!r}: use one of {', '.join(comfyui_png.MODES)}")
     base_dir = Path(root) if root else Path(tempfile.mkdtemp(prefix="comfyui-standin-"))
@@ -438,12 +445,16 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
                         device=f"{gpu_uuid or gpu_name}:{base_dir.resolve()}",
                         loader_error=tuple(loader_error.split(": ", 1)) if loader_error else None)  # type: ignore[arg-type]
     base = nodes.base_registry(plugin=plugin, backend=nunchaku_nodes, plugin_dir=plugin_dir)
+    if dit_import_error:
+        base.pop(nodes.DIT_LOADER, None)
     packs = nodes.custom_node_packs(base_dir / "custom_nodes", plugin_dir)
     base.update({name: nodes.pack_entry(name, folder) for folder, names in packs.items() for name in names})
     argv = ["main.py", *(["--cpu"] if cpu else []), "--listen", listen, "--port", str(port)]
-    state = State(base_dir, base, executor, gpu_name, argv, echo, cpu=cpu, unload_s=unload_s)
+    state = State(base_dir, base, executor, gpu_name, argv, echo, cpu=cpu, unload_s=unload_s,
+                  version=comfyui_version)
     executor.log = state.log
-    for line in boot.banner("cpu" if cpu else device_name(gpu_name), vram_total_mib, TORCH, PYTHON, cpu):
+    for line in boot.banner("cpu" if cpu else device_name(gpu_name), vram_total_mib, TORCH, PYTHON, cpu,
+                            comfyui_version):
         state.log(line)
     if die_at_start:
         state.log(boot.died(die_at_start))
@@ -453,6 +464,8 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
         for entry in boot.plugin_block(str(plugin_path), backend if nunchaku_nodes or backend_error else None,
                                        None if nunchaku_nodes else backend_error):
             state.log(entry)
+        if dit_import_error and nunchaku_nodes:
+            state.log(f"Node `{nodes.DIT_LOADER}` import failed: {dit_import_error}")
     while hang_at_start:                  # a custom node that never returns from its import
         time.sleep(3600)
     time.sleep(startup_s)                 # the port opens only once every custom node has loaded
@@ -517,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unload-s", type=float, default=0.3, help="seconds an unload (/free) takes")
     ap.add_argument("--poison-after", type=int, help="samplings before an illegal memory access")
     ap.add_argument("--loader-error", metavar="TYPE: MESSAGE", help="what the Nunchaku DiT loader raises when run")
+    ap.add_argument("--dit-import-error", metavar="TYPE: MESSAGE",
+                    help="what importing the Nunchaku DiT loader's module raises (it is not registered)")
+    ap.add_argument("--comfyui-version", default="0.3.64", help="the core version it reports")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     models = args.models_dir
@@ -533,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                                check_models=args.check_models, echo=True, cpu=args.cpu,
                                startup_s=args.startup_s, hang_at_start=args.hang_at_start,
                                die_at_start=args.die_at_start, unload_s=args.unload_s,
-                               poison_after=args.poison_after, loader_error=args.loader_error)
+                               poison_after=args.poison_after, loader_error=args.loader_error,
+                               comfyui_version=args.comfyui_version, dit_import_error=args.dit_import_error)
     except StartupFailed:
         return 1
     # SIGTERM ends it at once, as it ends real ComfyUI (no handler of its own: one that set an Event

@@ -75,7 +75,9 @@ def _qwenimage_py(version: str) -> str:
     kwarg = "\n            use_additional_t_cond=use_additional_t_cond," if t_cond else ""
     return f'''"""Sandbox stand-in for ComfyUI-nunchaku {version}'s Qwen-Image DiT loader."""
 import nunchaku  # noqa: F401  (the real module imports nunchaku.utils here)
-from comfy.ldm.qwen_image.model import QwenTimestepProjEmbeddings
+# As the real models/qwenimage.py (v1.0.0-v1.2.1): a core without apply_rotary_emb here (0.23) fails
+# this import, and the loader is not registered.
+from comfy.ldm.qwen_image.model import QwenTimestepProjEmbeddings, apply_rotary_emb  # noqa: F401
 
 
 class NunchakuQwenImageDiTLoader:

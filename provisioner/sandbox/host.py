@@ -26,6 +26,9 @@ STATE_FILE = "gpu-state.json"
 # Cut-off as in resources/compat.py: upstream added `use_additional_t_cond` (Qwen-Image-Layered,
 # Comfy-Org/ComfyUI #11408, Dec 2025) after 0.5.1; the sandbox gives it to cores >= 0.6.0.
 T_COND_SINCE = Version("0.6.0")
+# Core 0.23 moved apply_rotary_emb out of comfy/ldm/qwen_image/model.py; core PR #14364 put the name
+# back (ComfyUI-nunchaku#820, #822): the stand-in's 0.23.x has the broken shape.
+ROTARY_MOVED = (Version("0.23.0"), Version("0.24.0"))
 # The Qwen edit text encoders of ComfyUI core (comfy_extras/nodes_qwen.py, 0.3.60 has both).
 EDIT_NODES_PY = (
     '"""Sandbox stand-in for ComfyUI core\'s Qwen-Image-Edit text encoder nodes."""\n\n\n'
@@ -165,8 +168,11 @@ def comfyui_files(version: str) -> dict[str, str]:
     tag of the stand-in ComfyUI repository (gitrepo.py) holds."""
     t_cond = Version(version) >= T_COND_SINCE
     extra = "use_additional_t_cond=False, " if t_cond else ""
+    rotary = "" if ROTARY_MOVED[0] <= Version(version) < ROTARY_MOVED[1] else (
+        "def apply_rotary_emb(x, freqs_cis):\n    return x\n\n\n")
     model = (
         '"""Sandbox stand-in for ComfyUI core\'s Qwen-Image model (the real class is a torch nn.Module)."""\n\n\n'
+        + rotary +
         "class QwenTimestepProjEmbeddings:\n"
         f"    def __init__(self, embedding_dim, pooled_projection_dim, {extra}"
         "dtype=None, device=None, operations=None):\n"
