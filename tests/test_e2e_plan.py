@@ -139,7 +139,7 @@ def test_torch_without_a_wheel_fails_with_the_alternatives(lab: Lab, converged: 
 def test_plugin_too_new_for_the_core_is_refused(lab: Lab, converged: LabHost) -> None:
     code, out = lab.run("plan", "--limit", converged.name)
     assert code == 0
-    lab.profile_extra = {"plugin": {"tag": "v1.2.0"}}
+    lab.profile_extra = {"plugin": {"tag": "v1.2.0"}, "backend": {"version": "1.2.0"}}   # #777: backend >= 1.2.0
     lab.write()
     try:
         code, entry = planned(lab, converged)

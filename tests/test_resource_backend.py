@@ -66,10 +66,12 @@ def make_facts(env: dict[str, Any], python: str = f"{ROOT}/venv/bin/python", gpu
     )
 
 
-def make_profile(version: str, sources: list[WheelSource], root: str = ROOT, file: str = "") -> Profile:
+def make_profile(version: str, sources: list[WheelSource], root: str = ROOT, file: str = "",
+                 allow_nightly_built: bool = False) -> Profile:
     return Profile(name="t", file=file, inventory=None, hosts="all",
                    comfyui=ComfySpec(root=root, venv=f"{root}/venv"),
-                   backend=BackendSpec(version=version, sources=tuple(sources)))
+                   backend=BackendSpec(version=version, sources=tuple(sources),
+                                       allow_nightly_built=allow_nightly_built))
 
 
 def _wheel(out: Path, version: str, combo: str) -> Path:
@@ -111,7 +113,7 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
         return text
 
     sources = [WheelSource(kind, fill(value)) for s in case["sources"] for kind, value in s.items()]
-    profile = make_profile(version, sources)
+    profile = make_profile(version, sources, allow_nightly_built=case.get("allow_nightly_built", False))
     g = case.get("gpu")
     facts = make_facts(case["env"], gpu=Gpu(0, g["name"], 24576, 24000, 576, tuple(g["cc"]), "580.95") if g else None)
     expect = case["expect"]

@@ -51,10 +51,13 @@ def facts(torch: str, cuda: str, py: str, platform: str) -> Facts:
                  "0.3.64")
 
 
-def profile(release: str) -> Profile:
+def profile(release: str, allow_nightly_built: bool = True) -> Profile:
+    """The oracle's profile takes the nightly-built wheels (backend.allow_nightly_built), so every
+    asset a release publishes is reachable; without the opt-in they are refused (test below)."""
     return Profile(name="t", file="", inventory=None, hosts="all",
                    comfyui=ComfySpec(root="/srv/ComfyUI", venv="/srv/ComfyUI/venv"),
-                   backend=BackendSpec(release, (WheelSource("github", "https://github.com/nunchaku-ai/nunchaku"),)))
+                   backend=BackendSpec(release, (WheelSource("github", "https://github.com/nunchaku-ai/nunchaku"),),
+                                       allow_nightly_built))
 
 
 def lister(source: WheelSource, version: str, filename: str, **_: object) -> Listing:
@@ -101,3 +104,17 @@ def test_spot_checks(release: str, torch: str, cuda: str, py: str, wheel: str | 
     else:
         with pytest.raises(PlanError, match=rf"^no nunchaku {release} wheel for torch {torch} / {py} / linux_x86_64"):
             plan()
+
+
+# Upstream's nightly-built wheels: 1.0.1's "2.9" published as +torch2.10, the "pre" of 1.1.0-1.2.1 as torch2.11.
+@pytest.mark.parametrize(("release", "torch", "cuda", "pin"), [
+    ("1.0.1", "2.10", "12.8", 'comfyui.torch {version: "2.8", cuda: "12.8"}'),
+    ("1.2.0", "2.11", "13.0", 'comfyui.torch {version: "2.9", cuda: "13.0"}'),
+    ("1.2.1", "2.11", "12.8", 'comfyui.torch {version: "2.10", cuda: "12.8"}'),
+])
+def test_nightly_built_wheels_need_the_opt_in(release: str, torch: str, cuda: str, pin: str) -> None:
+    with pytest.raises(PlanError) as err:
+        backend.plan(profile(release, allow_nightly_built=False), facts(torch, cuda, "cp312", "linux_x86_64"),
+                     lister=lister)
+    assert "compiled against a torch nightly" in str(err.value) and "backend.allow_nightly_built: true" in str(err.value)
+    assert f"pin {pin}, the nearest build with an official wheel" in str(err.value)

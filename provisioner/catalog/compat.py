@@ -21,11 +21,17 @@ FAMILY_NODES: dict[str, tuple[str, Version]] = {
     "qwen-image-edit-2509": ("TextEncodeQwenImageEditPlus", Version("0.3.60")),
 }
 # Upstream facts (ComfyUI-nunchaku __init__.py): v1.0.x-v1.2.x log "requires nunchaku >= v1.0.0"
-# (min_nunchaku_version = "1.0.0"); the v0.3 plugins only accepted the 0.3 backends.
-BACKEND_RANGES: tuple[tuple[Version, Version, Version | None], ...] = (
-    # (first plugin version, min backend, backend upper bound exclusive)
-    (Version("1.0.0"), Version("1.0.0"), None),
-    (Version("0.3.0"), Version("0.3.0"), Version("1.0.0")),
+# (min_nunchaku_version = "1.0.0"); the v0.3 plugins only accepted the 0.3 backends. That check is
+# too low for v1.2.x: its nodes/models/zimage.py imports convert_fp16 from nunchaku, which 1.2.0
+# added (ComfyUI-nunchaku#777, read at the v1.2.0 and v1.2.1 tags); backend 1.2.0 in turn requires
+# diffusers >= 0.36 (requirements.py).
+BACKEND_RANGES: tuple[tuple[Version, Version, Version | None, str], ...] = (
+    # (first plugin version, min backend, backend upper bound exclusive, why)
+    (Version("1.2.0"), Version("1.2.0"), None,
+     " (it imports convert_fp16, ComfyUI-nunchaku#777, although its start-up check says >= 1.0.0; and so "
+     "diffusers >= 0.36): set backend.version 1.2.1, or pin plugin.tag v1.1.0"),
+    (Version("1.0.0"), Version("1.0.0"), None, ""),
+    (Version("0.3.0"), Version("0.3.0"), Version("1.0.0"), ""),
 )
 # v1.2.0 passes use_additional_t_cond= to core's QwenTimestepProjEmbeddings (ComfyUI-nunchaku #779).
 T_COND_PLUGIN = Version("1.2.0")
@@ -52,10 +58,10 @@ def incompatibility(plugin_tag: str, backend_version: str) -> str | None:
         return f"backend version {backend_version!r} is not a version"
     if plugin is None:
         return None
-    for first, low, high in BACKEND_RANGES:
+    for first, low, high, why in BACKEND_RANGES:
         if plugin >= first:
             if Version(backend.base_version) < low:
-                return f"ComfyUI-nunchaku {plugin_tag} requires nunchaku >= v{low}, not {backend_version}"
+                return f"ComfyUI-nunchaku {plugin_tag} requires nunchaku >= v{low}, not {backend_version}{why}"
             if high is not None and backend >= high:
                 return (f"ComfyUI-nunchaku {plugin_tag} supports nunchaku {low.major}.{low.minor}.x only, "
                         f"not {backend_version}: use plugin.tag v1.1.0 with backend 1.x")

@@ -42,6 +42,14 @@ NIGHTLY_BUILT: dict[str, frozenset[str]] = {
     "1.0.1": frozenset({"2.10"}), "1.1.0": frozenset({"2.11"}),
     "1.2.0": frozenset({"2.11"}), "1.2.1": frozenset({"2.11"}),
 }
+# release -> torch minor -> the CUDA builds upstream published (release-build.yaml at each tag, and the
+# release pages, checked 2026-12-07). No official wheel exists for any torch above 2.10 stable: the
+# 2.11 ones were compiled against a January 2026 nightly, and the ecosystem's default since October
+# 2026, torch 2.14 with CUDA 13, has none. A community fork's 1.3.0.dev wheels are not in this table.
+TORCH_BUILDS: dict[str, dict[str, tuple[str, ...]]] = {
+    **{release: {minor: (cuda,) for minor, cuda in table.items()} for release, table in BUILT_WITH.items()},
+    "1.2.1": {"2.8": ("12.8",), "2.9": ("12.8", "13.0"), "2.10": ("12.8", "13.0"), "2.11": ("12.8", "13.0")},
+}
 _CUDA_LABEL = re.compile(r"^cu(\d+)\.(\d+)torch(\d+)\.(\d+)$|^torch(\d+)\.(\d+)$")
 
 
@@ -134,6 +142,55 @@ def cuda_problem(version: str, torch: HostTorch) -> str | None:
 def nightly_built(version: str, torch: HostTorch) -> bool:
     """Was this host's wheel compiled against a nightly of its torch minor (the "pre" build)?"""
     return torch.minor in NIGHTLY_BUILT.get(Version(version).public, frozenset())
+
+
+def _minor_key(minor: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in minor.split("."))
+
+
+def official_torch(version: str) -> tuple[str, ...] | None:
+    """The torch minors a backend release has wheels for that were built against that stable torch
+    (not a nightly), oldest first; None for a release this catalog does not know."""
+    builds = TORCH_BUILDS.get(Version(version).public)
+    if builds is None:
+        return None
+    nightly = NIGHTLY_BUILT.get(Version(version).public, frozenset())
+    return tuple(sorted((m for m in builds if m not in nightly), key=_minor_key))
+
+
+def torch_pin(version: str, torch: HostTorch) -> str:
+    """The nearest torch build with an official wheel of this release, as a `comfyui.torch` pin:
+    the newest minor not above the host's (else the oldest above), in the host's CUDA major where
+    upstream built one."""
+    minors = official_torch(version) or ()
+    below = [m for m in minors if _minor_key(m) <= _minor_key(torch.minor)]
+    minor = below[-1] if below else minors[0]
+    cudas = TORCH_BUILDS[Version(version).public][minor]
+    major = (torch.cuda or "").split(".")[0]
+    cuda = next((c for c in reversed(cudas) if c.split(".")[0] == major), cudas[-1])
+    return f"comfyui.torch {{version: \"{minor}\", cuda: \"{cuda}\"}}"
+
+
+def nightly_problem(version: str, torch: HostTorch) -> str | None:
+    """Why this host's wheel of this release is not an official build of its torch: upstream
+    compiled it against a nightly of that minor. None for an official build or an unknown release."""
+    if not nightly_built(version, torch):
+        return None
+    return (f"nunchaku {Version(version).public}'s torch {torch.minor} wheels were compiled against a torch "
+            f"nightly (upstream's \"pre\" build, January 2026), not the stable torch {torch}: their ABI may not "
+            f"match (undefined symbol at import); set backend.allow_nightly_built: true to take them anyway, "
+            f"or {official_pin(version, torch)}")
+
+
+def official_pin(version: str, torch: HostTorch) -> str:
+    """`pin comfyui.torch {...}`: the nearest torch with an official wheel of this release, and
+    which builds have one; "" for a release the catalog does not know."""
+    minors = official_torch(version)
+    if not minors:
+        return ""
+    builds = TORCH_BUILDS[Version(version).public]
+    listed = "; ".join(f"torch {m} cu{'/cu'.join(c.replace('.', '') for c in builds[m])}" for m in minors)
+    return f"pin {torch_pin(version, torch)}, the nearest build with an official wheel ({listed})"
 
 
 def host_tags(tags: Iterable[str]) -> tuple[Tag, ...]:

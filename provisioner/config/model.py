@@ -125,6 +125,7 @@ class BackendSpec:
     sources: tuple[WheelSource, ...] = (
         WheelSource("github", "https://github.com/nunchaku-tech/nunchaku"),
     )
+    allow_nightly_built: bool = False   # take a wheel upstream compiled against a torch nightly
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ def host_target(profile: Profile, facts: Facts) -> Target:
     if env.tags is None or not env.tag or not env.platform:
         raise PlanError(f"{venv}'s python has neither pip nor packaging, so it cannot say which wheels it "
                         "accepts (nor install one): install pip in that venv")
+    if not profile.backend.allow_nightly_built and (problem := wheels.nightly_problem(str(version), torch)):
+        raise _no_wheel(problem)
     if problem := wheels.cuda_problem(str(version), torch):
         raise _no_wheel(problem)
     target = Target(version, torch, wheels.host_tags(env.tags), env.tag, env.platform)
@@ -119,9 +121,10 @@ def find_wheel(profile: Profile, target: Target,
             return by_name[name], source
         combos.update(wheels.wheel_combo(n, version) for n in by_name)
         tried.append(_describe(listing))
+    pin = wheels.official_pin(version, target.torch)
     message = (f"no nunchaku {target.version} wheel for torch {target.torch.minor} / {target.python_tag} / "
                f"{target.platform} (+{target.label}, torch {target.torch}; tried "
-               f"{'; '.join(tried) or 'no source: backend.sources is empty'})")
+               f"{'; '.join(tried) or 'no source: backend.sources is empty'})" + (f": {pin}" if pin else ""))
     raise PlanError(message, sorted(c for c in combos if c))
 
 
