@@ -16,7 +16,7 @@ AMPERE = Gpu(0, "NVIDIA GeForce RTX 3090", 24576, 24000, 576, (8, 6), "550.54")
 BLACKWELL = Gpu(0, "NVIDIA GeForce RTX 5090", 32607, 32000, 607, (12, 0), "575.51")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NAME = re.compile(r"^svdq-(int4|fp4)_r(32|128)-(qwen-image(?:-edit(?:-2509)?)?)"
-                  r"(?:-lightningv\d\.\d-(4|8)steps)?\.safetensors$")
+                  r"(?:-lightning(?:v\d\.\d)?-(4|8)steps(?:-251115)?)?\.safetensors$")
 
 
 def test_families_and_variants() -> None:
@@ -36,15 +36,30 @@ def test_every_variant_resolves_to_a_consistent_file(family: str, gpu: Gpu | Non
         precision, rank, stem, steps = NAME.match(sel.dit.filename).groups()  # type: ignore[union-attr]
         assert precision == sel.precision == ("fp4" if gpu is BLACKWELL else "int4")
         assert (int(rank), stem) == (sel.rank, family)
-        assert sel.dit.repo == f"nunchaku-ai/nunchaku-{family}" and sel.dit.path_in_repo == sel.dit.filename
+        folder = "lightning-251115/" if variant.startswith("lightning-251115-") else ""
+        assert sel.dit.repo == f"nunchaku-ai/nunchaku-{family}" and sel.dit.path_in_repo == folder + sel.dit.filename
         assert sel.dit.folder == "diffusion_models" and sel.dit.approx_bytes > 11e9
         if variant.startswith("lightning"):
-            assert int(steps) == sel.steps == int(variant.split("-")[1][0]) and sel.cfg == 1.0
+            assert int(steps) == sel.steps == int(variant.split("-")[-2][0]) and sel.cfg == 1.0
         else:
             assert steps is None and sel.steps >= 20 and sel.cfg > 1.0
         assert sel.text_encoder.folder == "text_encoders" and sel.vae.folder == "vae"
         assert sel.files == (sel.dit, sel.text_encoder, sel.vae)
         assert 13 < sel.vram_gb < 16 and bool(sel.notes) == (gpu is None)
+
+
+def test_the_lightning_251115_set() -> None:
+    """The 2509 repository's `lightning-251115/` folder (upstream's example workflow since 2025-11-16;
+    checked 2026-12-07): int4/fp4 x r32/r128 x 4/8 steps, only in that family."""
+    found = {v: (catalog.dit_file("qwen-image-edit-2509", v, p).path_in_repo) for v in
+             catalog.variants("qwen-image-edit-2509") if v.startswith("lightning-251115") for p in ("int4",)}
+    assert found == {f"lightning-251115-{s}step-r{r}": f"lightning-251115/svdq-int4_r{r}-qwen-image-edit-2509-"
+                     f"lightning-{s}steps-251115.safetensors" for s in (4, 8) for r in (128, 32)}
+    assert catalog.dit_file("qwen-image-edit-2509", "lightning-251115-8step-r32", "fp4").filename == \
+        "svdq-fp4_r32-qwen-image-edit-2509-lightning-8steps-251115.safetensors"
+    assert not any(v.startswith("lightning-251115") for v in catalog.variants("qwen-image"))
+    with pytest.raises(PlanError, match="unknown variant 'lightning-251115-4step-r128' of model family qwen-image"):
+        catalog.dit_file("qwen-image", "lightning-251115-4step-r128", "int4")
 
 
 def test_exact_upstream_names() -> None:
@@ -121,9 +136,12 @@ def test_architecture_table(cc: tuple[int, int], name: str, runs: str | None) ->
     for precision in ("auto", "int4", "fp4"):
         with pytest.raises(PlanError) as err:
             catalog.resolve("qwen-image", "standard-r128", precision, gpu, backend="1.2.1")
+        # From Turing on, ComfyUI's own int8 convrot models (core v0.27.0, 2026-06-30) are the path offered.
+        convrot = ("; ComfyUI's own int8 convrot models (core >= v0.27.0) run on it: a different stack, not a "
+                   "nunchaku variant") if cc >= (7, 5) else ""
         assert str(err.value) == (f"{name} (compute capability {cc[0]}.{cc[1]}) has no 4-bit tensor cores "
                                   "nunchaku supports (int4 on 7.5, 8.0, 8.6, 8.9; fp4 on 12.0, 12.1): it "
-                                  "cannot run SVDQuant models on this GPU")
+                                  f"cannot run SVDQuant models on this GPU{convrot}")
 
 
 def test_sm121_needs_backend_1_1() -> None:

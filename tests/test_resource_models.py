@@ -407,3 +407,33 @@ def test_pinned_revision_is_asked_at_that_commit(server: HfServer) -> None:
     with pytest.raises(PlanError, match=f"^revision 'v0.0.0' not found in repo {sel.dit.repo}"):
         hub.clear_cache()
         plan(make_profile(server.url, model={"revision": "v0.0.0"}), make_facts())
+
+
+@pytest.mark.parametrize("variant", ["lightning-251115-4step-r128", "lightning-251115-8step-r32"])
+def test_the_lightning_251115_set_plans_and_downloads_from_its_folder(tmp_path: Path, variant: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2509 repository's second Lightning set lives in `lightning-251115/` (upstream's example
+    workflow uses it since 2025-11-16): asked at that path, downloaded for real by the fetch program
+    to models/diffusion_models/ under the file's own name, then converged."""
+    rank, steps = catalog.rank_of(variant), int(variant.split("-")[2][0])
+    files = catalog.candidate_files(FAMILY, variant, "auto")
+    blobs = {(f.repo, f.path_in_repo): safetensors_standin(
+        64_000, f.filename, precision=("fp4" if "svdq-fp4" in f.filename else "int4") if "svdq-" in f.filename else None,
+        rank=rank if "svdq-" in f.filename else None) for f in files}
+    name = f"svdq-int4_r{rank}-qwen-image-edit-2509-lightning-{steps}steps-251115.safetensors"
+    assert ("nunchaku-ai/nunchaku-qwen-image-edit-2509", f"lightning-251115/{name}") in blobs
+    with start_hf_server(blobs, token=TOKEN, commits=catalog.PINNED_REVISIONS) as hub_server:
+        profile = make_profile(hub_server.url, root=str(tmp_path / "ComfyUI"), model={"variant": variant})
+        monkeypatch.setenv("T_HF", TOKEN)
+        run_step = StepRunner(LocalConnection(Host("local", transport="local")), Reporter(Console(file=io.StringIO())))
+        probe = models.probe(profile)
+        gather = lambda: {p: FileState(p, **raw) for p, raw in stat_files(probe.stat, profile.comfyui.checksums).items()}  # noqa: E731
+        dit, *_ = first = plan(profile, make_facts(files=gather())).changes
+        assert dit.steps[0].url.endswith(f"/resolve/{hub_server.commit}/lightning-251115/{name}")
+        assert dit.key == f"{tmp_path}/ComfyUI/models/diffusion_models/{name}"
+        for change in first:
+            run_step(change.steps[0])
+        assert (tmp_path / "ComfyUI" / "models" / "diffusion_models" / name).is_file()
+        assert plan(profile, make_facts(files=gather())).changes == ()
+    sel = catalog.resolve(FAMILY, variant, "auto", RTX3090)
+    assert (sel.steps, sel.rank, sel.cfg, sel.lightning) == (steps, rank, 1.0, True)

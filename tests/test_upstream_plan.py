@@ -27,6 +27,7 @@ def test_real_h200_capture_is_refused_with_the_reason(tmp_path: Path) -> None:
                             name="h200", file=str(tmp_path / "p.yaml"))
     plan = build_plan(profile, facts)
     reason = ("NVIDIA H200 (compute capability 9.0) has no 4-bit tensor cores nunchaku supports (int4 on "
-              "7.5, 8.0, 8.6, 8.9; fp4 on 12.0, 12.1): it cannot run SVDQuant models on this GPU")
+              "7.5, 8.0, 8.6, 8.9; fp4 on 12.0, 12.1): it cannot run SVDQuant models on this GPU; ComfyUI's own "
+              "int8 convrot models (core >= v0.27.0) run on it: a different stack, not a nunchaku variant")
     assert f"model, workflow: {reason}" in plan.errors
     assert sum(reason in e for e in plan.errors) == 1

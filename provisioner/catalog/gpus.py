@@ -15,6 +15,8 @@ from typing import Protocol
 
 from packaging.version import InvalidVersion, Version
 
+from provisioner.catalog.cores import CONVROT_CORE
+
 Capability = tuple[int, int]
 
 # (major, minor) -> the precision of the models nunchaku runs there
@@ -26,6 +28,9 @@ ARCHITECTURES: dict[Capability, str] = {
     (12, 0): "fp4",     # Blackwell (RTX 50, RTX PRO 6000)
     (12, 1): "fp4",     # Blackwell (GB10, DGX Spark)
 }
+# ComfyUI v0.27.0 (2026-06-30) added int8 "convrot" models that run on Turing and newer: where
+# nunchaku refuses the GPU (sm_90 H100/H200, sm_100 B200), that is the path to offer.
+CONVROT_SINCE: Capability = (7, 5)
 # nunchaku 1.0.1 (utils.py at v1.0.1): fp4 on sm_120 only; sm_121 arrived with 1.1.0.
 SM121_SINCE = Version("1.1.0")
 # sm_121 code is compiled only by nvcc >= 13.0 (setup.py v1.1.0+): a wheel built with CUDA 12.x has none.
@@ -80,6 +85,8 @@ def refusal(gpu: GpuInfo, backend_version: str | None = None) -> str | None:
     if tuple(cc[:2]) == (12, 1):
         return (f"{gpu.name} (compute capability 12.1) needs nunchaku >= {SM121_SINCE}; "
                 f"backend {backend_version} takes fp4 on 12.0 only: raise backend.version")
+    alternative = (f"; ComfyUI's own int8 convrot models (core >= v{CONVROT_CORE}) run on it: a different stack, "
+                   "not a nunchaku variant" if tuple(cc[:2]) >= CONVROT_SINCE else "")
     return (f"{gpu.name} (compute capability {capability_text(cc)}) has no 4-bit tensor cores nunchaku "
-            f"supports ({SUPPORTED}): it cannot run SVDQuant models on this GPU")
+            f"supports ({SUPPORTED}): it cannot run SVDQuant models on this GPU{alternative}")
 

@@ -89,6 +89,16 @@ _VARIANTS: dict[str, tuple[int | None, int]] = {
     "standard-r32": (None, 32),
 }
 
+# The second official Lightning set of the 2509 repository, in its folder `lightning-251115/` (listed
+# in nunchaku-ai/nunchaku-qwen-image-edit-2509 on the Hub; upstream's own example workflow loads it
+# since 2025-11-16; checked 2026-12-07): `svdq-{int4|fp4}_r{32|128}-qwen-image-edit-2509-lightning-
+# {4|8}steps-251115.safetensors`. Under models/diffusion_models/ the file keeps its own name.
+LIGHTNING_251115 = "lightning-251115"
+_FAMILY_VARIANTS: dict[str, dict[str, tuple[int | None, int]]] = {
+    "qwen-image-edit-2509": {f"{LIGHTNING_251115}-{steps}step-r{rank}": (steps, rank)
+                             for steps in (4, 8) for rank in (128, 32)},
+}
+
 # Sizes as the Hub lists them (int4 r32 is an estimate between the listed r128 and fp4 r32 sizes).
 _DIT_BYTES = {("int4", 128): 12_700_000_000, ("int4", 32): 11_500_000_000,
               ("fp4", 128): 13_100_000_000, ("fp4", 32): 11_900_000_000}
@@ -158,16 +168,21 @@ def families() -> tuple[str, ...]:
     return tuple(_FAMILIES)
 
 
+def _variants_of(family: str) -> dict[str, tuple[int | None, int]]:
+    return {**_VARIANTS, **_FAMILY_VARIANTS.get(family, {})}
+
+
 def variants(family: str) -> tuple[str, ...]:
     _family(family)
-    return tuple(_VARIANTS)
+    return tuple(_variants_of(family))
 
 
 def rank_of(variant: str) -> int:
     """The SVDQuant rank of a variant's files (`lightning-4step-r128` -> 128)."""
-    if variant not in _VARIANTS:
-        raise PlanError(f"unknown variant {variant!r} (model.variant)", tuple(_VARIANTS))
-    return _VARIANTS[variant][1]
+    known = {name: spec for table in (_VARIANTS, *_FAMILY_VARIANTS.values()) for name, spec in table.items()}
+    if variant not in known:
+        raise PlanError(f"unknown variant {variant!r} (model.variant)", tuple(known))
+    return known[variant][1]
 
 
 def _family(family: str) -> _Family:
@@ -179,10 +194,14 @@ def _family(family: str) -> _Family:
 def dit_file(family: str, variant: str, precision: str) -> ModelFile:
     """The DiT file of one family/variant at a concrete precision (`int4` or `fp4`)."""
     fam = _family(family)
-    if variant not in _VARIANTS:
-        raise PlanError(f"unknown variant {variant!r} of model family {family} (model.variant)",
-                        tuple(_VARIANTS))
-    steps, rank = _VARIANTS[variant]
+    table = _variants_of(family)
+    if variant not in table:
+        raise PlanError(f"unknown variant {variant!r} of model family {family} (model.variant)", tuple(table))
+    steps, rank = table[variant]
+    if variant.startswith(LIGHTNING_251115):
+        name = f"svdq-{precision}_r{rank}-{fam.stem}-lightning-{steps}steps-251115.safetensors"
+        return ModelFile(fam.repo, f"{LIGHTNING_251115}/{name}", name, "diffusion_models",
+                         approx_bytes=_DIT_BYTES[(precision, rank)])
     suffix = f"-{fam.lightning[steps]}" if steps else ""
     name = f"svdq-{precision}_r{rank}-{fam.stem}{suffix}.safetensors"
     return ModelFile(fam.repo, name, name, "diffusion_models", approx_bytes=_DIT_BYTES[(precision, rank)])
@@ -226,7 +245,7 @@ def resolve(family: str, variant: str, precision: str, gpu: GpuInfo | None, *,
     dit_file(family, variant, "int4")  # validates family and variant before precision
     concrete, notes = _precision(precision, gpu, gpu_error, backend)
     fam = _FAMILIES[family]
-    steps, rank = _VARIANTS[variant]
+    steps, rank = _variants_of(family)[variant]
     dit = dit_file(family, variant, concrete)
     return ModelSelection(
         family=family, variant=variant, precision=concrete,
