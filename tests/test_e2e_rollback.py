@@ -139,8 +139,9 @@ def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contact
     """ComfyUI-nunchaku v1.2.0 on a 0.3.64 core whose model.py mentions use_additional_t_cond in a
     comment: the compatibility guard (a grep) lets it through, ComfyUI loads it, and its DiT loader
     fails when the first generation runs it. With --canary 1 the first host is rolled back and the
-    other two are not even connected to."""
-    hosts = lab.add(3)
+    other two are not even connected to. v1.2.0 needs backend >= 1.2.0 (ComfyUI-nunchaku#777), whose
+    wheels start at torch 2.7: the hosts run torch 2.8."""
+    hosts = lab.add(3, torch="2.8.0+cu128")
     for host in hosts:
         with (host.comfy / "comfy" / "ldm" / "qwen_image" / "model.py").open("a") as fh:
             fh.write(FOOLED)
@@ -150,7 +151,7 @@ def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contact
     before = state(canary)
     untouched = {h.name: (tree_state(h.comfy), mtimes(h.comfy), freeze(h)) for h in rest}
 
-    lab.profile_extra.update(plugin={"tag": "v1.2.0"})
+    lab.profile_extra.update(plugin={"tag": "v1.2.0"}, backend={"version": "1.2.0"})
     lab.write()
     code, out = lab.run("plan", "--limit", names)
     assert code == 2 and "v1.1.0 -> v1.2.0" in out, out            # the guard cannot see through the comment
