@@ -489,3 +489,23 @@ def test_a_rolled_back_host_and_a_left_one_in_every_report_file(tmp_path: Path) 
     assert rollout_case.find("failure").get("type") == "rolled_back"      # type: ignore[union-attr]
     assert "use_additional_t_cond" in (rollout_case.find("failure").text or "")   # type: ignore[union-attr]
     assert suites["gpu-02"].get("skipped") == "1" and suites["gpu-02"].find("testcase/skipped") is not None
+
+
+def test_the_ladder_rung_each_host_stopped_at_in_report_json_and_junit() -> None:
+    """verify's ladder, as report.json and junit.xml carry it: the rung a host stopped at (nodes for
+    the host whose plugin lacks its backend, images for the black one, timed runs for the slow one)."""
+    doc = report_to_json(fleet_report())
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
+    rungs = {h["host"]: h["ladder"]["failed_rung"] for h in doc["hosts"]}
+    assert rungs == {"gpu-3090-a": None, "gpu-3090-nonodes": "nodes", "gpu-4090-black": "images",
+                     "gpu-a4000-slow": "timed_runs", "gpu-offline": "reachable"}
+    nonodes = next(h for h in doc["hosts"] if h["host"] == "gpu-3090-nonodes")["ladder"]["rungs"]
+    assert [r["state"] for r in nonodes] == ["passed", "failed", "failed"] + ["not reached"] * 4
+    root = ET.fromstring(render_junit(fleet_report()))
+    props = {s.get("name"): {p.get("name"): p.get("value") for p in s.findall("properties/property")}
+             for s in root.findall("testsuite")}
+    assert props["gpu-3090-nonodes"]["ladder.failed_rung"] == "nodes" and props["gpu-3090-a"]["ladder.failed_rung"] == "none"
+    cases = {c.get("name"): c.get("classname") for c in root.findall("testsuite[@name='gpu-3090-nonodes']/testcase")}
+    assert cases == {"comfyui_reachable": "provision.verify.gpu-3090-nonodes.reachable",
+                     "nodes_registered": "provision.verify.gpu-3090-nonodes.nodes",
+                     "workflow_accepted": "provision.verify.gpu-3090-nonodes.workflow"}

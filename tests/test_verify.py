@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -143,7 +144,10 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
     checks = by_name(result)
     assert result.passed, [c.line for c in result.checks]
     assert list(checks) == ["comfyui_reachable", "device", "nodes_registered", "workflow_accepted",
-                            "comfyui_ready", "generation", "images_ok", "cold_time", "warm_time", "vram_peak"]
+                            "comfyui_ready", "generation", "runs_sampled", "images_ok", "cold_time", "warm_time",
+                            "vram_peak"]
+    assert result.ladder.failed is None and result.ladder.line == (
+        "reachable ✓ > nodes ✓ > workflow ✓ > first_generation ✓ > timed_runs ✓ > images ✓ > agreement ·")
     assert [r.kind for r in result.runs] == ["cold", "warm", "warm"]
     assert [r.seed for r in result.runs] == [42, 43, 44]
     cold, warm = result.runs[0], result.runs[1]
@@ -180,8 +184,9 @@ def test_plugin_without_backend_fails_nodes_check_with_that_reason(comfy: Callab
         "(it registered only NunchakuDepthPreprocessor, NunchakuWheelInstaller); install the backend wheel "
         "into ComfyUI's venv and restart; ComfyUI logged: Node `NunchakuQwenImageDiTLoader` import failed: "
         "ModuleNotFoundError: No module named 'nunchaku'")
-    assert checks["workflow_accepted"].detail == ("invalid_prompt: Cannot execute because node "
-                                                  "NunchakuQwenImageDiTLoader does not exist. (Node ID '#3')")
+    # The ladder stops there: no workflow is sent to a ComfyUI without the nodes it needs.
+    assert "workflow_accepted" not in checks and result.ladder.failed == "nodes"
+    assert result.to_json()["ladder"]["failed_rung"] == "nodes"
     assert result.runs == ()
 
 
@@ -456,3 +461,59 @@ def test_console_table_and_checks_show_the_same_gib(comfy: Callable[..., ComfySe
     text = console.export_text()
     table, lines = text.split("gpu-01 PASS", 1)
     assert "7.72 GiB" in table and "VRAM peak 7.72 GiB" in lines and " GB" not in text
+
+
+def sampler_custom_graph() -> dict[str, Any]:
+    """The text-to-image graph sampled by SamplerCustom (KSamplerSelect + BasicScheduler), as the GPU
+    run found it: its seed is SamplerCustom.noise_seed, which no KSampler rule reaches."""
+    g = t2i_graph(256, 256)
+    g["9"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["4", 0], "add_noise": True, "noise_seed": 1, "cfg": 1.0, "positive": ["7", 0],
+        "negative": ["8", 0], "sampler": ["16", 0], "sigmas": ["17", 0], "latent_image": ["10", 0]}}
+    g["16"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["17"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple", "steps": 4,
+                                                         "denoise": 1.0}}
+    return g
+
+
+def test_a_samplercustom_workflow_gets_distinct_seeds_and_no_cached_warm_run(
+        comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    """Every input named seed or noise_seed gets the run's seed: the warm runs really sample (ComfyUI's
+    cached_nodes never covers the graph), and each PNG carries its own noise_seed."""
+    srv = comfy()
+    result = run(srv.port, tmp_path, graph=sampler_custom_graph(), warm_runs=3)
+    checks = by_name(result)
+    assert result.passed, [c.line for c in result.checks]
+    assert [r.seed for r in result.runs] == [42, 43, 44, 45]
+    assert checks["runs_sampled"].detail == "seeds 42, 43, 44, 45; no run was served from ComfyUI's cache"
+    saved = sorted((srv.root / "output" / "provision_verify").glob("*.png"))
+    sent = [json.loads(Image.open(p).text["prompt"])["9"]["inputs"]["noise_seed"] for p in saved]
+    assert sent == [42, 43, 44, 45]
+    for r in result.runs:                      # ComfyUI ran the sampler each time
+        history = srv.state.history[r.prompt_id]["status"]["messages"]
+        cached = next(m[1]["nodes"] for m in history if m[0] == "execution_cached")
+        assert "9" not in cached
+    assert all(r.seconds_comfy >= 0.1 for r in result.runs[1:])
+    assert expected_size(sampler_custom_graph()) == (256, 256)
+
+
+def test_a_warm_run_served_from_the_cache_fails_instead_of_passing_fast(comfy: Callable[..., ComfyServer],
+                                                                       tmp_path: Path) -> None:
+    """A sampler whose seed provision cannot reach (here: a link to a node without one): every warm run
+    is the cold one again, and ComfyUI answers it from its cache. That is a failure, not a 0.01 s pass."""
+    graph = sampler_custom_graph()
+    graph["9"]["inputs"]["noise_seed"] = ["18", 0]
+    graph["18"] = {"class_type": "PrimitiveInt", "inputs": {"value": 7}}
+    srv = comfy()
+    result = run(srv.port, tmp_path, graph=graph, warm_runs=2)
+    checks = by_name(result)
+    assert not result.passed and result.ladder.failed == "timed_runs"
+    assert checks["comfyui_ready"].passed and "generation" not in checks
+    # The first warm run, or the second when ComfyUI applied the cold start's /free only after the
+    # cold run (it does so between prompts) and so sampled the first warm one again.
+    assert re.match(r"warm run of 'a red fox in the snow' \(seed 4[34]\) was served from ComfyUI's cache in ",
+                    checks["runs_sampled"].detail)
+    assert checks["runs_sampled"].detail.endswith(f"all {len(graph) - 1} computing nodes cached, nothing sampled; the workflow "
+                                                  "has no seed input provision can set (an input named seed or "
+                                                  "noise_seed)")
+    assert len(result.runs) in (1, 2)

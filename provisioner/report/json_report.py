@@ -42,6 +42,7 @@ def host_to_json(host: HostReport) -> dict[str, Any]:
         "facts": None if host.facts is None else asdict(host.facts),
         "versions": dict(host.versions),
         "checks": [c.to_json() for c in host.checks],
+        "ladder": host.ladder.to_json(),
         "runs": [r.to_json(thumbnail=False) for r in host.runs],
         "figures": host.figures.to_json(),
         "fingerprint": None if host.fingerprint is None else host.fingerprint.to_json(classes=False),

@@ -15,7 +15,7 @@ from provisioner.config.model import ClassSpeedSpec
 from provisioner.errors import ProvisionError
 from provisioner.report.fleet import FleetFlag, Group, judge
 from provisioner.verify.agreement import Agreement
-from provisioner.verify.checks import Check, Figures, HostVerification, RunResult
+from provisioner.verify.checks import Check, Figures, HostVerification, Ladder, RunResult, ladder
 from provisioner.verify.fingerprint import Fingerprint
 
 # 4: each host's rollout (snapshots before and after, rolled back and why), hosts `left` by a rollout
@@ -99,6 +99,11 @@ class HostReport:
     fingerprint: Fingerprint | None = None
     agreement: tuple[Agreement, ...] = ()
     rollout: Mapping[str, Any] | None = None          # an apply's: result, snapshots, the checks that failed it
+
+    @property
+    def ladder(self) -> Ladder:
+        """verify's ladder; a host never reached fails its first rung."""
+        return ladder(self.checks, unreachable=self.status == "unreachable")
 
 
 @dataclass(frozen=True)

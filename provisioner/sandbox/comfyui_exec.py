@@ -23,7 +23,7 @@ from typing import Any
 from provisioner.sandbox import comfyui_png as png
 
 Send = Callable[[str, dict[str, Any]], None]
-SAMPLERS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}
+SAMPLERS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "SamplerCustom": "noise_seed"}
 LOADERS = {"NunchakuQwenImageDiTLoader": "model_name", "UNETLoader": "unet_name",
            "CLIPLoader": "clip_name", "VAELoader": "vae_name"}
 SAFETENSORS_HEADER_MAX = 100 * 2**20        # the safetensors crate's own limit on the JSON header
@@ -271,8 +271,14 @@ class Executor:
         if cls == "VAEDecode":
             latent = arg["samples"]
             return ("image", latent[1] * 8, latent[2] * 8, *latent[3:]), None   # keeps the seed
+        if cls.startswith("Primitive"):         # PrimitiveInt, PrimitiveFloat, ...: their value
+            return arg.get("value"), None
+        if cls == "BasicScheduler":          # SamplerCustom's sigmas: one per step
+            return ("sigmas", int(arg["steps"])), None
         if cls in SAMPLERS:
-            self.sample(node_id, str(arg["model"][1]), int(arg.get("steps", 4)), progress)
+            sigmas = arg.get("sigmas")
+            steps = sigmas[1] if isinstance(sigmas, tuple) else int(arg.get("steps", 4))
+            self.sample(node_id, str(arg["model"][1]), steps, progress)
             _, w, h = arg["latent_image"]
             return ("latent", w, h, int(arg[SAMPLERS[cls]])), None
         if cls in ("SaveImage", "PreviewImage"):

@@ -64,6 +64,59 @@ class Check:
                    tuple(str(x) for x in raw.get("lines") or ()))
 
 
+# The ladder a verification climbs, in order: each rung and the checks that make it. A rung is
+# climbed only when every rung below it passed: a ComfyUI that lacks the plugin's nodes is not
+# sent a workflow, one that cannot make a first image is not timed. `device` (ComfyUI on the
+# host's GPU) belongs to the timed runs: a ComfyUI on another device still generates, but its
+# figures are not that GPU's.
+LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reachable", ("comfyui_reachable",)),
+    ("nodes", ("nodes_registered",)),
+    ("workflow", ("workflow_accepted",)),
+    ("first_generation", ("comfyui_ready",)),
+    ("timed_runs", ("device", "generation", "runs_sampled", "cold_time", "warm_time", "vram_peak")),
+    ("images", ("images_ok",)),
+    ("agreement", ("image_agreement",)),
+)
+RUNGS = tuple(rung for rung, _ in LADDER)
+RUNG_OF = {name: rung for rung, names in LADDER for name in names}
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """How far up the ladder a verification got: each rung passed, failed or not reached."""
+
+    states: tuple[tuple[str, str], ...]          # (rung, "passed" | "failed" | "not reached")
+
+    @property
+    def failed(self) -> str | None:
+        """The rung it stopped at, or None when nothing failed."""
+        return next((rung for rung, state in self.states if state == "failed"), None)
+
+    @property
+    def line(self) -> str:
+        marks = {"passed": "✓", "failed": "✗", "not reached": "·"}
+        return " > ".join(f"{rung} {marks[state]}" for rung, state in self.states)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"failed_rung": self.failed, "rungs": [{"rung": r, "state": s} for r, s in self.states]}
+
+
+def ladder(found: Sequence[Check], *, unreachable: bool = False) -> Ladder:
+    """The rungs of these checks: failed (one of its checks failed), passed (all passed) or not
+    reached (none ran). A failed check of no rung (the connection lost mid-run), or a host not
+    reached at all, fails the first rung that had not passed."""
+    failed = {RUNG_OF.get(c.name) for c in found if not c.passed} | ({None} if unreachable else set())
+    seen = {RUNG_OF.get(c.name) for c in found}
+    states = [(rung, "failed" if rung in failed else "passed" if rung in seen else "not reached")
+              for rung in RUNGS]
+    if None in failed and not any(state == "failed" for _, state in states):
+        first = next((i for i, (_, state) in enumerate(states) if state != "passed"), None)
+        if first is not None:
+            states[first] = (states[first][0], "failed")
+    return Ladder(tuple(states))
+
+
 def image_to_json(image: ImageCheck) -> dict[str, Any]:
     return {"ok": image.ok, "width": image.width, "height": image.height, "mean": _finite(image.mean),
             "std": _finite(image.std), "black_fraction": _finite(image.black_fraction),
@@ -173,9 +226,14 @@ class HostVerification:
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
+    @property
+    def ladder(self) -> Ladder:
+        return ladder(self.checks)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready mapping (thumbnails base64) for the fleet report."""
-        return {"host": self.host, "passed": self.passed, "comfyui_version": self.comfyui_version,
+        return {"host": self.host, "passed": self.passed, "ladder": self.ladder.to_json(),
+                "comfyui_version": self.comfyui_version,
                 "device": self.device, "vram_peak_mib": self.vram_peak_mib,
                 "vram_baseline_mib": self.vram_baseline_mib, "figures": self.figures.to_json(),
                 "checks": [c.to_json() for c in self.checks], "runs": [r.to_json() for r in self.runs],

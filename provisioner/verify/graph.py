@@ -9,7 +9,10 @@ from typing import Any
 
 Graph = Mapping[str, Any]
 
-SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed", "RandomNoise": "noise_seed"}
+# Every input of these names gets the run's seed, whatever its node's class (KSampler.seed,
+# KSamplerAdvanced/SamplerCustom/RandomNoise.noise_seed, a custom node's): a seed left at the
+# template's value would repeat the same generation, which ComfyUI answers from its cache.
+SEED_NAMES = ("seed", "noise_seed")
 TEXT_INPUTS = ("text", "prompt")   # CLIPTextEncode.text, TextEncodeQwenImageEdit(Plus).prompt
 LATENT_DOWNSCALE = 8               # Qwen-Image / SD VAEs: one latent cell is 8x8 pixels
 
@@ -43,8 +46,10 @@ def prepare(graph: Graph, *, prompt: str | None = None, seed: int | None = None,
         kind, inputs = node.get("class_type"), node.setdefault("inputs", {})
         if image is not None and kind == "LoadImage":
             inputs["image"] = image
-        if seed is not None and kind in SEED_INPUTS:
-            inputs[SEED_INPUTS[kind]] = seed
+        if seed is not None:
+            for key in SEED_NAMES:
+                if key in inputs and _link(inputs[key]) is None:
+                    inputs[key] = seed
         if prefix is not None and kind == "SaveImage":
             inputs["filename_prefix"] = prefix
         if prompt is not None and "positive" in inputs:
@@ -54,6 +59,12 @@ def prepare(graph: Graph, *, prompt: str | None = None, seed: int | None = None,
                 key = next(k for k in TEXT_INPUTS if isinstance(t_inputs.get(k), str))
                 t_inputs[key] = prompt
     return out
+
+
+def computing_nodes(graph: Graph) -> frozenset[str]:
+    """The nodes that compute, not the ones that save: a SaveImage's prefix changes with every run,
+    so ComfyUI re-runs it even when it serves the rest from its cache."""
+    return frozenset(n for n, node in graph.items() if node.get("class_type") not in ("SaveImage", "PreviewImage"))
 
 
 def load_image_names(graph: Graph) -> tuple[str, ...]:
@@ -85,7 +96,7 @@ def _pixels(graph: Graph, node_id: str | None, input_size: tuple[int, int] | Non
         src = _pixels(graph, _link(inputs.get(key)), input_size)
         return None if src is None else (src[0] // LATENT_DOWNSCALE * LATENT_DOWNSCALE,
                                          src[1] // LATENT_DOWNSCALE * LATENT_DOWNSCALE)
-    if kind in SEED_INPUTS:
+    if "latent_image" in inputs:          # a sampler of any kind: its latent's size
         return _pixels(graph, _link(inputs.get("latent_image")), input_size)
     return None
 

@@ -40,7 +40,9 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         images = [r.image for r in verification.runs if r.image is not None]
         good = sum(1 for i in images if i.ok)
         gpu = facts.gpu.name.replace("NVIDIA ", "") if facts and facts.gpu else "–"
-        table.add_row(escape(name), "[green]passed[/]" if passed else "[red]failed[/]", escape(gpu),
+        stopped = verification.ladder.failed
+        table.add_row(escape(name), "[green]passed[/]" if passed else f"[red]failed at {stopped or 'verification'}[/]",
+                      escape(gpu),
                       _fmt(figures.cold_s, "s"), _fmt(figures.warm_median_s, "s"),
                       _fmt(figures.vram_peak_gib, "GiB"),
                       f"{good}/{len(images)} sane" if images else "–")
@@ -50,6 +52,7 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         if isinstance(result, BaseException):
             console.print(f"[bold]{escape(name)}[/] [red]✗ {escape(str(result))}[/]")
             continue
+        console.print(f"[bold]{escape(name)}[/] ladder: {escape(result[1].ladder.line)}")
         checks = sorted(result[1].checks, key=lambda c: c.passed)
         for check in checks:
             mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"

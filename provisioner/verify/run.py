@@ -2,7 +2,8 @@
 generations, judge them.
 
 Liveness is not readiness: ComfyUI answering its API (`comfyui_reachable`) says nothing of whether
-it can generate; `comfyui_ready` passes only once a first generation completed.
+it can generate; `comfyui_ready` passes only once a first generation completed. The checks are the
+rungs of a ladder (checks.LADDER), climbed in order: a rung that fails stops the climb.
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ class _Verification:
         self.found.append(checks.nodes(
             self.object_info, self.graph, service.required_nodes(self.profile),
             f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
+        if not self._climbs_to("workflow"):
+            return
         graph, size = self._inputs()
         self.client.listen()
         gpu = self.facts.gpu if self.facts is not None else None
@@ -204,6 +207,11 @@ class _Verification:
             return
         with VramStream(self.conn, selector, self.interval_ms) as vram:
             self._generate(graph, size, vram, "")
+
+    def _climbs_to(self, rung: str) -> bool:
+        """The ladder (checks.LADDER) goes on to `rung` only when every rung below it passed."""
+        failed = checks.ladder(self.found).failed
+        return failed is None or checks.RUNGS.index(failed) >= checks.RUNGS.index(rung)
 
     def _cause(self, node: str) -> str | None:
         """ComfyUI's own words for a node that did not register: its /internal/logs, else the
@@ -303,6 +311,9 @@ class _Verification:
             if done is None:
                 self._failed(failure)
                 return False
+            if cached := self._from_cache(graph, done, kind, prompt, seed, end - start):
+                self.found.append(cached)
+                return False
             stats_peaks.append(checks.vram_used_mib(self.client.system_stats()))
             png = self.client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
             peak = _max(vram.peak(start, end) if vram else None, stats_peaks[-1])
@@ -317,8 +328,22 @@ class _Verification:
         n = len(self.runs)
         self.found.append(Check("generation", True, f"{n} runs ({sum(r.kind == 'cold' for r in self.runs)} "
                                 f"cold) of {len(prompts)} prompt(s) completed", float(n)))
+        self.found.append(Check("runs_sampled", True, f"seeds {', '.join(str(r.seed) for r in self.runs)}; "
+                                "no run was served from ComfyUI's cache"))
         self.vram_peak = _max(*(r.vram_peak_mib for r in self.runs), *stats_peaks)
         return True
+
+    @staticmethod
+    def _from_cache(graph: Mapping[str, Any], done: PromptHistory, kind: str, prompt: str, seed: int,
+                    seconds: float) -> Check | None:
+        """A run ComfyUI answered from its cache (`cached_nodes` covers every node but the savers)
+        sampled nothing: its time would pass any threshold while saying nothing of the GPU."""
+        computing = graphs.computing_nodes(graph)
+        if not computing or not computing <= set(done.cached_nodes):
+            return None
+        return Check("runs_sampled", False, f"{kind} run of {prompt!r} (seed {seed}) was served from ComfyUI's "
+                     f"cache in {seconds:.2f} s: all {len(computing)} computing nodes cached, nothing sampled; "
+                     "the workflow has no seed input provision can set (an input named seed or noise_seed)")
 
     def _wait(self, prompt_id: str, prompt: str, kind: str) -> tuple[PromptHistory | None, str]:
         """Until the prompt is done: (its history, "") when it made an image, else (None, why not).
