@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="profile or inventory YAML files")
     p.add_argument("--no-color", action="store_true")
 
+    p = verbs.add_parser("catalog", help="what the catalog knows of upstream (core, plugin and backend releases, "
+                         "the GPU rule, model files), each fact with its source and the day it was checked")
+    p.add_argument("topic", nargs="?", choices=("core", "break", "plugin", "backend", "gpu", "model"),
+                   help="only these facts")
+    p.add_argument("--json", action="store_true", help="the facts as JSON on stdout")
+    p.add_argument("--no-color", action="store_true")
+
     p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
     p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory"))
     p.add_argument("--markdown", action="store_true", help="the reference table of docs/ instead")

@@ -594,3 +594,27 @@ def schema(args: argparse.Namespace, console: Console) -> int:
         print(schema_text(args.kind))
     return EXIT_OK
 
+
+
+def catalog(args: argparse.Namespace, console: Console) -> int:
+    """What the catalog knows (core, plugin and backend releases, the GPU rule, model files), each
+    fact with its source and the day it was checked: how old the knowledge is, at a glance."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from provisioner.catalog.summary import facts
+
+    found = [f for f in facts() if args.topic in (None, f.topic)]
+    if args.json:
+        print(json.dumps([asdict(f) for f in found], indent=2))
+        return EXIT_OK
+    days = sorted({f.checked for f in found})
+    table = Table(title=f"the catalog: {len(found)} facts, checked against upstream "
+                        f"{days[0] if len(days) == 1 else f'{days[0]} to {days[-1]}'}", title_justify="left")
+    for column in ("topic", "about", "fact", "source", "checked"):
+        table.add_column(column, overflow="fold")
+    for f in found:
+        table.add_row(f.topic, escape(f.name), escape(f.fact), escape(f.source), f.checked)
+    console.print(table)
+    return EXIT_OK

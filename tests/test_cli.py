@@ -201,3 +201,27 @@ def test_facts_over_ssh_is_one_connection_and_one_exec(sshd_hosts, tmp_path: Pat
     assert set(doc) == {h.name for h in hosts}
     for host, mark in zip(hosts, marks):
         assert host.wait_counts(1, 1, since=mark) == (1, 1)
+
+
+def test_catalog_prints_each_fact_with_its_source_and_the_day_it_was_checked() -> None:
+    """`provision catalog`: core, plugin and backend releases, the breaks, the GPU rule and the model
+    files, each with where it was read and when, so the age of the knowledge shows at a glance."""
+    code, out = run("catalog", "--json")
+    assert code == 0
+    facts = json.loads(out)
+    assert {f["topic"] for f in facts} == {"core", "break", "plugin", "backend", "gpu", "model"}
+    assert all(f["source"] and f["checked"][:4] == "2026" for f in facts)
+    by = {(f["topic"], f["name"]): f for f in facts}
+    assert by[("core", "v0.47.1")]["fact"] == "released 2026-12-02; newest release"
+    assert "Comfy-Org/ComfyUI#11235" in by[("break", "ModelPatcher.pinned break of core v0.4.0")]["source"]
+    assert by[("plugin", "v1.2.1")]["fact"].startswith("released 2026-01-26; needs backend >= 1.2.0")
+    assert "torch 2.11 cu128/cu130 (built against a nightly)" in by[("backend", "1.2.1")]["fact"]
+    assert "int8 convrot models (core >= v0.27.0)" in by[("gpu", "any other")]["fact"]
+    assert by[("model", "qwen-image-edit-2509 lightning-251115-8step-r32")]["fact"] == (
+        "nunchaku-ai/nunchaku-qwen-image-edit-2509: lightning-251115/svdq-int4_r32-qwen-image-edit-2509-"
+        "lightning-8steps-251115.safetensors (fp4: svdq-fp4_…)")
+    code, out = run("catalog", "break", "--no-color")
+    assert code == 0 and out.startswith("the catalog: 3 facts, checked against upstream 2026-12-07")
+    assert "#801" in out                                          # the break no probe can see
+    code, out = run("catalog", "nonsense")
+    assert code == 3 and "invalid choice: 'nonsense'" in out and "Traceback" not in out

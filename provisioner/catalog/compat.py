@@ -49,6 +49,17 @@ def plugin_version(tag: str) -> Version | None:
         return None
 
 
+def _backend_range(plugin: Version) -> tuple[Version, Version, Version | None, str] | None:
+    return next((r for r in BACKEND_RANGES if plugin >= r[0]), None)
+
+
+def backend_floor(plugin_tag: str) -> Version | None:
+    """The lowest backend this plugin tag runs with, or None (an unknown or too old tag)."""
+    plugin = plugin_version(plugin_tag)
+    found = _backend_range(plugin) if plugin is not None else None
+    return found[1] if found else None
+
+
 def incompatibility(plugin_tag: str, backend_version: str) -> str | None:
     """Why this plugin tag cannot run on this backend version, or None (also for an unknown tag)."""
     plugin = plugin_version(plugin_tag)
@@ -58,15 +69,16 @@ def incompatibility(plugin_tag: str, backend_version: str) -> str | None:
         return f"backend version {backend_version!r} is not a version"
     if plugin is None:
         return None
-    for first, low, high, why in BACKEND_RANGES:
-        if plugin >= first:
-            if Version(backend.base_version) < low:
-                return f"ComfyUI-nunchaku {plugin_tag} requires nunchaku >= v{low}, not {backend_version}{why}"
-            if high is not None and backend >= high:
-                return (f"ComfyUI-nunchaku {plugin_tag} supports nunchaku {low.major}.{low.minor}.x only, "
-                        f"not {backend_version}: use plugin.tag v1.1.0 with backend 1.x")
-            return None
-    return f"ComfyUI-nunchaku {plugin_tag} predates the 0.3 backends: use plugin.tag v1.1.0"
+    found = _backend_range(plugin)
+    if found is None:
+        return f"ComfyUI-nunchaku {plugin_tag} predates the 0.3 backends: use plugin.tag v1.1.0"
+    _first, low, high, why = found
+    if Version(backend.base_version) < low:
+        return f"ComfyUI-nunchaku {plugin_tag} requires nunchaku >= v{low}, not {backend_version}{why}"
+    if high is not None and backend >= high:
+        return (f"ComfyUI-nunchaku {plugin_tag} supports nunchaku {low.major}.{low.minor}.x only, "
+                f"not {backend_version}: use plugin.tag v1.1.0 with backend 1.x")
+    return None
 
 
 def needs_t_cond(plugin_tag: str) -> bool:

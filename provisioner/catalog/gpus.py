@@ -18,6 +18,7 @@ from packaging.version import InvalidVersion, Version
 from provisioner.catalog.cores import CONVROT_CORE
 
 Capability = tuple[int, int]
+CHECKED = "2026-11-29"                # the day these facts were last checked against upstream
 
 # (major, minor) -> the precision of the models nunchaku runs there
 ARCHITECTURES: dict[Capability, str] = {

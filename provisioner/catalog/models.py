@@ -17,6 +17,7 @@ from provisioner.errors import PlanError
 from provisioner.catalog.gpus import SUPPORTED, GpuInfo, capability_text, precision_for, refusal
 
 PRECISIONS = ("auto", "int4", "fp4")
+CHECKED = "2026-12-07"                # the day these facts were last checked against upstream
 RECOMMENDED = "lightning-4step-r128"
 
 

@@ -29,6 +29,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion, Version
 
 CUDA_IN_LABEL_SINCE = Version("1.2.1")
+CHECKED = "2026-12-07"                # the day these facts were last checked against upstream
 
 # release -> torch major.minor of the label -> CUDA the wheel was compiled with (release-build.yaml).
 # 1.2.1 and later say it in the label itself.
