@@ -506,7 +506,8 @@ def test_the_broken_cores_of_2026_as_the_stand_in_serves_them(tmp_path: Path, ve
         registered = "NunchakuQwenImageDiTLoader" in client.object_info()
         assert registered == (flag == "--loader-error")
         if not registered:
-            assert any(f"Node `NunchakuQwenImageDiTLoader` import failed: {error}" in line for line in srv.state.logs
-                       for line in [line["m"]])
+            logged = "".join(entry["m"] for entry in srv.state.logs)
+            assert "Node `NunchakuQwenImageDiTLoader` import failed:\nTraceback (most recent call last):\n" in logged
+            assert f"NunchakuQwenImageDiTLoader\n{error}\n" in logged
     finally:
         srv.stop()

@@ -517,3 +517,21 @@ def test_a_warm_run_served_from_the_cache_fails_instead_of_passing_fast(comfy: C
                                                   "has no seed input provision can set (an input named seed or "
                                                   "noise_seed)")
     assert len(result.runs) in (1, 2)
+
+
+def test_the_broken_cores_fail_at_their_rung_in_the_plugins_own_words(comfy: Callable[..., ComfyServer],
+                                                                      tmp_path: Path) -> None:
+    """The stand-in at core 0.23.0 (apply_rotary_emb moved: the DiT loader never registers) stops the
+    ladder at nodes, quoting the import failure; at core 0.4.0 (ModelPatcher.pinned) the loader
+    registers and the first generation fails."""
+    moved = run(comfy(comfyui_version="0.23.0", dit_import_error="ImportError: cannot import name "
+                      "'apply_rotary_emb' from 'comfy.ldm.qwen_image.model'").port, tmp_path)
+    assert moved.comfyui_version == "0.23.0" and moved.ladder.failed == "nodes"
+    assert by_name(moved)["nodes_registered"].detail.endswith(
+        "ComfyUI logged: Node `NunchakuQwenImageDiTLoader` import failed: ImportError: cannot import name "
+        "'apply_rotary_emb' from 'comfy.ldm.qwen_image.model'")
+    pinned = run(comfy(comfyui_version="0.4.0",
+                       loader_error="AttributeError: 'ModelPatcher' object has no attribute 'pinned'").port,
+                 tmp_path)
+    assert pinned.comfyui_version == "0.4.0" and pinned.ladder.failed == "first_generation"
+    assert "'ModelPatcher' object has no attribute 'pinned'" in by_name(pinned)["comfyui_ready"].detail

@@ -464,8 +464,11 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
         for entry in boot.plugin_block(str(plugin_path), backend if nunchaku_nodes or backend_error else None,
                                        None if nunchaku_nodes else backend_error):
             state.log(entry)
-        if dit_import_error and nunchaku_nodes:
-            state.log(f"Node `{nodes.DIT_LOADER}` import failed: {dit_import_error}")
+        if dit_import_error and nunchaku_nodes:       # logger.exception's shape, as the plugin logs it
+            state.log(f"Node `{nodes.DIT_LOADER}` import failed:\nTraceback (most recent call last):\n"
+                      f'  File "{plugin_path}/__init__.py", line 65, in <module>\n'
+                      "    from .nodes.models.qwenimage import NunchakuQwenImageDiTLoader\n"
+                      f"{dit_import_error}")
     while hang_at_start:                  # a custom node that never returns from its import
         time.sleep(3600)
     time.sleep(startup_s)                 # the port opens only once every custom node has loaded
