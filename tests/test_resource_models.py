@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from rich.console import Console
 
 from provisioner import remote
@@ -437,3 +438,41 @@ def test_the_lightning_251115_set_plans_and_downloads_from_its_folder(tmp_path: 
         assert plan(profile, make_facts(files=gather())).changes == ()
     sel = catalog.resolve(FAMILY, variant, "auto", RTX3090)
     assert (sel.steps, sel.rank, sel.cfg, sel.lightning) == (steps, rank, 1.0, True)
+
+
+THIRD = "someone/qwen-image-edit-2509-svdq"          # a third party publishing the catalog's file names
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_third_party_repository_needs_the_opt_in_and_a_pinned_commit(tmp_path: Path) -> None:
+    """model.repo other than the family's official repository: refused by validation unless
+    model.third_party and a model.revision commit say it is on purpose and fixed."""
+    from provisioner.config import validate_files
+    cases = {
+        "no-opt-in.yaml": ({"repo": THIRD, "revision": COMMIT},
+                           ["model.repo: 'someone/qwen-image-edit-2509-svdq' is not the official repository of "
+                            "qwen-image-edit-2509 (nunchaku-ai/nunchaku-qwen-image-edit-2509) (set model.third_party: "
+                            "true to take third-party weights)"]),
+        "no-commit.yaml": ({"repo": THIRD, "third_party": True, "revision": "main"},
+                           ["model.revision: third-party repository 'someone/qwen-image-edit-2509-svdq' without a "
+                            "pinned commit (pin model.revision to a commit (40 hex digits) of that repository)"]),
+        "ok.yaml": ({"repo": THIRD, "third_party": True, "revision": COMMIT}, []),
+        "official.yaml": ({"repo": "nunchaku-ai/nunchaku-qwen-image-edit-2509"}, []),
+    }
+    templates = str(Path(__file__).resolve().parents[1] / "templates")
+    for name, (model, expected) in cases.items():
+        (tmp_path / name).write_text(yaml.safe_dump({"comfyui": {"root": "/srv/ComfyUI"}, "model": model,
+                                                     "workflow": {"template_dir": templates}}))
+        found = [str(p).split(": ", 1)[1] for p in validate_files([tmp_path / name])]   # after "FILE:LINE:COL"
+        assert found == expected, (name, found)
+
+
+def test_a_third_party_dit_is_asked_of_its_repository_at_the_pinned_commit(server: HfServer) -> None:
+    blobs = {(THIRD if f.repo == catalog.official_repo(FAMILY) else f.repo, f.path_in_repo): content(f)
+             for f in FILES}
+    with start_hf_server(blobs, token=TOKEN, commits={THIRD: COMMIT, **catalog.PINNED_REVISIONS}) as third:
+        profile = make_profile(third.url, model={"repo": THIRD, "third_party": True, "revision": COMMIT})
+        dit, te, _ = plan(profile, make_facts()).changes
+        assert dit.steps[0].url == f"{third.url}/{THIRD}/resolve/{COMMIT}/" \
+            "svdq-int4_r128-qwen-image-edit-2509-lightningv2.0-4steps.safetensors"
+        assert te.steps[0].url.startswith(f"{third.url}/Comfy-Org/Qwen-Image_ComfyUI/resolve/")

@@ -165,6 +165,11 @@ def header_mismatch(metadata: Mapping[str, str], precision: str, rank: int) -> s
             f"{WEIGHT_DTYPES[precision]} rank {rank}")
 
 
+def official_repo(family: str) -> str:
+    """The nunchaku-ai repository of a family's DiT files; another one is third-party weights."""
+    return _family(family).repo
+
+
 def families() -> tuple[str, ...]:
     return tuple(_FAMILIES)
 

@@ -155,6 +155,8 @@ class ModelSpec:
     precision: Precision = "auto"     # auto: catalog/gpus.py (int4 on 7.5-8.9, fp4 on 12.x)
     sha256: str | None = None         # overrides the Hub's LFS checksum for the main model file
     revision: str | None = None       # Hub revision (a commit) of the DiT's repo; None: main, as first resolved
+    repo: str | None = None           # the DiT's Hub repo; None: the catalog's official one for the family
+    third_party: bool = False         # the opt-in a repo other than the official one needs
 
 
 @dataclass(frozen=True)

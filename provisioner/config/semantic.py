@@ -188,6 +188,14 @@ def _catalog(data: Any) -> Iterator[Found]:
     elif variant not in (variants := tuple(catalog.variants(family))):
         yield ("model", "variant"), f"unknown variant {shown(variant)} of {family}", \
             f"known: {', '.join(variants)}"
+    elif (repo := _get(data, ("model", "repo"), str)) and repo != catalog.official_repo(family):
+        # Third-party weights: only on purpose, and only an upload that cannot change under the fleet.
+        if not (isinstance(model, Mapping) and model.get("third_party") is True):
+            yield ("model", "repo"), f"{shown(repo)} is not the official repository of {family} " \
+                f"({catalog.official_repo(family)})", "set model.third_party: true to take third-party weights"
+        if not re.fullmatch(r"[0-9a-f]{40}", _get(data, ("model", "revision"), str) or ""):
+            yield ("model", "revision"), f"third-party repository {shown(repo)} without a pinned commit", \
+                "pin model.revision to a commit (40 hex digits) of that repository"
     tag = _get(data, ("plugin", "tag"), str) or "v1.1.0"
     version = _get(data, ("backend", "version"), str) or "1.0.1"
     if re.fullmatch(r"v\d{1,9}\.\d{1,9}\.\d{1,9}", tag) and _version(version) is not None:

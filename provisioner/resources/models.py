@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping
+from dataclasses import replace
 
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
@@ -80,6 +81,8 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
         return changes()            # model.family: null: no Nunchaku model on these hosts
     sel = catalog.resolve(m.family, m.variant, m.precision, facts.gpu, gpu_error=facts.gpu_error,
                           backend=profile.backend.version)
+    if m.repo:                      # validated: official, or third-party opted in at a pinned commit
+        sel = replace(sel, dit=replace(sel.dit, repo=m.repo))
     _check_header(profile, facts, sel)
     lookup = lookup or hub.file_metadata
     token = secrets.read(hf.token_env, environ)
