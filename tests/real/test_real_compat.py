@@ -3,6 +3,7 @@ QwenTimestepProjEmbeddings does not take `use_additional_t_cond`, applied where 
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +84,39 @@ def test_plugin_v110_is_refused_on_real_v0348_which_has_no_qwen_image(
                 "this host's ComfyUI 0.3.48 does not have (it came after 0.3.48): update ComfyUI") in said
         # The profile's model family (Qwen-Image-Edit-2509) needs a later core too, and says so.
         assert "model.family qwen-image-edit-2509 needs ComfyUI >= 0.3.60" in said
+        assert "Traceback" not in out
+    assert not host.plugin.exists()
+    assert tree_state(host.comfy, skip=("venv", "__pycache__")) == before
+
+
+def move_apply_rotary_emb(comfy: Path) -> None:
+    """What core 0.23 did (ComfyUI-nunchaku#820, #822), on a real v0.3.64 checkout: the function the
+    plugin imports from comfy/ldm/qwen_image/model.py is there under another name, so that import fails."""
+    path = comfy / CORE_MODEL
+    text = path.read_text()
+    assert text.count("def apply_rotary_emb(") == 1, "the real v0.3.64 apply_rotary_emb is not where it was"
+    path.write_text(text.replace("apply_rotary_emb", "apply_rope_moved"))
+
+
+def test_the_plugin_is_refused_on_a_real_core_whose_model_py_lacks_apply_rotary_emb(
+        real_lab: Lab, real_host: Callable[..., RealHost]) -> None:
+    host = real_host("v0.3.64", start=False, patch=move_apply_rotary_emb)
+    # The patched real core really lacks the name: its own interpreter says so, as the plugin's import would.
+    # (--cpu, read as main.py has ComfyUI read it: its model management sets up the device at import,
+    # and this machine has no GPU.)
+    probe = subprocess.run([str(host.comfy / "venv" / "bin" / "python"), "-c",
+                            "import sys, comfy.options; sys.argv.append('--cpu'); comfy.options.enable_args_parsing()\n"
+                            "from comfy.ldm.qwen_image.model import apply_rotary_emb"],
+                           cwd=host.comfy, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 1 and "cannot import name 'apply_rotary_emb'" in probe.stderr, probe.stderr[-500:]
+    before = tree_state(host.comfy, skip=("venv", "__pycache__"))
+    for verb in ("plan", "apply"):
+        code, out = real_lab.run(verb, "--limit", host.name, "--no-verify" if verb == "apply" else "-v")
+        assert code == 1, out
+        said = " ".join(out.split())
+        assert ("ComfyUI-nunchaku v1.1.0 on ComfyUI 0.3.64 is known broken: ImportError: cannot import name "
+                "'apply_rotary_emb' from 'comfy.ldm.qwen_image.model' (the DiT loader does not register) "
+                "(ComfyUI-nunchaku#820, #822; fixed in core by Comfy-Org/ComfyUI PR #14364 (2026-06-09))") in said
         assert "Traceback" not in out
     assert not host.plugin.exists()
     assert tree_state(host.comfy, skip=("venv", "__pycache__")) == before
