@@ -17,6 +17,11 @@ VENV is a Python environment with torch that ComfyUI runs in (its own python and
    --seconds), ComfyUI restarted by a command that returns before it listens, readiness, then
    verification of the probe (1 cold + 3 warm runs).
 3. `provision apply` again (nothing to do), and `provision verify --report`.
+4. `provision verify` of a workflow whose sampler takes its seed as SamplerCustom does
+   (`noise_seed`, the probe's ProvisionGpuSampler, cached by ComfyUI like any sampler): every warm
+   run must get its own seed and really run; then the same with the seed linked from a
+   PrimitiveInt, which provision cannot set: ComfyUI serves the warm run from its cache, and
+   verification must fail that run (`runs_sampled`) instead of passing it in milliseconds.
 
 Everything it printed and the reports go to --out; the figures to hold against the probe's own
 (from ComfyUI's log) are printed at the end.
@@ -93,10 +98,10 @@ def main() -> int:
     shutil.copytree(REPO / "bench" / "gpu" / "provision_gpu_probe", probe)
     template = work / "templates"
     template.mkdir()
-    shutil.copy(REPO / "bench" / "gpu" / "gpu-probe.json.j2", template)
-    text = (template / "gpu-probe.json.j2").read_text()
-    (template / "gpu-probe.json.j2").write_text(
-        text.replace('"gib": 8.0', f'"gib": {args.gib}').replace('"seconds": 2.0', f'"seconds": {args.seconds}'))
+    for name in ("gpu-probe.json.j2", "gpu-sampler.json.j2", "gpu-sampler-linked.json.j2"):
+        text = (REPO / "bench" / "gpu" / name).read_text()
+        (template / name).write_text(
+            text.replace('"gib": 8.0', f'"gib": {args.gib}').replace('"seconds": 2.0', f'"seconds": {args.seconds}'))
     service = work / "service"
     service.mkdir()
     (service / "service.json").write_text(json.dumps({
@@ -117,7 +122,10 @@ def main() -> int:
                         "log_file": str(service / "comfyui.log"),
                         "restart": {"command": [sys.executable, str(SERVICE), "restart", str(service)]}},
             "plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},
-            "backend": {"version": "1.2.1", "sources": [{"github": world.backend_repo_url}]},
+            # The machine's torch is 2.11 stable, for which upstream has only wheels built against a
+            # nightly: taken with the profile's opt-in, as an operator would have to.
+            "backend": {"version": "1.2.1", "allow_nightly_built": True,
+                        "sources": [{"github": world.backend_repo_url}]},
             "pip": {"no_index": True, "find_links": [str(world.wheelhouse)]},
             "huggingface": {"endpoint": world.hub.url}},
             "Qwen-Image-Edit-2509 INT4 Lightning, as the fleet runs it, pointed at local stand-ins.")
@@ -127,6 +135,14 @@ def main() -> int:
             "verify": {"family_nodes": False, "required_nodes": ["ProvisionGpuProbe"], "warm_runs": 3,
                        "prompts": ["gpu probe"], "timeout_s": 600}},
             "The same host with no Nunchaku model: ComfyUI, the plugin, its backend and the GPU probe workflow.")
+        sampler = write_yaml(work / "sampler.yaml", {
+            "extends": str(smoke), "workflow": {"templates": ["gpu-sampler.json.j2"]},
+            "verify": {"required_nodes": ["ProvisionGpuSampler"]}},
+            "The seed in SamplerCustom's input name (noise_seed), on a node ComfyUI caches by its inputs.")
+        cached = write_yaml(work / "cached.yaml", {
+            "extends": str(smoke), "workflow": {"templates": ["gpu-sampler-linked.json.j2"]},
+            "verify": {"required_nodes": ["ProvisionGpuSampler"]}},
+            "The same with the seed linked from a PrimitiveInt: nothing provision can set.")
         steps = [
             ("facts", ["facts", str(smoke), "--json"]),
             ("plan of the fleet profile: the GPU is refused", ["plan", str(fleet)]),
@@ -134,6 +150,10 @@ def main() -> int:
              ["apply", str(smoke), "--report", str(work / "report-apply"), "--log-dir", str(work / "logs")]),
             ("apply again: nothing to do", ["apply", str(smoke), "--log-dir", str(work / "logs")]),
             ("verify", ["verify", str(smoke), "--report", str(work / "report")]),
+            ("verify, the seed in noise_seed: distinct seeds, no cached warm run",
+             ["verify", str(sampler), "--report", str(work / "report-sampler")]),
+            ("verify, the seed out of reach: a warm run served from the cache fails",
+             ["verify", str(cached), "--report", str(work / "report-cached")]),
         ]
         for title, argv in steps:
             say(f"\n$ provision {' '.join(argv)}   # {title}")
@@ -149,16 +169,23 @@ def main() -> int:
     for name in ("report.json", "report.html"):
         shutil.copy(work / "report" / name, out / name)
     shutil.copy(work / "report-apply" / "report.json", out / "report-apply.json")
+    for which in ("sampler", "cached"):
+        shutil.copy(work / f"report-{which}" / "report.json", out / f"report-{which}.json")
     shutil.copy(service / "comfyui.log", out / "comfyui.log")
-    report = json.loads((work / "report" / "report.json").read_text())
-    say("\nverification against the probe's own figures:")
-    for host in report["hosts"]:
-        for run in host["runs"]:
-            say(f"  {run['kind']:4} run: ComfyUI {run['seconds_comfy']} s, wall {run['seconds_wall']} s, "
-                f"VRAM peak {run['vram_peak_mib']} MiB")
-        say(f"  figures: {json.dumps(host['figures'])}")
+    for which in ("report", "report-sampler", "report-cached"):
+        report = json.loads((work / which / "report.json").read_text())
+        say(f"\n{which}: verification against the probe's own figures:")
+        for host in report["hosts"]:
+            say(f"  ladder: failed rung {host['ladder']['failed_rung']}")
+            for run in host["runs"]:
+                say(f"  {run['kind']:4} run: seed {run['seed']}, ComfyUI {run['seconds_comfy']} s, "
+                    f"wall {run['seconds_wall']} s, VRAM peak {run['vram_peak_mib']} MiB")
+            for check in host["checks"]:
+                if check["name"] in ("runs_sampled", "generation", "warm_time"):
+                    say(f"  {'PASS' if check['passed'] else 'FAIL'} {check['name']}: {check['detail']}")
+            say(f"  figures: {json.dumps(host['figures'])}")
     probe_lines = [x for x in (service / "comfyui.log").read_text().splitlines()
-                   if "ProvisionGpuProbe:" in x or "Prompt executed in" in x]
+                   if "ProvisionGpu" in x or "Prompt executed in" in x]
     say("ComfyUI's own lines:\n  " + "\n  ".join(probe_lines))
     console.close()
     return 0
