@@ -160,3 +160,29 @@ def test_unreachable_host_is_listed_and_others_still_answer(lab: Lab, converged:
     assert code == 1
     status = {h["host"]: h["status"] for h in doc["hosts"]}
     assert status["gpu-down"] == "unreachable" and status[converged.name] == "ok"
+
+
+def test_the_cores_of_december_2026_over_ssh(lab: Lab) -> None:
+    """Hosts whose stand-in core is the newest release (v0.47.1) or 0.23.0 (apply_rotary_emb moved),
+    with plugin v1.2.0 and backend 1.2.0 on torch 2.9 (cu130, as 1.2.0 built it): the first is planned
+    with a warning saying what was checked from its files and what was not; the second is refused
+    with its thread."""
+    newest, moved = (lab.add(1, torch="2.9.0+cu130", comfyui_version=v)[0] for v in ("0.47.1", "0.23.0"))
+    lab.profile_extra = {"plugin": {"tag": "v1.2.0"}, "backend": {"version": "1.2.0"}}
+    lab.write()
+    try:
+        code, entry = planned(lab, newest)
+        assert code == 2 and entry["errors"] == [], entry["errors"]
+        (warning,) = [n["message"] for n in entry["notes"] if n["resource"] == "compat"]
+        assert warning.startswith("ComfyUI 0.47.1 came after v0.8.0, the last core before ComfyUI-nunchaku v1.2.0 "
+                                  "(2026-01-12), which upstream has not adapted to it: checked: ")
+        assert "comfy/ldm/qwen_image/model.py has apply_rotary_emb, which the plugin imports from it (read from " \
+               "its source)" in warning and "not checked: ComfyUI-nunchaku#801" in warning
+        assert warning.endswith("apply with --verify-gate, which rolls back a host whose generations fail")
+        code, entry = planned(lab, moved)
+        assert code == 1
+        assert entry["errors"][0].startswith("compat: ComfyUI-nunchaku v1.2.0 on ComfyUI 0.23.0 is known broken: "
+                                             "ImportError: cannot import name 'apply_rotary_emb'")
+    finally:
+        lab.profile_extra = {}
+        lab.write()

@@ -535,3 +535,17 @@ def test_the_broken_cores_fail_at_their_rung_in_the_plugins_own_words(comfy: Cal
                  tmp_path)
     assert pinned.comfyui_version == "0.4.0" and pinned.ladder.failed == "first_generation"
     assert "'ModelPatcher' object has no attribute 'pinned'" in by_name(pinned)["comfyui_ready"].detail
+
+
+def test_the_console_names_the_rung_a_host_stopped_at(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from provisioner.verify.render import render_verification
+
+    result = run(comfy(nunchaku_nodes=False).port, tmp_path, facts=host_facts(nunchaku=None))
+    console = Console(record=True, width=200)
+    assert render_verification({"gpu-01": (host_facts(nunchaku=None), result)}, console) is True
+    text = console.export_text()
+    assert "failed at nodes" in text
+    assert "gpu-01 ladder: reachable ✓ > nodes ✗ > workflow · > first_generation · > timed_runs · > images · " \
+           "> agreement ·" in text

@@ -104,8 +104,8 @@ class Ladder:
 
 def ladder(found: Sequence[Check], *, unreachable: bool = False) -> Ladder:
     """The rungs of these checks: failed (one of its checks failed), passed (all passed) or not
-    reached (none ran). A failed check of no rung (the connection lost mid-run), or a host not
-    reached at all, fails the first rung that had not passed."""
+    reached (none ran, or a rung below it failed). A failed check of no rung (the connection lost
+    mid-run), or a host not reached at all, fails the first rung that had not passed."""
     failed = {RUNG_OF.get(c.name) for c in found if not c.passed} | ({None} if unreachable else set())
     seen = {RUNG_OF.get(c.name) for c in found}
     states = [(rung, "failed" if rung in failed else "passed" if rung in seen else "not reached")
@@ -114,6 +114,11 @@ def ladder(found: Sequence[Check], *, unreachable: bool = False) -> Ladder:
         first = next((i for i, (_, state) in enumerate(states) if state != "passed"), None)
         if first is not None:
             states[first] = (states[first][0], "failed")
+    # Above the first failed rung nothing counts as climbed (a check that ran early, `device`, passes
+    # at timed_runs only once the runs were timed); what failed there still shows.
+    stop = next((i for i, (_, state) in enumerate(states) if state == "failed"), len(states))
+    states = states[:stop + 1] + [(rung, "failed" if state == "failed" else "not reached")
+                                  for rung, state in states[stop + 1:]]
     return Ladder(tuple(states))
 
 
