@@ -19,7 +19,7 @@ from packaging.version import InvalidVersion, Version
 
 from provisioner.catalog import cores
 from provisioner.catalog.compat import (CORE_MODEL, EDIT_NODES, FAMILY_NODES, LAST_WITHOUT_QWEN_IMAGE, NEEDLE,
-                                        T_COND_CORE, core_incompatibility, family_incompatibility,
+                                        QWEN_IMAGE_PLUGIN, T_COND_CORE, core_incompatibility, family_incompatibility,
                                         incompatibility, needs_t_cond, plugin_version,
                                         qwen_image_incompatibility)
 from provisioner.config.model import Profile
@@ -144,7 +144,8 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     reason = incompatibility(tag, profile.backend.version)
     if reason:
         raise PlanError(reason)
-    if plugin_version(tag) is None:
+    plugin = plugin_version(tag)
+    if plugin is None:
         return changes(notes=[Note(name, f"plugin.tag {tag!r} is not a release tag: its backend and ComfyUI "
                                          "requirements are not checked")])
     model, nodes, _, _ = _paths(profile)
@@ -161,10 +162,13 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     if family and (node := _family_node(profile)):
         has = core.has(nodes, node, FAMILY_NODES[family][1], node)
         reasons.append(family_incompatibility(family, has, core.version))
-    checked = ["comfy/ldm/qwen_image is there" if qwen_image else ""]
-    if qwen_image and needs_t_cond(tag):
-        checked.append(f"QwenTimestepProjEmbeddings takes {NEEDLE}")
-    if qwen_image and not any(reasons):
+    checked: list[str] = []                       # what the core was found to have, for the warning
+    if qwen_image:
+        checked.append("comfy/ldm/qwen_image is there")
+        if needs_t_cond(tag):
+            checked.append(f"QwenTimestepProjEmbeddings takes {NEEDLE}")
+    # The known breaks hit the v1.0+ plugins, which build on the core's Qwen-Image (catalog/cores.py).
+    if qwen_image and not any(reasons) and plugin >= QWEN_IMAGE_PLUGIN:
         for brk in cores.BREAKS:
             if core.broken(brk, checked):
                 reasons.append(cores.refusal(brk, tag, core.version))
@@ -172,7 +176,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     found = [r for r in reasons if r]
     if found:
         raise PlanError("; ".join(found))
-    return changes(notes=core.notes + _unknown_ground(tag, core.version, [c for c in checked if c]))
+    return changes(notes=core.notes + _unknown_ground(tag, core.version, checked))
 
 
 def _unknown_ground(tag: str, core: str | None, checked: list[str]) -> list[Note]:
@@ -181,14 +185,13 @@ def _unknown_ground(tag: str, core: str | None, checked: list[str]) -> list[Note
     version = cores.version_of(core)
     if version is None:
         return []
-    adapted = cores.last_adapted(tag)
+    plugin, adapted = cores.plugin_release(tag), cores.last_adapted(tag)
     if not cores.known(version):
         why = (f"ComfyUI {core} is newer than any release the catalog knows ({cores.NEWEST.tag}, "
                f"checked {cores.CHECKED})")
-    elif adapted is not None and version > adapted.version:
-        plugin = cores.plugin_release(tag)
+    elif plugin is not None and adapted is not None and version > adapted.version:
         why = (f"ComfyUI {core} came after {adapted.tag}, the last core before ComfyUI-nunchaku {tag} "
-               f"({plugin.date if plugin else '?'}), which upstream has not adapted to it")
+               f"({plugin.date}), which upstream has not adapted to it")
     else:
         return []
     return [Note(name, f"{why}: checked: {'; '.join(checked)}; not checked: {'; '.join(cores.UNSEEN)}, and "
