@@ -42,6 +42,7 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "read": list(probe.read),
         "grep": [list(pair) for pair in probe.grep],
         "git": list(probe.git),
+        "git_command": remote.git_request(),
         "http": list(probe.http),
         "show": [list(pair) for pair in probe.show],
         "remote_tags": [list(item) for item in probe.remote_tags],

@@ -105,6 +105,7 @@ class GitCheckout:
     error: str | None = None                     # why it could not be read (git missing), not "not a repo"
     untracked: tuple[str, ...] = ()              # of `dirty`, the untracked ones (`??`)
     entries: tuple[str, ...] = ()                # a folder that is no checkout: what it holds (50 at most)
+    foreign: bool = False                        # another user's: never read by git (`error` says whose)
 
 
 @dataclass(frozen=True)

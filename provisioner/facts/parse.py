@@ -139,6 +139,7 @@ def _git(path: str, raw: Mapping[str, Any]) -> GitCheckout:
         head=raw.get("head"), tags=tuple(raw.get("tags") or ()), branch=raw.get("branch"),
         dirty=tuple(raw.get("dirty") or ()), untracked=tuple(raw.get("untracked") or ()),
         entries=tuple(raw.get("entries") or ()), remote=raw.get("remote"), error=raw.get("error"),
+        foreign=bool(raw.get("foreign")),
     )
 
 
@@ -261,7 +262,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
                     "branch": g.branch, "dirty": list(g.dirty), "untracked": list(g.untracked),
                     "entries": list(g.entries),
-                    "remote": g.remote, "error": g.error}
+                    "remote": g.remote, "error": g.error, "foreign": g.foreign}
                 for p, g in sorted(facts.git.items())},
         "files": {p: {"exists": f.exists, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256}
                   for p, f in sorted(facts.files.items())},
