@@ -11,6 +11,7 @@ import io
 import os
 import posixpath
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ class SshConnection:
         self._no_sftp = False
         self._lock = threading.Lock()
         self._aborted: str | None = None
+        self._children: set[subprocess.Popen[bytes]] = set()   # a running scp: abort kills it
         self.heartbeat = Heartbeat(options.heartbeat_s)
         try:
             self._transport = self._reacher.reach(self._target)
@@ -91,6 +93,8 @@ class SshConnection:
         and the supervisors stop their commands; every later call raises with `reason`."""
         with self._lock:
             self._aborted = self._aborted or reason
+        for child in list(self._children):
+            scp.stop(child)
         self._watchdog.stop()
         self._reacher.close()
 
@@ -179,11 +183,14 @@ class SshConnection:
                 return None
 
         failed = scp.push(self._target, identity, self._transport.get_remote_server_key(),
-                          self._options.connect_timeout, name, tmp, size, remote_size, progress)
+                          self._options.connect_timeout, name, tmp, size, remote_size, progress,
+                          self._children)
         if failed is None:
             self.stats.bytes_put += size
             return True
         self._check()
+        self.stats.fallbacks.append(f"scp of {posixpath.basename(name)} failed ({failed}): "
+                                    "copied over SFTP instead")
         _quiet_remove(sftp, tmp)
         return False
 

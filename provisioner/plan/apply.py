@@ -113,8 +113,12 @@ class StepRunner:
             self.conn.put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
             size = os.path.getsize(step.src)
+            seen = len(self.conn.stats.fallbacks)
             with self.reporter.transfer(self.conn.name, posixpath.basename(step.dest), size) as bar:
                 self.conn.put_file(step.src, step.dest, progress=bar)
+            for why in self.conn.stats.fallbacks[seen:]:     # done, the slower way: say why
+                self.reporter.line(self.conn.name, f"! {why}", "yellow")
+                self.reporter.log(self.conn.name, "warning", resource="push", error=why)
         elif isinstance(step, Fetch):
             self._fetch(step)
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
