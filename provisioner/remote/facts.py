@@ -30,7 +30,7 @@ HEADER_CAP = 100 << 20      # safetensors' own limit on a header
 HEADER_KEYS = ("quantization_config", "model_class", "format")
 # How git runs here: the request's "git" (remote.git_request(): config given with -c and the
 # environment that neutralise whatever a checkout configures), set by gather().
-GIT = {"argv": ["git"], "env": dict(os.environ)}
+GIT = {"argv": None, "env": dict(os.environ)}
 NVIDIA_SMI_QUERY = (
     "--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,"
     "driver_version,compute_cap,pci.bus_id"
@@ -306,7 +306,13 @@ def use_git(spec):
 
 
 def _git(path, *args, **kw):
-    return _run(GIT["argv"] + ["-C", path] + list(args), env=GIT["env"], **kw)
+    return _run(_git_argv() + ["-C", path] + list(args), env=GIT["env"], **kw)
+
+
+def _git_argv():
+    if GIT["argv"] is None:     # never a git without the neutralising config
+        raise ValueError("the request has no git_command")
+    return GIT["argv"]
 
 
 def foreign_owner(path):
@@ -406,7 +412,7 @@ def remote_tags(items):
                                         "refs/tags/%s^{commit}" % tag, timeout=30.0)[0] == 0:
             out.append([path, repo, tag, {"local": True}])
             continue
-        rc, stdout, err = _run(GIT["argv"] + ["ls-remote", "--tags", "--refs", "--", repo], timeout=30.0,
+        rc, stdout, err = _run(_git_argv() + ["ls-remote", "--tags", "--refs", "--", repo], timeout=30.0,
                                env=GIT["env"])
         if rc != 0:
             lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
@@ -566,7 +572,8 @@ def http_status(url):
 
 def gather(req):
     started = time.monotonic()
-    use_git(req["git_command"])
+    if "git_command" in req:
+        use_git(req["git_command"])
     jobs = {
         "env": lambda: venv(req["python"], req.get("venv_known")),
         "nvidia_smi": nvidia_smi,
