@@ -493,8 +493,9 @@ def test_what_comfyui_itself_needs_python3_listeners_units_untracked(host: dict,
     assert "main.py" in checkout.dirty and "main.py" not in checkout.untracked
     assert {"venv/", ".provision/"} <= set(checkout.untracked)
     assert facts.git[str(root / "custom_nodes" / "plain")].entries == ()
-    assert facts_to_json(facts)["listeners"][str(wild)] == [{"address": "::", "pid": os.getpid(),
+    assert facts_to_json(facts)["listeners"][str(wild)] == [{"address": "::", "pid": os.getpid(), "uid": os.getuid(),
                                                              "cmdline": list(mine.cmdline)}]
+    assert mine.uid == os.getuid()          # whom ComfyUI runs as, from /proc/net/tcp
 
 
 def test_no_systemctl_is_said_when_units_are_asked_for(host: dict, tmp_path: Path) -> None:

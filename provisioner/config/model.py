@@ -58,6 +58,8 @@ class ComfySpec:
     service: Service | None = None    # systemd: provision owns the unit; None: run by something else
     unit: str = "comfyui"             # the unit's name (per-gpu: UNIT-gpuN)
     unit_dir: str = "/etc/systemd/system"
+    user: str | None = None           # whom the unit runs ComfyUI as; None: the owner of `root`
+    allow_root: bool = False          # may that be root (refused otherwise: ComfyUI runs nodes' code)
     instances: Instances = "single"
     ready_timeout_s: float = 300.0    # after a restart: until /system_stats answers and the nodes are listed
     log_file: str | None = None       # ComfyUI's own log; None: the systemd journal or `docker logs`

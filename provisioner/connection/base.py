@@ -186,6 +186,9 @@ class Connection(Protocol):
 
     name: str
     stats: Stats
+    # The same host as its become user (connection/become.py: sudo), where the inventory sets
+    # ansible_become; None otherwise. Steps marked `system` run there.
+    become: Connection | None
 
     @property
     def heartbeat(self) -> Heartbeat: ...

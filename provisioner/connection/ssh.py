@@ -27,7 +27,7 @@ from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Re
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
-from provisioner.connection.base import Heartbeat
+from provisioner.connection.base import Connection, Heartbeat
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
@@ -39,6 +39,8 @@ SFTP_WRITE = PACKET - 128
 
 class SshConnection:
     """A connected SSH host. Opening it connects (and checks the host key) at once."""
+
+    become: Connection | None = None   # the host's become user (connection/become.py), when set
 
     def __init__(self, host: Host, options: ConnectOptions) -> None:
         self.name = host.name

@@ -332,6 +332,36 @@ def foreign_owner(path):
     return None
 
 
+def login(root):
+    """Who runs this program, and who owns ComfyUI's root (None when there is no root yet)."""
+    me = os.geteuid()
+    try:
+        owner = os.stat(root).st_uid
+    except OSError:
+        owner = None
+    return {"uid": me, "user": _name_of(me), "root_owner_uid": owner,
+            "root_owner": _name_of(owner) if owner is not None else None,
+            "root_group": _group_of(owner) if owner is not None else None}
+
+
+def _group_of(uid):
+    """The primary group's name of a user (what its unit's Group= says)."""
+    try:
+        import grp
+        import pwd
+        return grp.getgrgid(pwd.getpwuid(uid).pw_gid).gr_name
+    except (ImportError, KeyError):
+        return None
+
+
+def _name_of(uid):
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
 def user_name(uid):
     try:
         import pwd
@@ -481,7 +511,8 @@ def _cmdline(pid):
 
 
 def listeners(ports):
-    """{port: [{"address", "pid", "cmdline"}]} of the TCP sockets listening on these ports."""
+    """{port: [{"address", "pid", "cmdline", "uid"}]} of the TCP sockets listening on these ports
+    (uid: the socket's owner, which /proc/net/tcp says even of another user's process)."""
     wanted, found = set(int(p) for p in ports), []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -495,12 +526,12 @@ def listeners(ports):
                 continue
             addr, _, port = cols[1].partition(":")
             if int(port, 16) in wanted:
-                found.append((int(port, 16), _address(addr), cols[9]))
-    owners = _socket_owners(set(inode for _, _, inode in found)) if found else {}
+                found.append((int(port, 16), _address(addr), cols[9], int(cols[7])))
+    owners = _socket_owners(set(inode for _, _, inode, _ in found)) if found else {}
     out = {}
-    for port, address, inode in found:
+    for port, address, inode, uid in found:
         pid = owners.get(inode)
-        out.setdefault(str(port), []).append({"address": address, "pid": pid,
+        out.setdefault(str(port), []).append({"address": address, "pid": pid, "uid": uid,
                                               "cmdline": _cmdline(pid) if pid else None})
     return out
 
@@ -594,6 +625,7 @@ def gather(req):
         "space": lambda: dict((p, space(p)) for p in req.get("space", [])),
         "listing": lambda: dict((p, listing(p)) for p in req.get("listing", [])),
         "markers": lambda: dict((p, markers(p)) for p in req.get("markers", [])),
+        "login": lambda: login(req["root"]),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),
