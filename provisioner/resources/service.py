@@ -201,8 +201,8 @@ def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: 
             backup = posixpath.join(spec.state_dir, "units", f"{instance.unit_file}.{stamp}")
             steps += [Run(("mkdir", "-p", posixpath.dirname(backup)), what="create the units backup folder",
                           on_machine=True),
-                      Run(("cp", "-p", path, backup), what=f"back up {path} to {backup}", on_machine=True,
-                          system=True)]
+                      # as the login (a unit file is world-readable): the copy under the root is its owner's
+                      Run(("cp", "-p", path, backup), what=f"back up {path} to {backup}", on_machine=True)]
             warnings.append(f"{path} was not written by provision: it is replaced (a copy is kept at {backup})")
         steps += [Put(path, text.encode(), what=f"write {path}", system=True), _systemctl("daemon-reload"),
                   _systemctl("enable", instance.unit_file)]
