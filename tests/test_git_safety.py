@@ -131,3 +131,29 @@ def test_the_steps_git_checks_out_and_fetches_without_hooks_or_the_checkouts_ssh
     fetched = run("fetch", "--quiet", "origin")
     assert fetched.returncode != 0                         # BatchMode ssh to nowhere, not the checkout's command
     assert not canary.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a checkout to another user")
+def test_apply_history_and_rollback_never_fire_a_custom_nodes_fsmonitor(tmp_path: Path) -> None:
+    """Through the real CLI over real sshd: two custom nodes planted with the trap, one of provision's
+    login (root) and one of another user (nobody). apply, history and rollback read the host's
+    checkouts again and again (facts, snapshots before and after); the canary never appears."""
+    from lab import open_lab
+
+    canary = tmp_path / "CANARY"
+    with open_lab(tmp_path / "lab", model_bytes=1 << 20) as lab:
+        (host,) = lab.add(1)
+        nodes = host.comfy / "custom_nodes"
+        trapped_checkout(nodes / "own-node", canary)
+        foreign = trapped_checkout(nodes / "their-node", canary)
+        subprocess.run(["chown", "-R", "nobody:", str(foreign)], check=True)
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+        assert code == 2, out
+        assert not canary.exists(), "apply fired the trap"
+        code, out = lab.run("history", "--limit", host.name)
+        assert code == 0, out
+        assert not canary.exists(), "history fired the trap"
+        code, out = lab.run("rollback", "--limit", host.name, "--check")
+        assert code in (0, 2), out
+        assert "custom node their-node is another user's checkout" in out
+        assert not canary.exists(), "rollback fired the trap"
