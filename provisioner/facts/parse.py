@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 from collections.abc import Mapping
@@ -248,6 +249,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
     return {
         "host": facts.host, "os": facts.os, "arch": facts.arch, "kernel": facts.kernel,
         "system_python": facts.system_python,
+        "login": dataclasses.asdict(facts.login),
         "env": {
             "python": env.python, "exists": env.exists, "version": env.version, "tag": env.tag,
             "platform": env.platform, "torch": env.torch, "torch_cuda": env.torch_cuda,
