@@ -211,3 +211,12 @@ def _listener_uid(port: int) -> int | None:
             if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
                 return int(cols[7])
     return None
+
+
+def test_a_login_that_already_is_the_become_user_needs_no_sudo(server: SshdHost, sudo_logfile: Path,
+                                                              shared_dir: Path) -> None:
+    profile = build_profile({"comfyui": {"root": str(shared_dir / "ComfyUI")}}, name="t", file="/p/t.yaml")
+    host = replace(host_for(server, "prov-nosudo"), become=True, become_user="prov-nosudo")
+    with open_connection(host, server.options()) as conn:
+        login = gather(conn, profile).login
+        assert conn.become is None and login.become is None and login.become_error is None

@@ -101,7 +101,12 @@ def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
 def can_become(conn: Connection, login: Login) -> Login:
     """The login as the plan needs it: whom `system` steps run as (ansible_become, checked with
     `sudo -n true`, or with the password on stdin: one more exec, only when the login is not root)."""
-    if login.uid == 0 or not isinstance(conn.become, BecomeConnection):
+    if not isinstance(conn.become, BecomeConnection):
+        return login
+    if login.user == conn.become.user:
+        conn.become = None      # the login already is that user: its steps need no sudo at all
+        return login
+    if login.uid == 0:
         return login
     try:
         conn.become.check()
