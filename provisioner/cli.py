@@ -113,6 +113,9 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
     ssh.add_argument("--accept-new-host-keys", action="store_true",
                      help="trust and record unknown host keys (like StrictHostKeyChecking=accept-new); "
                           "a changed key is always refused")
+    ssh.add_argument("-K", "--ask-become-pass", action="store_true",
+                     help="ask for the sudo password of hosts with ansible_become (a prompt; or the first line "
+                          "of stdin when it is not a terminal); never in argv, never in logs")
     ssh.add_argument("--connect-timeout", type=_seconds, default=10.0, help="seconds (default 10)")
     ssh.add_argument("--heartbeat", type=_seconds, default=5.0, metavar="SECONDS",
                      help="seconds between heartbeats to each host; a host that answers none of 3 is taken "

@@ -7,7 +7,9 @@ Ctrl-C or SIGTERM stops (`Stop`) says, host by host, what was done and what was 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,7 +47,22 @@ class Target:
     profile: Profile
 
 
+def ask_become_pass(args: argparse.Namespace) -> None:
+    """-K: the become password, as Ansible's --ask-become-pass reads it (a prompt; from a pipe, its
+    first line), handed to the secrets module (used by every host that becomes, redacted)."""
+    if not getattr(args, "ask_become_pass", False) or secrets.become_password(None) is not None:
+        return
+    if sys.stdin.isatty():
+        value = getpass.getpass("BECOME password: ")
+    else:
+        value = sys.stdin.readline()
+    if not value.strip():
+        raise UsageError("-K/--ask-become-pass read no password (an empty line or no stdin)")
+    secrets.give_become_password(value)
+
+
 def connect_options(args: argparse.Namespace) -> ConnectOptions:
+    ask_become_pass(args)
     kwargs: dict[str, Any] = {
         "host_key_policy": "accept-new" if args.accept_new_host_keys else "strict",
         "ssh_config": args.ssh_config,

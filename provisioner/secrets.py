@@ -112,3 +112,24 @@ def register(secret: str | None) -> None:
 def redact(text: str) -> str:
     """`text` with every form of every secret this process has read replaced by ***."""
     return _known(text)
+
+
+_become_password: list[str] = []
+
+
+def give_become_password(value: str) -> None:
+    """The become password -K/--ask-become-pass read (a prompt, or stdin's first line): used for
+    every host that becomes, and redacted like every other secret."""
+    value = value.rstrip("\r\n")
+    if any(_control(ch) for ch in value):
+        raise UsageError("the become password holds a control character; give it alone on one line")
+    register(value)
+    _become_password[:] = [value]
+
+
+def become_password(var: str | None) -> str | None:
+    """The password sudo gets: the one -K gave, else the variable the inventory names
+    (provision_become_password_env), else None (sudo must not ask: NOPASSWD)."""
+    if _become_password:
+        return _become_password[0]
+    return read(var) if var else None

@@ -104,7 +104,8 @@ class LabHost:
     def provision_vars(self) -> dict[str, Any]:
         if self.managed:
             return {"comfyui": {"root": str(self.comfy), "port": self.port, "restart": None,
-                                "service": "systemd", "unit_dir": str(self.unit_dir)}}
+                                "service": "systemd", "unit_dir": str(self.unit_dir),
+                                "allow_root": True}}     # the test hosts' roots are root's: said explicitly
         return {"comfyui": {
             "root": str(self.comfy), "port": self.port,
             "restart": {"command": [sys.executable, "-m", "provisioner.sandbox.comfyui_process",

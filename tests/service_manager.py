@@ -3,7 +3,7 @@
 Standard library only; installed per host by tests/sshd.py `install_service_manager`.
 
 It reads what systemd reads of a unit (`[Service]` ExecStart, ExecStartPost, Environment,
-WorkingDirectory, Restart, RestartSec; systemd's quoting, `%%` and `$$`, `$VAR` expansion) and is as
+WorkingDirectory, User, Group, Restart, RestartSec; systemd's quoting, `%%` and `$$`, `$VAR` expansion) and is as
 unkind as systemd where provision could get it wrong:
 - a unit file is loaded by `daemon-reload` only: a start after the file changed runs the OLD
   definition and warns, as systemd does;
@@ -126,6 +126,8 @@ def parse(text: str) -> dict[str, object]:
             service["cwd"] = specifiers(value)
         elif key in ("Restart", "RestartSec", "Type", "TimeoutStopSec"):
             service[key] = value
+        elif key in ("User", "Group"):
+            service[key.lower()] = specifiers(value)
     if "argv" not in service:
         raise UnitError("no ExecStart=")
     if service.get("Type", "simple") != "simple":
@@ -265,7 +267,7 @@ class Manager:
             time.sleep(0.01)                                   # forked: Type=simple counts it started
         for argv in service["posts"]:                          # type: ignore[attr-defined]
             subprocess.run(argv, env=service["env"], cwd=service.get("cwd") or "/",  # type: ignore[arg-type]
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, **credentials(service))   # type: ignore[arg-type]
         return 0
 
     def stop(self, name: str) -> int:
@@ -313,6 +315,24 @@ class Manager:
                 "FragmentPath": os.path.join(self.units, name) if loaded else ""}
 
 
+def credentials(service: dict[str, object]) -> dict[str, object]:
+    """User= and Group= as systemd applies them: the user's uid, its primary group unless Group=
+    says another, its supplementary groups, and HOME/USER/LOGNAME of that user (a user that does
+    not exist fails the start, as systemd's 217/USER does)."""
+    user = service.get("user")
+    if not user:
+        return {}
+    import grp
+    import pwd
+    entry = pwd.getpwnam(str(user))
+    group = service.get("group") or grp.getgrgid(entry.pw_gid).gr_name
+    env = service["env"]
+    assert isinstance(env, dict)
+    env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+    return {"user": entry.pw_uid, "group": grp.getgrnam(str(group)).gr_gid,
+            "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
+
+
 def supervise(manager: Manager, name: str) -> None:
     """Run the unit's process; on Restart=on-failure start it again after RestartSec when it fails."""
     folder = manager.dir(name)
@@ -337,7 +357,12 @@ def supervise(manager: Manager, name: str) -> None:
         with open(os.path.join(folder, "journal"), "ab") as out:
             try:
                 proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        **credentials(service))
+            except KeyError as err:      # User=/Group= names no one: systemd's 217/USER
+                manager.journal(name, f"{name}: Failed to determine user credentials: {err}")
+                status("failed")
+                return
             except OSError as err:
                 manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
                 status("failed")

@@ -35,11 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def keygen(path: Path, comment: str = "provision-test") -> None:
-    """A fresh passphrase-less ed25519 key at `path` (and `path`.pub)."""
+def keygen(path: Path, comment: str = "provision-test", kind: str = "ed25519") -> None:
+    """A fresh passphrase-less key of `kind` (ed25519, rsa) at `path` (and `path`.pub)."""
     for p in (path, path.with_name(path.name + ".pub")):
         p.unlink(missing_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path)],
                    check=True)
 
 
@@ -63,14 +63,15 @@ class SshdHost:
     client_key: Path
     user: str = field(default_factory=getpass.getuser)
     process: subprocess.Popen[bytes] | None = None
+    key_type: str = "ed25519"
 
     @property
     def host_key(self) -> Path:
-        return self.dir / "host_ed25519"
+        return self.dir / f"host_{self.key_type}"
 
     @property
     def host_key_pub(self) -> Path:
-        return self.dir / "host_ed25519.pub"
+        return self.dir / f"host_{self.key_type}.pub"
 
     @property
     def log(self) -> Path:
@@ -140,7 +141,7 @@ class SshdHost:
         """Give the server a new host key (known_hosts keeps the old one); returns the new fingerprint."""
         was_running = self.process is not None
         self.stop()
-        keygen(self.host_key, f"host-{self.name}")
+        keygen(self.host_key, f"host-{self.name}", self.key_type)
         if was_running:
             self.start()
         return self.fingerprint
@@ -210,9 +211,11 @@ class SshdFleet:
 
     def add(self, n: int = 1, *, names: Sequence[str] | None = None,
             bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
-            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp") -> list[SshdHost]:
+            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp",
+            key_type: str = "ed25519") -> list[SshdHost]:
         """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys;
-        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell)."""
+        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell);
+        `key_type`: their host keys' (rsa: the one OpenSSH >= 8.8 verifies only with SHA-2)."""
         made = []
         for i in range(n):
             name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
@@ -222,8 +225,8 @@ class SshdFleet:
             bin_dir = Path(given) if given else hdir / "bin"
             bin_dir.mkdir(parents=True, exist_ok=True)
             host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
-                            self.client_key)
-            keygen(host.host_key, f"host-{name}")
+                            self.client_key, key_type=key_type)
+            keygen(host.host_key, f"host-{name}", key_type)
             host.config.write_text(self._sshd_config(host, extra_config, sftp))
             self.hosts.append(host)
             made.append(host)

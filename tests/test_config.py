@@ -390,3 +390,20 @@ def test_a_file_that_passed_is_not_validated_again_and_one_that_did_not_always_i
     good.write_text("comfyui:\n  root: /opt/ComfyUI\n  port: 8188.0\n")
     assert run(good) == "1 True"          # a new document, with a problem
     assert run(good) == "1 True"          # ... reported on every run
+
+
+def test_the_hub_token_goes_only_over_https_to_its_endpoint_or_to_loopback(tmp_path: Path) -> None:
+    hub = model.HubSpec
+    assert hub("https://hub.example.internal").sends_token_to("https://hub.example.internal/a/resolve/x")
+    assert not hub("https://hub.example.internal").sends_token_to("https://cdn.example.internal/x")
+    assert not hub("https://hub.example.internal").sends_token_to("http://hub.example.internal/x")
+    assert hub("http://127.0.0.1:8080").sends_token_to("http://127.0.0.1:8080/x")
+    assert hub("http://localhost:8080").sends_token_to("http://localhost:8080/x")
+    assert not hub("http://mirror.internal").sends_token_to("http://mirror.internal/x")
+    assert hub("http://mirror.internal", allow_insecure=True).sends_token_to("http://mirror.internal/x")
+    base = "extends: " + str(BROKEN / "base" / "valid.yaml") + "\n"
+    allowed = write(tmp_path / "ok.yaml", base + "huggingface: {endpoint: 'http://mirror.internal', "
+                    "allow_insecure: true, token_env: HUB_SECRET, token_env_allowlist: [HUB_SECRET]}\n")
+    assert validate_files([allowed]) == []
+    loop = write(tmp_path / "loop.yaml", base + "huggingface: {endpoint: 'http://[::1]:9000'}\n")
+    assert validate_files([loop]) == []

@@ -214,6 +214,84 @@ def test_scp_only_trusts_the_key_paramiko_verified(sshd_host: SshdHost, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_host_with_an_rsa_key_gets_its_large_push_through_scp(sshd_hosts: Callable[..., list[SshdHost]],
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An RSA host key is named `ssh-rsa`, which OpenSSH >= 8.8 refuses as a signature: scp is
+    pinned to rsa-sha2-512/256 and copies the file (it fell back to SFTP before, unsaid)."""
+    from provisioner.connection import scp
+
+    (host,) = sshd_hosts(1, key_type="rsa")
+    monkeypatch.setattr(scp, "SYSTEM_COPY_MIN", 1 << 20)
+    used: list[list[str]] = []
+    real_argv = scp.argv
+    monkeypatch.setattr(scp, "argv", lambda *a: used.append(real_argv(*a)) or used[-1])
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(2 * 1024 * 1024))
+    with open_connection(host.host(), host.options()) as c:
+        assert c._transport.get_remote_server_key().get_name() == "ssh-rsa"
+        c.put_file(str(src), str(tmp_path / "out" / "model.bin"))
+        assert c.stats.fallbacks == []
+    (cmd,) = used
+    assert "HostKeyAlgorithms=rsa-sha2-512,rsa-sha2-256" in cmd
+    assert (tmp_path / "out" / "model.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_failed_scp_is_said_with_its_reason_before_sftp_copies_the_file(
+        sshd_host: SshdHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioner.connection import scp
+
+    monkeypatch.setattr(scp, "SYSTEM_COPY_MIN", 1 << 20)
+    real_argv = scp.argv
+    # scp refuses the host key (a changed one, as an impostor would show): the verified SFTP copies.
+    monkeypatch.setattr(scp, "argv", lambda *a: [*real_argv(*a)[:1], "-o", "HostKeyAlgorithms=ssh-rsa",
+                                                 *real_argv(*a)[1:]])
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(2 * 1024 * 1024))
+    with open_connection(sshd_host.host(), sshd_host.options()) as c:
+        c.put_file(str(src), str(tmp_path / "out" / "model.bin"))
+        (why,) = c.stats.fallbacks
+    assert why == "scp of model.bin failed (scp: Connection closed): copied over SFTP instead"
+    assert (tmp_path / "out" / "model.bin").read_bytes() == src.read_bytes()
+
+
+def test_aborting_the_connection_kills_a_running_scp(sshd_host: SshdHost, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C aborts every host's connection (plan/fleet.py); a push in scp stops with it."""
+    from provisioner.connection import scp
+
+    monkeypatch.setattr(scp, "SYSTEM_COPY_MIN", 1 << 20)
+    real_argv = scp.argv
+    # A real scp that cannot finish soon: its ssh runs a 60 s sleep before the transfer starts.
+    monkeypatch.setattr(scp, "argv", lambda *a: [*real_argv(*a)[:1], "-S", str(slow_ssh), *real_argv(*a)[1:]])
+    slow_ssh = tmp_path / "slow-ssh"
+    slow_ssh.write_text("#!/bin/sh\nsleep 60\nexec ssh \"$@\"\n")
+    slow_ssh.chmod(0o755)
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(2 * 1024 * 1024))
+    c = open_connection(sshd_host.host(), sshd_host.options())
+    assert isinstance(c, SshConnection)
+    errors: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            c.put_file(str(src), str(tmp_path / "out" / "model.bin"))
+        except BaseException as err:
+            errors.append(err)
+    worker = threading.Thread(target=push)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not c._children and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (proc,) = list(c._children)
+    started = time.monotonic()
+    c.abort("interrupted")
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 5
+    assert proc.poll() is not None
+    assert len(errors) == 1 and isinstance(errors[0], ConnectError) and "interrupted" in str(errors[0])
+    c.close()
+
+
 # -- tunnel and hold ----------------------------------------------------------------------------
 
 def test_tunnel_forwards_http_and_closes_on_exit(conn: SshConnection, http_port: int) -> None:

@@ -157,7 +157,8 @@ def test_a_comfyui_listening_on_every_address_is_shown_and_fixed(lab: Lab) -> No
             "systemd so that provision writes and restarts the unit") in out
 
     lab.overlays[host.name] = {"comfyui": {"root": str(host.comfy), "port": host.port, "restart": None,
-                                           "service": "systemd", "unit_dir": str(host.unit_dir)}}
+                                           "service": "systemd", "unit_dir": str(host.unit_dir),
+                                           "allow_root": True}}
     lab.write()
     code, out = lab.run("plan", "--limit", host.name, "-v")
     assert code == 2, out

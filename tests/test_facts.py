@@ -493,8 +493,9 @@ def test_what_comfyui_itself_needs_python3_listeners_units_untracked(host: dict,
     assert "main.py" in checkout.dirty and "main.py" not in checkout.untracked
     assert {"venv/", ".provision/"} <= set(checkout.untracked)
     assert facts.git[str(root / "custom_nodes" / "plain")].entries == ()
-    assert facts_to_json(facts)["listeners"][str(wild)] == [{"address": "::", "pid": os.getpid(),
+    assert facts_to_json(facts)["listeners"][str(wild)] == [{"address": "::", "pid": os.getpid(), "uid": os.getuid(),
                                                              "cmdline": list(mine.cmdline)}]
+    assert mine.uid == os.getuid()          # whom ComfyUI runs as, from /proc/net/tcp
 
 
 def test_no_systemctl_is_said_when_units_are_asked_for(host: dict, tmp_path: Path) -> None:
@@ -533,3 +534,21 @@ def test_space_listing_and_markers_on_a_real_tree(host: dict, tmp_path: Path, sm
     assert facts.listings[str(root / "gone")] is None
     assert facts.markers == {str(owed): {"restart-comfyui": '{"since": "2026-01-02T03:04:05Z"}\n'}, str(root / "gone"): {}}
     assert json.dumps(facts_to_json(facts))
+
+
+def test_the_facts_say_who_provision_is_on_the_host_and_who_owns_comfyuis_root() -> None:
+    from rich.console import Console
+
+    from provisioner.facts.render import host_table
+
+    answer = json.loads((Path(__file__).parent / "facts" / "h100-real-backend.json").read_text())["answer"]
+    answer["login"] = {"uid": 1000, "user": "admin", "root_owner_uid": 1001, "root_owner": "comfy",
+                       "root_group": "comfy"}
+    facts = parse_facts("h", answer)
+    facts = dataclasses.replace(facts, login=dataclasses.replace(facts.login, become="root"))
+    assert facts_to_json(facts)["login"] == {"uid": 1000, "user": "admin", "root_owner": "comfy",
+                                             "root_owner_uid": 1001, "root_group": "comfy", "become": "root",
+                                             "become_error": None}
+    console = Console(record=True, width=200)
+    console.print(host_table(facts))
+    assert "admin (uid 1000), becomes root; ComfyUI's root is comfy's" in console.export_text()

@@ -287,3 +287,36 @@ def test_proxyjump_forms_in_ssh_args(tmp_path: Path) -> None:
                     "    b: {ansible_ssh_extra_args: '-oProxyJump=j2'}\n    c: {ansible_ssh_common_args: '-Jj3'}\n"
                     "    d: {ansible_ssh_common_args: '-o StrictHostKeyChecking=yes'}\n")
     assert [h.jump for h in load_inventory(path).hosts] == ["j1", "j2", "j3", None]
+
+
+def test_become_is_read_as_ansible_writes_it_and_su_is_refused_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text("all:\n  vars: {ansible_user: admin, ansible_become: 'yes'}\n  hosts:\n"
+                    "    a: {}\n    b: {ansible_become_user: ops, provision_become_password_env: OPS_PASSWORD}\n"
+                    "    c: {ansible_become: false}\n")
+    a, b, c = load_inventory(path).hosts
+    assert (a.become, a.become_user, a.become_password_env) == (True, "root", None)
+    assert (b.become, b.become_user, b.become_password_env) == (True, "ops", "OPS_PASSWORD")
+    assert not c.become
+    path.write_text("all:\n  hosts:\n    a: {ansible_become: true, ansible_become_method: su}\n")
+    with pytest.raises(ConfigError) as err:
+        load_inventory(path)
+    assert "ansible_become_method su is not supported: su reads the password only from a terminal; use sudo" \
+        in str(err.value)
+
+
+def test_ask_become_pass_reads_the_first_line_of_a_piped_stdin_and_redacts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import io
+
+    from provisioner import commands, secrets
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("pipe-password-1\nmore stdin\n"))
+    monkeypatch.setattr(secrets, "_become_password", [])
+    commands.ask_become_pass(argparse.Namespace(ask_become_pass=True))
+    assert secrets.become_password("UNSET_VAR") == "pipe-password-1"
+    assert secrets.redact("sudo: pipe-password-1") == "sudo: ***"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    monkeypatch.setattr(secrets, "_become_password", [])
+    with pytest.raises(UsageError, match="-K/--ask-become-pass read no password"):
+        commands.ask_become_pass(argparse.Namespace(ask_become_pass=True))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from provisioner.remote import git_argv
 from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, FileState, GitCheckout, Probe, PythonEnv, RemoteTags
@@ -69,9 +70,8 @@ def test_a_bare_host_gets_a_clone_made_beside_the_root() -> None:
     assert (change.action, change.summary, change.before) == ("create", f"clone ComfyUI v0.3.64 into {ROOT}", None)
     assert argvs(change) == [
         ("mkdir", "-p", "/opt"), ("rm", "-rf", f"{ROOT}.provision-tmp"),
-        ("git", "clone", "--quiet", "--no-checkout", REPO, f"{ROOT}.provision-tmp"),
-        ("git", "-c", f"safe.directory={ROOT}.provision-tmp", "-C", f"{ROOT}.provision-tmp", "checkout", "--quiet",
-         "--detach", "v0.3.64"),
+        git_argv(None, "clone", "--quiet", "--no-checkout", REPO, f"{ROOT}.provision-tmp"),
+        git_argv(f"{ROOT}.provision-tmp", "checkout", "--quiet", "--detach", "v0.3.64"),
         ("mv", f"{ROOT}.provision-tmp", ROOT)]
     assert change.notify == frozenset({"restart-comfyui"})      # no venv yet: the venv resource installs its requirements
 
@@ -135,8 +135,7 @@ def test_moving_to_a_tag_the_checkout_has_is_one_change_without_network() -> Non
 def test_moving_to_a_tag_the_checkout_lacks_fetches_and_installs_the_whole_file() -> None:
     f = facts(AT_60, tags=("v0.3.60", "v0.3.64"), dists=MET_60)
     (change,) = core.plan(profile(), f, now=NOW).changes
-    assert ("git", "-c", f"safe.directory={ROOT}", "-C", ROOT, "fetch", "--quiet", "--force", "--tags",
-            "origin") in argvs(change)
+    assert git_argv(ROOT, "fetch", "--quiet", "--force", "--tags", "origin") in argvs(change)
     assert argvs(change)[-1][-2:] == ("-r", f"{ROOT}/requirements.txt")
 
 
@@ -222,3 +221,12 @@ def test_compat_judges_a_target_not_on_the_host_by_its_number_and_says_so() -> N
         "ComfyUI v0.3.64 is not on the host yet: the plugin and the model family are judged from its version number "
         "(> 0.3.48 has comfy/ldm/qwen_image; 0.23.0 up to 0.24.0 lacks apply_rotary_emb; >= 0.3.60 has "
         "TextEncodeQwenImageEditPlus)"]
+
+
+def test_another_users_root_is_refused_with_whose_it_is_when_the_version_is_pinned() -> None:
+    """The facts program never runs git in a checkout of another user's: a pinned core says why."""
+    why = f"{ROOT} is owned by comfy (uid 1001), not by admin (uid 1000), who runs provision there"
+    foreign = GitCheckout(ROOT, True, error=why, foreign=True)
+    with pytest.raises(PlanError, match=f"{ROOT} cannot be read: {ROOT} is owned by comfy"):
+        core.plan(profile(), facts(foreign, tags=("v0.3.64",)), now=NOW)
+    assert core.plan(profile(version=None), facts(foreign, tags=("v0.3.64",)), now=NOW).changes == ()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from provisioner import remote
 from provisioner.config.model import Profile, build_profile
 from provisioner.connection.base import Result
 from provisioner.errors import FactsError, PlanError
@@ -39,6 +40,12 @@ def make_facts(git: dict[str, GitCheckout]) -> Facts:
                  nvcc=None, disk_path="/srv", disk_free=10**12, comfyui_version="0.3.64", git=git)
 
 
+def shown_argv(argv: tuple[str, ...]) -> list[str]:
+    """A step's argv with the hardened git prefix (remote.git_argv) written `GIT`, as the cases do."""
+    prefix = remote.git_argv(None)
+    return ["GIT", *argv[len(prefix):]] if argv[:len(prefix)] == prefix else list(argv)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_case(case: Path) -> None:
     data = yaml.safe_load(case.read_text())
@@ -47,7 +54,7 @@ def test_case(case: Path) -> None:
     co = data["checkout"]
     checkout = GitCheckout(dest, co["exists"], co.get("is_repo", False), co.get("head"),
                            tuple(co.get("tags", ())), co.get("branch"), tuple(co.get("dirty", ())),
-                           co.get("remote"), co.get("error"))
+                           co.get("remote"), co.get("error"), foreign=co.get("foreign", False))
     facts = make_facts({dest: checkout})
     if "remote" in data:          # what the host's git said of the repository's tags
         r = data["remote"]
@@ -66,7 +73,7 @@ def test_case(case: Path) -> None:
         assert (change.resource, change.key) == ("plugin", dest)
         view = {"action": change.action, "summary": change.summary, "before": change.before,
                 "after": change.after, "warnings": list(change.warnings),
-                "steps": [list(s.argv) for s in change.steps if isinstance(s, Run)],
+                "steps": [shown_argv(s.argv) for s in change.steps if isinstance(s, Run)],
                 "notify": sorted(change.notify)}
         assert len(view["steps"]) == len(change.steps)       # only Run steps: git, cp, mv
         for field, value in want.items():

@@ -11,6 +11,7 @@ import pytest
 
 from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
+from provisioner.remote import git_argv
 from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, parse_snapshot, parse_state
 from provisioner.resources import snapshot
 from provisioner.resources.base import Put, Run
@@ -126,9 +127,17 @@ def test_plugin_back_to_its_commit_fetching_only_when_missing() -> None:
     (change,) = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes), at=NOW).changes
     assert change.summary == "checkout ComfyUI-nunchaku v1.2.0 -> v1.1.0" and change.action == "update"
     fetch, checkout = change.steps
-    assert argv_of(fetch)[:2] == ("sh", "-c") and argv_of(fetch)[-2:] == (NODE, V110)
+    assert argv_of(fetch)[:2] == ("sh", "-c") and argv_of(fetch)[3:] == ("sh", V110, *git_argv(NODE))
     assert "cat-file -e" in argv_of(fetch)[2] and "|| exec" in argv_of(fetch)[2]
     assert argv_of(checkout)[-4:] == ("checkout", "--quiet", "--detach", V110)
+
+
+def test_another_users_custom_node_is_left_as_it_is_with_a_note() -> None:
+    """The snapshot program never reads another user's checkout; a rollback never changes it."""
+    nodes = {"ComfyUI-nunchaku": {"repo": False, "owner": 1001}}
+    result = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes), at=NOW)
+    assert not [c for c in result.changes if c.key == NODE]
+    assert any("ComfyUI-nunchaku is another user's checkout (uid 1001)" in n.message for n in result.notes)
 
 
 def test_a_modified_plugin_is_backed_up_before_it_is_reset_and_its_origin_put_back() -> None:
@@ -151,7 +160,7 @@ def test_custom_nodes_added_since_are_moved_aside_and_missing_ones_cloned() -> N
     assert aside.action == "remove" and argv_of(aside.steps[0]) == (
         "mv", f"{ROOT}/custom_nodes/ExtraPack", f"{ROOT}/custom_nodes/ExtraPack.provision-rollback-20260301-120000.disabled")
     clone = by_key[NODE]
-    assert clone.action == "create" and [argv_of(s)[0] for s in clone.steps] == ["mkdir", "rm", "git", "git", "mv"]
+    assert clone.action == "create" and [argv_of(s)[0] for s in clone.steps] == ["mkdir", "rm", "env", "env", "mv"]
     assert argv_of(clone.steps[2])[-2:] == ("https://github.com/nunchaku-ai/ComfyUI-nunchaku.git",
                                             f"{NODE}.provision-tmp.disabled")
 

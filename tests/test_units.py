@@ -5,7 +5,13 @@ them from facts (pure), and the unit files read back by the service manager stan
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +20,7 @@ import service_manager
 
 from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Gpu, Listener, Probe, PythonEnv, UnitFile, Units, UnitState
+from provisioner.facts.model import Login, Facts, Gpu, Listener, Probe, PythonEnv, UnitFile, Units, UnitState
 from provisioner.resources import service, units
 from provisioner.resources.base import Put, Run
 
@@ -36,7 +42,13 @@ def facts(*, files: tuple[UnitFile, ...] = (), state: dict[str, UnitState] | Non
     return Facts(host="h", os="Debian 12", arch="x86_64", kernel="6.1", system_python="3.11.2",
                  env=PythonEnv(f"{ROOT}/venv/bin/python", True), gpus=gpus, gpu_error=None if gpus else "no GPU",
                  nvcc=None, disk_path="/opt", disk_free=10**12, comfyui_version="0.3.64",
-                 listeners=listeners or {}, units=Units(found, {DIR: writable}, state or {}, error))
+                 listeners=listeners or {}, units=Units(found, {DIR: writable}, state or {}, error),
+                 login=COMFY_ROOT)
+
+
+# The login is root; ComfyUI's root belongs to its own user, whom the unit runs it as.
+COMFY_ROOT = Login(uid=0, user="root", root_owner="comfy", root_owner_uid=1001, root_group="comfy")
+COMFY = units.RunAs("comfy", "comfy")
 
 
 RUNNING = UnitState("loaded", "active", "running", 4242, "enabled", f"{DIR}/comfyui.service")
@@ -46,7 +58,7 @@ def converged(p: Profile, **kw: Any) -> Facts:
     """A host where the profile's one unit is written as rendered, enabled, running, on loopback."""
     f = facts(**kw)
     (instance,) = units.instances(p, f)
-    text = units.render(p, instance)
+    text = units.render(p, instance, COMFY)
     return replace(f, units=replace(f.units, files={**f.units.files, (DIR, "comfyui.service"): (
         UnitFile("comfyui.service", f"{DIR}/comfyui.service", text),)}, state={"comfyui.service": RUNNING}),
         listeners=kw.get("listeners") or {8188: (Listener("127.0.0.1", 4242, ("python", "main.py")),)})
@@ -56,13 +68,13 @@ def test_the_unit_runs_the_venvs_python_on_main_py_listening_as_the_profile_says
     p = profile(listen="127.0.0.1", port=8190, args=["--lowvram", "--preview-method", "auto"])
     (instance,) = units.instances(p, facts())
     assert (instance.unit, instance.port, instance.gpu) == ("comfyui", 8190, GPUS[1])
-    text = units.render(p, instance)
+    text = units.render(p, instance, COMFY)
     assert text.startswith("# Written by provision for ComfyUI at /opt/ComfyUI")
     assert (f"ExecStart={ROOT}/venv/bin/python {ROOT}/main.py --listen 127.0.0.1 --port 8190 --lowvram "
             "--preview-method auto\n") in text
     assert "Environment=CUDA_VISIBLE_DEVICES=GPU-aaaa\n" in text and f"WorkingDirectory={ROOT}\n" in text
     assert "Restart=on-failure\n" in text and "WantedBy=multi-user.target\n" in text
-    assert "CUDA_VISIBLE_DEVICES" not in units.render(p, replace(instance, gpu=None))    # a host with no GPU read
+    assert "CUDA_VISIBLE_DEVICES" not in units.render(p, replace(instance, gpu=None), COMFY)    # a host with no GPU read
 
 
 HOSTILE = ["--extra-model-paths-config", "/srv/my models/extra.yaml", "$HOME", "${PATH}", "100%", "%n", 'say "hi"',
@@ -75,7 +87,7 @@ def test_what_provision_writes_systemd_splits_back_into_the_same_argv() -> None:
     p = build_profile({"comfyui": {"root": "/srv/Comfy UI 100%", "venv": "/srv/v$env/venv", "service": "systemd",
                                    "args": HOSTILE}}, name="t", file="/p/t.yaml")
     (instance,) = units.instances(p, facts())
-    parsed = service_manager.parse(units.render(p, instance))
+    parsed = service_manager.parse(units.render(p, instance, COMFY))
     assert parsed["argv"] == list(units.argv(p, instance))
     assert parsed["argv"][-len(HOSTILE):] == HOSTILE
     assert parsed["cwd"] == "/srv/Comfy UI 100%"
@@ -197,8 +209,25 @@ def test_units_of_instances_gone_are_stopped_and_removed_foreign_ones_left() -> 
 def test_no_systemd_or_no_right_to_write_the_unit_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match=r"systemd does not answer on this host \(System has not been booted"):
         plan(profile(), facts(error="System has not been booted with systemd as init system (PID 1). Can't operate."))
-    with pytest.raises(PlanError, match="which this login cannot write: connect as root"):
+    with pytest.raises(PlanError, match="which this login cannot write: set ansible_become: true"):
         plan(profile(), facts(writable=False))
+
+
+def test_a_login_that_is_not_root_installs_the_unit_only_through_become() -> None:
+    """The unit's steps are `system` (they need root); a login that cannot become says so in the
+    plan, with sudo's own reason; one that can gets the same steps, run as root by the engine."""
+    alice = Login(uid=1000, user="alice", root_owner="alice", root_owner_uid=1000)
+    refused = replace(alice, become_error="h: cannot become root with sudo: sudo: a password is required; give the "
+                                          "become password (-K/--ask-become-pass, or provision_become_password_env)")
+    with pytest.raises(PlanError, match="needs root, and alice cannot become root: h: cannot become root with sudo: "
+                                        "sudo: a password is required"):
+        plan(profile(), replace(facts(), login=refused))
+    with pytest.raises(PlanError, match="alice cannot become root: ansible_become is off"):
+        plan(profile(), replace(facts(), login=alice))
+    (change,) = plan(profile(), replace(facts(writable=False), login=replace(alice, become="root"))).changes
+    assert all(getattr(s, "system", False) for s in change.steps)
+    handler = plan(profile(), replace(facts(), login=replace(alice, become="root"))).handlers[0]
+    assert handler.steps[0].system and not handler.steps[1].system     # restart as root; the wait as alice
 
 
 def test_restart_handler_restarts_every_instance_and_waits_for_each() -> None:
@@ -269,3 +298,117 @@ def _wait(predicate: Any, timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_each_planned_change_says_as_whom_it_runs() -> None:
+    from provisioner.plan.build import host_plan
+    from provisioner.plan.render import plan_to_json, runs_as
+
+    alice = Login(uid=1000, user="alice", become="root")
+    (change,) = plan(profile(), replace(facts(), login=alice)).changes
+    assert runs_as(change, alice) == "root (sudo, as alice)"
+    assert runs_as(change, Login(uid=0, user="root")) == "root"
+    shown = plan_to_json(host_plan(replace(facts(), login=alice), [plan(profile(), replace(facts(), login=alice))]))
+    assert [c["as"] for c in shown["changes"]] == ["root (sudo, as alice)"]
+
+
+def test_the_unit_runs_comfyui_as_the_owner_of_its_root_hardened_and_never_as_root_unasked() -> None:
+    p = profile()
+    f = facts()
+    assert units.run_as(p, f) == COMFY
+    assert units.run_as(profile(user="ops"), f) == units.RunAs("ops")           # its group: systemd's default
+    (instance,) = units.instances(p, f)
+    text = units.render(p, instance, COMFY)
+    for line in ("User=comfy", "Group=comfy", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 f"ReadWritePaths={ROOT} -{ROOT}/output -{ROOT}/input -{ROOT}/user -{ROOT}/models",
+                 "PrivateTmp=yes", "ProtectHome=read-only", "CacheDirectory=comfyui",
+                 "Environment=XDG_CACHE_HOME=/var/cache/comfyui TRITON_CACHE_DIR=/var/cache/comfyui/triton"):
+        assert line + "\n" in text, line
+    elsewhere = profile(venv="/srv/venvs/comfy")
+    assert units.writable_paths(elsewhere)[-1] == "/srv/venvs/comfy"
+    as_root = replace(f, login=replace(COMFY_ROOT, root_owner="root", root_owner_uid=0, root_group="root"))
+    with pytest.raises(PlanError, match=r"would run ComfyUI as root \(the owner of /opt/ComfyUI\), and with it every "
+                                        r"custom node and upload: give ComfyUI a user of its own \(comfyui.user"):
+        plan(p, as_root)
+    with pytest.raises(PlanError, match=r"as root \(comfyui.user\)"):
+        plan(profile(user="root"), f)
+    assert "User=root\n" in units.render(p, instance, units.run_as(profile(allow_root=True), as_root))
+
+
+def test_comfyui_found_running_as_root_is_shown_and_restarted_as_its_user() -> None:
+    p = profile()
+    f = converged(p, listeners={8188: (Listener("127.0.0.1", 4242, ("python", "main.py"), uid=0),)})
+    (change,) = plan(p, f).changes
+    assert change.summary == ("restart unit comfyui: ComfyUI runs as root (127.0.0.1 (loopback; pid 4242: python "
+                              "main.py)), its unit says comfy")
+    assert change.notify == frozenset({"restart-comfyui"})
+    ok = converged(p, listeners={8188: (Listener("127.0.0.1", 4242, ("python", "main.py"), uid=1001),)})
+    assert plan(p, ok).changes == ()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
+def test_the_rendered_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own reading of the unit: every key known, every value valid, nothing to warn about."""
+    root = tmp_path / "Comfy UI 100%"
+    (root / "venv" / "bin").mkdir(parents=True)
+    python = root / "venv" / "bin" / "python"
+    python.symlink_to(sys.executable)
+    p = build_profile({"comfyui": {"root": str(root), "service": "systemd", "args": HOSTILE}}, name="t",
+                      file="/p/t.yaml")
+    (instance,) = units.instances(p, facts())
+    unit = tmp_path / "comfyui.service"
+    unit.write_text(units.render(p, instance, units.RunAs("daemon", "daemon")))
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a unit as another user needs root")
+def test_the_test_service_manager_runs_a_unit_as_its_user(tmp_path: Path) -> None:
+    """User= and Group= as systemd applies them (tests/service_manager.py), so tests can check who
+    runs ComfyUI; a User= naming no one fails the start."""
+    import pwd
+
+    out = Path(tempfile.mkdtemp(prefix="provision-unit-user-"))     # where daemon can write (tmp_path is root's)
+    out.chmod(0o777)
+    units_dir, state = tmp_path / "units", tmp_path / "state"
+    for d in (units_dir, state):
+        d.mkdir()
+    daemon = pwd.getpwnam("daemon")
+    (units_dir / "who.service").write_text(
+        "[Service]\nUser=daemon\nExecStart=/bin/sh -c 'id -u > %s/uid; id -g > %s/gid; echo $$HOME > %s/home; "
+        "exec sleep 30'\n" % (out, out, out))
+    (units_dir / "nobody-here.service").write_text("[Service]\nUser=no-such-user-x\nExecStart=/bin/sleep 30\n")
+    systemctl = lambda *a: service_manager.main("systemctl", list(a), str(units_dir), str(state))  # noqa: E731
+    try:
+        assert systemctl("daemon-reload") == 0 and systemctl("start", "who.service") == 0
+        deadline = time.monotonic() + 10
+        while not (out / "home").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "uid").read_text().strip() == str(daemon.pw_uid)
+        assert (out / "gid").read_text().strip() == str(daemon.pw_gid)
+        assert (out / "home").read_text().strip() == daemon.pw_dir
+        systemctl("start", "nobody-here.service")
+        journal = state / "nobody-here.service" / "journal"
+        deadline = time.monotonic() + 10
+        while not (journal.exists() and "credentials" in journal.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Failed to determine user credentials" in journal.read_text()
+    finally:
+        service_manager.stop_all(str(state))
+        shutil.rmtree(out)
+
+
+def test_a_login_that_does_not_own_the_root_is_refused_before_it_writes_there() -> None:
+    from provisioner.plan.build import owner_problem
+
+    p = profile()
+    alice = Login(uid=1000, user="alice", root_owner="comfy", root_owner_uid=1001, become="root")
+    (unit,) = plan(p, replace(facts(), login=alice)).changes           # system steps only: root's
+    assert owner_problem(p, replace(facts(), login=alice), [unit]) is None
+    write = replace(unit, steps=(Run(("mkdir", "-p", f"{ROOT}/models")),))
+    assert owner_problem(p, replace(facts(), login=alice), [write]) == (
+        f"{ROOT} belongs to comfy, and provision would write there as alice: connect as comfy (ansible_user; "
+        "ansible_become for the unit), or give the root to alice")
+    assert owner_problem(p, facts(), [write]) is None                                  # root writes anywhere
+    assert owner_problem(p, replace(facts(), login=replace(alice, root_owner_uid=1000)), [write]) is None

@@ -51,6 +51,9 @@ class Host:
     container: str | None = None                 # docker: container name (provision_container)
     via: Transport = "ssh"                       # docker: how the container's host is reached
     jump: str | None = None                      # ProxyJump spec, when not from ssh config
+    become: bool = False                         # ansible_become: escalate where a step needs it
+    become_user: str = "root"                    # ansible_become_user
+    become_password_env: str | None = None       # provision_become_password_env
     groups: tuple[str, ...] = ()
     vars: Mapping[str, Any] = field(default_factory=dict)
     origin: str = ""                             # inventory file the host came from ("" inline)
@@ -300,7 +303,18 @@ def _host(name: str, vars_: dict[str, Any], groups: tuple[str, ...], origin: str
         key_file=vars_.get("ansible_ssh_private_key_file", vars_.get("ansible_private_key_file")),
         transport="docker" if container else connection, container=container,
         via=vars_.get("provision_via", "ssh" if connection == "ssh" else "local"),
-        jump=_jump(vars_), groups=groups, vars=vars_, origin=origin, overlay_marks=overlay_marks)
+        jump=_jump(vars_), groups=groups, vars=vars_, origin=origin, overlay_marks=overlay_marks,
+        become=_become(vars_), become_user=vars_.get("ansible_become_user", "root"),
+        become_password_env=vars_.get("provision_become_password_env"))
+
+
+def _become(vars_: Mapping[str, Any]) -> bool:
+    """ansible_become, with its method: only sudo is driven (su reads a password from a terminal)."""
+    on = str(vars_.get("ansible_become", False)).lower() in ("true", "yes")
+    if on and vars_.get("ansible_become_method", "sudo") != "sudo":
+        raise ValueError(f"ansible_become_method {vars_['ansible_become_method']} is not supported: su reads "
+                         "the password only from a terminal; use sudo")
+    return on
 
 
 def load_inventory(path: str | os.PathLike[str], document: Document | None = None) -> Inventory:

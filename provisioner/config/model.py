@@ -7,10 +7,12 @@ schema's; `tests/test_config.py` checks that they do).
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from provisioner.catalog import tolerances
 
@@ -56,6 +58,8 @@ class ComfySpec:
     service: Service | None = None    # systemd: provision owns the unit; None: run by something else
     unit: str = "comfyui"             # the unit's name (per-gpu: UNIT-gpuN)
     unit_dir: str = "/etc/systemd/system"
+    user: str | None = None           # whom the unit runs ComfyUI as; None: the owner of `root`
+    allow_root: bool = False          # may that be root (refused otherwise: ComfyUI runs nodes' code)
     instances: Instances = "single"
     ready_timeout_s: float = 300.0    # after a restart: until /system_stats answers and the nodes are listed
     log_file: str | None = None       # ComfyUI's own log; None: the systemd journal or `docker logs`
@@ -163,6 +167,24 @@ class ModelSpec:
 class HubSpec:
     endpoint: str = "https://huggingface.co"
     token_env: str = "HF_TOKEN"       # name of the control machine's env var holding the token
+    token_env_allowlist: tuple[str, ...] = ()   # names allowed as token_env without TOKEN in them
+    allow_insecure: bool = False      # the token may go over http to a non-loopback endpoint
+
+    def sends_token_to(self, url: str) -> bool:
+        """Whether the token may go with a request to `url`: only to the configured endpoint's
+        origin, and only over https there (http: a loopback endpoint, or `allow_insecure`)."""
+        want, got = urlsplit(self.endpoint), urlsplit(url)
+        same = (got.scheme, got.netloc.lower()) == (want.scheme, want.netloc.lower())
+        return same and (got.scheme == "https" or self.allow_insecure or loopback(got.hostname))
+
+
+def loopback(hostname: str | None) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname or "").is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
 from provisioner.catalog import torch as torches
 from provisioner.config.marks import KeyPath, Mark, clip, problem, shown, walk
-from provisioner.config.model import OLD_NAMES
+from provisioner.config.model import OLD_NAMES, HubSpec
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
@@ -103,6 +103,24 @@ def _service(data: Any) -> Iterator[Found]:
         if _get(data, ("comfyui", "gpu"), (str, int)) is not None:
             yield ("comfyui", "gpu"), "is set beside instances: per-gpu, which runs one ComfyUI on every GPU", \
                 "remove comfyui.gpu, or use instances: single"
+
+
+def _hub(data: Any) -> Iterator[Found]:
+    """The Hub token goes only where it belongs: over https (or to loopback), from a variable that
+    says it is a token."""
+    hub = HubSpec(**{k: v for k, v in (_get(data, ("huggingface",), Mapping) or {}).items()
+                     if k in ("endpoint", "allow_insecure")})
+    endpoint = _get(data, ("huggingface", "endpoint"), str)
+    if endpoint and not hub.sends_token_to(endpoint):
+        yield ("huggingface", "endpoint"), f"{endpoint} is plain http to another machine: the Hub token would " \
+            "cross the network in clear text", "use https://, or set huggingface.allow_insecure: true " \
+            "for a mirror on a network you trust"
+    name = _get(data, ("huggingface", "token_env"), str)
+    allowed = _get(data, ("huggingface", "token_env_allowlist"), list) or []
+    if name and "TOKEN" not in name.upper() and name not in allowed:
+        yield ("huggingface", "token_env"), f"{name} does not name a token: its value would be sent to the Hub " \
+            "as a Bearer header", f"name a variable holding the Hub token (HF_TOKEN), or list {name} in " \
+            "huggingface.token_env_allowlist"
 
 
 def _version(text: str) -> Version | None:
@@ -254,7 +272,7 @@ def _old_names(data: Any) -> Iterator[Found]:
 
 
 CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths, _service, _repo, _versions,
-                                                        _catalog, _torch, _local_files, _old_names)
+                                                        _catalog, _torch, _local_files, _old_names, _hub)
 
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:

@@ -21,11 +21,11 @@ def open_connection(host: Host, options: ConnectOptions | None = None) -> Connec
     if host.transport == "ssh":
         from provisioner.connection.ssh import SshConnection
 
-        return SshConnection(host, options)
+        return _with_become(SshConnection(host, options), host)
     if host.transport == "local":
         from provisioner.connection.local import LocalConnection
 
-        return LocalConnection(host, Heartbeat(options.heartbeat_s))
+        return _with_become(LocalConnection(host, Heartbeat(options.heartbeat_s)), host)
     if host.transport == "docker":
         from provisioner.connection.docker import DockerConnection
 
@@ -39,3 +39,14 @@ def open_connection(host: Host, options: ConnectOptions | None = None) -> Connec
         return DockerConnection(host.name, host.container, inner)
     raise ConnectError(f"{host.name}: unknown transport {host.transport!r} "
                        f"(use ssh, local or docker for ansible_connection)")
+
+
+def _with_become(conn: Connection, host: Host) -> Connection:
+    """`conn`, and as `conn.become` the same host as its become user when the inventory says
+    ansible_become (a container's host becomes, not the container: docker exec is already root's)."""
+    if host.become:
+        from provisioner import secrets
+        from provisioner.connection.become import BecomeConnection
+
+        conn.become = BecomeConnection(conn, host.become_user, secrets.become_password(host.become_password_env))
+    return conn

@@ -136,6 +136,7 @@ class Stats:
     execs: int = 0
     bytes_put: int = 0
     history: list[tuple[str, ...]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)   # why a push took a slower way (scp failed)
 
 
 # Files written through a command's stdin, where there is no SFTP: a container, or a host whose
@@ -185,6 +186,9 @@ class Connection(Protocol):
 
     name: str
     stats: Stats
+    # The same host as its become user (connection/become.py: sudo), where the inventory sets
+    # ansible_become; None otherwise. Steps marked `system` run there.
+    become: Connection | None
 
     @property
     def heartbeat(self) -> Heartbeat: ...

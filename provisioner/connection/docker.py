@@ -28,6 +28,8 @@ INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
 class DockerConnection:
     """Runs argv inside `container` with `docker exec`, on the host `inner` reaches."""
 
+    become: Connection | None = None   # the host's become user (connection/become.py), when set
+
     def __init__(self, name: str, container: str, inner: Connection) -> None:
         self.name = name
         self.container = container

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 from provisioner import remote
 from provisioner.connection import supervised
 from provisioner.connection.base import Frame, ProgressCallback, Result, Stats, copy_stream, signal_name
-from provisioner.connection.base import Heartbeat
+from provisioner.connection.base import Connection, Heartbeat
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
@@ -29,6 +29,8 @@ CHUNK = 65536
 
 class LocalConnection:
     """Runs argv directly with `subprocess` (exec'd, never through a shell)."""
+
+    become: Connection | None = None   # the host's become user (connection/become.py), when set
 
     # The supervisor, by this very interpreter; `env`: its environment (None: ours).
     launcher: tuple[str, ...] = (sys.executable, "-I", "-S", "-c", remote.BOOT)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -23,6 +24,9 @@ from provisioner.connection.options import SshTarget
 
 SYSTEM_COPY_MIN = 64 << 20      # smaller files: paramiko's SFTP (no process to start)
 ALIAS = "provision-pushed-host"  # the name our one-line known_hosts gives the verified key
+# An RSA key's name is `ssh-rsa`, and so is the SHA-1 signature OpenSSH >= 8.8 refuses: scp may
+# verify that key only with the SHA-2 signatures of RFC 8332 (what paramiko negotiated too).
+SIGNATURES = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256"}
 
 
 def usable(target: SshTarget, identity: str | None) -> bool:
@@ -35,7 +39,7 @@ def argv(target: SshTarget, identity: str, known_hosts: str, key_type: str, time
     host = f"[{target.hostname}]" if ":" in target.hostname else target.hostname
     options = {
         "User": target.user, "Port": str(target.port), "BatchMode": "yes", "LogLevel": "ERROR",
-        "StrictHostKeyChecking": "yes", "HostKeyAlias": ALIAS, "HostKeyAlgorithms": key_type,
+        "StrictHostKeyChecking": "yes", "HostKeyAlias": ALIAS, "HostKeyAlgorithms": SIGNATURES.get(key_type, key_type),
         "UserKnownHostsFile": known_hosts, "GlobalKnownHostsFile": "/dev/null",
         "ConnectTimeout": str(max(1, round(timeout))), "ServerAliveInterval": "5",
         "ServerAliveCountMax": "3",
@@ -48,17 +52,31 @@ def argv(target: SshTarget, identity: str, known_hosts: str, key_type: str, time
     return ["scp", "-s", "-F", "/dev/null", *flags, "--", src, f"{host}:{dest}"]
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a running scp and the ssh it started (their process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def push(target: SshTarget, identity: str, server_key: paramiko.PKey, timeout: float, src: str,
          dest: str, size: int, remote_size: Callable[[], int | None],
-         progress: Callable[[int, int], None] | None) -> str | None:
-    """Copy `src` to `dest` on the host; None when done, else scp's last lines of stderr."""
+         progress: Callable[[int, int], None] | None,
+         running: set[subprocess.Popen[bytes]] | None = None) -> str | None:
+    """Copy `src` to `dest` on the host; None when done, else scp's last lines of stderr.
+    `running` holds the scp process while it runs: the connection's abort (Ctrl-C) kills it there."""
     with tempfile.TemporaryDirectory(prefix="provision-scp-") as tmp:
         known = os.path.join(tmp, "known_hosts")
         with open(known, "w") as fh:
             fh.write(f"{ALIAS} {server_key.get_name()} {server_key.get_base64()}\n")
         cmd = argv(target, identity, known, server_key.get_name(), timeout, src, dest)
+        # A group of its own, scp and the ssh it starts: stop() ends both (killing scp alone leaves
+        # its ssh holding our stderr pipe open).
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, start_new_session=True)
+        if running is not None:
+            running.add(proc)
         done = threading.Event()
         if progress:                    # scp has no meter we can read: watch the file grow
             def watch() -> None:
@@ -70,11 +88,13 @@ def push(target: SshTarget, identity: str, server_key: paramiko.PKey, timeout: f
         try:
             _, err = proc.communicate()
         except BaseException:           # Ctrl-C: the copy stops with us
-            proc.kill()
+            stop(proc)
             proc.wait()
             raise
         finally:
             done.set()
+            if running is not None:
+                running.discard(proc)
     if proc.returncode != 0:
         lines = [x.strip() for x in err.decode(errors="replace").splitlines() if x.strip()]
         return " / ".join(lines[-3:]) if lines else f"scp exited {proc.returncode}"

@@ -11,6 +11,7 @@ import io
 import os
 import posixpath
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,7 @@ from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Re
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
-from provisioner.connection.base import Heartbeat
+from provisioner.connection.base import Connection, Heartbeat
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
@@ -39,6 +40,8 @@ SFTP_WRITE = PACKET - 128
 class SshConnection:
     """A connected SSH host. Opening it connects (and checks the host key) at once."""
 
+    become: Connection | None = None   # the host's become user (connection/become.py), when set
+
     def __init__(self, host: Host, options: ConnectOptions) -> None:
         self.name = host.name
         self.stats = Stats()
@@ -50,6 +53,7 @@ class SshConnection:
         self._no_sftp = False
         self._lock = threading.Lock()
         self._aborted: str | None = None
+        self._children: set[subprocess.Popen[bytes]] = set()   # a running scp: abort kills it
         self.heartbeat = Heartbeat(options.heartbeat_s)
         try:
             self._transport = self._reacher.reach(self._target)
@@ -91,6 +95,8 @@ class SshConnection:
         and the supervisors stop their commands; every later call raises with `reason`."""
         with self._lock:
             self._aborted = self._aborted or reason
+        for child in list(self._children):
+            scp.stop(child)
         self._watchdog.stop()
         self._reacher.close()
 
@@ -179,11 +185,14 @@ class SshConnection:
                 return None
 
         failed = scp.push(self._target, identity, self._transport.get_remote_server_key(),
-                          self._options.connect_timeout, name, tmp, size, remote_size, progress)
+                          self._options.connect_timeout, name, tmp, size, remote_size, progress,
+                          self._children)
         if failed is None:
             self.stats.bytes_put += size
             return True
         self._check()
+        self.stats.fallbacks.append(f"scp of {posixpath.basename(name)} failed ({failed}): "
+                                    "copied over SFTP instead")
         _quiet_remove(sftp, tmp)
         return False
 

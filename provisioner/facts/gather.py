@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import replace
 
 from provisioner.config.model import Profile
 from provisioner.connection.base import NO_PYTHON, Connection, Result
-from provisioner.errors import FactsError
-from provisioner.facts.model import Facts, Probe
+from provisioner.connection.become import BecomeConnection
+from provisioner.errors import ConnectError, FactsError
+from provisioner.facts.model import Facts, Login, Probe
 from provisioner.facts import venv_record
 from provisioner.facts.parse import parse_facts
 from provisioner import remote
@@ -42,6 +44,7 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "read": list(probe.read),
         "grep": [list(pair) for pair in probe.grep],
         "git": list(probe.git),
+        "git_command": remote.git_request(),
         "http": list(probe.http),
         "show": [list(pair) for pair in probe.show],
         "remote_tags": [list(item) for item in probe.remote_tags],
@@ -91,4 +94,22 @@ def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
                       check=False)
     answer = json_answer(conn.name, result)
     answer["env"] = venv_record.merge(conn.name, python, answer.get("env"), before)
-    return parse_facts(conn.name, answer, profile.comfyui.gpu)
+    facts = parse_facts(conn.name, answer, profile.comfyui.gpu)
+    return replace(facts, login=can_become(conn.machine, facts.login))
+
+
+def can_become(conn: Connection, login: Login) -> Login:
+    """The login as the plan needs it: whom `system` steps run as (ansible_become, checked with
+    `sudo -n true`, or with the password on stdin: one more exec, only when the login is not root)."""
+    if not isinstance(conn.become, BecomeConnection):
+        return login
+    if login.user == conn.become.user:
+        conn.become = None      # the login already is that user: its steps need no sudo at all
+        return login
+    if login.uid == 0:
+        return login
+    try:
+        conn.become.check()
+    except ConnectError as err:
+        return replace(login, become_error=str(err))
+    return replace(login, become=conn.become.user)

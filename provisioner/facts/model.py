@@ -105,6 +105,7 @@ class GitCheckout:
     error: str | None = None                     # why it could not be read (git missing), not "not a repo"
     untracked: tuple[str, ...] = ()              # of `dirty`, the untracked ones (`??`)
     entries: tuple[str, ...] = ()                # a folder that is no checkout: what it holds (50 at most)
+    foreign: bool = False                        # another user's: never read by git (`error` says whose)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Listener:
     address: str                                 # "127.0.0.1", "0.0.0.0", "::"
     pid: int | None = None
     cmdline: tuple[str, ...] | None = None
+    uid: int | None = None                       # the socket's owner (0: ComfyUI runs as root)
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,21 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Login:
+    """Who provision is on the host, who owns ComfyUI's root, and whom it can become.
+    `become`: the user steps marked `system` run as (ansible_become), None when off or refused
+    (`become_error` says why: no sudo, a password needed or wrong, not in sudoers)."""
+
+    uid: int | None = None
+    user: str | None = None
+    root_owner: str | None = None                # the owner of comfyui.root; None: no root yet
+    root_owner_uid: int | None = None
+    root_group: str | None = None                # the primary group of the root's owner
+    become: str | None = None
+    become_error: str | None = None
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -225,6 +242,7 @@ class Facts:
     space: Mapping[str, Space] = field(default_factory=dict)
     listings: Mapping[str, tuple[Entry, ...] | None] = field(default_factory=dict)   # None: no such folder
     markers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)            # folder -> name -> text
+    login: Login = Login()
 
     def space_for(self, path: str) -> Space:
         """The filesystem `path` lands on, from the `space` probe of it or of a folder above it;

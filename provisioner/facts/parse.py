@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ from typing import Any
 
 from provisioner.errors import FactsError
 from provisioner.facts.model import (
+    Login,
     Distribution,
     Entry,
     Facts,
@@ -139,6 +141,7 @@ def _git(path: str, raw: Mapping[str, Any]) -> GitCheckout:
         head=raw.get("head"), tags=tuple(raw.get("tags") or ()), branch=raw.get("branch"),
         dirty=tuple(raw.get("dirty") or ()), untracked=tuple(raw.get("untracked") or ()),
         entries=tuple(raw.get("entries") or ()), remote=raw.get("remote"), error=raw.get("error"),
+        foreign=bool(raw.get("foreign")),
     )
 
 
@@ -160,8 +163,8 @@ def _header(path: str, raw: Mapping[str, Any]) -> ModelHeader:
 
 
 def _listeners(raw: Mapping[str, Any]) -> dict[int, tuple[Listener, ...]]:
-    return {int(port): tuple(Listener(x["address"], x.get("pid"), tuple(x["cmdline"]) if x.get("cmdline") else None)
-                             for x in found) for port, found in raw.items()}
+    return {int(port): tuple(Listener(x["address"], x.get("pid"), tuple(x["cmdline"]) if x.get("cmdline") else None,
+                                      x.get("uid")) for x in found) for port, found in raw.items()}
 
 
 def _units(raw: Mapping[str, Any]) -> Units:
@@ -176,6 +179,11 @@ def _units(raw: Mapping[str, Any]) -> Units:
                  writable={folder: bool(ok) for folder, ok in (raw.get("writable") or {}).items()},
                  state={name: state(props) for name, props in (raw.get("state") or {}).items()},
                  error=raw.get("error"))
+
+
+def _login(raw: Mapping[str, Any]) -> Login:
+    return Login(uid=raw.get("uid"), user=raw.get("user"), root_owner=raw.get("root_owner"),
+                 root_owner_uid=raw.get("root_owner_uid"), root_group=raw.get("root_group"))
 
 
 def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | str | None = None) -> Facts:
@@ -217,6 +225,7 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
             units=_units(answer.get("units") or {}),
             disk_dev=int(disk.get("dev", -1)),
             space={p: Space(str(v["dir"]), int(v["dev"]), int(v["free"])) for p, v in (answer.get("space") or {}).items()},
+            login=_login(answer.get("login") or {}),
             listings={p: None if v is None else tuple(Entry(str(e["name"]), str(e["kind"]), int(e["size"]),
                                                             int(e["mtime_ns"])) for e in v)
                       for p, v in (answer.get("listing") or {}).items()},
@@ -240,6 +249,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
     return {
         "host": facts.host, "os": facts.os, "arch": facts.arch, "kernel": facts.kernel,
         "system_python": facts.system_python,
+        "login": dataclasses.asdict(facts.login),
         "env": {
             "python": env.python, "exists": env.exists, "version": env.version, "tag": env.tag,
             "platform": env.platform, "torch": env.torch, "torch_cuda": env.torch_cuda,
@@ -261,7 +271,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "git": {p: {"exists": g.exists, "is_repo": g.is_repo, "head": g.head, "tags": list(g.tags),
                     "branch": g.branch, "dirty": list(g.dirty), "untracked": list(g.untracked),
                     "entries": list(g.entries),
-                    "remote": g.remote, "error": g.error}
+                    "remote": g.remote, "error": g.error, "foreign": g.foreign}
                 for p, g in sorted(facts.git.items())},
         "files": {p: {"exists": f.exists, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": f.sha256}
                   for p, f in sorted(facts.files.items())},
@@ -275,7 +285,7 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
         "interpreters": {p: {"python": e.python, "exists": e.exists, "version": e.version, "tag": e.tag,
                              "platform": e.platform, "ensurepip": e.ensurepip, "error": e.error}
                          for p, e in sorted(facts.interpreters.items())},
-        "listeners": {str(port): [{"address": x.address, "pid": x.pid,
+        "listeners": {str(port): [{"address": x.address, "pid": x.pid, "uid": x.uid,
                                    "cmdline": list(x.cmdline) if x.cmdline else None} for x in found]
                       for port, found in sorted(facts.listeners.items())},
         "units": {"files": [{"dir": d, "glob": g, "found": [{"name": f.name, "path": f.path} for f in found]}

@@ -63,6 +63,17 @@ def _checkout(c: GitCheckout) -> str:
     return f"{at} @ {(c.head or 'no commit')[:10]}, {state}"
 
 
+def _login(facts: Facts) -> str:
+    """`admin (uid 1000), becomes root; ComfyUI's root is comfy's`: who provision is there."""
+    login = facts.login
+    if login.user is None:
+        return "-"
+    can = (f", becomes {login.become}" if login.become else f", cannot become ({login.become_error})"
+           if login.become_error else "")
+    owner = f"; ComfyUI's root is {login.root_owner}'s" if login.root_owner else "; no ComfyUI root yet"
+    return f"{login.user} (uid {login.uid}){can}{owner}"
+
+
 def host_table(facts: Facts) -> Table:
     """The facts of one host as a two-column table."""
     env = facts.env
@@ -70,6 +81,7 @@ def host_table(facts: Facts) -> Table:
         ("OS", f"{facts.os} (kernel {facts.kernel})"),
         ("arch", facts.arch),
         ("system python", facts.system_python),
+        ("login", _login(facts)),
         ("venv python", _venv(facts)),
         ("torch", _torch(facts)),
         ("GPUs", _gpus(facts)),

@@ -20,13 +20,15 @@ READ_TIMEOUT_S = 180.0      # the venv's interpreter lists its distributions; gi
 
 @dataclass(frozen=True)
 class Checkout:
-    """A folder's git state; `repo` False: a plain folder (its files are not recorded)."""
+    """A folder's git state; `repo` False: a plain folder (its files are not recorded), or another
+    user's checkout (`owner`, its uid), which the host's git never reads."""
 
     repo: bool
     commit: str | None = None
     remote: str | None = None
     tags: tuple[str, ...] = ()
     dirty: tuple[str, ...] = ()                  # modified and untracked files (tracked only for the core)
+    owner: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,9 @@ def folder(profile: Profile) -> str:
 def _checkout(raw: Any) -> Checkout | None:
     if not isinstance(raw, Mapping):
         return None
+    owner = raw.get("owner")
     return Checkout(bool(raw.get("repo")), raw.get("commit"), raw.get("remote"), tuple(raw.get("tags") or ()),
-                    tuple(raw.get("dirty") or ()))
+                    tuple(raw.get("dirty") or ()), owner if isinstance(owner, int) else None)
 
 
 def parse_state(raw: Mapping[str, Any]) -> HostState:

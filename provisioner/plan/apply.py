@@ -99,7 +99,7 @@ class StepRunner:
     def __call__(self, step: Step) -> None:
         started = time.monotonic()
         if isinstance(step, Run):
-            where = self.conn.machine if step.on_machine else self.conn
+            where = as_whom(self.conn.machine if step.on_machine else self.conn, step.system)
             try:
                 result = where.run(step.argv, stdin=step.stdin, timeout=self._limit(step),
                                    stdout_callback=self._progress if step.progress else None)
@@ -110,11 +110,15 @@ class StepRunner:
             if step.answer:
                 self.answers[step.answer] = _last_json(result.stdout)
         elif isinstance(step, Put):
-            self.conn.put(step.content, step.dest, mode=step.mode)
+            as_whom(self.conn, step.system).put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
             size = os.path.getsize(step.src)
+            seen = len(self.conn.stats.fallbacks)
             with self.reporter.transfer(self.conn.name, posixpath.basename(step.dest), size) as bar:
                 self.conn.put_file(step.src, step.dest, progress=bar)
+            for why in self.conn.stats.fallbacks[seen:]:     # done, the slower way: say why
+                self.reporter.line(self.conn.name, f"! {why}", "yellow")
+                self.reporter.log(self.conn.name, "warning", resource="push", error=why)
         elif isinstance(step, Fetch):
             self._fetch(step)
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
@@ -153,7 +157,7 @@ class StepRunner:
 
     def diagnose(self, step: Run) -> list[str]:
         """Run a diagnostic step whatever its exit code: a heading, then its output lines."""
-        where = self.conn.machine if step.on_machine else self.conn
+        where = as_whom(self.conn.machine if step.on_machine else self.conn, step.system)
         try:
             res = where.run(step.argv, stdin=step.stdin, timeout=self._limit(step), check=False)
         except ProvisionError as err:
@@ -184,6 +188,13 @@ class StepRunner:
 
 
 Planner = Callable[[Connection], HostPlan]   # read the host, plan what differs
+
+
+def as_whom(conn: Connection, system: bool) -> Connection:
+    """Where a step runs: a `system` step (a unit, systemctl) as the host's become user when the
+    inventory says ansible_become; anything else as the login user. The plan checked that a
+    login that is not root can become (resources/service.py)."""
+    return conn.become if system and conn.become is not None else conn
 
 
 def profile_planner(profile: Profile) -> Planner:

@@ -78,6 +78,18 @@ def disk_problems(facts: Facts, changes: Sequence[Change]) -> dict[str, list[str
     return problems
 
 
+def owner_problem(profile: Profile, facts: Facts, changes: Sequence[Change]) -> str | None:
+    """Files provision writes under ComfyUI's root must belong to the root's owner: a login that
+    is neither that owner nor root, with changes to make there, is refused before any change."""
+    login = facts.login
+    writes = any(not getattr(step, "system", False) for c in changes for step in c.steps)
+    if not writes or login.uid in (None, 0) or login.root_owner_uid in (None, login.uid):
+        return None
+    return (f"{profile.comfyui.root} belongs to {login.root_owner}, and provision would write there as "
+            f"{login.user}: connect as {login.root_owner} (ansible_user; ansible_become for the unit), "
+            f"or give the root to {login.user}")
+
+
 def build_plan(profile: Profile, facts: Facts) -> HostPlan:
     """Ask every resource what differs. Every resource is asked even after one fails, so a
     single `provision plan` shows all the reasons a host cannot be converged, not just the first."""
@@ -91,6 +103,9 @@ def build_plan(profile: Profile, facts: Facts) -> HostPlan:
             errors.setdefault(str(err), []).append(resource.name)
     for message, names in disk_problems(facts, [c for r in results for c in r.changes]).items():
         errors.setdefault(message, []).extend(names)
+    foreign = owner_problem(profile, facts, [c for r in results for c in r.changes])
+    if foreign:
+        errors.setdefault(foreign, []).append("apply")
     lines = tuple(f"{', '.join(names)}: {message}" for message, names in errors.items())
     return engine_plan(profile, facts, results, lines)
 

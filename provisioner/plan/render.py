@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from provisioner.facts.model import Login
 from provisioner.plan.build import HostPlan
 from provisioner.resources.base import Change, Fetch, Push, Put, Run
 
@@ -27,6 +28,15 @@ def describe_step(step: Run | Put | Push | Fetch) -> str:
         return step.what or f"push {step.src} -> {step.dest}"
     size = f" ({_human(step.size)})" if step.size else ""
     return step.what or f"download {step.url} -> {step.dest}{size}"
+
+
+def runs_as(change: Change, login: Login) -> str | None:
+    """Whom a change's steps run as: the login user, or for one with `system` steps (a unit,
+    systemctl) the user it becomes when the login is not root. None: the host did not say."""
+    system = any(getattr(step, "system", False) for step in change.steps)
+    if system and login.uid not in (None, 0) and login.become:
+        return f"{login.become} (sudo, as {login.user})"
+    return login.user
 
 
 def _human(n: float | None) -> str:
@@ -83,7 +93,9 @@ def render_host(console: Console, plan: HostPlan, *, verbose: bool = False) -> N
         console.print(f"  [yellow]![/] [bold]handler[/] {escape(item.describe())}")
     for change in plan.changes:
         sigil, colour = SIGILS[change.action]
-        console.print(f"  [{colour}]{sigil}[/] [bold]{change.resource}[/] {escape(change.summary)}")
+        whom = runs_as(change, plan.facts.login)
+        as_other = f" [dim](as {escape(whom)})[/]" if whom and whom != plan.facts.login.user else ""
+        console.print(f"  [{colour}]{sigil}[/] [bold]{change.resource}[/] {escape(change.summary)}{as_other}")
         for line in diff_lines(change, full=verbose):
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
             console.print(f"      [{style}]{escape(line)}[/]", highlight=False)
@@ -139,7 +151,7 @@ def plan_to_json(plan: HostPlan) -> dict[str, Any]:
             {
                 "resource": c.resource, "key": c.key, "action": c.action, "summary": c.summary,
                 "before": c.before, "after": c.after, "diff": diff_lines(c),
-                "steps": [describe_step(s) for s in c.steps],
+                "steps": [describe_step(s) for s in c.steps], "as": runs_as(c, plan.facts.login),
                 "notify": sorted(c.notify), "warnings": list(c.warnings),
             }
             for c in plan.changes

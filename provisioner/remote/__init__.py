@@ -25,6 +25,37 @@ PROGRAMS = ("facts", "fetch", "lock", "ready", "hold", "snapshot", "supervise")
 # What `python3 -I -S -c` runs first on a host: the supervisor's source, the first line of stdin.
 BOOT = "import sys,json;exec(json.loads(sys.stdin.buffer.readline()))"
 
+# How every git on a host is run, by the programs here and by the resources' steps: it never runs
+# what a checkout (or a config file beside it) configures. Config given with -c outranks the
+# checkout's own .git/config; the system and global files are not read at all (a container's or a
+# login user's ~/.gitconfig is no part of the plan). No `safe.directory`: git refuses a checkout
+# another user owns (CVE-2022-24765), so whatever git still runs from a checkout's config (a
+# filter driver) runs as that checkout's owner, never as provision's user.
+GIT_CONFIG = (
+    "core.fsmonitor=false",             # `git status` would run it
+    "core.hooksPath=/dev/null",         # no hook of the checkout's (checkout, fetch, stash)
+    "core.sshCommand=ssh -o BatchMode=yes",
+    "protocol.ext.allow=never",         # an `ext::` origin is a command line
+    "credential.helper=",               # an empty value clears the list: no helper runs
+    "core.askPass=",
+    "core.pager=cat",
+    "core.editor=false",
+)
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_TERMINAL_PROMPT": "0",
+           "GIT_OPTIONAL_LOCKS": "0", "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "GIT_ASKPASS": "",
+           "SSH_ASKPASS": "", "LC_ALL": "C"}
+
+
+def git_argv(where: str | None, *args: str) -> tuple[str, ...]:
+    """`env ... git -c ... [-C where] ARGS`: the one way a step runs git on a host."""
+    return ("env", *(f"{k}={v}" for k, v in GIT_ENV.items()), "git",
+            *(x for pair in GIT_CONFIG for x in ("-c", pair)), *(("-C", where) if where else ()), *args)
+
+
+def git_request() -> dict[str, object]:
+    """What the facts and snapshot programs run git with (the same config and environment)."""
+    return {"config": list(GIT_CONFIG), "env": dict(GIT_ENV)}
+
 
 @lru_cache(maxsize=None)
 def source(program: str) -> str:
@@ -83,7 +114,8 @@ def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksum
     pruning must spare, whether an unchanged state reuses the newest) or `read` (with `now`: the
     state as it is, too)."""
     payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
-                                  "checksums": checksums, "workflow_dirs": list(workflow_dirs)}
+                                  "checksums": checksums, "workflow_dirs": list(workflow_dirs),
+                                  "git": git_request()}
     if mode == "take":
         payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse)
     else:

@@ -28,8 +28,9 @@ MARKER_CAP = 4096           # bytes of one marker file (a `markers` probe), and 
 HEADER_CAP = 100 << 20      # safetensors' own limit on a header
 # Of a model file's `__metadata__`, what the plan checks (config/comfy_config are large and unused).
 HEADER_KEYS = ("quantization_config", "model_class", "format")
-GIT_ENV = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", GIT_TERMINAL_PROMPT="0")
-GIT_ENV.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")   # never wait for a password
+# How git runs here: the request's "git" (remote.git_request(): config given with -c and the
+# environment that neutralise whatever a checkout configures), set by gather().
+GIT = {"argv": None, "env": dict(os.environ)}
 NVIDIA_SMI_QUERY = (
     "--query-gpu=index,name,uuid,memory.total,memory.used,memory.free,"
     "driver_version,compute_cap,pci.bus_id"
@@ -299,9 +300,74 @@ def grep_files(pairs):
     return out
 
 
+def use_git(spec):
+    GIT["argv"] = ["git"] + [x for pair in spec["config"] for x in ("-c", pair)]
+    GIT["env"] = dict(os.environ, **spec["env"])
+
+
 def _git(path, *args, **kw):
-    # safe.directory: a checkout owned by another user (root in a container) is still read.
-    return _run(["git", "-c", "safe.directory=*", "-C", path] + list(args), env=GIT_ENV, **kw)
+    return _run(_git_argv() + ["-C", path] + list(args), env=GIT["env"], **kw)
+
+
+def _git_argv():
+    if GIT["argv"] is None:     # never a git without the neutralising config
+        raise ValueError("the request has no git_command")
+    return GIT["argv"]
+
+
+def foreign_owner(path):
+    """Why git must not read the checkout at path as this user (its folder or its .git belongs to
+    another: git would refuse it, and reading it anyway would run that user's configuration as
+    this one), or None."""
+    me = os.geteuid()
+    for where in (path, os.path.join(path, ".git")):
+        try:
+            uid = os.stat(where).st_uid
+        except OSError:
+            continue
+        if uid != me:
+            return "%s is owned by %s, not by %s, who runs provision there: git never reads a " \
+                   "checkout of another user's (its configuration could run commands)" % (
+                       where, user_name(uid), user_name(me))
+    return None
+
+
+def login(root):
+    """Who runs this program, and who owns ComfyUI's root (None when there is no root yet)."""
+    me = os.geteuid()
+    try:
+        owner = os.stat(root).st_uid
+    except OSError:
+        owner = None
+    return {"uid": me, "user": _name_of(me), "root_owner_uid": owner,
+            "root_owner": _name_of(owner) if owner is not None else None,
+            "root_group": _group_of(owner) if owner is not None else None}
+
+
+def _group_of(uid):
+    """The primary group's name of a user (what its unit's Group= says)."""
+    try:
+        import grp
+        import pwd
+        return grp.getgrgid(pwd.getpwuid(uid).pw_gid).gr_name
+    except (ImportError, KeyError):
+        return None
+
+
+def _name_of(uid):
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def user_name(uid):
+    try:
+        import pwd
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except (ImportError, KeyError):
+        return "uid %d" % uid
 
 
 def git_checkout(path):
@@ -311,8 +377,11 @@ def git_checkout(path):
     def git(*args):
         return _git(path, *args, timeout=30.0)
 
-    if shutil.which("git", path=GIT_ENV.get("PATH")) is None:
+    if shutil.which("git", path=GIT["env"].get("PATH")) is None:
         return {"exists": True, "is_repo": False, "error": "git is not installed (not on PATH)"}
+    foreign = foreign_owner(path)
+    if foreign:
+        return {"exists": True, "is_repo": False, "error": foreign, "foreign": True}
     rc, top, err = git("rev-parse", "--show-toplevel")
     if rc != 0 and (rc != 128 or os.path.lexists(os.path.join(path, ".git"))):
         # git itself failed, or a checkout's .git is there and git cannot read it: never call
@@ -355,8 +424,9 @@ def git_show(items):
     out = []
     for path, spec in items:
         text = None
-        if os.path.isdir(path):
-            rc, stdout, _ = _git(path, "show", spec, timeout=30.0)
+        if os.path.isdir(path) and not foreign_owner(path):
+            # cat-file, not show: show may run a textconv driver the checkout configures
+            rc, stdout, _ = _git(path, "cat-file", "blob", spec, timeout=30.0)
             text = stdout if rc == 0 else None
         out.append([path, spec, text])
     return out
@@ -368,12 +438,12 @@ def remote_tags(items):
     {"error": "..."}."""
     out = []
     for path, repo, tag in items:
-        if os.path.isdir(path) and _git(path, "rev-parse", "-q", "--verify",
+        if os.path.isdir(path) and not foreign_owner(path) and _git(path, "rev-parse", "-q", "--verify",
                                         "refs/tags/%s^{commit}" % tag, timeout=30.0)[0] == 0:
             out.append([path, repo, tag, {"local": True}])
             continue
-        rc, stdout, err = _run(["git", "ls-remote", "--tags", "--refs", "--", repo], timeout=30.0,
-                               env=GIT_ENV)
+        rc, stdout, err = _run(_git_argv() + ["ls-remote", "--tags", "--refs", "--", repo], timeout=30.0,
+                               env=GIT["env"])
         if rc != 0:
             lines = [x.strip() for x in (err or stdout).splitlines() if x.strip()]
             answer = {"error": lines[-1] if lines else "git ls-remote exited %d" % rc}
@@ -441,7 +511,8 @@ def _cmdline(pid):
 
 
 def listeners(ports):
-    """{port: [{"address", "pid", "cmdline"}]} of the TCP sockets listening on these ports."""
+    """{port: [{"address", "pid", "cmdline", "uid"}]} of the TCP sockets listening on these ports
+    (uid: the socket's owner, which /proc/net/tcp says even of another user's process)."""
     wanted, found = set(int(p) for p in ports), []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -455,12 +526,12 @@ def listeners(ports):
                 continue
             addr, _, port = cols[1].partition(":")
             if int(port, 16) in wanted:
-                found.append((int(port, 16), _address(addr), cols[9]))
-    owners = _socket_owners(set(inode for _, _, inode in found)) if found else {}
+                found.append((int(port, 16), _address(addr), cols[9], int(cols[7])))
+    owners = _socket_owners(set(inode for _, _, inode, _ in found)) if found else {}
     out = {}
-    for port, address, inode in found:
+    for port, address, inode, uid in found:
         pid = owners.get(inode)
-        out.setdefault(str(port), []).append({"address": address, "pid": pid,
+        out.setdefault(str(port), []).append({"address": address, "pid": pid, "uid": uid,
                                               "cmdline": _cmdline(pid) if pid else None})
     return out
 
@@ -532,6 +603,8 @@ def http_status(url):
 
 def gather(req):
     started = time.monotonic()
+    if "git_command" in req:
+        use_git(req["git_command"])
     jobs = {
         "env": lambda: venv(req["python"], req.get("venv_known")),
         "nvidia_smi": nvidia_smi,
@@ -552,6 +625,7 @@ def gather(req):
         "space": lambda: dict((p, space(p)) for p in req.get("space", [])),
         "listing": lambda: dict((p, listing(p)) for p in req.get("listing", [])),
         "markers": lambda: dict((p, markers(p)) for p in req.get("markers", [])),
+        "login": lambda: login(req["root"]),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),

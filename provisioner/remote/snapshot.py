@@ -33,7 +33,9 @@ from urllib.parse import unquote, urlsplit
 
 FORMAT = 1
 READ_CAP = 4 << 20          # bytes of a workflow file kept; a bigger one is recorded by its sha256
-GIT_ENV = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", GIT_TERMINAL_PROMPT="0")
+# How git runs here: the request's "git" (remote.git_request(): config given with -c and the
+# environment that neutralise whatever a checkout configures), set by main().
+GIT = {"argv": ["git"], "env": dict(os.environ)}
 ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}$")
 
 # Runs inside the target venv's interpreter: what pip knows of each distribution.
@@ -66,14 +68,37 @@ def _run(argv, timeout=60.0, **kw):
     return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
+def use_git(spec):
+    GIT["argv"] = ["git"] + [x for pair in spec["config"] for x in ("-c", pair)]
+    GIT["env"] = dict(os.environ, **spec["env"])
+
+
 def _git(path, *args):
-    return _run(["git", "-c", "safe.directory=*", "-C", path] + list(args), timeout=30.0, env=GIT_ENV)
+    return _run(GIT["argv"] + ["-C", path] + list(args), timeout=30.0, env=GIT["env"])
+
+
+def foreign_owner(path):
+    """The owner of a checkout (its folder or its .git) when that is not this user, else None:
+    git never reads another user's checkout (its configuration could run commands as this one)."""
+    me = os.geteuid()
+    for where in (path, os.path.join(path, ".git")):
+        try:
+            uid = os.stat(where).st_uid
+        except OSError:
+            continue
+        if uid != me:
+            return uid
+    return None
 
 
 def checkout(path, untracked=True):
-    """A folder's git state: None when absent, {"repo": false} when not a checkout of its own."""
+    """A folder's git state: None when absent, {"repo": false} when not a checkout of its own,
+    {"repo": false, "owner": uid} when another user's (never read: see foreign_owner)."""
     if not os.path.isdir(path):
         return None
+    owner = foreign_owner(path)
+    if owner is not None:
+        return {"repo": False, "owner": owner}
     rc, top, _ = _git(path, "rev-parse", "--show-toplevel")
     if rc != 0 or os.path.realpath(top.strip()) != os.path.realpath(path):
         return {"repo": False}
@@ -409,6 +434,7 @@ def main():
     try:
         req = json.loads(sys.stdin.read())
         mode = req["mode"]
+        use_git(req["git"])
     except (ValueError, KeyError) as err:
         sys.stderr.write("bad request: %s\n" % err)
         return 2

@@ -133,7 +133,8 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
     if asset.local_path:
         sha = asset.sha256 or releases.file_sha256(asset.local_path)
         return dest, Push(asset.local_path, dest, sha, what=f"push {asset.name} from the wheelhouse")
-    token = profile.huggingface.token_env if source.kind == "huggingface" else None
+    hub = profile.huggingface
+    token = hub.token_env if source.kind == "huggingface" and hub.sends_token_to(asset.url) else None
     return dest, Fetch(asset.url, dest, asset.sha256, asset.size, token_env=token,
                        cache=profile.comfyui.checksums, what=f"download {asset.name}")
 

@@ -27,6 +27,7 @@ class Run:
     on_machine: bool = False         # on the machine itself, beside ComfyUI's container, not in it
     progress: bool = False           # stdout lines {"progress": TEXT} are shown as they come
     answer: str = ""                 # keep its last stdout line (JSON) in the outcome under this name
+    system: bool = False             # needs root (a unit, systemctl): runs as the become user
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Put:
     content: bytes
     mode: int = 0o644
     what: str = ""
+    system: bool = False             # needs root (a unit file): written as the become user
 
 
 @dataclass(frozen=True)

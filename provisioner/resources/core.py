@@ -68,6 +68,9 @@ def checkout(profile: Profile, facts: Facts) -> GitCheckout:
     co = facts.git.get(root)
     if co is None:
         raise FactsError(f"facts lack the git state of {root}: the base probe did not run")
+    if co.foreign:
+        raise PlanError(f"{root} cannot be read: {co.error}; unset comfyui.version, or run provision as that "
+                        "user (ansible_become_user)")
     return co
 
 
@@ -180,9 +183,10 @@ def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> In
 
 def moves_root_aside(profile: Profile, facts: Facts) -> bool:
     """Does the plan move a root that is not a checkout aside (`force`), with all it holds?"""
+    if profile.comfyui.version is None or not profile.comfyui.force:
+        return False
     co = checkout(profile, facts)
-    return profile.comfyui.version is not None and co.exists and not co.is_repo and not only_ours(co) \
-        and profile.comfyui.force
+    return co.exists and not co.is_repo and not only_ours(co)
 
 
 def venv_kept(profile: Profile, facts: Facts) -> bool:
@@ -209,7 +213,7 @@ def _clone(profile: Profile, version: str, co: GitCheckout) -> tuple[Step, ...]:
     steps = [
         Run(("mkdir", "-p", posixpath.dirname(spec.root)), what="create the root's parent"),
         Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-        Run(("git", "clone", "--quiet", "--no-checkout", spec.repo, tmp), what=f"clone {spec.repo}",
+        Run(git(None, "clone", "--quiet", "--no-checkout", spec.repo, tmp), what=f"clone {spec.repo}",
             timeout=1800.0),
         Run(git(tmp, "checkout", "--quiet", "--detach", version), what=f"checkout {version}"),
     ]

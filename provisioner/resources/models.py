@@ -134,7 +134,9 @@ def _file_change(profile: Profile, f: catalog.ModelFile, remote_file: hub.Remote
     if pinned and remote_file.sha256 and pinned != remote_file.sha256:
         warnings = (f"model.sha256 {pinned[:12]}… differs from the Hub's {remote_file.sha256[:12]}… for {f.filename}: "
                     "the download will fail verification unless the Hub serves the pinned file",)
-    step = Fetch(remote_file.url, dest, want, remote_file.size, profile.huggingface.token_env,
+    spec = profile.huggingface      # the token goes with the download only where it belongs
+    step = Fetch(remote_file.url, dest, want, remote_file.size,
+                 spec.token_env if spec.sends_token_to(remote_file.url) else None,
                  cache=profile.comfyui.checksums, what=f"download {f.filename} ({size_text(remote_file.size)})",
                  quantization=quantization)
     # ComfyUI keeps loaded weights in memory: a new DiT, or any file replaced in place, needs a restart.

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from packaging.version import Version
 
+from provisioner import remote
 from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
@@ -73,9 +74,7 @@ def tag_check(resource: str, key: str, tag: str, repo: str, answer: RemoteTags |
                             else ": pin one of its tags"), near)
 
 
-def git(where: str, *args: str) -> tuple[str, ...]:
-    # safe.directory: the facts script reads checkouts owned by another user (root in a container).
-    return ("git", "-c", f"safe.directory={where}", "-C", where, *args)
+git = remote.git_argv     # every git a step runs: nothing a checkout configures runs (remote/__init__.py)
 
 
 def same_repo(a: str | None, b: str) -> bool:
@@ -107,7 +106,7 @@ def _clone(profile: Profile, dest: str) -> tuple[Step, ...]:
     return (
         Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
         Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-        Run(("git", "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}",
+        Run(git(None, "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}",
             timeout=profile.timeouts.git_s),
         Run(git(tmp, "checkout", "--quiet", "--detach", spec.tag), what=f"checkout {spec.tag}"),
         Run(("mv", tmp, dest), what=f"move the checkout into {dest}"),
@@ -153,6 +152,8 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
                               _clone(profile, dest), notify=RESTART), notes=notes), 0
+    if co.foreign:
+        raise PlanError(f"{dest} cannot be read: {co.error}; give it to that user, or remove it")
     if co.error:
         # git is missing or failing: what is there cannot be judged, so nothing is moved.
         raise PlanError(f"{dest} cannot be read by the host's git ({co.error}); install or repair git "

@@ -5,8 +5,9 @@ the log that says why when it is not, and the node classes it must register.
 
 The handler belongs here, not in the engine: the engine runs whatever handlers the changes
 notify, and knows nothing of ComfyUI, systemd or Docker. The unit is written as root (a unit in
-/etc/systemd/system and `systemctl` need it): provision never uses sudo, so it connects as root
-for `service: systemd` (a plan error says so when `comfyui.unit_dir` is not writable).
+/etc/systemd/system and `systemctl` need it): those steps are marked `system`, and a login that is
+not root runs them through `become` (ansible_become: sudo); a plan that needs them and cannot
+become says so before any change.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def log_step(profile: Profile, lines: int = LOG_LINES) -> Run | None:
     unit = spec.unit if owned(profile) else restart.systemd if restart else None
     if unit:
         argv = ("journalctl", "-u", unit, "-n", str(lines), "--no-pager")
-        return Run(argv, what=" ".join(argv), timeout=30, on_machine=True)
+        return Run(argv, what=" ".join(argv), timeout=30, on_machine=True, system=True)
     if restart and restart.docker:
         # ComfyUI writes to both streams; 2>&1 keeps its lines in the order it wrote them.
         return Run(("sh", "-c", 'exec docker logs --tail "$1" "$2" 2>&1', "sh", str(lines), restart.docker),
@@ -123,7 +124,7 @@ def restart_handler(profile: Profile, instances: Sequence[Instance] = ()) -> Han
         every = ("systemctl", "restart", *(i.unit for i in instances))
         diagnose = tuple(step for p in each if (step := log_step(p)) is not None)
         return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(every)})",
-                       (Run(every, what=f"restart ComfyUI: {' '.join(every)}", on_machine=True),
+                       (Run(every, what=f"restart ComfyUI: {' '.join(every)}", on_machine=True, system=True),
                         *(ready_step(p) for p in each)), diagnose=diagnose)
     argv = restart_argv(profile)
     if not argv:
@@ -141,7 +142,8 @@ def restart_handler(profile: Profile, instances: Sequence[Instance] = ()) -> Han
 
 
 def _systemctl(*args: str) -> Run:
-    return Run(("systemctl", *args), what=f"systemctl {' '.join(args)}", on_machine=True, timeout=120.0)
+    return Run(("systemctl", *args), what=f"systemctl {' '.join(args)}", on_machine=True, timeout=120.0,
+               system=True)
 
 
 def _unit_changes(profile: Profile, facts: Facts, instances: Sequence[Instance],
@@ -153,9 +155,13 @@ def _unit_changes(profile: Profile, facts: Facts, instances: Sequence[Instance],
     if facts.units.error:
         raise PlanError(f"comfyui.service systemd: systemd does not answer on this host ({facts.units.error}); "
                         "run ComfyUI another way (comfyui.service null and comfyui.restart)")
-    if not facts.units.writable.get(spec.unit_dir, True):
+    if facts.login.uid not in (None, 0) and facts.login.become is None:
+        raise PlanError(f"comfyui.service systemd installs and controls ComfyUI's unit, which needs root, and "
+                        f"{facts.login.user} cannot become root: {facts.login.become_error or 'ansible_become is off'}"
+                        "; set ansible_become: true (sudo) in the inventory, or connect as root")
+    if facts.login.become is None and not facts.units.writable.get(spec.unit_dir, True):
         raise PlanError(f"comfyui.service systemd writes its units into {spec.unit_dir}, which this login cannot "
-                        "write: connect as root (provision does not use sudo), or set comfyui.unit_dir")
+                        "write: set ansible_become: true (sudo), or set comfyui.unit_dir")
     found: dict[str, UnitFile] = {f.name: f for pattern in units.patterns(profile)
                                   for f in facts.units.files.get((spec.unit_dir, pattern), ())}
     wanted = {i.unit_file for i in instances}
@@ -163,7 +169,7 @@ def _unit_changes(profile: Profile, facts: Facts, instances: Sequence[Instance],
     freed = {facts.units.state.get(f.name, UnitState()).main_pid for f in stale} - {0}
     out = [Change(name, f.path, "remove", f"stop and remove unit {f.name} (no such instance any more)",
                   {"unit": f.path}, None, (_systemctl("disable", "--now", f.name),
-                                           Run(("rm", "-f", f.path), what=f"remove {f.path}"),
+                                           Run(("rm", "-f", f.path), what=f"remove {f.path}", system=True),
                                            _systemctl("daemon-reload")))
            for f in stale]
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
@@ -175,7 +181,8 @@ def _unit_changes(profile: Profile, facts: Facts, instances: Sequence[Instance],
 def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: UnitFile | None,
                       freed: set[int], stamp: str) -> list[Change]:
     spec = profile.comfyui
-    text, path = units.render(profile, instance), units.path(profile, instance)
+    who = units.run_as(profile, facts)
+    text, path = units.render(profile, instance, who), units.path(profile, instance)
     state = facts.units.state.get(instance.unit_file, UnitState())
     holders = facts.listeners.get(instance.port, ())
     foreign = [x for x in holders if x.pid and x.pid != state.main_pid and x.pid not in freed]
@@ -184,6 +191,9 @@ def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: 
                         f"which cannot start while it does: stop that process (or choose another comfyui.port)")
     exposed = units.exposed(profile, facts, instance.port)
     listens = f"; ComfyUI listens on {units.describe(exposed)}, the profile says {spec.listen}" if exposed else ""
+    as_root = [x for x in holders if x.uid == 0] if who.user != "root" else []
+    if as_root:
+        listens += f"; ComfyUI runs as root ({units.describe(as_root)}), its unit says {who.user}"
     if have is None or have.text != text:
         steps: list[Step] = []
         warnings: list[str] = []
@@ -191,9 +201,10 @@ def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: 
             backup = posixpath.join(spec.state_dir, "units", f"{instance.unit_file}.{stamp}")
             steps += [Run(("mkdir", "-p", posixpath.dirname(backup)), what="create the units backup folder",
                           on_machine=True),
+                      # as the login (a unit file is world-readable): the copy under the root is its owner's
                       Run(("cp", "-p", path, backup), what=f"back up {path} to {backup}", on_machine=True)]
             warnings.append(f"{path} was not written by provision: it is replaced (a copy is kept at {backup})")
-        steps += [Put(path, text.encode(), what=f"write {path}"), _systemctl("daemon-reload"),
+        steps += [Put(path, text.encode(), what=f"write {path}", system=True), _systemctl("daemon-reload"),
                   _systemctl("enable", instance.unit_file)]
         verb = "install" if have is None else "rewrite"
         return [Change(name, path, "create" if have is None else "update",
@@ -203,6 +214,12 @@ def _instance_changes(profile: Profile, facts: Facts, instance: Instance, have: 
     if state.enabled != "enabled":
         out.append(Change(name, path, "update", f"enable unit {instance.unit} (it is {state.enabled or 'unknown'})",
                           {"enabled": state.enabled}, {"enabled": "enabled"}, (_systemctl("enable", instance.unit_file),)))
+    if as_root and not exposed:
+        # The unit says User= as the profile does: what runs was started before it said so.
+        out.append(Change(name, f"{path}:user", "update",
+                          f"restart unit {instance.unit}: ComfyUI runs as root ({units.describe(as_root)}), its "
+                          f"unit says {who.user}", {"user": "root"}, {"user": who.user},
+                          (_systemctl("daemon-reload"),), notify=RESTART))
     if exposed:
         # The unit says --listen as the profile does: what listens was started before it said so.
         out.append(Change(name, f"{path}:listen", "update",

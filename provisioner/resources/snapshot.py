@@ -124,9 +124,8 @@ def _shown(co: Checkout | None) -> dict[str, object] | None:
 
 def _checkout_commit(where: str, commit: str) -> tuple[Run, Run]:
     """Fetch only when the commit is not there already (a rollback must work offline when it can)."""
-    have = ('git -c safe.directory="$1" -C "$1" cat-file -e "$2^{commit}" 2>/dev/null || '
-            'exec git -c safe.directory="$1" -C "$1" fetch --quiet --force --tags origin')
-    return (Run(("sh", "-c", have, "sh", where, commit), what=f"fetch {commit[:12]} unless it is there",
+    have = 'c=$1; shift; "$@" cat-file -e "$c^{commit}" 2>/dev/null || exec "$@" fetch --quiet --force --tags origin'
+    return (Run(("sh", "-c", have, "sh", commit, *git(where)), what=f"fetch {commit[:12]} unless it is there",
                 timeout=900.0),
             Run(git(where, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"))
 
@@ -155,7 +154,7 @@ def _clone_at(repo: str, commit: str, dest: str) -> tuple[Step, ...]:
     tmp = f"{dest}.provision-tmp{_SKIP}"
     return (Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
             Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-            Run(("git", "clone", "--quiet", "--no-checkout", repo, tmp), what=f"clone {repo}", timeout=900.0),
+            Run(git(None, "clone", "--quiet", "--no-checkout", repo, tmp), what=f"clone {repo}", timeout=900.0),
             Run(git(tmp, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"),
             Run(("mv", tmp, dest), what=f"move the checkout into {dest}"))
 
@@ -164,6 +163,11 @@ def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | N
           problems: list[str], notes: list[Note]) -> Change | None:
     path = posixpath.join(profile.comfyui.custom_nodes, node)
     aside = f"{path}.provision-rollback-{stamp}{_SKIP}"
+    foreign = next((co.owner for co in (have, want) if co is not None and co.owner is not None), None)
+    if foreign is not None:
+        notes.append(Note(name, f"custom node {node} is another user's checkout (uid {foreign}): provision "
+                                "neither reads nor changes it, so a rollback leaves it as it is"))
+        return None
     if want is None:
         if have is None:
             return None

@@ -105,9 +105,63 @@ def environment(instance: Instance) -> tuple[tuple[str, str], ...]:
     return tuple(env)
 
 
-def render(profile: Profile, instance: Instance) -> str:
+@dataclass(frozen=True)
+class RunAs:
+    """Whom the unit runs ComfyUI as: `group` None leaves it to the user's primary group."""
+
+    user: str
+    group: str | None = None
+
+
+def run_as(profile: Profile, facts: Facts) -> RunAs:
+    """`comfyui.user`, else the owner of the root (else the login, which will create it); root only
+    where the profile allows it: ComfyUI runs every custom node's code and accepts uploads."""
+    spec, login = profile.comfyui, facts.login
+    if spec.user:
+        who = RunAs(spec.user, login.root_group if spec.user == login.root_owner else None)
+    elif login.root_owner:
+        who = RunAs(login.root_owner, login.root_group)
+    else:
+        who = RunAs(login.user or "root")
+    if who.user == "root" and not spec.allow_root:
+        whose = "comfyui.user" if spec.user else f"the owner of {spec.root}"
+        raise PlanError(f"comfyui.service systemd would run ComfyUI as root ({whose}), and with it every custom "
+                        f"node and upload: give ComfyUI a user of its own (comfyui.user, owning {spec.root}), "
+                        "or set comfyui.allow_root: true")
+    return who
+
+
+def writable_paths(profile: Profile) -> tuple[str, ...]:
+    """What ComfyUI may write under ProtectSystem=strict: its root, and its output, input, user and
+    models folders and its venv where they lie elsewhere (a link to another disk; `-`: may be absent)."""
+    spec = profile.comfyui
+    inside = tuple(posixpath.join(spec.root, d) for d in ("output", "input", "user", "models"))
+    venv = () if spec.venv.startswith(spec.root.rstrip("/") + "/") else (spec.venv,)
+    return (spec.root, *(f"-{p}" for p in inside), *venv)
+
+
+def hardening(profile: Profile, instance: Instance, who: RunAs) -> list[str]:
+    """The [Service] lines that keep ComfyUI to itself: its own user, no privilege gained, the
+    system read-only but for its own folders, its own /tmp, home folders read-only, and a cache of
+    its own (torch, triton and the Hub write to ~/.cache: read-only under ProtectHome)."""
+    cache = f"/var/cache/{instance.unit}"
+    return [
+        _specifiers(f"User={who.user}"),
+        *([_specifiers(f"Group={who.group}")] if who.group else []),
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=" + " ".join(quote_arg(p) for p in writable_paths(profile)),
+        "PrivateTmp=yes",
+        "ProtectHome=read-only",
+        f"CacheDirectory={instance.unit}",
+        f"Environment={_assignment('XDG_CACHE_HOME', cache)} {_assignment('TRITON_CACHE_DIR', cache + '/triton')}",
+    ]
+
+
+def render(profile: Profile, instance: Instance, who: RunAs) -> str:
     """The unit file. Restart=on-failure brings a crashed ComfyUI back; the restart wait tells such a
-    death during start-up from a start-up (its SubState is `auto-restart`, not `running`)."""
+    death during start-up from a start-up (its SubState is `auto-restart`, not `running`). `who`:
+    `run_as`, which refuses root unless the profile allows it."""
     spec = profile.comfyui
     where = f"port {instance.port}"
     if instance.gpu is not None:
@@ -121,6 +175,7 @@ def render(profile: Profile, instance: Instance) -> str:
         "",
         "[Service]",
         "Type=simple",
+        *hardening(profile, instance, who),
         _specifiers(f"WorkingDirectory={spec.root}"),
         *(f"Environment={_assignment(k, v)}" for k, v in environment(instance)),
         "ExecStart=" + " ".join(quote_arg(a) for a in argv(profile, instance)),

@@ -139,7 +139,8 @@ class BareRealHost:
     def provision_vars(self) -> dict[str, Any]:
         """ComfyUI on CPU, as provision's own unit (there is no GPU here)."""
         return {"comfyui": {"root": str(self.comfy), "port": self.port, "restart": None, "service": "systemd",
-                            "unit_dir": str(self.unit_dir), "args": ["--cpu", "--disable-auto-launch"]}}
+                            "unit_dir": str(self.unit_dir), "args": ["--cpu", "--disable-auto-launch"],
+                            "allow_root": True}}     # the test hosts' roots are root's: said explicitly
 
     def journal(self, unit: str = "comfyui") -> str:
         return subprocess.run([str(self.root / "bin" / "journalctl"), "-u", unit, "-n", "2000", "--no-pager"],

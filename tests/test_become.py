@@ -1,0 +1,222 @@
+"""`become` over real OpenSSH with real sudo: unprivileged login users (tests/sudo_users.py) reach a
+loopback sshd and run commands as root, or as the service user, through connection/become.py.
+What sudo ran is read back from its own log (`Defaults logfile=`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import sudo_users
+from provisioner import secrets
+from provisioner.config.inventory import Host
+from provisioner.connection import open_connection
+from provisioner.connection.become import BecomeConnection
+from provisioner.errors import ConnectError
+from provisioner.facts.gather import gather
+from provisioner.config.model import build_profile
+from sshd import SshdFleet, SshdHost, processes_with
+from sudo_users import PASSWORD, SERVICE, become_users, sudo_log
+
+pytestmark = pytest.mark.skipif(sudo_users.available() is not None, reason=str(sudo_users.available()))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdHost]:
+    fleet = SshdFleet(tmp_path_factory.mktemp("sshd-become"))
+    (host,) = fleet.add(1)
+    yield host
+    fleet.stop_all()
+
+
+@pytest.fixture(scope="module")
+def sudo_logfile(server: SshdHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    log = tmp_path_factory.mktemp("sudo") / "sudo.log"
+    with become_users(server, log):
+        yield log
+
+
+def host_for(server: SshdHost, user: str, **become: object) -> Host:
+    return Host(name=f"{user}-host", address="127.0.0.1", port=server.port, user=user,
+                key_file=str(server.client_key), **become)  # type: ignore[arg-type]
+
+
+def becoming(server: SshdHost, user: str, password: str | None = None, as_user: str = "root"):
+    conn = open_connection(host_for(server, user), server.options())
+    return conn, BecomeConnection(conn, as_user, password)
+
+
+def test_a_nopasswd_login_runs_as_root_with_stdin_and_output_intact(server: SshdHost, sudo_logfile: Path) -> None:
+    conn, root = becoming(server, "prov-nopw")
+    with conn:
+        assert conn.run(["id", "-un"]).stdout.strip() == "prov-nopw"
+        assert root.run(["id", "-un"]).stdout.strip() == "root"
+        payload = bytes(range(256)) * 64
+        assert root.run(["sh", "-c", "cat | od -An -tx1 | wc -l"], stdin=payload).stdout.strip() == \
+            str(len(payload) // 16)
+        assert root.run(["sh", "-c", "exit 7"], check=False).exit_code == 7
+    assert any("prov-nopw" in e and "USER=root" in e for e in sudo_log(sudo_logfile))
+
+
+def test_a_timeout_stops_the_root_command_that_sudo_started(server: SshdHost, sudo_logfile: Path) -> None:
+    """The supervisor that runs as root owns the command's group: the timeout stops it there,
+    where the login user could not have signalled it."""
+    conn, root = becoming(server, "prov-nopw")
+    with conn:
+        started = time.monotonic()
+        result = root.run(["sleep", "37.123"], timeout=2, check=False)
+        assert result.exit_code == 124 and time.monotonic() - started < 20
+    deadline = time.monotonic() + 10
+    while processes_with("37.123") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with("37.123") == []
+
+
+def test_a_password_goes_to_sudo_on_stdin_never_in_argv_and_is_redacted(server: SshdHost,
+                                                                      sudo_logfile: Path) -> None:
+    secrets.give_become_password(PASSWORD)
+    try:
+        conn, root = becoming(server, "prov-pw", secrets.become_password(None))
+        with conn:
+            assert root.run(["id", "-un"]).stdout.strip() == "root"
+            assert root.run(["cat"], stdin=b"after the password\n").stdout == "after the password\n"
+            shown = [" ".join(argv) for argv in (*conn.stats.history, *root.stats.history)]
+        assert not any(PASSWORD in line for line in shown)
+        assert PASSWORD not in sudo_logfile.read_text()
+        assert secrets.redact(f"sudo said {PASSWORD!r}") == "sudo said '***'"
+    finally:
+        secrets._become_password.clear()
+
+
+@pytest.mark.parametrize("user, password, why", [
+    ("prov-pw", "not-the-password", "incorrect password attempt"),
+    ("prov-pw", None, "a password is required; give the become password (-K/--ask-become-pass"),
+    ("prov-nosudo", None, "a password is required"),
+    ("prov-nosudo", PASSWORD, "prov-nosudo is not in the sudoers file"),
+])
+def test_a_login_that_cannot_become_is_told_why_in_one_line(server: SshdHost, sudo_logfile: Path, user: str,
+                                                           password: str | None, why: str) -> None:
+    conn, root = becoming(server, user, password)
+    with conn:
+        with pytest.raises(ConnectError) as err:
+            root.run(["id", "-un"])
+    message = str(err.value)
+    assert message.startswith(f"{user}-host: cannot become root with sudo") and why in message, message
+    assert "\n" not in message and (password is None or password not in message)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder every test user can reach (pytest's own tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="provision-become-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_the_facts_say_who_logs_in_who_owns_the_root_and_whom_the_login_becomes(
+        server: SshdHost, sudo_logfile: Path, shared_dir: Path) -> None:
+    root_dir = shared_dir / "ComfyUI"
+    root_dir.mkdir()
+    os.chown(root_dir, *_ids(SERVICE))
+    profile = build_profile({"comfyui": {"root": str(root_dir)}}, name="t", file="/p/t.yaml")
+    for user, becomes in (("prov-nopw", "root"), ("prov-nosudo", None)):
+        host = replace(host_for(server, user), become=True)
+        with open_connection(host, server.options()) as conn:
+            login = gather(conn, profile).login
+        assert (login.user, login.root_owner, login.become) == (user, SERVICE, becomes)
+        assert (login.become_error is None) == (becomes is not None)
+    with open_connection(host_for(server, "prov-nopw"), server.options()) as conn:   # become off
+        login = gather(conn, profile).login
+    assert login.become is None and login.become_error is None
+
+
+def _ids(name: str) -> tuple[int, int]:
+    import pwd
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _unreachable_python() -> str | None:
+    """The lab's stand-ins run this interpreter (their #! line): a login user must reach it."""
+    real = Path(os.path.realpath(sys.executable))
+    for folder in real.parents:
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return f"the test interpreter {real} lies under {folder}, which other users cannot enter"
+    return None
+
+
+@pytest.mark.skipif(_unreachable_python() is not None, reason=str(_unreachable_python()))
+def test_an_unprivileged_login_converges_a_host_with_become_and_comfyui_runs_as_its_user(
+        shared_dir: Path) -> None:
+    """The whole of it over real sshd and real sudo: the login (prov-nopw) owns ComfyUI's root and
+    is not root; ComfyUI runs as root under a unit written by hand. With ansible_become, plan says
+    which changes run as root; apply converges and verifies; the unit runs ComfyUI as prov-nopw;
+    every file under the root stays prov-nopw's; sudo's log shows only the unit's steps as root."""
+    from lab import open_lab
+    from sshd import listening
+
+    with open_lab(shared_dir / "lab") as lab:
+        (host,) = lab.add(1)
+        host.under_systemd()                                   # as root, by hand
+        log = shared_dir / "sudo.log"
+        with become_users(host.sshd, log):
+            uid, gid = _ids("prov-nopw")
+            systems = (host.sandbox.root / "etc", host.sandbox.root / "systemd")   # root's: units, their state
+            for path in (host.sandbox.root, *host.sandbox.root.rglob("*")):
+                if not any(path.is_relative_to(d) for d in systems):
+                    os.lchown(path, uid, gid)
+            # The plugin's origin is a local repository, which git clones only for its owner (no
+            # safe.directory anywhere): give it to the login, as an https origin would not care.
+            subprocess.run(["chown", "-R", "prov-nopw:", str(shared_dir / "lab" / "world" / "git")], check=True)
+            lab.host_vars[host.name] = {"ansible_user": "prov-nopw", "ansible_become": True}
+            lab.overlays[host.name] = {"comfyui": {"root": str(host.comfy), "port": host.port, "restart": None,
+                                                   "service": "systemd", "unit_dir": str(host.unit_dir)}}
+            lab.write()
+            code, out = lab.run("plan", "--limit", host.name)
+            assert code == 2, out
+            assert "(as root (sudo, as prov-nopw))" in out and "ComfyUI runs as root" in out
+            code, out = lab.run("apply", "--limit", host.name)
+            assert code == 2, out
+            assert f"{host.name} PASS generation" in out
+            unit = (host.unit_dir / "comfyui.service").read_text()
+            assert "User=prov-nopw\n" in unit and "ProtectSystem=strict\n" in unit
+            (address,) = listening(host.port)
+            foreign = [p for p in (host.comfy, *host.comfy.rglob("*")) if p.lstat().st_uid != uid]
+            assert foreign == [], foreign[:5]                   # every file under the root is still its owner's
+            assert _listener_uid(host.port) == uid                 # ComfyUI runs as the root's owner
+            escalated = [e for e in sudo_log(log) if "prov-nopw" in e and "USER=root" in e]
+            launches = [e for e in escalated if "COMMAND=/bin/sh -c" in e]
+            # the check (sudo -n true) once per connection, and one supervisor per system step:
+            # write the unit (its content, then chmod and rename), daemon-reload, enable, restart; the
+            # hand-written unit is backed up as the login, and every other step ran as the login too.
+            assert len(launches) == 5, escalated
+            assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def _listener_uid(port: int) -> int | None:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
+                return int(cols[7])
+    return None
+
+
+def test_a_login_that_already_is_the_become_user_needs_no_sudo(server: SshdHost, sudo_logfile: Path,
+                                                              shared_dir: Path) -> None:
+    profile = build_profile({"comfyui": {"root": str(shared_dir / "ComfyUI")}}, name="t", file="/p/t.yaml")
+    host = replace(host_for(server, "prov-nosudo"), become=True, become_user="prov-nosudo")
+    with open_connection(host, server.options()) as conn:
+        login = gather(conn, profile).login
+        assert conn.become is None and login.become is None and login.become_error is None
