@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -124,6 +121,12 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
+def _ids(name: str) -> tuple[int, int]:
+    import pwd
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
 def test_the_facts_say_who_logs_in_who_owns_the_root_and_whom_the_login_becomes(
         server: SshdHost, sudo_logfile: Path, shared_dir: Path) -> None:
     root_dir = shared_dir / "ComfyUI"
@@ -139,78 +142,6 @@ def test_the_facts_say_who_logs_in_who_owns_the_root_and_whom_the_login_becomes(
     with open_connection(host_for(server, "prov-nopw"), server.options()) as conn:   # become off
         login = gather(conn, profile).login
     assert login.become is None and login.become_error is None
-
-
-def _ids(name: str) -> tuple[int, int]:
-    import pwd
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
-
-
-def _unreachable_python() -> str | None:
-    """The lab's stand-ins run this interpreter (their #! line): a login user must reach it."""
-    real = Path(os.path.realpath(sys.executable))
-    for folder in real.parents:
-        if not folder.stat().st_mode & stat.S_IXOTH:
-            return f"the test interpreter {real} lies under {folder}, which other users cannot enter"
-    return None
-
-
-@pytest.mark.skipif(_unreachable_python() is not None, reason=str(_unreachable_python()))
-def test_an_unprivileged_login_converges_a_host_with_become_and_comfyui_runs_as_its_user(
-        shared_dir: Path) -> None:
-    """The whole of it over real sshd and real sudo: the login (prov-nopw) owns ComfyUI's root and
-    is not root; ComfyUI runs as root under a unit written by hand. With ansible_become, plan says
-    which changes run as root; apply converges and verifies; the unit runs ComfyUI as prov-nopw;
-    every file under the root stays prov-nopw's; sudo's log shows only the unit's steps as root."""
-    from lab import open_lab
-    from sshd import listening
-
-    with open_lab(shared_dir / "lab") as lab:
-        (host,) = lab.add(1)
-        host.under_systemd()                                   # as root, by hand
-        log = shared_dir / "sudo.log"
-        with become_users(host.sshd, log):
-            uid, gid = _ids("prov-nopw")
-            systems = (host.sandbox.root / "etc", host.sandbox.root / "systemd")   # root's: units, their state
-            for path in (host.sandbox.root, *host.sandbox.root.rglob("*")):
-                if not any(path.is_relative_to(d) for d in systems):
-                    os.lchown(path, uid, gid)
-            # The plugin's origin is a local repository, which git clones only for its owner (no
-            # safe.directory anywhere): give it to the login, as an https origin would not care.
-            subprocess.run(["chown", "-R", "prov-nopw:", str(shared_dir / "lab" / "world" / "git")], check=True)
-            lab.host_vars[host.name] = {"ansible_user": "prov-nopw", "ansible_become": True}
-            lab.overlays[host.name] = {"comfyui": {"root": str(host.comfy), "port": host.port, "restart": None,
-                                                   "service": "systemd", "unit_dir": str(host.unit_dir)}}
-            lab.write()
-            code, out = lab.run("plan", "--limit", host.name)
-            assert code == 2, out
-            assert "(as root (sudo, as prov-nopw))" in out and "ComfyUI runs as root" in out
-            code, out = lab.run("apply", "--limit", host.name)
-            assert code == 2, out
-            assert f"{host.name} PASS generation" in out
-            unit = (host.unit_dir / "comfyui.service").read_text()
-            assert "User=prov-nopw\n" in unit and "ProtectSystem=strict\n" in unit
-            (address,) = listening(host.port)
-            foreign = [p for p in (host.comfy, *host.comfy.rglob("*")) if p.lstat().st_uid != uid]
-            assert foreign == [], foreign[:5]                   # every file under the root is still its owner's
-            assert _listener_uid(host.port) == uid                 # ComfyUI runs as the root's owner
-            escalated = [e for e in sudo_log(log) if "prov-nopw" in e and "USER=root" in e]
-            launches = [e for e in escalated if "COMMAND=/bin/sh -c" in e]
-            # the check (sudo -n true) once per connection, and one supervisor per system step:
-            # write the unit (its content, then chmod and rename), daemon-reload, enable, restart; the
-            # hand-written unit is backed up as the login, and every other step ran as the login too.
-            assert len(launches) == 5, escalated
-            assert lab.run("plan", "--limit", host.name)[0] == 0
-
-
-def _listener_uid(port: int) -> int | None:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            cols = row.split()
-            if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port:
-                return int(cols[7])
-    return None
 
 
 def test_a_login_that_already_is_the_become_user_needs_no_sudo(server: SshdHost, sudo_logfile: Path,
