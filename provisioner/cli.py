@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="profile or inventory YAML files")
     p.add_argument("--no-color", action="store_true")
 
-    p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
-    p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory"))
+    p = verbs.add_parser("schema", help="print the JSON Schema of profiles, inventories or lock files")
+    p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory", "lock"))
     p.add_argument("--markdown", action="store_true", help="the reference table of docs/ instead")
     return parser
 

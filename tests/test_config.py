@@ -205,7 +205,7 @@ def test_host_without_overlay_gets_the_profile_itself() -> None:
 # --- schemas ----------------------------------------------------------------------------------
 
 def test_schema_text_is_valid_draft_2020_12() -> None:
-    for kind in ("profile", "inventory"):
+    for kind in ("profile", "inventory", "lock"):
         jsonschema.Draft202012Validator.check_schema(json.loads(schema_text(kind)))
     with pytest.raises(UsageError, match="profile, inventory"):
         schema_text("playbook")
