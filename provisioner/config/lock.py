@@ -82,7 +82,7 @@ class WheelPin:
     name: str
     url: str                          # a URL, or a wheelhouse path on the control machine
     size: int | None
-    sha256: str
+    sha256: str | None               # None: the source publishes none (a mirror answering HEAD)
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,11 @@ class Lock:
 
 
 def environment_key(gpu: str, torch: str, python: str, platform: str) -> str:
-    """`sm_86 torch 2.8.0+cu128 cp312 linux_x86_64`: the class hosts share a wheel and a resolution in."""
-    return f"{gpu} torch {torch} {python} {platform}"
+    """`sm_86 torch 2.8+cu128 cp312 linux_x86_64`: the class hosts share a wheel and a resolution in.
+    torch counts by release and build (`2.8.0+cu128` -> `2.8+cu128`): the lock decides the patch."""
+    release, _, build = torch.partition("+")
+    minor = ".".join(release.split(".")[:2])
+    return f"{gpu} torch {minor}{'+' + build if build else ''} {python} {platform}"
 
 
 def path_for(profile_file: str | os.PathLike[str]) -> Path:
