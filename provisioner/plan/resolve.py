@@ -27,7 +27,7 @@ from provisioner.plan.build import probe_for
 from provisioner.resources import backend, core, dryrun, hub, packages, pins, releases, venv
 from provisioner.resources.base import Run
 
-SKIPPED = frozenset({"nunchaku", "pip"})   # the backend pin has nunchaku; pip is the venv's tool
+SKIPPED = frozenset({"nunchaku", "pip", "setuptools", "wheel"})   # the backend pin has nunchaku; the rest are the venv's tools
 
 
 @dataclass(frozen=True)
