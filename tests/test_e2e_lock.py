@@ -4,6 +4,7 @@ machines with empty caches planning the same bytes, upstream's `main` moving on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from lab import Lab, LabHost, open_lab
 
 from provisioner.config import lock as lockfile
 from provisioner.config.records import CACHE_ENV
+from provisioner.sandbox.world import safetensors_standin
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +119,9 @@ def test_upstream_main_moving_changes_nothing_until_the_lock_is_updated(lab: Lab
     lock = lockfile.load(lock_path(lab))
     moving = [m for m in lock.models if m.revision == "main"]
     assert moving
+    uploads = {m.key: reupload(m.path) for m in moving}
     for m in moving:
-        lab.world.hub.reupload(m.repo, m.path, b"re-uploaded " + m.path.encode())
+        lab.world.hub.reupload(m.repo, m.path, uploads[m.key])
     try:
         code, out = lab.run("plan")
         assert code == 0, out                                 # under the lock: nothing moved
@@ -126,15 +129,39 @@ def test_upstream_main_moving_changes_nothing_until_the_lock_is_updated(lab: Lab
         assert code == 2, out
         for m in moving:
             new = lab.world.hub.commit_of(m.repo)
-            size = len(b"re-uploaded " + m.path.encode())
+            size = len(uploads[m.key])
             assert (f"~ model {m.repo}/{m.path}@main: commit {m.commit[:12]} -> {new[:12]}, "
                     f"size {m.size} -> {size}, sha256 {m.sha256[:12]} -> ") in out
         moved = lockfile.load(lock_path(lab))
         assert moved.environments == lock.environments and moved.plugin == lock.plugin   # only models moved
         code, out = lab.run("plan")
         assert code == 2 and "replace diffusion_models/" in out, out
+        code, out = lab.run("apply", "--no-verify")          # apply converges to the moved lock
+        assert code == 2, out
+        for m in moved.models:
+            dest = host.comfy / "models" / "diffusion_models" / Path(m.path).name
+            if m.revision == "main" and dest.exists():
+                assert hashlib.sha256(dest.read_bytes()).hexdigest() == m.sha256
     finally:
-        lockfile.write(lock)                                  # back to the lock the host matches
+        lockfile.write(lock)                                  # back to the lock the host had
+    code, out = lab.run("apply", "--no-verify")              # the old commit still serves the old file
+    assert code == 2 and lab.run("plan")[0] == 0, out
+
+
+def reupload(path: str) -> bytes:
+    """A new upload of a DiT file: valid, of the precision and rank its name says, other bytes."""
+    precision = "fp4" if "fp4" in path else "int4"
+    return safetensors_standin(4096, "re-uploaded", precision=precision, rank=128)
+
+
+def test_an_explicit_lock_file_is_used_and_a_missing_one_is_bad_input(lab: Lab, host: LabHost, cache: Path,
+                                                                      tmp_path: Path) -> None:
+    elsewhere = tmp_path / "fleet.lock.yaml"
+    elsewhere.write_bytes(lock_path(lab).read_bytes())
+    code, out = lab.run("plan", "--lock", str(elsewhere))
+    assert code == 0 and out.strip().splitlines()[-1] == f"lock: {elsewhere}", out
+    code, out = lab.run("plan", "--lock", str(tmp_path / "none.lock.yaml"))
+    assert code == 3 and "none.lock.yaml: no such lock file" in out, out
 
 
 def test_locking_again_keeps_the_pins_and_a_bad_update_key_is_bad_input(lab: Lab, host: LabHost, cache: Path) -> None:
