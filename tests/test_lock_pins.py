@@ -115,3 +115,23 @@ def test_core_under_a_lock_is_at_its_version_only_at_the_locked_commit() -> None
     assert core.at_version(profile_with(lock, comfyui=at), replace(co, head=NEW))
     commit = {"root": ROOT, "version": OLD}                                 # a commit needs no pin
     assert core.at_version(profile_with(lock, comfyui=commit), co)
+
+
+def test_what_a_relock_keeps() -> None:
+    from provisioner.plan import resolve
+
+    old = locked({"diffusers": "0.35.2"})
+    everything = frozenset(lockfile.KEYS)
+    assert resolve.kept(None, None, True) == frozenset()
+    assert resolve.kept(old, None, True) == everything                    # nothing asked: nothing moves
+    assert resolve.kept(old, None, False) == {"core", "plugin", "models"}  # the profile's floors may have moved
+    assert resolve.kept(old, [], True) == frozenset()                      # --update: all of it
+    assert resolve.kept(old, ["models", "packages"], True) == everything - {"models", "packages"}
+    (env,) = old.environments.values()
+    now = resolve.HostFindings(replace(env, packages={"diffusers": "0.36.0"}),
+                               {"plugin": lockfile.GitPin(REPO, "v1.1.0", OLD)})
+    kept = resolve.combine("/p/t.lock.yaml", "t.yaml", old.digest, [now], (), old, everything - {"packages"})
+    assert kept.environments[env.key].packages == {"diffusers": "0.36.0"}  # moved
+    assert kept.plugin == old.plugin                                       # kept: NEW, not OLD
+    moved = resolve.combine("/p/t.lock.yaml", "t.yaml", old.digest, [now], (), old, frozenset())
+    assert moved.plugin is not None and moved.plugin.commit == OLD
