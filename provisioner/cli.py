@@ -122,6 +122,10 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
                           "as gone, and a host's commands stop when 3 of ours do not arrive (default 5)")
 
 
+LOCK_HELP = ("the lock to converge to (default: PROFILE.lock.yaml beside the profile, when there is one; "
+             "written by `provision lock`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="provision",
@@ -135,8 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
 
+    p.add_argument("--lock", metavar="FILE", help=LOCK_HELP)
+
+    p = verbs.add_parser("lock", help="resolve every name upstream can move and write PROFILE.lock.yaml")
+    _common(p)
+    p.add_argument("--update", nargs="*", metavar="KEY", help="move the lock to what upstream serves now: all "
+                   "of it, or only the parts named (core, plugin, models, torch, backend, packages); shows the diff")
+    p.add_argument("--lock", metavar="FILE", help="the lock to write (default: beside the profile)")
+
     p = verbs.add_parser("apply", help="change only what differs, then verify")
     _common(p)
+    p.add_argument("--lock", metavar="FILE", help=LOCK_HELP)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
     _changing(p)
@@ -179,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the facts as JSON on stdout")
     p.add_argument("--no-color", action="store_true")
 
-    p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
-    p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory"))
+    p = verbs.add_parser("schema", help="print the JSON Schema of profiles, inventories or lock files")
+    p.add_argument("kind", nargs="?", default="profile", choices=("profile", "inventory", "lock"))
     p.add_argument("--markdown", action="store_true", help="the reference table of docs/ instead")
     return parser
 

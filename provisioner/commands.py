@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,12 +27,13 @@ from provisioner import secrets
 from provisioner.config import LoadedProfile, load_profile, profile_for_host, schema_text, validate_files
 from provisioner.config.inventory import Host, hosts_for
 from provisioner.config.load import default_profile
+from provisioner.config.lock import Lock
 from provisioner.config.model import ClassSpeedSpec, Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
 from provisioner.errors import ApplyError, ConnectError, Interrupted, UsageError
 from provisioner.plan import render
-from provisioner.plan.build import HostPlan, build_plan, probe_for
+from provisioner.plan.build import HostPlan, probe_for
 from provisioner.plan.fleet import Stop, run_fleet
 
 T = TypeVar("T")
@@ -74,17 +76,45 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(**kwargs)
 
 
-def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None) -> list[Target]:
+def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None, *,
+            with_lock: bool = False) -> list[Target]:
     """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
     `provision:` overlay merged and validated). Without a profile (`provision facts -i INV`) the
-    defaults stand in for one."""
+    defaults stand in for one. `with_lock` (plan, apply): the profile's lock is read, checked
+    against the profile and handed to every host's profile."""
     if not args.profile and not args.inventory:
         raise UsageError("no inventory: give -i INVENTORY, or a profile that names one")
     loaded = loaded or (load_profile(Path(args.profile)) if args.profile else default_profile())
     mark = loaded.marks.get(("hosts",))
     where = f"{mark.file}:{mark.line}:{mark.col}: hosts" if mark else None
-    return [Target(host, profile_for_host(loaded, host))
-            for host in hosts_for(loaded.profile, args.inventory, args.limit, where)]
+    hosts = hosts_for(loaded.profile, args.inventory, args.limit, where)
+    lock = locked(args, loaded) if with_lock and args.profile else None
+    return [Target(host, replace(profile_for_host(loaded, host), lock=lock)) for host in hosts]
+
+
+def locked(args: argparse.Namespace, loaded: LoadedProfile) -> Lock | None:
+    """The lock beside the profile (or `--lock FILE`), which must be of the profile as it is now."""
+    from provisioner.config import lock as lockfile
+
+    found = lockfile.read_beside(loaded.file, getattr(args, "lock", None))
+    if found is not None and found.digest != lockfile.profile_digest(loaded.chain):
+        raise UsageError(f"{found.file}: the profile {loaded.file} changed since this lock was written: run "
+                         f"`provision lock {loaded.file}` to lock it again (it shows what moves)")
+    return found
+
+
+def say_lock(chosen: list[Target], console: Console) -> None:
+    """The last line of a plan or apply: which lock it converged to, or that it had none. Last, so
+    that --json's document stays the first thing on the stream."""
+    if not chosen:
+        return
+    lock, file = chosen[0].profile.lock, chosen[0].profile.file
+    if lock is not None:
+        console.print(f"lock: {escape(lock.file)}", highlight=False)
+    else:
+        console.print("[dim]no lock: upstream's names (tags, the Hub's main, torch releases, package floors) "
+                      f"were resolved now; `provision lock {escape(file)}` pins them for every control "
+                      "machine[/]", highlight=False)
 
 
 @contextmanager
@@ -167,7 +197,7 @@ def refresh_hub(args: argparse.Namespace) -> None:
 
 
 def plan(args: argparse.Namespace, console: Console) -> int:
-    from provisioner.facts.gather import gather
+    from provisioner.plan.apply import profile_planner
 
     options = connect_options(args)
     refresh_hub(args)
@@ -175,14 +205,15 @@ def plan(args: argparse.Namespace, console: Console) -> int:
 
     def work(target: Target) -> HostPlan:
         with connected(target, options, stop) as conn:
-            return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
+            return profile_planner(target.profile)(conn)
 
-    chosen = targets(args)
+    chosen = targets(args, with_lock=True)
     read_secrets(chosen)
     results = fleet(args, chosen, work, stop)
     if stop.why:
         return show_stopped(results, stop, console)
     show_plans(results, console, args)
+    say_lock(chosen, console)
     return plan_exit_code(results)
 
 
@@ -218,8 +249,11 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     if gate and args.no_verify:
         raise UsageError("--verify-gate needs the verification: drop --no-verify "
                          f"(or set rollout.verify_gate: false in {args.profile})")
-    return run_apply(args, console, targets(args, loaded), gate=gate, canary=canary,
-                     halt=gate_halt if gate else None)
+    chosen = targets(args, loaded, with_lock=True)
+    try:
+        return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None)
+    finally:
+        say_lock(chosen, console)
 
 
 def rollback(args: argparse.Namespace, console: Console) -> int:
@@ -361,6 +395,67 @@ def finish_apply(results: dict[str, Any], console: Console, args: argparse.Names
     if failed or counts["rolled back"] or counts["left"]:
         return EXIT_FAILED
     return EXIT_CHANGED if counts["changed"] else EXIT_OK
+
+
+def lock(args: argparse.Namespace, console: Console) -> int:
+    """Resolve every name of the profile upstream can move and write the lock beside it (or
+    `--lock FILE`); show what moved against the lock that was there. Nothing is written when a host
+    could not answer: a lock missing its environment class would stop that host's plans."""
+    from provisioner.config import lock as lockfile
+    from provisioner.config.lock import KEYS
+    from provisioner.plan import resolve
+    from provisioner.resources import hub, hub_cache
+
+    update = args.update
+    unknown = [k for k in update or () if k not in KEYS]
+    if unknown:
+        raise UsageError(f"--update {' '.join(unknown)}: not a part of the lock; name some of: {', '.join(KEYS)} "
+                         "(or none: all of them)")
+    loaded = load_profile(Path(args.profile))
+    file = Path(args.lock) if args.lock else lockfile.path_for(loaded.file)
+    old = lockfile.load(file) if file.is_file() else None
+    digest = lockfile.profile_digest(loaded.chain)
+    keep = resolve.kept(old, update, old is not None and old.digest == digest)
+    chosen = targets(args, loaded)
+    read_secrets(chosen)
+    options = connect_options(args)
+    stop = Stop()
+
+    def work(target: Target) -> resolve.HostFindings:
+        with connected(target, options, stop) as conn:
+            return resolve.host(conn, target.profile)
+
+    results = fleet(args, chosen, work, stop)
+    if stop.why:
+        return show_stopped(results, stop, console)
+    failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+    for name, error in failed.items():
+        render.render_failure(console, name, error)
+    if failed:
+        console.print(f"[red]not written[/]: {len(failed)} of {len(results)} hosts could not be resolved; "
+                      f"{file} is unchanged")
+        return EXIT_FAILED
+    if "models" not in keep:        # upstream's main as it is now, not as this machine first saw it
+        hub_cache.forget_refs()
+        hub.clear_cache()
+    found = [r for r in results.values() if isinstance(r, resolve.HostFindings)]
+    relative = os.path.relpath(os.path.abspath(loaded.file), os.path.dirname(os.path.abspath(file)))
+    new = resolve.combine(str(file), relative, digest, found, resolve.models(loaded.profile), old, keep)
+    moved = lockfile.differences(old, new)
+    if args.json:
+        emit(json.dumps({"lock": str(file), "changes": moved}, indent=2))
+    if old is not None and not moved and old.digest == new.digest:
+        console.print(f"{file}: up to date ({len(new.environments)} environment classes, "
+                      f"{len(new.models)} model files)")
+        return EXIT_OK
+    lockfile.write(new)
+    console.print(f"{'wrote' if old is None else 'updated'} {file}")
+    for line in moved:
+        colour = {"+": "green", "-": "red"}.get(line[0], "yellow")
+        console.print(f"  [{colour}]{escape(line)}[/]", highlight=False)
+    if old is not None and old.digest != new.digest:
+        console.print("  [yellow]~ digest: the profile changed since the last lock[/]")
+    return EXIT_CHANGED
 
 
 def history(args: argparse.Namespace, console: Console) -> int:

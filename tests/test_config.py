@@ -205,7 +205,7 @@ def test_host_without_overlay_gets_the_profile_itself() -> None:
 # --- schemas ----------------------------------------------------------------------------------
 
 def test_schema_text_is_valid_draft_2020_12() -> None:
-    for kind in ("profile", "inventory"):
+    for kind in ("profile", "inventory", "lock"):
         jsonschema.Draft202012Validator.check_schema(json.loads(schema_text(kind)))
     with pytest.raises(UsageError, match="profile, inventory"):
         schema_text("playbook")
@@ -244,7 +244,7 @@ def _plain(value: object) -> object:
 
 def test_schema_keys_and_defaults_equal_the_model() -> None:
     props = dict(_properties(schema("profile")))
-    top = {f.name for f in dataclasses.fields(model.Profile)} - {"name", "file", "raw"}
+    top = {f.name for f in dataclasses.fields(model.Profile)} - {"name", "file", "raw", "lock"}   # lock: read beside the profile
     assert set(schema("profile")["properties"]) == top | {"extends"}
     assert props["packages"]["default"] == list(model.Profile.packages)
     assert props["hosts"]["default"] == "all" and props["inventory"]["default"] is None

@@ -12,7 +12,7 @@ from provisioner.config.schema_doc import markdown
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("kind", ["profile", "inventory"])
+@pytest.mark.parametrize("kind", ["profile", "inventory", "lock"])
 def test_reference_matches_schema(kind: str) -> None:
     text = (DOCS / f"{kind}-reference.md").read_text()
     assert text == markdown(kind), f"run: provision schema {kind} --markdown > docs/{kind}-reference.md"

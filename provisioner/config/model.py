@@ -11,10 +11,13 @@ import ipaddress
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from provisioner.catalog import tolerances
+
+if TYPE_CHECKING:
+    from provisioner.config.lock import Lock
 
 CpuOffload = Literal["auto", "enable", "disable"]
 Precision = Literal["auto", "int4", "fp4"]
@@ -292,6 +295,9 @@ class Profile:
     snapshots: SnapshotSpec = SnapshotSpec()
     rollout: RolloutSpec = RolloutSpec()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The lock beside the profile (config/lock.py) that plan and apply converge to; None: upstream's
+    # names (tags, the Hub's main, torch releases, package floors) are resolved at each plan.
+    lock: Lock | None = field(default=None, compare=False, repr=False)
 
 
 def _pick(cls: type, data: Mapping[str, Any] | None, **nested: Any) -> Any:

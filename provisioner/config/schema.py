@@ -17,13 +17,13 @@ from provisioner.errors import MAX_PROBLEMS, Problem, UsageError, stopped
 if TYPE_CHECKING:
     import jsonschema
 
-KINDS = ("profile", "inventory")
+KINDS = ("profile", "inventory", "lock")
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
                "number": "a number", "boolean": "true or false", "null": "empty"}
 
 
 def schema_text(kind: str) -> str:
-    """The JSON Schema of `kind` (profile | inventory), as shipped, for `provision schema KIND`."""
+    """The JSON Schema of `kind` (profile | inventory | lock), as shipped, for `provision schema KIND`."""
     if kind not in KINDS:
         raise UsageError(f"unknown schema {kind!r}; choose one of: {', '.join(KINDS)}")
     return resources.files("provisioner.config").joinpath("schemas", f"{kind}.schema.json").read_text(

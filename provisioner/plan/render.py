@@ -152,7 +152,7 @@ def plan_to_json(plan: HostPlan) -> dict[str, Any]:
                 "resource": c.resource, "key": c.key, "action": c.action, "summary": c.summary,
                 "before": c.before, "after": c.after, "diff": diff_lines(c),
                 "steps": [describe_step(s) for s in c.steps], "as": runs_as(c, plan.facts.login),
-                "notify": sorted(c.notify), "warnings": list(c.warnings),
+                "notify": sorted(c.notify), "warnings": list(c.warnings), **({"data": c.data} if c.data else {}),
             }
             for c in plan.changes
         ],

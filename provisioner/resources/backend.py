@@ -16,7 +16,7 @@ from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import is_real_nunchaku
-from provisioner.resources import releases, retention, venv
+from provisioner.resources import pins, releases, retention, venv
 from provisioner.resources.hold import hold_step
 from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
@@ -128,6 +128,22 @@ def find_wheel(profile: Profile, target: Target,
     raise PlanError(message, sorted(c for c in combos if c))
 
 
+def locked_wheel(profile: Profile, facts: Facts, target: Target) -> tuple[Asset, WheelSource] | None:
+    """The wheel the lock pins for this host's environment class (no source is asked), or None
+    without a lock. A pin that is not this host's wheel (backend.version moved since) is stale."""
+    env = pins.environment(profile, facts)
+    if env is None:
+        return None
+    pin = env.backend
+    if pin is None or wheels.best_match([pin.name], target.wheel_version, target.accepted) is None:
+        raise pins.stale(profile, f"a nunchaku {target.wheel_version} wheel for {pins.key_of(facts)}", "backend")
+    if "://" in pin.url:
+        # A wheel on the Hub (a huggingface source) is fetched with the Hub's token, as unlocked.
+        hub = pin.url.startswith(profile.huggingface.endpoint.rstrip("/") + "/")
+        return Asset(pin.name, pin.url, pin.size, pin.sha256), WheelSource("huggingface" if hub else "mirror", pin.url)
+    return Asset(pin.name, "", pin.size, pin.sha256, local_path=pin.url), WheelSource("wheelhouse", pin.url)
+
+
 def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str, Fetch | Push]:
     dest = posixpath.join(wheel_dir(profile), asset.name)
     if asset.local_path:
@@ -154,7 +170,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
         leftovers = retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
         return changes(retention.cleanup(name, wheel_dir(profile), leftovers,
                                          "wheels the installed backend does not use"))
-    asset, source = find_wheel(profile, target, lister)
+    asset, source = locked_wheel(profile, facts, target) or find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
     hold, constraints = hold_step(profile)

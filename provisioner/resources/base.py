@@ -9,7 +9,7 @@ already there, and the handlers its changes may notify. Neither touches the host
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from provisioner.config.model import Profile
@@ -84,6 +84,10 @@ class Change:
     steps: tuple[Step, ...]
     notify: frozenset[str] = frozenset()        # handlers to run once at the end ("restart-comfyui")
     warnings: tuple[str, ...] = ()
+    # A dry run of the change, run at plan time (pip's `--dry-run --report`): plan/preview.py puts
+    # what it would do into before/after and `data`. Only changes that install into the venv have one.
+    preview: Run | None = None
+    data: Mapping[str, object] = field(default_factory=dict)   # what the preview found: {"pip": {name: [old, new]}}
 
 
 @dataclass(frozen=True)

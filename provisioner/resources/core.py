@@ -23,6 +23,7 @@ from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.resources import pins
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
 from provisioner.resources.hold import hold_step
 from provisioner.resources.plugin import git, same_repo, tag_check
@@ -86,7 +87,19 @@ def at_version(profile: Profile, co: GitCheckout) -> bool:
         return True
     if not (co.exists and co.is_repo and same_repo(co.remote, spec.repo)):
         return False
+    pin = locked_commit(profile)
+    if pin is not None:
+        return co.head == pin
     return version in co.tags or (is_commit(version) and (co.head or "").startswith(version))
+
+
+def locked_commit(profile: Profile) -> str | None:
+    """Under a lock, the commit the lock pins the tag `comfyui.version` to (a commit needs none)."""
+    version = profile.comfyui.version
+    if version is None or is_commit(version):
+        return None
+    pin = pins.git(profile, name, profile.comfyui.repo, version)
+    return pin.commit if pin else None
 
 
 @dataclass(frozen=True)
@@ -244,11 +257,13 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         return changes()
     version, root = goal.version, spec.root
     co = checkout(profile, facts)
+    pin = locked_commit(profile)
+    wanted = pin or version
     note = _tag_check(profile, facts)
     notes = [note] if note else []
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
-    after: dict[str, object] = {"version": version, "commit": f"(the commit of {version})" if not is_commit(version)
-                                else version, "remote": spec.repo, "modified": []}
+    after: dict[str, object] = {"version": version, "commit": wanted if pin or is_commit(version)
+                                else f"(the commit of {version})", "remote": spec.repo, "modified": []}
     steps: list[Step] = []
     summary: list[str] = []
     warnings: list[str] = []
@@ -256,7 +271,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
 
     if not co.exists or only_ours(co):
         action, summary = "create", [f"clone {label(version)} into {root}"]
-        steps += _clone(profile, version, co)
+        steps += _clone(profile, wanted, co)
     elif not co.is_repo:
         if not spec.force:
             raise PlanError(f"{root} exists but is not a git checkout of ComfyUI, so comfyui.version cannot "
@@ -266,7 +281,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         action, summary = "replace", [f"move {root} aside and clone {label(version)}"]
         warnings.append(f"{root} is not a git checkout: it is moved to {backup} with all it holds (models, "
                         "custom_nodes, a venv inside it), nothing is deleted")
-        steps += [Run(("mv", root, backup), what=f"move {root} to {backup}"), *_clone(profile, version, co)]
+        steps += [Run(("mv", root, backup), what=f"move {root} to {backup}"), *_clone(profile, wanted, co)]
     else:
         changed, remote_ok = modified(co), same_repo(co.remote, spec.repo)
         if not goal.moves:
@@ -294,9 +309,9 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
             # --force: the pinned tag is origin's; a stale local tag of that name must not win.
             steps.append(Run(git(root, "fetch", "--quiet", "--force", "--tags", "origin"), what="fetch tags",
                              timeout=1800.0))
-        steps.append(Run(git(root, "checkout", "--quiet", "--detach", version), what=f"checkout {version}"))
+        steps.append(Run(git(root, "checkout", "--quiet", "--detach", wanted), what=f"checkout {wanted}"))
         was = ", ".join(co.tags) or (co.head or "no commit")[:12]
-        summary.append(f"checkout ComfyUI {was} -> {version}")
+        summary.append(f"checkout ComfyUI {was} -> {version}" + (f" ({wanted[:12]}, locked)" if pin else ""))
     before = None if only_ours(co) else _state(co)
     if venv_kept(profile, facts):
         needed = install(profile, facts, requirements_text(profile, facts, goal), label(version))

@@ -53,6 +53,11 @@ def file_metadata(endpoint: str, repo: str, path: str, revision: str | None = No
     return _memo.get(key, lambda: _recorded_or_fetched(*key))
 
 
+def locked(endpoint: str, repo: str, path: str, commit: str, size: int, sha256: str | None) -> RemoteFile:
+    """A file as a lock pinned it: no Hub, no record; the URL names the commit."""
+    return RemoteFile(_url(endpoint, repo, path, commit), size, sha256, commit)
+
+
 def _url(endpoint: str, repo: str, path: str, revision: str) -> str:
     """`huggingface_hub.hf_hub_url` for a model repo (a test holds the two equal): a plan answered
     from the record must not pay the library's import (≈ 60 ms) to format a string."""

@@ -9,7 +9,8 @@ Anything else plans a resumable Fetch (an existing `.part` is resumed and counte
 The DiT must also be what its name says: its safetensors header (read by the facts program, no
 hashing) declares the weight dtype and rank, checked against the variant and the GPU here and
 again by the fetch program before a download is renamed into place. Sizes and checksums come from
-the Hub at the catalog's or the profile's revision, recorded on the control machine (hub.py).
+the profile's lock when it has one (pins.py: no Hub at all), else from the Hub at the catalog's or
+the profile's revision, recorded on the control machine (hub.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
 from provisioner import remote, secrets
 from provisioner.catalog import models as catalog
-from provisioner.resources import hub
+from provisioner.resources import hub, pins
 from provisioner.resources.base import (RESTART, Action, Change, Fetch, Note, ResourcePlan, Run, changes,
                                         resumable, size_text)
 
@@ -89,7 +90,9 @@ def plan(profile: Profile, facts: Facts, *, lookup: hub.Lookup | None = None,
     planned: list[Change | None] = []
     for f in sel.files:
         revision = m.revision if (f is sel.dit and m.revision) else f.revision
-        found = lookup(hf.endpoint, f.repo, f.path_in_repo, revision, token, token_env=hf.token_env)
+        pin = pins.model(profile, f.repo, f.path_in_repo, revision or hub.DEFAULT_REF)
+        found = hub.locked(hf.endpoint, pin.repo, pin.path, pin.commit, pin.size, pin.sha256) if pin else \
+            lookup(hf.endpoint, f.repo, f.path_in_repo, revision, token, token_env=hf.token_env)
         pinned = m.sha256.lower() if (f is sel.dit and m.sha256) else None
         expect = (catalog.WEIGHT_DTYPES[sel.precision], sel.rank) if f is sel.dit else None
         planned.append(_file_change(profile, f, found, pinned, facts, expect))

@@ -15,12 +15,13 @@ from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
-from provisioner.resources import venv
+from provisioner.resources import dryrun, pins, venv
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes
 from provisioner.resources.hold import hold_step
 
 name = "packages"
 PROFILE = "profile"
+LOCK = "lock"
 
 
 def _plugin_requirements_spec(profile: Profile) -> tuple[str, str] | None:
@@ -115,6 +116,14 @@ def unmet(profile: Profile, facts: Facts) -> tuple[dict[str, tuple[upstream.Floo
     return out, notes
 
 
+def locked_unmet(versions: Mapping[str, str], env: PythonEnv) -> dict[str, tuple[upstream.Floor, str | None]]:
+    """Under a lock: every distribution it pins that the venv has at another version, or lacks. The
+    lock was resolved by pip from the same floors, so it meets them; the torch family is the venv's."""
+    return {name: (upstream.Floor(Requirement(f"{name}=={version}"), LOCK), env.version_of(name))
+            for name, version in versions.items()
+            if not upstream.is_held(name) and env.version_of(name) != version}
+
+
 def _check_env(profile: Profile, env: PythonEnv) -> None:
     if not env.exists:
         raise PlanError(f"venv not found at {profile.comfyui.venv}: "
@@ -126,27 +135,39 @@ def _check_env(profile: Profile, env: PythonEnv) -> None:
 
 def _shown(floor: upstream.Floor) -> str:
     spec = str(floor.requirement.specifier) or "any"
-    return spec if floor.origin == PROFILE else f"{spec} ({floor.origin})"
+    return spec if floor.origin in (PROFILE, LOCK) else f"{spec} ({floor.origin})"
+
+
+def install_steps(profile: Profile, specs: Sequence[str]) -> tuple[Run, Run]:
+    """Hold the torch family, then one pip run of `specs` from the profile's sources. One argv
+    element per requirement: `>=` never meets a shell unquoted."""
+    hold, constraints = hold_step(profile)
+    argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
+            "-c", constraints, *profile.pip.args(), *specs)
+    return hold, Run(argv, what=f"pip install {' '.join(specs)}", timeout=profile.timeouts.pip_s)
 
 
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     """What the venv lacks, as it will be once the venv resource ran (created, or its torch moved)."""
+    now = facts
     facts = venv.planned(profile, facts)
     _check_env(profile, facts.env)
     missing, notes = unmet(profile, facts)
+    locked = pins.environment(profile, facts)
+    if locked is not None:
+        missing = locked_unmet(locked.packages, facts.env)
     if not missing:
         return changes(notes=notes)
-    # One argv element per requirement: `>=` never meets a shell unquoted.
     specs = tuple(str(floor.requirement) for floor, _ in missing.values())
-    hold, constraints = hold_step(profile)
-    argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
-            "-c", constraints, *profile.pip.args(), *specs)
+    hold, step = install_steps(profile, specs)
     before: Mapping[str, object] = {n: have for n, (_, have) in missing.items()}
     after: Mapping[str, object] = {n: _shown(floor) for n, (floor, _) in missing.items()}
     summary = "pip install " + ", ".join(
         f"{spec} ({'have ' + have if have else 'missing'})"
         for spec, (_, have) in zip(specs, missing.values()))
     action: Action = "update" if any(have for _, have in missing.values()) else "create"
-    step = Run(argv, what=f"pip install {' '.join(specs)}", timeout=profile.timeouts.pip_s)
+    # pip's dry run shows what else it would move; only against the venv as it is (not one this
+    # apply creates or whose torch it moves first: that venv does not exist to ask yet).
+    preview = dryrun.preview(step, facts.env) if facts is now else None
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
-                          (hold, step), notify=RESTART), notes=notes)
+                          (hold, step), notify=RESTART, preview=preview), notes=notes)

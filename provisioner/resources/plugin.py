@@ -16,7 +16,7 @@ from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe, RemoteTags
-from provisioner.resources import retention
+from provisioner.resources import pins, retention
 from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
 
 name = "plugin"
@@ -99,16 +99,17 @@ def _listing(files: tuple[str, ...], limit: int = 8) -> str:
     return ", ".join(files[:limit]) + more
 
 
-def _clone(profile: Profile, dest: str) -> tuple[Step, ...]:
-    """Clone beside `dest`, check out the tag, then rename: an interrupted run never leaves a half
-    checkout at `dest` (and a full clone, not `--depth 1 --branch`, can be re-tagged later)."""
+def _clone(profile: Profile, dest: str, ref: str) -> tuple[Step, ...]:
+    """Clone beside `dest`, check out `ref` (the tag, or the commit the lock pins it to), then rename:
+    an interrupted run never leaves a half checkout at `dest` (and a full clone, not `--depth 1
+    --branch`, can be re-tagged later)."""
     spec, tmp = profile.plugin, f"{dest}.provision-tmp{_SKIP}"
     return (
         Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
         Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
         Run(git(None, "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}",
             timeout=profile.timeouts.git_s),
-        Run(git(tmp, "checkout", "--quiet", "--detach", spec.tag), what=f"checkout {spec.tag}"),
+        Run(git(tmp, "checkout", "--quiet", "--detach", ref), what=f"checkout {ref}"),
         Run(("mv", tmp, dest), what=f"move the checkout into {dest}"),
     )
 
@@ -143,15 +144,17 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
     note = tag_check(name, "plugin.tag", spec.tag, spec.repo, facts.remote_tags.get((dest, spec.repo, spec.tag)))
     notes = (note,) if note else ()
+    pin = pins.git(profile, "plugin", spec.repo, spec.tag)     # under a lock: the commit the tag was
+    wanted = pin.commit if pin else spec.tag
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     backup = f"{dest}.provision-backup-{stamp}{_SKIP}"
-    after: dict[str, object] = {"tag": spec.tag, "commit": f"(the commit of {spec.tag})",
+    after: dict[str, object] = {"tag": spec.tag, "commit": pin.commit if pin else f"(the commit of {spec.tag})",
                                 "remote": spec.repo, "dirty": []}
     label = f"{spec.name} {spec.tag}"
 
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
-                              _clone(profile, dest), notify=RESTART), notes=notes), 0
+                              _clone(profile, dest, wanted), notify=RESTART), notes=notes), 0
     if co.foreign:
         raise PlanError(f"{dest} cannot be read: {co.error}; give it to that user, or remove it")
     if co.error:
@@ -164,12 +167,13 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
                             "plugin.force: true to move it aside and clone")
         warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
         # The clone first: a clone that fails leaves the folder where it was.
-        *clone, into_place = _clone(profile, dest)
+        *clone, into_place = _clone(profile, dest, wanted)
         replaced = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
         return changes(Change("plugin", dest, "replace", f"clone {label} and move {dest} aside",
                               state(co), after, replaced, notify=RESTART, warnings=(warn,)), notes=notes), 1
 
-    remote_ok, tag_ok = same_repo(co.remote, spec.repo), spec.tag in co.tags
+    remote_ok = same_repo(co.remote, spec.repo)
+    tag_ok = co.head == pin.commit if pin else spec.tag in co.tags
     if remote_ok and tag_ok and not co.dirty:
         return changes(notes=notes), 0
     if not spec.force and co.dirty:
@@ -198,10 +202,10 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
         # --force: the pinned tag is origin's; a stale local tag of that name must not win.
         steps += [Run(git(dest, "fetch", "--quiet", "--force", "--tags", "origin"),
                       what="fetch tags", timeout=profile.timeouts.git_s),
-                  Run(git(dest, "checkout", "--quiet", "--detach", spec.tag),
-                      what=f"checkout {spec.tag}")]
+                  Run(git(dest, "checkout", "--quiet", "--detach", wanted),
+                      what=f"checkout {wanted}")]
         was = ", ".join(co.tags) or (co.head or "no commit")[:12]
-        summary.append(f"checkout {spec.name} {was} -> {spec.tag}")
+        summary.append(f"checkout {spec.name} {was} -> {spec.tag}" + (f" ({pin.commit[:12]}, locked)" if pin else ""))
     else:
         after["commit"] = co.head
     return changes(Change("plugin", dest, "update", "; ".join(summary), state(co), after,

@@ -15,12 +15,15 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, replace
 
+from packaging.version import Version
+
 from provisioner.catalog import torch as torches
 from provisioner.catalog.requirements import is_held
 from provisioner.config.model import Profile, TorchSpec
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv
-from provisioner.resources import core
+from provisioner.config.lock import environment_key
+from provisioner.resources import core, dryrun, pins
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
 
 name = "venv"
@@ -69,7 +72,7 @@ def target_torch(profile: Profile, facts: Facts) -> TorchTarget | None:
             raise PlanError(f"comfyui.torch.cuda {spec.cuda} needs an NVIDIA driver >= {floor}; this host has "
                             f"{driver}: upgrade the driver, or pin a CUDA build it runs "
                             f"(torch {minor} has {', '.join(published) or 'builds the catalog does not know'})")
-        return TorchTarget(spec.version, spec.cuda, "pinned")
+        return _locked(profile, facts, TorchTarget(spec.version, spec.cuda, "pinned"))
     if not published:
         raise PlanError(f"comfyui.torch.cuda auto: the catalog does not know which CUDA builds torch {minor} "
                         "has: pin comfyui.torch.cuda")
@@ -86,10 +89,26 @@ def target_torch(profile: Profile, facts: Facts) -> TorchTarget | None:
     why = f"auto: the newest torch {minor} build driver {driver} runs"
     if newer:
         why += f" ({newer[0]} needs >= {torches.DRIVER_MIN[newer[0]]})"
-    return TorchTarget(spec.version, cuda, why)
+    return _locked(profile, facts, TorchTarget(spec.version, cuda, why))
 
 
-def _missing(env: PythonEnv, goal: TorchTarget) -> list[str]:
+def _locked(profile: Profile, facts: Facts, goal: TorchTarget) -> TorchTarget:
+    """Under a lock, the exact torch release it pins for this host's environment class (`2.8` ->
+    `2.8.0`, whatever PyTorch's index offers now); without one, `goal` as the profile says it."""
+    if profile.lock is None:
+        return goal
+    python = facts.env if facts.env.exists and facts.env.tag else facts.interpreters.get(BASE_PYTHON)
+    if python is None or not python.tag or not python.platform:
+        return goal                        # the plan fails on the missing python3 with its own reason
+    found = pins.environment_at(profile, environment_key(pins.gpu_class(facts), f"{goal.version}+{goal.flavour}",
+                                                         python.tag, python.platform))
+    torch = found.torch_family.versions.get("torch") if found and found.torch_family else None
+    if torch is None:
+        raise pins.stale(profile, f"torch {goal.shown} for {found.key if found else 'this host'}", "torch")
+    return replace(goal, version=Version(torch).public)
+
+
+def missing(env: PythonEnv, goal: TorchTarget) -> list[str]:
     """What of the torch trio the venv lacks or has in another release or build."""
     out = []
     if not (env.torch and torches.matches(env.torch, goal.version) and env.torch_cuda == goal.cuda):
@@ -122,7 +141,7 @@ def planned(profile: Profile, facts: Facts) -> Facts:
     if goal is None:
         return facts
     kept = core.venv_kept(profile, facts)
-    if kept and not _missing(facts.env, goal):
+    if kept and not missing(facts.env, goal):
         return facts
     env = facts.env if kept else replace(_base(facts), distributions={})
     dists = {k: d for k, d in env.distributions.items() if not is_held(k)}
@@ -143,7 +162,7 @@ def source_args(spec: TorchSpec, profile: Profile, flavour: str) -> tuple[str, .
     return tuple(out)
 
 
-def _install_torch(profile: Profile, goal: TorchTarget) -> Run:
+def install_torch(profile: Profile, goal: TorchTarget) -> Run:
     spec = profile.comfyui.torch
     assert spec is not None
     specs = torches.requirements(goal.version)
@@ -177,8 +196,8 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     if env.exists and env.error and kept:
         raise PlanError(f"ComfyUI's venv {spec.venv} cannot be read ({env.error}): repair it, or remove it "
                         "and provision creates it")
-    missing = _missing(env, goal) if kept else list(TRIO)
-    if not missing:
+    lacking = missing(env, goal) if kept else list(TRIO)
+    if not lacking:
         return changes()
     notes = [Note(name, f"comfyui.torch.cuda {goal.why}: CUDA {goal.cuda} ({goal.flavour})", level="info")] \
         if goal.why != "pinned" else []
@@ -186,11 +205,12 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
                                 "from": " ".join(source_args(spec.torch, profile, goal.flavour)) or "pip's index"}
     steps: list[Step] = []
     action: Action
+    preview: Run | None = None
     if not kept:
         base = _base(facts)
         action, before = "create", None
         steps.append(Run((base.python, "-m", "venv", spec.venv), what=f"create the venv {spec.venv}"))
-        steps.append(_install_torch(profile, goal))
+        steps.append(install_torch(profile, goal))
         more, installs, note = _requirements(profile, facts)
         steps += more
         notes += [note] if note else []
@@ -198,16 +218,17 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         if installs:
             summary += f"; {installs}"
             after["requirements"] = installs.removeprefix("pip install ")
-    elif "torch" in missing:
+    elif "torch" in lacking:
         action, before = "update", {"torch": env.torch, "cuda": env.torch_cuda}
         # Out first: an installed torch of the same release but another build would count as met.
         steps.append(Run((spec.python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check", *TRIO),
                          what="uninstall torch, torchvision, torchaudio"))
-        steps.append(_install_torch(profile, goal))
+        steps.append(install_torch(profile, goal))
         summary = f"torch {env.torch or '(none)'} -> {goal.shown} (the backend wheel is chosen for it)"
+        preview = dryrun.preview(steps[-1], env)                  # type: ignore[arg-type]  # a Run
     else:
-        action, before = "update", {n: None for n in missing}
-        steps.append(_install_torch(profile, goal))
-        summary = f"pip install {', '.join(missing)} for torch {env.torch}"
-    return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART),
-                   notes=notes)
+        action, before = "update", {n: None for n in lacking}
+        steps.append(install_torch(profile, goal))
+        summary = f"pip install {', '.join(lacking)} for torch {env.torch}"
+    return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART,
+                          preview=preview), notes=notes)

@@ -1,4 +1,4 @@
-"""`make demo` provisions a local sandbox host end to end, offline: plan, apply, apply again.
+"""`make demo` provisions a local sandbox host end to end, offline: plan, apply, lock, apply again.
 
 Real: the provisioner, its CLI, the facts script, git, pip into a real venv, the downloads over
 HTTP with resume and sha256, the ComfyUI HTTP API client. Stand-ins (this machine has no GPU and
@@ -92,13 +92,16 @@ def _demo(console: Console) -> int:
         }
         profile_path = write_yaml(base / "demo.yaml", profile,
                                   "The RTX 3090 profile, pointed at the sandbox's stand-ins.")
+        (base / "demo.lock.yaml").unlink(missing_ok=True)  # of an earlier demo's profile (another port)
         steps = [
             ("plan: what would change (nothing is touched)", ["plan", str(profile_path)]),
             ("apply: converge, restart ComfyUI once, confirm, verify",
              ["apply", str(profile_path), "--report", str(base / "report"),
               "--log-dir", str(base / "logs")]),
-            ("apply again: nothing left to do", ["apply", str(profile_path),
-                                                 "--log-dir", str(base / "logs")]),
+            ("lock: what the fleet now runs, pinned for every control machine (demo.lock.yaml)",
+             ["lock", str(profile_path)]),
+            ("apply again, under the lock: nothing left to do", ["apply", str(profile_path),
+                                                                "--log-dir", str(base / "logs")]),
         ]
         codes = []
         for title, argv in steps:
@@ -107,9 +110,9 @@ def _demo(console: Console) -> int:
             codes.append(cli.main(argv))
             console.print(f"[dim]exit code {codes[-1]}[/]")
         console.rule()
-        ok = codes == [2, 2, 0]
+        ok = codes == [2, 2, 2, 0]
         console.print(f"{'[green]demo ok' if ok else '[red]demo failed'}[/]: exit codes {codes} "
-                      f"(expected [2, 2, 0]) in {time.monotonic() - started:.0f} s; sandbox in .demo/, "
+                      f"(expected [2, 2, 2, 0]) in {time.monotonic() - started:.0f} s; sandbox in .demo/, "
                       f"report in .demo/report/report.html")
         return 0 if ok else 1
     finally:

@@ -217,17 +217,27 @@ STAND_INS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Stand-ins that depend on another: pinning tokenizers 0.22.2 makes pip's resolver move
+# huggingface-hub 0.35.3 -> 0.34.4 as well (the issue's tokenizers pin that moved huggingface_hub
+# without the plan showing it). The older hub is below the newest, so nothing else resolves to it.
+DEPENDENT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("huggingface-hub", "0.34.4", ()),
+    ("tokenizers", "0.22.1", ("huggingface-hub>=0.34",)),
+    ("tokenizers", "0.22.2", ("huggingface-hub>=0.34,<0.35",)),
+)
+
+
 def build_package_wheelhouse(out_dir: Path, names: Iterable[str] | None = None) -> Path:
-    """A --find-links folder with no-deps stand-ins for what ComfyUI-nunchaku requires beside the backend
-    (`names`: only those)."""
+    """A --find-links folder with stand-ins for what ComfyUI-nunchaku requires beside the backend
+    (`names`: only those): no dependencies, except DEPENDENT's."""
     out_dir = Path(out_dir)
     only = None if names is None else set(names)
-    for name, version in STAND_INS:
+    for name, version, requires in [(n, v, ()) for n, v in STAND_INS] + list(DEPENDENT):
         if only is not None and name not in only:
             continue
         init_py = f'"""Sandbox stand-in for {name} {version}."""\n__version__ = {version!r}\n'
         build_wheel(
-            out_dir, name, version, {f"{name}/__init__.py": init_py},
+            out_dir, name, version, {f"{name}/__init__.py": init_py}, requires=requires,
             summary=f"Sandbox stand-in for {name} {version} (no code; lets pip resolve offline)",
         )
     return out_dir
