@@ -101,7 +101,8 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
         parser.add_argument("profile", help="profile YAML (desired state), e.g. profiles/rtx3090.yaml")
     elif profile == "optional":
         parser.add_argument("profile", nargs="?", help="profile YAML (optional: ComfyUI paths)")
-    parser.add_argument("-i", "--inventory", help="inventory YAML (default: the profile's `inventory`)")
+    parser.add_argument("-i", "--inventory", help="inventory: Ansible YAML or INI, `ansible-inventory --list` JSON, or an executable "
+                        "inventory script (default: the profile's `inventory`)")
     parser.add_argument("-l", "--limit", help="restrict to hosts matching an Ansible pattern (gpu-*:!gpu-03)")
     parser.add_argument("-f", "--forks", type=_count, default=10, help="hosts handled in parallel (default 10)")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
