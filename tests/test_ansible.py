@@ -156,3 +156,62 @@ def test_job_slices_merge_into_the_single_runs_report(lab: Lab, installed: Path,
     assert done.returncode == 0 and "2 hosts from 2 slices: 2 passed" in done.stdout, done.stdout + done.stderr
     merged = json.loads((tmp_path / "sliced" / "report.json").read_text())
     assert judgements(merged) == judgements(single)
+
+
+def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[int, dict[str, dict]]:
+    """An ad-hoc `ansible all -m MODULE` over the lab: (exit code, host -> its JSON result)."""
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(collections), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_LOCAL_TEMP": str(lab.root / "ansible-tmp"), "PYTHONWARNINGS": "ignore",
+           "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "oneline"}
+    options = {"profile": str(lab.profile), "options": [*lab.ssh_args(), "--no-color"], **args}
+    done = subprocess.run([str(BIN / "ansible"), "all", "-i", str(lab.inventory), "-m", module,
+                           "-a", json.dumps({k: v for k, v in options.items() if v is not None})],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=lab.root)
+    results = {}
+    for line in done.stdout.splitlines():
+        found = re.match(r"^(\S+) \| (\w+)(?: \| rc=\d+)? => (\{.*\})$", line)
+        if found:
+            results[found[1]] = json.loads(found[3])
+    return done.returncode, results
+
+
+def test_facts_and_verify_as_tasks(lab: Lab, installed: Path, tmp_path: Path) -> None:
+    """facts gives the GPU class for `when:`; verify returns the figures and writes the host's part
+    of the report, which report_merge judges as a fleet."""
+    code, results = ansible(lab, installed, "provision.comfyui.facts")
+    assert code == 0 and len(results) == 2, results
+    for result in results.values():
+        assert result["ansible_facts"]["provision_gpu_class"] == "NVIDIA GeForce RTX 3090 24 GiB"
+        assert result["ansible_facts"]["provision_facts"]["gpu"]["name"] == "NVIDIA GeForce RTX 3090"
+    code, results = ansible(lab, installed, "provision.comfyui.verify", report=str(tmp_path))
+    assert code == 0 and len(results) == 2, results
+    for name, result in results.items():
+        assert result["status"] == "passed" and result["figures"]["warm_median_s"] > 0 and not result["changed"]
+        assert (tmp_path / "hosts" / name / "slice" / "entries.json").is_file()
+    code, results = ansible(lab, installed, "provision.comfyui.report_merge", report=str(tmp_path), profile=None,
+                            options=None)
+    merged = json.loads((tmp_path / "report.json").read_text())
+    assert merged["summary"]["hosts"] == merged["summary"]["passed"] == 2
+
+
+def test_the_verification_gate_rolls_a_failing_host_back(lab: Lab, installed: Path, tmp_path: Path) -> None:
+    """A host whose `provision:` overlay in the Ansible inventory takes a plugin its ComfyUI core
+    fails on at the first generation: under provision_verify_gate its task fails with provision's
+    reason, the host is back at its old plugin, and the other host converged."""
+    from test_e2e_rollback import FOOLED
+
+    bad, good = lab.hosts
+    playbook(lab, installed, None)
+    with (bad.comfy / "comfy" / "ldm" / "qwen_image" / "model.py").open("a") as fh:
+        fh.write(FOOLED)
+    inventory = yaml.safe_load(lab.inventory.read_text())
+    inventory["all"]["hosts"][bad.name]["provision"]["plugin"] = {"tag": "v1.2.0"}
+    inventory["all"]["hosts"][good.name]["provision"]["workflow"] = {"steps": 5}
+    write_yaml(tmp_path / "inventory.yaml", inventory)
+    code, out, recap = playbook(lab, installed, tmp_path / "report", inventory=tmp_path / "inventory.yaml",
+                                provision_verify_gate=True)
+    assert code != 0 and recap[bad.name][3] == 1 and recap[good.name][1:] == (1, 0, 0), out
+    assert re.search(rf"fatal: \[{bad.name}\]: FAILED!.*rolled back", out), out
+    assert bad.git("describe", "--tags") == "v1.1.0"
+    entry = next(h for h in json.loads((tmp_path / "report" / "report.json").read_text())["hosts"] if h["host"] == bad.name)
+    assert entry["rollout"]["result"] == "rolled_back"
