@@ -223,3 +223,10 @@ def test_a_failing_script_is_one_line_within_its_bounds(tmp_path: Path, monkeypa
     code, out = run("facts", "-i", str(path))
     assert code == 3 and out.startswith(f"error: {path}") and message in out, out
     assert len(out.strip().splitlines()) == 1
+
+
+def test_a_bad_value_in_a_scripts_answer_names_the_script_and_the_key(tmp_path: Path) -> None:
+    path = script(tmp_path / "inv", "print(json.dumps({'_meta': {'hostvars': {'h1': {'ansible_port': 70000}}},"
+                                    " 'gpu': {'hosts': ['h1']}}))")
+    code, out = run("facts", "-i", str(path))
+    assert code == 3 and out.startswith(f"error: {path} --list: gpu.hosts.h1.ansible_port: 70000 is above"), out

@@ -244,7 +244,7 @@ def from_listing(data: Mapping[str, Any], marks: Mapping[KeyPath, Mark], file: s
     else:
         vars_marks = {}
     out: dict[str, Any] = {}
-    out_marks: dict[KeyPath, Mark] = {(): marks.get((), Mark(file, 1, 1))}
+    out_marks: dict[KeyPath, Mark] = {(): marks.get((), Mark(file, 0, 0))}   # a script's answer has no lines
     placed: set[str] = set()
     for name, body in data.items():
         if name == "_meta":
