@@ -414,7 +414,8 @@ def facts(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         from provisioner.verify.fingerprint import gpu_class
 
-        emit(json.dumps({name: ({**facts_to_json(r), "gpu_class": gpu_class(r.gpu)} if not isinstance(r, BaseException)
+        emit(json.dumps({name: ({**facts_to_json(r), "gpu_class": gpu_class(r.gpu)}   # the report's class
+                                 if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
                           for name, r in results.items()}, indent=2))
     else:
@@ -478,13 +479,7 @@ def report(args: argparse.Namespace, console: Console) -> int:
                              now=when.strftime("%Y-%m-%dT%H:%M:%SZ"))
     written = write_report(args.out, build_report(entries, profile=part.profile, generated_at=when,
                                                   class_speed=part.class_speed)).report
-    for note in outcome.notes:
-        console.print(f"[cyan]{escape(note)}[/]")
-    for line, colour in [(f.line, "yellow") for f in written.fleet] + [(f.line, "red") for f in written.regressions] \
-            + [(f.line, "cyan") for f in written.changes]:
-        console.print(f"[{colour}]{escape(line)}[/]")
-    for problem in outcome.problems:
-        console.print(f"[red]error:[/] {escape(problem)}")
+    show_judgement(written, outcome, console)
     summary = written.summary
     console.print(f"{summary.hosts} hosts from {len(args.dirs)} slices: {summary.passed} passed, "
                   f"{summary.failed} failed, {summary.unreachable} unreachable, {summary.left} left")
@@ -608,6 +603,17 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         report = with_comparison(report, against)
     if report_dir:
         report = write_report(report_dir, report, compared=against is not None).report
+    show_judgement(report, outcome, console)
+    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
+        emit(dumps(report), end="")
+    if report_dir:
+        console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
+    return EXIT_FAILED if failed or outcome.problems else EXIT_OK
+
+
+def show_judgement(report: Any, outcome: Any, console: Console) -> None:
+    """The fleet's judgement in the console: references made, fleet flags, regressions, changes,
+    and what could not be done (a FleetReport and a references.Outcome)."""
     for note in outcome.notes:
         console.print(f"[cyan]{escape(note)}[/]")
     for line, colour in [(f.line, "yellow") for f in report.fleet] + [(f.line, "red") for f in report.regressions] \
@@ -615,11 +621,6 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         console.print(f"[{colour}]{escape(line)}[/]")
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
-    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
-        emit(dumps(report), end="")
-    if report_dir:
-        console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
-    return EXIT_FAILED if failed or outcome.problems else EXIT_OK
 
 
 def validate(args: argparse.Namespace, console: Console) -> int:
