@@ -94,6 +94,13 @@ def _changing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", default=".provision/logs", help="per-host JSON-lines logs (default .provision/logs)")
     p.add_argument("--no-verify", action="store_true", help="skip the verification generations")
     p.add_argument("--report", metavar="DIR", help="write the verification report to DIR")
+    _references(p)
+
+
+def _references(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--references", metavar="DIR", help="a job slice: read the GPU classes' reference images "
+                   "from DIR (shared by the slices), never write them, and keep this slice's hosts in --report DIR "
+                   "for `provision report merge`")
 
 
 def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> None:
@@ -101,7 +108,8 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
         parser.add_argument("profile", help="profile YAML (desired state), e.g. profiles/rtx3090.yaml")
     elif profile == "optional":
         parser.add_argument("profile", nargs="?", help="profile YAML (optional: ComfyUI paths)")
-    parser.add_argument("-i", "--inventory", help="inventory YAML (default: the profile's `inventory`)")
+    parser.add_argument("-i", "--inventory", help="inventory: Ansible YAML or INI, `ansible-inventory --list` JSON, or an executable "
+                        "inventory script (default: the profile's `inventory`)")
     parser.add_argument("-l", "--limit", help="restrict to hosts matching an Ansible pattern (gpu-*:!gpu-03)")
     parser.add_argument("-f", "--forks", type=_count, default=10, help="hosts handled in parallel (default 10)")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -177,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--report DIR): regressions, and what changed in each host's fingerprint")
     p.add_argument("--promote-reference", metavar="HOST", help="make HOST's images of this run the references "
                    "of its GPU class (needs --report DIR; HOST must pass every other check)")
+    _references(p)
+
+    p = verbs.add_parser("report", help="fleet reports: merge the reports of job slices into one")
+    kinds = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    m = kinds.add_parser("merge", help="judge the hosts of several slices' --report folders as one fleet")
+    m.add_argument("dirs", nargs="+", metavar="DIR", help="the --report folder of each slice (run with --references)")
+    m.add_argument("--out", required=True, metavar="DIR", help="write the fleet's report.json, report.html, "
+                   "junit.xml here (compared with the report already there)")
+    m.add_argument("--references", metavar="DIR", help="the references the slices read, which the merge "
+                   "completes (default: DIR/references under --out)")
+    m.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
 
     p = verbs.add_parser("facts", help="what each host is: GPU, VRAM, torch, python, disk, installed state")
     _common(p, profile="optional")

@@ -238,6 +238,7 @@ def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
 def apply(args: argparse.Namespace, console: Console) -> int:
     """Converge, verify; under a verify gate (`--verify-gate`, `rollout.verify_gate`), roll back a
     host whose change failed verification and stop the rollout after its batch."""
+    slice_options(args)
     if args.check:
         return plan(args, console)
     from provisioner.plan.rollout import gate_halt
@@ -523,7 +524,10 @@ def facts(args: argparse.Namespace, console: Console) -> int:
     if stop.why:
         return show_stopped(results, stop, console)
     if args.json:
-        emit(json.dumps({name: (facts_to_json(r) if not isinstance(r, BaseException)
+        from provisioner.verify.fingerprint import gpu_class
+
+        emit(json.dumps({name: ({**facts_to_json(r), "gpu_class": gpu_class(r.gpu)}   # the report's class
+                                 if not isinstance(r, BaseException)
                                  else {"error": str(r), "unreachable": isinstance(r, ConnectError)})
                           for name, r in results.items()}, indent=2))
     else:
@@ -538,6 +542,7 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     against = previous_report(args.compare) if args.compare else None
     if args.promote_reference and not args.report:
         raise UsageError("--promote-reference needs --report DIR: the references live in DIR/references/")
+    slice_options(args)
 
     stop = Stop()
 
@@ -559,6 +564,39 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if stop.why:
         return show_stopped(results, stop, console)
     return show_verification(results, chosen, console, args, against)
+
+
+def slice_options(args: argparse.Namespace) -> None:
+    """`--references DIR` makes the run a job slice: it needs a report folder to keep its hosts in,
+    and promotes nothing (the merge is the one writer of the shared references)."""
+    if getattr(args, "references", None) and not getattr(args, "report", None):
+        raise UsageError("--references needs --report DIR: a slice keeps its hosts there for "
+                         "`provision report merge`")
+    if getattr(args, "references", None) and getattr(args, "promote_reference", None):
+        raise UsageError("--promote-reference with --references: a slice never writes the shared references; "
+                         "promote in a run over the whole class, without --references")
+
+
+def report(args: argparse.Namespace, console: Console) -> int:
+    """`provision report merge SLICE_DIR… --out DIR`: the slices judged as one fleet."""
+    from datetime import datetime, timezone
+
+    from provisioner.report import build_report, write_report
+    from provisioner.report.references import ReferenceStore
+    from provisioner.report.slices import judge, read_slices
+
+    part = read_slices(args.dirs)
+    when = datetime.now(timezone.utc)
+    entries, outcome = judge(part, ReferenceStore(args.out, root=args.references),
+                             now=when.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    written = write_report(args.out, build_report(entries, profile=part.profile, generated_at=when,
+                                                  class_speed=part.class_speed)).report
+    show_judgement(written, outcome, console)
+    summary = written.summary
+    console.print(f"{summary.hosts} hosts from {len(args.dirs)} slices: {summary.passed} passed, "
+                  f"{summary.failed} failed, {summary.unreachable} unreachable, {summary.left} left")
+    console.print(f"report: {Path(args.out) / 'report.html'} (report.json, junit.xml)")
+    return EXIT_OK if summary.passed == summary.hosts and not outcome.problems else EXIT_FAILED
 
 
 def previous_report(path: str) -> dict[str, Any]:
@@ -641,17 +679,14 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
 
     from provisioner.report import build_report, dumps, from_exception, from_verification, write_report
     from provisioner.report.compare import with_comparison
-    from provisioner.report.references import ReferenceStore, agree
+    from provisioner.report.references import ReferenceStore
+    from provisioner.report.slices import Slice, judge, write_slice
     from provisioner.verify.render import render_verification
 
     results, profiles = by_instance(results, {t.host.name: t.profile for t in chosen})
     report_dir = getattr(args, "report", None)
+    shared = getattr(args, "references", None)       # a job slice: the merge judges the fleet
     when = datetime.now(timezone.utc)
-    verified = {n: r[1] for n, r in results.items() if not isinstance(r, BaseException)}
-    outcome = agree(verified, ReferenceStore(report_dir) if report_dir else None,
-                    {n: p.verify.agreement for n, p in profiles.items()},
-                    now=when.strftime("%Y-%m-%dT%H:%M:%SZ"), promote=getattr(args, "promote_reference", None))
-    results = {n: r if isinstance(r, BaseException) else (r[0], outcome.verifications[n]) for n, r in results.items()}
     entries = []
     rollouts = rollouts or {}
     for name, result in results.items():
@@ -662,15 +697,35 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         else:
             facts, verification = result
             entries.append(from_verification(name, facts, verification, profile=profile, rollout=rollout))
+    part = Slice(chosen[0].profile.name if chosen else None,
+                 chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec(), tuple(entries),
+                 {n: r[1].images for n, r in results.items() if not isinstance(r, BaseException)},
+                 {n: p.verify.agreement for n, p in profiles.items()})
+    store = ReferenceStore(report_dir, root=shared, read_only=shared is not None) if report_dir else None
+    entries, outcome = judge(part, store, now=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                             promote=getattr(args, "promote_reference", None))
+    results = {n: r if isinstance(r, BaseException) else (r[0], outcome.verifications[n]) for n, r in results.items()}
+    if report_dir and shared:
+        write_slice(report_dir, part)
     # A host a rollout left was not verified: the summary above says so, the report lists it.
     failed = render_verification({n: r for n, r in results.items()
                                   if (rollouts.get(n) or {}).get("result") != "left"}, console)
-    report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
-                          class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
+    report = build_report(entries, profile=part.profile, generated_at=when, class_speed=part.class_speed)
     if against is not None:
         report = with_comparison(report, against)
     if report_dir:
         report = write_report(report_dir, report, compared=against is not None).report
+    show_judgement(report, outcome, console)
+    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
+        emit(dumps(report), end="")
+    if report_dir:
+        console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
+    return EXIT_FAILED if failed or outcome.problems else EXIT_OK
+
+
+def show_judgement(report: Any, outcome: Any, console: Console) -> None:
+    """The fleet's judgement in the console: references made, fleet flags, regressions, changes,
+    and what could not be done (a FleetReport and a references.Outcome)."""
     for note in outcome.notes:
         console.print(f"[cyan]{escape(note)}[/]")
     for line, colour in [(f.line, "yellow") for f in report.fleet] + [(f.line, "red") for f in report.regressions] \
@@ -678,11 +733,6 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         console.print(f"[{colour}]{escape(line)}[/]")
     for problem in outcome.problems:
         console.print(f"[red]error:[/] {escape(problem)}")
-    if args.json and args.verb == "verify":  # apply and rollback print their own JSON summary
-        emit(dumps(report), end="")
-    if report_dir:
-        console.print(f"report: {Path(report_dir) / 'report.html'} (report.json, junit.xml)")
-    return EXIT_FAILED if failed or outcome.problems else EXIT_OK
 
 
 def validate(args: argparse.Namespace, console: Console) -> int:

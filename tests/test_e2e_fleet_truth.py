@@ -5,15 +5,19 @@ and the side-by-side pictures rendered by headless Chromium."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from lab import Lab, LabHost, open_lab
 
+from provisioner import cli
 from provisioner.sandbox import comfyui_process
 
 pytestmark = pytest.mark.slow
@@ -156,3 +160,78 @@ def test_drift_since_an_older_report_names_what_changed(fleet, tmp_path: Path) -
     assert change["message"] == "node set changed: - ExtraSharpen"
     code, out = lab.run("verify", "--compare", str(tmp_path / "nope.json"))
     assert code == 3 and "--compare" in out
+
+
+def judgements(report: dict) -> dict:
+    """What report.json judges, without what a second run measures anew (timings, dates): each
+    host's status, failed checks and image agreement (against whose reference), the groups and
+    their values, every fleet flag."""
+    hosts = {h["host"]: (h["status"], [c["name"] for c in h["checks"] if not c["passed"]],
+                         [(a["passed"], (a.get("reference") or {}).get("host")) for a in h["agreement"]])
+             for h in report["hosts"]}
+    groups = [(g["gpu_class"], g["hosts"], g["values"]) for g in report["groups"]]
+    flags = [(f["host"], f["kind"], f["field"], f["message"] if f["kind"] == "drift" else None) for f in report["fleet"]]
+    return {"hosts": hosts, "groups": groups, "fleet": flags}
+
+
+def merge(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        code = cli.main(["report", "merge", "--no-color", *argv])
+    return code, out.getvalue()
+
+
+def test_slices_merged_judge_the_fleet_as_one_run_does(fleet, tmp_path: Path) -> None:
+    """AWX's job slicing by hand: disjoint --limit slices that share one reference folder (read,
+    never written), merged into one report that judges as a single run over the fleet."""
+    lab, h, _ = fleet
+    degrade(h["degraded"], "noisy")
+    code, out, single = verify(lab, tmp_path / "whole")
+    assert code == 1 and findings(single)[h["degraded"].name] == ["image_agreement"], out
+    names = sorted(x.name for x in h.values())
+    shared = tmp_path / "references"
+    slices = []
+    for i, part in enumerate((names[:1], names[1:3], names[3:])):
+        slices.append(tmp_path / f"slice-{i}")
+        code, out = lab.run("verify", "--report", str(slices[-1]), "--references", str(shared),
+                            "--limit", ",".join(part))
+        assert code in (0, 1) and "for this slice only" in out, out
+    assert not shared.exists()                                 # the slices read it, never write it
+    code, out = merge(*map(str, slices), "--out", str(tmp_path / "fleet"), "--references", str(shared))
+    assert code == 1 and "4 hosts from 3 slices: 3 passed, 1 failed" in out, out
+    merged = json.loads((tmp_path / "fleet" / "report.json").read_text())
+    assert judgements(merged) == judgements(single)
+    index = json.loads((shared / "index.json").read_text())["references"]
+    assert [e["host"] for e in index.values()] == \
+           [e["host"] for e in json.loads((tmp_path / "whole" / "references" / "index.json").read_text())["references"].values()]
+    # The next slices read the references the merge wrote, and judge against them themselves.
+    code, out = lab.run("verify", "--report", str(slices[0]), "--references", str(shared), "--limit", names[0])
+    assert "for this slice only" not in out, out
+    again = json.loads((slices[0] / "report.json").read_text())
+    assert again["hosts"][0]["agreement"][0]["reference"]["host"] == next(iter(index.values()))["host"]
+
+
+def test_a_merge_of_the_same_hosts_is_byte_for_byte_one_run(fleet, tmp_path: Path) -> None:
+    """The same host results, judged as one slice or split into three, give the same report.json,
+    byte for byte but for the dates (the report's, and when each merge made its references)."""
+    from provisioner.report.slices import Slice, read_slices, write_slice
+
+    lab, h, _ = fleet
+    code, out = lab.run("verify", "--report", str(tmp_path / "one"), "--references", str(tmp_path / "none"))
+    whole = read_slices([tmp_path / "one"])
+    parts = []
+    for i, hosts in enumerate((whole.entries[:1], whole.entries[1:3], whole.entries[3:])):
+        parts.append(tmp_path / f"part-{i}")
+        write_slice(parts[-1], Slice(whole.profile, whole.class_speed, hosts,
+                                     {e.host: whole.images[e.host] for e in hosts},
+                                     {e.host: whole.agreement[e.host] for e in hosts}))
+    reports = []
+    for name, dirs in (("a", [tmp_path / "one"]), ("b", parts)):
+        merge(*map(str, dirs), "--out", str(tmp_path / name), "--references", str(tmp_path / f"refs-{name}"))
+        text = (tmp_path / name / "report.json").read_text()
+        reports.append(re.sub(r'"(generated_at|created_at)": "[^"]*"', r'"\1": ""', text))
+    assert reports[0] == reports[1] and len(json.loads(reports[0])["hosts"]) == 4
+    code, out = merge(str(parts[0]), str(parts[0]), "--out", str(tmp_path / "c"))
+    assert code == 3 and "is in slice" in out and "Traceback" not in out
+    code, out = merge(str(tmp_path / "whole-missing"), "--out", str(tmp_path / "c"))
+    assert code == 3 and "no slice/entries.json; run each slice with --report DIR --references" in out

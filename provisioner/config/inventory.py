@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from provisioner.config.marks import (ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem, read_yaml,
+from provisioner.config.marks import (ATOMIC, Document, KeyPath, Mark, deep_merge, merge_marks, problem,
                                       sub_marks)
+from provisioner.config.inventory_forms import read_inventory
 from provisioner.config.schema import schema_problems
 from provisioner.errors import ConfigError, Problem, UsageError
 
@@ -318,10 +319,11 @@ def _become(vars_: Mapping[str, Any]) -> bool:
 
 
 def load_inventory(path: str | os.PathLike[str], document: Document | None = None) -> Inventory:
-    """Read (unless `document` is the file, already read) an Ansible YAML inventory. Raises
+    """Read (unless `document` is the file, already read) an Ansible inventory: YAML, INI, the JSON
+    of `ansible-inventory --list`, or an executable script (config/inventory_forms.py). Raises
     ConfigError listing every problem, located."""
     file = os.fspath(path)
-    doc = document if document is not None else read_yaml(file)
+    doc = document if document is not None else read_inventory(file)
     if not isinstance(doc.data, Mapping) or not doc.data:
         raise ConfigError([Problem(file, 1, 1, "", "expected a mapping of groups like all: {hosts: …, children: …}",
                                    "see `provision schema inventory`")])

@@ -88,7 +88,7 @@ def _fail(file: str, message: str, hint: str = "", line: int = 0, col: int = 0) 
 MAX_BYTES = 512 << 10  # a profile is a few KB, an inventory of 5000 hosts fits; parsing stays under ~2 s
 
 
-def _read_text(file: str) -> str:
+def read_text(file: str) -> str:
     """The file as UTF-8 text; every way it can fail becomes a one-line ConfigError."""
     try:
         with open(file, "rb") as fh:
@@ -248,7 +248,7 @@ class _Reader:
 
 def read_yaml(file: str) -> Document:
     """Read one YAML file. Raises ConfigError (every problem, located) for anything unreadable."""
-    text = _read_text(file)
+    text = read_text(file)
     try:
         node = yaml.compose(text, Loader=_Loader)
         reader = _Reader(file)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from provisioner.config.inventory import load_inventory
+from provisioner.config.inventory_forms import from_listing, inventory_form, is_listing
 from provisioner.config.load import load_profile, profile_for_host
 from provisioner.config.marks import Document, problem, read_yaml
 from provisioner.config.schema import schema
@@ -14,9 +15,9 @@ from provisioner.errors import ConfigError, Problem, ProvisionError, UsageError
 
 
 def _looks_like_inventory(data: Any) -> bool:
-    """A file whose top level is only Ansible groups (`all:` …) and no profile key."""
+    """A file whose top level is only Ansible groups (`all:` …, or a listing's `_meta`) and no profile key."""
     profile_keys = set(schema("profile")["properties"])
-    return isinstance(data, Mapping) and "all" in data and not profile_keys & set(data)
+    return isinstance(data, Mapping) and ("all" in data or "_meta" in data) and not profile_keys & set(data)
 
 
 def _profile_problems(file: str, document: Document) -> list[Problem]:
@@ -51,8 +52,13 @@ def validate_files(paths: Sequence[str | os.PathLike[str]]) -> list[Problem]:
     for path in paths:
         file = os.fspath(path)
         try:
+            if inventory_form(file) != "yaml":  # INI, or a script
+                load_inventory(file)
+                continue
             document = read_yaml(file)  # once: parsing is most of the time a large file costs
-            if _looks_like_inventory(document.data):
+            if is_listing(document.data) and _looks_like_inventory(document.data):
+                load_inventory(file, from_listing(document.data, document.marks, file))
+            elif _looks_like_inventory(document.data):
                 load_inventory(file, document)
             else:
                 found += _profile_problems(file, document)

@@ -43,9 +43,13 @@ NO_STORE = "no reference store; pass --report DIR"
 class ReferenceStore:
     """The references of one report directory."""
 
-    def __init__(self, report_dir: str | Path) -> None:
-        self.root = Path(report_dir) / FOLDER
+    def __init__(self, report_dir: str | Path, *, root: str | Path | None = None, read_only: bool = False) -> None:
+        """`report_dir`'s references, or those in `root` (`--references DIR`, shared by job slices:
+        `read_only` there, since only `provision report merge` judges the whole fleet and writes)."""
+        self.root = Path(root) if root is not None else Path(report_dir) / FOLDER
+        self.read_only = read_only
         self._entries: dict[str, dict[str, Any]] | None = None
+        self._unwritten: dict[str, bytes] = {}          # read-only: references made for this run only
 
     @staticmethod
     def _id(gpu_class: str, key: str) -> str:
@@ -65,9 +69,12 @@ class ReferenceStore:
 
     def get(self, gpu_class: str, key: str) -> tuple[Reference, bytes] | None:
         """The reference and its PNG, or None (none yet, or its file is gone)."""
-        entry = self.entries().get(self._id(gpu_class, key))
+        ident = self._id(gpu_class, key)
+        entry = self.entries().get(ident)
         if entry is None:
             return None
+        if ident in self._unwritten:
+            return Reference.from_json(entry), self._unwritten[ident]
         try:
             png = (self.root / entry["file"]).read_bytes()
         except (OSError, KeyError):
@@ -78,6 +85,10 @@ class ReferenceStore:
         """Write the PNG, then the index (both by rename: a reader sees the old or the new)."""
         ident = self._id(reference.gpu_class, reference.key)
         path = self.root / f"{ident}.png"
+        if self.read_only:
+            self.entries()[ident] = reference.to_json()
+            self._unwritten[ident] = png
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, png)
@@ -167,7 +178,9 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
                 store.put(made, image.png, now)
                 current = (made, image.png)
                 notes.append(f"reference for {gpu_class}, {image.prompt!r} seed {image.seed}: "
-                             f"{'promoted' if made.promoted else 'made'} from {maker}'s image")
+                             f"{'promoted' if made.promoted else 'made'} from {maker}'s image"
+                             + (" for this slice only (`provision report merge` makes the fleet's)"
+                                if store.read_only else ""))
             reference = None
             if current is not None:
                 try:
