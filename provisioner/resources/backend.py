@@ -14,7 +14,8 @@ from provisioner.catalog import wheels
 from provisioner.catalog.gpus import SM121_MIN_BUILD_CUDA
 from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Probe
+from provisioner.facts.model import Facts, Probe, canonical
+from provisioner.facts.snapshots import Dist
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.resources import releases, retention, venv
 from provisioner.resources.hold import hold_step
@@ -133,6 +134,28 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
     token = profile.huggingface.token_env if source.kind == "huggingface" else None
     return dest, Fetch(asset.url, dest, asset.sha256, asset.size, token_env=token,
                        cache=profile.comfyui.checksums, what=f"download {asset.name}")
+
+
+def refetch(profile: Profile, dist: Dist, lister: Lister = releases.list_wheels) -> Fetch | Push | None:
+    """The step that gets a backend wheel file a rollback needs again, from the first source in
+    profile order that offers that very file, back to the path it was installed from and checked
+    against the sha256 pip recorded; None when no source offers it (or it is no nunchaku wheel)."""
+    path, filename = dist.path, posixpath.basename(dist.path or "")
+    if not path or not dist.sha256 or canonical(dist.name) != "nunchaku":
+        return None
+    version = str(Version(dist.version).public)
+    base_dir = str(Path(profile.file).parent) if profile.file else "."
+    for source in profile.backend.sources:
+        listing = lister(source, version, filename, hub=profile.huggingface, base_dir=base_dir)
+        for asset in listing.assets:
+            if asset.name != filename or (asset.sha256 and asset.sha256 != dist.sha256):
+                continue
+            if asset.local_path:
+                return Push(asset.local_path, path, dist.sha256, what=f"push {filename} again from the wheelhouse")
+            token = profile.huggingface.token_env if source.kind == "huggingface" else None
+            return Fetch(asset.url, path, dist.sha256, asset.size, token_env=token, cache=profile.comfyui.checksums,
+                         what=f"download {filename} again (its kept copy is gone)")
+    return None
 
 
 def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheels) -> ResourcePlan:

@@ -23,7 +23,9 @@ from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.snapshots import (Checkout, Dist, HostSnapshots, HostState, ModelFile, Snapshot, WorkflowFile,
                                          folder, workflow_dirs)
-from provisioner.resources import backend, retention, service
+from provisioner.remote.snapshot import ID_RE
+from provisioner.catalog.requirements import HELD, HELD_PREFIX
+from provisioner.resources import backend, releases, retention, service, venv
 from provisioner.resources.base import RESTART, Change, Note, Put, ResourcePlan, Run, Step
 from provisioner.resources.plugin import git, same_repo
 
@@ -46,15 +48,25 @@ def profile_record(profile: Profile) -> dict[str, object]:
     return {"name": profile.name, "file": profile.file, "data": dict(profile.raw)}
 
 
+def index_sources(profile: Profile) -> dict[str, object]:
+    """What the snapshot program records each index distribution's source from: the venv
+    resource's torch source arguments for the torch family, the profile's pip settings for the rest."""
+    torch = profile.comfyui.torch
+    return {"pip": list(profile.pip.args()), "held": sorted(HELD), "held_prefix": HELD_PREFIX,
+            "torch": None if torch is None else list(venv.source_template(torch, profile))}
+
+
 def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
               protect: tuple[str, ...] = ()) -> Run:
     """Run the snapshot program: record the host, keep its wheel files, prune to `snapshots.keep`
-    (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one."""
+    (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one. An
+    `after` snapshot is taken once the changes were confirmed: it records a confirmed state."""
     spec = profile.comfyui
     request = remote.snapshot_request(
         mode="take", folder=folder(profile), root=spec.root, python=spec.python, checksums=spec.checksums,
         workflow_dirs=workflow_dirs(profile), taken=taken, profile=profile_record(profile),
-        keep=profile.snapshots.keep, protect=protect, reuse=reuse)
+        keep=profile.snapshots.keep, protect=protect, reuse=reuse, sources=index_sources(profile),
+        confirmed=taken.startswith("after"), units=service.recorded_units(profile))
     return Run(remote.argv("snapshot"), stdin=request, what=f"snapshot what the host runs ({taken})",
                timeout=TAKE_TIMEOUT_S, answer=answer)
 
@@ -66,9 +78,16 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
                         postlude=(take_step(profile, AFTER_APPLY, answer=AFTER),))
 
 
-def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
-    """The snapshot `ident` names (an id or the start of one), or by default the one taken before
-    the last apply: a rollback undoes it, and running it again changes nothing more."""
+def _unreadable_id(error: str) -> str:
+    """The id an error line of the snapshot program names (`ID.json: why`)."""
+    return error.split(".json", 1)[0] if ID_RE.match(error[:19]) else ""
+
+
+def choose(found: HostSnapshots, ident: str | None) -> tuple[Snapshot, str]:
+    """The snapshot `ident` names (an id or the start of one), or by default the newest confirmed
+    state an apply started from: a rollback undoes the last apply (and the broken state a failed
+    one left is skipped), and running it again changes nothing more. With the reason, for the plan.
+    A default whose candidate might be a snapshot that cannot be read stops: `--to` is the way past."""
     if ident:
         snap = found.find(ident)
         if snap is None:
@@ -78,31 +97,60 @@ def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
                                 f"{', …' if len(starts) > 4 else ''}): give more of it")
             have = ", ".join(s.id for s in found.snapshots[-5:]) or "none"
             raise PlanError(f"no snapshot {ident} on this host (its newest: {have}); `provision history` lists them")
-        return snap
+        return snap, "asked for by its id"
     before = [s for s in found.snapshots if s.taken == BEFORE_APPLY]
-    if not before:
-        raise PlanError("no snapshot was taken before an apply on this host: nothing to roll back to "
+    confirmed = [s for s in before if s.confirmed is not False]
+    newest = confirmed[-1].id if confirmed else ""
+    unreadable = sorted((e for e in found.errors if _unreadable_id(e) > newest), reverse=True)
+    if unreadable:
+        raise PlanError(f"snapshot {unreadable[0]} (unreadable) is newer than any this rollback could restore: it "
+                        "may be the state to return to, so nothing is changed; repair or remove it, or name the "
+                        "snapshot to restore with --to ID (`provision history` lists them)")
+    if not confirmed:
+        raise PlanError("no confirmed snapshot was taken before an apply on this host: nothing to roll back to "
                         "(`provision history` lists its snapshots; --to ID restores one)")
-    return before[-1]
+    skipped = [s.id for s in before if s.confirmed is False and s.id > newest]
+    why = "the newest confirmed state an apply started from"
+    if skipped:
+        why += (f"; skipped {', '.join(skipped)}: what a run that did not finish left, never confirmed "
+                "(--to ID restores one anyway)")
+    return confirmed[-1], why
 
 
 # --- the rollback: snapshot + state now -> changes ------------------------------------------------
 
 def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts | None = None,
-            at: datetime | None = None) -> ResourcePlan:
+            kept: Mapping[str, str] | None = None, lister: releases.Lister = releases.list_wheels,
+            why: str = "", at: datetime | None = None) -> ResourcePlan:
     """Changes that make the host run what `target` recorded; PlanError naming everything that
-    cannot be restored. With `facts`, the backend wheels the restored venv does not use go too.
+    cannot be restored. The venv is the venv resource's `exact` (`kept`: the kept wheels' sha256 as
+    the host reads them now; `lister`: where a gone one is found again). With `facts`, the backend
+    wheels the restored venv does not use go too.
     `at` names the folders moved aside (tests pin it)."""
     stamp = (at or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     problems: list[str] = []
+    state = "confirmed" if target.confirmed else "not confirmed" if target.confirmed is False else None
+    state = f"{state}, verified" if state and target.verified else f"{state}, failed verification" \
+        if state and target.verified is False else state
     notes: list[Note] = [Note(name, f"restores snapshot {target.id} ({target.taken}, {target.time}"
-                                    f"{', profile ' + target.profile if target.profile else ''})", "info")]
+                                    f"{', profile ' + target.profile if target.profile else ''}"
+                                    f"{', ' + state if state else ''}){': ' + why if why else ''}", "info")]
     found: list[Change | None] = [_core(profile, target.state.comfyui, now.comfyui, problems, notes)]
     for node in sorted(set(target.state.custom_nodes) | set(now.custom_nodes)):
         found.append(_node(profile, node, target.state.custom_nodes.get(node), now.custom_nodes.get(node),
                            stamp, problems, notes))
-    found.append(_venv(profile, target, now, problems))
+    try:
+        found.append(venv.exact(profile, target, now.distributions, now.venv_error, kept,
+                                lambda dist: backend.refetch(profile, dist, lister)))
+    except PlanError as err:
+        problems.append(str(err))
     found.extend(_workflows(target.state.workflows, now.workflows, notes))
+    try:
+        unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units)
+        found.extend(unit_changes)
+        notes.extend(unit_notes)
+    except PlanError as err:
+        problems.append(str(err))
     found.extend(_models(profile, target.state.models, now.models, notes))
     found.append(_unused_wheels(profile, target, facts))
     if problems:
@@ -215,58 +263,6 @@ def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | N
                   notify=RESTART, warnings=tuple(warnings))
 
 
-def _venv(profile: Profile, target: Snapshot, now: HostState, problems: list[str]) -> Change | None:
-    """Exactly the snapshot's distributions, torch included: what was added is uninstalled, what
-    changed or went is installed again `--no-deps` at its version (`NAME==VERSION` from the
-    profile's index, or the very wheel file it came from, kept with the snapshot)."""
-    want, have = target.state.distributions, now.distributions
-    if want is None:
-        problems.append(f"the snapshot could not read the venv ({target.state.venv_error}): its distributions "
-                        "cannot be restored")
-        return None
-    if have is None:
-        problems.append(f"the venv {profile.comfyui.venv} cannot be read ({now.venv_error})")
-        return None
-    added = sorted(set(have) - set(want))
-    back = sorted(k for k, d in want.items() if have.get(k) != d)
-    if not added and not back:
-        return None
-    python = profile.comfyui.python
-    steps: list[Step] = []
-    if added:
-        steps.append(Run((python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check",
-                          *(have[k].name for k in added)), what=f"pip uninstall {' '.join(added)}", timeout=1800.0))
-    specs: list[str] = []
-    for key in back:
-        dist = want[key]
-        if dist.kind == "index":
-            specs.append(f"{dist.name}=={dist.version}")
-        elif dist.kind == "url" and dist.url:
-            specs.append(dist.url)
-        elif dist.kind == "file" and dist.path and key in target.wheels:
-            steps += _put_back(target.wheels[key], dist.path)
-            specs.append(dist.path)
-        elif dist.kind == "file":
-            why = target.unkept.get(key, "not recorded")
-            problems.append(f"{dist.name} {dist.version} was installed from {dist.path}, which the snapshot could "
-                            f"not keep ({why})")
-        else:
-            problems.append(f"{dist.name} {dist.version} was installed from a {'folder' if dist.kind == 'dir' else 'VCS'} "
-                            f"({dist.url}): a rollback cannot reinstall it")
-    if specs:
-        # --no-deps: exactly these versions, nothing resolved; --force-reinstall: a same-version
-        # distribution from another file is replaced too.
-        steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--force-reinstall",
-                          "--disable-pip-version-check", *profile.pip.args(), *specs),
-                         what=f"pip install --no-deps {' '.join(specs)}", timeout=1800.0))
-    before = {k: have[k].shown if k in have else None for k in [*back, *added]}
-    after = {k: want[k].shown if k in want else None for k in [*back, *added]}
-    parts = [f"{want[k].name} {have[k].version if k in have else '(none)'} -> {want[k].version}" for k in back]
-    parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
-    return Change("venv", profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
-                  before, after, tuple(steps), notify=RESTART)
-
-
 def _unused_wheels(profile: Profile, target: Snapshot, facts: Facts | None) -> Change | None:
     """The backend wheels in provision's wheel folder that the restored venv does not use (what the
     apply being undone downloaded), removed as the backend change removes those it replaces."""
@@ -280,14 +276,6 @@ def _unused_wheels(profile: Profile, target: Snapshot, facts: Facts | None) -> C
     used = {posixpath.basename(d.path) for d in dists.values() if d.path}
     stale = [n for n in retention.stale_wheels(held, "nunchaku", keep) if n not in used]
     return retention.cleanup(backend.name, backend.wheel_dir(profile), stale, "wheels the restored backend does not use")
-
-
-def _put_back(kept: str, dest: str) -> tuple[Run, ...]:
-    """The kept wheel back at the path it was installed from, so pip records the same URL."""
-    tmp = f"{dest}.provision-tmp"
-    return (Run(("mkdir", "-p", posixpath.dirname(dest)), what=f"create {posixpath.dirname(dest)}"),
-            Run(("cp", kept, tmp), what=f"copy the kept {posixpath.basename(dest)}"),
-            Run(("mv", tmp, dest), what=f"put {posixpath.basename(dest)} back where it was installed from"))
 
 
 def _text(f: WorkflowFile | None) -> str | None:
@@ -398,6 +386,11 @@ def differences(old: HostState, new: HostState) -> list[str]:
             if a_w.get(file) != b_w.get(file):
                 verb = "added" if file not in a_w else "removed" if file not in b_w else "changed"
                 lines.append(f"workflow {posixpath.join(where, file)} {verb}")
+    if old.units is not None and new.units is not None:
+        for path in sorted(set(old.units) | set(new.units)):
+            if old.units.get(path) != new.units.get(path):
+                verb = "added" if path not in old.units else "removed" if path not in new.units else "changed"
+                lines.append(f"unit {path} {verb}")
     for path in sorted(set(old.models) | set(new.models)):
         m, n = old.models.get(path), new.models.get(path)
         if m == n:
