@@ -4,6 +4,7 @@ interpreter accepts (packaging.tags), installed by path with --no-deps and torch
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,3 +221,17 @@ def _same(installed: str, desired: str) -> bool:
         return Version(installed) == Version(desired)
     except InvalidVersion:
         return False
+
+
+def unused_wheels(profile: Profile, dists: Mapping[str, Dist], facts: Facts | None) -> Change | None:
+    """The backend wheels in provision's wheel folder that a restored venv (`dists`) does not use
+    (what the apply being undone downloaded), removed as `plan` removes those it replaces."""
+    held = facts.listings.get(wheel_dir(profile)) if facts else None
+    installed = dists.get("nunchaku")
+    try:
+        keep = Version(installed.version) if installed else None
+    except InvalidVersion:
+        return None
+    used = {posixpath.basename(d.path) for d in dists.values() if d.path}
+    stale = [n for n in retention.stale_wheels(held, "nunchaku", keep) if n not in used]
+    return retention.cleanup(name, wheel_dir(profile), stale, "wheels the restored backend does not use")
