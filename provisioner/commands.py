@@ -27,7 +27,7 @@ from provisioner.config.load import default_profile
 from provisioner.config.model import ClassSpeedSpec, Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, ConnectError, Interrupted, UsageError
+from provisioner.errors import ApplyError, ConnectError, Interrupted, ProvisionError, UsageError
 from provisioner.plan import render
 from provisioner.plan.build import HostPlan, build_plan, probe_for
 from provisioner.plan.fleet import Stop, run_fleet
@@ -212,18 +212,26 @@ def apply(args: argparse.Namespace, console: Console) -> int:
                          "--verify-gate (or rollout.verify_gate: true)")
     chosen = targets(args, loaded)
     if canary:
-        chosen = changing_first(args, chosen)
+        chosen = changing_first(args, chosen, canary)
     return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None)
 
 
-def changing_first(args: argparse.Namespace, chosen: list[Target]) -> list[Target]:
-    """The hosts whose plan changes something first (in inventory order), so the canary batch is made
-    of hosts the change reaches: a converged host tests nothing. Costs one plan per host."""
+def changing_first(args: argparse.Namespace, chosen: list[Target], canary: int) -> list[Target]:
+    """The first `canary` hosts whose plan changes something, in inventory order, then the rest:
+    a converged host tests nothing. Hosts are planned one by one until that many are found (one
+    round trip each), so hosts of later batches are not contacted before the canaries pass."""
     stop = Stop()
-    plans = fleet(args, chosen, planner_of(args, stop), stop)
-    if stop.why:
-        raise Interrupted(f"interrupted while choosing the canaries ({stop.why})")
-    changing = [t for t in chosen if not (isinstance(p := plans.get(t.host.name), HostPlan) and p.converged)]
+    work = planner_of(args, stop)
+    changing: list[Target] = []
+    for target in chosen:
+        if len(changing) == canary:
+            break
+        try:
+            found = work(target)
+            if found.changes and not found.errors:
+                changing.append(target)
+        except ProvisionError:
+            continue                            # it fails in its own batch, with its own reason
     return changing + [t for t in chosen if t not in changing]
 
 

@@ -157,7 +157,7 @@ def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_
                 "-> 2.6.0+cu126, torchvision 0.23.0+cu128 -> 0.21.0+cu126, uninstall torchaudio 2.8.0+cu128") in out
         assert "1 rolled back" in out
         assert state(host) == before                                # tree, pip freeze --all, plugin commit
-        assert not (host.comfy / ".provision" / "rollback-stage").exists()
+        assert not (host.comfy / ".provision" / "rollback-stage.provision-tmp").exists()
         print(out)
     finally:
         lab.overlays.pop(host.name, None)
@@ -222,6 +222,56 @@ def test_a_gated_unit_change_comfyui_rejects_is_rolled_back_and_comfyui_runs_aga
         host.stop()
 
 
+def test_a_kept_wheel_that_is_gone_is_fetched_again_and_checked_or_the_plan_names_it(lab: Lab) -> None:
+    """The backend moves 1.0.1 -> 1.2.1 (its old wheel file removed, as an apply does), then the
+    kept copy goes too (disk cleaned). `rollback --check` finds it gone when the rollback is
+    planned: with no backend source offering that file, a plan error naming it and nothing
+    changed; with the release source back in the profile, the file is downloaded again, checked
+    against the sha256 pip recorded, and the host ends exactly as before."""
+    (host,) = lab.add(1, torch="2.8.0+cu128")
+    converge(lab, host)
+    before = state(host)
+    house, tag = lab.root / "good-1.2.1", current_python_tag()
+    build_nunchaku_wheel_named(house, f"nunchaku-1.2.1+cu12.8torch2.8-{tag}-{tag}-linux_x86_64.whl")
+    lab.profile_extra.update(backend={"version": "1.2.1", "sources": [{"wheelhouse": str(house)}]})
+    lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    upgraded = state(host)
+    (kept,) = (host.comfy / ".provision" / "snapshots" / "wheels").glob("*/nunchaku-1.0.1+torch2.8-*.whl")
+    kept.unlink()
+    code, out = lab.run("rollback", "--limit", host.name, "--check")
+    assert code == 1, out
+    assert f"its kept wheel {kept} is gone or changed, and no backend source offers that file again" in out, out
+    assert state(host) == upgraded
+
+    lab.profile_extra.clear()
+    lab.write()
+    code, out = lab.run("rollback", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert "download nunchaku-1.0.1+torch2.8" in out or "nunchaku 1.2.1+cu12.8torch2.8 -> 1.0.1+torch2.8" in out, out
+    assert state(host) == before
+
+
+def test_a_restored_host_is_verified_with_the_snapshot_s_own_profile(lab: Lab, tmp_path: Path) -> None:
+    """The new profile requires a node the host's plugin does not have (and another sampler): the
+    restart's wait fails, the gate rolls back, and the restored host is verified with what its
+    snapshot's run required, so it passes instead of failing on the node it never had."""
+    (host,) = lab.add(1)
+    converge(lab, host)
+    before = state(host)
+    lab.profile_extra.update(verify={"required_nodes": ["NunchakuNewNode"]}, workflow={"sampler": "dpmpp_2m"})
+    lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--verify-gate", "--report", str(tmp_path))
+    assert code == 1, out
+    assert "verify gate: rolling back to snapshot" in out and "NunchakuNewNode" in out
+    assert "verifying the restored host: verified with the profile of the run that made snapshot " in out, out
+    entry = report(tmp_path)[host.name]
+    assert entry["rollout"]["result"] == "rolled_back"
+    assert entry["checks"] and all(c["passed"] for c in entry["checks"]), [c for c in entry["checks"] if not c["passed"]]
+    assert state(host) == before
+
+
 def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contacted(lab: Lab, tmp_path: Path) -> None:
     """ComfyUI-nunchaku v1.2.0 on a 0.3.64 core whose model.py mentions use_additional_t_cond in a
     comment: the compatibility guard (a grep) lets it through, ComfyUI loads it, and its DiT loader
@@ -264,6 +314,31 @@ def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contact
         assert f"after {canary.name} was rolled back" in entries[host.name]["rollout"]["reason"]
     junit = (tmp_path / "junit.xml").read_text()
     assert 'type="rolled_back"' in junit and junit.count("<skipped") == 2
+
+
+def test_the_canary_batch_is_made_of_hosts_the_change_reaches(lab: Lab) -> None:
+    """The first host already runs v1.2.0 (applied alone, without the gate): it would test nothing.
+    The canary is the first host whose plan changes something; it fails, is rolled back, and the
+    rollout stops before the rest."""
+    hosts = lab.add(3)
+    for host in hosts:
+        with (host.comfy / "comfy" / "ldm" / "qwen_image" / "model.py").open("a") as fh:
+            fh.write(FOOLED)
+    converge(lab, *hosts)
+    done, canary, last = hosts
+    lab.profile_extra.update(plugin={"tag": "v1.2.0"})
+    lab.write()
+    assert lab.run("apply", "--limit", done.name, "--no-verify")[0] == 2
+    after = state(done)
+    names = ":".join(h.name for h in hosts)
+    code, out = lab.run("apply", "--limit", names, "--verify-gate", "--canary", "1")
+    assert code == 1, out
+    assert "3 hosts: 0 changed, 0 unchanged, 0 failed, 1 rolled back, 2 left" in out, out
+    assert f"{canary.name} verify gate: rolling back to snapshot" in out
+    for host in (done, last):
+        assert f"{host.name}: left: {host.name}: not attempted: the verify gate stopped the rollout after " \
+               f"{canary.name} was rolled back" in out
+    assert state(done) == after
 
 
 UPGRADE = {"plugin": {"tag": "v1.0.2"}, "workflow": {"sampler": "dpmpp_2m"},

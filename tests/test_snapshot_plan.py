@@ -17,7 +17,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, parse_snapshot, parse_state
 from provisioner import remote
 from provisioner.remote import snapshot as snapshot_program
-from provisioner.plan.rollback import verification_profile
+from provisioner.plan.rollback import producer, verification_profile
 from provisioner.resources import snapshot
 from provisioner.resources.base import Fetch, Put, Run
 from provisioner.resources.releases import Asset, Listing
@@ -86,7 +86,7 @@ def test_the_same_state_plans_nothing_but_says_which_snapshot() -> None:
 
 
 KEPT = f"{ROOT}/.provision/snapshots/wheels/{'d' * 64}/n.whl"
-STAGE = f"{ROOT}/.provision/rollback-stage"
+STAGE = f"{ROOT}/.provision/rollback-stage.provision-tmp"
 TORCH_INDEX = "https://torch-mirror.example/whl/{flavour}"
 
 
@@ -112,9 +112,11 @@ def test_distributions_exactly_everything_fetched_and_checked_before_anything_ch
     p = profile(pip={"no_index": True, "find_links": ["/srv/wheelhouse"]},
                 comfyui={"root": ROOT, "restart": {"systemd": "comfyui"},
                          "torch": {"version": "2.6.0", "cuda": "12.4", "index_url": TORCH_INDEX}})
-    (change,) = snapshot.restore(p, snap(STATE), now(distributions=moved()), lister=no_release, at=NOW).changes
+    fetch, change = snapshot.restore(p, snap(STATE), now(distributions=moved()), lister=no_release, at=NOW).changes
     assert change.resource == "venv" and change.notify == frozenset({"restart-comfyui"})
-    clear, mkdir, get_index, get_torch, stage, install, uninstall, done = change.steps
+    assert (fetch.resource, fetch.key, fetch.notify) == ("venv", STAGE, frozenset())
+    clear, mkdir, get_index, get_torch, stage = fetch.steps
+    install, uninstall, done = change.steps
     assert argv_of(clear) == ("rm", "-rf", STAGE) and argv_of(mkdir) == ("mkdir", "-p", STAGE)
     assert argv_of(get_index) == (PY, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                                   "--dest", STAGE, "--no-index", "--find-links", "/srv/wheelhouse", "diffusers==0.35.2")
@@ -138,8 +140,8 @@ def test_distributions_exactly_everything_fetched_and_checked_before_anything_ch
 def test_the_sources_a_snapshot_recorded_win_over_the_profile_s() -> None:
     recorded = {"torch": ["--index-url", "https://old-mirror.example/whl/cu124"], "diffusers": ["--no-index"]}
     target = replace(snap(STATE), sources={k: tuple(v) for k, v in recorded.items()})
-    (change,) = snapshot.restore(profile(), target, now(distributions=moved()), lister=no_release, at=NOW).changes
-    downloads = [argv_of(s) for s in change.steps if isinstance(s, Run) and "download" in s.argv]
+    fetch, _ = snapshot.restore(profile(), target, now(distributions=moved()), lister=no_release, at=NOW).changes
+    downloads = [argv_of(s) for s in fetch.steps if isinstance(s, Run) and "download" in s.argv]
     assert [d[8:] for d in downloads] == [("--no-index", "diffusers==0.35.2"),
                                           ("--index-url", "https://old-mirror.example/whl/cu124", "torch==2.6.0+cu124")]
 
@@ -165,13 +167,12 @@ def test_a_kept_wheel_gone_or_changed_is_fetched_again_and_checked_or_the_plan_f
         assert (version, filename) == ("1.0.1", wheel)
         return Listing(source, "release", (Asset(wheel, "https://releases.example/" + wheel, 1234, "d" * 64),))
 
-    (change,) = snapshot.restore(profile(), snap(STATE), now(distributions=dists), kept=kept_now, lister=offers,
-                                 at=NOW).changes
-    (fetch,) = [s for s in change.steps if isinstance(s, Fetch)]
+    get, change = snapshot.restore(profile(), snap(STATE), now(distributions=dists), kept=kept_now, lister=offers,
+                                   at=NOW).changes
+    (fetch,) = [s for s in get.steps if isinstance(s, Fetch)]
     assert (fetch.url, fetch.dest, fetch.sha256) == ("https://releases.example/" + wheel, WHEEL, "d" * 64)
-    assert not any(isinstance(s, Run) and s.argv == remote.argv("snapshot") for s in change.steps)
-    order = [type(s).__name__ + (" ".join(s.argv[3:4]) if isinstance(s, Run) else "") for s in change.steps]
-    assert order.index("Fetch") < order.index("Runinstall") < order.index("Rununinstall")
+    assert not any(isinstance(s, Run) and s.argv == remote.argv("snapshot") for s in get.steps)
+    assert [s.argv[3] for s in change.steps if isinstance(s, Run) and "pip" in s.argv] == ["install", "uninstall"]
 
     with pytest.raises(PlanError) as err:
         snapshot.restore(profile(), snap(STATE), now(distributions=dists), kept=kept_now, lister=no_release, at=NOW)
@@ -197,6 +198,15 @@ def test_a_distribution_that_cannot_be_reinstalled_is_a_plan_error(kind: str, un
         snapshot.restore(profile(), snap(state, wheels={}, unkept=unkept), now(distributions=dists),
                          lister=no_release, at=NOW)
     assert message in str(err.value)
+
+
+def test_the_venv_s_fetch_comes_before_any_other_change_of_the_rollback() -> None:
+    """A package source that no longer serves a version must fail the rollback before the plugin
+    (or anything else) moved: the fetch is the first change, the install after the checkouts."""
+    nodes = {"ComfyUI-nunchaku": {**STATE["custom_nodes"]["ComfyUI-nunchaku"], "commit": V120, "tags": ["v1.2.0"]}}
+    changes = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes, distributions=moved()),
+                               lister=no_release, at=NOW).changes
+    assert [(c.resource, c.key) for c in changes] == [("venv", STAGE), ("custom_nodes", NODE), ("venv", f"{ROOT}/venv")]
 
 
 def test_plugin_back_to_its_commit_fetching_only_when_missing() -> None:
@@ -351,24 +361,33 @@ def test_backend_wheels_the_restored_venv_does_not_use_go_with_the_rollback() ->
     assert snapshot.restore(profile(), snap(STATE), now(), at=NOW).changes == ()      # no listing: nothing
 
 
-def test_a_restored_host_is_verified_with_the_snapshot_s_own_profile_or_the_report_says_why_not() -> None:
-    """The failed profile requires a node the restored plugin lacks, and another workflow: the
-    restored host is verified with what the snapshot's run required; how ComfyUI is reached stays."""
+def test_a_restored_host_is_verified_with_the_profile_of_the_run_that_made_its_state() -> None:
+    """The failed profile requires a node the restored plugin lacks, and another workflow. The
+    `before apply` snapshot restored records that failed profile (its run was about to change the
+    host); the state's own profile is the one the `after apply` snapshot of the earlier run
+    recorded. How ComfyUI is reached stays the profile given."""
     given = profile(verify={"required_nodes": ["NunchakuNewNode"]}, workflow={"steps": 8})
     old = {"comfyui": {"root": "/elsewhere", "port": 9999}, "verify": {"required_nodes": ["NunchakuOldNode"]},
            "workflow": {"sampler": "dpmpp_2m"}}
-    target = replace(snap(STATE), profile_data=old)
-    checked, line = verification_profile(given, target)
+    made = replace(snap(STATE, "20260301-100000-000", snapshot.AFTER_APPLY), profile_data=old)
+    target = replace(snap(STATE, "20260301-110000-000"), profile_data=dict(given.raw))
+    later = replace(snap(STATE, "20260301-120000-000", snapshot.AFTER_APPLY), profile_data=dict(given.raw))
+    moved = snap({**STATE, "comfyui_version": "0.3.65"}, "20260301-105000-000", snapshot.AFTER_APPLY)
+    found = HostSnapshots("h", (made, moved, target, later))
+    assert producer(found, target) == made                 # not `moved` (another state), not `later` (newer)
+    checked, line = verification_profile(given, target, made)
     assert checked.verify.required_nodes == ("NunchakuOldNode",) and checked.workflow.sampler == "dpmpp_2m"
-    assert checked.workflow.steps == profile().workflow.steps                 # the snapshot's: the default
+    assert checked.workflow.steps == profile().workflow.steps                 # that run's: the default
     assert (checked.comfyui.root, checked.comfyui.port) == (given.comfyui.root, given.comfyui.port)
-    assert line == ("verified with snapshot 20260301-110000-000's own profile (rtx3090: its workflow, required "
-                    "nodes and thresholds)")
-    same, line = verification_profile(given, replace(target, profile_data=None))
-    assert same is given and line == ("snapshot 20260301-110000-000 records no profile: the restored host is "
-                                      "verified with the profile given (rtx3090)")
-    same, line = verification_profile(given, replace(target, profile_data={"verify": {"warm_runs": "many"}}))
-    assert same is given and line.startswith("snapshot 20260301-110000-000's profile is not valid (verify.warm_runs")
+    assert line == ("verified with the profile of the run that made snapshot 20260301-110000-000's state (rtx3090, "
+                    "recorded in 20260301-100000-000: its workflow, required nodes and thresholds)")
+    same, line = verification_profile(given, target, None)
+    assert same is given and line == ("no snapshot records the run that made snapshot 20260301-110000-000's state: "
+                                      "the restored host is verified with the profile given (rtx3090)")
+    same, line = verification_profile(given, target, replace(made, profile_data=None))
+    assert same is given and line.startswith("snapshot 20260301-100000-000 records no profile")
+    same, line = verification_profile(given, target, replace(made, profile_data={"verify": {"warm_runs": "many"}}))
+    assert same is given and line.startswith("snapshot 20260301-100000-000's profile is not valid (verify.warm_runs")
 
 
 def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> None:

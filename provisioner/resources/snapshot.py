@@ -131,13 +131,17 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
     notes: list[Note] = [Note(name, f"restores snapshot {target.id} ({target.taken}, {target.time}"
                                     f"{', profile ' + target.profile if target.profile else ''}"
                                     f"{', ' + state if state else ''}){': ' + why if why else ''}", "info")]
-    found: list[Change | None] = [core.restore(profile, target.state.comfyui, now.comfyui, problems, notes)]
-    found.extend(plugin.restore_nodes(profile, target.state.custom_nodes, now.custom_nodes, stamp, problems, notes))
+    fetch, install = None, None
     try:
-        found.append(venv.exact(profile, target, now.distributions, now.venv_error, kept,
-                                lambda dist: backend.refetch(profile, dist, lister)))
+        fetch, install = venv.exact(profile, target, now.distributions, now.venv_error, kept,
+                                    lambda dist: backend.refetch(profile, dist, lister))
     except PlanError as err:
         problems.append(str(err))
+    # What the venv needs is fetched and checked before any change: a source that no longer serves
+    # a version fails the rollback while the host is still as it was.
+    found: list[Change | None] = [fetch, core.restore(profile, target.state.comfyui, now.comfyui, problems, notes)]
+    found.extend(plugin.restore_nodes(profile, target.state.custom_nodes, now.custom_nodes, stamp, problems, notes))
+    found.append(install)
     found.extend(workflow.restore(target.state.workflows, now.workflows, notes))
     try:
         unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units)

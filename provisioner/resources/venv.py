@@ -226,7 +226,9 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
 
 # --- a recorded set of distributions, exactly (a rollback's desired venv) ---------------------------
 
-STAGE = "rollback-stage"            # under comfyui.state_dir: what a restore fetched, before it changes anything
+# Under comfyui.state_dir: what a restore fetched, before it changes anything. A temporary name
+# (retention.is_temp): what a killed rollback left there is removed by the next run's plan.
+STAGE = "rollback-stage.provision-tmp"
 Refetch = Callable[[Dist], "Step | None"]
 
 
@@ -248,17 +250,18 @@ def index_source(profile: Profile, target: Snapshot, key: str, dist: Dist) -> tu
 
 
 def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, have_error: str | None,
-          kept_now: Mapping[str, str] | None, refetch: Refetch) -> Change | None:
-    """The venv holding exactly the distributions `target` recorded, torch and its family included.
+          kept_now: Mapping[str, str] | None, refetch: Refetch) -> tuple[Change | None, Change | None]:
+    """The venv holding exactly the distributions `target` recorded, torch and its family included,
+    as two changes: (fetch, install); a rollback runs the fetch before any other change.
 
-    Everything to install is fetched and checked first, into a stage folder beside provision's
-    records, while the venv is untouched: index distributions by `pip download --no-deps` from the
+    The fetch gets and checks everything to install into a stage folder beside provision's
+    records, while the host is untouched: index distributions by `pip download --no-deps` from the
     source each came from (the torch family from its torch index), kept wheels copied back to the
     path they were installed from and checked against their sha256 (one that is gone re-fetched
-    by `refetch`, or a PlanError naming it). Then one `pip install --no-deps --force-reinstall
-    --no-index` of the staged set (pip prepares everything before it replaces anything), and only
-    then what was added since is uninstalled: no step leaves the venv with fewer distributions
-    than either end state. PlanError naming everything that cannot be restored."""
+    by `refetch`, or a PlanError naming it). The install: one `pip install --no-deps
+    --force-reinstall --no-index` of the staged set (pip prepares everything before it replaces
+    anything), and only then what was added since is uninstalled: no step leaves the venv with
+    fewer distributions than either end state. PlanError naming everything that cannot be restored."""
     want = target.state.distributions
     if want is None:
         raise PlanError(f"the snapshot could not read the venv ({target.state.venv_error}): its distributions "
@@ -268,7 +271,7 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     added = sorted(set(have) - set(want))
     back = sorted(k for k, d in want.items() if have.get(k) != d)
     if not added and not back:
-        return None
+        return None, None
     python, stage = profile.comfyui.python, stage_dir(profile)
     problems: list[str] = []
     by_source: dict[tuple[str, ...], list[str]] = {}
@@ -303,16 +306,20 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
                             f"{'folder' if dist.kind == 'dir' else 'VCS'} ({dist.url}): a rollback cannot reinstall it")
     if problems:
         raise PlanError("; ".join(problems))
-    steps: list[Step] = [Run(("rm", "-rf", stage), what="clear the rollback's stage folder"),
-                         Run(("mkdir", "-p", stage), what="create the rollback's stage folder")]
+    get: list[Step] = [Run(("rm", "-rf", stage), what="clear the rollback's stage folder"),
+                       Run(("mkdir", "-p", stage), what="create the rollback's stage folder")]
     for args, pins in by_source.items():
-        steps.append(Run((python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                          "--dest", stage, *args, *pins),
-                         what=f"fetch {' '.join(pins)} before anything changes", timeout=profile.timeouts.pip_s))
+        get.append(Run((python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                        "--dest", stage, *args, *pins),
+                       what=f"fetch {' '.join(pins)} before anything changes", timeout=profile.timeouts.pip_s))
     if kept:
-        steps.append(Run(remote.argv("snapshot"), stdin=remote.stage_request(snapshots.folder(profile), kept),
-                         what=f"put back and check {len(kept)} kept wheel(s)"))
-    steps += fetched
+        get.append(Run(remote.argv("snapshot"), stdin=remote.stage_request(snapshots.folder(profile), kept),
+                       what=f"put back and check {len(kept)} kept wheel(s)"))
+    get += fetched
+    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv "
+                   "before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
+                   tuple(get)) if back else None
+    steps: list[Step] = []
     if specs:
         # --no-deps: exactly these versions, nothing resolved; --force-reinstall: a same-version
         # distribution from another file is replaced too; --no-index: only what was fetched above.
@@ -328,5 +335,5 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     after = {k: want[k].shown if k in want else None for k in [*back, *added]}
     parts = [f"{want[k].name} {have[k].version if k in have else '(none)'} -> {want[k].version}" for k in back]
     parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
-    return Change(name, profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
-                  before, after, tuple(steps), notify=RESTART)
+    return fetch, Change(name, profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
+                         before, after, tuple(steps), notify=RESTART)
