@@ -196,6 +196,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     after: dict[str, object] = {"torch": goal.shown, "cuda": goal.cuda,
                                 "from": " ".join(source_args(spec.torch, profile, goal.flavour)) or "pip's index"}
     steps: list[Step] = []
+    warnings: list[str] = []
     action: Action
     if not kept:
         base = _base(facts)
@@ -216,12 +217,18 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
                          what="uninstall torch, torchvision, torchaudio"))
         steps.append(_install_torch(profile, goal))
         summary = f"torch {env.torch or '(none)'} -> {goal.shown} (the backend wheel is chosen for it)"
+        old = [f"{d.name} {d.version}" for n in TRIO if (d := env.distributions.get(n)) is not None]
+        flavour = Version(env.torch).local if env.torch else None
+        if old and flavour:
+            warnings.append(f"a rollback of this change fetches {', '.join(old)} again from "
+                            f"{' '.join(source_args(spec.torch, profile, flavour))} (their wheels are not kept): "
+                            "it can only undo it while that source still serves those builds")
     else:
         action, before = "update", {n: None for n in missing}
         steps.append(_install_torch(profile, goal))
         summary = f"pip install {', '.join(missing)} for torch {env.torch}"
-    return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART),
-                   notes=notes)
+    return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART,
+                          warnings=tuple(warnings)), notes=notes)
 
 
 # --- a recorded set of distributions, exactly (a rollback's desired venv) ---------------------------
