@@ -13,6 +13,7 @@ import gc
 import io
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,6 +45,17 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: give at least 1")
     return value
+
+
+# A snapshot id (`YYYYMMDD-HHMMSS-mmm`, remote/snapshot.py) or its start.
+_SNAPSHOT_ID = re.compile(r"\d{1,8}|\d{8}-\d{0,6}|\d{8}-\d{6}-\d{0,3}")
+
+
+def _snapshot_id(text: str) -> str:
+    if not _SNAPSHOT_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a snapshot id (YYYYMMDD-HHMMSS-mmm, or its start, "
+                                         "as `provision history` lists them)")
+    return text
 
 
 def _number(text: str) -> float:
@@ -169,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("rollback", help="restore the snapshot taken before the last apply (or --to ID)")
     _common(p)
-    p.add_argument("--to", metavar="ID", help="the snapshot to restore: an id `provision history` lists, or "
+    p.add_argument("--to", metavar="ID", type=_snapshot_id, help="the snapshot to restore: an id `provision history` lists, or "
                    "its start (default: the one taken before the last apply on each host)")
     p.add_argument("--check", action="store_true", help="show what the rollback would change; change nothing")
     _changing(p)

@@ -31,7 +31,7 @@ from provisioner.config.lock import Lock
 from provisioner.config.model import ClassSpeedSpec, Profile
 from provisioner.connection import ConnectOptions, open_connection
 from provisioner.connection.base import Connection
-from provisioner.errors import ApplyError, ConnectError, Interrupted, UsageError
+from provisioner.errors import ApplyError, ConnectError, Interrupted, ProvisionError, UsageError
 from provisioner.plan import render
 from provisioner.plan.build import HostPlan, probe_for
 from provisioner.plan.fleet import Stop, run_fleet
@@ -196,20 +196,25 @@ def refresh_hub(args: argparse.Namespace) -> None:
         hub.clear_cache()
 
 
-def plan(args: argparse.Namespace, console: Console) -> int:
+def planner_of(args: argparse.Namespace, stop: Stop) -> Callable[[Target], HostPlan]:
+    """A host's plan: one connection, one facts round trip, every resource asked."""
     from provisioner.plan.apply import profile_planner
 
     options = connect_options(args)
-    refresh_hub(args)
-    stop = Stop()
 
     def work(target: Target) -> HostPlan:
         with connected(target, options, stop) as conn:
             return profile_planner(target.profile)(conn)
 
+    return work
+
+
+def plan(args: argparse.Namespace, console: Console) -> int:
+    refresh_hub(args)
+    stop = Stop()
     chosen = targets(args, with_lock=True)
     read_secrets(chosen)
-    results = fleet(args, chosen, work, stop)
+    results = fleet(args, chosen, planner_of(args, stop), stop)
     if stop.why:
         return show_stopped(results, stop, console)
     show_plans(results, console, args)
@@ -250,11 +255,36 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     if gate and args.no_verify:
         raise UsageError("--verify-gate needs the verification: drop --no-verify "
                          f"(or set rollout.verify_gate: false in {args.profile})")
+    if canary and not gate:
+        said = f"--canary {canary}" if args.canary is not None else f"rollout.canary: {canary} in {args.profile}"
+        raise UsageError(f"{said} needs the verify gate: without it a failing canary stops nothing; add "
+                         "--verify-gate (or rollout.verify_gate: true)")
     chosen = targets(args, loaded, with_lock=True)
+    if canary:
+        chosen = changing_first(args, chosen, canary)
     try:
         return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None)
     finally:
         say_lock(chosen, console)
+
+
+def changing_first(args: argparse.Namespace, chosen: list[Target], canary: int) -> list[Target]:
+    """The first `canary` hosts whose plan changes something, in inventory order, then the rest:
+    a converged host tests nothing. Hosts are planned one by one until that many are found (one
+    round trip each), so hosts of later batches are not contacted before the canaries pass."""
+    stop = Stop()
+    work = planner_of(args, stop)
+    changing: list[Target] = []
+    for target in chosen:
+        if len(changing) == canary:
+            break
+        try:
+            found = work(target)
+            if found.changes and not found.errors:
+                changing.append(target)
+        except ProvisionError:
+            continue                            # it fails in its own batch, with its own reason
+    return changing + [t for t in chosen if t not in changing]
 
 
 def rollback(args: argparse.Namespace, console: Console) -> int:
@@ -463,6 +493,7 @@ def history(args: argparse.Namespace, console: Console) -> int:
     """Each host's snapshots, oldest first, with what changed since the one before; then whether
     the host still runs what the newest recorded. One round trip per host."""
     from provisioner.facts.snapshots import HostSnapshots, read_snapshots
+    from provisioner.resources import service
     from provisioner.resources.snapshot import differences
 
     options = connect_options(args)
@@ -470,7 +501,7 @@ def history(args: argparse.Namespace, console: Console) -> int:
 
     def work(target: Target) -> HostSnapshots:
         with connected(target, options, stop) as conn:
-            return read_snapshots(conn, target.profile, now=True)
+            return read_snapshots(conn, target.profile, now=True, units=service.recorded_units(target.profile))
 
     results = fleet(args, targets(args), work, stop)
     if stop.why:
@@ -487,11 +518,12 @@ def history(args: argparse.Namespace, console: Console) -> int:
         for snap in found.snapshots:
             lines: list[str] = differences(previous.state, snap.state) if previous else []
             console.print(f"  [cyan]{snap.id}[/]  {escape(snap.time)}  {escape(snap.taken):<15}  "
-                          f"profile {escape(snap.profile or '?')}"
+                          f"profile {escape(snap.profile or '?')}{_confirmation(snap)}"
                           + ("" if previous is None or lines else "  [dim](same as the one before)[/]"))
             for line in lines:
                 console.print(f"      {escape(line)}", highlight=False)
             entries.append({"id": snap.id, "time": snap.time, "taken": snap.taken, "profile": snap.profile,
+                            "confirmed": snap.confirmed, "verified": snap.verified,
                             "changes": lines if previous else None, "unkept": dict(snap.unkept)})
             previous = snap
         now = differences(previous.state, found.now) if previous and found.now else None
@@ -505,6 +537,14 @@ def history(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         emit(json.dumps(out, indent=2))
     return EXIT_FAILED if any(isinstance(r, BaseException) for r in results.values()) else EXIT_OK
+
+
+def _confirmation(snap: Any) -> str:
+    """`history`'s word on a snapshot's state: not confirmed (a run that did not finish left it),
+    verified, or failed verification; nothing for a confirmed one never verified (or an old record)."""
+    if snap.confirmed is False:
+        return "  [yellow]not confirmed[/]"
+    return {True: "  [green]verified[/]", False: "  [red]failed verification[/]"}.get(snap.verified, "")
 
 
 def facts(args: argparse.Namespace, console: Console) -> int:

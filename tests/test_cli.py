@@ -63,6 +63,10 @@ def test_version_and_help_are_fast_and_clean() -> None:
     (["apply", "p.yaml", "--canary", "0"], "--canary: 0: give at least 1"),
     (["rollback"], "the following arguments are required: profile"),
     (["history", "p.yaml", "--to", "x"], "unrecognized arguments: --to x"),
+    (["rollback", "p.yaml", "--to", ""], "--to: '' is not a snapshot id (YYYYMMDD-HHMMSS-mmm, or its start"),
+    (["rollback", "p.yaml", "--to", "../../etc"], "--to: '../../etc' is not a snapshot id"),
+    (["rollback", "p.yaml", "--to", "20261129-1144261"], "is not a snapshot id"),
+    (["rollback", "p.yaml", "--to", "latest"], "--to: 'latest' is not a snapshot id"),
 ])
 def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> None:
     code, out = run(*argv)
@@ -78,6 +82,23 @@ def test_a_verify_gate_without_verification_is_bad_input(tmp_path: Path) -> None
     profile.write_text(profile.read_text() + "rollout: {verify_gate: true}\n")
     code, out = run("apply", str(profile), "--no-verify")
     assert code == 3 and "rollout.verify_gate: false" in out, out
+
+
+def test_a_canary_without_the_verify_gate_is_refused_with_the_reason(tmp_path: Path) -> None:
+    inventory = write(tmp_path / "inv.yaml", "all: {hosts: {gpu-01: {ansible_host: 127.0.0.1}}}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    code, out = run("apply", str(profile), "--canary", "1")
+    assert code == 3 and out.count("\n") == 1, out
+    assert ("--canary 1 needs the verify gate: without it a failing canary stops nothing; add --verify-gate "
+            "(or rollout.verify_gate: true)") in out
+    profile.write_text(profile.read_text() + "rollout: {canary: 2}\n")
+    code, out = run("apply", str(profile))
+    assert code == 3 and f"rollout.canary: 2 in {profile} needs the verify gate" in out, out
+
+
+def test_snapshot_ids_and_their_starts_are_kept() -> None:
+    for ident in ("2026", "20261129", "20261129-", "20261129-1144", "20261129-114426-454"):
+        assert cli.build_parser().parse_args(["rollback", "p.yaml", "--to", ident]).to == ident
 
 
 def test_good_rolling_arguments_are_kept() -> None:

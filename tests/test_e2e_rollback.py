@@ -135,6 +135,143 @@ def test_a_backend_that_does_not_import_is_rolled_back_exactly(lab: Lab, tmp_pat
     assert code == 0, out
 
 
+def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_venv(lab: Lab, tmp_path: Path) -> None:
+    """torch 2.6.0+cu126 -> 2.8.0+cu128 (an RTX 5090 host), and the backend wheel that follows it
+    does not import. The rollback fetches torch 2.6.0+cu126 and its torchvision from the torch
+    index again (the package wheelhouse has no torch, as the real index has no `+cu126` build),
+    puts back the kept nunchaku wheel, and only then uninstalls what the move added."""
+    (host,) = lab.add(1, gpu="rtx5090", torch="2.6.0+cu126")
+    try:
+        converge(lab, host)
+        before = state(host)
+        assert "torch==2.6.0+cu126" in before[1] and "torchaudio" not in before[1]
+        lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"], "torch": {
+            "version": "2.8.0", "cuda": "12.8", "index_url": None,
+            "find_links": [f"{lab.world.torch_wheelhouse}/{{flavour}}"]}}}
+        lab.profile_extra.update(backend={"sources": [{"wheelhouse": str(broken_backend(lab, "1.0.1", "torch2.8"))}]})
+        lab.write()
+        code, out = lab.run("apply", "--limit", host.name, "--verify-gate")
+        assert code == 1, out
+        assert "~ venv torch 2.6.0+cu126 -> 2.8.0+cu128" in out and "verify gate: rolling back to snapshot" in out
+        assert ("venv: distributions as in the snapshot: nunchaku 1.0.1+torch2.8 -> 1.0.1+torch2.6, torch 2.8.0+cu128 "
+                "-> 2.6.0+cu126, torchvision 0.23.0+cu128 -> 0.21.0+cu126, uninstall torchaudio 2.8.0+cu128") in out
+        assert "1 rolled back" in out
+        assert state(host) == before                                # tree, pip freeze --all, plugin commit
+        assert not (host.comfy / ".provision" / "rollback-stage.provision-tmp").exists()
+        print(out)
+    finally:
+        lab.overlays.pop(host.name, None)
+        lab.write()
+
+
+def test_after_a_failed_apply_and_a_re_run_the_default_rollback_restores_the_last_confirmed_state(lab: Lab) -> None:
+    """The apply checks out v1.0.2 and then fails (a package no source has yet); the re-run's
+    `before apply` snapshot records that half-applied host, which no run confirmed. The default
+    rollback skips it, says so, and restores the state before the first attempt."""
+    (host,) = lab.add(1)
+    converge(lab, host)
+    first = state(host)
+    lab.profile_extra.update(plugin={"tag": "v1.0.2"}, packages=["diffusers>=0.35", "peft>=0.17", "sandbox-late>=1.0"])
+    lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 1 and "sandbox-late" in out, out
+    build_wheel(lab.world.wheelhouse, "sandbox-late", "1.0", {"sandbox_late/__init__.py": ""})
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    snaps = history(lab, host)
+    assert [(s["taken"], s["confirmed"]) for s in snaps[-3:]] == [
+        ("before apply", True), ("before apply", False), ("after apply", True)]
+    code, out = lab.run("history", "--limit", host.name)
+    assert f"{snaps[-2]['id']}" in out and "not confirmed" in out
+
+    code, out = lab.run("rollback", "--limit", host.name, "--check")
+    assert code == 2, out
+    assert (f"restores snapshot {snaps[-3]['id']} (before apply" in out and
+            f"skipped {snaps[-2]['id']}: what a run that did not finish left, never confirmed" in out), out
+    code, out = lab.run("rollback", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert state(host) == first
+
+
+def test_a_gated_unit_change_comfyui_rejects_is_rolled_back_and_comfyui_runs_again(lab: Lab) -> None:
+    """Under `comfyui.service: systemd` the unit is part of every snapshot: a launch argument
+    ComfyUI rejects (it exits 2, `unrecognized arguments`) kills it at the restart; the gate
+    rewrites the unit as the snapshot recorded it, restarts it, and ComfyUI runs and generates again."""
+    (host,) = lab.add_bare(1)
+    lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"], **lab.world.core_overrides()}}
+    lab.write()
+    try:
+        assert lab.run("apply", "--limit", host.name, "--no-verify")[0] == 2
+        unit = host.unit_dir / "comfyui.service"
+        good, installed = unit.read_text(), freeze(host)
+        lab.overlays[host.name]["comfyui"]["args"] = ["--no-such-flag"]
+        lab.write()
+        code, out = lab.run("apply", "--limit", host.name, "--verify-gate")
+        assert code == 1, out
+        assert "~ service rewrite unit comfyui" in out and "verify gate: rolling back to snapshot" in out
+        assert "unrecognized arguments: --no-such-flag" in out                      # ComfyUI's own words, logged
+        assert "~ service rewrite unit comfyui.service as in the snapshot" in out
+        assert "1 rolled back" in out and f"{host.name} PASS generation" in out
+        assert unit.read_text() == good and freeze(host) == installed
+        assert host.systemctl("is-active", "comfyui").stdout.strip() == "active"
+        snaps = history(lab, host)
+        assert f"unit {unit} changed" in snaps[-1]["changes"]
+    finally:
+        lab.overlays.pop(host.name, None)
+        lab.write()
+        host.stop()
+
+
+def test_a_kept_wheel_that_is_gone_is_fetched_again_and_checked_or_the_plan_names_it(lab: Lab) -> None:
+    """The backend moves 1.0.1 -> 1.2.1 (its old wheel file removed, as an apply does), then the
+    kept copy goes too (disk cleaned). `rollback --check` finds it gone when the rollback is
+    planned: with no backend source offering that file, a plan error naming it and nothing
+    changed; with the release source back in the profile, the file is downloaded again, checked
+    against the sha256 pip recorded, and the host ends exactly as before."""
+    (host,) = lab.add(1, torch="2.8.0+cu128")
+    converge(lab, host)
+    before = state(host)
+    house, tag = lab.root / "good-1.2.1", current_python_tag()
+    build_nunchaku_wheel_named(house, f"nunchaku-1.2.1+cu12.8torch2.8-{tag}-{tag}-linux_x86_64.whl")
+    lab.profile_extra.update(backend={"version": "1.2.1", "sources": [{"wheelhouse": str(house)}]})
+    lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    upgraded = state(host)
+    (kept,) = (host.comfy / ".provision" / "snapshots" / "wheels").glob("*/nunchaku-1.0.1+torch2.8-*.whl")
+    kept.unlink()
+    code, out = lab.run("rollback", "--limit", host.name, "--check")
+    assert code == 1, out
+    assert f"its kept wheel {kept} is gone or changed, and no backend source offers that file again" in out, out
+    assert state(host) == upgraded
+
+    lab.profile_extra.clear()
+    lab.write()
+    code, out = lab.run("rollback", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert "download nunchaku-1.0.1+torch2.8" in out or "nunchaku 1.2.1+cu12.8torch2.8 -> 1.0.1+torch2.8" in out, out
+    assert state(host) == before
+
+
+def test_a_restored_host_is_verified_with_the_snapshot_s_own_profile(lab: Lab, tmp_path: Path) -> None:
+    """The new profile requires a node the host's plugin does not have (and another sampler): the
+    restart's wait fails, the gate rolls back, and the restored host is verified with what its
+    snapshot's run required, so it passes instead of failing on the node it never had."""
+    (host,) = lab.add(1)
+    converge(lab, host)
+    before = state(host)
+    lab.profile_extra.update(verify={"required_nodes": ["NunchakuNewNode"]}, workflow={"sampler": "dpmpp_2m"})
+    lab.write()
+    code, out = lab.run("apply", "--limit", host.name, "--verify-gate", "--report", str(tmp_path))
+    assert code == 1, out
+    assert "verify gate: rolling back to snapshot" in out and "NunchakuNewNode" in out
+    assert "verifying the restored host: verified with the profile of the run that made snapshot " in out, out
+    entry = report(tmp_path)[host.name]
+    assert entry["rollout"]["result"] == "rolled_back"
+    assert entry["checks"] and all(c["passed"] for c in entry["checks"]), [c for c in entry["checks"] if not c["passed"]]
+    assert state(host) == before
+
+
 def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contacted(lab: Lab, tmp_path: Path) -> None:
     """ComfyUI-nunchaku v1.2.0 on a 0.3.64 core whose model.py mentions use_additional_t_cond in a
     comment: the compatibility guard (a grep) lets it through, ComfyUI loads it, and its DiT loader
@@ -178,6 +315,31 @@ def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contact
         assert f"after {canary.name} was rolled back" in entries[host.name]["rollout"]["reason"]
     junit = (tmp_path / "junit.xml").read_text()
     assert 'type="rolled_back"' in junit and junit.count("<skipped") == 2
+
+
+def test_the_canary_batch_is_made_of_hosts_the_change_reaches(lab: Lab) -> None:
+    """The first host already runs v1.2.0 (applied alone, without the gate): it would test nothing.
+    The canary is the first host whose plan changes something; it fails, is rolled back, and the
+    rollout stops before the rest."""
+    hosts = lab.add(3)
+    for host in hosts:
+        with (host.comfy / "comfy" / "ldm" / "qwen_image" / "model.py").open("a") as fh:
+            fh.write(FOOLED)
+    converge(lab, *hosts)
+    done, canary, last = hosts
+    lab.profile_extra.update(plugin={"tag": "v1.2.0"})
+    lab.write()
+    assert lab.run("apply", "--limit", done.name, "--no-verify")[0] == 2
+    after = state(done)
+    names = ":".join(h.name for h in hosts)
+    code, out = lab.run("apply", "--limit", names, "--verify-gate", "--canary", "1")
+    assert code == 1, out
+    assert "3 hosts: 0 changed, 0 unchanged, 0 failed, 1 rolled back, 2 left" in out, out
+    assert f"{canary.name} verify gate: rolling back to snapshot" in out
+    for host in (done, last):
+        assert f"{host.name}: left: {host.name}: not attempted: the verify gate stopped the rollout after " \
+               f"{canary.name} was rolled back" in out
+    assert state(done) == after
 
 
 UPGRADE = {"plugin": {"tag": "v1.0.2"}, "workflow": {"sampler": "dpmpp_2m"},

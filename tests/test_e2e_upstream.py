@@ -44,7 +44,9 @@ def test_packages_change_keeps_torch(lab: Lab, converged: LabHost) -> None:
     newest release wants a newer torch. pip alone upgrades torch under the nunchaku wheel; the
     plan's constraints file holds it, and pip takes the timm that fits."""
     house = lab.world.wheelhouse
-    build_torch_wheel(house, "2.8.0+cu128", "12.8")
+    # As on the real package index: its torch is the default build, never a `+cu128` (those live
+    # on the torch index only).
+    build_torch_wheel(house, "2.8.0", "12.8")
     build_wheel(house, "timm", "1.0.19", {"timm/__init__.py": ""}, requires=["torch"])
     build_wheel(house, "timm", "1.0.20", {"timm/__init__.py": ""}, requires=["torch>=2.8"])
     assert installed_torch(converged.sandbox.venv) == "2.6.0+cu124"
@@ -53,7 +55,7 @@ def test_packages_change_keeps_torch(lab: Lab, converged: LabHost) -> None:
     report = subprocess.run([python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", "--no-index",
                              "--find-links", str(house), "timm>=1.0"], capture_output=True, text=True, check=True)
     would = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.stdout)["install"]}
-    assert would == {"timm": "1.0.20", "torch": "2.8.0+cu128"}
+    assert would == {"timm": "1.0.20", "torch": "2.8.0"}
 
     lab.profile_extra["packages"] = ["diffusers>=0.35", "peft>=0.17", "transformers>=4.54",
                                      "accelerate>=1.10", "timm>=1.0"]

@@ -164,3 +164,18 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path,
     after = _installed(python)
     assert after["demo-pkg"] == "2.0"
     assert packages.plan(profile, make_facts(python, after)).changes == ()
+
+
+def test_a_change_that_replaces_installed_versions_says_its_undo_depends_on_the_index() -> None:
+    """Said in the plan, before anything changes: pip's wheels of what this change replaces are not
+    kept, so a rollback fetches them from the index again. Adding a package replaces nothing."""
+    profile = make_profile({"backend": {"version": "1.2.1"}, "plugin": {"tag": "v1.2.1"},
+                            "pip": {"index_url": "https://pkgs.example/simple"}})
+    facts = make_facts(profile.comfyui.python, {**READY, "diffusers": "0.35.2"})
+    (change,) = packages.plan(profile, facts).changes
+    assert change.warnings == ("a rollback of this change fetches diffusers 0.35.2 again from --index-url "
+                               "https://pkgs.example/simple (their wheels are not kept): it can only undo it while "
+                               "that source still serves those versions",)
+    bare = make_facts(profile.comfyui.python, {n: v for n, v in READY.items() if n != "diffusers"})
+    (added,) = packages.plan(profile, bare).changes
+    assert added.warnings == ()

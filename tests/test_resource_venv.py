@@ -148,3 +148,17 @@ def test_backend_and_packages_plan_for_the_torch_the_venv_will_have() -> None:
     assert wheel.after["wheel"] == "nunchaku-1.0.1+torch2.8-cp311-cp311-linux_x86_64.whl"
     (pip,) = packages.plan(p, bare).changes
     assert "diffusers>=0.35.1" in pip.summary and "torchvision" not in pip.summary   # held, planned with torch
+
+
+def test_a_torch_move_says_before_it_runs_that_its_undo_depends_on_the_torch_index() -> None:
+    """The torch family's wheels are not kept: a rollback fetches the old build from its torch
+    index again (as the venv resource installs it), and the plan says so before anything changes."""
+    (moved,) = venv.plan(profile({"version": "2.8.0", "cuda": "12.6", "index_url": "https://torch-mirror.example/whl/{flavour}"}),
+                         facts(installed("2.6.0+cu124", "12.4"), gpus=(gpu("570.133.07"),))).changes
+    assert moved.warnings == ("a rollback of this change fetches torch 2.6.0+cu124, torchvision 0.21.0+cu124, "
+                              "torchaudio 2.6.0+cu124 again from --index-url https://torch-mirror.example/whl/cu124 "
+                              "(their wheels are not kept): it can only undo it while that source still serves "
+                              "those builds",)
+    no_audio = installed("2.6.0+cu124", "12.4")
+    no_audio = replace(no_audio, distributions={k: d for k, d in no_audio.distributions.items() if k != "torchaudio"})
+    assert venv.plan(profile(), facts(no_audio)).changes[0].warnings == ()     # adding replaces nothing

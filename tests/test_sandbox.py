@@ -20,7 +20,7 @@ from provisioner.sandbox.gitrepo import add_plugin_tag, make_plugin_repo
 from provisioner.sandbox.host import (gpu_config, install_nvidia_smi, installed_torch, make_sandbox_host,
                                       make_venv_template, own_scripts, set_vram_used)
 from provisioner.sandbox.wheels import (build_impostor_nunchaku, build_nunchaku_wheel,
-                                        build_package_wheelhouse, build_torch_wheel, build_wheel,
+                                        build_package_wheelhouse, build_torch_wheel, build_torch_wheelhouse, build_wheel,
                                         current_python_tag)
 
 QUERY = "index,name,uuid,memory.total,memory.used,memory.free,driver_version,compute_cap,pci.bus_id"
@@ -298,3 +298,21 @@ def test_what_a_host_venv_runs_needs_only_the_standard_library() -> None:
     code = f"import sys; sys.path.insert(0, {str(repo)!r}); " + "; ".join(f"import {m}" for m in modules)
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_torch_is_an_index_install_and_only_the_torch_index_serves_its_builds(tmp_path: Path, template: Path) -> None:
+    """As in the real world: a venv's torch was installed by name from PyTorch's index (pip keeps no
+    direct_url.json for it), and the package wheelhouse serves no `+cuXYZ` torch build; only the
+    per-flavour torch wheelhouse does. A rollback that asks the wrong one fails here as it would there."""
+    assert not list(template.glob("lib/python3*/site-packages/torch-*.dist-info/direct_url.json"))
+    assert list(template.glob("lib/python3*/site-packages/torch-*.dist-info/METADATA"))
+    house, torch_index = build_package_wheelhouse(tmp_path / "wheelhouse"), build_torch_wheelhouse(tmp_path / "torch")
+    python = str(template / "bin" / "python")
+
+    def download(*args: str) -> int:
+        return subprocess.run([python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                               "--dest", str(tmp_path / "got"), "--no-index", *args, "torch==2.6.0+cu124"],
+                              capture_output=True).returncode
+
+    assert download("--find-links", str(house)) != 0
+    assert download("--find-links", str(house), "--find-links", str(torch_index / "cu124")) == 0

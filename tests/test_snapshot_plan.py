@@ -4,6 +4,9 @@ JSON shape) in, the changes that restore it out; the default snapshot; history's
 from __future__ import annotations
 
 import copy
+import json
+import posixpath
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,8 +16,12 @@ from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
 from provisioner.remote import git_argv
 from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, parse_snapshot, parse_state
+from provisioner import remote
+from provisioner.remote import snapshot as snapshot_program
+from provisioner.plan.rollback import producer, verification_profile
 from provisioner.resources import snapshot
-from provisioner.resources.base import Put, Run
+from provisioner.resources.base import Fetch, Put, Run
+from provisioner.resources.releases import Asset, Listing
 
 ROOT = "/srv/ComfyUI"
 NODE = f"{ROOT}/custom_nodes/ComfyUI-nunchaku"
@@ -79,34 +86,105 @@ def test_the_same_state_plans_nothing_but_says_which_snapshot() -> None:
     assert post.answer == snapshot.AFTER and b'"taken": "after rollback"' in (post.stdin or b"")
 
 
-def test_distributions_exactly_torch_included_wheels_from_the_kept_file() -> None:
+KEPT = f"{ROOT}/.provision/snapshots/wheels/{'d' * 64}/n.whl"
+STAGE = f"{ROOT}/.provision/rollback-stage.provision-tmp"
+TORCH_INDEX = "https://torch-mirror.example/whl/{flavour}"
+
+
+def no_release(source: Any, version: str, filename: str, **_: Any) -> Listing:
+    return Listing(source, "nowhere", ())
+
+
+def moved() -> dict[str, Any]:
+    """The venv after an apply that moved torch's CUDA build, the backend and diffusers, and added a package."""
     dists = copy.deepcopy(STATE["distributions"])
     dists["diffusers"]["version"] = "0.36.0"
     dists["torch"]["version"] = "2.8.0+cu128"                         # a custom node swapped CUDA torch
     dists["nunchaku"].update(version="1.2.1+cu12.4torch2.6", sha256="f" * 64,
                              url=dists["nunchaku"]["url"].replace("1.0.1", "1.2.1"))
     dists["sandbox-extra"] = {"name": "sandbox_extra", "version": "1.0", "kind": "index"}
-    p = profile(pip={"no_index": True, "find_links": ["/srv/wheelhouse"]})
-    (change,) = snapshot.restore(p, snap(STATE), now(distributions=dists), at=NOW).changes
+    return dists
+
+
+def test_distributions_exactly_everything_fetched_and_checked_before_anything_changes() -> None:
+    """torch comes back from its own index (the venv resource's source arguments for its flavour),
+    the rest from the profile's; the kept wheel is put back and checked; pip installs the staged
+    set --no-index; only then is what the apply added uninstalled."""
+    p = profile(pip={"no_index": True, "find_links": ["/srv/wheelhouse"]},
+                comfyui={"root": ROOT, "restart": {"systemd": "comfyui"},
+                         "torch": {"version": "2.6.0", "cuda": "12.4", "index_url": TORCH_INDEX}})
+    fetch, change = snapshot.restore(p, snap(STATE), now(distributions=moved()), lister=no_release, at=NOW).changes
     assert change.resource == "venv" and change.notify == frozenset({"restart-comfyui"})
-    uninstall, mkdir, copy_kept, move, install = change.steps
-    assert argv_of(uninstall) == (PY, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check", "sandbox_extra")
-    kept = f"{ROOT}/.provision/snapshots/wheels/{'d' * 64}/n.whl"
-    assert argv_of(copy_kept) == ("cp", kept, WHEEL + ".provision-tmp")
-    assert argv_of(move) == ("mv", WHEEL + ".provision-tmp", WHEEL)         # pip records the same URL again
-    assert argv_of(mkdir) == ("mkdir", "-p", f"{ROOT}/.provision/wheels")
-    assert argv_of(install) == (PY, "-m", "pip", "install", "--no-deps", "--force-reinstall",
-                                "--disable-pip-version-check", "--no-index", "--find-links", "/srv/wheelhouse",
+    assert (fetch.resource, fetch.key, fetch.notify) == ("venv", STAGE, frozenset())
+    clear, mkdir, get_index, get_torch, stage = fetch.steps
+    install, uninstall, done = change.steps
+    assert argv_of(clear) == ("rm", "-rf", STAGE) and argv_of(mkdir) == ("mkdir", "-p", STAGE)
+    assert argv_of(get_index) == (PY, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                                  "--dest", STAGE, "--no-index", "--find-links", "/srv/wheelhouse", "diffusers==0.35.2")
+    assert argv_of(get_torch) == (PY, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                                  "--dest", STAGE, "--index-url", "https://torch-mirror.example/whl/cu124",
+                                  "torch==2.6.0+cu124")
+    request = json.loads(stage.stdin or b"")
+    assert request == {"mode": "stage", "dir": f"{ROOT}/.provision/snapshots",
+                       "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64}]}
+    assert argv_of(install) == (PY, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
+                                "--disable-pip-version-check", "--find-links", STAGE,
                                 "diffusers==0.35.2", WHEEL, "torch==2.6.0+cu124")
+    assert argv_of(uninstall) == (PY, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check", "sandbox_extra")
+    assert argv_of(done) == ("rm", "-rf", STAGE)
     assert change.before == {"diffusers": "0.36.0", "nunchaku": "1.2.1+cu12.4torch2.6 (file "
                              "nunchaku-1.2.1+torch2.6-cp312-cp312-linux_x86_64.whl)", "torch": "2.8.0+cu128",
                              "sandbox-extra": "1.0"}
     assert change.after["sandbox-extra"] is None and change.after["torch"] == "2.6.0+cu124"   # type: ignore[index]
 
 
+def test_the_sources_a_snapshot_recorded_win_over_the_profile_s() -> None:
+    recorded = {"torch": ["--index-url", "https://old-mirror.example/whl/cu124"], "diffusers": ["--no-index"]}
+    target = replace(snap(STATE), sources={k: tuple(v) for k, v in recorded.items()})
+    fetch, _ = snapshot.restore(profile(), target, now(distributions=moved()), lister=no_release, at=NOW).changes
+    downloads = [argv_of(s) for s in fetch.steps if isinstance(s, Run) and "download" in s.argv]
+    assert [d[8:] for d in downloads] == [("--no-index", "diffusers==0.35.2"),
+                                          ("--index-url", "https://old-mirror.example/whl/cu124", "torch==2.6.0+cu124")]
+
+
+def test_the_snapshot_program_records_each_index_distribution_s_source() -> None:
+    p = profile(pip={"index_url": "https://pkgs.example/simple"},
+                comfyui={"root": ROOT, "restart": {"systemd": "comfyui"},
+                         "torch": {"version": "2.6.0", "cuda": "12.4", "index_url": TORCH_INDEX}})
+    dists = {**copy.deepcopy(STATE["distributions"]),
+             "nvidia-cublas-cu12": {"name": "nvidia-cublas-cu12", "version": "12.4.5.8", "kind": "index"}}
+    assert snapshot_program.index_sources(dists, snapshot.index_sources(p)) == {
+        "diffusers": ["--index-url", "https://pkgs.example/simple"],
+        "nvidia-cublas-cu12": ["--index-url", "https://torch-mirror.example/whl/cu124"],   # torch's flavour
+        "torch": ["--index-url", "https://torch-mirror.example/whl/cu124"]}
+
+
+@pytest.mark.parametrize("kept_now", [{}, {KEPT: "0" * 64}], ids=["gone", "changed"])
+def test_a_kept_wheel_gone_or_changed_is_fetched_again_and_checked_or_the_plan_fails(kept_now: dict[str, str]) -> None:
+    dists = moved()
+    wheel = posixpath.basename(WHEEL)
+
+    def offers(source: Any, version: str, filename: str, **_: Any) -> Listing:
+        assert (version, filename) == ("1.0.1", wheel)
+        return Listing(source, "release", (Asset(wheel, "https://releases.example/" + wheel, 1234, "d" * 64),))
+
+    get, change = snapshot.restore(profile(), snap(STATE), now(distributions=dists), kept=kept_now, lister=offers,
+                                   at=NOW).changes
+    (fetch,) = [s for s in get.steps if isinstance(s, Fetch)]
+    assert (fetch.url, fetch.dest, fetch.sha256) == ("https://releases.example/" + wheel, WHEEL, "d" * 64)
+    assert not any(isinstance(s, Run) and s.argv == remote.argv("snapshot") for s in get.steps)
+    assert [s.argv[3] for s in change.steps if isinstance(s, Run) and "pip" in s.argv] == ["install", "uninstall"]
+
+    with pytest.raises(PlanError) as err:
+        snapshot.restore(profile(), snap(STATE), now(distributions=dists), kept=kept_now, lister=no_release, at=NOW)
+    assert (f"nunchaku 1.0.1+torch2.6 was installed from {WHEEL}: its kept wheel {KEPT} is gone or changed, "
+            "and no backend source offers that file again") in str(err.value)
+
+
 @pytest.mark.parametrize(("kind", "unkept", "message"), [
     ("file", {"nunchaku": "/x.whl is gone"}, "was installed from /srv/ComfyUI/.provision/wheels/nunchaku-1.0.1"
-                                             "+torch2.6-cp312-cp312-linux_x86_64.whl, which the snapshot could not keep (/x.whl is gone)"),
+                                             "+torch2.6-cp312-cp312-linux_x86_64.whl: the snapshot could not keep it "
+                                             "(/x.whl is gone), and no backend source offers that file again"),
     ("dir", {}, "was installed from a folder (file:///src/nunchaku): a rollback cannot reinstall it"),
     ("vcs", {}, "was installed from a VCS (file:///src/nunchaku): a rollback cannot reinstall it"),
 ])
@@ -118,8 +196,18 @@ def test_a_distribution_that_cannot_be_reinstalled_is_a_plan_error(kind: str, un
     dists = copy.deepcopy(STATE["distributions"])
     dists["nunchaku"]["version"] = "1.2.0+torch2.6"
     with pytest.raises(PlanError, match="nunchaku 1.0.1") as err:
-        snapshot.restore(profile(), snap(state, wheels={}, unkept=unkept), now(distributions=dists), at=NOW)
+        snapshot.restore(profile(), snap(state, wheels={}, unkept=unkept), now(distributions=dists),
+                         lister=no_release, at=NOW)
     assert message in str(err.value)
+
+
+def test_the_venv_s_fetch_comes_before_any_other_change_of_the_rollback() -> None:
+    """A package source that no longer serves a version must fail the rollback before the plugin
+    (or anything else) moved: the fetch is the first change, the install after the checkouts."""
+    nodes = {"ComfyUI-nunchaku": {**STATE["custom_nodes"]["ComfyUI-nunchaku"], "commit": V120, "tags": ["v1.2.0"]}}
+    changes = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes, distributions=moved()),
+                               lister=no_release, at=NOW).changes
+    assert [(c.resource, c.key) for c in changes] == [("venv", STAGE), ("custom_nodes", NODE), ("venv", f"{ROOT}/venv")]
 
 
 def test_plugin_back_to_its_commit_fetching_only_when_missing() -> None:
@@ -206,14 +294,49 @@ def test_choose_default_is_the_last_apply_s_snapshot_and_ids_may_be_shortened() 
     taken = [snapshot.BEFORE_APPLY, snapshot.AFTER_APPLY, snapshot.BEFORE_APPLY, snapshot.AFTER_APPLY,
              snapshot.BEFORE_ROLLBACK, snapshot.AFTER_ROLLBACK]
     found = HostSnapshots("h", tuple(snap(STATE, f"20260301-1{i}0000-000", t) for i, t in enumerate(taken)))
-    assert snapshot.choose(found, None).id == "20260301-120000-000"
-    assert snapshot.choose(found, "20260301-11").id == "20260301-110000-000"
+    assert snapshot.choose(found, None)[0].id == "20260301-120000-000"
+    assert snapshot.choose(found, "20260301-11")[0].id == "20260301-110000-000"
     with pytest.raises(PlanError, match="20260301-1 is the start of 6 snapshot ids .*: give more of it"):
         snapshot.choose(found, "20260301-1")                            # not unique: not a guess either
     with pytest.raises(PlanError, match="no snapshot 2025 on this host .its newest: 20260301-110000-000"):
         snapshot.choose(found, "2025")
     with pytest.raises(PlanError, match="nothing to roll back to"):
         snapshot.choose(HostSnapshots("h", ()), None)
+
+
+def test_the_default_skips_what_a_failed_apply_left_and_says_so() -> None:
+    """before apply (confirmed), the apply fails; the re-run's `before apply` records the broken
+    intermediate (not confirmed), and it succeeds. The default restores the state before the first."""
+    docs = [(snapshot.BEFORE_APPLY, True), (snapshot.BEFORE_APPLY, False), (snapshot.AFTER_APPLY, True)]
+    found = HostSnapshots("h", tuple(replace(snap(STATE, f"20260301-1{i}0000-000", t), confirmed=c)
+                                     for i, (t, c) in enumerate(docs)))
+    chosen, why = snapshot.choose(found, None)
+    assert chosen.id == "20260301-100000-000"
+    assert why == ("the newest confirmed state an apply started from; skipped 20260301-110000-000: what a run "
+                   "that did not finish left, never confirmed (--to ID restores one anyway)")
+    assert snapshot.choose(found, "20260301-11")[0].id == "20260301-110000-000"     # --to: the way past
+    plan = snapshot.restore(profile(), replace(chosen, verified=True), now(), why=why, at=NOW)
+    assert plan.notes[0].message.startswith("restores snapshot 20260301-100000-000 (before apply, "
+                                            "2026-03-01T11:00:00.000Z, profile rtx3090, confirmed, verified): the "
+                                            "newest confirmed state an apply started from; skipped")
+    with pytest.raises(PlanError, match="no confirmed snapshot was taken before an apply"):
+        snapshot.choose(HostSnapshots("h", found.snapshots[1:2]), None)
+
+
+@pytest.mark.parametrize("error", ["20260301-130000-000.json: Expecting value: line 1 column 1 (char 0)",
+                                   "20260301-130000-000.json: not a snapshot of format 1"])
+def test_a_default_whose_target_may_be_unreadable_stops_and_changes_nothing(error: str) -> None:
+    """The newest snapshot is damaged (truncated, edited): it may be the state the rollback should
+    restore, so the default does not quietly fall back to an older one; --to names one."""
+    found = HostSnapshots("h", (snap(STATE, "20260301-100000-000"), snap(STATE, "20260301-110000-000",
+                                                                        snapshot.AFTER_APPLY)), errors=(error,))
+    with pytest.raises(PlanError) as err:
+        snapshot.choose(found, None)
+    assert str(err.value).startswith(f"snapshot {error} (unreadable) is newer than any this rollback could restore")
+    assert "--to ID" in str(err.value)
+    assert snapshot.choose(found, "20260301-10")[0].id == "20260301-100000-000"
+    older = HostSnapshots("h", found.snapshots, errors=("20260228-100000-000.json: not a snapshot of format 1",))
+    assert snapshot.choose(older, None)[0].id == "20260301-100000-000"        # an older damaged one is no candidate
 
 
 def test_differences_name_what_changed() -> None:
@@ -245,3 +368,54 @@ def test_backend_wheels_the_restored_venv_does_not_use_go_with_the_rollback() ->
     assert (change.resource, change.action, change.key) == ("backend", "remove", folder)
     assert argv_of(change.steps[0]) == ("rm", "-rf", f"{folder}/{newer}", f"{folder}/{newer}.part")
     assert snapshot.restore(profile(), snap(STATE), now(), at=NOW).changes == ()      # no listing: nothing
+
+
+def test_a_restored_host_is_verified_with_the_profile_of_the_run_that_made_its_state() -> None:
+    """The failed profile requires a node the restored plugin lacks, and another workflow. The
+    `before apply` snapshot restored records that failed profile (its run was about to change the
+    host); the state's own profile is the one the `after apply` snapshot of the earlier run
+    recorded. How ComfyUI is reached stays the profile given."""
+    given = profile(verify={"required_nodes": ["NunchakuNewNode"]}, workflow={"steps": 8})
+    old = {"comfyui": {"root": "/elsewhere", "port": 9999}, "verify": {"required_nodes": ["NunchakuOldNode"]},
+           "workflow": {"sampler": "dpmpp_2m"}}
+    made = replace(snap(STATE, "20260301-100000-000", snapshot.AFTER_APPLY), profile_data=old)
+    target = replace(snap(STATE, "20260301-110000-000"), profile_data=dict(given.raw))
+    later = replace(snap(STATE, "20260301-120000-000", snapshot.AFTER_APPLY), profile_data=dict(given.raw))
+    moved = snap({**STATE, "comfyui_version": "0.3.65"}, "20260301-105000-000", snapshot.AFTER_APPLY)
+    found = HostSnapshots("h", (made, moved, target, later))
+    assert producer(found, target) == made                 # not `moved` (another state), not `later` (newer)
+    checked, line = verification_profile(given, target, made)
+    assert checked.verify.required_nodes == ("NunchakuOldNode",) and checked.workflow.sampler == "dpmpp_2m"
+    assert checked.workflow.steps == profile().workflow.steps                 # that run's: the default
+    assert (checked.comfyui.root, checked.comfyui.port) == (given.comfyui.root, given.comfyui.port)
+    assert line == ("verified with the profile of the run that made snapshot 20260301-110000-000's state (rtx3090, "
+                    "recorded in 20260301-100000-000: its workflow, required nodes and thresholds)")
+    same, line = verification_profile(given, target, None)
+    assert same is given and line == ("no snapshot records the run that made snapshot 20260301-110000-000's state: "
+                                      "the restored host is verified with the profile given (rtx3090)")
+    same, line = verification_profile(given, target, replace(made, profile_data=None))
+    assert same is given and line.startswith("snapshot 20260301-100000-000 records no profile")
+    same, line = verification_profile(given, target, replace(made, profile_data={"verify": {"warm_runs": "many"}}))
+    assert same is given and line.startswith("snapshot 20260301-100000-000's profile is not valid (verify.warm_runs")
+
+
+def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> None:
+    """A gated change added a launch argument ComfyUI rejects: the unit is rewritten as it was,
+    systemd reloaded, and ComfyUI restarted; a unit added since is stopped and removed."""
+    p = profile(comfyui={"root": ROOT, "service": "systemd", "unit_dir": "/etc/systemd/system"})
+    good = "# Written by provision\n[Service]\nExecStart=/srv/ComfyUI/venv/bin/python main.py --port 8188\n"
+    bad = good.replace("--port 8188", "--port 8188 --no-such-flag")
+    unit, extra = "/etc/systemd/system/comfyui.service", "/etc/systemd/system/comfyui-gpu1.service"
+    plan = snapshot.restore(p, snap({**STATE, "units": {unit: good}}), now(units={unit: bad, extra: good}), at=NOW)
+    remove, rewrite = plan.changes
+    assert (rewrite.resource, rewrite.key, rewrite.before, rewrite.after) == ("service", unit, bad, good)
+    assert rewrite.notify == frozenset({"restart-comfyui"})
+    put, reload, enable = rewrite.steps
+    assert isinstance(put, Put) and put.dest == unit and put.content == good.encode()
+    assert argv_of(reload) == ("systemctl", "daemon-reload") and argv_of(enable) == ("systemctl", "enable", "comfyui.service")
+    assert [argv_of(s) for s in remove.steps] == [("systemctl", "disable", "--now", "comfyui-gpu1.service"),
+                                                  ("rm", "-f", extra), ("systemctl", "daemon-reload")]
+    with pytest.raises(PlanError, match="names unit file '/etc/cron.d/comfyui.service', which is not one of"):
+        snapshot.restore(p, snap({**STATE, "units": {"/etc/cron.d/comfyui.service": good}}), now(units={}), at=NOW)
+    old = snapshot.restore(p, snap(STATE), now(units={unit: bad}), at=NOW)      # a snapshot from before units
+    assert old.changes == () and "the snapshot recorded no systemd units" in old.notes[-1].message

@@ -196,3 +196,56 @@ def test_ids_in_the_same_millisecond_do_not_collide(tmp_path: Path) -> None:
 def test_a_bad_request_exits_2() -> None:
     proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=b"{not json", capture_output=True, timeout=30)
     assert proc.returncode == 2 and b"bad request" in proc.stderr
+
+
+def test_read_checks_the_kept_wheels_and_stage_puts_one_back_only_when_it_matches(root: Path) -> None:
+    wheel = next((root / ".provision" / "wheels").glob("tiny-*.whl"))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    folder = root / ".provision" / "snapshots"
+    take = run(root, "take", sources={"pip": ["--no-index"], "held": ["torch"], "held_prefix": "nvidia-",
+                                      "torch": None})
+    doc = json.loads((folder / f"{take['id']}.json").read_text())
+    assert doc["sources"]["pip"] == ["--no-index"] and "tiny" not in doc["sources"]    # a file install: its own record
+    kept = folder / "wheels" / sha / wheel.name
+    assert run(root, "read", check_wheels=True)["kept"] == {f"wheels/{sha}/{wheel.name}": sha}
+    wheel.unlink()
+
+    def stage(sha256: str) -> subprocess.CompletedProcess[bytes]:
+        request = remote.stage_request(str(folder), [(str(kept), str(wheel), sha256)])
+        return subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=60)
+
+    refused = stage("0" * 64)                                   # not what the snapshot recorded: nothing put back
+    assert refused.returncode == 1 and b"has sha256" in refused.stderr and not wheel.exists()
+    assert not list(wheel.parent.glob("*.provision-tmp"))
+    assert stage(sha).returncode == 0 and hashlib.sha256(wheel.read_bytes()).hexdigest() == sha
+    kept.write_bytes(b"bit rot")
+    assert run(root, "read", check_wheels=True)["kept"][f"wheels/{sha}/{wheel.name}"] != sha
+    outside = remote.stage_request(str(folder), [(str(root / "elsewhere.whl"), str(root / "x.whl"), sha)])
+    proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=outside, capture_output=True, timeout=60)
+    assert proc.returncode == 1 and b"is not in the wheel store" in proc.stderr and not (root / "x.whl").exists()
+
+
+def test_each_snapshot_says_whether_a_run_confirmed_its_state_and_mark_records_verification(root: Path) -> None:
+    folder = root / ".provision" / "snapshots"
+
+    def doc(ident: str) -> dict[str, Any]:
+        return json.loads((folder / f"{ident}.json").read_text())
+
+    first = run(root, "take")["id"]                                     # the host as provision found it
+    assert doc(first)["confirmed"] is True
+    (root / "workflows" / "w.json").write_text('{"half": "applied"}\n')  # the apply fails midway
+    broken = run(root, "take")["id"]                                    # the re-run's `before apply`
+    assert doc(broken)["confirmed"] is False
+    after = run(root, "take", taken="after apply", reuse=True, confirmed=True)
+    assert after == {"id": broken, "time": doc(broken)["time"], "reused": True, "pruned": [], "wheels": {}}
+    assert doc(broken)["confirmed"] is True                           # the re-run confirmed that very state
+    (root / "workflows" / "w.json").write_text('{"1": {}}\n')            # back to the first state
+    again = run(root, "take", taken="before rollback")["id"]
+    assert doc(again)["confirmed"] is True                            # the last run finished
+    marked = subprocess.run(remote.argv("snapshot", python=PYTHON), input=remote.mark_request(str(folder), first, True),
+                            capture_output=True, timeout=60)
+    assert marked.returncode == 0 and doc(first)["verified"] is True
+    assert parse_snapshot(doc(first), str(folder)).verified is True
+    bad = subprocess.run(remote.argv("snapshot", python=PYTHON), input=remote.mark_request(str(folder), "../x", True),
+                         capture_output=True, timeout=60)
+    assert bad.returncode == 1 and b"is not a snapshot id" in bad.stderr

@@ -78,6 +78,7 @@ class HostState:
     models: Mapping[str, ModelFile]
     workflows: Mapping[str, Mapping[str, WorkflowFile] | None]   # folder -> its files, None: absent
     venv_error: str | None = None
+    units: Mapping[str, str] | None = None       # unit file -> its text; None: not recorded (no systemd unit)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class Snapshot:
     profile_data: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
     wheels: Mapping[str, str] = field(default_factory=dict)   # canonical name -> kept file, absolute
     unkept: Mapping[str, str] = field(default_factory=dict)   # canonical name -> why it was not kept
+    # canonical name -> the pip source arguments an index distribution was installed with (None:
+    # a snapshot older than that record)
+    sources: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False)
+    confirmed: bool | None = None                # a run confirmed the state it records (None: not recorded)
+    verified: bool | None = None                 # its verification passed (None: none ran, or not recorded)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class HostSnapshots:
     snapshots: tuple[Snapshot, ...]
     now: HostState | None = None
     errors: tuple[str, ...] = ()                 # files in the folder that are no readable snapshot
+    kept: Mapping[str, str] | None = None        # kept wheel file (absolute) -> its sha256 now, when asked
 
     def find(self, ident: str) -> Snapshot | None:
         """The snapshot of this id, or the only one it is the start of."""
@@ -134,6 +141,8 @@ def parse_state(raw: Mapping[str, Any]) -> HostState:
             name: WorkflowFile(w.get("text"), w.get("sha256"), int(w.get("size", 0))) for name, w in files.items()}
             for f, files in (raw.get("workflows") or {}).items()},
         venv_error=raw.get("venv_error"),
+        units=None if not isinstance(raw.get("units"), Mapping) else {
+            str(k): str(v) for k, v in raw["units"].items()},
     )
 
 
@@ -145,25 +154,35 @@ def parse_snapshot(raw: Mapping[str, Any], where: str) -> Snapshot:
         profile=profile.get("name"), profile_data=profile.get("data"),
         wheels={k: posixpath.join(where, v) for k, v in (raw.get("wheels") or {}).items()},
         unkept=dict(raw.get("unkept") or {}),
+        confirmed=raw["confirmed"] if isinstance(raw.get("confirmed"), bool) else None,
+        verified=raw["verified"] if isinstance(raw.get("verified"), bool) else None,
+        sources=None if not isinstance(raw.get("sources"), Mapping) else {
+            str(k): tuple(str(a) for a in v) for k, v in raw["sources"].items() if isinstance(v, list)},
     )
 
 
-def read_snapshots(conn: Connection, profile: Profile, *, now: bool = False) -> HostSnapshots:
-    """One exec: every snapshot stored on the host and, with `now`, what it runs now."""
+def read_snapshots(conn: Connection, profile: Profile, *, now: bool = False, check_wheels: bool = False,
+                   units: tuple[str, tuple[str, ...]] | None = None) -> HostSnapshots:
+    """One exec: every snapshot stored on the host and, with `now`, what it runs now (with `units`,
+    (folder, name globs), its unit files too); with `check_wheels`, the sha256 of every kept wheel
+    as the host reads it now."""
     where = folder(profile)
     spec = profile.comfyui
     request = remote.snapshot_request(mode="read", folder=where, root=spec.root, python=spec.python,
-                                      checksums=spec.checksums, workflow_dirs=workflow_dirs(profile), now=now)
+                                      checksums=spec.checksums, workflow_dirs=workflow_dirs(profile), now=now,
+                                      check_wheels=check_wheels, units=units)
     result = conn.run(remote.argv("snapshot"), stdin=request, timeout=READ_TIMEOUT_S, check=False)
     try:
         answer = json.loads(result.stdout.strip().splitlines()[-1])
         snapshots = tuple(parse_snapshot(doc, where) for doc in answer["snapshots"])
         state = parse_state(answer["now"]) if answer.get("now") is not None else None
+        kept = None if answer.get("kept") is None else {
+            posixpath.join(where, str(k)): str(v) for k, v in answer["kept"].items()}
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         lines = [x for x in result.stderr.splitlines() if x.strip()]
         why = lines[-1].strip() if lines else f"exit {result.exit_code}, no answer"
         raise FactsError(f"{conn.name}: could not read the snapshots in {where}: {why}") from None
-    return HostSnapshots(conn.name, snapshots, state, tuple(answer.get("errors") or ()))
+    return HostSnapshots(conn.name, snapshots, state, tuple(answer.get("errors") or ()), kept)
 
 
 def workflow_dirs(profile: Profile) -> tuple[str, ...]:

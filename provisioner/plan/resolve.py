@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from provisioner import secrets
+from provisioner import remote, secrets
 from provisioner.catalog import models as catalog
 from provisioner.catalog.requirements import is_held
 from provisioner.config.lock import KEYS, Environment, GitPin, Lock, ModelPin, TorchPin, WheelPin
@@ -67,7 +67,7 @@ def host(conn: Connection, profile: Profile) -> HostFindings:
 
 def _tag(conn: Connection, profile: Profile, repo: str, tag: str) -> GitPin:
     ref = f"refs/tags/{tag}"
-    result = conn.run(("git", "ls-remote", "--", repo, ref, ref + "^{}"), timeout=profile.timeouts.git_s, check=False)
+    result = conn.run(remote.git_argv(None, "ls-remote", "--", repo, ref, ref + "^{}"), timeout=profile.timeouts.git_s, check=False)
     found = dict(reversed(line.split("\t", 1)) for line in result.stdout.splitlines() if "\t" in line)
     commit = found.get(ref + "^{}") or found.get(ref)         # an annotated tag: the commit it points at
     if not result.ok or not commit:

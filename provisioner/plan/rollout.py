@@ -9,16 +9,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import ProvisionError
 from provisioner.facts.model import Facts
+from provisioner.facts.snapshots import folder
 from provisioner.plan.apply import HostOutcome, Planner, apply_host
 from provisioner.facts.gather import gather
 from provisioner.plan.build import HostPlan, probe_for
 from provisioner.plan.fleet import Stop
 from provisioner.plan.progress import Reporter
-from provisioner.plan.rollback import rollback_planner
+from provisioner.plan.rollback import RollbackPlanner, rollback_planner
 from provisioner.resources import snapshot
 from provisioner.verify.checks import Check, HostVerification
 
@@ -101,6 +103,16 @@ class HostRollout:
                 "failed_checks": [c.to_json() for c in self.failed_checks]}
 
 
+def mark_verified(conn: Connection, profile: Profile, outcome: HostOutcome) -> None:
+    """Record on the snapshot of what the run left whether its verification passed (what a later
+    default rollback and `history` read); a host that cannot record it is no failure."""
+    ident = _snapshot_id(outcome, snapshot.AFTER)
+    if ident is None or outcome.verification is None:
+        return
+    conn.run(remote.argv("snapshot"), stdin=remote.mark_request(folder(profile), ident, not outcome.verification_failed),
+             timeout=60.0, check=False)
+
+
 def run_host(conn: Connection, profile: Profile, reporter: Reporter, *, verify: Verify | None, gate: bool,
              lock_timeout: float = 300.0, show_plan: Callable[[HostPlan], None] | None = None,
              planner: Planner | None = None, stop: Stop | None = None) -> HostRollout:
@@ -114,10 +126,15 @@ def run_host(conn: Connection, profile: Profile, reporter: Reporter, *, verify: 
     if verify is None or (outcome.failed and not (gate and changed)) or (stop and stop.why):
         return done                             # nothing runs on a host once the run was stopped
     reporter.line(conn.name, "verifying: generations through ComfyUI's API ...")
+    checked = profile
+    if isinstance(planner, RollbackPlanner):        # the rollback verb: the restored state's own profile
+        checked, line = planner.verification_profile(conn.name)
+        reporter.line(conn.name, line)
     try:
         # A failed apply confirmed nothing: read the host again, so the verification explains what it runs.
         facts = outcome.facts if outcome.facts_after or not outcome.failed else gather(conn, profile, probe_for(profile))
-        outcome.verification = verify(conn, profile, facts)
+        outcome.verification = verify(conn, checked, facts)
+        mark_verified(conn, profile, outcome)
     except ProvisionError as err:
         done.verify_error = f"verification could not run: {reporter.redact(str(err))}"
     if not (gate and changed and (outcome.failed or done.verify_error or outcome.verification_failed)) \
@@ -128,12 +145,14 @@ def run_host(conn: Connection, profile: Profile, reporter: Reporter, *, verify: 
     done.cause = tuple(x for x in [outcome.error, done.verify_error] if x) + tuple(f"{c.name}: {c.detail}" for c in checks)
     reporter.line(conn.name, f"verify gate: rolling back to snapshot {took} ({'; '.join(done.cause) or 'failed'})",
                   "red")
-    done.rollback = apply_host(conn, profile, reporter, lock_timeout=lock_timeout, show_plan=show_plan,
-                               planner=rollback_planner(profile, took))
+    back = rollback_planner(profile, took)
+    done.rollback = apply_host(conn, profile, reporter, lock_timeout=lock_timeout, show_plan=show_plan, planner=back)
     if not done.rollback.failed:
-        reporter.line(conn.name, "verifying the restored host ...")
+        checked, line = back.verification_profile(conn.name)
+        reporter.line(conn.name, f"verifying the restored host: {line}")
         try:
-            done.rollback.verification = verify(conn, profile, done.rollback.facts)
+            done.rollback.verification = verify(conn, checked, done.rollback.facts)
+            mark_verified(conn, profile, done.rollback)
         except ProvisionError as err:
             done.rollback.error = f"verification after the rollback could not run: {reporter.redact(str(err))}"
     return done

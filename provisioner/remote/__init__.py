@@ -109,15 +109,32 @@ def hold_request(*, dest: str, names: Sequence[str], prefixes: Sequence[str]) ->
 
 def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksums: str,
                      workflow_dirs: Sequence[str], taken: str = "", profile: object = None, keep: int = 1,
-                     protect: Sequence[str] = (), reuse: bool = False, now: bool = False) -> bytes:
+                     protect: Sequence[str] = (), reuse: bool = False, now: bool = False,
+                     sources: object = None, check_wheels: bool = False, confirmed: bool = False,
+                     units: tuple[str, Sequence[str]] | None = None) -> bytes:
     """The snapshot program's stdin: `take` (what the snapshot is of, how many to keep, which ones
-    pruning must spare, whether an unchanged state reuses the newest) or `read` (with `now`: the
-    state as it is, too)."""
+    pruning must spare, whether an unchanged state reuses the newest, the pip sources each index
+    distribution is recorded with) or `read` (with `now`: the state as it is, too; with
+    `check_wheels`: the kept wheels' sha256 as read now)."""
     payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
                                   "checksums": checksums, "workflow_dirs": list(workflow_dirs),
                                   "git": git_request()}
+    if units is not None:                   # (unit folder, name globs): the unit files are part of the state
+        payload["units"] = {"dir": units[0], "globs": list(units[1])}
     if mode == "take":
-        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse)
+        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse, sources=sources,
+                       confirmed=confirmed)
     else:
-        payload["now"] = now
+        payload.update(now=now, check_wheels=check_wheels)
     return json.dumps(payload, default=str).encode()
+
+
+def mark_request(folder: str, ident: str, verified: bool) -> bytes:
+    """The snapshot program's `mark`: whether the verification of snapshot `ident` passed."""
+    return json.dumps({"mode": "mark", "dir": folder, "id": ident, "verified": verified}).encode()
+
+
+def stage_request(folder: str, wheels: Sequence[tuple[str, str, str]]) -> bytes:
+    """The snapshot program's `stage`: each (kept file, where it goes, sha256) put back, checked."""
+    return json.dumps({"mode": "stage", "dir": folder,
+                       "wheels": [{"kept": k, "dest": d, "sha256": s} for k, d, s in wheels]}).encode()

@@ -6,7 +6,8 @@ every folder of custom_nodes/ that ComfyUI loads (git commit, tags, origin, modi
 venv's distributions as its own interpreter lists them (version, and for one installed from a file
 or URL, where from, with pip's recorded sha256), every file under models/ (size, and sha256 from
 the checksum cache when its size and mtime still match: nothing is hashed here), and the contents
-of the workflow folders.
+of the workflow folders; asked for them (`units`: {"dir", "globs"}), the systemd unit files
+provision writes, whole (their launch arguments and environment).
 
 Modes:
   take  read the state and write `DIR/ID.json` (a temporary sibling, then a rename). A distribution
@@ -15,12 +16,24 @@ Modes:
         only the newest `keep` snapshots stay (never one named in `protect`), and only the wheels
         they need. With `reuse`, a state equal to the newest snapshot's writes nothing: its id
         is the answer. Answer: {"id", "time", "reused", "pruned": [ids], "wheels": {name: why not kept}}.
+        Each distribution pip installed by name records the pip source arguments it came from
+        (`sources`: the request's torch index for the torch family, with the build's `{flavour}`
+        filled in, the profile's pip settings for the rest), so a rollback asks the same index.
   read  every stored snapshot, oldest first, and with `now` the state as it is: {"snapshots",
-        "now", "errors"}. Writes nothing.
+        "now", "errors"}; with `check_wheels`, every kept wheel file and its sha256 as read now
+        ("kept": {path under DIR: sha256}). Writes nothing.
+        A snapshot says whether the state it records was `confirmed` by a run (an `after`
+        snapshot, taken once the changes were confirmed, is; one taken before a run is when the
+        last run finished, or when it equals a confirmed state), and `mark` adds `verified`.
+  mark  {"id", "verified"}: record whether the verification of that snapshot's state passed.
+  stage put kept wheels back where they were installed from, each checked against its sha256
+        first (`wheels`: [{"kept", "dest", "sha256"}]): a rollback checks what it will install
+        before it changes anything. Answer: {"staged": [dest, ...]}.
 
 Ids sort by time: `YYYYMMDD-HHMMSS-mmm` (UTC, milliseconds; bumped by one on a clash).
 """
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -259,13 +272,35 @@ def read_state(req, stored):
     root = req["root"]
     dists, why = distributions(req["python"])
     core = checkout(root, untracked=False)
-    return {
+    state = {
         "comfyui": core, "comfyui_version": comfyui_version(root),
         "custom_nodes": custom_nodes(os.path.join(root, "custom_nodes")),
         "distributions": dists, "venv_error": why,
         "models": models(os.path.join(root, "models"), req.get("checksums", "")),
         "workflows": dict((f, workflow_folder(f)) for f in sorted(folders)),
     }
+    if req.get("units"):
+        state["units"] = unit_files(req["units"]["dir"], req["units"]["globs"])
+    return state
+
+
+def unit_files(folder, globs):
+    """{path: text} of the unit files in `folder` whose names match `globs` (the units provision
+    writes, with their launch arguments and environment)."""
+    out = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(folder, name)
+        if not any(fnmatch.fnmatchcase(name, g) for g in globs) or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as fh:
+            data = fh.read(READ_CAP + 1)
+        if len(data) <= READ_CAP:
+            out[path] = data.decode("utf-8", "replace")
+    return out
 
 
 def stored_snapshots(folder):
@@ -394,6 +429,39 @@ def sweep(folder):
                 pass                    # removed meanwhile, or not a file: left for a person
 
 
+def flavour_of(version):
+    """The build label of a version (`2.6.0+cu124` -> `cu124`), or None."""
+    return version.split("+", 1)[1] if "+" in version else None
+
+
+def index_sources(dists, spec):
+    """{canonical name: pip source arguments} for each distribution installed by name: the torch
+    index of `spec["torch"]` for the torch family (`spec["held"]`, names starting with
+    `spec["held_prefix"]`), its `{flavour}` that of the build (torch's for the nvidia-* libraries,
+    which carry none), else `spec["pip"]`."""
+    out = {}
+    torch = (dists or {}).get("torch")
+    for key, dist in sorted((dists or {}).items()):
+        if dist["kind"] != "index":
+            continue
+        flavour = flavour_of(dist["version"]) or (flavour_of(torch["version"]) if torch else None)
+        held = key in (spec.get("held") or ()) or key.startswith(spec.get("held_prefix") or "\0")
+        if held and spec.get("torch") is not None and flavour:
+            out[key] = [a.replace("{flavour}", flavour) for a in spec["torch"]]
+        else:
+            out[key] = list(spec.get("pip") or ())
+    return out
+
+
+def is_confirmed(stored, state):
+    """Whether a state found before a run is one a run confirmed: the host as provision first found
+    it, as the last run left it (that run ended with its `after` snapshot), or equal to a state a
+    run confirmed. What a run that did not finish left is not."""
+    if not stored or str(stored[-1].get("taken", "")).startswith("after"):
+        return True
+    return any(doc.get("confirmed") and doc.get("state") == state for doc in stored)
+
+
 def take(req):
     folder = req["dir"]
     os.makedirs(folder, exist_ok=True)
@@ -401,7 +469,12 @@ def take(req):
     stored, _ = stored_snapshots(folder)
     state = read_state(req, stored)
     if req.get("reuse") and stored and stored[-1].get("state") == state:
-        return {"id": stored[-1]["id"], "time": stored[-1]["time"], "reused": True, "pruned": [], "wheels": {}}
+        newest = stored[-1]
+        if req.get("confirmed") and not newest.get("confirmed"):
+            newest["confirmed"] = True          # the run confirmed the state its `before` recorded
+            _write_atomic(os.path.join(folder, newest["id"] + ".json"),
+                          json.dumps(newest, indent=1, sort_keys=True).encode("utf-8"))
+        return {"id": newest["id"], "time": newest["time"], "reused": True, "pruned": [], "wheels": {}}
     ident, ms = new_id(folder, time.time())
     kept, why = {}, {}
     for key, dist in sorted((state["distributions"] or {}).items()):
@@ -418,7 +491,10 @@ def take(req):
         pass                            # not there, or another take's file is in it
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
     doc = {"format": FORMAT, "id": ident, "time": when, "taken": req.get("taken") or "",
-           "profile": req.get("profile"), "state": state, "wheels": kept, "unkept": why}
+           "profile": req.get("profile"), "state": state, "wheels": kept, "unkept": why,
+           "confirmed": bool(req.get("confirmed")) or is_confirmed(stored, state)}
+    if req.get("sources") is not None:
+        doc["sources"] = index_sources(state["distributions"], req["sources"])
     _write_atomic(os.path.join(folder, ident + ".json"),
                   json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
     removed = prune(folder, int(req.get("keep") or 1), req.get("protect") or [], ident)
@@ -427,7 +503,64 @@ def take(req):
 
 def read(req):
     stored, errors = stored_snapshots(req["dir"])
-    return {"snapshots": stored, "errors": errors, "now": read_state(req, stored) if req.get("now") else None}
+    answer = {"snapshots": stored, "errors": errors, "now": read_state(req, stored) if req.get("now") else None}
+    if req.get("check_wheels"):
+        answer["kept"] = kept_wheels(req["dir"])
+    return answer
+
+
+def kept_wheels(folder):
+    """{wheels/SHA/NAME: sha256 as read now} for every regular file in the wheel store."""
+    out, wheels = {}, os.path.join(folder, "wheels")
+    for sha in sorted(os.listdir(wheels) if os.path.isdir(wheels) else []):
+        held = os.path.join(wheels, sha)
+        if sha == ".incoming" or os.path.islink(held) or not os.path.isdir(held):
+            continue
+        for name in sorted(os.listdir(held)):
+            path = os.path.join(held, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                out[os.path.join("wheels", sha, name)] = _file_digest(path)
+    return out
+
+
+def mark(req):
+    """Record on snapshot `id` whether the verification of the state it records passed."""
+    path = os.path.join(req["dir"], req["id"] + ".json")
+    if not ID_RE.match(req["id"]):
+        raise ValueError("%r is not a snapshot id" % req["id"])
+    with open(path) as fh:
+        doc = json.load(fh)
+    if not isinstance(doc, dict) or doc.get("id") != req["id"]:
+        raise ValueError("%s is not the snapshot %s" % (path, req["id"]))
+    doc["verified"] = bool(req["verified"])
+    _write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
+    return {"id": req["id"], "verified": doc["verified"]}
+
+
+def stage(req):
+    """Each kept wheel copied to where it was installed from (a temporary sibling, checked, then
+    renamed); one already there with its sha256 is left. Raises ValueError naming what is wrong."""
+    folder = os.path.realpath(req["dir"])
+    done = []
+    for item in req.get("wheels") or []:
+        kept, dest, want = item["kept"], item["dest"], item["sha256"]
+        if os.path.isfile(dest) and _file_digest(dest) == want:
+            done.append(dest)
+            continue
+        if not os.path.realpath(kept).startswith(os.path.join(folder, "wheels") + os.sep):
+            raise ValueError("%s is not in the wheel store %s" % (kept, os.path.join(folder, "wheels")))
+        if not os.path.isfile(kept):
+            raise ValueError("the kept wheel %s is gone" % kept)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = "%s.%d.provision-tmp" % (dest, os.getpid())
+        shutil.copyfile(kept, tmp)
+        got = _file_digest(tmp)
+        if got != want:
+            os.unlink(tmp)
+            raise ValueError("the kept wheel %s has sha256 %s, the snapshot recorded %s" % (kept, got, want))
+        os.replace(tmp, dest)
+        done.append(dest)
+    return {"staged": done}
 
 
 def main():
@@ -439,8 +572,8 @@ def main():
         sys.stderr.write("bad request: %s\n" % err)
         return 2
     try:
-        answer = take(req) if mode == "take" else read(req)
-    except OSError as err:
+        answer = {"take": take, "stage": stage, "mark": mark}.get(mode, read)(req)
+    except (OSError, ValueError) as err:
         sys.stderr.write("snapshot %s failed: %s\n" % (mode, err))
         return 1
     sys.stdout.write(json.dumps(answer) + "\n")

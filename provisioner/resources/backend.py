@@ -4,6 +4,7 @@ interpreter accepts (packaging.tags), installed by path with --no-deps and torch
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from provisioner.catalog import wheels
 from provisioner.catalog.gpus import SM121_MIN_BUILD_CUDA
 from provisioner.config.model import Profile, WheelSource
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Probe
+from provisioner.facts.model import Facts, Probe, canonical
+from provisioner.facts.snapshots import Dist
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.resources import pins, releases, retention, venv
 from provisioner.resources.hold import hold_step
@@ -155,6 +157,28 @@ def _get_steps(profile: Profile, asset: Asset, source: WheelSource) -> tuple[str
                        cache=profile.comfyui.checksums, what=f"download {asset.name}")
 
 
+def refetch(profile: Profile, dist: Dist, lister: Lister = releases.list_wheels) -> Fetch | Push | None:
+    """The step that gets a backend wheel file a rollback needs again, from the first source in
+    profile order that offers that very file, back to the path it was installed from and checked
+    against the sha256 pip recorded; None when no source offers it (or it is no nunchaku wheel)."""
+    path, filename = dist.path, posixpath.basename(dist.path or "")
+    if not path or not dist.sha256 or canonical(dist.name) != "nunchaku":
+        return None
+    version = str(Version(dist.version).public)
+    base_dir = str(Path(profile.file).parent) if profile.file else "."
+    for source in profile.backend.sources:
+        listing = lister(source, version, filename, hub=profile.huggingface, base_dir=base_dir)
+        for asset in listing.assets:
+            if asset.name != filename or (asset.sha256 and asset.sha256 != dist.sha256):
+                continue
+            if asset.local_path:
+                return Push(asset.local_path, path, dist.sha256, what=f"push {filename} again from the wheelhouse")
+            token = profile.huggingface.token_env if source.kind == "huggingface" else None
+            return Fetch(asset.url, path, dist.sha256, asset.size, token_env=token, cache=profile.comfyui.checksums,
+                         what=f"download {filename} again (its kept copy is gone)")
+    return None
+
+
 def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheels) -> ResourcePlan:
     """Install `nunchaku {version}+{label}` from a wheel file, replacing PyPI's impostor or another build,
     for the torch the venv will run (a venv created or a torch moved in the same apply included)."""
@@ -217,3 +241,17 @@ def _same(installed: str, desired: str) -> bool:
         return Version(installed) == Version(desired)
     except InvalidVersion:
         return False
+
+
+def unused_wheels(profile: Profile, dists: Mapping[str, Dist], facts: Facts | None) -> Change | None:
+    """The backend wheels in provision's wheel folder that a restored venv (`dists`) does not use
+    (what the apply being undone downloaded), removed as `plan` removes those it replaces."""
+    held = facts.listings.get(wheel_dir(profile)) if facts else None
+    installed = dists.get("nunchaku")
+    try:
+        keep = Version(installed.version) if installed else None
+    except InvalidVersion:
+        return None
+    used = {posixpath.basename(d.path) for d in dists.values() if d.path}
+    stale = [n for n in retention.stale_wheels(held, "nunchaku", keep) if n not in used]
+    return retention.cleanup(name, wheel_dir(profile), stale, "wheels the restored backend does not use")

@@ -23,10 +23,11 @@ from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
 from provisioner.resources.hold import hold_step
-from provisioner.resources.plugin import git, same_repo, tag_check
+from provisioner.resources.plugin import checkout_commit, git, same_repo, shown_checkout, tag_check
 
 name = "core"
 REQUIREMENTS = "requirements.txt"
@@ -335,3 +336,23 @@ def _requirements_change(profile: Profile, facts: Facts, goal: Target) -> Change
         return None
     path = posixpath.join(profile.comfyui.root, REQUIREMENTS)
     return Change(name, path, "update", needed.summary, needed.before, needed.after, needed.steps, notify=RESTART)
+
+
+def restore(profile: Profile, want: Checkout | None, have: Checkout | None, problems: list[str],
+          notes: list[Note]) -> Change | None:
+    """ComfyUI's own checkout back to the commit a snapshot recorded (a rollback); it is never reset
+    or cleaned (models/, custom_nodes/ and provision's own folder live inside it)."""
+    root = profile.comfyui.root
+    if want is None or not want.repo or want.commit is None or (have and have.commit == want.commit):
+        return None
+    if have is None or not have.repo:
+        notes.append(Note(name, f"{root} was a git checkout at {want.commit[:12]} and is not one now: "
+                                "ComfyUI's own checkout is not restored"))
+        return None
+    if have.dirty:
+        problems.append(f"{root} has modified files ({', '.join(have.dirty[:5])}): a rollback never "
+                        "discards changes to ComfyUI's own checkout; commit or discard them")
+        return None
+    return Change("core", root, "update", f"checkout ComfyUI {(have.commit or 'no commit')[:12]} -> "
+                  f"{want.commit[:12]}", shown_checkout(have), shown_checkout(want), checkout_commit(root, want.commit),
+                  notify=RESTART)

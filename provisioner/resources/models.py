@@ -22,6 +22,7 @@ from dataclasses import replace
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, FileState, Probe
+from provisioner.facts.snapshots import ModelFile
 from provisioner import remote, secrets
 from provisioner.catalog import models as catalog
 from provisioner.resources import hub, pins
@@ -163,3 +164,32 @@ def _vram_notes(profile: Profile, facts: Facts, sel: catalog.ModelSelection) -> 
         return [Note(name, f"{label}: auto keeps it all on the GPU (>= {wf.offload_below_gb:g} GiB) and may "
                      "run out of memory; set cpu_offload to enable")]
     return []
+
+
+# --- a snapshot's model files (a rollback) --------------------------------------------------------
+
+def restore(profile: Profile, want: Mapping[str, ModelFile], have: Mapping[str, ModelFile],
+            notes: list[Note]) -> list[Change]:
+    """Model files are kept: one the snapshot lacks is deleted only under `snapshots.remove_models`;
+    one it has that differs or went is reported, never downloaded."""
+    found: list[Change] = []
+    extra: list[str] = []
+    for path in sorted(set(want) | set(have)):
+        w, h = want.get(path), have.get(path)
+        if w is not None and h is None:
+            notes.append(Note(name, f"{path} was there at the snapshot and is gone: a rollback never downloads "
+                                    "model files (apply a profile that names it)"))
+        elif w is not None and h is not None and (w.size != h.size or (w.sha256 and h.sha256 and w.sha256 != h.sha256)):
+            notes.append(Note(name, f"{path} differs from the snapshot's ({h.size} bytes now, {w.size} then): "
+                                    "a rollback never downloads model files"))
+        elif w is None and h is not None:
+            if profile.snapshots.remove_models:
+                found.append(Change("model", path, "remove", f"delete {path} (not in the snapshot; "
+                                    "snapshots.remove_models is on)", {"size": h.size, "sha256": h.sha256}, None,
+                                    (Run(("rm", "-f", path), what=f"delete {path}"),)))
+            else:
+                extra.append(posixpath.basename(path))
+    if extra:
+        notes.append(Note(name, f"kept {len(extra)} model file(s) the snapshot lacks ({', '.join(extra[:5])}"
+                                f"{' …' if len(extra) > 5 else ''}); snapshots.remove_models: true deletes them", "info"))
+    return found

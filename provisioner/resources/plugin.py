@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -16,6 +16,7 @@ from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.model import Facts, GitCheckout, Probe, RemoteTags
+from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins, retention
 from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
 
@@ -210,3 +211,102 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
         after["commit"] = co.head
     return changes(Change("plugin", dest, "update", "; ".join(summary), state(co), after,
                           tuple(steps), notify=RESTART, warnings=tuple(warnings)), notes=notes), int(bool(co.dirty))
+
+
+# --- a snapshot's custom nodes (a rollback) ------------------------------------------------------
+
+def shown_checkout(co: Checkout | None) -> dict[str, object] | None:
+    """A checkout a snapshot recorded, as a plan shows it."""
+    if co is None:
+        return None
+    if not co.repo:
+        return {"repo": "not a git checkout"}
+    return {"tag": ", ".join(co.tags) or None, "commit": co.commit, "remote": co.remote, "dirty": list(co.dirty)}
+
+
+def checkout_commit(where: str, commit: str) -> tuple[Run, Run]:
+    """Fetch only when the commit is not there already (a rollback must work offline when it can)."""
+    have = 'c=$1; shift; "$@" cat-file -e "$c^{commit}" 2>/dev/null || exec "$@" fetch --quiet --force --tags origin'
+    return (Run(("sh", "-c", have, "sh", commit, *git(where)), what=f"fetch {commit[:12]} unless it is there",
+                timeout=900.0),
+            Run(git(where, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"))
+
+
+def restore_nodes(profile: Profile, want: Mapping[str, Checkout | None], have: Mapping[str, Checkout | None],
+                  stamp: str, problems: list[str], notes: list[Note]) -> list[Change]:
+    """Every custom node as a snapshot recorded it (a rollback's desired state): each checkout at its
+    commit and origin (fetched only when the commit is not there), one that is gone cloned again,
+    local modifications backed up and discarded; one the snapshot lacks moved aside, never deleted.
+    What cannot be restored is added to `problems`; `stamp` names the folders moved aside."""
+    found = [_node(profile, node, want.get(node), have.get(node), stamp, problems, notes)
+             for node in sorted(set(want) | set(have))]
+    return [c for c in found if c is not None]
+
+
+def _clone_at(repo: str, commit: str, dest: str) -> tuple[Step, ...]:
+    tmp = f"{dest}.provision-tmp{_SKIP}"
+    return (Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
+            Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
+            Run(git(None, "clone", "--quiet", "--no-checkout", repo, tmp), what=f"clone {repo}", timeout=900.0),
+            Run(git(tmp, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"),
+            Run(("mv", tmp, dest), what=f"move the checkout into {dest}"))
+
+
+def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | None, stamp: str,
+          problems: list[str], notes: list[Note]) -> Change | None:
+    path = posixpath.join(profile.comfyui.custom_nodes, node)
+    aside = f"{path}.provision-rollback-{stamp}{_SKIP}"
+    foreign = next((co.owner for co in (have, want) if co is not None and co.owner is not None), None)
+    if foreign is not None:
+        notes.append(Note(name, f"custom node {node} is another user's checkout (uid {foreign}): provision "
+                                "neither reads nor changes it, so a rollback leaves it as it is"))
+        return None
+    if want is None:
+        if have is None:
+            return None
+        return Change("custom_nodes", path, "remove", f"move {node} aside: the snapshot has no such custom node",
+                      shown_checkout(have), None, (Run(("mv", path, aside), what=f"move {path} aside"),), notify=RESTART,
+                      warnings=(f"{path} is moved to {aside}; nothing is deleted",))
+    if not want.repo:
+        if have is None:
+            notes.append(Note(name, f"custom node {node} was a plain folder (not a git checkout): its files are "
+                                    "not in snapshots, so it cannot be brought back"))
+        return None
+    if want.dirty:
+        notes.append(Note(name, f"custom node {node} had modified files at the snapshot ({', '.join(want.dirty[:5])}): "
+                                "snapshots record commits, not modifications; it is restored clean"))
+    if want.commit is None:
+        return None
+    after: dict[str, object] = {"tag": ", ".join(want.tags) or None, "commit": want.commit, "remote": want.remote,
+                                "dirty": []}
+    if have is None or not have.repo:
+        if not want.remote:
+            problems.append(f"custom node {node} is not there and the snapshot recorded no origin to clone it from")
+            return None
+        moved: tuple[Step, ...] = (Run(("mv", path, aside), what=f"move {path} aside"),) if have else ()
+        return Change("custom_nodes", path, "replace" if have else "create",
+                      f"clone {node} at {want.commit[:12]}", shown_checkout(have), after,
+                      moved + _clone_at(want.remote, want.commit, path), notify=RESTART,
+                      warnings=(f"{path} is not a git checkout: it is moved to {aside}",) if have else ())
+    steps: list[Step] = []
+    summary: list[str] = []
+    warnings: list[str] = []
+    if have.dirty:
+        backup = f"{path}.provision-backup-{stamp}{_SKIP}"
+        steps += [Run(("cp", "-a", path, backup), what=f"back up {path} to {backup}"),
+                  Run(git(path, "reset", "--quiet", "--hard"), what="discard local modifications"),
+                  Run(git(path, "clean", "-fd", "--quiet"), what="remove untracked files")]
+        summary.append(f"discard {len(have.dirty)} local modification(s)")
+        warnings.append(f"{path}: {', '.join(have.dirty[:8])} backed up to {backup}, then discarded")
+    if want.remote and not same_repo(have.remote, want.remote):
+        steps.append(Run(git(path, "remote", "set-url" if have.remote else "add", "origin", want.remote),
+                         what="point origin where it pointed"))
+        summary.append(f"origin {have.remote or '(none)'} -> {want.remote}")
+    if have.commit != want.commit:
+        steps += checkout_commit(path, want.commit)
+        was = ", ".join(have.tags) or (have.commit or "no commit")[:12]
+        summary.append(f"checkout {node} {was} -> {', '.join(want.tags) or want.commit[:12]}")
+    if not steps:
+        return None
+    return Change("custom_nodes", path, "update", "; ".join(summary), shown_checkout(have), after, tuple(steps),
+                  notify=RESTART, warnings=tuple(warnings))

@@ -12,8 +12,9 @@ become says so before any change.
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from provisioner import remote
@@ -250,6 +251,43 @@ def _exposure_notes(profile: Profile, facts: Facts, instance: Instance) -> list[
                        f"host can use it, and the profile says {spec.listen}. provision does not own how it is "
                        f"started: set --listen {spec.listen} {where}, or set comfyui.service: systemd so that "
                        "provision writes and restarts the unit")]
+
+
+def recorded_units(profile: Profile) -> tuple[str, tuple[str, ...]] | None:
+    """Where snapshots read the units provision writes, (folder, name globs); None when it writes none."""
+    return (profile.comfyui.unit_dir, units.patterns(profile)) if owned(profile) else None
+
+
+def restore_units(profile: Profile, want: Mapping[str, str] | None,
+                  have: Mapping[str, str] | None) -> tuple[list[Change], list[Note]]:
+    """The unit files as a snapshot recorded them (their launch arguments and environment): written
+    back like `plan` writes them (then daemon-reload, enable), one it lacks disabled and removed;
+    ComfyUI is restarted with them. Every path must be a unit file of `comfyui.unit_dir`."""
+    if want is None:
+        notes = [Note(name, "the snapshot recorded no systemd units: the units are left as they are")] \
+            if have else []
+        return [], notes
+    folder = profile.comfyui.unit_dir
+    globs = units.patterns(profile)
+    out: list[Change] = []
+    for path in sorted(set(want) | set(have or {})):
+        unit = posixpath.basename(path)
+        if posixpath.dirname(path) != folder or not any(fnmatch.fnmatchcase(unit, g) for g in globs):
+            raise PlanError(f"the snapshot names unit file {path!r}, which is not one of provision's units in "
+                            f"{folder} ({', '.join(globs)}): it is not restored; --to an older snapshot, or remove it")
+        text, now = want.get(path), (have or {}).get(path)
+        if text == now:
+            continue
+        if text is None:
+            out.append(Change(name, path, "remove", f"stop and remove unit {unit} (not in the snapshot)",
+                              now, None, (_systemctl("disable", "--now", unit), Run(("rm", "-f", path),
+                                          what=f"remove {path}", on_machine=True), _systemctl("daemon-reload"))))
+            continue
+        out.append(Change(name, path, "create" if now is None else "update",
+                          f"{'install' if now is None else 'rewrite'} unit {unit} as in the snapshot", now, text,
+                          (Put(path, text.encode(), what=f"write {path}"), _systemctl("daemon-reload"),
+                           _systemctl("enable", unit)), notify=RESTART))
+    return out, []
 
 
 def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> ResourcePlan:

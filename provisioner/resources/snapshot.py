@@ -1,12 +1,13 @@
-"""Snapshots of what a host runs, and the rollback to one.
+"""Snapshots of what a host runs, and a snapshot as the desired state of a rollback.
 
 Every plan hands the engine a prelude and a postlude: `remote/snapshot.py` records the host before
 the first change (always a new snapshot: it is the point a rollback returns to) and after the
-changes were confirmed. `restore` is the rollback: the Changes that make the host run what a
-snapshot recorded (custom nodes at their commits, the venv's exact distributions, the workflow
-files), computed from the snapshot and the host's state now like any plan, so a rollback is shown
-before it runs (`rollback --check`), runs under the lock, restarts ComfyUI once and is confirmed
-by planning again. Model files are never downloaded, and deleted only when the profile says so.
+changes were confirmed (a confirmed state). `choose` picks the snapshot a rollback restores;
+`restore` hands it to the resources, each planning its own part as it plans a profile (the core
+and plugin checkouts, the venv's exact distributions, the backend's wheel folder, the workflow
+files, the units, the model files), so a rollback is shown before it runs (`rollback --check`),
+runs under the lock, restarts ComfyUI once and is confirmed by planning again. This module plans
+nothing of its own: it says which snapshot, and what changed between two (`differences`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import posixpath
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
-from packaging.version import InvalidVersion, Version
-
 from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
-from provisioner.facts.snapshots import (Checkout, Dist, HostSnapshots, HostState, ModelFile, Snapshot, WorkflowFile,
-                                         folder, workflow_dirs)
-from provisioner.resources import backend, retention, service
-from provisioner.resources.base import RESTART, Change, Note, Put, ResourcePlan, Run, Step
-from provisioner.resources.plugin import git, same_repo
+from provisioner.facts.snapshots import Checkout, Dist, HostSnapshots, HostState, Snapshot, folder, workflow_dirs
+from provisioner.remote.snapshot import ID_RE
+from provisioner.catalog.requirements import HELD, HELD_PREFIX
+from provisioner.resources import backend, core, models, plugin, releases, service, venv, workflow
+from provisioner.resources.base import Change, Note, ResourcePlan, Run
 
 name = "snapshot"
 
@@ -34,7 +33,6 @@ BEFORE_ROLLBACK, AFTER_ROLLBACK = "before rollback", "after rollback"
 # Where the engine keeps the program's answers ({"id", "time", "reused", ...}) in the outcome.
 BEFORE, AFTER = "snapshot_before", "snapshot_after"
 TAKE_TIMEOUT_S = 900.0      # keeping a multi-GB wheel file the first time copies it (where no link can)
-_SKIP = ".disabled"         # ComfyUI skips custom_nodes/ folders named so: a folder moved aside stays inert
 
 
 def probe(profile: Profile) -> Probe:
@@ -46,15 +44,25 @@ def profile_record(profile: Profile) -> dict[str, object]:
     return {"name": profile.name, "file": profile.file, "data": dict(profile.raw)}
 
 
+def index_sources(profile: Profile) -> dict[str, object]:
+    """What the snapshot program records each index distribution's source from: the venv
+    resource's torch source arguments for the torch family, the profile's pip settings for the rest."""
+    torch = profile.comfyui.torch
+    return {"pip": list(profile.pip.args()), "held": sorted(HELD), "held_prefix": HELD_PREFIX,
+            "torch": None if torch is None else list(venv.source_template(torch, profile))}
+
+
 def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
               protect: tuple[str, ...] = ()) -> Run:
     """Run the snapshot program: record the host, keep its wheel files, prune to `snapshots.keep`
-    (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one."""
+    (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one. An
+    `after` snapshot is taken once the changes were confirmed: it records a confirmed state."""
     spec = profile.comfyui
     request = remote.snapshot_request(
         mode="take", folder=folder(profile), root=spec.root, python=spec.python, checksums=spec.checksums,
         workflow_dirs=workflow_dirs(profile), taken=taken, profile=profile_record(profile),
-        keep=profile.snapshots.keep, protect=protect, reuse=reuse)
+        keep=profile.snapshots.keep, protect=protect, reuse=reuse, sources=index_sources(profile),
+        confirmed=taken.startswith("after"), units=service.recorded_units(profile))
     return Run(remote.argv("snapshot"), stdin=request, what=f"snapshot what the host runs ({taken})",
                timeout=TAKE_TIMEOUT_S, answer=answer)
 
@@ -66,9 +74,16 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
                         postlude=(take_step(profile, AFTER_APPLY, answer=AFTER),))
 
 
-def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
-    """The snapshot `ident` names (an id or the start of one), or by default the one taken before
-    the last apply: a rollback undoes it, and running it again changes nothing more."""
+def _unreadable_id(error: str) -> str:
+    """The id an error line of the snapshot program names (`ID.json: why`)."""
+    return error.split(".json", 1)[0] if ID_RE.match(error[:19]) else ""
+
+
+def choose(found: HostSnapshots, ident: str | None) -> tuple[Snapshot, str]:
+    """The snapshot `ident` names (an id or the start of one), or by default the newest confirmed
+    state an apply started from: a rollback undoes the last apply (and the broken state a failed
+    one left is skipped), and running it again changes nothing more. With the reason, for the plan.
+    A default whose candidate might be a snapshot that cannot be read stops: `--to` is the way past."""
     if ident:
         snap = found.find(ident)
         if snap is None:
@@ -78,33 +93,64 @@ def choose(found: HostSnapshots, ident: str | None) -> Snapshot:
                                 f"{', …' if len(starts) > 4 else ''}): give more of it")
             have = ", ".join(s.id for s in found.snapshots[-5:]) or "none"
             raise PlanError(f"no snapshot {ident} on this host (its newest: {have}); `provision history` lists them")
-        return snap
+        return snap, "asked for by its id"
     before = [s for s in found.snapshots if s.taken == BEFORE_APPLY]
-    if not before:
-        raise PlanError("no snapshot was taken before an apply on this host: nothing to roll back to "
+    confirmed = [s for s in before if s.confirmed is not False]
+    newest = confirmed[-1].id if confirmed else ""
+    unreadable = sorted((e for e in found.errors if _unreadable_id(e) > newest), reverse=True)
+    if unreadable:
+        raise PlanError(f"snapshot {unreadable[0]} (unreadable) is newer than any this rollback could restore: it "
+                        "may be the state to return to, so nothing is changed; repair or remove it, or name the "
+                        "snapshot to restore with --to ID (`provision history` lists them)")
+    if not confirmed:
+        raise PlanError("no confirmed snapshot was taken before an apply on this host: nothing to roll back to "
                         "(`provision history` lists its snapshots; --to ID restores one)")
-    return before[-1]
+    skipped = [s.id for s in before if s.confirmed is False and s.id > newest]
+    why = "the newest confirmed state an apply started from"
+    if skipped:
+        why += (f"; skipped {', '.join(skipped)}: what a run that did not finish left, never confirmed "
+                "(--to ID restores one anyway)")
+    return confirmed[-1], why
 
 
 # --- the rollback: snapshot + state now -> changes ------------------------------------------------
 
 def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts | None = None,
-            at: datetime | None = None) -> ResourcePlan:
-    """Changes that make the host run what `target` recorded; PlanError naming everything that
-    cannot be restored. With `facts`, the backend wheels the restored venv does not use go too.
+            kept: Mapping[str, str] | None = None, lister: releases.Lister = releases.list_wheels,
+            why: str = "", at: datetime | None = None) -> ResourcePlan:
+    """Changes that make the host run what `target` recorded, planned by each resource for its part;
+    PlanError naming everything that cannot be restored. `kept`: the kept wheels' sha256 as the host
+    reads them now; `lister`: where a gone one is found again; with `facts`, the backend wheels the
+    restored venv does not use go too; `why`: the reason the snapshot was chosen, for the plan;
     `at` names the folders moved aside (tests pin it)."""
     stamp = (at or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     problems: list[str] = []
+    state = "confirmed" if target.confirmed else "not confirmed" if target.confirmed is False else None
+    state = f"{state}, verified" if state and target.verified else f"{state}, failed verification" \
+        if state and target.verified is False else state
     notes: list[Note] = [Note(name, f"restores snapshot {target.id} ({target.taken}, {target.time}"
-                                    f"{', profile ' + target.profile if target.profile else ''})", "info")]
-    found: list[Change | None] = [_core(profile, target.state.comfyui, now.comfyui, problems, notes)]
-    for node in sorted(set(target.state.custom_nodes) | set(now.custom_nodes)):
-        found.append(_node(profile, node, target.state.custom_nodes.get(node), now.custom_nodes.get(node),
-                           stamp, problems, notes))
-    found.append(_venv(profile, target, now, problems))
-    found.extend(_workflows(target.state.workflows, now.workflows, notes))
-    found.extend(_models(profile, target.state.models, now.models, notes))
-    found.append(_unused_wheels(profile, target, facts))
+                                    f"{', profile ' + target.profile if target.profile else ''}"
+                                    f"{', ' + state if state else ''}){': ' + why if why else ''}", "info")]
+    fetch, install = None, None
+    try:
+        fetch, install = venv.exact(profile, target, now.distributions, now.venv_error, kept,
+                                    lambda dist: backend.refetch(profile, dist, lister))
+    except PlanError as err:
+        problems.append(str(err))
+    # What the venv needs is fetched and checked before any change: a source that no longer serves
+    # a version fails the rollback while the host is still as it was.
+    found: list[Change | None] = [fetch, core.restore(profile, target.state.comfyui, now.comfyui, problems, notes)]
+    found.extend(plugin.restore_nodes(profile, target.state.custom_nodes, now.custom_nodes, stamp, problems, notes))
+    found.append(install)
+    found.extend(workflow.restore(target.state.workflows, now.workflows, notes))
+    try:
+        unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units)
+        found.extend(unit_changes)
+        notes.extend(unit_notes)
+    except PlanError as err:
+        problems.append(str(err))
+    found.extend(models.restore(profile, target.state.models, now.models, notes))
+    found.append(backend.unused_wheels(profile, target.state.distributions or {}, facts))
     if problems:
         raise PlanError("; ".join(problems))
     return ResourcePlan(
@@ -112,249 +158,6 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
         handlers=(service.restart_handler(profile),),
         prelude=(take_step(profile, BEFORE_ROLLBACK, answer=BEFORE, protect=(target.id,)),),
         postlude=(take_step(profile, AFTER_ROLLBACK, answer=AFTER),))
-
-
-def _shown(co: Checkout | None) -> dict[str, object] | None:
-    if co is None:
-        return None
-    if not co.repo:
-        return {"repo": "not a git checkout"}
-    return {"tag": ", ".join(co.tags) or None, "commit": co.commit, "remote": co.remote, "dirty": list(co.dirty)}
-
-
-def _checkout_commit(where: str, commit: str) -> tuple[Run, Run]:
-    """Fetch only when the commit is not there already (a rollback must work offline when it can)."""
-    have = 'c=$1; shift; "$@" cat-file -e "$c^{commit}" 2>/dev/null || exec "$@" fetch --quiet --force --tags origin'
-    return (Run(("sh", "-c", have, "sh", commit, *git(where)), what=f"fetch {commit[:12]} unless it is there",
-                timeout=900.0),
-            Run(git(where, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"))
-
-
-def _core(profile: Profile, want: Checkout | None, have: Checkout | None, problems: list[str],
-          notes: list[Note]) -> Change | None:
-    """ComfyUI's own checkout goes back to its commit; it is never reset or cleaned (models/,
-    custom_nodes/ and provision's own folder live inside it)."""
-    root = profile.comfyui.root
-    if want is None or not want.repo or want.commit is None or (have and have.commit == want.commit):
-        return None
-    if have is None or not have.repo:
-        notes.append(Note(name, f"{root} was a git checkout at {want.commit[:12]} and is not one now: "
-                                "ComfyUI's own checkout is not restored"))
-        return None
-    if have.dirty:
-        problems.append(f"{root} has modified files ({', '.join(have.dirty[:5])}): a rollback never "
-                        "discards changes to ComfyUI's own checkout; commit or discard them")
-        return None
-    return Change("core", root, "update", f"checkout ComfyUI {(have.commit or 'no commit')[:12]} -> "
-                  f"{want.commit[:12]}", _shown(have), _shown(want), _checkout_commit(root, want.commit),
-                  notify=RESTART)
-
-
-def _clone_at(repo: str, commit: str, dest: str) -> tuple[Step, ...]:
-    tmp = f"{dest}.provision-tmp{_SKIP}"
-    return (Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
-            Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-            Run(git(None, "clone", "--quiet", "--no-checkout", repo, tmp), what=f"clone {repo}", timeout=900.0),
-            Run(git(tmp, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"),
-            Run(("mv", tmp, dest), what=f"move the checkout into {dest}"))
-
-
-def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | None, stamp: str,
-          problems: list[str], notes: list[Note]) -> Change | None:
-    path = posixpath.join(profile.comfyui.custom_nodes, node)
-    aside = f"{path}.provision-rollback-{stamp}{_SKIP}"
-    foreign = next((co.owner for co in (have, want) if co is not None and co.owner is not None), None)
-    if foreign is not None:
-        notes.append(Note(name, f"custom node {node} is another user's checkout (uid {foreign}): provision "
-                                "neither reads nor changes it, so a rollback leaves it as it is"))
-        return None
-    if want is None:
-        if have is None:
-            return None
-        return Change("custom_nodes", path, "remove", f"move {node} aside: the snapshot has no such custom node",
-                      _shown(have), None, (Run(("mv", path, aside), what=f"move {path} aside"),), notify=RESTART,
-                      warnings=(f"{path} is moved to {aside}; nothing is deleted",))
-    if not want.repo:
-        if have is None:
-            notes.append(Note(name, f"custom node {node} was a plain folder (not a git checkout): its files are "
-                                    "not in snapshots, so it cannot be brought back"))
-        return None
-    if want.dirty:
-        notes.append(Note(name, f"custom node {node} had modified files at the snapshot ({', '.join(want.dirty[:5])}): "
-                                "snapshots record commits, not modifications; it is restored clean"))
-    if want.commit is None:
-        return None
-    after: dict[str, object] = {"tag": ", ".join(want.tags) or None, "commit": want.commit, "remote": want.remote,
-                                "dirty": []}
-    if have is None or not have.repo:
-        if not want.remote:
-            problems.append(f"custom node {node} is not there and the snapshot recorded no origin to clone it from")
-            return None
-        moved: tuple[Step, ...] = (Run(("mv", path, aside), what=f"move {path} aside"),) if have else ()
-        return Change("custom_nodes", path, "replace" if have else "create",
-                      f"clone {node} at {want.commit[:12]}", _shown(have), after,
-                      moved + _clone_at(want.remote, want.commit, path), notify=RESTART,
-                      warnings=(f"{path} is not a git checkout: it is moved to {aside}",) if have else ())
-    steps: list[Step] = []
-    summary: list[str] = []
-    warnings: list[str] = []
-    if have.dirty:
-        backup = f"{path}.provision-backup-{stamp}{_SKIP}"
-        steps += [Run(("cp", "-a", path, backup), what=f"back up {path} to {backup}"),
-                  Run(git(path, "reset", "--quiet", "--hard"), what="discard local modifications"),
-                  Run(git(path, "clean", "-fd", "--quiet"), what="remove untracked files")]
-        summary.append(f"discard {len(have.dirty)} local modification(s)")
-        warnings.append(f"{path}: {', '.join(have.dirty[:8])} backed up to {backup}, then discarded")
-    if want.remote and not same_repo(have.remote, want.remote):
-        steps.append(Run(git(path, "remote", "set-url" if have.remote else "add", "origin", want.remote),
-                         what="point origin where it pointed"))
-        summary.append(f"origin {have.remote or '(none)'} -> {want.remote}")
-    if have.commit != want.commit:
-        steps += _checkout_commit(path, want.commit)
-        was = ", ".join(have.tags) or (have.commit or "no commit")[:12]
-        summary.append(f"checkout {node} {was} -> {', '.join(want.tags) or want.commit[:12]}")
-    if not steps:
-        return None
-    return Change("custom_nodes", path, "update", "; ".join(summary), _shown(have), after, tuple(steps),
-                  notify=RESTART, warnings=tuple(warnings))
-
-
-def _venv(profile: Profile, target: Snapshot, now: HostState, problems: list[str]) -> Change | None:
-    """Exactly the snapshot's distributions, torch included: what was added is uninstalled, what
-    changed or went is installed again `--no-deps` at its version (`NAME==VERSION` from the
-    profile's index, or the very wheel file it came from, kept with the snapshot)."""
-    want, have = target.state.distributions, now.distributions
-    if want is None:
-        problems.append(f"the snapshot could not read the venv ({target.state.venv_error}): its distributions "
-                        "cannot be restored")
-        return None
-    if have is None:
-        problems.append(f"the venv {profile.comfyui.venv} cannot be read ({now.venv_error})")
-        return None
-    added = sorted(set(have) - set(want))
-    back = sorted(k for k, d in want.items() if have.get(k) != d)
-    if not added and not back:
-        return None
-    python = profile.comfyui.python
-    steps: list[Step] = []
-    if added:
-        steps.append(Run((python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check",
-                          *(have[k].name for k in added)), what=f"pip uninstall {' '.join(added)}", timeout=1800.0))
-    specs: list[str] = []
-    for key in back:
-        dist = want[key]
-        if dist.kind == "index":
-            specs.append(f"{dist.name}=={dist.version}")
-        elif dist.kind == "url" and dist.url:
-            specs.append(dist.url)
-        elif dist.kind == "file" and dist.path and key in target.wheels:
-            steps += _put_back(target.wheels[key], dist.path)
-            specs.append(dist.path)
-        elif dist.kind == "file":
-            why = target.unkept.get(key, "not recorded")
-            problems.append(f"{dist.name} {dist.version} was installed from {dist.path}, which the snapshot could "
-                            f"not keep ({why})")
-        else:
-            problems.append(f"{dist.name} {dist.version} was installed from a {'folder' if dist.kind == 'dir' else 'VCS'} "
-                            f"({dist.url}): a rollback cannot reinstall it")
-    if specs:
-        # --no-deps: exactly these versions, nothing resolved; --force-reinstall: a same-version
-        # distribution from another file is replaced too.
-        steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--force-reinstall",
-                          "--disable-pip-version-check", *profile.pip.args(), *specs),
-                         what=f"pip install --no-deps {' '.join(specs)}", timeout=1800.0))
-    before = {k: have[k].shown if k in have else None for k in [*back, *added]}
-    after = {k: want[k].shown if k in want else None for k in [*back, *added]}
-    parts = [f"{want[k].name} {have[k].version if k in have else '(none)'} -> {want[k].version}" for k in back]
-    parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
-    return Change("venv", profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
-                  before, after, tuple(steps), notify=RESTART)
-
-
-def _unused_wheels(profile: Profile, target: Snapshot, facts: Facts | None) -> Change | None:
-    """The backend wheels in provision's wheel folder that the restored venv does not use (what the
-    apply being undone downloaded), removed as the backend change removes those it replaces."""
-    held = facts.listings.get(backend.wheel_dir(profile)) if facts else None
-    dists = target.state.distributions or {}
-    installed = dists.get("nunchaku")
-    try:
-        keep = Version(installed.version) if installed else None
-    except InvalidVersion:
-        return None
-    used = {posixpath.basename(d.path) for d in dists.values() if d.path}
-    stale = [n for n in retention.stale_wheels(held, "nunchaku", keep) if n not in used]
-    return retention.cleanup(backend.name, backend.wheel_dir(profile), stale, "wheels the restored backend does not use")
-
-
-def _put_back(kept: str, dest: str) -> tuple[Run, ...]:
-    """The kept wheel back at the path it was installed from, so pip records the same URL."""
-    tmp = f"{dest}.provision-tmp"
-    return (Run(("mkdir", "-p", posixpath.dirname(dest)), what=f"create {posixpath.dirname(dest)}"),
-            Run(("cp", kept, tmp), what=f"copy the kept {posixpath.basename(dest)}"),
-            Run(("mv", tmp, dest), what=f"put {posixpath.basename(dest)} back where it was installed from"))
-
-
-def _text(f: WorkflowFile | None) -> str | None:
-    return None if f is None else f.text
-
-
-def _workflows(want: Mapping[str, Mapping[str, WorkflowFile] | None],
-               have: Mapping[str, Mapping[str, WorkflowFile] | None], notes: list[Note]) -> list[Change]:
-    """Each workflow folder the snapshot recorded back to its files: changed ones rewritten, added
-    ones removed (a folder it recorded as absent goes too). Folders it did not record stay."""
-    found: list[Change] = []
-    for where, files in sorted(want.items()):
-        now = have.get(where) or {}
-        for file in sorted(set(files or {}) | set(now)):
-            path = posixpath.join(where, file)
-            old, new = now.get(file), (files or {}).get(file)
-            if old == new:
-                continue
-            if new is None:
-                found.append(Change("workflow", path, "remove", f"remove {path} (not in the snapshot)",
-                                    _text(old) or "", None, (Run(("rm", "-f", path), what=f"remove {path}"),)))
-            elif new.text is None:
-                notes.append(Note(name, f"{path} differs from the snapshot, which recorded only its sha256 "
-                                        f"({new.size} bytes, not text): it is left as it is"))
-            else:
-                steps: tuple[Step, ...] = (Put(path, new.text.encode(), what=f"write {path}"),)
-                if files is not None and not have.get(where):
-                    steps = (Run(("mkdir", "-p", where), what="create the workflow folder"), *steps)
-                found.append(Change("workflow", path, "update" if old else "create",
-                                    f"{'restore' if old else 'create'} {path} as in the snapshot",
-                                    _text(old), new.text, steps))
-        if files is None and have.get(where) is not None:
-            found.append(Change("workflow", where, "remove", f"remove the folder {where} (not in the snapshot)",
-                                None, None, (Run(("sh", "-c", 'rmdir "$1" 2>/dev/null || true', "sh", where),
-                                                 what=f"remove {where} if empty"),)))
-    return found
-
-
-def _models(profile: Profile, want: Mapping[str, ModelFile], have: Mapping[str, ModelFile],
-            notes: list[Note]) -> list[Change]:
-    """Model files are kept: one the snapshot lacks is deleted only under `snapshots.remove_models`;
-    one it has that differs or went is reported, never downloaded."""
-    found: list[Change] = []
-    extra: list[str] = []
-    for path in sorted(set(want) | set(have)):
-        w, h = want.get(path), have.get(path)
-        if w is not None and h is None:
-            notes.append(Note(name, f"{path} was there at the snapshot and is gone: a rollback never downloads "
-                                    "model files (apply a profile that names it)"))
-        elif w is not None and h is not None and (w.size != h.size or (w.sha256 and h.sha256 and w.sha256 != h.sha256)):
-            notes.append(Note(name, f"{path} differs from the snapshot's ({h.size} bytes now, {w.size} then): "
-                                    "a rollback never downloads model files"))
-        elif w is None and h is not None:
-            if profile.snapshots.remove_models:
-                found.append(Change("model", path, "remove", f"delete {path} (not in the snapshot; "
-                                    "snapshots.remove_models is on)", {"size": h.size, "sha256": h.sha256}, None,
-                                    (Run(("rm", "-f", path), what=f"delete {path}"),)))
-            else:
-                extra.append(posixpath.basename(path))
-    if extra:
-        notes.append(Note(name, f"kept {len(extra)} model file(s) the snapshot lacks ({', '.join(extra[:5])}"
-                                f"{' …' if len(extra) > 5 else ''}); snapshots.remove_models: true deletes them", "info"))
-    return found
 
 
 # --- history: what changed between two states -------------------------------------------------------
@@ -402,6 +205,11 @@ def differences(old: HostState, new: HostState) -> list[str]:
             if a_w.get(file) != b_w.get(file):
                 verb = "added" if file not in a_w else "removed" if file not in b_w else "changed"
                 lines.append(f"workflow {posixpath.join(where, file)} {verb}")
+    if old.units is not None and new.units is not None:
+        for path in sorted(set(old.units) | set(new.units)):
+            if old.units.get(path) != new.units.get(path):
+                verb = "added" if path not in old.units else "removed" if path not in new.units else "changed"
+                lines.append(f"unit {path} {verb}")
     for path in sorted(set(old.models) | set(new.models)):
         m, n = old.models.get(path), new.models.get(path)
         if m == n:

@@ -13,16 +13,20 @@ packages of the torch it will have, not of the one it had.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from packaging.version import Version
 
+from provisioner import remote
 from provisioner.catalog import torch as torches
 from provisioner.catalog.requirements import is_held
 from provisioner.config.model import Profile, TorchSpec
 from provisioner.errors import PlanError
+from provisioner.facts import snapshots
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv
 from provisioner.config.lock import environment_key
+from provisioner.facts.snapshots import Dist, Snapshot
 from provisioner.resources import core, dryrun, pins
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
 
@@ -152,14 +156,19 @@ def planned(profile: Profile, facts: Facts) -> Facts:
                                       distributions=dict(sorted(dists.items()))))
 
 
-def source_args(spec: TorchSpec, profile: Profile, flavour: str) -> tuple[str, ...]:
-    """Where pip finds torch: the flavour's index (PyTorch's own, or a mirror) replacing the
-    profile's, else the profile's pip settings; `find_links` beside either."""
-    out: list[str] = ["--index-url", spec.index_url.format(flavour=flavour)] if spec.index_url else \
-        list(profile.pip.args())
+def source_template(spec: TorchSpec, profile: Profile) -> tuple[str, ...]:
+    """Where pip finds torch, with `{flavour}` (cu128, ...) still to fill in: the flavour's index
+    (PyTorch's own, or a mirror) replacing the profile's, else the profile's pip settings;
+    `find_links` beside either. Snapshots record it; `source_args` fills it."""
+    out: list[str] = ["--index-url", spec.index_url] if spec.index_url else list(profile.pip.args())
     for link in spec.find_links:
-        out += ["--find-links", link.format(flavour=flavour)]
+        out += ["--find-links", link]
     return tuple(out)
+
+
+def source_args(spec: TorchSpec, profile: Profile, flavour: str) -> tuple[str, ...]:
+    """Where pip finds torch of this flavour (`source_template`, filled in)."""
+    return tuple(a.replace("{flavour}", flavour) for a in source_template(spec, profile))
 
 
 def install_torch(profile: Profile, goal: TorchTarget) -> Run:
@@ -204,6 +213,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     after: dict[str, object] = {"torch": goal.shown, "cuda": goal.cuda,
                                 "from": " ".join(source_args(spec.torch, profile, goal.flavour)) or "pip's index"}
     steps: list[Step] = []
+    warnings: list[str] = []
     action: Action
     preview: Run | None = None
     if not kept:
@@ -226,9 +236,130 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         steps.append(install_torch(profile, goal))
         summary = f"torch {env.torch or '(none)'} -> {goal.shown} (the backend wheel is chosen for it)"
         preview = dryrun.preview(steps[-1], env)                  # type: ignore[arg-type]  # a Run
+        old = [f"{d.name} {d.version}" for n in TRIO if (d := env.distributions.get(n)) is not None]
+        flavour = Version(env.torch).local if env.torch else None
+        if old and flavour:
+            warnings.append(f"a rollback of this change fetches {', '.join(old)} again from "
+                            f"{' '.join(source_args(spec.torch, profile, flavour))} (their wheels are not kept): "
+                            "it can only undo it while that source still serves those builds")
     else:
         action, before = "update", {n: None for n in lacking}
         steps.append(install_torch(profile, goal))
         summary = f"pip install {', '.join(lacking)} for torch {env.torch}"
     return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART,
-                          preview=preview), notes=notes)
+                          preview=preview, warnings=tuple(warnings)), notes=notes)
+
+
+# --- a recorded set of distributions, exactly (a rollback's desired venv) ---------------------------
+
+# Under comfyui.state_dir: what a restore fetched, before it changes anything. A temporary name
+# (retention.is_temp): what a killed rollback left there is removed by the next run's plan.
+STAGE = "rollback-stage.provision-tmp"
+Refetch = Callable[[Dist], "Step | None"]
+
+
+def stage_dir(profile: Profile) -> str:
+    return posixpath.join(profile.comfyui.state_dir, STAGE)
+
+
+def index_source(profile: Profile, target: Snapshot, key: str, dist: Dist) -> tuple[str, ...]:
+    """The pip source arguments an index distribution is fetched from again: the ones the snapshot
+    recorded, else as this resource installs it now (the torch family from its torch index, of the
+    build's flavour, the rest from the profile's pip settings)."""
+    if target.sources is not None and key in target.sources:
+        return target.sources[key]
+    torch = target.state.distributions.get("torch") if target.state.distributions else None
+    flavour = Version(dist.version).local or (Version(torch.version).local if torch else None)
+    if is_held(key) and profile.comfyui.torch is not None and flavour:
+        return source_args(profile.comfyui.torch, profile, flavour)
+    return profile.pip.args()
+
+
+def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, have_error: str | None,
+          kept_now: Mapping[str, str] | None, refetch: Refetch) -> tuple[Change | None, Change | None]:
+    """The venv holding exactly the distributions `target` recorded, torch and its family included,
+    as two changes: (fetch, install); a rollback runs the fetch before any other change.
+
+    The fetch gets and checks everything to install into a stage folder beside provision's
+    records, while the host is untouched: index distributions by `pip download --no-deps` from the
+    source each came from (the torch family from its torch index), kept wheels copied back to the
+    path they were installed from and checked against their sha256 (one that is gone re-fetched
+    by `refetch`, or a PlanError naming it). The install: one `pip install --no-deps
+    --force-reinstall --no-index` of the staged set (pip prepares everything before it replaces
+    anything), and only then what was added since is uninstalled: no step leaves the venv with
+    fewer distributions than either end state. PlanError naming everything that cannot be restored."""
+    want = target.state.distributions
+    if want is None:
+        raise PlanError(f"the snapshot could not read the venv ({target.state.venv_error}): its distributions "
+                        "cannot be restored")
+    if have is None:
+        raise PlanError(f"the venv {profile.comfyui.venv} cannot be read ({have_error})")
+    added = sorted(set(have) - set(want))
+    back = sorted(k for k, d in want.items() if have.get(k) != d)
+    if not added and not back:
+        return None, None
+    python, stage = profile.comfyui.python, stage_dir(profile)
+    problems: list[str] = []
+    by_source: dict[tuple[str, ...], list[str]] = {}
+    kept: list[tuple[str, str, str]] = []
+    fetched: list[Step] = []
+    specs: list[str] = []
+    for key in back:
+        dist = want[key]
+        if dist.kind == "index":
+            by_source.setdefault(index_source(profile, target, key, dist), []).append(f"{dist.name}=={dist.version}")
+            specs.append(f"{dist.name}=={dist.version}")
+        elif dist.kind == "url" and dist.url:
+            specs.append(f"{dist.url}#sha256={dist.sha256}" if dist.sha256 and "#" not in dist.url else dist.url)
+        elif dist.kind == "file" and dist.path and dist.sha256:
+            store = target.wheels.get(key)
+            if store and (kept_now is None or kept_now.get(store) == dist.sha256):
+                kept.append((store, dist.path, dist.sha256))
+            elif (step := refetch(dist)) is not None:
+                fetched.append(step)
+            else:
+                why = (f"its kept wheel {store} is gone or changed" if store else
+                       f"the snapshot could not keep it ({target.unkept.get(key, 'not recorded')})")
+                problems.append(f"{dist.name} {dist.version} was installed from {dist.path}: {why}, and no "
+                                "backend source offers that file again")
+                continue
+            specs.append(dist.path)
+        elif dist.kind == "file":
+            problems.append(f"{dist.name} {dist.version} was installed from {dist.path} with no sha256 recorded: "
+                            "a rollback cannot check it")
+        else:
+            problems.append(f"{dist.name} {dist.version} was installed from a "
+                            f"{'folder' if dist.kind == 'dir' else 'VCS'} ({dist.url}): a rollback cannot reinstall it")
+    if problems:
+        raise PlanError("; ".join(problems))
+    get: list[Step] = [Run(("rm", "-rf", stage), what="clear the rollback's stage folder"),
+                       Run(("mkdir", "-p", stage), what="create the rollback's stage folder")]
+    for args, wanted in by_source.items():
+        get.append(Run((python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                        "--dest", stage, *args, *wanted),
+                       what=f"fetch {' '.join(wanted)} before anything changes", timeout=profile.timeouts.pip_s))
+    if kept:
+        get.append(Run(remote.argv("snapshot"), stdin=remote.stage_request(snapshots.folder(profile), kept),
+                       what=f"put back and check {len(kept)} kept wheel(s)"))
+    get += fetched
+    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv "
+                   "before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
+                   tuple(get)) if back else None
+    steps: list[Step] = []
+    if specs:
+        # --no-deps: exactly these versions, nothing resolved; --force-reinstall: a same-version
+        # distribution from another file is replaced too; --no-index: only what was fetched above.
+        steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
+                          "--disable-pip-version-check", "--find-links", stage, *specs),
+                         what=f"pip install --no-deps {' '.join(specs)}", timeout=profile.timeouts.pip_s))
+    if added:
+        steps.append(Run((python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check",
+                          *(have[k].name for k in added)), what=f"pip uninstall {' '.join(added)}",
+                         timeout=profile.timeouts.pip_s))
+    steps.append(Run(("rm", "-rf", stage), what="remove the rollback's stage folder"))
+    before = {k: have[k].shown if k in have else None for k in [*back, *added]}
+    after = {k: want[k].shown if k in want else None for k in [*back, *added]}
+    parts = [f"{want[k].name} {have[k].version if k in have else '(none)'} -> {want[k].version}" for k in back]
+    parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
+    return fetch, Change(name, profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
+                         before, after, tuple(steps), notify=RESTART)

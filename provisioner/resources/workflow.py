@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
+from provisioner.facts.snapshots import WorkflowFile
 from provisioner.resources import retention
-from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, changes
+from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, Step, changes
 
 name = "workflow"
 
@@ -176,3 +178,41 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     if value == "enable" and profile.workflow.cpu_offload == "auto":   # slower: say why
         notes.append(Note("workflow", why, "warning" if facts.gpu is None else "info"))
     return changes(*found, notes=notes)
+
+
+# --- a snapshot's workflow folders (a rollback) ----------------------------------------------------
+
+def _text(f: WorkflowFile | None) -> str | None:
+    return None if f is None else f.text
+
+
+def restore(want: Mapping[str, Mapping[str, WorkflowFile] | None],
+               have: Mapping[str, Mapping[str, WorkflowFile] | None], notes: list[Note]) -> list[Change]:
+    """Each workflow folder the snapshot recorded back to its files: changed ones rewritten, added
+    ones removed (a folder it recorded as absent goes too). Folders it did not record stay."""
+    found: list[Change] = []
+    for where, files in sorted(want.items()):
+        now = have.get(where) or {}
+        for file in sorted(set(files or {}) | set(now)):
+            path = posixpath.join(where, file)
+            old, new = now.get(file), (files or {}).get(file)
+            if old == new:
+                continue
+            if new is None:
+                found.append(Change("workflow", path, "remove", f"remove {path} (not in the snapshot)",
+                                    _text(old) or "", None, (Run(("rm", "-f", path), what=f"remove {path}"),)))
+            elif new.text is None:
+                notes.append(Note(name, f"{path} differs from the snapshot, which recorded only its sha256 "
+                                        f"({new.size} bytes, not text): it is left as it is"))
+            else:
+                steps: tuple[Step, ...] = (Put(path, new.text.encode(), what=f"write {path}"),)
+                if files is not None and not have.get(where):
+                    steps = (Run(("mkdir", "-p", where), what="create the workflow folder"), *steps)
+                found.append(Change("workflow", path, "update" if old else "create",
+                                    f"{'restore' if old else 'create'} {path} as in the snapshot",
+                                    _text(old), new.text, steps))
+        if files is None and have.get(where) is not None:
+            found.append(Change("workflow", where, "remove", f"remove the folder {where} (not in the snapshot)",
+                                None, None, (Run(("sh", "-c", 'rmdir "$1" 2>/dev/null || true', "sh", where),
+                                                 what=f"remove {where} if empty"),)))
+    return found

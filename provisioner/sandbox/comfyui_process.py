@@ -202,9 +202,30 @@ def start(root: Path, port: int, *, gpu_state: Path | None = None, extra: tuple[
     return proc.pid
 
 
+# Every option real ComfyUI's command line takes (comfy/cli_args.py of Comfy-Org/ComfyUI at
+# v0.3.64, the `--name` strings of its parser.add_argument calls): it parses with parse_args, so
+# any other exits 2 with "unrecognized arguments" before a node loads. The stand-in does the same.
+COMFYUI_OPTIONS = frozenset((
+    "--async-offload --auto-launch --base-directory --bf16-text-enc --bf16-unet --bf16-vae --cache-classic "
+    "--cache-lru --cache-none --comfy-api-base --cpu --cpu-vae --cuda-device --cuda-malloc --database-url "
+    "--default-device --default-hashing-function --deterministic --directml --disable-all-custom-nodes "
+    "--disable-api-nodes --disable-auto-launch --disable-cuda-malloc --disable-ipex-optimize --disable-metadata "
+    "--disable-mmap --disable-smart-memory --disable-xformers --dont-print-server --dont-upcast-attention "
+    "--enable-compress-response-body --enable-cors-header --extra-model-paths-config --fast "
+    "--force-channels-last --force-fp16 --force-fp32 --force-non-blocking --force-upcast-attention "
+    "--fp16-text-enc --fp16-unet --fp16-vae --fp32-text-enc --fp32-unet --fp32-vae --fp64-unet --front-end-root "
+    "--front-end-version --gpu-only --highvram --input-directory --listen --log-stdout --lowvram "
+    "--max-upload-size --mmap-torch-files --multi-user --normalvram --novram --oneapi-device-selector "
+    "--output-directory --port --preview-method --preview-size --quick-test-for-ci --reserve-vram "
+    "--supports-fp8-compute --temp-directory --tls-certfile --tls-keyfile --use-flash-attention "
+    "--use-pytorch-cross-attention --use-quad-cross-attention --use-sage-attention --use-split-cross-attention "
+    "--user-directory --verbose --whitelist-custom-nodes --windows-standalone-build").split())
+
+
 def main_py(root: Path | str, argv: list[str]) -> int:
     """The sandbox checkout's main.py, run by a venv's python as a service runs real ComfyUI: its
-    own flags (--listen, --port, --cpu, --cuda-device; others are accepted and ignored), the GPU
+    own flags (--listen, --port, --cpu, --cuda-device; ComfyUI's other options are accepted and
+    ignored, any other is refused as ComfyUI refuses it: exit 2), the GPU
     CUDA_VISIBLE_DEVICES leaves it, what the checkout and that venv hold, and the stand-in flags the
     tests saved for this checkout (set_args)."""
     from provisioner.sandbox import comfyui_server
@@ -215,7 +236,10 @@ def main_py(root: Path | str, argv: list[str]) -> int:
     ap.add_argument("--port", default="8188")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--cuda-device")
-    known, _ = ap.parse_known_args(argv)
+    known, rest = ap.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") and a.split("=", 1)[0] not in COMFYUI_OPTIONS]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     server = [*found_args(root, Path(sys.prefix)), "--listen", known.listen, "--port", known.port]
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
     device = visible[0] if visible else known.cuda_device

@@ -140,9 +140,14 @@ def _set_torch(venv: Path, torch: str | None) -> None:
     if torch is None:
         _pip(python, "uninstall", "--yes", "torch", "torchvision")
         return
+    # By name from a --find-links folder, as from PyTorch's index: pip records no direct_url.json,
+    # so the venv reads as the real world's (torch an index install, which a rollback must fetch
+    # from the torch index again), not as installed from a file that is gone.
     with tempfile.TemporaryDirectory(prefix="sandbox-torch-") as tmp:
-        wheels = (build_torch_wheel(Path(tmp), torch, cuda_of(torch)), build_torchvision_wheel(Path(tmp), torch))
-        _pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", *map(str, wheels))
+        build_torch_wheel(Path(tmp), torch, cuda_of(torch))
+        vision = build_torchvision_wheel(Path(tmp), torch)
+        pins = (f"torch=={torch}", f"torchvision=={vision.name.split('-')[1]}")
+        _pip(python, "install", "--no-index", "--find-links", tmp, "--no-deps", "--force-reinstall", *pins)
 
 
 def make_venv_template(path: Path, torch: str | None = "2.6.0+cu124", *, base_python: str | None = None) -> Path:

@@ -11,7 +11,7 @@ checked as it was left and the command run again, which must converge:
 
 Apply: a fresh host, `apply` killed, `apply` again; `plan` must say up to date. Rollback: a fresh
 host applied to the lab's profile (A), then upgraded (B: the plugin tag, the backend wheel, a
-package added, the workflows), then `rollback` (to the snapshot taken before B's apply) killed and
+package added, the workflows; in the torch-move case torch 2.6.0+cu126 -> 2.8.0+cu128 too), then `rollback` (to the snapshot taken before B's apply) killed and
 `rollback --to` that snapshot again (a default rollback after a partial one may choose another:
 docs/rollback.md); the host must be exactly A (tree, `pip freeze --all`, plugin commit) and
 `rollback --to ID --check` must find nothing to do.
@@ -56,6 +56,15 @@ LOADER = "NunchakuQwenImageDiTLoader"
 # the rollback reinstalls the wheel file its snapshot kept.
 TORCH = "2.8.0+cu128"
 UPGRADE_B = {**UPGRADE, "backend": {"version": "1.1.0"}}
+# The same B with torch moved too (2.6.0+cu126 -> 2.8.0+cu128, on an RTX 5090: its driver runs
+# both; it takes the fp4 model files): the rollback fetches torch from the torch index again, puts
+# back the kept 1.0.1+torch2.6 wheel and uninstalls the torchaudio the move added.
+TORCH_A = "2.6.0+cu126"
+
+
+def torch_move(lab: Lab) -> dict[str, object]:
+    return {**UPGRADE_B, "comfyui": {"torch": {"version": "2.8.0", "cuda": "12.8", "index_url": None,
+                                               "find_links": [f"{lab.world.torch_wheelhouse}/{{flavour}}"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +76,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def expected_models(lab: Lab, host: LabHost) -> dict[Path, str]:
-    sel = catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", "int4", None)   # an RTX 3090 host
+    precision = "fp4" if host.sandbox.gpu == "rtx5090" else "int4"          # an RTX 5090, else an RTX 3090
+    sel = catalog.resolve("qwen-image-edit-2509", "lightning-4step-r128", precision, None)
     return {host.comfy / "models" / f.folder / f.filename:
             hashlib.sha256(lab.world.files[(f.repo, f.path_in_repo)]).hexdigest() for f in sel.files}
 
@@ -222,14 +232,15 @@ def test_random_kill_points_during_apply_converge(lab: Lab, tmp_path: Path,
         assert phases["workflow"] + phases["handler"] > 0, phases
 
 
-def upgraded(lab: Lab) -> tuple[LabHost, tuple[dict[str, str], str, str], str]:
-    """A fresh host applied to A, then to B: the host, A's state and the id of the snapshot taken
-    before B's apply (what a rollback returns to). The profile is A's again when this returns."""
-    (host,) = lab.add(1, torch=TORCH)
+def upgraded(lab: Lab, *, moves_torch: bool = False) -> tuple[LabHost, tuple[dict[str, str], str, str], str]:
+    """A fresh host applied to A, then to B (`moves_torch`: B moves torch too): the host, A's state
+    and the id of the snapshot taken before B's apply (what a rollback returns to). The profile is
+    A's again when this returns."""
+    (host,) = lab.add(1, torch=TORCH_A, gpu="rtx5090") if moves_torch else lab.add(1, torch=TORCH)
     code, out = lab.run("apply", "--limit", host.name, "--no-verify")
     assert code == 2, out
     before = state(host)
-    lab.profile_extra.update(UPGRADE_B)
+    lab.profile_extra.update(torch_move(lab) if moves_torch else UPGRADE_B)
     lab.write()
     try:
         code, out = lab.run("apply", "--limit", host.name, "--no-verify")
@@ -242,17 +253,18 @@ def upgraded(lab: Lab) -> tuple[LabHost, tuple[dict[str, str], str, str], str]:
     return host, before, snap["id"]
 
 
+@pytest.mark.parametrize("moves_torch", [False, True], ids=["upgrade", "torch-move"])
 def test_random_kill_points_during_rollback_converge(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capsys: pytest.CaptureFixture[str], moves_torch: bool) -> None:
     monkeypatch.setattr(lab.world.hub, "throttle_bps", None)   # only the rollback is killed: set hosts up fast
-    host, _, _ = upgraded(lab)
+    host, _, _ = upgraded(lab, moves_torch=moves_torch)
     span = uninterrupted(lab, tmp_path / "calibration", "rollback", "--limit", host.name, "--no-verify")
     retire(host)
     rng = random.Random(SEED)
     tally = Tally("rollback kill points", bounded=False)
     phases: Counter[str] = Counter()
     for n in range(ROLLBACK_KILLS):
-        host, before, target = upgraded(lab)
+        host, before, target = upgraded(lab, moves_torch=moves_torch)
         delay = rng.uniform(0.0, span)
         where = killed(lab, host, delay, tmp_path / f"kill-{n}", "rollback", "--limit", host.name, "--no-verify")
         phases[where] += 1
@@ -272,4 +284,4 @@ def test_random_kill_points_during_rollback_converge(lab: Lab, tmp_path: Path, m
                 wrong.append(f"rollback --check after the second rollback exited {code}: {out[-800:]}")
         tally.add(not wrong, f"kill {n} at {delay:.2f}s ({where}): " + "; ".join(wrong))
         retire(host)
-    report(tally, phases, span, "a rollback", capsys)
+    report(tally, phases, span, "a rollback of a torch move" if moves_torch else "a rollback", capsys)
