@@ -567,7 +567,8 @@ def main():
     try:
         req = json.loads(sys.stdin.read())
         mode = req["mode"]
-        use_git(req["git"])
+        if mode not in ("stage", "mark"):         # the only modes that read checkouts
+            use_git(req["git"])
     except (ValueError, KeyError) as err:
         sys.stderr.write("bad request: %s\n" % err)
         return 2
