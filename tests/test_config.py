@@ -390,3 +390,40 @@ def test_a_file_that_passed_is_not_validated_again_and_one_that_did_not_always_i
     good.write_text("comfyui:\n  root: /opt/ComfyUI\n  port: 8188.0\n")
     assert run(good) == "1 True"          # a new document, with a problem
     assert run(good) == "1 True"          # ... reported on every run
+
+
+def _numbers_and_lists(node: object, path: str = "") -> list[tuple[str, dict]]:
+    found: list[tuple[str, dict]] = []
+    if isinstance(node, dict):
+        kinds = node.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if {"integer", "number", "array"} & set(kinds):
+            found.append((path, node))
+        for key, value in node.items():
+            found += _numbers_and_lists(value, f"{path}/{key}")
+    return found
+
+
+def test_every_number_and_list_of_the_profile_has_an_upper_bound() -> None:
+    # An accepted value must stay bounded: warm_runs 1e9 once passed and then filled 23 GB.
+    unbounded = [path for path, node in _numbers_and_lists(schema("profile"))
+                 if "maximum" not in node and "maxItems" not in node]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(("key", "value", "line"), [
+    ("verify", "{warm_runs: 1000000000}", "verify.warm_runs"),
+    ("workflow", "{steps: 1000000000000}", "workflow.steps"),
+    ("timeouts", "{pip_s: 1.0e+300}", "timeouts.pip_s"),
+    ("verify", "{prompts: [" + ", ".join(["p"] * 17) + "]}", "verify.prompts"),
+])
+def test_values_past_their_bound_are_refused_located(tmp_path: Path, key: str, value: str, line: str) -> None:
+    from tests.test_cli import ROOT, run
+
+    profile = tmp_path / "p.yaml"
+    templates = f"template_dir: {ROOT / 'templates'}"
+    body = f"{key}: {value}" if key != "workflow" else f"workflow: {{{templates}, {value[1:-1]}}}"
+    profile.write_text(f"comfyui: {{root: /opt/ComfyUI}}\n# a comment\n{body}\n"
+                       + (f"workflow: {{{templates}}}\n" if key != "workflow" else ""))
+    code, out = run("validate", str(profile))
+    assert code == 3 and f"{profile}:3:" in out and line in out, out
