@@ -427,3 +427,18 @@ def test_values_past_their_bound_are_refused_located(tmp_path: Path, key: str, v
                        + (f"workflow: {{{templates}}}\n" if key != "workflow" else ""))
     code, out = run("validate", str(profile))
     assert code == 3 and f"{profile}:3:" in out and line in out, out
+
+
+@pytest.mark.parametrize("byte", [b"\x01", b"\x1b", b"\x7f", b"\x08"])
+def test_a_raw_control_character_in_a_file_is_located(tmp_path: Path, byte: bytes) -> None:
+    # PyYAML's reader names only an offset ("position 23"); it was the file alone, no line:col.
+    from tests.test_cli import run
+
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_bytes(b"all:\n  hosts:\n    a: {ansible_host: h" + byte + b"}\n")
+    profile = tmp_path / "p.yaml"
+    profile.write_bytes(b"comfyui:\n  root: /opt/Co" + byte + b"mfyUI\n")
+    for path, where in ((profile, ":2:16:"), (inventory, ":3:24:")):
+        code, out = run("validate", str(path))
+        assert code == 3 and f"{path}{where} invalid YAML: the control character" in out, out
+        assert "position" not in out and len(out.strip().splitlines()) == 2, out
