@@ -18,7 +18,7 @@ JSON_DEPTH = 64             # a report nests 6 deep, a snapshot 7: 64 is room, a
 REPORT_CAP = 64 << 20       # a report.json of 10 000 hosts is about 60 MiB
 
 # Strings first (a bracket inside one is text), then each bracket on its own.
-_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
+_TOKENS = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
 
 
 def read_regular(path: str | os.PathLike[str], cap: int) -> bytes:
