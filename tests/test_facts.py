@@ -533,3 +533,17 @@ def test_space_listing_and_markers_on_a_real_tree(host: dict, tmp_path: Path, sm
     assert facts.listings[str(root / "gone")] is None
     assert facts.markers == {str(owed): {"restart-comfyui": '{"since": "2026-01-02T03:04:05Z"}\n'}, str(root / "gone"): {}}
     assert json.dumps(facts_to_json(facts))
+
+
+def test_a_venv_record_deep_or_a_fifo_is_no_record(tmp_path: Path) -> None:
+    # The controller's record of a venv's answer: 5000 `[` deep was a RecursionError in every plan.
+    from provisioner.facts import venv_record
+
+    record = venv_record._file("h", "/srv/venv/bin/python")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("[" * 5000 + "]" * 5000)
+    assert venv_record.recorded("h", "/srv/venv/bin/python") is None
+    record.unlink()
+    os.mkfifo(record)
+    assert venv_record.recorded("h", "/srv/venv/bin/python") is None
+    record.unlink()

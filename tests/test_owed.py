@@ -43,6 +43,12 @@ def test_a_damaged_marker_still_says_its_handler_is_owed() -> None:
         "restart-comfyui owed since an unknown time by an interrupted run: a change"
 
 
+def test_a_marker_nested_thousands_deep_or_holding_nan_is_damaged_not_a_crash() -> None:
+    for text in ("[" * 4000, "[" * 2000 + "]" * 2000, '{"since": NaN}'):
+        facts = replace(FACTS, markers={FOLDER: {"restart-comfyui": text}})
+        assert owed.read(PROFILE, facts)["restart-comfyui"].since == ""
+
+
 def test_a_handler_the_profile_cannot_run_is_a_note_for_a_person() -> None:
     items = {"restart-comfyui": owed.Owed("restart-comfyui", "2026-01-02T03:04:05Z", "plugin: x"),
              "reload-other": owed.Owed("reload-other", "", "")}

@@ -145,3 +145,25 @@ def _raises(call) -> BaseException:  # type: ignore[no-untyped-def]
     except BaseException as err:  # noqa: BLE001 - the test reads what was raised
         return err
     return AssertionError("nothing raised")
+
+
+def test_the_references_index_is_read_within_bounds_and_its_files_stay_in_the_store(tmp_path: Path) -> None:
+    from provisioner.errors import ProvisionError
+    from provisioner.report.references import ReferenceStore
+    from provisioner.verify.agreement import Reference
+
+    store = tmp_path / "references"
+    store.mkdir()
+    for hostile in ("[" * 5000 + "]" * 5000, '{"references": {"x": NaN}}'):
+        (store / "index.json").write_text(hostile)
+        with pytest.raises(ProvisionError, match="move it away"):
+            ReferenceStore(tmp_path).entries()         # before: a RecursionError for the deep one
+    (store / "index.json").unlink()
+    fifo(store / "index.json")
+    with pytest.raises(ProvisionError, match="FIFO"):
+        ReferenceStore(tmp_path).entries()             # before: an empty store, silently
+    (store / "index.json").unlink()
+    secret = write(tmp_path / "secret.png", "not a reference")
+    entry = {**Reference("RTX 3090", "k", "h", "now").to_json(), "file": "../secret.png"}
+    (store / "index.json").write_text(json.dumps({"version": 1, "references": {"rtx-3090/k": entry}}))
+    assert secret.exists() and ReferenceStore(tmp_path).get("RTX 3090", "k") is None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from provisioner.config import bounded
 from provisioner.config.model import Profile
 from provisioner.facts.model import Facts, Probe
 from provisioner.resources.base import Change, Handler, Put, Run
@@ -52,7 +53,7 @@ def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
     found: dict[str, Owed] = {}
     for name, text in (facts.markers.get(folder(profile)) or {}).items():
         try:
-            data = json.loads(text)
+            data = bounded.loads(text)          # a marker 4000 `[` deep was a RecursionError
             data = data if isinstance(data, dict) else {}
         except ValueError:
             data = {}
