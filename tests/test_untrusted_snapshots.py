@@ -322,3 +322,29 @@ def test_the_lock_program_refuses_a_fifo_and_still_names_the_holder(tmp_path: Pa
         assert busy.returncode == 75 and busy.stdout.decode().splitlines()[-1] == "busy apply by alice"
     finally:
         holder.communicate(b"", timeout=10)
+
+
+def test_a_snapshots_folder_linked_out_of_the_root_is_refused_and_nothing_is_written_there(
+        host_root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = host_root / ".provision" / "snapshots"
+    folder.rmdir()
+    folder.symlink_to(elsewhere)
+    for mode, fields in (("take", {"taken": "before apply", "keep": 1}), ("read", {"now": True})):
+        request = remote.snapshot_request(mode=mode, folder=str(folder), root=str(host_root),
+                                          python=str(host_root / "venv" / "bin" / "python"),
+                                          checksums=str(host_root / ".provision" / "checksums.json"),
+                                          workflow_dirs=[str(host_root / "workflows")], **fields)
+        proc = subprocess.run(remote.argv("snapshot", python=sys.executable), input=request, capture_output=True,
+                              timeout=60)
+        assert proc.returncode == 1 and b"outside" in proc.stderr, proc.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_lock_program_refuses_a_provision_folder_that_is_a_link(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / ".provision").symlink_to(tmp_path / "elsewhere")
+    proc = subprocess.run(remote.argv("lock", str(tmp_path / ".provision" / "lock"), "5", "me", python=sys.executable),
+                          input=b"", capture_output=True, timeout=10)
+    assert proc.returncode == 2 and b"is a link" in proc.stderr and list((tmp_path / "elsewhere").iterdir()) == []

@@ -16,6 +16,9 @@ import time
 def main():
     path, timeout, owner = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.islink(os.path.dirname(path)):       # provision's folder led elsewhere: not ours to write
+        print("%s is a link: remove it" % os.path.dirname(path), file=sys.stderr, flush=True)
+        return 2
     # Not through a link, and never a FIFO or a device put in its place: the holder's name is read back.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -474,9 +474,21 @@ def sweep(folder):
                 pass                    # removed meanwhile, or not a file: left for a person
 
 
-def take(req):
+def _own_folder(req):
+    """The snapshots folder, refused (OSError) when it, or a folder above it in the root, is a link
+    leading out of the root: a take would write, and its pruning delete, wherever that points."""
     folder = req["dir"]
+    if os.path.lexists(folder) and not inside(folder, req["root"]):
+        raise OSError("%s resolves to %s, outside %s: remove the link" % (folder, os.path.realpath(folder),
+                                                                            req["root"]))
+    return folder
+
+
+def take(req):
+    folder = _own_folder(req)
     os.makedirs(folder, exist_ok=True)
+    if not inside(folder, req["root"]):             # made through a link above it
+        raise OSError("%s resolves outside %s: remove the link" % (folder, req["root"]))
     sweep(folder)
     stored, _ = stored_snapshots(folder)
     state = read_state(req, stored)
@@ -506,7 +518,7 @@ def take(req):
 
 
 def read(req):
-    stored, errors = stored_snapshots(req["dir"])
+    stored, errors = stored_snapshots(_own_folder(req))
     return {"snapshots": stored, "errors": errors, "now": read_state(req, stored) if req.get("now") else None}
 
 
