@@ -37,6 +37,19 @@ def test_the_marker_written_before_a_change_reads_back() -> None:
     assert owed.probe(PROFILE).markers == (FOLDER,)
 
 
+def test_a_provision_folder_that_is_a_link_is_a_plan_error_before_any_change() -> None:
+    from provisioner.facts.model import Entry
+    from provisioner.plan.build import engine_plan
+
+    assert "/srv/ComfyUI" in owed.probe(PROFILE).listing
+    linked = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "link"), Entry("main.py", "file"))})
+    plan = engine_plan(PROFILE, linked, [])
+    assert plan.errors == ("state: /srv/ComfyUI/.provision is a link: provision keeps its lock, snapshots and "
+                           "records there and will not write through one (make it a folder)",)
+    folder = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "dir"),)})
+    assert engine_plan(PROFILE, folder, []).errors == ()
+
+
 def test_a_damaged_marker_still_says_its_handler_is_owed() -> None:
     facts = replace(FACTS, markers={FOLDER: {"restart-comfyui": "\x00not json"}})
     assert owed.read(PROFILE, facts)["restart-comfyui"].describe() == \

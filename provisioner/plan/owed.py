@@ -44,7 +44,17 @@ def folder(profile: Profile) -> str:
 
 def probe(profile: Profile) -> Probe:
     """The markers, and what a write killed halfway left beside them or in the state folder."""
-    return Probe(markers=(folder(profile),), listing=(profile.comfyui.state_dir, folder(profile)))
+    return Probe(markers=(folder(profile),), listing=(profile.comfyui.root, profile.comfyui.state_dir, folder(profile)))
+
+
+def linked_away(profile: Profile, facts: Facts) -> str | None:
+    """Why provision cannot write its records on this host: its folder in the root is a link (what
+    runs as ComfyUI's user could point it anywhere the engine, as root, would then write)."""
+    entries = facts.listings.get(profile.comfyui.root) or ()
+    if any(e.name == posixpath.basename(profile.comfyui.state_dir) and e.kind == "link" for e in entries):
+        return (f"{profile.comfyui.state_dir} is a link: provision keeps its lock, snapshots and records "
+                "there and will not write through one (make it a folder)")
+    return None
 
 
 def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
