@@ -321,7 +321,7 @@ def _disk_full(dest, part, size):
 
 
 # Reading the host's files within bounds. Each host program is sent alone, so this block is the same
-# in every one that reads files a user of the host can write (tests/test_bounded_reads.py holds the
+# in every one that reads files a user of the host can write (tests/test_untrusted_snapshots.py holds the
 # copies equal). A FIFO, a device or a link to one is refused by what the opened file is; a size cap
 # and JSON nested at most JSON_DEPTH deep (json itself would fail with a RecursionError deeper).
 JSON_DEPTH = 64
