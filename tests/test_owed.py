@@ -48,6 +48,11 @@ def test_a_provision_folder_that_is_a_link_is_a_plan_error_before_any_change() -
                            "records there and will not write through one (make it a folder)",)
     folder = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "dir"),)})
     assert engine_plan(PROFILE, folder, []).errors == ()
+    inside = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "dir"),),
+                                      "/srv/ComfyUI/.provision": (Entry("lock", "file"), Entry("wheels", "link"))})
+    assert engine_plan(PROFILE, inside, []).errors == (
+        "state: /srv/ComfyUI/.provision/wheels is a link: provision did not make it and will not write through "
+        "one (remove it)",)
 
 
 def test_a_damaged_marker_still_says_its_handler_is_owed() -> None:

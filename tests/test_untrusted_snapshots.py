@@ -340,6 +340,13 @@ def test_a_snapshots_folder_linked_out_of_the_root_is_refused_and_nothing_is_wri
                               timeout=60)
         assert proc.returncode == 1 and b"outside" in proc.stderr, proc.stderr
     assert list(elsewhere.iterdir()) == []
+    folder.unlink()
+    folder.mkdir()
+    (folder / "wheels").symlink_to(elsewhere)          # the kept wheels' store led away instead
+    proc = subprocess.run(remote.argv("snapshot", python=sys.executable), input=remote.snapshot_request(
+        mode="take", folder=str(folder), root=str(host_root), python=str(host_root / "venv" / "bin" / "python"),
+        checksums="", workflow_dirs=[], taken="before apply", keep=1), capture_output=True, timeout=60)
+    assert proc.returncode == 1 and b"outside" in proc.stderr and list(elsewhere.iterdir()) == []
 
 
 def test_the_lock_program_refuses_a_provision_folder_that_is_a_link(tmp_path: Path) -> None:

@@ -54,6 +54,11 @@ def linked_away(profile: Profile, facts: Facts) -> str | None:
     if any(e.name == posixpath.basename(profile.comfyui.state_dir) and e.kind == "link" for e in entries):
         return (f"{profile.comfyui.state_dir} is a link: provision keeps its lock, snapshots and records "
                 "there and will not write through one (make it a folder)")
+    # Nothing provision makes in its folder is a link: one there (wheels/, owed/, snapshots/) was put by another.
+    links = sorted(e.name for e in facts.listings.get(profile.comfyui.state_dir) or () if e.kind == "link")
+    if links:
+        return (f"{posixpath.join(profile.comfyui.state_dir, links[0])} is a link: provision did not make it "
+                "and will not write through one (remove it)")
     return None
 
 

@@ -478,9 +478,10 @@ def _own_folder(req):
     """The snapshots folder, refused (OSError) when it, or a folder above it in the root, is a link
     leading out of the root: a take would write, and its pruning delete, wherever that points."""
     folder = req["dir"]
-    if os.path.lexists(folder) and not inside(folder, req["root"]):
-        raise OSError("%s resolves to %s, outside %s: remove the link" % (folder, os.path.realpath(folder),
-                                                                            req["root"]))
+    for path in (folder, os.path.join(folder, "wheels")):
+        if os.path.lexists(path) and not inside(path, req["root"]):
+            raise OSError("%s resolves to %s, outside %s: remove the link" % (path, os.path.realpath(path),
+                                                                                req["root"]))
     return folder
 
 
