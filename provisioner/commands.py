@@ -583,6 +583,8 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if args.promote_reference and not args.report:
         raise UsageError("--promote-reference needs --report DIR: the references live in DIR/references/")
     slice_options(args)
+    if args.report:
+        check_report_dir(args.report)
 
     stop = Stop()
 
@@ -641,17 +643,29 @@ def report(args: argparse.Namespace, console: Console) -> int:
 
 def previous_report(path: str) -> dict[str, Any]:
     """`--compare OLD_REPORT`: a report.json this version can compare with, or bad input."""
-    from provisioner.report import read_previous
+    from provisioner.report import read_previous_file
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise UsageError(f"--compare {path}: {err.strerror or err} (give a report.json written by "
-                         "provision verify --report)") from None
-    previous, why = read_previous(data)
+        previous, why = read_previous_file(path)
+    except ValueError as err:
+        raise UsageError(f"--compare {path}: {err} (give a report.json written by provision verify --report)") from None
     if previous is None:
         raise UsageError(f"--compare {path}: {why}")
     return previous
+
+
+def check_report_dir(directory: str) -> None:
+    """The report.json already in `--report DIR` is compared with after the verification: one that
+    cannot be read at all (a FIFO, a device, too big) is refused before any host is touched."""
+    from provisioner.report import JSON_NAME, read_previous_file
+
+    path = Path(directory) / JSON_NAME
+    if not os.path.lexists(path):
+        return
+    try:
+        read_previous_file(path)
+    except ValueError as err:
+        raise UsageError(f"--report {directory}: {path} cannot be read: {err} (move it away)") from None
 
 
 @dataclass(frozen=True)

@@ -94,14 +94,32 @@ def expand(word: str, env: dict[str, str]) -> str:
                   lambda m: "$" if m.group(1) == "$" else env.get(m.group(2) or m.group(3), ""), word)
 
 
+def _logical_lines(text: str) -> list[str]:
+    """The unit's settings as systemd reads them: stripped, comments dropped, and a line ending in a
+    backslash joined to the next with a space (so a value ending in one swallows the next line)."""
+    out: list[str] = []
+    pending: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if pending is None and (not line or line[0] in "#;"):
+            continue
+        if pending is not None:
+            line = pending + " " + line
+        if line.endswith("\\"):
+            pending = line[:-1]
+            continue
+        pending = None
+        out.append(line)
+    if pending is not None:
+        out.append(pending)
+    return out
+
+
 def parse(text: str) -> dict[str, object]:
     """The [Service] settings that run the unit, as systemd reads them."""
     section, service, env = "", {}, {}                       # type: ignore[var-annotated]
     posts: list[list[str]] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
+    for line in _logical_lines(text):
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
             continue
@@ -134,8 +152,10 @@ def parse(text: str) -> dict[str, object]:
         raise UnitError(f"Type={service['Type']}: the stand-in runs Type=simple only")
     env_all = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", **env}
     service["env"] = env_all
-    service["argv"] = [expand(w, env_all) for w in service["argv"]]       # type: ignore[union-attr]
-    service["posts"] = [[expand(w, env_all) for w in argv] for argv in posts]
+    # systemd expands no variable in the executable itself, only in its arguments.
+    service["argv"] = [w if i == 0 else expand(w, env_all)                # type: ignore[union-attr]
+                       for i, w in enumerate(service["argv"])]            # type: ignore[arg-type]
+    service["posts"] = [[w if i == 0 else expand(w, env_all) for i, w in enumerate(argv)] for argv in posts]
     return service
 
 

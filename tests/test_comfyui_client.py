@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.errors import ProvisionError, VerifyError
+from provisioner.errors import ConnectError, ProvisionError, VerifyError
 from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
 from provisioner.verify.comfyui import ComfyClient, ImageRef, PromptHistory, PromptRejected
 
@@ -151,3 +151,35 @@ def test_nothing_listening_is_a_clear_verify_error() -> None:
         ComfyClient(f"http://127.0.0.1:{port}", timeout=2).system_stats()
     assert "does not answer GET /system_stats" in str(info.value) and "\n" not in str(info.value)
     assert ComfyClient(f"http://127.0.0.1:{port}").listen() is False
+
+
+def test_a_connection_lost_under_the_tunnel_is_named_not_blamed_on_comfyui() -> None:
+    """A frozen host: the watchdog aborts the SSH connection, the tunnel's socket is reset, and the
+    next request failed with "Connection reset by peer (is it running and listening...?)"."""
+    import struct
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def reset_each() -> None:            # what the local end of a tunnel does once its channel is gone
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=reset_each, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    why = "gpu-01: no answer to the heartbeat for 15s: the host stopped responding (frozen, or the network ...)"
+    try:
+        with pytest.raises(VerifyError, match="is it running"):
+            ComfyClient(url, timeout=5).system_stats()
+        with pytest.raises(ConnectError) as lost:
+            ComfyClient(url, timeout=5, lost=lambda: why).system_stats()
+        assert str(lost.value) == why
+    finally:
+        server.close()

@@ -407,3 +407,55 @@ def test_the_hub_token_goes_only_over_https_to_its_endpoint_or_to_loopback(tmp_p
     assert validate_files([allowed]) == []
     loop = write(tmp_path / "loop.yaml", base + "huggingface: {endpoint: 'http://[::1]:9000'}\n")
     assert validate_files([loop]) == []
+
+
+def _numbers_and_lists(node: object, path: str = "") -> list[tuple[str, dict]]:
+    found: list[tuple[str, dict]] = []
+    if isinstance(node, dict):
+        kinds = node.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if {"integer", "number", "array"} & set(kinds):
+            found.append((path, node))
+        for key, value in node.items():
+            found += _numbers_and_lists(value, f"{path}/{key}")
+    return found
+
+
+def test_every_number_and_list_of_the_profile_has_an_upper_bound() -> None:
+    # An accepted value must stay bounded: warm_runs 1e9 once passed and then filled 23 GB.
+    unbounded = [path for path, node in _numbers_and_lists(schema("profile"))
+                 if "maximum" not in node and "maxItems" not in node]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(("key", "value", "line"), [
+    ("verify", "{warm_runs: 1000000000}", "verify.warm_runs"),
+    ("workflow", "{steps: 1000000000000}", "workflow.steps"),
+    ("timeouts", "{pip_s: 1.0e+300}", "timeouts.pip_s"),
+    ("verify", "{prompts: [" + ", ".join(["p"] * 17) + "]}", "verify.prompts"),
+])
+def test_values_past_their_bound_are_refused_located(tmp_path: Path, key: str, value: str, line: str) -> None:
+    from tests.test_cli import ROOT, run
+
+    profile = tmp_path / "p.yaml"
+    templates = f"template_dir: {ROOT / 'templates'}"
+    body = f"{key}: {value}" if key != "workflow" else f"workflow: {{{templates}, {value[1:-1]}}}"
+    profile.write_text(f"comfyui: {{root: /opt/ComfyUI}}\n# a comment\n{body}\n"
+                       + (f"workflow: {{{templates}}}\n" if key != "workflow" else ""))
+    code, out = run("validate", str(profile))
+    assert code == 3 and f"{profile}:3:" in out and line in out, out
+
+
+@pytest.mark.parametrize("byte", [b"\x01", b"\x1b", b"\x7f", b"\x08"])
+def test_a_raw_control_character_in_a_file_is_located(tmp_path: Path, byte: bytes) -> None:
+    # PyYAML's reader names only an offset ("position 23"); it was the file alone, no line:col.
+    from tests.test_cli import run
+
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_bytes(b"all:\n  hosts:\n    a: {ansible_host: h" + byte + b"}\n")
+    profile = tmp_path / "p.yaml"
+    profile.write_bytes(b"comfyui:\n  root: /opt/Co" + byte + b"mfyUI\n")
+    for path, where in ((profile, ":2:16:"), (inventory, ":3:24:")):
+        code, out = run("validate", str(path))
+        assert code == 3 and f"{path}{where} invalid YAML: the control character" in out, out
+        assert "position" not in out and len(out.strip().splitlines()) == 2, out

@@ -552,3 +552,17 @@ def test_the_facts_say_who_provision_is_on_the_host_and_who_owns_comfyuis_root()
     console = Console(record=True, width=200)
     console.print(host_table(facts))
     assert "admin (uid 1000), becomes root; ComfyUI's root is comfy's" in console.export_text()
+
+
+def test_a_venv_record_deep_or_a_fifo_is_no_record(tmp_path: Path) -> None:
+    # The controller's record of a venv's answer: 5000 `[` deep was a RecursionError in every plan.
+    from provisioner.facts import venv_record
+
+    record = venv_record._file("h", "/srv/venv/bin/python")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("[" * 5000 + "]" * 5000)
+    assert venv_record.recorded("h", "/srv/venv/bin/python") is None
+    record.unlink()
+    os.mkfifo(record)
+    assert venv_record.recorded("h", "/srv/venv/bin/python") is None
+    record.unlink()

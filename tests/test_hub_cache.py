@@ -46,6 +46,16 @@ def test_a_damaged_record_is_an_empty_one() -> None:
     assert json.loads(hub_cache.path().read_text())["format"] == hub_cache.FORMAT
 
 
+def test_a_deep_or_special_record_is_an_empty_one_too() -> None:
+    # A record 5000 `[` deep was a RecursionError in every plan; a FIFO in its place hung it.
+    hub_cache.path().parent.mkdir(parents=True, exist_ok=True)
+    hub_cache.path().write_text("[" * 5000 + "]" * 5000)
+    assert hub_cache.commit_of("https://hf", "o/r", "main") is None
+    hub_cache.path().unlink()
+    os.mkfifo(hub_cache.path())
+    assert hub_cache.commit_of("https://hf", "o/r", "main") is None
+
+
 def test_concurrent_writers_lose_nothing() -> None:
     code = ("import sys\nfrom provisioner.resources import hub_cache\n"
             "for i in range(40):\n"

@@ -37,10 +37,34 @@ def test_the_marker_written_before_a_change_reads_back() -> None:
     assert owed.probe(PROFILE).markers == (FOLDER,)
 
 
+def test_a_provision_folder_that_is_a_link_is_a_plan_error_before_any_change() -> None:
+    from provisioner.facts.model import Entry
+    from provisioner.plan.build import engine_plan
+
+    assert "/srv/ComfyUI" in owed.probe(PROFILE).listing
+    linked = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "link"), Entry("main.py", "file"))})
+    plan = engine_plan(PROFILE, linked, [])
+    assert plan.errors == ("state: /srv/ComfyUI/.provision is a link: provision keeps its lock, snapshots and "
+                           "records there and will not write through one (make it a folder)",)
+    folder = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "dir"),)})
+    assert engine_plan(PROFILE, folder, []).errors == ()
+    inside = replace(FACTS, listings={"/srv/ComfyUI": (Entry(".provision", "dir"),),
+                                      "/srv/ComfyUI/.provision": (Entry("lock", "file"), Entry("wheels", "link"))})
+    assert engine_plan(PROFILE, inside, []).errors == (
+        "state: /srv/ComfyUI/.provision/wheels is a link: provision did not make it and will not write through "
+        "one (remove it)",)
+
+
 def test_a_damaged_marker_still_says_its_handler_is_owed() -> None:
     facts = replace(FACTS, markers={FOLDER: {"restart-comfyui": "\x00not json"}})
     assert owed.read(PROFILE, facts)["restart-comfyui"].describe() == \
         "restart-comfyui owed since an unknown time by an interrupted run: a change"
+
+
+def test_a_marker_nested_thousands_deep_or_holding_nan_is_damaged_not_a_crash() -> None:
+    for text in ("[" * 4000, "[" * 2000 + "]" * 2000, '{"since": NaN}'):
+        facts = replace(FACTS, markers={FOLDER: {"restart-comfyui": text}})
+        assert owed.read(PROFILE, facts)["restart-comfyui"].since == ""
 
 
 def test_a_handler_the_profile_cannot_run_is_a_note_for_a_person() -> None:

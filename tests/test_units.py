@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+
+
 import shutil
 import subprocess
 import sys
@@ -412,3 +414,86 @@ def test_a_login_that_does_not_own_the_root_is_refused_before_it_writes_there() 
         "ansible_become for the unit), or give the root to alice")
     assert owner_problem(p, facts(), [write]) is None                                  # root writes anywhere
     assert owner_problem(p, replace(facts(), login=replace(alice, root_owner_uid=1000)), [write]) is None
+
+
+# -- hostile values: what systemd treats specially in paths and arguments ---------------------------
+
+HOSTILE_WORDS = ["a b", "a\tb", 'a"b', "a'b", "a\\b", "ab\\", "100%", "%h", "$HOME", "${PATH}", "$$", "a;b",
+                 "\\\"'$%\\", "--x=a b\\", "=", "#", ";x"]
+
+
+def _analyze(unit: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("word", HOSTILE_WORDS)
+def test_a_hostile_argument_is_read_back_by_the_unit_parser_exactly(word: str) -> None:
+    p = profile(args=[word, f"--x={word}"])
+    gpu = replace(GPUS[1], name=f"RTX {word}\nExecStartPre=/bin/false", uuid=f"GPU-{word}")
+    (instance,) = units.instances(p, facts(gpus=(gpu,)))
+    text = units.render(p, instance)
+    read = service_manager.parse(text)
+    assert read["argv"] == list(units.argv(p, instance)) and read["cwd"] == ROOT
+    assert read["env"]["CUDA_VISIBLE_DEVICES"] == f"GPU-{word}"              # type: ignore[index]
+    assert not any(line.startswith("ExecStartPre") for line in text.splitlines())    # the GPU's name: one line
+
+
+ROOTS_KEPT = ["/srv/Comfy UI", "/srv/100%", "/srv/$HOME", "/srv/a;b=c", "/srv/x#y", "/srv/é"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.parametrize("name", ROOTS_KEPT)
+def test_a_rendered_unit_passes_systemd_analyze_verify_and_names_the_real_executable(tmp_path: Any,
+                                                                                  name: str) -> None:
+    # systemd-analyze checks that ExecStart's executable exists: it reads the path back for us.
+    root = tmp_path / "h" / name.lstrip("/").replace("/", "_")
+    python = root / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    p = profile(root=str(root), args=HOSTILE_WORDS)
+    (instance,) = units.instances(p, facts())
+    unit = tmp_path / "comfyui.service"
+    unit.write_text(units.render(p, instance))
+    proc = _analyze(unit)
+    assert proc.returncode == 0, proc.stderr
+    assert service_manager.parse(unit.read_text())["argv"] == list(units.argv(p, instance))
+
+
+@pytest.mark.parametrize(("comfyui", "key"), [
+    ({"root": '/srv/a"b'}, "root"), ({"root": "/srv/a'b"}, "root"), ({"root": "/srv/a\\b"}, "root"),
+    ({"root": "/srv/ab\\"}, "root"), ({"root": "/srv/ab "}, "root"),
+    ({"venv": "/opt/v'env"}, "venv"), ({"venv": 've"nv'}, "venv"), ({"venv": "/opt/venv\\"}, "venv"),
+])
+def test_paths_systemd_cannot_carry_are_refused_located_and_never_rendered(tmp_path: Any, comfyui: dict[str, str],
+                                                                         key: str) -> None:
+    from tests.test_cli import run
+
+    body = {"comfyui": {"root": "/srv/ComfyUI", "service": "systemd", **comfyui},
+            "workflow": {"template_dir": str(tmp_path)}}
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps(body, indent=1))          # JSON is YAML: the values exactly, quoted
+    code, out = run("validate", str(path))
+    assert code == 3 and f"comfyui.{key}" in out and f"{path}:" in out and "Traceback" not in out, out
+    p = profile(**comfyui)
+    with pytest.raises(PlanError, match=f"comfyui.{key}"):
+        units.render(p, units.instances(p, facts())[0])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_what_the_refused_paths_would_do_to_systemd(tmp_path: Any) -> None:
+    # Why they are refused, read from systemd itself: a quote in the executable is refused outright,
+    # and a trailing backslash in WorkingDirectory= swallows the next line (here ExecStart=).
+    python = tmp_path / "a'b" / "python"
+    python.parent.mkdir()
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    quoted = tmp_path / "q.service"
+    quoted.write_text(f'[Service]\nExecStart="{python}"\n')
+    assert "special characters" in _analyze(quoted).stderr
+    swallowed = tmp_path / "s.service"
+    swallowed.write_text("[Service]\nWorkingDirectory=/srv/ab\\\nExecStart=/bin/true\n")
+    assert "no ExecStart=" in _analyze(swallowed).stderr
+    with pytest.raises(service_manager.UnitError, match="no ExecStart"):
+        service_manager.parse(swallowed.read_text())

@@ -259,6 +259,11 @@ def read_yaml(file: str) -> Document:
         what = " ".join(str(x) for x in (err.context, err.problem) if x)
         hint = "" if isinstance(err, _AliasError) else "check indentation and quoting"
         raise _fail(file, f"invalid YAML: {what}", hint, *where) from None
+    except yaml.reader.ReaderError as err:      # a control character: PyYAML gives its offset only
+        before = text[:err.position]
+        where = (before.count("\n") + 1, err.position - (before.rfind("\n") + 1) + 1)
+        raise _fail(file, f"invalid YAML: the control character {chr(err.character)!r} is not allowed in YAML",
+                    "remove it, or write it as an escape in a double-quoted string", *where) from None
     except yaml.YAMLError as err:
         raise _fail(file, f"invalid YAML: {err}") from None
     except RecursionError:  # not expected (the loader stops at MAX_DEPTH): one line all the same

@@ -92,6 +92,11 @@ class ComfySpec:
         return posixpath.join(self.state_dir, "checksums.json")
 
     @property
+    def wheel_dir(self) -> str:
+        """The backend wheels provision downloads (resources/backend.py), installed from there."""
+        return posixpath.join(self.state_dir, "wheels")
+
+    @property
     def url(self) -> str:
         return f"http://{self.listen}:{self.port}"
 

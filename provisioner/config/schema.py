@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -136,8 +137,12 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
         return path, f"{shown(value)} is not valid", f"expected {custom}"
     if kind in ("minProperties", "maxProperties") and custom:
         return path, f"expected {custom}", ""
+    if kind in _BOUNDS and isinstance(value, float) and not math.isfinite(value):
+        return path, f"{value} is not a finite number", ""      # YAML's .inf: past any bound
     if kind in _BOUNDS:
         return path, f"{shown(value)} {_BOUNDS[kind]} {err.validator_value}", ""
+    if kind == "maxItems":
+        return path, f"{len(value)} items, more than the {err.validator_value} allowed", ""
     return path, err.message if len(err.message) < 200 else err.message[:190] + "…", ""
 
 

@@ -34,13 +34,24 @@ def _type(node: Mapping[str, Any]) -> str:
     return str(kinds or "any")
 
 
+def _bounds(node: Mapping[str, Any]) -> str:
+    """A value's range as the schema bounds it: `1 to 500`, `> 0, at most 3600`, `at most 16 items`."""
+    low = (f"{node['minimum']} to " if "minimum" in node
+           else f"> {node['exclusiveMinimum']}, at most " if "exclusiveMinimum" in node else "at most ")
+    if "maximum" in node:
+        return f", {low}{node['maximum']}"
+    if "maxItems" in node:
+        return f", at most {node['maxItems']} items"
+    return ""
+
+
 def _rows(doc: Mapping[str, Any], node: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, str, str, str]]:
     for name, written in node.get("properties", {}).items():
         child = _resolve(doc, written)
         key = f"{prefix}{name}"
         default = json.dumps(child["default"]) if "default" in child else ""
         text = _text(child).replace("|", "\\|")
-        yield key, _type(child), default, text
+        yield key, _type(child) + _bounds(child), default, text
         if "properties" in written:  # a `$ref`'d definition has its own section
             yield from _rows(doc, child, key + ".")
 

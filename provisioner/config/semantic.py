@@ -87,10 +87,34 @@ def _paths(data: Any) -> Iterator[Found]:
             yield ("comfyui", "restart"), f"{what}", "give exactly one of systemd, docker, command"
 
 
+# What a systemd unit cannot carry, whatever the quoting: systemd refuses an executable whose name
+# holds a quote, a backslash or a control character ("Executable name contains special characters"), and reads
+# WorkingDirectory= unquoted, so a trailing backslash joins the next line and trailing blanks are cut.
+UNIT_EXECUTABLE = re.compile(r"[\\\"'\x00-\x1f\x7f]")
+
+
+def unit_path_problems(root: str, venv: str) -> Iterator[Found]:
+    """(key, message, hint) for each path a systemd unit of this ComfyUI could not hold as written
+    (`venv` absolute, or relative to `root`)."""
+    python = posixpath.join(root, venv, "bin", "python")
+    found = UNIT_EXECUTABLE.search(python)
+    if found:
+        under_root = not venv.startswith("/") or venv.startswith(root.rstrip("/") + "/")
+        key = "root" if UNIT_EXECUTABLE.search(root) and under_root else "venv"
+        yield ("comfyui", key), f"holds {found.group()!r}: systemd refuses to run {shown(python)} from a unit", \
+            "choose a path without quotes or backslashes, or run ComfyUI without service: systemd"
+    if root.endswith("\\") or root != root.rstrip():
+        yield ("comfyui", "root"), "ends in a backslash or a blank, which a unit's WorkingDirectory= cannot hold", \
+            "remove it"
+
+
 def _service(data: Any) -> Iterator[Found]:
     """How ComfyUI runs and how it is restarted must say one thing."""
     service = _get(data, ("comfyui", "service"), str)
     restart = _get(data, ("comfyui", "restart"), Mapping)
+    root = _get(data, ("comfyui", "root"), str)
+    if service == "systemd" and root is not None:
+        yield from unit_path_problems(root, _get(data, ("comfyui", "venv"), str) or "venv")
     if service == "systemd" and restart:
         yield ("comfyui", "restart"), "is set beside service: systemd, whose unit provision writes and restarts", \
             "remove comfyui.restart"

@@ -3,7 +3,6 @@ snapshots (and its state now) read back in one round trip."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,9 +10,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from provisioner import remote
+from provisioner.config import bounded
 from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import FactsError
+from provisioner.facts import snapshot_check
 
 READ_TIMEOUT_S = 180.0      # the venv's interpreter lists its distributions; git reads each checkout
 
@@ -165,7 +166,9 @@ def read_snapshots(conn: Connection, profile: Profile, *, now: bool = False, che
                    units: tuple[str, tuple[str, ...]] | None = None) -> HostSnapshots:
     """One exec: every snapshot stored on the host and, with `now`, what it runs now (with `units`,
     (folder, name globs), its unit files too); with `check_wheels`, the sha256 of every kept wheel
-    as the host reads it now."""
+    as the host reads it now. Each stored snapshot is checked first (`snapshot_check`): one that is
+    not what provision wrote, or names a path outside its place, is listed with the reason among
+    `errors`, never planned from."""
     where = folder(profile)
     spec = profile.comfyui
     request = remote.snapshot_request(mode="read", folder=where, root=spec.root, python=spec.python,
@@ -173,16 +176,31 @@ def read_snapshots(conn: Connection, profile: Profile, *, now: bool = False, che
                                       check_wheels=check_wheels, units=units)
     result = conn.run(remote.argv("snapshot"), stdin=request, timeout=READ_TIMEOUT_S, check=False)
     try:
-        answer = json.loads(result.stdout.strip().splitlines()[-1])
-        snapshots = tuple(parse_snapshot(doc, where) for doc in answer["snapshots"])
-        state = parse_state(answer["now"]) if answer.get("now") is not None else None
+        answer = bounded.loads(result.stdout.strip().splitlines()[-1])
+        docs, errors = list(answer["snapshots"]), [str(e)[:300] for e in answer.get("errors") or ()]
+        raw_now = answer.get("now")
         kept = None if answer.get("kept") is None else {
             posixpath.join(where, str(k)): str(v) for k, v in answer["kept"].items()}
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         lines = [x for x in result.stderr.splitlines() if x.strip()]
         why = lines[-1].strip() if lines else f"exit {result.exit_code}, no answer"
         raise FactsError(f"{conn.name}: could not read the snapshots in {where}: {why}") from None
-    return HostSnapshots(conn.name, snapshots, state, tuple(answer.get("errors") or ()), kept)
+    places = snapshot_check.Places.of(profile)
+    snapshots = []
+    for doc in docs:
+        why = snapshot_check.problem(doc, places)
+        if why is None:
+            snapshots.append(parse_snapshot(doc, where))
+        else:
+            name = doc.get("id") if isinstance(doc, Mapping) and isinstance(doc.get("id"), str) else "a snapshot"
+            errors.append(f"{name[:40]}.json: {why} (edited on the host? it is not used)")
+    state = None
+    if raw_now is not None:
+        why = snapshot_check.state_problem(raw_now, places)
+        if why is not None:
+            raise FactsError(f"{conn.name}: what the host runs now cannot be read safely: {why}")
+        state = parse_state(raw_now)
+    return HostSnapshots(conn.name, tuple(snapshots), state, tuple(errors), kept)
 
 
 def workflow_dirs(profile: Profile) -> tuple[str, ...]:

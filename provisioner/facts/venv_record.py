@@ -14,7 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from provisioner.config import bounded
 from provisioner.config.records import cache_dir
+
+RECORD_CAP = 64 << 20           # a venv's answer is tens of KiB
 
 
 def _file(host: str, python: str) -> Path:
@@ -24,8 +27,8 @@ def _file(host: str, python: str) -> Path:
 def recorded(host: str, python: str) -> dict[str, Any] | None:
     """The venv answer last recorded for `host`'s `python`, with its "fingerprint"; or None."""
     try:
-        entry = json.loads(_file(host, python).read_text())
-    except (OSError, ValueError):
+        entry = bounded.load_file(_file(host, python), RECORD_CAP)
+    except ValueError:                  # gone, damaged, deep, a FIFO: asked again
         return None
     ok = isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) and isinstance(entry.get("info"), dict)
     return entry if ok and entry.get("python") == python else None

@@ -116,6 +116,8 @@ def engine_plan(profile: Profile, facts: Facts, results: Sequence[ResourcePlan],
     it to (an apply, a rollback): the temporary files killed writes left in its own folders, and
     the handlers an interrupted run recorded and never ran (plan/owed.py)."""
     results = list(results)
+    if why := owed.linked_away(profile, facts):
+        errors = (*errors, f"state: {why}")
     for where in (profile.comfyui.state_dir, owed.folder(profile)):
         leftovers = retention.temps(facts.listings.get(where))
         cleanup = retention.cleanup("state", where, leftovers, "what killed writes left")

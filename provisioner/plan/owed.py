@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from provisioner.config import bounded
 from provisioner.config.model import Profile
 from provisioner.facts.model import Facts, Probe
 from provisioner.resources.base import Change, Handler, Put, Run
@@ -43,7 +44,22 @@ def folder(profile: Profile) -> str:
 
 def probe(profile: Profile) -> Probe:
     """The markers, and what a write killed halfway left beside them or in the state folder."""
-    return Probe(markers=(folder(profile),), listing=(profile.comfyui.state_dir, folder(profile)))
+    return Probe(markers=(folder(profile),), listing=(profile.comfyui.root, profile.comfyui.state_dir, folder(profile)))
+
+
+def linked_away(profile: Profile, facts: Facts) -> str | None:
+    """Why provision cannot write its records on this host: its folder in the root is a link (what
+    runs as ComfyUI's user could point it anywhere the engine, as root, would then write)."""
+    entries = facts.listings.get(profile.comfyui.root) or ()
+    if any(e.name == posixpath.basename(profile.comfyui.state_dir) and e.kind == "link" for e in entries):
+        return (f"{profile.comfyui.state_dir} is a link: provision keeps its lock, snapshots and records "
+                "there and will not write through one (make it a folder)")
+    # Nothing provision makes in its folder is a link: one there (wheels/, owed/, snapshots/) was put by another.
+    links = sorted(e.name for e in facts.listings.get(profile.comfyui.state_dir) or () if e.kind == "link")
+    if links:
+        return (f"{posixpath.join(profile.comfyui.state_dir, links[0])} is a link: provision did not make it "
+                "and will not write through one (remove it)")
+    return None
 
 
 def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
@@ -52,7 +68,7 @@ def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
     found: dict[str, Owed] = {}
     for name, text in (facts.markers.get(folder(profile)) or {}).items():
         try:
-            data = json.loads(text)
+            data = bounded.loads(text)          # a marker 4000 `[` deep was a RecursionError
             data = data if isinstance(data, dict) else {}
         except ValueError:
             data = {}

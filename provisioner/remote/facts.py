@@ -8,6 +8,7 @@ checksums.json`): `{"<absolute path>": {"size": int, "mtime_ns": int, "sha256": 
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -15,7 +16,7 @@ import platform
 import re
 import shutil
 import socket
-import stat as stat_module
+import stat
 import struct
 import subprocess
 import sys
@@ -26,6 +27,8 @@ READ_CAP = 1 << 20          # bytes of a `read` probe sent back
 LIST_CAP = 4096             # entries of a `listing` probe sent back per folder
 MARKER_CAP = 4096           # bytes of one marker file (a `markers` probe), and 64 markers per folder
 HEADER_CAP = 100 << 20      # safetensors' own limit on a header
+CACHE_CAP = 64 << 20        # bytes of the checksum cache
+CFG_CAP = 64 << 10          # bytes of a venv's pyvenv.cfg
 # Of a model file's `__metadata__`, what the plan checks (config/comfy_config are large and unused).
 HEADER_KEYS = ("quantization_config", "model_class", "format")
 # How git runs here: the request's "git" (remote.git_request(): config given with -c and the
@@ -95,6 +98,70 @@ print(json.dumps(out))
 """
 
 
+# Reading the host's files within bounds. Each host program is sent alone, so this block is the same
+# in every one that reads files a user of the host can write (tests/test_untrusted_snapshots.py holds the
+# copies equal). A FIFO, a device or a link to one is refused by what the opened file is; a size cap
+# and JSON nested at most JSON_DEPTH deep (json itself would fail with a RecursionError deeper).
+JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
+
+
+def open_regular(path, follow=True):
+    """A regular file opened for reading without blocking (a FIFO never hangs the open), checked by
+    fstat, not by its name; `follow` False refuses a link too. OSError, or ValueError: not regular."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow:
+            raise ValueError("%s is a link, not a file provision wrote" % path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("%s is not a regular file" % path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path, cap, follow=True):
+    """The whole of a regular file of at most `cap` bytes (ValueError past it, unread)."""
+    with open_regular(path, follow) as fh:
+        if os.fstat(fh.fileno()).st_size > cap:
+            raise ValueError("%s holds more than %d bytes" % (path, cap))
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError("%s holds more than %d bytes" % (path, cap))
+    return data
+
+
+def _no_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("%s is beyond a float" % text[:20])
+    return value
+
+
+def loads_bounded(data):
+    """JSON from a host file: nested at most JSON_DEPTH deep, finite numbers only (ValueError)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    level = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            level += 1
+            if level > JSON_DEPTH:
+                raise ValueError("JSON nested deeper than %d" % JSON_DEPTH)
+        elif token in ("]", "}"):
+            level -= 1
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
 def _run(argv, timeout=30.0, **kw):
     """(exit code, stdout, stderr) of argv; a missing binary or a hang is a value, not a crash."""
     try:
@@ -126,8 +193,7 @@ def venv_fingerprint(python):
     also sees the system's site-packages, which change without it."""
     prefix = os.path.dirname(os.path.dirname(python))
     try:
-        with open(os.path.join(prefix, "pyvenv.cfg")) as fh:
-            cfg = fh.read()
+        cfg = read_capped(os.path.join(prefix, "pyvenv.cfg"), CFG_CAP).decode("utf-8", "replace")
         if re.search(r"^\s*include-system-site-packages\s*=\s*true\s*$", cfg, re.M | re.I):
             return None
         real = os.path.realpath(python)
@@ -161,7 +227,7 @@ def venv(python, known=None):
         return {"python": python, "exists": True, "fingerprint": fingerprint, "unchanged": True}
     rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=60.0)
     try:
-        return {"python": python, "exists": True, "info": json.loads(out), "fingerprint": fingerprint}
+        return {"python": python, "exists": True, "info": loads_bounded(out), "fingerprint": fingerprint}
     except ValueError:
         lines = [x for x in (err or out).strip().splitlines() if x.strip()]
         why = lines[-1] if lines else "exited %d with no output" % rc
@@ -226,8 +292,8 @@ def listing(path):
             st = os.lstat(os.path.join(path, name))
         except OSError:
             continue                # removed while we looked
-        kind = ("link" if stat_module.S_ISLNK(st.st_mode) else "dir" if stat_module.S_ISDIR(st.st_mode)
-                else "file" if stat_module.S_ISREG(st.st_mode) else "other")
+        kind = ("link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                else "file" if stat.S_ISREG(st.st_mode) else "other")
         out.append({"name": name, "kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
@@ -241,17 +307,16 @@ def markers(path):
         return out
     for name in names[:64]:
         try:
-            with open(os.path.join(path, name), "rb") as fh:
+            with open_regular(os.path.join(path, name), follow=False) as fh:
                 out[name] = fh.read(MARKER_CAP).decode("utf-8", "replace")
-        except OSError:
-            continue
+        except (OSError, ValueError):
+            continue                # gone, or a FIFO, a device, a link: not a marker provision wrote
     return out
 
 
 def stat_files(paths, cache_path):
     try:
-        with open(cache_path) as fh:
-            cache = json.load(fh)
+        cache = loads_bounded(read_capped(cache_path, CACHE_CAP, follow=False))
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
@@ -275,9 +340,9 @@ def read_files(paths):
     out = {}
     for path in paths:
         try:
-            with open(path, "rb") as fh:
+            with open_regular(path) as fh:
                 out[path] = fh.read(READ_CAP).decode("utf-8", "replace")
-        except OSError:
+        except (OSError, ValueError):
             out[path] = None
     return out
 
@@ -287,14 +352,14 @@ def grep_files(pairs):
     for path, needle in pairs:
         want, found, tail = needle.encode("utf-8"), False, b""
         try:
-            with open(path, "rb") as fh:
+            with open_regular(path) as fh:
                 # Streamed with an overlap so a needle across two chunks is still found.
                 for chunk in iter(lambda: fh.read(1 << 16), b""):
                     if want in tail + chunk:
                         found = True
                         break
                     tail = chunk[-len(want):] if want else b""
-        except OSError:
+        except (OSError, ValueError):
             found = False
         out.append([path, needle, found])
     return out
@@ -458,15 +523,15 @@ def safetensors_header(path):
     """The `__metadata__` of a safetensors file (8-byte little-endian length, then a JSON object)
     without reading its tensors: {"metadata": {...}} | {"exists": false} | {"error": "..."}."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 return {"error": "not a safetensors file (%d bytes: too short for a header)" % len(head)}
             (length,) = struct.unpack("<Q", head)
             if length > min(HEADER_CAP, size - 8):
                 return {"error": "not a safetensors file (header length %d, file %d bytes)" % (length, size)}
-            header = json.loads(fh.read(length).decode("utf-8"))
+            header = loads_bounded(fh.read(length))
     except FileNotFoundError:
         return {"exists": False}
     except (OSError, ValueError) as err:        # UnicodeDecodeError and JSON errors are ValueErrors

@@ -23,6 +23,8 @@ import http.client
 import json
 import os
 import queue
+import re
+import stat
 import struct
 import sys
 import threading
@@ -34,6 +36,7 @@ import urllib.request
 _CHUNK = 1 << 20
 _BUFFERS = 4            # receive buffers, reused: no fresh megabyte (and its page faults) per block
 _HEADER_CAP = 100 << 20     # safetensors' own limit on a header
+_CACHE_CAP = 64 << 20       # bytes of the checksum cache
 _PROGRESS_EVERY_S = 0.2
 _PORTS = {"http": 80, "https": 443}
 
@@ -317,6 +320,70 @@ def _disk_full(dest, part, size):
     return FetchError("disk full at %s: %s, %s; %s" % (folder, free, needed, kept))
 
 
+# Reading the host's files within bounds. Each host program is sent alone, so this block is the same
+# in every one that reads files a user of the host can write (tests/test_untrusted_snapshots.py holds the
+# copies equal). A FIFO, a device or a link to one is refused by what the opened file is; a size cap
+# and JSON nested at most JSON_DEPTH deep (json itself would fail with a RecursionError deeper).
+JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
+
+
+def open_regular(path, follow=True):
+    """A regular file opened for reading without blocking (a FIFO never hangs the open), checked by
+    fstat, not by its name; `follow` False refuses a link too. OSError, or ValueError: not regular."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow:
+            raise ValueError("%s is a link, not a file provision wrote" % path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("%s is not a regular file" % path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path, cap, follow=True):
+    """The whole of a regular file of at most `cap` bytes (ValueError past it, unread)."""
+    with open_regular(path, follow) as fh:
+        if os.fstat(fh.fileno()).st_size > cap:
+            raise ValueError("%s holds more than %d bytes" % (path, cap))
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError("%s holds more than %d bytes" % (path, cap))
+    return data
+
+
+def _no_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("%s is beyond a float" % text[:20])
+    return value
+
+
+def loads_bounded(data):
+    """JSON from a host file: nested at most JSON_DEPTH deep, finite numbers only (ValueError)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    level = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            level += 1
+            if level > JSON_DEPTH:
+                raise ValueError("JSON nested deeper than %d" % JSON_DEPTH)
+        elif token in ("]", "}"):
+            level -= 1
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
 def _quantization_mismatch(path, expect):
     """Why a downloaded model is not the SVDQuant file it should be, from its safetensors header
     (8-byte little-endian length, then JSON; `__metadata__.quantization_config` is a JSON string
@@ -324,11 +391,11 @@ def _quantization_mismatch(path, expect):
     if not expect:
         return None
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
-            if length > min(_HEADER_CAP, os.path.getsize(path) - 8):
+            if length > min(_HEADER_CAP, os.fstat(fh.fileno()).st_size - 8):
                 return "not a safetensors file (header length %d)" % length
-            meta = json.loads(fh.read(length).decode("utf-8")).get("__metadata__") or {}
+            meta = loads_bounded(fh.read(length)).get("__metadata__") or {}
             config = json.loads(meta["quantization_config"])
             got = (config["weight"]["dtype"], int(config.get("rank", 32)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
@@ -387,8 +454,7 @@ def _update_cache(cache, key, entry):
     with open(cache + ".lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            with open(cache) as fh:
-                entries = json.load(fh)
+            entries = loads_bounded(read_capped(cache, _CACHE_CAP, follow=False))
             entries = entries if isinstance(entries, dict) else {}
         except (OSError, ValueError):
             entries = {}

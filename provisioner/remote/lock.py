@@ -8,6 +8,7 @@ prints `busy HOLDER` and exits 75 (EX_TEMPFAIL).
 
 import fcntl
 import os
+import stat
 import sys
 import time
 
@@ -15,15 +16,22 @@ import time
 def main():
     path, timeout, owner = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if os.path.islink(os.path.dirname(path)):       # provision's folder led elsewhere: not ours to write
+        print("%s is a link: remove it" % os.path.dirname(path), file=sys.stderr, flush=True)
+        return 2
+    # Not through a link, and never a FIFO or a device put in its place: the holder's name is read back.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        print("the lock file %s is not a regular file: remove it" % path, file=sys.stderr, flush=True)
+        return 2
     deadline, told = time.monotonic() + timeout, False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except OSError:
-            with open(path) as fh:
-                holder = fh.read().strip() or "another apply"
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another apply"
             if time.monotonic() > deadline:
                 print("busy " + holder, flush=True)
                 return 75

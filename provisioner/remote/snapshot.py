@@ -33,12 +33,14 @@ Modes:
 Ids sort by time: `YYYYMMDD-HHMMSS-mmm` (UTC, milliseconds; bumped by one on a clash).
 """
 
+import errno
 import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -49,7 +51,78 @@ READ_CAP = 4 << 20          # bytes of a workflow file kept; a bigger one is rec
 # How git runs here: the request's "git" (remote.git_request(): config given with -c and the
 # environment that neutralise whatever a checkout configures), set by main().
 GIT = {"argv": ["git"], "env": dict(os.environ)}
+SNAPSHOT_CAP = 64 << 20     # bytes of one stored snapshot read back (one is about 1 MiB)
+CACHE_CAP = 64 << 20        # bytes of the checksum cache
+VERSION_CAP = 64 << 10      # bytes of comfyui_version.py
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# What a distribution is installed from: only such a file is kept (never, say, a key a user's
+# direct_url.json points at), and only when anyone on the host may read it anyway.
+ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2")
 ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}$")
+
+# Reading the host's files within bounds. Each host program is sent alone, so this block is the same
+# in every one that reads files a user of the host can write (tests/test_untrusted_snapshots.py holds the
+# copies equal). A FIFO, a device or a link to one is refused by what the opened file is; a size cap
+# and JSON nested at most JSON_DEPTH deep (json itself would fail with a RecursionError deeper).
+JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]', re.S)
+
+
+def open_regular(path, follow=True):
+    """A regular file opened for reading without blocking (a FIFO never hangs the open), checked by
+    fstat, not by its name; `follow` False refuses a link too. OSError, or ValueError: not regular."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow:
+            raise ValueError("%s is a link, not a file provision wrote" % path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("%s is not a regular file" % path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path, cap, follow=True):
+    """The whole of a regular file of at most `cap` bytes (ValueError past it, unread)."""
+    with open_regular(path, follow) as fh:
+        if os.fstat(fh.fileno()).st_size > cap:
+            raise ValueError("%s holds more than %d bytes" % (path, cap))
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError("%s holds more than %d bytes" % (path, cap))
+    return data
+
+
+def _no_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("%s is beyond a float" % text[:20])
+    return value
+
+
+def loads_bounded(data):
+    """JSON from a host file: nested at most JSON_DEPTH deep, finite numbers only (ValueError)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    level = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            level += 1
+            if level > JSON_DEPTH:
+                raise ValueError("JSON nested deeper than %d" % JSON_DEPTH)
+        elif token in ("]", "}"):
+            level -= 1
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
 
 # Runs inside the target venv's interpreter: what pip knows of each distribution.
 VENV_SNIPPET = r"""
@@ -134,11 +207,11 @@ def checkout(path, untracked=True):
 
 def comfyui_version(root):
     try:
-        with open(os.path.join(root, "comfyui_version.py")) as fh:
-            m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", fh.read())
-            return m.group(1) if m else None
-    except OSError:
+        text = read_capped(os.path.join(root, "comfyui_version.py"), VERSION_CAP).decode("utf-8", "replace")
+    except (OSError, ValueError):
         return None
+    m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
+    return m.group(1) if m else None
 
 
 def custom_nodes(folder):
@@ -202,8 +275,7 @@ def distributions(python):
 
 def _cache(path):
     try:
-        with open(path) as fh:
-            data = json.load(fh)
+        data = loads_bounded(read_capped(path, CACHE_CAP, follow=False))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -231,45 +303,61 @@ def models(folder, cache_path):
     return out
 
 
-def _file_digest(path):
+def _digest(fh):
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
+def _file_digest(path):
+    with open_regular(path, follow=False) as fh:
+        return _digest(fh)
+
+
 def workflow_folder(folder):
-    """The files directly in a workflow folder: {name: {"text"} | {"sha256", "size"}}, None when absent."""
+    """The regular files directly in a workflow folder (links, FIFOs and devices left out):
+    {name: {"text"} | {"sha256", "size"}}, None when absent."""
     if not os.path.isdir(folder):
         return None
     out = {}
     for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.islink(path) or name.endswith(".provision-tmp"):
+        if name.endswith(".provision-tmp"):
             continue
-        size = os.path.getsize(path)
-        if size > READ_CAP:
-            out[name] = {"sha256": _file_digest(path), "size": size}
+        try:
+            fh = open_regular(os.path.join(folder, name), follow=False)
+        except (OSError, ValueError):
             continue
-        with open(path, "rb") as fh:
-            data = fh.read()
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > READ_CAP:
+                out[name] = {"sha256": _digest(fh), "size": size}
+                continue
+            data = fh.read(READ_CAP + 1)
         try:
             out[name] = {"text": data.decode("utf-8")}
         except UnicodeDecodeError:
-            out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size}
+            out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     return out
+
+
+def inside(path, root):
+    """Whether `path` resolves (links followed) to `root` or below it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip("/") + "/")
 
 
 def read_state(req, stored):
     """What the host runs now. Workflow folders: the request's and every stored snapshot's, so a
     folder an older profile used is still compared."""
     folders = list(req.get("workflow_dirs") or [])
-    for doc in stored:
-        for folder in (doc.get("state") or {}).get("workflows") or {}:
-            if folder not in folders:
-                folders.append(folder)
     root = req["root"]
+    for doc in stored:
+        workflows = doc.get("state", {}).get("workflows") if isinstance(doc.get("state"), dict) else None
+        for folder in workflows if isinstance(workflows, dict) else {}:
+            # A folder a stored snapshot names is read only inside the root: the snapshot may be edited.
+            if folder not in folders and isinstance(folder, str) and folder.startswith("/") and inside(folder, root):
+                folders.append(folder)
     dists, why = distributions(req["python"])
     core = checkout(root, untracked=False)
     state = {
@@ -314,8 +402,7 @@ def stored_snapshots(folder):
         if not name.endswith(".json") or not ID_RE.match(name[:-5]):
             continue
         try:
-            with open(os.path.join(folder, name)) as fh:
-                doc = json.load(fh)
+            doc = loads_bounded(read_capped(os.path.join(folder, name), SNAPSHOT_CAP, follow=False))
             if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != name[:-5]:
                 raise ValueError("not a snapshot of format %d" % FORMAT)
         except (OSError, ValueError) as err:
@@ -343,22 +430,40 @@ def keep_wheel(folder, dist):
     """Keep the file a distribution was installed from: (path relative to folder, None) or (None, why)."""
     source = _url_path(dist["url"])
     want = dist.get("sha256")
+    want = want if isinstance(want, str) and SHA_RE.match(want) else None
     name = os.path.basename(source)
+    if not name.endswith(ARCHIVE_SUFFIXES) or name.startswith("."):
+        return None, "%s is not a wheel or an archive" % source
     if want:
         kept = os.path.join("wheels", want, name)
-        if os.path.isfile(os.path.join(folder, kept)):
+        try:
+            open_regular(os.path.join(folder, kept), follow=False).close()
             return kept, None
-    if not os.path.isfile(source):
-        return None, "%s is gone" % source
-    staging = os.path.join(folder, "wheels", ".incoming")
-    os.makedirs(staging, exist_ok=True)
-    tmp = os.path.join(staging, "%d-%s" % (os.getpid(), name))
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
+        except (OSError, ValueError):
+            pass
     try:
-        os.link(source, tmp)            # same file system: no copy, and a replaced original (a
-    except OSError:                     # rename) leaves this inode as it was
-        shutil.copyfile(source, tmp)
+        original = open_regular(source, follow=False)
+    except (OSError, ValueError) as err:
+        return None, "%s is gone" % source if isinstance(err, FileNotFoundError) else "%s: %s" % (source, err)
+    staging = os.path.join(folder, "wheels", ".incoming")
+    tmp = os.path.join(staging, "%d-%s" % (os.getpid(), name))
+    with original:
+        st = os.fstat(original.fileno())
+        if not st.st_mode & stat.S_IROTH:
+            return None, "%s is not readable by everyone on the host: not kept" % source
+        os.makedirs(staging, exist_ok=True)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(source, tmp, follow_symlinks=False)     # same file system: no copy, and a replaced
+            linked = os.lstat(tmp)                          # original (a rename) leaves this inode as it was
+            if (linked.st_ino, linked.st_dev) != (st.st_ino, st.st_dev):
+                os.unlink(tmp)                              # swapped since it was opened
+                raise OSError("changed while kept")
+        except OSError:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(original, out)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
     got = _file_digest(tmp)
     if want and got != want:
         os.unlink(tmp)
@@ -462,9 +567,22 @@ def is_confirmed(stored, state):
     return any(doc.get("confirmed") and doc.get("state") == state for doc in stored)
 
 
-def take(req):
+def _own_folder(req):
+    """The snapshots folder, refused (OSError) when it, or a folder above it in the root, is a link
+    leading out of the root: a take would write, and its pruning delete, wherever that points."""
     folder = req["dir"]
+    for path in (folder, os.path.join(folder, "wheels")):
+        if os.path.lexists(path) and not inside(path, req["root"]):
+            raise OSError("%s resolves to %s, outside %s: remove the link" % (path, os.path.realpath(path),
+                                                                                req["root"]))
+    return folder
+
+
+def take(req):
+    folder = _own_folder(req)
     os.makedirs(folder, exist_ok=True)
+    if not inside(folder, req["root"]):             # made through a link above it
+        raise OSError("%s resolves outside %s: remove the link" % (folder, req["root"]))
     sweep(folder)
     stored, _ = stored_snapshots(folder)
     state = read_state(req, stored)
@@ -502,7 +620,7 @@ def take(req):
 
 
 def read(req):
-    stored, errors = stored_snapshots(req["dir"])
+    stored, errors = stored_snapshots(_own_folder(req))
     answer = {"snapshots": stored, "errors": errors, "now": read_state(req, stored) if req.get("now") else None}
     if req.get("check_wheels"):
         answer["kept"] = kept_wheels(req["dir"])
@@ -528,8 +646,7 @@ def mark(req):
     path = os.path.join(req["dir"], req["id"] + ".json")
     if not ID_RE.match(req["id"]):
         raise ValueError("%r is not a snapshot id" % req["id"])
-    with open(path) as fh:
-        doc = json.load(fh)
+    doc = loads_bounded(read_capped(path, SNAPSHOT_CAP, follow=False))
     if not isinstance(doc, dict) or doc.get("id") != req["id"]:
         raise ValueError("%s is not the snapshot %s" % (path, req["id"]))
     doc["verified"] = bool(req["verified"])

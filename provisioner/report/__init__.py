@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioner import secrets
+from provisioner.config import bounded
 from provisioner.errors import ProvisionError
 from provisioner.report.adapt import from_exception, from_verification, versions_from
-from provisioner.report.compare import compare, read_previous, with_comparison
+from provisioner.report.compare import compare, read_previous, read_previous_file, with_comparison
 from provisioner.report.files import write_atomic
 from provisioner.report.html import render_html
 from provisioner.report.json_report import dumps, report_to_json
@@ -53,7 +54,7 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
     try:
         where.mkdir(parents=True, exist_ok=True)
         current = where / JSON_NAME
-        before = current.read_bytes() if current.is_file() else None
+        before = bounded.read_regular(current, bounded.REPORT_CAP) if os.path.lexists(current) else None
         if not compared:
             previous, note = read_previous(before) if before is not None else (None, None)
             report = with_comparison(report, previous, note)
@@ -65,6 +66,8 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
             write_atomic(where / PREVIOUS_NAME, before)
         for path, data in documents:
             write_atomic(path, data)
+    except ValueError as err:           # the report.json there: a FIFO, a device, too big
+        raise ProvisionError(f"cannot read {where / JSON_NAME}: {err} (move it away)") from None
     except OSError as err:
         raise ProvisionError(f"cannot write the report to {where}: {err.strerror or err} "
                              "(choose a writable --report directory)") from None
@@ -74,7 +77,7 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
 
 __all__ = [
     "REPORT_VERSION", "Flag", "FleetReport", "HostEntry", "HostReport", "ReportPaths", "Summary",
-    "build_report", "compare", "dumps", "from_exception", "from_verification", "read_previous",
+    "build_report", "compare", "dumps", "from_exception", "from_verification", "read_previous", "read_previous_file",
     "render_html", "render_junit", "report_to_json", "versions_from", "with_comparison",
     "write_report",
 ]

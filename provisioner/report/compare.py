@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from provisioner.config import bounded
 from provisioner.report.fleet import FleetFlag, class_flags, node_difference
 from provisioner.report.model import CHANGED, READABLE_VERSIONS, REPORT_VERSION, Flag, FleetReport, HostReport
 from provisioner.verify.fingerprint import Fingerprint
@@ -18,18 +19,61 @@ SLOWER_MIN_S = 0.5
 VRAM_FACTOR = 1.05          # +5 % VRAM peak: a second model copy, offload off, a leak
 
 
+# What the comparison reads of a previous report.json, of any version it reads (1 to 4): a report
+# that passes this cannot make the comparison fail halfway; fields it does not read are not looked at.
+_NUMBER = {"type": ["number", "null"]}
+_TEXT = {"type": ["string", "null"]}
+PREVIOUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["version", "hosts"],
+    "properties": {
+        "version": {"type": "integer"},
+        "generated_at": _TEXT,
+        "hosts": {"type": "array", "maxItems": 100_000, "items": {
+            "type": "object", "required": ["host"],
+            "properties": {
+                "host": {"type": "string", "maxLength": 1000},
+                "status": _TEXT,
+                "figures": {"type": ["object", "null"], "additionalProperties": _NUMBER},
+                "checks": {"type": ["array", "null"], "items": {
+                    "type": "object", "properties": {"name": _TEXT, "passed": {"type": ["boolean", "null"]}}}},
+                "fingerprint": {"type": ["object", "null"], "properties": {
+                    "gpu_class": _TEXT, "object_info": _TEXT,
+                    "models": {"type": ["object", "null"], "additionalProperties": _TEXT}},
+                    "additionalProperties": {"type": ["string", "number", "boolean", "null", "object"]}},
+            }}},
+        "node_sets": {"type": ["object", "null"], "additionalProperties": {
+            "type": "object", "additionalProperties": _TEXT}},
+    },
+}
+
+
 def read_previous(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """The previous report, or None and why it cannot be compared with (never raises)."""
+    """The previous report, or None and why it cannot be compared with (never raises). Read as
+    untrusted: nested 64 deep at most, finite numbers only, and the shape the comparison reads."""
+    import jsonschema
+
     try:
-        previous = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as err:
-        return None, f"previous report.json is not JSON ({err}): not compared"
+        previous = bounded.loads(data)
+    except ValueError as err:
+        return None, f"previous report.json is unreadable ({err}): not compared"
     if not isinstance(previous, dict) or not isinstance(previous.get("hosts"), list):
         return None, "previous report.json has no hosts list: not compared"
     if previous.get("version") not in READABLE_VERSIONS:
         return None, (f"previous report.json is version {previous.get('version')!r}, this is "
                       f"{REPORT_VERSION}: not compared")
+    problem = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(PREVIOUS_SCHEMA).iter_errors(previous))
+    if problem is not None:
+        where = "/".join(str(p) for p in problem.absolute_path) or "the top level"
+        return None, f"previous report.json at {where}: {problem.message[:200]}: not compared"
     return previous, None
+
+
+def read_previous_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """A report.json on disk through `read_previous`, read within bounds (a regular file, 64 MiB at
+    most: a FIFO or a device is refused, never waited on or read forever). ValueError when it
+    cannot be read at all."""
+    return read_previous(bounded.read_regular(path, bounded.REPORT_CAP))
 
 
 def _number(mapping: Any, key: str) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from provisioner.config import bounded
 from provisioner.config.model import AgreementSpec
 from provisioner.errors import ProvisionError
 from provisioner.report.files import write_atomic
@@ -37,6 +39,8 @@ from provisioner.verify.checks import HostVerification
 from provisioner.verify.fingerprint import class_slug
 
 FOLDER, INDEX, INDEX_VERSION = "references", "index.json", 1
+INDEX_CAP = 16 << 20        # bytes of index.json read (one entry is about 300)
+PNG_CAP = 256 << 20         # bytes of one reference image read
 NO_STORE = "no reference store; pass --report DIR"
 
 
@@ -59,8 +63,8 @@ class ReferenceStore:
         if self._entries is None:
             path = self.root / INDEX
             try:
-                raw = json.loads(path.read_text()) if path.is_file() else {}
-            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raw = bounded.load_file(path, INDEX_CAP) if os.path.lexists(path) else {}
+            except ValueError as err:           # a FIFO, a device, too big or too deep: bounded's why
                 raise ProvisionError(f"cannot read {path}: {err} (move it away to start the references "
                                      "afresh)") from None
             found = raw.get("references") if isinstance(raw, dict) else None
@@ -76,8 +80,11 @@ class ReferenceStore:
         if ident in self._unwritten:
             return Reference.from_json(entry), self._unwritten[ident]
         try:
-            png = (self.root / entry["file"]).read_bytes()
-        except (OSError, KeyError):
+            path = (self.root / str(entry["file"])).resolve()
+            if not path.is_relative_to(self.root.resolve()):    # an edited index: not a reference
+                return None
+            png = bounded.read_regular(path, PNG_CAP)
+        except (OSError, KeyError, ValueError):
             return None
         return Reference.from_json(entry), png
 

@@ -27,7 +27,7 @@ name = "backend"
 
 
 def wheel_dir(profile: Profile) -> str:
-    return posixpath.join(profile.comfyui.state_dir, "wheels")
+    return profile.comfyui.wheel_dir
 
 
 def probe(profile: Profile) -> Probe:

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from provisioner.config import bounded
 from provisioner.config.records import cache_dir
 
 try:
@@ -33,6 +34,7 @@ except ImportError:  # pragma: no cover - not a POSIX control machine: threads a
     fcntl = None  # type: ignore[assignment]
 
 FORMAT = 1
+RECORD_CAP = 64 << 20           # the Hub's answers for a fleet's model files: KiBs
 _guard = threading.Lock()
 
 
@@ -46,8 +48,8 @@ def _key(*parts: str) -> str:
 
 def _read(file: Path) -> dict[str, Any]:
     try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
+        data = bounded.load_file(file, RECORD_CAP)
+    except ValueError:                  # gone, damaged, deep, a FIFO: asked again
         return {"format": FORMAT, "refs": {}, "files": {}}
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return {"format": FORMAT, "refs": {}, "files": {}}

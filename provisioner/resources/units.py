@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from provisioner.config.model import Profile
+from provisioner.config.semantic import unit_path_problems
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Gpu, Listener
 
@@ -71,6 +72,7 @@ def patterns(profile: Profile) -> tuple[str, str]:
 # -- the unit file ------------------------------------------------------------------------------
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _specifiers(text: str) -> str:
@@ -78,17 +80,34 @@ def _specifiers(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def quote_arg(arg: str) -> str:
-    """One argument of ExecStart as systemd splits the line: `$` and `%` literal, quoted when it has
-    anything but plain characters (C-style escapes inside double quotes)."""
-    text = _specifiers(arg).replace("$", "$$")
+def _word(text: str) -> str:
+    """One word as systemd's unquoting reads it back: bare when plain, else in double quotes with
+    C escapes (a backslash, a quote, a trailing backslash all come back as written)."""
     if _PLAIN.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def quote_arg(arg: str) -> str:
+    """One argument of ExecStart: `%` and `$` literal (systemd expands `$NAME` in arguments)."""
+    return _word(_specifiers(arg).replace("$", "$$"))
+
+
+def quote_exec(path: str) -> str:
+    """ExecStart's executable: systemd expands no variable there (a `$$` would stay two), and refuses
+    one named with a quote or a backslash, which the profile's validation refuses first."""
+    return _word(_specifiers(path))
+
+
 def _assignment(name: str, value: str) -> str:
-    return quote_arg(f"{name}={value}")
+    """An Environment= word: systemd expands no variable in it."""
+    return _word(_specifiers(f"{name}={value}"))
+
+
+def _line(text: str) -> str:
+    """A free-text setting (Description=) on one line: a control character or a trailing
+    backslash would end it early or join the next line to it."""
+    return _CONTROL.sub(" ", text).rstrip("\\ ")
 
 
 def argv(profile: Profile, instance: Instance) -> tuple[str, ...]:
@@ -163,13 +182,16 @@ def render(profile: Profile, instance: Instance, who: RunAs) -> str:
     death during start-up from a start-up (its SubState is `auto-restart`, not `running`). `who`:
     `run_as`, which refuses root unless the profile allows it."""
     spec = profile.comfyui
+    problems = [f"comfyui.{key[-1]} {message}" for key, message, _ in unit_path_problems(spec.root, spec.venv)]
+    if problems:
+        raise PlanError(f"{problems[0]} (fix the profile)")
     where = f"port {instance.port}"
     if instance.gpu is not None:
         where += f", GPU {instance.gpu.index} {instance.gpu.name}"
     lines = [
-        f"{HEADER} for ComfyUI at {spec.root}: the next apply rewrites it; change the profile instead.",
+        _line(f"{HEADER} for ComfyUI at {spec.root}: the next apply rewrites it; change the profile instead."),
         "[Unit]",
-        _specifiers(f"Description=ComfyUI at {spec.root} ({where})"),
+        _line(_specifiers(f"Description=ComfyUI at {spec.root} ({where})")),
         "Wants=network-online.target",
         "After=network-online.target",
         "",
@@ -178,7 +200,7 @@ def render(profile: Profile, instance: Instance, who: RunAs) -> str:
         *hardening(profile, instance, who),
         _specifiers(f"WorkingDirectory={spec.root}"),
         *(f"Environment={_assignment(k, v)}" for k, v in environment(instance)),
-        "ExecStart=" + " ".join(quote_arg(a) for a in argv(profile, instance)),
+        "ExecStart=" + " ".join([quote_exec(spec.python), *(quote_arg(a) for a in argv(profile, instance)[1:])]),
         "Restart=on-failure",
         "RestartSec=5",
         "TimeoutStopSec=30",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from provisioner.errors import VerifyError
+from provisioner.errors import ConnectError, VerifyError
 from provisioner.verify.ws import WebSocket, WebSocketClosed
 
 OnMessage = Callable[[str, Mapping[str, Any]], None]
@@ -133,9 +133,11 @@ class ComfyClient:
     """One ComfyUI at `url` (e.g. the local end of a tunnel). Use as a context manager."""
 
     def __init__(self, url: str, *, client_id: str | None = None, timeout: float = 30.0,
-                 label: str | None = None) -> None:
+                 label: str | None = None, lost: Callable[[], str | None] | None = None) -> None:
         self.url = url.rstrip("/")
         self.label = label or self.url     # how messages name it (the host's side of a tunnel)
+        # Why the connection under the tunnel is gone (a frozen host): said instead of blaming ComfyUI.
+        self.lost = lost or (lambda: None)
         self.client_id = client_id or uuid.uuid4().hex
         self.timeout = timeout
         self._ws: WebSocket | None = None
@@ -163,6 +165,8 @@ class ComfyClient:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            if gone := self.lost():
+                raise ConnectError(gone) from None
             reason = getattr(err, "reason", None) or err or type(err).__name__
             raise VerifyError(f"ComfyUI at {self.label} does not answer {method} {path}: {reason} "
                               "(is it running and listening on that port?)") from None

@@ -122,7 +122,7 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callab
     try:
         with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
-                            label=f"{where} on {conn.name}") as client:
+                            label=f"{where} on {conn.name}", lost=conn.lost) as client:
             run.client = client
             run.all()
     except ProvisionError as err:      # tunnel refused, host gone mid-run, ComfyUI died mid-run

@@ -19,8 +19,8 @@ FULL = os.environ.get("PROVISION_RELIABILITY", "") == "full"
 LOCATED = re.compile(r"^(?:error: )?(?P<file>[^\n]+?):(?P<line>[1-9][0-9]*):(?P<col>[0-9]+): ")
 
 
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+def _limit_memory(limit: int = MEMORY) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,14 @@ class Outcome:
     seconds: float
 
 
-def provision(argv: Sequence[str], cwd: Path, timeout: float = SECONDS) -> Outcome:
-    """`provision ARGV` run from `cwd`, bounded in time and memory."""
+def provision(argv: Sequence[str], cwd: Path, timeout: float = SECONDS, memory: int = MEMORY) -> Outcome:
+    """`provision ARGV` run from `cwd`, bounded in time and memory (a whole apply or rollback, with
+    its threads and numpy's OpenBLAS, needs more address space than reading one input does)."""
     start = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "provisioner", *argv], cwd=cwd, capture_output=True,
-                              text=True, errors="replace", timeout=timeout, preexec_fn=_limit_memory,
-                              env={**os.environ, "NO_COLOR": "1", "COLUMNS": "250"})
+                              text=True, errors="replace", timeout=timeout, preexec_fn=lambda: _limit_memory(memory),
+                              env={**os.environ, "NO_COLOR": "1", "COLUMNS": "250", "OPENBLAS_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired as err:
         out = (err.stdout or b"") + (err.stderr or b"")
         text = out.decode(errors="replace") if isinstance(out, bytes) else out

@@ -294,7 +294,8 @@ def syntax(rng: random.Random) -> tuple[dict[str, bytes], str]:
     return files("".join(lines)), f"{kind} at line {i + 1}"
 
 
-BAD_BYTES = [b"\xff", b"\xc3", b"\xe9t\xe9", b"\xed\xa0\x80", b"\xc0\xaf", b"\x00", b"\xfe\xff", b"\x80"]
+BAD_BYTES = [b"\xff", b"\xc3", b"\xe9t\xe9", b"\xed\xa0\x80", b"\xc0\xaf", b"\x00", b"\xfe\xff", b"\x80",
+             b"\x01", b"\x1b", b"\x7f", b"\x08"]          # raw control characters, which PyYAML refuses unlocated
 
 
 def encoding(rng: random.Random, text: str | None = None) -> tuple[bytes, str]:
