@@ -432,7 +432,7 @@ def test_a_hostile_argument_is_read_back_by_the_unit_parser_exactly(word: str) -
     p = profile(args=[word, f"--x={word}"])
     gpu = replace(GPUS[1], name=f"RTX {word}\nExecStartPre=/bin/false", uuid=f"GPU-{word}")
     (instance,) = units.instances(p, facts(gpus=(gpu,)))
-    text = units.render(p, instance)
+    text = units.render(p, instance, COMFY)
     read = service_manager.parse(text)
     assert read["argv"] == list(units.argv(p, instance)) and read["cwd"] == ROOT
     assert read["env"]["CUDA_VISIBLE_DEVICES"] == f"GPU-{word}"              # type: ignore[index]
@@ -455,7 +455,7 @@ def test_a_rendered_unit_passes_systemd_analyze_verify_and_names_the_real_execut
     p = profile(root=str(root), args=HOSTILE_WORDS)
     (instance,) = units.instances(p, facts())
     unit = tmp_path / "comfyui.service"
-    unit.write_text(units.render(p, instance))
+    unit.write_text(units.render(p, instance, COMFY))
     proc = _analyze(unit)
     assert proc.returncode == 0, proc.stderr
     assert service_manager.parse(unit.read_text())["argv"] == list(units.argv(p, instance))
@@ -478,7 +478,7 @@ def test_paths_systemd_cannot_carry_are_refused_located_and_never_rendered(tmp_p
     assert code == 3 and f"comfyui.{key}" in out and f"{path}:" in out and "Traceback" not in out, out
     p = profile(**comfyui)
     with pytest.raises(PlanError, match=f"comfyui.{key}"):
-        units.render(p, units.instances(p, facts())[0])
+        units.render(p, units.instances(p, facts())[0], COMFY)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
