@@ -106,6 +106,7 @@ class PluginSpec:
     repo: str = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
     tag: str = "v1.1.0"
     force: bool = False               # may local modifications be discarded (they are backed up)
+    adopt: bool = False               # take over a ComfyUI-Manager or Registry copy at `name` in place
 
 
 @dataclass(frozen=True)
