@@ -446,6 +446,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     for line in boot.banner("cpu" if cpu else device_name(gpu_name), vram_total_mib, TORCH, PYTHON, cpu):
         state.log(line)
     if die_at_start:
+        time.sleep(startup_s)             # real ComfyUI dies seconds in, once torch is imported
         state.log(boot.died(die_at_start))
         raise StartupFailed(die_at_start)
     plugin_path = base_dir / "custom_nodes" / plugin_dir
