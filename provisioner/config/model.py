@@ -220,6 +220,7 @@ class VerifySpec:
     timeout_s: float = 600.0
     family_nodes: bool = True              # require the model family's nodes from the catalog
     required_nodes: tuple[str, ...] = ()   # beside the model family's loader and the workflow's classes
+    allow_exposed: bool = False            # may ComfyUI listen beyond loopback while comfyui.listen says loopback
     thresholds: Thresholds = Thresholds()
     agreement: AgreementSpec = AgreementSpec()
     class_speed: ClassSpeedSpec = ClassSpeedSpec()

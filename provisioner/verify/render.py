@@ -52,7 +52,7 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
             continue
         checks = sorted(result[1].checks, key=lambda c: c.passed)
         for check in checks:
-            mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+            mark = {"PASS": "[green]PASS[/]", "WARN": "[yellow]WARN[/]", "FAIL": "[red]FAIL[/]"}[check.mark]
             console.print(f"[bold]{escape(name)}[/] {mark} {escape(check.name)}: {escape(check.detail)}")
             for line in check.lines:
                 console.print(f"      {escape(line)}")
