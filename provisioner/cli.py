@@ -31,7 +31,32 @@ class Parser(argparse.ArgumentParser):
     exit 2 means "changes" here)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}{self._nearest(message)} (see `{self.prog} --help`)\n")
+
+    def _options(self) -> list[str]:
+        """Every option string of this parser and of its verbs' parsers."""
+        found: list[str] = []
+        for action in self._actions:
+            found += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                found += [o for sub in action.choices.values() for o in sub._options()]
+        return sorted(set(found))
+
+    def _nearest(self, message: str) -> str:
+        """`; did you mean ...?` for a mistyped verb, choice or option (difflib: argparse's own
+        suggest_on_error is Python 3.14's)."""
+        import difflib
+        import re
+
+        if m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            wrong, known = m[1], re.findall(r"'([^']*)'", m[2]) or m[2].split(", ")
+        elif m := re.search(r"unrecognized arguments: (.*)", message):
+            wrong = next((w.split("=", 1)[0] for w in m[1].split() if w.startswith("--")), "")
+            known = self._options()
+        else:
+            return ""
+        near = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6) if wrong else []
+        return f"; did you mean `{near[0]}`?" if near else ""
 
 
 # Argument types: each refuses a value that cannot mean anything, with the reason.

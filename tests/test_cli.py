@@ -70,6 +70,19 @@ def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> Non
     assert out.count("\n") == 1 and reason in out and "--help" in out, out
 
 
+@pytest.mark.parametrize(("argv", "near"), [
+    (["plann", "p.yaml"], "did you mean `plan`?"),
+    (["rolback", "p.yaml"], "did you mean `rollback`?"),
+    (["plan", "p.yaml", "--limt", "gpu-*"], "did you mean `--limit`?"),
+    (["apply", "p.yaml", "--verify-gates"], "did you mean `--verify-gate`?"),
+    (["schema", "profle"], "did you mean `profile`?"),
+])
+def test_a_mistyped_verb_option_or_choice_suggests_the_nearest(argv: list[str], near: str) -> None:
+    code, out = run(*argv)
+    assert code == 3 and out.count("\n") == 1 and near in out, out
+    assert "did you mean" not in run("plan", "p.yaml", "--zzzzzz")[1]
+
+
 def test_a_verify_gate_without_verification_is_bad_input(tmp_path: Path) -> None:
     inventory = write(tmp_path / "inv.yaml", "all: {hosts: {gpu-01: {ansible_host: 127.0.0.1}}}\n")
     profile = minimal(tmp_path / "p.yaml", inventory)
