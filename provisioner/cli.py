@@ -132,6 +132,8 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="show steps; -vv: tracebacks")
+    parser.add_argument("--list-hosts", action="store_true",
+                        help="list the hosts this command would target (hosts, --limit) and stop; none is contacted")
     ssh = parser.add_argument_group("ssh")
     ssh.add_argument("--ssh-config", help="ssh_config file (default ~/.ssh/config)")
     ssh.add_argument("--known-hosts", action="append", help="known_hosts file (repeatable; default ~/.ssh/known_hosts)")
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("validate", help="check profiles and inventories; no host contacted")
     p.add_argument("files", nargs="+", help="profile or inventory YAML files")
+    p.add_argument("--json", action="store_true", help="the problems as JSON on stdout (file, line, col, key, message)")
     p.add_argument("--no-color", action="store_true")
 
     p = verbs.add_parser("schema", help="print the JSON Schema of profiles or inventories")
@@ -219,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       soft_wrap=True)
     try:
         with _terminate_as_interrupt():
-            code = getattr(commands, args.verb)(args, console)
+            verb = commands.list_hosts if getattr(args, "list_hosts", False) else getattr(commands, args.verb)
+            code = verb(args, console)
         sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
         return code
     except BrokenPipeError:

@@ -57,6 +57,20 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(**kwargs)
 
 
+def list_hosts(args: argparse.Namespace, console: Console) -> int:
+    """`--list-hosts`, as ansible-playbook's: the hosts this command would target (the profile's
+    `hosts`, narrowed by --limit), with the address each is reached at; no host is contacted."""
+    chosen = targets(args)
+    if args.json:
+        emit(json.dumps({"hosts": [{"host": t.host.name, "address": t.host.address, "port": t.host.port,
+                                    "user": t.host.user, "transport": t.host.transport} for t in chosen]}, indent=2))
+        return EXIT_OK
+    console.print(f"hosts ({len(chosen)}):")
+    for t in chosen:
+        console.print(f"  {escape(t.host.name)}", highlight=False)
+    return EXIT_OK
+
+
 def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None) -> list[Target]:
     """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
     `provision:` overlay merged and validated). Without a profile (`provision facts -i INV`) the
@@ -575,6 +589,12 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
 
 def validate(args: argparse.Namespace, console: Console) -> int:
     problems = validate_files([Path(f) for f in args.files])
+    if args.json:
+        emit(json.dumps({"valid": not problems, "files": list(args.files),
+                         "problems": [{"file": p.file, "line": p.line, "col": p.col, "key": p.key,
+                                       "message": p.message, "hint": p.hint, "text": str(p)} for p in problems]},
+                        indent=2))
+        return EXIT_BAD_INPUT if problems else EXIT_OK
     for problem in problems:
         console.print(escape(str(problem)), highlight=False)
     n = len(args.files)

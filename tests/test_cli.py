@@ -214,3 +214,29 @@ def test_facts_over_ssh_is_one_connection_and_one_exec(sshd_hosts, tmp_path: Pat
     assert set(doc) == {h.name for h in hosts}
     for host, mark in zip(hosts, marks):
         assert host.wait_counts(1, 1, since=mark) == (1, 1)
+
+
+@pytest.mark.parametrize("verb", ["plan", "apply", "rollback", "history", "verify", "facts"])
+def test_list_hosts_on_every_verb_that_targets_hosts_contacts_none(tmp_path: Path, verb: str) -> None:
+    """Ansible's --list-hosts: the hosts the profile's `hosts` and --limit select, nothing run (the
+    addresses below answer nobody: a contacted host would fail the command)."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  children:\n    gpu:\n      hosts:\n"
+                      "        gpu-01: {ansible_host: 192.0.2.1}\n        gpu-02: {ansible_host: 192.0.2.2}\n"
+                      "        gpu-03: {ansible_host: 192.0.2.3}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    code, out = run(verb, str(profile), "--list-hosts", "--limit", "gpu-01:gpu-02")
+    assert (code, out) == (0, "hosts (2):\n  gpu-01\n  gpu-02\n")
+    code, out = run(verb, str(profile), "--list-hosts", "--json")
+    assert code == 0 and [h["address"] for h in json.loads(out)["hosts"]] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+
+
+def test_validate_json_lists_each_problem_located(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.yaml", "comfyui: {root: relative/path}\nplugin: {tag: main}\n")
+    code, out = run("validate", "--json", str(bad))
+    doc = json.loads(out)
+    assert code == 3 and doc["valid"] is False and doc["files"] == [str(bad)]
+    keys = {(p["key"], p["line"]) for p in doc["problems"]}
+    assert ("plugin.tag", 2) in keys and all(p["file"] == str(bad) and p["message"] for p in doc["problems"])
+    code, out = run("validate", "--json", str(ROOT / "profiles" / "rtx3090.yaml"))
+    assert code == 0 and json.loads(out) == {"valid": True, "files": [str(ROOT / "profiles" / "rtx3090.yaml")],
+                                             "problems": []}
