@@ -25,7 +25,7 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import parse_comfyui_version
-from provisioner.resources import core as checkout
+from provisioner.resources import core as checkout, plugin
 from provisioner.resources.base import Note, ResourcePlan, changes
 
 name = "compat"
@@ -126,6 +126,11 @@ class _Core:
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     """No changes: a PlanError for a plugin/backend, plugin/core or model/core mix that cannot work."""
     tag, family = profile.plugin.tag, profile.model.family
+    listed = facts.remote_tags.get((plugin.path(profile), profile.plugin.repo, tag))
+    if listed is not None and listed.tags is not None and tag not in listed.tags:
+        # No such release: the plugin resource says so (with the nearest tags); what an imagined
+        # version would need of the backend or the core ("update ComfyUI") is no advice.
+        return changes()
     reason = incompatibility(tag, profile.backend.version)
     if reason:
         raise PlanError(reason)
