@@ -130,6 +130,9 @@ def test_schema_prints_json() -> None:
     ("comfyui: {root: /opt/ComfyUI}\nplugin: {name: ../../etc}\n", "plugin.name"),
     ("comfyui: [unclosed\n", "profile.yaml:"),
     ("\x00\x01\x02binary", "profile.yaml"),
+    # advice quotes the text as written: YAML reads 1.10 as the number 1.1, a different version
+    ("comfyui: {root: /opt/ComfyUI}\nbackend:\n  version: 1.10\n", 'backend.version: expected a string, got a number (quote it: "1.10")'),
+    ("comfyui: {root: /opt/ComfyUI}\nplugin: {repo: https://x/y.git, tag: 1.10}\n", 'quote it: "1.10"'),
 ])
 def test_bad_profile_one_line_per_problem_exit_3(tmp_path: Path, body: str, needle: str) -> None:
     profile = write(tmp_path / "profile.yaml", body)
