@@ -236,3 +236,15 @@ def test_backend_wheels_the_restored_venv_does_not_use_go_with_the_rollback() ->
     assert (change.resource, change.action, change.key) == ("backend", "remove", folder)
     assert argv_of(change.steps[0]) == ("rm", "-rf", f"{folder}/{newer}", f"{folder}/{newer}.part")
     assert snapshot.restore(profile(), snap(STATE), now(), at=NOW).changes == ()      # no listing: nothing
+
+
+def test_a_venv_made_by_the_apply_is_one_line_not_every_distribution() -> None:
+    """History of a bare host's first apply: `venv created: N distributions, torch X`, not
+    "venv: unreadable -> readable" and a line per package; a venv that broke says why."""
+    fresh = now(distributions=None, venv_error="/opt/ComfyUI/venv/bin/python does not exist")
+    assert snapshot.differences(fresh, now()) == [
+        f"venv created: {len(STATE['distributions'])} distributions, torch 2.6.0+cu124"]
+    broken = now(distributions=None, venv_error="ImportError: libpython3.12.so.1.0")
+    assert snapshot.differences(now(), broken) == [
+        f"venv unreadable (ImportError: libpython3.12.so.1.0): {len(STATE['distributions'])} distributions, "
+        "torch 2.6.0+cu124"]
