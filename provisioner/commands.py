@@ -566,7 +566,8 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
             entries.append(from_verification(name, facts, verification, profile=profile, rollout=rollout))
     # A host a rollout left was not verified: the summary above says so, the report lists it.
     failed = render_verification({n: r for n, r in results.items()
-                                  if (rollouts.get(n) or {}).get("result") != "left"}, console)
+                                  if (rollouts.get(n) or {}).get("result") != "left"}, console,
+                                 frozenset(n for n, r in rollouts.items() if (r or {}).get("result") == "rolled_back"))
     report = build_report(entries, profile=chosen[0].profile.name if chosen else None, generated_at=when,
                           class_speed=chosen[0].profile.verify.class_speed if chosen else ClassSpeedSpec())
     if against is not None:

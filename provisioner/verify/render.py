@@ -18,9 +18,10 @@ def _fmt(value: float | None, unit: str) -> str:
     return "–" if value is None else f"{value:.2f} {unit}"
 
 
-def render_verification(results: Mapping[str, Any], console: Console) -> bool:
+def render_verification(results: Mapping[str, Any], console: Console, rolled_back: frozenset[str] = frozenset()) -> bool:
     """Print the table and the check lines. `results` maps a host to (facts, HostVerification)
-    or an exception. Returns True when any host failed."""
+    or an exception; `rolled_back`: hosts a verify gate restored (their verification is the
+    restored host's). Returns True when any host failed."""
     table = Table(title="verification", title_justify="left")
     for column in ("host", "result", "GPU", "cold", "warm (median)", "VRAM peak", "images"):
         table.add_column(column)
@@ -40,7 +41,9 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         images = [r.image for r in verification.runs if r.image is not None]
         good = sum(1 for i in images if i.ok)
         gpu = facts.gpu.name.replace("NVIDIA ", "") if facts and facts.gpu else "–"
-        table.add_row(escape(name), "[green]passed[/]" if passed else "[red]failed[/]", escape(gpu),
+        result_cell = ("[yellow]rolled back[/]" if name in rolled_back else
+                       "[green]passed[/]" if passed else "[red]failed[/]")
+        table.add_row(escape(name), result_cell, escape(gpu),
                       _fmt(figures.cold_s, "s"), _fmt(figures.warm_median_s, "s"),
                       _fmt(figures.vram_peak_gib, "GiB"),
                       f"{good}/{len(images)} sane" if images else "–")
