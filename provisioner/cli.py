@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plan", help="show what would change on each host; touches nothing")
     _common(p)
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
+    p.add_argument("--out", metavar="PLAN", help="save the plan, with each host's facts, for `provision apply PLAN`")
 
-    p = verbs.add_parser("apply", help="change only what differs, then verify")
+    p = verbs.add_parser("apply", help="change only what differs, then verify (or: apply a plan saved by plan --out)")
     _common(p)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
     p.add_argument("--refresh-hub", action="store_true", help=refresh)

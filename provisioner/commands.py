@@ -174,12 +174,20 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         with connected(target, options, stop) as conn:
             return build_plan(target.profile, gather(conn, target.profile, probe_for(target.profile)))
 
-    chosen = targets(args)
+    loaded = load_profile(Path(args.profile))
+    chosen = targets(args, loaded)
     read_secrets(chosen)
     results = fleet(args, chosen, work, stop)
     if stop.why:
         return show_stopped(results, stop, console)
     show_plans(results, console, args)
+    if getattr(args, "out", None):
+        from provisioner.plan import saved
+
+        planned = {n: r for n, r in results.items() if isinstance(r, HostPlan) and not r.errors}
+        saved.write(args.out, args.profile, loaded.data, planned)
+        console.print(f"plan of {len(planned)} host{'s' * (len(planned) != 1)} saved to {escape(args.out)}: "
+                      f"`provision apply {escape(args.out)}` applies exactly it, or refuses a host whose facts changed")
     return plan_exit_code(results)
 
 
@@ -204,19 +212,35 @@ def plan_exit_code(results: dict[str, HostPlan | BaseException]) -> int:
 def apply(args: argparse.Namespace, console: Console) -> int:
     """Converge, verify; under a verify gate (`--verify-gate`, `rollout.verify_gate`), roll back a
     host whose change failed verification and stop the rollout after its batch."""
-    if args.check:
+    from provisioner.plan import saved
+
+    reviewed = saved.read(args.profile)
+    if args.check and reviewed is None:
         return plan(args, console)
     from provisioner.plan.rollout import gate_halt
 
-    loaded = load_profile(Path(args.profile))
+    if reviewed is not None:
+        # `apply PLAN`: the profile it was made from, unchanged, on the hosts it holds, each refused
+        # when its facts or its plan are not the saved ones.
+        loaded = saved.checked_profile(reviewed, lambda f: load_profile(Path(f)))
+        args.profile = reviewed.profile
+        chosen = [t for t in targets(args, loaded) if t.host.name in reviewed.hosts]
+        missing = sorted(set(reviewed.hosts) - {t.host.name for t in chosen})
+        if missing:
+            raise UsageError(f"{reviewed.file}: {', '.join(missing)} not in the inventory's selection any more: plan again")
+        if args.check:
+            raise UsageError("apply PLAN --check: the plan is the check; `provision plan` shows it again")
+    else:
+        loaded = load_profile(Path(args.profile))
+        chosen = targets(args, loaded)
     rollout = loaded.profile.rollout
     gate = bool(args.verify_gate or rollout.verify_gate)
     canary = args.canary if args.canary is not None else rollout.canary
     if gate and args.no_verify:
         raise UsageError("--verify-gate needs the verification: drop --no-verify "
                          f"(or set rollout.verify_gate: false in {args.profile})")
-    return run_apply(args, console, targets(args, loaded), gate=gate, canary=canary,
-                     halt=gate_halt if gate else None)
+    return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None,
+                     planner=(lambda profile, host: reviewed.planner(profile, host)) if reviewed else None)
 
 
 def rollback(args: argparse.Namespace, console: Console) -> int:
@@ -238,12 +262,12 @@ def rollback(args: argparse.Namespace, console: Console) -> int:
         show_plans(results, console, args)
         return plan_exit_code(results)
     return run_apply(args, console, targets(args), gate=False, canary=None, halt=None,
-                     planner=lambda profile: rollback_planner(profile, args.to))
+                     planner=lambda profile, _host: rollback_planner(profile, args.to))
 
 
 def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], *, gate: bool,
               canary: int | None, halt: Callable[[dict[str, Any]], str | None] | None,
-              planner: Callable[[Profile], Any] | None = None) -> int:
+              planner: Callable[[Profile, str], Any] | None = None) -> int:
     """Each host through `plan/rollout.run_host` (apply, verify, roll back under the gate), the
     summary, then the verification's report."""
     from provisioner.plan.progress import Reporter
@@ -265,7 +289,7 @@ def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], 
         with connected(target, options, stop) as conn:
             return run_host(conn, target.profile, reporter, gate=gate, lock_timeout=args.lock_timeout,
                             verify=None if args.no_verify else run_verification, show_plan=show,
-                            planner=planner(target.profile) if planner else None, stop=stop)
+                            planner=planner(target.profile, target.host.name) if planner else None, stop=stop)
 
     read_secrets(chosen)
     results = fleet(args, chosen, work, stop, failed=lambda o: o.failed, canary=canary, halt=halt)

@@ -219,3 +219,52 @@ def test_adopt_takes_a_registry_copy_over_in_place(lab: Lab) -> None:
     finally:
         lab.profile_extra = {}
         lab.write()
+
+
+def test_a_saved_plan_is_applied_exactly_or_refused_when_the_host_changed(lab: Lab, converged: LabHost,
+                                                                          tmp_path: Path) -> None:
+    """Terraform's `plan -out` then `apply PLANFILE`: what was reviewed is what runs; a host whose
+    facts moved since is refused, saying what moved, and left as it is."""
+    saved = tmp_path / "reviewed.plan"
+
+    def apply_saved() -> tuple[int, str]:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from provisioner import cli
+
+        out = io.StringIO()
+        with redirect_stdout(out), redirect_stderr(out):
+            code = cli.main(["apply", str(saved), *lab.ssh_args(), "--no-color", "--no-verify",
+                             "--log-dir", str(lab.root / "logs")])
+        return code, out.getvalue()
+
+    converged.git("checkout", "-q", "--detach", "v1.0.2")
+    code, out = lab.run("plan", "--limit", converged.name, "--out", str(saved))
+    assert code == 2 and f"saved to {saved}" in out, out
+    doc = json.loads(saved.read_text())
+    assert [c.split(":")[0] for c in doc["hosts"][converged.name]["changes"]] == [
+        f"update plugin {converged.plugin}"]
+
+    converged.git("checkout", "-q", "--detach", "v1.0.0")         # the host moves after the review
+    before = tree_state(converged.sandbox.root)
+    code, out = apply_saved()
+    assert code == 1, out
+    assert f"its facts changed since {saved} was written (" in out and "v1.0.2" in out and "v1.0.0" in out
+    assert tree_state(converged.sandbox.root) == before            # refused: nothing touched
+
+    code, out = lab.run("plan", "--limit", converged.name, "--out", str(saved))
+    assert code == 2, out
+    code, out = apply_saved()
+    assert code == 2, out
+    assert converged.git("tag", "--points-at", "HEAD") == "v1.1.0"
+    assert lab.run("plan", "--limit", converged.name)[0] == 0
+
+    lab.profile_extra = {"verify": {"warm_runs": 3}}                # the profile is edited after the review
+    lab.write()
+    try:
+        code, out = apply_saved()
+        assert code == 3 and "changed since this plan was written" in out, out
+    finally:
+        lab.profile_extra = {}
+        lab.write()
