@@ -243,3 +243,16 @@ def test_validate_json_lists_each_problem_located(tmp_path: Path) -> None:
     code, out = run("validate", "--json", str(ROOT / "profiles" / "rtx3090.yaml"))
     assert code == 0 and json.loads(out) == {"valid": True, "files": [str(ROOT / "profiles" / "rtx3090.yaml")],
                                              "problems": []}
+
+
+def test_a_conflict_with_the_shipped_base_is_placed_in_the_users_file(tmp_path: Path) -> None:
+    """The user wrote `service: systemd`; base.yaml's `restart: {docker: ...}` conflicts with it. The
+    error points at the user's line (the file they edit) and names the base's, with the fix."""
+    user = write(tmp_path / "mine.yaml", f"extends: {ROOT / 'profiles' / 'base.yaml'}\ncomfyui:\n  service: systemd\n")
+    code, out = run("validate", str(user))
+    assert code == 3, out
+    first = out.splitlines()[0]
+    assert first.startswith(f"{user}:3:3: comfyui.service: conflicts with comfyui.restart (set in ")
+    assert "base.yaml:13" in first and f"(set comfyui.restart: null in {user})" in first
+    user.write_text(user.read_text() + "  restart: null\n")
+    assert run("validate", str(user))[0] == 0
