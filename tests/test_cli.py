@@ -253,6 +253,7 @@ def test_a_conflict_with_the_shipped_base_is_placed_in_the_users_file(tmp_path: 
     assert code == 3, out
     first = out.splitlines()[0]
     assert first.startswith(f"{user}:3:3: comfyui.service: conflicts with comfyui.restart (set in ")
-    assert "base.yaml:13" in first and f"(set comfyui.restart: null in {user})" in first
+    line = (ROOT / "profiles" / "base.yaml").read_text().splitlines().index("  restart:") + 1
+    assert f"base.yaml:{line})" in first and f"(set comfyui.restart: null in {user})" in first
     user.write_text(user.read_text() + "  restart: null\n")
     assert run("validate", str(user))[0] == 0
