@@ -382,3 +382,11 @@ def test_two_enabled_copies_name_every_one() -> None:
     with pytest.raises(PlanError) as err:
         plugin.plan(make_profile({}), facts, now=NOW)
     assert f"{DEST} and {NODES}/a (and {NODES}/b) are both the plugin" in str(err.value)
+
+
+def test_a_mirror_named_otherwise_still_knows_the_plugin_by_its_own_name() -> None:
+    """plugin.repo a mirror called `nunchaku-comfy-1a2b.git`: a Registry copy is still the plugin
+    (found against the real repository's mirror in the real tier)."""
+    pack = NodePack("comfyui-nunchaku", f"{NODES}/comfyui-nunchaku", True, project="ComfyUI-nunchaku", registry=True)
+    assert pack.copy_of("/srv/mirrors/nunchaku-comfy-1a2b.git") == "pyproject.toml name ComfyUI-nunchaku"
+    assert NodePack("x", f"{NODES}/x", True, project="other").copy_of("/srv/mirrors/nunchaku-comfy-1a2b.git") is None

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from provisioner.catalog.compat import PLUGIN_PROJECT
 from provisioner.catalog.gpus import precision_for
 
 
@@ -205,17 +206,18 @@ class NodePack:
     project: str | None = None                   # its pyproject.toml `[project]` name
     registry: bool = False                       # a Comfy Registry install (its `.tracking` file)
 
-    def copy_of(self, repo: str) -> str | None:
-        """Why this folder is the node pack `repo` holds (its origin, its pyproject.toml name, or a
-        Registry install named after it, as ComfyUI-Manager names them), or None: it is not."""
+    def copy_of(self, repo: str, project: str = PLUGIN_PROJECT) -> str | None:
+        """Why this folder is the node pack `repo` holds, named `project` (its origin, its
+        pyproject.toml name, or a Registry install named after it, as ComfyUI-Manager names them),
+        or None: it is not. A mirror may call the repository anything: the name is the pack's own."""
         if same_repo(self.origin, repo):
             return f"origin {self.origin}"
-        ident = canonical(repo_name(repo))
-        if self.project and canonical(self.project) == ident:
+        names = {canonical(repo_name(repo)), canonical(project)}
+        if self.project and canonical(self.project) in names:
             return f"pyproject.toml name {self.project}"
         # Registry folders are named by their id, disabled ones `id@version` under `.disabled/`.
         folder = self.name.removesuffix(".disabled").split("@")[0]
-        if self.registry and canonical(folder) == ident:
+        if self.registry and canonical(folder) in names:
             return "Comfy Registry install (.tracking)"
         return None
 
