@@ -50,3 +50,30 @@ def test_a_manager_or_registry_copy_of_the_real_plugin_is_found_and_adopted(
     manager.rename(nodes / ".disabled" / "comfyui-nunchaku@1.0.2")
     code, out = real_lab.run("plan", "--limit", host.name)
     assert code == 2 and "disabled copies of the plugin, not loaded by ComfyUI" in out, out
+
+
+def test_real_comfyui_that_crashes_after_a_restart_command_is_not_waited_out(
+        real_lab: Lab, real_host: Callable[..., RealHost]) -> None:
+    """Real ComfyUI, restarted by a command (no service manager), dies at start-up of a
+    ModuleNotFoundError: the wait ends at once and the exception is the reason, not
+    "raise comfyui.ready_timeout_s"."""
+    import time
+
+    host = real_host("v0.3.64")
+    host.wait_ready()
+    main = host.comfy / "main.py"
+    main.write_text("import av_missing_for_this_test\n" + main.read_text())   # a dependency gone
+    real_lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"], "ready_timeout_s": 600,
+                                                "log_file": str(host.service / "comfyui.log")}}
+    real_lab.write()
+    try:
+        began = time.monotonic()
+        code, out = real_lab.run("apply", "--limit", host.name, "--no-verify")
+        assert code == 1, out
+        assert time.monotonic() - began < 300, out
+        assert "ComfyUI died during start-up after " in out
+        assert ": ModuleNotFoundError: No module named 'av_missing_for_this_test' (" in out
+        assert "raise comfyui.ready_timeout_s" not in out
+    finally:
+        real_lab.overlays.pop(host.name, None)
+        real_lab.write()
