@@ -59,8 +59,14 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
 
 def list_hosts(args: argparse.Namespace, console: Console) -> int:
     """`--list-hosts`, as ansible-playbook's: the hosts this command would target (the profile's
-    `hosts`, narrowed by --limit), with the address each is reached at; no host is contacted."""
-    chosen = targets(args)
+    `hosts`, narrowed by --limit), with the address each is reached at; no host is contacted. For
+    `apply PLAN`: the hosts the saved plan holds."""
+    from provisioner.plan import saved
+
+    reviewed = saved.read(args.profile) if getattr(args, "profile", None) else None
+    if reviewed is not None:
+        args.profile = reviewed.profile
+    chosen = [t for t in targets(args) if reviewed is None or t.host.name in reviewed.hosts]
     if args.json:
         emit(json.dumps({"hosts": [{"host": t.host.name, "address": t.host.address, "port": t.host.port,
                                     "user": t.host.user, "transport": t.host.transport} for t in chosen]}, indent=2))

@@ -257,3 +257,14 @@ def test_a_conflict_with_the_shipped_base_is_placed_in_the_users_file(tmp_path: 
     assert f"base.yaml:{line})" in first and f"(set comfyui.restart: null in {user})" in first
     user.write_text(user.read_text() + "  restart: null\n")
     assert run("validate", str(user))[0] == 0
+
+
+def test_list_hosts_of_a_saved_plan_are_the_hosts_it_holds(tmp_path: Path) -> None:
+    from provisioner.plan import saved
+
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts:\n    gpu-01: {ansible_host: 192.0.2.1}\n"
+                      "    gpu-02: {ansible_host: 192.0.2.2}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    plan = write(tmp_path / "reviewed.plan", json.dumps({"format": saved.FORMAT, "profile": str(profile),
+                                                         "profile_sha256": "x", "hosts": {"gpu-02": {}}}))
+    assert run("apply", str(plan), "--list-hosts") == (0, "hosts (1):\n  gpu-02\n")
