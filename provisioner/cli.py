@@ -32,7 +32,32 @@ class Parser(argparse.ArgumentParser):
     exit 2 means "changes" here)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}{self._nearest(message)} (see `{self.prog} --help`)\n")
+
+    def _options(self) -> list[str]:
+        """Every option string of this parser and of its verbs' parsers."""
+        found: list[str] = []
+        for action in self._actions:
+            found += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                found += [o for sub in action.choices.values() for o in sub._options()]
+        return sorted(set(found))
+
+    def _nearest(self, message: str) -> str:
+        """`; did you mean ...?` for a mistyped verb, choice or option (difflib: argparse's own
+        suggest_on_error is Python 3.14's)."""
+        import difflib
+        import re
+
+        if m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            wrong, known = m[1], re.findall(r"'([^']*)'", m[2]) or m[2].split(", ")
+        elif m := re.search(r"unrecognized arguments: (.*)", message):
+            wrong = next((w.split("=", 1)[0] for w in m[1].split() if w.startswith("--")), "")
+            known = self._options()
+        else:
+            return ""
+        near = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6) if wrong else []
+        return f"; did you mean `{near[0]}`?" if near else ""
 
 
 # Argument types: each refuses a value that cannot mean anything, with the reason.
@@ -127,6 +152,8 @@ def _common(parser: argparse.ArgumentParser, *, profile: str = "required") -> No
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="show steps; -vv: tracebacks")
+    parser.add_argument("--list-hosts", action="store_true",
+                        help="list the hosts this command would target (hosts, --limit) and stop; none is contacted")
     ssh = parser.add_argument_group("ssh")
     ssh.add_argument("--ssh-config", help="ssh_config file (default ~/.ssh/config)")
     ssh.add_argument("--known-hosts", action="append", help="known_hosts file (repeatable; default ~/.ssh/known_hosts)")
@@ -158,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plan", help="show what would change on each host; touches nothing")
     _common(p)
     p.add_argument("--refresh-hub", action="store_true", help=refresh)
+    p.add_argument("--out", metavar="PLAN", help="save the plan, with each host's facts, for `provision apply PLAN`")
 
     p.add_argument("--lock", metavar="FILE", help=LOCK_HELP)
 
@@ -167,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of it, or only the parts named (core, plugin, models, torch, backend, packages); shows the diff")
     p.add_argument("--lock", metavar="FILE", help="the lock to write (default: beside the profile)")
 
-    p = verbs.add_parser("apply", help="change only what differs, then verify")
+    p = verbs.add_parser("apply", help="change only what differs, then verify (or: apply a plan saved by plan --out)")
     _common(p)
     p.add_argument("--lock", metavar="FILE", help=LOCK_HELP)
     p.add_argument("--check", action="store_true", help="behave as plan: change nothing")
@@ -214,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("validate", help="check profiles and inventories; no host contacted")
     p.add_argument("files", nargs="+", help="profile or inventory YAML files")
+    p.add_argument("--json", action="store_true", help="the problems as JSON on stdout (file, line, col, key, message)")
     p.add_argument("--no-color", action="store_true")
 
     p = verbs.add_parser("catalog", help="what the catalog knows of upstream (core, plugin and backend releases, "
@@ -248,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       soft_wrap=True)
     try:
         with _terminate_as_interrupt():
-            code = getattr(commands, args.verb)(args, console)
+            verb = commands.list_hosts if getattr(args, "list_hosts", False) else getattr(commands, args.verb)
+            code = verb(args, console)
         sys.stdout.flush()  # a reader that left early is met here, not in the interpreter's exit
         return code
     except BrokenPipeError:

@@ -76,6 +76,26 @@ def connect_options(args: argparse.Namespace) -> ConnectOptions:
     return ConnectOptions(**kwargs)
 
 
+def list_hosts(args: argparse.Namespace, console: Console) -> int:
+    """`--list-hosts`, as ansible-playbook's: the hosts this command would target (the profile's
+    `hosts`, narrowed by --limit), with the address each is reached at; no host is contacted. For
+    `apply PLAN`: the hosts the saved plan holds."""
+    from provisioner.plan import saved
+
+    reviewed = saved.read(args.profile) if getattr(args, "profile", None) else None
+    if reviewed is not None:
+        args.profile = reviewed.profile
+    chosen = [t for t in targets(args) if reviewed is None or t.host.name in reviewed.hosts]
+    if args.json:
+        emit(json.dumps({"hosts": [{"host": t.host.name, "address": t.host.address, "port": t.host.port,
+                                    "user": t.host.user, "transport": t.host.transport} for t in chosen]}, indent=2))
+        return EXIT_OK
+    console.print(f"hosts ({len(chosen)}):")
+    for t in chosen:
+        console.print(f"  {escape(t.host.name)}", highlight=False)
+    return EXIT_OK
+
+
 def targets(args: argparse.Namespace, loaded: LoadedProfile | None = None, *,
             with_lock: bool = False) -> list[Target]:
     """Profile + inventory + patterns → the hosts to work on, each with its own profile (its
@@ -212,13 +232,21 @@ def planner_of(args: argparse.Namespace, stop: Stop) -> Callable[[Target], HostP
 def plan(args: argparse.Namespace, console: Console) -> int:
     refresh_hub(args)
     stop = Stop()
-    chosen = targets(args, with_lock=True)
+    loaded = load_profile(Path(args.profile))
+    chosen = targets(args, loaded, with_lock=True)
     read_secrets(chosen)
     results = fleet(args, chosen, planner_of(args, stop), stop)
     if stop.why:
         return show_stopped(results, stop, console)
     show_plans(results, console, args)
     say_lock(chosen, console)
+    if getattr(args, "out", None):
+        from provisioner.plan import saved
+
+        planned = {n: r for n, r in results.items() if isinstance(r, HostPlan) and not r.errors}
+        saved.write(args.out, args.profile, loaded.data, planned)
+        console.print(f"plan of {len(planned)} host{'s' * (len(planned) != 1)} saved to {escape(args.out)}: "
+                      f"`provision apply {escape(args.out)}` applies exactly it, or refuses a host whose facts changed")
     return plan_exit_code(results)
 
 
@@ -244,11 +272,27 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     """Converge, verify; under a verify gate (`--verify-gate`, `rollout.verify_gate`), roll back a
     host whose change failed verification and stop the rollout after its batch."""
     slice_options(args)
-    if args.check:
+    from provisioner.plan import saved
+
+    reviewed = saved.read(args.profile)
+    if args.check and reviewed is None:
         return plan(args, console)
     from provisioner.plan.rollout import gate_halt
 
-    loaded = load_profile(Path(args.profile))
+    if reviewed is not None:
+        # `apply PLAN`: the profile it was made from, unchanged, on the hosts it holds, each refused
+        # when its facts or its plan are not the saved ones.
+        loaded = saved.checked_profile(reviewed, lambda f: load_profile(Path(f)))
+        args.profile = reviewed.profile
+        chosen = [t for t in targets(args, loaded, with_lock=True) if t.host.name in reviewed.hosts]
+        missing = sorted(set(reviewed.hosts) - {t.host.name for t in chosen})
+        if missing:
+            raise UsageError(f"{reviewed.file}: {', '.join(missing)} not in the inventory's selection any more: plan again")
+        if args.check:
+            raise UsageError("apply PLAN --check: the plan is the check; `provision plan` shows it again")
+    else:
+        loaded = load_profile(Path(args.profile))
+        chosen = targets(args, loaded, with_lock=True)
     rollout = loaded.profile.rollout
     gate = bool(args.verify_gate or rollout.verify_gate)
     canary = args.canary if args.canary is not None else rollout.canary
@@ -259,11 +303,11 @@ def apply(args: argparse.Namespace, console: Console) -> int:
         said = f"--canary {canary}" if args.canary is not None else f"rollout.canary: {canary} in {args.profile}"
         raise UsageError(f"{said} needs the verify gate: without it a failing canary stops nothing; add "
                          "--verify-gate (or rollout.verify_gate: true)")
-    chosen = targets(args, loaded, with_lock=True)
-    if canary:
+    if canary and reviewed is None:
         chosen = changing_first(args, chosen, canary)
     try:
-        return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None)
+        return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None,
+                         planner=(lambda profile, host: reviewed.planner(profile, host)) if reviewed else None)
     finally:
         say_lock(chosen, console)
 
@@ -306,12 +350,12 @@ def rollback(args: argparse.Namespace, console: Console) -> int:
         show_plans(results, console, args)
         return plan_exit_code(results)
     return run_apply(args, console, targets(args), gate=False, canary=None, halt=None,
-                     planner=lambda profile: rollback_planner(profile, args.to))
+                     planner=lambda profile, _host: rollback_planner(profile, args.to))
 
 
 def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], *, gate: bool,
               canary: int | None, halt: Callable[[dict[str, Any]], str | None] | None,
-              planner: Callable[[Profile], Any] | None = None) -> int:
+              planner: Callable[[Profile, str], Any] | None = None) -> int:
     """Each host through `plan/rollout.run_host` (apply, verify, roll back under the gate), the
     summary, then the verification's report."""
     from provisioner.plan.progress import Reporter
@@ -333,7 +377,7 @@ def run_apply(args: argparse.Namespace, console: Console, chosen: list[Target], 
         with connected(target, options, stop) as conn:
             return run_host(conn, target.profile, reporter, gate=gate, lock_timeout=args.lock_timeout,
                             verify=None if args.no_verify else run_verification, show_plan=show,
-                            planner=planner(target.profile) if planner else None, stop=stop)
+                            planner=planner(target.profile, target.host.name) if planner else None, stop=stop)
 
     read_secrets(chosen)
     results = fleet(args, chosen, work, stop, failed=lambda o: o.failed, canary=canary, halt=halt)
@@ -763,7 +807,8 @@ def show_verification(results: dict[str, Any], chosen: list[Target], console: Co
         write_slice(report_dir, part)
     # A host a rollout left was not verified: the summary above says so, the report lists it.
     failed = render_verification({n: r for n, r in results.items()
-                                  if (rollouts.get(n) or {}).get("result") != "left"}, console)
+                                  if (rollouts.get(n) or {}).get("result") != "left"}, console,
+                                 frozenset(n for n, r in rollouts.items() if (r or {}).get("result") == "rolled_back"))
     report = build_report(entries, profile=part.profile, generated_at=when, class_speed=part.class_speed)
     if against is not None:
         report = with_comparison(report, against)
@@ -791,6 +836,12 @@ def show_judgement(report: Any, outcome: Any, console: Console) -> None:
 
 def validate(args: argparse.Namespace, console: Console) -> int:
     problems = validate_files([Path(f) for f in args.files])
+    if args.json:
+        emit(json.dumps({"valid": not problems, "files": list(args.files),
+                         "problems": [{"file": p.file, "line": p.line, "col": p.col, "key": p.key,
+                                       "message": p.message, "hint": p.hint, "text": str(p)} for p in problems]},
+                        indent=2))
+        return EXIT_BAD_INPUT if problems else EXIT_OK
     for problem in problems:
         console.print(escape(str(problem)), highlight=False)
     n = len(args.files)

@@ -414,6 +414,8 @@ def supervise(manager: Manager, name: str) -> None:
 def main(tool: str, args: list[str], units: str, state: str) -> int:
     manager = Manager(units, state)
     if tool == "journalctl":
+        if args[-3:-1] == ["-o", "cat"]:        # the message alone: the stand-in's journal has no prefixes
+            args = args[:-3] + args[-1:]
         if len(args) == 5 and args[0] == "-u" and args[2] == "-n" and args[4] == "--no-pager":
             name = manager.name(args[1])
             try:

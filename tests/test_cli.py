@@ -74,6 +74,19 @@ def test_bad_arguments_are_bad_input_exit_3(argv: list[str], reason: str) -> Non
     assert out.count("\n") == 1 and reason in out and "--help" in out, out
 
 
+@pytest.mark.parametrize(("argv", "near"), [
+    (["plann", "p.yaml"], "did you mean `plan`?"),
+    (["rolback", "p.yaml"], "did you mean `rollback`?"),
+    (["plan", "p.yaml", "--limt", "gpu-*"], "did you mean `--limit`?"),
+    (["apply", "p.yaml", "--verify-gates"], "did you mean `--verify-gate`?"),
+    (["schema", "profle"], "did you mean `profile`?"),
+])
+def test_a_mistyped_verb_option_or_choice_suggests_the_nearest(argv: list[str], near: str) -> None:
+    code, out = run(*argv)
+    assert code == 3 and out.count("\n") == 1 and near in out, out
+    assert "did you mean" not in run("plan", "p.yaml", "--zzzzzz")[1]
+
+
 def test_a_verify_gate_without_verification_is_bad_input(tmp_path: Path) -> None:
     inventory = write(tmp_path / "inv.yaml", "all: {hosts: {gpu-01: {ansible_host: 127.0.0.1}}}\n")
     profile = minimal(tmp_path / "p.yaml", inventory)
@@ -138,6 +151,9 @@ def test_schema_prints_json() -> None:
     ("comfyui: {root: /opt/ComfyUI}\nplugin: {name: ../../etc}\n", "plugin.name"),
     ("comfyui: [unclosed\n", "profile.yaml:"),
     ("\x00\x01\x02binary", "profile.yaml"),
+    # advice quotes the text as written: YAML reads 1.10 as the number 1.1, a different version
+    ("comfyui: {root: /opt/ComfyUI}\nbackend:\n  version: 1.10\n", 'backend.version: expected a string, got a number (quote it: "1.10")'),
+    ("comfyui: {root: /opt/ComfyUI}\nplugin: {repo: https://x/y.git, tag: 1.10}\n", 'quote it: "1.10"'),
 ])
 def test_bad_profile_one_line_per_problem_exit_3(tmp_path: Path, body: str, needle: str) -> None:
     profile = write(tmp_path / "profile.yaml", body)
@@ -246,3 +262,54 @@ def test_catalog_prints_each_fact_with_its_source_and_the_day_it_was_checked() -
     assert "#801" in out                                          # the break no probe can see
     code, out = run("catalog", "nonsense")
     assert code == 3 and "invalid choice: 'nonsense'" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("verb", ["plan", "apply", "rollback", "history", "verify", "facts"])
+def test_list_hosts_on_every_verb_that_targets_hosts_contacts_none(tmp_path: Path, verb: str) -> None:
+    """Ansible's --list-hosts: the hosts the profile's `hosts` and --limit select, nothing run (the
+    addresses below answer nobody: a contacted host would fail the command)."""
+    inventory = write(tmp_path / "inv.yaml", "all:\n  children:\n    gpu:\n      hosts:\n"
+                      "        gpu-01: {ansible_host: 192.0.2.1}\n        gpu-02: {ansible_host: 192.0.2.2}\n"
+                      "        gpu-03: {ansible_host: 192.0.2.3}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    code, out = run(verb, str(profile), "--list-hosts", "--limit", "gpu-01:gpu-02")
+    assert (code, out) == (0, "hosts (2):\n  gpu-01\n  gpu-02\n")
+    code, out = run(verb, str(profile), "--list-hosts", "--json")
+    assert code == 0 and [h["address"] for h in json.loads(out)["hosts"]] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+
+
+def test_validate_json_lists_each_problem_located(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.yaml", "comfyui: {root: relative/path}\nplugin: {tag: main}\n")
+    code, out = run("validate", "--json", str(bad))
+    doc = json.loads(out)
+    assert code == 3 and doc["valid"] is False and doc["files"] == [str(bad)]
+    keys = {(p["key"], p["line"]) for p in doc["problems"]}
+    assert ("plugin.tag", 2) in keys and all(p["file"] == str(bad) and p["message"] for p in doc["problems"])
+    code, out = run("validate", "--json", str(ROOT / "profiles" / "rtx3090.yaml"))
+    assert code == 0 and json.loads(out) == {"valid": True, "files": [str(ROOT / "profiles" / "rtx3090.yaml")],
+                                             "problems": []}
+
+
+def test_a_conflict_with_the_shipped_base_is_placed_in_the_users_file(tmp_path: Path) -> None:
+    """The user wrote `service: systemd`; base.yaml's `restart: {docker: ...}` conflicts with it. The
+    error points at the user's line (the file they edit) and names the base's, with the fix."""
+    user = write(tmp_path / "mine.yaml", f"extends: {ROOT / 'profiles' / 'base.yaml'}\ncomfyui:\n  service: systemd\n")
+    code, out = run("validate", str(user))
+    assert code == 3, out
+    first = out.splitlines()[0]
+    assert first.startswith(f"{user}:3:3: comfyui.service: conflicts with comfyui.restart (set in ")
+    line = (ROOT / "profiles" / "base.yaml").read_text().splitlines().index("  restart:") + 1
+    assert f"base.yaml:{line})" in first and f"(set comfyui.restart: null in {user})" in first
+    user.write_text(user.read_text() + "  restart: null\n")
+    assert run("validate", str(user))[0] == 0
+
+
+def test_list_hosts_of_a_saved_plan_are_the_hosts_it_holds(tmp_path: Path) -> None:
+    from provisioner.plan import saved
+
+    inventory = write(tmp_path / "inv.yaml", "all:\n  hosts:\n    gpu-01: {ansible_host: 192.0.2.1}\n"
+                      "    gpu-02: {ansible_host: 192.0.2.2}\n")
+    profile = minimal(tmp_path / "p.yaml", inventory)
+    plan = write(tmp_path / "reviewed.plan", json.dumps({"format": saved.FORMAT, "profile": str(profile),
+                                                         "profile_sha256": "x", "hosts": {"gpu-02": {}}}))
+    assert run("apply", str(plan), "--list-hosts") == (0, "hosts (1):\n  gpu-02\n")

@@ -262,3 +262,21 @@ def test_core_catalog_facts() -> None:
     assert cores.last_adapted("v1.2.1").tag == "v0.8.0"
     assert cores.last_adapted("v9.9.9") is None
     assert cores.CONVROT_CORE == Version("0.27.0")
+
+
+def test_a_plugin_tag_the_repository_lacks_is_not_judged(tmp_path: Path) -> None:
+    """v1.3.0 does not exist: the plugin resource says so; compat adds no "update ComfyUI" advice."""
+    from dataclasses import replace
+
+    from provisioner.facts.model import RemoteTags
+    from provisioner.resources import plugin
+
+    profile = make_profile(comfy_root(tmp_path, "0.3.64", OLD_CORE), "v1.3.0")
+    facts = real_facts(profile)
+    with pytest.raises(PlanError, match="update ComfyUI"):
+        compat.plan(profile, facts)            # as the repository's tags are not known: judged by its number
+    key = (plugin.path(profile), profile.plugin.repo, "v1.3.0")
+    listed = replace(facts, remote_tags={key: RemoteTags(tags=("v1.0.2", "v1.1.0", "v1.2.0", "v1.2.1"))})
+    assert compat.plan(profile, listed).changes == () and compat.plan(profile, listed).notes == ()
+    with pytest.raises(PlanError, match="v1.3.0 is not a tag of"):
+        plugin.plan(profile, replace(listed, git={plugin.path(profile): plugin.GitCheckout(plugin.path(profile), False)}))

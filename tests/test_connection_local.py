@@ -119,3 +119,29 @@ def test_hold_keeps_a_lock_until_the_block_exits(conn: LocalConnection, tmp_path
         assert next(lines) == "locked"
         assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 1
     assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 0
+
+
+def test_commands_run_with_the_hosts_environment_not_the_control_venvs(monkeypatch: pytest.MonkeyPatch,
+                                                                          conn: LocalConnection) -> None:
+    """An activated control venv (its bin/ first on PATH, VIRTUAL_ENV) does not leak into the host's
+    commands: `python3` is the machine's, so facts never report provision's own venv as the system python."""
+    from provisioner.config.model import ComfySpec, Profile
+    from provisioner.facts.gather import base_probe, gather
+
+    assert sys.prefix != sys.base_prefix, "the tests run from the control venv"
+    venv_bin = os.path.join(sys.prefix, "bin")
+    monkeypatch.setenv("PATH", os.pathsep.join([venv_bin, os.environ["PATH"]]))
+    monkeypatch.setenv("VIRTUAL_ENV", sys.prefix)
+    seen = conn.run(["sh", "-c", 'command -v python3; echo "${VIRTUAL_ENV:-none}"; echo "$PATH"'])
+    python3, virtual_env, path = seen.stdout.splitlines()
+    assert not python3.startswith(sys.prefix) and virtual_env == "none"
+    assert venv_bin not in path.split(os.pathsep) and "/usr/bin" in path.split(os.pathsep)
+    import socket
+
+    with socket.socket() as s:               # a port nothing answers on: the facts' HTTP probe is quick
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    profile = Profile(name="t", file="t.yaml", inventory=None, hosts="all",
+                      comfyui=ComfySpec(root="/nonexistent/ComfyUI", venv="/nonexistent/ComfyUI/venv", port=port))
+    facts = gather(conn, profile, base_probe(profile))
+    assert sys.prefix not in facts.system_python

@@ -32,3 +32,13 @@ def test_inventory_reference_documents_every_variable_provision_reads() -> None:
     assert {"ansible_ssh_host", "ansible_ssh_port", "ansible_ssh_user", "provision_jump"} <= read
     text = markdown("inventory")
     assert [name for name in sorted(read) if f"| `{name}` |" not in text] == []
+
+
+def test_every_file_the_readme_and_docs_run_exists() -> None:
+    """`provision plan profiles/fresh.yaml` in the README must work as printed: each shipped profile
+    or inventory a doc names is in the repository (and every shipped profile validates: test_cli)."""
+    repo = DOCS.parent
+    texts = [repo / "README.md", *DOCS.glob("*.md")]
+    named = {m for path in texts for m in re.findall(r"\b((?:profiles|inventories)/[\w.-]+\.yaml)\b", path.read_text())}
+    assert "profiles/fresh.yaml" in named
+    assert sorted(n for n in named if not (repo / n).is_file()) == []

@@ -222,3 +222,24 @@ def test_moving_torch_moves_the_backend_wheel_with_it(lab: Lab) -> None:
     assert next(host.comfy.glob("venv/lib/python3*/site-packages/nunchaku-1.0.1+torch2.8.dist-info"))
     assert f"{host.name} PASS nodes_registered" in out
     assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_a_first_start_that_fails_stops_and_disables_the_unit_it_installed(lab: Lab) -> None:
+    """A bare host whose ComfyUI dies at its first start: the wait ends at once with the journal's
+    exception, and the unit this apply installed is stopped and disabled (not left restarting)."""
+    from provisioner.sandbox import comfyui_process
+
+    host = managed(lab)
+    comfyui_process.set_host_args(host.comfy, ("--die-at-start", "ModuleNotFoundError: No module named 'av'"))
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--json")
+    assert code == 1, out
+    assert ": ModuleNotFoundError: No module named 'av' (systemctl show --property=SubState --value comfyui: " in out
+    said = "stopped and disabled unit comfyui: its first start failed (fix the cause, then apply again)"
+    assert said in out
+    row = json.loads(out[out.index('{\n  "summary"'):out.index("\n}\n") + 2])["hosts"][0]
+    assert said in row["detail"]
+    assert host.systemctl("is-active", "comfyui").stdout.strip() in ("inactive", "failed")
+    assert not (host.unit_dir / "multi-user.target.wants" / "comfyui.service").exists()
+    started = starts(host)
+    time.sleep(12)                                # Restart=on-failure would have started it again by now
+    assert starts(host) == started

@@ -4,6 +4,8 @@ not one byte changed on any host."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +185,112 @@ def test_the_cores_of_december_2026_over_ssh(lab: Lab) -> None:
         assert code == 1
         assert entry["errors"][0].startswith("compat: ComfyUI-nunchaku v1.2.0 on ComfyUI 0.23.0 is known broken: "
                                              "ImportError: cannot import name 'apply_rotary_emb'")
+    finally:
+        lab.profile_extra = {}
+        lab.write()
+
+
+def test_a_second_copy_of_the_plugin_is_found_whatever_its_name(lab: Lab, converged: LabHost) -> None:
+    """A Comfy Registry install beside the checkout (a plain folder, `.tracking`, the pyproject name)
+    is a plan error naming both; disabled as ComfyUI-Manager does it, it is only a note."""
+    registry = converged.comfy / "custom_nodes" / "comfyui-nunchaku"
+    shutil.copytree(converged.plugin, registry, ignore=shutil.ignore_patterns(".git"))
+    (registry / ".tracking").write_text("__init__.py\n")
+    try:
+        code, entry = planned(lab, converged)
+        assert code == 1 and entry["status"] == "failed"
+        (error,) = entry["errors"]
+        assert str(converged.plugin) in error and str(registry) in error and "disable comfyui-nunchaku" in error
+        disabled = converged.comfy / "custom_nodes" / ".disabled" / "comfyui-nunchaku@1.1.0"
+        disabled.parent.mkdir()
+        registry.rename(disabled)
+        code, entry = planned(lab, converged)
+        assert (code, entry["changes"]) == (0, [])
+        assert [n["message"] for n in entry["notes"] if n["resource"] == "plugin"] == [
+            f"disabled copies of the plugin, not loaded by ComfyUI: {disabled}"]
+        code, out = lab.run("facts", "--json", "--limit", converged.name)
+        packs = json.loads(out[out.index("{"):])[converged.name]["node_packs"][str(disabled.parent.parent)]
+        assert {"name": disabled.name, "path": str(disabled), "enabled": False, "origin": None,
+                "project": "comfyui-nunchaku", "registry": True} in packs
+    finally:
+        shutil.rmtree(registry, ignore_errors=True)
+        shutil.rmtree(converged.comfy / "custom_nodes" / ".disabled", ignore_errors=True)
+
+
+def test_adopt_takes_a_registry_copy_over_in_place(lab: Lab) -> None:
+    """On a host where the Registry installed the plugin as `comfyui-nunchaku`, apply would clone a
+    second copy: refused, naming `plugin.adopt`; with it, apply puts a checkout in that folder."""
+    (host,) = lab.add(1)
+    nodes = host.comfy / "custom_nodes"
+    subprocess.run(["git", "clone", "-q", "--branch", "v1.0.2", str(lab.world.plugin_repo),
+                    str(nodes / "comfyui-nunchaku")], check=True, capture_output=True)
+    shutil.rmtree(nodes / "comfyui-nunchaku" / ".git")
+    (nodes / "comfyui-nunchaku" / ".tracking").write_text("__init__.py\n")
+    code, entry = planned(lab, host)
+    assert code == 1 and "plugin.name: comfyui-nunchaku and plugin.adopt: true" in entry["errors"][0]
+    lab.profile_extra = {"plugin": {"name": "comfyui-nunchaku", "adopt": True}}
+    lab.write()
+    try:
+        code, entry = planned(lab, host)
+        plugin_change = next(c for c in entry["changes"] if c["resource"] == "plugin")
+        assert plugin_change["summary"].startswith(f"adopt {nodes / 'comfyui-nunchaku'} (pyproject.toml name")
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+        assert code == 2, out
+        tags = subprocess.run(["git", "-C", str(nodes / "comfyui-nunchaku"), "tag", "--points-at", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        assert tags == ["v1.1.0"] and not (nodes / "ComfyUI-nunchaku").exists()
+        backups = [p.name for p in nodes.iterdir() if ".provision-backup-" in p.name]
+        assert len(backups) == 1 and (nodes / backups[0] / ".tracking").exists()
+        assert lab.run("plan", "--limit", host.name)[0] == 0
+    finally:
+        lab.profile_extra = {}
+        lab.write()
+
+
+def test_a_saved_plan_is_applied_exactly_or_refused_when_the_host_changed(lab: Lab, converged: LabHost,
+                                                                          tmp_path: Path) -> None:
+    """Terraform's `plan -out` then `apply PLANFILE`: what was reviewed is what runs; a host whose
+    facts moved since is refused, saying what moved, and left as it is."""
+    saved = tmp_path / "reviewed.plan"
+
+    def apply_saved() -> tuple[int, str]:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from provisioner import cli
+
+        out = io.StringIO()
+        with redirect_stdout(out), redirect_stderr(out):
+            code = cli.main(["apply", str(saved), *lab.ssh_args(), "--no-color", "--no-verify",
+                             "--log-dir", str(lab.root / "logs")])
+        return code, out.getvalue()
+
+    converged.git("checkout", "-q", "--detach", "v1.0.2")
+    code, out = lab.run("plan", "--limit", converged.name, "--out", str(saved))
+    assert code == 2 and f"saved to {saved}" in out, out
+    doc = json.loads(saved.read_text())
+    assert [c.split(":")[0] for c in doc["hosts"][converged.name]["changes"]] == [
+        f"update plugin {converged.plugin}"]
+
+    converged.git("checkout", "-q", "--detach", "v1.0.0")         # the host moves after the review
+    before = tree_state(converged.sandbox.root)
+    code, out = apply_saved()
+    assert code == 1, out
+    assert f"its facts changed since {saved} was written (" in out and "v1.0.2" in out and "v1.0.0" in out
+    assert tree_state(converged.sandbox.root) == before            # refused: nothing touched
+
+    code, out = lab.run("plan", "--limit", converged.name, "--out", str(saved))
+    assert code == 2, out
+    code, out = apply_saved()
+    assert code == 2, out
+    assert converged.git("tag", "--points-at", "HEAD") == "v1.1.0"
+    assert lab.run("plan", "--limit", converged.name)[0] == 0
+
+    lab.profile_extra = {"verify": {"warm_runs": 3}}                # the profile is edited after the review
+    lab.write()
+    try:
+        code, out = apply_saved()
+        assert code == 3 and "changed since this plan was written" in out, out
     finally:
         lab.profile_extra = {}
         lab.write()

@@ -71,8 +71,43 @@ def test_comfyui_that_dies_while_starting_is_reported_with_its_log_not_as_refuse
     host = systemd_host(lab, "--die-at-start", NO_DRIVER, ready_timeout_s=600)
     code, out = lab.run("apply", "--limit", host.name)
     assert code == 1, out
-    assert "ComfyUI's service stopped during start-up after" in out
-    assert "(systemctl is-active comfyui: failed)" in out
+    assert "ComfyUI died during start-up after" in out
+    assert f": {NO_DRIVER} (systemctl is-active comfyui: failed)" in out    # the journal's exception line
     assert "did not answer within" not in out                 # not waited out, not "connection refused"
     assert NO_DRIVER in out                                    # the journal's last lines say why
     assert "Traceback (most recent call last):" in out
+
+
+@pytest.mark.parametrize("log_file", [True, False])
+def test_a_restart_commands_comfyui_that_crashes_is_not_waited_out_and_its_exception_is_the_reason(
+        lab: Lab, tmp_path: Path, log_file: bool) -> None:
+    """No service manager (`comfyui.restart.command`): ComfyUI dies 3 s after the restart; the wait
+    ends there, not after ready_timeout_s, and the log's exception line is the reason in the console,
+    the JSON rows, report.json, report.html and junit.xml."""
+    import time
+    from provisioner.sandbox import comfyui_process
+
+    (host,) = lab.add(1)
+    host.comfyui_args("--startup-s", "3", "--die-at-start", "ModuleNotFoundError: No module named 'av'")
+    log = {"log_file": str(host.comfy / comfyui_process.LOGFILE)} if log_file else {}
+    lab.overlays[host.name] = {"comfyui": {**host.provision_vars()["comfyui"], "ready_timeout_s": 300, **log}}
+    lab.write()
+    report = tmp_path / "report"
+    began = time.monotonic()
+    code, out = lab.run("apply", "--limit", host.name, "--json", "--report", str(report))
+    assert code == 1, out
+    assert time.monotonic() - began < 120
+    assert "did not answer within" not in out and "raise comfyui.ready_timeout_s" not in out
+    assert "ComfyUI died during start-up after " in out
+    if not log_file:            # nothing says where its log is: its process is what is known
+        assert "(its process" in out and ") exited)" in out
+        return
+    assert ": ModuleNotFoundError: No module named 'av' (" in out
+    row = json.loads(out[out.index('{\n  "summary"'):out.index("\n}\n") + 2])["hosts"][0]
+    assert row["status"] == "failed" and "No module named 'av'" in row["detail"]
+    doc = json.loads((report / "report.json").read_text())
+    assert "No module named 'av'" in json.dumps(doc["hosts"])
+    assert "No module named &#39;av&#39;" in (report / "report.html").read_text() or \
+        "No module named 'av'" in (report / "report.html").read_text()
+    assert "No module named &apos;av&apos;" in (report / "junit.xml").read_text() or \
+        "No module named 'av'" in (report / "junit.xml").read_text()

@@ -9,6 +9,7 @@ venv's `pip freeze --all`, and the plugin checkout's commit.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -307,6 +308,12 @@ def test_canary_fails_verification_is_rolled_back_and_the_rest_are_never_contact
     entries = report(tmp_path)
     rollout = entries[canary.name]["rollout"]
     assert rollout["result"] == "rolled_back"
+    # console, report.json and report.html agree: a status of its own, the reason once, in words
+    assert entries[canary.name]["status"] == "rolled_back"
+    assert rollout["reason"].startswith(f"rolled back to {rollout['restored']}, restored host verified: ")
+    assert entries[canary.name]["failures"] == [rollout["reason"]]
+    assert re.search(rf"│ {canary.name} │ rolled\b", out), out          # the verification table, not "passed"
+    assert f"{canary.name}: rolled back to {rollout['restored']}, restored host verified: " in out
     failed = {c["name"]: c for c in rollout["failed_checks"]}
     assert "unexpected keyword argument 'use_additional_t_cond'" in failed["comfyui_ready"]["detail"]
     assert all(c["passed"] for c in entries[canary.name]["checks"])

@@ -118,3 +118,41 @@ def test_facts_that_cannot_be_gathered_fail_the_host_as_before(fleet, tmp_path: 
     report = json.loads((tmp_path / "report.json").read_text())
     status = {h["host"]: h["status"] for h in report["hosts"]}
     assert status[hosts["slow"].name] == "failed" and status[broken] != "passed"
+
+
+def test_a_broken_pack_is_a_warning_row_and_an_exposed_comfyui_a_failure_unless_allowed(fleet, tmp_path: Path) -> None:
+    """ComfyUI logs `(IMPORT FAILED)` for a pack it could not import and goes on: verify names it in
+    a warning row (console, report.json, report.html, junit.xml); ComfyUI on 0.0.0.0 while the profile
+    says loopback fails `listen_address`, unless verify.allow_exposed."""
+    lab, hosts = fleet
+    (host,) = lab.add(1)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    broken = host.comfy / "custom_nodes" / "ComfyUI-Broken"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {\n")
+    host.comfyui_args("--listen", "0.0.0.0")
+    comfyui_process.restart(host.comfy, wait=True)
+    try:
+        code, out = lab.run("verify", "--limit", host.name, "--report", str(tmp_path))
+        assert code == 1, out
+        assert (f"{host.name} WARN custom_nodes_imported: 1 custom node failed to import, ComfyUI runs without it: "
+                f"{broken}") in out
+        assert f"{broken}: '{{' was never closed (__init__.py, line 1)" in out
+        assert f"{host.name} FAIL listen_address: ComfyUI listens on 0.0.0.0 (every address" in out
+        assert "set verify.allow_exposed: true if that is meant" in out
+        (entry,) = json.loads((tmp_path / "report.json").read_text())["hosts"]
+        rows = {c["name"]: c for c in entry["checks"]}
+        assert rows["custom_nodes_imported"]["passed"] and rows["custom_nodes_imported"]["warning"]
+        assert not rows["listen_address"]["passed"] and entry["status"] == "failed"
+        assert "warning: 1 custom node failed to import" in (tmp_path / "junit.xml").read_text()
+        assert ">WARN</td>" in (tmp_path / "report.html").read_text()
+
+        lab.overlays[host.name] = {"verify": {"allow_exposed": True}}
+        lab.write()
+        code, out = lab.run("verify", "--limit", host.name)
+        assert code == 0, out
+        assert f"{host.name} WARN listen_address: ComfyUI listens on 0.0.0.0 (every address" in out
+    finally:
+        lab.overlays.pop(host.name, None)
+        lab.write()

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sshd import free_port
@@ -22,9 +23,9 @@ LOADER = "NunchakuQwenImageDiTLoader"
 
 
 def wait(port: int, *, nodes: tuple[str, ...] = (LOADER,), timeout: float = 20, alive: tuple[str, ...] = (),
-         dead: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+         dead: tuple[str, ...] = (), **watch: Any) -> subprocess.CompletedProcess[str]:
     request = remote.ready_request(url=f"http://127.0.0.1:{port}", nodes=nodes, timeout=timeout, alive=alive,
-                                   dead=dead, every=0.5)
+                                   dead=dead, every=0.5, **watch)
     return subprocess.run(list(remote.argv("ready", python=sys.executable)), input=request.decode(),
                           capture_output=True, text=True, timeout=60)
 
@@ -65,7 +66,7 @@ def test_a_dead_service_ends_the_wait_and_a_silent_one_times_out() -> None:
     port = free_port()
     dead = wait(port, timeout=300, alive=(sys.executable, "-c", "print('failed')"), dead=("failed", "inactive"))
     assert dead.returncode == 2
-    assert "stopped during start-up after 0 s" in dead.stderr and "-c print('failed'): failed)" in dead.stderr
+    assert "died during start-up after 0 s" in dead.stderr and "-c print('failed'): failed)" in dead.stderr
     began = time.monotonic()
     silent = wait(port, timeout=1, alive=(sys.executable, "-c", "print('activating')"), dead=("failed",))
     assert silent.returncode == 1 and time.monotonic() - began < 30
@@ -92,6 +93,9 @@ def test_restart_handler_restarts_waits_and_knows_where_the_log_is(restart: dict
     assert request["url"] == "http://127.0.0.1:8190" and request["timeout"] == 120
     assert request["nodes"] == [LOADER, "NunchakuTextEncoderLoaderV2"]
     assert request["alive"] == (["systemctl", "is-active", "comfyui"] if "systemd" in restart else None)
+    assert request["root"] == ("/opt/ComfyUI" if "command" in restart else None)
+    assert request["log"] == (["journalctl", "-u", "comfyui", "-n", "80", "-o", "cat", "--no-pager"]
+                              if "systemd" in restart else None)
     assert [(d.argv, d.on_machine) for d in handler.diagnose] == ([log] if log else [])
     with_file = build_profile({"comfyui": {"root": "/opt/ComfyUI", "restart": restart,
                                            "log_file": "/var/log/comfyui.log"}}, name="p", file="/p.yaml")
@@ -109,3 +113,60 @@ def test_family_nodes_false_waits_only_for_the_listed_and_the_workflow_nodes() -
     assert json.loads(ready.stdin or b"")["nodes"] == ["ImageInvert"]
     default = build_profile({"comfyui": data["comfyui"]}, name="p", file="/p.yaml")
     assert [n.name for n in service.required_nodes(default)] == [LOADER]
+
+
+CRASH = ["Traceback (most recent call last):", '  File "/opt/ComfyUI/main.py", line 147, in <module>',
+         "    import execution", "ModuleNotFoundError: No module named 'av'"]
+BROKEN_PACK = ["Traceback (most recent call last):", '  File "/opt/ComfyUI/nodes.py", line 2131, in load_custom_node',
+               "ImportError: cannot import name 'x'",
+               "Cannot import /opt/ComfyUI/custom_nodes/broken module for custom nodes: cannot import name 'x'"]
+
+
+def test_a_restart_commands_comfyui_that_exits_ends_the_wait_with_its_logs_exception(tmp_path: Path) -> None:
+    """No service manager: ComfyUI's python process (its cwd the checkout) is seen, then gone; the
+    reason is the last exception line of comfyui.log_file, never "raise ready_timeout_s"."""
+    root, log = tmp_path / "ComfyUI", tmp_path / "comfyui.log"
+    root.mkdir()
+    log.write_text("an older run\n")
+    script = f"import time; time.sleep(2); open({str(log)!r}, 'a').write('starting\\n')"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root)
+    began = time.monotonic()
+    try:
+        done = wait(free_port(), timeout=300, root=str(root), log_file=str(log))
+    finally:
+        proc.wait()
+    assert done.returncode == 2 and time.monotonic() - began < 30
+    assert done.stderr.strip().endswith(f"(its process (pid {proc.pid}) exited)")
+    assert "raise comfyui.ready_timeout_s" not in done.stderr
+
+
+def test_a_new_traceback_at_the_end_of_the_log_ends_the_wait_and_a_broken_pack_does_not(tmp_path: Path) -> None:
+    log = tmp_path / "comfyui.log"
+    log.write_text("\n".join(CRASH) + "\n")            # an old crash: not this start's
+    threading.Timer(1.0, lambda: log.write_text("\n".join(BROKEN_PACK) + "\n")).start()
+    quiet = wait(free_port(), timeout=4, log_file=str(log))
+    assert quiet.returncode == 1 and "did not answer within 4 s" in quiet.stderr
+    threading.Timer(1.0, lambda: log.write_text("Total VRAM 24 GiB\n" + "\n".join(CRASH) + "\n")).start()
+    dead = wait(free_port(), timeout=300, log_file=str(log))
+    assert dead.returncode == 2
+    assert dead.stderr.strip().startswith("ComfyUI died during start-up after ")
+    assert dead.stderr.strip().endswith(f": ModuleNotFoundError: No module named 'av' (its log {log} ends in a traceback)")
+
+
+def test_a_dead_unit_names_the_exception_its_journal_ends_with(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.write_text("\n".join(["Started comfyui.", *CRASH, "comfyui.service: Main process exited, code=exited"]))
+    dead = wait(free_port(), timeout=300, alive=(sys.executable, "-c", "print('failed')"), dead=("failed",),
+                log=("cat", str(journal)))
+    assert dead.returncode == 2
+    assert ": ModuleNotFoundError: No module named 'av' (" in dead.stderr
+
+
+def test_a_crash_before_the_first_look_is_found_in_the_log_when_nothing_of_comfyui_runs(tmp_path: Path) -> None:
+    root, log = tmp_path / "ComfyUI", tmp_path / "comfyui.log"
+    root.mkdir()
+    log.write_text("\n".join(CRASH) + "\n")
+    began = time.monotonic()
+    dead = wait(free_port(), timeout=300, root=str(root), log_file=str(log))
+    assert dead.returncode == 2 and time.monotonic() - began < 30
+    assert "No module named 'av'" in dead.stderr

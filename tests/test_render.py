@@ -77,3 +77,14 @@ def test_created_text_is_one_line_unless_verbose():
     assert '+  "a": 1' in diff_lines(created)
     plan = HostPlan("h", facts("h"), (created,))
     assert "new file, 3 lines" in text_of(plan) and '"a": 1' in text_of(plan, verbose=True)
+
+
+def test_removed_text_is_one_line_unless_verbose():
+    """`rollback --check` removing a workflow the snapshot lacks is as brief as `plan` creating one."""
+    removed = Change("workflow", "/w.json", "remove", "remove /w.json (not in the snapshot)",
+                     '{\n  "a": 1\n}\n', None, ())
+    assert diff_lines(removed, full=False) == ["file removed, 3 lines (-v shows it)"]
+    assert '-  "a": 1' in diff_lines(removed)
+    plan = HostPlan("h", facts("h"), (removed,))
+    assert "file removed, 3 lines" in text_of(plan) and '"a": 1' not in text_of(plan)
+    assert '"a": 1' in text_of(plan, verbose=True)

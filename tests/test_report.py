@@ -452,7 +452,7 @@ def rollout_report():
     restored = verified("gpu-01", "NVIDIA GeForce RTX 3090", [run("cold", 42, 98.4, 8090), run("warm", 43, 4.0, 8080)])
     rollout = {"result": "rolled_back", "snapshot_before": "20260301-120000-001", "snapshot_after": "20260301-120105-002",
                "restored": "20260301-120000-001", "failed_checks": [failed.to_json()],
-               "reason": "rolled back to 20260301-120000-001: comfyui_ready: TypeError: ..."}
+               "reason": "rolled back to 20260301-120000-001, restored host verified: comfyui_ready: TypeError: ..."}
     left = {"result": "left", "snapshot_before": None, "snapshot_after": None, "restored": None, "failed_checks": [],
             "reason": "gpu-02: not attempted: the verify gate stopped the rollout after gpu-01 was rolled back"}
     return build_report([
@@ -466,11 +466,13 @@ def test_a_rolled_back_host_and_a_left_one_in_every_report_file(tmp_path: Path) 
     by = {h.host: h for h in report.hosts}
     assert [h.host for h in report.hosts] == ["gpu-01", "gpu-02"]         # failed first, then left
     canary, left = by["gpu-01"], by["gpu-02"]
-    assert canary.status == "failed" and canary.failures[0].startswith("rollout: rolled back to 20260301-120000-001")
+    # its own status, as the console says it, and the reason once, in words
+    assert canary.status == "rolled_back"
+    assert canary.failures == ("rolled back to 20260301-120000-001, restored host verified: comfyui_ready: TypeError: ...",)
     assert all(c.passed for c in canary.checks)                          # restored and verified again
     assert left.status == "left" and "stopped the rollout after gpu-01" in left.failures[0]
     s = report.summary
-    assert (s.passed, s.failed, s.unreachable, s.left, s.rolled_back) == (0, 1, 0, 1, 1)
+    assert (s.passed, s.failed, s.unreachable, s.left, s.rolled_back) == (0, 0, 0, 1, 1)
 
     doc = report_to_json(report)
     jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()), cls=jsonschema.Draft202012Validator)
@@ -482,7 +484,9 @@ def test_a_rolled_back_host_and_a_left_one_in_every_report_file(tmp_path: Path) 
     html = paths.html.read_text()
     assert "rolled back" in html and "20260301-120105-002" in html and "(restored 20260301-120000-001)" in html
     assert "&lt;script&gt;" in html and "<script>" not in html
-    assert 'class="badge left"' in html
+    assert 'class="badge left"' in html and '<span class="badge rolled_back">rolled back</span>' in html
+    # the reason once in the host's section (and in its row of the overview table), never repeated
+    assert html.count("restored host verified") == 2 and html.count("comfyui_ready: TypeError: ...") == 2
     junit = ET.parse(paths.junit).getroot()
     suites = {s.get("name"): s for s in junit}
     (rollout_case,) = [c for c in suites["gpu-01"] if c.get("name") == "rollout"]

@@ -21,7 +21,7 @@ from provisioner.config.model import Profile, build_profile
 from provisioner.connection.base import Result
 from provisioner.errors import FactsError, PlanError
 from provisioner.facts.gather import base_probe, build_request, facts_argv, read_answer
-from provisioner.facts.model import Facts, GitCheckout, Probe, PythonEnv, RemoteTags
+from provisioner.facts.model import Facts, GitCheckout, NodePack, Probe, PythonEnv, RemoteTags
 from provisioner.resources import plugin
 from provisioner.resources.base import Run
 
@@ -84,7 +84,7 @@ def test_case(case: Path) -> None:
 def test_probe_asks_for_the_checkout_and_the_tag() -> None:
     assert plugin.probe(make_profile({})) == Probe(
         git=(DEST,), remote_tags=((DEST, "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", "v1.1.0"),),
-        listing=("/srv/ComfyUI/custom_nodes",))
+        listing=("/srv/ComfyUI/custom_nodes",), node_packs=("/srv/ComfyUI/custom_nodes",))
 
 
 @pytest.mark.parametrize(("tag", "tags", "nearest"), [
@@ -335,3 +335,65 @@ def test_real_converged_checkout_asks_no_repository(tmp_path: Path, upstream: Pa
     missing = real_profile(tmp_path, upstream, tag="v9.0.0")             # must ask, cannot: a warning
     (note,) = plugin.plan(missing, real_facts(missing)).notes
     assert note.message.startswith(f"could not list the tags of {upstream} from the host (")
+
+
+NODES = "/srv/ComfyUI/custom_nodes"
+REPO = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
+
+
+@pytest.mark.parametrize(("pack", "why"), [
+    (NodePack("x", f"{NODES}/x", True, origin="git@github.com:nunchaku-ai/ComfyUI-nunchaku"), "origin git@"),
+    (NodePack("x", f"{NODES}/x", True, project="ComfyUI_Nunchaku"), "pyproject.toml name ComfyUI_Nunchaku"),
+    (NodePack("comfyui-nunchaku@1.0.2", f"{NODES}/.disabled/comfyui-nunchaku@1.0.2", False, registry=True),
+     "Comfy Registry install"),
+    (NodePack("comfyui-nunchaku", f"{NODES}/comfyui-nunchaku", True), None),     # a name alone proves nothing
+    (NodePack("other", f"{NODES}/other", True, origin="https://github.com/a/other.git", project="other",
+              registry=True), None),
+])
+def test_what_makes_a_folder_the_plugin(pack: NodePack, why: str | None) -> None:
+    got = pack.copy_of(REPO)
+    assert (got is None) if why is None else (got is not None and got.startswith(why))
+
+
+def _with_packs(facts: Facts, *packs: NodePack) -> Facts:
+    return replace(facts, node_packs={NODES: packs})
+
+
+def test_a_git_copy_of_another_origin_is_adopted_by_pointing_origin() -> None:
+    dest = f"{NODES}/comfyui-nunchaku"
+    fork = "https://github.com/someone/ComfyUI-nunchaku-fork.git"
+    co = GitCheckout(dest, True, True, "abc", ("v1.0.2",), None, (), fork)
+    facts = _with_packs(make_facts({dest: co}), NodePack("comfyui-nunchaku", dest, True, fork, "ComfyUI-nunchaku"))
+    plain = make_profile({"plugin": {"name": "comfyui-nunchaku"}})
+    with pytest.raises(PlanError, match="plugin.adopt: true to take it over to switch origin"):
+        plugin.plan(plain, facts, now=NOW)
+    (change,) = plugin.plan(make_profile({"plugin": {"name": "comfyui-nunchaku", "adopt": True}}), facts, now=NOW).changes
+    assert change.action == "update" and f"switch origin {fork} -> {REPO}" in change.summary
+
+
+def test_adopt_needs_the_folder_to_be_the_plugin() -> None:
+    dest = f"{NODES}/comfyui-nunchaku"
+    facts = _with_packs(make_facts({dest: GitCheckout(dest, True, False)}), NodePack("comfyui-nunchaku", dest, True))
+    with pytest.raises(PlanError, match="is not a git checkout; move it away, or set plugin.force"):
+        plugin.plan(make_profile({"plugin": {"name": "comfyui-nunchaku", "adopt": True}}), facts, now=NOW)
+
+
+def test_two_enabled_copies_name_every_one() -> None:
+    co = GitCheckout(DEST, True, True, "abc", ("v1.1.0",), None, (), REPO)
+    facts = _with_packs(make_facts({DEST: co}),
+                        NodePack("ComfyUI-nunchaku", DEST, True, REPO),
+                        NodePack("a", f"{NODES}/a", True, project="comfyui-nunchaku"),
+                        NodePack("b", f"{NODES}/b", True, origin=REPO),
+                        NodePack("ComfyUI-nunchaku.provision-backup-20260101-000000.disabled",
+                                 f"{NODES}/ComfyUI-nunchaku.provision-backup-20260101-000000.disabled", False, REPO))
+    with pytest.raises(PlanError) as err:
+        plugin.plan(make_profile({}), facts, now=NOW)
+    assert f"{DEST} and {NODES}/a (and {NODES}/b) are both the plugin" in str(err.value)
+
+
+def test_a_mirror_named_otherwise_still_knows_the_plugin_by_its_own_name() -> None:
+    """plugin.repo a mirror called `nunchaku-comfy-1a2b.git`: a Registry copy is still the plugin
+    (found against the real repository's mirror in the real tier)."""
+    pack = NodePack("comfyui-nunchaku", f"{NODES}/comfyui-nunchaku", True, project="ComfyUI-nunchaku", registry=True)
+    assert pack.copy_of("/srv/mirrors/nunchaku-comfy-1a2b.git") == "pyproject.toml name ComfyUI-nunchaku"
+    assert NodePack("x", f"{NODES}/x", True, project="other").copy_of("/srv/mirrors/nunchaku-comfy-1a2b.git") is None

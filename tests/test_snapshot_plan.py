@@ -419,3 +419,15 @@ def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> N
         snapshot.restore(p, snap({**STATE, "units": {"/etc/cron.d/comfyui.service": good}}), now(units={}), at=NOW)
     old = snapshot.restore(p, snap(STATE), now(units={unit: bad}), at=NOW)      # a snapshot from before units
     assert old.changes == () and "the snapshot recorded no systemd units" in old.notes[-1].message
+
+
+def test_a_venv_made_by_the_apply_is_one_line_not_every_distribution() -> None:
+    """History of a bare host's first apply: `venv created: N distributions, torch X`, not
+    "venv: unreadable -> readable" and a line per package; a venv that broke says why."""
+    fresh = now(distributions=None, venv_error="/opt/ComfyUI/venv/bin/python does not exist")
+    assert snapshot.differences(fresh, now()) == [
+        f"venv created: {len(STATE['distributions'])} distributions, torch 2.6.0+cu124"]
+    broken = now(distributions=None, venv_error="ImportError: libpython3.12.so.1.0")
+    assert snapshot.differences(now(), broken) == [
+        f"venv unreadable (ImportError: libpython3.12.so.1.0): {len(STATE['distributions'])} distributions, "
+        "torch 2.6.0+cu124"]

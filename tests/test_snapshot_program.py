@@ -49,6 +49,7 @@ def root(tmp_path: Path, venv: Path) -> Iterator[Path]:
     (root / "models" / "vae").mkdir(parents=True)
     (root / "models" / "vae" / "v.safetensors").write_bytes(b"weights")
     (root / "models" / "vae" / "big.safetensors.part").write_bytes(b"half")
+    (root / "models" / "vae" / "put_vae_here").write_bytes(b"")            # ComfyUI's placeholder: no model
     (root / "workflows").mkdir()
     (root / "workflows" / "w.json").write_text('{"1": {}}\n')
     (root / "workflows" / "bin.dat").write_bytes(b"\xff\xfe\x00")

@@ -24,7 +24,7 @@ from provisioner.connection.local import LocalConnection
 from provisioner.config.inventory import Host
 from provisioner.sandbox import host as sandbox_host
 from provisioner.sandbox.comfyui_server import ComfyServer, start_comfyui
-from provisioner.verify.checks import HostVerification
+from provisioner.verify.checks import Check, HostVerification
 from provisioner.verify.images import check_image
 from provisioner.verify.run import verify_host
 from provisioner.verify.graph import expected_size, prepare
@@ -148,6 +148,10 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
                             "vram_peak"]
     assert result.ladder.failed is None and result.ladder.line == (
         "reachable ✓ > nodes ✓ > workflow ✓ > first_generation ✓ > timed_runs ✓ > images ✓ > agreement ·")
+
+
+    assert list(checks) == ["comfyui_reachable", "device", "nodes_registered", "custom_nodes_imported", "workflow_accepted",
+                            "comfyui_ready", "generation", "images_ok", "cold_time", "warm_time", "vram_peak"]
     assert [r.kind for r in result.runs] == ["cold", "warm", "warm"]
     assert [r.seed for r in result.runs] == [42, 43, 44]
     cold, warm = result.runs[0], result.runs[1]
@@ -549,3 +553,32 @@ def test_the_console_names_the_rung_a_host_stopped_at(comfy: Callable[..., Comfy
     assert "failed at nodes" in text
     assert "gpu-01 ladder: reachable ✓ > nodes ✗ > workflow · > first_generation · > timed_runs · > images · " \
            "> agreement ·" in text
+
+
+COMFYUI_LOG = [
+    "Traceback (most recent call last):",
+    '  File "/opt/ComfyUI/nodes.py", line 2131, in load_custom_node',
+    "ModuleNotFoundError: No module named 'cv2'",
+    "Cannot import /opt/ComfyUI/custom_nodes/was-node-suite module for custom nodes: No module named 'cv2'",
+    "",
+    "Import times for custom nodes:",
+    "   0.0 seconds: /opt/ComfyUI/custom_nodes/websocket_image_save.py",
+    "   0.0 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/was-node-suite",
+    "   0.3 seconds (IMPORT FAILED): /opt/ComfyUI/custom_nodes/other",
+    "   1.2 seconds: /opt/ComfyUI/custom_nodes/ComfyUI-nunchaku",
+]
+
+
+def test_every_custom_node_that_failed_to_import_is_one_warning_row() -> None:
+    from provisioner.verify.checks import custom_node_imports
+
+    check = custom_node_imports(COMFYUI_LOG)
+    assert check is not None and check.passed and check.warning and check.mark == "WARN"
+    assert check.detail == ("2 custom nodes failed to import, ComfyUI runs without them: "
+                            "/opt/ComfyUI/custom_nodes/was-node-suite, /opt/ComfyUI/custom_nodes/other")
+    assert check.lines == ("/opt/ComfyUI/custom_nodes/was-node-suite: No module named 'cv2'",
+                           "/opt/ComfyUI/custom_nodes/other: see ComfyUI log")
+    assert Check.from_json(check.to_json()) == check
+    clean = custom_node_imports([line for line in COMFYUI_LOG if "IMPORT FAILED" not in line])
+    assert clean is not None and clean.passed and not clean.warning
+    assert custom_node_imports(["Starting server"]) is None      # no import times: nothing to say

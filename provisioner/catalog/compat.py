@@ -34,6 +34,9 @@ BACKEND_RANGES: tuple[tuple[Version, Version, Version | None, str], ...] = (
     (Version("0.3.0"), Version("0.3.0"), Version("1.0.0"), ""),
 )
 # v1.2.0 passes use_additional_t_cond= to core's QwenTimestepProjEmbeddings (ComfyUI-nunchaku #779).
+# The plugin's own name: its pyproject.toml `[project]` name (the Comfy Registry's id is
+# `comfyui-nunchaku`, ComfyUI-Manager's folder too), whatever the repository it is cloned from is called.
+PLUGIN_PROJECT = "ComfyUI-nunchaku"
 T_COND_PLUGIN = Version("1.2.0")
 LAST_WITHOUT_T_COND = "v1.1.0"
 # ComfyUI core gained the parameter with Qwen-Image-Layered (Comfy-Org/ComfyUI #11408, merged

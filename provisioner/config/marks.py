@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -23,6 +23,7 @@ class Mark:
     file: str
     line: int
     col: int
+    source: str = field(default="", compare=False)   # the value as written, when YAML read it as no string (1.10)
 
 
 @dataclass(frozen=True)
@@ -241,8 +242,10 @@ class _Reader:
             if key in seen:
                 self._add(Problem(mark.file, mark.line, mark.col, key_text(sub),
                                   f"duplicate key (first set at line {seen[key].line})", "keep only one"))
-            seen[key] = self.marks[sub] = mark
             out[key] = self.build(value_node, sub)
+            if isinstance(value_node, yaml.ScalarNode) and value_node.style is None and not isinstance(out[key], str):
+                mark = replace(mark, source=value_node.value)    # advice quotes `1.10`, not the float 1.1
+            seen[key] = self.marks[sub] = mark
         return out
 
 

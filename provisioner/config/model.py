@@ -118,6 +118,7 @@ class PluginSpec:
     repo: str = "https://github.com/nunchaku-ai/ComfyUI-nunchaku.git"
     tag: str = "v1.1.0"
     force: bool = False               # may local modifications be discarded (they are backed up)
+    adopt: bool = False               # take over a ComfyUI-Manager or Registry copy at `name` in place
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,7 @@ class VerifySpec:
     timeout_s: float = 600.0
     family_nodes: bool = True              # require the model family's nodes from the catalog
     required_nodes: tuple[str, ...] = ()   # beside the model family's loader and the workflow's classes
+    allow_exposed: bool = False            # may ComfyUI listen beyond loopback while comfyui.listen says loopback
     thresholds: Thresholds = Thresholds()
     agreement: AgreementSpec = AgreementSpec()
     class_speed: ClassSpeedSpec = ClassSpeedSpec()

@@ -109,8 +109,9 @@ def _unknown_keys(err: jsonschema.ValidationError, path: KeyPath, marks: Mapping
         yield problem(marks, file, (*path, key), "unknown key", hint)
 
 
-def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, str]:
-    """(where, message, hint) for one schema error that is not about unknown keys."""
+def _one(err: jsonschema.ValidationError, path: KeyPath, marks: Mapping[KeyPath, Mark]) -> tuple[KeyPath, str, str]:
+    """(where, message, hint) for one schema error that is not about unknown keys. Advice quotes
+    the value as it was written (`1.10`, which YAML read as the number 1.1)."""
     kind, value, sch = err.validator, err.instance, err.schema
     custom = sch.get("errorMessage", "")
     if kind == "required":
@@ -124,7 +125,8 @@ def _one(err: jsonschema.ValidationError, path: KeyPath) -> tuple[KeyPath, str, 
         if "integer" in wanted and isinstance(value, float) and value.is_integer():
             hint = f"write {int(value)}"
         elif "string" in wanted and isinstance(value, (int, float, bool)):
-            hint = f"quote it: \"{value}\""
+            written = marks[path].source if path in marks and marks[path].source else value
+            hint = f"quote it: \"{written}\""
         elif value is None:
             hint = "the value is empty"
         return path, f"expected {expected}, got {_yaml_type(value)}", hint
@@ -171,5 +173,5 @@ def _problems(data: Any, marks: Mapping[KeyPath, Mark], file: str, kind: str) ->
         elif err.validator == "additionalProperties" and err.validator_value is False:
             yield from _unknown_keys(err, path, marks, file)
         else:
-            where, message, hint = _one(err, path)
+            where, message, hint = _one(err, path, marks)
             yield problem(marks, file, where, message, hint)

@@ -17,11 +17,14 @@ from packaging.version import Version
 from provisioner.catalog import compat
 from provisioner.catalog import models as catalog
 from provisioner.catalog import torch as torches
-from provisioner.config.marks import KeyPath, Mark, clip, problem, shown, walk
+from provisioner.config.marks import KeyPath, Mark, clip, key_text, problem, shown, walk
 from provisioner.config.model import OLD_NAMES, HubSpec
 from provisioner.errors import Problem
 
 Found = tuple[KeyPath, str, str]  # (where, message, hint)
+# Two keys that conflict: where the problem is placed when the first came from a parent profile
+# (`extends`) and the second was written in the profile itself, which is the one to change.
+CONFLICTS: dict[KeyPath, KeyPath] = {("comfyui", "restart"): ("comfyui", "service")}
 MIRROR_FIELDS = {"version", "tag", "filename"}
 TORCH_FIELDS = {"flavour"}
 CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
@@ -301,5 +304,16 @@ CHECKS: tuple[Callable[[Any], Iterator[Found]], ...] = (_numbers, _text, _paths,
 
 def semantic_problems(data: Any, marks: Mapping[KeyPath, Mark], file: str) -> list[Problem]:
     """Every rule violation of a merged, path-resolved profile mapping, located by `marks`."""
-    return [problem(marks, file, where, message, hint)
-            for check in CHECKS for where, message, hint in check(data)]
+    return [_placed(marks, file, where, message, hint) for check in CHECKS for where, message, hint in check(data)]
+
+
+def _placed(marks: Mapping[KeyPath, Mark], file: str, where: KeyPath, message: str, hint: str) -> Problem:
+    """The problem at `where`; at the key that conflicts with it when only that one was written in
+    `file` (the user's profile), naming the parent's line: the user edits their file, not the shipped base."""
+    here, other = marks.get(where), CONFLICTS.get(where)
+    mine = marks.get(other) if other else None
+    if here is not None and mine is not None and here.file != file and mine.file == file:
+        inherited = f"{key_text(where)} (set in {here.file}:{here.line})"
+        return problem(marks, file, other, f"conflicts with {inherited}: {key_text(where)} {message}",
+                       f"set {key_text(where)}: null in {file}")
+    return problem(marks, file, where, message, hint)

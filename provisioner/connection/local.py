@@ -27,12 +27,28 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CHUNK = 65536
 
 
+def host_environment(environ: Mapping[str, str] = os.environ, prefix: str = sys.prefix,
+                     base_prefix: str = sys.base_prefix) -> dict[str, str]:
+    """The environment of the machine itself, not of provision: ours less what activating the
+    control venv added (its bin/ on PATH, VIRTUAL_ENV, PYTHONHOME). Otherwise `python3` on a local
+    host is provision's own interpreter: facts would call it the system python, and a bare host's
+    ComfyUI venv would be built from it."""
+    env = {k: v for k, v in environ.items() if k not in ("VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "PYTHONHOME")}
+    venvs = {environ.get("VIRTUAL_ENV", "")} | ({prefix} if prefix != base_prefix else set())
+    ours = {os.path.realpath(os.path.join(v, "bin")) for v in venvs if v}
+    if "PATH" in env:
+        env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep)
+                                      if d and os.path.realpath(d) not in ours)
+    return env
+
+
 class LocalConnection:
     """Runs argv directly with `subprocess` (exec'd, never through a shell)."""
 
     become: Connection | None = None   # the host's become user (connection/become.py), when set
 
-    # The supervisor, by this very interpreter; `env`: its environment (None: ours).
+    # The supervisor, by this very interpreter; `env`: its environment (None: the host's own, ours
+    # less the control venv: see host_environment).
     launcher: tuple[str, ...] = (sys.executable, "-I", "-S", "-c", remote.BOOT)
     env: Mapping[str, str] | None = None
 
@@ -55,7 +71,8 @@ class LocalConnection:
         if self._aborted:
             raise ConnectError(self._aborted)
         proc = subprocess.Popen(self.launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+                                stderr=subprocess.PIPE, env=self.env if self.env is not None else host_environment(),
+                                start_new_session=True)
         pipe = _ProcessPipe(proc, self._running)
         with self._lock:
             self._running.add(pipe)

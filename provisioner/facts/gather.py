@@ -55,6 +55,7 @@ def build_request(profile: Profile, probe: Probe) -> dict:
         "space": list(probe.space),
         "listing": list(probe.listing),
         "markers": list(probe.markers),
+        "node_packs": list(probe.node_packs),
     }
 
 

@@ -7,9 +7,11 @@ never an exception: planning decides what it means.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from provisioner.catalog.compat import PLUGIN_PROJECT
 from provisioner.catalog.gpus import precision_for
 
 
@@ -32,6 +34,7 @@ class Probe:
     space: tuple[str, ...] = ()                 # destinations: the filesystem they land on, its free bytes
     listing: tuple[str, ...] = ()               # folders: each entry's name, kind, size, mtime
     markers: tuple[str, ...] = ()               # folders of small marker files: each one's text
+    node_packs: tuple[str, ...] = ()            # custom_nodes folders: every node pack, enabled or not
 
     def __or__(self, other: Probe) -> Probe:
         def merged(a: tuple, b: tuple) -> tuple:
@@ -210,6 +213,33 @@ class Login:
 
 
 @dataclass(frozen=True)
+class NodePack:
+    """A folder of custom_nodes/ (or of its `.disabled/`): what says where it came from."""
+
+    name: str
+    path: str
+    enabled: bool                                # ComfyUI imports it: no `.disabled` suffix, not in `.disabled/`
+    origin: str | None = None                    # its git origin URL
+    project: str | None = None                   # its pyproject.toml `[project]` name
+    registry: bool = False                       # a Comfy Registry install (its `.tracking` file)
+
+    def copy_of(self, repo: str, project: str = PLUGIN_PROJECT) -> str | None:
+        """Why this folder is the node pack `repo` holds, named `project` (its origin, its
+        pyproject.toml name, or a Registry install named after it, as ComfyUI-Manager names them),
+        or None: it is not. A mirror may call the repository anything: the name is the pack's own."""
+        if same_repo(self.origin, repo):
+            return f"origin {self.origin}"
+        names = {canonical(repo_name(repo)), canonical(project)}
+        if self.project and canonical(self.project) in names:
+            return f"pyproject.toml name {self.project}"
+        # Registry folders are named by their id, disabled ones `id@version` under `.disabled/`.
+        folder = self.name.removesuffix(".disabled").split("@")[0]
+        if self.registry and canonical(folder) in names:
+            return "Comfy Registry install (.tracking)"
+        return None
+
+
+@dataclass(frozen=True)
 class Facts:
     host: str
     os: str                                      # PRETTY_NAME from os-release, or platform.system()
@@ -243,6 +273,7 @@ class Facts:
     listings: Mapping[str, tuple[Entry, ...] | None] = field(default_factory=dict)   # None: no such folder
     markers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)            # folder -> name -> text
     login: Login = Login()
+    node_packs: Mapping[str, tuple[NodePack, ...] | None] = field(default_factory=dict)  # None: no such folder
 
     def space_for(self, path: str) -> Space:
         """The filesystem `path` lands on, from the `space` probe of it or of a folder above it;
@@ -273,6 +304,21 @@ def select_gpu(gpus: tuple[Gpu, ...], selector: int | str | None) -> Gpu | None:
 
 def canonical(name: str) -> str:
     """PEP 503 normalised distribution name."""
-    import re
-
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _repo_ident(url: str) -> str:
+    url = url.strip().rstrip("/").removesuffix(".git")
+    m = (re.match(r"^[\w.+-]+://(?:[^@/]+@)?([^/:]+)(?::\d+)?/(.*)$", url)
+         or re.match(r"^(?:[^@/]+@)?([^/:]{2,}):(?!/)(.*)$", url))
+    return f"{m[1].lower()}/{m[2]}" if m else url
+
+
+def same_repo(a: str | None, b: str) -> bool:
+    """One repository written two ways (`.git`, trailing slash, https vs scp-like ssh)."""
+    return a is not None and _repo_ident(a) == _repo_ident(b)
+
+
+def repo_name(url: str) -> str:
+    """The repository's own name: `ComfyUI-nunchaku` of `https://github.com/o/ComfyUI-nunchaku.git`."""
+    return posixpath.basename(_repo_ident(url).rstrip("/")) or url

@@ -16,6 +16,7 @@ from provisioner.facts.model import (
     Facts,
     FileState,
     GitCheckout,
+    NodePack,
     Gpu,
     Listener,
     ModelHeader,
@@ -230,6 +231,10 @@ def parse_facts(host_name: str, answer: Mapping[str, Any], comfyui_gpu: int | st
                                                             int(e["mtime_ns"])) for e in v)
                       for p, v in (answer.get("listing") or {}).items()},
             markers={p: {str(k): str(t) for k, t in (v or {}).items()} for p, v in (answer.get("markers") or {}).items()},
+            node_packs={p: None if v is None else tuple(
+                NodePack(str(n["name"]), str(n["path"]), bool(n["enabled"]), n.get("origin"), n.get("project"),
+                         bool(n.get("registry"))) for n in v)
+                for p, v in (answer.get("node_packs") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise FactsError(f"{host_name}: malformed facts answer ({type(err).__name__}: {err})") from None
@@ -300,6 +305,10 @@ def facts_to_json(facts: Facts) -> dict[str, Any]:
                                                   "mtime_ns": e.mtime_ns} for e in v]
                      for p, v in sorted(facts.listings.items())},
         "markers": {p: dict(sorted(v.items())) for p, v in sorted(facts.markers.items())},
+        "node_packs": {p: None if v is None else [{"name": n.name, "path": n.path, "enabled": n.enabled,
+                                                    "origin": n.origin, "project": n.project,
+                                                    "registry": n.registry} for n in v]
+                       for p, v in sorted(facts.node_packs.items())},
         "elapsed_s": facts.elapsed_s,
         "errors": list(facts.errors),
     }

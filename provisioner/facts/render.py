@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from provisioner.facts.model import Facts, GitCheckout
+from provisioner.facts.model import Facts, GitCheckout, NodePack
 from provisioner.facts.parse import describe_nunchaku
 
 _GIB = 1 << 30
@@ -74,6 +74,12 @@ def _login(facts: Facts) -> str:
     return f"{login.user} (uid {login.uid}){can}{owner}"
 
 
+def _node_pack(p: NodePack) -> str:
+    said = [f"origin {p.origin}" if p.origin else "no git", f"pyproject {p.project}" if p.project else "",
+            "Comfy Registry" if p.registry else ""]
+    return f"{p.name}{'' if p.enabled else ' (disabled)'}: {', '.join(x for x in said if x)}"
+
+
 def host_table(facts: Facts) -> Table:
     """The facts of one host as a two-column table."""
     env = facts.env
@@ -96,6 +102,9 @@ def host_table(facts: Facts) -> Table:
     # Checkouts by folder name (ComfyUI, ComfyUI-nunchaku): full paths would swamp the table.
     rows += [(f"checkout {posixpath.basename(path.rstrip('/')) or path}", _checkout(c))
              for path, c in sorted(facts.git.items())]
+    # Every node pack, disabled ones too: a second copy of the plugin shows here by its origin or name.
+    rows += [(f"custom nodes {posixpath.basename(folder)}/", "\n".join(map(_node_pack, packs)) or "none")
+             for folder, packs in sorted(facts.node_packs.items()) if packs is not None]
     rows += [("script error", e) for e in facts.errors]
     rows.append(("facts took", f"{facts.elapsed_s:.2f} s on the host"))
     table = Table(title=facts.host, show_header=False, title_justify="left")

@@ -289,6 +289,14 @@ def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, repor
                 reporter.line(conn.name, line, "dim")
             reporter.log(conn.name, "diagnosis", handler=handler.name, lines=lines)
             outcome.diagnostics.extend(lines)
+        for step in handler.on_failure:
+            try:
+                run_step(step)
+            except ProvisionError as undo_err:
+                reporter.line(conn.name, f"{step.what} failed: {undo_err}", "red")
+                continue
+            reporter.line(conn.name, step.what, "yellow")
+            outcome.error += f"; {step.what}"
         return False
     outcome.handlers.append(handler.name)
     reporter.line(conn.name, f"✓ handler: {handler.what}", "green")

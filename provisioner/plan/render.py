@@ -52,11 +52,14 @@ def _human(n: float | None) -> str:
 def diff_lines(change: Change, *, full: bool = True) -> list[str]:
     """before/after as lines: a unified diff for texts, `key: old -> new` for mappings.
 
-    A text created from nothing is one line unless `full` (its whole body says little in a plan).
+    A text created from nothing, or removed whole (a rollback's workflow that the snapshot lacks),
+    is one line unless `full` (its whole body says little in a plan).
     """
     before, after = change.before, change.after
     if not before and isinstance(after, str) and not full:
         return [f"new file, {len(after.splitlines())} lines (-v shows it)"]
+    if after is None and isinstance(before, str) and before and not full:
+        return [f"file removed, {len(before.splitlines())} lines (-v shows it)"]
     if isinstance(before, str) or isinstance(after, str):
         old = before.splitlines() if isinstance(before, str) else []
         new = after.splitlines() if isinstance(after, str) else []

@@ -74,7 +74,10 @@ class HostRollout:
         if self.rollback is not None:
             if self.rollback.failed:
                 return f"rollback to {self.restored} failed: {self.rollback.error}"
-            return f"rolled back to {self.restored}: {'; '.join(self.cause)}"
+            restored = self.rollback.verification
+            said = ("restored host not verified" if restored is None
+                    else "restored host verified" if restored.passed else "restored host failed verification too")
+            return f"rolled back to {self.restored}, {said}: {'; '.join(self.cause)}"
         return self.apply.error or self.verify_error
 
     @property

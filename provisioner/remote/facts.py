@@ -314,6 +314,46 @@ def markers(path):
     return out
 
 
+def _project_name(folder):
+    """The `[project]` name of a folder's pyproject.toml (no tomllib before Python 3.11)."""
+    try:
+        with open(os.path.join(folder, "pyproject.toml"), "rb") as fh:
+            text = fh.read(READ_CAP).decode("utf-8", "replace")
+    except OSError:
+        return None
+    section = re.search(r"^\[project\][ \t]*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = section and re.search(r"^name\s*=\s*[\"']([^\"'\n]+)[\"']", section.group(1), re.M)
+    return found.group(1).strip() if found else None
+
+
+def node_packs(folder):
+    """Every node pack of a custom_nodes folder, as ComfyUI and ComfyUI-Manager see them: each
+    folder ComfyUI imports, each it skips for its `.disabled` suffix, and each ComfyUI-Manager
+    disabled by moving it into `.disabled/`. For each: its origin URL, its pyproject.toml name and
+    whether it holds the Comfy Registry's `.tracking` file. None when the folder is absent."""
+    if not os.path.isdir(folder):
+        return None
+    out = []
+    for where, moved_aside in ((folder, False), (os.path.join(folder, ".disabled"), True)):
+        try:
+            names = sorted(os.listdir(where))[:LIST_CAP]
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(where, name)
+            if name in ("__pycache__", ".disabled") or not os.path.isdir(path):
+                continue
+            origin = None
+            if os.path.lexists(os.path.join(path, ".git")):
+                rc, url, _ = _git(path, "config", "--get", "remote.origin.url", timeout=30.0)
+                origin = url.strip() if rc == 0 and url.strip() else None
+            out.append({"name": name, "path": path,
+                        "enabled": not (moved_aside or name.endswith(".disabled")),
+                        "origin": origin, "project": _project_name(path),
+                        "registry": os.path.isfile(os.path.join(path, ".tracking"))})
+    return out
+
+
 def stat_files(paths, cache_path):
     try:
         cache = loads_bounded(read_capped(cache_path, CACHE_CAP, follow=False))
@@ -691,6 +731,7 @@ def gather(req):
         "listing": lambda: dict((p, listing(p)) for p in req.get("listing", [])),
         "markers": lambda: dict((p, markers(p)) for p in req.get("markers", [])),
         "login": lambda: login(req["root"]),
+        "node_packs": lambda: dict((p, node_packs(p)) for p in req.get("node_packs", [])),
     }
     answer = {"version": 1, "root": req["root"], "os": os_name(), "arch": platform.machine(),
               "kernel": platform.release(),

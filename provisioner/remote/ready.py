@@ -2,18 +2,27 @@
 
 Run as `python3 -c SOURCE` with its request as JSON on stdin:
   {"url": "http://127.0.0.1:8188", "nodes": ["NunchakuQwenImageDiTLoader"], "timeout": 300,
-   "alive": ["systemctl", "is-active", "comfyui"], "dead": ["failed", "inactive"], "every": 5}
+   "alive": ["systemctl", "is-active", "comfyui"], "dead": ["failed", "inactive"], "every": 5,
+   "root": "/opt/ComfyUI", "log_file": "/var/log/comfyui.log",
+   "log": ["journalctl", "-u", "comfyui", "-n", "80", "-o", "cat", "--no-pager"]}
 
 Ready means: GET /system_stats answers 200, and GET /object_info lists every class of `nodes`.
 ComfyUI opens its port only after all custom nodes have loaded, so a first /object_info without
 them is final: it fails at once rather than waiting out the timeout. `alive` (optional) is run at
 each poll: when its output's first word is one of `dead`, the service has died during start-up.
+Without a service manager: `root` (optional) names the checkout whose python processes (their cwd
+is it, or they run its main.py) are ComfyUI: once seen, all of them gone means it died; and
+`log_file` (optional) whose last line, written since the wait began, ends a Python traceback means
+it died of that exception (a custom node that fails to import logs a traceback too, but ComfyUI
+goes on: "Cannot import ..." follows it). The reason then quotes the log's last exception line
+(`log_file`, or the output of `log`).
 
 Prints JSON lines {"progress": TEXT} while it waits, then exits 0 when ready. Otherwise it prints
 the reason as its last stderr line and exits 1 (timeout), 2 (the service died) or 3 (nodes missing).
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,6 +75,116 @@ def died(alive, dead):
     return word if word in dead else None
 
 
+def last_exception(lines):
+    """The exception line of the last Python traceback in `lines` (its first unindented line), or None."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    return next((line.strip() for line in lines[starts[-1] + 1:] if line.strip() and not line[:1].isspace()),
+                None)
+
+
+def ends_in_traceback(lines):
+    """Whether the last line of `lines` is the exception line of a traceback: the process died of it."""
+    said = [line for line in lines if line.strip()]
+    found = last_exception(said)
+    return found is not None and said[-1].strip() == found
+
+
+def read_tail(path, size=65536):
+    """The last lines of a file (None when it cannot be read) and its size."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            end = fh.tell()
+            fh.seek(max(0, end - size))
+            return fh.read().decode("utf-8", "replace").splitlines(), end
+    except OSError:
+        return None, -1
+
+
+def log_lines(request):
+    if request.get("log_file"):
+        return read_tail(request["log_file"])[0] or []
+    if request.get("log"):
+        try:
+            return subprocess.run(request["log"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  timeout=30).stdout.decode("utf-8", "replace").splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return []
+
+
+def _ancestors():
+    pid, out = os.getpid(), set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open("/proc/%d/stat" % pid) as fh:
+                pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def comfyui_pids(root, skip):
+    """Live python processes of the checkout `root`: their cwd is it, or they run its main.py (not
+    any python naming a path under it: provision's own lock holder does)."""
+    found = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) in skip:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as fh:
+                argv = [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
+            with open("/proc/%s/stat" % name) as fh:
+                zombie = fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            cwd = os.readlink("/proc/%s/cwd" % name)
+        except (OSError, IndexError):
+            continue
+        if zombie or not argv or not os.path.basename(argv[0]).startswith("python"):
+            continue
+        if cwd == root or root + "/main.py" in argv[1:]:
+            found.add(int(name))
+    return found
+
+
+class Watch(object):
+    """What says ComfyUI died while it starts, without a service manager to ask."""
+
+    def __init__(self, request):
+        self.root = (request.get("root") or "").rstrip("/") or None
+        self.log_file = request.get("log_file")
+        self.skip = _ancestors()
+        self.seen = set()
+        self.log_at_start = read_tail(self.log_file)[1] if self.log_file else -1
+        self.crashed_polls = 0
+
+    def died(self):
+        """Why ComfyUI is known dead, or None."""
+        now = comfyui_pids(self.root, self.skip) if self.root else None
+        if self.log_file:
+            lines, size = read_tail(self.log_file)
+            # A traceback written since the wait began; or one already there while nothing of
+            # ComfyUI runs (it died before the first look).
+            fresh = size != self.log_at_start or (now == set() and not self.seen)
+            crashed = lines is not None and fresh and ends_in_traceback(lines)
+            # Twice in a row: a traceback being written is not yet followed by what comes after it.
+            self.crashed_polls = self.crashed_polls + 1 if crashed else 0
+            if self.crashed_polls >= 2:
+                return "its log %s ends in a traceback" % self.log_file
+        if now is not None:
+            if self.seen and not now:
+                return "its process%s (pid %s) exited" % (
+                    "es" if len(self.seen) > 1 else "", ", ".join(str(p) for p in sorted(self.seen)))
+            self.seen |= now
+        return None
+
+
 def main():
     request = json.loads(sys.stdin.read())
     base = request["url"].rstrip("/")
@@ -74,6 +193,7 @@ def main():
     timeout = float(request.get("timeout", 300))
     every = float(request.get("every", 5))
     alive, dead = request.get("alive"), set(request.get("dead") or ())
+    watch = Watch(request)
     started = time.monotonic()
     said = started
     state = "not polled yet"
@@ -100,9 +220,11 @@ def main():
                 say("ComfyUI answers after %.0f s, %d node classes registered" % (elapsed, len(info)))
                 return 0
         verdict = died(alive, dead)
+        verdict = verdict and "%s: %s" % (" ".join(alive), verdict) or watch.died()
         if verdict:
-            return fail(2, "ComfyUI's service stopped during start-up after %.0f s (%s: %s)" % (
-                elapsed, " ".join(alive), verdict))
+            cause = last_exception(log_lines(request))
+            return fail(2, "ComfyUI died during start-up after %.0f s%s (%s)" % (
+                elapsed, ": " + cause if cause else "", verdict))
         if elapsed >= timeout:
             return fail(1, "ComfyUI at %s did not answer within %g s (last: %s); raise "
                            "comfyui.ready_timeout_s if it needs longer" % (where, timeout, state))

@@ -281,15 +281,19 @@ def _cache(path):
         return {}
 
 
+# ComfyUI's checkout holds an empty `put_checkpoints_here` (and the like) in each model folder: no model.
+PLACEHOLDER = re.compile(r"^put_\w+_here$")
+
+
 def models(folder, cache_path):
-    """Every file under models/ (links not followed, downloads in progress left out): size, and
-    the cached sha256 when the file is still the one that was hashed."""
+    """Every file under models/ (links not followed, downloads in progress left out, ComfyUI's own
+    placeholders too): size, and the cached sha256 when the file is still the one that was hashed."""
     cache, out = _cache(cache_path), {}
     for top, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(top, name)
-            if name.endswith(".part") or os.path.islink(path):
+            if name.endswith(".part") or os.path.islink(path) or PLACEHOLDER.match(name):
                 continue
             try:
                 st = os.stat(path)

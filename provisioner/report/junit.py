@@ -70,7 +70,8 @@ def _suite(root: ET.Element, host: HostReport, report: FleetReport) -> tuple[int
             _element(case, "failure", "\n".join((check.detail, *check.lines)), message=check.detail,
                      type="check")
         else:
-            _element(case, "system-out", check.detail)
+            _element(case, "system-out", "\n".join((f"warning: {check.detail}" if check.warning else check.detail,
+                                                      *check.lines)))
     if not len(suite.findall("testcase")):
         # a failed host with neither checks nor error still gets a visible, failing case
         errors += 1

@@ -23,8 +23,8 @@ from provisioner.verify.fingerprint import Fingerprint
 # 2: GiB keys (vram_peak_gib, max_vram_gib), runs carry seed and prompt_id
 REPORT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)   # previous reports compared with (1: its vram_*_gb figures were GiB too)
-Status = Literal["passed", "failed", "unreachable", "left"]
-STATUSES: tuple[str, ...] = ("failed", "unreachable", "left", "passed")   # also the display order
+Status = Literal["passed", "failed", "rolled_back", "unreachable", "left"]
+STATUSES: tuple[str, ...] = ("failed", "rolled_back", "unreachable", "left", "passed")   # also the display order
 VERSION_KEYS = ("plugin", "backend", "diffusers", "peft", "model_variant", "precision", "comfyui")
 
 
@@ -212,9 +212,11 @@ def host_report(entry: HostEntry) -> HostReport:
         failures = [f"{status} (no reason was given)"]
     versions = {k: entry.versions.get(k) for k in VERSION_KEYS}
     versions.update({k: v for k, v in entry.versions.items() if k not in versions})
-    if entry.rollout and entry.rollout.get("result") == "rolled_back" and entry.rollout.get("reason"):
-        failures.insert(0, _one_line(f"rollout: {entry.rollout['reason']}"))
-        status = "failed" if status == "passed" else status   # restored and working, but the rollout failed
+    if entry.rollout and entry.rollout.get("result") == "rolled_back":
+        # A status of its own, as the console says it; the reason once (it names the checks that failed it).
+        reason = _one_line(entry.rollout.get("reason") or "rolled back")
+        failures = [reason, *(f for f in failures if f != reason and f != f"{status} (no reason was given)")]
+        status = "rolled_back"
     return HostReport(entry.host, status, entry.error, tuple(failures), _facts_summary(entry.facts),
                       versions, checks, runs, verification.figures, tuple(entry.thumbnails),
                       verification.fingerprint, verification.agreement, entry.rollout)

@@ -105,7 +105,9 @@ class Handler:
 
     `missing` says why it cannot run on this host (no steps): the apply warns instead.
     `diagnose` runs only when a step failed: its output (a service's last log lines) is shown
-    and kept with the failure, so the failure says why, not only that.
+    and kept with the failure, so the failure says why, not only that. `on_failure` runs after it:
+    what leaves the host quiet (a unit this apply installed, whose first start failed, is stopped
+    and disabled rather than left restarting every few seconds); its steps' `what` says so.
     """
 
     name: str
@@ -113,6 +115,7 @@ class Handler:
     steps: tuple[Step, ...] = ()
     missing: str = ""
     diagnose: tuple[Run, ...] = ()
+    on_failure: tuple[Run, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.parse import parse_comfyui_version
-from provisioner.resources import core as checkout
+from provisioner.resources import core as checkout, plugin
 from provisioner.resources.base import Note, ResourcePlan, changes
 
 name = "compat"
@@ -141,11 +141,16 @@ class _Core:
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     """No changes: a PlanError for a plugin/backend, plugin/core or model/core mix that cannot work."""
     tag, family = profile.plugin.tag, profile.model.family
+    listed = facts.remote_tags.get((plugin.path(profile), profile.plugin.repo, tag))
+    if listed is not None and listed.tags is not None and tag not in listed.tags:
+        # No such release: the plugin resource says so (with the nearest tags); what an imagined
+        # version would need of the backend or the core ("update ComfyUI") is no advice.
+        return changes()
     reason = incompatibility(tag, profile.backend.version)
     if reason:
         raise PlanError(reason)
-    plugin = plugin_version(tag)
-    if plugin is None:
+    release = plugin_version(tag)
+    if release is None:
         return changes(notes=[Note(name, f"plugin.tag {tag!r} is not a release tag: its backend and ComfyUI "
                                          "requirements are not checked")])
     model, nodes, _, _ = _paths(profile)
@@ -168,7 +173,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         if needs_t_cond(tag):
             checked.append(f"QwenTimestepProjEmbeddings takes {NEEDLE}")
     # The known breaks hit the v1.0+ plugins, which build on the core's Qwen-Image (catalog/cores.py).
-    if qwen_image and not any(reasons) and plugin >= QWEN_IMAGE_PLUGIN:
+    if qwen_image and not any(reasons) and release >= QWEN_IMAGE_PLUGIN:
         for brk in cores.BREAKS:
             if core.broken(brk, checked):
                 reasons.append(cores.refusal(brk, tag, core.version))

@@ -15,7 +15,7 @@ from provisioner import remote
 from provisioner.catalog.compat import plugin_version
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
-from provisioner.facts.model import Facts, GitCheckout, Probe, RemoteTags
+from provisioner.facts.model import Facts, GitCheckout, NodePack, Probe, RemoteTags, same_repo
 from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins, retention
 from provisioner.resources.base import RESTART, Change, Note, ResourcePlan, Run, Step, changes
@@ -37,7 +37,7 @@ def probe(profile: Profile) -> Probe:
     the backups and unfinished clones beside it (retention.py)."""
     dest = path(profile)
     return Probe(git=(dest,), remote_tags=((dest, profile.plugin.repo, profile.plugin.tag),),
-                 listing=(profile.comfyui.custom_nodes,))
+                 listing=(profile.comfyui.custom_nodes,), node_packs=(profile.comfyui.custom_nodes,))
 
 
 def nearest_tags(tag: str, tags: Sequence[str], limit: int = 5) -> list[str]:
@@ -78,14 +78,41 @@ def tag_check(resource: str, key: str, tag: str, repo: str, answer: RemoteTags |
 git = remote.git_argv     # every git a step runs: nothing a checkout configures runs (remote/__init__.py)
 
 
-def same_repo(a: str | None, b: str) -> bool:
-    """One repository written two ways (`.git`, trailing slash, https vs scp-like ssh)."""
-    def ident(url: str) -> str:
-        url = url.strip().rstrip("/").removesuffix(".git")
-        m = (re.match(r"^[\w.+-]+://(?:[^@/]+@)?([^/:]+)(?::\d+)?/(.*)$", url)
-             or re.match(r"^(?:[^@/]+@)?([^/:]{2,}):(?!/)(.*)$", url))
-        return f"{m[1].lower()}/{m[2]}" if m else url
-    return a is not None and ident(a) == ident(b)
+def copies(profile: Profile, facts: Facts) -> list[tuple[NodePack, str]]:
+    """Every other folder of custom_nodes/ that is the plugin too, enabled or not, with what says
+    so (ComfyUI-Manager and the Comfy Registry name it `comfyui-nunchaku`); provision's own backups
+    and unfinished clones are not copies."""
+    found = facts.node_packs.get(profile.comfyui.custom_nodes) or ()
+    return [(pack, why) for pack in found
+            if pack.path != path(profile) and ".provision-" not in pack.name
+            and (why := pack.copy_of(profile.plugin.repo))]
+
+
+def _one_copy(profile: Profile, facts: Facts) -> tuple[Note, ...]:
+    """A PlanError when another enabled copy would load beside the plugin (ComfyUI imports both and
+    keeps whichever registered last); a note naming the disabled ones."""
+    dest, found = path(profile), copies(profile, facts)
+    enabled = [(p, why) for p, why in found if p.enabled]
+    if enabled:
+        (other, why), *more = enabled
+        also = f" (and {', '.join(p.path for p, _ in more)})" if more else ""
+        if facts.git.get(dest, GitCheckout(dest, False)).exists:
+            raise PlanError(f"{dest} and {other.path}{also} are both the plugin ({other.name}: {why}) and "
+                            f"ComfyUI loads both: disable {other.name} (move it into "
+                            f"{profile.comfyui.custom_nodes}/.disabled/, as ComfyUI-Manager does) or remove it")
+        raise PlanError(f"the plugin is already installed as {other.path}{also} ({why}): a clone at {dest} "
+                        f"would be a second copy that ComfyUI loads too; set plugin.name: {other.name} and "
+                        f"plugin.adopt: true to take that copy over in place, or disable it (move it into "
+                        f"{profile.comfyui.custom_nodes}/.disabled/, as ComfyUI-Manager does)")
+    disabled = [p.path for p, _ in found]
+    return (Note(name, f"disabled copies of the plugin, not loaded by ComfyUI: {', '.join(disabled)}"),) if disabled else ()
+
+
+def _own_pack(profile: Profile, facts: Facts) -> str | None:
+    """What says the folder at plugin.name is the plugin (for plugin.adopt), or None."""
+    dest = path(profile)
+    found = facts.node_packs.get(profile.comfyui.custom_nodes) or ()
+    return next((why for p in found if p.path == dest and (why := p.copy_of(profile.plugin.repo))), None)
 
 
 def state(co: GitCheckout) -> dict[str, object] | None:
@@ -144,7 +171,7 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
     if co is None:
         raise FactsError(f"facts lack the git state of {dest}: the plugin probe did not run")
     note = tag_check(name, "plugin.tag", spec.tag, spec.repo, facts.remote_tags.get((dest, spec.repo, spec.tag)))
-    notes = (note,) if note else ()
+    notes = ((note,) if note else ()) + _one_copy(profile, facts)
     pin = pins.git(profile, "plugin", spec.repo, spec.tag)     # under a lock: the commit the tag was
     wanted = pin.commit if pin else spec.tag
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
@@ -162,15 +189,19 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
         # git is missing or failing: what is there cannot be judged, so nothing is moved.
         raise PlanError(f"{dest} cannot be read by the host's git ({co.error}); install or repair git "
                         "on the host, then plan again")
+    adopted = _own_pack(profile, facts) if spec.adopt else None
     if not co.is_repo:
-        if not spec.force:
-            raise PlanError(f"{dest} exists but is not a git checkout; move it away, or set "
-                            "plugin.force: true to move it aside and clone")
+        if not (spec.force or adopted):
+            why = _own_pack(profile, facts)
+            raise PlanError(f"{dest} exists but is not a git checkout" + (
+                f" ({why}): set plugin.adopt: true to take it over (it is moved aside once a clone is ready)"
+                if why else "; move it away, or set plugin.force: true to move it aside and clone"))
         warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
         # The clone first: a clone that fails leaves the folder where it was.
         *clone, into_place = _clone(profile, dest, wanted)
         replaced = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
-        return changes(Change("plugin", dest, "replace", f"clone {label} and move {dest} aside",
+        verb = f"adopt {dest} ({adopted}): clone {label} in its place" if adopted else f"clone {label} and move {dest} aside"
+        return changes(Change("plugin", dest, "replace", verb,
                               state(co), after, replaced, notify=RESTART, warnings=(warn,)), notes=notes), 1
 
     remote_ok = same_repo(co.remote, spec.repo)
@@ -180,9 +211,10 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
     if not spec.force and co.dirty:
         raise PlanError(f"{dest} has local modifications ({_listing(co.dirty)}); commit or "
                         "discard them, or set plugin.force: true to back them up and reset")
-    if not spec.force and not remote_ok:
-        raise PlanError(f"{dest} comes from {co.remote or 'no origin'}, not {spec.repo}; "
-                        "set plugin.repo to it, or plugin.force: true to switch origin")
+    if not (spec.force or adopted) and not remote_ok:
+        raise PlanError(f"{dest} comes from {co.remote or 'no origin'}, not {spec.repo}; set plugin.repo to it, or "
+                        + ("plugin.adopt: true to take it over" if _own_pack(profile, facts) else "plugin.force: true")
+                        + " to switch origin")
 
     steps: list[Step] = []
     summary: list[str] = []

@@ -98,35 +98,49 @@ def log_step(profile: Profile, lines: int = LOG_LINES) -> Run | None:
 def ready_step(profile: Profile) -> Run:
     """Wait, on the host, until ComfyUI answers and lists the required nodes. Under systemd a unit
     that failed ends the wait at once (one provision wrote: its SubState, as Restart=on-failure
-    keeps it `activating`); in a container the wait dies with the container."""
+    keeps it `activating`); in a container the wait dies with the container; under a restart
+    command, once ComfyUI's processes are gone; with `comfyui.log_file`, once it ends in a
+    traceback. The log's last exception line is the reason then."""
     spec = profile.comfyui
     restart = spec.restart
     alive: tuple[str, ...] = ()
     dead: tuple[str, ...] = ()
+    unit = spec.unit if owned(profile) else restart.systemd if restart else None
     if owned(profile):
         alive, dead = ("systemctl", "show", "--property=SubState", "--value", spec.unit), DEAD_SUBSTATES
     elif restart and restart.systemd:
         alive, dead = ("systemctl", "is-active", restart.systemd), ("failed", "inactive")
+    # Where the reason is read when it died: the log file, else the unit's journal (messages alone).
+    journal = ("journalctl", "-u", unit, "-n", str(2 * LOG_LINES), "-o", "cat", "--no-pager") if unit else ()
+    # A command's restart has no manager to ask: ComfyUI's own processes, found by its checkout.
+    command = bool(restart and restart.command) and not owned(profile)
     request = remote.ready_request(url=spec.local_url, nodes=[n.name for n in required_nodes(profile)],
-                                   timeout=spec.ready_timeout_s, alive=alive, dead=dead)
+                                   timeout=spec.ready_timeout_s, alive=alive, dead=dead,
+                                   root=spec.root if command else None, log_file=spec.log_file or None,
+                                   log=() if spec.log_file else journal)
     return Run(remote.argv("ready"), stdin=request, progress=True,
                what=f"wait until ComfyUI at {spec.local_host}:{spec.port} is ready",
                timeout=spec.ready_timeout_s + READY_MARGIN_S)
 
 
-def restart_handler(profile: Profile, instances: Sequence[Instance] = ()) -> Handler:
+def restart_handler(profile: Profile, instances: Sequence[Instance] = (), *, first: bool = False) -> Handler:
     """Restart ComfyUI once, by the profile's means (`docker restart` runs beside the container; every
     instance's unit in one `systemctl restart`), then wait until each instance is ready; when that
-    fails, its log says why. `instances`: the host's (default: the profile's one)."""
+    fails, its log says why. `instances`: the host's (default: the profile's one). `first`: this
+    apply installs the units; when they fail to start, they are stopped and disabled."""
     spec = profile.comfyui
     instances = tuple(instances) or (Instance(None, spec.unit, spec.port, None),)
     if owned(profile):
         each = [units.instance_profile(profile, i) for i in instances]
         every = ("systemctl", "restart", *(i.unit for i in instances))
         diagnose = tuple(step for p in each if (step := log_step(p)) is not None)
+        names = " ".join(i.unit for i in instances)
+        quiet = (Run(("systemctl", "disable", "--now", *(i.unit for i in instances)), on_machine=True, system=True, timeout=120.0,
+                     what=f"stopped and disabled unit {names}: its first start failed (fix the cause, then "
+                          "apply again)"),) if first else ()
         return Handler(RESTART_COMFYUI, f"restarted ComfyUI ({' '.join(every)})",
                        (Run(every, what=f"restart ComfyUI: {' '.join(every)}", on_machine=True, system=True),
-                        *(ready_step(p) for p in each)), diagnose=diagnose)
+                        *(ready_step(p) for p in each)), diagnose=diagnose, on_failure=quiet)
     argv = restart_argv(profile)
     if not argv:
         return Handler(RESTART_COMFYUI, "restart ComfyUI",
@@ -297,7 +311,11 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         raise PlanError(f"comfyui.gpu {chosen!r} is not a GPU of this host (nvidia-smi lists {listed}); "
                         "give one of those UUIDs")
     instances = units.instances(profile, facts)
-    handler = restart_handler(profile, instances)
     if owned(profile):
-        return changes(*_unit_changes(profile, facts, instances, now), handlers=[handler])
+        found = {f.name for pattern in units.patterns(profile)
+                 for f in facts.units.files.get((profile.comfyui.unit_dir, pattern), ())}
+        first = not any(i.unit_file in found for i in instances)     # a bootstrap: no unit of ours yet
+        return changes(*_unit_changes(profile, facts, instances, now),
+                       handlers=[restart_handler(profile, instances, first=first)])
+    handler = restart_handler(profile, instances)
     return changes(notes=_exposure_notes(profile, facts, instances[0]), handlers=[handler])

@@ -187,8 +187,15 @@ def differences(old: HostState, new: HostState) -> list[str]:
             lines.append(f"custom node {node}: {_at(a)} -> {_at(b)}")
     a_d, b_d = old.distributions or {}, new.distributions or {}
     if (old.distributions is None) != (new.distributions is None):
-        lines.append(f"venv: {'unreadable' if old.distributions is None else 'readable'} -> "
-                     f"{'unreadable' if new.distributions is None else 'readable'}")
+        # A venv made or lost is one line (its torch), not hundreds of `+ package` ones; one that
+        # exists but could not be read says why.
+        gone, there = (old, new) if old.distributions is None else (new, old)
+        torch = (there.distributions or {}).get("torch")
+        what = "created" if gone is old else "gone"
+        if gone.venv_error and not gone.venv_error.endswith("does not exist"):
+            what = f"{'readable again' if gone is old else 'unreadable'} ({gone.venv_error})"
+        lines.append(f"venv {what}: {len(a_d or b_d)} distributions" + (f", torch {torch.shown}" if torch else ""))
+        a_d = b_d = {}
     for key in sorted(set(a_d) | set(b_d)):
         x, y = a_d.get(key), b_d.get(key)
         if x == y:

@@ -50,10 +50,19 @@ def plugin_block(plugin_path: str, backend: str | None, backend_error: str | Non
             for m in block if not m.startswith("Could not parse nunchaku version")]
 
 
-def closing(custom_nodes: list[str], url: str) -> list[str]:
-    """After the custom nodes: their import times, then the server starts listening."""
-    return ["\nImport times for custom nodes:\n", *(f"   0.0 seconds: {p}\n" for p in custom_nodes), "\n",
-            "Starting server\n\n", f"To see the GUI go to: {url}\n"]
+def import_failed(path: str, error: str) -> list[str]:
+    """What ComfyUI logs for a custom node that fails to import (nodes.py, load_custom_node), and goes on."""
+    return ["Traceback (most recent call last):\n",
+            '  File "/opt/ComfyUI/nodes.py", line 2131, in load_custom_node\n',
+            "    module_spec.loader.exec_module(module)\n", f"{error}\n",
+            f"Cannot import {path} module for custom nodes: {error.split(': ', 1)[-1]}\n"]
+
+
+def closing(custom_nodes: list[str], url: str, failed: tuple[str, ...] = ()) -> list[str]:
+    """After the custom nodes: their import times (`failed` ones marked as ComfyUI marks them), then
+    the server starts listening."""
+    times = [f"   0.0 seconds{' (IMPORT FAILED)' if p in failed else ''}: {p}\n" for p in custom_nodes]
+    return ["\nImport times for custom nodes:\n", *times, "\n", "Starting server\n\n", f"To see the GUI go to: {url}\n"]
 
 
 def died(message: str) -> str:

@@ -104,16 +104,34 @@ def custom_node_packs(custom_nodes: Path, skip: str) -> dict[str, list[str]]:
         if folder.name in (skip, "__pycache__") or folder.name.endswith(".disabled") or not init.is_file():
             continue
         names: list[str] = []
-        try:
-            tree = ast.parse(init.read_text(errors="replace"))
-        except SyntaxError:
+        if import_error(init):
             continue                       # ComfyUI logs the import failure and goes on without it
+        tree = ast.parse(init.read_text(errors="replace"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NODE_CLASS_MAPPINGS"
                                                     for t in node.targets) and isinstance(node.value, ast.Dict):
                 names += [k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
         packs[folder.name] = names
     return packs
+
+
+def import_error(init: Path) -> str | None:
+    """What importing a pack's __init__.py would raise, as far as the stand-in can tell (it never
+    runs a pack's code): its SyntaxError, else None."""
+    try:
+        ast.parse(init.read_text(errors="replace"))
+    except SyntaxError as err:
+        return f"SyntaxError: {err.msg} ({init.name}, line {err.lineno})"
+    return None
+
+
+def broken_node_packs(custom_nodes: Path, skip: str) -> dict[str, str]:
+    """The packs ComfyUI would try to import and fail to: each folder's error."""
+    if not custom_nodes.is_dir():
+        return {}
+    return {folder.name: error for folder in sorted(custom_nodes.iterdir())
+            if folder.name not in (skip, "__pycache__") and not folder.name.endswith(".disabled")
+            and (folder / "__init__.py").is_file() and (error := import_error(folder / "__init__.py"))}
 
 
 def pack_entry(name: str, folder: str) -> dict[str, Any]:

@@ -457,6 +457,7 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
                             comfyui_version):
         state.log(line)
     if die_at_start:
+        time.sleep(startup_s)             # real ComfyUI dies seconds in, once torch is imported
         state.log(boot.died(die_at_start))
         raise StartupFailed(die_at_start)
     plugin_path = base_dir / "custom_nodes" / plugin_dir
@@ -481,8 +482,13 @@ def start_comfyui(*, port: int = 0, listen: str = "127.0.0.1", root: str | os.Pa
     threading.Thread(target=state.publish, name="comfyui-publish", daemon=True).start()
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                      name="comfyui-http", daemon=True).start()
-    loaded = ([str(plugin_path)] if plugin else []) + [str(base_dir / "custom_nodes" / f) for f in packs]
-    for line in boot.closing(loaded, f"http://{listen}:{real_port}"):
+    broken = {str(base_dir / "custom_nodes" / f): error
+              for f, error in nodes.broken_node_packs(base_dir / "custom_nodes", plugin_dir).items()}
+    for path, error in broken.items():
+        for line in boot.import_failed(path, error):
+            state.log(line)
+    loaded = ([str(plugin_path)] if plugin else []) + [str(base_dir / "custom_nodes" / f) for f in packs] + list(broken)
+    for line in boot.closing(loaded, f"http://{listen}:{real_port}", tuple(broken)):
         state.log(line)
     return ComfyServer(f"http://{listen}:{real_port}", real_port, base_dir, state, httpd)
 

@@ -10,7 +10,9 @@ printing an RTX 3090, and a ComfyUI that answers the real API shapes without a G
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,16 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="make demo", description=(__doc__ or "").split("\n\n")[0].replace("`make demo` provisions", "Provision"),
         epilog="Everything it makes lives in .demo/ of the repository (the report: "
                ".demo/report/report.html); `make clean` removes it.")
-    parser.parse_args(argv)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the stand-ins and the sandbox's ComfyUI up afterwards (until Ctrl-C), and print "
+                             "how to run provision against them")
+    args = parser.parse_args(argv)
     console = Console(highlight=False)
     try:
-        return _demo(console)
+        return _demo(console, keep=args.keep)
     except (ProvisionError, comfyui_process.StandInFailed) as err:
         console.print(f"[red]demo failed:[/] {err}")
         return 1
 
 
-def _demo(console: Console) -> int:
+def _demo(console: Console, *, keep: bool = False) -> int:
     repo = Path(__file__).resolve().parents[2]
     base = repo / ".demo"
     console.rule("[bold]provision demo: one sandbox host, offline")
@@ -114,6 +119,22 @@ def _demo(console: Console) -> int:
         console.print(f"{'[green]demo ok' if ok else '[red]demo failed'}[/]: exit codes {codes} "
                       f"(expected [2, 2, 2, 0]) in {time.monotonic() - started:.0f} s; sandbox in .demo/, "
                       f"report in .demo/report/report.html")
+        # provision against the sandbox needs its nvidia-smi on PATH and the demo's Hub record.
+        command = (f"PATH={shlex.quote(host.path)} {CACHE_ENV}={shlex.quote(str(base / 'control-cache'))} "
+                   f"{shlex.quote(sys.executable)} -m provisioner plan {shlex.quote(str(profile_path))}")
+        if not keep:
+            console.print("The stand-ins stop now. To try provision against them yourself: "
+                          "[bold]make demo ARGS=--keep[/]")
+            return 0 if ok else 1
+        console.print("The stand-ins and the sandbox's ComfyUI stay up until Ctrl-C. In another terminal:")
+        console.print(command, soft_wrap=True, markup=False)
+        sys.stdout.flush()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if ok else 1))
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
         return 0 if ok else 1
     finally:
         comfyui_process.stop(host_root / "ComfyUI")

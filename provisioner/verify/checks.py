@@ -28,6 +28,10 @@ from provisioner.verify.images import ImageCheck
 STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
                       "device-side assert", "illegal instruction")
 _IMPORT_FAILED = re.compile(r"Nodes? `.*import failed:?")
+# ComfyUI's own lines for a custom node that failed to import (nodes.py): its import time marked so,
+# and the error it logged beneath the traceback.
+_PACK_FAILED = re.compile(r"[\d.]+ seconds \(IMPORT FAILED\): (.+?)\s*$")
+_CANNOT_IMPORT = re.compile(r"Cannot import (.+?) module for custom nodes: (.*?)\s*$")
 _EXCEPTION = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception)\b(:.*)?$")
 
 
@@ -49,19 +53,24 @@ class Check:
     detail: str
     value: float | None = None
     lines: tuple[str, ...] = ()     # further detail, one line each (per-node errors)
+    warning: bool = False           # passed, but says what an operator should know (a broken pack)
+
+    @property
+    def mark(self) -> str:
+        return "FAIL" if not self.passed else "WARN" if self.warning else "PASS"
 
     @property
     def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.detail}"
+        return f"{self.mark} {self.name}: {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "passed": self.passed, "detail": self.detail, "value": _finite(self.value),
-                "lines": list(self.lines)}
+                "lines": list(self.lines), "warning": self.warning}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Check:
         return cls(str(raw["name"]), bool(raw["passed"]), str(raw.get("detail", "")), _finite(raw.get("value")),
-                   tuple(str(x) for x in raw.get("lines") or ()))
+                   tuple(str(x) for x in raw.get("lines") or ()), bool(raw.get("warning", False)))
 
 
 # The ladder a verification climbs, in order: each rung and the checks that make it. A rung is
@@ -70,8 +79,8 @@ class Check:
 # host's GPU) belongs to the timed runs: a ComfyUI on another device still generates, but its
 # figures are not that GPU's.
 LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("reachable", ("comfyui_reachable",)),
-    ("nodes", ("nodes_registered",)),
+    ("reachable", ("comfyui_reachable", "listen_address")),
+    ("nodes", ("nodes_registered", "custom_nodes_imported")),
     ("workflow", ("workflow_accepted",)),
     ("first_generation", ("comfyui_ready",)),
     ("timed_runs", ("device", "generation", "runs_sampled", "cold_time", "warm_time", "vram_peak")),
@@ -349,6 +358,39 @@ def import_failure(lines: Sequence[str], node: str) -> str | None:
                 return f"{found.group(0)} {error.group(0).strip()}"
         return found.group(0)
     return None
+
+
+def custom_node_imports(lines: Sequence[str]) -> Check | None:
+    """Every custom node ComfyUI logged as `(IMPORT FAILED)`, each with the error it logged: a
+    warning row (ComfyUI runs on without them, and the workflow may not need them); a passing row
+    when its import times list none; None when its log holds no import times to read."""
+    if not any("Import times for custom nodes" in line for line in lines):
+        return None
+    failed = list(dict.fromkeys(m.group(1) for line in lines if (m := _PACK_FAILED.search(line))))
+    if not failed:
+        return Check("custom_nodes_imported", True, "ComfyUI imported every custom node")
+    said = {m.group(1): m.group(2) for line in lines if (m := _CANNOT_IMPORT.search(line))}
+    return Check("custom_nodes_imported", True,
+                 f"{len(failed)} custom node{'s' * (len(failed) != 1)} failed to import, ComfyUI runs without "
+                 f"{'them' if len(failed) != 1 else 'it'}: {', '.join(failed)}", value=float(len(failed)),
+                 lines=tuple(f"{path}: {said.get(path, 'see ComfyUI log')}" for path in failed), warning=True)
+
+
+def listen_address(listeners: Sequence[Any], exposed: Sequence[Any], listen: str, allowed: bool,
+                   describe: Callable[[Sequence[Any]], str]) -> Check | None:
+    """ComfyUI listening beyond loopback while the profile says loopback (`exposed`): a failure unless
+    `verify.allow_exposed`; None when the facts name no listener."""
+    if not listeners:
+        return None
+    if not exposed:
+        return Check("listen_address", True, f"ComfyUI listens on {describe(listeners)}, as comfyui.listen "
+                                             f"{listen} says")
+    said = f"ComfyUI listens on {describe(exposed)}: anyone who reaches this host can use it"
+    if allowed:
+        return Check("listen_address", True, f"{said} (allowed by verify.allow_exposed)", warning=True)
+    return Check("listen_address", False, f"{said}, and comfyui.listen says {listen}: restart it with --listen "
+                                          f"{listen} (apply does, under comfyui.service: systemd), or set "
+                                          "verify.allow_exposed: true if that is meant")
 
 
 def _missing(req: NodeRequirement, plugin_nodes: list[str], plugin_module: str, backend: str | None,

@@ -18,9 +18,10 @@ def _fmt(value: float | None, unit: str) -> str:
     return "–" if value is None else f"{value:.2f} {unit}"
 
 
-def render_verification(results: Mapping[str, Any], console: Console) -> bool:
+def render_verification(results: Mapping[str, Any], console: Console, rolled_back: frozenset[str] = frozenset()) -> bool:
     """Print the table and the check lines. `results` maps a host to (facts, HostVerification)
-    or an exception. Returns True when any host failed."""
+    or an exception; `rolled_back`: hosts a verify gate restored (their verification is the
+    restored host's). Returns True when any host failed."""
     table = Table(title="verification", title_justify="left")
     for column in ("host", "result", "GPU", "cold", "warm (median)", "VRAM peak", "images"):
         table.add_column(column)
@@ -41,8 +42,9 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         good = sum(1 for i in images if i.ok)
         gpu = facts.gpu.name.replace("NVIDIA ", "") if facts and facts.gpu else "–"
         stopped = verification.ladder.failed
-        table.add_row(escape(name), "[green]passed[/]" if passed else f"[red]failed at {stopped or 'verification'}[/]",
-                      escape(gpu),
+        result_cell = ("[yellow]rolled back[/]" if name in rolled_back else
+                       "[green]passed[/]" if passed else f"[red]failed at {stopped or 'verification'}[/]")
+        table.add_row(escape(name), result_cell, escape(gpu),
                       _fmt(figures.cold_s, "s"), _fmt(figures.warm_median_s, "s"),
                       _fmt(figures.vram_peak_gib, "GiB"),
                       f"{good}/{len(images)} sane" if images else "–")
@@ -55,7 +57,7 @@ def render_verification(results: Mapping[str, Any], console: Console) -> bool:
         console.print(f"[bold]{escape(name)}[/] ladder: {escape(result[1].ladder.line)}")
         checks = sorted(result[1].checks, key=lambda c: c.passed)
         for check in checks:
-            mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+            mark = {"PASS": "[green]PASS[/]", "WARN": "[yellow]WARN[/]", "FAIL": "[red]FAIL[/]"}[check.mark]
             console.print(f"[bold]{escape(name)}[/] {mark} {escape(check.name)}: {escape(check.detail)}")
             for line in check.lines:
                 console.print(f"      {escape(line)}")

@@ -22,7 +22,7 @@ from provisioner.config.model import Profile
 from provisioner.connection.base import Connection
 from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
-from provisioner.resources import service
+from provisioner.resources import service, units
 from provisioner.verify import checks, graph as graphs
 from provisioner.verify.agreement import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
@@ -196,6 +196,7 @@ class _Verification:
         self.found.append(checks.nodes(
             self.object_info, self.graph, service.required_nodes(self.profile),
             f"custom_nodes.{self.profile.plugin.name}", checks.backend_of(self.facts), self._cause))
+        self.found += [c for c in (checks.custom_node_imports(self._logged()), self._listen_address()) if c]
         if not self._climbs_to("workflow"):
             return
         graph, size = self._inputs()
@@ -213,12 +214,23 @@ class _Verification:
         failed = checks.ladder(self.found).failed
         return failed is None or checks.RUNGS.index(failed) >= checks.RUNGS.index(rung)
 
-    def _cause(self, node: str) -> str | None:
-        """ComfyUI's own words for a node that did not register: its /internal/logs, else the
-        service's log (the journal, the container's log, the profile's log file)."""
+    def _logged(self) -> list[str]:
+        """ComfyUI's log: its /internal/logs, else the service's log (the journal, the container's
+        log, the profile's log file); read once."""
         if self._log is None:
             self._log = self.client.logs() or self._service_log()
-        return checks.import_failure(self._log, node)
+        return self._log
+
+    def _cause(self, node: str) -> str | None:
+        """ComfyUI's own words for a node that did not register."""
+        return checks.import_failure(self._logged(), node)
+
+    def _listen_address(self) -> Check | None:
+        if self.facts is None:
+            return None
+        port, spec = self.profile.comfyui.port, self.profile.comfyui
+        return checks.listen_address(self.facts.listeners.get(port, ()), units.exposed(self.profile, self.facts, port),
+                                     spec.listen, self.profile.verify.allow_exposed, units.describe)
 
     def _service_log(self) -> list[str]:
         step = service.log_step(self.profile, LOG_LINES)
