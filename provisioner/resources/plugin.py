@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import posixpath
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
