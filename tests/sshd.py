@@ -210,9 +210,11 @@ class SshdFleet:
 
     def add(self, n: int = 1, *, names: Sequence[str] | None = None,
             bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
-            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp") -> list[SshdHost]:
+            trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp",
+            env: Mapping[str, str] | None = None) -> list[SshdHost]:
         """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys;
-        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell)."""
+        `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell); `env`:
+        more variables every session gets (as a host's /etc/environment would give them)."""
         made = []
         for i in range(n):
             name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
@@ -224,7 +226,7 @@ class SshdFleet:
             host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
                             self.client_key)
             keygen(host.host_key, f"host-{name}")
-            host.config.write_text(self._sshd_config(host, extra_config, sftp))
+            host.config.write_text(self._sshd_config(host, extra_config, sftp, env or {}))
             self.hosts.append(host)
             made.append(host)
             if trusted:
@@ -245,7 +247,9 @@ class SshdFleet:
                           f"  IdentityFile {self.client_key}\n{more}")
         self.ssh_config.write_text("\n".join(blocks))
 
-    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp") -> str:
+    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp",
+                     env: Mapping[str, str] | None = None) -> str:
+        more_env = "".join(f" {key}={value}" for key, value in (env or {}).items())
         return "\n".join([
             f"Port {host.port}", "ListenAddress 127.0.0.1", f"HostKey {host.host_key}",
             f"PidFile {host.dir / 'sshd.pid'}", "LogLevel VERBOSE", "UsePAM no", "StrictModes no",
@@ -255,7 +259,7 @@ class SshdFleet:
             f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys", "AllowTcpForwarding yes",
             # SHLVL=1: bash skips ~/.bashrc under sshd (Debian SSH_SOURCE_BASHRC), so every exec
             # sees exactly this PATH and pays no rc-file start-up.
-            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", f"Subsystem sftp {sftp}",
+            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1{more_env}", f"Subsystem sftp {sftp}",
             extra, "",
         ])
 
