@@ -26,6 +26,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,24 @@ WANTS = "multi-user.target.wants"
 STOP_TIMEOUT_S = 30.0
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", "s": " ", "a": "\a", "b": "\b", "f": "\f",
             "r": "\r", "v": "\v"}
+
+
+# How systemd names an exit status in "Main process exited" (exit_status_to_string: libc, LSB and BSD
+# codes; any other is n/a).
+EXIT_NAMES = {0: "SUCCESS", 1: "FAILURE", 2: "INVALIDARGUMENT", 3: "NOTIMPLEMENTED", 4: "NOPERMISSION",
+              5: "NOTINSTALLED", 6: "NOTCONFIGURED", 7: "NOTRUNNING", 64: "USAGE", 65: "DATAERR", 66: "NOINPUT",
+              67: "NOUSER", 68: "NOHOST", 69: "UNAVAILABLE", 70: "SOFTWARE", 71: "OSERR", 72: "OSFILE",
+              73: "CANTCREAT", 74: "IOERR", 75: "TEMPFAIL", 76: "PROTOCOL", 77: "NOPERM", 78: "CONFIG"}
+# `systemctl show` prints properties in its own table's order (a service's before the unit's), not
+# in the order --property asked for them.
+SHOW_ORDER = ("MainPID", "LoadState", "ActiveState", "SubState", "FragmentPath", "UnitFileState")
+
+
+def exited(code: int) -> str:
+    """systemd's words for how a main process ended (`Popen.returncode`: negative for a signal)."""
+    if code < 0:
+        return f"code=killed, status={-code}/{signal.Signals(-code).name[3:]}"
+    return f"code=exited, status={code}/{EXIT_NAMES.get(code, 'n/a')}"
 
 
 class UnitError(Exception):
@@ -108,6 +127,8 @@ def parse(text: str) -> dict[str, object]:
         if "=" not in line:
             raise UnitError(f"not an assignment: {line!r}")
         key, value = (part.strip() for part in line.split("=", 1))
+        if section == "Unit" and key == "Description":
+            service["description"] = specifiers(value)
         if section != "Service":
             continue
         if key == "Environment":
@@ -172,9 +193,11 @@ class Manager:
         except OSError:
             return default
 
-    def journal(self, name: str, line: str) -> None:
+    def journal(self, name: str, line: str, ident: str = "systemd[1]") -> None:
+        """A journal line as `journalctl` shows it: time, host, who said it (systemd itself, or the
+        service's process by its name and pid), the message."""
         with open(os.path.join(self.dir(name), "journal"), "a") as fh:
-            fh.write(f"{time.strftime('%b %d %H:%M:%S')} sandbox systemd[1]: {line}\n")
+            fh.write(f"{time.strftime('%b %d %H:%M:%S')} {socket.gethostname()} {ident}: {line}\n")
 
     def alive(self, pid: str) -> bool:
         if not pid.isdigit():
@@ -318,6 +341,7 @@ def supervise(manager: Manager, name: str) -> None:
     folder = manager.dir(name)
     with open(os.path.join(folder, "service.json")) as fh:
         service = json.load(fh)
+    described = f" - {service['description']}" if service.get("description") else ""
     child: list[subprocess.Popen[bytes]] = []
 
     def status(word: str) -> None:
@@ -328,41 +352,45 @@ def supervise(manager: Manager, name: str) -> None:
         if child and child[0].poll() is None:
             return            # the group's SIGTERM reached the process too (once, as systemd sends it):
                               # its wait below returns when it ends, and sees `stopping`
-        manager.journal(name, f"Stopped {name}.")  # between two starts (auto-restart)
+        manager.journal(name, f"Stopped {name}{described}.")  # between two starts (auto-restart)
         status("dead")
         os._exit(0)
     signal.signal(signal.SIGTERM, term)
+    restarts = 0
     while True:
-        manager.journal(name, f"Started {name}.")
-        with open(os.path.join(folder, "journal"), "ab") as out:
-            try:
-                proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            except OSError as err:
-                manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
-                status("failed")
-                return
+        manager.journal(name, f"Started {name}{described}.")
+        try:
+            proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except OSError as err:
+            manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
+            status("failed")
+            return
         child[:] = [proc]
         with open(os.path.join(folder, "pid"), "w") as fh:
             fh.write(str(proc.pid))
+        ident = f"{os.path.basename(service['argv'][0])}[{proc.pid}]"        # as journald names it
+        for raw in proc.stdout:                                               # type: ignore[union-attr]
+            manager.journal(name, raw.decode("utf-8", "replace").rstrip("\n"), ident)
         code = proc.wait()
         if os.path.exists(os.path.join(folder, "stopping")):
             os.unlink(os.path.join(folder, "stopping"))
-            manager.journal(name, f"Stopped {name}.")
+            manager.journal(name, f"Stopped {name}{described}.")
             status("dead")
             return
         if code == 0:
             manager.journal(name, f"{name}: Deactivated successfully.")
             status("dead")
             return
-        manager.journal(name, f"{name}: Main process exited, code=exited, status={code}/FAILURE")
+        manager.journal(name, f"{name}: Main process exited, {exited(code)}")
+        manager.journal(name, f"{name}: Failed with result '{'signal' if code < 0 else 'exit-code'}'.")
         if service.get("Restart") not in ("on-failure", "always"):
-            manager.journal(name, f"{name}: Failed with result 'exit-code'.")
             status("failed")
             return
         status("auto-restart")
+        restarts += 1
         time.sleep(float(service.get("RestartSec", "0.1") or 0.1))
-        manager.journal(name, f"{name}: Scheduled restart job.")
+        manager.journal(name, f"{name}: Scheduled restart job, restart counter is at {restarts}.")
         status("running")
 
 
@@ -421,7 +449,7 @@ def main(tool: str, args: list[str], units: str, state: str) -> int:
             props = manager.show(name)
             if i:
                 print()
-            for key in wanted or list(props):
+            for key in sorted(wanted or list(props), key=lambda k: SHOW_ORDER.index(k) if k in SHOW_ORDER else 99):
                 print(props.get(key, "") if value_only else f"{key}={props.get(key, '')}")
         return 0
     print(f"systemctl stand-in: unsupported arguments {args!r}", file=sys.stderr)
