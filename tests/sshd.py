@@ -386,7 +386,7 @@ DOCKER_STANDIN = '''#!{python}
 #   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking)
 #   docker restart NAME                      runs {root}/NAME/on-restart if there is one
 #   docker logs --tail N NAME                the last N lines of {root}/NAME/log
-import os, subprocess, sys
+import os, socket, subprocess, sys
 root = {root!r}
 args = sys.argv[1:]
 if os.environ.get("DOCKER_STANDIN_CONTAINER"):  # a container has no docker CLI of its host
@@ -432,14 +432,16 @@ if not os.path.isdir(cdir):
 if not interactive:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.chdir(cdir)
-base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name, "HOME": cdir,
+# A container on the host's network has the host's name (its own only on a network of its own).
+hostname = socket.gethostname() if not os.path.exists(os.path.join(cdir, "ip")) else name
+base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": hostname, "HOME": cdir,
         "DOCKER_STANDIN_CONTAINER": name}}
 try:
     os.execvpe(cmd[0], cmd, {{**base, **env}})
-except FileNotFoundError:
-    print(f"OCI runtime exec failed: exec: {{cmd[0]!r}}: executable file not found in $PATH",
-          file=sys.stderr)
-    sys.exit(127)
+except FileNotFoundError:  # as Docker 20.10 says it: on stdout, exit 126
+    print(f'OCI runtime exec failed: exec failed: unable to start container process: exec: "{{cmd[0]}}": '
+          "executable file not found in $PATH: unknown")
+    sys.exit(126)
 '''
 
 

@@ -120,10 +120,16 @@ def dockerd(hosts_cache: Path) -> Iterator[machines.Dockerd]:
 
 
 @pytest.fixture(scope="session")
-def comfyui_image(dockerd: machines.Dockerd, base_rootfs: Path, comfyui_repo: Path, real_wheelhouse: Path,
+def base_image(dockerd: machines.Dockerd, base_rootfs: Path) -> str:
+    """The rootfs as an image (no registry here), kept in the daemon's data root."""
+    return dockerd.import_rootfs(base_rootfs)
+
+
+@pytest.fixture(scope="session")
+def comfyui_image(dockerd: machines.Dockerd, base_image: str, comfyui_repo: Path, real_wheelhouse: Path,
                   request: pytest.FixtureRequest) -> str:
     """The seed's image: real ComfyUI v0.3.64 in /opt/ComfyUI with its venv (torch and the tag's
     requirements.txt from the real wheelhouse, offline), on the rootfs imported as an image. Made
     once per machine (kept in the daemon's data root, tagged by a hash of what it holds)."""
-    return machines.comfyui_image(dockerd, dockerd.import_rootfs(base_rootfs), comfyui_repo, real_wheelhouse,
+    return machines.comfyui_image(dockerd, base_image, comfyui_repo, real_wheelhouse,
                                   upstream.REQUIREMENTS_TAG, upstream.TORCH_PINS, upstream.EXTRA, _say(request))
