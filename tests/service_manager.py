@@ -1,6 +1,8 @@
-"""A small service manager standing in for systemd where it is not PID 1 (here): `systemctl` and
-`journalctl` over the unit files provision installs, as far as provision and the tests use them.
-Standard library only; installed per host by tests/sshd.py `install_service_manager`.
+"""A small service manager standing in for systemd on the fast suite's hosts (processes of this
+machine, where systemd is not PID 1): `systemctl` and `journalctl` over the unit files provision
+installs, as far as provision and the tests use them. Standard library only; installed per host by
+tests/sshd.py `install_service_manager`. The real-hosts tier holds it against real systemd
+(tests/hosts/test_hosts_standins.py): the same commands, the same answers.
 
 It reads what systemd reads of a unit (`[Service]` ExecStart, ExecStartPost, Environment,
 WorkingDirectory, Restart, RestartSec; systemd's quoting, `%%` and `$$`, `$VAR` expansion) and is as
@@ -10,7 +12,8 @@ unkind as systemd where provision could get it wrong:
 - `start` / `restart` return once the process is forked (Type=simple), long before ComfyUI listens;
   an ExecStartPost runs before they return;
 - the service gets systemd's environment (its own PATH, no login session), cwd `/` unless
-  WorkingDirectory says otherwise, and stdout/stderr in its journal;
+  WorkingDirectory says otherwise, and stdout/stderr in its journal, each line stamped as journald
+  stamps it (time, host, the process's name and pid);
 - a process that exits non-zero is `failed`, or with Restart=on-failure `activating`/`auto-restart`
   and started again after RestartSec (no start limit: systemd's does not trip at RestartSec=5);
 - `enable` links the unit into UNITS/multi-user.target.wants, `is-enabled` and `show` read that link.
