@@ -36,11 +36,17 @@ def _say(request: pytest.FixtureRequest) -> Callable[[str], None]:
     return say
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Where this machine cannot run the tier, each of its tests is skipped saying why, before any
+    fixture (the upstream mirrors, the stand-ins) is made for it."""
+    tier = [item for item in items if item.get_closest_marker("hosts")]
+    reason = machines.unable() if tier else None
+    for item in tier if reason else ():
+        item.add_marker(pytest.mark.skip(reason=f"the real-hosts tier {reason}"))
+
+
 @pytest.fixture(scope="session")
 def hosts_cache() -> Path:
-    reason = machines.unable()
-    if reason:
-        pytest.skip(f"the real-hosts tier {reason}")
     return machines.cache_dir()
 
 
