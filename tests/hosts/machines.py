@@ -221,16 +221,35 @@ class Machine:
             failed = self.ssh("systemctl", "--failed", "--no-legend").stdout
             raise RuntimeError(f"{self.name}: system {state.stdout.strip() or state.stderr.strip()}: {failed}")
 
-    def ssh(self, *argv: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """A command on the host through its sshd, as root (the system's ssh client, the fleet's
-        ssh_config and known_hosts; root's login shell there reads the line, so it is quoted)."""
+    def ssh(self, *argv: str, timeout: float = 60.0, check: bool = False,
+            user: str = "root") -> subprocess.CompletedProcess[str]:
+        """A command on the host through its sshd, as `user` (the system's ssh client, the fleet's
+        ssh_config and known_hosts; the user's login shell there reads the line, so it is quoted)."""
         proc = subprocess.run(["ssh", "-F", str(self.sshd.ssh_config), "-o", "BatchMode=yes",
-                               "-o", f"UserKnownHostsFile={self.sshd.known_hosts}",
+                               "-o", f"UserKnownHostsFile={self.sshd.known_hosts}", "-l", user,
                                "-o", "StrictHostKeyChecking=yes", self.sshd.name, "--", shlex.join(argv)],
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise AssertionError(f"{self.name}: {' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         return proc
+
+    def add_user(self, name: str) -> None:
+        """A login user who may sudo without a password (as a fleet's deploy user, for `become`),
+        logging in with the fleet's client key."""
+        authorized = self.sshd.client_key.with_name(self.sshd.client_key.name + ".pub").read_text()
+        self.ssh("useradd", "--create-home", "--shell", "/bin/bash", name, check=True)
+        self.ssh("install", "-d", "-m", "700", "-o", name, "-g", name, f"/home/{name}/.ssh", check=True)
+        self.path(f"/home/{name}/.ssh/authorized_keys").write_text(authorized)
+        self.ssh("chown", f"{name}:{name}", f"/home/{name}/.ssh/authorized_keys", check=True)
+        self.path(f"/etc/sudoers.d/{name}").write_text(f"{name} ALL=(ALL) NOPASSWD: ALL\n")
+        self.path(f"/etc/sudoers.d/{name}").chmod(0o440)
+
+    def leftovers(self) -> list[str]:
+        """What an apply started on the host that still runs: its supervisors (`python3 -I -S -c`
+        reading their program from stdin) and the commands they ran (git, pip)."""
+        rows = self.ssh("ps", "-eo", "args", "--no-headers", check=True).stdout.splitlines()
+        return [row for row in rows if "sys.stdin" in row or " -m pip " in row
+                or (row.split() or [""])[0].rsplit("/", 1)[-1] == "git"]
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.ssh("systemctl", *args)

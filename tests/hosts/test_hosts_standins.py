@@ -64,7 +64,9 @@ def sequence(run: Runner) -> list[tuple[str, object]]:
     look("after it died", "systemctl", "show", "probe", "--property=ActiveState,SubState,MainPID")
     look("is-active after it died", "systemctl", "is-active", "probe")
     journal = run("journalctl", "-u", "probe", "-n", "40", "--no-pager").stdout
-    seen.append(("journal", journal_shape(journal)))
+    # Sorted: journald orders systemd's `Started` line and the service's first lines by their own
+    # clocks, so either may come first on a real host.
+    seen.append(("journal", sorted(journal_shape(journal))))
     look("stop", "systemctl", "stop", "probe")
     look("after stop", "systemctl", "show", "probe", "--property=ActiveState,SubState,MainPID")
     look("disable", "systemctl", "disable", "--now", "probe")
@@ -90,3 +92,11 @@ def test_the_service_manager_stand_in_answers_as_real_systemd(machine: Machine, 
     differences = [f"{label}: real systemd {want!r}, the stand-in {got!r}"
                    for (label, want), (_, got) in zip(real, stand_in) if got != want]
     assert not differences, "\n".join(differences)
+
+
+def test_a_host_can_have_a_deploy_user_who_may_sudo(machine: Machine) -> None:
+    """What a test of `become` (provision connecting as a user, not root) needs from a host."""
+    machine.add_user("deploy")
+    assert machine.ssh("id", "-un", user="deploy", check=True).stdout.strip() == "deploy"
+    assert machine.ssh("sudo", "-n", "id", "-u", user="deploy", check=True).stdout.strip() == "0"
+    assert machine.ssh("sudo", "-n", "true", user="nobody").returncode != 0         # no other login

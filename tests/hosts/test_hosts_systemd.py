@@ -195,7 +195,7 @@ def test_an_apply_killed_during_the_core_move_converges_when_run_again(
             proc.kill()
     # Nothing it started goes on running on the host: its supervisors stop what they ran.
     deadline = time.monotonic() + 30
-    while "provision" in (left := host.machine.ssh("ps", "-eo", "args").stdout) and "supervise" in left:
+    while left := host.machine.leftovers():
         assert time.monotonic() < deadline, left
         time.sleep(0.5)
     code, out = run(hosts_lab, "plan", host)
