@@ -426,12 +426,12 @@ def comfyui_image(daemon: Dockerd, base: str, comfyui_repo: Path, wheelhouse: Pa
     say(f"building the ComfyUI {tag} image (once per machine, a few minutes): {image}")
     started = time.monotonic()
     builder = f"{LABEL}-build-{os.getpid()}"
-    find = f"venv/bin/pip install -q --no-index --find-links {wheelhouse}"
+    pip_install = f"venv/bin/pip install -q --no-index --find-links {wheelhouse}"
     script = "\n".join([
         "set -e", f"git clone -q --no-checkout {comfyui_repo} /opt/ComfyUI", "cd /opt/ComfyUI",
         f"git checkout -q --detach {tag}", "python3 -m venv venv",
-        " ".join([find, *(f"'{pin}'" for pin in torch)]),       # the tier's pins: no quote inside
-        " ".join([find, "-r requirements.txt", *(f"'{pin}'" for pin in extra)])])
+        " ".join([pip_install, *(f"'{pin}'" for pin in torch)]),       # the tier's pins: no quote inside
+        " ".join([pip_install, "-r requirements.txt", *(f"'{pin}'" for pin in extra)])])
     try:
         daemon.docker("run", "--name", builder, "--label", LABEL, "--network", "none",
                       "-v", f"{comfyui_repo}:{comfyui_repo}:ro", "-v", f"{wheelhouse}:{wheelhouse}:ro",
