@@ -80,7 +80,7 @@ def test_a_bare_host_gets_real_comfyui_in_one_apply_then_moves_it_as_one_change(
     assert "~ core checkout ComfyUI v0.3.60 -> v0.3.64; pip install comfyui-frontend-package==1.27.10" in out
     code, out = real_lab.run("apply", "--limit", host.name)
     assert code == 2, out
-    assert host.journal().count("Started comfyui.service.") == 2   # one restart
+    assert host.journal().count("Started comfyui.service - ") == 2   # one restart
     assert f"{host.name} PASS comfyui_reachable: ComfyUI 0.3.64 answers" in out
     assert f"{host.name} PASS generation" in out
     assert real_lab.run("plan", "--limit", host.name)[0] == 0
