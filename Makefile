@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-real test-reliability system-deps clean
+.PHONY: demo test test-real test-hosts test-reliability system-deps hosts-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP) system-deps
 test-real: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m real tests/real $(ARGS)
 
+## make test-hosts: the real-hosts tier, root only: real systemd (a Debian rootfs booted by
+## systemd-nspawn, built once into PROVISION_HOSTS_CACHE, default ~/.cache/provision-hosts) and a real
+## dockerd, running real ComfyUI on CPU from the real tier's sources and wheelhouse. docs/testing.md
+test-hosts: $(STAMP) system-deps hosts-deps
+	$(BIN)/python -m pytest -q -m hosts tests/hosts $(ARGS)
+
 ## make test-reliability: generated malformed inputs, the injection corpus, random kill points during
 ## apply and rollback, the token canary, a disk that fills (not in `make test`); PROVISION_RELIABILITY=full
 ## for 520 malformed inputs, every payload through apply and 104 + 48 kill points
@@ -34,6 +40,9 @@ test-reliability: $(STAMP) system-deps
 
 system-deps:
 	@.ci/system-deps
+
+hosts-deps:
+	@.ci/hosts-deps
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

@@ -1,6 +1,8 @@
-"""A small service manager standing in for systemd where it is not PID 1 (here): `systemctl` and
-`journalctl` over the unit files provision installs, as far as provision and the tests use them.
-Standard library only; installed per host by tests/sshd.py `install_service_manager`.
+"""A small service manager standing in for systemd on the fast suite's hosts (processes of this
+machine, where systemd is not PID 1): `systemctl` and `journalctl` over the unit files provision
+installs, as far as provision and the tests use them. Standard library only; installed per host by
+tests/sshd.py `install_service_manager`. The real-hosts tier holds it against real systemd
+(tests/hosts/test_hosts_standins.py): the same commands, the same answers.
 
 It reads what systemd reads of a unit (`[Service]` ExecStart, ExecStartPost, Environment,
 WorkingDirectory, User, Group, Restart, RestartSec; systemd's quoting, `%%` and `$$`, `$VAR` expansion) and is as
@@ -10,7 +12,8 @@ unkind as systemd where provision could get it wrong:
 - `start` / `restart` return once the process is forked (Type=simple), long before ComfyUI listens;
   an ExecStartPost runs before they return;
 - the service gets systemd's environment (its own PATH, no login session), cwd `/` unless
-  WorkingDirectory says otherwise, and stdout/stderr in its journal;
+  WorkingDirectory says otherwise, and stdout/stderr in its journal, each line stamped as journald
+  stamps it (time, host, the process's name and pid);
 - a process that exits non-zero is `failed`, or with Restart=on-failure `activating`/`auto-restart`
   and started again after RestartSec (no start limit: systemd's does not trip at RestartSec=5);
 - `enable` links the unit into UNITS/multi-user.target.wants, `is-enabled` and `show` read that link.
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +39,24 @@ WANTS = "multi-user.target.wants"
 STOP_TIMEOUT_S = 30.0
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", "s": " ", "a": "\a", "b": "\b", "f": "\f",
             "r": "\r", "v": "\v"}
+
+
+# How systemd names an exit status in "Main process exited" (exit_status_to_string: libc, LSB and BSD
+# codes; any other is n/a).
+EXIT_NAMES = {0: "SUCCESS", 1: "FAILURE", 2: "INVALIDARGUMENT", 3: "NOTIMPLEMENTED", 4: "NOPERMISSION",
+              5: "NOTINSTALLED", 6: "NOTCONFIGURED", 7: "NOTRUNNING", 64: "USAGE", 65: "DATAERR", 66: "NOINPUT",
+              67: "NOUSER", 68: "NOHOST", 69: "UNAVAILABLE", 70: "SOFTWARE", 71: "OSERR", 72: "OSFILE",
+              73: "CANTCREAT", 74: "IOERR", 75: "TEMPFAIL", 76: "PROTOCOL", 77: "NOPERM", 78: "CONFIG"}
+# `systemctl show` prints properties in its own table's order (a service's before the unit's), not
+# in the order --property asked for them.
+SHOW_ORDER = ("MainPID", "LoadState", "ActiveState", "SubState", "FragmentPath", "UnitFileState")
+
+
+def exited(code: int) -> str:
+    """systemd's words for how a main process ended (`Popen.returncode`: negative for a signal)."""
+    if code < 0:
+        return f"code=killed, status={-code}/{signal.Signals(-code).name[3:]}"
+    return f"code=exited, status={code}/{EXIT_NAMES.get(code, 'n/a')}"
 
 
 class UnitError(Exception):
@@ -126,6 +148,8 @@ def parse(text: str) -> dict[str, object]:
         if "=" not in line:
             raise UnitError(f"not an assignment: {line!r}")
         key, value = (part.strip() for part in line.split("=", 1))
+        if section == "Unit" and key == "Description":
+            service["description"] = specifiers(value)
         if section != "Service":
             continue
         if key == "Environment":
@@ -194,9 +218,11 @@ class Manager:
         except OSError:
             return default
 
-    def journal(self, name: str, line: str) -> None:
+    def journal(self, name: str, line: str, ident: str = "systemd[1]") -> None:
+        """A journal line as `journalctl` shows it: time, host, who said it (systemd itself, or the
+        service's process by its name and pid), the message."""
         with open(os.path.join(self.dir(name), "journal"), "a") as fh:
-            fh.write(f"{time.strftime('%b %d %H:%M:%S')} sandbox systemd[1]: {line}\n")
+            fh.write(f"{time.strftime('%b %d %H:%M:%S')} {socket.gethostname()} {ident}: {line}\n")
 
     def alive(self, pid: str) -> bool:
         if not pid.isdigit():
@@ -358,6 +384,7 @@ def supervise(manager: Manager, name: str) -> None:
     folder = manager.dir(name)
     with open(os.path.join(folder, "service.json")) as fh:
         service = json.load(fh)
+    described = f" - {service['description']}" if service.get("description") else ""
     child: list[subprocess.Popen[bytes]] = []
 
     def status(word: str) -> None:
@@ -368,53 +395,58 @@ def supervise(manager: Manager, name: str) -> None:
         if child and child[0].poll() is None:
             return            # the group's SIGTERM reached the process too (once, as systemd sends it):
                               # its wait below returns when it ends, and sees `stopping`
-        manager.journal(name, f"Stopped {name}.")  # between two starts (auto-restart)
+        manager.journal(name, f"Stopped {name}{described}.")  # between two starts (auto-restart)
         status("dead")
         os._exit(0)
     signal.signal(signal.SIGTERM, term)
+    restarts = 0
     while True:
-        manager.journal(name, f"Started {name}.")
-        with open(os.path.join(folder, "journal"), "ab") as out:
-            try:
-                proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        **credentials(service))
-            except KeyError as err:      # User=/Group= names no one: systemd's 217/USER
-                manager.journal(name, f"{name}: Failed to determine user credentials: {err}")
-                status("failed")
-                return
-            except OSError as err:
-                manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
-                status("failed")
-                return
+        manager.journal(name, f"Started {name}{described}.")
+        try:
+            proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    **credentials(service))
+        except KeyError as err:      # User=/Group= names no one: systemd's 217/USER
+            manager.journal(name, f"{name}: Failed to determine user credentials: {err}")
+            status("failed")
+            return
+        except OSError as err:
+            manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
+            status("failed")
+            return
         child[:] = [proc]
         with open(os.path.join(folder, "pid"), "w") as fh:
             fh.write(str(proc.pid))
+        ident = f"{os.path.basename(service['argv'][0])}[{proc.pid}]"        # as journald names it
+        for raw in proc.stdout:                                               # type: ignore[union-attr]
+            manager.journal(name, raw.decode("utf-8", "replace").rstrip("\n"), ident)
         code = proc.wait()
         if os.path.exists(os.path.join(folder, "stopping")):
             os.unlink(os.path.join(folder, "stopping"))
-            manager.journal(name, f"Stopped {name}.")
+            manager.journal(name, f"Stopped {name}{described}.")
             status("dead")
             return
         if code == 0:
             manager.journal(name, f"{name}: Deactivated successfully.")
             status("dead")
             return
-        manager.journal(name, f"{name}: Main process exited, code=exited, status={code}/FAILURE")
+        manager.journal(name, f"{name}: Main process exited, {exited(code)}")
+        manager.journal(name, f"{name}: Failed with result '{'signal' if code < 0 else 'exit-code'}'.")
         if service.get("Restart") not in ("on-failure", "always"):
-            manager.journal(name, f"{name}: Failed with result 'exit-code'.")
             status("failed")
             return
         status("auto-restart")
+        restarts += 1
         time.sleep(float(service.get("RestartSec", "0.1") or 0.1))
-        manager.journal(name, f"{name}: Scheduled restart job.")
+        manager.journal(name, f"{name}: Scheduled restart job, restart counter is at {restarts}.")
         status("running")
 
 
 def main(tool: str, args: list[str], units: str, state: str) -> int:
     manager = Manager(units, state)
     if tool == "journalctl":
-        if args[-3:-1] == ["-o", "cat"]:        # the message alone: the stand-in's journal has no prefixes
+        bare = args[-3:-1] == ["-o", "cat"]     # the message alone, without time, host and who said it
+        if bare:
             args = args[:-3] + args[-1:]
         if len(args) == 5 and args[0] == "-u" and args[2] == "-n" and args[4] == "--no-pager":
             name = manager.name(args[1])
@@ -424,7 +456,7 @@ def main(tool: str, args: list[str], units: str, state: str) -> int:
             except OSError:
                 lines = []
             for line in lines[-int(args[3]):]:
-                print(line)
+                print(line.split(": ", 1)[1] if bare and ": " in line else line)
             if not lines:
                 print("-- No entries --")
             return 0
@@ -468,7 +500,7 @@ def main(tool: str, args: list[str], units: str, state: str) -> int:
             props = manager.show(name)
             if i:
                 print()
-            for key in wanted or list(props):
+            for key in sorted(wanted or list(props), key=lambda k: SHOW_ORDER.index(k) if k in SHOW_ORDER else 99):
                 print(props.get(key, "") if value_only else f"{key}={props.get(key, '')}")
         return 0
     print(f"systemctl stand-in: unsupported arguments {args!r}", file=sys.stderr)

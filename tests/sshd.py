@@ -212,10 +212,11 @@ class SshdFleet:
     def add(self, n: int = 1, *, names: Sequence[str] | None = None,
             bin_dirs: Sequence[Path | None] | None = None, start: bool = True,
             trusted: bool = True, extra_config: str = "", sftp: str = "internal-sftp",
-            key_type: str = "ed25519") -> list[SshdHost]:
+            key_type: str = "ed25519", env: Mapping[str, str] | None = None) -> list[SshdHost]:
         """Start `n` servers; `bin_dirs[i]` comes first on host i's PATH; `trusted` adds host keys;
         `sftp`: the sftp subsystem (a path: sshd starts it through the user's login shell);
-        `key_type`: their host keys' (rsa: the one OpenSSH >= 8.8 verifies only with SHA-2)."""
+        `key_type`: their host keys' (rsa: the one OpenSSH >= 8.8 verifies only with SHA-2); `env`:
+        more variables every session gets (as a host's /etc/environment would give them)."""
         made = []
         for i in range(n):
             name = names[i] if names else f"gpu-{len(self.hosts) + 1:02d}"
@@ -227,7 +228,7 @@ class SshdFleet:
             host = SshdHost(name, free_port(), hdir, bin_dir, self.ssh_config, self.known_hosts,
                             self.client_key, key_type=key_type)
             keygen(host.host_key, f"host-{name}", key_type)
-            host.config.write_text(self._sshd_config(host, extra_config, sftp))
+            host.config.write_text(self._sshd_config(host, extra_config, sftp, env or {}))
             self.hosts.append(host)
             made.append(host)
             if trusted:
@@ -248,7 +249,9 @@ class SshdFleet:
                           f"  IdentityFile {self.client_key}\n{more}")
         self.ssh_config.write_text("\n".join(blocks))
 
-    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp") -> str:
+    def _sshd_config(self, host: SshdHost, extra: str, sftp: str = "internal-sftp",
+                     env: Mapping[str, str] | None = None) -> str:
+        more_env = "".join(f" {key}={value}" for key, value in (env or {}).items())
         return "\n".join([
             f"Port {host.port}", "ListenAddress 127.0.0.1", f"HostKey {host.host_key}",
             f"PidFile {host.dir / 'sshd.pid'}", "LogLevel VERBOSE", "UsePAM no", "StrictModes no",
@@ -258,7 +261,7 @@ class SshdFleet:
             f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys", "AllowTcpForwarding yes",
             # SHLVL=1: bash skips ~/.bashrc under sshd (Debian SSH_SOURCE_BASHRC), so every exec
             # sees exactly this PATH and pays no rc-file start-up.
-            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1", f"Subsystem sftp {sftp}",
+            f"SetEnv PATH={host.bin_dir}:{SYSTEM_PATH} SHLVL=1{more_env}", f"Subsystem sftp {sftp}",
             extra, "",
         ])
 
@@ -385,7 +388,7 @@ DOCKER_STANDIN = '''#!{python}
 #   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking)
 #   docker restart NAME                      runs {root}/NAME/on-restart if there is one
 #   docker logs --tail N NAME                the last N lines of {root}/NAME/log
-import os, subprocess, sys
+import os, socket, subprocess, sys
 root = {root!r}
 args = sys.argv[1:]
 if os.environ.get("DOCKER_STANDIN_CONTAINER"):  # a container has no docker CLI of its host
@@ -431,14 +434,16 @@ if not os.path.isdir(cdir):
 if not interactive:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.chdir(cdir)
-base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name, "HOME": cdir,
+# A container on the host's network has the host's name (its own only on a network of its own).
+hostname = socket.gethostname() if not os.path.exists(os.path.join(cdir, "ip")) else name
+base = {{"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": hostname, "HOME": cdir,
         "DOCKER_STANDIN_CONTAINER": name}}
 try:
     os.execvpe(cmd[0], cmd, {{**base, **env}})
-except FileNotFoundError:
-    print(f"OCI runtime exec failed: exec: {{cmd[0]!r}}: executable file not found in $PATH",
-          file=sys.stderr)
-    sys.exit(127)
+except FileNotFoundError:  # as Docker 20.10 says it: on stdout, exit 126
+    print(f'OCI runtime exec failed: exec failed: unable to start container process: exec: "{{cmd[0]}}": '
+          "executable file not found in $PATH: unknown")
+    sys.exit(126)
 '''
 
 

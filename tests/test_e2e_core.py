@@ -50,7 +50,7 @@ def git(host: LabHost, *args: str) -> str:
 
 def starts(host: LabHost, unit: str = "comfyui") -> int:
     """How many times the service manager started the unit's process."""
-    return host.journal(unit).count(f"Started {unit}.service.")
+    return host.journal(unit).count(f"Started {unit}.service - ")   # systemd names the Description
 
 
 LOOPBACK_V4 = "0100007F"          # 127.0.0.1 as /proc/net/tcp writes it

@@ -1,6 +1,6 @@
 """After a restart, apply waits until ComfyUI is ready, over real sshd hosts whose ComfyUI runs as a
-systemd unit (the seed's own setup; `systemctl` and `journalctl` are stand-ins, there is no systemd
-here). Like the real commands, the restart returns before ComfyUI listens: verification passes once
+systemd unit (the seed's own setup; `systemctl` and `journalctl` are the service-manager stand-in
+here, held against real systemd by the real-hosts tier, which runs these cases under it too). Like the real commands, the restart returns before ComfyUI listens: verification passes once
 ComfyUI is ready, and a ComfyUI that never comes back, or dies while starting, fails its host with
 the last lines of its log."""
 

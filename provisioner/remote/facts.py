@@ -58,10 +58,12 @@ except Exception:
 import importlib.util
 out["ensurepip"] = all(importlib.util.find_spec(m) is not None for m in ("venv", "ensurepip"))
 if wheel_tags is None and out["ensurepip"]:
-    try:    # no pip here, but the pip a new venv gets: the wheel ensurepip bundles (a zip import)
+    try:    # no pip here, but the pip a new venv gets: the wheel ensurepip bundles (a zip import),
+            # or, in Debian's and Fedora's builds, the one they keep in WHEEL_PKG_DIR instead
         import glob, os, ensurepip
-        sys.path.insert(0, sorted(glob.glob(os.path.join(os.path.dirname(ensurepip.__file__),
-                                                         "_bundled", "pip-*.whl")))[-1])
+        folders = [os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"),
+                   sysconfig.get_config_var("WHEEL_PKG_DIR") or ""]
+        sys.path.insert(0, sorted(w for d in folders if d for w in glob.glob(os.path.join(d, "pip-*.whl")))[-1])
         from pip._vendor.packaging import tags as wheel_tags
     except Exception:
         wheel_tags = None

@@ -98,12 +98,13 @@ def gpu_config(gpu: str, state_file: Path) -> dict:
     return {"gpus": cards, "state": str(state_file)}
 
 
-def install_nvidia_smi(bin_dir: Path, config: dict) -> Path:
-    """Write bin_dir/nvidia-smi: the shim's own source with CONFIG filled in (values, not paths)."""
+def install_nvidia_smi(bin_dir: Path, config: dict, python: str = sys.executable) -> Path:
+    """Write bin_dir/nvidia-smi: the shim's own source with CONFIG filled in (values, not paths),
+    run by `python` (a host's own python3 when bin_dir is inside another root)."""
     source = Path(nvidia_smi.__file__).read_text()
     marker = "CONFIG: dict = {}  # replaced by host.py in the installed copy"
     script = bin_dir / "nvidia-smi"
-    script.write_text(f"#!{sys.executable}\n" + source.replace(marker, f"CONFIG: dict = {config!r}", 1))
+    script.write_text(f"#!{python}\n" + source.replace(marker, f"CONFIG: dict = {config!r}", 1))
     script.chmod(0o755)
     return script
 

@@ -19,11 +19,8 @@ from pathlib import Path
 
 import pytest
 import upstream
-from lab import REPO, Lab, open_lab
-from realhost import BareRealHost, RealHost, make_bare_host, make_real_host
-
-TEMPLATES = Path(__file__).with_name("templates")
-SMOKE_TEMPLATE = "smoke-invert.json.j2"       # model-free: runs on real ComfyUI on a CPU
+from lab import Lab, open_lab
+from realhost import BareRealHost, RealHost, make_bare_host, make_real_host, real_lab_settings
 
 # -- session: sources, the venv, one lab ---------------------------------------------------------
 
@@ -108,12 +105,7 @@ def real_lab(tmp_path_factory: pytest.TempPathFactory, plugin_repo: Path) -> Ite
     restart follows too. A test that wants the family's nodes required sets it back for its host
     (`lab.overlays`)."""
     with open_lab(tmp_path_factory.mktemp("real-lab")) as lab:
-        lab.base_profile = REPO / "profiles" / "base.yaml"
-        lab.profile_extra = {"plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},
-                             "backend": {"version": "1.2.1"}, "model": {"precision": "int4"},
-                             "workflow": {"template_dir": str(TEMPLATES), "templates": [SMOKE_TEMPLATE]},
-                             "verify": {"family_nodes": False}}
-        lab.write()
+        real_lab_settings(lab, plugin_repo)
         yield lab
 
 

@@ -13,14 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import upstream
-from lab import service_port
+from lab import REPO, Lab, service_port
 from service import running_pid
 from service_manager import stop_all as stop_units
 from sshd import SshdHost, free_port, install_service_manager
 
 SERVICE = Path(__file__).with_name("service.py")
+TEMPLATES = Path(__file__).with_name("templates")
+SMOKE_TEMPLATE = "smoke-invert.json.j2"       # model-free: runs on real ComfyUI on a CPU
 READY_TIMEOUT_S = 300.0          # ComfyUI starts in ~5 s on an idle 2-core machine; CI may be loaded
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def real_lab_settings(lab: Lab, plugin_repo: Path) -> None:
+    """The real tier's profile: the real plugin at v1.1.0, backend 1.2.1 (the real venv's torch is
+    2.9.1+cu128, and of upstream's releases only 1.2.1 has a wheel built for torch 2.9 with CUDA
+    12.8), int4 so plans are decided without a GPU, and a model-free workflow (LoadImage of the
+    checkout's example.png -> ImageInvert -> SaveImage) with `verify.family_nodes: false`, which the
+    readiness wait after a restart follows too: no nunchaku backend runs on a CPU."""
+    lab.base_profile = REPO / "profiles" / "base.yaml"
+    lab.profile_extra = {"plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},
+                         "backend": {"version": "1.2.1"}, "model": {"precision": "int4"},
+                         "workflow": {"template_dir": str(TEMPLATES), "templates": [SMOKE_TEMPLATE]},
+                         "verify": {"family_nodes": False}}
+    lab.write()
 
 
 def http_json(url: str, timeout: float = 30.0) -> Any:

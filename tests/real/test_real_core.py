@@ -61,7 +61,7 @@ def test_a_bare_host_gets_real_comfyui_in_one_apply_then_moves_it_as_one_change(
     assert listening(host.port) == ["0100007F"]                    # 127.0.0.1 only
     for check in ("comfyui_reachable", "nodes_registered", "workflow_accepted", "generation", "images_ok"):
         assert f"{host.name} PASS {check}" in out
-    assert host.journal().count("Started comfyui.service.") == 1
+    assert host.journal().count("Started comfyui.service - ") == 1
 
     roots = (host.comfy, host.unit_dir)
     before = [tree_state(r, skip=("output", "user", "__pycache__", "temp")) for r in roots]
@@ -80,7 +80,7 @@ def test_a_bare_host_gets_real_comfyui_in_one_apply_then_moves_it_as_one_change(
     assert "~ core checkout ComfyUI v0.3.60 -> v0.3.64; pip install comfyui-frontend-package==1.27.10" in out
     code, out = real_lab.run("apply", "--limit", host.name)
     assert code == 2, out
-    assert host.journal().count("Started comfyui.service.") == 2   # one restart
+    assert host.journal().count("Started comfyui.service - ") == 2   # one restart
     assert f"{host.name} PASS comfyui_reachable: ComfyUI 0.3.64 answers" in out
     assert f"{host.name} PASS generation" in out
     assert real_lab.run("plan", "--limit", host.name)[0] == 0
