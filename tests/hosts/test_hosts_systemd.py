@@ -57,8 +57,10 @@ class SystemdHost:
         return self.machine.sshd
 
     def provision_vars(self) -> dict[str, Any]:
+        # The host's root is root's (provision logs in as root and clones it): said explicitly, so the
+        # hardened unit runs under real systemd as root here.
         return {"comfyui": {"root": ROOT, "port": self.port, "restart": None, "service": "systemd",
-                            "args": ["--cpu", "--disable-auto-launch"]}}
+                            "args": ["--cpu", "--disable-auto-launch"], "allow_root": True}}
 
     def overlay(self, version: str) -> dict[str, Any]:
         """ComfyUI `version` from the real repository, its venv from the real wheelhouse, offline."""

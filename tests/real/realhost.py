@@ -29,7 +29,7 @@ def real_lab_settings(lab: Lab, plugin_repo: Path) -> None:
     """The real tier's profile: the real plugin at v1.1.0, backend 1.2.1 (the real venv's torch is
     2.9.1+cu128, and of upstream's releases only 1.2.1 has a wheel built for torch 2.9 with CUDA
     12.8), int4 so plans are decided without a GPU, and a model-free workflow (LoadImage of the
-    checkout's example.png -> ImageInvert -> SaveImage) with `verify.family_nodes: false`, which the
+    checkout's example.png -> ImageInvert -> ImageAddNoise, seeded so no warm run is served from the cache -> SaveImage) with `verify.family_nodes: false`, which the
     readiness wait after a restart follows too: no nunchaku backend runs on a CPU."""
     lab.base_profile = REPO / "profiles" / "base.yaml"
     lab.profile_extra = {"plugin": {"repo": str(plugin_repo), "tag": "v1.1.0"},

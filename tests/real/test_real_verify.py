@@ -54,7 +54,7 @@ def test_the_model_free_workflow_passes_every_check_timed_by_comfyuis_own_histor
     assert {"comfyui_reachable", "device", "nodes_registered", "workflow_accepted", "comfyui_ready",
             "generation", "images_ok", "cold_time", "warm_time", "vram_peak"} <= set(checks)
     assert "ComfyUI runs on cpu" in checks["device"]["detail"]
-    assert "workflow's 3 classes too" in checks["nodes_registered"]["detail"]
+    assert "workflow's 4 classes too" in checks["nodes_registered"]["detail"]
     runs = entry["runs"]
     assert [r["kind"] for r in runs] == ["cold", "warm", "warm"]
     # Each run's time is ComfyUI's own: its /history timestamps, read here independently.
