@@ -196,7 +196,7 @@ def test_an_apply_killed_during_the_core_move_converges_when_run_again(
     """Killed inside the core's change, once its checkout is done (during its pip install): the next
     apply finishes it and performs the restart the killed one owed, exactly once. (A kill inside
     `git checkout` itself leaves a half-updated tree that the next plan refuses as modified: a
-    known defect, filed, not what this case holds.)"""
+    known defect, listed in docs/reliability.md, not what this case holds.)"""
     proc = hosts_lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
     try:
         deadline = time.monotonic() + 300
