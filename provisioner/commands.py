@@ -305,11 +305,10 @@ def apply(args: argparse.Namespace, console: Console) -> int:
                          "--verify-gate (or rollout.verify_gate: true)")
     if canary and reviewed is None:
         chosen = changing_first(args, chosen, canary)
-    try:
-        return run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None,
-                         planner=(lambda profile, host: reviewed.planner(profile, host)) if reviewed else None)
-    finally:
-        say_lock(chosen, console)
+    code = run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None,
+                     planner=(lambda profile, host: reviewed.planner(profile, host)) if reviewed else None)
+    say_lock(chosen, console)                   # after a run, not under an error's one line
+    return code
 
 
 def changing_first(args: argparse.Namespace, chosen: list[Target], canary: int) -> list[Target]:

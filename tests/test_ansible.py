@@ -51,7 +51,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with open_lab(tmp_path_factory.mktemp("lab-ansible")) as lab:
-        lab.add(2)
+        lab.add(2, torch="2.8.0+cu128")      # backend 1.2.0 (the gate case: plugin v1.2.0 needs it) starts at torch 2.7
         yield lab
 
 
@@ -206,6 +206,7 @@ def test_the_verification_gate_rolls_a_failing_host_back(lab: Lab, installed: Pa
         fh.write(FOOLED)
     inventory = yaml.safe_load(lab.inventory.read_text())
     inventory["all"]["hosts"][bad.name]["provision"]["plugin"] = {"tag": "v1.2.0"}
+    inventory["all"]["hosts"][bad.name]["provision"]["backend"] = {"version": "1.2.0"}   # v1.2.0 needs it (#777)
     inventory["all"]["hosts"][good.name]["provision"]["workflow"] = {"steps": 5}
     write_yaml(tmp_path / "inventory.yaml", inventory)
     code, out, recap = playbook(lab, installed, tmp_path / "report", inventory=tmp_path / "inventory.yaml",

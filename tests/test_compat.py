@@ -271,7 +271,7 @@ def test_a_plugin_tag_the_repository_lacks_is_not_judged(tmp_path: Path) -> None
     from provisioner.facts.model import RemoteTags
     from provisioner.resources import plugin
 
-    profile = make_profile(comfy_root(tmp_path, "0.3.64", OLD_CORE), "v1.3.0")
+    profile = make_profile(comfy_root(tmp_path, "0.3.64", OLD_CORE), "v1.3.0", backend="1.2.1")
     facts = real_facts(profile)
     with pytest.raises(PlanError, match="update ComfyUI"):
         compat.plan(profile, facts)            # as the repository's tags are not known: judged by its number

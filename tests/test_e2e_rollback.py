@@ -328,13 +328,13 @@ def test_the_canary_batch_is_made_of_hosts_the_change_reaches(lab: Lab) -> None:
     """The first host already runs v1.2.0 (applied alone, without the gate): it would test nothing.
     The canary is the first host whose plan changes something; it fails, is rolled back, and the
     rollout stops before the rest."""
-    hosts = lab.add(3)
+    hosts = lab.add(3, torch="2.8.0+cu128")      # backend 1.2.0, which v1.2.0 needs, starts at torch 2.7
     for host in hosts:
         with (host.comfy / "comfy" / "ldm" / "qwen_image" / "model.py").open("a") as fh:
             fh.write(FOOLED)
     converge(lab, *hosts)
     done, canary, last = hosts
-    lab.profile_extra.update(plugin={"tag": "v1.2.0"})
+    lab.profile_extra.update(plugin={"tag": "v1.2.0"}, backend={"version": "1.2.0"})
     lab.write()
     assert lab.run("apply", "--limit", done.name, "--no-verify")[0] == 2
     after = state(done)

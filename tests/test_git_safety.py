@@ -110,11 +110,12 @@ def test_another_users_checkout_is_not_read_and_the_answer_says_whose(tmp_path: 
 def test_the_snapshot_program_reads_its_own_users_checkout_without_running_its_configuration(
         tmp_path: Path, canary: Path) -> None:
     co = trapped_checkout(tmp_path / "ComfyUI" / "custom_nodes" / "node", canary)
-    request = remote.snapshot_request(mode="take", folder=str(tmp_path / "snaps"), root=str(tmp_path / "ComfyUI"),
+    request = remote.snapshot_request(mode="take", folder=str(tmp_path / "ComfyUI" / ".provision" / "snapshots"),
+                                      root=str(tmp_path / "ComfyUI"),
                                       python=str(tmp_path / "no-venv" / "python"), checksums="", workflow_dirs=[])
     proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    (snap,) = (tmp_path / "snaps").glob("*.json")
+    (snap,) = (tmp_path / "ComfyUI" / ".provision" / "snapshots").glob("*.json")
     node = parse_state(json.loads(snap.read_text())["state"]).custom_nodes["node"]
     assert node is not None and node.repo and node.tags == ("v1.0.0",) and node.dirty == ("a.py",)
     assert not canary.exists()
@@ -150,10 +151,22 @@ def test_apply_history_and_rollback_never_fire_a_custom_nodes_fsmonitor(tmp_path
         code, out = lab.run("apply", "--limit", host.name, "--no-verify")
         assert code == 2, out
         assert not canary.exists(), "apply fired the trap"
+        # The own node's origin is `ext::sh -c ...`: the snapshot check refuses to plan from a state
+        # holding it (a one-line failure naming the field), and nothing of it runs either way.
+        refused = "state/custom_nodes/own-node/remote: 'ext::sh -c touch"
         code, out = lab.run("history", "--limit", host.name)
-        assert code == 0, out
+        assert code == 1 and refused in out, out
         assert not canary.exists(), "history fired the trap"
         code, out = lab.run("rollback", "--limit", host.name, "--check")
-        assert code in (0, 2), out
-        assert "custom node their-node is another user's checkout" in out
+        assert code == 1 and refused in out, out
+        assert not canary.exists(), "rollback fired the trap"
+        # With that origin made plain, history reads both nodes again (the snapshots that recorded the
+        # ext:: origin stay refused, so a rollback to them is too); nothing fired at any point.
+        subprocess.run(["git", "-C", str(nodes / "own-node"), "-c", "core.fsmonitor=false", "-c",
+                        "core.hooksPath=/dev/null", "remote", "set-url", "origin", "https://example.invalid/x.git"],
+                       check=True)
+        code, out = lab.run("history", "--limit", host.name)
+        assert code == 0, out
+        code, out = lab.run("rollback", "--limit", host.name, "--check")
+        assert code == 1 and "(edited on the host? it is not used)" in out, out
         assert not canary.exists(), "rollback fired the trap"

@@ -37,7 +37,8 @@ def _run(conn: Connection, plan: HostPlan, change: Change) -> Change:
     after = dict(change.after) if isinstance(change.after, dict) else {}
     others = [n for n in moved if n not in after]
     for name, (old, new) in moved.items():
-        before[name], after[name] = old, new
+        # A requirement the change names keeps why it is wanted beside the version pip chose.
+        before[name], after[name] = old, f"{new}, for {after[name]}" if isinstance(after.get(name), str) else new
     shown = ", ".join(f"{n} {moved[n][0] or '(none)'} -> {moved[n][1]}" for n in others)
     summary = change.summary + (f"; pip also moves {shown}" if others else "")
     return replace(change, summary=summary, before=before, after=after,

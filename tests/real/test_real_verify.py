@@ -64,7 +64,7 @@ def test_the_model_free_workflow_passes_every_check_timed_by_comfyuis_own_histor
         assert history["status"]["status_str"] == "success"
         assert run["seconds_comfy"] == (stamps["execution_success"]["timestamp"]
                                         - stamps["execution_start"]["timestamp"]) / 1000
-        (image,) = history["outputs"]["3"]["images"]
+        (image,) = history["outputs"]["4"]["images"]
         assert image["subfolder"] == "provision_verify"           # the verification's own prefix
         # The picture is the checkout's example.png inverted, at its size.
         assert (run["image"]["width"], run["image"]["height"]) == (768, 768) and run["image"]["ok"]
