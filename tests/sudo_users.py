@@ -18,6 +18,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,3 +88,20 @@ def sudo_log(log: Path) -> list[str]:
         elif line.strip():
             entries.append(line.strip())
     return entries
+
+
+def ids(name: str) -> tuple[int, int]:
+    """A user's uid and primary gid."""
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+@contextmanager
+def shared_folder() -> Iterator[Path]:
+    """A folder every test user can reach (pytest's own tmp_path is root's alone), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="provision-become-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)

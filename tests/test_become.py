@@ -5,8 +5,6 @@ What sudo ran is read back from its own log (`Defaults logfile=`)."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -114,24 +112,15 @@ def test_a_login_that_cannot_become_is_told_why_in_one_line(server: SshdHost, su
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A folder every test user can reach (pytest's own tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="provision-become-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
-
-
-def _ids(name: str) -> tuple[int, int]:
-    import pwd
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
+    with sudo_users.shared_folder() as path:
+        yield path
 
 
 def test_the_facts_say_who_logs_in_who_owns_the_root_and_whom_the_login_becomes(
         server: SshdHost, sudo_logfile: Path, shared_dir: Path) -> None:
     root_dir = shared_dir / "ComfyUI"
     root_dir.mkdir()
-    os.chown(root_dir, *_ids(SERVICE))
+    os.chown(root_dir, *sudo_users.ids(SERVICE))
     profile = build_profile({"comfyui": {"root": str(root_dir)}}, name="t", file="/p/t.yaml")
     for user, becomes in (("prov-nopw", "root"), ("prov-nosudo", None)):
         host = replace(host_for(server, user), become=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,17 +22,8 @@ pytestmark = pytest.mark.skipif(sudo_users.available() is not None, reason=str(s
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A folder every test user can reach (pytest's own tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="provision-become-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
-
-
-def _ids(name: str) -> tuple[int, int]:
-    import pwd
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
+    with sudo_users.shared_folder() as path:
+        yield path
 
 
 @contextlib.contextmanager
@@ -68,7 +57,7 @@ def test_an_unprivileged_login_converges_a_host_with_become_and_comfyui_runs_as_
         host.under_systemd()                                   # as root, by hand
         log = shared_dir / "sudo.log"
         with become_users(host.sshd, log):
-            uid, gid = _ids("prov-nopw")
+            uid, gid = sudo_users.ids("prov-nopw")
             systems = (host.sandbox.root / "etc", host.sandbox.root / "systemd")   # root's: units, their state
             for path in (host.sandbox.root, *host.sandbox.root.rglob("*")):
                 if not any(path.is_relative_to(d) for d in systems):
