@@ -10,17 +10,13 @@ an argument; without one, `sudo -n` fails at once rather than waiting for a prom
 
 from __future__ import annotations
 
-import io
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 from provisioner import remote
 from provisioner.connection import supervised
-from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback, Result,
-                                         Stats, put_through_stdin)
+from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Pipe, Result, Stats
 from provisioner.connection.supervised import GRACE_S
 from provisioner.errors import ConnectError
 
@@ -33,7 +29,7 @@ def sudo_argv(user: str, password: bool, argv: Sequence[str]) -> tuple[str, ...]
     return ("sudo", *flags, "-u", user, "--", *argv)
 
 
-class BecomeConnection:
+class BecomeConnection(supervised.Relayed):
     """Runs argv as `user` on the host `inner` reaches, through sudo (see the module's text)."""
 
     def __init__(self, inner: Connection, user: str, password: str | None) -> None:
@@ -84,17 +80,6 @@ class BecomeConnection:
         except OSError:
             pass                        # the inner connection is gone: driving the pipe says why
         return pipe, (relay, *outer)
-
-    def run(self, argv: Sequence[str], **options: Any) -> Result:
-        return supervised.run(self, argv, **options)
-
-    def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
-        put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)
-
-    def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
-                 progress: ProgressCallback | None = None) -> None:
-        with open(local_path, "rb") as src:
-            put_through_stdin(self, src, os.fstat(src.fileno()).st_size, dest, mode, progress)
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         return self.inner.tunnel(remote_port, remote_host)

@@ -9,23 +9,19 @@ included, so either one stops what it runs when the controller goes.
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 from provisioner import remote
 from provisioner.connection import supervised
-from provisioner.connection.base import (LAUNCH, Connection, Frame, Heartbeat, Pipe, ProgressCallback,
-                                         Result, Stats, put_through_stdin)
+from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Pipe, Stats
 from provisioner.connection.supervised import GRACE_S
 
 # One separator per network: the format of the brief glues several IPs together.
 INSPECT_IP = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
 
 
-class DockerConnection:
+class DockerConnection(supervised.Relayed):
     """Runs argv inside `container` with `docker exec`, on the host `inner` reaches."""
 
     become: Connection | None = None   # the host's become user (connection/become.py), when set
@@ -58,17 +54,6 @@ class DockerConnection:
         except OSError:
             pass                        # the inner connection is gone: driving the pipe says why
         return pipe, (relay, *outer)
-
-    def run(self, argv: Sequence[str], **options: Any) -> Result:
-        return supervised.run(self, argv, **options)
-
-    def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
-        put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)
-
-    def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
-                 progress: ProgressCallback | None = None) -> None:
-        with open(local_path, "rb") as src:
-            put_through_stdin(self, src, os.fstat(src.fileno()).st_size, dest, mode, progress)
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         """`remote_host` is as the container sees it: its loopback is the container's own IP."""

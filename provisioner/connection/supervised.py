@@ -16,6 +16,8 @@ a `Result`:
 
 from __future__ import annotations
 
+import io
+import os
 import threading
 import time
 from collections import deque
@@ -24,7 +26,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from provisioner import remote
-from provisioner.connection.base import Connection, Frame, Heartbeat, Pipe, Result, signal_number
+from provisioner.connection.base import (Connection, Frame, Heartbeat, Pipe, ProgressCallback, Result,
+                                      put_through_stdin, signal_number)
 from provisioner.errors import CommandError, ConnectError
 
 GRACE_S = 5.0       # a stopped group's time between SIGTERM and SIGKILL; a holder's time to let go
@@ -249,3 +252,19 @@ def _keep(pipe: Pipe, argv: tuple[str, ...], *, heartbeat: Heartbeat, lost: Call
         pipe.close_stdin()              # the holder's stdin ends: it lets go...
         pipe.wait(GRACE_S + 1)          # ...and is gone before we go on
         pipe.close()
+
+
+class Relayed:
+    """What a connection whose commands reach the host through another's supervisor (a container's,
+    another user's) does alike: commands supervised, files written through the command's stdin."""
+
+    def run(self, argv: Sequence[str], **options: Any) -> Result:
+        return run(self, argv, **options)  # type: ignore[arg-type]
+
+    def put(self, content: bytes, dest: str, *, mode: int = 0o644) -> None:
+        put_through_stdin(self, io.BytesIO(content), len(content), dest, mode, None)  # type: ignore[arg-type]
+
+    def put_file(self, local_path: str, dest: str, *, mode: int = 0o644,
+                 progress: ProgressCallback | None = None) -> None:
+        with open(local_path, "rb") as src:
+            put_through_stdin(self, src, os.fstat(src.fileno()).st_size, dest, mode, progress)  # type: ignore[arg-type]
