@@ -68,10 +68,13 @@ class Gpu:
     on_change: Callable[[int], None]
     used_mib: int = 0
     loaded: set[str] = field(default_factory=set)
+    # The executor and /free both set it: one at a time, so the file ends with the last value set.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def set(self, mib: int) -> None:
-        self.used_mib = mib
-        self.on_change(mib)
+        with self._lock:
+            self.used_mib = mib
+            self.on_change(mib)
 
     @property
     def resident_mib(self) -> int:

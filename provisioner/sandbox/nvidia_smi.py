@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,8 +196,11 @@ def main(argv: list[str]) -> int:
 
 def write_state(state_file: Path, used_mib: int, gpu_uuid: str | None = None) -> None:
     """Atomically set memory.used (MiB) of a sandbox host's GPU (by UUID; None: the first)."""
-    tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({STATE_KEY: int(used_mib), **({"gpu": gpu_uuid} if gpu_uuid else {})}))
+    # A temp name of its own per write (not per process: a server's threads write too).
+    fd, tmp = tempfile.mkstemp(dir=state_file.parent, prefix=f".{state_file.name}.")
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps({STATE_KEY: int(used_mib), **({"gpu": gpu_uuid} if gpu_uuid else {})}))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, state_file)
 
 
