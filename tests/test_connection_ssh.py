@@ -14,10 +14,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 import yaml
+from paramiko.common import cMSG_CHANNEL_DATA
 
 from provisioner.connection import ConnectOptions, open_connection
+from provisioner.connection.channel import send_if_open, send_all, send_eof
 from provisioner.connection.ssh import SshConnection
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host, load_inventory
@@ -290,6 +293,49 @@ def test_aborting_the_connection_kills_a_running_scp(sshd_host: SshdHost, tmp_pa
     assert proc.poll() is not None
     assert len(errors) == 1 and isinstance(errors[0], ConnectError) and "interrupted" in str(errors[0])
     c.close()
+
+
+# -- a channel's last words ---------------------------------------------------------------------
+
+def _ended(transport: paramiko.Transport) -> paramiko.Channel:
+    """A session whose command ended and whose CLOSE both sides have sent: sshd has freed it."""
+    chan = transport.open_session()
+    chan.exec_command("true")
+    deadline = time.monotonic() + 10
+    while not chan.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert chan.closed
+    time.sleep(0.2)
+    return chan
+
+
+def test_data_or_eof_after_a_channel_closed_never_drops_the_connection(sshd_host: SshdHost) -> None:
+    """paramiko sends a message it built before a CLOSE after it (its issues #1115, #1705), and
+    OpenSSH then drops the whole connection: every later command failed "SSH session not active".
+    channel.py's sends read the channel's state under the transport's send lock."""
+    c = open_connection(sshd_host.host(), sshd_host.options())
+    assert isinstance(c, SshConnection)
+    try:
+        transport = c._transport
+        chan = _ended(transport)
+        late = paramiko.Message()           # built as paramiko's send() built it, before the CLOSE
+        late.add_byte(cMSG_CHANNEL_DATA)
+        late.add_int(chan.remote_chanid)
+        late.add_string(b"heartbeat\n")
+        with pytest.raises(OSError):
+            send_all(chan, b"heartbeat\n")
+        send_eof(chan)
+        assert not send_if_open(chan, late)
+        assert c.run(["true"]).ok and transport.is_active()
+        # The hazard itself: the same message sent the way paramiko sends it.
+        transport._send_user_message(late)
+        deadline = time.monotonic() + 10
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not transport.is_active()
+        assert "referred to nonexistent channel" in sshd_host.log_text()
+    finally:
+        c.close()
 
 
 # -- tunnel and hold ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A local port forward: listen on 127.0.0.1:0, relay each client to an upstream opened on demand.
 
-The upstream is whatever the transport opens (an SSH `direct-tcpip` channel, a plain socket);
-both have `fileno()` for select, `send`, `recv` and `close`.
+The upstream is whatever the transport opens (an SSH `direct-tcpip` channel as channel.py's
+`Upstream`, a plain socket); both have `fileno()` for select, `recv`, `sendall`, `shutdown`, `close`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import paramiko
 
-Upstream = Any  # paramiko.Channel or socket.socket: duck-typed, both select()able
+Upstream = Any  # channel.Upstream or socket.socket: duck-typed, both select()able
 
 
 @contextmanager
@@ -84,7 +84,7 @@ def _pump(a: Any, b: Any, closing: threading.Event) -> None:
                     dst.sendall(data)
                 else:
                     open_ends.remove(src)
-                    dst.shutdown(socket.SHUT_WR)  # Channel.shutdown(1) is shutdown_write too
+                    dst.shutdown(socket.SHUT_WR)
     except (OSError, EOFError, paramiko.SSHException):
         return  # a side reset or the transport died: the caller closes both ends
 

@@ -22,6 +22,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from provisioner.connection import scp, supervised
+from provisioner.connection.channel import Upstream, send_all, send_eof
 from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Result, Stats, copy_stream,
                                          put_through_stdin)
 from provisioner.connection.forward import forward
@@ -199,9 +200,9 @@ class SshConnection:
     # -- tunnels and teardown ---------------------------------------------------------------
 
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
-        def open_upstream(client: tuple[str, int]) -> paramiko.Channel:
-            return self._transport.open_channel("direct-tcpip", (remote_host, remote_port), client,
-                                                timeout=self._options.connect_timeout)
+        def open_upstream(client: tuple[str, int]) -> Upstream:
+            return Upstream(self._transport.open_channel("direct-tcpip", (remote_host, remote_port), client,
+                                                         timeout=self._options.connect_timeout))
         return forward(open_upstream)
 
     def close(self) -> None:
@@ -237,13 +238,13 @@ class _ChannelPipe:
 
     def send(self, data: bytes) -> None:
         try:
-            self.chan.sendall(data)
+            send_all(self.chan, data)
         except TRANSPORT_ERRORS as err:
             raise BrokenPipeError(reason(err)) from None
 
     def close_stdin(self) -> None:
         try:
-            self.chan.shutdown_write()
+            send_eof(self.chan)
         except TRANSPORT_ERRORS:
             pass
 
