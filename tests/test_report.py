@@ -31,6 +31,7 @@ from provisioner.report import (
     report_to_json,
     write_report,
 )
+from provisioner.report import html
 from provisioner.report.json_report import SCHEMA_PATH
 from provisioner.verify import checks
 from provisioner.verify.checks import Check, HostVerification, RunResult
@@ -404,6 +405,25 @@ def test_html_is_self_contained_and_failures_come_first() -> None:
                    "warm median 22.05 s (2 runs) > 10 s", "Connection timed out"):
         assert needle in text, needle
     assert sum(v.startswith("data:image/png") for v in sources) == 9   # 3 runs x 3 verified hosts
+
+
+def test_a_large_fleet_s_page_carries_pictures_only_where_they_tell_something() -> None:
+    """Pictures are most of the page; 60 healthy hosts of one class and 30 failing ones get the
+    first PICTURED_MAX failing hosts' pictures and one healthy host's, and every host's figures."""
+    healthy = [run("cold", 42, 98.4, 8090), run("warm", 43, 4.02, 8078), run("warm", 44, 4.09, 8085)]
+    black = [run("cold", 42, 98.4, 8090, True), run("warm", 43, 4.02, 8078, True), run("warm", 44, 4.09, 8085, True)]
+    entries = [from_verification(name, facts_for(name, RTX3090), verified(name, "NVIDIA GeForce RTX 3090", runs),
+                                 profile=PROFILE)
+               for name, runs in [*((f"ok-{i:02d}", healthy) for i in range(60)),
+                                  *((f"bad-{i:02d}", black) for i in range(30))]]
+    report = build_report(entries)
+    shown = html.pictured(report)
+    assert len(shown) == html.PICTURED_MAX + 1 and "ok-00" in shown and "ok-01" not in shown
+    assert {h for h in shown if h.startswith("bad-")} == {f"bad-{i:02d}" for i in range(html.PICTURED_MAX)}
+    page = render_html(report)
+    assert page.count("data:image/png") == 3 * len(shown)
+    assert f"the pictures of {90 - len(shown)} other hosts are left out" in page
+    assert re.findall(r'<h2>([^<]+)</h2>', page) == [h.host for h in report.hosts]   # every host, pictured or not
 
 
 def test_hostile_strings_are_escaped() -> None:

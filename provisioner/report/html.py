@@ -1,4 +1,11 @@
-"""report.html: one self-contained page (inline CSS, data-URI thumbnails, no script, no fetch)."""
+"""report.html: one self-contained page (inline CSS, data-URI thumbnails, no script, no fetch).
+
+Pictures are most of its weight (about 570 KB a host: three thumbnails and three comparison panels
+per prompt), so the page carries them for the hosts that need a look (failed, rolled back, flagged,
+or a comparison failed: the first PICTURED_MAX of them, failures first) and for one passing host per
+GPU class, to show what right looks like; every other host keeps its figures and words. A
+1,000-host page is then a few MB, not half a GB (docs/scale.md).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from provisioner.report.model import FleetReport, HostReport
 
 TEMPLATES = Path(__file__).with_name("templates")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PICTURED_MAX = 25       # hosts that need a look whose pictures the page carries
 
 
 def _seconds(value: float | None) -> str:
@@ -60,12 +68,29 @@ def _comparisons(host: HostReport) -> list[dict[str, object]]:
             for a in sorted(host.agreement, key=lambda a: a.passed)]
 
 
+def pictured(report: FleetReport) -> set[str]:
+    """The hosts whose pictures the page carries (the module's docstring says which and why)."""
+    flagged = {f.host for f in (*report.flags, *report.fleet)}
+    needing = [h.host for h in report.hosts if h.status != "passed" or h.host in flagged
+               or any(not a.passed for a in h.agreement)]
+    exemplars: dict[str | None, str] = {}
+    for h in report.hosts:
+        if h.status == "passed" and (h.thumbnails or h.agreement):
+            exemplars.setdefault(h.fingerprint.gpu_class if h.fingerprint else None, h.host)
+    return set(needing[:PICTURED_MAX]) | set(exemplars.values())
+
+
 def render_html(report: FleetReport) -> str:
     """The report.html page: fleet summary, flags, groups, then each host, failures first."""
     groups = {g.gpu_class: g.values for g in report.groups}
+    shown = pictured(report)
     hosts = [{"id": f"host-{i}", "report": h, "flags": report.flags_for(h.host), "fleet": report.fleet_for(h.host),
               "group": groups.get(h.fingerprint.gpu_class, {}) if h.fingerprint else {},
               "drifted": {f.field for f in report.fleet_for(h.host) if f.field},
-              "fingerprint": h.fingerprint.flat() if h.fingerprint else {},
-              "comparisons": _comparisons(h), "thumbnails": _thumbnails(h)} for i, h in enumerate(report.hosts, 1)]
-    return _template().render(report=report, summary=report.summary, hosts=hosts)
+              "fingerprint": h.fingerprint.flat() if h.fingerprint else {}, "pictured": h.host in shown,
+              "comparisons": _comparisons(h) if h.host in shown else [{"agreement": a, "panels": None}
+                                                                          for a in sorted(h.agreement, key=lambda a: a.passed)],
+              "thumbnails": _thumbnails(h) if h.host in shown else []} for i, h in enumerate(report.hosts, 1)]
+    left_out = sum(1 for h in report.hosts if h.host not in shown and (h.thumbnails or h.agreement))
+    return _template().render(report=report, summary=report.summary, hosts=hosts, pictures_left_out=left_out,
+                              pictured_max=PICTURED_MAX)
