@@ -643,8 +643,9 @@ def keep_replaced(folder, req, stored, state, kept, why):
                             "installed from a %s" % dists[k]["kind"]) for k in req.get("replaced") or ()
             if k in dists and k not in kept]
     if lost and req.get("undo_required"):
-        raise ValueError("this change could not be undone exactly: the wheel of %s could not be kept"
-                         % "; ".join(lost))
+        raise ValueError("this change could not be undone exactly: the wheel of %s could not be kept; nothing was "
+                         "changed (the verify gate changes only what it can restore): make its source serve it "
+                         "again, or apply this host without the gate" % "; ".join(lost))
     return ["a rollback of this run cannot reinstall %s: its wheel could not be kept" % x for x in lost]
 
 

@@ -344,8 +344,9 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
         get.append(Run(remote.argv("snapshot"), stdin=remote.stage_request(snapshots.folder(profile), kept),
                        what=f"put back and check {len(kept)} kept wheel(s)"))
     get += fetched
-    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv "
-                   "before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
+    from_kept = f" ({len(kept)} from the wheels the snapshot kept)" if kept else ""
+    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv"
+                   f"{from_kept} before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
                    tuple(get)) if back else None
     steps: list[Step] = []
     if specs:
