@@ -138,9 +138,10 @@ def test_a_backend_that_does_not_import_is_rolled_back_exactly(lab: Lab, tmp_pat
 
 def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_venv(lab: Lab, tmp_path: Path) -> None:
     """torch 2.6.0+cu126 -> 2.8.0+cu128 (an RTX 5090 host), and the backend wheel that follows it
-    does not import. The rollback fetches torch 2.6.0+cu126 and its torchvision from the torch
-    index again (the package wheelhouse has no torch, as the real index has no `+cu126` build),
-    puts back the kept nunchaku wheel, and only then uninstalls what the move added."""
+    does not import. The snapshot before the move kept torch 2.6.0+cu126's and torchvision's wheels,
+    fetched from the torch index (the package wheelhouse has no torch, as the real index has no
+    `+cu126` build): the rollback stages them and the kept nunchaku wheel, installs them, and only
+    then uninstalls what the move added."""
     (host,) = lab.add(1, gpu="rtx5090", torch="2.6.0+cu126")
     try:
         converge(lab, host)
@@ -156,6 +157,8 @@ def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_
         assert "~ venv torch 2.6.0+cu126 -> 2.8.0+cu128" in out and "verify gate: rolling back to snapshot" in out
         assert ("venv: distributions as in the snapshot: nunchaku 1.0.1+torch2.8 -> 1.0.1+torch2.6, torch 2.8.0+cu128 "
                 "-> 2.6.0+cu126, torchvision 0.23.0+cu128 -> 0.21.0+cu126, uninstall torchaudio 2.8.0+cu128") in out
+        # torch and torchvision were kept (from the torch index) before the move: the rollback asks no index.
+        assert "fetch and check 3 distribution(s) of the snapshot's venv (3 from the wheels the snapshot kept)" in out
         assert "1 rolled back" in out
         assert state(host) == before                                # tree, pip freeze --all, plugin commit
         assert not (host.comfy / ".provision" / "rollback-stage.provision-tmp").exists()
