@@ -639,9 +639,10 @@ def keep_replaced(folder, req, stored, state, kept, why):
     got, failed = fetch_wheels(folder, req["python"], wanted, sources, float(req.get("pip_timeout") or 900))
     kept.update(got)
     why.update(failed)
+    # One installed from a URL comes back from that URL, checked against the sha256 pip recorded.
     lost = ["%s %s (%s)" % (dists[k]["name"], dists[k]["version"], why[k] if k in why else
                             "installed from a %s" % dists[k]["kind"]) for k in req.get("replaced") or ()
-            if k in dists and k not in kept]
+            if k in dists and k not in kept and dists[k]["kind"] != "url"]
     if lost and req.get("undo_required"):
         raise ValueError("this change could not be undone exactly: the wheel of %s could not be kept; nothing was "
                          "changed (the verify gate changes only what it can restore): make its source serve it "

@@ -85,7 +85,7 @@ def before_apply(profile: Profile, facts: Facts, changes: Iterable[Change] = (),
     snapshot is always the state the last apply started from. `undo_required` (the verify gate):
     a wheel it cannot keep fails it, so the apply changes nothing."""
     names = replaced(changes)
-    notes = ()
+    notes: tuple[Note, ...] = ()
     if names:
         dists = facts.env.distributions
         shown = ", ".join(f"{dists[k].name} {dists[k].version}" if k in dists else k for k in names)
