@@ -237,8 +237,12 @@ def test_a_take_removes_what_a_killed_take_left_but_not_a_running_ones(root: Pat
     running = [folder / f"{first}.json.{os.getpid()}.tmp", incoming / f"{os.getpid()}-tiny-1.0-py3-none-any.whl"]
     for path in left + running:
         path.write_bytes(b"half")
+    downloads = incoming / f"{dead}-download"                   # a take killed while it kept replaced wheels
+    downloads.mkdir()
+    (downloads / "torch-2.6.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"half")
     second = run(root, "take")["id"]
     assert [p for p in left if p.exists()] == [] and all(p.exists() for p in running)
+    assert not downloads.exists()
     assert stored(root) == [first, second] and not list(folder.glob(f"{second}.json.*"))
 
 
