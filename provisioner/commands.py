@@ -306,7 +306,8 @@ def apply(args: argparse.Namespace, console: Console) -> int:
     if canary and reviewed is None:
         chosen = changing_first(args, chosen, canary)
     code = run_apply(args, console, chosen, gate=gate, canary=canary, halt=gate_halt if gate else None,
-                     planner=(lambda profile, host: reviewed.planner(profile, host)) if reviewed else None)
+                     planner=(lambda profile, host: reviewed.planner(profile, host, undo_required=gate))
+                     if reviewed else None)
     say_lock(chosen, console)                   # after a run, not under an error's one line
     return code
 

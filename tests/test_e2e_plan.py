@@ -294,3 +294,33 @@ def test_a_saved_plan_is_applied_exactly_or_refused_when_the_host_changed(lab: L
     finally:
         lab.profile_extra = {}
         lab.write()
+
+
+def test_a_saved_plan_whose_pin_makes_pip_move_another_distribution_applies_and_keeps_its_wheel(
+        lab: Lab, converged: LabHost, tmp_path: Path) -> None:
+    """`plan --out` runs pip's dry run, so the saved changes say what pip moves besides the pin;
+    `apply PLAN` plans the same way (the same changes, not refused) and its snapshot keeps the
+    wheel of the distribution pip replaces."""
+    saved = tmp_path / "pinned.plan"
+    lab.profile_extra = {"packages": ["diffusers>=0.35", "peft>=0.17", "tokenizers==0.22.2"]}
+    lab.write()
+    try:
+        code, out = lab.run("plan", "--limit", converged.name, "--out", str(saved))
+        assert code == 2 and "pip also moves huggingface-hub 0.35.3 -> 0.34.4" in out, out
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from provisioner import cli
+
+        said = io.StringIO()
+        with redirect_stdout(said), redirect_stderr(said):
+            code = cli.main(["apply", str(saved), *lab.ssh_args(), "--no-color", "--no-verify",
+                             "--log-dir", str(lab.root / "logs")])
+        out = said.getvalue()
+        assert code == 2, out
+        assert "1 host: 1 changed" in out, out
+        assert list((converged.comfy / ".provision" / "snapshots" / "wheels").glob("*/huggingface_hub-0.35.3-*.whl"))
+    finally:
+        lab.profile_extra = {}
+        lab.write()
+        assert lab.run("rollback", "--limit", converged.name, "--no-verify")[0] in (0, 2)   # as the module had it

@@ -138,9 +138,10 @@ def test_a_backend_that_does_not_import_is_rolled_back_exactly(lab: Lab, tmp_pat
 
 def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_venv(lab: Lab, tmp_path: Path) -> None:
     """torch 2.6.0+cu126 -> 2.8.0+cu128 (an RTX 5090 host), and the backend wheel that follows it
-    does not import. The rollback fetches torch 2.6.0+cu126 and its torchvision from the torch
-    index again (the package wheelhouse has no torch, as the real index has no `+cu126` build),
-    puts back the kept nunchaku wheel, and only then uninstalls what the move added."""
+    does not import. The snapshot before the move kept torch 2.6.0+cu126's and torchvision's wheels,
+    fetched from the torch index (the package wheelhouse has no torch, as the real index has no
+    `+cu126` build): the rollback stages them and the kept nunchaku wheel, installs them, and only
+    then uninstalls what the move added."""
     (host,) = lab.add(1, gpu="rtx5090", torch="2.6.0+cu126")
     try:
         converge(lab, host)
@@ -156,6 +157,8 @@ def test_a_gated_torch_move_that_fails_is_rolled_back_to_exactly_the_snapshot_s_
         assert "~ venv torch 2.6.0+cu126 -> 2.8.0+cu128" in out and "verify gate: rolling back to snapshot" in out
         assert ("venv: distributions as in the snapshot: nunchaku 1.0.1+torch2.8 -> 1.0.1+torch2.6, torch 2.8.0+cu128 "
                 "-> 2.6.0+cu126, torchvision 0.23.0+cu128 -> 0.21.0+cu126, uninstall torchaudio 2.8.0+cu128") in out
+        # torch and torchvision were kept (from the torch index) before the move: the rollback asks no index.
+        assert "fetch and check 3 distribution(s) of the snapshot's venv (3 from the wheels the snapshot kept)" in out
         assert "1 rolled back" in out
         assert state(host) == before                                # tree, pip freeze --all, plugin commit
         assert not (host.comfy / ".provision" / "rollback-stage.provision-tmp").exists()
@@ -252,6 +255,70 @@ def test_a_kept_wheel_that_is_gone_is_fetched_again_and_checked_or_the_plan_name
     assert code == 2, out
     assert "download nunchaku-1.0.1+torch2.8" in out or "nunchaku 1.2.1+cu12.8torch2.8 -> 1.0.1+torch2.8" in out, out
     assert state(host) == before
+
+
+def test_a_pin_that_moves_a_second_distribution_is_undone_after_the_package_sources_dropped_what_it_replaced(
+        lab: Lab, tmp_path: Path) -> None:
+    """Pinning tokenizers 0.22.2 makes pip move huggingface-hub 0.35.3 -> 0.34.4 too: the plan shows
+    both and says the snapshot keeps the replaced wheel; the apply keeps it before the first change.
+    Then the package sources drop huggingface-hub 0.35.3, and the rollback still restores the venv
+    exactly, from the kept wheel. Under the verify gate, a change whose replaced wheel no source
+    serves any more is refused before anything changes."""
+    (host,) = lab.add(1)
+    converge(lab, host)
+    before = state(host)
+    assert "huggingface-hub==0.35.3" in before[1] and "tokenizers" not in before[1]
+    lab.profile_extra.update(packages=["diffusers>=0.35", "peft>=0.17", "tokenizers==0.22.2"])
+    lab.write()
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2, out
+    assert "pip also moves huggingface-hub 0.35.3 -> 0.34.4" in out, out
+    assert "before the changes, the snapshot keeps the wheels of huggingface-hub 0.35.3, which they replace" in out
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert "cannot reinstall" not in out
+    pinned = freeze(host)
+    assert "huggingface-hub==0.34.4" in pinned and "tokenizers==0.22.2" in pinned
+    (kept,) = (host.comfy / ".provision" / "snapshots" / "wheels").glob("*/huggingface_hub-0.35.3-*.whl")
+    print(out)
+
+    dropped = tmp_path / "dropped"                     # the package sources no longer serve the replaced version
+    dropped.mkdir()
+    for wheel in lab.world.wheelhouse.glob("huggingface_hub-0.35.3-*.whl"):
+        wheel.rename(dropped / wheel.name)
+    try:
+        lab.profile_extra.clear()
+        lab.write()
+        code, out = lab.run("rollback", "--limit", host.name, "--check")
+        assert code == 2, out
+        assert "fetch and check 1 distribution(s) of the snapshot's venv (1 from the wheels the snapshot kept)" in out
+        assert "venv distributions as in the snapshot: huggingface-hub 0.34.4 -> 0.35.3, uninstall tokenizers 0.22.2" in out
+        code, out = lab.run("rollback", "--limit", host.name)
+        assert code == 2, out
+        assert "1 host: 1 changed, 0 unchanged, 0 failed" in out, out
+        assert state(host) == before                               # tree, pip freeze --all, plugin commit
+        assert kept.exists()
+        print(out)
+
+        # The gate needs every replaced wheel kept: diffusers 0.36.0 is neither kept nor served any more.
+        for wheel in lab.world.wheelhouse.glob("diffusers-0.36.0-*.whl"):
+            wheel.rename(dropped / wheel.name)
+        assert "diffusers==0.36.0" in before[1]
+        lab.profile_extra.update(packages=["diffusers==0.35.2", "peft>=0.17"])
+        lab.write()
+        code, out = lab.run("apply", "--limit", host.name, "--verify-gate")
+        assert code == 1, out
+        assert "this change could not be undone exactly: the wheel of diffusers 0.36.0" in out, out
+        assert "1 host: 0 changed, 0 unchanged, 1 failed" in out, out
+        assert state(host) == before
+        print(out)
+        code, out = lab.run("apply", "--limit", host.name, "--no-verify")     # without the gate: said, then done
+        assert code == 2, out
+        warned = out.index("! a rollback of this run cannot reinstall diffusers 0.36.0 (")
+        assert warned < out.index("packages: pip install diffusers==0.35.2") and "diffusers==0.35.2" in freeze(host)
+    finally:
+        for wheel in dropped.iterdir():
+            wheel.rename(lab.world.wheelhouse / wheel.name)
 
 
 def test_a_restored_host_is_verified_with_the_snapshot_s_own_profile(lab: Lab, tmp_path: Path) -> None:

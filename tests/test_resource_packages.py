@@ -20,7 +20,7 @@ from provisioner.config.inventory import Host
 from provisioner.connection.local import LocalConnection
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv, canonical
-from provisioner.resources import packages
+from provisioner.resources import packages, snapshot
 from provisioner.resources.base import Run
 
 CASES = sorted((Path(__file__).parent / "resources" / "packages").glob("*.yaml"))
@@ -166,16 +166,24 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path,
     assert packages.plan(profile, make_facts(python, after)).changes == ()
 
 
-def test_a_change_that_replaces_installed_versions_says_its_undo_depends_on_the_index() -> None:
-    """Said in the plan, before anything changes: pip's wheels of what this change replaces are not
-    kept, so a rollback fetches them from the index again. Adding a package replaces nothing."""
+def test_a_change_that_replaces_installed_versions_has_the_snapshot_before_it_keep_their_wheels() -> None:
+    """Said in the plan, before anything changes: the snapshot before the change keeps the wheels of
+    what it replaces (fetched from the index they came from, checked), and under the verify gate one
+    it cannot keep stops the host. Adding a package replaces nothing."""
     profile = make_profile({"backend": {"version": "1.2.1"}, "plugin": {"tag": "v1.2.1"},
                             "pip": {"index_url": "https://pkgs.example/simple"}})
     facts = make_facts(profile.comfyui.python, {**READY, "diffusers": "0.35.2"})
     (change,) = packages.plan(profile, facts).changes
-    assert change.warnings == ("a rollback of this change fetches diffusers 0.35.2 again from --index-url "
-                               "https://pkgs.example/simple (their wheels are not kept): it can only undo it while "
-                               "that source still serves those versions",)
+    assert change.replaces == {"diffusers"} and change.warnings == ()
+    before = snapshot.before_apply(profile, facts, [change], undo_required=True)
+    (note,) = before.notes
+    assert note.message.startswith("before the changes, the snapshot keeps the wheels of diffusers 0.35.2, which "
+                                   "they replace") and "stops this host, unchanged (--verify-gate)" in note.message
+    (take,) = before.prelude
+    request = json.loads(take.stdin)
+    assert request["replaced"] == ["diffusers"] and request["undo_required"] is True
+    assert request["sources"]["pip"] == ["--index-url", "https://pkgs.example/simple"]   # where it is fetched from
     bare = make_facts(profile.comfyui.python, {n: v for n, v in READY.items() if n != "diffusers"})
     (added,) = packages.plan(profile, bare).changes
-    assert added.warnings == ()
+    assert added.replaces == frozenset()
+    assert snapshot.before_apply(profile, bare, [added]).notes == ()

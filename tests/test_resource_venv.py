@@ -3,6 +3,7 @@ backend and packages resources plan against."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Distribution, Facts, GitCheckout, Gpu, Probe, PythonEnv
-from provisioner.resources import backend, packages, venv
+from provisioner.resources import backend, packages, snapshot, venv
 from provisioner.resources.base import Run
 from provisioner.resources.releases import Asset, Listing
 
@@ -150,15 +151,16 @@ def test_backend_and_packages_plan_for_the_torch_the_venv_will_have() -> None:
     assert "diffusers>=0.35.1" in pip.summary and "torchvision" not in pip.summary   # held, planned with torch
 
 
-def test_a_torch_move_says_before_it_runs_that_its_undo_depends_on_the_torch_index() -> None:
-    """The torch family's wheels are not kept: a rollback fetches the old build from its torch
-    index again (as the venv resource installs it), and the plan says so before anything changes."""
-    (moved,) = venv.plan(profile({"version": "2.8.0", "cuda": "12.6", "index_url": "https://torch-mirror.example/whl/{flavour}"}),
-                         facts(installed("2.6.0+cu124", "12.4"), gpus=(gpu("570.133.07"),))).changes
-    assert moved.warnings == ("a rollback of this change fetches torch 2.6.0+cu124, torchvision 0.21.0+cu124, "
-                              "torchaudio 2.6.0+cu124 again from --index-url https://torch-mirror.example/whl/cu124 "
-                              "(their wheels are not kept): it can only undo it while that source still serves "
-                              "those builds",)
+def test_a_torch_move_has_the_snapshot_before_it_keep_the_old_torch_family_s_wheels() -> None:
+    """The snapshot before a torch move keeps the wheels of the torch family it replaces, fetched
+    from its torch index (the source template it records, `{flavour}` filled in on the host)."""
+    p = profile({"version": "2.8.0", "cuda": "12.6", "index_url": "https://torch-mirror.example/whl/{flavour}"})
+    now = facts(installed("2.6.0+cu124", "12.4"), gpus=(gpu("570.133.07"),))
+    (moved,) = venv.plan(p, now).changes
+    assert moved.replaces == {"torch", "torchvision", "torchaudio"} and moved.warnings == ()
+    request = json.loads(snapshot.before_apply(p, now, [moved]).prelude[0].stdin)
+    assert request["replaced"] == ["torch", "torchaudio", "torchvision"] and request["undo_required"] is False
+    assert request["sources"]["torch"] == ["--index-url", "https://torch-mirror.example/whl/{flavour}"]
     no_audio = installed("2.6.0+cu124", "12.4")
     no_audio = replace(no_audio, distributions={k: d for k, d in no_audio.distributions.items() if k != "torchaudio"})
-    assert venv.plan(profile(), facts(no_audio)).changes[0].warnings == ()     # adding replaces nothing
+    assert venv.plan(profile(), facts(no_audio)).changes[0].replaces == frozenset()   # adding replaces nothing

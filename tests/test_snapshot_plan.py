@@ -147,6 +147,29 @@ def test_the_sources_a_snapshot_recorded_win_over_the_profile_s() -> None:
                                           ("--index-url", "https://old-mirror.example/whl/cu124", "torch==2.6.0+cu124")]
 
 
+def test_an_index_distribution_whose_wheel_was_kept_comes_back_from_the_kept_wheel() -> None:
+    """The snapshot kept diffusers 0.35.2's wheel before the apply replaced it: the rollback stages
+    that wheel (checked against the sha256 it is stored by) instead of asking the index, which may
+    no longer serve it; one whose kept copy is gone or changed is asked of the index again. The
+    rollback's own snapshot keeps the wheels of what it replaces and removes."""
+    sha = "a" * 64
+    kept = {"nunchaku": "wheels/" + "d" * 64 + "/n.whl", "diffusers": f"wheels/{sha}/diffusers-0.35.2-py3-none-any.whl"}
+    store = f"{ROOT}/.provision/snapshots/wheels/{sha}/diffusers-0.35.2-py3-none-any.whl"
+    for kept_now, from_store in (({store: sha, KEPT: "d" * 64}, True), ({KEPT: "d" * 64}, False)):
+        plan = snapshot.restore(profile(), snap(STATE, wheels=kept), now(distributions=moved()), kept=kept_now,
+                                lister=no_release, at=NOW)
+        fetch, change = plan.changes
+        downloads = [a for s in fetch.steps if isinstance(s, Run) and "download" in s.argv for a in argv_of(s)]
+        (stage,) = [json.loads(s.stdin or b"") for s in fetch.steps if isinstance(s, Run) and b'"stage"' in (s.stdin or b"")]
+        staged = {"kept": store, "dest": f"{STAGE}/diffusers-0.35.2-py3-none-any.whl", "sha256": sha}
+        assert (staged in stage["wheels"]) is from_store
+        assert ("diffusers==0.35.2" in downloads) is not from_store and "torch==2.6.0+cu124" in downloads
+        assert "diffusers==0.35.2" in argv_of(change.steps[0])               # installed --no-index from the stage
+        assert change.replaces == {"diffusers", "nunchaku", "torch", "sandbox-extra"}
+        (pre,) = plan.prelude
+        assert json.loads(pre.stdin or b"")["replaced"] == ["diffusers", "nunchaku", "sandbox-extra", "torch"]
+
+
 def test_the_snapshot_program_records_each_index_distribution_s_source() -> None:
     p = profile(pip={"index_url": "https://pkgs.example/simple"},
                 comfyui={"root": ROOT, "restart": {"systemd": "comfyui"},

@@ -123,6 +123,68 @@ def test_a_wheel_changed_since_it_was_installed_is_not_kept(root: Path) -> None:
     assert not list((root / ".provision" / "snapshots" / "wheels").glob("*/tiny-*.whl"))
 
 
+def test_the_wheel_of_an_index_distribution_a_run_replaces_is_fetched_checked_and_kept_once(
+        root: Path, tmp_path: Path) -> None:
+    """`replaced`: the take fetches the wheel of each index distribution named from the source it
+    came from, checks it file by file against the RECORD pip wrote, and keeps it in the store; a
+    later take finds it kept and fetches nothing (the index may have dropped it by then)."""
+    house = tmp_path / "index"
+    build_wheel(house, "idx-dep", "2.0", {"idx_dep/__init__.py": "V = 2\n"})
+    python = str(root / "venv" / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--find-links", str(house), "idx-dep==2.0"], check=True)
+    sources = {"pip": ["--no-index", "--find-links", str(house)], "held": [], "held_prefix": "nvidia-", "torch": None}
+    try:
+        answer = run(root, "take", replaced=["idx-dep", "tiny"], sources=sources)
+        assert answer["warnings"] == [] and answer["wheels"] == {}
+        doc = json.loads((root / ".provision" / "snapshots" / f"{answer['id']}.json").read_text())
+        assert doc["state"]["distributions"]["idx-dep"]["kind"] == "index"
+        kept = root / ".provision" / "snapshots" / doc["wheels"]["idx-dep"]
+        served = house / "idx_dep-2.0-py3-none-any.whl"
+        assert kept.read_bytes() == served.read_bytes() and kept.parent.name == hashlib.sha256(kept.read_bytes()).hexdigest()
+        assert not (root / ".provision" / "snapshots" / "wheels" / ".incoming").exists()
+
+        served.unlink()                                      # the index drops it: kept, not fetched again
+        again = run(root, "take", replaced=["idx-dep"], sources=sources)
+        doc2 = json.loads((root / ".provision" / "snapshots" / f"{again['id']}.json").read_text())
+        assert doc2["wheels"]["idx-dep"] == doc["wheels"]["idx-dep"] and again["warnings"] == []
+    finally:
+        subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "idx-dep"], check=False)
+
+
+def test_a_replaced_wheel_that_cannot_be_kept_is_said_and_under_undo_required_nothing_is_written(
+        root: Path, tmp_path: Path) -> None:
+    """A source that serves another build under the same version (its files differ from the RECORD
+    pip wrote), or none at all: the answer says the run cannot be undone; with `undo_required` the
+    take fails and writes no snapshot, so the run changes nothing."""
+    house, rebuilt = tmp_path / "index", tmp_path / "rebuilt"
+    build_wheel(house, "idx-dep", "2.0", {"idx_dep/__init__.py": "V = 2\n"})
+    build_wheel(rebuilt, "idx-dep", "2.0", {"idx_dep/__init__.py": "V = 'rebuilt'\n"})
+    python = str(root / "venv" / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--disable-pip-version-check",
+                    "--find-links", str(house), "idx-dep==2.0"], check=True)
+    try:
+        def sources(where: Path) -> dict[str, Any]:
+            return {"pip": ["--no-index", "--find-links", str(where)], "held": [], "held_prefix": "nvidia-", "torch": None}
+        other = run(root, "take", replaced=["idx-dep"], sources=sources(rebuilt))
+        (line,) = other["warnings"]
+        assert line.startswith("a rollback of this run cannot reinstall idx-dep 2.0 (the wheel its source serves is "
+                               "not the one installed: its idx_dep/__init__.py differs from the installed one")
+        doc = json.loads((root / ".provision" / "snapshots" / f"{other['id']}.json").read_text())
+        assert "idx-dep" not in doc["wheels"] and "not the one installed" in doc["unkept"]["idx-dep"]
+        assert not list((root / ".provision" / "snapshots" / "wheels").glob("*/idx_dep-*"))
+
+        before = stored(root)
+        request = remote.snapshot_request(mode="take", folder=str(root / ".provision" / "snapshots"), root=str(root),
+                                          python=python, checksums="", workflow_dirs=[], taken="before apply",
+                                          replaced=["idx-dep"], sources=sources(tmp_path / "empty"), undo_required=True)
+        proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=120)
+        assert proc.returncode == 1 and stored(root) == before
+        assert b"this change could not be undone exactly: the wheel of idx-dep 2.0" in proc.stderr
+    finally:
+        subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "idx-dep"], check=False)
+
+
 def test_reuse_answers_the_newest_when_nothing_changed(root: Path) -> None:
     first = run(root, "take")
     same = run(root, "take", reuse=True, taken="before rollback")
@@ -175,8 +237,12 @@ def test_a_take_removes_what_a_killed_take_left_but_not_a_running_ones(root: Pat
     running = [folder / f"{first}.json.{os.getpid()}.tmp", incoming / f"{os.getpid()}-tiny-1.0-py3-none-any.whl"]
     for path in left + running:
         path.write_bytes(b"half")
+    downloads = incoming / f"{dead}-download"                   # a take killed while it kept replaced wheels
+    downloads.mkdir()
+    (downloads / "torch-2.6.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"half")
     second = run(root, "take")["id"]
     assert [p for p in left if p.exists()] == [] and all(p.exists() for p in running)
+    assert not downloads.exists()
     assert stored(root) == [first, second] and not list(folder.glob(f"{second}.json.*"))
 
 
@@ -238,7 +304,8 @@ def test_each_snapshot_says_whether_a_run_confirmed_its_state_and_mark_records_v
     broken = run(root, "take")["id"]                                    # the re-run's `before apply`
     assert doc(broken)["confirmed"] is False
     after = run(root, "take", taken="after apply", reuse=True, confirmed=True)
-    assert after == {"id": broken, "time": doc(broken)["time"], "reused": True, "pruned": [], "wheels": {}}
+    assert after == {"id": broken, "time": doc(broken)["time"], "reused": True, "pruned": [], "wheels": {},
+                     "warnings": []}
     assert doc(broken)["confirmed"] is True                           # the re-run confirmed that very state
     (root / "workflows" / "w.json").write_text('{"1": {}}\n')            # back to the first state
     again = run(root, "take", taken="before rollback")["id"]

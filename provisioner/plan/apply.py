@@ -29,7 +29,7 @@ from provisioner.errors import ApplyError, CommandError, ConnectError, LockedErr
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts
 from provisioner.plan import owed
-from provisioner.plan.build import HostPlan, build_plan, probe_for
+from provisioner.plan.build import HostPlan, build_plan, keeping_replaced, probe_for
 from provisioner.plan.preview import previewed
 from provisioner.plan.progress import Reporter
 from provisioner.plan.render import describe_step
@@ -136,6 +136,9 @@ class StepRunner:
                 self.reporter.log(self.conn.name, event, step=describe_step(step))
                 self(step)
                 self.reporter.line(self.conn.name, f"✓ {describe_step(step)}{_answered(self.answers, step)}", "green")
+                for line in _warned(self.answers, step):      # said before the first change
+                    self.reporter.line(self.conn.name, f"! {line}", "yellow")
+                    self.reporter.log(self.conn.name, "warning", resource=event, error=line)
         except ProvisionError as err:
             text = self.reporter.redact(str(err))
             if fatal:
@@ -198,11 +201,14 @@ def as_whom(conn: Connection, system: bool) -> Connection:
     return conn.become if system and conn.become is not None else conn
 
 
-def profile_planner(profile: Profile) -> Planner:
-    """The profile's plan: the facts it probes for, every resource of resources.ORDER, and pip's
-    dry run of each install into the venv (plan/preview.py: only when one is planned)."""
+def profile_planner(profile: Profile, *, undo_required: bool = False) -> Planner:
+    """The profile's plan: the facts it probes for, every resource of resources.ORDER, pip's dry
+    run of each install into the venv (plan/preview.py: only when one is planned), and the
+    snapshot before the changes keeping the wheels of what they replace (`undo_required`: one it
+    cannot keep stops the host unchanged)."""
     probe = probe_for(profile)
-    return lambda conn: previewed(conn, build_plan(profile, gather(conn, profile, probe)))
+    return lambda conn: keeping_replaced(profile, previewed(conn, build_plan(profile, gather(conn, profile, probe))),
+                                         undo_required=undo_required)
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
@@ -335,6 +341,13 @@ def _last_json(stdout: str) -> Any:
         return json.loads(lines[-1]) if lines else None
     except ValueError:
         return None
+
+
+def _warned(answers: dict[str, Any], step: Step) -> list[str]:
+    """The `warnings` a step's answer carries (what a snapshot could not keep)."""
+    answer = answers.get(step.answer) if isinstance(step, Run) and step.answer else None
+    found = answer.get("warnings") if isinstance(answer, dict) else None
+    return [str(x) for x in found] if isinstance(found, list) else []
 
 
 def _answered(answers: dict[str, Any], step: Step) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
@@ -11,7 +11,7 @@ from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe, Space
 from provisioner.plan import owed
 from provisioner.plan.owed import Owed
-from provisioner.resources import ORDER, retention
+from provisioner.resources import ORDER, retention, snapshot
 from provisioner.resources.base import Change, Fetch, Handler, Note, ResourcePlan, Step, resumable, size_text
 
 
@@ -136,3 +136,11 @@ def host_plan(facts: Facts, results: Sequence[ResourcePlan], errors: Sequence[st
                     tuple(n for r in results for n in r.notes), tuple(errors),
                     {h.name: h for r in results for h in r.handlers}, dict(owed_handlers or {}),
                     tuple(s for r in results for s in r.prelude), tuple(s for r in results for s in r.postlude))
+
+
+def keeping_replaced(profile: Profile, plan: HostPlan, *, undo_required: bool = False) -> HostPlan:
+    """An apply's plan whose snapshot before the changes keeps the wheels of the distributions they
+    replace, known once pip's dry run ran (plan/preview.py), and says so; `undo_required` (the
+    verify gate): one it cannot keep stops the host before any change."""
+    before = snapshot.before_apply(profile, plan.facts, plan.changes, undo_required=undo_required)
+    return replace(plan, prelude=before.prelude, notes=plan.notes + before.notes)

@@ -1,7 +1,8 @@
 """Plans that show everything: each change that carries a dry run (`Change.preview`, pip's
 `--dry-run --report` of an install into the venv) has it run on the host, and every distribution
 pip would add or move is put into the change's before/after, its diff and `data["pip"]` (where a
-snapshot's record of the change can read it).
+snapshot's record of the change can read it), and each installed one it moves into `replaces` (the
+snapshot before the change keeps its wheel).
 
 Costs a round trip per such change, and nothing when none is planned: a converged plan stays at one.
 """
@@ -42,4 +43,5 @@ def _run(conn: Connection, plan: HostPlan, change: Change) -> Change:
     shown = ", ".join(f"{n} {moved[n][0] or '(none)'} -> {moved[n][1]}" for n in others)
     summary = change.summary + (f"; pip also moves {shown}" if others else "")
     return replace(change, summary=summary, before=before, after=after,
-                   data={**change.data, "pip": {n: [old, new] for n, (old, new) in moved.items()}})
+                   data={**change.data, "pip": {n: [old, new] for n, (old, new) in moved.items()}},
+                   replaces=change.replaces | {n for n, (old, _) in moved.items() if old is not None})

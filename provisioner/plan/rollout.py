@@ -15,7 +15,7 @@ from provisioner.connection.base import Connection
 from provisioner.errors import ProvisionError
 from provisioner.facts.model import Facts
 from provisioner.facts.snapshots import folder
-from provisioner.plan.apply import HostOutcome, Planner, apply_host
+from provisioner.plan.apply import HostOutcome, Planner, apply_host, profile_planner
 from provisioner.facts.gather import gather
 from provisioner.plan.build import HostPlan, probe_for
 from provisioner.plan.fleet import Stop
@@ -121,7 +121,9 @@ def run_host(conn: Connection, profile: Profile, reporter: Reporter, *, verify: 
              planner: Planner | None = None, stop: Stop | None = None) -> HostRollout:
     """Apply (the profile's plan, or `planner`'s), then verify (unless `verify` is None). Under the
     gate, a host whose apply or verification failed after its first change is rolled back to the
-    snapshot taken before it, and verified again."""
+    snapshot taken before it, and verified again; and a host whose change it could not undo exactly
+    (a replaced distribution's wheel that could not be kept) is not changed at all."""
+    planner = planner or profile_planner(profile, undo_required=gate)
     outcome = apply_host(conn, profile, reporter, lock_timeout=lock_timeout, show_plan=show_plan, planner=planner)
     took = _snapshot_id(outcome, snapshot.BEFORE)
     changed = took is not None                  # its prelude ran: changes were made, or attempted

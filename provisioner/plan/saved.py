@@ -22,7 +22,8 @@ from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts
 from provisioner.facts.parse import facts_to_json
 from provisioner.plan.apply import Planner
-from provisioner.plan.build import HostPlan, build_plan, probe_for
+from provisioner.plan.build import HostPlan, build_plan, keeping_replaced, probe_for
+from provisioner.plan.preview import previewed
 
 FORMAT = "provision saved plan 1"
 # Facts that change by themselves between a plan and its apply: they say nothing about what to do.
@@ -83,15 +84,17 @@ class SavedPlan:
     profile_sha256: str
     hosts: Mapping[str, Mapping[str, Any]]
 
-    def planner(self, profile: Profile, host: str) -> Planner:
-        """The host's plan now, refused (an error of the plan) when it has changes and either its
-        facts or its changes are not the saved ones. A plan without changes is what it is: the
-        confirmation after the apply, or a host someone converged meanwhile."""
+    def planner(self, profile: Profile, host: str, *, undo_required: bool = False) -> Planner:
+        """The host's plan now, as `plan --out` made it (pip's dry run, the snapshot keeping what
+        the changes replace: see `profile_planner`), refused (an error of the plan) when it has
+        changes and either its facts or its changes are not the saved ones. A plan without changes
+        is what it is: the confirmation after the apply, or a host someone converged meanwhile."""
         saved = self.hosts[host]
         probe = probe_for(profile)
 
         def plan(conn: Any) -> HostPlan:
-            now = build_plan(profile, gather(conn, profile, probe))
+            now = keeping_replaced(profile, previewed(conn, build_plan(profile, gather(conn, profile, probe))),
+                                   undo_required=undo_required)
             if now.converged or now.errors:
                 return now
             differ = changed_facts(saved["facts"], fingerprint(now.facts))

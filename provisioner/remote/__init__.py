@@ -114,10 +114,12 @@ def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksum
                      workflow_dirs: Sequence[str], taken: str = "", profile: object = None, keep: int = 1,
                      protect: Sequence[str] = (), reuse: bool = False, now: bool = False,
                      sources: object = None, check_wheels: bool = False, confirmed: bool = False,
-                     units: tuple[str, Sequence[str]] | None = None) -> bytes:
+                     units: tuple[str, Sequence[str]] | None = None, replaced: Sequence[str] = (),
+                     undo_required: bool = False, pip_timeout: float = 900.0) -> bytes:
     """The snapshot program's stdin: `take` (what the snapshot is of, how many to keep, which ones
     pruning must spare, whether an unchanged state reuses the newest, the pip sources each index
-    distribution is recorded with) or `read` (with `now`: the state as it is, too; with
+    distribution is recorded with, the distributions the run replaces, whose wheels it keeps, and
+    whether one it cannot keep fails the take) or `read` (with `now`: the state as it is, too; with
     `check_wheels`: the kept wheels' sha256 as read now)."""
     payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
                                   "checksums": checksums, "workflow_dirs": list(workflow_dirs),
@@ -125,8 +127,9 @@ def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksum
     if units is not None:                   # (unit folder, name globs): the unit files are part of the state
         payload["units"] = {"dir": units[0], "globs": list(units[1])}
     if mode == "take":
-        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse, sources=sources,
-                       confirmed=confirmed)
+        payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse,
+                       sources=sources, confirmed=confirmed, replaced=sorted(replaced), undo_required=undo_required,
+                       pip_timeout=pip_timeout)
     else:
         payload.update(now=now, check_wheels=check_wheels)
     return json.dumps(payload, default=str).encode()

@@ -19,6 +19,13 @@ Modes:
         Each distribution pip installed by name records the pip source arguments it came from
         (`sources`: the request's torch index for the torch family, with the build's `{flavour}`
         filled in, the profile's pip settings for the rest), so a rollback asks the same index.
+        `replaced` names the distributions the run is about to replace or remove: the wheel of each one
+        pip installed from an index is fetched from that source (`pip download --no-deps`, pip's
+        cache serves it when it can), checked file by file against the RECORD pip wrote when it
+        installed it, and kept in the wheel store too, unless a snapshot already keeps it; a
+        rollback then reinstalls it from there, whatever the index still serves. One that cannot be
+        kept is named in the answer's `warnings`; with `undo_required`, the take fails instead and
+        writes nothing (the run changes nothing).
   read  every stored snapshot, oldest first, and with `now` the state as it is: {"snapshots",
         "now", "errors"}; with `check_wheels`, every kept wheel file and its sha256 as read now
         ("kept": {path under DIR: sha256}). Writes nothing.
@@ -33,6 +40,8 @@ Modes:
 Ids sort by time: `YYYYMMDD-HHMMSS-mmm` (UTC, milliseconds; bumped by one on a clash).
 """
 
+import base64
+import csv
 import errno
 import fnmatch
 import hashlib
@@ -44,6 +53,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from urllib.parse import unquote, urlsplit
 
 FORMAT = 1
@@ -140,6 +150,19 @@ for dist in metadata.distributions():
     except Exception:
         direct = None
     out.append({"name": name, "version": dist.metadata.get("Version") or "", "direct_url": direct})
+print(json.dumps(out))
+"""
+
+# Runs inside the target venv's interpreter: the RECORD pip wrote for each distribution named in
+# argv (a wheel about to be kept is checked against it).
+RECORD_SNIPPET = r"""
+import json, re, sys
+from importlib import metadata
+asked, out = set(sys.argv[1:]), {}
+for dist in metadata.distributions():
+    key = re.sub(r"[-_.]+", "-", dist.metadata.get("Name") or "").lower()
+    if key in asked and key not in out:
+        out[key] = dist.read_text("RECORD")
 print(json.dumps(out))
 """
 
@@ -478,6 +501,155 @@ def keep_wheel(folder, dist):
     return kept, None
 
 
+# pip adds these to a distribution's .dist-info when it installs it: no wheel holds them.
+PIP_WRITES = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")
+
+
+def installed_records(python, keys):
+    """{canonical name: the RECORD pip wrote} for the distributions `keys` of the venv."""
+    rc, out, err = _run([python, "-I", "-c", RECORD_SNIPPET] + sorted(keys), timeout=120.0)
+    try:
+        found = json.loads(out)
+    except ValueError:
+        return {}
+    return dict((k, v) for k, v in found.items() if isinstance(v, str))
+
+
+def _installed_path(member):
+    """Where a wheel's member lands, relative to site-packages (None: outside it, as scripts)."""
+    top, _, rest = member.partition("/")
+    if not top.endswith(".data"):
+        return member
+    kind, _, path = rest.partition("/")
+    return path if kind in ("purelib", "platlib") and path else None
+
+
+def wheel_problem(path, record):
+    """Why the wheel at `path` is not the one pip installed (None: every file it puts in
+    site-packages has the sha256 the installed RECORD lists, and the RECORD lists no other)."""
+    listed = {}
+    for row in csv.reader(record.splitlines()):
+        if len(row) >= 2 and row[1].startswith("sha256=") and not row[0].startswith("../") \
+                and not (".dist-info/" in row[0] and row[0].rsplit("/", 1)[-1] in PIP_WRITES):
+            listed[row[0]] = row[1][len("sha256="):]
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            for info in wheel.infolist():
+                where = _installed_path(info.filename)
+                if info.is_dir() or where is None or where.endswith(".dist-info/RECORD"):
+                    continue
+                want = listed.pop(where, None)
+                if want is None:
+                    return "it holds %s, which the installed one has not" % where
+                digest = hashlib.sha256()
+                with wheel.open(info) as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+                if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != want:
+                    return "its %s differs from the installed one (RECORD)" % where
+    except (OSError, zipfile.BadZipFile, RuntimeError) as err:
+        return "not a readable wheel (%s)" % err
+    if listed:
+        return "it lacks %s, which the installed one has" % sorted(listed)[0]
+    return None
+
+
+def carried(folder, stored, dists):
+    """{canonical name: kept file} for each index distribution of `dists` whose wheel an earlier
+    snapshot keeps, at the same version, and that is still there: it is not fetched again."""
+    out = {}
+    for doc in reversed(stored):
+        then = (doc.get("state") or {}).get("distributions") if isinstance(doc.get("state"), dict) else None
+        for key, path in (doc.get("wheels") or {}).items():
+            dist = dists.get(key)
+            if key in out or not dist or dist["kind"] != "index" or not isinstance(then, dict) \
+                    or then.get(key) != dist or not isinstance(path, str):
+                continue
+            try:
+                open_regular(os.path.join(folder, path), follow=False).close()
+            except (OSError, ValueError):
+                continue
+            out[key] = path
+    return out
+
+
+def _download(python, dest, args, specs, timeout):
+    """pip download of `specs` (no dependencies, wheels only) into dest: {spec: why it failed}."""
+    base = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+            "--quiet", "--dest", dest] + list(args)
+    rc, _, err = _run(base + list(specs), timeout=timeout)
+    if rc == 0:
+        return {}
+    if len(specs) == 1:
+        lines = [x.strip() for x in err.splitlines() if x.strip()]
+        return {specs[0]: lines[-1] if lines else "pip download exited %d" % rc}
+    failed = {}
+    for spec in specs:                      # which of them: one at a time
+        failed.update(_download(python, dest, args, [spec], timeout))
+    return failed
+
+
+def fetch_wheels(folder, python, dists, sources, timeout):
+    """Keep the wheel of each index distribution of `dists` ({key: dist}): fetched from the source
+    it was installed from, checked against its installed RECORD, moved into the store.
+    ({key: kept file}, {key: why not})."""
+    kept, why = {}, {}
+    if not dists:
+        return kept, why
+    incoming = os.path.join(folder, "wheels", ".incoming", "%d-download" % os.getpid())
+    shutil.rmtree(incoming, ignore_errors=True)
+    os.makedirs(incoming)
+    try:
+        by_source = {}
+        for key, dist in sorted(dists.items()):
+            by_source.setdefault(tuple(sources.get(key) or ()), []).append(key)
+        records = installed_records(python, list(dists))
+        for args, keys in sorted(by_source.items()):
+            wanted = dict(("%s==%s" % (dists[k]["name"], dists[k]["version"]), k) for k in keys)
+            for spec, reason in _download(python, incoming, args, list(wanted), timeout).items():
+                why[wanted[spec]] = "%s: %s" % (" ".join(args) or "pip's index", reason)
+        for name in sorted(os.listdir(incoming)):
+            key = re.sub(r"[-_.]+", "-", name.split("-", 1)[0]).lower()
+            path = os.path.join(incoming, name)
+            if key not in dists or key in why or not name.endswith(".whl"):
+                continue
+            problem = wheel_problem(path, records[key]) if key in records else "pip wrote no RECORD for it"
+            if problem:
+                why[key] = "the wheel its source serves is not the one installed: %s" % problem
+                continue
+            kept[key] = os.path.join("wheels", _file_digest(path), unquote(name))
+            os.makedirs(os.path.dirname(os.path.join(folder, kept[key])), exist_ok=True)
+            os.replace(path, os.path.join(folder, kept[key]))
+        for key in dists:
+            if key not in kept and key not in why:
+                why[key] = "its source served no wheel of it"
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+    return kept, why
+
+
+def keep_replaced(folder, req, stored, state, kept, why):
+    """The wheels of what the run replaces (`replaced`) that are neither file-installed (kept above)
+    nor kept by an earlier snapshot, fetched and checked; then the lines that say what could not
+    be kept, or ValueError when `undo_required`."""
+    dists = state["distributions"] or {}
+    sources = index_sources(dists, req["sources"]) if req.get("sources") is not None else {}
+    wanted = dict((k, dists[k]) for k in req.get("replaced") or ()
+                  if k in dists and dists[k]["kind"] == "index" and k not in kept)
+    got, failed = fetch_wheels(folder, req["python"], wanted, sources, float(req.get("pip_timeout") or 900))
+    kept.update(got)
+    why.update(failed)
+    # One installed from a URL comes back from that URL, checked against the sha256 pip recorded.
+    lost = ["%s %s (%s)" % (dists[k]["name"], dists[k]["version"], why[k] if k in why else
+                            "installed from a %s" % dists[k]["kind"]) for k in req.get("replaced") or ()
+            if k in dists and k not in kept and dists[k]["kind"] != "url"]
+    if lost and req.get("undo_required"):
+        raise ValueError("this change could not be undone exactly: the wheel of %s could not be kept; nothing was "
+                         "changed (the verify gate changes only what it can restore): make its source serve it "
+                         "again, or apply this host without the gate" % "; ".join(lost))
+    return ["a rollback of this run cannot reinstall %s: its wheel could not be kept" % x for x in lost]
+
+
 def new_id(folder, now):
     ms = int(now * 1000)
     while True:
@@ -523,8 +695,8 @@ def _gone(pid_text):
 
 
 def sweep(folder):
-    """Remove what a take killed mid-write left behind (ID.json.PID.tmp, wheels/.incoming/PID-NAME),
-    once the process that wrote it is gone."""
+    """Remove what a take killed mid-write left behind (ID.json.PID.tmp, wheels/.incoming/PID-NAME,
+    its downloads in wheels/.incoming/PID-download/), once the process that wrote it is gone."""
     incoming = os.path.join(folder, "wheels", ".incoming")
     found = [(os.path.join(folder, n), n[:-len(".tmp")].rsplit(".", 1)[-1])
              for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.endswith(".tmp")]
@@ -533,9 +705,12 @@ def sweep(folder):
     for path, writer in found:
         if _gone(writer):
             try:
-                os.unlink(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)     # a killed take's downloads
+                else:
+                    os.unlink(path)
             except OSError:
-                pass                    # removed meanwhile, or not a file: left for a person
+                pass                    # removed meanwhile: left for a person
 
 
 def flavour_of(version):
@@ -592,12 +767,16 @@ def take(req):
     state = read_state(req, stored)
     if req.get("reuse") and stored and stored[-1].get("state") == state:
         newest = stored[-1]
-        if req.get("confirmed") and not newest.get("confirmed"):
-            newest["confirmed"] = True          # the run confirmed the state its `before` recorded
+        kept, why = dict(newest.get("wheels") or {}), dict(newest.get("unkept") or {})
+        kept.update(carried(folder, stored, state["distributions"] or {}))
+        warnings = keep_replaced(folder, req, stored, state, kept, why)
+        if (req.get("confirmed") and not newest.get("confirmed")) or kept != newest.get("wheels", {}):
+            # the run confirmed the state its `before` recorded; or it keeps more of its wheels now
+            newest.update(confirmed=bool(newest.get("confirmed") or req.get("confirmed")), wheels=kept, unkept=why)
             _write_atomic(os.path.join(folder, newest["id"] + ".json"),
                           json.dumps(newest, indent=1, sort_keys=True).encode("utf-8"))
-        return {"id": newest["id"], "time": newest["time"], "reused": True, "pruned": [], "wheels": {}}
-    ident, ms = new_id(folder, time.time())
+        return {"id": newest["id"], "time": newest["time"], "reused": True, "pruned": [], "wheels": {},
+                "warnings": warnings}
     kept, why = {}, {}
     for key, dist in sorted((state["distributions"] or {}).items()):
         if dist["kind"] != "file":
@@ -607,6 +786,9 @@ def take(req):
             kept[key] = path
         else:
             why[key] = reason
+    kept.update(carried(folder, stored, state["distributions"] or {}))
+    warnings = keep_replaced(folder, req, stored, state, kept, why)
+    ident, ms = new_id(folder, time.time())
     try:
         os.rmdir(os.path.join(folder, "wheels", ".incoming"))
     except OSError:
@@ -620,7 +802,7 @@ def take(req):
     _write_atomic(os.path.join(folder, ident + ".json"),
                   json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
     removed = prune(folder, int(req.get("keep") or 1), req.get("protect") or [], ident)
-    return {"id": ident, "time": when, "reused": False, "pruned": removed, "wheels": why}
+    return {"id": ident, "time": when, "reused": False, "pruned": removed, "wheels": why, "warnings": warnings}
 
 
 def read(req):

@@ -230,6 +230,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
         summary=f"nunchaku {before['nunchaku'] if before else '(none)'} -> {desired}",
         before=before, after={"nunchaku": desired, "wheel": asset.name, "from": f"{source.kind} {source.value}"},
         steps=tuple(steps), notify=RESTART, warnings=warnings,
+        replaces=frozenset({"nunchaku"}) if current is not None else frozenset(),
     )
     note = Note(name, "nunchaku is installed with --no-deps: its requirements (diffusers, transformers, "
                       "peft, accelerate) come from the packages resource", level="info")

@@ -88,6 +88,9 @@ class Change:
     # what it would do into before/after and `data`. Only changes that install into the venv have one.
     preview: Run | None = None
     data: Mapping[str, object] = field(default_factory=dict)   # what the preview found: {"pip": {name: [old, new]}}
+    # The installed distributions (canonical names) it replaces or removes: the snapshot before the
+    # changes keeps their wheels, so a rollback does not depend on what their sources still serve.
+    replaces: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
-from provisioner.facts.model import Facts, GitCheckout, Probe
+from provisioner.facts.model import Facts, GitCheckout, Probe, canonical
 from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins
 from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
@@ -170,6 +170,11 @@ class Install:
     before: dict[str, object]
     after: dict[str, object]
 
+    @property
+    def replaces(self) -> frozenset[str]:
+        """The installed distributions it moves (the snapshot keeps their wheels)."""
+        return frozenset(canonical(n) for n, have in self.before.items() if have)
+
 
 def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> Install | None:
     """pip install of what `text` asks and the venv lacks (None: all met), or of the whole file
@@ -314,6 +319,7 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         was = ", ".join(co.tags) or (co.head or "no commit")[:12]
         summary.append(f"checkout ComfyUI {was} -> {version}" + (f" ({wanted[:12]}, locked)" if pin else ""))
     before = None if only_ours(co) else _state(co)
+    needed = None
     if venv_kept(profile, facts):
         needed = install(profile, facts, requirements_text(profile, facts, goal), label(version))
         if needed is not None:
@@ -323,7 +329,8 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
             if before is not None:
                 before.update(needed.before)
     return changes(Change(name, root, action, "; ".join(summary), before, after, tuple(steps), notify=RESTART,
-                          warnings=tuple(warnings)), notes=notes)
+                          warnings=tuple(warnings), replaces=needed.replaces if needed else frozenset()),
+                   notes=notes)
 
 
 def _requirements_change(profile: Profile, facts: Facts, goal: Target) -> Change | None:
@@ -335,7 +342,8 @@ def _requirements_change(profile: Profile, facts: Facts, goal: Target) -> Change
     if needed is None:
         return None
     path = posixpath.join(profile.comfyui.root, REQUIREMENTS)
-    return Change(name, path, "update", needed.summary, needed.before, needed.after, needed.steps, notify=RESTART)
+    return Change(name, path, "update", needed.summary, needed.before, needed.after, needed.steps, notify=RESTART,
+                  replaces=needed.replaces)
 
 
 def restore(profile: Profile, want: Checkout | None, have: Checkout | None, problems: list[str],

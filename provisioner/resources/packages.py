@@ -171,15 +171,4 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     preview = dryrun.preview(step, facts.env) if facts is now else None
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
                           (hold, step), notify=RESTART, preview=preview,
-                          warnings=undo_depends(profile, facts, list(missing))), notes=notes)
-
-
-def undo_depends(profile: Profile, facts: Facts, names: Sequence[str]) -> tuple[str, ...]:
-    """What a rollback of replacing `names` depends on, said before the change: the installed
-    versions pip got from an index are not kept, so undoing the change fetches them again there."""
-    replaced = [f"{d.name} {d.version}" for n in names if (d := facts.env.distributions.get(n)) is not None]
-    if not replaced:
-        return ()
-    where = " ".join(profile.pip.args()) or "pip's default index"
-    return (f"a rollback of this change fetches {', '.join(replaced)} again from {where} (their wheels are "
-            "not kept): it can only undo it while that source still serves those versions",)
+                          replaces=frozenset(n for n, (_, have) in missing.items() if have)), notes=notes)

@@ -13,7 +13,7 @@ nothing of its own: it says which snapshot, and what changed between two (`diffe
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 
 from provisioner import remote
@@ -53,24 +53,54 @@ def index_sources(profile: Profile) -> dict[str, object]:
 
 
 def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
-              protect: tuple[str, ...] = ()) -> Run:
+              protect: tuple[str, ...] = (), replaced: tuple[str, ...] = (), undo_required: bool = False) -> Run:
     """Run the snapshot program: record the host, keep its wheel files, prune to `snapshots.keep`
     (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one. An
-    `after` snapshot is taken once the changes were confirmed: it records a confirmed state."""
+    `after` snapshot is taken once the changes were confirmed: it records a confirmed state.
+    `replaced`: the distributions the run replaces, whose wheels it keeps too (fetched from their
+    index and checked); `undo_required`: one it cannot keep fails the take, and the run changes nothing."""
     spec = profile.comfyui
     request = remote.snapshot_request(
         mode="take", folder=folder(profile), root=spec.root, python=spec.python, checksums=spec.checksums,
         workflow_dirs=workflow_dirs(profile), taken=taken, profile=profile_record(profile),
         keep=profile.snapshots.keep, protect=protect, reuse=reuse, sources=index_sources(profile),
-        confirmed=taken.startswith("after"), units=service.recorded_units(profile))
+        confirmed=taken.startswith("after"), units=service.recorded_units(profile), replaced=replaced,
+        undo_required=undo_required, pip_timeout=profile.timeouts.pip_s)
+    # Fetching and checking what the run replaces (torch is GBs) adds up to a pip run's time.
+    timeout = TAKE_TIMEOUT_S + (profile.timeouts.pip_s if replaced else 0.0)
     return Run(remote.argv("snapshot"), stdin=request, what=f"snapshot what the host runs ({taken})",
-               timeout=TAKE_TIMEOUT_S, answer=answer)
+               timeout=timeout, answer=answer)
+
+
+def replaced(changes: Iterable[Change]) -> tuple[str, ...]:
+    """The installed distributions the changes replace or remove (canonical names), as the
+    resources and pip's dry run said: the snapshot before them keeps their wheels."""
+    return tuple(sorted({key for change in changes for key in change.replaces}))
+
+
+def before_apply(profile: Profile, facts: Facts, changes: Iterable[Change] = (), *,
+                 undo_required: bool = False) -> ResourcePlan:
+    """The snapshot before an apply's changes, keeping the wheels of what they replace, and the
+    note that says so in the plan. It never reuses an older one, so the newest `before apply`
+    snapshot is always the state the last apply started from. `undo_required` (the verify gate):
+    a wheel it cannot keep fails it, so the apply changes nothing."""
+    names = replaced(changes)
+    notes: tuple[Note, ...] = ()
+    if names:
+        dists = facts.env.distributions
+        shown = ", ".join(f"{dists[k].name} {dists[k].version}" if k in dists else k for k in names)
+        notes = (Note(name, f"before the changes, the snapshot keeps the wheels of {shown}, which they replace (each "
+                            "checked against what pip installed): a rollback reinstalls them from there"
+                            + ("; one it cannot keep stops this host, unchanged (--verify-gate)" if undo_required
+                               else "; one it cannot keep is said before the first change"), "info"),)
+    return ResourcePlan(notes=notes, prelude=(take_step(profile, BEFORE_APPLY, answer=BEFORE, reuse=False,
+                                                        replaced=names, undo_required=undo_required),))
 
 
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
-    """No change of its own: the snapshots around an apply's changes. The one before never reuses
-    an older one, so the newest `before apply` snapshot is always the state the last apply started from."""
-    return ResourcePlan(prelude=(take_step(profile, BEFORE_APPLY, answer=BEFORE, reuse=False),),
+    """No change of its own: the snapshots around an apply's changes (the one before keeps no
+    wheels yet: what the changes replace is known once pip's dry run ran, see `before_apply`)."""
+    return ResourcePlan(prelude=before_apply(profile, facts).prelude,
                         postlude=(take_step(profile, AFTER_APPLY, answer=AFTER),))
 
 
@@ -156,7 +186,8 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
     return ResourcePlan(
         changes=tuple(c for c in found if c is not None), notes=tuple(notes),
         handlers=(service.restart_handler(profile),),
-        prelude=(take_step(profile, BEFORE_ROLLBACK, answer=BEFORE, protect=(target.id,)),),
+        prelude=(take_step(profile, BEFORE_ROLLBACK, answer=BEFORE, protect=(target.id,),
+                           replaced=replaced(c for c in found if c is not None)),),
         postlude=(take_step(profile, AFTER_ROLLBACK, answer=AFTER),))
 
 

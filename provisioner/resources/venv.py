@@ -213,7 +213,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     after: dict[str, object] = {"torch": goal.shown, "cuda": goal.cuda,
                                 "from": " ".join(source_args(spec.torch, profile, goal.flavour)) or "pip's index"}
     steps: list[Step] = []
-    warnings: list[str] = []
+    replaces: frozenset[str] = frozenset()
     action: Action
     preview: Run | None = None
     if not kept:
@@ -236,18 +236,13 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
         steps.append(install_torch(profile, goal))
         summary = f"torch {env.torch or '(none)'} -> {goal.shown} (the backend wheel is chosen for it)"
         preview = dryrun.preview(steps[-1], env)                  # type: ignore[arg-type]  # a Run
-        old = [f"{d.name} {d.version}" for n in TRIO if (d := env.distributions.get(n)) is not None]
-        flavour = Version(env.torch).local if env.torch else None
-        if old and flavour:
-            warnings.append(f"a rollback of this change fetches {', '.join(old)} again from "
-                            f"{' '.join(source_args(spec.torch, profile, flavour))} (their wheels are not kept): "
-                            "it can only undo it while that source still serves those builds")
+        replaces = frozenset(n for n in TRIO if n in env.distributions)
     else:
         action, before = "update", {n: None for n in lacking}
         steps.append(install_torch(profile, goal))
         summary = f"pip install {', '.join(lacking)} for torch {env.torch}"
     return changes(Change(name, spec.venv, action, summary, before, after, tuple(steps), notify=RESTART,
-                          preview=preview, warnings=tuple(warnings)), notes=notes)
+                          preview=preview, replaces=replaces), notes=notes)
 
 
 # --- a recorded set of distributions, exactly (a rollback's desired venv) ---------------------------
@@ -281,8 +276,9 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     as two changes: (fetch, install); a rollback runs the fetch before any other change.
 
     The fetch gets and checks everything to install into a stage folder beside provision's
-    records, while the host is untouched: index distributions by `pip download --no-deps` from the
-    source each came from (the torch family from its torch index), kept wheels copied back to the
+    records, while the host is untouched: index distributions from the wheel the snapshot kept of
+    them (copied into the stage, checked against its sha256), else by `pip download --no-deps`
+    from the source each came from (the torch family from its torch index), kept wheels copied back to the
     path they were installed from and checked against their sha256 (one that is gone re-fetched
     by `refetch`, or a PlanError naming it). The install: one `pip install --no-deps
     --force-reinstall --no-index` of the staged set (pip prepares everything before it replaces
@@ -307,7 +303,13 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     for key in back:
         dist = want[key]
         if dist.kind == "index":
-            by_source.setdefault(index_source(profile, target, key, dist), []).append(f"{dist.name}=={dist.version}")
+            store = target.wheels.get(key)
+            sha = posixpath.basename(posixpath.dirname(store)) if store else ""
+            if store and (kept_now is None or kept_now.get(store) == sha):
+                # Its wheel was kept before the change: installed from there, whatever the index serves now.
+                kept.append((store, posixpath.join(stage, posixpath.basename(store)), sha))
+            else:
+                by_source.setdefault(index_source(profile, target, key, dist), []).append(f"{dist.name}=={dist.version}")
             specs.append(f"{dist.name}=={dist.version}")
         elif dist.kind == "url" and dist.url:
             specs.append(f"{dist.url}#sha256={dist.sha256}" if dist.sha256 and "#" not in dist.url else dist.url)
@@ -342,8 +344,9 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
         get.append(Run(remote.argv("snapshot"), stdin=remote.stage_request(snapshots.folder(profile), kept),
                        what=f"put back and check {len(kept)} kept wheel(s)"))
     get += fetched
-    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv "
-                   "before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
+    from_kept = f" ({len(kept)} from the wheels the snapshot kept)" if kept else ""
+    fetch = Change(name, stage, "create", f"fetch and check {len(back)} distribution(s) of the snapshot's venv"
+                   f"{from_kept} before anything changes", None, {"fetched": [f"{want[k].name} {want[k].version}" for k in back]},
                    tuple(get)) if back else None
     steps: list[Step] = []
     if specs:
@@ -362,4 +365,5 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     parts = [f"{want[k].name} {have[k].version if k in have else '(none)'} -> {want[k].version}" for k in back]
     parts += [f"uninstall {have[k].name} {have[k].version}" for k in added]
     return fetch, Change(name, profile.comfyui.venv, "update", "distributions as in the snapshot: " + ", ".join(parts),
-                         before, after, tuple(steps), notify=RESTART)
+                         before, after, tuple(steps), notify=RESTART,
+                         replaces=frozenset(k for k in [*back, *added] if k in have))
