@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
-from sshd import listening
+from sshd import listening, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -285,3 +286,30 @@ def test_an_apply_killed_inside_the_cores_checkout_is_finished_by_the_next(lab: 
     assert (host.comfy / "notes.txt").read_text() == "the user's own\n"
     assert not (owed / "restart-comfyui").exists() and starts(host) == 2     # the owed restart, once
     assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_a_run_records_its_own_change_over_an_earlier_runs_owed_restart(lab: Lab) -> None:
+    """An earlier interrupted run's owed restart names its change (the plugin's); an apply that
+    then moves the core records the core's change in its place before it starts, so a kill inside
+    that checkout is one the next apply finishes. Killed in the core's change, the next converges."""
+    host = managed(lab, version="v0.3.60")
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    pinned(lab, host, version="v0.3.64")
+    marker = host.comfy / ".provision" / "owed" / "restart-comfyui"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"handler": "restart-comfyui", "since": "2026-12-07T10:00:00Z",
+                                  "change": "plugin: clone ComfyUI-nunchaku v1.1.0 into custom_nodes"}) + "\n")
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify")
+    try:
+        wait_until(lambda: marker.exists() and '"core: checkout ComfyUI v0.3.60 -> v0.3.64' in marker.read_text(), 60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert git(host, "describe", "--tags", "--exact-match") == "v0.3.64"
+    assert not git(host, "status", "--porcelain", "--untracked-files=no")
+    assert not marker.exists() and lab.run("plan", "--limit", host.name)[0] == 0
