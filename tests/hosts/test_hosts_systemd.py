@@ -175,13 +175,15 @@ def test_a_rollback_puts_the_core_back_and_restarts_once(hosts_lab: Lab, host: S
     assert code == 2 and "~ core checkout ComfyUI v0.3.60 -> v0.3.64" in out, out
 
 
-def new_processes(seen: set[str]) -> Iterator[tuple[int, list[bytes]]]:
-    """Processes this machine has started since `seen` was last updated: (pid, argv)."""
+def new_processes(seen: set[str], scope: str) -> Iterator[tuple[int, list[bytes]]]:
+    """Processes started since `seen` was last updated in the cgroup `scope` (a booted host's:
+    its processes are this machine's too, their root reads as "/"): (pid, argv)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit() and entry not in seen:
             seen.add(entry)
             try:
-                yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if scope in Path(f"/proc/{entry}/cgroup").read_text():
+                    yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
 
@@ -203,7 +205,6 @@ def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
     diff = upstream.git("-C", str(comfyui_repo), "diff", "--name-only", "--diff-filter=MD", "v0.3.60", "v0.3.64")
     moved = [p for p in diff.split() if p.endswith(".py")]          # text, and in v0.3.60
     before = {p: upstream.git("-C", str(comfyui_repo), "show", f"v0.3.60:{p}") for p in moved}
-    rootfs = os.path.realpath(host.machine.root)
     marker = host.machine.path(f"{ROOT}/.provision/owed/restart-comfyui")
 
     def written() -> bool:
@@ -223,8 +224,8 @@ def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
             time.sleep(0.01)
         git = None
         while git is None:
-            for pid, argv in new_processes(seen):
-                if b"checkout" in argv and b"--detach" in argv and os.path.realpath(f"/proc/{pid}/root") == rootfs:
+            for pid, argv in new_processes(seen, f"/machine-{host.machine.name}.scope"):
+                if b"checkout" in argv and b"--detach" in argv:
                     os.kill(pid, signal.SIGSTOP)
                     git = pid
                     break
