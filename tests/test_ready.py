@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sshd import free_port, install_docker_standin
+from sshd import descendants, free_port, install_docker_standin, wait_until
 
 from provisioner import remote
 from provisioner.config.model import build_profile
@@ -225,3 +225,28 @@ def test_a_running_container_is_waited_for_inside(tmp_path: Path) -> None:
         srv.stop()
     assert done.returncode == 0, done.stderr
     assert progress(done.stdout)[-1].startswith("ComfyUI answers after ")
+
+
+def test_the_wait_inside_ends_when_the_one_beside_the_container_is_killed(tmp_path: Path) -> None:
+    """`docker exec` leaves what it runs going when its client is killed: the wait inside ends
+    when its stdin does (the supervisor stops the one beside it when the controller goes)."""
+    _, env = docker_host(tmp_path, None, [])
+    request = remote.ready_request(url=f"http://127.0.0.1:{free_port()}", nodes=(LOADER,), timeout=300,
+                                   container="c")
+    outer = subprocess.Popen(list(remote.argv("ready", python=sys.executable)), stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    outer.stdin.write(request)                                   # type: ignore[union-attr]
+    outer.stdin.close()                                          # type: ignore[union-attr]
+
+    def waiting_inside() -> list[int]:
+        """The wait the stand-in `docker exec` runs (it execs the command itself)."""
+        return [p for p in descendants(outer.pid) if b"-c\0" + remote.source("ready").encode()[:40]
+                in Path(f"/proc/{p}/cmdline").read_bytes()]
+    try:
+        wait_until(waiting_inside, 20)
+        (inner,) = waiting_inside()
+    finally:
+        outer.kill()
+        outer.wait()
+    wait_until(lambda: not Path(f"/proc/{inner}").exists() or Path(f"/proc/{inner}/stat").read_text().split()[2] == "Z",
+               10)
