@@ -385,18 +385,31 @@ DOCKER_STANDIN = '''#!{python}
 # Stand-in for the Docker CLI + daemon (there is no Docker daemon on the test machine).
 # Implements exactly what provision uses:
 #   docker exec -i [-e K=V]... NAME cmd...   runs cmd in {root}/NAME with the container's env
-#   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking)
+#   docker inspect -f FORMAT NAME            prints {root}/NAME/ip (empty: host networking); for a
+#                                            FORMAT of .State: {root}/NAME/state (default: running)
 #   docker restart NAME                      runs {root}/NAME/on-restart if there is one
-#   docker logs --tail N NAME                the last N lines of {root}/NAME/log
+#   docker logs [--since T] --tail N NAME    the last N lines of {root}/NAME/log (T is not read)
+#   docker exec of a container whose state is not running fails as Docker's does
 import os, socket, subprocess, sys
 root = {root!r}
 args = sys.argv[1:]
+
+
+def state(cdir):
+    """`Status ExitCode RestartCount StartedAt`, as the test wrote it."""
+    path = os.path.join(cdir, "state")
+    return open(path).read().strip() if os.path.exists(path) else "running 0 0 2026-12-07T12:00:00Z"
+
+
 if os.environ.get("DOCKER_STANDIN_CONTAINER"):  # a container has no docker CLI of its host
     sys.exit("sh: 1: docker: not found (inside container " + os.environ["DOCKER_STANDIN_CONTAINER"] + ")")
 if args[:1] == ["inspect"] and len(args) == 4 and args[1] == "-f":
     cdir = os.path.join(root, args[3])
     if not os.path.isdir(cdir):
         sys.exit(f"Error: No such object: {{args[3]}}")
+    if ".State" in args[2]:
+        print(state(cdir))
+        sys.exit(0)
     ip = os.path.join(cdir, "ip")
     print(open(ip).read().strip() if os.path.exists(ip) else "")
     sys.exit(0)
@@ -409,6 +422,8 @@ if args[:1] == ["restart"] and len(args) == 2:
         subprocess.run([hook], check=True)
     print(args[1])
     sys.exit(0)
+if args[:2] == ["logs", "--since"]:
+    args = args[:1] + args[3:]
 if args[:2] == ["logs", "--tail"] and len(args) == 4:
     log = os.path.join(root, args[3], "log")
     if not os.path.isdir(os.path.join(root, args[3])):
@@ -431,6 +446,8 @@ name, cmd = args[0], args[1:]
 cdir = os.path.join(root, name)
 if not os.path.isdir(cdir):
     sys.exit(f"Error response from daemon: No such container: {{name}}")
+if state(cdir).split()[0] != "running":
+    sys.exit(f"Error response from daemon: Container {{name}} is not running")
 if not interactive:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.chdir(cdir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
-from sshd import listening
+from sshd import listening, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +244,72 @@ def test_a_first_start_that_fails_stops_and_disables_the_unit_it_installed(lab: 
     started = starts(host)
     time.sleep(12)                                # Restart=on-failure would have started it again by now
     assert starts(host) == started
+
+
+def test_an_apply_killed_inside_the_cores_checkout_is_finished_by_the_next(lab: Lab) -> None:
+    """git writes the files before it moves HEAD: a kill in between leaves tracked files at the new
+    version under the old HEAD. Without a record of the killed apply they are local modifications;
+    with the owed restart it recorded naming the core's change, the next apply finishes the checkout,
+    leaving the user's untracked files alone, and restarts ComfyUI once."""
+    host = managed(lab, version="v0.3.60")
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    pinned(lab, host, version="v0.3.64")
+    moved = [line.split("\t") for line in git(host, "diff", "--name-status", "v0.3.60", "v0.3.64").splitlines()]
+    assert moved
+    for status, path in moved[:max(1, len(moved) // 2)]:          # the files git wrote before the kill
+        target = host.comfy / path
+        if status == "D":
+            target.unlink()
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(subprocess.run(["git", "-C", str(host.comfy), "show", f"v0.3.64:{path}"],
+                                              check=True, capture_output=True).stdout)
+    (host.comfy / "notes.txt").write_text("the user's own\n")
+    assert git(host, "describe", "--tags") == "v0.3.60" and git(host, "status", "--porcelain")
+
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code not in (0, 2) and "has local modifications" in out, out     # no record: refused as before
+
+    owed = host.comfy / ".provision" / "owed"
+    owed.mkdir(parents=True, exist_ok=True)
+    (owed / "restart-comfyui").write_text(json.dumps({
+        "handler": "restart-comfyui", "since": "2026-12-07T10:00:00Z", "by": "controller pid 1",
+        "change": "core: checkout ComfyUI v0.3.60 -> v0.3.64; pip install comfyui-frontend-package==1.27.10"}) + "\n")
+    code, out = lab.run("plan", "--limit", host.name)
+    assert code == 2 and "finish the checkout an interrupted apply left half done" in out, out
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert git(host, "describe", "--tags", "--exact-match") == "v0.3.64"
+    assert not git(host, "status", "--porcelain", "--untracked-files=no")     # clean: HEAD's files
+    assert "?? notes.txt" in git(host, "status", "--porcelain").splitlines()
+    assert (host.comfy / "notes.txt").read_text() == "the user's own\n"
+    assert not (owed / "restart-comfyui").exists() and starts(host) == 2     # the owed restart, once
+    assert lab.run("plan", "--limit", host.name)[0] == 0
+
+
+def test_a_run_records_its_own_change_over_an_earlier_runs_owed_restart(lab: Lab) -> None:
+    """An earlier interrupted run's owed restart names its change (the plugin's); an apply that
+    then moves the core records the core's change in its place before it starts, so a kill inside
+    that checkout is one the next apply finishes. Killed in the core's change, the next converges."""
+    host = managed(lab, version="v0.3.60")
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    pinned(lab, host, version="v0.3.64")
+    marker = host.comfy / ".provision" / "owed" / "restart-comfyui"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"handler": "restart-comfyui", "since": "2026-12-07T10:00:00Z",
+                                  "change": "plugin: clone ComfyUI-nunchaku v1.1.0 into custom_nodes"}) + "\n")
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify")
+    try:
+        wait_until(lambda: marker.exists() and '"core: checkout ComfyUI v0.3.60 -> v0.3.64' in marker.read_text(), 60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    assert git(host, "describe", "--tags", "--exact-match") == "v0.3.64"
+    assert not git(host, "status", "--porcelain", "--untracked-files=no")
+    assert not marker.exists() and lab.run("plan", "--limit", host.name)[0] == 0

@@ -4,6 +4,7 @@ request on stdin) against the ComfyUI stand-in; and the restart handler's steps.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sshd import free_port
+from sshd import descendants, free_port, install_docker_standin, wait_until
 
 from provisioner import remote
 from provisioner.config.model import build_profile
@@ -23,11 +24,11 @@ LOADER = "NunchakuQwenImageDiTLoader"
 
 
 def wait(port: int, *, nodes: tuple[str, ...] = (LOADER,), timeout: float = 20, alive: tuple[str, ...] = (),
-         dead: tuple[str, ...] = (), **watch: Any) -> subprocess.CompletedProcess[str]:
+         dead: tuple[str, ...] = (), env: dict[str, str] | None = None, **watch: Any) -> subprocess.CompletedProcess[str]:
     request = remote.ready_request(url=f"http://127.0.0.1:{port}", nodes=nodes, timeout=timeout, alive=alive,
                                    dead=dead, every=0.5, **watch)
     return subprocess.run(list(remote.argv("ready", python=sys.executable)), input=request.decode(),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def progress(out: str) -> list[str]:
@@ -88,8 +89,10 @@ def test_restart_handler_restarts_waits_and_knows_where_the_log_is(restart: dict
     handler = service.restart_handler(profile)
     restart_step, ready = handler.steps
     assert restart_step.on_machine == ("docker" in restart)
-    assert ready.progress and not ready.on_machine and ready.timeout == 180
+    assert ready.progress and ready.timeout == 180
+    assert ready.on_machine == ("docker" in restart)             # beside the container, to see it die
     request = json.loads(ready.stdin or b"")
+    assert request.get("container") == restart.get("docker")
     assert request["url"] == "http://127.0.0.1:8190" and request["timeout"] == 120
     assert request["nodes"] == [LOADER, "NunchakuTextEncoderLoaderV2"]
     assert request["alive"] == (["systemctl", "is-active", "comfyui"] if "systemd" in restart else None)
@@ -170,3 +173,80 @@ def test_a_crash_before_the_first_look_is_found_in_the_log_when_nothing_of_comfy
     dead = wait(free_port(), timeout=300, root=str(root), log_file=str(log))
     assert dead.returncode == 2 and time.monotonic() - began < 30
     assert "No module named 'av'" in dead.stderr
+
+
+def docker_host(tmp_path: Path, state: str | None, log: list[str]) -> tuple[Path, dict[str, str]]:
+    """The docker stand-in on PATH with container `c` (`state`: what `docker inspect` says of it)."""
+    containers, bin_dir = tmp_path / "containers", tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    install_docker_standin(bin_dir, containers, {"c": None})
+    if state:
+        (containers / "c" / "state").write_text(state + "\n")
+    (containers / "c" / "log").write_text("\n".join(log) + "\n")
+    return containers / "c", {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_container_that_exits_ends_the_wait_with_the_exception_of_its_log(tmp_path: Path) -> None:
+    """The wait runs inside the container (`docker exec`); beside it, `docker inspect` says the
+    container exited: the reason is its log's last exception line, within seconds."""
+    container, env = docker_host(tmp_path, None, ["To see the GUI go to: http://127.0.0.1:8188"])
+
+    def crash() -> None:
+        (container / "log").write_text("\n".join(["Total VRAM 24 GiB", *CRASH]) + "\n")
+        (container / "state").write_text("exited 1 0 2026-12-07T12:00:00Z\n")
+    threading.Timer(1.5, crash).start()
+    began = time.monotonic()
+    dead = wait(free_port(), timeout=300, container="c", env=env)
+    assert dead.returncode == 2 and time.monotonic() - began < 30
+    assert dead.stderr.strip().startswith("ComfyUI died during start-up after ")
+    assert dead.stderr.strip().endswith(": ModuleNotFoundError: No module named 'av' (container c exited with code 1)")
+    assert progress(dead.stdout)[0].startswith("waiting for ComfyUI at 127.0.0.1:")   # said inside, shown here
+
+
+def test_a_container_dead_before_the_wait_and_one_its_policy_restarts(tmp_path: Path) -> None:
+    """An argument ComfyUI refuses prints no traceback: its log's last line is the reason."""
+    refused = ["usage: main.py [-h] [--listen [IP]]", "main.py: error: unrecognized arguments: --bogus"]
+    _, env = docker_host(tmp_path / "a", "exited 2 0 2026-12-07T12:00:00Z", refused)
+    dead = wait(free_port(), timeout=300, container="c", env=env)
+    assert dead.returncode == 2
+    assert dead.stderr.strip().endswith(": main.py: error: unrecognized arguments: --bogus (container c exited "
+                                        "with code 2)")
+    _, env = docker_host(tmp_path / "b", "restarting 1 3 2026-12-07T12:00:00Z", CRASH)
+    dead = wait(free_port(), timeout=300, container="c", env=env)
+    assert dead.returncode == 2 and "its restart policy restarted it" in dead.stderr
+
+
+def test_a_running_container_is_waited_for_inside(tmp_path: Path) -> None:
+    _, env = docker_host(tmp_path, None, [])
+    srv = start_comfyui(root=tmp_path / "root")
+    try:
+        done = wait(srv.port, container="c", env=env)
+    finally:
+        srv.stop()
+    assert done.returncode == 0, done.stderr
+    assert progress(done.stdout)[-1].startswith("ComfyUI answers after ")
+
+
+def test_the_wait_inside_ends_when_the_one_beside_the_container_is_killed(tmp_path: Path) -> None:
+    """`docker exec` leaves what it runs going when its client is killed: the wait inside ends
+    when its stdin does (the supervisor stops the one beside it when the controller goes)."""
+    _, env = docker_host(tmp_path, None, [])
+    request = remote.ready_request(url=f"http://127.0.0.1:{free_port()}", nodes=(LOADER,), timeout=300,
+                                   container="c")
+    outer = subprocess.Popen(list(remote.argv("ready", python=sys.executable)), stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    outer.stdin.write(request)                                   # type: ignore[union-attr]
+    outer.stdin.close()                                          # type: ignore[union-attr]
+
+    def waiting_inside() -> list[int]:
+        """The wait the stand-in `docker exec` runs (it execs the command itself)."""
+        return [p for p in descendants(outer.pid) if b"-c\0" + remote.source("ready").encode()[:40]
+                in Path(f"/proc/{p}/cmdline").read_bytes()]
+    try:
+        wait_until(waiting_inside, 20)
+        (inner,) = waiting_inside()
+    finally:
+        outer.kill()
+        outer.wait()
+    wait_until(lambda: not Path(f"/proc/{inner}").exists() or Path(f"/proc/{inner}/stat").read_text().split()[2] == "Z",
+               10)

@@ -230,3 +230,25 @@ def test_another_users_root_is_refused_with_whose_it_is_when_the_version_is_pinn
     with pytest.raises(PlanError, match=f"{ROOT} cannot be read: {ROOT} is owned by comfy"):
         core.plan(profile(), facts(foreign, tags=("v0.3.64",)), now=NOW)
     assert core.plan(profile(version=None), facts(foreign, tags=("v0.3.64",)), now=NOW).changes == ()
+
+
+def test_a_checkout_an_apply_was_killed_in_is_finished_only_when_the_owed_restart_names_the_core() -> None:
+    """git writes the files before it moves HEAD: a kill in between leaves tracked files that differ
+    from HEAD. The owed restart the killed apply recorded names the core's change: finish it."""
+    half = replace(AT_60, dirty=("comfy/model_management.py", "nodes.py", "workflows/a.json"),
+                   untracked=("workflows/a.json",))
+    marker = ('{"handler": "restart-comfyui", "since": "2026-01-02T03:04:05Z", "change": "core: checkout '
+              'ComfyUI v0.3.60 -> v0.3.64"}')
+    owed = {f"{ROOT}/.provision/owed": {"restart-comfyui": marker}}
+    (change,) = core.plan(profile(), replace(facts(half, local=True, dists=MET_60), markers=owed), now=NOW).changes
+    assert change.summary.startswith("finish the checkout an interrupted apply left half done (2 file(s) differ "
+                                     "from HEAD); checkout ComfyUI v0.3.60 -> v0.3.64")
+    assert git_argv(ROOT, "checkout", "--quiet", "--force", "--detach", "v0.3.64") in argvs(change)
+    assert not any("stash" in argv for argv in argvs(change))
+    assert change.warnings[0].endswith("comfy/model_management.py, nodes.py are checked out as v0.3.64 has them "
+                                       "(git checkout --force); untracked and ignored files are left as they are")
+    # Another change's record says nothing of the core's checkout: local modifications are refused.
+    plugin = {f"{ROOT}/.provision/owed": {"restart-comfyui": marker.replace('"core: checkout', '"plugin: clone')}}
+    for markers in ({}, plugin):
+        with pytest.raises(PlanError, match=r"local modifications \(comfy/model_management.py, nodes.py\)"):
+            core.plan(profile(), replace(facts(half, local=True, dists=MET_60), markers=markers))

@@ -236,17 +236,21 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             return _finish(conn, reporter, outcome, started)      # nothing was changed
         gone = False
         recorded = set(plan.owed)           # handlers the host already holds as owed
+        written: set[str] = set()           # ...and those this run recorded
         for change in plan.changes:
             reporter.line(conn.name, f"{change.resource}: {change.summary} ...")
             reporter.log(conn.name, "change", resource=change.resource, key=change.key,
                          action=change.action, summary=change.summary)
             try:
                 # Owed from before the first step: an apply killed after this change and before
-                # its handler leaves the host saying so (plan/owed.py).
-                for name in sorted(change.notify - recorded):
+                # its handler leaves the host saying so (plan/owed.py). Recorded again when an
+                # earlier run's record is there: it names this run's change (the core finishes
+                # a checkout its record names).
+                for name in sorted(change.notify - written):
                     if plan.handlers.get(name) and plan.handlers[name].steps:
                         run_step(owed.record(profile, name, change))
                         recorded.add(name)
+                        written.add(name)
                 for step in change.steps:
                     run_step(step)
             except ProvisionError as err:

@@ -10,7 +10,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.gather import base_probe
 from provisioner.facts.model import Facts, Probe, Space
 from provisioner.plan import owed
-from provisioner.plan.owed import Owed
+from provisioner.facts.owed import Owed
 from provisioner.resources import ORDER, retention, snapshot
 from provisioner.resources.base import Change, Fetch, Handler, Note, ResourcePlan, Step, resumable, size_text
 

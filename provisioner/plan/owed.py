@@ -5,7 +5,7 @@ killed, the connection lost) used to lose it: the next apply found only what was
 notified nothing, and ComfyUI kept running the old plugin. So before the first change that
 notifies handler H runs, the engine writes a marker `<state_dir>/owed/H` (atomically: a Put),
 and removes it only after H ran successfully. The facts read the markers, the plan shows them,
-and apply runs every owed handler even when no change is left.
+and apply runs every owed handler even when no change is left. Reading them is facts/owed.py's.
 """
 
 from __future__ import annotations
@@ -16,30 +16,11 @@ import posixpath
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from provisioner.config import bounded
 from provisioner.config.model import Profile
 from provisioner.facts.model import Facts, Probe
+from provisioner.facts.owed import Owed, folder, read
 from provisioner.resources.base import Change, Handler, Put, Run
-
-
-@dataclass(frozen=True)
-class Owed:
-    """A handler a change notified that has not run since: when, and which change."""
-
-    handler: str
-    since: str                      # UTC, "2026-01-02T03:04:05Z"; "" when the marker is unreadable
-    change: str                     # "plugin: clone ComfyUI-nunchaku v1.1.0 into …"
-    by: str = ""                    # the controller that recorded it: "host pid N"
-
-    def describe(self) -> str:
-        since = self.since.replace("T", " ").replace("Z", " UTC") if self.since else "an unknown time"
-        return f"{self.handler} owed since {since} by an interrupted run: {self.change or 'a change'}"
-
-
-def folder(profile: Profile) -> str:
-    return posixpath.join(profile.comfyui.state_dir, "owed")
 
 
 def probe(profile: Profile) -> Probe:
@@ -60,21 +41,6 @@ def linked_away(profile: Profile, facts: Facts) -> str | None:
         return (f"{posixpath.join(profile.comfyui.state_dir, links[0])} is a link: provision did not make it "
                 "and will not write through one (remove it)")
     return None
-
-
-def read(profile: Profile, facts: Facts) -> dict[str, Owed]:
-    """The owed handlers the host recorded, by name. A marker that is not ours to read (damaged,
-    hand-written) still says its handler is owed: running a restart once too often is cheap."""
-    found: dict[str, Owed] = {}
-    for name, text in (facts.markers.get(folder(profile)) or {}).items():
-        try:
-            data = bounded.loads(text)          # a marker 4000 `[` deep was a RecursionError
-            data = data if isinstance(data, dict) else {}
-        except ValueError:
-            data = {}
-        found[name] = Owed(name, str(data.get("since") or ""), str(data.get("change") or ""),
-                           str(data.get("by") or ""))
-    return found
 
 
 def split(owed: Mapping[str, Owed], handlers: Mapping[str, Handler],

@@ -96,13 +96,18 @@ def fetch_request(*, dest: str, cache: str, url: str | None = None, sha256: str 
 
 def ready_request(*, url: str, nodes: Sequence[str], timeout: float, alive: Sequence[str] = (),
                   dead: Sequence[str] = (), every: float = 5.0, root: str | None = None,
-                  log_file: str | None = None, log: Sequence[str] = ()) -> bytes:
+                  log_file: str | None = None, log: Sequence[str] = (), container: str | None = None) -> bytes:
     """The ready program's stdin: what to poll, which node classes must be listed, for how long,
     how to tell that the service died (`alive` printing one of `dead`; the processes of checkout
-    `root` gone; `log_file` ending in a traceback) and where its log says why (`log_file`, `log`)."""
-    return json.dumps({"url": url, "nodes": list(nodes), "timeout": timeout, "alive": list(alive) or None,
-                       "dead": list(dead), "every": every, "root": root, "log_file": log_file,
-                       "log": list(log) or None}).encode()
+    `root` gone; `log_file` ending in a traceback; `container` no longer running) and where its log
+    says why (`log_file`, `log`, the container's). With `container` it runs beside it and sends
+    itself (its source) inside."""
+    request: dict[str, object] = {"url": url, "nodes": list(nodes), "timeout": timeout,
+                                  "alive": list(alive) or None, "dead": list(dead), "every": every, "root": root,
+                                  "log_file": log_file, "log": list(log) or None}
+    if container:
+        request.update(container=container, source=source("ready"))
+    return json.dumps(request).encode()
 
 
 def hold_request(*, dest: str, names: Sequence[str], prefixes: Sequence[str]) -> bytes:

@@ -17,6 +17,12 @@ it died of that exception (a custom node that fails to import logs a traceback t
 goes on: "Cannot import ..." follows it). The reason then quotes the log's last exception line
 (`log_file`, or the output of `log`).
 
+In a container (`container`: its name, `source`: this program's text): run beside it, on its
+host. The wait itself runs inside it (`docker exec`: its loopback is ComfyUI's, its log file is
+there), while `docker inspect` says when the container died (exited, or restarted by its restart
+policy); the reason is then the last exception line of its log since the restart (`docker logs`),
+else that log's last line (an argument ComfyUI refuses prints no traceback).
+
 Prints JSON lines {"progress": TEXT} while it waits, then exits 0 when ready. Otherwise it prints
 the reason as its last stderr line and exits 1 (timeout), 2 (the service died) or 3 (nodes missing).
 """
@@ -25,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -185,8 +192,87 @@ class Watch(object):
         return None
 
 
+INSPECT = "{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}} {{.State.StartedAt}}"
+
+
+def container_state(name):
+    """(status, exit code, restarts, started at) as `docker inspect` says, or None."""
+    try:
+        out = subprocess.run(["docker", "inspect", "-f", INSPECT, name], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=30).stdout.decode("utf-8", "replace").split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out[0], out[1], int(out[2]), out[3]) if len(out) == 4 and out[2].isdigit() else None
+
+
+def container_died(name, first):
+    """Why the container is known dead since `first` (its state when the wait began), or None."""
+    now = container_state(name)
+    if now is None:
+        return None
+    if now[0] in ("exited", "dead"):
+        return "container %s exited with code %s" % (name, now[1])
+    if now[0] == "restarting" or (first is not None and now[2] > first[2]):
+        return "container %s exited with code %s, and its restart policy restarted it" % (name, now[1])
+    return None
+
+
+def container_log(name, since):
+    argv = ["docker", "logs"] + (["--since", since] if since else []) + ["--tail", "200", name]
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.decode("utf-8", "replace").splitlines()
+
+
+def beside(request):
+    """The wait inside the container, watched from beside it (the module docstring says why)."""
+    name = request["container"]
+    started = time.monotonic()
+    first = container_state(name)
+    inner = dict(request, container=None, source=None, held=True)
+    proc = subprocess.Popen(["docker", "exec", "-i", name, "python3", "-c", request["source"]],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write((json.dumps(inner) + "\n").encode())
+    proc.stdin.flush()                  # kept open: when this program goes, the one inside goes too
+    said = []
+    reader = threading.Thread(target=lambda: said.append(proc.stderr.read()))
+    reader.start()
+    verdict = None
+    while proc.poll() is None and not verdict:
+        verdict = container_died(name, first)
+        time.sleep(POLL_S)
+    if proc.returncode != 0:            # the exec dies with the container: ask once more
+        verdict = verdict or container_died(name, first)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    reader.join()
+    if not verdict:
+        sys.stderr.write(b"".join(said).decode("utf-8", "replace"))
+        return proc.returncode
+    lines = [line for line in container_log(name, first[3] if first else None) if line.strip()]
+    cause = last_exception(lines) or (lines[-1].strip() if lines else None)
+    return fail(2, died_text(time.monotonic() - started, cause, verdict))
+
+
+def died_text(elapsed, cause, verdict):
+    return "ComfyUI died during start-up after %.0f s%s (%s)" % (elapsed, ": " + cause if cause else "", verdict)
+
+
+def leave_with_stdin():
+    """Run by `beside`: stdin stays open while the program beside the container runs."""
+    sys.stdin.read()
+    os._exit(1)
+
+
 def main():
-    request = json.loads(sys.stdin.read())
+    request = json.loads(sys.stdin.readline())
+    if request.get("container"):
+        return beside(request)
+    if request.get("held"):
+        threading.Thread(target=leave_with_stdin, daemon=True).start()
     base = request["url"].rstrip("/")
     where = base.split("://", 1)[-1]
     nodes = list(request.get("nodes") or ())
@@ -222,9 +308,7 @@ def main():
         verdict = died(alive, dead)
         verdict = verdict and "%s: %s" % (" ".join(alive), verdict) or watch.died()
         if verdict:
-            cause = last_exception(log_lines(request))
-            return fail(2, "ComfyUI died during start-up after %.0f s%s (%s)" % (
-                elapsed, ": " + cause if cause else "", verdict))
+            return fail(2, died_text(elapsed, last_exception(log_lines(request)), verdict))
         if elapsed >= timeout:
             return fail(1, "ComfyUI at %s did not answer within %g s (last: %s); raise "
                            "comfyui.ready_timeout_s if it needs longer" % (where, timeout, state))

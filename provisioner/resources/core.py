@@ -3,10 +3,12 @@
 
 Like the plugin's checkout: a host without one gets a clone (made beside the root, then renamed), a
 checkout elsewhere is moved (fetching only when it lacks the version), a dirty one stops the plan
-unless `force`. Unlike the plugin, ComfyUI's root holds what is not ComfyUI's: the venv, models,
-custom_nodes/, provision's own .provision/ and workflows/ (ignored or untracked files), so only
-modified TRACKED files make it dirty, and `force` sets them aside with `git stash` (nothing is deleted,
-nothing is copied: the root may hold 30 GB of models). Moving the core moves its requirements: the
+unless `force`, or unless an apply killed inside its `git checkout` left it so (the owed restart
+that apply recorded names the core's change): that checkout is finished. Unlike the plugin,
+ComfyUI's root holds what is not ComfyUI's: the venv, models, custom_nodes/, provision's own
+.provision/ and workflows/ (ignored or untracked files), so only modified TRACKED files make it
+dirty, and `force` sets them aside with `git stash` (nothing is deleted, nothing is copied: the
+root may hold 30 GB of models). Moving the core moves its requirements: the
 change that checks out a version also installs what that version's requirements.txt asks for.
 """
 
@@ -22,6 +24,7 @@ from packaging.requirements import Requirement
 from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
+from provisioner.facts import owed
 from provisioner.facts.model import Facts, GitCheckout, Probe, canonical
 from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins
@@ -79,6 +82,15 @@ def checkout(profile: Profile, facts: Facts) -> GitCheckout:
 def modified(co: GitCheckout) -> tuple[str, ...]:
     """Tracked files changed in ComfyUI's checkout; untracked ones (workflows, .provision/) are its user's."""
     return tuple(p for p in co.dirty if p not in co.untracked)
+
+
+def interrupted(profile: Profile, facts: Facts) -> str | None:
+    """The core's change an apply was killed in, as the owed restart it left says (plan/owed.py
+    records it before the change's first step); None when no such record is on the host. Its
+    plan refused local modifications (or set them aside), so any the checkout now has are the
+    ones the killed `git checkout` left."""
+    found = [o for o in owed.read(profile, facts).values() if o.resource == name]
+    return found[0].change if found else None
 
 
 def at_version(profile: Profile, co: GitCheckout) -> bool:
@@ -292,6 +304,16 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
         changed, remote_ok = modified(co), same_repo(co.remote, spec.repo)
         if not goal.moves:
             return changes(_requirements_change(profile, facts, goal), notes=notes)
+        # git writes the files before it moves HEAD: after a kill in between, what differs from
+        # HEAD (and the new files in the way) are the checkout's own, and --force finishes it.
+        finish = interrupted(profile, facts)
+        if finish and changed:
+            summary.append(f"finish the checkout an interrupted apply left half done ({len(changed)} "
+                           "file(s) differ from HEAD)")
+            warnings.append(f"{root}: an apply was killed inside its checkout ({finish}): {_listing(changed)} "
+                            f"are checked out as {version} has them (git checkout --force); untracked and "
+                            "ignored files are left as they are")
+            changed = ()
         if changed and not spec.force:
             raise PlanError(f"{root} has local modifications ({_listing(changed)}); commit or discard them, "
                             "or set comfyui.force: true to set them aside (git stash) and check out "
@@ -315,7 +337,8 @@ def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> Reso
             # --force: the pinned tag is origin's; a stale local tag of that name must not win.
             steps.append(Run(git(root, "fetch", "--quiet", "--force", "--tags", "origin"), what="fetch tags",
                              timeout=1800.0))
-        steps.append(Run(git(root, "checkout", "--quiet", "--detach", wanted), what=f"checkout {wanted}"))
+        force = ("--force",) if finish else ()
+        steps.append(Run(git(root, "checkout", "--quiet", *force, "--detach", wanted), what=f"checkout {wanted}"))
         was = ", ".join(co.tags) or (co.head or "no commit")[:12]
         summary.append(f"checkout ComfyUI {was} -> {version}" + (f" ({wanted[:12]}, locked)" if pin else ""))
     before = None if only_ours(co) else _state(co)

@@ -98,7 +98,7 @@ def log_step(profile: Profile, lines: int = LOG_LINES) -> Run | None:
 def ready_step(profile: Profile) -> Run:
     """Wait, on the host, until ComfyUI answers and lists the required nodes. Under systemd a unit
     that failed ends the wait at once (one provision wrote: its SubState, as Restart=on-failure
-    keeps it `activating`); in a container the wait dies with the container; under a restart
+    keeps it `activating`); in a container, once `docker inspect` says it exited; under a restart
     command, once ComfyUI's processes are gone; with `comfyui.log_file`, once it ends in a
     traceback. The log's last exception line is the reason then."""
     spec = profile.comfyui
@@ -114,11 +114,13 @@ def ready_step(profile: Profile) -> Run:
     journal = ("journalctl", "-u", unit, "-n", str(2 * LOG_LINES), "-o", "cat", "--no-pager") if unit else ()
     # A command's restart has no manager to ask: ComfyUI's own processes, found by its checkout.
     command = bool(restart and restart.command) and not owned(profile)
+    # A container's: the wait runs beside it (on the machine), to see it die, and inside it.
+    container = restart.docker if restart and restart.docker and not owned(profile) else None
     request = remote.ready_request(url=spec.local_url, nodes=[n.name for n in required_nodes(profile)],
                                    timeout=spec.ready_timeout_s, alive=alive, dead=dead,
                                    root=spec.root if command else None, log_file=spec.log_file or None,
-                                   log=() if spec.log_file else journal)
-    return Run(remote.argv("ready"), stdin=request, progress=True,
+                                   log=() if spec.log_file else journal, container=container)
+    return Run(remote.argv("ready"), stdin=request, progress=True, on_machine=bool(container),
                what=f"wait until ComfyUI at {spec.local_host}:{spec.port} is ready",
                timeout=spec.ready_timeout_s + READY_MARGIN_S)
 

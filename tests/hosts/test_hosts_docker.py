@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,18 @@ def test_a_rollback_inside_the_container(hosts_lab: Lab, host: DockerHost) -> No
     assert host.freeze() == host.before_apply                       # type: ignore[attr-defined]
     assert f"{host.name} PASS comfyui_reachable" in out
     assert run(hosts_lab, "rollback", host, "--check")[0] == 0
+
+
+def test_a_container_whose_comfyui_dies_at_start_fails_the_apply_at_once(hosts_lab: Lab, host: DockerHost) -> None:
+    """A package ComfyUI imports at start is broken: after `docker restart` it dies, the container
+    exits, and the wait beside it says so with the exception line (not after the 600 s timeout)."""
+    package = host.exec(f"{ROOT}/venv/bin/python", "-c", "import aiohttp; print(aiohttp.__file__)").strip()
+    host.exec("sh", "-c", f"echo 'raise RuntimeError(\"aiohttp broken on purpose\")' >> {package}")
+    code, out = run(hosts_lab, "apply", host, "--no-verify")
+    assert code == 1, out
+    state = host.daemon.docker("inspect", "-f", "{{.State.Status}}", CONTAINER).stdout.strip()
+    assert state == "exited", out
+    said = re.search(r"ComfyUI died during start-up after (\d+) s: RuntimeError: aiohttp broken on purpose "
+                     rf"\(container {CONTAINER} exited with code 1\)", out)
+    assert said and int(said.group(1)) < 60, out
+    assert "raise comfyui.ready_timeout_s" not in out

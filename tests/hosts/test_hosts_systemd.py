@@ -3,15 +3,15 @@ journald, its own sshd on 127.0.0.1), with no ComfyUI at all, taken through a fl
 order: one apply makes the real ComfyUI (cloned at v0.3.60, a venv made with the host's python3
 from the real wheelhouse), writes provision's unit, which real systemd enables and starts bound to
 127.0.0.1, and verification passes; a second apply changes nothing; v0.3.64 is one change and one
-restart; a rollback puts v0.3.60 back; an apply killed during the move converges when run again; a
-ComfyUI that dies while starting ends the readiness wait at once with real journalctl's lines; two
-GPUs (the sandbox's nvidia-smi inside the host) get a unit each. The tests share the host and run
+restart; a rollback puts v0.3.60 back; an apply killed inside the move's `git checkout` converges
+when run again; a ComfyUI that dies while starting ends the readiness wait at once with real
+journalctl's lines; two GPUs (the sandbox's nvidia-smi inside the host) get a unit each. The tests share the host and run
 in file order: each starts from where the one before left it (a from-nothing apply costs minutes).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import signal
 import time
@@ -175,36 +175,73 @@ def test_a_rollback_puts_the_core_back_and_restarts_once(hosts_lab: Lab, host: S
     assert code == 2 and "~ core checkout ComfyUI v0.3.60 -> v0.3.64" in out, out
 
 
-def events(log_dir: Path, host: SystemdHost) -> list[dict[str, Any]]:
-    path = log_dir / f"{host.name}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+def new_processes(seen: set[str], scope: str) -> Iterator[tuple[int, list[bytes]]]:
+    """Processes started since `seen` was last updated in the cgroup `scope` (a booted host's:
+    its processes are this machine's too, their root reads as "/"): (pid, argv)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry not in seen:
+            seen.add(entry)
+            try:
+                if scope in Path(f"/proc/{entry}/cgroup").read_text():
+                    yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
 
 
-def checked_out(log: list[dict[str, Any]]) -> bool:
-    """Whether the core's change has finished its checkout step (the log's step events follow it)."""
-    in_core = False
-    for e in log:
-        if e["event"] == "change":
-            in_core = e["resource"] == "core"
-        elif in_core and e["event"] == "step" and "checkout" in str(e.get("step")):
-            return True
-    return False
+def stopped(pid: int) -> None:
+    """Until `pid` is stopped (SIGSTOP is delivered asynchronously)."""
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        time.sleep(0.0002)
 
 
-def test_an_apply_killed_during_the_core_move_converges_when_run_again(
+def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
         hosts_lab: Lab, host: SystemdHost, comfyui_repo: Path, tmp_path: Path) -> None:
-    """Killed inside the core's change, once its checkout is done (during its pip install): the next
-    apply finishes it and performs the restart the killed one owed, exactly once. (A kill inside
-    `git checkout` itself leaves a half-updated tree that the next plan refuses as modified: a
-    known defect, listed in docs/reliability.md, not what this case holds.)"""
+    """Killed inside the core's `git checkout`: git (a process of this machine too) is stopped as it
+    starts and let run in slices of a millisecond until it has written files of v0.3.64 but not
+    moved HEAD; then the apply is killed and git gets the SIGTERM its supervisor sends. The next
+    apply finishes that checkout (its owed restart names the core's change) and performs the
+    restart the killed one owed, exactly once."""
+    old = upstream.git("-C", str(comfyui_repo), "rev-parse", "v0.3.60^{commit}")
+    diff = upstream.git("-C", str(comfyui_repo), "diff", "--name-only", "--diff-filter=MD", "v0.3.60", "v0.3.64")
+    moved = [p for p in diff.split() if p.endswith(".py")]          # text, and in v0.3.60
+    before = {p: upstream.git("-C", str(comfyui_repo), "show", f"v0.3.60:{p}") for p in moved}
+    marker = host.machine.path(f"{ROOT}/.provision/owed/restart-comfyui")
+
+    def written() -> bool:
+        """Whether git has written a file of v0.3.64 (read as this machine sees the host's files)."""
+        for p in moved:
+            path = host.machine.path(f"{ROOT}/{p}")
+            if not path.exists() or path.read_text(errors="replace").strip() != before[p]:
+                return True
+        return False
+
+    seen = set(os.listdir("/proc"))
     proc = hosts_lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
     try:
         deadline = time.monotonic() + 300
-        while not checked_out(events(tmp_path, host)):
+        while not (marker.exists() and "core: " in marker.read_text()):     # the step before the checkout
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.05)
+            time.sleep(0.01)
+        git = None
+        while git is None:
+            for pid, argv in new_processes(seen, f"/machine-{host.machine.name}.scope"):
+                if b"checkout" in argv and b"--detach" in argv:
+                    os.kill(pid, signal.SIGSTOP)
+                    git = pid
+                    break
+            assert time.monotonic() < deadline, "no git checkout started"
+        stopped(git)
+        while not written():
+            os.kill(git, signal.SIGCONT)
+            time.sleep(0.001)
+            os.kill(git, signal.SIGSTOP)
+            stopped(git)
+        head = host.machine.path(f"{ROOT}/.git/HEAD").read_text().strip()
+        assert head == old, "git moved HEAD before it could be stopped inside its checkout"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+        os.kill(git, signal.SIGTERM)                        # as its supervisor does: git removes its locks
+        os.kill(git, signal.SIGCONT)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -213,11 +250,13 @@ def test_an_apply_killed_during_the_core_move_converges_when_run_again(
     while left := host.machine.leftovers():
         assert time.monotonic() < deadline, left
         time.sleep(0.5)
+    assert host.git("rev-parse", "HEAD") == old and host.git("status", "--porcelain", "--untracked-files=no")
     code, out = run(hosts_lab, "plan", host)
-    assert code == 2, out
+    assert code == 2 and "finish the checkout an interrupted apply left half done" in out, out
     code, out = run(hosts_lab, "apply", host, "--lock-timeout", "30")
     assert code == 2, out
     assert host.git("rev-parse", "HEAD") == upstream.git("-C", str(comfyui_repo), "rev-parse", "v0.3.64^{commit}")
+    assert not host.git("status", "--porcelain", "--untracked-files=no")
     assert host.starts() == 4
     assert f"{host.name} PASS comfyui_reachable: ComfyUI 0.3.64 answers" in out
     assert not host.machine.ssh("ls", f"{ROOT}/.provision/owed").stdout.strip()
