@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import sys
@@ -28,21 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` and `pro
 from bench.hosts import make_tool_fleet  # noqa: E402
 from bench.measure import median, run_timed  # noqa: E402
 from bench.state import desired_state  # noqa: E402
-from bench.tool_provision import ProvisionTool  # noqa: E402
+from bench.tool_provision import ProvisionTool, log_records, step_kind  # noqa: E402
 from provisioner.sandbox.world import start_world  # noqa: E402
 
 MODEL_BYTES = 50 * 10**6        # as bench/run.py
 TICK = os.sysconf("SC_CLK_TCK")
-
-# A step's description (plan/render.describe_step) -> the part of the profile it belongs to.
-KINDS = (("snapshot", re.compile(r"snapshot")), ("pip", re.compile(r"\bpip\b|-m pip")),
-         ("download", re.compile(r"^(download|fetch)\b")), ("restart", re.compile(r"restart|ready|wait")),
-         ("git", re.compile(r"\bgit\b|clone|checkout")), ("venv", re.compile(r"-m venv|\bvenv\b")))
-
-
-def kind_of(step: str) -> str:
-    return next((name for name, pattern in KINDS if pattern.search(step)), "other")
-
 
 def reaped_cpu_s(pid: int) -> float:
     """CPU seconds of the children `pid` waited for (cutime + cstime), from /proc."""
@@ -54,11 +43,9 @@ def reaped_cpu_s(pid: int) -> float:
 def step_seconds(log_dir: Path) -> dict[str, float]:
     """Seconds per kind of step, summed over every host's log."""
     out: dict[str, float] = defaultdict(float)
-    for path in log_dir.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("event") == "step":
-                out[kind_of(record.get("step", ""))] += record.get("seconds", 0.0)
+    for record in log_records(log_dir):
+        if record.get("event") == "step":
+            out[step_kind(record.get("step", ""))] += record.get("seconds", 0.0)
     return dict(out)
 
 
