@@ -1,4 +1,5 @@
-"""The timed cases on one fleet size: floor, first converge, no-op re-run, plan after a change.
+"""The timed cases on one fleet size: floor, first converge, no-op re-run, plan after a change, apply
+of a one-change move (the plugin's tag, back and forth).
 
 Tools take turns inside every repetition (provision, ansible, pyinfra, provision, ...), so a burst
 of load from elsewhere on the machine hits all of them alike and the ratios stay meaningful.
@@ -26,18 +27,20 @@ class Tool(Protocol):
     def env(self) -> dict[str, str]: ...
     def before_run(self) -> None: ...
     def ok(self, verb: str, code: int) -> bool: ...
+    def snapshot_share(self) -> float | None: ...
 
 
 @dataclass
 class CaseResult:
     hosts: int
-    case: str                     # floor | converge | noop | plan
+    case: str                     # floor | converge | noop | plan | change
     tool: str
     seconds: list[float] = field(default_factory=list)
     connections: list[float] = field(default_factory=list)   # per host, per run
     sessions: list[float] = field(default_factory=list)      # exec/sftp channels per host, per run
     peak_mb: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    snapshot_share: list[float] = field(default_factory=list)  # provision: snapshots' seconds / apply's
 
     @property
     def median_s(self) -> float:
@@ -57,6 +60,9 @@ def _once(tool: Tool, verb: str, result: CaseResult) -> None:
     result.connections.append(conns)
     result.sessions.append(sessions)
     result.peak_mb.append(sample.peak_rss_mb)
+    share = tool.snapshot_share() if verb == "apply" else None
+    if share is not None:
+        result.snapshot_share.append(share)
     if not tool.ok(verb, sample.returncode):
         tail = "\n".join(sample.output.strip().splitlines()[-15:])
         result.failures.append(f"exit {sample.returncode}")
@@ -73,7 +79,7 @@ def run_cases(tools: list[Tool], state: DesiredState, *, converge_runs: int, noo
         floor.seconds.append(floor_seconds(tools[0].fleet))
     print(f"  floor    ssh true  {floor.median_s:7.2f} s (median)", file=sys.stderr)
     results = {case: {t.name: CaseResult(n, case, t.name) for t in tools}
-               for case in ("converge", "noop", "plan")}
+               for case in ("converge", "noop", "plan", "change")}
     for tool in tools:
         tool.write(state)
     for _ in range(converge_runs):
@@ -88,6 +94,10 @@ def run_cases(tools: list[Tool], state: DesiredState, *, converge_runs: int, noo
     for _ in range(plan_runs):
         for tool in tools:
             _once(tool, "plan", results["plan"][tool.name])
+    for i in range(plan_runs):           # one change each time: the tag there, then back
+        for tool in tools:
+            tool.write(state.tag_moved() if i % 2 == 0 else state)
+            _once(tool, "apply", results["change"][tool.name])
     for tool in tools:
         tool.write(state)
     return [floor, *(r for by_tool in results.values() for r in by_tool.values())]

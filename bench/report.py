@@ -12,7 +12,8 @@ from bench.cases import CaseResult
 from bench.measure import median
 from bench.venvs import tool_version
 
-CASE_TITLES = {"converge": "first converge", "noop": "no-op re-run", "plan": "plan after a change"}
+CASE_TITLES = {"converge": "first converge", "noop": "no-op re-run", "plan": "plan after a change",
+               "change": "apply of one change (plugin tag)"}
 
 
 def machine(tools: Sequence[str]) -> dict[str, Any]:
@@ -55,6 +56,17 @@ def table(results: Sequence[CaseResult]) -> str:
         lines.append(f"| {r.hosts} | {CASE_TITLES[r.case]} | {r.tool} | {r.median_s:.2f} ({len(r.seconds)})"
                      f"{failed} | {ratio} | {_fmt(r.connections)} | {_fmt(r.sessions)} "
                      f"| {max(r.peak_mb):.0f} |")
+    return "\n".join(lines)
+
+
+def snapshot_table(results: Sequence[CaseResult]) -> str:
+    """provision's snapshots (before and after) as a share of each apply, from its JSON-lines logs."""
+    lines = ["| hosts | case | snapshots' share of the apply, median (runs) | goal |", "|---|---|---|---|"]
+    goals = {"converge": 0.10, "change": 0.05}
+    for r in results:
+        if r.tool == "provision" and r.snapshot_share:
+            lines.append(f"| {r.hosts} | {CASE_TITLES[r.case]} | {median(r.snapshot_share) * 100:.1f} % "
+                         f"({len(r.snapshot_share)}) | < {goals.get(r.case, 0) * 100:.0f} % |")
     return "\n".join(lines)
 
 
@@ -101,6 +113,21 @@ def verify_table(v: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def wave_table(w: dict[str, Any]) -> str:
+    """The upgrade wave: one plugin tag move on N hosts, each verified by a generation."""
+    lines = [f"| upgrade wave: plugin tag move on {w['hosts']} hosts, verified | median s (runs) | × provision |",
+             "|---|---|---|"]
+    how = {"provision": "provision `apply --verify-gate` (verify: one generation; rollback on failure)",
+           "ansible": "Ansible: git, restart when moved, one generation through ComfyUI's API",
+           "pyinfra": "pyinfra: git, restart when moved, one generation through ComfyUI's API"}
+    base = w["median_s"].get("provision")
+    for tool, seconds in w["median_s"].items():
+        failed = f" **{len(w['failures'][tool])} failed**" if w["failures"][tool] else ""
+        ratio = "1.0" if tool == "provision" else (f"{seconds / base:.1f}×" if base else "–")
+        lines.append(f"| {how[tool]} | {seconds:.2f} ({len(w['seconds'][tool])}){failed} | {ratio} |")
+    return "\n".join(lines)
+
+
 def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None,
                 download: dict[str, Any] | None, verify: dict[str, Any] | None = None) -> str:
     """Issue 18's goals, each with its figure from this run."""
@@ -117,6 +144,18 @@ def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None
                 gap = mine.median_s - floor.median_s
                 goal(f"{CASE_TITLES[case]}, {n} host{'s' * (n != 1)}: within {allowance:g} s of the `ssh true` floor",
                      f"{mine.median_s:.2f} s vs {floor.median_s:.2f} s: +{gap:.2f} s", gap <= allowance)
+    for r in results:
+        if r.case == "converge" and r.tool == "provision":
+            peers = [p for p in results if p.hosts == r.hosts and p.case == "converge" and p.tool != "provision"]
+            if peers:
+                best = min(peers, key=lambda p: p.median_s)
+                ratio = best.median_s / r.median_s
+                goal(f"first converge, {r.hosts} host{'s' * (r.hosts != 1)}: ≥ 1.5× faster than the best peer",
+                     f"{r.median_s:.2f} s vs {best.tool} {best.median_s:.2f} s: {ratio:.2f}×", ratio >= 1.5)
+        if r.tool == "provision" and r.snapshot_share and r.case in ("converge", "change"):
+            share, limit = median(r.snapshot_share), 0.10 if r.case == "converge" else 0.05
+            goal(f"snapshots under {limit * 100:.0f} % of the {CASE_TITLES[r.case]}, {r.hosts} host{'s' * (r.hosts != 1)}",
+                 f"{share * 100:.1f} %", share < limit)
     for r in results:
         if r.hosts >= 50 and r.case in ("noop", "plan") and r.tool == "provision":
             peak = max(r.peak_mb)

@@ -4,8 +4,9 @@
 
 Builds the sandbox world (Hub, release and git stand-ins, wheelhouse; a ~50 MB DiT file), gives
 each tool its own N sandbox hosts behind N sshd servers, expresses one desired state in all three,
-and times: first converge, no-op re-run, plan after a change (template value + git tag), plus the
-`ssh host true` floor and a 1 GiB push / hash throughput test. Peers are installed into
+and times: first converge, no-op re-run, plan after a change (template value + git tag), apply of one
+change (git tag), plus the `ssh host true` floor, a 1 GiB push / hash throughput test and the upgrade
+wave (bench/wave.py: a tag move on 10 hosts, each verified by a generation). Peers are installed into
 bench/.venvs/ on first use. Results: bench/results/<stamp>/results.json and tables.md.
 """
 
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--throughput-runs", type=int, default=3)
     p.add_argument("--download-mib", type=int, default=1024, help="file size for the download test (0: skip)")
     p.add_argument("--verify-runs", type=int, default=3, help="`provision verify` overhead runs (0: skip)")
+    p.add_argument("--wave-hosts", type=int, default=10,
+                   help="hosts per tool of the upgrade wave: one plugin tag move, verified (0: skip)")
+    p.add_argument("--wave-runs", type=int, default=3, help="upgrade-wave repetitions per tool (default 3)")
     p.add_argument("--solo-hosts", default="50",
                    help="fleet sizes run by provision alone, after the others (default 50; '' skips)")
     p.add_argument("--solo-runs", type=int, default=3, help="no-op, plan and floor runs at the solo sizes")
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info}", file=sys.stderr)
     started = time.monotonic()
     results: list[CaseResult] = []
-    throughput = download = verify = None
+    throughput = download = verify = wave = None
     solo = [int(x) for x in args.solo_hosts.split(",") if x]
     with tempfile.TemporaryDirectory(prefix="provision-bench-") as tmp:
         root = Path(tmp)
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== download ({args.download_mib} MiB)", file=sys.stderr)
                 from bench.download import measure as measure_download
                 download = measure_download(args.download_mib, args.throughput_runs)
+            if args.wave_hosts and args.wave_runs:
+                print(f"== upgrade wave ({args.wave_hosts} hosts per tool)", file=sys.stderr)
+                from bench.wave import measure as measure_wave
+                wave = measure_wave(root / "wave", args.wave_hosts, args.wave_runs, names)
             if args.verify_runs:
                 print("== verify overhead", file=sys.stderr)
                 from bench.verify import measure as measure_verify
@@ -115,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             world.stop()
     info["load_after"] = os.getloadavg()
     info["wall_s"] = round(time.monotonic() - started)
-    tables = "\n\n".join([report.table(results)]
+    tables = "\n\n".join([report.table(results), report.snapshot_table(results)]
                            + ([report.throughput_table(throughput)] if throughput else [])
                            + ([report.download_table(download)] if download else [])
                            + ([report.verify_table(verify)] if verify else [])
+                           + ([report.wave_table(wave)] if wave else [])
                            + [report.goals_table(results, throughput, download, verify)])
     (out / "results.json").write_text(json.dumps({
         "machine": info, "args": vars(args), "cases": [r.as_json() for r in results],
-        "throughput": throughput, "download": download, "verify": verify}, indent=1))
+        "throughput": throughput, "download": download, "verify": verify, "wave": wave}, indent=1))
     (out / "tables.md").write_text(tables + "\n")
     print(tables)
     print(f"\nmachine: {json.dumps(info)}\nresults in {out}", file=sys.stderr)
-    return 1 if any(r.failures for r in results) else 0
+    failed = any(r.failures for r in results) or bool(wave and any(wave["failures"].values()))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

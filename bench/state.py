@@ -55,6 +55,10 @@ class DesiredState:
         """A new template value and another plugin tag: what `plan` must then report per host."""
         return replace(self, plugin_tag="v1.0.2", seed=self.seed + 1)
 
+    def tag_moved(self) -> DesiredState:
+        """One change: the plugin at another tag (what an upgrade wave moves)."""
+        return replace(self, plugin_tag="v1.0.2")
+
 
 def desired_state(world: World) -> DesiredState:
     """The state of the RTX 3090 sandbox host: int4 DiT, text encoder and VAE from the Hub stand-in."""

@@ -112,3 +112,7 @@ class AnsibleTool:
 
     def ok(self, verb: str, code: int) -> bool:
         return code == 0
+
+    def snapshot_share(self) -> float | None:
+        """It takes no snapshots."""
+        return None

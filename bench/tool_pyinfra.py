@@ -82,3 +82,7 @@ class PyinfraTool:
 
     def ok(self, verb: str, code: int) -> bool:
         return code == 0
+
+    def snapshot_share(self) -> float | None:
+        """It takes no snapshots."""
+        return None

@@ -86,6 +86,27 @@ def test_a_converged_fleet_costs_one_connection_and_one_exec_per_host(lab: Lab) 
             assert settled_counts(h, since[h.name]) == (1, 1), (verb, h.name)
 
 
+# The sessions sshd starts (execs and the SFTP channel) for a first converge of a lab host, as
+# measured: the facts, pip's dry run of the packages, the lock, the facts again under it, the
+# snapshot before, the owed restart's record, one exec per step of each change (plugin clone 5,
+# backend 3, packages 2, 3 downloads, the workflows' folders and their SFTP writes), the restart and
+# the wait until ready, the record's removal, the facts to confirm, the snapshot after. It was 27
+# while the plan made again under the lock ran pip's dry run again (plan/preview.py: DryRuns).
+FIRST_CONVERGE_SESSIONS = 26
+
+
+def test_a_first_converge_costs_at_most_its_budget_of_execs(lab: Lab) -> None:
+    """The first converge's round-trip budget: each exec starts a supervisor (and most a program)
+    on the host, which a fleet on shared cores pays in CPU; one connection for all of them."""
+    (host,) = lab.add(1)
+    since = host.sshd.log_size()
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
+    assert code == 2, out
+    connections, sessions = settled_counts(host, since)
+    assert connections == 1
+    assert sessions <= FIRST_CONVERGE_SESSIONS, sessions
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -17,9 +17,8 @@ from provisioner import remote
 
 def facts_argv() -> list[str]:
     """The one command the host runs: its system python3 runs the script (the supervisor that
-    runs it already says so when the host has no python3). `-S`: the script is stdlib only, and a
-    system python's `site` (its .pth files) can cost more than the script's own imports."""
-    return ["python3", "-I", "-S", "-c", remote.source("facts")]
+    runs it already says so when the host has no python3), isolated and without `site`."""
+    return list(remote.argv("facts"))
 
 
 def base_probe(profile: Profile) -> Probe:

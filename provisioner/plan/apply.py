@@ -30,7 +30,7 @@ from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts
 from provisioner.plan import owed
 from provisioner.plan.build import HostPlan, build_plan, keeping_replaced, probe_for
-from provisioner.plan.preview import previewed
+from provisioner.plan.preview import DryRuns, previewed
 from provisioner.plan.progress import Reporter
 from provisioner.plan.render import describe_step
 from provisioner.resources.base import Change, Fetch, Handler, Push, Put, Run, Step
@@ -203,12 +203,14 @@ def as_whom(conn: Connection, system: bool) -> Connection:
 
 def profile_planner(profile: Profile, *, undo_required: bool = False) -> Planner:
     """The profile's plan: the facts it probes for, every resource of resources.ORDER, pip's dry
-    run of each install into the venv (plan/preview.py: only when one is planned), and the
-    snapshot before the changes keeping the wheels of what they replace (`undo_required`: one it
-    cannot keep stops the host unchanged)."""
+    run of each install into the venv (plan/preview.py: only when one is planned; the plan made
+    again under the lock reuses its answer while the facts are the same), and the snapshot before
+    the changes keeping the wheels of what they replace (`undo_required`: one it cannot keep stops
+    the host unchanged)."""
     probe = probe_for(profile)
-    return lambda conn: keeping_replaced(profile, previewed(conn, build_plan(profile, gather(conn, profile, probe))),
-                                         undo_required=undo_required)
+    dry_runs = DryRuns()
+    return lambda conn: keeping_replaced(profile, previewed(conn, build_plan(profile, gather(conn, profile, probe)),
+                                                           dry_runs), undo_required=undo_required)
 
 
 def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,

@@ -5,28 +5,49 @@ snapshot's record of the change can read it), and each installed one it moves in
 snapshot before the change keeps its wheel).
 
 Costs a round trip per such change, and nothing when none is planned: a converged plan stays at one.
+An apply plans twice (once to see whether anything differs, once more under the lock): given the
+same `DryRuns`, the second plan reuses pip's answer to the same dry run while the venv's facts
+(its interpreter and distributions: what pip's answer depends on, with its arguments) are the ones
+it was run on, so an apply runs each dry run once (pip's start alone is most of a second of CPU).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, Result
 from provisioner.errors import PlanError
+from provisioner.facts.parse import facts_to_json
 from provisioner.plan.build import HostPlan
 from provisioner.resources import dryrun
 from provisioner.resources.base import Change
 
 
-def previewed(conn: Connection, plan: HostPlan) -> HostPlan:
+class DryRuns:
+    """One host's dry-run answers, by the venv's facts they were run on and the dry run itself."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, tuple[str, ...]], Result] = {}
+
+    def run(self, conn: Connection, venv: str, change: Change) -> Result:
+        assert change.preview is not None
+        key = (venv, tuple(change.preview.argv))
+        if key not in self._answers:
+            self._answers[key] = conn.run(change.preview.argv, timeout=change.preview.timeout, check=False)
+        return self._answers[key]
+
+
+def previewed(conn: Connection, plan: HostPlan, dry_runs: DryRuns | None = None) -> HostPlan:
     if not any(c.preview for c in plan.changes):
         return plan
-    return replace(plan, changes=tuple(_run(conn, plan, c) if c.preview else c for c in plan.changes))
+    dry_runs = dry_runs or DryRuns()
+    venv = json.dumps(facts_to_json(plan.facts)["env"], sort_keys=True)
+    return replace(plan, changes=tuple(_answered(plan, c, dry_runs.run(conn, venv, c)) if c.preview else c
+                                       for c in plan.changes))
 
 
-def _run(conn: Connection, plan: HostPlan, change: Change) -> Change:
-    assert change.preview is not None
-    result = conn.run(change.preview.argv, timeout=change.preview.timeout, check=False)
+def _answered(plan: HostPlan, change: Change, result: Result) -> Change:
     try:
         if not result.ok:
             lines = [ln for ln in result.stderr.splitlines() if ln.strip()]

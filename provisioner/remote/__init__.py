@@ -66,8 +66,12 @@ def source(program: str) -> str:
 
 
 def argv(program: str, *args: str, python: str = "python3") -> tuple[str, ...]:
-    """`python -c SOURCE ARGS...`: the program travels in argv, its request on stdin."""
-    return (python, "-c", source(program), *args)
+    """`python -c SOURCE ARGS...`: the program travels in argv, its request on stdin. The host's
+    system python3 runs it isolated and without `site` (`-I -S`): the programs are stdlib only, and
+    a system python's site (its .pth files) costs each start more CPU than most of them use; a
+    venv's interpreter (the hold program) needs its site-packages."""
+    flags = ("-I", "-S") if python == "python3" else ()
+    return (python, *flags, "-c", source(program), *args)
 
 
 def supervise_request(argv: Sequence[str], *, nonce: str, mode: str = "payload", size: int = 0,
