@@ -389,8 +389,9 @@ DOCKER_STANDIN = '''#!{python}
 #                                            FORMAT of .State: {root}/NAME/state (default: running)
 #   docker restart NAME                      runs {root}/NAME/on-restart if there is one
 #   docker logs [--since T] --tail N NAME    the last N lines of {root}/NAME/log (T is not read)
+#   docker stop -t N NAME                    writes {root}/NAME/state: exited
 #   docker exec of a container whose state is not running fails as Docker's does
-import os, socket, subprocess, sys
+import hashlib, os, socket, subprocess, sys
 root = {root!r}
 args = sys.argv[1:]
 
@@ -422,6 +423,15 @@ if args[:1] == ["restart"] and len(args) == 2:
         subprocess.run([hook], check=True)
     print(args[1])
     sys.exit(0)
+if args[:1] == ["stop"] and len(args) == 4 and args[1] == "-t":
+    cdir = os.path.join(root, args[3])
+    if not os.path.isdir(cdir):
+        sys.exit(f"Error response from daemon: No such container: {{args[3]}}")
+    started = state(cdir).split()[3]
+    with open(os.path.join(cdir, "state"), "w") as fh:
+        fh.write("exited 143 0 " + started + "\\n")
+    print(args[3])
+    sys.exit(0)
 if args[:2] == ["logs", "--since"]:
     args = args[:1] + args[3:]
 if args[:2] == ["logs", "--tail"] and len(args) == 4:
@@ -446,8 +456,9 @@ name, cmd = args[0], args[1:]
 cdir = os.path.join(root, name)
 if not os.path.isdir(cdir):
     sys.exit(f"Error response from daemon: No such container: {{name}}")
-if state(cdir).split()[0] != "running":
-    sys.exit(f"Error response from daemon: Container {{name}} is not running")
+if state(cdir).split()[0] != "running":  # Docker names it by its id
+    ident = hashlib.sha256(name.encode()).hexdigest()
+    sys.exit(f"Error response from daemon: Container {{ident}} is not running")
 if not interactive:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.chdir(cdir)

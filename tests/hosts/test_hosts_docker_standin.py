@@ -1,6 +1,6 @@
 """The docker stand-in (tests/sshd.py's `docker`, what the fast suite's container hosts run) held
 against a real dockerd: the commands provision runs (`exec -i`, `inspect -f`, `restart`, `logs
---tail`), the same on both, their answers compared. docs/testing.md lists what this found."""
+--tail`, and what the wait beside a container asks), the same on both, their answers compared. docs/testing.md lists what this found."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def sequence(docker: Runner) -> list[tuple[str, object]]:
     look("inspect the address (host network)", "inspect", "-f", INSPECT_IP, NAME)
     look("restart", "restart", NAME)
     look("logs --tail", "logs", "--tail", "2", NAME)
+    # What the readiness wait beside a container asks (remote/ready.py): its state, its log since it
+    # started, and an exec once it is not running.
+    state = "{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}} {{.State.StartedAt}}"
+    look("inspect the state (running)", "inspect", "-f", state, NAME, keep=lambda out: out.split()[:3])
+    look("logs --since --tail", "logs", "--since", "2000-01-01T00:00:00Z", "--tail", "2", NAME)
+    look("stop", "stop", "-t", "1", NAME)
+    look("inspect the state (stopped)", "inspect", "-f", state, NAME, keep=lambda out: out.split()[:1])
+    look("exec in a stopped container", "exec", "-i", NAME, "true")
     return seen
 
 
