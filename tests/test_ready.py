@@ -240,11 +240,23 @@ def test_the_wait_inside_ends_when_the_one_beside_the_container_is_killed(tmp_pa
 
     def waiting_inside() -> list[int]:
         """The wait the stand-in `docker exec` runs (it execs the command itself)."""
-        return [p for p in descendants(outer.pid) if b"-c\0" + remote.source("ready").encode()[:40]
-                in Path(f"/proc/{p}/cmdline").read_bytes()]
+        found = []
+        for pid in descendants(outer.pid):
+            try:
+                if b"-c\0" + remote.source("ready").encode()[:40] in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass                    # gone since it was listed
+        return found
+    seen: list[int] = []
+
+    def one_waiting_inside() -> bool:
+        """Exactly one: a process it forks shares its command line until that one execs."""
+        seen[:] = waiting_inside()
+        return len(seen) == 1
     try:
-        wait_until(waiting_inside, 20)
-        (inner,) = waiting_inside()
+        wait_until(one_waiting_inside, 20)
+        (inner,) = seen
     finally:
         outer.kill()
         outer.wait()
