@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,12 @@ import smallfs
 from sshd import SSHD, SshdFleet, SshdHost
 
 from provisioner.config.records import CACHE_ENV
+
+# A suite a shell started in the background inherits SIGINT ignored, and so would every provision it
+# spawns (an ignored signal survives exec): the Ctrl-C tests send SIGINT as a terminal would.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _control_cache_per_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
