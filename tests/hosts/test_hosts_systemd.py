@@ -196,8 +196,9 @@ def stopped(pid: int) -> None:
 
 def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
         hosts_lab: Lab, host: SystemdHost, comfyui_repo: Path, tmp_path: Path) -> None:
-    """Killed inside the core's `git checkout`: git (a process of this machine too) is stopped as it
-    starts and let run in slices of a millisecond until it has written files of v0.3.64 but not
+    """Killed inside the core's `git checkout`: git (a process of this machine too) stops itself as
+    it starts (the host's `git` is a script for the test: no race with a checkout faster than a
+    look at /proc) and is let run in slices of a millisecond until it has written files of v0.3.64 but not
     moved HEAD; then the apply is killed and git gets the SIGTERM its supervisor sends. The next
     apply finishes that checkout (its owed restart names the core's change) and performs the
     restart the killed one owed, exactly once."""
@@ -215,6 +216,15 @@ def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
                 return True
         return False
 
+    # git's own binary stays in its exec path; /usr/bin/git becomes a script that stops the core's
+    # checkout as it starts, then runs it (this host is a copy booted for the tier: restored below).
+    system_git = host.machine.path("/usr/bin/git")
+    kept = system_git.with_name("git.test-kept")
+    os.replace(system_git, kept)
+    system_git.write_text("#!/bin/sh\n"
+                          f'case " $* " in *" -C {ROOT} "*" checkout "*" --detach "*) kill -STOP $$ ;; esac\n'
+                          'exec /usr/lib/git-core/git "$@"\n')
+    system_git.chmod(0o755)
     seen = set(os.listdir("/proc"))
     proc = hosts_lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
     try:
@@ -226,10 +236,10 @@ def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
         while git is None:
             for pid, argv in new_processes(seen, f"/machine-{host.machine.name}.scope"):
                 if b"checkout" in argv and b"--detach" in argv:
+                    git = pid               # stopped by itself (the `git` above), or by us here
                     os.kill(pid, signal.SIGSTOP)
-                    git = pid
                     break
-            assert time.monotonic() < deadline, "no git checkout started"
+            assert proc.poll() is None and time.monotonic() < deadline, "no git checkout started"
         stopped(git)
         while not written():
             os.kill(git, signal.SIGCONT)
@@ -243,6 +253,7 @@ def test_an_apply_killed_inside_the_cores_checkout_converges_when_run_again(
         os.kill(git, signal.SIGTERM)                        # as its supervisor does: git removes its locks
         os.kill(git, signal.SIGCONT)
     finally:
+        os.replace(kept, system_git)
         if proc.poll() is None:
             proc.kill()
     # Nothing it started goes on running on the host: its supervisors stop what they ran.
