@@ -298,14 +298,13 @@ def test_aborting_the_connection_kills_a_running_scp(sshd_host: SshdHost, tmp_pa
 # -- a channel's last words ---------------------------------------------------------------------
 
 def _ended(transport: paramiko.Transport) -> paramiko.Channel:
-    """A session whose command ended and whose CLOSE both sides have sent: sshd has freed it."""
+    """A session whose command ended and whose CLOSE both sides have sent."""
     chan = transport.open_session()
     chan.exec_command("true")
     deadline = time.monotonic() + 10
     while not chan.closed and time.monotonic() < deadline:
         time.sleep(0.01)
     assert chan.closed
-    time.sleep(0.2)
     return chan
 
 
@@ -327,7 +326,9 @@ def test_data_or_eof_after_a_channel_closed_never_drops_the_connection(sshd_host
         send_eof(chan)
         assert not send_if_open(chan, late)
         assert c.run(["true"]).ok and transport.is_active()
-        # The hazard itself: the same message sent the way paramiko sends it.
+        # The hazard itself: the same message sent the way paramiko sends it, once a round trip
+        # has let sshd free what closed (it frees channels between reads, not within one).
+        transport.global_request("keepalive@openssh.com", wait=True)
         transport._send_user_message(late)
         deadline = time.monotonic() + 10
         while transport.is_active() and time.monotonic() < deadline:
@@ -433,15 +434,16 @@ def test_inventory_for_loads_and_connects(sshd_hosts: Callable[..., list[SshdHos
 
 def test_host_down_is_a_fast_connect_error(sshd_hosts: Callable[..., list[SshdHost]]) -> None:
     host, = sshd_hosts(1)
-    host.stop()
-    with socket.socket() as held:           # bound, never listening: refused, and no one else's port
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # past its connections' TIME_WAIT
-        held.bind(("127.0.0.1", host.port))
+    # A port held bound and never listening: nothing there answers, and no other process can take
+    # it meanwhile (a stopped sshd's port could be anyone's by the time the test connects).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
         start = time.monotonic()
         with pytest.raises(ConnectError) as err:
-            open_connection(host.host(), host.options())
+            open_connection(host.host(via_config=False, port=port), host.options())
         assert time.monotonic() - start < 2
-    assert str(err.value) == (f"gpu-01: connection to 127.0.0.1:{host.port} refused "
+    assert str(err.value) == (f"gpu-01: connection to 127.0.0.1:{port} refused "
                               f"(is sshd running there, on that port?)")
 
 
