@@ -64,7 +64,10 @@ def _once(tool: Tool, verb: str, result: CaseResult) -> None:
     if share is not None:
         result.snapshot_share.append(share)
     if not tool.ok(verb, sample.returncode):
-        tail = "\n".join(sample.output.strip().splitlines()[-15:])
+        lines = sample.output.strip().splitlines()
+        # What failed, not only how the output ends (a fleet's last host may be one that passed).
+        failed = [line for line in lines if "✗" in line or " FAIL " in line or "rolling back" in line]
+        tail = "\n".join((failed or lines)[-15:])
         result.failures.append(f"exit {sample.returncode}")
         print(f"  ! {tool.name} {result.case} failed (exit {sample.returncode}):\n{tail}", file=sys.stderr)
     print(f"  {result.case:8} {tool.name:9} {sample.seconds:7.2f} s  {conns:.0f} conn/host  "
