@@ -50,6 +50,13 @@ class CaseResult:
         return {**asdict(self), "median_s": self.median_s}
 
 
+def failure_lines(output: str) -> str:
+    """What a failed run said about failing, else its last lines (a fleet's last host may have passed)."""
+    lines = output.strip().splitlines()
+    failed = [line for line in lines if any(mark in line for mark in ("✗", " FAIL ", "failed", "rolling back"))]
+    return "\n".join((failed or lines)[-25:])
+
+
 def _once(tool: Tool, verb: str, result: CaseResult) -> None:
     tool.before_run()
     marks = tool.fleet.log_marks()
@@ -64,12 +71,9 @@ def _once(tool: Tool, verb: str, result: CaseResult) -> None:
     if share is not None:
         result.snapshot_share.append(share)
     if not tool.ok(verb, sample.returncode):
-        lines = sample.output.strip().splitlines()
-        # What failed, not only how the output ends (a fleet's last host may be one that passed).
-        failed = [line for line in lines if "✗" in line or " FAIL " in line or "rolling back" in line]
-        tail = "\n".join((failed or lines)[-15:])
         result.failures.append(f"exit {sample.returncode}")
-        print(f"  ! {tool.name} {result.case} failed (exit {sample.returncode}):\n{tail}", file=sys.stderr)
+        print(f"  ! {tool.name} {result.case} failed (exit {sample.returncode}):\n{failure_lines(sample.output)}",
+              file=sys.stderr)
     print(f"  {result.case:8} {tool.name:9} {sample.seconds:7.2f} s  {conns:.0f} conn/host  "
           f"{sessions:.0f} exec/host  {sample.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
 

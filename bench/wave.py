@@ -21,6 +21,7 @@ from typing import Any
 if __name__ == "__main__":  # run alone: `bench`, `provisioner` and the tests' harness importable
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+from bench.cases import failure_lines  # noqa: E402
 from bench.hosts import REPO, ToolFleet  # noqa: E402,F401 - puts tests/ on sys.path for lab
 from bench.measure import median, run_timed, tool_environ  # noqa: E402
 from bench.state import PLUGIN_DIR  # noqa: E402
@@ -205,8 +206,8 @@ def measure(root: Path, hosts: int, runs: int, tools: list[str]) -> dict[str, An
                 seconds[tool.name].append(sample.seconds)
                 if not tool.ok(sample.returncode):
                     failures[tool.name].append(f"exit {sample.returncode}")
-                    print(f"  ! {tool.name} wave failed (exit {sample.returncode}):\n"
-                          + "\n".join(sample.output.strip().splitlines()[-15:]), file=sys.stderr)
+                    print(f"  ! {tool.name} wave failed (exit {sample.returncode}):\n{failure_lines(sample.output)}",
+                          file=sys.stderr)
                 print(f"  wave     {tool.name:9} {sample.seconds:7.2f} s  -> {tag}", file=sys.stderr, flush=True)
     return {"hosts": hosts, "runs": runs, "seconds": seconds, "failures": failures,
             "median_s": {name: median(values) for name, values in seconds.items()}}
