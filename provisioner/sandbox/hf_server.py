@@ -21,9 +21,11 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from provisioner.sandbox.http_server import StandInServer
 
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".gitattributes")  # kept in git, not LFS
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
@@ -90,9 +92,8 @@ class HfServer:
         self.url = f"http://127.0.0.1:{self._hub.server_address[1]}"
         self.cdn_url = f"http://127.0.0.1:{self._cdn.server_address[1]}"
 
-    def _listen(self, origin: str) -> ThreadingHTTPServer:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = True
+    def _listen(self, origin: str) -> StandInServer:
+        server = StandInServer(("127.0.0.1", 0), _Handler)
         server.hf = self  # type: ignore[attr-defined]
         server.origin = origin  # type: ignore[attr-defined]
         # A short poll keeps stop() (shutdown waits for the next poll) fast for tests.

@@ -9,8 +9,10 @@ import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from provisioner.sandbox.http_server import StandInServer
 
 Key = tuple[str, str, str]                       # (owner, repo, tag)
 # Real history: mit-han-lab -> nunchaku-tech -> nunchaku-ai, old URLs answer 301.
@@ -47,8 +49,7 @@ class ReleaseServer:
         for key, paths in assets.items():
             for path in paths:
                 self.add(*key, Path(path))
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = StandInServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
