@@ -53,6 +53,32 @@ PLAYBOOK = """\
 """
 
 
+
+def ansible_cfg(forks: int, ssh_config: Path, known_hosts: Path, control_dir: Path) -> str:
+    """Ansible at its fastest: no facts, pipelining, one ControlPersist master per host."""
+    return "\n".join([
+        "[defaults]", "inventory = inventory.json", f"forks = {forks}",
+        "gathering = explicit", "host_key_checking = True", "retry_files_enabled = False",
+        "interpreter_python = /usr/bin/python3", "deprecation_warnings = False",
+        "[ssh_connection]", "pipelining = True",
+        f"ssh_args = -F {ssh_config} -o UserKnownHostsFile={known_hosts} "
+        "-o ControlMaster=auto -o ControlPersist=60s",
+        f"control_path = {control_dir}/%%C", "",
+    ])
+
+
+def ansible_env(work: Path) -> dict[str, str]:
+    return tool_environ(ANSIBLE_CONFIG=str(work / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+                        ANSIBLE_HOME=str(work / "home"), ANSIBLE_LOCAL_TEMP=str(work / "tmp"))
+
+
+def close_masters(hosts: list[str], ssh_config: Path, control_dir: Path) -> None:
+    """Close the control masters a previous run left, so the next run pays its own connections."""
+    for name in hosts:
+        subprocess.run(["ssh", "-F", str(ssh_config), "-o", f"ControlPath={control_dir}/%C", "-O", "exit", name],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class AnsibleTool:
     name = "ansible"
 
@@ -70,15 +96,8 @@ class AnsibleTool:
         inventory = {"all": {"hosts": {h.name: {"comfy_root": str(h.sandbox.comfyui_root)}
                                        for h in fleet.hosts}}}
         (work / "inventory.json").write_text(json.dumps(inventory))  # JSON is YAML
-        (work / "ansible.cfg").write_text("\n".join([
-            "[defaults]", "inventory = inventory.json", f"forks = {len(fleet.hosts)}",
-            "gathering = explicit", "host_key_checking = True", "retry_files_enabled = False",
-            "interpreter_python = /usr/bin/python3", "deprecation_warnings = False",
-            "[ssh_connection]", "pipelining = True",
-            f"ssh_args = -F {ssh.ssh_config} -o UserKnownHostsFile={ssh.known_hosts} "
-            "-o ControlMaster=auto -o ControlPersist=60s",
-            f"control_path = {self.control_dir}/%%C", "",
-        ]))
+        (work / "ansible.cfg").write_text(ansible_cfg(len(fleet.hosts), ssh.ssh_config, ssh.known_hosts,
+                                                      self.control_dir))
 
     def write(self, state: DesiredState) -> None:
         values = {
@@ -100,15 +119,10 @@ class AnsibleTool:
         return self._argv("--check", "--diff")
 
     def env(self) -> dict[str, str]:
-        return tool_environ(ANSIBLE_CONFIG=str(self.work / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-                            ANSIBLE_HOME=str(self.work / "home"), ANSIBLE_LOCAL_TEMP=str(self.work / "tmp"))
+        return ansible_env(self.work)
 
     def before_run(self) -> None:
-        """Close the control masters a previous run left, so this run pays its own connections."""
-        for h in self.fleet.hosts:
-            subprocess.run(["ssh", "-F", str(self.fleet.fleet.ssh_config), "-o",
-                            f"ControlPath={self.control_dir}/%C", "-O", "exit", h.name],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        close_masters([h.name for h in self.fleet.hosts], self.fleet.fleet.ssh_config, self.control_dir)
 
     def ok(self, verb: str, code: int) -> bool:
         return code == 0

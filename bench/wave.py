@@ -12,7 +12,6 @@ tag to the other one (v1.0.2, then back), so every run is one change.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from bench.cases import failure_lines  # noqa: E402
 from bench.hosts import REPO, ToolFleet  # noqa: E402,F401 - puts tests/ on sys.path for lab
 from bench.measure import median, run_timed, tool_environ  # noqa: E402
 from bench.state import PLUGIN_DIR  # noqa: E402
+from bench.tool_ansible import ansible_cfg, ansible_env, close_masters  # noqa: E402
 from bench.venvs import tool_venv  # noqa: E402
 from lab import Lab, LabHost, open_lab  # noqa: E402
 
@@ -129,26 +129,17 @@ class Ansible:
         (work / "inventory.json").write_text(json.dumps(inventory))
         (work / "cp").mkdir(exist_ok=True)
         ssh = lab.fleet
-        (work / "ansible.cfg").write_text("\n".join([
-            "[defaults]", "inventory = inventory.json", f"forks = {len(hosts)}",
-            "gathering = explicit", "host_key_checking = True", "retry_files_enabled = False",
-            "interpreter_python = /usr/bin/python3", "deprecation_warnings = False",
-            "[ssh_connection]", "pipelining = True",
-            f"ssh_args = -F {ssh.ssh_config} -o UserKnownHostsFile={ssh.known_hosts} "
-            "-o ControlMaster=auto -o ControlPersist=60s",
-            f"control_path = {work / 'cp'}/%%C", ""]))
+        (work / "ansible.cfg").write_text(ansible_cfg(len(hosts), ssh.ssh_config, ssh.known_hosts, work / "cp"))
 
     def move(self, tag: str) -> list[str]:
-        for h in self.hosts:   # each run pays its own connections, as provision's does
-            subprocess.run(["ssh", "-F", str(self.lab.fleet.ssh_config), "-o", f"ControlPath={self.work / 'cp'}/%C",
-                            "-O", "exit", h.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # each run pays its own connections, as provision's does
+        close_masters([h.name for h in self.hosts], self.lab.fleet.ssh_config, self.work / "cp")
         (self.work / "state.json").write_text(json.dumps({"plugin_repo": str(self.lab.world.plugin_repo),
                                                           "plugin_tag": tag}))
         return [str(self.venv / "bin" / "ansible-playbook"), "-e", "@state.json", "site.yml"]
 
     def env(self) -> dict[str, str]:
-        return tool_environ(ANSIBLE_CONFIG=str(self.work / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-                            ANSIBLE_HOME=str(self.work / "home"), ANSIBLE_LOCAL_TEMP=str(self.work / "tmp"))
+        return ansible_env(self.work)
 
     def ok(self, code: int) -> bool:
         return code == 0
