@@ -62,9 +62,9 @@ def _src(png: bytes) -> str | None:
     return _data_uri(png) if png.startswith(_PNG_MAGIC) else None
 
 
-def _comparisons(host: HostReport) -> list[dict[str, object]]:
-    """Reference, the host's image, their difference: failed comparisons first."""
-    return [{"agreement": a, "panels": [_src(p) for p in a.panels]}
+def _comparisons(host: HostReport, pictured: bool) -> list[dict[str, object]]:
+    """Reference, the host's image, their difference (None: not pictured): failed comparisons first."""
+    return [{"agreement": a, "panels": [_src(p) for p in a.panels] if pictured else None}
             for a in sorted(host.agreement, key=lambda a: a.passed)]
 
 
@@ -88,8 +88,7 @@ def render_html(report: FleetReport) -> str:
               "group": groups.get(h.fingerprint.gpu_class, {}) if h.fingerprint else {},
               "drifted": {f.field for f in report.fleet_for(h.host) if f.field},
               "fingerprint": h.fingerprint.flat() if h.fingerprint else {}, "pictured": h.host in shown,
-              "comparisons": _comparisons(h) if h.host in shown else [{"agreement": a, "panels": None}
-                                                                          for a in sorted(h.agreement, key=lambda a: a.passed)],
+              "comparisons": _comparisons(h, h.host in shown),
               "thumbnails": _thumbnails(h) if h.host in shown else []} for i, h in enumerate(report.hosts, 1)]
     left_out = sum(1 for h in report.hosts if h.host not in shown and (h.thumbnails or h.agreement))
     return _template().render(report=report, summary=report.summary, hosts=hosts, pictures_left_out=left_out,
