@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import smallfs
-from sshd import SSHD, SshdFleet, SshdHost
+from sshd import LIVE, SSHD, SshdFleet, SshdHost
 
 from provisioner.config.records import CACHE_ENV
 
@@ -20,6 +20,18 @@ from provisioner.config.records import CACHE_ENV
 # spawns (an ignored signal survives exec): the Ctrl-C tests send SIGINT as a terminal would.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test shows why its real sshd servers ended connections: a lost connection in CI is
+    then diagnosed from the report, not guessed at (paramiko races, a killed session, a timeout)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        said = "\n".join(text for fleet in list(LIVE) if (text := fleet.endings()))
+        if said:
+            report.sections.append(("sshd logs: why connections ended", said))
 
 
 @pytest.fixture(scope="module", autouse=True)

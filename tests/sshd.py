@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -194,10 +196,18 @@ class SshdHost:
         return ConnectOptions(**{**base, **overrides})
 
 
+# Every fleet still alive, so a failing test can show what its servers said (conftest.py).
+LIVE: weakref.WeakSet[SshdFleet] = weakref.WeakSet()
+
+# The sshd log lines that say why a connection ended against provision's wishes.
+ENDINGS = re.compile(r"Disconnect|nonexistent|unknown channel|fatal|error|signal|Timeout|refused|kex_|Bad ")
+
+
 class SshdFleet:
     """All servers of one test (or session); one client key, ssh_config and known_hosts."""
 
     def __init__(self, root: Path) -> None:
+        LIVE.add(self)
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.client_key = root / "id_ed25519"
@@ -268,6 +278,15 @@ class SshdFleet:
     def stop_all(self) -> None:
         for h in self.hosts:
             h.stop()
+
+    def endings(self, last: int = 12) -> str:
+        """Each server's last lines that say why a connection ended (for a failed test's report)."""
+        parts = []
+        for h in self.hosts:
+            lines = [line for line in h.log_text().splitlines() if ENDINGS.search(line)]
+            if lines:
+                parts.append(f"{h.name} ({h.log}):\n  " + "\n  ".join(lines[-last:]))
+        return "\n".join(parts)
 
 
 def _stat(pid: int) -> list[str] | None:
