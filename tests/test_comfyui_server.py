@@ -511,3 +511,21 @@ def test_the_broken_cores_of_2026_as_the_stand_in_serves_them(tmp_path: Path, ve
             assert f"NunchakuQwenImageDiTLoader\n{error}\n" in logged
     finally:
         srv.stop()
+
+
+def test_a_stale_pid_file_never_signals_the_process_that_took_its_number(tmp_path: Path) -> None:
+    """The stand-in's PID file outlives it; PIDs come round again (pid_max 32768) within minutes of a
+    busy suite, and a stop that trusted the number alone signalled whatever process had it then."""
+    from provisioner.sandbox import comfyui_process
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = tmp_path / comfyui_process.PIDFILE
+        pidfile.parent.mkdir(parents=True)
+        pidfile.write_text(str(bystander.pid))
+        assert comfyui_process.pid(tmp_path) is None
+        comfyui_process.stop(tmp_path)
+        assert bystander.poll() is None and not pidfile.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -259,16 +259,23 @@ def pid(root: Path) -> int | None:
 
 
 def _running(number: int) -> bool:
-    """Whether the process runs: a zombie (ended, not yet reaped by whoever is its parent now) does not."""
+    """Whether a stand-in runs as `number`: a zombie (ended, not yet reaped by whoever
+    is its parent now) does not, nor a process that took the number since: a PID file outlives its
+    process, and PIDs come round again within minutes on a busy machine (pid_max 32768), so a stop
+    that trusted the number alone once signalled whatever process had it then (an sshd session)."""
     try:
         os.waitpid(number, os.WNOHANG)                 # ours: reaped here
     except ChildProcessError:
         pass
     try:
         with open(f"/proc/{number}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+        with open(f"/proc/{number}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
     except OSError:
         return False
+    return b"provisioner.sandbox.comfyui_server" in argv
 
 
 def stop(root: Path) -> None:
@@ -278,6 +285,8 @@ def stop(root: Path) -> None:
         return
     number = int(pidfile.read_text())
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _running(number):
+            break
         try:
             os.kill(number, sig)
         except ProcessLookupError:
