@@ -335,6 +335,10 @@ def test_data_or_eof_after_a_channel_closed_never_drops_the_connection(sshd_host
             time.sleep(0.05)
         assert not transport.is_active()
         assert "referred to nonexistent channel" in sshd_host.log_text()
+        # The loss is said as the host said it, not as paramiko's "SSH session not active".
+        with pytest.raises(ConnectError, match="connection lost: the host ended the connection: "
+                                               "data packet referred to nonexistent channel"):
+            c.run(["true"])
     finally:
         c.close()
 

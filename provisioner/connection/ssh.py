@@ -63,6 +63,7 @@ class SshConnection:
             raise
         self.stats.connects = len(self._reacher.opened)  # the target and each jump host
         _keep_exit_signals(self._transport)
+        _keep_disconnect_reason(self._transport)
         self._watchdog = Watchdog(self._transport, self.heartbeat, lambda silent: self.abort(
             f"{self.name}: no answer to the heartbeat for {silent:.0f}s: the host stopped responding "
             "(frozen, or the network between is down); its commands stop by themselves"))
@@ -82,8 +83,21 @@ class SshConnection:
             chan = self._transport.open_session(timeout=self._options.connect_timeout)
             chan.exec_command(LOGIN_LINE)
         except TRANSPORT_ERRORS as err:
-            raise ConnectError(self.lost() or f"{self.name}: connection lost: {reason(err)}") from None
+            raise ConnectError(self.lost() or f"{self.name}: connection lost: {self._ended(err)}") from None
         return _ChannelPipe(chan), ()
+
+    def _ended(self, err: BaseException) -> str:
+        """Why the transport is gone, not paramiko's "SSH session not active": the error its reader
+        thread kept (the host closed the connection, a reset, a protocol error)."""
+        if self._transport.is_active():
+            return reason(err)
+        said = getattr(self._transport, "disconnect_reason", None)
+        if said is not None:
+            return f"the host ended the connection: {said}"
+        kept = self._transport.get_exception()
+        if isinstance(kept, EOFError):
+            return "the host closed the connection"
+        return reason(kept) if kept is not None else reason(err)
 
     def run(self, argv: Sequence[str], **options: Any) -> Result:
         return supervised.run(self, argv, **options)
@@ -285,6 +299,22 @@ def _keep_exit_signals(transport: paramiko.Transport) -> None:
         handle(chan, m)
 
     transport._channel_handler_table = {**table, MSG_CHANNEL_REQUEST: handle_request}
+
+
+def _keep_disconnect_reason(transport: paramiko.Transport) -> None:
+    """paramiko only logs why the server ended the connection (its DISCONNECT message) and then
+    says "SSH session not active" to every caller; keep the reason on the transport."""
+    parse = getattr(transport, "_parse_disconnect", None)
+    if parse is None:
+        return                          # another paramiko: the loss is said without its reason
+
+    def parse_and_keep(m: paramiko.Message) -> None:
+        m.get_int()                     # the reason code; its text says more
+        transport.disconnect_reason = m.get_text()[:300]  # type: ignore[attr-defined]
+        m.rewind()
+        parse(m)
+
+    transport._parse_disconnect = parse_and_keep  # type: ignore[method-assign]
 
 
 class Watchdog:
