@@ -158,8 +158,8 @@ def test_job_slices_merge_into_the_single_runs_report(lab: Lab, installed: Path,
     assert judgements(merged) == judgements(single)
 
 
-def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[int, dict[str, dict]]:
-    """An ad-hoc `ansible all -m MODULE` over the lab: (exit code, host -> its JSON result)."""
+def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[int, dict[str, dict], str]:
+    """An ad-hoc `ansible all -m MODULE` over the lab: (exit code, host -> its JSON result, output)."""
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(collections), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(lab.root / "ansible-tmp"), "PYTHONWARNINGS": "ignore",
            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "oneline"}
@@ -169,27 +169,31 @@ def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[i
                           capture_output=True, text=True, env=env, timeout=900, cwd=lab.root)
     results = {}
     for line in done.stdout.splitlines():
-        found = re.match(r"^(\S+) \| (\w+)(?: \| rc=\d+)? => (\{.*\})$", line)
+        found = re.match(r"^(\S+) \| (\w+!?)(?: \| rc=\d+)? => (\{.*\})$", line)
         if found:
             results[found[1]] = json.loads(found[3])
-    return done.returncode, results
+    return done.returncode, results, done.stdout + done.stderr
 
 
 def test_facts_and_verify_as_tasks(lab: Lab, installed: Path, tmp_path: Path) -> None:
     """facts gives the GPU class for `when:`; verify returns the figures and writes the host's part
-    of the report, which report_merge judges as a fleet."""
-    code, results = ansible(lab, installed, "provision.comfyui.facts")
-    assert code == 0 and len(results) == 2, results
+    of the report, which report_merge judges as a fleet. The fleet is converged first: verify needs
+    a ComfyUI with the plugin, whichever test ran before this one (or none)."""
+    code, out, _ = playbook(lab, installed, None)
+    assert code == 0, out
+    code, results, out = ansible(lab, installed, "provision.comfyui.facts")
+    assert code == 0 and len(results) == 2, out
     for result in results.values():
         assert result["ansible_facts"]["provision_gpu_class"] == "NVIDIA GeForce RTX 3090 24 GiB"
         assert result["ansible_facts"]["provision_facts"]["gpu"]["name"] == "NVIDIA GeForce RTX 3090"
-    code, results = ansible(lab, installed, "provision.comfyui.verify", report=str(tmp_path))
-    assert code == 0 and len(results) == 2, results
+    code, results, out = ansible(lab, installed, "provision.comfyui.verify", report=str(tmp_path))
+    assert code == 0 and len(results) == 2, out
     for name, result in results.items():
         assert result["status"] == "passed" and result["figures"]["warm_median_s"] > 0 and not result["changed"]
         assert (tmp_path / "hosts" / name / "slice" / "entries.json").is_file()
-    code, results = ansible(lab, installed, "provision.comfyui.report_merge", report=str(tmp_path), profile=None,
-                            options=None)
+    code, results, out = ansible(lab, installed, "provision.comfyui.report_merge", report=str(tmp_path), profile=None,
+                                 options=None)
+    assert code == 0, out
     merged = json.loads((tmp_path / "report.json").read_text())
     assert merged["summary"]["hosts"] == merged["summary"]["passed"] == 2
 
