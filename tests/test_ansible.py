@@ -48,6 +48,59 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "collections"
 
 
+# A task that shows what the collection would give provision for its host, from the real play
+# context and templar of an ansible-playbook run (the collection's own helper, unchanged).
+SHOW_INVENTORY = """\
+from ansible.plugins.action import ActionBase
+from ansible_collections.provision.comfyui.plugins.plugin_utils.provision_run import host_inventory
+
+
+class ActionModule(ActionBase):
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        inventory, env = host_inventory(task_vars, self._templar, self._play_context)
+        (host,) = inventory["all"]["hosts"].values()
+        result["become"] = {k: v for k, v in (host or {}).items() if "become" in k}
+        result["env"] = env
+        return result
+"""
+
+
+def test_become_reaches_provision_as_ansible_decided_it(installed: Path, tmp_path: Path) -> None:
+    """`become: true` on a play (or -b) sets no variable: provision gets become from the play
+    context, where Ansible put its decision (a host's ansible_become over the play's keyword). The
+    become password (a vaulted variable, -K) goes to provision's environment, never into the
+    inventory file it reads."""
+    (tmp_path / "action_plugins").mkdir()
+    (tmp_path / "action_plugins" / "show_inventory.py").write_text(SHOW_INVENTORY)
+    write_yaml(tmp_path / "inventory.yaml", {"all": {"hosts": {
+        "keyword": {"ansible_host": "192.0.2.1"},
+        "opted-out": {"ansible_become": False},
+        "as-comfy": {"ansible_become_user": "comfy", "ansible_become_password": "s3cret"},
+        "named-env": {"ansible_become_password": "s3cret", "provision_become_password_env": "SUDO_PASS"}}}})
+    (tmp_path / "play.yml").write_text("- hosts: all\n  gather_facts: false\n  become: true\n  tasks:\n"
+                                       "    - show_inventory:\n")
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(installed), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"), "PYTHONWARNINGS": "ignore",
+           "ANSIBLE_STDOUT_CALLBACK": "oneline", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
+    done = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yaml"), "play.yml"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    found = {m[1]: json.loads(m[2]) for m in re.finditer(r"^(\S+) \| \w+!? => (\{.*\})$", out, re.M)}
+    assert done.returncode == 0 and len(found) == 4, out
+    assert found["keyword"]["become"] == {"ansible_become": True, "ansible_become_user": "root",
+                                          "ansible_become_method": "sudo"} and found["keyword"]["env"] == {}
+    assert found["opted-out"]["become"] == {"ansible_become": False}
+    assert found["as-comfy"]["become"] == {"ansible_become": True, "ansible_become_user": "comfy",
+                                           "ansible_become_method": "sudo",
+                                           "provision_become_password_env": "PROVISION_ANSIBLE_BECOME_PASSWORD"}
+    assert found["as-comfy"]["env"] == {"PROVISION_ANSIBLE_BECOME_PASSWORD": "s3cret"}
+    assert found["named-env"]["become"]["provision_become_password_env"] == "SUDO_PASS"   # the inventory's own
+    assert found["named-env"]["env"] == {}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with open_lab(tmp_path_factory.mktemp("lab-ansible")) as lab:
@@ -158,8 +211,8 @@ def test_job_slices_merge_into_the_single_runs_report(lab: Lab, installed: Path,
     assert judgements(merged) == judgements(single)
 
 
-def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[int, dict[str, dict]]:
-    """An ad-hoc `ansible all -m MODULE` over the lab: (exit code, host -> its JSON result)."""
+def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[int, dict[str, dict], str]:
+    """An ad-hoc `ansible all -m MODULE` over the lab: (exit code, host -> its JSON result, output)."""
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(collections), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCAL_TEMP": str(lab.root / "ansible-tmp"), "PYTHONWARNINGS": "ignore",
            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "oneline"}
@@ -169,27 +222,31 @@ def ansible(lab: Lab, collections: Path, module: str, **args: object) -> tuple[i
                           capture_output=True, text=True, env=env, timeout=900, cwd=lab.root)
     results = {}
     for line in done.stdout.splitlines():
-        found = re.match(r"^(\S+) \| (\w+)(?: \| rc=\d+)? => (\{.*\})$", line)
+        found = re.match(r"^(\S+) \| (\w+!?)(?: \| rc=\d+)? => (\{.*\})$", line)
         if found:
             results[found[1]] = json.loads(found[3])
-    return done.returncode, results
+    return done.returncode, results, done.stdout + done.stderr
 
 
 def test_facts_and_verify_as_tasks(lab: Lab, installed: Path, tmp_path: Path) -> None:
     """facts gives the GPU class for `when:`; verify returns the figures and writes the host's part
-    of the report, which report_merge judges as a fleet."""
-    code, results = ansible(lab, installed, "provision.comfyui.facts")
-    assert code == 0 and len(results) == 2, results
+    of the report, which report_merge judges as a fleet. The fleet is converged first: verify needs
+    a ComfyUI with the plugin, whichever test ran before this one (or none)."""
+    code, out, _ = playbook(lab, installed, None)
+    assert code == 0, out
+    code, results, out = ansible(lab, installed, "provision.comfyui.facts")
+    assert code == 0 and len(results) == 2, out
     for result in results.values():
         assert result["ansible_facts"]["provision_gpu_class"] == "NVIDIA GeForce RTX 3090 24 GiB"
         assert result["ansible_facts"]["provision_facts"]["gpu"]["name"] == "NVIDIA GeForce RTX 3090"
-    code, results = ansible(lab, installed, "provision.comfyui.verify", report=str(tmp_path))
-    assert code == 0 and len(results) == 2, results
+    code, results, out = ansible(lab, installed, "provision.comfyui.verify", report=str(tmp_path))
+    assert code == 0 and len(results) == 2, out
     for name, result in results.items():
         assert result["status"] == "passed" and result["figures"]["warm_median_s"] > 0 and not result["changed"]
         assert (tmp_path / "hosts" / name / "slice" / "entries.json").is_file()
-    code, results = ansible(lab, installed, "provision.comfyui.report_merge", report=str(tmp_path), profile=None,
-                            options=None)
+    code, results, out = ansible(lab, installed, "provision.comfyui.report_merge", report=str(tmp_path), profile=None,
+                                 options=None)
+    assert code == 0, out
     merged = json.loads((tmp_path / "report.json").read_text())
     assert merged["summary"]["hosts"] == merged["summary"]["passed"] == 2
 

@@ -258,8 +258,9 @@ def test_catalog_prints_each_fact_with_its_source_and_the_day_it_was_checked() -
         "nunchaku-ai/nunchaku-qwen-image-edit-2509: lightning-251115/svdq-int4_r32-qwen-image-edit-2509-"
         "lightning-8steps-251115.safetensors (fp4: svdq-fp4_…)")
     code, out = run("catalog", "break", "--no-color")
-    assert code == 0 and out.startswith("the catalog: 3 facts, checked against upstream 2026-12-07")
-    assert "#801" in out                                          # the break no probe can see
+    assert code == 0 and out.startswith("the catalog: 4 facts, checked against upstream 2026-12-07")
+    assert "pin comfyui.version v0.8.0" in by[("break", "\"Nunchaku broken again\" break of core 0.12")]["fact"]
+    assert "#801" in by[("break", "not checkable")]["fact"]      # whether a later core still breaks it
     code, out = run("catalog", "nonsense")
     assert code == 3 and "invalid choice: 'nonsense'" in out and "Traceback" not in out
 

@@ -226,6 +226,35 @@ def test_core_040_is_refused_for_modelpatcher_pinned(tmp_path: Path) -> None:
         "or v0.6.0 or newer")
 
 
+def test_core_012_is_refused_for_the_break_of_801(tmp_path: Path) -> None:
+    """"Nunchaku broken again" after core commit f8acd9c (ComfyUI-nunchaku#801): the plugin's fix for
+    core 0.12.1 (#732) is unmerged, so every released tag through v1.2.1 has it. No file of the core
+    shows it: judged from the version number, as the 0.4.0 break is."""
+    profile = make_profile(comfy_root(tmp_path, "0.12.1", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
+    with pytest.raises(PlanError) as err:
+        compat.plan(profile, real_facts(profile))
+    assert str(err.value) == (
+        "ComfyUI-nunchaku v1.2.1 on ComfyUI 0.12.1 is known broken: \"Nunchaku broken again\" after core "
+        "commit f8acd9c (ComfyUI-nunchaku#801; the plugin's fix for core 0.12.1, #732, is unmerged): pin "
+        "comfyui.version v0.8.0, the last core before ComfyUI-nunchaku v1.2.1 (a later core is unchecked "
+        "for it: apply with --verify-gate)")
+
+
+@pytest.mark.parametrize(("core", "tag"), [("0.8.0", "v1.2.1"), ("0.17.0", "v1.2.1"), ("0.12.1", "v1.3.0")])
+def test_the_break_of_801_is_bounded_by_core_and_plugin(tmp_path: Path, core: str, tag: str) -> None:
+    """Not refused: a core before the 0.12 series or after it (warned about, a plugin tag upstream
+    never adapted to it), or a plugin tag after v1.2.1 (one that would carry #732)."""
+    profile = make_profile(comfy_root(tmp_path, core, NEW_CORE, EDIT_NODES), tag, backend="1.2.1")
+    notes = compat.plan(profile, real_facts(profile)).notes
+    assert all("is known broken" not in n.message for n in notes)
+    if core == "0.17.0":
+        (note,) = notes
+        assert "not the \"Nunchaku broken again\" break of core 0.12 (ComfyUI-nunchaku#801; judged from the " \
+               "version number)" in note.message
+        assert "not checked: whether a core after 0.12.x still breaks the plugin as ComfyUI-nunchaku#801 " \
+               "reported (core commit f8acd9c; the plugin's fix #732 is unmerged)" in note.message
+
+
 def test_the_newest_core_is_planned_with_what_was_and_was_not_checked(tmp_path: Path) -> None:
     profile = make_profile(comfy_root(tmp_path, "0.47.1", NEW_CORE, EDIT_NODES), "v1.2.1", backend="1.2.1")
     (note,) = compat.plan(profile, real_facts(profile)).notes
@@ -235,9 +264,10 @@ def test_the_newest_core_is_planned_with_what_was_and_was_not_checked(tmp_path: 
         "upstream has not adapted to it: checked: comfy/ldm/qwen_image is there; QwenTimestepProjEmbeddings "
         "takes use_additional_t_cond; comfy/ldm/qwen_image/model.py has apply_rotary_emb, which the plugin "
         "imports from it (read from its source); not the ModelPatcher.pinned break of core v0.4.0 "
-        "(Comfy-Org/ComfyUI#11235; judged from the version number); not checked: ComfyUI-nunchaku#801 "
-        "(\"Nunchaku broken again\" after core commit f8acd9c, ~0.12; the plugin's fix #732 is unmerged), and "
-        "any other core change since: apply with --verify-gate, which rolls back a host whose generations fail")
+        "(Comfy-Org/ComfyUI#11235; judged from the version number); not the \"Nunchaku broken again\" break "
+        "of core 0.12 (ComfyUI-nunchaku#801; judged from the version number); not checked: whether a core "
+        "after 0.12.x still breaks the plugin as ComfyUI-nunchaku#801 reported (core commit f8acd9c; the "
+        "plugin's fix #732 is unmerged), and any other core change since: apply with --verify-gate, which rolls back a host whose generations fail")
 
 
 def test_a_core_newer_than_the_catalog_says_so(tmp_path: Path) -> None:

@@ -179,7 +179,8 @@ def test_the_cores_of_december_2026_over_ssh(lab: Lab) -> None:
         assert warning.startswith("ComfyUI 0.47.1 came after v0.8.0, the last core before ComfyUI-nunchaku v1.2.0 "
                                   "(2026-01-12), which upstream has not adapted to it: checked: ")
         assert "comfy/ldm/qwen_image/model.py has apply_rotary_emb, which the plugin imports from it (read from " \
-               "its source)" in warning and "not checked: ComfyUI-nunchaku#801" in warning
+               "its source)" in warning and "not checked: whether a core after 0.12.x still breaks the plugin as " \
+               "ComfyUI-nunchaku#801 reported" in warning
         assert warning.endswith("apply with --verify-gate, which rolls back a host whose generations fail")
         code, entry = planned(lab, moved)
         assert code == 1

@@ -535,6 +535,10 @@ def test_the_broken_cores_fail_at_their_rung_in_the_plugins_own_words(comfy: Cal
                  tmp_path)
     assert pinned.comfyui_version == "0.4.0" and pinned.ladder.failed == "first_generation"
     assert "'ModelPatcher' object has no attribute 'pinned'" in by_name(pinned)["comfyui_ready"].detail
+    # The newest core (v0.47.1, apply_rotary_emb back since PR #14364): reported as such, every rung climbed.
+    newest = run(comfy(comfyui_version="0.47.1").port, tmp_path)
+    assert newest.comfyui_version == "0.47.1" and newest.passed and newest.ladder.failed is None
+    assert [r for r, state in newest.ladder.states if state != "passed"] == ["agreement"]   # judged per fleet
 
 
 def test_the_console_names_the_rung_a_host_stopped_at(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:

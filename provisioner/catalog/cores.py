@@ -85,6 +85,11 @@ class Break:
     versions: tuple[Version, Version] | None = None   # else: [first, fixed) judged by number
     since: Version | None = None      # with `path`: a core without the file is judged by [since, fixed)
     fixed: Version | None = None
+    through: Version | None = None    # the newest plugin release that has it (None: every one)
+
+    def hits(self, plugin: Version) -> bool:
+        """Does this plugin release have the break (a later one may carry the fix)?"""
+        return self.through is None or plugin <= self.through
 
     def affects(self, version: Version | None) -> bool:
         if self.versions is not None:
@@ -117,10 +122,22 @@ PINNED = Break(
     thread="Comfy-Org/ComfyUI#11235",
     pin="pin comfyui.version v0.3.64 (with plugin.tag v1.1.0) or v0.6.0 or newer",
     versions=(Version("0.4.0"), Version("0.4.1")))
-BREAKS = (ROTARY, PINNED)
-# Known from threads, with no shape a probe can see: named in every warning about a later core.
-UNSEEN = ("ComfyUI-nunchaku#801 (\"Nunchaku broken again\" after core commit f8acd9c, ~0.12; the plugin's "
-          "fix #732 is unmerged)",)
+# "Nunchaku broken again" after core commit f8acd9c, early 2026 (ComfyUI-nunchaku#801); the plugin's
+# fix for core 0.12.1 (#732) is unmerged, so every release through v1.2.1 has it. The thread shows no
+# file a probe could read: judged by number, for the 0.12 series the threads name. Whether a later core
+# still breaks the plugin no thread says: that stays in every warning about a later core (UNSEEN).
+AGAIN = Break(
+    what="\"Nunchaku broken again\" break of core 0.12",
+    symptom="\"Nunchaku broken again\" after core commit f8acd9c",
+    thread="ComfyUI-nunchaku#801; the plugin's fix for core 0.12.1, #732, is unmerged",
+    pin="pin comfyui.version v0.8.0, the last core before ComfyUI-nunchaku v1.2.1 (a later core is unchecked "
+        "for it: apply with --verify-gate)",
+    versions=(Version("0.12.0"), Version("0.13.0")), through=Version("1.2.1"))
+BREAKS = (ROTARY, PINNED, AGAIN)
+# Known from threads, not pinned to versions or a shape a probe can see: named in every warning
+# about a later core.
+UNSEEN = ("whether a core after 0.12.x still breaks the plugin as ComfyUI-nunchaku#801 reported (core commit "
+          "f8acd9c; the plugin's fix #732 is unmerged)",)
 
 
 def version_of(text: str | None) -> Version | None:

@@ -175,7 +175,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     # The known breaks hit the v1.0+ plugins, which build on the core's Qwen-Image (catalog/cores.py).
     if qwen_image and not any(reasons) and release >= QWEN_IMAGE_PLUGIN:
         for brk in cores.BREAKS:
-            if core.broken(brk, checked):
+            if brk.hits(release) and core.broken(brk, checked):
                 reasons.append(cores.refusal(brk, tag, core.version))
                 break
     found = [r for r in reasons if r]

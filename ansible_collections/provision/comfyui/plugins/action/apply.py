@@ -40,12 +40,14 @@ class ActionModule(ActionBase):
         planning = self._task.check_mode or args["state"] == "planned"
         argv = [args["profile"], *args["options"]]
         if planning:
-            code, answer, said = run_provision("plan", argv, task_vars, self._templar)
+            code, answer, said = run_provision("plan", argv, task_vars, self._templar,
+                                               play_context=self._play_context)
         else:
             argv += report_args(args["report"], host) if args["report"] else []
             argv += ["--no-verify"] if not args["verify"] else []
             argv += ["--verify-gate"] if args["verify_gate"] else []
-            code, answer, said = run_provision("apply", argv, task_vars, self._templar)
+            code, answer, said = run_provision("apply", argv, task_vars, self._templar,
+                                               play_context=self._play_context)
         result["provision"] = answer
         result["exit_code"] = code       # not `rc`: Ansible takes a non-zero rc for a failure
         if code not in (EXIT_OK, EXIT_CHANGED):

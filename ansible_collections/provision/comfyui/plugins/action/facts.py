@@ -22,7 +22,8 @@ class ActionModule(ActionBase):
         _, args = self.validate_argument_spec(argument_spec=ARGS)
         host = task_vars["inventory_hostname"]
         argv = ([args["profile"]] if args["profile"] else []) + args["options"]
-        code, answer, said = run_provision("facts", argv, task_vars, self._templar)
+        code, answer, said = run_provision("facts", argv, task_vars, self._templar,
+                                               play_context=self._play_context)
         facts = (answer or {}).get(host) if isinstance(answer, dict) else None
         if code != EXIT_OK or not facts or "error" in facts and len(facts) <= 2:
             result.update(failed=True, msg=(facts or {}).get("error") or reason(code, answer, said, host))

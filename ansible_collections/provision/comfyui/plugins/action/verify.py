@@ -23,7 +23,8 @@ class ActionModule(ActionBase):
         _, args = self.validate_argument_spec(argument_spec=ARGS)
         host = task_vars["inventory_hostname"]
         argv = [args["profile"], *args["options"]] + (report_args(args["report"], host) if args["report"] else [])
-        code, answer, said = run_provision("verify", argv, task_vars, self._templar)
+        code, answer, said = run_provision("verify", argv, task_vars, self._templar,
+                                               play_context=self._play_context)
         mine = next((h for h in (answer or {}).get("hosts") or () if h.get("host", "").split("/")[0] == host), None)
         if mine is None:
             result.update(failed=True, msg=reason(code, answer, said, host))
