@@ -25,6 +25,7 @@ definition loaded by the last daemon-reload.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -46,7 +47,8 @@ _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", "s": " ", "a":
 EXIT_NAMES = {0: "SUCCESS", 1: "FAILURE", 2: "INVALIDARGUMENT", 3: "NOTIMPLEMENTED", 4: "NOPERMISSION",
               5: "NOTINSTALLED", 6: "NOTCONFIGURED", 7: "NOTRUNNING", 64: "USAGE", 65: "DATAERR", 66: "NOINPUT",
               67: "NOUSER", 68: "NOHOST", 69: "UNAVAILABLE", 70: "SOFTWARE", 71: "OSERR", 72: "OSFILE",
-              73: "CANTCREAT", 74: "IOERR", 75: "TEMPFAIL", 76: "PROTOCOL", 77: "NOPERM", 78: "CONFIG"}
+              73: "CANTCREAT", 74: "IOERR", 75: "TEMPFAIL", 76: "PROTOCOL", 77: "NOPERM", 78: "CONFIG",
+              203: "EXEC", 217: "USER"}     # and two of systemd's own, for a start that failed in the child
 # `systemctl show` prints properties in its own table's order (a service's before the unit's), not
 # in the order --property asked for them.
 SHOW_ORDER = ("MainPID", "LoadState", "ActiveState", "SubState", "FragmentPath", "UnitFileState")
@@ -253,6 +255,9 @@ class Manager:
             text = self.on_disk(name) or ""
             with open(os.path.join(folder, name), "w") as fh:
                 fh.write(text)
+            for number, kind, who in special_users(text):
+                self.journal(name, f"{os.path.join(self.units, name)}:{number}: Special {kind} {who} configured, "
+                                   "this is not safe!")
         return 0
 
     def enable(self, names: list[str]) -> int:
@@ -361,10 +366,18 @@ class Manager:
                 "FragmentPath": os.path.join(self.units, name) if loaded else ""}
 
 
+# Shells systemd takes for "no login" (is_nologin_shell): it sets no SHELL= for a user who has one.
+NOLOGIN_SHELLS = ("/bin/nologin", "/sbin/nologin", "/usr/bin/nologin", "/usr/sbin/nologin", "/bin/false",
+                  "/usr/bin/false", "/bin/true", "/usr/bin/true")
+NOBODY = 65534
+
+
 def credentials(service: dict[str, object]) -> dict[str, object]:
     """User= and Group= as systemd applies them: the user's uid, its primary group unless Group=
-    says another, its supplementary groups, and HOME/USER/LOGNAME of that user (a user that does
-    not exist fails the start, as systemd's 217/USER does)."""
+    says another, its supplementary groups, and USER, LOGNAME, HOME and SHELL as systemd 252 sets
+    them (get_user_creds with USER_CREDS_CLEAN): no HOME for an empty or `/` home, no SHELL for a
+    nologin shell, neither for `nobody` (whose record systemd makes up itself), root's HOME /root.
+    A user that does not exist raises KeyError: the start fails with systemd's 217/USER."""
     user = service.get("user")
     if not user:
         return {}
@@ -374,9 +387,32 @@ def credentials(service: dict[str, object]) -> dict[str, object]:
     group = service.get("group") or grp.getgrgid(entry.pw_gid).gr_name
     env = service["env"]
     assert isinstance(env, dict)
-    env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+    env.update(USER=entry.pw_name, LOGNAME=entry.pw_name)
+    home: str | None = entry.pw_dir
+    shell: str | None = entry.pw_shell
+    if entry.pw_uid == 0:
+        home = "/root"
+    elif entry.pw_uid == NOBODY:
+        home = shell = None
+    if not home or home == "/" or not home.startswith("/"):
+        home = None
+    if not shell or not shell.startswith("/") or shell in NOLOGIN_SHELLS:
+        shell = None
+    env.update({k: v for k, v in (("HOME", home), ("SHELL", shell)) if v})
     return {"user": entry.pw_uid, "group": grp.getgrnam(str(group)).gr_gid,
             "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
+
+
+def special_users(text: str) -> list[tuple[int, str, str]]:
+    """User=/Group= lines naming systemd's `nobody` or `nogroup` (line number, kind, name), which
+    systemd warns about each time it loads the unit."""
+    found = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        key, _, value = raw.strip().partition("=")
+        if key in ("User", "Group") and value.strip() in (("nobody", str(NOBODY)) if key == "User"
+                                                          else ("nogroup", str(NOBODY))):
+            found.append((number, "user" if key == "User" else "group", value.strip()))
+    return found
 
 
 def supervise(manager: Manager, name: str) -> None:
@@ -402,25 +438,30 @@ def supervise(manager: Manager, name: str) -> None:
     restarts = 0
     while True:
         manager.journal(name, f"Started {name}{described}.")
+        # As systemd: the start succeeded once forked; a User= naming no one (217/USER) or a program
+        # that is not there (203/EXEC) is the main process exiting with that code, journalled and
+        # restarted like any other failure.
         try:
             proc = subprocess.Popen(service["argv"], env=service["env"], cwd=service.get("cwd") or "/",
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     **credentials(service))
-        except KeyError as err:      # User=/Group= names no one: systemd's 217/USER
-            manager.journal(name, f"{name}: Failed to determine user credentials: {err}")
-            status("failed")
-            return
-        except OSError as err:
-            manager.journal(name, f"{name}: Failed to execute {service['argv'][0]}: {err.strerror}")
-            status("failed")
-            return
-        child[:] = [proc]
-        with open(os.path.join(folder, "pid"), "w") as fh:
-            fh.write(str(proc.pid))
-        ident = f"{os.path.basename(service['argv'][0])}[{proc.pid}]"        # as journald names it
-        for raw in proc.stdout:                                               # type: ignore[union-attr]
-            manager.journal(name, raw.decode("utf-8", "replace").rstrip("\n"), ident)
-        code = proc.wait()
+        except KeyError:             # User=/Group= names no one
+            code = 217
+        except OSError as err:       # the child says why, under its name: `(` the path's last 8 chars `)`
+            path = str(service["argv"][0])                                     # type: ignore[index]
+            child_ident = f"({os.path.basename(path)[-8:]})[{os.getpid()}]"
+            why = "Failed to locate executable" if err.errno == errno.ENOENT else "Failed to execute"
+            manager.journal(name, f"{name}: {why} {path}: {err.strerror}", child_ident)
+            manager.journal(name, f"{name}: Failed at step EXEC spawning {path}: {err.strerror}", child_ident)
+            code = 203
+        else:
+            child[:] = [proc]
+            with open(os.path.join(folder, "pid"), "w") as fh:
+                fh.write(str(proc.pid))
+            ident = f"{os.path.basename(service['argv'][0])}[{proc.pid}]"    # as journald names it
+            for raw in proc.stdout:                                           # type: ignore[union-attr]
+                manager.journal(name, raw.decode("utf-8", "replace").rstrip("\n"), ident)
+            code = proc.wait()
         if os.path.exists(os.path.join(folder, "stopping")):
             os.unlink(os.path.join(folder, "stopping"))
             manager.journal(name, f"Stopped {name}{described}.")

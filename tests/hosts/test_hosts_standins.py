@@ -1,7 +1,7 @@
 """The service-manager stand-in (tests/service_manager.py, what the fast suite's hosts run) held
 against real systemd: the same sequence of `systemctl` and `journalctl` commands, over the same unit
 file, on a booted host and on the stand-in; what provision reads of the answers must be the same.
-docs/testing.md lists what this found."""
+The same for units with `User=` (the hardened unit's). docs/testing.md lists what this found."""
 
 from __future__ import annotations
 
@@ -93,6 +93,66 @@ def test_the_service_manager_stand_in_answers_as_real_systemd(machine: Machine, 
                    for (label, want), (_, got) in zip(real, stand_in) if got != want]
     assert not differences, "\n".join(differences)
 
+
+# User= as the hardened unit has it: who the process is and the environment systemd gives it, for a
+# user with a home and a shell (root), one whose shell is nologin (daemon), systemd's own `nobody`;
+# and a User= that names no one (a typo in comfyui.user) under Restart=on-failure, as provision's unit.
+AS_USER = """[Unit]
+Description=Probe of User=
+
+[Service]
+User=WHO
+ExecStart=/bin/sh -c 'echo "as $$(id -un):$$(id -gn) in $$(pwd) home=$${HOME-unset} user=$$USER logname=$$LOGNAME shell=$${SHELL-unset}"; sleep 30'
+Restart=on-failure
+RestartSec=30
+"""
+USERS = {"probe-root": "root", "probe-daemon": "daemon", "probe-nobody": "nobody",
+         "probe-no-one": "provision-no-such-user"}
+UNITS = {**{unit: AS_USER.replace("User=WHO", f"User={user}") for unit, user in USERS.items()},
+         # and an ExecStart that names no program (203/EXEC), the same way
+         "probe-no-exec": AS_USER.replace("User=WHO", "User=daemon").replace("ExecStart=/bin/sh",
+                                                                           "ExecStart=/bin/provision-no-such-sh")}
+
+
+def user_sequence(run: Runner, units_dir: str) -> list[tuple[str, object]]:
+    seen: list[tuple[str, object]] = []
+
+    def look(label: str, *argv: str) -> None:
+        proc = run(*argv)
+        seen.append((label, (proc.returncode, proc.stdout.strip())))
+
+    look("daemon-reload", "systemctl", "daemon-reload")
+    for unit in UNITS:
+        look(f"start {unit}", "systemctl", "start", unit)
+    time.sleep(3.0)
+    for unit in UNITS:
+        look(f"{unit} after 3 s", "systemctl", "show", unit, "--property=ActiveState,SubState")
+        journal = run("journalctl", "-u", unit, "-n", "40", "--no-pager").stdout
+        seen.append((f"journal of {unit}", sorted(journal_shape(journal.replace(units_dir + "/", "UNITS/")))))
+    for unit in UNITS:
+        look(f"stop {unit}", "systemctl", "stop", unit)
+    return seen
+
+
+def test_the_stand_in_runs_user_as_real_systemd_does(machine: Machine, tmp_path: Path) -> None:
+    """The hardened unit's User=: the process's user, group, folder and environment (HOME, USER,
+    LOGNAME, SHELL as systemd sets or leaves them), a user that does not exist (217/USER, then a
+    restart scheduled) and a program that does not exist (203/EXEC), as real systemd runs and
+    journals them."""
+    for unit, text in UNITS.items():
+        machine.path(f"/etc/systemd/system/{unit}.service").write_text(text)
+    real = user_sequence(lambda *argv: machine.ssh(*argv), "/etc/systemd/system")
+
+    units, bin_dir = tmp_path / "units", tmp_path / "bin"
+    bin_dir.mkdir()
+    install_service_manager(bin_dir, units, tmp_path / "state")
+    for unit, text in UNITS.items():
+        (units / f"{unit}.service").write_text(text)
+    stand_in = user_sequence(lambda tool, *args: subprocess.run([str(bin_dir / tool), *args], capture_output=True,
+                                                                text=True, timeout=60), str(units))
+    differences = [f"{label}: real systemd {want!r}, the stand-in {got!r}"
+                   for (label, want), (_, got) in zip(real, stand_in) if got != want]
+    assert not differences, "\n".join(differences)
 
 def test_a_host_can_have_a_deploy_user_who_may_sudo(machine: Machine) -> None:
     """What a test of `become` (provision connecting as a user, not root) needs from a host."""

@@ -5,7 +5,8 @@ from the real wheelhouse), writes provision's unit, which real systemd enables a
 127.0.0.1, and verification passes; a second apply changes nothing; v0.3.64 is one change and one
 restart; a rollback puts v0.3.60 back; an apply killed inside the move's `git checkout` converges
 when run again; a ComfyUI that dies while starting ends the readiness wait at once with real
-journalctl's lines; two GPUs (the sandbox's nvidia-smi inside the host) get a unit each. The tests share the host and run
+journalctl's lines; two GPUs (the sandbox's nvidia-smi inside the host) get a unit each; a deploy
+user with become gets the hardened unit, which real systemd runs as that user. The tests share the host and run
 in file order: each starts from where the one before left it (a from-nothing apply costs minutes).
 """
 
