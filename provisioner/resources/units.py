@@ -93,6 +93,12 @@ def quote_arg(arg: str) -> str:
     return _word(_specifiers(arg).replace("$", "$$"))
 
 
+def quote_path(path: str) -> str:
+    """A path of a path-list setting (ReadWritePaths=): quoted and `%` literal, but `$` as written:
+    systemd expands variables only in command lines, so a `$$` here would stay two."""
+    return _word(_specifiers(path))
+
+
 def quote_exec(path: str) -> str:
     """ExecStart's executable: systemd expands no variable there (a `$$` would stay two), and refuses
     one named with a quote or a backslash, which the profile's validation refuses first."""
@@ -169,7 +175,7 @@ def hardening(profile: Profile, instance: Instance, who: RunAs) -> list[str]:
         *([_specifiers(f"Group={who.group}")] if who.group else []),
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ReadWritePaths=" + " ".join(quote_arg(p) for p in writable_paths(profile)),
+        "ReadWritePaths=" + " ".join(quote_path(p) for p in writable_paths(profile)),
         "PrivateTmp=yes",
         "ProtectHome=read-only",
         f"CacheDirectory={instance.unit}",
