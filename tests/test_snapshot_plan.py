@@ -8,6 +8,7 @@ import json
 import posixpath
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, pars
 from provisioner import remote
 from provisioner.remote import snapshot as snapshot_program
 from provisioner.plan.rollback import producer, verification_profile
-from provisioner.resources import snapshot
+from provisioner.resources import snapshot, workflow
 from provisioner.resources.base import Fetch, Put, Run
 from provisioner.resources.releases import Asset, Listing
 
@@ -420,6 +421,28 @@ def test_a_restored_host_is_verified_with_the_profile_of_the_run_that_made_its_s
     assert same is given and line.startswith("snapshot 20260301-100000-000 records no profile")
     same, line = verification_profile(given, target, replace(made, profile_data={"verify": {"warm_runs": "many"}}))
     assert same is given and line.startswith("snapshot 20260301-100000-000's profile is not valid (verify.warm_runs")
+
+
+def test_the_restored_host_s_templates_are_read_from_the_given_profile_s_folder_never_a_snapshot_s(
+        tmp_path: Path) -> None:
+    """A snapshot is untrusted: its recorded profile once named the control machine's template
+    folder, so an edited one chose which of the controller's files was rendered and sent to the
+    host's ComfyUI. The templates it names are read from the folder of the profile given."""
+    mine, elsewhere = tmp_path / "templates", tmp_path / "home" / ".docker"
+    for folder in (mine, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"1": {"class_type": "X", "inputs": {}}}\n')
+    (elsewhere / "only-here.json").write_text("{}\n")
+    given = profile(workflow={"template_dir": str(mine)})
+    target = snap(STATE, "20260301-110000-000")
+    edited = {"workflow": {"template_dir": str(elsewhere), "templates": ["config.json"], "sampler": "dpmpp_2m"}}
+    made = replace(snap(STATE, "20260301-100000-000", snapshot.AFTER_APPLY), profile_data=edited)
+    checked, line = verification_profile(given, target, made)
+    assert checked.workflow.templates == ("config.json",) and checked.workflow.sampler == "dpmpp_2m", line
+    assert workflow.template_dir(checked) == mine
+    only = {"workflow": {"template_dir": str(elsewhere), "templates": ["only-here.json"]}}
+    same, line = verification_profile(given, target, replace(made, profile_data=only))
+    assert same is given and "template 'only-here.json' not found in " in line, line
 
 
 def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> None:
