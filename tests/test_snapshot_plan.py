@@ -127,7 +127,8 @@ def test_distributions_exactly_everything_fetched_and_checked_before_anything_ch
                                   "torch==2.6.0+cu124")
     request = json.loads(stage.stdin or b"")
     assert request == {"mode": "stage", "dir": f"{ROOT}/.provision/snapshots",
-                       "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64}]}
+                       "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64,
+                                   "within": f"{ROOT}/.provision/wheels"}]}
     assert argv_of(install) == (PY, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
                                 "--disable-pip-version-check", "--find-links", STAGE,
                                 "diffusers==0.35.2", WHEEL, "torch==2.6.0+cu124")
@@ -162,7 +163,7 @@ def test_an_index_distribution_whose_wheel_was_kept_comes_back_from_the_kept_whe
         fetch, change = plan.changes
         downloads = [a for s in fetch.steps if isinstance(s, Run) and "download" in s.argv for a in argv_of(s)]
         (stage,) = [json.loads(s.stdin or b"") for s in fetch.steps if isinstance(s, Run) and b'"stage"' in (s.stdin or b"")]
-        staged = {"kept": store, "dest": f"{STAGE}/diffusers-0.35.2-py3-none-any.whl", "sha256": sha}
+        staged = {"kept": store, "dest": f"{STAGE}/diffusers-0.35.2-py3-none-any.whl", "sha256": sha, "within": STAGE}
         assert (staged in stage["wheels"]) is from_store
         assert ("diffusers==0.35.2" in downloads) is not from_store and "torch==2.6.0+cu124" in downloads
         assert "diffusers==0.35.2" in argv_of(change.steps[0])               # installed --no-index from the stage
