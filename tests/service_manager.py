@@ -168,6 +168,9 @@ def parse(text: str) -> dict[str, object]:
                 posts.append(argv)
         elif key == "WorkingDirectory":
             service["cwd"] = specifiers(value)
+        elif key == "ReadWritePaths":
+            # A path list: quoting and specifiers, no variable (systemd expands those in command lines only).
+            service["writable"] = [*service.get("writable", []), *split(specifiers(value))]  # type: ignore[misc]
         elif key in ("Restart", "RestartSec", "Type", "TimeoutStopSec"):
             service[key] = value
         elif key in ("User", "Group"):

@@ -8,6 +8,7 @@ import json
 import posixpath
 from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, pars
 from provisioner import remote
 from provisioner.remote import snapshot as snapshot_program
 from provisioner.plan.rollback import producer, verification_profile
-from provisioner.resources import snapshot
+from provisioner.resources import snapshot, units, workflow
 from provisioner.resources.base import Fetch, Put, Run
 from provisioner.resources.releases import Asset, Listing
 
@@ -126,7 +127,8 @@ def test_distributions_exactly_everything_fetched_and_checked_before_anything_ch
                                   "torch==2.6.0+cu124")
     request = json.loads(stage.stdin or b"")
     assert request == {"mode": "stage", "dir": f"{ROOT}/.provision/snapshots",
-                       "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64}]}
+                       "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64,
+                                   "within": f"{ROOT}/.provision/wheels"}]}
     assert argv_of(install) == (PY, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
                                 "--disable-pip-version-check", "--find-links", STAGE,
                                 "diffusers==0.35.2", WHEEL, "torch==2.6.0+cu124")
@@ -161,7 +163,7 @@ def test_an_index_distribution_whose_wheel_was_kept_comes_back_from_the_kept_whe
         fetch, change = plan.changes
         downloads = [a for s in fetch.steps if isinstance(s, Run) and "download" in s.argv for a in argv_of(s)]
         (stage,) = [json.loads(s.stdin or b"") for s in fetch.steps if isinstance(s, Run) and b'"stage"' in (s.stdin or b"")]
-        staged = {"kept": store, "dest": f"{STAGE}/diffusers-0.35.2-py3-none-any.whl", "sha256": sha}
+        staged = {"kept": store, "dest": f"{STAGE}/diffusers-0.35.2-py3-none-any.whl", "sha256": sha, "within": STAGE}
         assert (staged in stage["wheels"]) is from_store
         assert ("diffusers==0.35.2" in downloads) is not from_store and "torch==2.6.0+cu124" in downloads
         assert "diffusers==0.35.2" in argv_of(change.steps[0])               # installed --no-index from the stage
@@ -422,12 +424,35 @@ def test_a_restored_host_is_verified_with_the_profile_of_the_run_that_made_its_s
     assert same is given and line.startswith("snapshot 20260301-100000-000's profile is not valid (verify.warm_runs")
 
 
+def test_the_restored_host_s_templates_are_read_from_the_given_profile_s_folder_never_a_snapshot_s(
+        tmp_path: Path) -> None:
+    """A snapshot is untrusted: its recorded profile once named the control machine's template
+    folder, so an edited one chose which of the controller's files was rendered and sent to the
+    host's ComfyUI. The templates it names are read from the folder of the profile given."""
+    mine, elsewhere = tmp_path / "templates", tmp_path / "home" / ".docker"
+    for folder in (mine, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"1": {"class_type": "X", "inputs": {}}}\n')
+    (elsewhere / "only-here.json").write_text("{}\n")
+    given = profile(workflow={"template_dir": str(mine)})
+    target = snap(STATE, "20260301-110000-000")
+    edited = {"workflow": {"template_dir": str(elsewhere), "templates": ["config.json"], "sampler": "dpmpp_2m"}}
+    made = replace(snap(STATE, "20260301-100000-000", snapshot.AFTER_APPLY), profile_data=edited)
+    checked, line = verification_profile(given, target, made)
+    assert checked.workflow.templates == ("config.json",) and checked.workflow.sampler == "dpmpp_2m", line
+    assert workflow.template_dir(checked) == mine
+    only = {"workflow": {"template_dir": str(elsewhere), "templates": ["only-here.json"]}}
+    same, line = verification_profile(given, target, replace(made, profile_data=only))
+    assert same is given and "template 'only-here.json' not found in " in line, line
+
+
 def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> None:
     """A gated change added a launch argument ComfyUI rejects: the unit is rewritten as it was,
     systemd reloaded, and ComfyUI restarted; a unit added since is stopped and removed."""
     p = profile(comfyui={"root": ROOT, "service": "systemd", "unit_dir": "/etc/systemd/system"})
-    good = "# Written by provision\n[Service]\nExecStart=/srv/ComfyUI/venv/bin/python main.py --port 8188\n"
+    good = units.render(p, units.Instance(None, "comfyui", 8188, None), units.RunAs("comfy"))
     bad = good.replace("--port 8188", "--port 8188 --no-such-flag")
+    assert bad != good
     unit, extra = "/etc/systemd/system/comfyui.service", "/etc/systemd/system/comfyui-gpu1.service"
     plan = snapshot.restore(p, snap({**STATE, "units": {unit: good}}), now(units={unit: bad, extra: good}), at=NOW)
     remove, rewrite = plan.changes
@@ -442,6 +467,58 @@ def test_the_units_provision_writes_go_back_as_the_snapshot_recorded_them() -> N
         snapshot.restore(p, snap({**STATE, "units": {"/etc/cron.d/comfyui.service": good}}), now(units={}), at=NOW)
     old = snapshot.restore(p, snap(STATE), now(units={unit: bad}), at=NOW)      # a snapshot from before units
     assert old.changes == () and "the snapshot recorded no systemd units" in old.notes[-1].message
+
+
+def _edits_of(good: str) -> dict[str, str]:
+    """A unit provision writes, edited so that systemd would run something as root or another user."""
+    joined = good.replace("User=comfy\n", "")
+    joined = joined.replace("[Service]\n", "[Service]\nEnvironment=X=1 \\\nUser=comfy\n")   # swallowed
+    return {
+        "no User=": good.replace("User=comfy\n", ""),
+        "User=root": good.replace("User=comfy", "User=root"),
+        "another user": good.replace("User=comfy", "User=deploy"),
+        "a second User=": good.replace("NoNewPrivileges=yes", "NoNewPrivileges=yes\nUser=root"),
+        "ExecStart with +": good.replace("ExecStart=/", "ExecStart=+/"),
+        "ExecStartPre": good.replace("Restart=on-failure", "ExecStartPre=/bin/sh -c id\nRestart=on-failure"),
+        "a User= line joined to the one above": joined,
+        "another program's cache": good.replace("CacheDirectory=comfyui", "CacheDirectory=apt"),
+        "no hardening": good.replace("NoNewPrivileges=yes\n", ""),
+        "another section": good + "[Socket]\nListenStream=80\n",
+        "no header": good.split("\n", 1)[1],
+    }
+
+
+def test_a_unit_a_snapshot_records_is_restored_only_as_provision_writes_it() -> None:
+    """A rollback writes a recorded unit back as root, and systemd runs it: an edited one could run
+    anything as root (or as a user who can become root). Each edit below is refused naming the unit;
+    the unit as provision renders it, with other launch arguments, is restored."""
+    p = profile(comfyui={"root": ROOT, "service": "systemd", "unit_dir": "/etc/systemd/system"})
+    good = units.render(p, units.Instance(None, "comfyui", 8188, None), units.RunAs("comfy"))
+    unit = "/etc/systemd/system/comfyui.service"
+    assert units.recorded_problem(good, "comfyui.service", units.RunAs("comfy"), False) is None
+    assert units.recorded_problem(good.replace("--port 8188", "--port 8188 --lowvram"), "comfyui.service",
+                                  units.RunAs("comfy"), False) is None
+    for what, text in _edits_of(good).items():
+        assert units.recorded_problem(text, "comfyui.service", units.RunAs("comfy"), False) is not None, what
+        if what == "another user":
+            continue                    # whom the unit runs ComfyUI as here is known from the facts
+        with pytest.raises(PlanError, match=f"unit file {unit} is not one provision writes"):
+            snapshot.restore(p, snap({**STATE, "units": {unit: text}}), now(units={unit: good + "#\n"}), at=NOW)
+    # With the facts: the unit must run ComfyUI as the unit does here (the owner of the root).
+    from provisioner.facts.model import Facts, Login, PythonEnv
+
+    facts = Facts(host="gpu-01", os="Ubuntu", arch="x86_64", kernel="6", system_python="/usr/bin/python3",
+                  env=PythonEnv(python=PY, exists=True), gpus=(), gpu_error=None, nvcc=None, disk_path=ROOT,
+                  disk_free=10**12, comfyui_version="0.3.64", login=Login(user="comfy", root_owner="comfy"))
+    other = {**STATE, "units": {unit: _edits_of(good)["another user"]}}
+    with pytest.raises(PlanError, match="it runs ComfyUI as deploy, not as comfy"):
+        snapshot.restore(p, snap(other), now(units={unit: good + "#\n"}), facts=facts, at=NOW)
+    restored = snapshot.restore(p, snap({**STATE, "units": {unit: good}}), now(units={unit: good + "#\n"}),
+                                facts=facts, at=NOW)
+    assert [c.key for c in restored.changes if c.resource == "service"] == [unit]
+    root = units.render(p, units.Instance(None, "comfyui", 8188, None), units.RunAs("root"))
+    assert units.recorded_problem(root, "comfyui.service", None, False) is not None
+    assert units.recorded_problem(root, "comfyui.service", None, True) is None
 
 
 def test_a_venv_made_by_the_apply_is_one_line_not_every_distribution() -> None:

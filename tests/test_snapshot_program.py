@@ -278,7 +278,7 @@ def test_read_checks_the_kept_wheels_and_stage_puts_one_back_only_when_it_matche
     wheel.unlink()
 
     def stage(sha256: str) -> subprocess.CompletedProcess[bytes]:
-        request = remote.stage_request(str(folder), [(str(kept), str(wheel), sha256)])
+        request = remote.stage_request(str(folder), [(str(kept), str(wheel), sha256, str(wheel.parent))])
         return subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=60)
 
     refused = stage("0" * 64)                                   # not what the snapshot recorded: nothing put back
@@ -287,9 +287,42 @@ def test_read_checks_the_kept_wheels_and_stage_puts_one_back_only_when_it_matche
     assert stage(sha).returncode == 0 and hashlib.sha256(wheel.read_bytes()).hexdigest() == sha
     kept.write_bytes(b"bit rot")
     assert run(root, "read", check_wheels=True)["kept"][f"wheels/{sha}/{wheel.name}"] != sha
-    outside = remote.stage_request(str(folder), [(str(root / "elsewhere.whl"), str(root / "x.whl"), sha)])
+    outside = remote.stage_request(str(folder), [(str(root / "elsewhere.whl"), str(root / "x.whl"), sha, str(root))])
     proc = subprocess.run(remote.argv("snapshot", python=PYTHON), input=outside, capture_output=True, timeout=60)
     assert proc.returncode == 1 and b"is not in the wheel store" in proc.stderr and not (root / "x.whl").exists()
+
+
+def test_stage_never_puts_a_kept_wheel_back_through_a_link_in_its_folder(root: Path, tmp_path: Path) -> None:
+    """Whatever runs as ComfyUI's user can put a link in the wheel folder: a kept wheel put back
+    through it would be written wherever it leads, as the login."""
+    wheel = next((root / ".provision" / "wheels").glob("tiny-*.whl"))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    folder = root / ".provision" / "snapshots"
+    run(root, "take", sources={"pip": ["--no-index"], "held": [], "held_prefix": "nvidia-", "torch": None})
+    kept = folder / "wheels" / sha / wheel.name
+    assert kept.is_file()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (wheel.parent / "link").symlink_to(outside)
+
+    def stage(dest: Path, within: Path) -> subprocess.CompletedProcess[bytes]:
+        request = remote.stage_request(str(folder), [(str(kept), str(dest), sha, str(within))])
+        return subprocess.run(remote.argv("snapshot", python=PYTHON), input=request, capture_output=True, timeout=60)
+
+    proc = stage(wheel.parent / "link" / wheel.name, wheel.parent)
+    assert proc.returncode == 1 and b"behind a link" in proc.stderr, proc.stderr
+    proc = stage(wheel.parent / ".." / ".." / wheel.name, wheel.parent)
+    assert proc.returncode == 1 and b"is not in" in proc.stderr, proc.stderr
+    assert list(outside.iterdir()) == [] and not (root / wheel.name).exists()
+    wheel.unlink()
+    assert stage(wheel, wheel.parent).returncode == 0 and hashlib.sha256(wheel.read_bytes()).hexdigest() == sha
+    # A link planted where the temporary copy goes is replaced, never written through.
+    victim = outside / "victim"
+    victim.write_text("mine\n")
+    tmp = wheel.parent / "planted.provision-tmp"
+    tmp.symlink_to(victim)
+    program._copy_new(str(kept), str(tmp))
+    assert victim.read_text() == "mine\n" and not tmp.is_symlink() and tmp.read_bytes() == kept.read_bytes()
 
 
 def test_each_snapshot_says_whether_a_run_confirmed_its_state_and_mark_records_verification(root: Path) -> None:

@@ -461,6 +461,18 @@ def test_a_rendered_unit_passes_systemd_analyze_verify_and_names_the_real_execut
     assert service_manager.parse(unit.read_text())["argv"] == list(units.argv(p, instance))
 
 
+@pytest.mark.parametrize("name", ROOTS_KEPT)
+def test_the_folders_comfyui_may_write_are_read_back_as_its_root(name: str) -> None:
+    # ReadWritePaths= is a path list, not a command line: systemd expands no `$` there, so the root
+    # "/srv/$HOME" written as `$$HOME` (as in ExecStart=) named a folder that is not there, and
+    # ComfyUI could not write its own root under ProtectSystem=strict.
+    p = profile(root=name, venv="/opt/venv")
+    (instance,) = units.instances(p, facts())
+    read = service_manager.parse(units.render(p, instance, COMFY))
+    assert read["writable"] == list(units.writable_paths(p)) and read["writable"][0] == name
+    assert read["cwd"] == name
+
+
 @pytest.mark.parametrize(("comfyui", "key"), [
     ({"root": '/srv/a"b'}, "root"), ({"root": "/srv/a'b"}, "root"), ({"root": "/srv/a\\b"}, "root"),
     ({"root": "/srv/ab\\"}, "root"), ({"root": "/srv/ab "}, "root"),

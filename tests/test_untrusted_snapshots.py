@@ -33,6 +33,7 @@ WHEEL = f"{ROOT}/.provision/wheels/nunchaku-1.0.1-cp312-cp312-linux_x86_64.whl"
 DOC: dict[str, Any] = {
     "format": 1, "id": "20260301-110000-000", "time": "2026-03-01T11:00:00.000Z", "taken": "before apply",
     "profile": {"name": "p", "data": {}}, "wheels": {"nunchaku": f"wheels/{SHA}/nunchaku-1.0.1.whl"}, "unkept": {},
+    "sources": {"torch": ["--index-url", "https://download.pytorch.org/whl/cu124"]},
     "state": {
         "comfyui": {"repo": True, "commit": "c" * 40, "tags": ["v0.3.64"], "remote": "https://github.com/x/ComfyUI",
                     "dirty": []},
@@ -98,6 +99,9 @@ EDITS = [
     ("a wheel put back through ..", edited("state/distributions/nunchaku",
                                            f"file://{ROOT}/.provision/wheels/../../main.py", key="url"),
      "state/distributions/nunchaku/url"),
+    ("a wheel put back below the wheel folder", edited("state/distributions/nunchaku",
+                                                       f"file://{ROOT}/.provision/wheels/link/n.whl", key="url"),
+     "state/distributions/nunchaku/url"),
     ("an option as a package URL", edited("state/distributions", {"name": "x", "version": "1", "kind": "url",
                                                                   "url": "--index-url=http://evil"}, key="x"),
      "state/distributions/x/url"),
@@ -118,6 +122,20 @@ EDITS = [
     ("a list", [], "the top level"),
     ("an id that is no id", edited("id", "../x"), "id"),
     ("no state", {k: v for k, v in DOC.items() if k != "state"}, "the top level"),
+    # The pip source arguments an index distribution is fetched again with: each was once passed to
+    # `pip download` as recorded, so `--log` appended pip's log to any file the login can write,
+    # `--dest` put the download anywhere, and `-r` read any file.
+    ("pip's log written anywhere", edited("sources", ["--log", "/home/login/.bashrc"], key="torch"), "sources/torch"),
+    ("a download put anywhere", edited("sources", ["--index-url", "https://x.example/simple", "--dest", "/etc/cron.d"],
+                                       key="torch"), "sources/torch"),
+    ("a requirements file read", edited("sources", ["-r", "/root/.netrc"], key="torch"), "sources/torch"),
+    ("an option as an index", edited("sources", ["--index-url", "--dest=/etc"], key="torch"), "sources/torch"),
+    ("a word with a space", edited("sources", ["--find-links", "/srv/w --dest /etc"], key="torch"), "sources/torch"),
+    ("a local folder outside", edited("sources", ["--no-index", "--find-links", "/root/secret"], key="torch"),
+     "sources/torch"),
+    ("a local index outside", edited("sources", ["--index-url", "file:///root/simple"], key="torch"), "sources/torch"),
+    ("a local folder through ..", edited("sources", ["--find-links", f"{ROOT}/.provision/wheels/../../../root"],
+                                         key="torch"), "sources/torch"),
     ("a size that is no size", edited(("state", "models", f"{ROOT}/models/diffusion_models/dit.safetensors"), -1,
                                       key="size"), "state/models"),
 ]
@@ -135,6 +153,32 @@ def test_a_wheel_from_a_local_find_links_folder_is_in_its_place() -> None:
     assert snapshot_check.problem(doc, places()) is not None
     assert snapshot_check.problem(doc, places(pip={"find_links": ["file:///srv/wheelhouse"]})) is None
     assert snapshot_check.problem(doc, places(pip={"find_links": ["/srv/wheelhouse/"]})) is None
+
+
+def test_the_pip_sources_provision_records_are_in_their_place() -> None:
+    """What `index_sources` records from a profile passes, an old remote mirror included (it still
+    serves the old version); a local one must be the profile's own or lie in one of its folders."""
+    torch = {"version": "2.6.0", "index_url": "file:///srv/torch/{flavour}", "find_links": ["/srv/tw/{flavour}"]}
+    own = places(pip={"index_url": "https://pkgs.example/simple", "find_links": ["/srv/wheelhouse", "rel/wheels"]},
+                 comfyui={"root": ROOT, "torch": torch})
+    for args in (["--index-url", "https://old-mirror.example/whl/cu124"], ["--no-index"],
+                 ["--index-url", "https://pkgs.example/simple", "--find-links", "/srv/wheelhouse",
+                  "--find-links", "rel/wheels"],
+                 ["--index-url", "file:///srv/torch/cu128", "--find-links", "/srv/tw/cu128"],
+                 ["--no-index", "--find-links", "/srv/wheelhouse/sub"], ["--find-links", f"{ROOT}/.provision/wheels"]):
+        assert snapshot_check.problem(edited("sources", args, key="torch"), own) is None, args
+    for args in (["--find-links", "/srv/tw/cu128/../../../root"], ["--find-links", "/srv/tw"],
+                 ["--find-links", "other/rel"], ["--index-url", "file:///srv/torch"]):
+        why = snapshot_check.problem(edited("sources", args, key="torch"), own)
+        assert why is not None and why.startswith("sources/torch: "), (args, why)
+
+
+def test_a_wheel_from_torch_s_find_links_folder_of_its_flavour_is_in_its_place() -> None:
+    doc = edited("state/distributions/nunchaku", "file:///srv/tw/cu128/nunchaku-1.0.1.whl", key="url")
+    own = places(comfyui={"root": ROOT, "torch": {"version": "2.6.0", "find_links": ["/srv/tw/{flavour}"]}})
+    assert snapshot_check.problem(doc, own) is None
+    outside = edited("state/distributions/nunchaku", "file:///srv/tw/cu128/../../x/n.whl", key="url")
+    assert snapshot_check.problem(outside, own) is not None
 
 
 # --- through the host program and the controller, on a real tree ----------------------------------

@@ -4,13 +4,19 @@ held to the shape `remote/snapshot.py` writes (`SCHEMA`: types, names, commits, 
 every path it names to the place it belongs (`Places`): custom nodes are plain names in
 custom_nodes/, model files lie under models/, workflow folders inside the root or the profile's own,
 kept wheels in the snapshots' wheel store, and the file a kept wheel is put back at (where pip
-installed it from) in the wheel folder or a local find-links folder of the profile. The first problem is named by its field: `state/models/PATH: ...`.
+installed it from) directly in the wheel folder or a local find-links folder of the profile. The
+pip source arguments an index distribution is fetched again with (`sources`) are only what
+provision records (`--no-index`, `--index-url`, `--extra-index-url`, `--find-links`), never an
+option that writes or reads elsewhere (`--dest`, `--log`, `-r`, ...); a local one names one of the
+profile's own sources or lies in one of its folders. The first problem is named by its field:
+`state/models/PATH: ...`.
 
 Fields this does not know are allowed (a later format may add some); the fields it knows are not."""
 
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +29,7 @@ _LINE = "^[^\\u0000-\\u001f\\u007f]*$"                  # one line of text
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _TEXT = {"type": ["string", "null"], "maxLength": 100_000}
 _NAME = "^(?!\\.)[^/\\u0000-\\u001f\\u007f]{1,255}$"   # one folder entry: not hidden, not . or ..
+_WORD = "^[^\\u0000-\\u001f\\u007f\\s]{1,4000}$"      # one argument: no whitespace, no control
 # A git origin to clone from: never an option (`-u…`) nor a remote helper (`ext::sh -c …`).
 _REMOTE = "^(?!-)(?!.*::)[^\\u0000-\\u001f\\u007f\\s]{1,2000}$"
 
@@ -81,6 +88,9 @@ SCHEMA: dict[str, Any] = {
         "wheels": {"type": "object", "additionalProperties": {
             "type": "string", "pattern": "^wheels/[0-9a-f]{64}/(?!\\.)[^/\\u0000-\\u001f\\u007f]{1,255}$"}},
         "unkept": {"type": "object", "additionalProperties": {"type": "string"}},
+        # canonical name -> the pip source arguments it is fetched again with (checked by `_sources`)
+        "sources": {"type": "object", "additionalProperties": {
+            "type": "array", "maxItems": 64, "items": {"type": "string", "pattern": _WORD}}},
     },
 }
 
@@ -93,15 +103,22 @@ class Places:
     models: str
     workflows: str                       # the profile's workflow folder (it may lie outside the root)
     wheel_sources: tuple[str, ...]       # where a distribution installed from a file may have come from
+    # The profile's own pip source values (index URLs, find-links; torch's with `{flavour}` unfilled),
+    # and the local folders among them: where a recorded local pip source may point.
+    pip_values: tuple[str, ...] = ()
+    pip_folders: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, profile: Profile) -> Places:
-        spec = profile.comfyui
-        links = (_local(link) for link in (*profile.pip.find_links, *(spec.torch.find_links if spec.torch else ())))
-        local = tuple(posixpath.normpath(link) for link in links if link)
+        spec, pip = profile.comfyui, profile.pip
+        links = (*pip.find_links, *(spec.torch.find_links if spec.torch else ()))
+        local = tuple(posixpath.normpath(link) for link in map(_local, links) if link)
+        indexes = (pip.index_url, *pip.extra_index_urls, spec.torch.index_url if spec.torch else None)
+        values = tuple(v for v in (*indexes, *links) if v)
+        folders = tuple(posixpath.normpath(v) for v in map(_local, (i for i in indexes if i)) if v)
         return cls(spec.root, posixpath.join(spec.root, "models"),
                    posixpath.normpath(posixpath.join(spec.root, profile.workflow.dest)),
-                   (spec.wheel_dir, *local))
+                   (spec.wheel_dir, *local), values, (spec.wheel_dir, *local, *folders))
 
 
 def _local(link: str) -> str | None:
@@ -113,10 +130,65 @@ def _local(link: str) -> str | None:
 
 
 def within(path: str, folder: str) -> bool:
-    """Whether `path`, absolute and already normal (no `..`, no `//`), lies in `folder` or is it."""
+    """Whether `path`, absolute and already normal (no `..`, no `//`), lies in `folder` or is it.
+    A `{flavour}` in `folder` (torch's find-links, a folder per CUDA build) stands for one name."""
     top = posixpath.normpath(folder)
-    return path.startswith("/") and posixpath.normpath(path) == path and \
-        (path == top or path.startswith(top.rstrip("/") + "/"))
+    if not (path.startswith("/") and posixpath.normpath(path) == path):
+        return False
+    if "{flavour}" in top:
+        pattern = re.escape(top.rstrip("/")).replace(re.escape("{flavour}"), "[^/]+")
+        return re.fullmatch(pattern + "(/.*)?", path, re.S) is not None
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def place_of(path: str, folders: tuple[str, ...]) -> str | None:
+    """The folder among `folders` that `path` lies in (a `{flavour}` filled as in `path`), or None."""
+    for folder in folders:
+        if within(path, folder):
+            top = posixpath.normpath(folder)
+            if "{flavour}" not in top:
+                return top
+            pattern = re.escape(top.rstrip("/")).replace(re.escape("{flavour}"), "[^/]+")
+            match = re.match(pattern + "(?=/|$)", path)
+            return match.group() if match else None
+    return None
+
+
+def _filled(template: str, value: str) -> bool:
+    """Whether `value` is `template` with its `{flavour}` (if any) filled by one name."""
+    pattern = re.escape(template).replace(re.escape("{flavour}"), "[A-Za-z0-9._+-]+")
+    return re.fullmatch(pattern, value) is not None
+
+
+_SOURCE_OPTIONS = ("--index-url", "--extra-index-url", "--find-links")
+
+
+def _sources(args: list[str], places: Places) -> str | None:
+    """Why a recorded list of pip source arguments is not one provision writes, or None. Remote
+    indexes are what they were (an old mirror still serves the old version); a local folder or
+    file:// index is one of the profile's own sources or lies in a folder of one."""
+    at = 0
+    while at < len(args):
+        option = args[at]
+        if option == "--no-index":
+            at += 1
+            continue
+        if option not in _SOURCE_OPTIONS:
+            return (f"{option[:80]} is not a pip source option provision records "
+                    f"({', '.join(_SOURCE_OPTIONS)}, --no-index)")
+        if at + 1 >= len(args) or args[at + 1].startswith("-"):
+            return f"{option} has no value"
+        value = args[at + 1]
+        at += 2
+        if value.startswith(("https://", "http://")) or any(_filled(own, value) for own in places.pip_values):
+            continue
+        if option != "--find-links" and not value.startswith("file://"):
+            return f"{option} {value[:80]}: not an http(s) or file:// URL"
+        folder = _local(value) if value.startswith("file://") or value.startswith("/") else None
+        if folder is None or not any(within(folder, place) for place in places.pip_folders):
+            return (f"{option} {value[:80]}: not one of the profile's pip sources nor in "
+                    f"{' nor '.join(places.pip_folders)}")
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -146,12 +218,17 @@ def _paths(raw: Mapping[str, Any], places: Places) -> Iterator[tuple[str, str]]:
     kept = raw.get("wheels") or {}
     for key, dist in (state.get("distributions") or {}).items():
         if dist.get("kind") == "file" and key in kept:       # a rollback puts the kept file back there
+            # Directly in its folder, as pip and provision put wheels there: a put-back never passes
+            # a folder below it, where a link could lead it out.
             source = unquote(urlsplit(dist.get("url") or "").path)
-            if not any(within(source, place) for place in places.wheel_sources):
+            if place_of(source, places.wheel_sources) != posixpath.dirname(source):
                 yield (f"state/distributions/{key}/url",
-                       f"{source or 'no file'} is not in {' nor '.join(places.wheel_sources)}")
+                       f"{source or 'no file'} is not directly in {' nor '.join(places.wheel_sources)}")
         elif dist.get("kind") == "url" and not str(dist.get("url") or "").startswith(("https://", "http://")):
             yield f"state/distributions/{key}/url", "not an http(s) URL"
+    for key, args in (raw.get("sources") or {}).items():
+        if (why := _sources(list(args), places)) is not None:
+            yield f"sources/{key}", why
 
 
 def problem(raw: Any, places: Places) -> str | None:

@@ -52,6 +52,14 @@ def verification_profile(profile: Profile, target: Snapshot, source: Snapshot | 
                          f"profile given ({profile.name})")
     merged = {k: v for k, v in profile.raw.items() if k not in VERIFIED_BY_SNAPSHOT}
     merged.update({k: data[k] for k in VERIFIED_BY_SNAPSHOT if k in data})
+    if isinstance(merged.get("workflow"), Mapping):
+        # Templates are files of the control machine: read from the folder of the profile given, never
+        # from one a snapshot names (whatever can edit a host's snapshots would choose which of the
+        # controller's files is rendered and sent to that host's ComfyUI).
+        mine = profile.raw.get("workflow")
+        folder = mine.get("template_dir") if isinstance(mine, Mapping) else None
+        merged["workflow"] = {**{k: v for k, v in merged["workflow"].items() if k != "template_dir"},
+                              **({"template_dir": folder} if folder is not None else {})}
     problems = check(merged, {}, f"snapshot {source.id}")
     try:
         if problems:

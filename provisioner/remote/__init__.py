@@ -149,7 +149,8 @@ def mark_request(folder: str, ident: str, verified: bool) -> bytes:
     return json.dumps({"mode": "mark", "dir": folder, "id": ident, "verified": verified}).encode()
 
 
-def stage_request(folder: str, wheels: Sequence[tuple[str, str, str]]) -> bytes:
-    """The snapshot program's `stage`: each (kept file, where it goes, sha256) put back, checked."""
+def stage_request(folder: str, wheels: Sequence[tuple[str, str, str, str]]) -> bytes:
+    """The snapshot program's `stage`: each (kept file, where it goes, sha256, the folder it must go
+    into, never through a link below it) put back, checked."""
     return json.dumps({"mode": "stage", "dir": folder,
-                       "wheels": [{"kept": k, "dest": d, "sha256": s} for k, d, s in wheels]}).encode()
+                       "wheels": [{"kept": k, "dest": d, "sha256": s, "within": w} for k, d, s, w in wheels]}).encode()

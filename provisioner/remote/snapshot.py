@@ -840,13 +840,40 @@ def mark(req):
     return {"id": req["id"], "verified": doc["verified"]}
 
 
+def _no_link_below(dest, within):
+    """Refuse (ValueError) a `dest` that is not lexically in the folder `within`, or whose folder
+    is reached through a link below `within` (a link put in the wheel folder would lead the copy out
+    of it); `within` itself may be reached through links (a root on another disk)."""
+    top = os.path.normpath(within)
+    parent = os.path.dirname(dest)
+    if os.path.normpath(dest) != dest or not (parent == top or parent.startswith(top.rstrip("/") + "/")):
+        raise ValueError("%s is not in %s" % (dest, top))
+    if os.path.realpath(parent) != os.path.normpath(os.path.join(os.path.realpath(top), os.path.relpath(parent, top))):
+        raise ValueError("%s lies behind a link (%s), outside %s: remove the link" % (dest, os.path.realpath(parent),
+                                                                                      top))
+
+
+def _copy_new(source, tmp):
+    """Copy into a new file `tmp`, never through a link or a file put there before."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with open(source, "rb") as original, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(original, out)
+
+
 def stage(req):
     """Each kept wheel copied to where it was installed from (a temporary sibling, checked, then
-    renamed); one already there with its sha256 is left. Raises ValueError naming what is wrong."""
+    renamed); one already there with its sha256 is left. Each goes only into the folder the request
+    names for it (`within`), never through a link below that folder. Raises ValueError naming what
+    is wrong."""
     folder = os.path.realpath(req["dir"])
     done = []
     for item in req.get("wheels") or []:
         kept, dest, want = item["kept"], item["dest"], item["sha256"]
+        _no_link_below(dest, item["within"])
         if os.path.isfile(dest) and _file_digest(dest) == want:
             done.append(dest)
             continue
@@ -855,8 +882,9 @@ def stage(req):
         if not os.path.isfile(kept):
             raise ValueError("the kept wheel %s is gone" % kept)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _no_link_below(dest, item["within"])
         tmp = "%s.%d.provision-tmp" % (dest, os.getpid())
-        shutil.copyfile(kept, tmp)
+        _copy_new(kept, tmp)
         got = _file_digest(tmp)
         if got != want:
             os.unlink(tmp)

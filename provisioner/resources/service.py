@@ -275,10 +275,12 @@ def recorded_units(profile: Profile) -> tuple[str, tuple[str, ...]] | None:
 
 
 def restore_units(profile: Profile, want: Mapping[str, str] | None,
-                  have: Mapping[str, str] | None) -> tuple[list[Change], list[Note]]:
+                  have: Mapping[str, str] | None, facts: Facts | None = None) -> tuple[list[Change], list[Note]]:
     """The unit files as a snapshot recorded them (their launch arguments and environment): written
     back like `plan` writes them (then daemon-reload, enable), one it lacks disabled and removed;
-    ComfyUI is restarted with them. Every path must be a unit file of `comfyui.unit_dir`."""
+    ComfyUI is restarted with them. Every path must be a unit file of `comfyui.unit_dir`, and every
+    text one `units.render` writes, running ComfyUI as whom the unit runs it as on this host (with
+    `facts`): it is written as root."""
     if want is None:
         notes = [Note(name, "the snapshot recorded no systemd units: the units are left as they are")] \
             if have else []
@@ -294,6 +296,12 @@ def restore_units(profile: Profile, want: Mapping[str, str] | None,
         text, now = want.get(path), (have or {}).get(path)
         if text == now:
             continue
+        if text is not None:
+            who = units.run_as(profile, facts) if facts is not None else None
+            why = units.recorded_problem(text, unit, who, profile.comfyui.allow_root)
+            if why is not None:
+                raise PlanError(f"the snapshot's unit file {path} is not one provision writes ({why}; edited on "
+                                "the host?): it is not restored; --to an older snapshot, or remove it")
         if text is None:
             out.append(Change(name, path, "remove", f"stop and remove unit {unit} (not in the snapshot)",
                               now, None, (_systemctl("disable", "--now", unit), Run(("rm", "-f", path),

@@ -174,7 +174,7 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
     found.append(install)
     found.extend(workflow.restore(target.state.workflows, now.workflows, notes))
     try:
-        unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units)
+        unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units, facts)
         found.extend(unit_changes)
         notes.extend(unit_notes)
     except PlanError as err:

@@ -93,6 +93,12 @@ def quote_arg(arg: str) -> str:
     return _word(_specifiers(arg).replace("$", "$$"))
 
 
+def quote_path(path: str) -> str:
+    """A path of a path-list setting (ReadWritePaths=): quoted and `%` literal, but `$` as written:
+    systemd expands variables only in command lines, so a `$$` here would stay two."""
+    return _word(_specifiers(path))
+
+
 def quote_exec(path: str) -> str:
     """ExecStart's executable: systemd expands no variable there (a `$$` would stay two), and refuses
     one named with a quote or a backslash, which the profile's validation refuses first."""
@@ -169,7 +175,7 @@ def hardening(profile: Profile, instance: Instance, who: RunAs) -> list[str]:
         *([_specifiers(f"Group={who.group}")] if who.group else []),
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "ReadWritePaths=" + " ".join(quote_arg(p) for p in writable_paths(profile)),
+        "ReadWritePaths=" + " ".join(quote_path(p) for p in writable_paths(profile)),
         "PrivateTmp=yes",
         "ProtectHome=read-only",
         f"CacheDirectory={instance.unit}",
@@ -209,6 +215,65 @@ def render(profile: Profile, instance: Instance, who: RunAs) -> str:
         "WantedBy=multi-user.target",
     ]
     return "\n".join(lines) + "\n"
+
+
+# The settings of a unit `render` writes, by (section, key): those with a fixed value, those checked
+# against the host (`recorded_problem`), and those free to differ between runs (launch arguments,
+# paths, environment: whatever they say runs as ComfyUI's user). Nothing else.
+_FIXED = {("Unit", "Wants"): "network-online.target", ("Unit", "After"): "network-online.target",
+          ("Service", "Type"): "simple", ("Service", "NoNewPrivileges"): "yes",
+          ("Service", "ProtectSystem"): "strict", ("Service", "PrivateTmp"): "yes",
+          ("Service", "ProtectHome"): "read-only", ("Service", "Restart"): "on-failure",
+          ("Service", "RestartSec"): "5", ("Service", "TimeoutStopSec"): "30",
+          ("Install", "WantedBy"): "multi-user.target"}
+_CHECKED = {("Service", "User"), ("Service", "Group"), ("Service", "CacheDirectory"), ("Service", "ExecStart")}
+_FREE = {("Unit", "Description"), ("Service", "ReadWritePaths"), ("Service", "WorkingDirectory"),
+         ("Service", "Environment")}
+_EXEC_PREFIXES = "@-:+!|"                  # ExecStart= prefixes that change how (and as whom) it runs
+
+
+def recorded_problem(text: str, unit_file: str, who: RunAs | None, allow_root: bool) -> str | None:
+    """Why a unit text a snapshot recorded is not one `render` writes, or None. A rollback writes it
+    back as root and systemd runs it: an edited one could otherwise run anything as root (no
+    `User=`, `User=root`, another user, `ExecStart=+…`, `ExecStartPre=`, a `CacheDirectory=` of
+    another program's). `who`: whom the unit must run ComfyUI as on this host (None: not known, then
+    only never root unless allowed)."""
+    lines = text.split("\n")
+    if not lines[0].startswith(HEADER):
+        return "it does not start with provision's header"
+    section, seen = "", {}                 # type: ignore[var-annotated]
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if raw.rstrip().endswith("\\"):
+            return f"line {number} ends in a backslash (systemd joins the next line to it)"
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, eq, value = (part.strip() for part in line.partition("="))
+        if not eq or ((section, key) not in _FIXED and (section, key) not in _CHECKED and (section, key) not in _FREE):
+            return f"line {number} ({line[:60]!r}) is no setting provision writes"
+        seen.setdefault((section, key), []).append(value)
+    for where, values in seen.items():
+        if len(values) > 1 and where != ("Service", "Environment"):
+            return f"{where[1]}= is set {len(values)} times"
+    for where, value in _FIXED.items():
+        if seen.get(where) != [value]:
+            return f"{where[1]}= is not {value}"
+    user, group = (seen.get(("Service", k), [None])[0] for k in ("User", "Group"))
+    if user is None:
+        return "it has no User= (systemd would run ComfyUI as root)"
+    if who is not None and (user != _specifiers(who.user) or group not in (None, _specifiers(who.group or ""))):
+        return f"it runs ComfyUI as {user}{':' + group if group else ''}, not as {who.user} (whom the unit runs it as here)"
+    if not allow_root and ({user, group} & {"root", "0"}):
+        return "it runs ComfyUI as root, which comfyui.allow_root does not allow"
+    if seen.get(("Service", "CacheDirectory")) != [unit_file.removesuffix(SUFFIX)]:
+        return f"CacheDirectory= is not {unit_file.removesuffix(SUFFIX)}"
+    start = seen.get(("Service", "ExecStart"), [""])[0]
+    if not start.startswith(("/", '"/')) or start[0] in _EXEC_PREFIXES:
+        return "ExecStart= does not start with an absolute executable"
+    return None
 
 
 def path(profile: Profile, instance: Instance) -> str:

@@ -23,7 +23,7 @@ from provisioner.catalog import torch as torches
 from provisioner.catalog.requirements import is_held
 from provisioner.config.model import Profile, TorchSpec
 from provisioner.errors import PlanError
-from provisioner.facts import snapshots
+from provisioner.facts import snapshot_check, snapshots
 from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv
 from provisioner.config.lock import environment_key
 from provisioner.facts.snapshots import Dist, Snapshot
@@ -297,7 +297,8 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     python, stage = profile.comfyui.python, stage_dir(profile)
     problems: list[str] = []
     by_source: dict[tuple[str, ...], list[str]] = {}
-    kept: list[tuple[str, str, str]] = []
+    kept: list[tuple[str, str, str, str]] = []      # (kept file, where it goes, sha256, the folder it goes into)
+    sources = snapshot_check.Places.of(profile).wheel_sources
     fetched: list[Step] = []
     specs: list[str] = []
     for key in back:
@@ -307,7 +308,7 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
             sha = posixpath.basename(posixpath.dirname(store)) if store else ""
             if store and (kept_now is None or kept_now.get(store) == sha):
                 # Its wheel was kept before the change: installed from there, whatever the index serves now.
-                kept.append((store, posixpath.join(stage, posixpath.basename(store)), sha))
+                kept.append((store, posixpath.join(stage, posixpath.basename(store)), sha, stage))
             else:
                 by_source.setdefault(index_source(profile, target, key, dist), []).append(f"{dist.name}=={dist.version}")
             specs.append(f"{dist.name}=={dist.version}")
@@ -315,8 +316,13 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
             specs.append(f"{dist.url}#sha256={dist.sha256}" if dist.sha256 and "#" not in dist.url else dist.url)
         elif dist.kind == "file" and dist.path and dist.sha256:
             store = target.wheels.get(key)
+            place = snapshot_check.place_of(dist.path, sources)
+            if place is None:       # read_snapshots refused such a snapshot: never planned from
+                problems.append(f"{dist.name} {dist.version} was installed from {dist.path}, which is not in "
+                                f"{' nor '.join(sources)}")
+                continue
             if store and (kept_now is None or kept_now.get(store) == dist.sha256):
-                kept.append((store, dist.path, dist.sha256))
+                kept.append((store, dist.path, dist.sha256, place))
             elif (step := refetch(dist)) is not None:
                 fetched.append(step)
             else:

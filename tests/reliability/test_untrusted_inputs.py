@@ -118,10 +118,17 @@ def edits(host: LabHost, outside: Path) -> dict[str, Callable[[dict[str, Any]], 
         node = doc["state"]["custom_nodes"]["ComfyUI-nunchaku"]
         node["remote"], node["commit"] = f"ext::sh -c touch% {outside}/ext", "b" * 40
 
+    def pip_options(doc: dict[str, Any]) -> None:
+        # What `pip download` got as written before the sources were checked (found by an audit).
+        sources = doc.setdefault("sources", {})
+        for key in [*sources] or ["torch"]:
+            sources[key] = ["--log", str(outside / "pip.log"), "--dest", str(outside), "--no-index"]
+
     return {"a workflow folder outside the root": workflow_folder_outside,
             "a workflow through ..": workflow_through_dotdot, "a custom node through ..": node_through_dotdot,
             "a wheel put back outside": wheel_anywhere, "a kept wheel outside the store": kept_wheel_outside,
-            "a model outside models/": model_outside, "an ext:: origin": remote_helper}
+            "a model outside models/": model_outside, "an ext:: origin": remote_helper,
+            "pip options in the sources": pip_options}
 
 
 def test_damaged_and_edited_snapshots_are_named_and_nothing_outside_the_root_is_touched(
