@@ -20,7 +20,7 @@ from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, pars
 from provisioner import remote
 from provisioner.remote import snapshot as snapshot_program
 from provisioner.plan.rollback import producer, verification_profile
-from provisioner.resources import snapshot, units, workflow
+from provisioner.resources import plugin, snapshot, units, workflow
 from provisioner.resources.base import Fetch, Put, Run
 from provisioner.resources.releases import Asset, Listing
 
@@ -226,23 +226,63 @@ def test_a_distribution_that_cannot_be_reinstalled_is_a_plan_error(kind: str, un
     assert message in str(err.value)
 
 
-def test_the_venv_s_fetch_comes_before_any_other_change_of_the_rollback() -> None:
-    """A package source that no longer serves a version must fail the rollback before the plugin
-    (or anything else) moved: the fetch is the first change, the install after the checkouts."""
+def test_the_venv_s_fetch_and_the_commits_come_before_any_other_change_of_the_rollback() -> None:
+    """A package source that no longer serves a version, or a commit gone from its origin, must fail
+    the rollback before the plugin (or anything else) moved: the venv's fetch is the first change,
+    the commits' the second, the install after the checkouts."""
     nodes = {"ComfyUI-nunchaku": {**STATE["custom_nodes"]["ComfyUI-nunchaku"], "commit": V120, "tags": ["v1.2.0"]}}
     changes = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes, distributions=moved()),
                                lister=no_release, at=NOW).changes
-    assert [(c.resource, c.key) for c in changes] == [("venv", STAGE), ("custom_nodes", NODE), ("venv", f"{ROOT}/venv")]
+    assert [(c.resource, c.key) for c in changes] == [
+        ("venv", STAGE), ("custom_nodes", "commits"), ("custom_nodes", NODE), ("venv", f"{ROOT}/venv")]
 
 
-def test_plugin_back_to_its_commit_fetching_only_when_missing() -> None:
+def test_plugin_back_to_its_commit_fetched_first_only_when_missing() -> None:
     nodes = {"ComfyUI-nunchaku": {**STATE["custom_nodes"]["ComfyUI-nunchaku"], "commit": V120, "tags": ["v1.2.0"]}}
-    (change,) = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes), at=NOW).changes
+    commits, change = snapshot.restore(profile(), snap(STATE), now(custom_nodes=nodes), at=NOW).changes
     assert change.summary == "checkout ComfyUI-nunchaku v1.2.0 -> v1.1.0" and change.action == "update"
-    fetch, checkout = change.steps
+    (fetch,) = commits.steps
     assert argv_of(fetch)[:2] == ("sh", "-c") and argv_of(fetch)[3:] == ("sh", V110, *git_argv(NODE))
-    assert "cat-file -e" in argv_of(fetch)[2] and "|| exec" in argv_of(fetch)[2]
+    assert commits.after == {"commits": [f"{NODE} {V110[:12]}"]}
+    (checkout,) = change.steps
     assert argv_of(checkout)[-4:] == ("checkout", "--quiet", "--detach", V110)
+
+
+def test_the_commit_step_fetches_only_what_is_missing_and_fails_on_a_commit_its_origin_lost(tmp_path: Path) -> None:
+    """Real git: a commit the checkout has is found offline (the origin is unreachable); one it lacks
+    is fetched from its origin; one the origin no longer has (force-pushed away) fails the step with
+    the reason, before any checkout of the rollback has moved."""
+    import subprocess
+
+    def run(*argv: str, cwd: Path = tmp_path) -> str:
+        return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+    origin, clone = tmp_path / "origin", tmp_path / "clone"
+    run("git", "init", "-q", "-b", "main", str(origin))
+    commits = []
+    for n in (1, 2, 3):
+        (origin / "f").write_text(str(n))
+        run("git", "add", "f", cwd=origin)
+        run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", f"c{n}", cwd=origin)
+        commits.append(run("git", "rev-parse", "HEAD", cwd=origin))
+        if n == 2:
+            run("git", "clone", "-q", str(origin), str(clone))
+    first, second, third = commits
+
+    def step(commit: str) -> subprocess.CompletedProcess[str]:
+        change = plugin.fetch_commits([(str(clone), commit)])
+        assert change is not None
+        (fetch,) = change.steps
+        return subprocess.run(argv_of(fetch), capture_output=True, text=True, timeout=60)
+
+    run("git", "remote", "set-url", "origin", str(tmp_path / "unreachable"), cwd=clone)
+    assert step(first).returncode == 0                              # there: no fetch (it would fail)
+    run("git", "remote", "set-url", "origin", str(origin), cwd=clone)
+    assert step(third).returncode == 0 and run("git", "cat-file", "-t", third, cwd=clone) == "commit"
+    lost = "f" * 40                                                 # force-pushed away: on neither
+    failed = step(lost)
+    assert failed.returncode == 1 and f"commit {lost} is neither in the checkout nor on its origin" in failed.stderr
+    assert run("git", "rev-parse", "HEAD", cwd=clone) == second     # nothing moved
 
 
 def test_another_users_custom_node_is_left_as_it_is_with_a_note() -> None:
@@ -280,7 +320,8 @@ def test_custom_nodes_added_since_are_moved_aside_and_missing_ones_cloned() -> N
 
 def test_comfyui_core_goes_back_to_its_commit_but_is_never_reset() -> None:
     core = {**STATE["comfyui"], "commit": "1" * 40}
-    (change,) = snapshot.restore(profile(), snap(STATE), now(comfyui=core), at=NOW).changes
+    commits, change = snapshot.restore(profile(), snap(STATE), now(comfyui=core), at=NOW).changes
+    assert commits.after == {"commits": [f"{ROOT} {'c' * 12}"]}
     assert change.resource == "core" and argv_of(change.steps[-1])[-1] == "c" * 40
     with pytest.raises(PlanError, match="never discards changes to ComfyUI's own checkout"):
         snapshot.restore(profile(), snap(STATE), now(comfyui={**core, "dirty": ["comfy/sd.py"]}), at=NOW)

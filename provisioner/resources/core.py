@@ -370,9 +370,10 @@ def _requirements_change(profile: Profile, facts: Facts, goal: Target) -> Change
 
 
 def restore(profile: Profile, want: Checkout | None, have: Checkout | None, problems: list[str],
-          notes: list[Note]) -> Change | None:
-    """ComfyUI's own checkout back to the commit a snapshot recorded (a rollback); it is never reset
-    or cleaned (models/, custom_nodes/ and provision's own folder live inside it)."""
+            notes: list[Note], fetched: list[tuple[str, str]]) -> Change | None:
+    """ComfyUI's own checkout back to the commit a snapshot recorded (a rollback; the commit added to
+    `fetched`); it is never reset or cleaned (models/, custom_nodes/ and provision's own folder live
+    inside it)."""
     root = profile.comfyui.root
     if want is None or not want.repo or want.commit is None or (have and have.commit == want.commit):
         return None
@@ -385,5 +386,5 @@ def restore(profile: Profile, want: Checkout | None, have: Checkout | None, prob
                         "discards changes to ComfyUI's own checkout; commit or discard them")
         return None
     return Change("core", root, "update", f"checkout ComfyUI {(have.commit or 'no commit')[:12]} -> "
-                  f"{want.commit[:12]}", shown_checkout(have), shown_checkout(want), checkout_commit(root, want.commit),
+                  f"{want.commit[:12]}", shown_checkout(have), shown_checkout(want), checkout_commit(root, want.commit, fetched),
                   notify=RESTART)

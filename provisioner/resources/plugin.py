@@ -255,21 +255,40 @@ def shown_checkout(co: Checkout | None) -> dict[str, object] | None:
     return {"tag": ", ".join(co.tags) or None, "commit": co.commit, "remote": co.remote, "dirty": list(co.dirty)}
 
 
-def checkout_commit(where: str, commit: str) -> tuple[Run, Run]:
-    """Fetch only when the commit is not there already (a rollback must work offline when it can)."""
-    have = 'c=$1; shift; "$@" cat-file -e "$c^{commit}" 2>/dev/null || exec "$@" fetch --quiet --force --tags origin'
-    return (Run(("sh", "-c", have, "sh", commit, *git(where)), what=f"fetch {commit[:12]} unless it is there",
-                timeout=900.0),
-            Run(git(where, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"))
+def checkout_commit(where: str, commit: str, fetched: list[tuple[str, str]]) -> tuple[Run]:
+    """A rollback's checkout of `commit`; the commit itself is brought in before any change
+    (`fetch_commits` of what is added to `fetched`)."""
+    fetched.append((where, commit))
+    return (Run(git(where, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"),)
+
+
+# Fetch only when the commit is not there (a rollback must work offline when it can), then check it is.
+_HAVE = ('c=$1; shift; "$@" cat-file -e "$c^{commit}" 2>/dev/null && exit 0; "$@" fetch --quiet --force --tags '
+         'origin || exit; "$@" cat-file -e "$c^{commit}" 2>/dev/null && exit 0; '
+         'echo "commit $c is neither in the checkout nor on its origin" >&2; exit 1')
+
+
+def fetch_commits(fetched: Sequence[tuple[str, str]]) -> Change | None:
+    """A rollback's first git change: every commit its checkouts move to, fetched where it is not there
+    and checked to be there before any checkout moves, so a commit gone from its origin (force-pushed
+    away) stops the rollback while the host is still as it was."""
+    if not fetched:
+        return None
+    steps = tuple(Run(("sh", "-c", _HAVE, "sh", commit, *git(where)), timeout=900.0,
+                      what=f"fetch {commit[:12]} into {where} unless it is there, and check it is")
+                  for where, commit in fetched)
+    return Change("custom_nodes", "commits", "update", f"fetch and check {len(fetched)} commit(s) the rollback "
+                  "checks out before anything changes", None,
+                  {"commits": [f"{where} {commit[:12]}" for where, commit in fetched]}, steps)
 
 
 def restore_nodes(profile: Profile, want: Mapping[str, Checkout | None], have: Mapping[str, Checkout | None],
-                  stamp: str, problems: list[str], notes: list[Note]) -> list[Change]:
+                  stamp: str, problems: list[str], notes: list[Note], fetched: list[tuple[str, str]]) -> list[Change]:
     """Every custom node as a snapshot recorded it (a rollback's desired state): each checkout at its
-    commit and origin (fetched only when the commit is not there), one that is gone cloned again,
+    commit and origin (the commits it moves to added to `fetched`), one that is gone cloned again,
     local modifications backed up and discarded; one the snapshot lacks moved aside, never deleted.
     What cannot be restored is added to `problems`; `stamp` names the folders moved aside."""
-    found = [_node(profile, node, want.get(node), have.get(node), stamp, problems, notes)
+    found = [_node(profile, node, want.get(node), have.get(node), stamp, problems, notes, fetched)
              for node in sorted(set(want) | set(have))]
     return [c for c in found if c is not None]
 
@@ -284,7 +303,7 @@ def _clone_at(repo: str, commit: str, dest: str) -> tuple[Step, ...]:
 
 
 def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | None, stamp: str,
-          problems: list[str], notes: list[Note]) -> Change | None:
+          problems: list[str], notes: list[Note], fetched: list[tuple[str, str]]) -> Change | None:
     path = posixpath.join(profile.comfyui.custom_nodes, node)
     aside = f"{path}.provision-rollback-{stamp}{_SKIP}"
     foreign = next((co.owner for co in (have, want) if co is not None and co.owner is not None), None)
@@ -334,7 +353,7 @@ def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | N
                          what="point origin where it pointed"))
         summary.append(f"origin {have.remote or '(none)'} -> {want.remote}")
     if have.commit != want.commit:
-        steps += checkout_commit(path, want.commit)
+        steps += checkout_commit(path, want.commit, fetched)
         was = ", ".join(have.tags) or (have.commit or "no commit")[:12]
         summary.append(f"checkout {node} {was} -> {', '.join(want.tags) or want.commit[:12]}")
     if not steps:

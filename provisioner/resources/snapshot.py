@@ -167,11 +167,14 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
                                     lambda dist: backend.refetch(profile, dist, lister))
     except PlanError as err:
         problems.append(str(err))
-    # What the venv needs is fetched and checked before any change: a source that no longer serves
-    # a version fails the rollback while the host is still as it was.
-    found: list[Change | None] = [fetch, core.restore(profile, target.state.comfyui, now.comfyui, problems, notes)]
-    found.extend(plugin.restore_nodes(profile, target.state.custom_nodes, now.custom_nodes, stamp, problems, notes))
-    found.append(install)
+    # What the venv needs and the commits the checkouts move to are fetched and checked before any
+    # change: a source that no longer serves a version, or a commit gone from its origin, fails the
+    # rollback while the host is still as it was.
+    fetched: list[tuple[str, str]] = []
+    moves: list[Change | None] = [core.restore(profile, target.state.comfyui, now.comfyui, problems, notes, fetched)]
+    moves.extend(plugin.restore_nodes(profile, target.state.custom_nodes, now.custom_nodes, stamp, problems, notes,
+                                      fetched))
+    found: list[Change | None] = [fetch, plugin.fetch_commits(fetched), *moves, install]
     found.extend(workflow.restore(target.state.workflows, now.workflows, notes))
     try:
         unit_changes, unit_notes = service.restore_units(profile, target.state.units, now.units, facts)
