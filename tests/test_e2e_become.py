@@ -159,6 +159,11 @@ def test_a_root_owned_by_a_service_user_is_worked_in_as_that_user_and_only_the_u
             assert not [e for e in sudo_log(log)[applied:] if "USER=root" in e and "COMMAND=/bin/sh" in e]
             assert len(as_owner) > 10, len(as_owner)
             assert lab.run("plan", "--limit", host.name)[0] == 0
+            # history reads the snapshots and what runs now as the owner too: its checkouts, unrefused
+            code, out = lab.run("history", "--limit", host.name, "--json")
+            assert code == 0, out
+            found = json.JSONDecoder().raw_decode(out[out.index("{"):])[0][host.name]
+            assert found["snapshots"] and found["changed_since_newest"] == [] and found["errors"] == [], found
 
 
 def _listener_uid(port: int) -> int | None:
