@@ -93,17 +93,22 @@ def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
     owner = conn.owner
     if owner is not None and isinstance(getattr(owner, "login", None), Login):
         facts = _read(owner, profile, probe)
-        if facts.login.root_owner == facts.login.user:       # still the owner's root
-            return replace(facts, login=replace(owner.login, root_owner=facts.login.root_owner,  # type: ignore[arg-type]
-                                                root_owner_uid=facts.login.root_owner_uid,
-                                                root_group=facts.login.root_group))
+        if facts.login.root_owner_uid == facts.login.uid:     # still the owner's root
+            return replace(facts, login=_as_login(owner.login, facts.login))  # type: ignore[attr-defined]
         conn.owner = None                                    # given to someone else since: choose again
     facts = _read(conn, profile, probe)
     login = choose_owner(conn, can_become(conn.machine, facts.login))
     if conn.owner is None:
         return replace(facts, login=login)
     conn.owner.login = login            # type: ignore[attr-defined]
-    return gather(conn, profile, probe)
+    facts = _read(conn.owner, profile, probe)
+    return replace(facts, login=_as_login(login, facts.login))
+
+
+def _as_login(login: Login, read: Login) -> Login:
+    """The login's own Login (who it is, whom it becomes), with the root's owner as the facts just
+    read it as that owner."""
+    return replace(login, root_owner=read.root_owner, root_owner_uid=read.root_owner_uid, root_group=read.root_group)
 
 
 def _read(conn: Connection, profile: Profile, probe: Probe) -> Facts:
