@@ -187,7 +187,7 @@ class StepRunner:
             # The token travels in stdin only: argv is visible to `ps` on the host.
             try:
                 as_whom(self.conn, False).run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
-                              idle_timeout=self.timeouts.download_stall_s)
+                                              idle_timeout=self.timeouts.download_stall_s)
             except CommandError as err:         # named by what it does, not by the program's text
                 raise CommandError(err.host, err.result, step.what or f"download {label}") from None
 
