@@ -535,7 +535,11 @@ def lock(args: argparse.Namespace, console: Console) -> int:
 
 def history(args: argparse.Namespace, console: Console) -> int:
     """Each host's snapshots, oldest first, with what changed since the one before; then whether
-    the host still runs what the newest recorded. One round trip per host."""
+    the host still runs what the newest recorded. One round trip per host; two where the inventory
+    says ansible_become (the facts first say whom to read as: a root owned by another user than
+    the login is read as that owner, whose checkouts git reads)."""
+    from provisioner.connection.base import as_whom
+    from provisioner.facts.gather import gather
     from provisioner.facts.snapshots import HostSnapshots, read_snapshots
     from provisioner.resources import service
     from provisioner.resources.snapshot import differences
@@ -545,7 +549,10 @@ def history(args: argparse.Namespace, console: Console) -> int:
 
     def work(target: Target) -> HostSnapshots:
         with connected(target, options, stop) as conn:
-            return read_snapshots(conn, target.profile, now=True, units=service.recorded_units(target.profile))
+            if target.host.become:
+                gather(conn, target.profile)            # sets conn.owner where the root is another's
+            return read_snapshots(as_whom(conn, False), target.profile, now=True,
+                                  units=service.recorded_units(target.profile))
 
     results = fleet(args, targets(args), work, stop)
     if stop.why:

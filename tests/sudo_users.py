@@ -3,10 +3,11 @@
 `become_users(server, log)` makes, idempotently (an interrupted run's leftovers are removed first),
 and removes at the end:
 
-  prov-nopw    logs in with the fleet's key; sudo to anyone without a password (NOPASSWD)
-  prov-pw      logs in with the fleet's key; sudo with its password (PASSWORD)
-  prov-nosudo  logs in with the fleet's key; has a password (PASSWORD) but no sudo at all
-  prov-comfy   the service user that owns ComfyUI roots; cannot log in
+  prov-nopw      logs in with the fleet's key; sudo to anyone without a password (NOPASSWD)
+  prov-pw        logs in with the fleet's key; sudo with its password (PASSWORD)
+  prov-nosudo    logs in with the fleet's key; has a password (PASSWORD) but no sudo at all
+  prov-rootonly  logs in with the fleet's key; sudo to root alone without a password (not to prov-comfy)
+  prov-comfy     the service user that owns ComfyUI roots; cannot log in
 
 and one sudoers drop-in (checked with `visudo -c` before it is put in place) that logs every sudo
 of these users to `log` (`Defaults logfile=`): what ran as whom.
@@ -26,7 +27,7 @@ from pathlib import Path
 from sshd import SshdHost
 
 PASSWORD = "correct-horse-battery-staple"
-LOGINS = ("prov-nopw", "prov-pw", "prov-nosudo")
+LOGINS = ("prov-nopw", "prov-pw", "prov-nosudo", "prov-rootonly")
 SERVICE = "prov-comfy"
 DROP_IN = Path("/etc/sudoers.d/provision-test-become")
 
@@ -65,9 +66,10 @@ def become_users(server: SshdHost, log: Path) -> Iterator[dict[str, str]]:
         log.touch()
         # !secure_path: a command run through sudo finds what the login finds first on its PATH (the
         # test hosts' stand-in systemctl), as it finds the real one on a real host.
-        text = (f"Defaults:prov-nopw,prov-pw logfile={log}, !syslog, log_host, !secure_path\n"
+        text = (f"Defaults:prov-nopw,prov-pw,prov-rootonly logfile={log}, !syslog, log_host, !secure_path\n"
                 "prov-nopw ALL=(ALL:ALL) NOPASSWD: ALL\n"
-                "prov-pw ALL=(ALL:ALL) ALL\n")
+                "prov-pw ALL=(ALL:ALL) ALL\n"
+                "prov-rootonly ALL=(root) NOPASSWD: ALL\n")
         staged = log.with_name("sudoers.staged")
         staged.write_text(text)
         subprocess.run(["visudo", "-c", "-q", "-f", str(staged)], check=True)

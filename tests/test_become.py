@@ -19,6 +19,8 @@ from provisioner.connection import open_connection
 from provisioner.connection.become import BecomeConnection
 from provisioner.errors import ConnectError
 from provisioner.facts.gather import gather
+from provisioner.plan.build import owner_problem
+from provisioner.resources.base import Change, Run
 from provisioner.config.model import build_profile
 from sshd import SshdFleet, SshdHost, processes_with
 from sudo_users import PASSWORD, SERVICE, become_users, sudo_log
@@ -126,11 +128,39 @@ def test_the_facts_say_who_logs_in_who_owns_the_root_and_whom_the_login_becomes(
         host = replace(host_for(server, user), become=True)
         with open_connection(host, server.options()) as conn:
             login = gather(conn, profile).login
+            # the work under the root runs as its owner where sudo lets the login become it
+            works_as = conn.owner.run(["id", "-un"]).stdout.strip() if conn.owner else None
         assert (login.user, login.root_owner, login.become) == (user, SERVICE, becomes)
         assert (login.become_error is None) == (becomes is not None)
+        assert login.works_as == works_as == (SERVICE if becomes else None)
     with open_connection(host_for(server, "prov-nopw"), server.options()) as conn:   # become off
         login = gather(conn, profile).login
-    assert login.become is None and login.become_error is None
+        assert conn.owner is None
+    assert login.become is None and login.become_error is None and login.works_as is None
+
+
+def test_a_login_that_cannot_become_the_roots_owner_is_refused_before_any_change_with_sudos_reason(
+        server: SshdHost, sudo_logfile: Path, shared_dir: Path) -> None:
+    """prov-rootonly may sudo to root (the unit's steps) but not to prov-comfy, who owns the root:
+    the facts say why in sudo's words, and the plan refuses the writes under the root; nothing ran
+    as prov-comfy, nor as root for them."""
+    root_dir = shared_dir / "ComfyUI"
+    root_dir.mkdir()
+    os.chown(root_dir, *sudo_users.ids(SERVICE))
+    profile = build_profile({"comfyui": {"root": str(root_dir)}}, name="t", file="/p/t.yaml")
+    host = replace(host_for(server, "prov-rootonly"), become=True)
+    with open_connection(host, server.options()) as conn:
+        facts = gather(conn, profile)
+        assert conn.owner is None
+    login = facts.login
+    assert (login.user, login.root_owner, login.become, login.works_as) == ("prov-rootonly", SERVICE, "root", None)
+    said = login.works_as_error or ""
+    assert said.startswith(f"prov-rootonly-host: cannot become {SERVICE} with sudo: sudo: ") and "\n" not in said, said
+    write = Change("model", f"{root_dir}/models/x", "create", "download x", None, None,
+                   (Run(("mkdir", "-p", f"{root_dir}/models")),))
+    assert owner_problem(profile, facts, [write]) == f"{root_dir} belongs to {SERVICE}, whom provision works there as: {said}"
+    assert all(f"USER={SERVICE}" not in e or "COMMAND=/usr/bin/true" in e
+               for e in sudo_log(sudo_logfile) if "prov-rootonly" in e)
 
 
 def test_a_login_that_already_is_the_become_user_needs_no_sudo(server: SshdHost, sudo_logfile: Path,

@@ -548,10 +548,13 @@ def test_the_facts_say_who_provision_is_on_the_host_and_who_owns_comfyuis_root()
     facts = dataclasses.replace(facts, login=dataclasses.replace(facts.login, become="root"))
     assert facts_to_json(facts)["login"] == {"uid": 1000, "user": "admin", "root_owner": "comfy",
                                              "root_owner_uid": 1001, "root_group": "comfy", "become": "root",
-                                             "become_error": None}
+                                             "become_error": None, "works_as": None, "works_as_error": None}
     console = Console(record=True, width=200)
     console.print(host_table(facts))
     assert "admin (uid 1000), becomes root; ComfyUI's root is comfy's" in console.export_text()
+    console = Console(record=True, width=200)
+    console.print(host_table(dataclasses.replace(facts, login=dataclasses.replace(facts.login, works_as="comfy"))))
+    assert "admin (uid 1000), becomes root; ComfyUI's root is comfy's, worked in as comfy (sudo)" in console.export_text()
 
 
 def test_a_venv_record_deep_or_a_fifo_is_no_record(tmp_path: Path) -> None:

@@ -312,6 +312,11 @@ def test_each_planned_change_says_as_whom_it_runs() -> None:
     assert runs_as(change, Login(uid=0, user="root")) == "root"
     shown = plan_to_json(host_plan(replace(facts(), login=alice), [plan(profile(), replace(facts(), login=alice))]))
     assert [c["as"] for c in shown["changes"]] == ["root (sudo, as alice)"]
+    # working as the root's owner: every other change says so; the unit's is still root's
+    write = replace(change, steps=(Run(("mkdir", "-p", f"{ROOT}/models")),))
+    as_owner = replace(alice, works_as="comfy")
+    assert (runs_as(write, as_owner), runs_as(change, as_owner)) == ("comfy (sudo, as alice)", "root (sudo, as alice)")
+    assert runs_as(write, alice) == "alice"
 
 
 def test_the_unit_runs_comfyui_as_the_owner_of_its_root_hardened_and_never_as_root_unasked() -> None:
@@ -409,11 +414,16 @@ def test_a_login_that_does_not_own_the_root_is_refused_before_it_writes_there() 
     (unit,) = plan(p, replace(facts(), login=alice)).changes           # system steps only: root's
     assert owner_problem(p, replace(facts(), login=alice), [unit]) is None
     write = replace(unit, steps=(Run(("mkdir", "-p", f"{ROOT}/models")),))
-    assert owner_problem(p, replace(facts(), login=alice), [write]) == (
-        f"{ROOT} belongs to comfy, and provision would write there as alice: connect as comfy (ansible_user; "
-        "ansible_become for the unit), or give the root to alice")
+    assert owner_problem(p, replace(facts(), login=replace(alice, become=None)), [write]) == (
+        f"{ROOT} belongs to comfy, and provision would write there as alice: set ansible_become: true (sudo) "
+        "to work there as comfy, connect as comfy (ansible_user), or give the root to alice")
     assert owner_problem(p, facts(), [write]) is None                                  # root writes anywhere
     assert owner_problem(p, replace(facts(), login=replace(alice, root_owner_uid=1000)), [write]) is None
+    # become on: the login works there as the owner, or is refused with sudo's own reason
+    assert owner_problem(p, replace(facts(), login=replace(alice, works_as="comfy")), [write]) is None
+    said = "h: cannot become comfy with sudo: sudo: a password is required; give the become password"
+    assert owner_problem(p, replace(facts(), login=replace(alice, works_as_error=said)), [write]) == (
+        f"{ROOT} belongs to comfy, whom provision works there as: {said}")
 
 
 # -- hostile values: what systemd treats specially in paths and arguments ---------------------------

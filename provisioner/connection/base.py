@@ -189,6 +189,10 @@ class Connection(Protocol):
     # The same host as its become user (connection/become.py: sudo), where the inventory sets
     # ansible_become; None otherwise. Steps marked `system` run there.
     become: Connection | None
+    # The same host as the owner of ComfyUI's root (sudo), where the login is neither root nor that
+    # owner and can become it: set by the facts (facts/gather.py), None otherwise. Every other step
+    # under the root runs there (as_whom).
+    owner: Connection | None
 
     @property
     def heartbeat(self) -> Heartbeat: ...
@@ -265,3 +269,13 @@ class Connection(Protocol):
 
 class ProgressCallback(Protocol):
     def __call__(self, done: int, total: int) -> None: ...
+
+
+def as_whom(conn: Connection, system: bool) -> Connection:
+    """Where a step runs: a `system` step (a unit, systemctl) as the host's become user when the
+    inventory says ansible_become; any other as the owner of ComfyUI's root when the facts found
+    the login is not that owner and can become it (`conn.owner`); else as the login user. The plan
+    checked the login can become whom its steps need (plan/build.py, resources/service.py)."""
+    if system:
+        return conn.become if conn.become is not None else conn
+    return conn.owner if conn.owner is not None else conn

@@ -32,6 +32,12 @@ def sudo_argv(user: str, password: bool, argv: Sequence[str]) -> tuple[str, ...]
 class BecomeConnection(supervised.Relayed):
     """Runs argv as `user` on the host `inner` reaches, through sudo (see the module's text)."""
 
+    become: Connection | None = None
+    owner: Connection | None = None
+    # Who runs sudo here, as the facts read the login before they were read as `user` (set by
+    # facts/gather.py on the connection it runs the root's work through; its type is the facts').
+    login: object = None
+
     def __init__(self, inner: Connection, user: str, password: str | None) -> None:
         self.name = inner.name
         self.inner = inner
@@ -63,6 +69,10 @@ class BecomeConnection(supervised.Relayed):
                                                                  self._password is not None)
             if self._checked != "yes":
                 raise ConnectError(self._checked)
+
+    def to(self, user: str) -> BecomeConnection:
+        """The same login becoming `user` instead, with the same password (never seen outside)."""
+        return BecomeConnection(self.inner, user, self._password)
 
     def launch(self, argv: Sequence[str]) -> tuple[Pipe, tuple[Frame, ...]]:
         """The supervisor running as `user`, through the login user's in relay mode."""
@@ -104,7 +114,8 @@ def why_not(host: str, user: str, result: Result, password: bool) -> str:
     if result.exit_code == 127 or "not found" in last:
         fix = "install sudo on the host"
     elif "password is required" in last or "a terminal is required" in last:
-        fix = "give the become password (-K/--ask-become-pass, or provision_become_password_env)"
+        fix = ("give the become password (-K/--ask-become-pass, or provision_become_password_env), or "
+               f"let the login run commands as {user} in the host's sudoers")
     elif "incorrect password" in last or "Sorry, try again" in " ".join(said):
         fix = "the become password is wrong"
     elif "not in the sudoers" in last or "not allowed" in last:

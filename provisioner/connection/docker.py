@@ -25,6 +25,7 @@ class DockerConnection(supervised.Relayed):
     """Runs argv inside `container` with `docker exec`, on the host `inner` reaches."""
 
     become: Connection | None = None   # the host's become user (connection/become.py), when set
+    owner: Connection | None = None    # the root's owner through sudo, when facts/gather.py chose it
 
     def __init__(self, name: str, container: str, inner: Connection) -> None:
         self.name = name

@@ -46,6 +46,7 @@ class LocalConnection:
     """Runs argv directly with `subprocess` (exec'd, never through a shell)."""
 
     become: Connection | None = None   # the host's become user (connection/become.py), when set
+    owner: Connection | None = None    # the root's owner through sudo, when facts/gather.py chose it
 
     # The supervisor, by this very interpreter; `env`: its environment (None: the host's own, ours
     # less the control venv: see host_environment).

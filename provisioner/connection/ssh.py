@@ -42,6 +42,7 @@ class SshConnection:
     """A connected SSH host. Opening it connects (and checks the host key) at once."""
 
     become: Connection | None = None   # the host's become user (connection/become.py), when set
+    owner: Connection | None = None    # the root's owner through sudo, when facts/gather.py chose it
 
     def __init__(self, host: Host, options: ConnectOptions) -> None:
         self.name = host.name

@@ -84,7 +84,35 @@ def json_answer(host_name: str, result: Result) -> dict:
 
 
 def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
-    """Everything about the host in exactly one `conn.run`: base facts plus what `probe` asks."""
+    """Everything about the host in one `conn.run`: base facts plus what `probe` asks.
+
+    Where ComfyUI's root belongs to another user than the login (not root) and the login can
+    become that owner, the work under the root runs as the owner (`choose_owner`): the facts are
+    read once more, as the owner (git reads a checkout only for its owner), and every later read
+    of this connection runs as the owner at once."""
+    owner = conn.owner
+    if owner is not None and isinstance(getattr(owner, "login", None), Login):
+        facts = _read(owner, profile, probe)
+        if facts.login.root_owner_uid == facts.login.uid:     # still the owner's root
+            return replace(facts, login=_as_login(owner.login, facts.login))  # type: ignore[attr-defined]
+        conn.owner = None                                    # given to someone else since: choose again
+    facts = _read(conn, profile, probe)
+    login = choose_owner(conn, can_become(conn.machine, facts.login))
+    if conn.owner is None:
+        return replace(facts, login=login)
+    conn.owner.login = login            # type: ignore[attr-defined]
+    facts = _read(conn.owner, profile, probe)
+    return replace(facts, login=_as_login(login, facts.login))
+
+
+def _as_login(login: Login, read: Login) -> Login:
+    """The login's own Login (who it is, whom it becomes), with the root's owner as the facts just
+    read it as that owner."""
+    return replace(login, root_owner=read.root_owner, root_owner_uid=read.root_owner_uid, root_group=read.root_group)
+
+
+def _read(conn: Connection, profile: Profile, probe: Probe) -> Facts:
+    """The facts script's answer, as the user `conn` runs commands as."""
     request = build_request(profile, base_probe(profile) | probe)
     python = profile.comfyui.python
     before = venv_record.recorded(conn.name, python)
@@ -94,8 +122,24 @@ def gather(conn: Connection, profile: Profile, probe: Probe = Probe()) -> Facts:
                       check=False)
     answer = json_answer(conn.name, result)
     answer["env"] = venv_record.merge(conn.name, python, answer.get("env"), before)
-    facts = parse_facts(conn.name, answer, profile.comfyui.gpu)
-    return replace(facts, login=can_become(conn.machine, facts.login))
+    return parse_facts(conn.name, answer, profile.comfyui.gpu)
+
+
+def choose_owner(conn: Connection, login: Login) -> Login:
+    """The one place that decides whom the work under ComfyUI's root runs as: the login, unless it
+    is neither root nor the root's owner and ansible_become is on; then the owner, through sudo
+    (`conn.owner`), once sudo said yes (else `works_as_error`, in sudo's words: the plan refuses)."""
+    if login.uid in (None, 0) or login.root_owner is None or login.root_owner_uid in (None, login.uid):
+        return login
+    if not isinstance(conn.become, BecomeConnection):
+        return login                    # become off: the plan refuses (plan/build.py)
+    owner = conn.become if conn.become.user == login.root_owner else conn.become.to(login.root_owner)
+    try:
+        owner.check()
+    except ConnectError as err:
+        return replace(login, works_as_error=str(err))
+    conn.owner = owner
+    return replace(login, works_as=login.root_owner)
 
 
 def can_become(conn: Connection, login: Login) -> Login:

@@ -201,7 +201,10 @@ class Entry:
 class Login:
     """Who provision is on the host, who owns ComfyUI's root, and whom it can become.
     `become`: the user steps marked `system` run as (ansible_become), None when off or refused
-    (`become_error` says why: no sudo, a password needed or wrong, not in sudoers)."""
+    (`become_error` says why: no sudo, a password needed or wrong, not in sudoers). `works_as`: the
+    root's owner, whom every other step runs as through sudo when the login is neither root nor
+    that owner (ansible_become on); None when the login does that work itself, or when it cannot
+    become the owner (`works_as_error` says why, in sudo's words)."""
 
     uid: int | None = None
     user: str | None = None
@@ -210,6 +213,8 @@ class Login:
     root_group: str | None = None                # the primary group of the root's owner
     become: str | None = None
     become_error: str | None = None
+    works_as: str | None = None
+    works_as_error: str | None = None
 
 
 @dataclass(frozen=True)

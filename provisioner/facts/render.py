@@ -64,14 +64,17 @@ def _checkout(c: GitCheckout) -> str:
 
 
 def _login(facts: Facts) -> str:
-    """`admin (uid 1000), becomes root; ComfyUI's root is comfy's`: who provision is there."""
+    """`admin (uid 1000), becomes root; ComfyUI's root is comfy's, worked in as comfy (sudo)`: who
+    provision is there."""
     login = facts.login
     if login.user is None:
         return "-"
     can = (f", becomes {login.become}" if login.become else f", cannot become ({login.become_error})"
            if login.become_error else "")
     owner = f"; ComfyUI's root is {login.root_owner}'s" if login.root_owner else "; no ComfyUI root yet"
-    return f"{login.user} (uid {login.uid}){can}{owner}"
+    works = (f", worked in as {login.works_as} (sudo)" if login.works_as else
+             f", which it cannot become ({login.works_as_error})" if login.works_as_error else "")
+    return f"{login.user} (uid {login.uid}){can}{owner}{works}"
 
 
 def _node_pack(p: NodePack) -> str:

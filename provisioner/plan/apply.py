@@ -24,7 +24,7 @@ from typing import Any
 
 from provisioner import remote, secrets
 from provisioner.config.model import Profile, TimeoutSpec
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, as_whom
 from provisioner.errors import ApplyError, CommandError, ConnectError, LockedError, ProvisionError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts
@@ -74,7 +74,7 @@ def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
     """Hold the host's apply lock for the block, waiting up to `timeout` seconds for it."""
     path = posixpath.join(profile.comfyui.state_dir, "lock")
     owner = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
-    with conn.hold(remote.argv("lock", path, str(timeout), owner)) as lines:
+    with as_whom(conn, False).hold(remote.argv("lock", path, str(timeout), owner)) as lines:
         for line in lines:
             if line.startswith("waiting "):
                 reporter.line(conn.name, f"waiting for the lock held by {line[8:]}", "yellow")
@@ -114,10 +114,11 @@ class StepRunner:
             as_whom(self.conn, step.system).put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
             size = os.path.getsize(step.src)
-            seen = len(self.conn.stats.fallbacks)
+            pusher = as_whom(self.conn, False)
+            seen = len(pusher.stats.fallbacks)
             with self.reporter.transfer(self.conn.name, posixpath.basename(step.dest), size) as bar:
-                self.conn.put_file(step.src, step.dest, progress=bar)
-            for why in self.conn.stats.fallbacks[seen:]:     # done, the slower way: say why
+                pusher.put_file(step.src, step.dest, progress=bar)
+            for why in pusher.stats.fallbacks[seen:]:     # done, the slower way: say why
                 self.reporter.line(self.conn.name, f"! {why}", "yellow")
                 self.reporter.log(self.conn.name, "warning", resource="push", error=why)
         elif isinstance(step, Fetch):
@@ -185,20 +186,13 @@ class StepRunner:
 
             # The token travels in stdin only: argv is visible to `ps` on the host.
             try:
-                self.conn.run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
-                              idle_timeout=self.timeouts.download_stall_s)
+                as_whom(self.conn, False).run(remote.argv("fetch"), stdin=request, stdout_callback=on_line,
+                                              idle_timeout=self.timeouts.download_stall_s)
             except CommandError as err:         # named by what it does, not by the program's text
                 raise CommandError(err.host, err.result, step.what or f"download {label}") from None
 
 
 Planner = Callable[[Connection], HostPlan]   # read the host, plan what differs
-
-
-def as_whom(conn: Connection, system: bool) -> Connection:
-    """Where a step runs: a `system` step (a unit, systemctl) as the host's become user when the
-    inventory says ansible_become; anything else as the login user. The plan checked that a
-    login that is not root can become (resources/service.py)."""
-    return conn.become if system and conn.become is not None else conn
 
 
 def profile_planner(profile: Profile, *, undo_required: bool = False) -> Planner:

@@ -80,14 +80,19 @@ def disk_problems(facts: Facts, changes: Sequence[Change]) -> dict[str, list[str
 
 def owner_problem(profile: Profile, facts: Facts, changes: Sequence[Change]) -> str | None:
     """Files provision writes under ComfyUI's root must belong to the root's owner: a login that
-    is neither that owner nor root, with changes to make there, is refused before any change."""
+    is neither that owner nor root, with changes to make there, works as the owner through sudo
+    (facts/gather.py: `works_as`); one that cannot become the owner is refused before any change,
+    with sudo's reason."""
     login = facts.login
     writes = any(not getattr(step, "system", False) for c in changes for step in c.steps)
-    if not writes or login.uid in (None, 0) or login.root_owner_uid in (None, login.uid):
+    if not writes or login.uid in (None, 0) or login.root_owner_uid in (None, login.uid) or login.works_as:
         return None
+    if login.works_as_error:
+        return (f"{profile.comfyui.root} belongs to {login.root_owner}, whom provision works there as: "
+                f"{login.works_as_error}")
     return (f"{profile.comfyui.root} belongs to {login.root_owner}, and provision would write there as "
-            f"{login.user}: connect as {login.root_owner} (ansible_user; ansible_become for the unit), "
-            f"or give the root to {login.user}")
+            f"{login.user}: set ansible_become: true (sudo) to work there as {login.root_owner}, connect as "
+            f"{login.root_owner} (ansible_user), or give the root to {login.user}")
 
 
 def build_plan(profile: Profile, facts: Facts) -> HostPlan:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from provisioner.connection.base import Connection, Result
+from provisioner.connection.base import Connection, Result, as_whom
 from provisioner.errors import PlanError
 from provisioner.facts.parse import facts_to_json
 from provisioner.plan.build import HostPlan
@@ -34,7 +34,7 @@ class DryRuns:
         assert change.preview is not None
         key = (venv, tuple(change.preview.argv))
         if key not in self._answers:
-            self._answers[key] = conn.run(change.preview.argv, timeout=change.preview.timeout, check=False)
+            self._answers[key] = as_whom(conn, False).run(change.preview.argv, timeout=change.preview.timeout, check=False)
         return self._answers[key]
 
 

@@ -31,11 +31,14 @@ def describe_step(step: Run | Put | Push | Fetch) -> str:
 
 
 def runs_as(change: Change, login: Login) -> str | None:
-    """Whom a change's steps run as: the login user, or for one with `system` steps (a unit,
-    systemctl) the user it becomes when the login is not root. None: the host did not say."""
+    """Whom a change's steps run as: for one with `system` steps (a unit, systemctl) the user the
+    login becomes when it is not root; for any other, the root's owner when the login works there
+    as that owner (sudo); else the login user. None: the host did not say."""
     system = any(getattr(step, "system", False) for step in change.steps)
     if system and login.uid not in (None, 0) and login.become:
         return f"{login.become} (sudo, as {login.user})"
+    if not system and login.works_as:
+        return f"{login.works_as} (sudo, as {login.user})"
     return login.user
 
 

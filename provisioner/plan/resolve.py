@@ -19,7 +19,7 @@ from provisioner.catalog import models as catalog
 from provisioner.catalog.requirements import is_held
 from provisioner.config.lock import KEYS, Environment, GitPin, Lock, ModelPin, TorchPin, WheelPin
 from provisioner.config.model import Profile
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, as_whom
 from provisioner.errors import PlanError
 from provisioner.facts.gather import gather
 from provisioner.facts.model import Facts, PythonEnv
@@ -67,7 +67,7 @@ def host(conn: Connection, profile: Profile) -> HostFindings:
 
 def _tag(conn: Connection, profile: Profile, repo: str, tag: str) -> GitPin:
     ref = f"refs/tags/{tag}"
-    result = conn.run(remote.git_argv(None, "ls-remote", "--", repo, ref, ref + "^{}"), timeout=profile.timeouts.git_s, check=False)
+    result = as_whom(conn, False).run(remote.git_argv(None, "ls-remote", "--", repo, ref, ref + "^{}"), timeout=profile.timeouts.git_s, check=False)
     found = dict(reversed(line.split("\t", 1)) for line in result.stdout.splitlines() if "\t" in line)
     commit = found.get(ref + "^{}") or found.get(ref)         # an annotated tag: the commit it points at
     if not result.ok or not commit:
@@ -110,7 +110,7 @@ def _held(env: PythonEnv, moved: Mapping[str, tuple[str | None, str]] | None = N
 
 def _dry_run(conn: Connection, step: Run, env: PythonEnv) -> dict[str, tuple[str | None, str]]:
     run = dryrun.preview(step, env)
-    result = conn.run(run.argv, timeout=run.timeout, check=False)
+    result = as_whom(conn, False).run(run.argv, timeout=run.timeout, check=False)
     if not result.ok:
         lines = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
         raise PlanError(f"pip's dry run failed: {lines[-1] if lines else f'exit {result.exit_code}'}")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from provisioner.config.load import check
 from provisioner.config.model import Profile, build_profile
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, as_whom
 from provisioner.errors import PlanError
 from provisioner.facts.gather import gather
 from provisioner.facts.snapshots import HostSnapshots, Snapshot, read_snapshots
@@ -86,7 +86,7 @@ class RollbackPlanner:
     def __call__(self, conn: Connection) -> HostPlan:
         profile = self.profile
         facts = gather(conn, profile, self.probe)
-        found = read_snapshots(conn, profile, now=True, check_wheels=True, units=service.recorded_units(profile))
+        found = read_snapshots(as_whom(conn, False), profile, now=True, check_wheels=True, units=service.recorded_units(profile))
         try:
             first = self.chosen.get(conn.name)
             target, why = snapshot.choose(found, first[0].id if first else self.to)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from provisioner import remote
 from provisioner.config.model import Profile
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, as_whom
 from provisioner.errors import ProvisionError
 from provisioner.facts.model import Facts
 from provisioner.facts.snapshots import folder
@@ -112,7 +112,7 @@ def mark_verified(conn: Connection, profile: Profile, outcome: HostOutcome) -> N
     ident = _snapshot_id(outcome, snapshot.AFTER)
     if ident is None or outcome.verification is None:
         return
-    conn.run(remote.argv("snapshot"), stdin=remote.mark_request(folder(profile), ident, not outcome.verification_failed),
+    as_whom(conn, False).run(remote.argv("snapshot"), stdin=remote.mark_request(folder(profile), ident, not outcome.verification_failed),
              timeout=60.0, check=False)
 
 
