@@ -101,7 +101,7 @@ def check(path: Path) -> list[str]:
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             text = record.getMessage()
-            if any(w in text for w in ("missing", "unexpected", "left over", "Missing")):
+            if any(w in text.lower() for w in ("missing", "unexpected", "left over", "leftover")):
                 said.append(f"{record.levelname}: {text[:300]}")
 
     keep = Keep(logging.DEBUG)
