@@ -2,7 +2,7 @@
 
 Run from the repository root on the GPU machine (docs/gpu-run.md says how it was run):
 
-    python bench/gpu/run.py --out DIR --venv VENV --bundles DIR [--seconds 2 --gib 8]
+    python bench/gpu/run.py --out DIR --venv VENV --bundles DIR [--seconds 2 --gib 8] [--only-samplercustom]
 
 VENV is a Python environment with torch that ComfyUI runs in (its own python and pip), DIR of
 --bundles holds ComfyUI.bundle and ComfyUI-nunchaku.bundle (the offline git bundles). What it does:
