@@ -185,6 +185,10 @@ def _sources(args: list[str], places: Places) -> str | None:
         if option != "--find-links" and not value.startswith("file://"):
             return f"{option} {value[:80]}: not an http(s) or file:// URL"
         folder = _local(value) if value.startswith("file://") or value.startswith("/") else None
+        # A local find-links folder is no more than an index anywhere (which is kept as recorded):
+        # torch's lie in a folder per CUDA build that a torch move changes, so any absolute one passes.
+        if option == "--find-links" and folder is not None and posixpath.normpath(folder) == folder:
+            continue
         if folder is None or not any(within(folder, place) for place in places.pip_folders):
             return (f"{option} {value[:80]}: not one of the profile's pip sources nor in "
                     f"{' nor '.join(places.pip_folders)}")
