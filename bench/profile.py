@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` and `pro
 from bench.hosts import make_tool_fleet  # noqa: E402
 from bench.measure import median, run_timed  # noqa: E402
 from bench.state import desired_state  # noqa: E402
-from bench.tool_provision import ProvisionTool, log_records, step_kind  # noqa: E402
+from bench.run import make_tool  # noqa: E402
+from bench.tool_provision import log_records, step_kind  # noqa: E402
 from provisioner.sandbox.world import start_world  # noqa: E402
 
 MODEL_BYTES = 50 * 10**6        # as bench/run.py
@@ -49,31 +50,35 @@ def step_seconds(log_dir: Path) -> dict[str, float]:
     return dict(out)
 
 
-def profile(n: int, runs: int, root: Path, world, state) -> list[dict]:
-    fleet = make_tool_fleet("provision", n, root / f"provision-{n}", world)
+def profile(n: int, runs: int, root: Path, world, state, keep_logs: Path | None = None,
+            name: str = "provision") -> list[dict]:
+    fleet = make_tool_fleet(name, n, root / f"{name}-{n}", world)
     try:
-        tool = ProvisionTool(fleet, root / f"provision-{n}" / "work", world.backend_repo_url)
+        tool = make_tool(name, fleet, root / f"{name}-{n}" / "work", world)
         tool.write(state)
         out = []
         for _ in range(runs):
             fleet.reset()
             shutil.rmtree(tool.work / "logs", ignore_errors=True)
+            tool.before_run()
             marks = fleet.log_marks()
             host_before = [reaped_cpu_s(h.sshd.process.pid) for h in fleet.hosts]
             ctl_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             sample = run_timed(tool.apply_argv(), cwd=tool.work, env=tool.env())
             ctl_after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if not tool.ok("apply", sample.returncode):
-                raise SystemExit(f"provision apply failed (exit {sample.returncode}):\n{sample.output[-3000:]}")
+                raise SystemExit(f"{name} apply failed (exit {sample.returncode}):\n{sample.output[-3000:]}")
             _, execs = fleet.counts(marks)
             host_cpu = [reaped_cpu_s(h.sshd.process.pid) - b for h, b in zip(fleet.hosts, host_before)]
-            row = {"hosts": n, "wall_s": round(sample.seconds, 2), "execs_per_host": execs,
+            row = {"tool": name, "hosts": n, "wall_s": round(sample.seconds, 2), "execs_per_host": execs,
                    "controller_cpu_s": round(ctl_after.ru_utime + ctl_after.ru_stime
                                              - ctl_before.ru_utime - ctl_before.ru_stime, 2),
                    "host_cpu_s_per_host": round(sum(host_cpu) / n, 2),
                    "step_s_per_host": {k: round(v / n, 2) for k, v in sorted(step_seconds(tool.work / "logs").items())},
                    "load": os.getloadavg()[0]}
             print(json.dumps(row), file=sys.stderr, flush=True)
+            if keep_logs and name == "provision":
+                shutil.copytree(tool.work / "logs", keep_logs / f"{n}-hosts-run-{len(out) + 1}", dirs_exist_ok=True)
             out.append(row)
         return out
     finally:
@@ -84,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hosts", default="1,10", help="fleet sizes, comma-separated (default 1,10)")
     p.add_argument("--runs", type=int, default=2, help="first converges per size (default 2)")
+    p.add_argument("--tool", default="provision", choices=("provision", "ansible", "pyinfra"),
+                   help="whose first converge (default provision; the peers' rows have no step seconds)")
+    p.add_argument("--keep-logs", type=Path, help="copy each run's JSON-lines logs under this folder")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="provision-profile-") as tmp:
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             state = desired_state(world)
             for n in (int(x) for x in args.hosts.split(",") if x):
-                rows += profile(n, args.runs, Path(tmp), world, state)
+                rows += profile(n, args.runs, Path(tmp), world, state, args.keep_logs, args.tool)
         finally:
             world.stop()
     for n in sorted({r["hosts"] for r in rows}):

@@ -95,16 +95,26 @@ def test_a_converged_fleet_costs_one_connection_and_one_exec_per_host(lab: Lab) 
 FIRST_CONVERGE_SESSIONS = 26
 
 
-def test_a_first_converge_costs_at_most_its_budget_of_execs(lab: Lab) -> None:
+def test_a_first_converge_costs_at_most_its_budget_of_execs(lab: Lab, tmp_path: Path) -> None:
     """The first converge's round-trip budget: each exec starts a supervisor (and most a program)
-    on the host, which a fleet on shared cores pays in CPU; one connection for all of them."""
+    on the host, which a fleet on shared cores pays in CPU; one connection for all of them. The
+    apply's log says what the commands cost the host, by kind, as their supervisors measured it."""
     (host,) = lab.add(1)
     since = host.sshd.log_size()
-    code, out = lab.run("apply", "--limit", host.name, "--no-verify")
-    assert code == 2, out
+    proc = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out
     connections, sessions = settled_counts(host, since)
     assert connections == 1
     assert sessions <= FIRST_CONVERGE_SESSIONS, sessions
+    (done,) = [e for e in log_events(tmp_path, host) if e["event"] == "done"]
+    cost = done["host_cpu"]
+    # pip's three starts: the packages' dry run once (the plan under the lock reuses it), two installs
+    assert (cost["pip dry run"]["commands"], cost["pip install"]["commands"]) == (1, 2), cost
+    assert cost["facts"]["commands"] == 3 and cost["snapshot"]["commands"] == 2, cost
+    # every finished command is counted: the sessions add the lock holder and the SFTP channel
+    assert sum(k["commands"] for k in cost.values()) == sessions - 2, (cost, sessions)
+    assert all(k["seconds"] > 0 for k in cost.values()), cost
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -114,6 +114,20 @@ def test_a_command_silent_past_its_idle_timeout_is_stopped(connect: Callable[[],
     assert talking.stdout.split() == ["1", "2", "3", "4", "5", "6"]
 
 
+# -- what a command cost the host ----------------------------------------------------------------
+
+def test_a_command_says_what_it_cost_the_host(connect: Callable[[], Connection]) -> None:
+    """Its supervisor measures the command's CPU (children it waited for included) and its own:
+    what a fleet on shared cores pays per host, by kind of command."""
+    conn = connect()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    result = conn.run(["python3", "-I", "-S", "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"])
+    assert result.host_cpu_s is not None and 0.3 <= result.host_cpu_s < 5, result.host_cpu_s
+    idle = conn.run(["sleep", "0.3"])
+    assert idle.host_cpu_s is not None and idle.host_cpu_s < 0.25, idle.host_cpu_s   # waiting costs nothing
+    assert [kind for kind, _ in conn.stats.host_cpu[-2:]] == ["python3", "sleep"]
+
+
 # -- signals -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["SIGKILL", "SIGTERM"])

@@ -104,6 +104,7 @@ class Result:
     stderr: str
     signal: str | None = None
     stopped: str | None = None
+    host_cpu_s: float | None = None     # what it cost the host, as its supervisor measured it
 
     @property
     def ok(self) -> bool:
@@ -137,6 +138,7 @@ class Stats:
     bytes_put: int = 0
     history: list[tuple[str, ...]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)   # why a push took a slower way (scp failed)
+    host_cpu: list[tuple[str, float]] = field(default_factory=list)  # (remote.kind of argv, CPU s) per command
 
 
 # Files written through a command's stdin, where there is no SFTP: a container, or a host whose

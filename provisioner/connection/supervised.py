@@ -83,6 +83,8 @@ def run(conn: Connection, argv: Sequence[str], *, stdin: bytes | None = None,
     pipe, outer = conn.launch(argv)
     result = _drive(pipe, conn.name, argv, heartbeat=conn.heartbeat, lost=conn.lost, outer=outer, stdin=stdin,
                     env=env, timeout=timeout, idle_timeout=idle_timeout, on_line=stdout_callback)
+    if result.host_cpu_s is not None:
+        conn.stats.host_cpu.append((remote.kind(argv), result.host_cpu_s))
     if check and not result.ok:
         raise CommandError(conn.name, result)
     return result
@@ -181,6 +183,8 @@ def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: byte
         if status is not None:
             break
     out, err = own or (out, err)
+    cpu = status.get("cpu") if status is not None else None
+    cpu = float(cpu) if isinstance(cpu, (int, float)) else None
     text_out, text_err = out.decode(errors="replace"), err.decode(errors="replace")
     if status is not None and "timeout" in status:
         return Result(argv, 124, text_out, text_err, stopped=f"timed out after {status['timeout']:g}s "
@@ -194,8 +198,8 @@ def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: byte
         signal = status.get("signal")
         if signal:
             why = f"stopped: {status['stopped']}" if status.get("stopped") else None
-            return Result(argv, 128 + signal_number(signal), text_out, text_err, signal, why)
-        return Result(argv, int(status.get("exit", 1)), text_out, text_err)
+            return Result(argv, 128 + signal_number(signal), text_out, text_err, signal, why, cpu)
+        return Result(argv, int(status.get("exit", 1)), text_out, text_err, host_cpu_s=cpu)
     if forced:
         return Result(argv, 124, text_out, text_err, stopped=f"timed out after {timeout:g}s (and the host did "
                       "not confirm that it stopped the command)")

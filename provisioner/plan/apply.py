@@ -217,19 +217,19 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
 
     A converged host costs one facts round trip and no write: not even the lock is taken.
     """
-    started = time.monotonic()
+    started, costs_from = time.monotonic(), len(conn.stats.host_cpu)
     planner = planner or profile_planner(profile)
     plan = planner(conn)
     if plan.converged or plan.errors:
-        return _finish(conn, reporter, _unchanged(plan, show_plan), started)
+        return _finish(conn, reporter, _unchanged(plan, show_plan), started, costs_from)
     with host_lock(conn, profile, reporter, lock_timeout):
         plan = planner(conn)
         outcome = _unchanged(plan, show_plan)
         if plan.converged or plan.errors:
-            return _finish(conn, reporter, outcome, started)
+            return _finish(conn, reporter, outcome, started, costs_from)
         run_step = StepRunner(conn, reporter, profile.timeouts)
         if not run_step.around(plan.prelude, "prelude", "before the changes", outcome, fatal=True):
-            return _finish(conn, reporter, outcome, started)      # nothing was changed
+            return _finish(conn, reporter, outcome, started, costs_from)      # nothing was changed
         gone = False
         recorded = set(plan.owed)           # handlers the host already holds as owed
         written: set[str] = set()           # ...and those this run recorded
@@ -273,7 +273,7 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
             _confirm(conn, planner, outcome)
         if outcome.error is None:
             run_step.around(plan.postlude, "postlude", "after the changes", outcome, fatal=False)
-    return _finish(conn, reporter, outcome, started)
+    return _finish(conn, reporter, outcome, started, costs_from)
 
 
 def _run_handler(conn: Connection, handler: Handler, run_step: StepRunner, reporter: Reporter,
@@ -318,10 +318,17 @@ def _unchanged(plan: HostPlan, show_plan: Callable[[HostPlan], None] | None) -> 
     return outcome
 
 
-def _finish(conn: Connection, reporter: Reporter, outcome: HostOutcome, started: float) -> HostOutcome:
+def _finish(conn: Connection, reporter: Reporter, outcome: HostOutcome, started: float,
+            costs_from: int) -> HostOutcome:
+    """Log the outcome, with what the apply cost the host: CPU seconds by kind of command (its
+    supervisors' own measure; a command that never finished counts nothing)."""
     outcome.seconds = time.monotonic() - started
+    cpu: dict[str, list[float]] = {}
+    for kind, seconds in conn.stats.host_cpu[costs_from:]:
+        cpu.setdefault(kind, []).append(seconds)
     reporter.log(conn.name, "done", changed=outcome.changed, error=outcome.error,
-                 seconds=round(outcome.seconds, 3))
+                 seconds=round(outcome.seconds, 3),
+                 host_cpu={k: {"commands": len(v), "seconds": round(sum(v), 3)} for k, v in sorted(cpu.items())})
     return outcome
 
 

@@ -17,6 +17,7 @@ stdin, never in argv (`ps` shows argv to every user of the host).
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -63,6 +64,26 @@ def source(program: str) -> str:
     if program not in PROGRAMS:
         raise ValueError(f"unknown host program {program!r}; one of {', '.join(PROGRAMS)}")
     return resources.files(__name__).joinpath(f"{program}.py").read_text(encoding="utf-8")
+
+
+def kind(command: Sequence[str]) -> str:
+    """What a command is, in a word or two, for accounting: `facts` for a program of this package,
+    `pip install` (`pip dry run`), `git clone`, else the program's name."""
+    words = list(command)
+    if "-c" in words and words.index("-c") + 1 < len(words):
+        text = words[words.index("-c") + 1]
+        for program in PROGRAMS:
+            if text is source(program) or text == source(program):
+                return program
+    if "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["pip"]:
+        verb = next((w for w in words[words.index("-m") + 2:] if not w.startswith("-")), "")
+        return "pip dry run" if "--dry-run" in words else f"pip {verb}".strip()
+    if "git" in words:
+        after = words[words.index("git") + 1:]
+        while after and after[0] in ("-c", "-C"):
+            after = after[2:]
+        return f"git {after[0]}" if after else "git"
+    return posixpath.basename(words[0]) if words else "(nothing)"
 
 
 def argv(program: str, *args: str, python: str = "python3") -> tuple[str, ...]:

@@ -28,13 +28,15 @@ shell's rc file prints before or after can be taken for it:
   \\x1eprovision NONCE start\\n ...the command's output... \\x1eprovision NONCE end {STATUS}\\n
 
 STATUS is JSON: {"exit": N} or {"signal": "SIGKILL"}, and why it was stopped: {"timeout": S} or
-{"stopped": REASON}. This program exits with the command's code, 128+N for a signal, 124 for a
+{"stopped": REASON}; "cpu" is the CPU seconds of this program and of everything it waited for (the
+command and its children), what the command cost the host. This program exits with the command's code, 128+N for a signal, 124 for a
 timeout.
 """
 
 import json
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
@@ -198,6 +200,8 @@ def kill_group(pgid, number):
 
 
 def finish(out, err, nonce, status):
+    status["cpu"] = round(sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                                 resource.getrusage(resource.RUSAGE_CHILDREN))), 3)
     line = marker(nonce, "end ") + json.dumps(status, sort_keys=True).encode() + b"\n"
     for stream in (out, err):
         try:
