@@ -141,8 +141,9 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
     assert get.dest == f"{ROOT}/.provision/wheels/{wheel}"
     constraints = f"{ROOT}/.provision/constraints.txt"
     assert isinstance(hold, Run) and json.loads(hold.stdin or b"")["dest"] == constraints
-    assert install.argv == (f"{ROOT}/venv/bin/python", "-m", "pip", "install", "--no-deps", "--no-index",
-                            "--only-binary=:all:", "--disable-pip-version-check", "-c", constraints, get.dest)
+    assert install.argv == (f"{ROOT}/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check",
+                            "--no-warn-conflicts", "--no-deps", "--no-index", "--only-binary=:all:", "-c", constraints,
+                            get.dest)
     assert list(change.warnings) == expect.get("warnings", [])
     if "url" in expect:
         assert get.url == fill(expect["url"])

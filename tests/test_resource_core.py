@@ -91,7 +91,7 @@ def test_a_bare_host_with_a_venv_elsewhere_gets_the_requirements_with_the_clone(
     hold, install = change.steps[-2:]
     assert isinstance(hold, Run) and hold.argv[0] == "/srv/venvs/comfyui/bin/python"
     assert isinstance(install, Run) and install.argv[-2:] == ("-r", f"{ROOT}/requirements.txt")
-    assert install.argv[5:7] == ("-c", f"{ROOT}/.provision/constraints.txt")
+    assert install.argv[6:8] == ("-c", f"{ROOT}/.provision/constraints.txt")
     assert change.summary.endswith("; pip install -r requirements.txt of ComfyUI v0.3.64")
 
 

@@ -88,7 +88,7 @@ def test_case(case: Path) -> None:
         assert json.loads(hold.stdin or b"") == {"dest": "/srv/ComfyUI/.provision/constraints.txt",
                                                  "names": ["torch", "torchaudio", "torchvision", "triton"],
                                                  "prefixes": ["nvidia-"]}
-        assert run.argv[5:7] == ("-c", "/srv/ComfyUI/.provision/constraints.txt")
+        assert run.argv[6:8] == ("-c", "/srv/ComfyUI/.provision/constraints.txt")
 
 
 def test_probe_asks_nothing_beyond_base_facts_for_a_known_plugin_tag() -> None:

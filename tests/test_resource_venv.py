@@ -85,7 +85,7 @@ def test_a_missing_venv_is_created_with_python3_torch_and_the_requirements() -> 
     assert change.action == "create" and change.before is None
     runs = [s.argv for s in change.steps if isinstance(s, Run)]
     assert runs[0] == ("/usr/bin/python3", "-m", "venv", f"{ROOT}/venv")
-    assert runs[1] == (PY, "-m", "pip", "install", "--disable-pip-version-check", "--index-url",
+    assert runs[1] == (PY, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts", "--index-url",
                        "https://mirror.example.internal/torch/cu124", "--find-links", "/srv/torch/cu124",
                        "torch==2.6.0", "torchvision==0.21.0", "torchaudio==2.6.0")
     assert runs[2][0] == PY and runs[2][1] == "-c"                  # the hold program, the new torch held...

@@ -129,8 +129,8 @@ def test_distributions_exactly_everything_fetched_and_checked_before_anything_ch
     assert request == {"mode": "stage", "dir": f"{ROOT}/.provision/snapshots",
                        "wheels": [{"kept": KEPT, "dest": WHEEL, "sha256": "d" * 64,
                                    "within": f"{ROOT}/.provision/wheels"}]}
-    assert argv_of(install) == (PY, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
-                                "--disable-pip-version-check", "--find-links", STAGE,
+    assert argv_of(install) == (PY, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts",
+                                "--no-deps", "--force-reinstall", "--no-index", "--find-links", STAGE,
                                 "diffusers==0.35.2", WHEEL, "torch==2.6.0+cu124")
     assert argv_of(uninstall) == (PY, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check", "sandbox_extra")
     assert argv_of(done) == ("rm", "-rf", STAGE)

@@ -98,7 +98,7 @@ class StepRunner:
         self.answers: dict[str, Any] = {}
 
     def __call__(self, step: Step) -> None:
-        started = time.monotonic()
+        started, cost = time.monotonic(), {}
         if isinstance(step, Run):
             where = as_whom(self.conn.machine if step.on_machine else self.conn, step.system)
             try:
@@ -110,6 +110,8 @@ class StepRunner:
                 raise CommandError(err.host, err.result, step.what) from None
             if step.answer:
                 self.answers[step.answer] = _last_json(result.stdout)
+            if result.host_cpu_s is not None:
+                cost = {"host_cpu_s": result.host_cpu_s}
         elif isinstance(step, Put):
             as_whom(self.conn, step.system).put(step.content, step.dest, mode=step.mode)
         elif isinstance(step, Push):
@@ -124,7 +126,7 @@ class StepRunner:
         elif isinstance(step, Fetch):
             self._fetch(step)
         self.reporter.log(self.conn.name, "step", step=describe_step(step),
-                          seconds=round(time.monotonic() - started, 3))
+                          seconds=round(time.monotonic() - started, 3), **cost)
 
     def _limit(self, step: Run) -> float:
         return step.timeout if step.timeout is not None else self.timeouts.command_s

@@ -20,7 +20,7 @@ from provisioner.facts.snapshots import Dist
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.resources import pins, releases, retention, venv
 from provisioner.resources.hold import hold_step
-from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
+from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes, pip_install
 from provisioner.resources.releases import Asset, Lister, Listing
 
 name = "backend"
@@ -207,8 +207,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     # By file path only (pip never asks an index for `nunchaku`), binary only, --no-deps and the
     # torch family held: nothing can swap torch under the wheel; the packages resource owns the
     # wheel's Requires-Dist.
-    steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
-                      "--disable-pip-version-check", "-c", constraints, dest),
+    steps.append(Run(pip_install(python, "--no-deps", "--no-index", "--only-binary=:all:", "-c", constraints, dest),
                      what=f"pip install {asset.name}", timeout=profile.timeouts.pip_s))
     # Installed: the wheels it replaces, and any a killed transfer left, are of no more use.
     leftovers = [n for n in retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)

@@ -28,7 +28,7 @@ from provisioner.facts import owed
 from provisioner.facts.model import Facts, GitCheckout, Probe, canonical
 from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins
-from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes, pip_install
 from provisioner.resources.hold import hold_step
 from provisioner.resources.plugin import checkout_commit, git, same_repo, shown_checkout, tag_check
 
@@ -193,8 +193,7 @@ def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> In
     when its text is not known before the checkout (`text` None); the torch family held either way.
     `origin` names the core in the plan (ComfyUI v0.3.64)."""
     hold, constraints = hold_step(profile)
-    pip = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check", "-c", constraints,
-           *profile.pip.args())
+    pip = pip_install(profile.comfyui.python, "-c", constraints, *profile.pip.args())
     path = posixpath.join(profile.comfyui.root, REQUIREMENTS)
     if text is None:
         return Install((hold, Run((*pip, "-r", path), what=f"pip install -r {path}", timeout=3600.0)),

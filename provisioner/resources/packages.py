@@ -16,7 +16,7 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
 from provisioner.resources import dryrun, pins, venv
-from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes, pip_install
 from provisioner.resources.hold import hold_step
 
 name = "packages"
@@ -142,8 +142,7 @@ def install_steps(profile: Profile, specs: Sequence[str]) -> tuple[Run, Run]:
     """Hold the torch family, then one pip run of `specs` from the profile's sources. One argv
     element per requirement: `>=` never meets a shell unquoted."""
     hold, constraints = hold_step(profile)
-    argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
-            "-c", constraints, *profile.pip.args(), *specs)
+    argv = pip_install(profile.comfyui.python, "-c", constraints, *profile.pip.args(), *specs)
     return hold, Run(argv, what=f"pip install {' '.join(specs)}", timeout=profile.timeouts.pip_s)
 
 

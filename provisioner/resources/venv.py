@@ -28,7 +28,7 @@ from provisioner.facts.model import Distribution, Facts, Probe, PythonEnv
 from provisioner.config.lock import environment_key
 from provisioner.facts.snapshots import Dist, Snapshot
 from provisioner.resources import core, dryrun, pins
-from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes, pip_install
 
 name = "venv"
 BASE_PYTHON = "python3"          # the host's python the venv is made with, as found on its PATH
@@ -175,8 +175,7 @@ def install_torch(profile: Profile, goal: TorchTarget) -> Run:
     spec = profile.comfyui.torch
     assert spec is not None
     specs = torches.requirements(goal.version)
-    argv = (profile.comfyui.python, "-m", "pip", "install", "--disable-pip-version-check",
-            *source_args(spec, profile, goal.flavour), *specs)
+    argv = pip_install(profile.comfyui.python, *source_args(spec, profile, goal.flavour), *specs)
     return Run(argv, what=f"pip install {' '.join(specs)} ({goal.flavour})", timeout=3600.0)
 
 
@@ -358,8 +357,7 @@ def exact(profile: Profile, target: Snapshot, have: Mapping[str, Dist] | None, h
     if specs:
         # --no-deps: exactly these versions, nothing resolved; --force-reinstall: a same-version
         # distribution from another file is replaced too; --no-index: only what was fetched above.
-        steps.append(Run((python, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
-                          "--disable-pip-version-check", "--find-links", stage, *specs),
+        steps.append(Run(pip_install(python, "--no-deps", "--force-reinstall", "--no-index", "--find-links", stage, *specs),
                          what=f"pip install --no-deps {' '.join(specs)}", timeout=profile.timeouts.pip_s))
     if added:
         steps.append(Run((python, "-m", "pip", "uninstall", "--yes", "--disable-pip-version-check",
