@@ -115,6 +115,10 @@ def test_a_first_converge_costs_at_most_its_budget_of_execs(lab: Lab, tmp_path: 
     # every finished command is counted: the sessions add the lock holder and the SFTP channel
     assert sum(k["commands"] for k in cost.values()) == sessions - 2, (cost, sessions)
     assert all(k["seconds"] > 0 for k in cost.values()), cost
+    # ...and each step's own share, in its log record: the steps are part of the whole
+    steps = [e for e in log_events(tmp_path, host) if e["event"] == "step" and "host_cpu_s" in e]
+    assert [e["step"].split(" ")[:2] for e in steps].count(["pip", "install"]) == 2
+    assert sum(e["host_cpu_s"] for e in steps) <= sum(k["seconds"] for k in cost.values()) + 0.01
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
