@@ -130,14 +130,14 @@ def wave_table(w: dict[str, Any]) -> str:
 
 def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None,
                 download: dict[str, Any] | None, verify: dict[str, Any] | None = None) -> str:
-    """Issue 18's goals, each with its figure from this run."""
+    """The goals (issue 18's, as issue 27 tightened them), each with its figure from this run."""
     by_key = {(r.hosts, r.case, r.tool): r for r in results}
     lines = ["| goal | measured | |", "|---|---|---|"]
 
     def goal(text: str, measured: str, met: bool) -> None:
         lines.append(f"| {text} | {measured} | {'met' if met else '**missed**'} |")
 
-    for n, allowance in ((1, 0.25), (10, 0.5)):
+    for n, allowance in ((1, 0.25), (10, 0.3)):
         for case in ("noop", "plan"):
             floor, mine = by_key.get((n, "floor", "ssh true")), by_key.get((n, case, "provision"))
             if floor and mine:
@@ -166,11 +166,12 @@ def goals_table(results: Sequence[CaseResult], throughput: dict[str, Any] | None
         ratio = throughput["push_ratio"]
         goal(f"push {throughput['mib']} MiB at ≥ 90 % of scp", f"{ratio * 100:.0f} %", ratio >= 0.9)
     if download:
-        ratio = download["fetch_vs_curl"]
-        goal(f"download {download['mib']} MiB within 10 % of curl",
-             f"{ratio * 100:.0f} % of curl's throughput ({download['fetch_vs_curl_sync'] * 100:.0f} % of curl + sync)",
+        # against curl with the same durability: the fetch program fsyncs before its rename
+        ratio = download["fetch_vs_curl_sync"]
+        goal(f"download {download['mib']} MiB within 10 % of curl + sync",
+             f"{ratio * 100:.0f} % of curl + sync's throughput ({download['fetch_vs_curl'] * 100:.0f} % of curl's)",
              ratio >= 1 / 1.1)
     if verify:
         over = verify["median_overhead_s"]
-        goal("`provision verify` overhead beyond the generations under 1 s per host", f"{over:.2f} s", over < 1)
+        goal("`provision verify` overhead beyond the generations under 0.5 s per host", f"{over:.2f} s", over < 0.5)
     return "\n".join(lines)
