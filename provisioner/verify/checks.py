@@ -13,15 +13,17 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from provisioner.catalog.models import NodeRequirement
 from provisioner.config.model import Thresholds
 from provisioner.facts.model import Facts, Gpu
 from provisioner.facts.parse import is_real_nunchaku
-from provisioner.verify.agreement import Agreement, KeyedImage
 from provisioner.verify.fingerprint import Fingerprint
 from provisioner.verify.images import ImageCheck
+
+if TYPE_CHECKING:       # numpy's import (agreement.py) is a tenth of a second an apply without images never needs
+    from provisioner.verify.agreement import Agreement, KeyedImage
 
 # CUDA errors that poison the process: once a kernel faulted, every later CUDA call of that
 # process fails the same way, so only a restart brings ComfyUI back.
