@@ -91,6 +91,9 @@ def test_agreement_round_trips_through_json() -> None:
     again = Agreement.from_json(json.loads(json.dumps(got.to_json())))
     assert again == got
     assert "panels_png_base64" not in got.to_json(panels=False)
+    # ...and inside a host's verification, as a fleet report is read back
+    held = checks.HostVerification("gpu-01", (), agreement=(got,))
+    assert checks.HostVerification.from_json(json.loads(json.dumps(held.to_json()))).agreement == (got,)
 
 
 def test_the_reference_among_first_runs_is_the_one_the_class_agrees_with() -> None:

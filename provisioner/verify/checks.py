@@ -259,6 +259,7 @@ class HostVerification:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> HostVerification:
         """Back from `to_json` (figures are recomputed from the runs, never trusted from the file)."""
+        from provisioner.verify.agreement import Agreement     # with numpy: only where a report is read
         return cls(str(raw.get("host", "")), tuple(Check.from_json(c) for c in raw.get("checks") or ()),
                    tuple(RunResult.from_json(r) for r in raw.get("runs") or ()),
                    raw.get("comfyui_version"), raw.get("device"), _mib(raw.get("vram_peak_mib")),
