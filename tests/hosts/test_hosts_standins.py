@@ -32,6 +32,7 @@ TimeoutStopSec=30
 WantedBy=multi-user.target
 """
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+CHILD_LINE = re.compile(r"^TIME HOST \([^)]*\)\[PID\]: ")   # a line of systemd's forked child, shaped
 
 
 def journal_shape(text: str) -> list[str]:
@@ -128,7 +129,14 @@ def user_sequence(run: Runner, units_dir: str) -> list[tuple[str, object]]:
     for unit in UNITS:
         look(f"{unit} after 3 s", "systemctl", "show", unit, "--property=ActiveState,SubState")
         journal = run("journalctl", "-u", unit, "-n", "40", "--no-pager").stdout
-        seen.append((f"journal of {unit}", sorted(journal_shape(journal.replace(units_dir + "/", "UNITS/")))))
+        shaped = sorted(journal_shape(journal.replace(units_dir + "/", "UNITS/")))
+        # What systemd's forked child logs before its exec (`(-such-sh)[PID]: Failed to locate
+        # executable ...`): journald files a line under the unit by the sender's cgroup, read from
+        # /proc, and a child that is already gone leaves it unfiled, so `journalctl -u` shows these
+        # lines in some runs and not in others (1 run in 3 here lacked both). What provision reads
+        # of such a start is systemd's own `status=203/EXEC` line, journalled by PID 1 every time.
+        seen.append((f"journal of {unit}", [x for x in shaped if not CHILD_LINE.match(x)]))
+        seen.append((f"forked child's lines of {unit}", [x for x in shaped if CHILD_LINE.match(x)]))
     for unit in UNITS:
         look(f"stop {unit}", "systemctl", "stop", unit)
     return seen
@@ -150,8 +158,11 @@ def test_the_stand_in_runs_user_as_real_systemd_does(machine: Machine, tmp_path:
         (units / f"{unit}.service").write_text(text)
     stand_in = user_sequence(lambda tool, *args: subprocess.run([str(bin_dir / tool), *args], capture_output=True,
                                                                 text=True, timeout=60), str(units))
+    # the forked child's lines: real systemd's, where journald filed them (see user_sequence), are
+    # the stand-in's
     differences = [f"{label}: real systemd {want!r}, the stand-in {got!r}"
-                   for (label, want), (_, got) in zip(real, stand_in) if got != want]
+                   for (label, want), (_, got) in zip(real, stand_in)
+                   if (got != want if not label.startswith("forked child") else not set(want) <= set(got))]
     assert not differences, "\n".join(differences)
 
 def test_a_host_can_have_a_deploy_user_who_may_sudo(machine: Machine) -> None:
