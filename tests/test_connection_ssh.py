@@ -355,6 +355,48 @@ def test_tunnel_forwards_http_and_closes_on_exit(conn: SshConnection, http_port:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def test_a_tunnel_closed_while_data_streams_in_leaves_the_connection_alive(
+        conn: SshConnection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that hangs up while the far end is still sending (a websocket's progress messages
+    after verification is done): closing its channel must not end the connection. paramiko makes
+    a channel selectable with a pipe that close() closes while the transport's thread may still
+    write into it, and that write's EBADF ended the transport ("Socket exception: Bad file
+    descriptor"); the relay reads each channel in a thread of its own and never asks for one."""
+    def no_pipe(self: paramiko.Channel) -> int:
+        raise AssertionError("the tunnel made a channel selectable (Channel.fileno)")
+    monkeypatch.setattr(paramiko.Channel, "fileno", no_pipe)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def flood() -> None:                # every client gets data without end, until it hangs up
+        while not stop.is_set():
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=client: _send_until_gone(c), daemon=True).start()
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        with conn.tunnel(server.getsockname()[1]) as port:
+            for _ in range(40):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    assert client.recv(4096)
+        assert conn.run(["echo", "still here"]).stdout == "still here\n"
+    finally:
+        stop.set()
+        server.close()
+
+
+def _send_until_gone(client: socket.socket) -> None:
+    chunk = b"x" * 65536
+    try:
+        while True:
+            client.sendall(chunk)
+    except OSError:
+        client.close()
+
+
 def test_hold_keeps_a_lock_until_the_block_exits(conn: SshConnection, tmp_path: Path) -> None:
     lock = str(tmp_path / "apply.lock")
     holder = ["flock", "-n", lock, "sh", "-c", "echo locked; cat >/dev/null"]

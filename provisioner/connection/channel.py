@@ -66,9 +66,6 @@ class Upstream:
     def __init__(self, chan: paramiko.Channel) -> None:
         self.chan = chan
 
-    def fileno(self) -> int:
-        return self.chan.fileno()
-
     def recv(self, size: int) -> bytes:
         return self.chan.recv(size)
 

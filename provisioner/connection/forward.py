@@ -1,12 +1,16 @@
 """A local port forward: listen on 127.0.0.1:0, relay each client to an upstream opened on demand.
 
 The upstream is whatever the transport opens (an SSH `direct-tcpip` channel as channel.py's
-`Upstream`, a plain socket); both have `fileno()` for select, `recv`, `sendall`, `shutdown`, `close`.
+`Upstream`, a plain socket); both have `recv`, `sendall`, `shutdown`, `close`. Each direction is
+copied by a thread of its own with blocking reads, never by `select`: a paramiko channel is made
+selectable by a pipe (`Channel.fileno()`) that `close()` closes while the transport's thread may
+still be writing a byte into it for data just arrived, and that write's EBADF, raised inside the
+transport's thread, ends the whole connection ("Socket exception: Bad file descriptor"): every
+later command on the host failed, mid-verification.
 """
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -15,7 +19,7 @@ from typing import Any
 
 import paramiko
 
-Upstream = Any  # channel.Upstream or socket.socket: duck-typed, both select()able
+Upstream = Any  # channel.Upstream or socket.socket: duck-typed
 
 
 @contextmanager
@@ -59,11 +63,7 @@ def forward(open_upstream: Callable[[tuple[str, int]], Upstream]) -> Iterator[in
         yield listener.getsockname()[1]
     finally:
         closing.set()
-        try:  # wakes the blocked accept(); close() alone leaves the port listening on Linux
-            listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        _quiet_close(listener)
+        _quiet_close(listener)      # its shutdown wakes the blocked accept()
         with lock:
             ends = list(live)
         for end in ends:
@@ -72,25 +72,28 @@ def forward(open_upstream: Callable[[tuple[str, int]], Upstream]) -> Iterator[in
 
 
 def _pump(a: Any, b: Any, closing: threading.Event) -> None:
-    """Copy bytes both ways; an EOF on one side is passed on as a half-close, like `ssh -L`."""
-    open_ends = [a, b]
+    """Copy bytes both ways until both sides ended; an EOF on one side is passed on as a
+    half-close, like `ssh -L`. Leaving the tunnel shuts both ends, which ends the blocked reads."""
+    back = threading.Thread(target=_copy, args=(b, a, closing), daemon=True, name="tunnel-back")
+    back.start()
+    _copy(a, b, closing)
+    back.join()
+
+
+def _copy(src: Any, dst: Any, closing: threading.Event) -> None:
     try:
-        while open_ends and not closing.is_set():
-            readable, _, _ = select.select(open_ends, [], [], 0.5)
-            for src in readable:
-                dst = b if src is a else a
-                data = src.recv(65536)
-                if data:
-                    dst.sendall(data)
-                else:
-                    open_ends.remove(src)
-                    dst.shutdown(socket.SHUT_WR)
+        while not closing.is_set() and (data := src.recv(65536)):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
     except (OSError, EOFError, paramiko.SSHException):
-        return  # a side reset or the transport died: the caller closes both ends
+        return  # a side reset, or the transport died: the caller closes both ends
 
 
 def _quiet_close(end: Any) -> None:
-    try:
-        end.close()
-    except (OSError, EOFError, paramiko.SSHException):  # closing a channel of a dying transport
-        pass
+    """Shut, then close: a thread blocked reading a socket wakes only on shutdown (close alone
+    leaves it waiting on Linux); a channel's close wakes its reader itself."""
+    for call in (lambda: end.shutdown(socket.SHUT_RDWR), end.close):
+        try:
+            call()
+        except (OSError, EOFError, paramiko.SSHException):  # already gone, or a dying transport's channel
+            pass
