@@ -70,19 +70,19 @@ def kind(command: Sequence[str]) -> str:
     """What a command is, in a word or two, for accounting: `facts` for a program of this package,
     `pip install` (`pip dry run`), `git clone`, else the program's name."""
     words = list(command)
-    if "-c" in words and words.index("-c") + 1 < len(words):
-        text = words[words.index("-c") + 1]
-        for program in PROGRAMS:
-            if text is source(program) or text == source(program):
-                return program
-    if "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["pip"]:
-        verb = next((w for w in words[words.index("-m") + 2:] if not w.startswith("-")), "")
-        return "pip dry run" if "--dry-run" in words else f"pip {verb}".strip()
-    if "git" in words:
-        after = words[words.index("git") + 1:]
-        while after and after[0] in ("-c", "-C"):
-            after = after[2:]
-        return f"git {after[0]}" if after else "git"
+    after = {flag: words[words.index(flag) + 1:] for flag in ("-c", "-m", "git") if flag in words}
+    program = {source(p): p for p in PROGRAMS}.get(after["-c"][0]) if after.get("-c") else None
+    if program:
+        return program
+    if after.get("-m", [""])[0] == "pip":
+        if "--dry-run" in words:
+            return "pip dry run"
+        return " ".join(["pip", *[w for w in after["-m"][1:] if not w.startswith("-")][:1]])
+    if "git" in after:
+        rest = after["git"]
+        while rest[:1] in (["-c"], ["-C"]):
+            rest = rest[2:]
+        return " ".join(["git", *rest[:1]])
     return posixpath.basename(words[0]) if words else "(nothing)"
 
 

@@ -29,8 +29,8 @@ shell's rc file prints before or after can be taken for it:
 
 STATUS is JSON: {"exit": N} or {"signal": "SIGKILL"}, and why it was stopped: {"timeout": S} or
 {"stopped": REASON}; "cpu" is the CPU seconds of this program and of everything it waited for (the
-command and its children), what the command cost the host. This program exits with the command's code, 128+N for a signal, 124 for a
-timeout.
+command and its children): what the command cost the host. This program exits with the command's
+code, 128+N for a signal, 124 for a timeout.
 """
 
 import json
