@@ -321,6 +321,36 @@ def test_script_on_a_real_tree(host: dict) -> None:
     assert facts.http[dead] is None
 
 
+def test_the_comfyui_probe_reads_the_status_line_of_what_answers() -> None:
+    """The facts program asks a plain http URL over a socket (no urllib: its imports were a quarter
+    of the program's CPU) and must still tell a status, nothing listening, and a port that does not
+    speak HTTP apart; an https URL still goes through urllib."""
+    from provisioner.remote.facts import http_status
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stats)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    garbage = socket.socket()
+    garbage.bind(("127.0.0.1", 0))
+    garbage.listen()
+
+    def babble() -> None:
+        conn, _ = garbage.accept()
+        with conn:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    threading.Thread(target=babble, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert http_status(base + "/system_stats") == 200
+        assert http_status(base + "/system_stats?x=1") == 404       # the query travels: another path
+        assert http_status(base + "/") == 404
+        assert http_status(f"http://127.0.0.1:{garbage.getsockname()[1]}/system_stats") is None
+        assert http_status(f"http://127.0.0.1:{_closed_port()}/system_stats") is None
+        assert http_status(f"https://127.0.0.1:{_closed_port()}/system_stats") is None
+    finally:
+        server.shutdown()
+        garbage.close()
+
+
 def test_an_unchanged_venv_is_answered_from_the_controllers_record(host: dict, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The venv's own python runs once; later runs send its fingerprint and the host answers
