@@ -10,12 +10,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from provisioner import remote
+from provisioner.facts.model import Distribution, PythonEnv
 from provisioner.facts.snapshots import parse_snapshot, parse_state
 from provisioner.remote import snapshot as program
 from provisioner.sandbox.wheels import build_wheel
@@ -113,6 +115,43 @@ def test_take_records_what_the_host_runs_and_keeps_the_wheel_it_was_installed_fr
                            str(root / ".provision" / "snapshots"))
     assert snap2.wheels["tiny"] == snap.wheels["tiny"] and again["id"] > answer["id"]   # kept once; ids sort by time
     assert snap2.state.custom_nodes["ComfyUI-nunchaku"].dirty == ("a.py",)   # type: ignore[union-attr]
+
+
+def test_the_venv_listing_the_facts_gave_is_taken_while_the_venv_keeps_its_fingerprint(root: Path) -> None:
+    """The facts program's venv answer (with each direct_url) travels in the request: no interpreter
+    starts in the venv while its fingerprint holds; any install since makes the program list it."""
+    from provisioner.remote import facts as facts_program
+
+    python = str(root / "venv" / "bin" / "python")
+    answer = facts_program.venv(python)
+    listed = [dict(d, version="9.9") if d["name"] == "tiny" else d for d in answer["info"]["distributions"]]
+    known = {"fingerprint": answer["fingerprint"], "listed": listed}   # 9.9: only the request says so
+
+    def tiny() -> Any:
+        state = parse_state(run(root, "read", venv_known=known)["now"])
+        return (state.distributions or {})["tiny"]
+    taken = tiny()
+    sha = hashlib.sha256(next((root / ".provision" / "wheels").glob("tiny-*.whl")).read_bytes()).hexdigest()
+    assert (taken.version, taken.kind, taken.sha256) == ("9.9", "file", sha)     # its direct_url travelled
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall",
+                    "--disable-pip-version-check", str(next((root / ".provision" / "wheels").glob("tiny-*.whl")))],
+                   check=True)
+    assert tiny().version == "1.0"                     # reinstalled since: the venv itself answers
+
+    env = PythonEnv(python=python, exists=True, fingerprint="f",
+                    distributions={"tiny": Distribution("tiny", "1.0", direct_url='{"url": "file:///w"}')})
+    assert env.listing() == {"fingerprint": "f", "listed": [{"name": "tiny", "version": "1.0",
+                                                              "direct_url": '{"url": "file:///w"}'}]}
+    assert replace(env, fingerprint=None).listing() is None and replace(env, error="broken").listing() is None
+
+
+def test_the_snapshot_program_fingerprints_a_venv_as_the_facts_program_does() -> None:
+    # Each program is sent alone, so the function is copied; a drift would let a changed venv pass.
+    import inspect
+
+    from provisioner.remote import facts as facts_program
+    assert inspect.getsource(program.venv_fingerprint) == inspect.getsource(facts_program.venv_fingerprint)
+    assert program.CFG_CAP == facts_program.CFG_CAP
 
 
 def test_a_wheel_changed_since_it_was_installed_is_not_kept(root: Path) -> None:

@@ -125,7 +125,7 @@ def _env(raw: Mapping[str, Any]) -> PythonEnv:
     dists: dict[str, Distribution] = {}
     for d in info.get("distributions", ()):
         dist = Distribution(d["name"], d.get("version", ""), d.get("summary", ""), d.get("home", ""),
-                            tuple(d.get("requires") or ()))
+                            tuple(d.get("requires") or ()), d.get("direct_url"))
         dists.setdefault(canonical(dist.name), dist)
     return PythonEnv(
         python=raw["python"], exists=True, version=info.get("version"), tag=info.get("tag"),
@@ -133,6 +133,7 @@ def _env(raw: Mapping[str, Any]) -> PythonEnv:
         tags=tuple(info["tags"]) if info.get("tags") is not None else None,
         free_threaded=bool(info.get("gil_disabled")), distributions=dict(sorted(dists.items())),
         ensurepip=bool(info.get("ensurepip")),
+        fingerprint=raw.get("fingerprint") if isinstance(raw.get("fingerprint"), str) else None,
     )
 
 

@@ -18,6 +18,9 @@ from provisioner.config import bounded
 from provisioner.config.records import cache_dir
 
 RECORD_CAP = 64 << 20           # a venv's answer is tens of KiB
+# Bumped whenever the venv answer gains a field a reader relies on (2: each distribution's
+# direct_url, which the snapshot program records): an older record is asked again, not trusted.
+FORMAT = 2
 
 
 def _file(host: str, python: str) -> Path:
@@ -31,7 +34,7 @@ def recorded(host: str, python: str) -> dict[str, Any] | None:
     except ValueError:                  # gone, damaged, deep, a FIFO: asked again
         return None
     ok = isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) and isinstance(entry.get("info"), dict)
-    return entry if ok and entry.get("python") == python else None
+    return entry if ok and entry.get("python") == python and entry.get("format") == FORMAT else None
 
 
 def merge(host: str, python: str, answer: Any, before: dict[str, Any] | None) -> Any:
@@ -44,7 +47,7 @@ def merge(host: str, python: str, answer: Any, before: dict[str, Any] | None) ->
             return before
         return {"python": python, "exists": True, "error": "the controller's record of this venv is gone; run again"}
     if isinstance(answer.get("info"), dict) and isinstance(answer.get("fingerprint"), str):
-        _write(_file(host, python), answer)
+        _write(_file(host, python), dict(answer, format=FORMAT))
     return answer
 
 

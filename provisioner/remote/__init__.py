@@ -145,17 +145,21 @@ def snapshot_request(*, mode: str, folder: str, root: str, python: str, checksum
                      protect: Sequence[str] = (), reuse: bool = False, now: bool = False,
                      sources: object = None, check_wheels: bool = False, confirmed: bool = False,
                      units: tuple[str, Sequence[str]] | None = None, replaced: Sequence[str] = (),
-                     undo_required: bool = False, pip_timeout: float = 900.0) -> bytes:
+                     undo_required: bool = False, pip_timeout: float = 900.0,
+                     venv_known: Mapping[str, object] | None = None) -> bytes:
     """The snapshot program's stdin: `take` (what the snapshot is of, how many to keep, which ones
     pruning must spare, whether an unchanged state reuses the newest, the pip sources each index
     distribution is recorded with, the distributions the run replaces, whose wheels it keeps, and
     whether one it cannot keep fails the take) or `read` (with `now`: the state as it is, too; with
-    `check_wheels`: the kept wheels' sha256 as read now)."""
+    `check_wheels`: the kept wheels' sha256 as read now). `venv_known` ({"fingerprint", "listed"}):
+    the venv's listing as the facts gave it, used while the venv still has that fingerprint."""
     payload: dict[str, object] = {"mode": mode, "dir": folder, "root": root, "python": python,
                                   "checksums": checksums, "workflow_dirs": list(workflow_dirs),
                                   "git": git_request()}
     if units is not None:                   # (unit folder, name globs): the unit files are part of the state
         payload["units"] = {"dir": units[0], "globs": list(units[1])}
+    if venv_known is not None:
+        payload["venv_known"] = dict(venv_known)
     if mode == "take":
         payload.update(taken=taken, profile=profile, keep=keep, protect=list(protect), reuse=reuse,
                        sources=sources, confirmed=confirmed, replaced=sorted(replaced), undo_required=undo_required,

@@ -83,8 +83,15 @@ for dist in metadata.distributions():
         urls = md.get_all("Project-URL") or []
         home = urls[0].split(",", 1)[-1].strip() if urls else ""
     summary = md.get("Summary") or ""
-    out["distributions"].append({"name": name, "version": md.get("Version") or "",
-                                 "summary": "" if summary == "UNKNOWN" else summary, "home": home})
+    entry = {"name": name, "version": md.get("Version") or "",
+             "summary": "" if summary == "UNKNOWN" else summary, "home": home}
+    try:    # where pip installed it from (a file, a URL): what the snapshot program records
+        direct = dist.read_text("direct_url.json")
+    except Exception:
+        direct = None
+    if direct:
+        entry["direct_url"] = direct
+    out["distributions"].append(entry)
     if key == "torch":
         out["torch"] = md.get("Version")
         try:        # torch/version.py says `cuda: Optional[str] = '12.4'`; never import torch

@@ -19,6 +19,8 @@ Modes:
         Each distribution pip installed by name records the pip source arguments it came from
         (`sources`: the request's torch index for the torch family, with the build's `{flavour}`
         filled in, the profile's pip settings for the rest), so a rollback asks the same index.
+        `venv_known` ({"fingerprint", "listed"}): the venv as the facts program listed it; while the
+        venv's fingerprint is still that one, no interpreter starts in it.
         `replaced` names the distributions the run is about to replace or remove: the wheel of each one
         pip installed from an index is fetched from that source (`pip download --no-deps`, pip's
         cache serves it when it can), checked file by file against the RECORD pip wrote when it
@@ -64,6 +66,7 @@ GIT = {"argv": ["git"], "env": dict(os.environ)}
 SNAPSHOT_CAP = 64 << 20     # bytes of one stored snapshot read back (one is about 1 MiB)
 CACHE_CAP = 64 << 20        # bytes of the checksum cache
 VERSION_CAP = 64 << 10      # bytes of comfyui_version.py
+CFG_CAP = 64 << 10          # bytes of a venv's pyvenv.cfg
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 # What a distribution is installed from: only such a file is kept (never, say, a key a user's
 # direct_url.json points at), and only when anyone on the host may read it anyway.
@@ -273,16 +276,47 @@ def _direct(raw):
     return ("file" if str(url).startswith("file:") else "url"), url, sha
 
 
-def distributions(python):
-    """{canonical name: {name, version, kind[, url, sha256]}}, or (None, why) when unreadable."""
+def venv_fingerprint(python):
+    """What changes whenever the venv's answer can: the interpreter's file (a new Python), the C
+    library (its manylinux tags), and the listing time of each site-packages folder (pip adds and
+    removes a dist-info folder there for every install, upgrade or removal). None where the venv
+    also sees the system's site-packages, which change without it."""
+    prefix = os.path.dirname(os.path.dirname(python))
+    try:
+        cfg = read_capped(os.path.join(prefix, "pyvenv.cfg"), CFG_CAP).decode("utf-8", "replace")
+        if re.search(r"^\s*include-system-site-packages\s*=\s*true\s*$", cfg, re.M | re.I):
+            return None
+        real = os.path.realpath(python)
+        st = os.stat(real)
+        parts = [real, st.st_size, st.st_mtime_ns, os.confstr("CS_GNU_LIBC_VERSION") or "", cfg]
+        for lib in sorted(os.listdir(prefix)):
+            if not lib.startswith("lib") or not os.path.isdir(os.path.join(prefix, lib)):
+                continue
+            for version in sorted(os.listdir(os.path.join(prefix, lib))):
+                site = os.path.join(prefix, lib, version, "site-packages")
+                if version.startswith("python") and os.path.isdir(site):
+                    parts += [site, os.stat(site).st_mtime_ns]
+    except (OSError, ValueError):
+        return None
+    return json.dumps(parts)
+
+
+def distributions(python, known=None):
+    """{canonical name: {name, version, kind[, url, sha256]}}, or (None, why) when unreadable.
+    `known` ({"fingerprint", "listed"}): the listing the facts program gave the controller, taken
+    while the venv still has that fingerprint (the facts' own test), so no interpreter starts in it."""
     if not os.path.exists(python):
         return None, "%s does not exist" % python
-    rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=120.0)
-    try:
-        listed = json.loads(out)
-    except ValueError:
-        lines = [x for x in (err or out).strip().splitlines() if x.strip()]
-        return None, lines[-1] if lines else "exited %d with no output" % rc
+    fingerprint = venv_fingerprint(python) if known else None
+    if fingerprint is not None and fingerprint == known.get("fingerprint"):
+        listed = known["listed"]
+    else:
+        rc, out, err = _run([python, "-I", "-c", VENV_SNIPPET], timeout=120.0)
+        try:
+            listed = json.loads(out)
+        except ValueError:
+            lines = [x for x in (err or out).strip().splitlines() if x.strip()]
+            return None, lines[-1] if lines else "exited %d with no output" % rc
     dists = {}
     for item in listed:
         key = re.sub(r"[-_.]+", "-", item["name"]).lower()
@@ -385,7 +419,7 @@ def read_state(req, stored):
             # A folder a stored snapshot names is read only inside the root: the snapshot may be edited.
             if folder not in folders and isinstance(folder, str) and folder.startswith("/") and inside(folder, root):
                 folders.append(folder)
-    dists, why = distributions(req["python"])
+    dists, why = distributions(req["python"], req.get("venv_known"))
     core = checkout(root, untracked=False)
     state = {
         "comfyui": core, "comfyui_version": comfyui_version(root),

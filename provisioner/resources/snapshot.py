@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from provisioner import remote
 from provisioner.config.model import Profile
 from provisioner.errors import PlanError
-from provisioner.facts.model import Facts, Probe
+from provisioner.facts.model import Facts, Probe, PythonEnv
 from provisioner.facts.snapshots import Checkout, Dist, HostSnapshots, HostState, Snapshot, folder, workflow_dirs
 from provisioner.remote.snapshot import ID_RE
 from provisioner.catalog.requirements import HELD, HELD_PREFIX
@@ -53,19 +53,23 @@ def index_sources(profile: Profile) -> dict[str, object]:
 
 
 def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
-              protect: tuple[str, ...] = (), replaced: tuple[str, ...] = (), undo_required: bool = False) -> Run:
+              protect: tuple[str, ...] = (), replaced: tuple[str, ...] = (), undo_required: bool = False,
+              venv: PythonEnv | None = None) -> Run:
     """Run the snapshot program: record the host, keep its wheel files, prune to `snapshots.keep`
     (sparing `protect`). `reuse`: a state equal to the newest snapshot's answers that one. An
     `after` snapshot is taken once the changes were confirmed: it records a confirmed state.
     `replaced`: the distributions the run replaces, whose wheels it keeps too (fetched from their
-    index and checked); `undo_required`: one it cannot keep fails the take, and the run changes nothing."""
+    index and checked); `undo_required`: one it cannot keep fails the take, and the run changes nothing.
+    `venv`: the venv as the facts read it; while it keeps their fingerprint (no change touched it),
+    the program takes its listing from there instead of starting the venv's interpreter."""
     spec = profile.comfyui
     request = remote.snapshot_request(
         mode="take", folder=folder(profile), root=spec.root, python=spec.python, checksums=spec.checksums,
         workflow_dirs=workflow_dirs(profile), taken=taken, profile=profile_record(profile),
         keep=profile.snapshots.keep, protect=protect, reuse=reuse, sources=index_sources(profile),
         confirmed=taken.startswith("after"), units=service.recorded_units(profile), replaced=replaced,
-        undo_required=undo_required, pip_timeout=profile.timeouts.pip_s)
+        undo_required=undo_required, pip_timeout=profile.timeouts.pip_s,
+        venv_known=venv.listing() if venv is not None else None)
     # Fetching and checking what the run replaces (torch is GBs) adds up to a pip run's time.
     timeout = TAKE_TIMEOUT_S + (profile.timeouts.pip_s if replaced else 0.0)
     return Run(remote.argv("snapshot"), stdin=request, what=f"snapshot what the host runs ({taken})",
@@ -94,14 +98,15 @@ def before_apply(profile: Profile, facts: Facts, changes: Iterable[Change] = (),
                             + ("; one it cannot keep stops this host, unchanged (--verify-gate)" if undo_required
                                else "; one it cannot keep is said before the first change"), "info"),)
     return ResourcePlan(notes=notes, prelude=(take_step(profile, BEFORE_APPLY, answer=BEFORE, reuse=False,
-                                                        replaced=names, undo_required=undo_required),))
+                                                        replaced=names, undo_required=undo_required,
+                                                        venv=facts.env),))
 
 
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     """No change of its own: the snapshots around an apply's changes (the one before keeps no
     wheels yet: what the changes replace is known once pip's dry run ran, see `before_apply`)."""
     return ResourcePlan(prelude=before_apply(profile, facts).prelude,
-                        postlude=(take_step(profile, AFTER_APPLY, answer=AFTER),))
+                        postlude=(take_step(profile, AFTER_APPLY, answer=AFTER, venv=facts.env),))
 
 
 def _unreadable_id(error: str) -> str:
@@ -190,8 +195,9 @@ def restore(profile: Profile, target: Snapshot, now: HostState, *, facts: Facts 
         changes=tuple(c for c in found if c is not None), notes=tuple(notes),
         handlers=(service.restart_handler(profile),),
         prelude=(take_step(profile, BEFORE_ROLLBACK, answer=BEFORE, protect=(target.id,),
-                           replaced=replaced(c for c in found if c is not None)),),
-        postlude=(take_step(profile, AFTER_ROLLBACK, answer=AFTER),))
+                           replaced=replaced(c for c in found if c is not None),
+                           venv=facts.env if facts is not None else None),),
+        postlude=(take_step(profile, AFTER_ROLLBACK, answer=AFTER, venv=facts.env if facts is not None else None),))
 
 
 # --- history: what changed between two states -------------------------------------------------------
