@@ -21,7 +21,6 @@ import threading
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from xml.sax.saxutils import escape as xml_escape
 
 from provisioner.errors import UsageError
 
@@ -64,8 +63,10 @@ _ENCODINGS: tuple[Callable[[str], str], ...] = (
     urllib.parse.quote_plus,
     lambda s: html.escape(s, quote=True),                     # HTML
     lambda s: html.escape(s, quote=False),
-    lambda s: xml_escape(s, {'"': "&quot;"}),                 # junit.xml (ElementTree)
-    lambda s: xml_escape(s, {'"': "&#34;", "'": "&#39;"}),    # report.html (Jinja's autoescape)
+    # XML as junit.xml (ElementTree) and report.html (Jinja's autoescape) write it: xml.sax.saxutils'
+    # escape, without its import (it pulls urllib.request in, 20 ms of every run)
+    lambda s: html.escape(s, quote=False).replace('"', "&quot;"),
+    lambda s: html.escape(s, quote=False).replace('"', "&#34;").replace("'", "&#39;"),
 )
 
 

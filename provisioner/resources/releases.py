@@ -7,7 +7,6 @@ import json
 import posixpath
 import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,6 +55,8 @@ def github_api_url(repo_url: str, tag: str) -> str:
 
 
 def _request(url: str, method: str = "GET", headers: dict[str, str] | None = None):
+    import urllib.request   # here: its http.client, email and ssl are a no-op run's 20 ms, never used there
+
     req = urllib.request.Request(url, method=method, headers={"User-Agent": "provision", **(headers or {})})
     return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # follows GitHub's 301/302 redirects
 
