@@ -48,6 +48,12 @@ def test_forms_cover_every_representation() -> None:
                  json.dumps(repr(CANARY)[1:-1])[1:-1], html.escape(json.dumps(CANARY)[1:-1])):
         assert form in found, form
     assert len(set(map(len, (CANARY, json.dumps(CANARY), urllib.parse.quote(CANARY))))) == 3
+    # XML as ElementTree (junit.xml) and Jinja (report.html) escape it: saxutils' forms, held here
+    # because provision writes them without importing saxutils.
+    from xml.sax.saxutils import escape
+    quoted = "t<o>k&e\"n'" + CANARY
+    for entities in ({'"': "&quot;"}, {'"': "&#34;", "'": "&#39;"}):
+        assert escape(quoted, entities) in secrets.forms(quoted)
 
 
 def test_redactor_replaces_longest_forms_first() -> None:
