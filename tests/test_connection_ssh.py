@@ -545,6 +545,34 @@ def test_wrong_key_is_an_authentication_error(sshd_hosts: Callable[..., list[Ssh
     assert str(stranger) in message and "\n" not in message
 
 
+def test_match_exec_in_ssh_config_runs_its_command_and_a_run_without_one_never_imports_invoke(
+        sshd_host: SshdHost, tmp_path: Path) -> None:
+    """paramiko runs `Match exec` commands through invoke, which provision imports only for a
+    config that has one (a quarter of paramiko's import otherwise). In a process of its own: invoke
+    hands the command the terminal's stdin, as paramiko has it, which pytest's capture refuses."""
+    flag = tmp_path / "on-the-vpn"
+    config = tmp_path / "ssh_config"
+    config.write_text(f'Match host gpu-exec exec "test -e {flag}"\n  HostName 127.0.0.1\n  Port {sshd_host.port}\n'
+                      f"  User {sshd_host.user}\n  IdentityFile {sshd_host.client_key}\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def python(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                              stdin=subprocess.DEVNULL).stdout
+    reach = ("import sys\nfrom provisioner.config.inventory import Host\n"
+             "from provisioner.connection import ConnectOptions, open_connection\n"
+             f"options = ConnectOptions(ssh_config={str(config)!r}, known_hosts=({str(sshd_host.known_hosts)!r},),"
+             " connect_timeout=5)\n"
+             "try:\n    print(open_connection(Host(name='gpu-exec'), options).run(['echo', 'reached']).stdout, end='')\n"
+             "except Exception as err:\n    print(type(err).__name__)\n")
+    flag.touch()
+    assert python(reach) == "reached\n"
+    flag.unlink()
+    assert python(reach) == "ConnectError\n"           # the command failed: gpu-exec is no address
+    imports = "import sys, provisioner.commands, provisioner.connection.ssh, paramiko; print(sys.modules.get('invoke'))"
+    assert python(imports) == "None\n"
+
+
 def test_missing_ssh_config_file_is_named(sshd_host: SshdHost, tmp_path: Path) -> None:
     with pytest.raises(ConnectError, match="ssh config .*nope does not exist"):
         open_connection(sshd_host.host(), sshd_host.options(ssh_config=str(tmp_path / "nope")))

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+
+# paramiko's ssh_config support imports `invoke` (and with it unittest.mock and asyncio: about
+# 25 ms, a twentieth of a converged run) only to run the commands of `Match exec` lines. It stays
+# out until a config has one: options.load_ssh_config imports it then and hands it to paramiko,
+# which takes it as absent until then.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 from provisioner.connection.base import Connection, Heartbeat, Result, Stats
 from provisioner.connection.options import ConnectOptions

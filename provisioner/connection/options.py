@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -70,9 +72,29 @@ def load_ssh_config(options: ConnectOptions) -> paramiko.SSHConfig:
             raise ConnectError(f"ssh config {path} does not exist (fix the path or drop the option)")
         return paramiko.SSHConfig()
     try:
-        return paramiko.SSHConfig.from_path(full)
+        config = paramiko.SSHConfig.from_path(full)
     except Exception as err:  # paramiko raises bare Exception/ConfigParseError on bad lines
         raise ConnectError(f"ssh config {path}: cannot parse: {err}") from None
+    with open(full, encoding="utf-8", errors="replace") as fh:
+        if MATCH_EXEC.search(fh.read()):
+            _allow_match_exec()
+    return config
+
+
+MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.I | re.M)
+
+
+def _allow_match_exec() -> None:
+    """Give paramiko the `invoke` that runs `Match exec` commands (kept out of every run that
+    needs none: connection/__init__.py)."""
+    import paramiko.config
+
+    if paramiko.config.invoke is None:
+        if "invoke" in sys.modules and sys.modules["invoke"] is None:
+            del sys.modules["invoke"]
+        import invoke
+
+        paramiko.config.invoke = invoke
 
 
 def resolve(alias: str, config: paramiko.SSHConfig, host: Host | None = None) -> SshTarget:
