@@ -693,11 +693,11 @@ def new_id(folder, now):
         ms += 1
 
 
-def prune(folder, keep, protect, current):
-    """Keep the newest `keep` snapshots (and the protected ones), then only the wheels they need."""
-    docs, _ = stored_snapshots(folder)
+def prune(folder, keep, protect, current, docs):
+    """Keep the newest `keep` of `docs` (every stored snapshot, oldest first, the one just written
+    included: read once per take) and the protected ones, then only the wheels they need."""
     spare = set(protect) | {current}
-    ordered = [d["id"] for d in docs]
+    ordered = sorted(d["id"] for d in docs)
     removed = [i for i in ordered[:max(0, len(ordered) - keep)] if i not in spare]
     for ident in removed:
         os.unlink(os.path.join(folder, ident + ".json"))
@@ -835,7 +835,7 @@ def take(req):
         doc["sources"] = index_sources(state["distributions"], req["sources"])
     _write_atomic(os.path.join(folder, ident + ".json"),
                   json.dumps(doc, indent=1, sort_keys=True).encode("utf-8"))
-    removed = prune(folder, int(req.get("keep") or 1), req.get("protect") or [], ident)
+    removed = prune(folder, int(req.get("keep") or 1), req.get("protect") or [], ident, stored + [doc])
     return {"id": ident, "time": when, "reused": False, "pruned": removed, "wheels": why, "warnings": warnings}
 
 
