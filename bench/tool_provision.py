@@ -15,7 +15,7 @@ from provisioner.sandbox.world import BACKEND_VERSION, write_yaml
 
 # A step's description in provision's JSON-lines log (plan/render.describe_step) -> what it is part of.
 STEP_KINDS = (("snapshot", re.compile(r"^snapshot ")), ("pip", re.compile(r"^pip ")),
-              ("download", re.compile(r"^download ")), ("hold", re.compile(r"^hold ")),
+              ("download", re.compile(r"^download ")),
               ("restart", re.compile(r"^(restart|wait until)")),
               ("git", re.compile(r"^(clone|checkout|move the checkout|remove a clone)")))
 

@@ -136,14 +136,15 @@ def test_case(case_file: Path, server: ReleaseServer, tmp_path: Path) -> None:
     assert change.action == expect["action"]
     assert change.notify == frozenset({"restart-comfyui"})
     assert [_kind(s) for s in change.steps] == expect["steps"]
-    get, hold, install = change.steps[0], change.steps[1], change.steps[-1]
+    get, install = change.steps[0], change.steps[-1]
     wheel = expect.get("wheel") or Path(get.dest).name
     assert get.dest == f"{ROOT}/.provision/wheels/{wheel}"
     constraints = f"{ROOT}/.provision/constraints.txt"
-    assert isinstance(hold, Run) and json.loads(hold.stdin or b"")["dest"] == constraints
-    assert install.argv == (f"{ROOT}/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check",
-                            "--no-warn-conflicts", "--no-deps", "--no-index", "--only-binary=:all:", "-c", constraints,
-                            get.dest)
+    # The hold program writes the constraints file, then runs pip with these arguments itself.
+    assert isinstance(install, Run) and json.loads(install.stdin or b"")["dest"] == constraints
+    assert install.argv[0] == f"{ROOT}/venv/bin/python" and install.argv[3:] == (
+        "install", "--disable-pip-version-check", "--no-warn-conflicts", "-c", constraints,
+        "--no-deps", "--no-index", "--only-binary=:all:", get.dest)
     assert list(change.warnings) == expect.get("warnings", [])
     if "url" in expect:
         assert get.url == fill(expect["url"])
@@ -175,8 +176,6 @@ def _kind(step: object) -> str:
     if isinstance(step, Push):
         return "push"
     assert isinstance(step, Run)
-    if step.stdin is not None:                    # the hold program, its request on stdin
-        return "hold"
     return "uninstall" if "uninstall" in step.argv else "install"
 
 
@@ -216,12 +215,11 @@ def test_planned_steps_install_the_wheel_into_a_real_venv(server: ReleaseServer,
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     server.add("nunchaku-tech", "nunchaku", "v1.0.1", _wheel(tmp_path / "rel", "1.0.1", f"torch2.6-{tag}-linux_x86_64"))
     root = tmp_path / "comfy"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")],
-                   check=True)
+    # With pip: the install step is the hold program, which runs the venv's own pip, as on a host.
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
     impostor = build_impostor_nunchaku(tmp_path / "imp")
     py = str(root / "venv" / "bin" / "python")
-    pip = [sys.executable, "-m", "pip", "--python", py] if _pip_has_python_option() else [py, "-m", "pip"]
-    subprocess.run([*pip, "install", "-q", "--no-deps", str(impostor)], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(impostor)], check=True)
     profile = make_profile("1.0.1", [WheelSource("github", server.repo_url("nunchaku-tech", "nunchaku"))],
                            root=str(root))
     before = make_facts({"torch": "2.6.0+cu124", "tag": tag, "platform": "linux_x86_64",
@@ -236,21 +234,11 @@ def test_planned_steps_install_the_wheel_into_a_real_venv(server: ReleaseServer,
         elif isinstance(step, Put):
             Path(step.dest).write_bytes(step.content)
         else:
-            argv = list(step.argv)
-            if argv[:3] == [py, "-m", "pip"]:
-                argv = [*pip, *argv[3:]]
-            subprocess.run(argv, input=step.stdin, check=True, capture_output=True)
+            subprocess.run(step.argv, input=step.stdin, check=True, capture_output=True)
     after = make_facts({"torch": "2.6.0+cu124", "tag": tag, "platform": "linux_x86_64",
                         "nunchaku": _installed(py)}, python=py)
     assert after.env.distributions["nunchaku"].version == "1.0.1+torch2.6"
     assert backend.plan(profile, after).changes == ()
-
-
-def _pip_has_python_option() -> bool:
-    # The venv is made --without-pip (fast); pip >= 22.3 can install into it with --python.
-    out = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True).stdout
-    major, minor = (int(x) for x in out.split()[1].split(".")[:2])
-    return (major, minor) >= (22, 3)
 
 
 def _installed(py: str) -> dict[str, str] | None:

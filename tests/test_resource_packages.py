@@ -47,8 +47,8 @@ def make_facts(python: str, distributions: dict[str, str], *, exists: bool = Tru
 
 def step_view(step: object) -> object:
     assert isinstance(step, Run)
-    if step.stdin is not None:                    # the hold program: its request names the file
-        return {"hold": json.loads(step.stdin)["dest"]}
+    if step.stdin is not None:                    # the hold program: its request names the file, pip's args follow
+        return {"hold": json.loads(step.stdin)["dest"], "pip": [step.argv[0], *step.argv[3:]]}
     return list(step.argv)
 
 
@@ -82,12 +82,12 @@ def test_case(case: Path) -> None:
                 "steps": [step_view(s) for s in change.steps], "notify": sorted(change.notify)}
         for field, value in want.items():
             assert view[field] == value, field
-        # The torch family held first, then one pip run however many are unmet.
-        hold, run = change.steps
-        assert isinstance(hold, Run) and hold.argv[0] == "/srv/ComfyUI/venv/bin/python"   # the venv's own
-        assert json.loads(hold.stdin or b"") == {"dest": "/srv/ComfyUI/.provision/constraints.txt",
-                                                 "names": ["torch", "torchaudio", "torchvision", "triton"],
-                                                 "prefixes": ["nvidia-"]}
+        # One step however many are unmet: the torch family held, then pip, by the venv's own python.
+        (run,) = change.steps
+        assert isinstance(run, Run) and run.argv[0] == "/srv/ComfyUI/venv/bin/python"
+        assert json.loads(run.stdin or b"") == {"dest": "/srv/ComfyUI/.provision/constraints.txt",
+                                                "names": ["torch", "torchaudio", "torchvision", "triton"],
+                                                "prefixes": ["nvidia-"]}
         assert run.argv[6:8] == ("-c", "/srv/ComfyUI/.provision/constraints.txt")
 
 
@@ -151,14 +151,13 @@ def test_real_pip_install_converges_and_floor_survives_the_shell(tmp_path: Path,
     facts = make_facts(python, _installed(python))
     (change,) = packages.plan(profile, facts).changes
     assert change.before == {"demo-pkg": "1.0"}
-    hold, step = change.steps
+    (step,) = change.steps
     conn = LocalConnection(Host(name="here", transport="local"))
-    conn.run(hold.argv, stdin=hold.stdin)                       # on the host, by the venv's own python
-    assert (root / ".provision" / "constraints.txt").read_text().splitlines()[1:] == []   # no torch here
     # As a host runs it, through the login line and the supervisor: `>=2.0` must stay a specifier,
     # not become a redirection to a file `=2.0`.
     monkeypatch.chdir(tmp_path)
-    conn.run(step.argv)
+    conn.run(step.argv, stdin=step.stdin)                       # on the host, by the venv's own python
+    assert (root / ".provision" / "constraints.txt").read_text().splitlines()[1:] == []   # no torch here
     assert not (tmp_path / "=2.0").exists()
 
     after = _installed(python)

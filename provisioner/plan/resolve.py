@@ -93,7 +93,7 @@ def environment(conn: Connection, profile: Profile, facts: Facts) -> Environment
     ahead = replace(facts, env=replace(env, torch=family["torch"], distributions={
         **env.distributions, **{k: replace(d, version=family[k]) for k, d in env.distributions.items() if k in family}}))
     floors, _ = packages.floors(profile, ahead)
-    _, step = packages.install_steps(profile, [str(f.requirement) for f in floors.values()])
+    step = packages.install_step(profile, [str(f.requirement) for f in floors.values()])
     resolved = dryrun.resolved(env, _dry_run(conn, step, env))
     target = backend.host_target(profile, ahead)
     asset, _ = backend.find_wheel(profile, target)

@@ -72,7 +72,9 @@ def kind(command: Sequence[str]) -> str:
     words = list(command)
     after = {flag: words[words.index(flag) + 1:] for flag in ("-c", "-m", "git") if flag in words}
     program = {source(p): p for p in PROGRAMS}.get(after["-c"][0]) if after.get("-c") else None
-    if program:
+    if program == "hold" and after["-c"][1:]:      # the hold program, then pip with these arguments
+        after["-m"] = ["pip", *after["-c"][1:]]
+    elif program:
         return program
     if after.get("-m", [""])[0] == "pip":
         if "--dry-run" in words:

@@ -1,15 +1,19 @@
 """Write the pip constraints file that holds the torch family at the versions a venv has now
 (stdlib only, Python >= 3.8).
 
-Run by the VENV's own interpreter as `VENV/bin/python -c SOURCE`, so importlib.metadata reads that
-venv's distributions, with its request as JSON on stdin:
+Run by the VENV's own interpreter as `VENV/bin/python -c SOURCE [PIP ARGS...]`, so importlib.metadata
+reads that venv's distributions, with its request as JSON on stdin:
   {"dest": "/opt/ComfyUI/.provision/constraints.txt", "names": ["torch", "torchvision", ...],
    "prefixes": ["nvidia-"]}
 
 Written just before each pip install, so it holds what is installed at that moment (a torch the same
-apply has just installed, too). Each held distribution becomes `name==version`; a version pip
-cannot pin (not PEP 440) is left out, as pip would never choose one either. The file reaches its
-path by a rename: never half written.
+apply has just installed, too). Each held distribution becomes `name==version`; a version pip cannot
+pin (not PEP 440) is left out, as pip would never choose one either. The file reaches its path by a
+rename: never half written.
+
+With PIP ARGS (`install ... -c DEST ...`), pip then runs with them in this same interpreter, as
+`VENV/bin/python -m pip PIP ARGS` would: the hold and the install are one process and one round
+trip, and this program exits with pip's code.
 """
 
 import json
@@ -62,7 +66,24 @@ def main():
     except BaseException:
         os.unlink(tmp)
         raise
-    print(json.dumps({"held": pins}))
+    print(json.dumps({"held": pins}), flush=True)
+    if len(sys.argv) > 1:
+        return pip(sys.argv[1:])
+    return 0
+
+
+def pip(args):
+    """`python -m pip ARGS` in this interpreter (pip's __main__ ends it with pip's exit code)."""
+    import runpy
+
+    sys.argv = ["pip"] + list(args)
+    try:
+        runpy.run_module("pip", run_name="__main__", alter_sys=True)
+    except ImportError as err:
+        if err.name != "pip":
+            raise
+        print("%s: No module named pip" % sys.executable, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,8 +19,8 @@ from provisioner.facts.model import Facts, Probe, canonical
 from provisioner.facts.snapshots import Dist
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.resources import pins, releases, retention, venv
-from provisioner.resources.hold import hold_step
-from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes, pip_install
+from provisioner.resources.hold import held_install
+from provisioner.resources.base import RESTART, Change, Fetch, Note, Push, ResourcePlan, Run, changes
 from provisioner.resources.releases import Asset, Lister, Listing
 
 name = "backend"
@@ -197,8 +197,7 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     asset, source = locked_wheel(profile, facts, target) or find_wheel(profile, target, lister)
     dest, get = _get_steps(profile, asset, source)
     python = profile.comfyui.python
-    hold, constraints = hold_step(profile)
-    steps: list = [get, hold]
+    steps: list = [get]
     if current is not None and not real:
         # PyPI's `nunchaku` (data segmentation) shares the import name: remove it explicitly.
         steps.append(Run((python, "-m", "pip", "uninstall", "-y", "nunchaku"),
@@ -207,8 +206,8 @@ def plan(profile: Profile, facts: Facts, *, lister: Lister = releases.list_wheel
     # By file path only (pip never asks an index for `nunchaku`), binary only, --no-deps and the
     # torch family held: nothing can swap torch under the wheel; the packages resource owns the
     # wheel's Requires-Dist.
-    steps.append(Run(pip_install(python, "--no-deps", "--no-index", "--only-binary=:all:", "-c", constraints, dest),
-                     what=f"pip install {asset.name}", timeout=profile.timeouts.pip_s))
+    steps.append(held_install(profile, "--no-deps", "--no-index", "--only-binary=:all:", dest,
+                              what=f"pip install {asset.name}", timeout=profile.timeouts.pip_s))
     # Installed: the wheels it replaces, and any a killed transfer left, are of no more use.
     leftovers = [n for n in retention.stale_wheels(held, "nunchaku", target.wheel_version) + retention.temps(held)
                  if n != asset.name]

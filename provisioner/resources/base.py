@@ -144,12 +144,16 @@ class Resource(Protocol):
         ...
 
 
+# How every pip install on a host starts: no version check (hosts are often offline), and no scan
+# of the whole venv for conflicts once installed, a fifth of an install's CPU whose warning went
+# nowhere (a step's output is shown only when it fails; the plan made again to confirm the apply
+# judges what the venv must hold).
+PIP_INSTALL = ("install", "--disable-pip-version-check", "--no-warn-conflicts")
+
+
 def pip_install(python: str, *args: str) -> tuple[str, ...]:
-    """How every pip install on a host starts: no version check (hosts are often offline), and no
-    scan of the whole venv for conflicts once installed, a fifth of an install's CPU whose warning
-    went nowhere (a step's output is shown only when it fails; the plan made again to confirm the
-    apply judges what the venv must hold)."""
-    return (python, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts", *args)
+    """`python -m pip install ...` as every pip install on a host starts (`PIP_INSTALL`)."""
+    return (python, "-m", "pip", *PIP_INSTALL, *args)
 
 
 def changes(*items: Change | None, notes: Sequence[Note] = (),

@@ -28,8 +28,8 @@ from provisioner.facts import owed
 from provisioner.facts.model import Facts, GitCheckout, Probe, canonical
 from provisioner.facts.snapshots import Checkout
 from provisioner.resources import pins
-from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes, pip_install
-from provisioner.resources.hold import hold_step
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, Step, changes
+from provisioner.resources.hold import held_install
 from provisioner.resources.plugin import checkout_commit, git, same_repo, shown_checkout, tag_check
 
 name = "core"
@@ -192,11 +192,10 @@ def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> In
     """pip install of what `text` asks and the venv lacks (None: all met), or of the whole file
     when its text is not known before the checkout (`text` None); the torch family held either way.
     `origin` names the core in the plan (ComfyUI v0.3.64)."""
-    hold, constraints = hold_step(profile)
-    pip = pip_install(profile.comfyui.python, "-c", constraints, *profile.pip.args())
+    pip = profile.pip.args()
     path = posixpath.join(profile.comfyui.root, REQUIREMENTS)
     if text is None:
-        return Install((hold, Run((*pip, "-r", path), what=f"pip install -r {path}", timeout=3600.0)),
+        return Install((held_install(profile, *pip, "-r", path, what=f"pip install -r {path}", timeout=3600.0),),
                        f"pip install -r requirements.txt of {origin}", {},
                        {"requirements": f"all of {path} ({origin}'s, read once checked out)"})
     missing = unmet(text, facts)
@@ -205,7 +204,7 @@ def install(profile: Profile, facts: Facts, text: str | None, origin: str) -> In
     specs = tuple(str(req) for req, _ in missing)
     shown_specs = ", ".join(f"{spec} ({'have ' + have if have else 'missing'})" for spec, (_, have) in
                             zip(specs, missing))
-    return Install((hold, Run((*pip, *specs), what=f"pip install {' '.join(specs)}", timeout=3600.0)),
+    return Install((held_install(profile, *pip, *specs, what=f"pip install {' '.join(specs)}", timeout=3600.0),),
                    f"pip install {shown_specs}",
                    {req.name: have for req, have in missing},
                    {req.name: f"{req.specifier or 'any'} ({origin} requirements.txt)" for req, _ in missing})

@@ -27,16 +27,18 @@ def held_pins(env: PythonEnv) -> tuple[str, ...]:
 
 
 def preview(step: Run, env: PythonEnv) -> Run:
-    """The dry run of a `python -m pip install …` step: the same requirements and sources, with the
-    constraints file (written only by the apply) replaced by the held versions it would hold."""
-    argv = list(step.argv)
-    at = argv.index("install") + 1
-    if "-c" in argv:
-        c = argv.index("-c")
-        del argv[c:c + 2]
-        argv += held_pins(env)
-    argv[at:at] = DRY_RUN
-    return Run(tuple(argv), what="pip's dry run of: " + (step.what or "pip install"), timeout=step.timeout)
+    """The dry run of a pip install step (`python -m pip install …`, or the hold program's `python -c
+    SOURCE install …`): `python -m pip` with the same requirements and sources, the constraints
+    file (written only by the apply) replaced by the held versions it would hold."""
+    python, args = step.argv[0], list(step.argv[3:])
+    if "-c" in args:
+        c = args.index("-c")
+        del args[c:c + 2]
+        args += held_pins(env)
+    at = args.index("install") + 1
+    args[at:at] = DRY_RUN
+    return Run((python, "-m", "pip", *args), what="pip's dry run of: " + (step.what or "pip install"),
+               timeout=step.timeout)
 
 
 def moves(report: str, env: PythonEnv) -> dict[str, tuple[str | None, str]]:

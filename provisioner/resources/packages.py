@@ -16,8 +16,8 @@ from provisioner.config.model import Profile
 from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe, PythonEnv, canonical
 from provisioner.resources import dryrun, pins, venv
-from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes, pip_install
-from provisioner.resources.hold import hold_step
+from provisioner.resources.base import RESTART, Action, Change, Note, ResourcePlan, Run, changes
+from provisioner.resources.hold import held_install
 
 name = "packages"
 PROFILE = "profile"
@@ -138,12 +138,11 @@ def _shown(floor: upstream.Floor) -> str:
     return spec if floor.origin in (PROFILE, LOCK) else f"{spec} ({floor.origin})"
 
 
-def install_steps(profile: Profile, specs: Sequence[str]) -> tuple[Run, Run]:
-    """Hold the torch family, then one pip run of `specs` from the profile's sources. One argv
-    element per requirement: `>=` never meets a shell unquoted."""
-    hold, constraints = hold_step(profile)
-    argv = pip_install(profile.comfyui.python, "-c", constraints, *profile.pip.args(), *specs)
-    return hold, Run(argv, what=f"pip install {' '.join(specs)}", timeout=profile.timeouts.pip_s)
+def install_step(profile: Profile, specs: Sequence[str]) -> Run:
+    """One pip run of `specs` from the profile's sources, the torch family held. One argv element
+    per requirement: `>=` never meets a shell unquoted."""
+    return held_install(profile, *profile.pip.args(), *specs, what=f"pip install {' '.join(specs)}",
+                        timeout=profile.timeouts.pip_s)
 
 
 def plan(profile: Profile, facts: Facts) -> ResourcePlan:
@@ -158,7 +157,7 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     if not missing:
         return changes(notes=notes)
     specs = tuple(str(floor.requirement) for floor, _ in missing.values())
-    hold, step = install_steps(profile, specs)
+    step = install_step(profile, specs)
     before: Mapping[str, object] = {n: have for n, (_, have) in missing.items()}
     after: Mapping[str, object] = {n: _shown(floor) for n, (floor, _) in missing.items()}
     summary = "pip install " + ", ".join(
@@ -169,5 +168,5 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
     # apply creates or whose torch it moves first: that venv does not exist to ask yet).
     preview = dryrun.preview(step, facts.env) if facts is now else None
     return changes(Change("packages", ", ".join(missing), action, summary, before, after,
-                          (hold, step), notify=RESTART, preview=preview,
+                          (step,), notify=RESTART, preview=preview,
                           replaces=frozenset(n for n, (_, have) in missing.items() if have)), notes=notes)
