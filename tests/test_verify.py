@@ -412,6 +412,25 @@ def test_comfyui_gpu_picks_the_gpu_that_is_checked_sampled_and_reported(
     assert by_name(first)["vram_peak"].value == 30.0                # what that GPU holds, someone else's
 
 
+def test_the_vram_stream_stops_without_waiting_for_its_next_sample(gpu_state: Path) -> None:
+    """Leaving the stream lets nvidia-smi go at once: not at its next sample, an interval later
+    (0.15-0.2 s of every verification at the default 200 ms; 3 s here)."""
+    import time
+
+    from provisioner.verify.run import VramStream
+
+    sandbox_host.set_vram_used(gpu_state, 1234)
+    conn = LocalConnection(Host("gpu-01", transport="local"))
+    with VramStream(conn, None, 3000) as vram:
+        deadline = time.monotonic() + 10
+        while not vram.samples and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = time.monotonic()
+    took = time.monotonic() - left
+    assert [mib for _, mib in vram.samples] == [1234] and vram.error is None
+    assert took < 1.5, took
+
+
 def test_a_cuda_error_that_poisons_comfyui_says_a_restart_is_needed(comfy: Callable[..., ComfyServer],
                                                                     tmp_path: Path) -> None:
     later = by_name(run(comfy(poison_after=1).port, tmp_path, comfyui={"restart": {"systemd": "comfyui"}}))

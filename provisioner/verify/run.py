@@ -19,7 +19,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import Profile
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, Held
 from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
 from provisioner.resources import service, units
@@ -56,11 +56,13 @@ class VramStream:
         self.samples: list[tuple[float, int]] = []
         self.error: str | None = None
         self._stop = threading.Event()
+        self._held: Held | None = None
         self._thread = threading.Thread(target=self._read, name=f"vram-{conn.name}", daemon=True)
 
     def _read(self) -> None:
         try:
             with self.conn.hold(self.argv) as lines:
+                self._held = lines
                 for line in lines:
                     text = line.strip()
                     if text.isdigit():
@@ -80,6 +82,11 @@ class VramStream:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        # Once it has given a sample, nvidia-smi is let go at once rather than at its next sample
+        # (up to an interval later); a sample arriving after the last generation ended counted for
+        # none of them. With none yet, the first is still waited for, as before.
+        if self.samples and self._held is not None:
+            self._held.end()
         self._thread.join(timeout=15)
 
     def peak(self, start: float, end: float) -> int | None:
