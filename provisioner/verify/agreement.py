@@ -11,21 +11,19 @@ upstream's in catalog/tolerances.py (docs/fleet.md).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import io
-import json
 import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import AgreementSpec
+# The records live in kept.py (no numpy); they are this module's too.
+from provisioner.verify.kept import Agreement, KeyedImage, Reference, image_key
+
+__all__ = ["DIFF_GAIN", "PANEL_PX", "PSNR_IDENTICAL_DB", "Agreement", "KeyedImage", "NotAnImage", "Reference",
+           "compare", "decode", "image_key", "luminance", "medoid", "psnr", "ssim"]
 
 PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
 _PEAK = 255.0
@@ -34,24 +32,6 @@ _SIGMA, _RADIUS = 1.5, 5                                      # their 11x11 Gaus
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)     # ITU-R BT.601, as Pillow's "L"
 PANEL_PX = 256                 # the report's side-by-side pictures
 DIFF_GAIN = 4                  # the difference picture's |host - reference| is amplified this much
-
-
-@dataclass(frozen=True)
-class KeyedImage:
-    """A verification image kept whole for the comparison: the first run of each prompt."""
-
-    key: str                  # prompt, seed and workflow: what must give the same picture
-    prompt: str
-    seed: int
-    png: bytes
-
-
-def image_key(prompt: str, seed: int, graph: Mapping[str, Any]) -> str:
-    """`a-red-fox-in-the-snow-photograph-seed42-1f2e3d4c5b`: a file name that changes whenever the
-    picture legitimately would (the prompt, the seed, any setting of the workflow as sent)."""
-    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "prompt"
-    canonical = json.dumps(graph, sort_keys=True, separators=(",", ":"), default=str)
-    return f"{slug}-seed{seed}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 
 
 class NotAnImage(ValueError):
@@ -103,79 +83,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     num = (2 * mu_a * mu_b + _C1) * (2 * cov + _C2)
     den = (mu_a * mu_a + mu_b * mu_b + _C1) * (var_a + var_b + _C2)
     return float(np.mean(num / den, dtype=np.float64))
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Where a GPU class's reference image came from (the store's index entry, as verify sees it)."""
-
-    gpu_class: str
-    key: str
-    host: str
-    created_at: str
-    promoted: bool = False             # chosen by `--promote-reference`, not by the first good run
-
-    def to_json(self) -> dict[str, Any]:
-        return {"gpu_class": self.gpu_class, "key": self.key, "host": self.host,
-                "created_at": self.created_at, "promoted": self.promoted}
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Reference:
-        return cls(str(raw.get("gpu_class", "")), str(raw.get("key", "")), str(raw.get("host", "")),
-                   str(raw.get("created_at", "")), bool(raw.get("promoted")))
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """One host image against its class's reference for the same prompt and seed."""
-
-    key: str
-    prompt: str
-    seed: int
-    reference: Reference | None
-    passed: bool
-    detail: str
-    size: tuple[int, int] = (0, 0)                  # the host image's (width, height)
-    reference_size: tuple[int, int] = (0, 0)
-    psnr_db: float | None = None                    # None: not compared (no reference, other size)
-    psnr_channel_min_db: float | None = None        # the worst of R, G, B alone
-    ssim: float | None = None
-    mean_shift: tuple[float, float, float] | None = None   # host minus reference, per channel, 0-255
-    panels: tuple[bytes, bytes, bytes] = (b"", b"", b"")   # reference, host, difference (PNGs, small)
-
-    def to_json(self, *, panels: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "key": self.key, "prompt": self.prompt, "seed": self.seed,
-            "reference": None if self.reference is None else self.reference.to_json(),
-            "passed": self.passed, "detail": self.detail, "width": self.size[0], "height": self.size[1],
-            "reference_width": self.reference_size[0], "reference_height": self.reference_size[1],
-            "psnr_db": self.psnr_db, "psnr_channel_min_db": self.psnr_channel_min_db, "ssim": self.ssim,
-            "mean_shift": None if self.mean_shift is None else list(self.mean_shift)}
-        if panels:
-            out["panels_png_base64"] = [base64.b64encode(p).decode() for p in self.panels]
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Agreement:
-        def number(key: str) -> float | None:
-            value = raw.get(key)
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-        try:
-            panels = tuple(base64.b64decode(p or "", validate=True) for p in raw.get("panels_png_base64") or ())
-        except (binascii.Error, ValueError, TypeError):
-            panels = ()
-        shift = raw.get("mean_shift")
-        seed = raw.get("seed")
-        return cls(str(raw.get("key", "")), str(raw.get("prompt", "")),
-                   seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
-                   Reference.from_json(raw["reference"]) if isinstance(raw.get("reference"), Mapping) else None,
-                   bool(raw.get("passed")), str(raw.get("detail", "")),
-                   (int(raw.get("width") or 0), int(raw.get("height") or 0)),
-                   (int(raw.get("reference_width") or 0), int(raw.get("reference_height") or 0)),
-                   number("psnr_db"), number("psnr_channel_min_db"), number("ssim"),
-                   tuple(float(v) for v in shift) if isinstance(shift, list) and len(shift) == 3 else None,  # type: ignore[arg-type]
-                   panels if len(panels) == 3 else (b"", b"", b""))  # type: ignore[arg-type]
 
 
 def _png(rgb: np.ndarray, max_px: int = PANEL_PX) -> bytes:

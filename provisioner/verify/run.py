@@ -24,7 +24,7 @@ from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
 from provisioner.resources import service, units
 from provisioner.verify import checks, graph as graphs
-from provisioner.verify.agreement import KeyedImage, image_key
+from provisioner.verify.kept import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
 from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
