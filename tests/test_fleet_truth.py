@@ -157,6 +157,25 @@ def test_the_first_run_makes_the_reference_from_the_classs_consensus_then_it_is_
     assert loose.verifications["a-noisy"].checks[-1].passed
 
 
+def test_each_host_is_judged_as_alone_whoever_made_the_reference_or_its_panel(tmp_path: Path) -> None:
+    """The reference's panel is made once for all its hosts, and the host it was made from is not
+    decoded again: every figure and panel is what a comparison of that host alone gives."""
+    from provisioner.report.references import Reference
+    from provisioner.verify.agreement import compare, decode
+
+    hosts = {"b": host("b", scene(1, 2)), "c": host("c", scene(1, 3)), "d": host("d", scene(9, 4))}
+    out = agree(hosts, ReferenceStore(tmp_path), {}, now="t")
+    (entry,) = json.loads((tmp_path / "references" / "index.json").read_text())["references"].values()
+    made = Reference.from_json(entry)
+    reference = decode((tmp_path / "references" / entry["file"]).read_bytes())
+    for name, ver in hosts.items():
+        (alone,) = [compare(reference, decode(ver.images[0].png), AgreementSpec(), key=KEY, prompt="a fox", seed=42,
+                            source=made)]
+        assert out.verifications[name].agreement == (alone,), name
+    maker = out.verifications[entry["host"]].agreement[0]
+    assert maker.detail == "identical pixels" and maker.panels[0] == maker.panels[1]
+
+
 def test_promotion_replaces_the_reference_and_refuses_a_failed_host(tmp_path: Path) -> None:
     agree({"b": host("b", scene(1, 2))}, ReferenceStore(tmp_path), {}, now="t1")
     refused = agree({"x": host("x", scene(40), passed=False)}, ReferenceStore(tmp_path), {}, now="t2", promote="x")

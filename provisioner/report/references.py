@@ -195,11 +195,12 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
                 except NotAnImage:
                     problems.append(f"the reference {store.root / class_slug(gpu_class) / key}.png is not an "
                                     "image: promote a host's images to replace it")
+            panel: list[bytes] = []         # the reference's report panel, made once for every holder
             for name, ver in holders:
                 image = _image(ver, key)
                 if image is None:
                     continue
-                found[name].append(_judge(image, reference, current[0] if current else None, specs.get(name)))
+                found[name].append(_judge(image, reference, current, specs.get(name), panel))
     for name, agreements in found.items():
         ver = out[name]
         out[name] = replace(ver, checks=ver.checks + (checks.image_agreement(agreements),),
@@ -207,14 +208,21 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
     return Outcome(out, tuple(notes), tuple(problems))
 
 
-def _judge(image: KeyedImage, reference: np.ndarray | None, source: Reference | None,
-           spec: AgreementSpec | None) -> Agreement:
-    if reference is None or source is None:
+def _judge(image: KeyedImage, reference: np.ndarray | None, current: tuple[Reference, bytes] | None,
+           spec: AgreementSpec | None, panel: list[bytes]) -> Agreement:
+    """`image` against the `reference` decoded from `current`'s PNG; `panel`: the reference's report
+    panel once a host's comparison made it (filled here for the next)."""
+    if reference is None or current is None:
         return Agreement(image.key, image.prompt, image.seed, None, True,
                          "no reference yet: no host of this GPU class passed every other check")
+    source, reference_png = current
     try:
-        rgb = decode(image.png)
+        # The reference's own bytes (the host it was made from): the same pixels, decoded already.
+        rgb = reference if image.png == reference_png else decode(image.png)
     except NotAnImage as err:
         return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
-    return compare(reference, rgb, spec or AgreementSpec(), key=image.key, prompt=image.prompt,
-                   seed=image.seed, source=source)
+    found = compare(reference, rgb, spec or AgreementSpec(), key=image.key, prompt=image.prompt,
+                    seed=image.seed, source=source, reference_panel=panel[0] if panel else None)
+    if not panel:
+        panel.append(found.panels[0])
+    return found

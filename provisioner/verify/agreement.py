@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import AgreementSpec
+from provisioner.verify.images import encode_png
 # The records live in kept.py (no numpy); they are this module's too.
 from provisioner.verify.kept import Agreement, KeyedImage, Reference, image_key
 
@@ -49,7 +50,10 @@ def decode(png: bytes) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over every value of two same-shaped uint8 arrays."""
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+    return _db(float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)))
+
+
+def _db(mse: float) -> float:
     return PSNR_IDENTICAL_DB if mse == 0 else min(PSNR_IDENTICAL_DB, 10 * math.log10(_PEAK ** 2 / mse))
 
 
@@ -88,9 +92,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def _png(rgb: np.ndarray, max_px: int = PANEL_PX) -> bytes:
     img = Image.fromarray(rgb, "RGB")
     img.thumbnail((max_px, max_px))
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+    return encode_png(img)
 
 
 def _size(rgb: np.ndarray) -> tuple[int, int]:
@@ -98,15 +100,22 @@ def _size(rgb: np.ndarray) -> tuple[int, int]:
 
 
 def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec, *, key: str, prompt: str,
-            seed: int, source: Reference | None) -> Agreement:
-    """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`."""
+            seed: int, source: Reference | None, reference_panel: bytes | None = None) -> Agreement:
+    """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`.
+    `reference_panel`: the reference's report panel made already (it is the same for every host)."""
     size, ref_size = _size(image), _size(reference)
+    ref_panel = _png(reference) if reference_panel is None else reference_panel
+    image_panel = ref_panel if image is reference else _png(image)
     if size != ref_size:
         return Agreement(key, prompt, seed, source, False,
                          f"size {size[0]}x{size[1]}, the reference is {ref_size[0]}x{ref_size[1]}",
-                         size, ref_size, panels=(_png(reference), _png(image), b""))
-    whole = psnr(reference, image)
-    worst = min(psnr(reference[..., c], image[..., c]) for c in range(3))
+                         size, ref_size, panels=(ref_panel, image_panel, b""))
+    # psnr's squared errors, once for the whole image and its channels (each made contiguous, as
+    # psnr's own copy of a channel is: the same sums, so the same figures).
+    squared = (reference.astype(np.float32) - image.astype(np.float32)) ** 2
+    whole = _db(float(np.mean(squared)))
+    channels = [_db(float(np.mean(np.ascontiguousarray(squared[..., c])))) for c in range(3)]
+    worst = min(channels)
     structure = ssim(luminance(reference), luminance(image))
     shift = tuple(round(float(image[..., c].mean(dtype=np.float64) - reference[..., c].mean(dtype=np.float64)), 2)
                   for c in range(3))
@@ -114,7 +123,7 @@ def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec,
     if whole < thresholds.psnr_min_db:
         problems.append(f"PSNR {whole:.1f} dB < {thresholds.psnr_min_db:g} dB")
     elif worst < thresholds.psnr_min_db:
-        channel = "RGB"[min(range(3), key=lambda c: psnr(reference[..., c], image[..., c]))]
+        channel = "RGB"[channels.index(worst)]
         problems.append(f"{channel} channel PSNR {worst:.1f} dB < {thresholds.psnr_min_db:g} dB "
                         f"(mean colour shift R {shift[0]:+.0f} G {shift[1]:+.0f} B {shift[2]:+.0f})")
     if structure < thresholds.ssim_min:
@@ -124,7 +133,7 @@ def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec,
     diff = np.clip(np.abs(image.astype(np.int16) - reference.astype(np.int16)) * DIFF_GAIN, 0, 255).astype(np.uint8)
     return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else figures,
                      size, ref_size, round(whole, 2), round(worst, 2), round(structure, 4),
-                     shift, (_png(reference), _png(image), _png(diff)))  # type: ignore[arg-type]
+                     shift, (ref_panel, image_panel, _png(diff)))  # type: ignore[arg-type]
 
 
 def medoid(candidates: Sequence[tuple[str, np.ndarray]]) -> str:

@@ -28,7 +28,7 @@ from provisioner.verify.kept import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
 from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
-from provisioner.verify.images import ImageCheck, check_image, thumbnail
+from provisioner.verify.images import ImageCheck, look
 
 INPUT_NAME = "provision_verify_input.png"   # where a given input image is uploaded (input/)
 OUTPUT_PREFIX = "provision_verify"
@@ -297,7 +297,7 @@ class _Verification:
             looks: list[Future[tuple[ImageCheck, bytes]]] = []
             try:
                 done = self._generations(graph, vram, lambda png: looks.append(
-                    pool.submit(lambda: (check_image(png, size), thumbnail(png)))))
+                    pool.submit(look, png, size)))
             finally:
                 self.runs = [dataclasses.replace(run, image=image, thumbnail=thumb)
                              for run, (image, thumb) in zip(self.runs, (look.result() for look in looks))]
