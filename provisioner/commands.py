@@ -654,27 +654,29 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if args.promote_reference and args.promote_reference.split("/")[0] not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
                          f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")
-    # The judgement's modules (numpy, Pillow, jinja2: about 0.1 s) load while the hosts are waited for.
-    import_meanwhile("provisioner.report", "provisioner.report.slices", "provisioner.report.html", "jinja2",
-                     "provisioner.verify.render")
+    # The judgement's modules (numpy, Pillow, jinja2: about 0.1 s) load, and the page's template is
+    # compiled, while the hosts are waited for.
+    meanwhile(lambda: importlib.import_module("provisioner.report.html").prepare(),
+              lambda: importlib.import_module("provisioner.report.slices"),
+              lambda: importlib.import_module("provisioner.verify.render"))
     results = fleet(args, chosen, work, stop)
     if stop.why:
         return show_stopped(results, stop, console)
     return show_verification(results, chosen, console, args, against)
 
 
-def import_meanwhile(*names: str) -> None:
-    """Import `names` in a thread of their own, while this one waits on hosts (the modules form no
-    cycle, so two threads importing at once cannot deadlock); an import that fails is left to
-    the code that needs the module, which raises it there."""
-    def load() -> None:
-        for name in names:
+def meanwhile(*work: Callable[[], object]) -> None:
+    """Run `work` in a thread of its own, while this one waits on hosts: imports (the modules form
+    no cycle, so two threads importing at once cannot deadlock) and caches filled ahead. What fails
+    is left to the code that needs it, which meets the failure itself."""
+    def run() -> None:
+        for step in work:
             try:
-                importlib.import_module(name)
-            except ImportError:
+                step()
+            except Exception:  # noqa: BLE001 - raised again where it matters
                 return
 
-    threading.Thread(target=load, name="imports", daemon=True).start()
+    threading.Thread(target=run, name="meanwhile", daemon=True).start()
 
 
 def slice_options(args: argparse.Namespace) -> None:

@@ -162,6 +162,12 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
     assert all(srv.state.history[r.prompt_id]["status"]["completed"] for r in result.runs)   # ComfyUI's ids
     assert all(r.image.ok and (r.image.width, r.image.height) == (512, 384) for r in result.runs)
     assert Image.open(io.BytesIO(cold.thumbnail)).size == (256, 192)
+    # The kept image was sketched for the agreement while the warm runs went: what it would make itself.
+    from provisioner.verify.agreement import sketch, sketch_of
+    (kept,) = result.images
+    made = sketch(kept.png)
+    assert sketch_of(kept) is kept.sketch and kept.sketch.shape == made.shape == (384, 512, 3)
+    assert kept.sketch.small.tobytes() == made.small.tobytes() and kept.sketch.small.shape == made.small.shape
     assert result.comfyui_version == "0.3.64" and "RTX 3090" in result.device
     assert checks["device"].detail.startswith("ComfyUI runs on cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync: "
                                               "0: NVIDIA GeForce RTX 3090 GPU-")

@@ -57,6 +57,11 @@ def _template() -> Template:
     return env.get_template("report.html.j2")
 
 
+def prepare() -> None:
+    """Compile the page's template now (0.04 s), in a thread while the hosts are verified."""
+    _template()
+
+
 def _thumbnails(host: HostReport) -> list[dict[str, str]]:
     # Only real PNGs become data URIs: anything else would render as a broken image icon.
     return [{"label": label, "src": _data_uri(png)} for label, png in host.thumbnails

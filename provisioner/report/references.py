@@ -26,7 +26,6 @@ from provisioner.errors import ProvisionError
 from provisioner.report.files import write_atomic
 from provisioner.verify import checks
 from provisioner.verify.agreement import (
-    PANEL_PX,
     Agreement,
     KeyedImage,
     NotAnImage,
@@ -34,6 +33,7 @@ from provisioner.verify.agreement import (
     compare,
     decode,
     medoid,
+    sketch_of,
 )
 from provisioner.verify.checks import HostVerification
 from provisioner.verify.fingerprint import class_slug
@@ -117,10 +117,6 @@ class Outcome:
     problems: tuple[str, ...]                         # a promotion that could not be done
 
 
-def _small(rgb: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX)))
-
-
 def _image(verification: HostVerification, key: str) -> KeyedImage | None:
     return next((i for i in verification.images if i.key == key), None)
 
@@ -134,10 +130,10 @@ def _choose(key: str, holders: Sequence[tuple[str, HostVerification]]) -> str | 
         if image is None or not ver.passed:
             continue
         try:
-            rgb = decode(image.png)
+            seen = sketch_of(image)
         except NotAnImage:
             continue
-        candidates.append((name, rgb.shape, _small(rgb)))
+        candidates.append((name, seen.shape, seen.small))
     if not candidates:
         return None
     shapes = [c[1] for c in candidates]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,7 +25,7 @@ from provisioner.verify.images import encode_png
 from provisioner.verify.kept import Agreement, KeyedImage, Reference, image_key
 
 __all__ = ["DIFF_GAIN", "PANEL_PX", "PSNR_IDENTICAL_DB", "Agreement", "KeyedImage", "NotAnImage", "Reference",
-           "compare", "decode", "image_key", "luminance", "medoid", "psnr", "ssim"]
+           "Sketch", "compare", "decode", "image_key", "luminance", "medoid", "psnr", "sketch", "sketch_of", "ssim"]
 
 PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
 _PEAK = 255.0
@@ -37,6 +38,26 @@ DIFF_GAIN = 4                  # the difference picture's |host - reference| is 
 
 class NotAnImage(ValueError):
     """The bytes are not an image Pillow can decode."""
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """What choosing a class's reference needs of an image (references.py): its shape and a copy
+    at most PANEL_PX on a side, reduced as Pillow's `reduce` does."""
+
+    shape: tuple[int, ...]
+    small: np.ndarray
+
+
+def sketch(png: bytes) -> Sketch:
+    """Raises NotAnImage."""
+    rgb = decode(png)
+    return Sketch(rgb.shape, np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX))))
+
+
+def sketch_of(image: KeyedImage) -> Sketch:
+    """The sketch made while the image's host was verified, else made now. Raises NotAnImage."""
+    return image.sketch if isinstance(image.sketch, Sketch) else sketch(image.png)
 
 
 def decode(png: bytes) -> np.ndarray:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -23,6 +23,9 @@ class KeyedImage:
     prompt: str
     seed: int
     png: bytes
+    # agreement.Sketch, made while the next generations run: what choosing a reference needs of it
+    # (its shape and a small copy), so the fleet's judgement does not decode it for that again.
+    sketch: object = field(default=None, compare=False, repr=False)
 
 
 def image_key(prompt: str, seed: int, graph: Mapping[str, Any]) -> str:

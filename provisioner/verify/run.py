@@ -104,6 +104,16 @@ def _size(png: bytes | None) -> tuple[int, int] | None:
         return None                           # not an image: ComfyUI's LoadImage will say so
 
 
+def _sketch(png: bytes) -> object:
+    """agreement.sketch, or None for what is no image (the agreement says so when it decodes it)."""
+    from provisioner.verify import agreement     # numpy: loaded by then, while ComfyUI generates
+
+    try:
+        return agreement.sketch(png)
+    except agreement.NotAnImage:
+        return None
+
+
 def _max(*values: int | None) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
@@ -293,14 +303,18 @@ class _Verification:
                   no_vram: str) -> None:
         # Each image is judged and thumbnailed in a thread while ComfyUI makes the next one (about
         # 0.1 s of the controller's CPU per 1024 px image, no longer between two generations).
+        # The first image of each prompt, kept for the agreement, is sketched there too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"images-{self.conn.name}") as pool:
             looks: list[Future[tuple[ImageCheck, bytes]]] = []
+            sketches: list[Future[object]] = []
             try:
-                done = self._generations(graph, vram, lambda png: looks.append(
-                    pool.submit(look, png, size)))
+                done = self._generations(graph, vram, lambda png: looks.append(pool.submit(look, png, size)),
+                                         lambda png: sketches.append(pool.submit(_sketch, png)))
             finally:
                 self.runs = [dataclasses.replace(run, image=image, thumbnail=thumb)
                              for run, (image, thumb) in zip(self.runs, (look.result() for look in looks))]
+                self.images = [dataclasses.replace(kept, sketch=made.result())
+                               for kept, made in zip(self.images, sketches)]
         if done:
             result = HostVerification(self.conn.name, (), tuple(self.runs), None, None, self.vram_peak,
                                       self.vram_baseline)
@@ -308,8 +322,9 @@ class _Verification:
                                            self._vram_source(vram, no_vram), self._cold_note))
 
     def _generations(self, graph: dict[str, Any], vram: VramStream | None,
-                     look: Callable[[bytes], None]) -> bool:
-        """The cold run, then the warm ones; each image goes to `look`. False: one failed."""
+                     look: Callable[[bytes], None], keep: Callable[[bytes], None]) -> bool:
+        """The cold run, then the warm ones; each image goes to `look`, each kept one (the first
+        of its prompt) to `keep` as well. False: one failed."""
         verify = self.profile.verify
         prompts = verify.prompts or (self.profile.workflow.prompt,)
         plan: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
@@ -341,6 +356,7 @@ class _Verification:
             if all(kept.prompt != prompt for kept in self.images):
                 key = image_key(prompt, seed, graphs.prepare(graph, prompt=prompt, seed=seed))
                 self.images.append(KeyedImage(key, prompt, seed, png))
+                keep(png)
             if len(self.runs) == 1:
                 self.found.append(Check("comfyui_ready", True, f"a first generation completed ({kind}, "
                                         f"{self.runs[0].seconds:.2f} s)"))
