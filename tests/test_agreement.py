@@ -58,6 +58,22 @@ def test_compare_gives_psnr_s_own_figures_from_one_pass_of_squared_errors() -> N
     assert not strict.passed and strict.detail.startswith(f"B channel PSNR {found.psnr_channel_min_db:.1f} dB < 25 dB")
 
 
+@pytest.mark.parametrize("shape", [(384, 512, 3), (1024, 1024, 3), (8, 8, 3)])
+def test_equal_images_get_exactly_the_figures_the_arithmetic_gives(shape: tuple[int, int, int]) -> None:
+    """compare skips the arithmetic for equal pixels (the reference's own host, and often its whole
+    GPU class): every figure and the difference picture are still what it would compute."""
+    rng = np.random.default_rng(sum(shape))
+    for image in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
+                  np.full(shape, 255, np.uint8), photo(size=(shape[1], shape[0]))):
+        whole, channels, structure, shift, diff = agreement._measure(image, image.copy())
+        known = agreement._identical(image)
+        assert (whole, channels, structure, shift) == known[:4]
+        assert all(type(a) is type(b) for a, b in zip((whole, structure, *channels, *shift), (*known[:1], known[2], *known[1], *known[3])))
+        assert diff.dtype == known[4].dtype and np.array_equal(diff, known[4])
+        assert judged(image.copy(), image) == judged(image, image)
+        assert judged(image.copy(), image).detail == "identical pixels"
+
+
 def test_the_defaults_are_upstreams_floor_in_code_schema_and_profile() -> None:
     assert tolerances.upstream_psnr_floor(31) == pytest.approx(20.4)      # edit: expected 31 dB
     assert tolerances.upstream_psnr_floor(16) == pytest.approx(13.6)      # text-to-image: 16 dB
