@@ -475,6 +475,30 @@ def test_the_cold_run_is_cold_after_free_and_the_baseline_is_taken_after_it(comf
     assert again.figures.vram_baseline_gib == 0.25                   # measured once memory was released
 
 
+def test_the_node_list_is_read_while_free_takes_effect(comfy: Callable[..., ComfyServer], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """/free first, then /object_info while ComfyUI unloads, then the polls until it has: the node
+    list costs the verification no time of its own; the nodes are still checked."""
+    from provisioner.verify import comfyui
+
+    calls: list[str] = []
+    for name in ("free", "object_info", "system_stats", "queue_prompt"):
+        def wrapped(self: comfyui.ComfyClient, *a: Any, _orig: Any = getattr(comfyui.ComfyClient, name),
+                    _name: str = name, **k: Any) -> Any:
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(comfyui.ComfyClient, name, wrapped)
+    srv = comfy(unload_s=0.5)
+    run(srv.port, tmp_path, warm_runs=0)                             # models loaded: the next /free unloads
+    calls.clear()
+    result = run(srv.port, tmp_path, warm_runs=0)
+    assert result.passed and by_name(result)["nodes_registered"].passed, [c.line for c in result.checks]
+    assert calls[:3] == ["system_stats", "free", "object_info"]
+    polls = calls[3:calls.index("queue_prompt")]
+    assert len(polls) >= 2 and set(polls) == {"system_stats"}       # it was still unloading after the list
+    assert result.figures.vram_baseline_gib == 0.25
+
+
 def test_console_table_and_checks_show_the_same_gib(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
     from rich.console import Console
 

@@ -204,10 +204,9 @@ class _Verification:
         self.stats = stats
         self.version = (stats.get("system") or {}).get("comfyui_version")
         self.device = checks.device_name(stats)
-        self.object_info = self.client.object_info()
-        # Before the facts are needed: releasing the models takes ComfyUI a while. Nothing that
-        # follows loads a model before the first generation.
-        self._cold_note = self._cold_start()
+        # Before the facts are needed: releasing the models takes ComfyUI a while (its node list is
+        # read meanwhile). Nothing that follows loads a model before the first generation.
+        self._cold_note = self._cold_start(meanwhile=self._read_object_info)
         self.resolve()
         self.found.append(checks.device(stats, self.facts))
         self.found.append(checks.nodes(
@@ -273,10 +272,15 @@ class _Verification:
                 source = None                        # ComfyUI's validation will name the missing file
         return graph, graphs.expected_size(graph, _size(source))
 
-    def _cold_start(self) -> str:
-        """POST /free, then wait until ComfyUI really released the models: ComfyUI applies /free
-        only between prompts, and unloading takes time. Returns a note when it did not."""
+    def _read_object_info(self) -> None:
+        self.object_info = self.client.object_info()
+
+    def _cold_start(self, meanwhile: Callable[[], None]) -> str:
+        """POST /free, then (after `meanwhile`, while it takes effect) wait until ComfyUI really
+        released the models: ComfyUI applies /free only between prompts, and unloading takes
+        time. Returns a note when it did not."""
         self.client.free(unload_models=True, free_memory=True)
+        meanwhile()
         started = time.monotonic()
         first = last = None
         last_drop = started
