@@ -168,6 +168,7 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
     made = sketch(kept.png)
     assert sketch_of(kept) is kept.sketch and kept.sketch.shape == made.shape == (384, 512, 3)
     assert kept.sketch.small.tobytes() == made.small.tobytes() and kept.sketch.small.shape == made.small.shape
+    assert kept.sketch.panel == made.panel and kept.sketch.panel.startswith(b"\x89PNG")
     assert result.comfyui_version == "0.3.64" and "RTX 3090" in result.device
     assert checks["device"].detail.startswith("ComfyUI runs on cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync: "
                                               "0: NVIDIA GeForce RTX 3090 GPU-")

@@ -30,7 +30,9 @@ from provisioner.verify.agreement import (
     KeyedImage,
     NotAnImage,
     Reference,
+    Sketch,
     compare,
+    compare_same,
     decode,
     medoid,
     sketch_of,
@@ -185,7 +187,10 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
                              + (" for this slice only (`provision report merge` makes the fleet's)"
                                 if store.read_only else ""))
             reference = None
-            if current is not None:
+            # Not decoded when every holder's image is the reference's own bytes, sketched while its
+            # host was verified (decodable, then, and judged from the sketch).
+            if current is not None and not all(_same_sketched(image, current[1]) for _, ver in holders
+                                                  if (image := _image(ver, key)) is not None):
                 try:
                     reference = decode(current[1])
                 except NotAnImage:
@@ -204,21 +209,32 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
     return Outcome(out, tuple(notes), tuple(problems))
 
 
+def _same_sketched(image: KeyedImage, reference_png: bytes) -> bool:
+    return isinstance(image.sketch, Sketch) and image.png == reference_png
+
+
 def _judge(image: KeyedImage, reference: np.ndarray | None, current: tuple[Reference, bytes] | None,
            spec: AgreementSpec | None, panel: list[bytes]) -> Agreement:
-    """`image` against the `reference` decoded from `current`'s PNG; `panel`: the reference's report
-    panel once a host's comparison made it (filled here for the next)."""
-    if reference is None or current is None:
+    """`image` against the `reference` decoded from `current`'s PNG (None: not decoded, or not an
+    image); `panel`: the reference's report panel once a host's comparison made it (filled here
+    for the next)."""
+    if current is None or (reference is None and not _same_sketched(image, current[1])):
         return Agreement(image.key, image.prompt, image.seed, None, True,
                          "no reference yet: no host of this GPU class passed every other check")
     source, reference_png = current
-    try:
-        # The reference's own bytes (the host it was made from): the same pixels, decoded already.
-        rgb = reference if image.png == reference_png else decode(image.png)
-    except NotAnImage as err:
-        return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
-    found = compare(reference, rgb, spec or AgreementSpec(), key=image.key, prompt=image.prompt,
-                    seed=image.seed, source=source, reference_panel=panel[0] if panel else None)
+    seen = image.sketch if isinstance(image.sketch, Sketch) else None
+    thresholds = spec or AgreementSpec()
+    if seen is not None and image.png == reference_png:    # the host it was made from, or its twin
+        found = compare_same(seen, thresholds, key=image.key, prompt=image.prompt, seed=image.seed, source=source)
+    else:
+        assert reference is not None
+        try:
+            rgb = reference if image.png == reference_png else decode(image.png)
+        except NotAnImage as err:
+            return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
+        found = compare(reference, rgb, thresholds, key=image.key, prompt=image.prompt, seed=image.seed,
+                        source=source, reference_panel=panel[0] if panel else None,
+                        image_panel=seen.panel if seen is not None else None)
     if not panel:
         panel.append(found.panels[0])
     return found

@@ -25,7 +25,7 @@ from provisioner.verify.images import encode_png
 from provisioner.verify.kept import Agreement, KeyedImage, Reference, image_key
 
 __all__ = ["DIFF_GAIN", "PANEL_PX", "PSNR_IDENTICAL_DB", "Agreement", "KeyedImage", "NotAnImage", "Reference",
-           "Sketch", "compare", "decode", "image_key", "luminance", "medoid", "psnr", "sketch", "sketch_of", "ssim"]
+           "Sketch", "compare", "compare_same", "decode", "image_key", "luminance", "medoid", "psnr", "sketch", "sketch_of", "ssim"]
 
 PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
 _PEAK = 255.0
@@ -42,17 +42,20 @@ class NotAnImage(ValueError):
 
 @dataclass(frozen=True)
 class Sketch:
-    """What choosing a class's reference needs of an image (references.py): its shape and a copy
-    at most PANEL_PX on a side, reduced as Pillow's `reduce` does."""
+    """What the fleet's judgement needs of an image besides its pixels (references.py): its shape,
+    a copy at most PANEL_PX on a side (reduced as Pillow's `reduce` does) to choose a reference
+    with, and its report panel."""
 
     shape: tuple[int, ...]
     small: np.ndarray
+    panel: bytes
 
 
 def sketch(png: bytes) -> Sketch:
     """Raises NotAnImage."""
     rgb = decode(png)
-    return Sketch(rgb.shape, np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX))))
+    small = np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX)))
+    return Sketch(rgb.shape, small, _png(rgb))
 
 
 def sketch_of(image: KeyedImage) -> Sketch:
@@ -121,20 +124,38 @@ def _size(rgb: np.ndarray) -> tuple[int, int]:
 
 
 def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec, *, key: str, prompt: str,
-            seed: int, source: Reference | None, reference_panel: bytes | None = None) -> Agreement:
+            seed: int, source: Reference | None, reference_panel: bytes | None = None,
+            image_panel: bytes | None = None) -> Agreement:
     """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`.
-    `reference_panel`: the reference's report panel made already (it is the same for every host)."""
+    `reference_panel`, `image_panel`: their report panels, made already (the reference's is the
+    same for every host; the image's was made while its host was verified)."""
     size, ref_size = _size(image), _size(reference)
     same = image is reference or (size == ref_size and np.array_equal(image, reference))
     ref_panel = _png(reference) if reference_panel is None else reference_panel
-    image_panel = ref_panel if same else _png(image)
+    if image_panel is None:
+        image_panel = ref_panel if same else _png(image)
     if size != ref_size:
         return Agreement(key, prompt, seed, source, False,
                          f"size {size[0]}x{size[1]}, the reference is {ref_size[0]}x{ref_size[1]}",
                          size, ref_size, panels=(ref_panel, image_panel, b""))
     # The host the reference was made from, and in a fleet of one GPU class often many more, gives
     # the same pixels: their figures are known without the arithmetic (a tenth of a second a host).
-    whole, channels, structure, shift, diff = _identical(image) if same else _measure(reference, image)
+    figures = _identical(image) if same else _measure(reference, image)
+    return _verdict(figures, thresholds, key, prompt, seed, source, size, (ref_panel, image_panel))
+
+
+def compare_same(seen: Sketch, thresholds: AgreementSpec, *, key: str, prompt: str, seed: int,
+                 source: Reference | None) -> Agreement:
+    """`compare` of an image whose bytes are the reference's own, from its sketch: the same pixels,
+    so the same Agreement, without decoding either."""
+    size = (seen.shape[1], seen.shape[0])
+    return _verdict(_identical(np.zeros(seen.shape, np.uint8)), thresholds, key, prompt, seed, source, size,
+                    (seen.panel, seen.panel))
+
+
+def _verdict(figures: _Figures, thresholds: AgreementSpec, key: str, prompt: str, seed: int,
+             source: Reference | None, size: tuple[int, int], panels: tuple[bytes, bytes]) -> Agreement:
+    whole, channels, structure, shift, diff = figures
     worst = min(channels)
     problems = []
     if whole < thresholds.psnr_min_db:
@@ -145,11 +166,11 @@ def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec,
                         f"(mean colour shift R {shift[0]:+.0f} G {shift[1]:+.0f} B {shift[2]:+.0f})")
     if structure < thresholds.ssim_min:
         problems.append(f"SSIM {structure:.3f} < {thresholds.ssim_min:g}")
-    figures = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
-               f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
-    return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else figures,
-                     size, ref_size, round(whole, 2), round(worst, 2), round(structure, 4),
-                     shift, (ref_panel, image_panel, _png(diff)))
+    text = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
+            f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
+    return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else text,
+                     size, size, round(whole, 2), round(worst, 2), round(structure, 4),
+                     shift, (*panels, _png(diff)))
 
 
 _Figures = tuple[float, list[float], float, tuple[float, float, float], np.ndarray]
