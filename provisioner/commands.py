@@ -639,12 +639,18 @@ def verify(args: argparse.Namespace, console: Console) -> int:
         check_report_dir(args.report)
 
     stop = Stop()
+    ahead = Once(lambda: meanwhile(lambda: importlib.import_module("provisioner.report.html").prepare(),
+                                   lambda: importlib.import_module("provisioner.report.slices"),
+                                   lambda: importlib.import_module("provisioner.verify.render")))
 
     def work(target: Target) -> tuple[Any, Any]:
         with connected(target, options, stop) as conn, ThreadPoolExecutor(max_workers=1) as pool:
-            # The facts are gathered while the verification reaches ComfyUI and frees its memory.
+            # The facts are gathered while the verification reaches ComfyUI and frees its memory;
+            # the judgement's modules (numpy, Pillow, jinja2: about 0.1 s) are loaded, and the
+            # report page's template compiled, while the first host's ComfyUI unloads (not earlier:
+            # they would slow the connections down).
             facts = pool.submit(gather, conn, target.profile, probe_for(target.profile))
-            verification = run_verification(conn, target.profile, facts.result)
+            verification = run_verification(conn, target.profile, facts.result, while_freeing=ahead)
             stop.check(target.host.name)
             return facts.result(), verification
 
@@ -654,15 +660,24 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if args.promote_reference and args.promote_reference.split("/")[0] not in {t.host.name for t in chosen}:
         raise UsageError(f"--promote-reference {args.promote_reference}: not one of the hosts verified "
                          f"({', '.join(sorted(t.host.name for t in chosen)) or 'none'}); name one of them")
-    # The judgement's modules (numpy, Pillow, jinja2: about 0.1 s) load, and the page's template is
-    # compiled, while the hosts are waited for.
-    meanwhile(lambda: importlib.import_module("provisioner.report.html").prepare(),
-              lambda: importlib.import_module("provisioner.report.slices"),
-              lambda: importlib.import_module("provisioner.verify.render"))
     results = fleet(args, chosen, work, stop)
     if stop.why:
         return show_stopped(results, stop, console)
     return show_verification(results, chosen, console, args, against)
+
+
+class Once:
+    """`run` called at most once, whichever thread calls first."""
+
+    def __init__(self, run: Callable[[], object]) -> None:
+        self._run, self._lock, self._done = run, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._run()
 
 
 def meanwhile(*work: Callable[[], object]) -> None:
@@ -751,10 +766,11 @@ class PerInstance:
         return all(v.passed for *_, v in self.items)
 
 
-def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
+def run_verification(conn: Connection, profile: Profile, facts: Any,
+                     while_freeing: Callable[[], None] | None = None) -> Any:
     """Render the profile's first workflow for this host and run the verification generations, on
     each of its ComfyUI instances when there are several (one per GPU). `facts` may be a function
-    that waits for them (verify.run says why)."""
+    that waits for them (verify.run says why); `while_freeing` is verify_host's."""
     from dataclasses import replace
 
     from provisioner.errors import PlanError
@@ -763,7 +779,7 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
 
     def one(p: Profile, f: Any) -> Any:
         return verify_host(conn, p, f, workflow_graph=lambda found: workflow.render(
-            p, found, p.workflow.templates[0]))
+            p, found, p.workflow.templates[0]), while_freeing=while_freeing)
 
     if profile.comfyui.instances != "per-gpu":
         return one(profile, facts)

@@ -492,10 +492,13 @@ def test_the_node_list_is_read_while_free_takes_effect(comfy: Callable[..., Comf
     srv = comfy(unload_s=0.5)
     run(srv.port, tmp_path, warm_runs=0)                             # models loaded: the next /free unloads
     calls.clear()
-    result = run(srv.port, tmp_path, warm_runs=0)
+    conn = LocalConnection(Host("gpu-01", transport="local"))
+    # The caller's own work (`provision verify` loads the judgement's modules) goes there too.
+    result = verify_host(conn, profile_for(srv.port, tmp_path, None, None, warm_runs=0), host_facts(),
+                         workflow_graph=t2i_graph(), vram_interval_ms=50, while_freeing=lambda: calls.append("caller"))
     assert result.passed and by_name(result)["nodes_registered"].passed, [c.line for c in result.checks]
-    assert calls[:3] == ["system_stats", "free", "object_info"]
-    polls = calls[3:calls.index("queue_prompt")]
+    assert calls[:4] == ["system_stats", "free", "object_info", "caller"]
+    polls = calls[4:calls.index("queue_prompt")]
     assert len(polls) >= 2 and set(polls) == {"system_stats"}       # it was still unloading after the list
     assert result.figures.vram_baseline_gib == 0.25
 

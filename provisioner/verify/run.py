@@ -121,8 +121,11 @@ def _max(*values: int | None) -> int | None:
 
 def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None], *,
                 workflow_graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
-                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
+                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS,
+                while_freeing: Callable[[], None] | None = None) -> HostVerification:
     """Run every check against the ComfyUI of `conn`'s host. Never raises for a host's failure.
+    `while_freeing`: called (after ComfyUI's node list is read) while the cold start's /free takes
+    effect, a wait of the host's own: the caller's work that should not compete with the connect.
 
     `facts` may be a function that waits for them (raising what stopped them), and `workflow_graph`
     one that renders it from them: then the tunnel, ComfyUI's first answers and the cold start's /free wait (none of which
@@ -135,7 +138,7 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callab
     """
     spec = profile.comfyui
     where = f"{spec.local_host}:{spec.port}"
-    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms)
+    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms, while_freeing)
     try:
         with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
@@ -161,8 +164,10 @@ class _Verification:
 
     def __init__(self, conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None],
                  graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
-                 input_image: bytes | None, where: str, interval_ms: int) -> None:
+                 input_image: bytes | None, where: str, interval_ms: int,
+                 while_freeing: Callable[[], None] | None = None) -> None:
         self.conn, self.profile = conn, profile
+        self._while_freeing = while_freeing
         self._sources = (facts, graph)
         self._resolved = False
         self.facts: Facts | None = None
@@ -206,7 +211,7 @@ class _Verification:
         self.device = checks.device_name(stats)
         # Before the facts are needed: releasing the models takes ComfyUI a while (its node list is
         # read meanwhile). Nothing that follows loads a model before the first generation.
-        self._cold_note = self._cold_start(meanwhile=self._read_object_info)
+        self._cold_note = self._cold_start(meanwhile=self._meanwhile)
         self.resolve()
         self.found.append(checks.device(stats, self.facts))
         self.found.append(checks.nodes(
@@ -272,8 +277,10 @@ class _Verification:
                 source = None                        # ComfyUI's validation will name the missing file
         return graph, graphs.expected_size(graph, _size(source))
 
-    def _read_object_info(self) -> None:
+    def _meanwhile(self) -> None:
         self.object_info = self.client.object_info()
+        if self._while_freeing is not None:
+            self._while_freeing()
 
     def _cold_start(self, meanwhile: Callable[[], None]) -> str:
         """POST /free, then (after `meanwhile`, while it takes effect) wait until ComfyUI really
