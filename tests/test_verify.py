@@ -503,6 +503,67 @@ def test_the_node_list_is_read_while_free_takes_effect(comfy: Callable[..., Comf
     assert result.figures.vram_baseline_gib == 0.25
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch, calls: list[str], names: tuple[str, ...]) -> None:
+    from provisioner.verify import comfyui
+
+    for name in names:
+        def wrapped(self: comfyui.ComfyClient, *a: Any, _orig: Any = getattr(comfyui.ComfyClient, name),
+                    _name: str = name, **k: Any) -> Any:
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(comfyui.ComfyClient, name, wrapped)
+
+
+def test_each_image_is_fetched_while_the_next_run_generates(comfy: Callable[..., ComfyServer], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's /system_stats reading comes before the next run is queued (its VRAM is its own);
+    its image after, while ComfyUI generates; every image is still fetched and checked."""
+    calls: list[str] = []
+    record_calls(monkeypatch, calls, ("queue_prompt", "wait", "system_stats", "view"))
+    srv = comfy()
+    result = run(srv.port, tmp_path, warm_runs=2)
+    assert result.passed, [c.line for c in result.checks]
+    runs = calls[calls.index("queue_prompt"):]
+    assert runs == ["queue_prompt", "wait", "system_stats", "queue_prompt", "view", "wait", "system_stats",
+                    "queue_prompt", "view", "wait", "system_stats", "view"]
+    assert [r.seed for r in result.runs] == [42, 43, 44] and all(r.image.ok for r in result.runs)
+    assert [c.name for c in result.checks][:6] == ["comfyui_reachable", "device", "nodes_registered",
+                                                   "custom_nodes_imported", "workflow_accepted", "comfyui_ready"]
+    saved = sorted(p.name for p in (srv.root / "output" / "provision_verify").glob("*.png"))
+    assert [name.split("_")[0] for name in saved] == ["00-cold", "01-warm", "02-warm"]
+
+
+def test_an_image_that_cannot_be_fetched_takes_the_queued_run_out_of_comfyui(
+        comfy: Callable[..., ComfyServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioner.errors import VerifyError
+    from provisioner.verify import comfyui
+
+    cancelled: list[str] = []
+    queued: list[str] = []
+    real_queue, real_cancel = comfyui.ComfyClient.queue_prompt, comfyui.ComfyClient.cancel
+
+    def queue(self: comfyui.ComfyClient, *a: Any, **k: Any) -> str:
+        queued.append(real_queue(self, *a, **k))
+        return queued[-1]
+
+    def cancel(self: comfyui.ComfyClient, prompt_id: str, *a: Any, **k: Any) -> Any:
+        cancelled.append(prompt_id)
+        return real_cancel(self, prompt_id, *a, **k)
+
+    def view(self: comfyui.ComfyClient, filename: str, *a: Any, **k: Any) -> bytes:
+        raise VerifyError(f"GET /view?filename={filename}: 404")
+
+    srv = comfy(warm_s=2.0)
+    monkeypatch.setattr(comfyui.ComfyClient, "queue_prompt", queue)
+    monkeypatch.setattr(comfyui.ComfyClient, "cancel", cancel)
+    monkeypatch.setattr(comfyui.ComfyClient, "view", view)
+    result = run(srv.port, tmp_path, warm_runs=1)
+    assert not result.passed and result.runs == ()
+    assert by_name(result)["verification"].detail.startswith("GET /view?filename=")
+    assert len(queued) == 2 and cancelled == [queued[1]]           # the warm run, queued meanwhile
+    assert srv.state.history.get(queued[1]) is None or not srv.state.history[queued[1]]["status"]["completed"]
+
+
 def test_console_table_and_checks_show_the_same_gib(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:
     from rich.console import Console
 
