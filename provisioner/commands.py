@@ -640,8 +640,10 @@ def verify(args: argparse.Namespace, console: Console) -> int:
 
     stop = Stop()
     ahead = Once(lambda: meanwhile(lambda: importlib.import_module("provisioner.report.html").prepare(),
-                                   lambda: importlib.import_module("provisioner.report.slices"),
-                                   lambda: importlib.import_module("provisioner.verify.render")))
+                                   *(lambda name=name: importlib.import_module(name) for name in (
+                                       "provisioner.report.slices", "provisioner.report.compare",
+                                       "provisioner.report.json_report", "provisioner.report.junit",
+                                       "provisioner.verify.render"))))
 
     def work(target: Target) -> tuple[Any, Any]:
         with connected(target, options, stop) as conn, ThreadPoolExecutor(max_workers=1) as pool:
@@ -743,11 +745,13 @@ def previous_report(path: str) -> dict[str, Any]:
 def check_report_dir(directory: str) -> None:
     """The report.json already in `--report DIR` is compared with after the verification: one that
     cannot be read at all (a FIFO, a device, too big) is refused before any host is touched."""
-    from provisioner.report import JSON_NAME, read_previous_file
+    from provisioner.report import JSON_NAME
 
     path = Path(directory) / JSON_NAME
     if not os.path.lexists(path):
         return
+    from provisioner.report import read_previous_file
+
     try:
         read_previous_file(path)
     except ValueError as err:

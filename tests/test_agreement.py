@@ -74,6 +74,21 @@ def test_equal_images_get_exactly_the_figures_the_arithmetic_gives(shape: tuple[
         assert judged(image.copy(), image).detail == "identical pixels"
 
 
+def test_what_verify_loads_before_its_hosts_holds_no_numpy_jinja2_or_report_modules() -> None:
+    """`provision verify --report DIR` reads the report's file names before any host, then runs
+    the verification: numpy (0.1 s), jinja2 and the report's modules load while the hosts work."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from provisioner.report import JSON_NAME\n"
+            "early = sorted(m for m in sys.modules if m.startswith(('provisioner.report.', 'PIL', 'numpy')))\n"
+            "import provisioner.verify.run\n"
+            "print(early, 'numpy' in sys.modules, 'jinja2' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "False", "False"], out
+
+
 def test_the_defaults_are_upstreams_floor_in_code_schema_and_profile() -> None:
     assert tolerances.upstream_psnr_floor(31) == pytest.approx(20.4)      # edit: expected 31 dB
     assert tolerances.upstream_psnr_floor(16) == pytest.approx(13.6)      # text-to-image: 16 dB
