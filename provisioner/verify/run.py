@@ -8,6 +8,7 @@ rungs of a ladder (checks.LADDER), climbed in order: a rung that fails stops the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -359,7 +360,8 @@ class _Verification:
                 try:
                     fetch()
                 except ProvisionError:
-                    self.client.cancel(prompt_id)       # not left to run on unseen
+                    with contextlib.suppress(ProvisionError):   # the fetch's error is the one to tell
+                        self.client.cancel(prompt_id)           # not left to run on unseen
                     raise
                 fetch = None
             if not self.runs:
