@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import json
 import os
 import sys
@@ -638,12 +639,20 @@ def verify(args: argparse.Namespace, console: Console) -> int:
         check_report_dir(args.report)
 
     stop = Stop()
+    ahead = Once(lambda: meanwhile(lambda: importlib.import_module("provisioner.report.html").prepare(),
+                                   *(lambda name=name: importlib.import_module(name) for name in (
+                                       "provisioner.report.slices", "provisioner.report.compare",
+                                       "provisioner.report.json_report", "provisioner.report.junit",
+                                       "provisioner.verify.render"))))
 
     def work(target: Target) -> tuple[Any, Any]:
         with connected(target, options, stop) as conn, ThreadPoolExecutor(max_workers=1) as pool:
-            # The facts are gathered while the verification reaches ComfyUI and frees its memory.
+            # The facts are gathered while the verification reaches ComfyUI and frees its memory;
+            # the judgement's modules (numpy, Pillow, jinja2: about 0.1 s) are loaded, and the
+            # report page's template compiled, while the first host's ComfyUI unloads (not earlier:
+            # they would slow the connections down).
             facts = pool.submit(gather, conn, target.profile, probe_for(target.profile))
-            verification = run_verification(conn, target.profile, facts.result)
+            verification = run_verification(conn, target.profile, facts.result, while_freeing=ahead)
             stop.check(target.host.name)
             return facts.result(), verification
 
@@ -657,6 +666,34 @@ def verify(args: argparse.Namespace, console: Console) -> int:
     if stop.why:
         return show_stopped(results, stop, console)
     return show_verification(results, chosen, console, args, against)
+
+
+class Once:
+    """`run` called at most once, whichever thread calls first."""
+
+    def __init__(self, run: Callable[[], object]) -> None:
+        self._run, self._lock, self._done = run, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._run()
+
+
+def meanwhile(*work: Callable[[], object]) -> None:
+    """Run `work` in a thread of its own, while this one waits on hosts: imports (the modules form
+    no cycle, so two threads importing at once cannot deadlock) and caches filled ahead. What fails
+    is left to the code that needs it, which meets the failure itself."""
+    def run() -> None:
+        for step in work:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - raised again where it matters
+                return
+
+    threading.Thread(target=run, name="meanwhile", daemon=True).start()
 
 
 def slice_options(args: argparse.Namespace) -> None:
@@ -708,11 +745,13 @@ def previous_report(path: str) -> dict[str, Any]:
 def check_report_dir(directory: str) -> None:
     """The report.json already in `--report DIR` is compared with after the verification: one that
     cannot be read at all (a FIFO, a device, too big) is refused before any host is touched."""
-    from provisioner.report import JSON_NAME, read_previous_file
+    from provisioner.report import JSON_NAME
 
     path = Path(directory) / JSON_NAME
     if not os.path.lexists(path):
         return
+    from provisioner.report import read_previous_file
+
     try:
         read_previous_file(path)
     except ValueError as err:
@@ -731,10 +770,11 @@ class PerInstance:
         return all(v.passed for *_, v in self.items)
 
 
-def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
+def run_verification(conn: Connection, profile: Profile, facts: Any,
+                     while_freeing: Callable[[], None] | None = None) -> Any:
     """Render the profile's first workflow for this host and run the verification generations, on
     each of its ComfyUI instances when there are several (one per GPU). `facts` may be a function
-    that waits for them (verify.run says why)."""
+    that waits for them (verify.run says why); `while_freeing` is verify_host's."""
     from dataclasses import replace
 
     from provisioner.errors import PlanError
@@ -743,7 +783,7 @@ def run_verification(conn: Connection, profile: Profile, facts: Any) -> Any:
 
     def one(p: Profile, f: Any) -> Any:
         return verify_host(conn, p, f, workflow_graph=lambda found: workflow.render(
-            p, found, p.workflow.templates[0]))
+            p, found, p.workflow.templates[0]), while_freeing=while_freeing)
 
     if profile.comfyui.instances != "per-gpu":
         return one(profile, facts)

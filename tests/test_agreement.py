@@ -38,6 +38,57 @@ def test_psnr_and_ssim_match_scikit_image_on_a_test_vector() -> None:
     assert ssim(luminance(base), luminance(base)) == pytest.approx(1.0)
 
 
+def test_compare_gives_psnr_s_own_figures_from_one_pass_of_squared_errors() -> None:
+    """compare squares the errors once for the whole image and its channels: each figure is still
+    exactly psnr's own (a megapixel, so that numpy's pairwise sums run over many blocks)."""
+    rng = np.random.default_rng(5)
+    ref = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    image = np.clip(ref.astype(np.int16) + rng.integers(-9, 10, ref.shape) * (np.arange(3) + 1), 0, 255).astype(np.uint8)
+    squared = (ref.astype(np.float32) - image.astype(np.float32)) ** 2
+    for c in range(3):
+        assert agreement._db(float(np.mean(np.ascontiguousarray(squared[..., c])))) == psnr(ref[..., c], image[..., c])
+    assert agreement._db(float(np.mean(squared))) == psnr(ref, image)
+    found = judged(image, ref)
+    assert found.psnr_db == round(psnr(ref, image), 2)
+    assert found.psnr_channel_min_db == round(min(psnr(ref[..., c], image[..., c]) for c in range(3)), 2)
+    # The worst channel is the one named when it alone fails (blue here: the largest errors).
+    strict = compare(ref, image, AgreementSpec(psnr_min_db=25.0, ssim_min=0.0), key="k", prompt="p", seed=42,
+                     source=None)
+    assert found.psnr_db > 25.0 > found.psnr_channel_min_db
+    assert not strict.passed and strict.detail.startswith(f"B channel PSNR {found.psnr_channel_min_db:.1f} dB < 25 dB")
+
+
+@pytest.mark.parametrize("shape", [(384, 512, 3), (1024, 1024, 3), (8, 8, 3)])
+def test_equal_images_get_exactly_the_figures_the_arithmetic_gives(shape: tuple[int, int, int]) -> None:
+    """compare skips the arithmetic for equal pixels (the reference's own host, and often its whole
+    GPU class): every figure and the difference picture are still what it would compute."""
+    rng = np.random.default_rng(sum(shape))
+    for image in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
+                  np.full(shape, 255, np.uint8), photo(size=(shape[1], shape[0]))):
+        whole, channels, structure, shift, diff = agreement._measure(image, image.copy())
+        known = agreement._identical(image)
+        assert (whole, channels, structure, shift) == known[:4]
+        assert all(type(a) is type(b) for a, b in zip((whole, structure, *channels, *shift), (*known[:1], known[2], *known[1], *known[3])))
+        assert diff.dtype == known[4].dtype and np.array_equal(diff, known[4])
+        assert judged(image.copy(), image) == judged(image, image)
+        assert judged(image.copy(), image).detail == "identical pixels"
+
+
+def test_what_verify_loads_before_its_hosts_holds_no_numpy_jinja2_or_report_modules() -> None:
+    """`provision verify --report DIR` reads the report's file names before any host, then runs
+    the verification: numpy (0.1 s), jinja2 and the report's modules load while the hosts work."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from provisioner.report import JSON_NAME\n"
+            "early = sorted(m for m in sys.modules if m.startswith(('provisioner.report.', 'PIL', 'numpy')))\n"
+            "import provisioner.verify.run\n"
+            "print(early, 'numpy' in sys.modules, 'jinja2' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "False", "False"], out
+
+
 def test_the_defaults_are_upstreams_floor_in_code_schema_and_profile() -> None:
     assert tolerances.upstream_psnr_floor(31) == pytest.approx(20.4)      # edit: expected 31 dB
     assert tolerances.upstream_psnr_floor(16) == pytest.approx(13.6)      # text-to-image: 16 dB

@@ -121,6 +121,21 @@ def test_hold_keeps_a_lock_until_the_block_exits(conn: LocalConnection, tmp_path
     assert conn.run(["flock", "-n", lock, "true"], check=False).exit_code == 0
 
 
+def test_a_held_command_let_go_early_ends_its_lines_at_once(conn: LocalConnection) -> None:
+    """`end()` from another thread: the command's stdin ends, it stops, and the lines run out without
+    waiting for a line it would only print much later (verify's nvidia-smi stream)."""
+    import threading
+    import time
+
+    with conn.hold(["sh", "-c", "echo first; cat >/dev/null; echo after-stdin"]) as lines:
+        assert next(lines) == "first"
+        started = time.monotonic()
+        threading.Timer(0.1, lines.end).start()
+        rest = list(lines)
+        took = time.monotonic() - started
+    assert rest == ["after-stdin"] and took < 2.0, (rest, took)
+
+
 def test_commands_run_with_the_hosts_environment_not_the_control_venvs(monkeypatch: pytest.MonkeyPatch,
                                                                           conn: LocalConnection) -> None:
     """An activated control venv (its bin/ first on PATH, VIRTUAL_ENV) does not leak into the host's

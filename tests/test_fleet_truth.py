@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -155,6 +156,60 @@ def test_the_first_run_makes_the_reference_from_the_classs_consensus_then_it_is_
     loose = agree({"a-noisy": host("a-noisy", scene(40, 1))}, ReferenceStore(tmp_path),
                   {"a-noisy": AgreementSpec(psnr_min_db=10, ssim_min=0.0)}, now="later")
     assert loose.verifications["a-noisy"].checks[-1].passed
+
+
+def test_each_host_is_judged_as_alone_whoever_made_the_reference_or_its_panel(tmp_path: Path) -> None:
+    """The reference's panel is made once for all its hosts, and the host it was made from is not
+    decoded again: every figure and panel is what a comparison of that host alone gives."""
+    from provisioner.report.references import Reference
+    from provisioner.verify.agreement import compare, decode
+
+    hosts = {"b": host("b", scene(1, 2)), "c": host("c", scene(1, 3)), "d": host("d", scene(9, 4))}
+    out = agree(hosts, ReferenceStore(tmp_path), {}, now="t")
+    (entry,) = json.loads((tmp_path / "references" / "index.json").read_text())["references"].values()
+    made = Reference.from_json(entry)
+    reference = decode((tmp_path / "references" / entry["file"]).read_bytes())
+    for name, ver in hosts.items():
+        (alone,) = [compare(reference, decode(ver.images[0].png), AgreementSpec(), key=KEY, prompt="a fox", seed=42,
+                            source=made)]
+        assert out.verifications[name].agreement == (alone,), name
+    maker = out.verifications[entry["host"]].agreement[0]
+    assert maker.detail == "identical pixels" and maker.panels[0] == maker.panels[1]
+
+
+def test_images_sketched_during_their_verification_are_judged_as_the_bare_ones(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verification sketches each kept image (shape, small copy, panel) while it runs: the fleet's
+    judgement then decodes no image to choose the reference, nor the reference itself when every
+    holder has its very bytes; the outcome is the one the bare images get."""
+    from dataclasses import replace
+
+    from provisioner.report import references
+    from provisioner.verify.agreement import sketch
+
+    def sketched(ver: HostVerification) -> HostVerification:
+        return replace(ver, images=tuple(replace(i, sketch=sketch(i.png)) for i in ver.images))
+
+    decoded: list[int] = []
+    real_decode = references.decode
+    monkeypatch.setattr(references, "decode", lambda png: decoded.append(len(png)) or real_decode(png))
+    fleets = [{"b": host("b", scene(1, 2)), "c": host("c", scene(1, 3)), "d": host("d", scene(9, 4)),
+               "x": host("x", scene(40), passed=False)},
+              {"solo": host("solo", scene(1, 2))}]
+    for n, hosts in enumerate(fleets):
+        bare = agree(hosts, ReferenceStore(tmp_path / f"bare{n}"), {}, now="t")
+        decoded.clear()
+        quick = agree({k: sketched(v) for k, v in hosts.items()}, ReferenceStore(tmp_path / f"sketched{n}"), {}, now="t")
+        assert quick.notes == bare.notes and quick.problems == bare.problems
+        assert {k: v.agreement for k, v in quick.verifications.items()} == \
+            {k: v.agreement for k, v in bare.verifications.items()}
+        assert {k: v.checks for k, v in quick.verifications.items()} == {k: v.checks for k, v in bare.verifications.items()}
+        # Decoded: each host that differs from the reference, and the reference once for them.
+        assert len(decoded) == (1 + len(hosts) - 1 if len(hosts) > 1 else 0)
+    # A later run against the kept reference: a host with other bytes decodes it and itself.
+    decoded.clear()
+    again = agree({"e": sketched(host("e", scene(1, 5)))}, ReferenceStore(tmp_path / "sketched0"), {}, now="t2")
+    assert again.verifications["e"].checks[-1].passed and len(decoded) == 2
 
 
 def test_promotion_replaces_the_reference_and_refuses_a_failed_host(tmp_path: Path) -> None:

@@ -162,6 +162,13 @@ def test_healthy_host_passes_with_timings_vram_and_images(comfy: Callable[..., C
     assert all(srv.state.history[r.prompt_id]["status"]["completed"] for r in result.runs)   # ComfyUI's ids
     assert all(r.image.ok and (r.image.width, r.image.height) == (512, 384) for r in result.runs)
     assert Image.open(io.BytesIO(cold.thumbnail)).size == (256, 192)
+    # The kept image was sketched for the agreement while the warm runs went: what it would make itself.
+    from provisioner.verify.agreement import sketch, sketch_of
+    (kept,) = result.images
+    made = sketch(kept.png)
+    assert sketch_of(kept) is kept.sketch and kept.sketch.shape == made.shape == (384, 512, 3)
+    assert kept.sketch.small.tobytes() == made.small.tobytes() and kept.sketch.small.shape == made.small.shape
+    assert kept.sketch.panel == made.panel and kept.sketch.panel.startswith(b"\x89PNG")
     assert result.comfyui_version == "0.3.64" and "RTX 3090" in result.device
     assert checks["device"].detail.startswith("ComfyUI runs on cuda:0 NVIDIA GeForce RTX 3090 : cudaMallocAsync: "
                                               "0: NVIDIA GeForce RTX 3090 GPU-")
@@ -412,6 +419,25 @@ def test_comfyui_gpu_picks_the_gpu_that_is_checked_sampled_and_reported(
     assert by_name(first)["vram_peak"].value == 30.0                # what that GPU holds, someone else's
 
 
+def test_the_vram_stream_stops_without_waiting_for_its_next_sample(gpu_state: Path) -> None:
+    """Leaving the stream lets nvidia-smi go at once: not at its next sample, an interval later
+    (0.15-0.2 s of every verification at the default 200 ms; 3 s here)."""
+    import time
+
+    from provisioner.verify.run import VramStream
+
+    sandbox_host.set_vram_used(gpu_state, 1234)
+    conn = LocalConnection(Host("gpu-01", transport="local"))
+    with VramStream(conn, None, 3000) as vram:
+        deadline = time.monotonic() + 10
+        while not vram.samples and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = time.monotonic()
+    took = time.monotonic() - left
+    assert [mib for _, mib in vram.samples] == [1234] and vram.error is None
+    assert took < 1.5, took
+
+
 def test_a_cuda_error_that_poisons_comfyui_says_a_restart_is_needed(comfy: Callable[..., ComfyServer],
                                                                     tmp_path: Path) -> None:
     later = by_name(run(comfy(poison_after=1).port, tmp_path, comfyui={"restart": {"systemd": "comfyui"}}))
@@ -448,6 +474,94 @@ def test_the_cold_run_is_cold_after_free_and_the_baseline_is_taken_after_it(comf
     cold, warm = again.runs
     assert cold.seconds_comfy >= 0.5 > warm.seconds_comfy            # loaded again: really cold
     assert again.figures.vram_baseline_gib == 0.25                   # measured once memory was released
+
+
+def test_the_node_list_is_read_while_free_takes_effect(comfy: Callable[..., ComfyServer], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """/free first, then /object_info while ComfyUI unloads, then the polls until it has: the node
+    list costs the verification no time of its own; the nodes are still checked."""
+    from provisioner.verify import comfyui
+
+    calls: list[str] = []
+    for name in ("free", "object_info", "system_stats", "queue_prompt"):
+        def wrapped(self: comfyui.ComfyClient, *a: Any, _orig: Any = getattr(comfyui.ComfyClient, name),
+                    _name: str = name, **k: Any) -> Any:
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(comfyui.ComfyClient, name, wrapped)
+    srv = comfy(unload_s=0.5)
+    run(srv.port, tmp_path, warm_runs=0)                             # models loaded: the next /free unloads
+    calls.clear()
+    conn = LocalConnection(Host("gpu-01", transport="local"))
+    # The caller's own work (`provision verify` loads the judgement's modules) goes there too.
+    result = verify_host(conn, profile_for(srv.port, tmp_path, None, None, warm_runs=0), host_facts(),
+                         workflow_graph=t2i_graph(), vram_interval_ms=50, while_freeing=lambda: calls.append("caller"))
+    assert result.passed and by_name(result)["nodes_registered"].passed, [c.line for c in result.checks]
+    assert calls[:4] == ["system_stats", "free", "object_info", "caller"]
+    polls = calls[4:calls.index("queue_prompt")]
+    assert len(polls) >= 2 and set(polls) == {"system_stats"}       # it was still unloading after the list
+    assert result.figures.vram_baseline_gib == 0.25
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, calls: list[str], names: tuple[str, ...]) -> None:
+    from provisioner.verify import comfyui
+
+    for name in names:
+        def wrapped(self: comfyui.ComfyClient, *a: Any, _orig: Any = getattr(comfyui.ComfyClient, name),
+                    _name: str = name, **k: Any) -> Any:
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(comfyui.ComfyClient, name, wrapped)
+
+
+def test_each_image_is_fetched_while_the_next_run_generates(comfy: Callable[..., ComfyServer], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's /system_stats reading comes before the next run is queued (its VRAM is its own);
+    its image after, while ComfyUI generates; every image is still fetched and checked."""
+    calls: list[str] = []
+    record_calls(monkeypatch, calls, ("queue_prompt", "wait", "system_stats", "view"))
+    srv = comfy()
+    result = run(srv.port, tmp_path, warm_runs=2)
+    assert result.passed, [c.line for c in result.checks]
+    runs = calls[calls.index("queue_prompt"):]
+    assert runs == ["queue_prompt", "wait", "system_stats", "queue_prompt", "view", "wait", "system_stats",
+                    "queue_prompt", "view", "wait", "system_stats", "view"]
+    assert [r.seed for r in result.runs] == [42, 43, 44] and all(r.image.ok for r in result.runs)
+    assert [c.name for c in result.checks][:6] == ["comfyui_reachable", "device", "nodes_registered",
+                                                   "custom_nodes_imported", "workflow_accepted", "comfyui_ready"]
+    saved = sorted(p.name for p in (srv.root / "output" / "provision_verify").glob("*.png"))
+    assert [name.split("_")[0] for name in saved] == ["00-cold", "01-warm", "02-warm"]
+
+
+def test_an_image_that_cannot_be_fetched_takes_the_queued_run_out_of_comfyui(
+        comfy: Callable[..., ComfyServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioner.errors import VerifyError
+    from provisioner.verify import comfyui
+
+    cancelled: list[str] = []
+    queued: list[str] = []
+    real_queue, real_cancel = comfyui.ComfyClient.queue_prompt, comfyui.ComfyClient.cancel
+
+    def queue(self: comfyui.ComfyClient, *a: Any, **k: Any) -> str:
+        queued.append(real_queue(self, *a, **k))
+        return queued[-1]
+
+    def cancel(self: comfyui.ComfyClient, prompt_id: str, *a: Any, **k: Any) -> Any:
+        cancelled.append(prompt_id)
+        return real_cancel(self, prompt_id, *a, **k)
+
+    def view(self: comfyui.ComfyClient, filename: str, *a: Any, **k: Any) -> bytes:
+        raise VerifyError(f"GET /view?filename={filename}: 404")
+
+    srv = comfy(warm_s=2.0)
+    monkeypatch.setattr(comfyui.ComfyClient, "queue_prompt", queue)
+    monkeypatch.setattr(comfyui.ComfyClient, "cancel", cancel)
+    monkeypatch.setattr(comfyui.ComfyClient, "view", view)
+    result = run(srv.port, tmp_path, warm_runs=1)
+    assert not result.passed and result.runs == ()
+    assert by_name(result)["verification"].detail.startswith("GET /view?filename=")
+    assert len(queued) == 2 and cancelled == [queued[1]]           # the warm run, queued meanwhile
+    assert srv.state.history.get(queued[1]) is None or not srv.state.history[queued[1]]["status"]["completed"]
 
 
 def test_console_table_and_checks_show_the_same_gib(comfy: Callable[..., ComfyServer], tmp_path: Path) -> None:

@@ -42,6 +42,19 @@ class Heartbeat:
         return self.every * self.missed
 
 
+class Held(Protocol):
+    """A held command's stdout lines (`Connection.hold`)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def __next__(self) -> str: ...
+
+    def end(self) -> None:
+        """From any thread: let the command go now (its stdin ends), so that the lines run out
+        as soon as it has stopped instead of with its next line; leaving the block still waits."""
+        ...
+
+
 class Pipe(Protocol):
     """One started supervisor (remote/supervise.py), as a transport hands it to supervised.py."""
 
@@ -243,11 +256,11 @@ class Connection(Protocol):
         """Forward a free local port to `remote_host:remote_port` as seen from the host; yields it."""
         ...
 
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Held]:
         """Start a long-lived command (a lock holder) and keep it alive for the `with` block.
 
-        Yields an iterator over its stdout lines; leaving the block closes its stdin, so the
-        command ends, and so does it if this process dies or its heartbeat stops (the lock
+        Yields an iterator over its stdout lines (`Held.end` lets it go early); leaving the block
+        closes its stdin, so the command ends, and so does it if this process dies or its heartbeat stops (the lock
         cannot go stale, not even behind a network partition).
         """
         ...

@@ -11,12 +11,12 @@ an argument; without one, `sudo -n` fails at once rather than waiting for a prom
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from provisioner import remote
 from provisioner.connection import supervised
-from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Pipe, Result, Stats
+from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Held, Pipe, Result, Stats
 from provisioner.connection.supervised import GRACE_S
 from provisioner.errors import ConnectError
 
@@ -94,7 +94,7 @@ class BecomeConnection(supervised.Relayed):
     def tunnel(self, remote_port: int, remote_host: str = "127.0.0.1") -> AbstractContextManager[int]:
         return self.inner.tunnel(remote_port, remote_host)
 
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Held]:
         return supervised.hold(self, argv)
 
     def lost(self) -> str | None:

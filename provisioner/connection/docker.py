@@ -9,12 +9,12 @@ included, so either one stops what it runs when the controller goes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from provisioner import remote
 from provisioner.connection import supervised
-from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Pipe, Stats
+from provisioner.connection.base import LAUNCH, Connection, Frame, Heartbeat, Held, Pipe, Stats
 from provisioner.connection.supervised import GRACE_S
 
 # One separator per network: the format of the brief glues several IPs together.
@@ -69,7 +69,7 @@ class DockerConnection(supervised.Relayed):
             self._ip = (out.split() or ["127.0.0.1"])[0]
         return self._ip
 
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Held]:
         return supervised.hold(self, argv)
 
     def lost(self) -> str | None:

@@ -12,14 +12,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO
 
 from provisioner import remote
 from provisioner.connection import supervised
 from provisioner.connection.base import Frame, ProgressCallback, Result, Stats, copy_stream, signal_name
-from provisioner.connection.base import Connection, Heartbeat
+from provisioner.connection.base import Connection, Heartbeat, Held
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
@@ -82,7 +82,7 @@ class LocalConnection:
     def run(self, argv: Sequence[str], **options: Any) -> Result:
         return supervised.run(self, argv, **options)
 
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Held]:
         return supervised.hold(self, argv)
 
     def abort(self, reason: str) -> None:

@@ -14,7 +14,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO
 
@@ -28,7 +28,7 @@ from provisioner.connection.base import (LOGIN_LINE, Frame, ProgressCallback, Re
 from provisioner.connection.forward import forward
 from provisioner.connection.options import ConnectOptions, load_ssh_config, resolve
 from provisioner.connection.reach import PACKET, TRANSPORT_ERRORS, WINDOW, Reacher, reason
-from provisioner.connection.base import Connection, Heartbeat
+from provisioner.connection.base import Connection, Heartbeat, Held
 from provisioner.errors import CommandError, ConnectError
 from provisioner.config.inventory import Host
 
@@ -103,7 +103,7 @@ class SshConnection:
     def run(self, argv: Sequence[str], **options: Any) -> Result:
         return supervised.run(self, argv, **options)
 
-    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+    def hold(self, argv: Sequence[str]) -> AbstractContextManager[Held]:
         return supervised.hold(self, argv)
 
     def abort(self, reason: str) -> None:

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from provisioner import remote
-from provisioner.connection.base import (Connection, Frame, Heartbeat, Pipe, ProgressCallback, Result,
+from provisioner.connection.base import (Connection, Frame, Heartbeat, Held, Pipe, ProgressCallback, Result,
                                       put_through_stdin, signal_number)
 from provisioner.errors import CommandError, ConnectError
 
@@ -90,7 +90,7 @@ def run(conn: Connection, argv: Sequence[str], *, stdin: bytes | None = None,
     return result
 
 
-def hold(conn: Connection, argv: Sequence[str]) -> AbstractContextManager[Iterator[str]]:
+def hold(conn: Connection, argv: Sequence[str]) -> AbstractContextManager[Held]:
     """`Connection.hold` of every transport: the supervisor started by `conn.launch`, kept."""
     argv = tuple(argv)
     pipe, outer = conn.launch(argv)
@@ -211,7 +211,7 @@ def _result(host: str, argv: tuple[str, ...], frames: Sequence[Frame], out: byte
 
 @contextmanager
 def _keep(pipe: Pipe, argv: tuple[str, ...], *, heartbeat: Heartbeat, lost: Callable[[], str | None],
-          outer: Sequence[Frame] = ()) -> Iterator[Iterator[str]]:
+          outer: Sequence[Frame] = ()) -> Iterator[Held]:
     """Keep `argv` running for the block; yields its stdout lines. Leaving the block ends its
     stdin (it may end by itself, and is stopped `GRACE_S` later); so does losing the controller."""
     frame = Frame()
@@ -247,15 +247,32 @@ def _keep(pipe: Pipe, argv: tuple[str, ...], *, heartbeat: Heartbeat, lost: Call
         if not reader.over and (why := lost()):
             raise ConnectError(why)
 
+    def end() -> None:
+        done.set()
+        pipe.close_stdin()
+
     for target in (feed, drain_stderr):
         threading.Thread(target=target, daemon=True).start()
     try:
-        yield lines()
+        yield _Held(lines(), end)
     finally:
         done.set()
         pipe.close_stdin()              # the holder's stdin ends: it lets go...
         pipe.wait(GRACE_S + 1)          # ...and is gone before we go on
         pipe.close()
+
+
+class _Held:
+    """`Held`: a held command's lines, and `end` to let it go before the block is left."""
+
+    def __init__(self, lines: Iterator[str], end: Callable[[], None]) -> None:
+        self._lines, self.end = lines, end
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._lines)
 
 
 class Relayed:

@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from provisioner import secrets
 from provisioner.config import bounded
 from provisioner.errors import ProvisionError
-from provisioner.report.adapt import from_exception, from_verification, versions_from
-from provisioner.report.compare import compare, read_previous, read_previous_file, with_comparison
-from provisioner.report.files import write_atomic
-from provisioner.report.html import render_html
-from provisioner.report.json_report import dumps, report_to_json
-from provisioner.report.junit import render_junit
-from provisioner.report.model import (
-    REPORT_VERSION,
-    Flag,
-    FleetReport,
-    HostEntry,
-    HostReport,
-    Summary,
-    build_report,
-)
+
+if TYPE_CHECKING:
+    from provisioner.report.adapt import from_exception, from_verification, versions_from
+    from provisioner.report.compare import read_previous, read_previous_file, with_comparison
+    from provisioner.report.files import write_atomic
+    from provisioner.report.html import render_html
+    from provisioner.report.json_report import dumps, report_to_json
+    from provisioner.report.junit import render_junit
+    from provisioner.report.model import (
+        REPORT_VERSION,
+        Flag,
+        FleetReport,
+        HostEntry,
+        HostReport,
+        Summary,
+        build_report,
+    )
+
+# The names this package offers, each loaded from its module on first use (PEP 562): `provision
+# verify --report DIR` reads the file names below before it reaches a host, and the rest (the
+# verification's checks, Pillow, XML) loads while the hosts are verified.
+_FROM = {name: module for module, names in (
+    ("adapt", ("from_exception", "from_verification", "versions_from")),
+    ("compare", ("read_previous", "read_previous_file", "with_comparison")),
+    ("files", ("write_atomic",)),
+    ("html", ("render_html",)),
+    ("json_report", ("dumps", "report_to_json")),
+    ("junit", ("render_junit",)),
+    ("model", ("REPORT_VERSION", "Flag", "FleetReport", "HostEntry", "HostReport", "Summary", "build_report")),
+) for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _FROM.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 JSON_NAME, PREVIOUS_NAME, HTML_NAME, JUNIT_NAME = "report.json", "report.previous.json", "report.html", "junit.xml"
 
@@ -50,6 +77,12 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
     """Write report.json, report.html, junit.xml into `directory` (created), compared with the
     report.json already there (unless `compared`: the report was compared with another already),
     which is kept as report.previous.json."""
+    from provisioner.report.compare import read_previous, with_comparison
+    from provisioner.report.files import write_atomic
+    from provisioner.report.html import render_html
+    from provisioner.report.json_report import dumps
+    from provisioner.report.junit import render_junit
+
     where = Path(directory)
     try:
         where.mkdir(parents=True, exist_ok=True)
@@ -77,7 +110,7 @@ def write_report(directory: str | os.PathLike[str], report: FleetReport, *, comp
 
 __all__ = [
     "REPORT_VERSION", "Flag", "FleetReport", "HostEntry", "HostReport", "ReportPaths", "Summary",
-    "build_report", "compare", "dumps", "from_exception", "from_verification", "read_previous", "read_previous_file",
+    "build_report", "dumps", "from_exception", "from_verification", "read_previous", "read_previous_file",
     "render_html", "render_junit", "report_to_json", "versions_from", "with_comparison",
     "write_report",
 ]

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 from functools import lru_cache
 from pathlib import Path
-
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+from typing import TYPE_CHECKING
 
 from provisioner.report.model import FleetReport, HostReport
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 TEMPLATES = Path(__file__).with_name("templates")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,11 +47,19 @@ def _data_uri(png: bytes) -> str:
 @lru_cache(maxsize=1)
 def _template() -> Template:
     # Autoescape everywhere: host names, prompts, error strings and details come from hosts and
-    # profiles, and the page must stay inert whatever they contain.
+    # profiles, and the page must stay inert whatever they contain. jinja2 is imported here, not with
+    # the package: `provision verify` reads a report folder's report.json before it reaches its hosts.
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(seconds=_seconds, gib=_gib, mib=_mib, number=_number)
     return env.get_template("report.html.j2")
+
+
+def prepare() -> None:
+    """Compile the page's template now (0.04 s), in a thread while the hosts are verified."""
+    _template()
 
 
 def _thumbnails(host: HostReport) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from provisioner.config.model import ClassSpeedSpec
 from provisioner.errors import ProvisionError
 from provisioner.report.fleet import FleetFlag, Group, judge
-from provisioner.verify.agreement import Agreement
+from provisioner.verify.kept import Agreement
 from provisioner.verify.checks import Check, Figures, HostVerification, Ladder, RunResult, ladder
 from provisioner.verify.fingerprint import Fingerprint
 

@@ -26,14 +26,16 @@ from provisioner.errors import ProvisionError
 from provisioner.report.files import write_atomic
 from provisioner.verify import checks
 from provisioner.verify.agreement import (
-    PANEL_PX,
     Agreement,
     KeyedImage,
     NotAnImage,
     Reference,
+    Sketch,
     compare,
+    compare_same,
     decode,
     medoid,
+    sketch_of,
 )
 from provisioner.verify.checks import HostVerification
 from provisioner.verify.fingerprint import class_slug
@@ -117,10 +119,6 @@ class Outcome:
     problems: tuple[str, ...]                         # a promotion that could not be done
 
 
-def _small(rgb: np.ndarray) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX)))
-
-
 def _image(verification: HostVerification, key: str) -> KeyedImage | None:
     return next((i for i in verification.images if i.key == key), None)
 
@@ -134,10 +132,10 @@ def _choose(key: str, holders: Sequence[tuple[str, HostVerification]]) -> str | 
         if image is None or not ver.passed:
             continue
         try:
-            rgb = decode(image.png)
+            seen = sketch_of(image)
         except NotAnImage:
             continue
-        candidates.append((name, rgb.shape, _small(rgb)))
+        candidates.append((name, seen.shape, seen.small))
     if not candidates:
         return None
     shapes = [c[1] for c in candidates]
@@ -189,17 +187,21 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
                              + (" for this slice only (`provision report merge` makes the fleet's)"
                                 if store.read_only else ""))
             reference = None
-            if current is not None:
+            # Not decoded when every holder's image is the reference's own bytes, sketched while its
+            # host was verified (decodable, then, and judged from the sketch).
+            if current is not None and not all(_same_sketched(image, current[1]) for _, ver in holders
+                                                  if (image := _image(ver, key)) is not None):
                 try:
                     reference = decode(current[1])
                 except NotAnImage:
                     problems.append(f"the reference {store.root / class_slug(gpu_class) / key}.png is not an "
                                     "image: promote a host's images to replace it")
+            panel: list[bytes] = []         # the reference's report panel, made once for every holder
             for name, ver in holders:
                 image = _image(ver, key)
                 if image is None:
                     continue
-                found[name].append(_judge(image, reference, current[0] if current else None, specs.get(name)))
+                found[name].append(_judge(image, reference, current, specs.get(name), panel))
     for name, agreements in found.items():
         ver = out[name]
         out[name] = replace(ver, checks=ver.checks + (checks.image_agreement(agreements),),
@@ -207,14 +209,32 @@ def agree(verifications: Mapping[str, HostVerification], store: ReferenceStore |
     return Outcome(out, tuple(notes), tuple(problems))
 
 
-def _judge(image: KeyedImage, reference: np.ndarray | None, source: Reference | None,
-           spec: AgreementSpec | None) -> Agreement:
-    if reference is None or source is None:
+def _same_sketched(image: KeyedImage, reference_png: bytes) -> bool:
+    return isinstance(image.sketch, Sketch) and image.png == reference_png
+
+
+def _judge(image: KeyedImage, reference: np.ndarray | None, current: tuple[Reference, bytes] | None,
+           spec: AgreementSpec | None, panel: list[bytes]) -> Agreement:
+    """`image` against the `reference` decoded from `current`'s PNG (None: not decoded, or not an
+    image); `panel`: the reference's report panel once a host's comparison made it (filled here
+    for the next)."""
+    if current is None or (reference is None and not _same_sketched(image, current[1])):
         return Agreement(image.key, image.prompt, image.seed, None, True,
                          "no reference yet: no host of this GPU class passed every other check")
-    try:
-        rgb = decode(image.png)
-    except NotAnImage as err:
-        return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
-    return compare(reference, rgb, spec or AgreementSpec(), key=image.key, prompt=image.prompt,
-                   seed=image.seed, source=source)
+    source, reference_png = current
+    seen = image.sketch if isinstance(image.sketch, Sketch) else None
+    thresholds = spec or AgreementSpec()
+    if seen is not None and image.png == reference_png:    # the host it was made from, or its twin
+        found = compare_same(seen, thresholds, key=image.key, prompt=image.prompt, seed=image.seed, source=source)
+    else:
+        assert reference is not None
+        try:
+            rgb = reference if image.png == reference_png else decode(image.png)
+        except NotAnImage as err:
+            return Agreement(image.key, image.prompt, image.seed, source, False, f"not a readable image ({err})")
+        found = compare(reference, rgb, thresholds, key=image.key, prompt=image.prompt, seed=image.seed,
+                        source=source, reference_panel=panel[0] if panel else None,
+                        image_panel=seen.panel if seen is not None else None)
+    if not panel:
+        panel.append(found.panels[0])
+    return found

@@ -25,7 +25,7 @@ from provisioner.report.adapt import from_verification
 from provisioner.report.files import write_atomic
 from provisioner.report.model import HostEntry
 from provisioner.report.references import Outcome, ReferenceStore, agree
-from provisioner.verify.agreement import KeyedImage
+from provisioner.verify.kept import KeyedImage
 from provisioner.verify.checks import HostVerification
 
 FOLDER, FILE, VERSION = "slice", "entries.json", 1

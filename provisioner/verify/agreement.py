@@ -11,21 +11,21 @@ upstream's in catalog/tolerances.py (docs/fleet.md).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import io
-import json
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import AgreementSpec
+from provisioner.verify.images import encode_png
+# The records live in kept.py (no numpy); they are this module's too.
+from provisioner.verify.kept import Agreement, KeyedImage, Reference, image_key
+
+__all__ = ["DIFF_GAIN", "PANEL_PX", "PSNR_IDENTICAL_DB", "Agreement", "KeyedImage", "NotAnImage", "Reference",
+           "Sketch", "compare", "compare_same", "decode", "image_key", "luminance", "medoid", "psnr", "sketch", "sketch_of", "ssim"]
 
 PSNR_IDENTICAL_DB = 100.0      # identical pixels: PSNR is infinite; reported as this
 _PEAK = 255.0
@@ -36,26 +36,31 @@ PANEL_PX = 256                 # the report's side-by-side pictures
 DIFF_GAIN = 4                  # the difference picture's |host - reference| is amplified this much
 
 
-@dataclass(frozen=True)
-class KeyedImage:
-    """A verification image kept whole for the comparison: the first run of each prompt."""
-
-    key: str                  # prompt, seed and workflow: what must give the same picture
-    prompt: str
-    seed: int
-    png: bytes
-
-
-def image_key(prompt: str, seed: int, graph: Mapping[str, Any]) -> str:
-    """`a-red-fox-in-the-snow-photograph-seed42-1f2e3d4c5b`: a file name that changes whenever the
-    picture legitimately would (the prompt, the seed, any setting of the workflow as sent)."""
-    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "prompt"
-    canonical = json.dumps(graph, sort_keys=True, separators=(",", ":"), default=str)
-    return f"{slug}-seed{seed}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
-
-
 class NotAnImage(ValueError):
     """The bytes are not an image Pillow can decode."""
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """What the fleet's judgement needs of an image besides its pixels (references.py): its shape,
+    a copy at most PANEL_PX on a side (reduced as Pillow's `reduce` does) to choose a reference
+    with, and its report panel."""
+
+    shape: tuple[int, ...]
+    small: np.ndarray
+    panel: bytes
+
+
+def sketch(png: bytes) -> Sketch:
+    """Raises NotAnImage."""
+    rgb = decode(png)
+    small = np.asarray(Image.fromarray(rgb, "RGB").reduce(max(1, max(rgb.shape[:2]) // PANEL_PX)))
+    return Sketch(rgb.shape, small, _png(rgb))
+
+
+def sketch_of(image: KeyedImage) -> Sketch:
+    """The sketch made while the image's host was verified, else made now. Raises NotAnImage."""
+    return image.sketch if isinstance(image.sketch, Sketch) else sketch(image.png)
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -69,7 +74,10 @@ def decode(png: bytes) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB over every value of two same-shaped uint8 arrays."""
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
+    return _db(float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)))
+
+
+def _db(mse: float) -> float:
     return PSNR_IDENTICAL_DB if mse == 0 else min(PSNR_IDENTICAL_DB, 10 * math.log10(_PEAK ** 2 / mse))
 
 
@@ -105,85 +113,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / den, dtype=np.float64))
 
 
-@dataclass(frozen=True)
-class Reference:
-    """Where a GPU class's reference image came from (the store's index entry, as verify sees it)."""
-
-    gpu_class: str
-    key: str
-    host: str
-    created_at: str
-    promoted: bool = False             # chosen by `--promote-reference`, not by the first good run
-
-    def to_json(self) -> dict[str, Any]:
-        return {"gpu_class": self.gpu_class, "key": self.key, "host": self.host,
-                "created_at": self.created_at, "promoted": self.promoted}
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Reference:
-        return cls(str(raw.get("gpu_class", "")), str(raw.get("key", "")), str(raw.get("host", "")),
-                   str(raw.get("created_at", "")), bool(raw.get("promoted")))
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """One host image against its class's reference for the same prompt and seed."""
-
-    key: str
-    prompt: str
-    seed: int
-    reference: Reference | None
-    passed: bool
-    detail: str
-    size: tuple[int, int] = (0, 0)                  # the host image's (width, height)
-    reference_size: tuple[int, int] = (0, 0)
-    psnr_db: float | None = None                    # None: not compared (no reference, other size)
-    psnr_channel_min_db: float | None = None        # the worst of R, G, B alone
-    ssim: float | None = None
-    mean_shift: tuple[float, float, float] | None = None   # host minus reference, per channel, 0-255
-    panels: tuple[bytes, bytes, bytes] = (b"", b"", b"")   # reference, host, difference (PNGs, small)
-
-    def to_json(self, *, panels: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "key": self.key, "prompt": self.prompt, "seed": self.seed,
-            "reference": None if self.reference is None else self.reference.to_json(),
-            "passed": self.passed, "detail": self.detail, "width": self.size[0], "height": self.size[1],
-            "reference_width": self.reference_size[0], "reference_height": self.reference_size[1],
-            "psnr_db": self.psnr_db, "psnr_channel_min_db": self.psnr_channel_min_db, "ssim": self.ssim,
-            "mean_shift": None if self.mean_shift is None else list(self.mean_shift)}
-        if panels:
-            out["panels_png_base64"] = [base64.b64encode(p).decode() for p in self.panels]
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Agreement:
-        def number(key: str) -> float | None:
-            value = raw.get(key)
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-        try:
-            panels = tuple(base64.b64decode(p or "", validate=True) for p in raw.get("panels_png_base64") or ())
-        except (binascii.Error, ValueError, TypeError):
-            panels = ()
-        shift = raw.get("mean_shift")
-        seed = raw.get("seed")
-        return cls(str(raw.get("key", "")), str(raw.get("prompt", "")),
-                   seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
-                   Reference.from_json(raw["reference"]) if isinstance(raw.get("reference"), Mapping) else None,
-                   bool(raw.get("passed")), str(raw.get("detail", "")),
-                   (int(raw.get("width") or 0), int(raw.get("height") or 0)),
-                   (int(raw.get("reference_width") or 0), int(raw.get("reference_height") or 0)),
-                   number("psnr_db"), number("psnr_channel_min_db"), number("ssim"),
-                   tuple(float(v) for v in shift) if isinstance(shift, list) and len(shift) == 3 else None,  # type: ignore[arg-type]
-                   panels if len(panels) == 3 else (b"", b"", b""))  # type: ignore[arg-type]
-
-
 def _png(rgb: np.ndarray, max_px: int = PANEL_PX) -> bytes:
     img = Image.fromarray(rgb, "RGB")
     img.thumbnail((max_px, max_px))
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+    return encode_png(img)
 
 
 def _size(rgb: np.ndarray) -> tuple[int, int]:
@@ -191,33 +124,77 @@ def _size(rgb: np.ndarray) -> tuple[int, int]:
 
 
 def compare(reference: np.ndarray, image: np.ndarray, thresholds: AgreementSpec, *, key: str, prompt: str,
-            seed: int, source: Reference | None) -> Agreement:
-    """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`."""
+            seed: int, source: Reference | None, reference_panel: bytes | None = None,
+            image_panel: bytes | None = None) -> Agreement:
+    """`image` against `reference` (both H x W x 3 uint8), judged under `thresholds`.
+    `reference_panel`, `image_panel`: their report panels, made already (the reference's is the
+    same for every host; the image's was made while its host was verified)."""
     size, ref_size = _size(image), _size(reference)
+    same = image is reference or (size == ref_size and np.array_equal(image, reference))
+    ref_panel = _png(reference) if reference_panel is None else reference_panel
+    if image_panel is None:
+        image_panel = ref_panel if same else _png(image)
     if size != ref_size:
         return Agreement(key, prompt, seed, source, False,
                          f"size {size[0]}x{size[1]}, the reference is {ref_size[0]}x{ref_size[1]}",
-                         size, ref_size, panels=(_png(reference), _png(image), b""))
-    whole = psnr(reference, image)
-    worst = min(psnr(reference[..., c], image[..., c]) for c in range(3))
-    structure = ssim(luminance(reference), luminance(image))
-    shift = tuple(round(float(image[..., c].mean(dtype=np.float64) - reference[..., c].mean(dtype=np.float64)), 2)
-                  for c in range(3))
+                         size, ref_size, panels=(ref_panel, image_panel, b""))
+    # The host the reference was made from, and in a fleet of one GPU class often many more, gives
+    # the same pixels: their figures are known without the arithmetic (a tenth of a second a host).
+    figures = _identical(image) if same else _measure(reference, image)
+    return _verdict(figures, thresholds, key, prompt, seed, source, size, (ref_panel, image_panel))
+
+
+def compare_same(seen: Sketch, thresholds: AgreementSpec, *, key: str, prompt: str, seed: int,
+                 source: Reference | None) -> Agreement:
+    """`compare` of an image whose bytes are the reference's own, from its sketch: the same pixels,
+    so the same Agreement, without decoding either."""
+    size = (seen.shape[1], seen.shape[0])
+    return _verdict(_identical(np.zeros(seen.shape, np.uint8)), thresholds, key, prompt, seed, source, size,
+                    (seen.panel, seen.panel))
+
+
+def _verdict(figures: _Figures, thresholds: AgreementSpec, key: str, prompt: str, seed: int,
+             source: Reference | None, size: tuple[int, int], panels: tuple[bytes, bytes]) -> Agreement:
+    whole, channels, structure, shift, diff = figures
+    worst = min(channels)
     problems = []
     if whole < thresholds.psnr_min_db:
         problems.append(f"PSNR {whole:.1f} dB < {thresholds.psnr_min_db:g} dB")
     elif worst < thresholds.psnr_min_db:
-        channel = "RGB"[min(range(3), key=lambda c: psnr(reference[..., c], image[..., c]))]
+        channel = "RGB"[channels.index(worst)]
         problems.append(f"{channel} channel PSNR {worst:.1f} dB < {thresholds.psnr_min_db:g} dB "
                         f"(mean colour shift R {shift[0]:+.0f} G {shift[1]:+.0f} B {shift[2]:+.0f})")
     if structure < thresholds.ssim_min:
         problems.append(f"SSIM {structure:.3f} < {thresholds.ssim_min:g}")
-    figures = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
-               f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
+    text = ("identical pixels" if whole == PSNR_IDENTICAL_DB else
+            f"PSNR {whole:.1f} dB (worst channel {worst:.1f}), SSIM {structure:.3f}")
+    return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else text,
+                     size, size, round(whole, 2), round(worst, 2), round(structure, 4),
+                     shift, (*panels, _png(diff)))
+
+
+_Figures = tuple[float, list[float], float, tuple[float, float, float], np.ndarray]
+
+
+def _measure(reference: np.ndarray, image: np.ndarray) -> _Figures:
+    """PSNR of the whole and of each channel, SSIM, the mean colour shift, the difference picture."""
+    # psnr's squared errors, once for the whole image and its channels (each made contiguous, as
+    # psnr's own copy of a channel is: the same sums, so the same figures).
+    squared = (reference.astype(np.float32) - image.astype(np.float32)) ** 2
+    whole = _db(float(np.mean(squared)))
+    channels = [_db(float(np.mean(np.ascontiguousarray(squared[..., c])))) for c in range(3)]
+    structure = ssim(luminance(reference), luminance(image))
+    r, g, b = (round(float(image[..., c].mean(dtype=np.float64) - reference[..., c].mean(dtype=np.float64)), 2)
+               for c in range(3))
     diff = np.clip(np.abs(image.astype(np.int16) - reference.astype(np.int16)) * DIFF_GAIN, 0, 255).astype(np.uint8)
-    return Agreement(key, prompt, seed, source, not problems, "; ".join(problems) if problems else figures,
-                     size, ref_size, round(whole, 2), round(worst, 2), round(structure, 4),
-                     shift, (_png(reference), _png(image), _png(diff)))  # type: ignore[arg-type]
+    return whole, channels, structure, (r, g, b), diff
+
+
+def _identical(image: np.ndarray) -> _Figures:
+    """What `_measure` gives for two equal images, exactly (tests/test_agreement.py holds it): no
+    error, so PSNR_IDENTICAL_DB; SSIM 1.0, its numerator and denominator then being the same
+    products; no shift; a black difference picture."""
+    return PSNR_IDENTICAL_DB, [PSNR_IDENTICAL_DB] * 3, 1.0, (0.0, 0.0, 0.0), np.zeros_like(image)
 
 
 def medoid(candidates: Sequence[tuple[str, np.ndarray]]) -> str:

@@ -13,7 +13,7 @@ import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from provisioner.catalog.models import NodeRequirement
 from provisioner.config.model import Thresholds
@@ -21,9 +21,8 @@ from provisioner.facts.model import Facts, Gpu
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.verify.fingerprint import Fingerprint
 from provisioner.verify.images import ImageCheck
+from provisioner.verify.kept import Agreement, KeyedImage
 
-if TYPE_CHECKING:       # numpy's import (agreement.py) is a tenth of a second an apply without images never needs
-    from provisioner.verify.agreement import Agreement, KeyedImage
 
 # CUDA errors that poison the process: once a kernel faulted, every later CUDA call of that
 # process fails the same way, so only a restart brings ComfyUI back.
@@ -259,7 +258,6 @@ class HostVerification:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> HostVerification:
         """Back from `to_json` (figures are recomputed from the runs, never trusted from the file)."""
-        from provisioner.verify.agreement import Agreement     # with numpy: only where a report is read
         return cls(str(raw.get("host", "")), tuple(Check.from_json(c) for c in raw.get("checks") or ()),
                    tuple(RunResult.from_json(r) for r in raw.get("runs") or ()),
                    raw.get("comfyui_version"), raw.get("device"), _mib(raw.get("vram_peak_mib")),

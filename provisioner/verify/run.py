@@ -8,7 +8,9 @@ rungs of a ladder (checks.LADDER), climbed in order: a rung that fails stops the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import threading
 import time
@@ -19,16 +21,16 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from provisioner.config.model import Profile
-from provisioner.connection.base import Connection
+from provisioner.connection.base import Connection, Held
 from provisioner.errors import ProvisionError, VerifyError
 from provisioner.facts.model import Facts
 from provisioner.resources import service, units
 from provisioner.verify import checks, graph as graphs
-from provisioner.verify.agreement import KeyedImage, image_key
+from provisioner.verify.kept import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
 from provisioner.verify.checks import Check, HostVerification, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
-from provisioner.verify.images import ImageCheck, check_image, thumbnail
+from provisioner.verify.images import ImageCheck, look
 
 INPUT_NAME = "provision_verify_input.png"   # where a given input image is uploaded (input/)
 OUTPUT_PREFIX = "provision_verify"
@@ -56,11 +58,13 @@ class VramStream:
         self.samples: list[tuple[float, int]] = []
         self.error: str | None = None
         self._stop = threading.Event()
+        self._held: Held | None = None
         self._thread = threading.Thread(target=self._read, name=f"vram-{conn.name}", daemon=True)
 
     def _read(self) -> None:
         try:
             with self.conn.hold(self.argv) as lines:
+                self._held = lines
                 for line in lines:
                     text = line.strip()
                     if text.isdigit():
@@ -80,6 +84,11 @@ class VramStream:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        # Once it has given a sample, nvidia-smi is let go at once rather than at its next sample
+        # (up to an interval later); a sample arriving after the last generation ended counted for
+        # none of them. With none yet, the first is still waited for, as before.
+        if self.samples and self._held is not None:
+            self._held.end()
         self._thread.join(timeout=15)
 
     def peak(self, start: float, end: float) -> int | None:
@@ -97,6 +106,16 @@ def _size(png: bytes | None) -> tuple[int, int] | None:
         return None                           # not an image: ComfyUI's LoadImage will say so
 
 
+def _sketch(png: bytes) -> object:
+    """agreement.sketch, or None for what is no image (the agreement says so when it decodes it)."""
+    from provisioner.verify import agreement     # numpy: loaded by then, while ComfyUI generates
+
+    try:
+        return agreement.sketch(png)
+    except agreement.NotAnImage:
+        return None
+
+
 def _max(*values: int | None) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
@@ -104,8 +123,11 @@ def _max(*values: int | None) -> int | None:
 
 def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None], *,
                 workflow_graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
-                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS) -> HostVerification:
+                input_image: bytes | None = None, vram_interval_ms: int = VRAM_INTERVAL_MS,
+                while_freeing: Callable[[], None] | None = None) -> HostVerification:
     """Run every check against the ComfyUI of `conn`'s host. Never raises for a host's failure.
+    `while_freeing`: called (after ComfyUI's node list is read) while the cold start's /free takes
+    effect, a wait of the host's own: the caller's work that should not compete with the connect.
 
     `facts` may be a function that waits for them (raising what stopped them), and `workflow_graph`
     one that renders it from them: then the tunnel, ComfyUI's first answers and the cold start's /free wait (none of which
@@ -118,7 +140,7 @@ def verify_host(conn: Connection, profile: Profile, facts: Facts | None | Callab
     """
     spec = profile.comfyui
     where = f"{spec.local_host}:{spec.port}"
-    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms)
+    run = _Verification(conn, profile, facts, workflow_graph, input_image, where, vram_interval_ms, while_freeing)
     try:
         with conn.tunnel(spec.port, spec.local_host) as port, \
                 ComfyClient(f"http://127.0.0.1:{port}", timeout=60.0,
@@ -144,8 +166,10 @@ class _Verification:
 
     def __init__(self, conn: Connection, profile: Profile, facts: Facts | None | Callable[[], Facts | None],
                  graph: Mapping[str, Any] | Callable[[Facts], Mapping[str, Any]],
-                 input_image: bytes | None, where: str, interval_ms: int) -> None:
+                 input_image: bytes | None, where: str, interval_ms: int,
+                 while_freeing: Callable[[], None] | None = None) -> None:
         self.conn, self.profile = conn, profile
+        self._while_freeing = while_freeing
         self._sources = (facts, graph)
         self._resolved = False
         self.facts: Facts | None = None
@@ -187,10 +211,9 @@ class _Verification:
         self.stats = stats
         self.version = (stats.get("system") or {}).get("comfyui_version")
         self.device = checks.device_name(stats)
-        self.object_info = self.client.object_info()
-        # Before the facts are needed: releasing the models takes ComfyUI a while. Nothing that
-        # follows loads a model before the first generation.
-        self._cold_note = self._cold_start()
+        # Before the facts are needed: releasing the models takes ComfyUI a while (its node list is
+        # read meanwhile). Nothing that follows loads a model before the first generation.
+        self._cold_note = self._cold_start(meanwhile=self._meanwhile)
         self.resolve()
         self.found.append(checks.device(stats, self.facts))
         self.found.append(checks.nodes(
@@ -256,10 +279,17 @@ class _Verification:
                 source = None                        # ComfyUI's validation will name the missing file
         return graph, graphs.expected_size(graph, _size(source))
 
-    def _cold_start(self) -> str:
-        """POST /free, then wait until ComfyUI really released the models: ComfyUI applies /free
-        only between prompts, and unloading takes time. Returns a note when it did not."""
+    def _meanwhile(self) -> None:
+        self.object_info = self.client.object_info()
+        if self._while_freeing is not None:
+            self._while_freeing()
+
+    def _cold_start(self, meanwhile: Callable[[], None]) -> str:
+        """POST /free, then (after `meanwhile`, while it takes effect) wait until ComfyUI really
+        released the models: ComfyUI applies /free only between prompts, and unloading takes
+        time. Returns a note when it did not."""
         self.client.free(unload_models=True, free_memory=True)
+        meanwhile()
         started = time.monotonic()
         first = last = None
         last_drop = started
@@ -286,14 +316,18 @@ class _Verification:
                   no_vram: str) -> None:
         # Each image is judged and thumbnailed in a thread while ComfyUI makes the next one (about
         # 0.1 s of the controller's CPU per 1024 px image, no longer between two generations).
+        # The first image of each prompt, kept for the agreement, is sketched there too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"images-{self.conn.name}") as pool:
             looks: list[Future[tuple[ImageCheck, bytes]]] = []
+            sketches: list[Future[object]] = []
             try:
-                done = self._generations(graph, vram, lambda png: looks.append(
-                    pool.submit(lambda: (check_image(png, size), thumbnail(png)))))
+                done = self._generations(graph, vram, lambda png: looks.append(pool.submit(look, png, size)),
+                                         lambda png: sketches.append(pool.submit(_sketch, png)))
             finally:
                 self.runs = [dataclasses.replace(run, image=image, thumbnail=thumb)
                              for run, (image, thumb) in zip(self.runs, (look.result() for look in looks))]
+                self.images = [dataclasses.replace(kept, sketch=made.result())
+                               for kept, made in zip(self.images, sketches)]
         if done:
             result = HostVerification(self.conn.name, (), tuple(self.runs), None, None, self.vram_peak,
                                       self.vram_baseline)
@@ -301,21 +335,35 @@ class _Verification:
                                            self._vram_source(vram, no_vram), self._cold_note))
 
     def _generations(self, graph: dict[str, Any], vram: VramStream | None,
-                     look: Callable[[bytes], None]) -> bool:
-        """The cold run, then the warm ones; each image goes to `look`. False: one failed."""
+                     look: Callable[[bytes], None], keep: Callable[[bytes], None]) -> bool:
+        """The cold run, then the warm ones; each image goes to `look`, each kept one (the first
+        of its prompt) to `keep` as well. False: one failed."""
         verify = self.profile.verify
         prompts = verify.prompts or (self.profile.workflow.prompt,)
         plan: list[tuple[str, Literal["cold", "warm"], int]] = [(prompts[0], "cold", verify.seed)]
         plan += [(p, "warm", verify.seed + j) for p in prompts for j in range(1, verify.warm_runs + 1)]
         stats_peaks: list[int | None] = []
-        for prompt, kind, seed in plan:
-            tag = f"{OUTPUT_PREFIX}/{len(self.runs):02d}-{kind}"
+        # A run's image is fetched (and its run recorded) once the next run is queued: ComfyUI
+        # generates while it comes through the tunnel (2 MB for 1024 px).
+        fetch: Callable[[], None] | None = None
+        for index, (prompt, kind, seed) in enumerate(plan):
+            tag = f"{OUTPUT_PREFIX}/{index:02d}-{kind}"
             start = time.monotonic()
             try:
                 prompt_id = self.client.queue_prompt(graphs.prepare(graph, prompt=prompt, seed=seed, prefix=tag))
             except PromptRejected as err:
+                if fetch is not None:
+                    fetch()
                 self.found.append(Check("workflow_accepted", False, err.headline, lines=err.node_lines))
                 return False
+            if fetch is not None:
+                try:
+                    fetch()
+                except ProvisionError:
+                    with contextlib.suppress(ProvisionError):   # the fetch's error is the one to tell
+                        self.client.cancel(prompt_id)           # not left to run on unseen
+                    raise
+                fetch = None
             if not self.runs:
                 self.found.append(Check("workflow_accepted", True, f"{len(graph)} nodes validated by ComfyUI"))
             done, failure = self._wait(prompt_id, prompt, kind)
@@ -327,16 +375,11 @@ class _Verification:
                 self.found.append(cached)
                 return False
             stats_peaks.append(checks.vram_used_mib(self.client.system_stats()))
-            png = self.client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
             peak = _max(vram.peak(start, end) if vram else None, stats_peaks[-1])
-            self.runs.append(RunResult(prompt, kind, seed, prompt_id, done.seconds, end - start, peak, None))
-            look(png)
-            if all(kept.prompt != prompt for kept in self.images):
-                key = image_key(prompt, seed, graphs.prepare(graph, prompt=prompt, seed=seed))
-                self.images.append(KeyedImage(key, prompt, seed, png))
-            if len(self.runs) == 1:
-                self.found.append(Check("comfyui_ready", True, f"a first generation completed ({kind}, "
-                                        f"{self.runs[0].seconds:.2f} s)"))
+            fetch = functools.partial(self._fetched, graph, done, RunResult(prompt, kind, seed, prompt_id, done.seconds,
+                                                                           end - start, peak, None), look, keep)
+        if fetch is not None:
+            fetch()
         n = len(self.runs)
         self.found.append(Check("generation", True, f"{n} runs ({sum(r.kind == 'cold' for r in self.runs)} "
                                 f"cold) of {len(prompts)} prompt(s) completed", float(n)))
@@ -344,6 +387,20 @@ class _Verification:
                                 "no run was served from ComfyUI's cache"))
         self.vram_peak = _max(*(r.vram_peak_mib for r in self.runs), *stats_peaks)
         return True
+
+    def _fetched(self, graph: Mapping[str, Any], done: PromptHistory, run: RunResult,
+                 look: Callable[[bytes], None], keep: Callable[[bytes], None]) -> None:
+        """A finished run's image fetched and handed on, and the run recorded."""
+        png = self.client.view(done.images[0].filename, done.images[0].subfolder, done.images[0].type)
+        self.runs.append(run)
+        look(png)
+        if all(kept.prompt != run.prompt for kept in self.images):
+            key = image_key(run.prompt, run.seed, graphs.prepare(graph, prompt=run.prompt, seed=run.seed))
+            self.images.append(KeyedImage(key, run.prompt, run.seed, png))
+            keep(png)
+        if len(self.runs) == 1:
+            self.found.append(Check("comfyui_ready", True, f"a first generation completed ({run.kind}, "
+                                    f"{self.runs[0].seconds:.2f} s)"))
 
     @staticmethod
     def _from_cache(graph: Mapping[str, Any], done: PromptHistory, kind: str, prompt: str, seed: int,
