@@ -20,6 +20,7 @@ from provisioner import remote
 from provisioner.facts.model import Distribution, PythonEnv
 from provisioner.facts.snapshots import parse_snapshot, parse_state
 from provisioner.remote import snapshot as program
+from provisioner.resources.snapshot import venv_known
 from provisioner.sandbox.wheels import build_wheel
 
 PYTHON = shutil.which("python3") or sys.executable      # the host's python, not the venv's
@@ -140,9 +141,9 @@ def test_the_venv_listing_the_facts_gave_is_taken_while_the_venv_keeps_its_finge
 
     env = PythonEnv(python=python, exists=True, fingerprint="f",
                     distributions={"tiny": Distribution("tiny", "1.0", direct_url='{"url": "file:///w"}')})
-    assert env.listing() == {"fingerprint": "f", "listed": [{"name": "tiny", "version": "1.0",
-                                                              "direct_url": '{"url": "file:///w"}'}]}
-    assert replace(env, fingerprint=None).listing() is None and replace(env, error="broken").listing() is None
+    assert venv_known(env) == {"fingerprint": "f", "listed": [{"name": "tiny", "version": "1.0",
+                                                                "direct_url": '{"url": "file:///w"}'}]}
+    assert venv_known(replace(env, fingerprint=None)) is None and venv_known(replace(env, error="broken")) is None
 
 
 def test_the_snapshot_program_fingerprints_a_venv_as_the_facts_program_does() -> None:

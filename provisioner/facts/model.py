@@ -92,15 +92,6 @@ class PythonEnv:
     error: str | None = None                     # why it could not be read, when exists but broken
     fingerprint: str | None = None               # what changes when its answer can (remote/facts.py)
 
-    def listing(self) -> dict[str, object] | None:
-        """The venv as the snapshot program lists it, with the fingerprint it holds while true; None
-        where the facts have no fingerprint (the snapshot program then asks the venv itself)."""
-        if self.fingerprint is None or self.error is not None or not self.exists:
-            return None
-        return {"fingerprint": self.fingerprint,
-                "listed": [{"name": d.name, "version": d.version, "direct_url": d.direct_url}
-                           for d in self.distributions.values()]}
-
     def version_of(self, name: str) -> str | None:
         dist = self.distributions.get(canonical(name))
         return dist.version if dist else None

@@ -52,6 +52,16 @@ def index_sources(profile: Profile) -> dict[str, object]:
             "torch": None if torch is None else list(venv.source_template(torch, profile))}
 
 
+def venv_known(env: PythonEnv) -> dict[str, object] | None:
+    """The venv as the snapshot program lists it, with the fingerprint it holds while true; None
+    where the facts have no fingerprint (the snapshot program then asks the venv itself)."""
+    if env.fingerprint is None or env.error is not None or not env.exists:
+        return None
+    return {"fingerprint": env.fingerprint,
+            "listed": [{"name": d.name, "version": d.version, "direct_url": d.direct_url}
+                       for d in env.distributions.values()]}
+
+
 def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
               protect: tuple[str, ...] = (), replaced: tuple[str, ...] = (), undo_required: bool = False,
               venv: PythonEnv | None = None) -> Run:
@@ -69,7 +79,7 @@ def take_step(profile: Profile, taken: str, *, answer: str, reuse: bool = True,
         keep=profile.snapshots.keep, protect=protect, reuse=reuse, sources=index_sources(profile),
         confirmed=taken.startswith("after"), units=service.recorded_units(profile), replaced=replaced,
         undo_required=undo_required, pip_timeout=profile.timeouts.pip_s,
-        venv_known=venv.listing() if venv is not None else None)
+        venv_known=venv_known(venv) if venv is not None else None)
     # Fetching and checking what the run replaces (torch is GBs) adds up to a pip run's time.
     timeout = TAKE_TIMEOUT_S + (profile.timeouts.pip_s if replaced else 0.0)
     return Run(remote.argv("snapshot"), stdin=request, what=f"snapshot what the host runs ({taken})",
