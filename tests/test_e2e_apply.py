@@ -396,12 +396,13 @@ def test_a_stalled_download_is_stopped_by_its_silence_limit_and_resumed(lab: Lab
 
 def test_a_pip_install_past_its_time_limit_is_stopped_on_the_host(lab: Lab, tmp_path: Path) -> None:
     (host,) = lab.add(1)
-    # Every `pip install` in this host's venv takes 5 s (a .pth file runs at interpreter start),
-    # so the first one, the backend's, runs past its 0.3 s limit however fast the machine is.
+    # Every pip install in this host's venv takes 5 s (a .pth file runs at interpreter start), so
+    # the first one, the backend's, runs past its 0.3 s limit however fast the machine is. A held
+    # install is `python -c HOLD install ...` (the hold program runs pip itself): match `install`,
+    # not `pip`, or the backend's fast --no-deps install slips under the limit on a quick machine.
     (site,) = host.sandbox.venv.glob("lib/python3*/site-packages")
     (site / "zz-slow-pip.pth").write_text(
-        "import sys, time; time.sleep(5) if 'pip' in getattr(sys, 'orig_argv', ()) "
-        "and 'install' in sys.orig_argv else None\n")
+        "import sys, time; time.sleep(5) if 'install' in getattr(sys, 'orig_argv', ()) else None\n")
     lab.overlays[host.name] = {"timeouts": {"pip_s": 0.3}}
     lab.write()
     try:
