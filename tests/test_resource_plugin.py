@@ -41,8 +41,11 @@ def make_facts(git: dict[str, GitCheckout]) -> Facts:
 
 
 def shown_argv(argv: tuple[str, ...]) -> list[str]:
-    """A step's argv with the hardened git prefix (remote.git_argv) written `GIT`, as the cases do."""
+    """A step's argv as the cases write it: the hardened git prefix (remote.git_argv) as `GIT`, the
+    clone step (remote.CLONE) as `CLONE` with its repo, temporary folder, ref and destination."""
     prefix = remote.git_argv(None)
+    if argv[:3] == ("sh", "-c", remote.CLONE) and argv[8:] == prefix:
+        return ["CLONE", *argv[4:8]]
     return ["GIT", *argv[len(prefix):]] if argv[:len(prefix)] == prefix else list(argv)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from provisioner.config.model import Profile, build_profile
 from provisioner.errors import PlanError
-from provisioner.remote import git_argv
+from provisioner.remote import clone_argv, git_argv
 from provisioner.facts.snapshots import HostSnapshots, HostState, Snapshot, parse_snapshot, parse_state
 from provisioner import remote
 from provisioner.remote import snapshot as snapshot_program
@@ -313,9 +313,9 @@ def test_custom_nodes_added_since_are_moved_aside_and_missing_ones_cloned() -> N
     assert aside.action == "remove" and argv_of(aside.steps[0]) == (
         "mv", f"{ROOT}/custom_nodes/ExtraPack", f"{ROOT}/custom_nodes/ExtraPack.provision-rollback-20260301-120000.disabled")
     clone = by_key[NODE]
-    assert clone.action == "create" and [argv_of(s)[0] for s in clone.steps] == ["mkdir", "rm", "env", "env", "mv"]
-    assert argv_of(clone.steps[2])[-2:] == ("https://github.com/nunchaku-ai/ComfyUI-nunchaku.git",
-                                            f"{NODE}.provision-tmp.disabled")
+    assert clone.action == "create" and [argv_of(s) for s in clone.steps] == [
+        clone_argv("https://github.com/nunchaku-ai/ComfyUI-nunchaku.git", f"{NODE}.provision-tmp.disabled",
+                   V110, NODE)]
 
 
 def test_comfyui_core_goes_back_to_its_commit_but_is_never_reset() -> None:

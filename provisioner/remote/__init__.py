@@ -53,6 +53,22 @@ def git_argv(where: str | None, *args: str) -> tuple[str, ...]:
             *(x for pair in GIT_CONFIG for x in ("-c", pair)), *(("-C", where) if where else ()), *args)
 
 
+# A clone beside its final path, checked out, then (given `dest`) renamed into place: an interrupted
+# run never leaves a half checkout where ComfyUI looks, and the next run's first command removes
+# what one left. One exec, not five; every value is an argument ("$@" is the hardened git), so
+# nothing is quoted into the script, and `--` keeps a repo (a snapshot's, read from the host) from
+# being read as an option. `git clone` makes the missing parent folders itself.
+CLONE = ('set -e; repo=$1 tmp=$2 ref=$3 dest=$4; shift 4; rm -rf "$tmp"; '
+         '"$@" clone --quiet --no-checkout -- "$repo" "$tmp"; "$@" -C "$tmp" checkout --quiet --detach "$ref"; '
+         'if [ -n "$dest" ]; then mv "$tmp" "$dest"; fi')
+
+
+def clone_argv(repo: str, tmp: str, ref: str, dest: str | None = None) -> tuple[str, ...]:
+    """Clone `repo` into `tmp` (what an earlier run left there removed first), check out `ref`
+    detached, then rename `tmp` to `dest` when given (see CLONE)."""
+    return ("sh", "-c", CLONE, "sh", repo, tmp, ref, dest or "", *git_argv(None))
+
+
 def git_request() -> dict[str, object]:
     """What the facts and snapshot programs run git with (the same config and environment)."""
     return {"config": list(GIT_CONFIG), "env": dict(GIT_ENV)}
@@ -70,6 +86,8 @@ def kind(command: Sequence[str]) -> str:
     """What a command is, in a word or two, for accounting: `facts` for a program of this package,
     `pip install` (`pip dry run`), `git clone`, else the program's name."""
     words = list(command)
+    if words[1:3] == ["-c", CLONE]:
+        return "git clone"
     after = {flag: words[words.index(flag) + 1:] for flag in ("-c", "-m", "git") if flag in words}
     program = {source(p): p for p in PROGRAMS}.get(after["-c"][0]) if after.get("-c") else None
     if program == "hold" and after["-c"][1:]:      # the hold program, then pip with these arguments

@@ -32,7 +32,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Put:
-    """Write small content (a rendered workflow) to a host path atomically."""
+    """Write small content (a rendered workflow) to a host path atomically, making its folder
+    first when it is missing (every connection's put does: no step of its own)."""
 
     dest: str
     content: bytes

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 
 from packaging.requirements import Requirement
 
+from provisioner import remote
 from provisioner.catalog import requirements as upstream
 from provisioner.config.model import Profile
 from provisioner.errors import FactsError, PlanError
@@ -239,18 +240,15 @@ def _clone(profile: Profile, version: str, co: GitCheckout) -> tuple[Step, ...]:
     moved into the clone first: the open lock moves with its folder."""
     spec = profile.comfyui
     tmp = f"{spec.root}.provision-tmp"
-    steps = [
-        Run(("mkdir", "-p", posixpath.dirname(spec.root)), what="create the root's parent"),
-        Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-        Run(git(None, "clone", "--quiet", "--no-checkout", spec.repo, tmp), what=f"clone {spec.repo}",
-            timeout=1800.0),
-        Run(git(tmp, "checkout", "--quiet", "--detach", version), what=f"checkout {version}"),
-    ]
-    if only_ours(co):
-        state = posixpath.join(spec.root, STATE)
-        steps += [Run(("mv", state, posixpath.join(tmp, STATE)), what=f"move {state} into the clone"),
-                  Run(("rmdir", spec.root), what=f"remove the empty {spec.root}")]
-    return (*steps, Run(("mv", tmp, spec.root), what=f"move the checkout into {spec.root}"))
+    if not only_ours(co):
+        return (Run(remote.clone_argv(spec.repo, tmp, version, spec.root),
+                    what=f"clone {spec.repo} at {version} into {spec.root}", timeout=1800.0),)
+    state = posixpath.join(spec.root, STATE)
+    return (Run(remote.clone_argv(spec.repo, tmp, version), what=f"clone {spec.repo} at {version} beside {spec.root}",
+                timeout=1800.0),
+            Run(("mv", state, posixpath.join(tmp, STATE)), what=f"move {state} into the clone"),
+            Run(("rmdir", spec.root), what=f"remove the empty {spec.root}"),
+            Run(("mv", tmp, spec.root), what=f"move the checkout into {spec.root}"))
 
 
 def _state(co: GitCheckout) -> dict[str, object] | None:

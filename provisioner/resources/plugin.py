@@ -126,19 +126,22 @@ def _listing(files: tuple[str, ...], limit: int = 8) -> str:
     return ", ".join(files[:limit]) + more
 
 
-def _clone(profile: Profile, dest: str, ref: str) -> tuple[Step, ...]:
-    """Clone beside `dest`, check out `ref` (the tag, or the commit the lock pins it to), then rename:
-    an interrupted run never leaves a half checkout at `dest` (and a full clone, not `--depth 1
-    --branch`, can be re-tagged later)."""
-    spec, tmp = profile.plugin, f"{dest}.provision-tmp{_SKIP}"
-    return (
-        Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
-        Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-        Run(git(None, "clone", "--quiet", spec.repo, tmp), what=f"clone {spec.repo}",
-            timeout=profile.timeouts.git_s),
-        Run(git(tmp, "checkout", "--quiet", "--detach", ref), what=f"checkout {ref}"),
-        Run(("mv", tmp, dest), what=f"move the checkout into {dest}"),
-    )
+def _clone(repo: str, ref: str, dest: str, *, timeout: float, into_place: bool = True) -> Run:
+    """One step (remote.CLONE): a full clone of `repo` beside `dest` (not `--depth 1 --branch`: it
+    can be re-tagged later), detached at `ref` (the tag, or the commit the lock pins it to), then
+    renamed to `dest`; or left beside it (`into_place=False`) for a caller that first moves `dest`
+    aside, then runs `_into_place`."""
+    return Run(remote.clone_argv(repo, _tmp(dest), ref, dest if into_place else None),
+               what=f"clone {repo} at {ref}" + (f" into {dest}" if into_place else " beside " + dest),
+               timeout=timeout)
+
+
+def _into_place(dest: str) -> Run:
+    return Run(("mv", _tmp(dest), dest), what=f"move the checkout into {dest}")
+
+
+def _tmp(dest: str) -> str:
+    return f"{dest}.provision-tmp{_SKIP}"
 
 
 def plan(profile: Profile, facts: Facts, *, now: datetime | None = None) -> ResourcePlan:
@@ -181,7 +184,8 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
 
     if not co.exists:
         return changes(Change("plugin", dest, "create", f"clone {label} into {dest}", None, after,
-                              _clone(profile, dest, wanted), notify=RESTART), notes=notes), 0
+                              (_clone(spec.repo, wanted, dest, timeout=profile.timeouts.git_s),),
+                              notify=RESTART), notes=notes), 0
     if co.foreign:
         raise PlanError(f"{dest} cannot be read: {co.error}; give it to that user, or remove it")
     if co.error:
@@ -197,8 +201,8 @@ def _plan(profile: Profile, facts: Facts, now: datetime | None) -> tuple[Resourc
                 if why else "; move it away, or set plugin.force: true to move it aside and clone"))
         warn = f"{dest} is not a git checkout: it is moved to {backup} once the clone is ready, nothing is deleted"
         # The clone first: a clone that fails leaves the folder where it was.
-        *clone, into_place = _clone(profile, dest, wanted)
-        replaced = (*clone, Run(("mv", dest, backup), what=f"back up {dest}"), into_place)
+        replaced = (_clone(spec.repo, wanted, dest, timeout=profile.timeouts.git_s, into_place=False),
+                    Run(("mv", dest, backup), what=f"back up {dest}"), _into_place(dest))
         verb = f"adopt {dest} ({adopted}): clone {label} in its place" if adopted else f"clone {label} and move {dest} aside"
         return changes(Change("plugin", dest, "replace", verb,
                               state(co), after, replaced, notify=RESTART, warnings=(warn,)), notes=notes), 1
@@ -293,15 +297,6 @@ def restore_nodes(profile: Profile, want: Mapping[str, Checkout | None], have: M
     return [c for c in found if c is not None]
 
 
-def _clone_at(repo: str, commit: str, dest: str) -> tuple[Step, ...]:
-    tmp = f"{dest}.provision-tmp{_SKIP}"
-    return (Run(("mkdir", "-p", posixpath.dirname(dest)), what="create custom_nodes"),
-            Run(("rm", "-rf", tmp), what="remove a clone an earlier run left unfinished"),
-            Run(git(None, "clone", "--quiet", "--no-checkout", repo, tmp), what=f"clone {repo}", timeout=900.0),
-            Run(git(tmp, "checkout", "--quiet", "--detach", commit), what=f"checkout {commit[:12]}"),
-            Run(("mv", tmp, dest), what=f"move the checkout into {dest}"))
-
-
 def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | None, stamp: str,
           problems: list[str], notes: list[Note], fetched: list[tuple[str, str]]) -> Change | None:
     path = posixpath.join(profile.comfyui.custom_nodes, node)
@@ -336,7 +331,7 @@ def _node(profile: Profile, node: str, want: Checkout | None, have: Checkout | N
         moved: tuple[Step, ...] = (Run(("mv", path, aside), what=f"move {path} aside"),) if have else ()
         return Change("custom_nodes", path, "replace" if have else "create",
                       f"clone {node} at {want.commit[:12]}", shown_checkout(have), after,
-                      moved + _clone_at(want.remote, want.commit, path), notify=RESTART,
+                      (*moved, _clone(want.remote, want.commit, path, timeout=900.0)), notify=RESTART,
                       warnings=(f"{path} is not a git checkout: it is moved to {aside}",) if have else ())
     steps: list[Step] = []
     summary: list[str] = []

@@ -14,7 +14,7 @@ from provisioner.errors import PlanError
 from provisioner.facts.model import Facts, Probe
 from provisioner.facts.snapshots import WorkflowFile
 from provisioner.resources import retention
-from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, Step, changes
+from provisioner.resources.base import Action, Change, Note, Put, ResourcePlan, Run, changes
 
 name = "workflow"
 
@@ -167,11 +167,9 @@ def plan(profile: Profile, facts: Facts) -> ResourcePlan:
             found.append(None)
             continue
         put = Put(dest, text.encode(), 0o644, what=f"write {dest}")
-        steps = (put,) if current is not None else (
-            Run(("mkdir", "-p", posixpath.dirname(dest)), what="create the workflow folder"), put)
         verb: Action = "update" if current is not None else "create"
         found.append(Change("workflow", dest, verb, f"{verb} {dest} from {template}",
-                            current, text, steps))   # no restart: ComfyUI reads workflows per request
+                            current, text, (put,)))   # no restart: ComfyUI reads workflows per request
     found.extend(unfinished(profile, facts))
     notes: list[Note] = []
     value, why = resolve_offload(profile, facts)
@@ -205,12 +203,9 @@ def restore(want: Mapping[str, Mapping[str, WorkflowFile] | None],
                 notes.append(Note(name, f"{path} differs from the snapshot, which recorded only its sha256 "
                                         f"({new.size} bytes, not text): it is left as it is"))
             else:
-                steps: tuple[Step, ...] = (Put(path, new.text.encode(), what=f"write {path}"),)
-                if files is not None and not have.get(where):
-                    steps = (Run(("mkdir", "-p", where), what="create the workflow folder"), *steps)
                 found.append(Change("workflow", path, "update" if old else "create",
                                     f"{'restore' if old else 'create'} {path} as in the snapshot",
-                                    _text(old), new.text, steps))
+                                    _text(old), new.text, (Put(path, new.text.encode(), what=f"write {path}"),)))
         if files is None and have.get(where) is not None:
             found.append(Change("workflow", where, "remove", f"remove the folder {where} (not in the snapshot)",
                                 None, None, (Run(("sh", "-c", 'rmdir "$1" 2>/dev/null || true', "sh", where),
