@@ -106,3 +106,18 @@ def test_no_import_cycle() -> None:
         if node not in index:
             visit(node)
     assert cycles == []
+
+
+def test_an_apply_imports_nothing_that_only_verify_or_a_release_server_needs() -> None:
+    """What a plan or an apply imports is paid by every run, a no-op included: Pillow and numpy
+    (pictures: verify and the report), urllib.request (a release server) and huggingface_hub (the
+    Hub, asked only when its record is stale) stay out until a run needs them. In a process of its
+    own: this one has them all."""
+    import subprocess
+    import sys
+
+    heavy = ("PIL", "numpy", "urllib.request", "huggingface_hub")
+    code = ("import sys, provisioner.cli, provisioner.commands, provisioner.plan.rollout, provisioner.connection.ssh\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out == "[]\n"

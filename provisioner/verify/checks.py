@@ -20,7 +20,6 @@ from provisioner.config.model import Thresholds
 from provisioner.facts.model import Facts, Gpu
 from provisioner.facts.parse import is_real_nunchaku
 from provisioner.verify.fingerprint import Fingerprint
-from provisioner.verify.images import ImageCheck
 from provisioner.verify.kept import Agreement, KeyedImage
 
 
@@ -130,6 +129,27 @@ def ladder(found: Sequence[Check], *, unreachable: bool = False) -> Ladder:
     states = states[:stop + 1] + [(rung, "failed" if state == "failed" else "not reached")
                                   for rung, state in states[stop + 1:]]
     return Ladder(tuple(states))
+
+
+# What images.look found in one picture. Here, not beside the code that judges it: a run that
+# only reads or writes results (every apply, the report) imports no Pillow.
+@dataclass(frozen=True)
+class ImageCheck:
+    ok: bool
+    width: int
+    height: int
+    mean: float                   # mean luminance, 0-255
+    std: float                    # luminance standard deviation
+    black_fraction: float         # exact (0,0,0) pixels
+    saturated_fraction: float     # pure-primary/secondary pixels (NaN tiles)
+    reasons: tuple[str, ...] = ()  # why it failed, one short phrase each
+
+    @property
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.width}x{self.height}, mean {self.mean:.0f}, std {self.std:.0f}"
+        return f"{self.width}x{self.height}: " + "; ".join(self.reasons)
+
 
 
 def image_to_json(image: ImageCheck) -> dict[str, Any]:

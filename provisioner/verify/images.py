@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
+
+from provisioner.verify.checks import ImageCheck
 
 # A broken pipeline rarely crashes: it writes a picture that is wrong. The usual shapes:
 # - fp16 overflow in the VAE or a wrong-precision DiT decode to an all-black image;
@@ -21,24 +22,6 @@ THUMBNAIL_PX = 256
 # 256 px picture of a generated image 4 took 12 ms against 6's 61 ms (30 ms quiet), for a file no
 # larger (79 KB against 81 KB); 1-3 were faster still but 13-18 % larger.
 PNG_LEVEL = 4
-
-
-@dataclass(frozen=True)
-class ImageCheck:
-    ok: bool
-    width: int
-    height: int
-    mean: float                   # mean luminance, 0-255
-    std: float                    # luminance standard deviation
-    black_fraction: float         # exact (0,0,0) pixels
-    saturated_fraction: float     # pure-primary/secondary pixels (NaN tiles)
-    reasons: tuple[str, ...] = ()  # why it failed, one short phrase each
-
-    @property
-    def summary(self) -> str:
-        if self.ok:
-            return f"{self.width}x{self.height}, mean {self.mean:.0f}, std {self.std:.0f}"
-        return f"{self.width}x{self.height}: " + "; ".join(self.reasons)
 
 
 def _share(mask: Image.Image) -> float:

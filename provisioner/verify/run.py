@@ -28,9 +28,9 @@ from provisioner.resources import service, units
 from provisioner.verify import checks, graph as graphs
 from provisioner.verify.kept import KeyedImage, image_key
 from provisioner.verify.fingerprint import fingerprint
-from provisioner.verify.checks import Check, HostVerification, RunResult
+from provisioner.verify.checks import Check, HostVerification, ImageCheck, RunResult
 from provisioner.verify.comfyui import ComfyClient, PromptHistory, PromptRejected, PromptTimeout
-from provisioner.verify.images import ImageCheck, look
+from provisioner.verify.images import look
 
 INPUT_NAME = "provision_verify_input.png"   # where a given input image is uploaded (input/)
 OUTPUT_PREFIX = "provision_verify"
