@@ -11,7 +11,9 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lab import Lab, LabHost, mtimes, open_lab, tree_state
@@ -87,8 +89,8 @@ def test_a_converged_fleet_costs_one_connection_and_one_exec_per_host(lab: Lab) 
 
 
 # The sessions sshd starts (execs and the SFTP channel) for a first converge of a lab host, as
-# measured: the facts, pip's dry run of the packages, the lock, the facts again under it, the
-# snapshot before, the owed restart's record, one exec per step of each change (plugin clone 1,
+# measured: the facts, pip's dry run of the packages, the lock, the facts again under it (the lock
+# made .provision/, which those facts did not see: remote.lock_untouched), the snapshot before, the owed restart's record, one exec per step of each change (plugin clone 1,
 # backend 2, packages 1, 3 downloads, the workflows' SFTP writes), the restart and the wait until
 # ready, the record's removal, the facts to confirm, the snapshot after. It was 27 while the plan
 # made again under the lock ran pip's dry run again (plan/preview.py: DryRuns), 26 while the hold
@@ -122,6 +124,18 @@ def test_a_first_converge_costs_at_most_its_budget_of_execs(lab: Lab, tmp_path: 
     steps = [e for e in log_events(tmp_path, host) if e["event"] == "step" and "host_cpu_s" in e]
     assert [e["step"].split(" ")[:2] for e in steps].count(["pip", "install"]) == 2
     assert sum(e["host_cpu_s"] for e in steps) <= sum(k["seconds"] for k in cost.values()) + 0.01
+    # A later apply finds the lock file as the first one left it: the plan's facts stand under the
+    # lock, and only the confirmation gathers them again (the one change: a workflow value).
+    lab.overlays[host.name] = {"workflow": {"sampler": "dpmpp_2m"}}
+    lab.write()
+    again = tmp_path / "again"
+    try:
+        assert lab.run("apply", "--limit", host.name, "--no-verify", "--log-dir", str(again))[0] == 2
+    finally:
+        del lab.overlays[host.name]
+        lab.write()
+    (done,) = [e for e in log_events(again, host) if e["event"] == "done"]
+    assert done["host_cpu"]["facts"]["commands"] == 2, done["host_cpu"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -286,6 +300,31 @@ def test_two_concurrent_applies_do_not_interleave(lab: Lab, tmp_path: Path) -> N
     first_done = max(e["t"] for e in log_events(tmp_path / "a", host))
     second_steps = [e["t"] for e in log_events(tmp_path / "b", host) if e["event"] == "step"]
     assert all(t > first_done for t in second_steps)
+    assert_converged(lab, host)
+
+
+def test_an_apply_that_ran_between_the_plan_and_the_lock_is_seen(lab: Lab, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The facts of a plan are not gathered again under the lock when no apply held it since
+    (remote.lock_untouched): here another control machine converges the host in between, so the
+    plan is made again, finds nothing left, and nothing is applied twice."""
+    from provisioner.plan import apply as apply_module
+
+    (host,) = lab.add(1)
+    real_lock = apply_module.host_lock
+
+    @contextmanager
+    def after_another_apply(*args: Any, **kwargs: Any) -> Iterator[str | None]:
+        other = lab.spawn("apply", "--limit", host.name, "--no-verify", log_dir=tmp_path / "other")
+        out, _ = other.communicate(timeout=600)
+        assert other.returncode == 2, out
+        with real_lock(*args, **kwargs) as found:
+            yield found
+
+    monkeypatch.setattr(apply_module, "host_lock", after_another_apply)
+    code, out = lab.run("apply", "--limit", host.name, "--no-verify", "--log-dir", str(tmp_path / "this"))
+    assert code == 0 and "up to date" in out, out             # planned again under the lock: nothing left
+    assert not [e for e in log_events(tmp_path / "this", host) if e["event"] in ("change", "step")]
     assert_converged(lab, host)
 
 

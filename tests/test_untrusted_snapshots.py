@@ -363,7 +363,7 @@ def test_the_lock_program_refuses_a_fifo_and_still_names_the_holder(tmp_path: Pa
     holder = subprocess.Popen(remote.argv("lock", lock, "5", "apply by alice", python=sys.executable),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        assert holder.stdout is not None and holder.stdout.readline() == b'locked ""\n'
         busy = subprocess.run(remote.argv("lock", lock, "0.3", "bob", python=sys.executable), input=b"",
                               capture_output=True, timeout=10)
         assert busy.returncode == 75 and busy.stdout.decode().splitlines()[-1] == "busy apply by alice"

@@ -92,6 +92,11 @@ class ComfySpec:
         return posixpath.join(self.state_dir, "checksums.json")
 
     @property
+    def lock(self) -> str:
+        """The host's apply lock (remote/lock.py holds it); every facts gather reads its text."""
+        return posixpath.join(self.state_dir, "lock")
+
+    @property
     def wheel_dir(self) -> str:
         """The backend wheels provision downloads (resources/backend.py), installed from there."""
         return posixpath.join(self.state_dir, "wheels")

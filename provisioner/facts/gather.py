@@ -22,12 +22,13 @@ def facts_argv() -> list[str]:
 
 
 def base_probe(profile: Profile) -> Probe:
-    """What every run looks at: ComfyUI's checkout and version, its venv, and whether it answers."""
+    """What every run looks at: ComfyUI's checkout and version, its venv, whether it answers, and
+    the apply lock's text (an apply need not gather again under the lock when it is unchanged)."""
     comfy = profile.comfyui
     return Probe(
         stat=(comfy.root, comfy.venv),
         read=(posixpath.join(comfy.root, "comfyui_version.py"),
-              posixpath.join(comfy.root, "pyproject.toml")),
+              posixpath.join(comfy.root, "pyproject.toml"), comfy.lock),
         git=(comfy.root,),
         http=(comfy.url + "/system_stats",),
     )

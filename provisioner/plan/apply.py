@@ -70,9 +70,10 @@ class HostOutcome:
 
 @contextmanager
 def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
-              timeout: float) -> Iterator[None]:
-    """Hold the host's apply lock for the block, waiting up to `timeout` seconds for it."""
-    path = posixpath.join(profile.comfyui.state_dir, "lock")
+              timeout: float) -> Iterator[str | None]:
+    """Hold the host's apply lock for the block, waiting up to `timeout` seconds for it; yields the
+    lock file's text as the lock program found it (None if it could not be read)."""
+    path = profile.comfyui.lock
     owner = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
     with as_whom(conn, False).hold(remote.argv("lock", path, str(timeout), owner)) as lines:
         for line in lines:
@@ -82,11 +83,15 @@ def host_lock(conn: Connection, profile: Profile, reporter: Reporter,
                 raise LockedError(
                     f"{conn.name}: another apply holds {path} ({line[5:]}); waited {timeout:g}s. "
                     "Let it finish, or raise --lock-timeout")
-            elif line == "locked":
+            elif line.startswith("locked "):
                 break
         else:
             raise ApplyError(f"{conn.name}: could not take the lock {path} (python3 missing?)")
-        yield
+        try:
+            previous = json.loads(line[7:])
+        except ValueError:
+            previous = None
+        yield previous if isinstance(previous, str) else None
 
 
 class StepRunner:
@@ -213,8 +218,8 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                lock_timeout: float = 300.0,
                show_plan: Callable[[HostPlan], None] | None = None,
                planner: Planner | None = None) -> HostOutcome:
-    """Converge one host: gather, plan; if anything differs: lock, gather and plan again (another
-    apply may have run meanwhile), prelude, run the changes in order, handlers, confirm, postlude.
+    """Converge one host: gather, plan; if anything differs: lock, and gather and plan again if
+    another apply held the lock since the facts were read (remote.lock_untouched), prelude, run the changes in order, handlers, confirm, postlude.
     `planner` (default: the profile's) says what the host converges to.
 
     A converged host costs one facts round trip and no write: not even the lock is taken.
@@ -224,8 +229,9 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
     plan = planner(conn)
     if plan.converged or plan.errors:
         return _finish(conn, reporter, _unchanged(plan, show_plan), started, costs_from)
-    with host_lock(conn, profile, reporter, lock_timeout):
-        plan = planner(conn)
+    with host_lock(conn, profile, reporter, lock_timeout) as found:
+        if not remote.lock_untouched(plan.facts.contents.get(profile.comfyui.lock), found):
+            plan = planner(conn)          # an apply held the lock since those facts: what is there now
         outcome = _unchanged(plan, show_plan)
         if plan.converged or plan.errors:
             return _finish(conn, reporter, outcome, started, costs_from)

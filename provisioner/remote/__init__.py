@@ -69,6 +69,14 @@ def clone_argv(repo: str, tmp: str, ref: str, dest: str | None = None) -> tuple[
     return ("sh", "-c", CLONE, "sh", repo, tmp, ref, dest or "", *git_argv(None))
 
 
+def lock_untouched(seen: str | None, previous: str | None) -> bool:
+    """Whether no apply held the host's lock between a facts gather that read the lock file's text
+    as `seen` (None: no file, or unreadable) and the lock program that found `previous` in it on
+    taking the lock (remote/lock.py: each holder writes its own token, `held`, then `released`).
+    One that read `held` raced a holder still at work."""
+    return previous is not None and (seen or "") == previous and not previous.endswith("\nheld\n")
+
+
 def git_request() -> dict[str, object]:
     """What the facts and snapshot programs run git with (the same config and environment)."""
     return {"config": list(GIT_CONFIG), "env": dict(GIT_ENV)}
