@@ -53,5 +53,7 @@ def test_facts_that_read_a_holder_at_work_are_never_taken_as_current() -> None:
     assert remote.lock_untouched(released, released)
     assert remote.lock_untouched(None, "") and remote.lock_untouched("", "")     # never locked
     assert not remote.lock_untouched(at_work, at_work)        # alice was at work (or was killed)
+    older = "host-a pid 4242 since 10:00:00"                  # an older provision's holder: no state
+    assert not remote.lock_untouched(older, older)
     assert not remote.lock_untouched(None, released)          # no file then, or it was unreadable
     assert not remote.lock_untouched(released, None)          # the holder's answer was unreadable

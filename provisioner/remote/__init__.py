@@ -73,8 +73,10 @@ def lock_untouched(seen: str | None, previous: str | None) -> bool:
     """Whether no apply held the host's lock between a facts gather that read the lock file's text
     as `seen` (None: no file, or unreadable) and the lock program that found `previous` in it on
     taking the lock (remote/lock.py: each holder writes its own token, `held`, then `released`).
-    One that read `held` raced a holder still at work."""
-    return previous is not None and (seen or "") == previous and not previous.endswith("\nheld\n")
+    Only a text that says `released` (or none: never locked) counts: `held` was a holder still at
+    work, and an older provision's lock file (its owner alone) says nothing of when it let go."""
+    return (previous is not None and (seen or "") == previous
+            and (previous == "" or previous.endswith("\nreleased\n")))
 
 
 def git_request() -> dict[str, object]:
