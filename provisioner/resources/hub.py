@@ -9,6 +9,7 @@ httpx (then httpx2) across majors, so transport errors are recognised by module,
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -21,6 +22,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_REF = "main"
 TIMEOUT_S = 20.0
+RETRY_AFTER_S = 0.5      # one more try after a connection the Hub (or a proxy on the way) reset
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,15 @@ def clear_cache() -> None:
 
 def _fetch(endpoint: str, repo: str, path: str, revision: str, token: str | None,
            token_env: str) -> RemoteFile:
-    try:
-        return _lookup(endpoint, repo, path, revision, token)
-    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one PlanError line below
-        raise _plan_error(err, endpoint, repo, path, revision, token, token_env) from err
+    tries = 0
+    while True:
+        try:
+            return _lookup(endpoint, repo, path, revision, token)
+        except Exception as err:  # noqa: BLE001 - every Hub failure becomes one PlanError line below
+            tries += 1
+            if tries == 2 or not _is_reset(err):
+                raise _plan_error(err, endpoint, repo, path, revision, token, token_env) from err
+        time.sleep(RETRY_AFTER_S)
 
 
 def _lookup(endpoint: str, repo: str, path: str, revision: str, token: str | None) -> RemoteFile:
@@ -126,6 +133,13 @@ def _first_line(err: BaseException) -> str:
 def _is_transport(err: BaseException) -> bool:
     return type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"} \
         or isinstance(err, (ConnectionError, TimeoutError))
+
+
+def _is_reset(err: BaseException) -> bool:
+    """A connection dropped under the request (reset, closed, refused for a moment): worth one more
+    try. Not a timeout: a Hub that does not answer in TIMEOUT_S would only make the plan wait twice."""
+    return (_is_transport(err) or isinstance(err, OSError)) and "timeout" not in type(err).__name__.lower() \
+        and not isinstance(err, TimeoutError)
 
 
 def _plan_error(err: Exception, endpoint: str, repo: str, path: str, revision: str,

@@ -17,6 +17,7 @@ import json
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -85,6 +86,7 @@ class HfServer:
         self.stall_after: int | None = None    # body bytes sent before going silent, connection open,
                                                # as a wedged CDN does; None again lets it go on
         self._drops: list[int] = []            # for the next GETs with a body: bytes sent before hanging up
+        self._resets = 0                       # the next requests to the Hub: their connection reset
         self._lock = threading.Lock()
         self.open_sockets: set[socket.socket] = set()   # kept-alive connections, closed by stop()
         self._hub = self._listen("hub")
@@ -127,6 +129,20 @@ class HfServer:
         """Hang up on the next `times` body-carrying GETs after `nbytes` of body each."""
         with self._lock:
             self._drops.extend([nbytes] * times)
+
+    def reset_next(self, times: int = 1) -> None:
+        """Reset the connection of each of the next `times` requests to the Hub (not the CDN), a
+        new one or one kept alive, as a loaded proxy in front of the real Hub now and then does:
+        the client reads ECONNRESET instead of an answer."""
+        with self._lock:
+            self._resets += times
+
+    def _take_reset(self) -> bool:
+        with self._lock:
+            if self._resets <= 0:
+                return False
+            self._resets -= 1
+            return True
 
     def _take_drop(self) -> int | None:
         with self._lock:
@@ -204,6 +220,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(body=True)
 
     def _dispatch(self, body: bool) -> None:
+        if self.server.origin == "hub" and self.hf._take_reset():  # type: ignore[attr-defined]
+            # SO_LINGER 0: the socket's last close sends RST, not FIN; the client reads ECONNRESET.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.rfile.close()
+            self.connection.close()
+            return
         self._sent = 0
         self._status = 500
         self._commit = ""
