@@ -219,7 +219,8 @@ def apply_host(conn: Connection, profile: Profile, reporter: Reporter, *,
                show_plan: Callable[[HostPlan], None] | None = None,
                planner: Planner | None = None) -> HostOutcome:
     """Converge one host: gather, plan; if anything differs: lock, and gather and plan again if
-    another apply held the lock since the facts were read (remote.lock_untouched), prelude, run the changes in order, handlers, confirm, postlude.
+    another apply held the lock since the facts were read (remote.lock_untouched); prelude, run the
+    changes in order, handlers, confirm, postlude.
     `planner` (default: the profile's) says what the host converges to.
 
     A converged host costs one facts round trip and no write: not even the lock is taken.

@@ -7,9 +7,9 @@ into it (three lines), then holds the lock until its stdin ends: when the contro
 channel or dies, the lock goes with it, so it can never go stale; the file then says `released`.
 On timeout it prints `busy HOLDER` and exits 75 (EX_TEMPFAIL).
 
-The file's text is the host's apply generation: a facts gather that read the same text, not
-`held`, before this lock was taken saw the host as it still is (no apply held the lock since),
-so the controller need not gather again under it (remote.lock_untouched).
+The file's text is the host's apply generation: a facts gather that read the same text, ending in
+`released` (or no file at all), before this lock was taken saw the host as it still is (no apply
+held the lock since), so the controller need not gather again under it (remote.lock_untouched).
 """
 
 import fcntl
