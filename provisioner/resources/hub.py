@@ -130,16 +130,23 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+_HTTP_CLIENTS = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}    # huggingface_hub's, across majors
+
+
+def _from_http_client(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] in _HTTP_CLIENTS
+
+
 def _is_transport(err: BaseException) -> bool:
-    return type(err).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"} \
-        or isinstance(err, (ConnectionError, TimeoutError))
+    return _from_http_client(err) or isinstance(err, (ConnectionError, TimeoutError))
 
 
 def _is_reset(err: BaseException) -> bool:
-    """A connection dropped under the request (reset, closed, refused for a moment): worth one more
-    try. Not a timeout: a Hub that does not answer in TIMEOUT_S would only make the plan wait twice."""
-    return (_is_transport(err) or isinstance(err, OSError)) and "timeout" not in type(err).__name__.lower() \
-        and not isinstance(err, TimeoutError)
+    """A connection dropped under the request (reset, closed, refused for a moment), as the HTTP
+    client reports it: worth one more try. Not a timeout (a Hub that does not answer in TIMEOUT_S
+    would only make the plan wait twice), nor huggingface_hub's own refusals (offline mode)."""
+    return ((_from_http_client(err) or isinstance(err, ConnectionResetError))
+            and "timeout" not in type(err).__name__.lower())
 
 
 def _plan_error(err: Exception, endpoint: str, repo: str, path: str, revision: str,
