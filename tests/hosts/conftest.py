@@ -72,9 +72,7 @@ def plugin_repo(real_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def real_wheelhouse(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureRequest) -> Path:
-    requirements = {tag: upstream.git("-C", str(comfyui_repo), "show", f"{tag}:requirements.txt") + "\n"
-                    for tag in upstream.WHEELHOUSE_TAGS}
-    return upstream.wheelhouse(real_cache, requirements, _say(request))
+    return upstream.wheelhouse(real_cache, upstream.wheelhouse_requirements(comfyui_repo), _say(request))
 
 
 @pytest.fixture(scope="session")

@@ -32,12 +32,9 @@ def main() -> int:
     comfyui_repo = upstream.mirror(upstream.source("PROVISION_COMFYUI_REPO", upstream.COMFYUI_REPO), real_cache)
     upstream.mirror(upstream.source("PROVISION_PLUGIN_REPO", upstream.PLUGIN_REPO), real_cache)
     say("mirrors ready")
-    requirements = upstream.git("-C", str(comfyui_repo), "show", f"{upstream.REQUIREMENTS_TAG}:requirements.txt")
-    upstream.real_venv(real_cache, requirements + "\n", say)
+    upstream.real_venv(real_cache, upstream.requirements_at(comfyui_repo, upstream.REQUIREMENTS_TAG), say)
     say("the real tier's venv ready")
-    wheelhouse = upstream.wheelhouse(
-        real_cache, {tag: upstream.git("-C", str(comfyui_repo), "show", f"{tag}:requirements.txt") + "\n"
-                     for tag in upstream.WHEELHOUSE_TAGS}, say)
+    wheelhouse = upstream.wheelhouse(real_cache, upstream.wheelhouse_requirements(comfyui_repo), say)
     say("the real wheelhouse ready")
     reason = machines.unable()
     if reason:

@@ -43,8 +43,7 @@ def plugin_repo(real_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def real_venv(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureRequest) -> Path:
-    requirements = upstream.git("-C", str(comfyui_repo), "show",
-                                f"{upstream.REQUIREMENTS_TAG}:requirements.txt") + "\n"
+    requirements = upstream.requirements_at(comfyui_repo, upstream.REQUIREMENTS_TAG)
     plugins = request.config.pluginmanager
     reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
 
@@ -59,8 +58,7 @@ def real_venv(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureReque
 def real_wheelhouse(real_cache: Path, comfyui_repo: Path, request: pytest.FixtureRequest) -> Path:
     """The real venv's wheels, for v0.3.60's and v0.3.64's requirements: what a host made from
     nothing installs from, offline."""
-    requirements = {tag: upstream.git("-C", str(comfyui_repo), "show", f"{tag}:requirements.txt") + "\n"
-                    for tag in upstream.WHEELHOUSE_TAGS}
+    requirements = upstream.wheelhouse_requirements(comfyui_repo)
     plugins = request.config.pluginmanager
     reporter, capture = plugins.getplugin("terminalreporter"), plugins.getplugin("capturemanager")
 

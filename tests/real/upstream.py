@@ -89,6 +89,16 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def requirements_at(comfyui_repo: Path, tag: str) -> str:
+    """ComfyUI's requirements.txt at `tag`, as the real venv and the wheelhouse are keyed by it."""
+    return git("-C", str(comfyui_repo), "show", f"{tag}:requirements.txt") + "\n"
+
+
+def wheelhouse_requirements(comfyui_repo: Path) -> dict[str, str]:
+    """What the real wheelhouse holds wheels for: each of WHEELHOUSE_TAGS's requirements.txt."""
+    return {tag: requirements_at(comfyui_repo, tag) for tag in WHEELHOUSE_TAGS}
+
+
 def mirror(src: str, cache: Path) -> Path:
     """A bare mirror of `src`'s branches and tags, created once (atomically), updated each call."""
     slug = re.sub(r"[^\w.-]+", "-", src.rstrip("/").rsplit("/", 1)[-1]).removesuffix(".git").removesuffix(".bundle")
